@@ -1,0 +1,106 @@
+"""Health measures of an optimizer's matrices: orthogonality, eigengaps and basis rotation.
+
+All three are cheap on the matrices an update step already holds, and none communicates. They
+return tensors (batched over leading dims); callers that report them call ``float()``.
+
+When is each meaningful?
+
+* ``orthogonality_error`` of an orthogonalized update says how far NS stopped from the polar
+  factor. Jordan's quintic sits near 0.3 by design; Polar Express / CANS in float32 reach 1e-6.
+* ``rotation_angle_degrees(Q_prev, Q_new, k=1)`` is the angle the top eigenvector turned. It is
+  only meaningful when the spectrum has a gap at the top: with ``l1 ~ l2`` (i.i.d. Gaussian
+  gradients give ratios of 1.02-1.04) any perturbation swaps the top two eigenvectors and k=1
+  reports ~90 degrees of pure noise. Then read ``k=8`` (the largest principal angle between the
+  top-8 subspaces), which only moves when the subspace itself turns, and check
+  ``eigengap_ratio`` first: a ratio near 0 means k=1 carries no signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["basis_staleness", "eigengap_ratio", "orthogonality_error", "rotation_angle_degrees"]
+
+
+def orthogonality_error(O: Tensor) -> Tensor:
+    """``||O^T O - I||_F / sqrt(k)`` with the Gram on the smaller side, ``k = min(m, n)``.
+
+    Zero for a matrix with orthonormal columns (tall) or rows (wide); the RMS deviation of the
+    Gram's entries from the identity otherwise. Computed in float32 at least (float64 input
+    stays float64).
+
+    Args:
+        O: ``(..., m, n)``.
+
+    Returns:
+        A tensor of shape ``O.shape[:-2]``.
+    """
+    if O.ndim < 2:
+        raise ValueError(f"orthogonality_error needs a (..., m, n) matrix, got {tuple(O.shape)}")
+    work = O.to(torch.promote_types(O.dtype, torch.float32))
+    if work.size(-2) < work.size(-1):
+        work = work.mT
+    gram = work.mT @ work
+    k = gram.size(-1)
+    gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return torch.linalg.matrix_norm(gram) / math.sqrt(k)
+
+
+def eigengap_ratio(eigvals: Tensor) -> Tensor:
+    """``(l1 - l2) / l1`` for eigenvalues sorted in descending order along the last dim.
+
+    0 means a degenerate top (the top eigenvector is not determined); 1 means rank one. The
+    ``top/2nd`` ratio some tables print is ``1 / (1 - ratio)``. A zero spectrum gives 0.
+
+    Raises:
+        ValueError: with fewer than 2 eigenvalues.
+    """
+    if eigvals.ndim < 1 or eigvals.size(-1) < 2:
+        raise ValueError(f"eigengap_ratio needs at least 2 eigenvalues, got {tuple(eigvals.shape)}")
+    top, second = eigvals[..., 0], eigvals[..., 1]
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return torch.where(top > 0, (top - second) / safe, torch.zeros_like(top))
+
+
+def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
+    """Largest principal angle, in degrees, between the spans of the first k columns.
+
+    With ``M = Q_prev[:, :k]^T Q_new[:, :k]`` the cosines of the principal angles are the
+    singular values of M; k=1 gives the acute angle between the two top eigenvectors (sign
+    flips do not count). The arccos of a cosine near 1 loses all precision below ~0.03 degrees
+    in float32, so small angles come from the sines instead: the singular values of
+    ``Q_new_k - Q_prev_k M`` (Knyazev & Argentati 2002). Computed in float64; columns are
+    assumed orthonormal. ``k`` is clamped to the number of columns.
+
+    Returns:
+        A tensor of shape ``Q_prev.shape[:-2]``, in [0, 90].
+    """
+    if Q_prev.shape != Q_new.shape or Q_prev.ndim < 2:
+        raise ValueError(
+            f"rotation_angle_degrees needs two bases of one (..., n, r) shape, got "
+            f"{tuple(Q_prev.shape)} and {tuple(Q_new.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, Q_prev.size(-1))
+    a = Q_prev[..., :k].to(torch.float64)
+    b = Q_new[..., :k].to(torch.float64)
+    overlap = a.mT @ b
+    cos_min = torch.linalg.svdvals(overlap)[..., -1].clamp(0.0, 1.0)
+    sin_max = torch.linalg.svdvals(b - a @ overlap)[..., 0].clamp(0.0, 1.0)
+    # Use whichever function is well conditioned: arcsin below 45 degrees, arccos above.
+    angle = torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max), torch.arccos(cos_min))
+    return torch.rad2deg(angle)
+
+
+def basis_staleness(Q: Tensor, factor: Tensor) -> Tensor:
+    """``||B - diag(B)||_F / ||B||_F`` with ``B = Q^T factor Q``: how far the stored eigenbasis
+    is from diagonalizing the current factor (0 right after an eigendecomposition)."""
+    B = Q.mT @ factor @ Q
+    off = B - torch.diag_embed(B.diagonal(dim1=-2, dim2=-1))
+    total = torch.linalg.matrix_norm(B)
+    return torch.where(total > 0, torch.linalg.matrix_norm(off) / total.clamp(min=1e-30),
+                       torch.zeros_like(total))

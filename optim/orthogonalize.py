@@ -1,0 +1,281 @@
+"""Polar factors by Newton-Schulz-type iterations, and the Soft-Muon softening blend.
+
+For ``X = U diag(sigma) V^T`` (thin SVD) the polar factor is ``U V^T``: every nonzero singular
+value replaced by 1. An odd matrix polynomial ``p(X) = a X + b (X X^T) X + c (X X^T)^2 X`` acts on
+the singular values alone (``p(X) = U diag(p(sigma)) V^T``), so composing a few odd polynomials
+that push ``[lower, 1]`` towards 1 approximates ``U V^T`` with matrix products only.
+
+Methods (``orthogonalize(..., method=)``):
+
+``"quintic"``
+    Keller Jordan's fixed quintic (a, b, c) = (3.4445, -4.7750, 2.0315), as in ``torch.optim.Muon``.
+    It maximizes the slope at zero and does NOT converge: p(1) = 0.70 and after 5 steps singular
+    values sit in about [0.68, 1.13]. Kept for parity with Muon, not for accuracy.
+``"polar_express"``
+    The minimax-optimal per-step quintics of Amsel et al. 2025 (arXiv 2505.16932), computed for
+    ``[1e-3, 1]``, with the paper's safety factor 1.01 on steps 1-7 and the steady-state
+    polynomial (15/8, -10/8, 3/8), which has p(1) = 1, beyond the list.
+``"cans"``
+    Chebyshev-optimal odd cubics on an adaptive interval (Grishina et al. 2025, arXiv 2506.10935):
+    each step maps ``[a, b]`` onto ``[1 - eps, 1 + eps]`` in closed form, and the next step is
+    optimal for that interval, so the iteration never leaves the interval it was built for and
+    cannot diverge in bfloat16 (a fixed list whose p(1) != 1 can). 2 products per step.
+``"svd"``
+    The exact polar factor by ``torch.linalg.svd`` (the reference; slow).
+
+Normalization. Every iteration needs ``sigma_max <= 1`` first. The Frobenius norm gives it but
+wastes range on ill-conditioned inputs (it overestimates sigma_max by up to sqrt(rank)).
+``polar_express`` divides by the Gram norm ``||X X^T||_F^(1/2) = (sum sigma^4)^(1/4)`` and
+``cans`` by the Gelfand-type norm ``||X X^T X||_F^(1/3) = (sum sigma^6)^(1/6)``; both are upper
+bounds of sigma_max that are much tighter, and both come free from products the first step does
+anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muon`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from optim import _matmul
+
+__all__ = [
+    "CANS_DEFAULT_LOWER_BOUND",
+    "JORDAN_QUINTIC",
+    "METHODS",
+    "POLAR_EXPRESS_COEFFICIENTS",
+    "cans_interval_step",
+    "default_steps",
+    "orthogonalize",
+    "polar_iterates",
+]
+
+METHODS = ("quintic", "polar_express", "cans", "svd")
+
+# Keller Jordan's Muon quintic (github.com/KellerJordan/Muon; the defaults of torch.optim.Muon).
+# Tuned for slope at zero in bfloat16 with 5 steps; p(1) = 0.70, so it never reaches 1.
+JORDAN_QUINTIC: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+# Polar Express, Amsel et al. 2025, arXiv 2505.16932, Algorithm 1: degree-5 minimax polynomials
+# for sign() composed over [l, u] = [1e-3, 1], eight steps; the last entry is the steady state
+# (15/8, -10/8, 3/8) with p(1) = 1, used for every step past the list.
+_POLAR_EXPRESS_RAW: tuple[tuple[float, float, float], ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+# The paper's safety factor for rounding (its section 3.4): p(x) -> p(x / 1.01) on every entry
+# but the steady state, so values rounded slightly above 1 are not blown up in bfloat16.
+_PE_SAFETY = 1.01
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
+    (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+) + (_POLAR_EXPRESS_RAW[-1],)
+
+# CANS starts from the interval [lower, 1] after normalization. 1e-3 is the interval Polar Express
+# was optimized for too, so the two are compared on equal terms; singular values below it still
+# converge, only more slowly. Pass ``lower_bound=`` when a tighter bound is known.
+CANS_DEFAULT_LOWER_BOUND = 1e-3
+
+# Default step counts: enough to reach each dtype's accuracy floor on the inputs of
+# bench/orthogonalize.py (Gaussian and singular values spread over [1e-3, 1]). In bfloat16 more
+# steps buy nothing once the rounding floor (~3e-3 to 7e-3) is reached.
+_DEFAULT_STEPS: dict[str, dict[bool, int]] = {
+    # method: {computing in bfloat16 or float16: steps, otherwise: steps}
+    "quintic": {True: 5, False: 5},
+    "polar_express": {True: 6, False: 8},
+    "cans": {True: 9, False: 11},
+}
+_MAX_STEPS = 100
+
+
+def default_steps(method: str, dtype: torch.dtype) -> int:
+    """Number of iterations ``orthogonalize(..., steps=None)`` runs for ``method`` in ``dtype``."""
+    if method == "svd":
+        return 0
+    _check_method(method)
+    return _DEFAULT_STEPS[method][dtype in (torch.bfloat16, torch.float16)]
+
+
+def cans_interval_step(a: float, b: float) -> tuple[float, float, float, float]:
+    """One CANS cubic for the interval ``[a, b]``, in closed form (arXiv 2506.10935, Thm. 3).
+
+    The odd cubic ``p(x) = alpha * e2 * x - (alpha / 3) * x^3`` with
+    ``e2 = (a^2 + a b + b^2) / 3``, ``K = 2 e^3``, ``L = a b (a + b)``, ``alpha = 6 / (K + L)``
+    equioscillates on ``[a, b]``: ``p(a) = p(b) = 1 - eps`` and its maximum ``p(e) = 1 + eps``,
+    ``eps = (K - L) / (K + L)``. It is the best odd cubic approximation of 1 on ``[a, b]``.
+
+    Returns:
+        ``(linear, cubic, new_a, new_b)``: ``p(x) = linear * x + cubic * x^3`` and the interval
+        ``[1 - eps, 1 + eps]`` that ``p`` maps ``[a, b]`` onto.
+    """
+    e2 = (a * a + a * b + b * b) / 3.0
+    k = 2.0 * e2**1.5
+    ell = a * b * (a + b)
+    alpha = 6.0 / (k + ell)
+    eps = (k - ell) / (k + ell)
+    return alpha * e2, -alpha / 3.0, 1.0 - eps, 1.0 + eps
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown orthogonalize method {method!r}; choose one of {METHODS}")
+
+
+def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.dtype:
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    # Muon's choice: bfloat16 halves memory traffic and the polynomial steps tolerate its
+    # rounding. torch.linalg.svd has no bfloat16 kernel, so the exact reference uses float32.
+    return torch.float32 if method == "svd" else torch.bfloat16
+
+
+def _validate(X: Tensor, softening: float, steps: int | None) -> None:
+    if X.ndim < 2:
+        raise ValueError(f"orthogonalize needs a (..., m, n) matrix, got shape {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise ValueError(f"orthogonalize needs a real floating-point tensor, got {X.dtype}")
+    if not isinstance(softening, (int, float)) or not 0.0 <= softening <= 1.0:
+        # NaN fails both comparisons and lands here too.
+        raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
+    if steps is not None and not (isinstance(steps, int) and 1 <= steps < _MAX_STEPS):
+        raise ValueError(f"steps must be an int in [1, {_MAX_STEPS}) or None, got {steps!r}")
+
+
+def _coefficients(method: str, steps: int, quintic: Sequence[float],
+                  lower_bound: float | None) -> Iterator[tuple]:
+    """Per-step polynomial: ``("quintic", a, b, c)`` or ``("cubic", linear, cubic)``."""
+    if method == "quintic":
+        a, b, c = quintic
+        for _ in range(steps):
+            yield ("quintic", a, b, c)
+    elif method == "polar_express":
+        table = POLAR_EXPRESS_COEFFICIENTS
+        for i in range(steps):
+            yield ("quintic", *table[min(i, len(table) - 1)])
+    else:  # cans: the interval is tracked in Python floats, so no device sync is needed
+        lo, hi = (CANS_DEFAULT_LOWER_BOUND if lower_bound is None else lower_bound), 1.0
+        for _ in range(steps):
+            lin, cub, lo, hi = cans_interval_step(lo, hi)
+            yield ("cubic", lin, cub)
+
+
+def _frobenius(X: Tensor) -> Tensor:
+    # 2-D: exactly torch.optim.Muon's ``X.norm()``; batched: one norm per matrix.
+    return X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+
+
+def _normalize(X: Tensor, method: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed."""
+    X = X / _frobenius(X).clamp(min=eps)
+    if method == "quintic":
+        return X, None, None
+    gram = _matmul.mm(X, X.mT)
+    if method == "polar_express":
+        # (sum sigma^4)^(1/4) <= ||X||_F = 1 here; the clamp keeps a zero matrix at zero.
+        scale = _frobenius(gram).clamp(min=eps).sqrt()
+        return X / scale, gram / scale**2, None
+    gram_x = _matmul.mm(gram, X)
+    scale = _frobenius(gram_x).clamp(min=eps) ** (1.0 / 3.0)  # (sum sigma^6)^(1/6)
+    return X / scale, None, gram_x / scale**3
+
+
+def _iterate(X: Tensor, method: str, steps: int, eps: float, quintic: Sequence[float],
+             lower_bound: float | None) -> Iterator[Tensor]:
+    """Yield the iterate after each step; X is oriented with rows <= cols, in compute dtype."""
+    X, gram, gram_x = _normalize(X, method, eps)
+    for poly in _coefficients(method, steps, quintic, lower_bound):
+        if poly[0] == "quintic":
+            _, a, b, c = poly
+            if gram is None:
+                gram = _matmul.mm(X, X.mT)
+            # Same fused form as torch.optim.Muon: (b A + c A^2) X + a X, two addmm.
+            update = _matmul.addmm(gram, gram, gram, beta=b, alpha=c)
+            X = _matmul.addmm(X, update, X, beta=a)
+        else:
+            _, lin, cub = poly
+            if gram_x is not None:  # first CANS step: X X^T X came with the normalization
+                X = lin * X + cub * gram_x
+            else:
+                gram = _matmul.mm(X, X.mT)
+                X = _matmul.addmm(X, gram, X, beta=lin, alpha=cub)
+        gram, gram_x = None, None
+        yield X
+
+
+def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
+    U, S, Vh = torch.linalg.svd(X.to(compute), full_matrices=False)
+    # Zero singular values have no polar direction: drop them (a zero matrix maps to zero),
+    # which is also what every odd polynomial does.
+    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(compute).eps
+    keep = (S > tol).to(compute)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | None = None,
+                   dtype: torch.dtype | None = None, eps: float = 1e-7,
+                   coefficients: Sequence[float] = JORDAN_QUINTIC,
+                   lower_bound: float | None = None) -> Iterator[Tensor]:
+    """Yield the approximation after each step (X's shape and dtype): for accuracy-per-product
+    studies. The last item equals ``orthogonalize(X, ...)`` without softening."""
+    _validate(X, 0.0, steps)
+    _check_method(method)
+    if lower_bound is not None and not 0.0 < lower_bound <= 1.0:
+        raise ValueError(f"lower_bound must be in (0, 1], got {lower_bound!r}")
+    compute = _compute_dtype(X, dtype, method)
+    if method == "svd":
+        yield _svd_polar(X, compute).to(X.dtype)
+        return
+    n_steps = steps if steps is not None else default_steps(method, compute)
+    transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
+    Y = X.to(compute)
+    Y = Y.mT if transpose else Y
+    for Z in _iterate(Y, method, n_steps, eps, coefficients, lower_bound):
+        yield (Z.mT if transpose else Z).to(X.dtype)
+
+
+def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None = None,
+                  softening: float = 0.0, dtype: torch.dtype | None = None, eps: float = 1e-7,
+                  coefficients: Sequence[float] = JORDAN_QUINTIC,
+                  lower_bound: float | None = None) -> Tensor:
+    """Approximate polar factor ``U V^T`` of ``X``, optionally softened (Soft-Muon).
+
+    Args:
+        X: ``(..., m, n)``, tall or wide, batched over leading dims; any real float dtype.
+        method: ``"quintic"``, ``"polar_express"``, ``"cans"`` or ``"svd"`` (module docstring).
+        steps: iterations; None is :func:`default_steps` for the method and compute dtype.
+            Products per step: quintic and polar_express 3, cans 2 (normalization is free).
+        softening: ``s`` in [0, 1]. Returns ``(1 - s) * NS(X) + s * X / ||X||_F`` per matrix.
+            With an exact polar factor each singular value becomes ``(1 - s) + s sigma/||X||_F``
+            (monotone in sigma: a heavier-tailed, finite-Schatten-p update); with a finite NS
+            it is ``(1 - s) f(sigma) + s sigma/||X||_F``. ``s = 0`` returns NS(X) untouched.
+        dtype: compute dtype; None computes in bfloat16 as Muon does (float32 for ``"svd"``).
+        eps: floor of the normalizing norms; a zero matrix returns zeros, never NaN.
+        coefficients: the ``(a, b, c)`` of ``"quintic"`` (Muon's ``ns_coefficients``).
+        lower_bound: ``"cans"`` only: a known lower bound of ``sigma_min / sigma_max``
+            (default :data:`CANS_DEFAULT_LOWER_BOUND`); a tight bound saves steps.
+
+    Returns:
+        A tensor of X's shape and dtype.
+
+    Raises:
+        ValueError: for fewer than 2 dims, a non-float X, an unknown method, ``softening``
+            outside [0, 1] or NaN, or ``steps`` outside [1, 100).
+    """
+    _validate(X, softening, steps)
+    result: Tensor | None = None
+    for result in polar_iterates(X, method=method, steps=steps, dtype=dtype, eps=eps,
+                                 coefficients=coefficients, lower_bound=lower_bound):
+        pass
+    assert result is not None  # polar_iterates yields at least once (steps >= 1)
+    if softening == 0.0:
+        return result
+    direction = X / _frobenius(X).clamp(min=eps)
+    return torch.lerp(result, direction.to(result.dtype), float(softening))

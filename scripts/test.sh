@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up .venv with the test tools, then runs the whole test suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --dev
+exec .venv/bin/python -m pytest "$@"
