@@ -1,0 +1,35 @@
+"""Shared fixtures.
+
+External tools (prometheus, promtool, docker-compose) are installed by scripts/setup.sh --dev.
+A test that needs one calls ``require_tool(name)``: on a developer machine without the tool it
+skips with the install command; in CI (``CI`` set) it FAILS, so a missing install step can never
+turn into a silently green run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def find_tool(name: str) -> str | None:
+    """Path of an executable on PATH or in the running venv's bin/, or None."""
+    return shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
+
+
+def require_tool(name: str) -> str:
+    path = find_tool(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed; run: bash scripts/setup.sh --dev"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+    raise AssertionError("unreachable")
