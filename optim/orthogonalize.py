@@ -49,6 +49,7 @@ __all__ = [
     "default_steps",
     "orthogonalize",
     "polar_iterates",
+    "soften",
 ]
 
 METHODS = ("quintic", "polar_express", "cans", "svd")
@@ -275,7 +276,16 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
                                  coefficients=coefficients, lower_bound=lower_bound):
         pass
     assert result is not None  # polar_iterates yields at least once (steps >= 1)
+    return soften(result, X, softening, eps=eps)
+
+
+def soften(O: Tensor, X: Tensor, softening: float, *, eps: float = 1e-7) -> Tensor:
+    """Soft-Muon blend ``(1 - s) * O + s * X / ||X||_F`` per matrix; ``s = 0`` returns O itself.
+
+    Split out of :func:`orthogonalize` so an optimizer can measure the health of ``O`` before
+    blending without computing NS twice.
+    """
     if softening == 0.0:
-        return result
+        return O
     direction = X / _frobenius(X).clamp(min=eps)
-    return torch.lerp(result, direction.to(result.dtype), float(softening))
+    return torch.lerp(O, direction.to(O.dtype), float(softening))

@@ -1,0 +1,252 @@
+"""The shared frame of every orthoshard optimizer: routing, the three-phase step, health.
+
+A step runs in three phases, one code path for one process and for N ranks:
+
+1. **prepare** (elementwise, on whatever part of each matrix this rank holds: the whole matrix,
+   or an FSDP2 ``Shard(0)`` row block): e.g. Muon's momentum. Produces the matrix's *update
+   input* and a pending state change that is committed only in phase 3.
+2. **owner compute** (on the FULL matrix, on one owner rank): orthogonalize, NorMuon's
+   normalization, or the whole SOAP step. Non-finite inputs are caught here: the matrix is
+   skipped, counted and reported, and its state is left untouched. Health is measured here, on
+   matrices already in hand, at no communication cost.
+3. **apply** (elementwise again): commit the pending state, decoupled weight decay, the update.
+
+Between phases 1 and 2 and between 2 and 3 sits an *exchange*. Without ``sharding=`` it is the
+identity (:class:`LocalExchange`); ``sharding.OwnerSharding`` implements the same protocol with
+one all-to-all each way. A skipped matrix travels back as NaN, the one value a real update can
+never hold (phase 2 rejects non-finite results), so every rank holding a piece of it skips too,
+with no extra message.
+
+Parameter groups carry ``algorithm``: the optimizer's own matrix update, or ``"adamw"``, the
+fallback for 1-D parameters, embeddings and output heads (see :func:`optim.params.split_param_groups`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.adam import adam
+
+__all__ = ["ADAMW", "LocalExchange", "MatrixExchange", "MatrixItem", "MatrixOptimizer", "local"]
+
+ADAMW = "adamw"
+ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank stores: a DTensor's local shard, or ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+@dataclass
+class MatrixItem:
+    """One matrix parameter taking part in a step."""
+
+    param: Tensor
+    name: str
+    group: dict[str, Any]
+    shape: tuple[int, int]  # the GLOBAL shape (a DTensor reports it too)
+    pending: Any = field(default=None, repr=False)
+
+
+class MatrixExchange(Protocol):
+    """How update inputs reach the owners of full matrices, and updates come back."""
+
+    def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
+            compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
+        the indices this rank owns and their FULL inputs; return this rank's piece of every
+        matrix's update, in ``items`` order."""
+        ...
+
+    def bind(self, optimizer: MatrixOptimizer) -> None:
+        """Called once by the optimizer that uses this exchange."""
+        ...
+
+
+class LocalExchange:
+    """Single process: every matrix is whole and owned here."""
+
+    def bind(self, optimizer: MatrixOptimizer) -> None:
+        return None
+
+    def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
+            compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
+        return compute(list(range(len(items))), list(inputs))
+
+    def comm_stats(self) -> dict[str, int]:
+        return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+
+
+class MatrixOptimizer(Optimizer):
+    """Base class; subclasses implement :meth:`_prepare`, :meth:`_compute` and :meth:`_apply`.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``: health is then
+            keyed by name) or param-group dicts. A group with ``algorithm="adamw"`` is updated by
+            AdamW (``lr``, ``weight_decay``, ``adamw_betas``, ``adamw_eps``); every other group
+            must hold 2-D matrices only.
+        defaults: the subclass's hyperparameters.
+        sharding: None (one process) or an exchange such as ``sharding.OwnerSharding()``.
+        health_every: measure health every this many steps (0 turns it off).
+    """
+
+    matrix_algorithm = "matrix"
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
+                 health_every: int = 1) -> None:
+        if not isinstance(health_every, int) or health_every < 0:
+            raise ValueError(f"health_every must be an int >= 0, got {health_every!r}")
+        defaults = {**ADAMW_DEFAULTS, "algorithm": self.matrix_algorithm, "step": 0, **defaults}
+        super().__init__(params, defaults)
+        self._check_groups()
+        self.health_every = health_every
+        self._health: dict[str, dict[str, Tensor | float]] = {}
+        self._nonfinite: dict[str, int] = defaultdict(int)
+        self._step_items: list[MatrixItem] = []
+        self._exchange = sharding if sharding is not None else LocalExchange()
+        self._exchange.bind(self)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _check_groups(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            if group["algorithm"] not in (self.matrix_algorithm, ADAMW):
+                raise ValueError(
+                    f"param group {gi}: algorithm must be {self.matrix_algorithm!r} or "
+                    f"{ADAMW!r}, got {group['algorithm']!r}")
+            if "param_names" not in group:
+                group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+            if group["algorithm"] == ADAMW:
+                continue
+            for name, p in zip(group["param_names"], group["params"], strict=True):
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"parameter {name!r} has shape {tuple(p.shape)}; {type(self).__name__} "
+                        f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
+                        f"with optim.split_param_groups(model.named_parameters()).")
+
+    # ---- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items: list[MatrixItem] = []
+        for group in self.param_groups:
+            group["step"] += 1
+            if group["algorithm"] == ADAMW:
+                self._adamw_step(group)
+                continue
+            for name, p in zip(group["param_names"], group["params"], strict=True):
+                if p.grad is not None:
+                    items.append(MatrixItem(p, name, group, (int(p.shape[0]), int(p.shape[1]))))
+        if items:
+            inputs = [self._prepare(item) for item in items]
+            self._step_items = items
+            try:
+                updates = self._exchange.run(items, inputs, self._owner_compute)
+            finally:
+                self._step_items = []
+            for item, update in zip(items, updates, strict=True):
+                if bool(torch.isfinite(update).all()):
+                    self._apply(item, update)
+        return loss
+
+    def _owner_compute(self, indices: list[int], full_inputs: list[Tensor]) -> list[Tensor]:
+        """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group."""
+        items = [self._step_items[i] for i in indices]
+        results: list[Tensor | None] = [None] * len(indices)
+        finite = torch.stack([torch.isfinite(x).all() for x in full_inputs]).tolist() \
+            if full_inputs else []
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for j, ok in enumerate(finite):
+            if ok:
+                batches[(id(items[j].group), items[j].shape)].append(j)
+            else:
+                self._nonfinite[items[j].name] += 1
+                results[j] = torch.full_like(full_inputs[j], float("nan"))
+        for js in batches.values():
+            batch_items = [items[j] for j in js]
+            out = self._compute(batch_items, torch.stack([full_inputs[j] for j in js]))
+            for j, o in zip(js, out.unbind(0), strict=True):
+                results[j] = o
+        for j in range(len(indices)):
+            self._health.setdefault(items[j].name, {})["nonfinite_skips"] = \
+                float(self._nonfinite[items[j].name])
+        return [r for r in results if r is not None]
+
+    # ---- subclass hooks -----------------------------------------------------------------
+    def _prepare(self, item: MatrixItem) -> Tensor:
+        """Phase 1 on this rank's piece; may stash a pending state change in ``item.pending``."""
+        raise NotImplementedError
+
+    def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
+        """Phase 2 on a ``(B, m, n)`` stack of full, finite update inputs; returns the stack of
+        update directions (before lr and weight decay). Records health via :meth:`_record`."""
+        raise NotImplementedError
+
+    def _apply(self, item: MatrixItem, update: Tensor) -> None:
+        """Phase 3 on this rank's piece of a finite update."""
+        raise NotImplementedError
+
+    # ---- health -------------------------------------------------------------------------
+    def _health_due(self, group: dict[str, Any]) -> bool:
+        return self.health_every > 0 and group["step"] % self.health_every == 0
+
+    def _record(self, name: str, metrics: dict[str, Tensor | float]) -> None:
+        self._health.setdefault(name, {}).update(metrics)
+
+    def health(self) -> dict[str, dict[str, float]]:
+        """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values)."""
+        return {name: {k: float(v) for k, v in metrics.items()}
+                for name, metrics in self._health.items()}
+
+    def comm_stats(self) -> dict[str, int]:
+        """Bytes this rank sent and received for optimizer communication, and collectives."""
+        return dict(self._exchange.comm_stats())
+
+    # ---- AdamW fallback -----------------------------------------------------------------
+    def _adamw_step(self, group: dict[str, Any]) -> None:
+        params, grads, avgs, sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            params.append(p)
+            grads.append(p.grad)
+            avgs.append(state["exp_avg"])
+            sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["adamw_betas"]
+        adam(params, grads, avgs, sqs, [], steps, foreach=False, decoupled_weight_decay=True,
+             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["adamw_eps"], maximize=False)
+
+    # ---- state dict: schedules (callables) are not data ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            for key, value in list(g.items()):
+                if callable(value):
+                    g[key] = None
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, saved in zip(self.param_groups, callables, strict=True):
+            group.update(saved)

@@ -1,0 +1,198 @@
+"""Muon and NorMuon: momentum, then the (softened) polar factor of the full matrix.
+
+Update rule of :class:`Muon` for a matrix ``W`` of shape ``(A, B)`` (as ``torch.optim.Muon``)::
+
+    M_t = mu M_{t-1} + (1 - mu) G_t                 (momentum, elementwise: stays sharded)
+    X_t = (1 - mu) G_t + mu M_t  if nesterov else M_t
+    O_t = orthogonalize(X_t, method, steps)          (full matrix, on its owner rank)
+    U_t = (1 - s_t) O_t + s_t X_t / ||X_t||_F        (Soft-Muon; s_t may follow a schedule)
+    W  <- W (1 - lr wd) - lr_adj U_t,   lr_adj = lr sqrt(max(1, A/B))   ("original")
+                                        lr_adj = 0.2 lr sqrt(max(A, B)) ("match_rms_adamw")
+
+:class:`NorMuon` (Li et al. 2025, arXiv 2510.05491) adds, on the full matrix after ``U_t``, a
+per-neuron (per output row) second moment and a norm-preserving rescale::
+
+    v_t = beta2 v_{t-1} + (1 - beta2) mean_j(U_t[i, j]^2)        (one value per row i)
+    N_t = U_t / (sqrt(v_t) + eps)
+    U_t <- N_t ||U_t||_F / ||N_t||_F
+
+The rows of an orthogonalized update have very different norms when ``A > B``; NorMuon evens
+them out while the last line keeps Muon's overall step size, so learning rates carry over.
+``v`` lives with the full matrix on its owner rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optim._base import MatrixItem, MatrixOptimizer, local
+from optim.health import orthogonality_error
+from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
+
+__all__ = ["Muon", "NorMuon", "adjusted_lr", "normuon_normalize"]
+
+Softening = float | Callable[[int], float]
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
+    """Muon's shape-dependent learning rate, exactly as ``torch.optim.Muon``."""
+    a, b = shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+def normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float) -> Tensor:
+    """NorMuon's per-row normalization of ``U`` (``(..., m, n)``); updates ``v`` (``(..., m, 1)``)
+    in place. See the module docstring for the rule."""
+    U32 = U.float()
+    v.lerp_(U32.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
+    N = U32 / (v.sqrt() + eps)
+    scale = torch.linalg.matrix_norm(U32, keepdim=True) / \
+        torch.linalg.matrix_norm(N, keepdim=True).clamp(min=1e-30)
+    return (N * scale).to(U.dtype)
+
+
+def _softening_at(softening: Softening, step: int) -> float:
+    s = softening(step) if callable(softening) else softening
+    if not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+        raise ValueError(f"softening at step {step} must be a number in [0, 1], got {s!r}")
+    return float(s)
+
+
+class Muon(MatrixOptimizer):
+    """Muon with selectable Newton-Schulz method, Soft-Muon softening and owner sharding.
+
+    A drop-in for ``torch.optim.Muon``: the same argument names and defaults where they
+    overlap, and with equal arguments and ``softening=0`` a step gives the same parameters.
+
+    Args:
+        params: matrices, ``model.named_parameters()`` or param groups; groups with
+            ``algorithm="adamw"`` take the AdamW fallback (:func:`optim.split_param_groups`).
+        lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn:
+            as ``torch.optim.Muon``. ``ns_coefficients`` applies to ``ns_method="quintic"``.
+        ns_method: any :func:`optim.orthogonalize` method; ``ns_steps`` is its step count.
+        softening: ``s`` in [0, 1], or a schedule ``step -> s`` (step counts from 1).
+        sharding: None or ``sharding.OwnerSharding()``.
+        health_every: measure health every this many steps (0: never).
+
+    Health per matrix: ``orthogonality_error`` of ``O_t`` (before softening and scaling),
+    ``update_rms`` of ``U_t``, ``softening``, ``nonfinite_skips``.
+    """
+
+    matrix_algorithm = "muon"
+
+    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = JORDAN_QUINTIC, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
+                 ns_method: str = "quintic", softening: Softening = 0.0, sharding: Any = None,
+                 health_every: int = 1, **extra_defaults: Any) -> None:
+        _check_muon_args(lr, weight_decay, momentum, ns_steps, ns_method, softening, adjust_lr_fn)
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                    "nesterov": nesterov, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
+                    "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
+                    "softening": softening, **extra_defaults}
+        super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _prepare(self, item: MatrixItem) -> Tensor:
+        group, p = item.group, item.param
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        grad, buf = local(p.grad), local(state["momentum_buffer"])
+        new_buf = buf.lerp(grad, 1 - group["momentum"])  # committed in _apply unless skipped
+        item.pending = new_buf
+        return grad.lerp(new_buf, group["momentum"]) if group["nesterov"] else new_buf
+
+    def _orthogonalize(self, group: dict[str, Any], X: Tensor) -> Tensor:
+        return orthogonalize(X, method=group["ns_method"], steps=group["ns_steps"],
+                             eps=group["eps"], coefficients=group["ns_coefficients"])
+
+    def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
+        group = items[0].group
+        O = self._orthogonalize(group, X)
+        s = _softening_at(group["softening"], group["step"])
+        U = soften(O, X, s, eps=group["eps"])
+        U = self._post_orthogonalize(items, U)
+        if self._health_due(group):
+            ortho = orthogonality_error(O)
+            rms = U.float().square().mean(dim=(-2, -1)).sqrt()
+            for b, item in enumerate(items):
+                self._record(item.name, {"orthogonality_error": ortho[b], "update_rms": rms[b],
+                                         "softening": s})
+        return U
+
+    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
+        return U
+
+    def _apply(self, item: MatrixItem, update: Tensor) -> None:
+        group, p = item.group, item.param
+        local(self.state[p]["momentum_buffer"]).copy_(item.pending)
+        item.pending = None
+        lr = group["lr"]
+        p_local = local(p)
+        p_local.mul_(1 - lr * group["weight_decay"])
+        p_local.add_(update.to(p_local.dtype),
+                     alpha=-adjusted_lr(lr, group["adjust_lr_fn"], item.shape))
+
+
+class NorMuon(Muon):
+    """Muon plus NorMuon's per-neuron second-moment normalization (module docstring).
+
+    Extra args: ``beta2`` (second-moment decay, default 0.95) and ``normuon_eps`` (1e-8).
+    State on the owner of each matrix: ``second_moment`` of shape ``(rows, 1)``, float32.
+    """
+
+    matrix_algorithm = "normuon"
+
+    def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = JORDAN_QUINTIC, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, beta2: float = 0.95,
+                 normuon_eps: float = 1e-8, ns_method: str = "quintic",
+                 softening: Softening = 0.0, sharding: Any = None, health_every: int = 1) -> None:
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+        super().__init__(params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
+                         ns_steps, adjust_lr_fn, ns_method=ns_method, softening=softening,
+                         sharding=sharding, health_every=health_every, beta2=beta2,
+                         normuon_eps=normuon_eps)
+
+    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
+        group = items[0].group
+        vs = []
+        for item in items:
+            state = self.state[item.param]
+            if "second_moment" not in state:
+                state["second_moment"] = torch.zeros(item.shape[0], 1, device=U.device)
+            vs.append(state["second_moment"])
+        v = torch.stack(vs)
+        out = normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
+        for item, v_new in zip(items, v.unbind(0), strict=True):
+            self.state[item.param]["second_moment"].copy_(v_new)
+        return out
+
+
+def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: int,
+                     ns_method: str, softening: Softening, adjust_lr_fn: str | None) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+        raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
+    if ns_method not in METHODS:
+        raise ValueError(f"ns_method must be one of {METHODS}, got {ns_method!r}")
+    if not callable(softening):
+        _softening_at(softening, 0)
+    adjusted_lr(1.0, adjust_lr_fn, (1, 1))

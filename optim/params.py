@@ -1,0 +1,59 @@
+"""Routing parameters between the matrix update and the AdamW fallback.
+
+Orthogonalized updates are for hidden weight matrices. Embeddings (a lookup, not a linear map:
+rows are updated sparsely and independently), output heads (their scale sets the logits) and
+every 1-D parameter (biases, norms' gains) train better with AdamW, as in Muon's reference
+set-up. :func:`split_param_groups` makes the two groups most models need; any optimizer of
+this package takes them::
+
+    opt = Muon(split_param_groups(model.named_parameters(), adamw_lr=3e-4), lr=0.02)
+
+Any group may instead carry ``algorithm="adamw"`` explicitly, with its own ``lr``,
+``weight_decay``, ``adamw_betas`` and ``adamw_eps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["DEFAULT_ADAMW_NAME_PARTS", "split_param_groups"]
+
+# Name fragments that mark embeddings and output heads in common model code (GPT-2 style wte /
+# wpe, Hugging Face embed_tokens / lm_head, nanoGPT-style "head").
+DEFAULT_ADAMW_NAME_PARTS: tuple[str, ...] = ("embed", "wte", "wpe", "lm_head", "head.")
+
+
+def split_param_groups(named_parameters: Iterable[tuple[str, Tensor]], *,
+                       adamw_name_parts: Sequence[str] = DEFAULT_ADAMW_NAME_PARTS,
+                       adamw_lr: float | None = None, adamw_weight_decay: float | None = None,
+                       adamw_betas: tuple[float, float] = (0.9, 0.95),
+                       adamw_eps: float = 1e-8) -> list[dict[str, Any]]:
+    """Split ``model.named_parameters()`` into a matrix group and an AdamW group.
+
+    A parameter goes to AdamW when it is not 2-D or its name contains one of
+    ``adamw_name_parts``; frozen parameters (``requires_grad=False``) are left out. Empty
+    groups are dropped. ``adamw_lr`` / ``adamw_weight_decay`` default to the optimizer's.
+    """
+    matrix: list[tuple[str, Tensor]] = []
+    fallback: list[tuple[str, Tensor]] = []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        to_adamw = p.ndim != 2 or any(part in name for part in adamw_name_parts)
+        (fallback if to_adamw else matrix).append((name, p))
+    groups: list[dict[str, Any]] = []
+    if matrix:
+        groups.append({"params": [p for _, p in matrix], "param_names": [n for n, _ in matrix]})
+    if fallback:
+        group: dict[str, Any] = {"params": [p for _, p in fallback],
+                                 "param_names": [n for n, _ in fallback], "algorithm": "adamw",
+                                 "adamw_betas": adamw_betas, "adamw_eps": adamw_eps}
+        if adamw_lr is not None:
+            group["lr"] = adamw_lr
+        if adamw_weight_decay is not None:
+            group["weight_decay"] = adamw_weight_decay
+        groups.append(group)
+    return groups
