@@ -18,7 +18,8 @@ never hold (phase 2 rejects non-finite results), so every rank holding a piece o
 with no extra message.
 
 Parameter groups carry ``algorithm``: the optimizer's own matrix update, or ``"adamw"``, the
-fallback for 1-D parameters, embeddings and output heads (see :func:`optim.params.split_param_groups`).
+fallback for 1-D parameters, embeddings and output heads (see
+:func:`optim.params.split_param_groups`).
 """
 
 from __future__ import annotations

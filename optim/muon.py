@@ -46,7 +46,8 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> 
         return lr * math.sqrt(max(1.0, a / b))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(a, b))
-    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+    raise ValueError(
+        f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
 
 
 def normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float) -> Tensor:
@@ -104,6 +105,7 @@ class Muon(MatrixOptimizer):
 
     def _prepare(self, item: MatrixItem) -> Tensor:
         group, p = item.group, item.param
+        assert p.grad is not None  # MatrixOptimizer.step only passes params with a gradient
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)

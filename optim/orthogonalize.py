@@ -33,6 +33,7 @@ anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muo
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -74,9 +75,11 @@ _POLAR_EXPRESS_RAW: tuple[tuple[float, float, float], ...] = (
 # The paper's safety factor for rounding (its section 3.4): p(x) -> p(x / 1.01) on every entry
 # but the steady state, so values rounded slightly above 1 are not blown up in bfloat16.
 _PE_SAFETY = 1.01
-POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = tuple(
-    (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
-) + (_POLAR_EXPRESS_RAW[-1],)
+POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    *((a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5)
+      for a, b, c in _POLAR_EXPRESS_RAW[:-1]),
+    _POLAR_EXPRESS_RAW[-1],
+)
 
 # CANS starts from the interval [lower, 1] after normalization. 1e-3 is the interval Polar Express
 # was optimized for too, so the two are compared on equal terms; singular values below it still
@@ -271,11 +274,9 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
             outside [0, 1] or NaN, or ``steps`` outside [1, 100).
     """
     _validate(X, softening, steps)
-    result: Tensor | None = None
-    for result in polar_iterates(X, method=method, steps=steps, dtype=dtype, eps=eps,
-                                 coefficients=coefficients, lower_bound=lower_bound):
-        pass
-    assert result is not None  # polar_iterates yields at least once (steps >= 1)
+    iterates = polar_iterates(X, method=method, steps=steps, dtype=dtype, eps=eps,
+                              coefficients=coefficients, lower_bound=lower_bound)
+    (result,) = collections.deque(iterates, maxlen=1)  # the last iterate; steps >= 1
     return soften(result, X, softening, eps=eps)
 
 
