@@ -198,6 +198,15 @@ class MatrixOptimizer(Optimizer):
         """Phase 3 on this rank's piece of a finite update."""
         raise NotImplementedError
 
+    def matrix_cost(self, item: MatrixItem) -> float:
+        """Relative cost of one matrix's owner update, for balancing owners across ranks.
+
+        Newton-Schulz costs ``m n min(m, n)`` multiply-adds per product; the step count is the
+        same for every matrix of a group, so it cancels. Subclasses with other kernels override.
+        """
+        m, n = item.shape
+        return float(m * n * min(m, n))
+
     # ---- health -------------------------------------------------------------------------
     def _health_due(self, group: dict[str, Any]) -> bool:
         return self.health_every > 0 and group["step"] % self.health_every == 0

@@ -1,0 +1,183 @@
+"""OwnerSharding: full-matrix optimizer updates on owner ranks, one all-to-all each way.
+
+Communication plan of one optimizer step (``W`` ranks, matrices ``i`` with owner ``o(i)``):
+
+1. *Gather.* Every rank packs, for each destination rank ``d``, its rows of the update input
+   of every row-sharded (FSDP2 ``Shard(0)``) matrix that ``d`` owns, in matrix order, into one
+   flat float32 buffer, and ONE ``all_to_all_single`` with uneven split sizes delivers them.
+   The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
+   order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
+   under DDP) need no gather: the owner already has the full input.
+2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
+   (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
+3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
+   for replicated matrices, the whole update from its owner to every rank.
+
+No padding: ``all_to_all_single`` takes exact per-rank split sizes, so uneven shards and empty
+``(0, n)`` shards cost nothing extra. Per rank and step this moves ``2 (W-1)/W^2 P`` elements on
+average for ``P`` sharded matrix elements (the exact per-rank figure is
+:meth:`sharding.plan.Plan.elements_sent`), against ``(W-1)/W P`` when every rank calls
+``full_tensor()`` and repeats all the work.
+
+Ownership is a cost-balanced longest-processing-time plan (:mod:`sharding.plan`) computed
+identically on every rank from the shapes and cached while the set of matrices is unchanged.
+Every rank must step the same parameters in the same order (true under FSDP2, where every rank
+has a gradient for every parameter, possibly an empty shard of it).
+
+One code path for 1 and N ranks, for gloo (CPU) and NCCL (GPU): the buffers live on the
+parameters' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from optim._base import MatrixItem
+from sharding.plan import Plan, build_plan
+
+__all__ = ["OwnerSharding"]
+
+Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
+
+
+class OwnerSharding:
+    """Pass as ``sharding=`` to ``Muon``, ``NorMuon`` or ``SOAP``.
+
+    Args:
+        group: the process group (None: the default group). Under FSDP2 it must be the group of
+            the parameters' 1-D device mesh.
+        exchange_dtype: dtype of the communication buffers (float32: the exchanged update
+            inputs and updates keep full precision, so results match one process).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *,
+                 exchange_dtype: torch.dtype = torch.float32) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "OwnerSharding needs an initialized process group: call "
+                "torch.distributed.init_process_group() first (torchrun sets the environment).")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.exchange_dtype = exchange_dtype
+        self._optimizer: Any = None
+        self._plan: Plan | None = None
+        self._plan_key: tuple | None = None
+        self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+
+    def bind(self, optimizer: Any) -> None:
+        if self._optimizer is not None and self._optimizer is not optimizer:
+            raise ValueError("an OwnerSharding instance serves one optimizer; create one per optimizer")
+        self._optimizer = optimizer
+
+    def comm_stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    # ---- planning -----------------------------------------------------------------------
+    def plan_for(self, items: Sequence[MatrixItem]) -> Plan:
+        sharded = tuple(self._is_sharded(item.param) for item in items)
+        key = tuple((item.shape, s, id(item.group)) for item, s in zip(items, sharded, strict=True))
+        if key != self._plan_key:
+            costs = [float(self._optimizer.matrix_cost(item)) for item in items]
+            self._plan = build_plan([item.shape for item in items], sharded, costs,
+                                    self.world_size)
+            self._plan_key = key
+            self._check_local_rows(items, self._plan)
+        assert self._plan is not None
+        return self._plan
+
+    def _is_sharded(self, param: Tensor) -> bool:
+        if not isinstance(param, DTensor):
+            return False
+        if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            raise ValueError(
+                f"OwnerSharding supports DTensor parameters on a 1-D mesh with Shard(0) "
+                f"placement (FSDP2 fully_shard), got mesh {param.device_mesh} and placements "
+                f"{param.placements}")
+        if param.device_mesh.size() != self.world_size:
+            raise ValueError(
+                f"parameter mesh has {param.device_mesh.size()} ranks but the OwnerSharding group "
+                f"has {self.world_size}; pass the FSDP mesh's group as OwnerSharding(group=...)")
+        return True
+
+    def _check_local_rows(self, items: Sequence[MatrixItem], plan: Plan) -> None:
+        for i, item in enumerate(items):
+            rows = item.param.to_local().shape[0] if plan.sharded[i] else item.shape[0]
+            if rows != plan.rows_of(i, self.rank):
+                raise ValueError(
+                    f"{item.name}: this rank holds {rows} rows, the plan expects "
+                    f"{plan.rows_of(i, self.rank)} (torch.chunk row sharding over dim 0)")
+
+    # ---- the step -----------------------------------------------------------------------
+    def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
+            compute: Compute) -> list[Tensor]:
+        plan = self.plan_for(items)
+        owned = plan.owned_by(self.rank)
+        full_inputs = self._gather(plan, inputs, owned)
+        results = compute(owned, full_inputs) if owned else []
+        return self._scatter(plan, inputs, owned, results)
+
+    def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int]) -> list[Tensor]:
+        device = inputs[0].device
+        send = [[inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
+                for d in range(self.world_size)]
+        recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
+                      for s in range(self.world_size)]
+        received = self._all_to_all(send, recv_sizes, device)
+        full = []
+        for i in owned:
+            if not plan.sharded[i]:
+                full.append(inputs[i].to(self.exchange_dtype))
+                continue
+            pieces = []
+            for s in range(self.world_size):
+                size = plan.rows_of(i, s) * plan.shapes[i][1]
+                pieces.append(received[s][:size])
+                received[s] = received[s][size:]
+            full.append(torch.cat(pieces).view(plan.shapes[i]))
+        return full
+
+    def _scatter(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
+                 results: list[Tensor]) -> list[Tensor]:
+        device = inputs[0].device
+        send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
+        for i, result in zip(owned, results, strict=True):
+            for d in range(self.world_size):
+                start, end = plan.bounds[i][d]
+                send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
+                               else result.reshape(-1))
+        recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
+                          else plan.shapes[i][0] * plan.shapes[i][1]
+                          for i in plan.owned_by(s)) for s in range(self.world_size)]
+        received = self._all_to_all(send, recv_sizes, device)
+        out: list[Tensor] = []
+        for i, inp in enumerate(inputs):
+            src = plan.owners[i]
+            size = inp.numel() if plan.sharded[i] else plan.shapes[i][0] * plan.shapes[i][1]
+            out.append(received[src][:size].view(inp.shape if plan.sharded[i] else plan.shapes[i]))
+            received[src] = received[src][size:]
+        return out
+
+    def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
+                    device: torch.device) -> list[Tensor]:
+        """One ``all_to_all_single`` with uneven splits; returns the received block per source."""
+        send_flat = [torch.cat(parts).to(self.exchange_dtype) if parts
+                     else torch.empty(0, dtype=self.exchange_dtype, device=device)
+                     for parts in send]
+        send_sizes = [t.numel() for t in send_flat]
+        inp = torch.cat(send_flat)
+        out = torch.empty(sum(recv_sizes), dtype=self.exchange_dtype, device=device)
+        dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                               input_split_sizes=send_sizes, group=self.group)
+        itemsize = out.element_size()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        self._stats["bytes_sent"] += sum(send_sizes[r] for r in others) * itemsize
+        self._stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
+        self._stats["collectives"] += 1
+        return list(out.split(recv_sizes))
