@@ -1,0 +1,1 @@
+"""HTTP routers: probes and metrics (open), ingest and state (bearer token)."""

@@ -1,0 +1,38 @@
+"""Open endpoints: liveness, readiness and the Prometheus exposition."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import CollectorDep, StoreDep
+from service.problems import ProblemError, problem_responses
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    """Always 200 while the process serves requests."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", summary="Readiness: a snapshot has been accepted", responses=problem_responses(503)
+)
+def readyz(store: StoreDep) -> dict[str, str]:
+    """200 once any snapshot was accepted (also one stored before a restart), else 503."""
+    if not store.ready:
+        raise ProblemError(503, "No snapshot has been received yet.", slug="not-ready")
+    return {"status": "ready"}
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus exposition of the orthoshard_* series",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
+def metrics(collector: CollectorDep) -> Response:
+    """Text format 0.0.4, read from the current state at request time (see service.metrics)."""
+    return Response(collector.render(), media_type=CONTENT_TYPE_LATEST)

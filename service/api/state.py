@@ -1,0 +1,158 @@
+"""The state API: optimizer configuration per rank, parameters, and parameter history."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
+from service.problems import ProblemError, problem_responses
+from service.schema import (
+    HistoryPoint,
+    OptimizerInfo,
+    OptimizerView,
+    ParamDetail,
+    ParamHistory,
+    ParamPage,
+    ParamState,
+    ParamSummary,
+    RankState,
+)
+from service.store import ParamRecord
+
+router = APIRouter(
+    prefix="/v1", tags=["state"], dependencies=[Authenticated], responses=problem_responses(401)
+)
+MAX_PAGE = 1000
+MAX_HISTORY = 10_000
+_CURSOR_DOC = "next_cursor of the previous page"
+_RUN_DOC = "run to read; default: the run of the parameter's latest snapshot"
+
+
+def encode_cursor(name: str) -> str:
+    """Opaque cursor: the last name of a page, base64url without padding."""
+    return base64.urlsafe_b64encode(name.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """Inverse of ``encode_cursor``; a cursor this API did not produce is a 400."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError) as exc:
+        raise ProblemError(400, "The cursor is not valid.", slug="bad-cursor") from exc
+
+
+def _summary(rec: ParamRecord, now: float, ttl: float) -> ParamSummary:
+    return ParamSummary(
+        name=rec.name,
+        rank=rec.rank,
+        run_id=rec.run_id,
+        step=rec.step,
+        received_at=rec.received_at,
+        stale=now - rec.received_at > ttl,
+    )
+
+
+@router.get("/optimizer", summary="Optimizer configuration and step per rank")
+def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep) -> OptimizerView:
+    """Every rank ever seen, its run, step, receive time and the configuration it last sent."""
+    now = clock()
+    ranks = [
+        RankState(
+            rank=r.rank,
+            run_id=r.run_id,
+            step=r.step,
+            wall_time=r.wall_time,
+            received_at=r.received_at,
+            snapshots_received=r.snapshots_received,
+            stale=now - r.received_at > settings.series_ttl_s,
+            optimizer=OptimizerInfo.model_validate(r.optimizer) if r.optimizer else None,
+        )
+        for r in store.ranks()
+    ]
+    return OptimizerView(ranks=ranks)
+
+
+@router.get(
+    "/params",
+    summary="Parameters (cursor pagination, name order)",
+    responses=problem_responses(400, 422),
+)
+def list_params(
+    store: StoreDep,
+    settings: SettingsDep,
+    clock: ClockDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1024, description=_CURSOR_DOC)] = None,
+    rank: Annotated[int | None, Query(ge=0, description="only this owner rank")] = None,
+) -> ParamPage:
+    """A page of parameters; ``next_cursor`` is null on the last page."""
+    after = decode_cursor(cursor) if cursor else None
+    records = store.page(after=after, limit=limit + 1, rank=rank)
+    more = len(records) > limit
+    records = records[:limit]
+    now = clock()
+    return ParamPage(
+        items=[_summary(r, now, settings.series_ttl_s) for r in records],
+        next_cursor=encode_cursor(records[-1].name) if more else None,
+    )
+
+
+def _require(store: StoreDep, name: str) -> ParamRecord:
+    rec = store.param(name)
+    if rec is None:
+        raise ProblemError(
+            404, f"No parameter named {name!r} has been reported.", slug="unknown-param"
+        )
+    return rec
+
+
+@router.get(
+    "/params/{name}",
+    summary="Latest metrics and state summary of a parameter",
+    responses=problem_responses(404),
+)
+def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep) -> ParamDetail:
+    """Latest metrics, owner rank, run, step and the last state summary received."""
+    rec = _require(store, name)
+    base = _summary(rec, clock(), settings.series_ttl_s)
+    return ParamDetail(
+        **base.model_dump(),
+        wall_time=rec.wall_time,
+        metrics=rec.metrics,
+        state=ParamState.model_validate(rec.state) if rec.state else None,
+    )
+
+
+@router.get(
+    "/params/{name}/history",
+    summary="A parameter's metrics by step range",
+    responses=problem_responses(400, 404, 422),
+)
+def get_history(
+    name: str,
+    store: StoreDep,
+    from_step: Annotated[int, Query(ge=0)] = 0,
+    to_step: Annotated[int, Query(ge=0)] = 2**62,
+    run_id: Annotated[str | None, Query(max_length=128, description=_RUN_DOC)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 1000,
+) -> ParamHistory:
+    """Points with ``from_step <= step <= to_step`` in step order (retention permitting)."""
+    if from_step > to_step:
+        raise ProblemError(400, "from_step must not exceed to_step.", slug="bad-range")
+    run = run_id or _require(store, name).run_id
+    rows = store.history(name, run_id=run, from_step=from_step, to_step=to_step, limit=limit + 1)
+    if not rows:
+        _require(store, name)  # 404 for a name never reported, an empty list otherwise
+    more = len(rows) > limit
+    points = [
+        HistoryPoint(step=r.step, rank=r.rank, wall_time=r.wall_time, metrics=r.metrics)
+        for r in rows[:limit]
+    ]
+    return ParamHistory(
+        name=name, run_id=run, points=points, next_from_step=rows[limit].step if more else None
+    )

@@ -1,0 +1,190 @@
+"""RFC 9457 problem details for every error the sidecar returns.
+
+Every error body is ``application/problem+json`` with ``type``, ``title``, ``status``,
+``detail`` and ``instance`` (the request path). ``type`` is ``about:blank`` for plain HTTP
+errors (404, 405, ...) and ``urn:orthoshard:problem:<slug>`` for the sidecar's own kinds, so a
+client can branch on it. Validation problems add ``errors``: a list of ``{loc, msg, type}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.schema import Problem
+
+MEDIA_TYPE = "application/problem+json"
+_log = logging.getLogger("orthoshard.sidecar")
+
+
+class ProblemError(HTTPException):
+    """An error the handlers render as problem details.
+
+    Args:
+        status: HTTP status code.
+        detail: human-readable explanation of this occurrence.
+        slug: short kind (``urn:orthoshard:problem:<slug>``); None gives ``about:blank``.
+        headers: extra response headers (e.g. ``WWW-Authenticate``).
+        extra: extension members added to the body.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(status_code=status, detail=detail, headers=dict(headers or {}))
+        self.slug = slug
+        self.extra = extra
+
+
+def problem_response(
+    request: Request | None,
+    status: int,
+    detail: str | None,
+    *,
+    slug: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """A ``application/problem+json`` response."""
+    body: dict[str, Any] = {
+        "type": f"urn:orthoshard:problem:{slug}" if slug else "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if request is not None:
+        body["instance"] = request.url.path
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=MEDIA_TYPE)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    slug = getattr(exc, "slug", None)
+    extra = getattr(exc, "extra", {})
+    return problem_response(
+        request, exc.status_code, str(exc.detail), slug=slug, headers=exc.headers, **extra
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 for a body or query that does not validate; 400 when the body is not JSON at all."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem_response(
+            request,
+            400,
+            "The request body is not valid JSON.",
+            slug="malformed-json",
+            errors=errors,
+        )
+    if any(e["loc"] == ["body", "schema_version"] for e in errors):
+        return problem_response(
+            request,
+            422,
+            "Unsupported or missing schema_version; this sidecar accepts 1.",
+            slug="unsupported-schema-version",
+            errors=errors,
+        )
+    return problem_response(
+        request,
+        422,
+        "The request did not validate; see errors.",
+        slug="validation-error",
+        errors=errors,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    _log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return problem_response(request, 500, "Internal error; see the sidecar log.")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Route every error through problem details."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting problem bodies for ``codes``."""
+    schema = Problem.model_json_schema()
+    return {
+        code: {"description": HTTPStatus(code).phrase, "content": {MEDIA_TYPE: {"schema": schema}}}
+        for code in codes
+    }
+
+
+class BodyTooLarge(ProblemError):
+    """Raised while reading a body that grew past the limit (chunked uploads)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"Request body exceeds {limit} bytes.", slug="body-too-large")
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413 before they are parsed.
+
+    A declared ``Content-Length`` over the limit is refused before reading a byte; a body
+    without one is counted while it streams and refused once it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        refusal = None if declared is None else self._refuse_declared(declared, scope["path"])
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _refuse_declared(self, declared: bytes, path: str) -> JSONResponse | None:
+        """A 400/413 answer for a bad or too large ``Content-Length``, else None."""
+        if not declared.isdigit():
+            return problem_response(
+                None, 400, "Content-Length is not a number.", slug="bad-request", instance=path
+            )
+        if int(declared) > self.max_bytes:
+            return problem_response(
+                None,
+                413,
+                f"Request body exceeds {self.max_bytes} bytes.",
+                slug="body-too-large",
+                instance=path,
+            )
+        return None

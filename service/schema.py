@@ -1,0 +1,185 @@
+"""Wire models (pydantic v2): the snapshot a trainer rank posts, and the API's answers.
+
+Snapshot schema v1
+------------------
+One rank's view at one optimizer step::
+
+    {"schema_version": 1, "run_id": "r42", "rank": 0, "step": 100, "wall_time": 1.7e9,
+     "params": {"layers.0.attn.q.weight": {"orthogonality_error": 0.003,
+                                           "rotation_degrees_L_k1": 1.5, ...}},
+     "optimizer": {"class_name": "SOAP",
+                   "groups": [{"hyperparameters": {"lr": 0.003, "betas": [0.9, 0.95]},
+                               "params": ["layers.0.attn.q.weight"]}],
+                   "state": {"layers.0.attn.q.weight": {"shape": [512, 512], "owner_rank": 0,
+                             "buffer_norms": {"exp_avg": 0.4},
+                             "eigenvalues": {"L": [3.1, 0.2], "R": [2.2, 0.9]}}}}}
+
+``params`` is exactly ``optimizer.health()``; ``optimizer`` is optional.
+
+NaN / Inf policy
+----------------
+The body is strict JSON (RFC 8259): the non-standard tokens ``NaN``, ``Infinity`` and
+``-Infinity`` are refused with 422 wherever they appear, and nothing is stored. A metric, buffer
+norm or eigenvalue that was not finite at the source is sent as ``null`` (``Publisher`` does this
+conversion); the sidecar stores the ``null`` and exports the sample as ``NaN`` on ``/metrics``,
+so the series stays present and ``x != x`` finds it. Identity and bookkeeping fields (rank, step,
+wall time, shapes, hyperparameters) must be finite; a ``null`` there is a type error (422).
+
+Every collection has a size bound; unknown fields are refused (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SCHEMA_VERSION = 1
+MAX_PARAMS = 20_000
+MAX_METRICS_PER_PARAM = 64
+MAX_GROUPS = 256
+MAX_EIGENVALUES = 256
+
+# Parameter names are module paths ("layers.0.attn.q_proj.weight"); no "/" so that
+# /v1/params/{name} is unambiguous, no whitespace or control characters.
+ParamName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s/]+$")]
+MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+RunId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.:-]+$")]
+ShortText = Annotated[str, StringConstraints(max_length=256)]
+#: A measured value: a finite float, or null when it was NaN/Inf at the source.
+Measure = float | None
+ParamMetrics = Annotated[dict[MetricName, Measure], Field(max_length=MAX_METRICS_PER_PARAM)]
+Eigenvalues = Annotated[list[Measure], Field(max_length=MAX_EIGENVALUES)]
+HyperValue = bool | int | float | ShortText | list[float | int] | None
+
+
+class _Strict(BaseModel):
+    """Base: unknown fields refused, NaN/Inf refused in every float field."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class ParamGroup(_Strict):
+    """One optimizer param group: its hyperparameters and (optionally) member names."""
+
+    hyperparameters: dict[MetricName, HyperValue] = Field(default_factory=dict, max_length=64)
+    params: list[ParamName] = Field(default_factory=list, max_length=MAX_PARAMS)
+
+
+class ParamState(_Strict):
+    """A summary of one parameter's optimizer state (no tensors, only shapes and norms)."""
+
+    shape: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=8)
+    owner_rank: int | None = Field(default=None, ge=0, le=65535)
+    buffer_norms: dict[MetricName, Measure] = Field(default_factory=dict, max_length=16)
+    eigenvalues: dict[MetricName, Eigenvalues] = Field(
+        default_factory=dict,
+        max_length=4,
+        description="top-k eigenvalues per preconditioner factor ('L', 'R'), descending",
+    )
+
+
+class OptimizerInfo(_Strict):
+    """The optimizer's configuration and per-parameter state summaries."""
+
+    class_name: ShortText
+    groups: list[ParamGroup] = Field(default_factory=list, max_length=MAX_GROUPS)
+    state: dict[ParamName, ParamState] = Field(default_factory=dict, max_length=MAX_PARAMS)
+
+
+class Snapshot(_Strict):
+    """What one rank posts to ``POST /v1/snapshots`` (schema v1)."""
+
+    schema_version: Literal[1] = Field(description="must be 1; other versions are refused")
+    run_id: RunId
+    rank: int = Field(ge=0, le=65535)
+    step: int = Field(ge=0, le=2**62)
+    wall_time: float = Field(gt=0, description="Unix seconds at the trainer when taken")
+    params: dict[ParamName, ParamMetrics] = Field(max_length=MAX_PARAMS)
+    optimizer: OptimizerInfo | None = None
+
+
+class Accepted(BaseModel):
+    """Answer to an accepted snapshot."""
+
+    run_id: str
+    rank: int
+    step: int
+    params_stored: int
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+
+
+class RankState(BaseModel):
+    """Last-known state of one rank."""
+
+    rank: int
+    run_id: str
+    step: int
+    wall_time: float
+    received_at: float
+    snapshots_received: int
+    stale: bool
+    optimizer: OptimizerInfo | None = None
+
+
+class OptimizerView(BaseModel):
+    """Answer of ``GET /v1/optimizer``: configuration and step per rank."""
+
+    ranks: list[RankState]
+
+
+class ParamSummary(BaseModel):
+    """One row of ``GET /v1/params``."""
+
+    name: str
+    rank: int
+    run_id: str
+    step: int
+    received_at: float
+    stale: bool
+
+
+class ParamPage(BaseModel):
+    """A page of parameters; pass ``next_cursor`` back as ``cursor`` for the next one."""
+
+    items: list[ParamSummary]
+    next_cursor: str | None = None
+
+
+class ParamDetail(ParamSummary):
+    """Answer of ``GET /v1/params/{name}``: latest metrics and state summary."""
+
+    wall_time: float
+    metrics: dict[str, float | None]
+    state: ParamState | None = None
+
+
+class HistoryPoint(BaseModel):
+    """One step of a parameter's history."""
+
+    step: int
+    rank: int
+    wall_time: float
+    metrics: dict[str, float | None]
+
+
+class ParamHistory(BaseModel):
+    """Answer of ``GET /v1/params/{name}/history``."""
+
+    name: str
+    run_id: str
+    points: list[HistoryPoint]
+    next_from_step: int | None = Field(
+        default=None, description="set when the limit cut the range; continue from this step"
+    )

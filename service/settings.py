@@ -1,0 +1,85 @@
+"""Sidecar configuration: one small frozen dataclass, validated when built.
+
+Every limit the sidecar enforces lives here, so the CLI, the tests and the docs name the same
+knobs. Mistakes raise ``ValueError`` saying what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Default age after which a series that stopped reporting leaves ``/metrics`` (seconds).
+#: Longer than any sane snapshot interval and longer than the ``OptimizerSnapshotStale`` alert
+#: window (a few minutes), so the alert fires on a silent rank before its series disappears.
+DEFAULT_SERIES_TTL_S = 900.0
+#: Default bound on stored history rows (one row per parameter per accepted snapshot). 2e6 rows
+#: is ~1000 steps of 8 ranks x 250 matrices, a few hundred MB of SQLite at most.
+DEFAULT_HISTORY_MAX_ROWS = 2_000_000
+#: Default bound on one request body. A rank owning 5000 matrices with full state summaries
+#: encodes to about 4 MB; 16 MiB leaves room without letting one client exhaust memory.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``create_app`` and the server need.
+
+    Attributes:
+        token: bearer token every ``/v1`` request must carry (compared in constant time).
+        db_path: SQLite file holding history and last-known state; ``":memory:"`` for tests.
+        host, port: the TCP listener. ``port=0`` is allowed (tests pick a free port).
+        uds: optional Unix socket path, served by the same process next to TCP.
+        series_ttl_s: a parameter or rank that has not reported for this long leaves ``/metrics``.
+        history_max_rows: history rows kept; the oldest are pruned beyond it.
+        max_body_bytes: larger request bodies are refused with 413 before parsing.
+    """
+
+    token: str
+    db_path: str = "orthoshard-sidecar.db"
+    host: str = "127.0.0.1"
+    port: int = 9400
+    uds: str | None = None
+    series_ttl_s: float = DEFAULT_SERIES_TTL_S
+    history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.token or any(ch.isspace() for ch in self.token):
+            raise ValueError("token must be a non-empty string without whitespace")
+        if len(self.token) < 16:
+            raise ValueError("token is too short: use at least 16 characters (e.g. 32 random hex)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.host:
+            raise ValueError("host must not be empty (use 127.0.0.1 for loopback only)")
+        if not self.series_ttl_s > 0:
+            raise ValueError(f"series_ttl_s must be > 0 seconds, got {self.series_ttl_s}")
+        if self.history_max_rows < 1:
+            raise ValueError(f"history_max_rows must be >= 1, got {self.history_max_rows}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.uds is not None and not self.uds:
+            raise ValueError("uds must be a socket path or None")
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """Read a bearer token from ``path`` (surrounding whitespace stripped).
+
+    Warns when the file is readable by group or others, since anyone who can read it can post
+    snapshots. Raises ``ValueError`` when the file is missing or empty.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+        mode = p.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {p}: {exc.strerror}") from exc
+    if not text:
+        raise ValueError(f"token file {p} is empty; write a random token into it")
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.warn(f"token file {p} is readable by others; chmod 600 it", stacklevel=2)
+    return text

@@ -1,0 +1,276 @@
+"""SQLite-backed store: last-known state per rank and parameter, and bounded history.
+
+Reads for ``/metrics`` and the state API are served from an in-memory mirror of the two
+"latest" tables (loaded at start, updated on every ingest), so a scrape never touches the disk.
+Every accepted snapshot is written in one transaction before the ingest answers, so a restarted
+sidecar answers history queries and its last-known state: nothing accepted is lost.
+
+Tables: ``ranks`` (one row per rank), ``params`` (one row per parameter name) and ``history``
+(one row per parameter per snapshot; the oldest rows beyond ``history_max_rows`` are pruned on
+each ingest, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a power cut may lose
+the last transactions but never corrupts the file; a process crash loses nothing committed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from service.schema import Snapshot
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ranks (
+    rank INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL,
+    wall_time REAL NOT NULL, received_at REAL NOT NULL, snapshots_received INTEGER NOT NULL,
+    optimizer TEXT);
+CREATE TABLE IF NOT EXISTS params (
+    name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
+    wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL, rank INTEGER NOT NULL,
+    step INTEGER NOT NULL, wall_time REAL NOT NULL, metrics TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_name ON history (name, run_id, step);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RankRecord:
+    """Last-known state of one rank."""
+
+    rank: int
+    run_id: str
+    step: int
+    wall_time: float
+    received_at: float
+    snapshots_received: int
+    optimizer: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRecord:
+    """Last-known metrics and state summary of one parameter."""
+
+    name: str
+    run_id: str
+    rank: int
+    step: int
+    wall_time: float
+    received_at: float
+    metrics: dict[str, float | None]
+    state: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One parameter at one step."""
+
+    step: int
+    rank: int
+    wall_time: float
+    metrics: dict[str, float | None]
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+class Store:
+    """Thread-safe store; one instance per sidecar process.
+
+    Args:
+        path: SQLite file, or ``":memory:"``.
+        history_max_rows: history rows kept (older rows pruned on ingest).
+        clock: returns Unix seconds; injected so tests control "received at".
+    """
+
+    def __init__(
+        self, path: str, *, history_max_rows: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._clock = clock
+        self._max_rows = history_max_rows
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._ranks: dict[int, RankRecord] = {}
+        self._params: dict[str, ParamRecord] = {}
+        self._names: list[str] = []
+        self._load()
+
+    def _load(self) -> None:
+        """Fill the in-memory mirror from the ``ranks`` and ``params`` tables."""
+        for rank, run, step, wall, received, count, opt in self._db.execute("SELECT * FROM ranks"):
+            self._ranks[rank] = RankRecord(rank, run, step, wall, received, count, _loads(opt))
+        for name, run, rank, step, wall, received, metrics, state in self._db.execute(
+            "SELECT * FROM params"
+        ):
+            self._params[name] = ParamRecord(
+                name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
+            )
+        self._names = sorted(self._params)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def ingest(self, snap: Snapshot) -> int:
+        """Store one accepted snapshot durably, then update the mirror. Returns params stored."""
+        now = self._clock()
+        opt = snap.optimizer.model_dump(mode="json") if snap.optimizer else None
+        states: dict[str, Any] = opt.pop("state", {}) if opt else {}
+        with self._transaction() as db:
+            prev = self._ranks.get(snap.rank)
+            rank_rec = RankRecord(
+                snap.rank,
+                snap.run_id,
+                snap.step,
+                snap.wall_time,
+                now,
+                (prev.snapshots_received if prev else 0) + 1,
+                opt if opt is not None else (prev.optimizer if prev else None),
+            )
+            records = [
+                self._param_record(snap, now, name, metrics, states.get(name))
+                for name, metrics in snap.params.items()
+            ]
+            self._write(db, rank_rec, records)
+            self._apply(rank_rec, records)
+        return len(records)
+
+    def _param_record(
+        self,
+        snap: Snapshot,
+        now: float,
+        name: str,
+        metrics: dict[str, float | None],
+        state: dict[str, Any] | None,
+    ) -> ParamRecord:
+        """A new latest record; a snapshot without a state summary keeps the previous one."""
+        if state is None and (prev := self._params.get(name)) is not None:
+            state = prev.state
+        return ParamRecord(
+            name, snap.run_id, snap.rank, snap.step, snap.wall_time, now, dict(metrics), state
+        )
+
+    def _write(self, db: sqlite3.Connection, r: RankRecord, records: list[ParamRecord]) -> None:
+        """Upsert the latest rows, append history, prune history beyond the bound."""
+        db.execute(
+            "INSERT OR REPLACE INTO ranks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.rank,
+                r.run_id,
+                r.step,
+                r.wall_time,
+                r.received_at,
+                r.snapshots_received,
+                _dumps(r.optimizer),
+            ),
+        )
+        rows = [
+            (
+                p.name,
+                p.run_id,
+                p.rank,
+                p.step,
+                p.wall_time,
+                p.received_at,
+                _dumps(p.metrics),
+                _dumps(p.state),
+            )
+            for p in records
+        ]
+        db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        db.executemany(
+            "INSERT INTO history (name, run_id, rank, step, wall_time, metrics) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(*row[:5], row[6]) for row in rows],
+        )
+        db.execute(
+            "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (self._max_rows,)
+        )
+
+    def _apply(self, rank_rec: RankRecord, records: list[ParamRecord]) -> None:
+        """Update the in-memory mirror (caller holds the lock)."""
+        self._ranks[rank_rec.rank] = rank_rec
+        for rec in records:
+            if rec.name not in self._params:
+                bisect.insort(self._names, rec.name)
+            self._params[rec.name] = rec
+
+    # ----------------------------------------------------------------- reads (from memory)
+
+    @property
+    def ready(self) -> bool:
+        """True once any snapshot has been accepted (now or before a restart)."""
+        return bool(self._ranks)
+
+    def ranks(self) -> list[RankRecord]:
+        """Every rank ever seen, by rank."""
+        with self._lock:
+            return sorted(self._ranks.values(), key=lambda r: r.rank)
+
+    def params(self) -> list[ParamRecord]:
+        """Every parameter's latest record (a consistent copy of the list)."""
+        with self._lock:
+            return list(self._params.values())
+
+    def param(self, name: str) -> ParamRecord | None:
+        """The latest record of ``name``, or None."""
+        with self._lock:
+            return self._params.get(name)
+
+    def page(self, *, after: str | None, limit: int, rank: int | None = None) -> list[ParamRecord]:
+        """Up to ``limit`` records with names > ``after``, in name order (cursor pagination)."""
+        with self._lock:
+            start = 0 if after is None else bisect.bisect_right(self._names, after)
+            out: list[ParamRecord] = []
+            for name in self._names[start:]:
+                rec = self._params[name]
+                if rank is None or rec.rank == rank:
+                    out.append(rec)
+                    if len(out) == limit:
+                        break
+            return out
+
+    def history(
+        self, name: str, *, run_id: str, from_step: int, to_step: int, limit: int
+    ) -> list[HistoryRow]:
+        """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
+                "run_id = ? AND step BETWEEN ? AND ? ORDER BY step, id LIMIT ?",
+                (name, run_id, from_step, to_step, limit),
+            ).fetchall()
+        return [HistoryRow(s, r, w, json.loads(m)) for s, r, w, m in rows]
+
+    def history_rows(self) -> int:
+        """Number of stored history rows (for tests and the retention check)."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None  # type: ignore[assignment]
