@@ -69,4 +69,4 @@ def addmm(c: Tensor, a: Tensor, b: Tensor, *, beta: float = 1.0, alpha: float = 
     count()
     if a.ndim == 2:
         return torch.addmm(c, a, b, beta=beta, alpha=alpha)
-    return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(c.flatten(0, -3), a.flatten(0, -3), b.flatten(0, -3), beta=beta, alpha=alpha).unflatten(0, a.shape[:-2])  # noqa: E501

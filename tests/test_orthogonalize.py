@@ -1,0 +1,319 @@
+"""optim.orthogonalize against the exact polar factor, torch.optim.Muon, and its own contract.
+
+Reference: the float64 SVD polar factor ``U V^T``. Inputs with a known spectrum are built as
+``U diag(sigma) V^T`` from float64 QR factors, so every test knows its condition number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from optim import count_matmuls
+from optim.orthogonalize import (
+    _POLAR_EXPRESS_RAW,
+    JORDAN_QUINTIC,
+    METHODS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    cans_interval_step,
+    default_steps,
+    orthogonalize,
+    polar_iterates,
+    soften,
+)
+
+ITERATIVE = ("polar_express", "cans")  # the methods that converge to U V^T
+ALL = METHODS
+
+# fp32 compute against the float64 polar factor on inputs with sigma in [0.1, 1] (condition
+# number 10): the iterations converge well past fp32 resolution there, so what is left is fp32
+# rounding accumulated over ~20 products of 64-wide dot products (a few 1e-7 per product, measured
+# max 3e-6). 1e-5 leaves 3x headroom and still rejects any unconverged iterate (>= 1e-3).
+POLAR_FP32_ATOL = 1e-5
+POLAR_FP32_RTOL = 1e-5
+# Jordan's quintic never converges: after 5 steps its singular values sit in about
+# [0.68, 1.13] (FIELD-NOTES). The band below is that range widened by bf16 rounding.
+QUINTIC_SIGMA_BAND = (0.6, 1.25)
+# Singular values of the softened exact polar factor: an fp32 SVD of an fp32 result, values O(1):
+# a few fp32 ulps (1.2e-7) times the dimension is the achievable accuracy.
+SOFT_SIGMA_ATOL = 2e-5
+SOFT_SIGMA_RTOL = 1e-5
+# bf16 on sigma in [1e-6, 1]: nothing may blow up. The polar factor has spectral norm 1; a
+# diverging polynomial (NVIDIA's fixed CANS list: 1.99 -> 4.5 -> 639 -> NaN) would leave this band.
+BF16_MAX_SPECTRAL_NORM = 1.25
+
+
+def spectrum_matrix(m: int, n: int, sigma: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """float64 ``U diag(sigma) V^T`` with random orthonormal U (m x k) and V (n x k)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (U * sigma.to(torch.float64)) @ V.T
+
+
+def logspaced(m: int, n: int, lo: float, hi: float, *, seed: int = 0) -> torch.Tensor:
+    sigma = torch.logspace(math.log10(lo), math.log10(hi), min(m, n), dtype=torch.float64)
+    return spectrum_matrix(m, n, sigma.flip(0), seed=seed)
+
+
+def polar64(X: torch.Tensor) -> torch.Tensor:
+    U, _, Vh = torch.linalg.svd(X.to(torch.float64), full_matrices=False)
+    return U @ Vh
+
+
+def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---- accuracy against the exact polar factor -------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96), (64, 64)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("method", (*ITERATIVE, "svd"))
+def test_converging_methods_match_float64_svd_polar_factor_in_fp32(method, shape):
+    X = logspaced(*shape, 0.1, 1.0).float()
+    O = orthogonalize(X, method=method, steps=None if method == "svd" else 12,
+                      dtype=torch.float32)
+    torch.testing.assert_close(O.double(), polar64(X), atol=POLAR_FP32_ATOL, rtol=POLAR_FP32_RTOL)
+
+
+@pytest.mark.parametrize("method", (*ITERATIVE, "svd"))
+def test_default_steps_reach_polar_factor_in_fp32_on_gaussian(method):
+    X = gaussian(128, 64)
+    O = orthogonalize(X, method=method, dtype=torch.float32)
+    torch.testing.assert_close(O.double(), polar64(X), atol=POLAR_FP32_ATOL, rtol=POLAR_FP32_RTOL)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["tall", "wide"])
+def test_quintic_keeps_singular_vectors_and_lands_in_its_documented_band(shape):
+    # Quintic does not converge to U V^T, but it is an odd polynomial with p > 0 on (0, 1]:
+    # U p(Sigma) V^T has X's polar factor and singular values in the documented band.
+    X = logspaced(*shape, 0.1, 1.0).float()
+    O = orthogonalize(X, method="quintic", dtype=torch.float32)
+    torch.testing.assert_close(polar64(O), polar64(X), atol=POLAR_FP32_ATOL,
+                               rtol=POLAR_FP32_RTOL)
+    sigma = torch.linalg.svdvals(O.double())
+    lo, hi = QUINTIC_SIGMA_BAND
+    assert lo <= sigma.min().item() and sigma.max().item() <= hi
+
+
+def test_quintic_bf16_default_equals_torch_muon_newton_schulz_bit_for_bit():
+    for shape in [(96, 64), (64, 96), (64, 64)]:
+        X = gaussian(*shape, seed=sum(shape))
+        ours = orthogonalize(X, method="quintic", steps=5)
+        ref = _zeropower_via_newtonschulz(X, JORDAN_QUINTIC, 5, 1e-7)
+        assert ours.dtype == X.dtype
+        assert torch.equal(ours, ref.to(X.dtype)), shape
+        # the bf16 -> fp32 cast is exact, so equality of the fp32 results is equality in bf16
+        assert torch.equal(ours.bfloat16(), ref)
+
+
+def test_quintic_custom_coefficients_and_steps_equal_torch_muon():
+    X = gaussian(80, 48, seed=3)
+    coeffs = (3.0, -3.2, 1.2)
+    ours = orthogonalize(X, method="quintic", steps=3, coefficients=coeffs)
+    ref = _zeropower_via_newtonschulz(X, coeffs, 3, 1e-7)
+    assert torch.equal(ours, ref.to(X.dtype))
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+# Batched slices are compared bit for bit: each slice goes through the same per-matrix norm and
+# gemm (baddbmm runs one gemm per batch entry on CPU), measured identical on torch 2.13 CPU.
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype", [None, torch.float32], ids=["bf16", "fp32"])
+def test_batched_3d_equals_per_slice(method, dtype):
+    X = gaussian(3, 48, 32, seed=1)
+    batched = orthogonalize(X, method=method, dtype=dtype)
+    assert batched.shape == X.shape
+    for i in range(X.shape[0]):
+        assert torch.equal(batched[i], orthogonalize(X[i], method=method, dtype=dtype)), i
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_batched_4d_wide_equals_per_slice(method):
+    X = gaussian(2, 3, 24, 40, seed=2)
+    batched = orthogonalize(X, method=method, dtype=torch.float32, softening=0.25)
+    assert batched.shape == X.shape
+    for i in range(2):
+        for j in range(3):
+            single = orthogonalize(X[i, j], method=method, dtype=torch.float32, softening=0.25)
+            assert torch.equal(batched[i, j], single), (i, j)
+
+
+def test_batched_zero_slice_stays_zero_and_others_are_unaffected():
+    X = gaussian(3, 32, 24, seed=4)
+    X[1] = 0.0
+    for method in ALL:
+        out = orthogonalize(X, method=method, dtype=torch.float32)
+        assert torch.equal(out[1], torch.zeros_like(out[1])), method
+        assert torch.equal(out[0], orthogonalize(X[0], method=method, dtype=torch.float32))
+
+
+# ---- softening --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s", [0.1, 0.5, 0.9, 1.0])
+def test_softened_svd_singular_values_follow_blend_formula(s):
+    X = logspaced(64, 40, 1e-2, 3.0).float()
+    out = orthogonalize(X, method="svd", softening=s)
+    sigma = torch.linalg.svdvals(X.double())
+    expected = (1 - s) + s * sigma / torch.linalg.matrix_norm(X.double())
+    got = torch.linalg.svdvals(out.double())
+    torch.testing.assert_close(got, expected, atol=SOFT_SIGMA_ATOL, rtol=SOFT_SIGMA_RTOL)
+
+
+def test_softening_one_is_the_frobenius_normalized_input():
+    X = gaussian(40, 24, seed=5)
+    out = orthogonalize(X, method="cans", softening=1.0, dtype=torch.float32)
+    torch.testing.assert_close(out, X / X.norm(), atol=0.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_softening_zero_is_byte_identical_to_no_softening(method):
+    X = gaussian(48, 32, seed=6)
+    plain = orthogonalize(X, method=method)
+    assert torch.equal(orthogonalize(X, method=method, softening=0.0), plain)
+    assert torch.equal(orthogonalize(X, method=method, softening=0), plain)
+    assert soften(plain, X, 0.0) is plain
+
+
+@pytest.mark.parametrize("s", [-0.01, 1.01, float("nan"), float("inf"), "0.5", None])
+def test_softening_outside_unit_interval_or_nan_raises_value_error(s):
+    with pytest.raises(ValueError, match="softening"):
+        orthogonalize(gaussian(8, 4), softening=s)
+
+
+# ---- input validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(dict(X=torch.ones(5)), id="1-D"),
+    pytest.param(dict(X=torch.ones(4, 3, dtype=torch.int64)), id="int-dtype"),
+    pytest.param(dict(X=torch.ones(4, 3, dtype=torch.bool)), id="bool-dtype"),
+    pytest.param(dict(method="newton"), id="unknown-method"),
+    pytest.param(dict(steps=0), id="steps-0"),
+    pytest.param(dict(steps=-2), id="steps-negative"),
+    pytest.param(dict(steps=100), id="steps-100"),
+    pytest.param(dict(steps=2.5), id="steps-float"),
+    pytest.param(dict(dtype=torch.int32), id="int-compute-dtype"),
+    pytest.param(dict(method="cans", lower_bound=0.0), id="cans-lower-bound-0"),
+    pytest.param(dict(method="cans", lower_bound=1.5), id="cans-lower-bound-1.5"),
+])
+def test_bad_input_raises_value_error(bad):
+    kwargs = {"X": gaussian(6, 4), **bad}
+    X = kwargs.pop("X")
+    with pytest.raises(ValueError):
+        orthogonalize(X, **kwargs)
+
+
+def test_unknown_method_error_lists_the_valid_methods():
+    with pytest.raises(ValueError, match="polar_express"):
+        orthogonalize(gaussian(6, 4), method="newton")
+
+
+# ---- robustness -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 8), (8, 16), (2, 8, 8)])
+def test_zero_matrix_returns_zeros_without_nan(method, dtype, shape):
+    X = torch.zeros(shape, dtype=dtype)
+    for softening in (0.0, 0.5):
+        out = orthogonalize(X, method=method, softening=softening)
+        assert out.dtype == dtype
+        assert torch.equal(out, torch.zeros_like(out)), (method, softening)
+
+
+@pytest.mark.parametrize(("method", "steps"), [(m, None) for m in ALL]
+                         + [(m, 30) for m in ALL if m != "svd"])
+def test_bf16_stays_finite_on_singular_values_from_1_to_1e6(method, steps):
+    X = logspaced(128, 64, 1e-6, 1.0).to(torch.bfloat16)
+    out = orthogonalize(X, method=method, steps=steps)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert torch.linalg.matrix_norm(out.float(), ord=2).item() <= BF16_MAX_SPECTRAL_NORM
+
+
+# ---- products counted -------------------------------------------------------------------------
+
+PRODUCTS_PER_STEP = {"quintic": 3, "polar_express": 3, "cans": 2}
+
+
+@pytest.mark.parametrize("method", sorted(PRODUCTS_PER_STEP))
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_products_counted_per_step_with_free_normalization(method, steps):
+    X = gaussian(40, 24)
+    with count_matmuls() as counter:
+        orthogonalize(X, method=method, steps=steps, dtype=torch.float32, softening=0.3)
+    assert counter.products == PRODUCTS_PER_STEP[method] * steps
+
+
+@pytest.mark.parametrize("method", sorted(PRODUCTS_PER_STEP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_step_products_match_default_steps(method, dtype):
+    with count_matmuls() as counter:
+        orthogonalize(gaussian(3, 24, 40), method=method, dtype=dtype)
+    assert counter.products == PRODUCTS_PER_STEP[method] * default_steps(method, dtype)
+
+
+def test_polar_iterates_count_products_cumulatively_and_end_at_orthogonalize():
+    X = gaussian(48, 32)
+    with count_matmuls() as counter:
+        seen = []
+        for it in polar_iterates(X, method="cans", steps=4, dtype=torch.float32):
+            seen.append((counter.products, it))
+    assert [c for c, _ in seen] == [2, 4, 6, 8]
+    assert torch.equal(seen[-1][1], orthogonalize(X, method="cans", steps=4, dtype=torch.float32))
+
+
+def test_nested_counters_both_count():
+    with count_matmuls() as outer:
+        orthogonalize(gaussian(8, 8), method="quintic", steps=1)
+        with count_matmuls() as inner:
+            orthogonalize(gaussian(8, 8), method="quintic", steps=2)
+    assert (inner.products, outer.products) == (6, 9)
+
+
+# ---- dtypes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("compute", [None, torch.float32])
+def test_result_dtype_equals_input_dtype(method, in_dtype, compute):
+    X = gaussian(12, 8).to(in_dtype)
+    out = orthogonalize(X, method=method, dtype=compute, softening=0.2)
+    assert out.dtype == in_dtype and out.shape == X.shape
+
+
+# ---- coefficient tables -----------------------------------------------------------------------
+
+def _odd_quintic(coeffs, x):
+    a, b, c = coeffs
+    return a * x + b * x**3 + c * x**5
+
+
+def test_jordan_quintic_p1_is_0_70_and_never_reaches_one():
+    assert _odd_quintic(JORDAN_QUINTIC, 1.0) == pytest.approx(0.70, abs=5e-3)
+
+
+def test_polar_express_safety_factor_is_p_of_x_over_1_01_on_all_but_steady_state():
+    assert _odd_quintic(POLAR_EXPRESS_COEFFICIENTS[-1], 1.0) == 1.0
+    assert POLAR_EXPRESS_COEFFICIENTS[-1] == _POLAR_EXPRESS_RAW[-1] == (1.875, -1.25, 0.375)
+    assert len(POLAR_EXPRESS_COEFFICIENTS) == len(_POLAR_EXPRESS_RAW) == 8
+    xs = [i / 20 for i in range(1, 21)]
+    for safe, raw in zip(POLAR_EXPRESS_COEFFICIENTS[:-1], _POLAR_EXPRESS_RAW[:-1], strict=True):
+        for x in xs:
+            assert _odd_quintic(safe, x) == pytest.approx(_odd_quintic(raw, x / 1.01), rel=1e-12)
+
+
+def test_cans_interval_step_equioscillates_on_its_interval():
+    a, b = 1e-3, 1.0
+    lin, cub, new_a, new_b = cans_interval_step(a, b)
+    p = lambda x: lin * x + cub * x**3  # noqa: E731
+    e = math.sqrt((a * a + a * b + b * b) / 3)
+    assert p(a) == pytest.approx(new_a, rel=1e-12)
+    assert p(b) == pytest.approx(new_a, rel=1e-12)
+    assert p(e) == pytest.approx(new_b, rel=1e-12)
+    assert new_a + new_b == pytest.approx(2.0, rel=1e-12)
