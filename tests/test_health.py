@@ -1,0 +1,202 @@
+"""optim.health measures against hand-built cases with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optim.health import (
+    basis_staleness,
+    eigengap_ratio,
+    orthogonality_error,
+    rotation_angle_degrees,
+)
+
+# Angles of float64 bases: arcsin/arccos of float64 values, errors ~1e-15 rad ~ 1e-13 degrees.
+ANGLE64_ATOL_DEG = 1e-9
+# float32 bases: each entry is rounded by ~6e-8 relative, so a principal angle is only known to
+# ~sqrt(n) * 6e-8 rad ~ 1e-5 degrees for n = 8; 1e-4 degrees is 10x that.
+ANGLE32_ATOL_DEG = 1e-4
+# Exact small-integer and float64 arithmetic cases.
+EXACT64_ATOL = 1e-12
+EXACT64_RTOL = 1e-12
+
+
+def orthonormal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q.to(dtype)
+
+
+def rotate_columns(Q: torch.Tensor, i: int, j: int, degrees: float) -> torch.Tensor:
+    """Q with column i turned by ``degrees`` towards column j (a plane rotation; orthonormal)."""
+    t = math.radians(degrees)
+    out = Q.clone()
+    out[:, i] = math.cos(t) * Q[:, i] + math.sin(t) * Q[:, j]
+    out[:, j] = -math.sin(t) * Q[:, i] + math.cos(t) * Q[:, j]
+    return out
+
+
+# ---- rotation_angle_degrees -------------------------------------------------------------------
+
+def test_top_vector_rotated_by_30_degrees_reads_30_at_k1():
+    Q = orthonormal(8)
+    Q_new = rotate_columns(Q, 0, 5, 30.0)
+    angle = rotation_angle_degrees(Q, Q_new, k=1).item()
+    assert angle == pytest.approx(30.0, abs=ANGLE64_ATOL_DEG)
+
+
+def test_top2_subspace_rotated_by_known_angles_reads_the_largest_at_k2():
+    Q = orthonormal(8, seed=1)
+    Q_new = rotate_columns(rotate_columns(Q, 0, 6, 30.0), 1, 7, 20.0)
+    assert rotation_angle_degrees(Q, Q_new, k=2).item() == pytest.approx(30.0,
+                                                                          abs=ANGLE64_ATOL_DEG)
+    # the second column alone turned by 20, the top one by 30
+    assert rotation_angle_degrees(Q, Q_new, k=1).item() == pytest.approx(30.0,
+                                                                          abs=ANGLE64_ATOL_DEG)
+
+
+def test_rotation_inside_the_top2_plane_is_40_at_k1_and_zero_at_k2():
+    Q = orthonormal(8, seed=2)
+    Q_new = rotate_columns(Q, 0, 1, 40.0)  # the span of the first two columns is unchanged
+    assert rotation_angle_degrees(Q, Q_new, k=1).item() == pytest.approx(40.0,
+                                                                          abs=ANGLE64_ATOL_DEG)
+    assert rotation_angle_degrees(Q, Q_new, k=2).item() == pytest.approx(0.0,
+                                                                          abs=ANGLE64_ATOL_DEG)
+
+
+def test_sign_flip_of_eigenvectors_is_zero_degrees():
+    Q = orthonormal(6, seed=3)
+    flipped = Q * torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0, 1.0], dtype=Q.dtype)
+    for k in (1, 2, 4):
+        assert rotation_angle_degrees(Q, flipped, k=k).item() == pytest.approx(
+            0.0, abs=ANGLE64_ATOL_DEG)
+
+
+def test_swapped_top_two_eigenvectors_read_90_at_k1():
+    Q = orthonormal(6, seed=4)
+    swapped = Q[:, [1, 0, 2, 3, 4, 5]]
+    assert rotation_angle_degrees(Q, swapped, k=1).item() == pytest.approx(90.0,
+                                                                           abs=ANGLE64_ATOL_DEG)
+    assert rotation_angle_degrees(Q, swapped, k=2).item() == pytest.approx(0.0,
+                                                                           abs=ANGLE64_ATOL_DEG)
+
+
+@pytest.mark.parametrize("degrees", [0.01, 1e-4])
+def test_tiny_angle_is_recovered_in_float64(degrees):
+    Q = orthonormal(8, seed=5)
+    Q_new = rotate_columns(Q, 0, 3, degrees)
+    assert rotation_angle_degrees(Q, Q_new, k=1).item() == pytest.approx(degrees,
+                                                                          abs=ANGLE64_ATOL_DEG)
+
+
+def test_tiny_angle_is_recovered_from_float32_bases():
+    # arccos alone would read 0 (cos 0.01 deg = 1 - 1.5e-8 rounds to 1 in fp32); the sine path
+    # keeps it.
+    Q = orthonormal(8, seed=6)
+    Q_new = rotate_columns(Q, 0, 3, 0.01)
+    angle = rotation_angle_degrees(Q.float(), Q_new.float(), k=1).item()
+    assert angle == pytest.approx(0.01, abs=ANGLE32_ATOL_DEG)
+
+
+def test_k_is_clamped_to_the_number_of_columns():
+    Q = orthonormal(8, seed=7)[:, :4]
+    Q_new = rotate_columns(orthonormal(8, seed=7), 2, 6, 25.0)[:, :4]
+    big = rotation_angle_degrees(Q, Q_new, k=100).item()
+    assert big == pytest.approx(rotation_angle_degrees(Q, Q_new, k=4).item(), abs=0.0)
+    assert big == pytest.approx(25.0, abs=ANGLE64_ATOL_DEG)
+
+
+def test_rotation_is_batched_over_leading_dims():
+    Qs = torch.stack([orthonormal(5, seed=s) for s in range(3)])
+    new = torch.stack([rotate_columns(Qs[i], 0, 4, d) for i, d in enumerate((5.0, 30.0, 60.0))])
+    angles = rotation_angle_degrees(Qs, new, k=1)
+    assert angles.shape == (3,)
+    torch.testing.assert_close(angles, torch.tensor([5.0, 30.0, 60.0], dtype=torch.float64),
+                               atol=ANGLE64_ATOL_DEG, rtol=0.0)
+
+
+@pytest.mark.parametrize(("a", "b", "k"), [
+    pytest.param((4, 4), (4, 3), 1, id="shape-mismatch"),
+    pytest.param((4,), (4,), 1, id="1-D"),
+    pytest.param((4, 4), (4, 4), 0, id="k-0"),
+])
+def test_rotation_rejects_bad_arguments(a, b, k):
+    with pytest.raises(ValueError):
+        rotation_angle_degrees(torch.zeros(a), torch.zeros(b), k=k)
+
+
+# ---- eigengap_ratio ---------------------------------------------------------------------------
+
+def test_eigengap_ratio_on_a_known_spectrum_and_the_top_over_second_identity():
+    eig = torch.tensor([4.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    ratio = eigengap_ratio(eig).item()
+    assert ratio == pytest.approx(0.25, abs=EXACT64_ATOL)
+    assert 1.0 / (1.0 - ratio) == pytest.approx(4.0 / 3.0, rel=EXACT64_RTOL)
+
+
+def test_eigengap_ratio_seed_table_value_1_0207():
+    # The seed-004 table prints top/2nd = 1.0207; the ratio is 1 - 1/1.0207.
+    eig = torch.tensor([1.0207, 1.0, 0.3], dtype=torch.float64)
+    assert 1.0 / (1.0 - eigengap_ratio(eig).item()) == pytest.approx(1.0207, rel=EXACT64_RTOL)
+
+
+def test_eigengap_ratio_edges_degenerate_rank_one_zero_and_batched():
+    eig = torch.tensor([[2.0, 2.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(eigengap_ratio(eig), torch.tensor([0.0, 1.0, 0.0],
+                                                                 dtype=torch.float64))
+
+
+def test_eigengap_ratio_needs_two_eigenvalues():
+    with pytest.raises(ValueError):
+        eigengap_ratio(torch.tensor([1.0]))
+
+
+# ---- orthogonality_error ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)], ids=["tall", "wide", "square"])
+def test_orthogonality_error_is_zero_for_orthonormal_columns_or_rows(shape):
+    m, n = shape
+    Q = orthonormal(max(m, n), seed=8)[:m, :n]  # orthonormal columns if tall, rows if wide
+    assert orthogonality_error(Q).item() == pytest.approx(0.0, abs=EXACT64_ATOL)
+
+
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_orthogonality_error_of_twice_identity_is_three(n):
+    # ||(2I)^T (2I) - I||_F / sqrt(n) = ||3 I||_F / sqrt(n) = 3
+    eye2 = 2.0 * torch.eye(n, dtype=torch.float64)
+    assert orthogonality_error(eye2).item() == pytest.approx(3.0, rel=EXACT64_RTOL)
+    tall = torch.cat([eye2, torch.zeros(3, n, dtype=torch.float64)])
+    assert orthogonality_error(tall).item() == pytest.approx(3.0, rel=EXACT64_RTOL)
+    assert orthogonality_error(tall.T).item() == pytest.approx(3.0, rel=EXACT64_RTOL)
+
+
+def test_orthogonality_error_is_batched_and_at_least_float32():
+    batch = torch.stack([torch.eye(4), 2.0 * torch.eye(4)]).to(torch.bfloat16)
+    err = orthogonality_error(batch)
+    assert err.dtype == torch.float32 and err.shape == (2,)
+    torch.testing.assert_close(err, torch.tensor([0.0, 3.0]), atol=0.0, rtol=0.0)
+
+
+def test_orthogonality_error_rejects_1d():
+    with pytest.raises(ValueError):
+        orthogonality_error(torch.ones(3))
+
+
+# ---- basis_staleness --------------------------------------------------------------------------
+
+def test_basis_staleness_is_zero_for_an_eigenbasis():
+    A = torch.randn(10, 10, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    L = A @ A.T
+    _, Q = torch.linalg.eigh(L)
+    assert basis_staleness(Q, L).item() == pytest.approx(0.0, abs=EXACT64_ATOL)
+
+
+def test_basis_staleness_known_value_and_zero_factor():
+    L = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    # off-diagonal norm sqrt(2) over total sqrt(10)
+    assert basis_staleness(eye, L).item() == pytest.approx(math.sqrt(0.2), rel=EXACT64_RTOL)
+    assert basis_staleness(eye, torch.zeros(2, 2, dtype=torch.float64)).item() == 0.0
