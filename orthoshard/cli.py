@@ -24,6 +24,58 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sidecar(args: argparse.Namespace) -> int:
+    """Run the health sidecar (torch-free: imports only ``service``)."""
+    from service.server import run
+    from service.settings import Settings, read_token_file
+
+    try:
+        settings = Settings(
+            token=read_token_file(args.token_file),
+            db_path=args.db,
+            host=args.host,
+            port=args.port,
+            uds=args.uds,
+            series_ttl_s=args.series_ttl,
+            history_max_rows=args.history_max_rows,
+            max_body_bytes=args.max_body_bytes,
+        )
+    except ValueError as exc:
+        print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        return 2
+    return run(settings, log_level=args.log_level)
+
+
+def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    # service.settings imports only the standard library, so --help stays instant.
+    from service import settings as defaults
+
+    sidecar = sub.add_parser(
+        "sidecar", help="run the health sidecar (HTTP API, /metrics, SQLite history)"
+    )
+    sidecar.add_argument("--host", default="127.0.0.1", help="TCP bind address (default loopback)")
+    sidecar.add_argument("--port", type=int, default=9400, help="TCP port (default 9400)")
+    sidecar.add_argument("--uds", default=None, help="also listen on this Unix socket path")
+    sidecar.add_argument("--token-file", required=True, help="file holding the bearer token")
+    sidecar.add_argument("--db", required=True, help="SQLite file for history and last state")
+    sidecar.add_argument(
+        "--series-ttl", type=float, default=defaults.DEFAULT_SERIES_TTL_S,
+        help="seconds after which a silent param/rank leaves /metrics (default %(default)s)",
+    )  # fmt: skip
+    sidecar.add_argument(
+        "--history-max-rows", type=int, default=defaults.DEFAULT_HISTORY_MAX_ROWS,
+        help="history rows kept; older rows are pruned (default %(default)s)",
+    )  # fmt: skip
+    sidecar.add_argument(
+        "--max-body-bytes", type=int, default=defaults.DEFAULT_MAX_BODY_BYTES,
+        help="larger snapshots are refused with 413 (default %(default)s)",
+    )  # fmt: skip
+    sidecar.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sidecar.set_defaults(func=_sidecar)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthoshard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", help="benchmark name, e.g. orthogonalize")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
+    _add_sidecar(sub)
     return parser
 
 

@@ -1,0 +1,273 @@
+"""Trainer-side publisher: hands snapshots to a background thread that posts them.
+
+One line in the training loop::
+
+    pub = Publisher(uds="/run/orthoshard.sock", token=token)      # or url="http://127.0.0.1:9400"
+    ...
+    pub.publish(step=step, rank=rank, params=opt.health())        # returns in microseconds
+    ...
+    pub.close()                                                   # flushes, bounded by a deadline
+
+Contract: ``publish`` never blocks, never raises and never touches torch or torch.distributed.
+It appends to a bounded queue (the oldest snapshot is dropped and counted when full) and returns;
+a daemon thread encodes and posts. Connection errors and 5xx answers are retried with
+exponential backoff; a 4xx answer (the sidecar refused the snapshot) drops it and counts it. A
+dead, slow or absent sidecar therefore costs the trainer nothing but dropped snapshots.
+
+``publish`` keeps references to ``params`` / ``optimizer`` and encodes them on the thread, so
+pass fresh dicts (``health()`` returns a new one each call) and do not mutate them afterwards.
+Values are plain Python numbers; anything with ``__float__`` (numpy or 0-d tensor scalars) is
+converted, and non-finite floats become ``null`` (the sidecar's NaN policy, see service.schema).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+SCHEMA_VERSION = 1
+DEFAULT_URL = "http://127.0.0.1:9400"
+_log = logging.getLogger("orthoshard.publisher")
+
+
+@dataclass
+class PublisherStats:
+    """Counters of a publisher (read them any time; they only grow)."""
+
+    published: int = 0  # publish() calls accepted onto the queue
+    sent: int = 0  # snapshots the sidecar accepted (2xx)
+    dropped: int = 0  # pushed out of a full queue, or left unsent at close()
+    rejected: int = 0  # refused by the sidecar (4xx) or not encodable
+    failures: int = 0  # failed send attempts (connection errors, timeouts, 5xx)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats -> None, ``__float__`` objects -> float."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return _plain(float(value))
+
+
+def default_run_id() -> str:
+    """``ORTHOSHARD_RUN_ID``, else torchrun's ``TORCHELASTIC_RUN_ID``, else a random id.
+
+    All ranks of a run must agree; under torchrun the elastic run id already does.
+    """
+    for var in ("ORTHOSHARD_RUN_ID", "TORCHELASTIC_RUN_ID"):
+        if value := os.environ.get(var):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+class Publisher:
+    """Posts snapshots to the sidecar from a background thread.
+
+    Args:
+        url: sidecar base URL (TCP); default ``http://127.0.0.1:9400`` when ``uds`` is not given.
+        uds: Unix socket path of the sidecar (takes precedence over ``url``'s host).
+        token: bearer token (the content of the sidecar's ``--token-file``).
+        run_id: identifies the run; default ``default_run_id()``.
+        queue_size: snapshots held while the sidecar is slow or down (oldest dropped beyond).
+        timeout_s: per-request timeout (connect, read, write, pool).
+        backoff_s: (first, max) retry delay after a failed send; doubles, with jitter.
+        transport: an httpx transport to use instead (tests).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        uds: str | None = None,
+        token: str | None = None,
+        *,
+        run_id: str | None = None,
+        queue_size: int = 64,
+        timeout_s: float = 2.0,
+        backoff_s: tuple[float, float] = (0.05, 5.0),
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if not 0 < backoff_s[0] <= backoff_s[1]:
+            raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
+        self.run_id = run_id or default_run_id()
+        self.stats = PublisherStats()
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._size = queue_size
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = math.inf
+        self._backoff = backoff_s
+        self._down = False
+        self._client = self._make_client(url, uds, token, timeout_s, transport)
+        self._thread = threading.Thread(target=self._run, name="orthoshard-publisher", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _make_client(
+        url: str | None,
+        uds: str | None,
+        token: str | None,
+        timeout_s: float,
+        transport: httpx.BaseTransport | None,
+    ) -> httpx.Client:
+        if transport is None and uds is not None:
+            transport = httpx.HTTPTransport(uds=uds)
+        base = url or (DEFAULT_URL if uds is None else "http://sidecar")
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(
+            base_url=base, headers=headers, timeout=timeout_s, transport=transport, trust_env=False
+        )
+
+    # ------------------------------------------------------------------ training thread
+
+    def publish(
+        self,
+        *,
+        step: int,
+        rank: int,
+        params: dict[str, dict[str, float]],
+        optimizer: dict[str, Any] | None = None,
+        wall_time: float | None = None,
+    ) -> None:
+        """Queue one snapshot and return at once; never raises, never blocks.
+
+        Args:
+            step: the optimizer step.
+            rank: this process's rank.
+            params: ``optimizer.health()``: ``{param_name: {metric_name: float}}``.
+            optimizer: optional ``{"class_name", "groups", "state"}`` (see service.schema).
+            wall_time: Unix seconds when taken; default now.
+        """
+        try:
+            item = {
+                "step": step,
+                "rank": rank,
+                "params": params,
+                "optimizer": optimizer,
+                "wall_time": time.time() if wall_time is None else wall_time,
+            }
+            with self._cond:
+                if self._closing:
+                    self.stats.dropped += 1
+                    return
+                if len(self._queue) >= self._size:
+                    self._queue.popleft()
+                    self.stats.dropped += 1
+                self._queue.append(item)
+                self.stats.published += 1
+                self._cond.notify()
+        except Exception:  # the contract: nothing escapes into the training loop
+            _log.exception("publish failed; snapshot dropped")
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent."""
+        with self._cond:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout_s
+            self._cond.notify()
+        self._thread.join(timeout_s + 1.0)
+        with self._cond:
+            left = len(self._queue)
+            self.stats.dropped += left
+            self._queue.clear()
+        return left == 0 and not self._thread.is_alive()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _run(self) -> None:
+        delay = 0.0
+        while (item := self._next(delay)) is not None:
+            outcome = self._send(item)
+            with self._cond:
+                if outcome != "retry" and self._queue and self._queue[0] is item:
+                    self._queue.popleft()
+            if outcome == "retry":
+                delay = min(max(2 * delay, self._backoff[0]), self._backoff[1])
+            else:
+                delay = 0.0
+        self._client.close()
+
+    def _next(self, delay: float) -> dict[str, Any] | None:
+        """The queue head after waiting ``delay`` (jittered); None when it is time to stop."""
+        wake = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._closing and (not self._queue or now >= self._deadline):
+                    return None
+                if self._queue and now >= wake:
+                    return self._queue[0]
+                limit = min(self._deadline, wake if self._queue else math.inf) - now
+                self._cond.wait(None if limit == math.inf else max(limit, 0.0))
+
+    def _send(self, item: dict[str, Any]) -> str:
+        """Encode and post one snapshot: "ok", "rejected" (do not retry) or "retry"."""
+        try:
+            body = self._encode(item)
+        except (TypeError, ValueError) as exc:
+            self.stats.rejected += 1
+            _log.warning("snapshot at step %s not encodable (%s); dropped", item["step"], exc)
+            return "rejected"
+        try:
+            response = self._client.post("/v1/snapshots", content=body)
+        except httpx.HTTPError as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return "retry"
+        if response.status_code >= 500:
+            self._failed(f"HTTP {response.status_code}")
+            return "retry"
+        if response.status_code >= 400:
+            self.stats.rejected += 1
+            _log.warning("sidecar refused step %s: %s", item["step"], response.text[:500])
+            return "rejected"
+        if self._down:
+            self._down = False
+            _log.info("sidecar reachable again after %d failed sends", self.stats.failures)
+        self.stats.sent += 1
+        return "ok"
+
+    def _failed(self, why: str) -> None:
+        self._down = True
+        self.stats.failures += 1
+        if self.stats.failures in (1, 10, 100) or self.stats.failures % 1000 == 0:
+            _log.warning(
+                "sidecar unreachable (%s); %d failed sends so far", why, self.stats.failures
+            )
+
+    def _encode(self, item: dict[str, Any]) -> bytes:
+        snapshot = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "rank": int(item["rank"]),
+            "step": int(item["step"]),
+            "wall_time": float(item["wall_time"]),
+            "params": _plain(item["params"]),
+        }
+        if item["optimizer"] is not None:
+            snapshot["optimizer"] = _plain(item["optimizer"])
+        return json.dumps(snapshot, allow_nan=False, separators=(",", ":")).encode("utf-8")
