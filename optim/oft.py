@@ -1,0 +1,118 @@
+"""OFT adapter for ``nn.Linear``: a block-diagonal rotation of the frozen weight.
+
+``W' = W R`` with ``R = diag(R_1, ..., R_k)`` and ``R_i = rotation(Q_i)`` orthogonal
+(:mod:`optim.orthogonal`), ``Q_i`` skew-symmetric ``(b, b)`` built from a trainable vector of
+its ``b(b-1)/2`` free entries (Qiu et al. 2023, arXiv 2306.07280; PEFT's OFT). The forward
+rotates the input instead of materializing ``W'``: ``y = base(x R^T)``, per block, so training
+never touches the frozen ``(out, in)`` weight. The parameter starts at zero, where every method
+gives ``R = I`` exactly: the adapted layer equals the base layer at init. ``merge()`` folds
+``R`` into a plain ``nn.Linear`` for inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from optim.health import orthogonality_error
+from optim.orthogonal import METHODS, clip_spectral_norm, rotation, skew_from_vector
+
+__all__ = ["OFTConfig", "OFTLinear"]
+
+
+@dataclass(frozen=True)
+class OFTConfig:
+    """Attributes:
+    block_size: ``b``; must divide the layer's ``in_features``. 32 is a common OFT choice.
+    method: one of ``optim.orthogonal.METHODS``; ``"exp"`` (default) is exact to 1e-6 in
+        float32 at 8 products and reaches every rotation (OneTrainer PR #1556).
+    max_norm: spectral-norm clip of each ``Q`` before the rotation; -1 (default) is the
+        method's ``AUTO_MAX_NORM``, ``math.inf`` disables it.
+    terms: ``cayley_neumann``'s number of terms (PEFT default 5).
+    steps: ``cans_cayley``'s CANS steps (None: its dtype default).
+    """
+
+    block_size: int = 32
+    method: str = "exp"
+    max_norm: float = -1.0
+    terms: int = 5
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (self.max_norm == -1 or self.max_norm > 0):
+            raise ValueError(f"max_norm must be > 0, math.inf or -1 (auto), got {self.max_norm!r}")
+        if not isinstance(self.terms, int) or self.terms < 1:
+            raise ValueError(f"terms must be an int >= 1, got {self.terms!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
+
+
+class OFTLinear(nn.Module):
+    """``y = x (W R)^T + bias`` with the base ``nn.Linear`` frozen and ``R`` block-orthogonal.
+
+    Args:
+        base: the layer to adapt; its parameters are frozen (``requires_grad=False``).
+        config: an :class:`OFTConfig` (default: 32-blocks, exp, auto clip).
+
+    Raises:
+        ValueError: ``block_size`` does not divide ``base.in_features``.
+    """
+
+    def __init__(self, base: nn.Linear, *, config: OFTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else OFTConfig()
+        b = self.config.block_size
+        if base.in_features % b:
+            raise ValueError(
+                f"block_size={b} must divide in_features={base.in_features}; pick a divisor "
+                f"such as {_largest_divisor(base.in_features, b)}"
+            )
+        self.base = base.requires_grad_(False)
+        blocks = base.in_features // b
+        self.oft_vector = nn.Parameter(
+            torch.zeros(blocks, b * (b - 1) // 2, dtype=base.weight.dtype,
+                        device=base.weight.device)
+        )
+
+    def rotation_blocks(self) -> Tensor:
+        """The ``(in_features / b, b, b)`` orthogonal blocks of R (differentiable)."""
+        cfg = self.config
+        Q = skew_from_vector(self.oft_vector, cfg.block_size)
+        Q = clip_spectral_norm(Q, cfg.max_norm, method=cfg.method)
+        return rotation(Q, method=cfg.method, terms=cfg.terms, steps=cfg.steps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        R = self.rotation_blocks()
+        blocks = x.unflatten(-1, (R.size(0), R.size(1)))  # (..., k, b)
+        rotated = torch.einsum("...kj,kij->...ki", blocks, R.to(x.dtype)).flatten(-2)
+        return self.base(rotated)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A new ``nn.Linear`` with weight ``W R`` (computed in float32 at least) and the bias."""
+        R = self.rotation_blocks()
+        W = self.base.weight
+        work = torch.promote_types(W.dtype, torch.float32)
+        merged_w = torch.einsum("okj,kji->oki", W.unflatten(1, (R.size(0), R.size(1))).to(work),
+                                R.to(work)).flatten(1)
+        merged = nn.Linear(self.base.in_features, self.base.out_features,
+                           bias=self.base.bias is not None, device=W.device, dtype=W.dtype)
+        merged.weight.copy_(merged_w.to(W.dtype))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
+
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """``orthogonality_error`` of R (the worst block) as a plain float."""
+        return {"orthogonality_error": float(orthogonality_error(self.rotation_blocks()).max())}
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
