@@ -47,6 +47,8 @@ from prometheus_client.registry import Collector
 
 from service.store import ParamRecord, RankRecord, Store
 
+#: What ``render`` writes: the classic text format (Prometheus 2.x negotiates it by default).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _ROTATION = re.compile(r"^rotation_degrees_([A-Za-z]+)_k(\d+)$")
 _EIGENGAP = re.compile(r"^eigengap_ratio_([A-Za-z]+)$")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import CollectorDep, StoreDep
+from service.metrics import CONTENT_TYPE
 from service.problems import ProblemError, problem_responses
 
 router = APIRouter(tags=["probes"])
@@ -31,8 +31,8 @@ def readyz(store: StoreDep) -> dict[str, str]:
     "/metrics",
     summary="Prometheus exposition of the orthoshard_* series",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
 )
 def metrics(collector: CollectorDep) -> Response:
     """Text format 0.0.4, read from the current state at request time (see service.metrics)."""
-    return Response(collector.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(collector.render(), media_type=CONTENT_TYPE)

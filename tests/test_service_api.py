@@ -1,0 +1,437 @@
+"""In-process tests of the sidecar HTTP API: every endpoint, auth case and bad input.
+
+Each test gets a fresh app (so a fresh private CollectorRegistry and an in-memory store) and a
+fake clock injected through ``create_app`` and a dependency override, never a patched global.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+from service import Settings, create_app
+from service.deps import get_clock, get_store
+from service.store import Store
+
+PROBLEM = "application/problem+json"
+T0 = 1_700_000_000.0
+TTL = 60.0
+
+
+class FakeClock:
+    """Unix seconds that only move when a test says so."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def health(orth: float = 0.01, rot: float = 1.5) -> dict[str, float]:
+    """A ``health()`` entry shaped like the optimizers' (plain floats)."""
+    return {
+        "orthogonality_error": orth,
+        "update_rms": 0.2,
+        "eigengap_ratio_L": 0.3,
+        "eigengap_ratio_R": 0.4,
+        "rotation_degrees_L_k1": rot,
+        "rotation_degrees_L_k8": 2 * rot,
+        "rotation_degrees_R_k1": 0.5,
+        "rotation_degrees_R_k8": 0.75,
+        "basis_staleness_L": 3.0,
+        "nonfinite_skips": 2.0,
+    }
+
+
+def snapshot(
+    step: int = 1,
+    rank: int = 0,
+    names: tuple[str, ...] = ("layers.0.attn.q.weight",),
+    run_id: str = "run-a",
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schema_version": 1,
+        "run_id": run_id,
+        "rank": rank,
+        "step": step,
+        "wall_time": T0,
+        "params": {name: health(rot=float(step)) for name in names},
+    }
+    body.update(extra)
+    return body
+
+
+OPTIMIZER = {
+    "class_name": "SOAP",
+    "groups": [
+        {
+            "hyperparameters": {"lr": 3e-3, "betas": [0.9, 0.95], "nesterov": False},
+            "params": ["layers.0.attn.q.weight"],
+        }
+    ],
+    "state": {
+        "layers.0.attn.q.weight": {
+            "shape": [64, 32],
+            "owner_rank": 0,
+            "buffer_norms": {"exp_avg": 0.5, "exp_avg_sq": None},
+            "eigenvalues": {"L": [4.0, 1.0], "R": [2.0, 1.5]},
+        }
+    },
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def token() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture
+def client(token: str, clock: FakeClock) -> Iterator[TestClient]:
+    settings = Settings(token=token, db_path=":memory:", series_ttl_s=TTL, max_body_bytes=64_000)
+    app = create_app(settings, clock=clock)
+    app.dependency_overrides[get_clock] = lambda: clock
+    with TestClient(app) as c:
+        c.headers["Authorization"] = f"Bearer {token}"
+        yield c
+
+
+def post(client: TestClient, body: Any) -> Any:
+    return client.post("/v1/snapshots", json=body)
+
+
+def metric_lines(client: TestClient) -> list[str]:
+    return [ln for ln in client.get("/metrics").text.splitlines() if not ln.startswith("#")]
+
+
+def assert_problem(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["title"] and body["type"]
+    return body
+
+
+# ------------------------------------------------------------------------------ probes
+
+
+def test_healthz_is_open_and_ok(client: TestClient) -> None:
+    r = client.get("/healthz", headers={"Authorization": ""})
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_readyz_is_503_until_the_first_snapshot(client: TestClient) -> None:
+    body = assert_problem(client.get("/readyz"), 503)
+    assert body["type"].endswith("not-ready")
+    assert post(client, snapshot()).status_code == 201
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_metrics_is_served_directly_without_auth_or_redirect(client: TestClient) -> None:
+    post(client, snapshot())
+    r = client.get("/metrics", headers={"Authorization": ""}, follow_redirects=False)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        (None, None),
+        ("Bearer wrong-token-wrong-token", "invalid_token"),
+        ("Basic dXNlcjpwYXNz", None),
+        ("Bearer", None),
+    ],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/snapshots"),
+        ("GET", "/v1/optimizer"),
+        ("GET", "/v1/params"),
+        ("GET", "/v1/params/x.y"),
+        ("GET", "/v1/params/x.y/history"),
+    ],
+)
+def test_v1_requires_the_bearer_token(
+    client: TestClient, method: str, path: str, header: str | None, error: str | None
+) -> None:
+    headers = {"Authorization": header} if header else {}
+    if header is None:
+        del client.headers["Authorization"]
+    r = client.request(method, path, headers=headers, json=snapshot())
+    assert_problem(r, 401)
+    challenge = r.headers["www-authenticate"]
+    assert challenge.startswith("Bearer")
+    assert (error in challenge) if error else "error=" not in challenge
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+def test_the_right_token_is_accepted(client: TestClient) -> None:
+    assert post(client, snapshot()).status_code == 201
+    assert client.get("/v1/optimizer").status_code == 200
+
+
+# ------------------------------------------------------------------------------ ingest
+
+
+def test_ingest_stores_metrics_state_and_configuration(client: TestClient) -> None:
+    r = post(client, snapshot(step=7, optimizer=OPTIMIZER))
+    assert r.status_code == 201
+    assert r.json() == {"run_id": "run-a", "rank": 0, "step": 7, "params_stored": 1}
+    detail = client.get("/v1/params/layers.0.attn.q.weight").json()
+    assert detail["metrics"] == health(rot=7.0)
+    assert detail["state"]["shape"] == [64, 32] and detail["state"]["owner_rank"] == 0
+    assert detail["state"]["buffer_norms"] == {"exp_avg": 0.5, "exp_avg_sq": None}
+    assert detail["state"]["eigenvalues"] == {"L": [4.0, 1.0], "R": [2.0, 1.5]}
+    ranks = client.get("/v1/optimizer").json()["ranks"]
+    assert [(r["rank"], r["step"], r["snapshots_received"]) for r in ranks] == [(0, 7, 1)]
+    assert ranks[0]["optimizer"]["groups"][0]["hyperparameters"]["betas"] == [0.9, 0.95]
+
+
+def test_state_summary_survives_a_snapshot_without_one(client: TestClient) -> None:
+    post(client, snapshot(step=1, optimizer=OPTIMIZER))
+    post(client, snapshot(step=2))
+    detail = client.get("/v1/params/layers.0.attn.q.weight").json()
+    assert detail["step"] == 2 and detail["state"]["shape"] == [64, 32]
+    assert client.get("/v1/optimizer").json()["ranks"][0]["optimizer"]["class_name"] == "SOAP"
+
+
+def raw_post(client: TestClient, content: bytes) -> Any:
+    return client.post(
+        "/v1/snapshots", content=content, headers={"Content-Type": "application/json"}
+    )
+
+
+BAD_BODIES = {
+    "wrong type for step": snapshot() | {"step": "seven"},
+    "negative rank": snapshot(rank=-1),
+    "metric value is a string": snapshot() | {"params": {"w": {"orthogonality_error": "bad"}}},
+    "unknown top-level field": snapshot(extra_field=1),
+    "unknown field in state": snapshot(optimizer={"class_name": "M", "state": {"w": {"x": 1}}}),
+    "params missing": {k: v for k, v in snapshot().items() if k != "params"},
+    "slash in param name": snapshot(names=("a/b",)),
+    "too many metrics": snapshot() | {"params": {"w": {f"m{i}": 1.0 for i in range(65)}}},
+    "null step": snapshot() | {"step": None},
+    "body is a list": [snapshot()],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_snapshot_is_422_and_nothing_is_stored(client: TestClient, case: str) -> None:
+    body = assert_problem(post(client, BAD_BODIES[case]), 422)
+    assert body["errors"] and all({"loc", "msg", "type"} <= set(e) for e in body["errors"])
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_unknown_schema_version_is_refused(client: TestClient, version: Any) -> None:
+    body = assert_problem(post(client, snapshot(schema_version=version)), 422)
+    assert body["type"] == "urn:orthoshard:problem:unsupported-schema-version"
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"schema_version": 1,', b"\xff\xfe"])
+def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
+    body = assert_problem(raw_post(client, content), 400)
+    assert body["type"] == "urn:orthoshard:problem:malformed-json"
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_literals_are_refused(client: TestClient, literal: str) -> None:
+    text = json.dumps(snapshot()).replace('"update_rms": 0.2', f'"update_rms": {literal}')
+    assert literal in text
+    body = assert_problem(raw_post(client, text.encode()), 422)
+    assert body["errors"][0]["type"] == "finite_number"
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+def test_null_metric_is_stored_and_exported_as_nan(client: TestClient) -> None:
+    body = snapshot()
+    body["params"]["layers.0.attn.q.weight"]["orthogonality_error"] = None
+    assert post(client, body).status_code == 201
+    assert (
+        client.get("/v1/params/layers.0.attn.q.weight").json()["metrics"]["orthogonality_error"]
+        is None
+    )
+    assert 'orthoshard_orthogonality_error{param="layers.0.attn.q.weight"} NaN' in metric_lines(
+        client
+    )
+
+
+def test_oversized_body_is_413_before_parsing(client: TestClient) -> None:
+    names = tuple(f"layers.{i}.weight" for i in range(400))  # ~120 kB > the 64 kB limit
+    body = assert_problem(post(client, snapshot(names=names)), 413)
+    assert body["type"] == "urn:orthoshard:problem:body-too-large"
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+def test_oversized_chunked_body_is_413(client: TestClient) -> None:
+    chunks = (b" " * 16_000 for _ in range(8))  # a generator: sent chunked, no Content-Length
+    r = client.post("/v1/snapshots", content=chunks, headers={"Content-Type": "application/json"})
+    assert_problem(r, 413)
+
+
+def test_too_many_params_is_refused(client: TestClient, token: str, clock: FakeClock) -> None:
+    settings = Settings(token=token, db_path=":memory:", max_body_bytes=2**24)
+    with TestClient(create_app(settings, clock=clock)) as big:
+        names = tuple(f"p{i}" for i in range(20_001))
+        body = {**snapshot(), "params": {n: {} for n in names}}
+        r = big.post("/v1/snapshots", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert_problem(r, 422)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_unknown_route_and_method_are_problem_details(client: TestClient) -> None:
+    assert_problem(client.get("/v2/nothing"), 404)
+    r = client.delete("/metrics")
+    assert_problem(r, 405)
+    assert r.headers["allow"] == "GET"
+
+
+def test_unknown_param_is_404(client: TestClient) -> None:
+    body = assert_problem(client.get("/v1/params/no.such.weight"), 404)
+    assert body["instance"] == "/v1/params/no.such.weight"
+    assert_problem(client.get("/v1/params/no.such.weight/history"), 404)
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "rank=-1"])
+def test_bad_query_is_422(client: TestClient, query: str) -> None:
+    assert_problem(client.get(f"/v1/params?{query}"), 422)
+
+
+def test_openapi_documents_every_route_and_problem_bodies(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) == {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/snapshots",
+        "/v1/optimizer",
+        "/v1/params",
+        "/v1/params/{name}",
+        "/v1/params/{name}/history",
+    }
+    post_op = spec["paths"]["/v1/snapshots"]["post"]
+    assert post_op["security"] == [{"bearer": []}]
+    assert "Snapshot" in spec["components"]["schemas"]
+    for code in ("400", "401", "413", "422"):
+        assert PROBLEM in post_op["responses"][code]["content"]
+
+
+# ------------------------------------------------------------------------------ state API
+
+
+def test_dotted_param_name_detail_and_history(client: TestClient) -> None:
+    name = "model.layers.11.mlp.down_proj.weight"
+    for step in (1, 2, 3, 5, 8):
+        post(client, snapshot(step=step, names=(name,)))
+    assert client.get(f"/v1/params/{name}").json()["step"] == 8
+    hist = client.get(f"/v1/params/{name}/history", params={"from_step": 2, "to_step": 5}).json()
+    assert hist["name"] == name and hist["run_id"] == "run-a"
+    assert [p["step"] for p in hist["points"]] == [2, 3, 5]
+    assert [p["metrics"]["rotation_degrees_L_k1"] for p in hist["points"]] == [2.0, 3.0, 5.0]
+
+
+def test_history_limit_gives_next_from_step_and_bad_range_is_400(client: TestClient) -> None:
+    for step in range(10):
+        post(client, snapshot(step=step))
+    url = "/v1/params/layers.0.attn.q.weight/history"
+    page = client.get(url, params={"limit": 4}).json()
+    assert [p["step"] for p in page["points"]] == [0, 1, 2, 3] and page["next_from_step"] == 4
+    assert_problem(client.get(url, params={"from_step": 5, "to_step": 4}), 400)
+
+
+def test_history_is_per_run(client: TestClient) -> None:
+    post(client, snapshot(step=1, run_id="old"))
+    post(client, snapshot(step=2, run_id="new"))
+    url = "/v1/params/layers.0.attn.q.weight/history"
+    assert [p["step"] for p in client.get(url).json()["points"]] == [2]
+    assert [p["step"] for p in client.get(url, params={"run_id": "old"}).json()["points"]] == [1]
+
+
+def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -> None:
+    names = tuple(f"blocks.{i:02d}.w" for i in range(23))
+    post(client, snapshot(rank=0, names=names[:12]))
+    post(client, snapshot(rank=1, names=names[12:]))
+    seen, cursor = [], None
+    while True:
+        page = client.get(
+            "/v1/params", params={"limit": 5, **({"cursor": cursor} if cursor else {})}
+        ).json()
+        seen += [item["name"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(names)
+    ranked = client.get("/v1/params", params={"rank": 1, "limit": 100}).json()
+    assert [i["name"] for i in ranked["items"]] == list(names[12:])
+
+
+def test_bad_cursor_is_400(client: TestClient) -> None:
+    assert_problem(client.get("/v1/params", params={"cursor": "%%%not-base64"}), 400)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_names_labels_and_values(client: TestClient, clock: FakeClock) -> None:
+    post(client, snapshot(step=3, rank=2, names=("a.w",)))
+    post(client, snapshot(step=4, rank=2, names=("a.w",)))
+    lines = set(metric_lines(client))
+    expected = {
+        'orthoshard_basis_rotation_degrees{param="a.w",factor="L",k="1"} 4.0',
+        'orthoshard_basis_rotation_degrees{param="a.w",factor="L",k="8"} 8.0',
+        'orthoshard_basis_rotation_degrees{param="a.w",factor="R",k="1"} 0.5',
+        'orthoshard_basis_rotation_degrees{param="a.w",factor="R",k="8"} 0.75',
+        'orthoshard_eigengap_ratio{param="a.w",factor="L"} 0.3',
+        'orthoshard_eigengap_ratio{param="a.w",factor="R"} 0.4',
+        'orthoshard_orthogonality_error{param="a.w"} 0.01',
+        'orthoshard_nonfinite_skips_total{param="a.w"} 2.0',
+        'orthoshard_optimizer_step{rank="2"} 4.0',
+        f'orthoshard_last_snapshot_timestamp_seconds{{rank="2"}} {clock.now!r}',
+        'orthoshard_snapshots_received_total{rank="2"} 2.0',
+    }
+    assert lines == expected  # update_rms and basis_staleness_L are not exported
+
+
+def test_silent_series_expire_after_the_ttl(client: TestClient, clock: FakeClock) -> None:
+    post(client, snapshot(rank=0, names=("old.w", "kept.w"), run_id="run-a"))
+    clock.now += TTL / 2
+    post(client, snapshot(rank=1, names=("kept.w",), run_id="run-b"))
+    clock.now += TTL / 2 + 1  # rank 0 and old.w are now TTL + 1 s old; kept.w TTL/2 + 1 s
+    lines = metric_lines(client)
+    assert not any('param="old.w"' in ln or 'rank="0"' in ln for ln in lines)
+    assert any('param="kept.w"' in ln for ln in lines) and any('rank="1"' in ln for ln in lines)
+    old = client.get("/v1/params/old.w").json()  # still answered, marked stale
+    assert old["stale"] is True and old["run_id"] == "run-a"
+    clock.now += TTL
+    assert metric_lines(client) == []
+
+
+def test_store_dependency_override_is_used(client: TestClient, clock: FakeClock) -> None:
+    other = Store(":memory:", history_max_rows=10, clock=clock)
+    client.app.dependency_overrides[get_store] = lambda: other  # type: ignore[attr-defined]
+    post(client, snapshot())
+    assert other.ready and not client.app.state.store.ready  # type: ignore[attr-defined]
+    other.close()
