@@ -1,0 +1,307 @@
+"""SOAP's kernels and functional step: Kronecker factors, eigenbases, Adam in the eigenbasis.
+
+Everything here is pure tensor math on ONE full matrix; :class:`optim.soap.SOAP` gathers state
+and calls :func:`soap_step`. The update rule, sources and departures are written out in
+:func:`soap_step` and in ``docs/soap.md``.
+
+Matmul precision. ``torch.set_float32_matmul_precision`` switches CUDA matmuls to TF32 ("high")
+or bf16 ("medium"), but on CPU plain ``a @ b`` goes to an fp32 BLAS and the setting changes
+nothing (measured with torch 2.13: identical bits at all three settings). So that
+``fp32_matmul_prec`` means the same numerics on every device, :func:`pmm` rounds the two operands
+on CPU to the format the setting names (TF32: 10 explicit mantissa bits; bf16: 7) and multiplies
+in fp32 - which is what TF32 / bf16 tensor cores do (rounded inputs, fp32 accumulation). On CUDA
+the operands are left alone and :func:`matmul_precision` sets torch's global mode instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PRECISIONS", "SideRefresh", "matmul_precision", "pmm", "refresh_side",
+           "soap_step", "update_factors"]
+
+PRECISIONS = ("highest", "high", "medium")
+# TF32 keeps 10 of fp32's 23 explicit mantissa bits (NVIDIA A100 whitepaper): drop 13, rounding
+# to nearest by adding half of the dropped range first.
+_TF32_DROP_MASK = ~((1 << 13) - 1)
+_TF32_HALF = 1 << 12
+
+
+def _round_operand(x: Tensor, prec: str) -> Tensor:
+    if prec == "highest" or x.device.type == "cuda" or x.dtype != torch.float32:
+        return x
+    if prec == "medium":
+        return x.bfloat16().float()  # round-to-nearest-even to bf16 (8-bit significand)
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + _TF32_HALF) & _TF32_DROP_MASK).view(torch.float32)
+
+
+def pmm(a: Tensor, b: Tensor, prec: str) -> Tensor:
+    """``a @ b`` at the fp32 matmul precision ``prec`` (module docstring), fp32 accumulation."""
+    return _round_operand(a, prec) @ _round_operand(b, prec)
+
+
+@contextlib.contextmanager
+def matmul_precision(prec: str) -> Iterator[None]:
+    """Set torch's float32 matmul precision for the block (CUDA honours it) and restore it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(prec)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _present(factor: Tensor) -> bool:
+    """A side above ``max_precond_dim`` stores ``(0, 0)`` tensors: no factor, identity basis."""
+    return factor.numel() > 0
+
+
+def project_in(X: Tensor, Q_L: Tensor, Q_R: Tensor, prec: str) -> Tensor:
+    """``Q_L^T X Q_R`` (an absent side is the identity)."""
+    if _present(Q_L):
+        X = pmm(Q_L.mT, X, prec)
+    if _present(Q_R):
+        X = pmm(X, Q_R, prec)
+    return X
+
+
+def project_out(X: Tensor, Q_L: Tensor, Q_R: Tensor, prec: str) -> Tensor:
+    """``Q_L X Q_R^T`` (an absent side is the identity)."""
+    if _present(Q_L):
+        X = pmm(Q_L, X, prec)
+    if _present(Q_R):
+        X = pmm(X, Q_R.mT, prec)
+    return X
+
+
+def _rayleigh(factor: Tensor, Q: Tensor, prec: str) -> tuple[Tensor, Tensor]:
+    """``Y = factor @ Q`` and the Rayleigh quotients ``diag(Q^T factor Q)`` (one product)."""
+    Y = pmm(factor, Q, prec)
+    return Y, (Q * Y).sum(dim=0)
+
+
+def _kl_whitened(G: Tensor, Q: Tensor, factor: Tensor, *, side: int, eps: float,
+                 prec: str) -> Tensor:
+    """KL-Shampoo's update of the OTHER factor, built from this side's factor:
+    ``G^T Q diag(1/(m lam)) Q^T G`` (side 0) or ``G Q diag(1/(n lam)) Q^T G^T`` (side 1), with
+    ``lam = max(diag(Q^T factor Q), eps)`` (arXiv 2509.03378, the eigenvalue approximation of
+    Emerging-Optimizers). An absent side whitens with the identity."""
+    dim = G.shape[side]
+    Gs = G if side == 0 else G.mT
+    if not _present(factor):
+        return pmm(Gs.mT, Gs, prec) / dim
+    _, lam = _rayleigh(factor, Q, prec)
+    H = pmm(Q.mT, Gs, prec)                       # (dim, other)
+    scaled = H * (1.0 / (dim * lam.clamp_min(eps))).unsqueeze(-1)
+    return pmm(H.mT, scaled, prec)
+
+
+def update_factors(L: Tensor, R: Tensor, G: Tensor, *, beta: float, kl: bool, Q_L: Tensor,
+                   Q_R: Tensor, eps: float, prec: str) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors' EMA; returns new ``(L, R)`` (inputs are not modified).
+
+    Plain (SOAP, arXiv 2409.11321): ``L <- b L + (1-b) G G^T``, ``R <- b R + (1-b) G^T G``.
+    KL-Shampoo (arXiv 2509.03378): ``L <- b L + (1-b)/n G R^-1 G^T``,
+    ``R <- b R + (1-b)/m G^T L^-1 G``, both inverses taken from the factors BEFORE this update,
+    approximated in the stored eigenbases (see :func:`_kl_whitened`).
+    """
+    if kl:
+        new_L_term = _kl_whitened(G, Q_R, R, side=1, eps=eps, prec=prec) if _present(L) else None
+        new_R_term = _kl_whitened(G, Q_L, L, side=0, eps=eps, prec=prec) if _present(R) else None
+    else:
+        new_L_term = pmm(G, G.mT, prec) if _present(L) else None
+        new_R_term = pmm(G.mT, G, prec) if _present(R) else None
+    L_new = L.lerp(new_L_term, 1.0 - beta) if new_L_term is not None else L
+    R_new = R.lerp(new_R_term, 1.0 - beta) if new_R_term is not None else R
+    return L_new, R_new
+
+
+@dataclass
+class SideRefresh:
+    """One side's refreshed eigenbasis and what health needs from the refresh."""
+
+    Q: Tensor                # new basis, columns in descending eigenvalue (estimate) order
+    order: Tensor            # permutation to apply to exp_avg_sq's axis (old index per new one)
+    eigvals: Tensor          # descending eigenvalues (eigh) or power-step estimates |diag(R)|
+    staleness: Tensor        # ||B - diag B||_F / ||B||_F of the OLD basis, B = Q_old^T F Q_old
+
+
+def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
+    try:
+        vals, vecs = torch.linalg.eigh(factor)
+    except RuntimeError:  # LinAlgError derives from it; retry in float64 as EO does
+        vals, vecs = torch.linalg.eigh(factor.double())
+        vals, vecs = vals.to(factor.dtype), vecs.to(factor.dtype)
+    return vals.flip(-1), vecs.flip(-1)
+
+
+def _staleness_from_quotients(factor: Tensor, lam: Tensor) -> Tensor:
+    """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B: ``||B||_F =
+    ||F||_F`` (Q orthogonal) and ``diag B`` are the Rayleigh quotients already in hand. Float64
+    for the difference; the fp32 quotients put a floor of ~1e-3 under the result."""
+    total = factor.double().square().sum()
+    off = (total - lam.double().square().sum()).clamp_min(0.0)
+    return torch.where(total > 0, (off / total.clamp_min(1e-300)).sqrt(), torch.zeros_like(total))
+
+
+def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps: int,
+                 prec: str) -> SideRefresh:
+    """Refresh one eigenbasis, as in SOAP (arXiv 2409.11321, Alg. 4) and Emerging-Optimizers:
+
+    1. Sort the old basis by its Rayleigh quotients under the NEW factor (descending); the same
+       permutation is applied to exp_avg_sq's axis, so each second moment follows its
+       eigenvector through an eigenvalue crossing.
+    2. ``use_eigh``: the factor's eigenvectors, descending. Otherwise ``power_iter_steps`` of
+       ``Q <- qr(F Q)`` warm-started from the sorted basis (the first product is reused from
+       step 1), then a free re-sort by ``|diag(R)|`` of the last QR (an exact relabelling: the
+       basis and exp_avg_sq move together) so the columns are stored in descending order.
+    """
+    Y, lam = _rayleigh(factor, Q, prec)
+    order = torch.argsort(lam, descending=True)
+    staleness = _staleness_from_quotients(factor, lam)
+    if use_eigh:
+        eigvals, Q_new = _eigh_descending(factor)
+        return SideRefresh(Q_new, order, eigvals, staleness)
+    Y = Y[:, order]
+    for i in range(power_iter_steps):
+        if i > 0:
+            Y = pmm(factor, Q_new, prec)
+        Q_new, R_fac = torch.linalg.qr(Y)
+    estimates = R_fac.diagonal().abs()
+    resort = torch.argsort(estimates, descending=True)
+    return SideRefresh(Q_new[:, resort], order[resort], estimates[resort], staleness)
+
+
+@dataclass(frozen=True)
+class SoapConfig:
+    """One param group's SOAP hyperparameters (validated by :class:`optim.soap.SOAP`)."""
+
+    betas: tuple[float, float]
+    shampoo_beta: float
+    eps: float
+    nesterov: bool
+    correct_bias: bool
+    fp32_matmul_prec: str
+    use_eigh: bool
+    qr_fp32_matmul_prec: str
+    power_iter_steps: int
+    use_kl_shampoo: bool
+    precondition_frequency: int
+
+
+def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: SoapConfig,
+                   t: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam in the eigenbasis (Emerging-Optimizers' ``calculate_adam_update``):
+    ``m <- lerp(m, g, 1-b1)``, ``v <- lerp(v, g^2, 1-b2)``,
+    ``d = m_hat / (sqrt(v / (1-b2^t)) + eps)`` with ``m_hat = m / (1-b1^t)``, or with
+    ``nesterov`` ``b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)``. Returns ``(d, m, v)``."""
+    b1, b2 = cfg.betas
+    m = exp_avg.lerp(Gp, 1.0 - b1)
+    v = exp_avg_sq.lerp(Gp.square(), 1.0 - b2)
+    bc1 = 1.0 - b1**t if cfg.correct_bias else 1.0
+    bc2 = 1.0 - b2**t if cfg.correct_bias else 1.0
+    if cfg.nesterov:
+        bc_next = 1.0 - b1 ** (t + 1) if cfg.correct_bias else 1.0
+        m_hat = b1 * m / bc_next + (1.0 - b1) * Gp / bc1
+    else:
+        m_hat = m / bc1
+    return m_hat / ((v / bc2).sqrt() + cfg.eps), m, v
+
+
+def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor,
+                 *, first: bool, prec: str) -> dict[str, Tensor | float]:
+    """Health of one side (docs/soap.md "Health"): eigengap, rotation against the basis in use
+    before this step (0 without a refresh), staleness of that basis against the new factor."""
+    from optim.health import eigengap_ratio, rotation_angle_degrees
+
+    if refreshed is None:
+        _, lam = _rayleigh(factor, Q_old, prec)
+        eigvals, staleness = lam.sort(descending=True).values, _staleness_from_quotients(factor, lam)
+        rot1 = rot8 = 0.0
+    else:
+        eigvals, staleness = refreshed.eigvals, refreshed.staleness
+        if first:
+            rot1 = rot8 = 0.0
+        else:
+            rot1 = rotation_angle_degrees(Q_old, refreshed.Q, k=1)
+            rot8 = rotation_angle_degrees(Q_old, refreshed.Q, k=8)
+    gap = eigengap_ratio(eigvals) if eigvals.numel() >= 2 else 0.0
+    return {f"eigengap_ratio_{side}": gap, f"rotation_degrees_{side}_k1": rot1,
+            f"rotation_degrees_{side}_k8": rot8, f"basis_staleness_{side}": staleness}
+
+
+def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool
+             ) -> tuple[SideRefresh | None, SideRefresh | None, dict[str, Tensor]]:
+    """Refresh both bases and carry the moments across: ``exp_avg`` goes out through the old
+    basis and back in through the new one (exact: it is the same momentum in parameter space);
+    ``exp_avg_sq`` is permuted along each axis to follow its eigenvector (:func:`refresh_side`)."""
+    prec = cfg.qr_fp32_matmul_prec
+    use_eigh = cfg.use_eigh or first  # the identity is no warm start: the first refresh is eigh
+    with matmul_precision(prec):
+        momentum = project_out(state["exp_avg"], state["Q_L"], state["Q_R"], prec)
+        new = {"Q_L": state["Q_L"], "Q_R": state["Q_R"], "exp_avg_sq": state["exp_avg_sq"]}
+        sides: list[SideRefresh | None] = []
+        for key, factor, axis in (("Q_L", L, 0), ("Q_R", R, 1)):
+            side = refresh_side(factor, state[key], use_eigh=use_eigh,
+                                power_iter_steps=cfg.power_iter_steps,
+                                prec=prec) if _present(factor) else None
+            if side is not None:
+                new[key] = side.Q
+                new["exp_avg_sq"] = new["exp_avg_sq"].index_select(axis, side.order)
+            sides.append(side)
+        new["exp_avg"] = project_in(momentum, new["Q_L"], new["Q_R"], prec)
+    return sides[0], sides[1], new
+
+
+def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool
+              ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor | float]]:
+    """One SOAP step on one full fp32 gradient ``G`` (m, n); the inputs are not modified.
+
+    With ``t`` the 1-based step and ``b = 1 - (1 - shampoo_beta) / (1 - shampoo_beta^t)``
+    (``shampoo_beta`` itself without ``correct_bias``), in this order (Emerging-Optimizers'):
+
+    1. factors: ``L, R <- update_factors(L, R, G, b)`` (plain or KL-Shampoo), at
+       ``fp32_matmul_prec``;
+    2. if ``(t - 1) % precondition_frequency == 0``: refresh ``Q_L, Q_R`` (eigh at ``t = 1``),
+       carrying ``exp_avg`` and ``exp_avg_sq`` across (:func:`_refresh`), at
+       ``qr_fp32_matmul_prec``;
+    3. ``G' = Q_L^T G Q_R``; ``D' = adam_direction(G', ...)``; ``U = Q_L D' Q_R^T``.
+
+    The SOAP paper (arXiv 2409.11321, Alg. 3) refreshes after the parameter update; refreshing
+    first, as Emerging-Optimizers does, lets step 1 already use the basis of ``G``.
+
+    Returns:
+        ``(U, new_state, health)``; ``health`` is empty unless ``want_health``.
+    """
+    t = int(state["step"]) + 1
+    beta = cfg.shampoo_beta
+    if cfg.correct_bias:
+        beta = 1.0 - (1.0 - beta) / (1.0 - beta**t)
+    prec = cfg.fp32_matmul_prec
+    with matmul_precision(prec):
+        L, R = update_factors(state["L"], state["R"], G, beta=beta, kl=cfg.use_kl_shampoo,
+                              Q_L=state["Q_L"], Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
+    side_L = side_R = None
+    new = {k: state[k] for k in ("Q_L", "Q_R", "exp_avg", "exp_avg_sq")}
+    if (t - 1) % cfg.precondition_frequency == 0:
+        side_L, side_R, new = _refresh(state, L, R, cfg, first=t == 1)
+    with matmul_precision(prec):
+        Gp = project_in(G, new["Q_L"], new["Q_R"], prec)
+        D, exp_avg, exp_avg_sq = adam_direction(Gp, new["exp_avg"], new["exp_avg_sq"], cfg=cfg,
+                                                t=t)
+        U = project_out(D, new["Q_L"], new["Q_R"], prec)
+    new_state = {"L": L, "R": R, "Q_L": new["Q_L"], "Q_R": new["Q_R"], "exp_avg": exp_avg,
+                 "exp_avg_sq": exp_avg_sq, "step": torch.full_like(state["step"], t)}
+    health: dict[str, Tensor | float] = {}
+    if want_health:
+        for name, key, factor, side in (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R)):
+            if _present(factor):
+                health.update(_side_health(name, state[key], side, factor, first=t == 1,
+                                           prec=cfg.qr_fp32_matmul_prec))
+    return U, new_state, health

@@ -1,0 +1,151 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors, with KL-Shampoo factors.
+
+Update rule for a matrix ``W`` (m, n) with gradient ``G`` (Vyas et al. 2024, arXiv 2409.11321;
+KL-Shampoo: Lin et al. 2025, arXiv 2509.03378; order of operations and argument semantics of
+NVIDIA Emerging-Optimizers' ``SOAP``, so that the same arguments give the same steps)::
+
+    b   = 1 - (1 - shampoo_beta) / (1 - shampoo_beta^t)          (shampoo_beta if not correct_bias)
+    L  <- b L + (1-b) G G^T,   R <- b R + (1-b) G^T G            (use_kl_shampoo=False)
+    L  <- b L + (1-b)/n G R^-1 G^T,  R <- b R + (1-b)/m G^T L^-1 G   (use_kl_shampoo=True)
+    every precondition_frequency steps (and at t = 1, by eigh):
+        Q_L, Q_R <- eigenbases of L, R (eigh, or power_iter_steps of QR warm-started)
+        exp_avg re-expressed in the new bases; exp_avg_sq permuted to follow its eigenvectors
+    G'  = Q_L^T G Q_R
+    D'  = Adam(G'; exp_avg, exp_avg_sq, betas, eps, nesterov, correct_bias)
+    W  <- W (1 - lr wd) - lr Q_L D' Q_R^T
+
+All state lives with the FULL matrix on its owner rank (``self.state[p]``, keys ``L``, ``R``,
+``Q_L``, ``Q_R``, ``exp_avg``, ``exp_avg_sq``, ``step``); phase 1 only hands the gradient over,
+phase 3 applies weight decay and the update to this rank's piece. The math is in
+:mod:`optim._soap_math`; ``docs/soap.md`` explains the choices and where they differ from
+Emerging-Optimizers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optim._base import MatrixItem, MatrixOptimizer, local
+from optim._soap_math import PRECISIONS, SoapConfig, soap_step
+
+__all__ = ["SOAP"]
+
+_CONFIG_KEYS = ("betas", "shampoo_beta", "eps", "nesterov", "correct_bias", "fp32_matmul_prec",
+                "use_eigh", "qr_fp32_matmul_prec", "power_iter_steps", "use_kl_shampoo",
+                "precondition_frequency")
+
+
+class SOAP(MatrixOptimizer):
+    """SOAP / KL-Shampoo with owner sharding and eigenbasis health (module docstring).
+
+    Args:
+        params: matrices, ``model.named_parameters()`` or param groups; ``algorithm="adamw"``
+            groups take the AdamW fallback (:func:`optim.split_param_groups`).
+        lr, betas, shampoo_beta, eps, weight_decay, nesterov, correct_bias, fp32_matmul_prec,
+            use_eigh, qr_fp32_matmul_prec, power_iter_steps, use_kl_shampoo: as
+            Emerging-Optimizers' ``SOAP``. ``correct_bias`` corrects both Adam's moments and the
+            factors' EMA. ``weight_decay`` is decoupled: ``W <- W (1 - lr wd)``.
+            ``fp32_matmul_prec`` ("highest", "high" = TF32, "medium" = bf16) governs the factor
+            updates and the projections, ``qr_fp32_matmul_prec`` the basis refresh; on CPU both
+            are emulated by rounding the operands (:mod:`optim._soap_math`).
+        precondition_frequency: refresh the eigenbases every this many steps (factors are
+            updated every step).
+        max_precond_dim: a dimension above this gets no factor (one-sided SOAP): its ``L``/``Q_L``
+            (or ``R``/``Q_R``) are stored as empty ``(0, 0)`` tensors and act as the identity.
+        sharding: None or ``sharding.OwnerSharding()``.
+        health_every: measure health every this many steps (0: never).
+
+    Health per matrix and side ``S`` in ``L``/``R`` (a side without factor reports nothing):
+    ``eigengap_ratio_S``, ``rotation_degrees_S_k1`` and ``_k8`` (new basis against the basis in
+    use before this step; 0 without a refresh), ``basis_staleness_S``, ``nonfinite_skips``.
+    """
+
+    matrix_algorithm = "soap"
+
+    def __init__(self, params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                 shampoo_beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01, *,
+                 nesterov: bool = False, correct_bias: bool = True,
+                 fp32_matmul_prec: str = "highest", use_eigh: bool = False,
+                 qr_fp32_matmul_prec: str = "high", power_iter_steps: int = 1,
+                 use_kl_shampoo: bool = False, precondition_frequency: int = 1,
+                 max_precond_dim: int = 8192, sharding: Any = None,
+                 health_every: int = 1) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "shampoo_beta": shampoo_beta, "eps": eps,
+                    "weight_decay": weight_decay, "nesterov": nesterov,
+                    "correct_bias": correct_bias, "fp32_matmul_prec": fp32_matmul_prec,
+                    "use_eigh": use_eigh, "qr_fp32_matmul_prec": qr_fp32_matmul_prec,
+                    "power_iter_steps": power_iter_steps, "use_kl_shampoo": use_kl_shampoo,
+                    "precondition_frequency": precondition_frequency,
+                    "max_precond_dim": max_precond_dim}
+        _check_soap_args(defaults)
+        super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _prepare(self, item: MatrixItem) -> Tensor:
+        assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
+        return local(item.param.grad)
+
+    def _init_state(self, item: MatrixItem, device: torch.device) -> dict[str, Any]:
+        m, n = item.shape
+        limit = item.group["max_precond_dim"]
+
+        def factor(d: int) -> Tensor:
+            return torch.zeros(d, d, device=device) if d <= limit else torch.zeros(0, 0,
+                                                                                 device=device)
+
+        def basis(d: int) -> Tensor:
+            return torch.eye(d, device=device) if d <= limit else torch.zeros(0, 0, device=device)
+
+        return {"L": factor(m), "R": factor(n), "Q_L": basis(m), "Q_R": basis(n),
+                "exp_avg": torch.zeros(m, n, device=device),
+                "exp_avg_sq": torch.zeros(m, n, device=device),
+                "step": torch.tensor(0.0)}
+
+    def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
+        group = items[0].group
+        cfg = SoapConfig(**{k: group[k] for k in _CONFIG_KEYS})
+        due = self._health_due(group)
+        updates = []
+        for item, G in zip(items, X.unbind(0), strict=True):
+            state = self.state[item.param]
+            if not state:
+                state.update(self._init_state(item, X.device))
+            U, new_state, health = soap_step(G.float(), state, cfg, want_health=due)
+            if bool(torch.isfinite(U).all()):  # commit only a usable step (frame skips it too)
+                state.update(new_state)
+            if health:
+                self._record(item.name, health)
+            updates.append(U)
+        return torch.stack(updates).to(X.dtype)
+
+    def _apply(self, item: MatrixItem, update: Tensor) -> None:
+        group = item.group
+        p_local = local(item.param)
+        p_local.mul_(1 - group["lr"] * group["weight_decay"])
+        p_local.add_(update.to(p_local.dtype), alpha=-group["lr"])
+
+
+def _check_soap_args(d: dict[str, Any]) -> None:
+    """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
+    if not d["lr"] >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {d['lr']!r}")
+    betas = d["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not 0.0 <= d["shampoo_beta"] < 1.0:
+        raise ValueError(f"shampoo_beta must be in [0, 1), got {d['shampoo_beta']!r}")
+    if not d["eps"] > 0.0:
+        raise ValueError(f"eps must be > 0 (it also floors KL-Shampoo's eigenvalues), "
+                         f"got {d['eps']!r}")
+    if not d["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {d['weight_decay']!r}")
+    for key in ("fp32_matmul_prec", "qr_fp32_matmul_prec"):
+        if d[key] not in PRECISIONS:
+            raise ValueError(f"{key} must be one of {PRECISIONS}, got {d[key]!r}")
+    for key, low in (("power_iter_steps", 1), ("precondition_frequency", 1),
+                     ("max_precond_dim", 0)):
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
