@@ -1,0 +1,255 @@
+"""Unit tests of the sidecar's parts: store, metrics collector, publisher, layering."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, require_tool
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.client import Publisher
+from service.metrics import HealthCollector, build_registry, classify
+from service.schema import Snapshot
+from service.store import Store
+
+
+def make_snapshot(step: int, rank: int = 0, n: int = 3, run_id: str = "r") -> Snapshot:
+    params = {
+        f"blocks.{i}.w": {
+            "orthogonality_error": 0.01 * step,
+            "rotation_degrees_L_k1": 1.0,
+            "rotation_degrees_R_k8": 2.0,
+            "eigengap_ratio_L": None,
+            "nonfinite_skips": 0.0,
+            "update_rms": 0.5,
+        }
+        for i in range(n)
+    }
+    return Snapshot(
+        schema_version=1, run_id=run_id, rank=rank, step=step, wall_time=1e9, params=params
+    )
+
+
+# ------------------------------------------------------------------------------ store
+
+
+def test_store_survives_reopen_with_history_and_last_state(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, clock=lambda: 5.0)
+    for step in range(4):
+        store.ingest(make_snapshot(step, rank=1))
+    store.close()
+    again = Store(db, history_max_rows=1000)
+    assert again.ready
+    rank = again.ranks()[0]
+    assert (rank.rank, rank.step, rank.snapshots_received, rank.received_at) == (1, 3, 4, 5.0)
+    assert again.param("blocks.2.w") is not None
+    rows = again.history("blocks.2.w", run_id="r", from_step=1, to_step=2, limit=10)
+    assert [r.step for r in rows] == [1, 2] and rows[0].metrics["eigengap_ratio_L"] is None
+    again.close()
+
+
+def test_store_uses_wal_and_bounds_history_exactly(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.db"), history_max_rows=10)
+    for step in range(7):
+        store.ingest(make_snapshot(step, n=3))  # 21 rows offered, 10 kept
+    assert store.history_rows() == 10
+    kept = store.history("blocks.2.w", run_id="r", from_step=0, to_step=99, limit=99)
+    assert [r.step for r in kept] == [3, 4, 5, 6]  # ids 12..21 kept: step 3 only for blocks.2
+    mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    store.close()
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("rotation_degrees_L_k1", (0, ("L", "1"))),
+        ("rotation_degrees_R_k16", (0, ("R", "16"))),
+        ("eigengap_ratio_R", (1, ("R",))),
+        ("orthogonality_error", (2, ())),
+        ("nonfinite_skips", (3, ())),
+        ("update_rms", None),
+        ("basis_staleness_L", None),
+        ("rotation_degrees_L", None),
+    ],
+)
+def test_health_names_map_generically_to_families(key: str, expected: object) -> None:
+    assert classify(key) == expected
+
+
+def _samples(text: str) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
+    return sorted(
+        (s.name, tuple(sorted(s.labels.items())), repr(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    )
+
+
+def test_fast_render_equals_prometheus_client_exposition() -> None:
+    store = Store(":memory:", history_max_rows=1000)
+    for rank in range(3):
+        store.ingest(make_snapshot(7, rank=rank, n=4, run_id=f"r{rank}"))
+    weird = make_snapshot(8, rank=0, n=0).model_copy(
+        update={"params": {'odd"name\\x': {"orthogonality_error": 1e300}}}
+    )
+    store.ingest(weird)
+    collector = HealthCollector(store, series_ttl_s=60)
+    registry = build_registry(collector)
+    first, second = collector.render().decode(), collector.render().decode()  # cold, cached
+    reference = generate_latest(registry).decode()
+    assert _samples(first) == _samples(reference) == _samples(second)
+    assert registry.get_sample_value("orthoshard_snapshots_received_total", {"rank": "0"}) == 2
+    store.close()
+
+
+def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
+    promtool = require_tool("promtool")
+    store = Store(":memory:", history_max_rows=1000)
+    store.ingest(make_snapshot(3, n=2))
+    text = HealthCollector(store, series_ttl_s=60).render()
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    store.close()
+
+
+# ------------------------------------------------------------------------------ publisher
+
+
+class Recorder:
+    """An httpx transport that records posted bodies and answers with ``status``."""
+
+    def __init__(self, status: int = 201, delay_s: float = 0.0) -> None:
+        self.status, self.delay_s = status, delay_s
+        self.bodies: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.bodies.append(json.loads(request.content))
+        return httpx.Response(self.status, json={})
+
+
+def publisher(handler: Recorder | None = None, **kw: object) -> Publisher:
+    transport = httpx.MockTransport(handler or Recorder())
+    return Publisher(token="t" * 32, run_id="run-x", transport=transport, **kw)  # type: ignore[arg-type]
+
+
+def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:
+    rec = Recorder()
+    pub = publisher(rec)
+    opt = {"class_name": "Muon", "groups": [{"hyperparameters": {"lr": 0.02}}]}
+    pub.publish(
+        step=3,
+        rank=1,
+        params={
+            "a.w": {
+                "orthogonality_error": float("nan"),
+                "rotation_degrees_L_k1": float("inf"),
+                "update_rms": 0.5,
+            }
+        },
+        optimizer=opt,
+    )
+    assert pub.close(timeout_s=5)
+    (body,) = rec.bodies
+    Snapshot.model_validate(body)  # what the sidecar accepts
+    assert body["params"]["a.w"] == {
+        "orthogonality_error": None,
+        "rotation_degrees_L_k1": None,
+        "update_rms": 0.5,
+    }
+    assert (body["run_id"], body["step"], body["rank"]) == ("run-x", 3, 1)
+    assert pub.stats.sent == 1 and pub.stats.dropped == 0
+
+
+def test_publisher_drops_the_oldest_when_full_and_counts() -> None:
+    gate = threading.Event()
+    rec = Recorder()
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        gate.wait(5)
+        return rec(request)
+
+    pub = Publisher(run_id="r", queue_size=3, transport=httpx.MockTransport(slow))
+    for step in range(10):
+        pub.publish(step=step, rank=0, params={})
+    gate.set()
+    assert pub.close(timeout_s=5)
+    steps = [b["step"] for b in rec.bodies]
+    # The sender holds the head (step 0 or 1) while blocked; the queue keeps the newest 3.
+    assert steps[-3:] == [7, 8, 9] and len(steps) <= 4
+    assert pub.stats.published == 10 and pub.stats.dropped == 10 - len(steps)
+
+
+def test_publisher_counts_refusals_and_does_not_retry_4xx() -> None:
+    rec = Recorder(status=422)
+    pub = publisher(rec)
+    pub.publish(step=1, rank=0, params={})
+    pub.close(timeout_s=5)
+    assert len(rec.bodies) == 1 and pub.stats.rejected == 1 and pub.stats.sent == 0
+
+
+def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
+    pub = Publisher(url="http://127.0.0.1:9", run_id="r", timeout_s=0.2, backoff_s=(0.01, 0.05))
+    pub.publish(step=1, rank=0, params={"w": {"x": object()}})  # type: ignore[dict-item]
+    pub.publish(step=2, rank=0, params={"w": {"x": 1.0}})  # port 9: connection refused
+    start = time.monotonic()
+    assert pub.close(timeout_s=0.5) is False
+    assert time.monotonic() - start < 2.0  # deadline 0.5 s + one request timeout + join slack
+    assert pub.stats.rejected == 1 and pub.stats.failures >= 1 and pub.stats.dropped == 1
+
+
+def test_publish_costs_microseconds_on_the_calling_thread() -> None:
+    pub = publisher(Recorder(delay_s=0.01), queue_size=16)
+    params = {f"layers.{i}.w": {"orthogonality_error": 0.1, "update_rms": 0.2} for i in range(500)}
+    costs = []
+    for step in range(200):
+        t0 = time.perf_counter()
+        pub.publish(step=step, rank=0, params=params)
+        costs.append(time.perf_counter() - t0)
+    pub.close(timeout_s=1)
+    # Target < 1 ms (issue 5); measured ~5 us. 0.5 ms median leaves 100x room on a shared CPU.
+    assert statistics.median(costs) < 5e-4, statistics.median(costs)
+
+
+# ------------------------------------------------------------------------------ layering
+
+
+def test_service_and_the_sidecar_cli_never_import_torch_or_optim() -> None:
+    code = (
+        "import sys, service, service.app, service.server, service.client, service.metrics\n"
+        "from orthoshard.cli import build_parser; build_parser().parse_args(['sidecar', "
+        "'--token-file', 'x', '--db', 'y'])\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'optim', 'sharding'))\n"
+        "print(bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_service_sources_do_not_mention_torch_imports() -> None:
+    for path in (ROOT / "service").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            assert not stripped.startswith(
+                ("import torch", "from torch", "import optim", "from optim")
+            ), f"{path}: {line}"
