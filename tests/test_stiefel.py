@@ -105,7 +105,7 @@ def test_cayley_retract_counts_its_products():
 def test_frames_with_fewer_rows_than_columns_are_refused():
     for call in (lambda: qr_retract(torch.zeros(3, 5)), lambda: random_stiefel(3, 5),
                  lambda: tangent_project(torch.zeros(3, 5), torch.zeros(3, 5))):
-        with pytest.raises(ValueError, match="d >= r|r <= d"):
+        with pytest.raises(ValueError, match=r"d >= r|r <= d"):
             call()
 
 
