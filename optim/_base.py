@@ -71,12 +71,37 @@ class MatrixExchange(Protocol):
         """Called once by the optimizer that uses this exchange."""
         ...
 
+    def owned(self, items: Sequence[MatrixItem]) -> list[int]:
+        """Indices of ``items`` whose full matrix this rank owns."""
+        ...
+
+    def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Make owner-only state checkpointable (same keys on every rank)."""
+        ...
+
+    def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Inverse of :meth:`export_state` under the current ownership plan."""
+        ...
+
+    def comm_stats(self) -> dict[str, int]:
+        """Cumulative optimizer communication of this rank."""
+        ...
+
 
 class LocalExchange:
     """Single process: every matrix is whole and owned here."""
 
     def bind(self, optimizer: MatrixOptimizer) -> None:
         return None
+
+    def owned(self, items: Sequence[MatrixItem]) -> list[int]:
+        return list(range(len(items)))
+
+    def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
@@ -100,6 +125,10 @@ class MatrixOptimizer(Optimizer):
     """
 
     matrix_algorithm = "matrix"
+    # State keys that live only with the full matrix on its owner rank (the rest of the state
+    # is elementwise and sharded like the parameter). The exchange turns them into sharded
+    # DTensors for checkpoints, so every rank presents the same keys to DCP.
+    owner_state_keys: frozenset[str] = frozenset()
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
@@ -140,15 +169,11 @@ class MatrixOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items: list[MatrixItem] = []
         for group in self.param_groups:
             group["step"] += 1
             if group["algorithm"] == ADAMW:
                 self._adamw_step(group)
-                continue
-            for name, p in zip(group["param_names"], group["params"], strict=True):
-                if p.grad is not None:
-                    items.append(MatrixItem(p, name, group, (int(p.shape[0]), int(p.shape[1]))))
+        items = [item for item in self.matrix_items() if item.param.grad is not None]
         if items:
             inputs = [self._prepare(item) for item in items]
             self._step_items = items
@@ -160,6 +185,12 @@ class MatrixOptimizer(Optimizer):
                 if bool(torch.isfinite(update).all()):
                     self._apply(item, update)
         return loss
+
+    def matrix_items(self) -> list[MatrixItem]:
+        """Every matrix parameter of the matrix groups, in param-group order."""
+        return [MatrixItem(p, name, group, (int(p.shape[0]), int(p.shape[1])))
+                for group in self.param_groups if group["algorithm"] != ADAMW
+                for name, p in zip(group["param_names"], group["params"], strict=True)]
 
     def _owner_compute(self, indices: list[int], full_inputs: list[Tensor]) -> list[Tensor]:
         """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group."""
@@ -184,7 +215,26 @@ class MatrixOptimizer(Optimizer):
                 float(self._nonfinite[items[j].name])
         return [r for r in results if r is not None]
 
+    def init_state(self) -> None:
+        """Create all state now, as the first step would, without touching the parameters.
+
+        A freshly built optimizer has no state, so its ``state_dict()`` cannot serve as the
+        template a ``torch.distributed.checkpoint.load`` fills in: call this first.
+        """
+        items = self.matrix_items()
+        owned = set(self._exchange.owned(items))
+        for i, item in enumerate(items):
+            self._init_state(item, owner=i in owned)
+        for group in self.param_groups:
+            if group["algorithm"] == ADAMW:
+                for p in group["params"]:
+                    self._adamw_state(p)
+
     # ---- subclass hooks -----------------------------------------------------------------
+    def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
+        """Create ``item``'s state: the sharded part always, the owner part when ``owner``."""
+        raise NotImplementedError
+
     def _prepare(self, item: MatrixItem) -> Tensor:
         """Phase 1 on this rank's piece; may stash a pending state change in ``item.pending``."""
         raise NotImplementedError
@@ -229,11 +279,7 @@ class MatrixOptimizer(Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+            state = self._adamw_state(p)
             params.append(p)
             grads.append(p.grad)
             avgs.append(state["exp_avg"])
@@ -246,16 +292,32 @@ class MatrixOptimizer(Optimizer):
              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
              weight_decay=group["weight_decay"], eps=group["adamw_eps"], maximize=False)
 
-    # ---- state dict: schedules (callables) are not data ---------------------------------
+    def _adamw_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+    # ---- state dict ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, ready for ``torch.distributed.checkpoint``.
+
+        Schedules (callables in a group) are not data: saved as None, kept on load. Under
+        ``OwnerSharding`` the owner-only state becomes ``Shard(0)`` DTensors (a collective:
+        call it on every rank), so the keys are the same on every rank and DCP can reshard.
+        """
         sd = super().state_dict()
         for g in sd["param_groups"]:
             for key, value in list(g.items()):
                 if callable(value):
                     g[key] = None
-        return sd
+        return self._exchange.export_state(sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank."""
+        state_dict = self._exchange.import_state(state_dict)
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, saved in zip(self.param_groups, callables, strict=True):

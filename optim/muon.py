@@ -103,12 +103,17 @@ class Muon(MatrixOptimizer):
                     "softening": softening, **extra_defaults}
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
 
+    def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
+        state = self.state[item.param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(item.param,
+                                                        memory_format=torch.preserve_format)
+
     def _prepare(self, item: MatrixItem) -> Tensor:
         group, p = item.group, item.param
         assert p.grad is not None  # MatrixOptimizer.step only passes params with a gradient
+        self._init_state(item, owner=False)
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
         grad, buf = local(p.grad), local(state["momentum_buffer"])
         new_buf = buf.lerp(grad, 1 - group["momentum"])  # committed in _apply unless skipped
         item.pending = new_buf
@@ -154,6 +159,7 @@ class NorMuon(Muon):
     """
 
     matrix_algorithm = "normuon"
+    owner_state_keys = frozenset({"second_moment"})
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,
@@ -168,15 +174,17 @@ class NorMuon(Muon):
                          sharding=sharding, health_every=health_every, beta2=beta2,
                          normuon_eps=normuon_eps)
 
+    def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
+        super()._init_state(item, owner=owner)
+        state = self.state[item.param]
+        if owner and "second_moment" not in state:
+            state["second_moment"] = torch.zeros(item.shape[0], 1, device=item.param.device)
+
     def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
         group = items[0].group
-        vs = []
         for item in items:
-            state = self.state[item.param]
-            if "second_moment" not in state:
-                state["second_moment"] = torch.zeros(item.shape[0], 1, device=U.device)
-            vs.append(state["second_moment"])
-        v = torch.stack(vs)
+            self._init_state(item, owner=True)
+        v = torch.stack([self.state[item.param]["second_moment"] for item in items])
         out = normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
         for item, v_new in zip(items, v.unbind(0), strict=True):
             self.state[item.param]["second_moment"].copy_(v_new)

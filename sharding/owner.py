@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from optim._base import MatrixItem
+from optim._base import MatrixItem, local
+from sharding import checkpoint
 from sharding.plan import Plan, build_plan
 
 __all__ = ["OwnerSharding"]
@@ -69,28 +70,41 @@ class OwnerSharding:
         self._optimizer: Any = None
         self._plan: Plan | None = None
         self._plan_key: tuple | None = None
+        self._index: dict[int, int] = {}
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def bind(self, optimizer: Any) -> None:
         if self._optimizer is not None and self._optimizer is not optimizer:
-            raise ValueError("an OwnerSharding instance serves one optimizer; create one per optimizer")
+            raise ValueError("an OwnerSharding serves one optimizer; create one per optimizer")
         self._optimizer = optimizer
 
     def comm_stats(self) -> dict[str, int]:
         return dict(self._stats)
 
     # ---- planning -----------------------------------------------------------------------
-    def plan_for(self, items: Sequence[MatrixItem]) -> Plan:
+    def global_plan(self) -> tuple[Plan, dict[int, int]]:
+        """The plan over ALL of the optimizer's matrices (ownership does not depend on which
+        have a gradient this step) and the map ``id(param) -> plan index``."""
+        items = self._optimizer.matrix_items()
         sharded = tuple(self._is_sharded(item.param) for item in items)
-        key = tuple((item.shape, s, id(item.group)) for item, s in zip(items, sharded, strict=True))
+        key = tuple((id(item.param), item.shape, s) for item, s in zip(items, sharded, strict=True))
         if key != self._plan_key:
             costs = [float(self._optimizer.matrix_cost(item)) for item in items]
             self._plan = build_plan([item.shape for item in items], sharded, costs,
                                     self.world_size)
             self._plan_key = key
+            self._index = {id(item.param): i for i, item in enumerate(items)}
             self._check_local_rows(items, self._plan)
         assert self._plan is not None
-        return self._plan
+        return self._plan, self._index
+
+    def plan_for(self, items: Sequence[MatrixItem]) -> Plan:
+        """The global plan restricted to ``items``, in their order."""
+        plan, index = self.global_plan()
+        return plan.subset([index[id(item.param)] for item in items])
+
+    def owned(self, items: Sequence[MatrixItem]) -> list[int]:
+        return self.plan_for(items).owned_by(self.rank)
 
     def _is_sharded(self, param: Tensor) -> bool:
         if not isinstance(param, DTensor):
@@ -108,7 +122,7 @@ class OwnerSharding:
 
     def _check_local_rows(self, items: Sequence[MatrixItem], plan: Plan) -> None:
         for i, item in enumerate(items):
-            rows = item.param.to_local().shape[0] if plan.sharded[i] else item.shape[0]
+            rows = local(item.param).shape[0]
             if rows != plan.rows_of(i, self.rank):
                 raise ValueError(
                     f"{item.name}: this rank holds {rows} rows, the plan expects "
@@ -181,3 +195,10 @@ class OwnerSharding:
         self._stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
         self._stats["collectives"] += 1
         return list(out.split(recv_sizes))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return checkpoint.export_owner_state(self, state_dict)
+
+    def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return checkpoint.import_owner_state(self, state_dict)

@@ -73,6 +73,12 @@ class Plan:
     owners: tuple[int, ...]
     bounds: tuple[tuple[tuple[int, int], ...], ...]
 
+    def subset(self, indices: Sequence[int]) -> Plan:
+        """The plan restricted to some matrices (those with a gradient this step), in order."""
+        return Plan(self.world_size, tuple(self.shapes[i] for i in indices),
+                    tuple(self.sharded[i] for i in indices),
+                    tuple(self.owners[i] for i in indices), tuple(self.bounds[i] for i in indices))
+
     def rows_of(self, i: int, rank: int) -> int:
         start, end = self.bounds[i][rank]
         return end - start

@@ -1,0 +1,106 @@
+"""Checkpoints of owner-sharded optimizers through torch.distributed.checkpoint (DCP).
+
+Most optimizer state is elementwise and lives like the parameter (a ``Shard(0)`` DTensor under
+FSDP2), which DCP already reshards. Owner-only state (SOAP's factors and eigenbases, NorMuon's
+second moment) exists on one rank, and DCP hangs or fails when ranks present different keys. So
+``state_dict()`` turns every owner-only tensor into a ``Shard(0)`` DTensor scattered from its
+owner (0-dim tensors: replicated from it), giving every rank the same keys and a layout DCP can
+reshard to any world size; ``load_state_dict()`` gathers each one back in full (``full_tensor``)
+and keeps it only on the matrix's owner under the CURRENT plan, which may differ from the plan
+it was saved under. Both are collectives: call them on every rank, as DCP does.
+
+:func:`save` and :func:`load` wrap the usual ``{"model": ..., "optim": ...}`` round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+if TYPE_CHECKING:
+    from sharding.owner import OwnerSharding
+
+__all__ = ["export_owner_state", "import_owner_state", "load", "save"]
+
+
+def _mesh(sharding: OwnerSharding, device: torch.device) -> DeviceMesh:
+    group = sharding.group if sharding.group is not None else dist.group.WORLD
+    return DeviceMesh.from_group(group, device_type=device.type)
+
+
+def _owners_by_state_index(sharding: OwnerSharding) -> dict[int, int]:
+    """``{index in state_dict()["state"]: owner rank}`` for every matrix parameter."""
+    optimizer = sharding._optimizer
+    plan, index = sharding.global_plan()
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    return {k: plan.owners[index[id(p)]] for k, p in enumerate(flat) if id(p) in index}
+
+
+def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
+    keys = sharding._optimizer.owner_state_keys
+    if not keys:
+        return state_dict
+    owners = _owners_by_state_index(sharding)
+    mine = {k: {name: (tuple(v.shape), v.dtype, str(v.device))
+                for name, v in state_dict["state"].get(k, {}).items() if name in keys}
+            for k, owner in owners.items() if owner == sharding.rank}
+    gathered: list[Any] = [None] * sharding.world_size
+    dist.all_gather_object(gathered, mine, group=sharding.group)
+    meta = {k: v for part in gathered for k, v in part.items()}
+    for k in sorted(meta):
+        entry = state_dict["state"].setdefault(k, {})
+        for name in sorted(meta[k]):
+            shape, dtype, device = meta[k][name]
+            source = entry.get(name) if owners[k] == sharding.rank else None
+            if source is None:
+                source = torch.empty(shape, dtype=dtype, device=device)
+            placement = Shard(0) if len(shape) >= 1 else Replicate()
+            entry[name] = distribute_tensor(source, _mesh(sharding, source.device), [placement],
+                                            src_data_rank=owners[k])
+    return state_dict
+
+
+def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
+    keys = sharding._optimizer.owner_state_keys
+    if not keys:
+        return state_dict
+    owners = _owners_by_state_index(sharding)
+    for k in sorted(state_dict["state"]):
+        entry = state_dict["state"][k]
+        for name in sorted(entry):
+            value = entry[name]
+            if name not in keys or not isinstance(value, DTensor):
+                continue
+            full = value.full_tensor()
+            if owners.get(k) == sharding.rank:
+                entry[name] = full
+            else:
+                del entry[name]
+    return state_dict
+
+
+def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
+         extra: dict[str, Any] | None = None) -> None:
+    """Save model and optimizer with DCP into a NEW directory (collective on every rank)."""
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load what :func:`save` wrote, at any world size (collective on every rank).
+
+    ``extra`` is a template of additional entries (filled in place and returned).
+    """
+    optimizer.init_state()
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
+    dcp.load(state, checkpoint_id=str(directory))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return {k: v for k, v in state.items() if k not in ("model", "optim")}

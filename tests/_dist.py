@@ -1,0 +1,57 @@
+"""Run a function on W gloo ranks (spawned processes) with a hard timeout.
+
+Collectives that mismatch hang rather than fail, so every multi-process test goes through
+:func:`run_ranks`, which kills the whole group and fails the test when the deadline passes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+__all__ = ["init_gloo", "run_ranks"]
+
+
+def init_gloo(rank: int, world_size: int, store: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
+
+
+def _entry(rank: int, fn: Callable[..., None], world_size: int, store: str, args: tuple) -> None:
+    init_gloo(rank, world_size, store)
+    import torch.distributed as dist
+
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., None], world_size: int, tmp: Path, *args: Any,
+              timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise on error/timeout."""
+    store = tmp / f"store-{world_size}-{time.monotonic_ns()}"
+    ctx = mp.start_processes(_entry, args=(fn, world_size, str(store), args),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world_size} ranks did not finish in {timeout:.0f} s "
+                                   "(a mismatched collective hangs): killed")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,175 @@
+"""Workers for the multi-process sharding tests (imported by spawned gloo ranks).
+
+Every world size trains the same awkward model on the SAME injected gradients, so parameters
+after N steps must equal the single-process optimizer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from optim import Muon, NorMuon, split_param_groups
+
+# Awkward on purpose: rows that divide by neither 2 nor 4 (7, 5), fewer rows than ranks (3: an
+# empty shard at W=4), tall (40x6) and wide (5x33), and two matrices of one shape (batched).
+SHAPES: tuple[tuple[int, int], ...] = ((7, 12), (3, 8), (40, 6), (5, 33), (16, 16), (16, 16))
+BIAS = 5  # a 1-D parameter: the AdamW fallback, sharded by FSDP2 too
+STEPS = 4
+NAN_STEP, NAN_PARAM, NAN_ROW = 2, "ws.0", 6  # row 6 lives on the LAST rank at W = 2 and 4
+
+
+def _soap(params: Any, sharding: Any) -> Any:
+    from optim.soap import SOAP
+
+    return SOAP(params, lr=3e-3, sharding=sharding)
+
+
+OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
+    "muon": lambda params, sharding: Muon(params, lr=0.02, sharding=sharding),
+    "muon_soft_pe": lambda params, sharding: Muon(
+        params, lr=0.02, ns_method="polar_express", softening=lambda t: 0.1 * t,
+        sharding=sharding),
+    "normuon": lambda params, sharding: NorMuon(params, lr=0.02, sharding=sharding),
+    "soap": _soap,
+}
+
+
+def soap_available() -> bool:
+    try:
+        import optim.soap  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Awkward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(*s, generator=g) / s[1] ** 0.5)
+                                   for s in SHAPES)
+        self.bias = nn.Parameter(torch.zeros(BIAS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard needs a forward
+        return x
+
+
+def full_grads(step: int, *, nan: bool) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = {f"ws.{i}": torch.randn(*s, generator=g) for i, s in enumerate(SHAPES)}
+    grads["bias"] = torch.randn(BIAS, generator=g)
+    if nan and step == NAN_STEP:
+        grads[NAN_PARAM][NAN_ROW, 0] = float("nan")
+    return grads
+
+
+def inject(model: nn.Module, step: int, *, nan: bool = False) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    grads = full_grads(step, nan=nan)
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements,
+                                       src_data_rank=None)
+        else:
+            p.grad = grads[name].clone()
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def build(name: str, *, fsdp: bool, sharding: Any) -> tuple[nn.Module, Any]:
+    model = Awkward()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    return model, OPTIMIZERS[name](split_param_groups(model.named_parameters()), sharding)
+
+
+def reference(name: str, steps: int, *, nan: bool = False) -> dict[str, torch.Tensor]:
+    """Single process, no process group: the result every world size must reproduce."""
+    model, opt = build(name, fsdp=False, sharding=None)
+    for step in range(steps):
+        inject(model, step, nan=nan)
+        opt.step()
+    return full_params(model)
+
+
+class A2ACounter:
+    """An independent byte count: wraps ``dist.all_to_all_single`` for the duration."""
+
+    def __init__(self) -> None:
+        self.sent = self.received = self.calls = 0
+        self._orig = dist.all_to_all_single
+
+    def __enter__(self) -> A2ACounter:
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+            me = dist.get_rank(kw.get("group"))
+            self.sent += sum(s for r, s in enumerate(input_split_sizes) if r != me) \
+                * input.element_size()
+            self.received += sum(s for r, s in enumerate(output_split_sizes) if r != me) \
+                * output.element_size()
+            self.calls += 1
+            return self._orig(output, input, output_split_sizes=output_split_sizes,
+                              input_split_sizes=input_split_sizes, **kw)
+
+        dist.all_to_all_single = counting  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_to_all_single = self._orig  # type: ignore[assignment]
+
+
+def parity_worker(rank: int, world: int, out: str, fsdp: bool, names: list[str],
+                  nan: bool) -> None:
+    from sharding import OwnerSharding
+
+    results: dict[str, Any] = {}
+    for name in names:
+        sharding = OwnerSharding()
+        model, opt = build(name, fsdp=fsdp, sharding=sharding)
+        with A2ACounter() as counter:
+            for step in range(STEPS):
+                inject(model, step, nan=nan)
+                opt.step()
+        plan, _ = sharding.global_plan()
+        mine = {"stats": opt.comm_stats(), "counted": (counter.sent, counter.received,
+                                                       counter.calls),
+                "plan": (plan.elements_sent(rank), plan.elements_received(rank)),
+                "health": opt.health()}
+        per_rank: list[Any] = [None] * world
+        dist.all_gather_object(per_rank, mine)
+        params = full_params(model)
+        if rank == 0:
+            results[name] = {"params": params, "ranks": per_rank,
+                             "sharded_elements": sum(m * n for m, n in SHAPES)}
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
+def dcp_worker(rank: int, world: int, name: str, load_dir: str | None, save_dir: str | None,
+               first: int, last: int, out: str) -> None:
+    from sharding import OwnerSharding, checkpoint
+
+    model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+    if load_dir:
+        checkpoint.load(load_dir, model, opt)
+    for step in range(first, last):
+        inject(model, step)
+        opt.step()
+    if save_dir:
+        checkpoint.save(save_dir, model, opt)
+    params = full_params(model)
+    if rank == 0:
+        torch.save(params, Path(out))
