@@ -27,8 +27,9 @@ previous run leaves no ghost series. A ``null`` metric (non-finite at the source
 
 Speed: ``generate_latest`` formats ~5 us per sample; 8 ranks x 500 matrices x 8 samples took
 ~230 ms here, over the 100 ms budget. ``HealthCollector.render`` writes the same text format
-(0.0.4) from the same classification with ``repr`` floats, caching each parameter's lines
-until its record changes; a test checks that both parse to identical samples.
+(0.0.4) from the same classification with ``repr`` floats. Each parameter's lines are rendered
+when its record is ingested (a store listener) and cached until the record changes, so a scrape
+only filters by age and joins strings; a test checks that both parse to identical samples.
 """
 
 from __future__ import annotations
@@ -196,6 +197,13 @@ class HealthCollector(Collector):
         self._clock = clock
         self._cache: dict[str, tuple[ParamRecord, list[str]]] = {}
         self._cache_lock = threading.Lock()
+        store.add_listener(self._warm)
+
+    def _warm(self, records: list[ParamRecord]) -> None:
+        """Render new records at ingest time, so a scrape only joins cached text."""
+        with self._cache_lock:
+            for rec in records:
+                self._param_lines(rec)
 
     def _live(self) -> tuple[list[ParamRecord], list[RankRecord]]:
         cutoff = self._clock() - self._ttl

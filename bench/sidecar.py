@@ -1,0 +1,191 @@
+"""Sidecar benchmark: /metrics latency, ingest throughput, publish() cost on the calling thread.
+
+Starts a real sidecar (``python -m orthoshard.cli sidecar``) on a free loopback port with a
+temporary database, then measures over HTTP:
+
+- ``/metrics`` latency for R ranks x P parameters, "fresh" (every rank posted a new step since
+  the last scrape, the worst case) and "unchanged" (scraped twice without new data);
+- ingest throughput: sequential ``POST /v1/snapshots`` of one rank's P-parameter snapshot;
+- ``Publisher.publish`` cost on the calling thread with a P-parameter ``health()`` dict.
+
+Targets (issue 5): /metrics p99 < 100 ms at 8 x 500; publish() < 1 ms.
+Run: ``orthoshard bench sidecar [--ranks 8] [--params 500] [--rounds 40]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from service.client import Publisher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def health(rank: int, params: int, step: int) -> dict[str, dict[str, float]]:
+    """A ``health()`` dict shaped like the optimizers' (10 metrics per matrix)."""
+    return {
+        f"model.layers.{i}.rank{rank}.weight": {
+            "orthogonality_error": 1e-3 * step,
+            "update_rms": 0.2,
+            "eigengap_ratio_L": 0.3,
+            "eigengap_ratio_R": 0.4,
+            "rotation_degrees_L_k1": 1.5,
+            "rotation_degrees_L_k8": 3.0,
+            "rotation_degrees_R_k1": 0.5,
+            "rotation_degrees_R_k8": 0.7,
+            "basis_staleness_L": 2.0,
+            "nonfinite_skips": 0.0,
+        }
+        for i in range(params)
+    }
+
+
+def body(rank: int, params: int, step: int) -> bytes:
+    snap = {
+        "schema_version": 1,
+        "run_id": "bench",
+        "rank": rank,
+        "step": step,
+        "wall_time": time.time(),
+        "params": health(rank, params, step),
+    }
+    return json.dumps(snap).encode()
+
+
+def start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start a sidecar; return (process, base URL, token) once /healthz answers."""
+    token = secrets.token_hex(16)
+    (tmp / "token").write_text(token)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "orthoshard.cli",
+        "sidecar",
+        "--port",
+        str(port),
+        "--token-file",
+        str(tmp / "token"),
+        "--db",
+        str(tmp / "bench.db"),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url, token
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("sidecar did not start")
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench_metrics(c: httpx.Client, ranks: int, params: int, rounds: int) -> dict[str, list[float]]:
+    """Scrape latency after every rank posted a new step (fresh) and without changes."""
+    fresh, unchanged = [], []
+    size = 0
+    for step in range(rounds):
+        for rank in range(ranks):
+            c.post("/v1/snapshots", content=body(rank, params, step)).raise_for_status()
+        t0 = time.perf_counter()
+        size = len(c.get("/metrics").content)
+        fresh.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        c.get("/metrics")
+        unchanged.append(time.perf_counter() - t0)
+    print(f"/metrics body: {size / 1e6:.2f} MB")
+    return {"fresh": fresh, "unchanged": unchanged}
+
+
+def bench_ingest(c: httpx.Client, params: int, count: int) -> float:
+    """Snapshots per second, sequential posts of pre-encoded bodies."""
+    bodies = [body(0, params, 1000 + i) for i in range(count)]
+    t0 = time.perf_counter()
+    for content in bodies:
+        c.post("/v1/snapshots", content=content).raise_for_status()
+    return count / (time.perf_counter() - t0)
+
+
+def bench_publish(url: str, token: str, params: int, count: int) -> list[float]:
+    """publish() wall time on the calling thread, one call per simulated 5 ms step."""
+    pub = Publisher(url=url, token=token, run_id="bench-pub")
+    costs = []
+    for step in range(count):
+        snapshot = health(1, params, step)  # fresh dict per step, as health() returns
+        t0 = time.perf_counter()
+        pub.publish(step=step, rank=1, params=snapshot)
+        costs.append(time.perf_counter() - t0)
+        time.sleep(0.005)
+    pub.close(timeout_s=10)
+    print(f"publisher: {pub.stats}")
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--params", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url, token = start(Path(tmp))
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
+            with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+                scrapes = bench_metrics(c, args.ranks, args.params, args.rounds)
+                rate = bench_ingest(c, args.params, 4 * args.rounds)
+            publish = bench_publish(url, token, args.params, 10 * args.rounds)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    report(args, scrapes, rate, publish)
+
+
+def report(
+    args: argparse.Namespace, scrapes: dict[str, list[float]], rate: float, publish: list[float]
+) -> None:
+    """Print the table."""
+    ms = 1e3
+    print(f"\nsidecar benchmark: {args.ranks} ranks x {args.params} params, {args.rounds} rounds")
+    print(f"{'measure':<40}{'p50':>10}{'p99':>10}{'target':>12}{'ratio p99/target':>18}")
+    for name, values in scrapes.items():
+        p99 = pct(values, 0.99) * ms
+        print(
+            f"{'/metrics ' + name + ' (ms)':<40}{pct(values, 0.5) * ms:>10.1f}{p99:>10.1f}"
+            f"{'< 100':>12}{p99 / 100:>18.2f}"
+        )
+    p99 = pct(publish, 0.99) * 1e6
+    print(
+        f"{'publish() calling thread (us)':<40}{pct(publish, 0.5) * 1e6:>10.1f}{p99:>10.1f}"
+        f"{'< 1000':>12}{p99 / 1000:>18.3f}"
+    )
+    print(f"{'publish() max (us)':<40}{max(publish) * 1e6:>10.1f}")
+    print(
+        f"{'ingest (snapshots/s, 1 rank each)':<40}{rate:>10.1f}"
+        f"   = {rate * args.params:,.0f} params/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
