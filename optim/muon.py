@@ -45,7 +45,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> 
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, a / b))
     if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(a, b))
+        return lr * (0.2 * math.sqrt(max(a, b)))  # torch's grouping: bit-identical lr
     raise ValueError(
         f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
 

@@ -1,0 +1,412 @@
+"""Muon and NorMuon: parity with torch.optim.Muon, softening, NorMuon's rule, non-finite skips,
+state dicts, schedulers and health keyed by parameter name."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from optim import Muon, NorMuon
+from optim.health import orthogonality_error
+from optim.muon import adjusted_lr
+from optim.orthogonalize import METHODS, orthogonalize, soften
+
+# Our Muon runs the same ops in the same order as torch.optim.Muon (lerp momentum, bf16 NS with
+# addmm, mul_ then add_): for a matrix whose shape is unique in its group, parity is exact.
+PARITY_ATOL = 0.0
+PARITY_RTOL = 0.0
+# Same-shape matrices are stacked and run through baddbmm instead of addmm. On CPU, baddbmm can
+# round an entry of a bf16 product differently from addmm (different blocking of the same sum),
+# measured: 2 of 512 entries off by one fp32 ulp after 6 steps with custom coefficients, exact with
+# the defaults. A bound that holds whatever entry flips: one bf16 ulp of an update entry of
+# magnitude < 2 (2**-7), scaled by the adjusted lr, per step. Momentum never sees the update, so
+# differences add up over steps instead of compounding.
+BF16_ULP_BELOW_2 = 2.0**-7
+
+
+def batched_atol(lr_adj: float, steps: int) -> float:
+    return steps * lr_adj * BF16_ULP_BELOW_2
+
+
+# Updates reconstructed from parameters: (W0 - W1) / lr_adj divides a float32 difference of
+# O(1) values by lr_adj ~ 0.03, amplifying fp32 rounding (6e-8) by ~30: 1e-5 is 5x that.
+UPDATE_ATOL = 1e-5
+UPDATE_RTOL = 1e-4
+# NorMuon after one step: every row's RMS becomes 1/sqrt(1 - beta2) up to normuon_eps (1e-8)
+# against sqrt(v) ~ 0.02 and fp32 rounding: 1e-4 relative spread is far below the ~40% spread
+# of the rows of a tall orthogonalized update.
+NORMUON_ROW_SPREAD = 1e-4
+NORM_RTOL = 1e-5  # Frobenius norms of fp32 matrices of ~1000 entries
+# Loss reduction a working optimizer must reach on the quadratic in 40 steps (measured 0.01-0.2).
+QUADRATIC_MAX_FINAL_OVER_INITIAL = 0.5
+
+SHAPES = [(32, 16), (16, 48), (24, 24), (32, 16)]  # includes two same-shape matrices
+
+
+def make_params(shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+
+
+def grads_for(params, step, seed=100):
+    g = torch.Generator().manual_seed(seed + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def run(opt, params, steps, *, start=0, seed=100):
+    for t in range(start, start + steps):
+        for p, gr in zip(params, grads_for(params, t, seed), strict=True):
+            p.grad = gr.clone()
+        opt.step()
+
+
+def assert_params_equal(a, b, atol=PARITY_ATOL, rtol=PARITY_RTOL):
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, atol=atol, rtol=rtol)
+
+
+# ---- parity with torch.optim.Muon -------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({}, id="defaults"),
+    pytest.param({"lr": 0.02, "weight_decay": 0.01}, id="lr-wd"),
+    pytest.param({"nesterov": False, "momentum": 0.9}, id="no-nesterov"),
+    pytest.param({"adjust_lr_fn": "original"}, id="adjust-original"),
+    pytest.param({"adjust_lr_fn": "match_rms_adamw", "lr": 0.01}, id="adjust-match-rms-adamw"),
+    pytest.param({"ns_coefficients": (3.0, -3.2, 1.2), "ns_steps": 3, "eps": 1e-6},
+                 id="custom-ns"),
+])
+def test_muon_equals_torch_muon_over_several_steps(kwargs):
+    ours_p, ref_p = make_params(), make_params()
+    ours, ref = Muon(ours_p, **kwargs), torch.optim.Muon(ref_p, **kwargs)
+    run(ours, ours_p, 6)
+    run(ref, ref_p, 6)
+    for shape, p, q in zip(SHAPES, ours_p, ref_p, strict=True):
+        assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+        if SHAPES.count(shape) == 1:
+            assert torch.equal(p, q), shape
+        else:
+            lr_adj = adjusted_lr(kwargs.get("lr", 1e-3), kwargs.get("adjust_lr_fn"), shape)
+            torch.testing.assert_close(p, q, atol=batched_atol(lr_adj, 6), rtol=0.0)
+
+
+def test_adjusted_lr_matches_torch_for_both_rules_and_rejects_unknown():
+    from torch.optim._muon import _adjust_lr
+    for shape in [(32, 16), (16, 48), (7, 7)]:
+        for fn in (None, "original", "match_rms_adamw"):
+            assert adjusted_lr(0.02, fn, shape) == _adjust_lr(0.02, fn, torch.Size(shape))
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon(make_params(), adjust_lr_fn="unit")
+
+
+def test_same_argument_names_and_defaults_as_torch_muon():
+    import inspect
+    ours = inspect.signature(Muon.__init__).parameters
+    theirs = inspect.signature(torch.optim.Muon.__init__).parameters
+    for name, param in theirs.items():
+        assert name in ours, name
+        assert ours[name].default == param.default, name
+
+
+# ---- every method trains ----------------------------------------------------------------------
+
+def quadratic_run(opt_cls, steps=40, **kwargs):
+    g = torch.Generator().manual_seed(7)
+    target = torch.randn(32, 16, generator=g)
+    W = nn.Parameter(torch.zeros(32, 16))
+    opt = opt_cls([W], lr=0.05, weight_decay=0.0, **kwargs)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.5 * (W - target).square().sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    final = 0.5 * (W.detach() - target).square().sum().item()
+    return losses[0], final, opt
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_ns_method_reduces_a_quadratic_loss(opt_cls, method):
+    initial, final, opt = quadratic_run(opt_cls, ns_method=method)
+    assert math.isfinite(final)
+    assert final < QUADRATIC_MAX_FINAL_OVER_INITIAL * initial, (initial, final)
+    assert opt.health()["group0.param0"]["nonfinite_skips"] == 0.0
+
+
+def test_softened_muon_reduces_a_quadratic_loss_with_a_schedule():
+    initial, final, _ = quadratic_run(Muon, softening=lambda step: min(0.5, step / 20))
+    assert final < QUADRATIC_MAX_FINAL_OVER_INITIAL * initial
+
+
+def test_unknown_ns_method_and_bad_softening_raise_value_error():
+    with pytest.raises(ValueError, match="ns_method"):
+        Muon(make_params(), ns_method="newton")
+    with pytest.raises(ValueError, match="softening"):
+        Muon(make_params(), softening=1.5)
+    with pytest.raises(ValueError, match="softening"):
+        Muon(make_params(), softening=float("nan"))
+    opt = Muon(make_params(), softening=lambda step: 2.0)  # a schedule is checked when used
+    with pytest.raises(ValueError, match="softening at step 1"):
+        run(opt, opt.param_groups[0]["params"], 1)
+
+
+# ---- softening inside the optimizer -----------------------------------------------------------
+
+def one_step_update(opt_cls, W0, grad, **kwargs):
+    """The update direction the optimizer applied, from (W0 - W1) / lr_adj (no weight decay)."""
+    W = nn.Parameter(W0.clone())
+    opt = opt_cls([("w", W)], lr=0.02, weight_decay=0.0, **kwargs)
+    W.grad = grad.clone()
+    opt.step()
+    return (W0 - W.detach()) / adjusted_lr(0.02, None, tuple(W0.shape)), opt
+
+
+def nesterov_input(grad, momentum=0.95):
+    buf = torch.zeros_like(grad).lerp(grad, 1 - momentum)
+    return grad.lerp(buf, momentum)
+
+
+@pytest.mark.parametrize("s", [0.3, 1.0])
+def test_numeric_softening_applies_the_blend_and_reports_it(s):
+    g = torch.Generator().manual_seed(1)
+    W0, grad = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    update, opt = one_step_update(Muon, W0, grad, softening=s)
+    X = nesterov_input(grad)
+    O = orthogonalize(X, method="quintic", steps=5)
+    torch.testing.assert_close(update, soften(O, X, s), atol=UPDATE_ATOL, rtol=UPDATE_RTOL)
+    health = opt.health()["w"]
+    assert health["softening"] == s
+    # orthogonality is measured on O, before softening
+    assert health["orthogonality_error"] == pytest.approx(orthogonality_error(O).item(),
+                                                          rel=1e-6)
+
+
+def test_scheduled_softening_follows_the_step_and_health_reports_the_scheduled_value():
+    params = make_params([(24, 12)])
+    schedule = lambda step: 0.1 * step  # noqa: E731
+    opt = Muon([("w", params[0])], lr=0.02, softening=schedule)
+    ref_params = make_params([(24, 12)])
+    buf = torch.zeros(24, 12)
+    for t in range(4):
+        run(opt, params, 1, start=t)
+        assert opt.health()["w"]["softening"] == pytest.approx(0.1 * (t + 1), abs=1e-12)
+        # reference: the update rule written out, with s_t = 0.1 t
+        (grad,) = grads_for(ref_params, t)
+        buf = buf.lerp(grad, 0.05)
+        X = grad.lerp(buf, 0.95)
+        U = soften(orthogonalize(X, method="quintic", steps=5), X, 0.1 * (t + 1))
+        with torch.no_grad():
+            ref_params[0].mul_(1 - 0.02 * 0.1).add_(U, alpha=-adjusted_lr(0.02, None, (24, 12)))
+    torch.testing.assert_close(params[0], ref_params[0], atol=1e-6, rtol=1e-6)
+
+
+# ---- NorMuon ----------------------------------------------------------------------------------
+
+def row_rms(M):
+    return M.square().mean(dim=-1).sqrt()
+
+
+@pytest.mark.parametrize("s", [0.0, 0.4])
+def test_normuon_evens_row_rms_and_preserves_the_softened_frobenius_norm(s):
+    g = torch.Generator().manual_seed(2)
+    W0, grad = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    update, opt = one_step_update(NorMuon, W0, grad, softening=s)
+    X = nesterov_input(grad)
+    U = soften(orthogonalize(X, method="quintic", steps=5), X, s)
+    # the rows of the softened tall update are uneven; NorMuon's first step makes them equal
+    rms_before, rms_after = row_rms(U), row_rms(update)
+    assert (rms_before.max() / rms_before.min()).item() > 1.2
+    assert (rms_after.max() / rms_after.min()).item() - 1 < NORMUON_ROW_SPREAD
+    torch.testing.assert_close(torch.linalg.matrix_norm(update), torch.linalg.matrix_norm(U),
+                               atol=0.0, rtol=NORM_RTOL)
+    assert opt.state[opt.param_groups[0]["params"][0]]["second_moment"].shape == (64, 1)
+
+
+def test_normuon_follows_its_written_rule_over_several_steps():
+    beta2, eps, lr, wd = 0.9, 1e-8, 0.02, 0.05
+    (W,), (R,) = make_params([(48, 24)]), make_params([(48, 24)])
+    opt = NorMuon([W], lr=lr, weight_decay=wd, beta2=beta2, normuon_eps=eps, softening=0.2)
+    buf, v = torch.zeros(48, 24), torch.zeros(48, 1)
+    for t in range(5):
+        run(opt, [W], 1, start=t)
+        (grad,) = grads_for([R], t)
+        buf = buf.lerp(grad, 0.05)
+        X = grad.lerp(buf, 0.95)
+        U = soften(orthogonalize(X, method="quintic", steps=5), X, 0.2)
+        v = beta2 * v + (1 - beta2) * U.square().mean(dim=-1, keepdim=True)
+        N = U / (v.sqrt() + eps)
+        N = N * torch.linalg.matrix_norm(U) / torch.linalg.matrix_norm(N)
+        with torch.no_grad():
+            R.mul_(1 - lr * wd).add_(N, alpha=-adjusted_lr(lr, None, (48, 24)))
+    torch.testing.assert_close(W, R, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(opt.state[W]["second_moment"], v, atol=1e-7, rtol=1e-5)
+
+
+def test_normuon_rejects_bad_beta2():
+    with pytest.raises(ValueError, match="beta2"):
+        NorMuon(make_params(), beta2=1.0)
+
+
+# ---- non-finite gradients ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_nonfinite_gradient_skips_only_that_matrix_and_training_resumes(opt_cls):
+    # a and b share a shape (batched together), c does not
+    shapes = [(32, 16), (32, 16), (16, 8)]
+    names = ["a", "b", "c"]
+    params = make_params(shapes)
+    opt = opt_cls(list(zip(names, params, strict=True)), lr=0.02)
+    # reference: the same optimizer class, where a never sees the bad steps
+    ref_params = make_params(shapes)
+    ref = opt_cls(list(zip(names, ref_params, strict=True)), lr=0.02)
+
+    def feed(o, ps, t, bad=None):
+        gs = grads_for(ps, t)
+        for i, (p, gr) in enumerate(zip(ps, gs, strict=True)):
+            p.grad = gr.clone() if bad is None or i != 0 else None
+        if bad is not None and o is opt:
+            ps[0].grad = torch.full(shapes[0], 1.0)
+            ps[0].grad[3, 5] = bad
+        o.step()
+
+    feed(opt, params, 0)
+    feed(ref, ref_params, 0)
+    for t, bad in ((1, float("nan")), (2, float("inf")), (3, -float("inf"))):
+        a_before = params[0].detach().clone()
+        buf_before = opt.state[params[0]]["momentum_buffer"].clone()
+        extra_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        feed(opt, params, t, bad)
+        feed(ref, ref_params, t, bad)  # ref: a has no gradient, b and c train
+        assert torch.equal(params[0], a_before), "skipped matrix must not move (nor decay)"
+        assert torch.equal(opt.state[params[0]]["momentum_buffer"], buf_before)
+        for k, v in extra_before.items():
+            assert torch.equal(opt.state[params[0]][k], v), k
+        assert opt.health()["a"]["nonfinite_skips"] == float(t)
+        assert opt.health()["b"]["nonfinite_skips"] == 0.0
+    for t in (4, 5):  # finite again: trains exactly like the reference that never saw the bad steps
+        feed(opt, params, t)
+        feed(ref, ref_params, t)
+    assert_params_equal(params, ref_params)
+    assert not torch.equal(params[0], a_before)
+    assert opt.health()["a"]["nonfinite_skips"] == 3.0
+
+
+# ---- state dict -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+@pytest.mark.parametrize("softening", [0.25, lambda step: 0.5 / step], ids=["number", "schedule"])
+def test_state_dict_round_trip_continues_identically(opt_cls, softening):
+    params = make_params()
+    opt = opt_cls(params, lr=0.02, softening=softening, ns_method="polar_express")
+    run(opt, params, 3)
+    saved = opt.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)  # a schedule is not pickled: the saved state is plain data
+    buffer.seek(0)
+    loaded_sd = torch.load(buffer, weights_only=False)
+
+    clone = [nn.Parameter(p.detach().clone()) for p in params]
+    fresh = opt_cls(clone, lr=0.02, softening=softening, ns_method="polar_express")
+    fresh.load_state_dict(loaded_sd)
+    assert fresh.param_groups[0]["step"] == 3
+    assert fresh.param_groups[0]["softening"] == softening  # a schedule survives the load
+    run(opt, params, 3, start=3)
+    run(fresh, clone, 3, start=3)
+    assert_params_equal(params, clone)
+
+
+def test_state_dict_replaces_a_schedule_by_none_without_touching_the_live_group():
+    schedule = lambda step: 0.1  # noqa: E731
+    opt = Muon(make_params(), softening=schedule)
+    assert opt.state_dict()["param_groups"][0]["softening"] is None
+    assert opt.param_groups[0]["softening"] is schedule
+
+
+# ---- LR schedulers ----------------------------------------------------------------------------
+
+def test_lr_scheduler_drives_muon_like_torch_muon():
+    ours_p, ref_p = make_params(), make_params()
+    ours, ref = Muon(ours_p, lr=0.05), torch.optim.Muon(ref_p, lr=0.05)
+    s_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=2, gamma=0.5)
+    s_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    for t in range(6):
+        run(ours, ours_p, 1, start=t)
+        run(ref, ref_p, 1, start=t)
+        s_ours.step()
+        s_ref.step()
+    assert ours.param_groups[0]["lr"] == pytest.approx(0.05 / 8)
+    assert_params_equal(ours_p, ref_p)
+
+
+def test_zero_lr_from_scheduler_freezes_parameters():
+    params = make_params([(16, 8)])
+    opt = Muon(params, lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)
+    before = params[0].detach().clone()
+    run(opt, params, 2)
+    sched.step()
+    assert torch.equal(params[0], before)
+
+
+# ---- health keyed by name ---------------------------------------------------------------------
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32, bias=False), nn.ReLU(), nn.Linear(32, 4, bias=False))
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_named_parameters_key_health_by_name_with_plain_floats(opt_cls):
+    model = tiny_mlp()
+    opt = opt_cls(model.named_parameters(), lr=0.02, ns_method="polar_express", ns_steps=8)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    model(x).square().mean().backward()
+    opt.step()
+    health = opt.health()
+    assert set(health) == {"0.weight", "2.weight"}
+    for metrics in health.values():
+        assert set(metrics) >= {"orthogonality_error", "update_rms", "softening",
+                                "nonfinite_skips"}
+        assert all(type(v) is float for v in metrics.values())
+        # 8 polar_express steps in bf16 reach its rounding floor (~1e-2), quintic would be ~0.3
+        assert 0.0 <= metrics["orthogonality_error"] < 0.05
+        assert metrics["update_rms"] > 0.0
+
+
+def test_health_every_controls_when_metrics_are_measured():
+    params = make_params([(16, 8)])
+    off = Muon([("w", params[0])], health_every=0)
+    run(off, params, 2)
+    assert off.health() == {"w": {"nonfinite_skips": 0.0}}
+    every2 = Muon([("w", make_params([(16, 8)])[0])], health_every=2)
+    run(every2, every2.param_groups[0]["params"], 1)
+    assert "orthogonality_error" not in every2.health()["w"]
+    run(every2, every2.param_groups[0]["params"], 1, start=1)
+    assert "orthogonality_error" in every2.health()["w"]
+    with pytest.raises(ValueError, match="health_every"):
+        Muon(make_params(), health_every=-1)
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model = tiny_mlp()
+    opt = Muon(model.parameters(), lr=0.02)
+    x = torch.randn(4, 8)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and loss.item() > 0
+    before = copy.deepcopy(model.state_dict())
+    opt.step(closure)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

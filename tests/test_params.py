@@ -1,0 +1,100 @@
+"""split_param_groups routing and the AdamW fallback group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optim import Muon, NorMuon, split_param_groups
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 16)
+        self.hidden = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.mlp = nn.Linear(32, 16, bias=False)
+        self.lm_head = nn.Linear(16, 20, bias=False)
+        self.frozen = nn.Linear(16, 16, bias=False)
+        self.frozen.weight.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(self.norm(torch.relu(self.hidden(self.embed(tokens)))))
+        return self.lm_head(h + self.frozen(h))
+
+
+MATRIX = ["hidden.weight", "mlp.weight"]
+ADAMW = ["embed.weight", "hidden.bias", "norm.weight", "norm.bias", "lm_head.weight"]
+
+
+def test_split_routes_1d_embeddings_and_heads_to_adamw_and_drops_frozen():
+    groups = split_param_groups(TinyLM().named_parameters(), adamw_lr=3e-4,
+                                adamw_weight_decay=0.0)
+    assert len(groups) == 2
+    matrix, fallback = groups
+    assert matrix["param_names"] == MATRIX and "algorithm" not in matrix
+    assert fallback["param_names"] == ADAMW
+    assert fallback["algorithm"] == "adamw"
+    assert (fallback["lr"], fallback["weight_decay"]) == (3e-4, 0.0)
+    assert fallback["adamw_betas"] == (0.9, 0.95) and fallback["adamw_eps"] == 1e-8
+
+
+def test_split_without_overrides_inherits_the_optimizer_lr_and_drops_empty_groups():
+    (only,) = split_param_groups([("w", nn.Parameter(torch.zeros(3, 4)))])
+    assert "lr" not in only and only["param_names"] == ["w"]
+    (fallback,) = split_param_groups([("b", nn.Parameter(torch.zeros(3)))])
+    assert fallback["algorithm"] == "adamw" and "lr" not in fallback
+    opt = Muon(split_param_groups([("b", nn.Parameter(torch.zeros(3)))]), lr=0.01)
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_custom_name_parts_choose_what_goes_to_adamw():
+    groups = split_param_groups(TinyLM().named_parameters(), adamw_name_parts=("mlp",))
+    assert groups[0]["param_names"] == ["embed.weight", "hidden.weight", "lm_head.weight"]
+    assert "mlp.weight" in groups[1]["param_names"]
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_adamw_group_matches_torch_adamw_on_those_params(opt_cls):
+    ours_model, ref_model = TinyLM(), TinyLM()
+    opt = opt_cls(split_param_groups(ours_model.named_parameters(), adamw_lr=3e-3,
+                                     adamw_weight_decay=0.05), lr=0.02)
+    ref_named = dict(ref_model.named_parameters())
+    ref = torch.optim.AdamW([ref_named[n] for n in ADAMW], lr=3e-3, betas=(0.9, 0.95),
+                            eps=1e-8, weight_decay=0.05, foreach=False)
+    ours_named = dict(ours_model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        # injected gradients: a backward pass would differ once the matrices (Muon) moved
+        for name in ADAMW + MATRIX:
+            grad = torch.randn(ours_named[name].shape, generator=g)
+            ours_named[name].grad = grad.clone()
+            ref_named[name].grad = grad.clone()
+        opt.step()
+        ref.step()
+    for name in ADAMW:
+        # same functional adam call (foreach=False) on identical gradients: bit for bit
+        assert torch.equal(ours_named[name], ref_named[name]), name
+    # the matrices moved under Muon, not AdamW (the reference never touched them)
+    for name in MATRIX:
+        assert not torch.equal(ours_named[name], ref_named[name]), name
+    assert set(opt.health()) == set(MATRIX)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("bias", (8,)), ("conv.weight", (4, 3, 3, 3)),
+                                             ("scalar", ())])
+def test_non_2d_param_in_matrix_group_names_it_and_the_fix(name, shape):
+    bad = nn.Parameter(torch.zeros(shape))
+    with pytest.raises(ValueError) as info:
+        Muon([("w", nn.Parameter(torch.zeros(4, 4))), (name, bad)])
+    message = str(info.value)
+    assert repr(name) in message and str(tuple(shape)) in message
+    assert "algorithm='adamw'" in message and "split_param_groups" in message
+
+
+def test_unknown_group_algorithm_is_rejected():
+    with pytest.raises(ValueError, match="algorithm"):
+        Muon([{"params": [nn.Parameter(torch.zeros(2, 2))], "algorithm": "sgd"}])
