@@ -66,6 +66,7 @@ def start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start a sidecar; return (process, base URL, token) once /healthz answers."""
     token = secrets.token_hex(16)
     (tmp / "token").write_text(token)
+    (tmp / "token").chmod(0o600)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
