@@ -241,9 +241,12 @@ def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *,
     """Refresh both bases and carry the moments across: ``exp_avg`` goes out through the old
     basis and back in through the new one (exact: it is the same momentum in parameter space);
     ``exp_avg_sq`` is permuted along each axis to follow its eigenvector (:func:`refresh_side`)."""
-    prec = cfg.qr_fp32_matmul_prec
+    # qr_fp32_matmul_prec acts through torch's global mode only (TF32 on CUDA, as in
+    # Emerging-Optimizers; no-op on CPU): emulating TF32 in the power step on CPU changed square
+    # problems' updates by up to 50% (docs/soap.md), a price CPU users should not pay by default.
+    prec = "highest"
     use_eigh = cfg.use_eigh or first  # the identity is no warm start: the first refresh is eigh
-    with matmul_precision(prec):
+    with matmul_precision(cfg.qr_fp32_matmul_prec):
         momentum = project_out(state["exp_avg"], state["Q_L"], state["Q_R"], prec)
         new = {"Q_L": state["Q_L"], "Q_R": state["Q_R"], "exp_avg_sq": state["exp_avg_sq"]}
         sides: list[SideRefresh | None] = []
@@ -303,5 +306,5 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         for name, key, factor, side in (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R)):
             if _present(factor):
                 health.update(_side_health(name, state[key], side, factor, first=t == 1,
-                                           prec=cfg.qr_fp32_matmul_prec))
+                                           prec="highest"))
     return U, new_state, health
