@@ -1,0 +1,104 @@
+"""Muon step time against torch.optim.Muon, and the cost of live health.
+
+    .venv/bin/python bench/muon.py [--quick] [--steps N] [--threads N]
+    orthoshard bench muon [--quick]
+
+The matrices of a small 2-layer transformer block stack (d_model 256, MLP 1024: per layer
+Q, K, V, O of 256x256, up 1024x256, down 256x1024). Gradients are fixed random tensors so both
+optimizers do identical work. Each timed step is interleaved between the two optimizers being
+compared, and the table shows medians: the machine is shared and noisy, so only the ratio
+measured in one process means anything.
+
+Ratios: our ``Muon`` / ``torch.optim.Muon`` (same arguments; ours batches same-shape matrices),
+and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05), plus NorMuon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from optim import Muon, NorMuon
+
+
+def shapes(quick: bool) -> list[tuple[int, int]]:
+    d, ff, layers = (64, 256, 2) if quick else (256, 1024, 2)
+    per_layer = [(d, d)] * 4 + [(ff, d), (d, ff)]
+    return per_layer * layers
+
+
+def make(shape_list: list[tuple[int, int]]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shape_list]
+    grads = [torch.randn(s, generator=g) for s in shape_list]
+    return params, grads
+
+
+def timed_step(opt: torch.optim.Optimizer, params, grads) -> float:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    t0 = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def compare(label: str, factories: dict[str, callable], shape_list, steps: int) -> dict:
+    runs = {}
+    for name, factory in factories.items():
+        params, grads = make(shape_list)
+        runs[name] = (factory(params), params, grads, [])
+    for _ in range(3):  # warm-up
+        for opt, params, grads, _ in runs.values():
+            timed_step(opt, params, grads)
+    for _ in range(steps):
+        for opt, params, grads, times in runs.values():
+            times.append(timed_step(opt, params, grads))
+    return {name: statistics.median(times) for name, (_, _, _, times) in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (10 if args.quick else 30)
+    shape_list = shapes(args.quick)
+    n_params = sum(a * b for a, b in shape_list)
+    print(f"# Muon step-time benchmark (torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {len(shape_list)} matrices, {n_params / 1e6:.2f} M params, median of "
+          f"{steps} interleaved steps)\n")
+    kw = {"lr": 0.02}
+    rows = [
+        ("ours Muon / torch.optim.Muon",
+         {"ours": lambda p: Muon(p, **kw, health_every=0),
+          "torch": lambda p: torch.optim.Muon(p, **kw)}),
+        ("ours Muon (health every step) / torch.optim.Muon",
+         {"ours": lambda p: Muon(p, **kw, health_every=1),
+          "torch": lambda p: torch.optim.Muon(p, **kw)}),
+        ("Muon health_every=1 / health_every=0",
+         {"ours": lambda p: Muon(p, **kw, health_every=1),
+          "torch": lambda p: Muon(p, **kw, health_every=0)}),
+        ("NorMuon health_every=1 / health_every=0",
+         {"ours": lambda p: NorMuon(p, **kw, health_every=1),
+          "torch": lambda p: NorMuon(p, **kw, health_every=0)}),
+        ("NorMuon / torch.optim.Muon",
+         {"ours": lambda p: NorMuon(p, **kw, health_every=1),
+          "torch": lambda p: torch.optim.Muon(p, **kw)}),
+    ]
+    print("| comparison | numerator ms | denominator ms | ratio |")
+    print("|---|---|---|---|")
+    for label, factories in rows:
+        t = compare(label, factories, shape_list, steps)
+        print(f"| {label} | {t['ours'] * 1e3:.1f} | {t['torch'] * 1e3:.1f} | "
+              f"{t['ours'] / t['torch']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
