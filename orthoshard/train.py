@@ -1,0 +1,251 @@
+"""The training job, one process per rank under torchrun: ``torchrun ... -m orthoshard.train``.
+
+A small GPT on the synthetic Markov language (:mod:`orthoshard.data`), FSDP2 (``fully_shard``)
+on every block, hidden matrices updated by Muon / NorMuon / SOAP through ``OwnerSharding``,
+embeddings, norms and the head by AdamW. Every rank publishes the health of the matrices it
+owns to its node's sidecar (``--sidecar-url`` or ``--sidecar-uds``) and appends it to
+``OUT/health-rank{r}.jsonl``; rank 0 draws the progress bar and logs the loss.
+
+Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
+``--checkpoint-dir`` and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
+leaves the previous checkpoint in force). ``--resume`` continues from ``LATEST`` when there is
+one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from optim import Muon, NorMuon, split_param_groups
+from orthoshard.data import MarkovData
+from orthoshard.model import GPT, GPTConfig, shard_gpt
+from orthoshard.telemetry import publish_health
+
+__all__ = ["build_optimizer", "main", "parse_args"]
+
+OPTIMIZERS = ("muon", "normuon", "soap")
+# Soft-Muon in the demo: softening grows over training (Soft-Muon softens more later on).
+SOFTENING_MAX = 0.2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="orthoshard.train", description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="muon")
+    p.add_argument("--kl-shampoo", action="store_true", help="SOAP: KL-Shampoo factors")
+    p.add_argument("--spike-at", type=int, default=None,
+                   help="add a rank-1 gradient spike to every hidden matrix at this step")
+    p.add_argument("--spike-scale", type=float, default=30.0,
+                   help="spike Frobenius norm as a multiple of the gradient's")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--sidecar-url", default=None)
+    p.add_argument("--sidecar-uds", default=None)
+    p.add_argument("--token-file", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--step-delay", type=float, default=0.0,
+                   help="sleep this long after each step (to watch a short run live)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if args.checkpoint_every and args.checkpoint_dir is None:
+        p.error("--checkpoint-every needs --checkpoint-dir")
+    return args
+
+
+def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo: bool = False,
+                    sharding: Any = None) -> Any:
+    """The demo's optimizer: hidden matrices by ``name``, the rest by AdamW (lr 3e-3)."""
+    groups = split_param_groups(model.named_parameters(), adamw_lr=3e-3, adamw_weight_decay=0.0)
+    if name == "muon":
+        return Muon(groups, lr=0.02, weight_decay=0.01, sharding=sharding,
+                    softening=lambda t: SOFTENING_MAX * min(1.0, t / steps))
+    if name == "normuon":
+        return NorMuon(groups, lr=0.02, weight_decay=0.01, sharding=sharding)
+    from optim.soap import SOAP
+
+    return SOAP(groups, lr=3e-3, weight_decay=0.01, use_kl_shampoo=kl_shampoo,
+                sharding=sharding)
+
+
+def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:
+    """Add ``scale * ||G||_F * u v^T`` (unit u, v fixed by the seed) to every matrix gradient.
+
+    A rank-1 spike is a real change of curvature: plain SOAP's top eigenvector of ``L`` turns
+    towards ``u``; KL-Shampoo's factor update normalizes it away.
+    """
+    from sharding.plan import row_bounds
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for k, item in enumerate(optimizer.matrix_items()):
+        g = torch.Generator().manual_seed(seed * 7919 + k)
+        m, n = item.shape
+        u = torch.nn.functional.normalize(torch.randn(m, generator=g), dim=0)
+        v = torch.nn.functional.normalize(torch.randn(n, generator=g), dim=0)
+        grad = item.param.grad
+        full_norm = grad.full_tensor().norm() if hasattr(grad, "full_tensor") else grad.norm()
+        start, end = row_bounds(m, world)[rank] if hasattr(grad, "to_local") else (0, m)
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        local.add_(scale * float(full_norm) * torch.outer(u[start:end], v))
+
+
+class Checkpoints:
+    """``DIR/step-NNNNNN`` DCP directories plus a ``DIR/LATEST`` pointer written last."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.dir = directory
+
+    def latest(self) -> Path | None:
+        if self.dir is None or not (self.dir / "LATEST").exists():
+            return None
+        return self.dir / (self.dir / "LATEST").read_text().strip()
+
+    def save(self, model: torch.nn.Module, optimizer: Any, step: int) -> None:
+        from sharding import checkpoint
+
+        assert self.dir is not None
+        path = self.dir / f"step-{step:06d}"
+        checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step)})
+        dist.barrier()
+        if dist.get_rank() == 0:
+            tmp = self.dir / "LATEST.tmp"
+            tmp.write_text(path.name)
+            tmp.replace(self.dir / "LATEST")
+        dist.barrier()
+
+    def load(self, model: torch.nn.Module, optimizer: Any) -> int:
+        from sharding import checkpoint
+
+        path = self.latest()
+        if path is None:
+            return 0
+        extra = checkpoint.load(path, model, optimizer, extra={"progress": torch.tensor(0)})
+        return int(extra["progress"])
+
+
+def _publisher(args: argparse.Namespace) -> Any:
+    if args.sidecar_url is None and args.sidecar_uds is None:
+        return None
+    from service.client import Publisher
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token)
+
+
+def _maybe_die(step: int) -> None:
+    """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
+    kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
+    if not kill_at or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank, at = (int(x) for x in kill_at.split(":"))
+    if dist.get_rank() == rank and step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sharding import OwnerSharding
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
+    model = shard_gpt(GPT(cfg))
+    optimizer = build_optimizer(args.optimizer, model, steps=args.steps,
+                                kl_shampoo=args.kl_shampoo, sharding=OwnerSharding())
+    data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
+                      seed=args.seed)
+    ckpt = Checkpoints(args.checkpoint_dir)
+    start = ckpt.load(model, optimizer) if args.resume else 0
+    publisher = _publisher(args)
+    log = _Log(args.out, rank, start, args.steps, args.progress)
+    for step in range(start, args.steps):
+        x, y = data.batch(step, rank)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if args.spike_at is not None and step == args.spike_at:
+            add_spike(optimizer, scale=args.spike_scale, seed=args.seed)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_avg = loss.detach().clone()
+        dist.all_reduce(loss_avg)  # logging only: the mean loss over ranks
+        health = optimizer.health()
+        if publisher is not None:
+            publish_health(publisher, optimizer, step=step + 1, rank=rank,
+                           with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
+        log.step(step + 1, float(loss_avg) / world, health)
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            ckpt.save(model, optimizer, step + 1)
+        _maybe_die(step + 1)
+        if args.step_delay:
+            time.sleep(args.step_delay)
+    final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+             for n, p in model.named_parameters()}
+    log.finish(optimizer, final, data.entropy_rate())
+    if publisher is not None:
+        publisher.close()
+    return 0
+
+
+class _Log:
+    """Progress bar and loss log on rank 0, health log and final report on every rank."""
+
+    def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool) -> None:
+        self.out, self.rank = out, rank
+        self.health_file = (out / f"health-rank{rank}.jsonl").open("a")
+        self.loss_file = (out / "loss.jsonl").open("a") if rank == 0 else None
+        self.bar = None
+        if rank == 0 and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, desc="train", unit="step")
+
+    def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
+        self.health_file.write(json.dumps({"step": step, "params": health}) + "\n")
+        self.health_file.flush()
+        if self.loss_file is not None:
+            self.loss_file.write(json.dumps({"step": step, "loss": loss, "time": time.time()})
+                                 + "\n")
+            self.loss_file.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+            self.bar.update(1)
+
+    def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        report = {"rank": self.rank, "health": optimizer.health(),
+                  "comm_stats": optimizer.comm_stats(), "entropy_rate": entropy,
+                  "optimizer": type(optimizer).__name__,
+                  "use_kl_shampoo": bool(optimizer.defaults.get("use_kl_shampoo", False))}
+        (self.out / f"rank{self.rank}.json").write_text(json.dumps(report, indent=1))
+        if self.rank == 0:
+            torch.save(final, self.out / "final_params.pt")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
