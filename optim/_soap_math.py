@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["PRECISIONS", "SideRefresh", "matmul_precision", "pmm", "refresh_side",
-           "soap_step", "update_factors"]
+from optim.health import eigengap_ratio, rotation_angle_degrees
+
+__all__ = ["PRECISIONS", "SideRefresh", "SoapConfig", "adam_direction", "matmul_precision", "pmm",
+           "project_in", "project_out", "refresh_side", "soap_step", "update_factors"]
 
 PRECISIONS = ("highest", "high", "medium")
 # TF32 keeps 10 of fp32's 23 explicit mantissa bits (NVIDIA A100 whitepaper): drop 13, rounding
@@ -218,12 +220,12 @@ def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor
                  *, first: bool, prec: str) -> dict[str, Tensor | float]:
     """Health of one side (docs/soap.md "Health"): eigengap, rotation against the basis in use
     before this step (0 without a refresh), staleness of that basis against the new factor."""
-    from optim.health import eigengap_ratio, rotation_angle_degrees
-
     if refreshed is None:
         _, lam = _rayleigh(factor, Q_old, prec)
-        eigvals, staleness = lam.sort(descending=True).values, _staleness_from_quotients(factor, lam)
-        rot1 = rot8 = 0.0
+        eigvals = lam.sort(descending=True).values
+        staleness = _staleness_from_quotients(factor, lam)
+        rot1: Tensor | float = 0.0
+        rot8: Tensor | float = 0.0
     else:
         eigvals, staleness = refreshed.eigvals, refreshed.staleness
         if first:

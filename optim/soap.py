@@ -64,6 +64,7 @@ class SOAP(MatrixOptimizer):
     """
 
     matrix_algorithm = "soap"
+    owner_state_keys = frozenset({"L", "R", "Q_L", "Q_R", "exp_avg", "exp_avg_sq", "step"})
 
     def __init__(self, params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  shampoo_beta: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01, *,
@@ -87,38 +88,51 @@ class SOAP(MatrixOptimizer):
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
         return local(item.param.grad)
 
-    def _init_state(self, item: MatrixItem, device: torch.device) -> dict[str, Any]:
+    def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
+        """All SOAP state is owner state: created on the owner only, in at least fp32 (a float64
+        parameter keeps float64 state); an absent side stores ``(0, 0)`` tensors."""
+        state = self.state[item.param]
+        if not owner or state:
+            return
         m, n = item.shape
         limit = item.group["max_precond_dim"]
+        dtype = torch.promote_types(item.param.dtype, torch.float32)
+        kw: dict[str, Any] = {"dtype": dtype, "device": item.param.device}
 
         def factor(d: int) -> Tensor:
-            return torch.zeros(d, d, device=device) if d <= limit else torch.zeros(0, 0,
-                                                                                 device=device)
+            return torch.zeros(d, d, **kw) if d <= limit else torch.zeros(0, 0, **kw)
 
         def basis(d: int) -> Tensor:
-            return torch.eye(d, device=device) if d <= limit else torch.zeros(0, 0, device=device)
+            return torch.eye(d, **kw) if d <= limit else torch.zeros(0, 0, **kw)
 
-        return {"L": factor(m), "R": factor(n), "Q_L": basis(m), "Q_R": basis(n),
-                "exp_avg": torch.zeros(m, n, device=device),
-                "exp_avg_sq": torch.zeros(m, n, device=device),
-                "step": torch.tensor(0.0)}
+        state.update({"L": factor(m), "R": factor(n), "Q_L": basis(m), "Q_R": basis(n),
+                      "exp_avg": torch.zeros(m, n, **kw), "exp_avg_sq": torch.zeros(m, n, **kw),
+                      "step": torch.tensor(0.0)})
+
+    def matrix_cost(self, item: MatrixItem) -> float:
+        """Eigenbasis refresh ``~m^3 + n^3`` plus projections ``~m n (m + n)`` per step."""
+        limit = item.group["max_precond_dim"]
+        m, n = item.shape
+        return float(sum(d**3 + m * n * d for d in (m, n) if d <= limit)) or float(m * n)
 
     def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
         group = items[0].group
         cfg = SoapConfig(**{k: group[k] for k in _CONFIG_KEYS})
         due = self._health_due(group)
+        # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
+        # eigenvalues); a float64 parameter keeps float64 state.
+        X = X.to(torch.promote_types(X.dtype, torch.float32))
         updates = []
         for item, G in zip(items, X.unbind(0), strict=True):
+            self._init_state(item, owner=True)
             state = self.state[item.param]
-            if not state:
-                state.update(self._init_state(item, X.device))
-            U, new_state, health = soap_step(G.float(), state, cfg, want_health=due)
+            U, new_state, health = soap_step(G, state, cfg, want_health=due)
             if bool(torch.isfinite(U).all()):  # commit only a usable step (frame skips it too)
                 state.update(new_state)
             if health:
                 self._record(item.name, health)
             updates.append(U)
-        return torch.stack(updates).to(X.dtype)
+        return torch.stack(updates)
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group = item.group
