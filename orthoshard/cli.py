@@ -76,6 +76,20 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     sidecar.set_defaults(func=_sidecar)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from orthoshard import demo
+
+    return demo.run(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from orthoshard import demo
+
+    parser = sub.add_parser("demo", help="train a small GPT on 2 CPU ranks with live health")
+    demo.add_arguments(parser)
+    parser.set_defaults(func=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthoshard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
     _add_sidecar(sub)
+    _add_demo(sub)
     return parser
 
 

@@ -1,0 +1,172 @@
+"""``orthoshard demo``: the whole product on one machine, in one command.
+
+1. Starts a health sidecar (``orthoshard sidecar``) on 127.0.0.1 with a fresh token.
+2. Runs ``torchrun --standalone --nproc-per-node P -m orthoshard.train``: a small GPT under
+   FSDP2 with ``OwnerSharding``; every rank publishes the health of the matrices it owns.
+3. Reads the sidecar's state API back, prints the health table and the URLs, and writes
+   ``OUT/summary.json`` and ``OUT/health.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["add_arguments", "run"]
+
+_TABLE_METRICS = ("orthogonality_error", "update_rms", "softening", "eigengap_ratio_L",
+                  "rotation_degrees_L_k1", "rotation_degrees_L_k8", "nonfinite_skips")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--nproc", type=int, default=2, help="trainer processes (default 2)")
+    p.add_argument("--optimizer", choices=("muon", "normuon", "soap"), default="muon",
+                   help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
+    p.add_argument("--kl-shampoo", action="store_true", help="SOAP with KL-Shampoo factors")
+    p.add_argument("--spike-at", type=int, default=None,
+                   help="inject a rank-1 gradient spike at this step")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun --max-restarts")
+    p.add_argument("--sidecar-port", type=int, default=0, help="0: a free port")
+    p.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step")
+    p.add_argument("--linger", type=float, default=0.0,
+                   help="keep the sidecar up this many seconds after training (-1: until Ctrl-C)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sidecar:
+    """A sidecar subprocess on 127.0.0.1 with a fresh token in ``OUT/sidecar.token``."""
+
+    def __init__(self, out: Path, port: int) -> None:
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token_file = out / "sidecar.token"
+        self.token_file.write_text(secrets.token_hex(32))
+        self.token_file.chmod(0o600)
+        self.db = out / "sidecar.db"
+        cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--port", str(self.port),
+               "--token-file", str(self.token_file), "--db", str(self.db),
+               "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd)
+        self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
+            "Authorization": f"Bearer {self.token_file.read_text()}"})
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the sidecar exited with code {self.proc.returncode}")
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the sidecar did not answer /healthz on {self.url} in {timeout} s")
+
+    def params(self) -> dict[str, dict[str, Any]]:
+        """Latest metrics of every parameter, through the paginated state API."""
+        out: dict[str, dict[str, Any]] = {}
+        cursor = None
+        while True:
+            page = self.client.get("/v1/params", params={"limit": 500, **(
+                {"cursor": cursor} if cursor else {})}).raise_for_status().json()
+            for item in page["items"]:
+                out[item["name"]] = self.client.get(
+                    f"/v1/params/{item['name']}").raise_for_status().json()
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return out
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
+           "-m", "orthoshard.train", "--steps", str(args.steps), "--optimizer", args.optimizer,
+           "--out", str(args.out), "--sidecar-url", sidecar.url,
+           "--token-file", str(sidecar.token_file), "--step-delay", str(args.step_delay)]
+    if args.kl_shampoo:
+        cmd.append("--kl-shampoo")
+    if args.spike_at is not None:
+        cmd += ["--spike-at", str(args.spike_at)]
+    if args.checkpoint_dir is not None:
+        cmd += ["--checkpoint-dir", str(args.checkpoint_dir),
+                "--checkpoint-every", str(args.checkpoint_every)]
+    if args.resume or args.max_restarts:
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
+def _fresh_outputs(out: Path, resume: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        return
+    for pattern in ("health-rank*.jsonl", "loss.jsonl", "rank*.json", "sidecar.db*"):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
+def run(args: argparse.Namespace) -> int:
+    from orthoshard import report
+
+    if args.steps < 1 or args.nproc < 1:
+        print("orthoshard demo: --steps and --nproc must be >= 1", file=sys.stderr)
+        return 2
+    _fresh_outputs(args.out, args.resume)
+    started = time.time()
+    sidecar = Sidecar(args.out, args.sidecar_port)
+    try:
+        print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
+        code = _torchrun(args, sidecar)
+        if code != 0:
+            print(f"orthoshard demo: training failed (torchrun exit {code})", file=sys.stderr)
+            return code
+        time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land
+        served = sidecar.params()
+        summary = report.write_summary(args, served, time.time() - started)
+        report.plot(args.out)
+        report.print_table(served, _TABLE_METRICS)
+        report.print_footer(args, summary, sidecar.url)
+        _linger(args.linger)
+    finally:
+        sidecar.stop()
+    return 0
+
+
+def _linger(seconds: float) -> None:
+    if seconds == 0:
+        return
+    print("sidecar still serving" + (" until Ctrl-C" if seconds < 0 else f" for {seconds} s"))
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(seconds if seconds > 0 else 10**9)
