@@ -1,0 +1,253 @@
+"""SOAP behaviour: published spike results through health(), skips, checkpoints, schedules,
+argument validation, one-sided SOAP and the fp32 matmul precision knob."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim._soap_math import matmul_precision, pmm
+from optim.health import rotation_angle_degrees
+from optim.soap import SOAP
+
+STATE_KEYS = {"L", "R", "Q_L", "Q_R", "exp_avg", "exp_avg_sq", "step"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI machine has 2 cores shared with other jobs; 2 BLAS threads then spin-wait."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---- seed 004: a 1000x isotropic spike under KL-Shampoo at fp32 "highest" ----------------------
+SPIKE_AT, OFFSETS = 50, (1, 2, 5, 10)
+# The study found <= 0.06 degrees (FIELD-NOTES); 1 degree is the issue's bound.
+SEED004_MAX_DEGREES = 1.0
+
+
+def seed004_trajectory(use_eigh: bool, prec: str = "highest") -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(128, 64))
+    opt = SOAP([p], lr=1.0, betas=(0.9, 0.95), shampoo_beta=0.95, weight_decay=0.0,
+               use_kl_shampoo=True, use_eigh=use_eigh, fp32_matmul_prec=prec, health_every=0)
+    out = []
+    for i in range(SPIKE_AT + max(OFFSETS)):
+        p.grad = torch.randn(128, 64, generator=gen) * (1000.0 if i == SPIKE_AT else 1.0)
+        opt.step()
+        out.append(opt.state[p]["Q_L"].clone())
+    return out
+
+
+@pytest.mark.parametrize("use_eigh", [False, True])
+def test_seed004_kl_basis_stays_within_one_degree_after_a_1000x_spike(use_eigh):
+    Q = seed004_trajectory(use_eigh)
+    pre = Q[SPIKE_AT - 1]
+    for n in OFFSETS:
+        for k in (1, 8):
+            angle = float(rotation_angle_degrees(pre, Q[SPIKE_AT - 1 + n], k=k))
+            assert angle < SEED004_MAX_DEGREES, (n, k, angle)
+
+
+def test_seed004_tf32_factor_matmuls_turn_the_basis_on_cpu_too():
+    """The study's GPU finding (86-89 degrees under TF32) reproduces through the CPU emulation."""
+    Q = seed004_trajectory(use_eigh=True, prec="high")
+    assert float(rotation_angle_degrees(Q[SPIKE_AT - 1], Q[SPIKE_AT + 9], k=8)) > 45.0
+
+
+# ---- a rank-1 spike on a stable low-rank spectrum ----------------------------------------------
+RANK1_SPIKE_AT = 30
+# FIELD-NOTES (Emerging-Optimizers): plain SOAP turns ~85 degrees at the spike, calm steps <= 4.4;
+# KL-Shampoo ~0. Measured here: 87.5 / <= 0.87 and <= 4e-5 degrees.
+PLAIN_SPIKE_MIN_DEGREES = 60.0
+CALM_MAX_DEGREES = 5.0
+KL_SPIKE_MAX_DEGREES = 1.0
+
+
+def rank1_rotations(use_kl_shampoo: bool) -> list[float]:
+    gen = torch.Generator().manual_seed(0)
+    m, n = 32, 16
+    U = torch.linalg.qr(torch.randn(m, 4, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(n, 4, generator=gen))[0]
+    signal = U @ torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0])) @ V.T
+    u, v = torch.randn(m, generator=gen), torch.randn(n, generator=gen)
+    spike = 1000.0 * torch.outer(u / u.norm(), v / v.norm())
+    p = torch.nn.Parameter(torch.zeros(m, n))
+    opt = SOAP([("w", p)], lr=1e-3, use_kl_shampoo=use_kl_shampoo)
+    rotations = []
+    for t in range(RANK1_SPIKE_AT + 6):
+        p.grad = signal + 0.1 * torch.randn(m, n, generator=gen) + (spike if t == RANK1_SPIKE_AT
+                                                                    else 0.0)
+        opt.step()
+        rotations.append(opt.health()["w"]["rotation_degrees_L_k1"])
+    return rotations
+
+
+def test_rank1_spike_turns_plain_soaps_top_eigenvector_and_health_shows_it():
+    rot = rank1_rotations(use_kl_shampoo=False)
+    assert rot[RANK1_SPIKE_AT] > PLAIN_SPIKE_MIN_DEGREES
+    assert max(rot[5:RANK1_SPIKE_AT]) < CALM_MAX_DEGREES  # after the first factors settle
+
+
+def test_rank1_spike_is_normalized_away_by_kl_shampoo():
+    rot = rank1_rotations(use_kl_shampoo=True)
+    assert max(rot[1:]) < KL_SPIKE_MAX_DEGREES
+
+
+# ---- skips, checkpoints, schedules -------------------------------------------------------------
+def _grads(steps, shape=(12, 8), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_the_step_keeps_state_and_training_resumes(bad):
+    grads = _grads(4)
+    p = torch.nn.Parameter(torch.ones(12, 8))
+    opt = SOAP([("w", p)], lr=0.1)
+    for g in grads[:2]:
+        p.grad = g.clone()
+        opt.step()
+    before_p, before_state = p.detach().clone(), copy.deepcopy(opt.state[p])
+    poisoned = grads[2].clone()
+    poisoned[3, 4] = bad
+    p.grad = poisoned
+    opt.step()
+    assert torch.equal(p.detach(), before_p)
+    for key in STATE_KEYS:
+        assert torch.equal(opt.state[p][key], before_state[key]), key
+    assert opt.health()["w"]["nonfinite_skips"] == 1.0
+    p.grad = grads[3].clone()
+    opt.step()
+    assert torch.isfinite(p).all() and not torch.equal(p.detach(), before_p)
+    assert int(opt.state[p]["step"]) == 3
+
+
+def test_state_dict_round_trip_continues_identically():
+    grads = _grads(6)
+    p = torch.nn.Parameter(torch.randn(12, 8))
+    opt = SOAP([p], lr=0.05, use_kl_shampoo=True, precondition_frequency=2)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    assert set(opt.state[p]) == STATE_KEYS
+    saved, saved_p = copy.deepcopy(opt.state_dict()), p.detach().clone()
+    for g in grads[3:]:
+        p.grad = g.clone()
+        opt.step()
+    q = torch.nn.Parameter(saved_p.clone())
+    resumed = SOAP([q], lr=0.05, use_kl_shampoo=True, precondition_frequency=2)
+    resumed.load_state_dict(saved)
+    for g in grads[3:]:
+        q.grad = g.clone()
+        resumed.step()
+    assert torch.equal(q.detach(), p.detach())
+
+
+def test_lr_scheduler_drives_the_group_lr():
+    p = torch.nn.Parameter(torch.randn(12, 8))
+    opt = SOAP([p], lr=0.1, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for g in _grads(3):
+        p.grad = g
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    p.grad = torch.randn(12, 8)
+    before = p.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_named_parameters_with_an_adamw_group_and_bf16_matrix():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4, bias=False))
+    model[1].to(torch.bfloat16)
+    named = dict(model.named_parameters())
+    opt = SOAP([{"params": [("0.weight", named["0.weight"]), ("1.weight", named["1.weight"])]},
+                {"params": [("0.bias", named["0.bias"])], "algorithm": "adamw"}], lr=0.01)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert set(opt.health()) == {"0.weight", "1.weight"}
+    assert opt.state[named["1.weight"]]["L"].dtype == torch.float32
+    assert set(opt.state[named["0.bias"]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+# ---- structure of the state --------------------------------------------------------------------
+def test_eigh_columns_are_in_descending_eigenvalue_order():
+    p = torch.nn.Parameter(torch.zeros(20, 12))
+    opt = SOAP([p], lr=0.1, use_eigh=True)
+    for g in _grads(3, (20, 12)):
+        p.grad = g
+        opt.step()
+    for f, q in (("L", "Q_L"), ("R", "Q_R")):
+        lam = torch.diagonal(opt.state[p][q].T @ opt.state[p][f] @ opt.state[p][q])
+        assert (lam[:-1] >= lam[1:] - 1e-5 * lam[0]).all()
+
+
+def test_dimension_above_max_precond_dim_gets_no_factor_and_no_health():
+    p = torch.nn.Parameter(torch.zeros(12, 40))
+    opt = SOAP([("w", p)], lr=0.1, max_precond_dim=32)
+    p.grad = torch.randn(12, 40)
+    opt.step()
+    state = opt.state[p]
+    assert set(state) == STATE_KEYS
+    assert state["R"].shape == (0, 0) and state["Q_R"].shape == (0, 0)
+    assert state["L"].shape == (12, 12)
+    health = opt.health()["w"]
+    assert "eigengap_ratio_L" in health and "eigengap_ratio_R" not in health
+
+
+def test_health_lists_every_metric_for_a_two_sided_matrix():
+    p = torch.nn.Parameter(torch.zeros(12, 8))
+    opt = SOAP([("w", p)], lr=0.1)
+    for g in _grads(2):
+        p.grad = g
+        opt.step()
+    expected = {f"{m}_{s}" for m in ("eigengap_ratio", "basis_staleness") for s in "LR"} | {
+        f"rotation_degrees_{s}_k{k}" for s in "LR" for k in (1, 8)} | {"nonfinite_skips"}
+    assert set(opt.health()["w"]) == expected
+    assert all(isinstance(v, float) for v in opt.health()["w"].values())
+
+
+# ---- fp32 matmul precision ---------------------------------------------------------------------
+def test_fp32_matmul_prec_really_changes_cpu_products_and_restores_the_global_mode():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 64, generator=gen), torch.randn(64, 64, generator=gen)
+    exact = a.double() @ b.double()
+    err = {prec: float((pmm(a, b, prec).double() - exact).abs().max())
+           for prec in ("highest", "high", "medium")}
+    assert err["highest"] < 1e-4 < err["high"] < err["medium"]
+    torch.set_float32_matmul_precision("highest")
+    with matmul_precision("medium"):
+        assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"lr": -1.0}, "lr"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"shampoo_beta": 1.5}, "shampoo_beta"),
+    ({"eps": 0.0}, "eps"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"fp32_matmul_prec": "tf32"}, "fp32_matmul_prec"),
+    ({"qr_fp32_matmul_prec": "low"}, "qr_fp32_matmul_prec"),
+    ({"power_iter_steps": 0}, "power_iter_steps"),
+    ({"precondition_frequency": 1.5}, "precondition_frequency"),
+    ({"max_precond_dim": -1}, "max_precond_dim"),
+    ({"health_every": -1}, "health_every"),
+])
+def test_bad_arguments_raise_value_errors_naming_the_argument(kwargs, fragment):
+    args = {"lr": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=fragment):
+        SOAP([torch.nn.Parameter(torch.zeros(4, 4))], **args)
+
+
+def test_a_vector_in_a_soap_group_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="adamw"):
+        SOAP([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
