@@ -1,0 +1,410 @@
+"""Render the orthoshard alert rules and their promtool unit tests from one source.
+
+Two profiles share every expression, label and annotation and differ only in windows and
+thresholds:
+
+- ``prod``: 15 s scrape and evaluation (Prometheus' usual), minutes-long windows.
+- ``fast``: 1 s scrape and evaluation, seconds-long windows, for end-to-end tests on loopback
+  (the group sets ``interval: 1s`` itself, so the global evaluation interval does not matter).
+
+Each profile writes ``rules[-fast]/orthoshard.rules.yml`` and a promtool test file whose input
+series are built from the same numbers (calm noise, a one-sample spike, a noisy degenerate
+spectrum, a slow drift, a frozen snapshot clock, a NaN, a failed scrape), so changing a window
+here changes the rules and the expectations together.
+
+    python deploy/prometheus/render_rules.py          # (re)write the four files
+    python deploy/prometheus/render_rules.py --check  # exit 1 if a committed file differs
+
+Standard library only (the sidecar image and CI need no PyYAML): the YAML is emitted by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+JOB = "orthoshard-sidecar"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Windows in seconds, thresholds in the metric's unit. See docs/deploy.md for the why."""
+
+    name: str
+    interval: int  # scrape = evaluation interval the profile is written for
+    rot_window: int  # the jump window; also the baseline's offset, so a spike never sits in both
+    rot_baseline: int  # length of the baseline window, ending rot_window ago
+    rot_ratio: float  # the jump must exceed ratio x baseline average ...
+    rot_floor: float  # ... and this absolute angle (degrees)
+    rot_for: int
+    stale_after: int  # seconds without an accepted snapshot (well below --series-ttl 900 s)
+    stale_for: int
+    ortho_max: float  # Jordan quintic sits at ~0.38, Polar Express at ~0.004 (before softening)
+    ortho_for: int
+    down_for: int
+    group_interval: int | None  # None: the global evaluation_interval
+
+    @property
+    def rules_dir(self) -> str:
+        return "rules" if self.name == "prod" else f"rules-{self.name}"
+
+
+PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 60, 300, 60, 0.6, 300, 60, None)
+FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 2, 10, 2, 0.6, 3, 2, 1)
+PROFILES = (PROD, FAST)
+
+
+def dur(seconds: int) -> str:
+    """Prometheus duration: 120 -> 2m, 90 -> 90s, 3600 -> 1h."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def num(x: float) -> str:
+    return f"{x:g}"
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+ROT = 'orthoshard_basis_rotation_degrees{k="1"}'
+
+ANNOTATIONS = {
+    "OptimizerBasisRotationSpike": {
+        "summary": 'Eigenbasis of {{ $labels.param }} ({{ $labels.factor }}) turned '
+        '{{ $value | printf "%.1f" }} degrees',
+        "description": "The top eigenvector of the {{ $labels.factor }} preconditioner of "
+        "{{ $labels.param }} on {{ $labels.instance }} turned by "
+        '{{ $value | printf "%.1f" }} degrees, several times its recent average.',
+        "runbook": "A sudden basis turn usually follows a gradient spike (bad batch, loss "
+        "spike). Check the loss and gradient norm at that step on the dashboard; plain SOAP "
+        "turns on a rank-1 spike, KL-Shampoo does not. Repeated spikes: lower the LR, clip "
+        "gradients, or switch to use_kl_shampoo=True.",
+    },
+    "OptimizerSnapshotStale": {
+        "summary": "Rank {{ $labels.rank }} sent no health snapshot for "
+        '{{ $value | printf "%.0f" }} s',
+        "description": "The sidecar {{ $labels.instance }} has not accepted a snapshot from "
+        'rank {{ $labels.rank }} for {{ $value | printf "%.0f" }} seconds.',
+        "runbook": "The rank is hung, dead, much slower than usual, or its publisher cannot "
+        "reach the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
+        "sidecar. A finished run also ends here until --series-ttl drops its series.",
+    },
+    "OptimizerOrthogonalityErrorHigh": {
+        "summary": "Orthogonality error of {{ $labels.param }} is "
+        '{{ $value | printf "%.3f" }}',
+        "description": "The orthogonalized update of {{ $labels.param }} on "
+        "{{ $labels.instance }} is far from orthogonal (or not finite).",
+        "runbook": "Newton-Schulz is not converging: NaN/Inf gradients, too few steps or a "
+        "coefficient schedule outside its interval, or low precision. Check "
+        "orthoshard_nonfinite_skips_total, ns_steps and ns_method (polar_express or cans).",
+    },
+    "OptimizerSidecarDown": {
+        "summary": "Health sidecar {{ $labels.instance }} is down",
+        "description": "Prometheus cannot scrape {{ $labels.instance }}; optimizer health "
+        "alerts for this node are inhibited while it is down.",
+        "runbook": "Check the sidecar container (docker compose ps / logs sidecar-N), its "
+        "/healthz, the token secret and the --db volume. Training continues: publishers "
+        "drop the oldest snapshots while the sidecar is away.",
+    },
+}
+
+
+def rules(p: Profile) -> list[dict]:
+    w, b = dur(p.rot_window), dur(p.rot_baseline)
+    jump = f"max_over_time({ROT}[{w}])"
+    rotation = (
+        f"(\n  {jump} > {num(p.rot_floor)}\nand\n  {jump}\n"
+        f"    > {num(p.rot_ratio)} * avg_over_time({ROT}[{b}] offset {w})\n)"
+    )
+    ortho = "orthoshard_orthogonality_error"
+    return [
+        _alert("OptimizerBasisRotationSpike", rotation, p.rot_for, "warning"),
+        _alert(
+            "OptimizerSnapshotStale",
+            f"time() - orthoshard_last_snapshot_timestamp_seconds > {p.stale_after}",
+            p.stale_for,
+            "warning",
+        ),
+        _alert(
+            "OptimizerOrthogonalityErrorHigh",
+            f"{ortho} > {num(p.ortho_max)}\nor\n{ortho} != {ortho}",
+            p.ortho_for,
+            "warning",
+        ),
+        _alert("OptimizerSidecarDown", f'up{{job="{JOB}"}} == 0', p.down_for, "critical"),
+    ]
+
+
+def _alert(name: str, expr: str, for_s: int, severity: str) -> dict:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": dur(for_s),
+        "labels": {"severity": severity},
+        "annotations": ANNOTATIONS[name],
+    }
+
+
+def rules_doc(p: Profile) -> dict:
+    group: dict = {"name": "orthoshard-optimizer-health"}
+    if p.group_interval is not None:
+        group["interval"] = dur(p.group_interval)
+    group["rules"] = rules(p)
+    return {"groups": [group]}
+
+
+# --- the promtool tests -----------------------------------------------------------------------
+
+TARGET = {"job": JOB, "instance": "sidecar-0:9400", "node": "0"}
+CALM = [2.0, 4.5, 3.0, 1.5, 4.0, 2.5]  # degrees per step, a spectrum with a gap (measured <= 4.4)
+DEGENERATE = [88.0, 45.0, 70.0, 89.0, 60.0, 30.0]  # near-degenerate spectrum: flips every step
+SPIKE = 85.0  # plain SOAP's top-1 turn on a rank-1 gradient spike (FIELD-NOTES)
+TINY = [0.01, 0.03, 0.02, 0.05, 0.01, 0.02]  # KL-Shampoo: ~0 degrees; a 2-degree bump is 50x
+
+
+def labels(**extra: str) -> dict[str, str]:
+    return {**TARGET, **extra}
+
+
+def series(name: str, lab: dict[str, str], values: list[float]) -> dict:
+    body = ",".join(f'{k}="{v}"' for k, v in lab.items())
+    text = " ".join("NaN" if v != v else f"{v:g}" for v in values)
+    return {"series": f"{name}{{{body}}}", "values": text}
+
+
+def render(template: str, lab: dict[str, str], value: float) -> str:
+    """Expand the two template forms used in ANNOTATIONS, as Prometheus would."""
+    out = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: lab[m.group(1)], template)
+    return re.sub(
+        r'\{\{ \$value \| printf "(%[^"]+)" \}\}',
+        lambda m: "NaN" if value != value else m.group(1) % value,
+        out,
+    )
+
+
+def expect(name: str, lab: dict[str, str], value: float, severity: str) -> dict:
+    ann = {k: render(v, lab, value) for k, v in ANNOTATIONS[name].items()}
+    return {"exp_labels": {**lab, "severity": severity}, "exp_annotations": ann}
+
+
+def check(t: int, name: str, *alerts: dict) -> dict:
+    return {"eval_time": dur(t), "alertname": name, "exp_alerts": list(alerts)}
+
+
+def cycle(pattern: list[float], n: int) -> list[float]:
+    return [pattern[i % len(pattern)] for i in range(n)]
+
+
+def rotation_tests(p: Profile) -> list[dict]:
+    i, name = p.interval, "OptimizerBasisRotationSpike"
+    lab = labels(param="layers.0.attn.q.weight", factor="L", k="1")
+    rot = "orthoshard_basis_rotation_degrees"
+    n_before = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline before the spike
+    t0 = n_before * i
+    n = n_before + 1 + (p.rot_window + p.rot_baseline) // i
+    spiked = cycle(CALM, n_before) + [SPIKE] + cycle(CALM, n - n_before - 1)
+    long_n = 4 * (p.rot_window + p.rot_baseline) // i
+    drift = [2.0 + 88.0 * k / (long_n - 1) for k in range(long_n)]  # 2 -> 90 degrees, slowly
+    warmup = [SPIKE] + cycle(CALM, n)  # first sample large: there is no baseline yet
+    bump = cycle(TINY, n_before) + [2.0] + cycle(TINY, n - n_before - 1)  # under the floor
+    k8 = {**lab, "k": "8"}  # k=8 is not watched: same spike, no alert
+    spike_case = {
+        "interval": dur(i),
+        "input_series": [series(rot, lab, spiked), series(rot, k8, spiked)],
+        "alert_rule_test": [
+            check(t0 - i, name),
+            check(t0 + i, name),  # pending, not yet firing
+            check(t0 + p.rot_for + i, name, expect(name, lab, SPIKE, "warning")),
+            check(t0 + p.rot_window + 2 * i, name),  # resolved once the spike leaves the window
+        ],
+    }
+    quiet = {
+        "interval": dur(i),
+        "input_series": [
+            series(rot, labels(param="calm", factor="L", k="1"), cycle(CALM, long_n)),
+            series(rot, labels(param="degenerate", factor="R", k="1"), cycle(DEGENERATE, long_n)),
+            series(rot, labels(param="drift", factor="L", k="1"), drift),
+            series(rot, labels(param="warmup", factor="L", k="1"), warmup),
+            series(rot, labels(param="tiny", factor="R", k="1"), bump),
+        ],
+        "alert_rule_test": [
+            check(t, name) for t in range(0, long_n * i, max(i, p.rot_window // 2))
+        ],
+    }
+    return [spike_case, quiet]
+
+
+def stale_tests(p: Profile) -> list[dict]:
+    i, name = p.interval, "OptimizerSnapshotStale"
+    lab = labels(rank="1")
+    n_live = (p.stale_after + p.stale_for) // i + 4
+    n_frozen = 2 * (p.stale_after + p.stale_for) // i
+    frozen_at = (n_live - 1) * i
+    values = [float(k * i) for k in range(n_live)] + [float(frozen_at)] * n_frozen
+    values += [float((n_live + n_frozen + k) * i) for k in range(n_live)]
+    resume = (n_live + n_frozen) * i
+    t_fire = frozen_at + p.stale_after + p.stale_for + 2 * i
+    return [
+        {
+            "interval": dur(i),
+            "input_series": [series("orthoshard_last_snapshot_timestamp_seconds", lab, values)],
+            "alert_rule_test": [
+                check(frozen_at, name),
+                check(frozen_at + p.stale_after + i, name),  # over the limit, still pending
+                check(t_fire, name, expect(name, lab, float(t_fire - frozen_at), "warning")),
+                check(resume + i, name),
+            ],
+        }
+    ]
+
+
+def ortho_tests(p: Profile) -> list[dict]:
+    i, name = p.interval, "OptimizerOrthogonalityErrorHigh"
+    ortho = "orthoshard_orthogonality_error"
+    bad, good, nan_lab = labels(param="w.bad"), labels(param="w.ok"), labels(param="w.nan")
+    n = p.ortho_for // i + 4
+    values = [0.37] * n + [0.9] * (2 * n) + [0.37] * n  # Jordan quintic level, then broken
+    nans = [0.004] * n + [float("nan")] * (2 * n) + [0.004] * n
+    t_bad, t_end = n * i, 3 * n * i
+    t_fire = t_bad + p.ortho_for + i
+    return [
+        {
+            "interval": dur(i),
+            "input_series": [
+                series(ortho, bad, values),
+                series(ortho, good, [0.38] * (4 * n)),
+                series(ortho, nan_lab, nans),
+            ],
+            "alert_rule_test": [
+                check(t_bad - i, name),
+                check(
+                    t_fire,
+                    name,
+                    expect(name, bad, 0.9, "warning"),
+                    expect(name, nan_lab, float("nan"), "warning"),
+                ),
+                check(t_end + i, name),
+            ],
+        }
+    ]
+
+
+def down_tests(p: Profile) -> list[dict]:
+    i, name = p.interval, "OptimizerSidecarDown"
+    lab = {"job": JOB, "instance": "sidecar-1:9400", "node": "1"}
+    other = {"job": "prometheus", "instance": "localhost:9090"}
+    n = p.down_for // i + 4
+    t_down, t_up = n * i, 3 * n * i
+    return [
+        {
+            "interval": dur(i),
+            "input_series": [
+                series("up", lab, [1.0] * n + [0.0] * (2 * n) + [1.0] * n),
+                series("up", other, [0.0] * (4 * n)),  # another job down: not this alert
+            ],
+            "alert_rule_test": [
+                check(t_down - i, name),
+                check(t_down + p.down_for + i, name, expect(name, lab, 0.0, "critical")),
+                check(t_up + i, name),
+            ],
+        }
+    ]
+
+
+def tests_doc(p: Profile) -> dict:
+    return {
+        "rule_files": [f"../{p.rules_dir}/orthoshard.rules.yml"],
+        "evaluation_interval": dur(p.interval),
+        "tests": rotation_tests(p) + stale_tests(p) + ortho_tests(p) + down_tests(p),
+    }
+
+
+# --- a small YAML emitter (block style; strings JSON-quoted, multi-line ones as |- blocks) ---
+
+
+def to_yaml(obj: object, indent: int = 0) -> str:
+    return "\n".join(_lines(obj, indent)) + "\n"
+
+
+def _scalar(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+    assert isinstance(v, str), v
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", v) and v not in ("true", "false", "null"):
+        return v
+    return json.dumps(v)
+
+
+def _lines(obj: object, indent: int) -> list[str]:
+    pad = " " * indent
+    out: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _entry(f"{pad}{k}:", v, indent)
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, dict) and v:
+                sub = _lines(v, indent + 2)
+                out.append(f"{pad}- {sub[0].lstrip()}")
+                out += sub[1:]
+            else:
+                out += _entry(f"{pad}-", v, indent)
+    return out
+
+
+def _entry(head: str, v: object, indent: int) -> list[str]:
+    if isinstance(v, dict | list):
+        if not v:
+            return [f"{head} {'{}' if isinstance(v, dict) else '[]'}"]
+        return [head, *_lines(v, indent + 2)]
+    if isinstance(v, str) and "\n" in v:
+        pad = " " * (indent + 2)
+        return [f"{head} |-", *(pad + line for line in v.splitlines())]
+    return [f"{head} {_scalar(v)}"]
+
+
+HEADER = "# GENERATED by deploy/prometheus/render_rules.py (profile {name}); edit that file.\n"
+
+
+def outputs() -> dict[Path, str]:
+    files = {}
+    for p in PROFILES:
+        head = HEADER.format(name=p.name)
+        files[HERE / p.rules_dir / "orthoshard.rules.yml"] = head + to_yaml(rules_doc(p))
+        suffix = "" if p.name == "prod" else f"-{p.name}"
+        test_path = HERE / "tests" / f"orthoshard{suffix}.rules.test.yml"
+        files[test_path] = head + to_yaml(tests_doc(p))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a file is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in outputs().items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(HERE.parent.parent)}")
+    for path in stale:
+        print(f"out of date: {path}; run python {Path(__file__).name}", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
