@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not hasattr(typing, "override"):  # Python 3.11: EO 0.3.0 imports typing.override
     typing.override = lambda f: f  # type: ignore[attr-defined]
 
-from optim.soap import SOAP  # noqa: E402
+from optim.soap import SOAP
 
 CONFIGS = {
     "plain, power iteration": {},
