@@ -41,6 +41,7 @@ class Profile:
     rot_baseline: int  # length of the baseline window, ending rot_window ago
     rot_ratio: float  # the jump must exceed ratio x baseline average ...
     rot_floor: float  # ... and this absolute angle (degrees)
+    rot_breadth: float  # ... on at least this fraction of the sidecar's watched matrices at once
     rot_for: int
     stale_after: int  # seconds without an accepted snapshot (well below --series-ttl 900 s)
     stale_for: int
@@ -54,8 +55,8 @@ class Profile:
         return "rules" if self.name == "prod" else f"rules-{self.name}"
 
 
-PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 60, 300, 60, 0.6, 300, 60, None)
-FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 2, 10, 2, 0.6, 3, 2, 1)
+PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None)
+FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1)
 PROFILES = (PROD, FAST)
 
 
@@ -74,6 +75,7 @@ def num(x: float) -> str:
 # --- the rules ------------------------------------------------------------------------------
 
 ROT = 'orthoshard_basis_rotation_degrees{k="1"}'
+JUMP = "orthoshard:basis_rotation_jump_degrees"  # recording rule: the per-matrix jump
 
 ANNOTATIONS = {
     "OptimizerBasisRotationSpike": {
@@ -81,11 +83,13 @@ ANNOTATIONS = {
         '{{ $value | printf "%.1f" }} degrees',
         "description": "The top eigenvector of the {{ $labels.factor }} preconditioner of "
         "{{ $labels.param }} on {{ $labels.instance }} turned by "
-        '{{ $value | printf "%.1f" }} degrees, several times its recent average.',
-        "runbook": "A sudden basis turn usually follows a gradient spike (bad batch, loss "
-        "spike). Check the loss and gradient norm at that step on the dashboard; plain SOAP "
-        "turns on a rank-1 spike, KL-Shampoo does not. Repeated spikes: lower the LR, clip "
-        "gradients, or switch to use_kl_shampoo=True.",
+        '{{ $value | printf "%.1f" }} degrees, several times its recent average, together '
+        "with at least half of the matrices this sidecar watches.",
+        "runbook": "Many bases turning at once means a gradient spike (bad batch, loss spike). "
+        "Check the loss at that step on the dashboard; plain SOAP turns on a rank-1 spike, "
+        "KL-Shampoo does not. Repeated spikes: lower the LR, clip gradients, or use "
+        "use_kl_shampoo=True. A single matrix turning alone (two top eigenvalues crossing) "
+        "does not alert.",
     },
     "OptimizerSnapshotStale": {
         "summary": "Rank {{ $labels.rank }} sent no health snapshot for "
@@ -118,12 +122,22 @@ ANNOTATIONS = {
 def rules(p: Profile) -> list[dict]:
     w, b = dur(p.rot_window), dur(p.rot_baseline)
     jump = f"max_over_time({ROT}[{w}])"
+    # Per matrix: the largest turn of the last w, above the floor and above ratio x the average
+    # turn of the b before it (offset w: the spike is never inside its own baseline).
+    jumped = (
+        f"{jump} > {num(p.rot_floor)}\nand\n{jump}\n"
+        f"  > {num(p.rot_ratio)} * avg_over_time({ROT}[{b}] offset {w})"
+    )
+    # Breadth: a gradient spike turns (nearly) every matrix at once; a lone matrix whose top two
+    # eigenvalues cross turns alone (measured, docs/deploy.md). Same target = same sidecar.
     rotation = (
-        f"(\n  {jump} > {num(p.rot_floor)}\nand\n  {jump}\n"
-        f"    > {num(p.rot_ratio)} * avg_over_time({ROT}[{b}] offset {w})\n)"
+        f"{JUMP}\nand on (job, instance)\n(\n"
+        f"  count by (job, instance) ({JUMP})\n"
+        f"    / count by (job, instance) ({ROT})\n  >= {num(p.rot_breadth)}\n)"
     )
     ortho = "orthoshard_orthogonality_error"
     return [
+        {"record": JUMP, "expr": jumped},
         _alert("OptimizerBasisRotationSpike", rotation, p.rot_for, "warning"),
         _alert(
             "OptimizerSnapshotStale",
@@ -213,14 +227,26 @@ def rotation_tests(p: Profile) -> list[dict]:
     drift = [2.0 + 88.0 * k / (long_n - 1) for k in range(long_n)]  # 2 -> 90 degrees, slowly
     warmup = [SPIKE, *cycle(CALM, n)]  # first sample large: there is no baseline yet
     bump = [*cycle(TINY, n_before), 2.0, *cycle(TINY, n - n_before - 1)]  # under the floor
-    k8 = {**lab, "k": "8"}  # k=8 is not watched: same spike, no alert
+    k8 = {**lab, "k": "8"}  # k=8 is not watched: same spike, no alert of its own
+    # A gradient spike: 3 of the 4 watched matrices on sidecar-0 turn at once (75% >= breadth).
+    hit = [lab, *(labels(param=f"layers.{j}.mlp.w.weight", factor="R", k="1") for j in (1, 2))]
+    calm = labels(param="layers.3.mlp.w.weight", factor="L", k="1")
+    # On sidecar-1 one matrix of four turns alone at the same moment: an eigenvalue crossing.
+    other = {"job": JOB, "instance": "sidecar-1:9400", "node": "1"}
+    lone = [{**other, "param": f"m{j}", "factor": "L", "k": "1"} for j in range(4)]
     spike_case = {
         "interval": dur(i),
-        "input_series": [series(rot, lab, spiked), series(rot, k8, spiked)],
+        "input_series": [
+            *(series(rot, x, spiked) for x in hit),
+            series(rot, k8, spiked),
+            series(rot, calm, cycle(CALM, n)),
+            series(rot, lone[0], spiked),
+            *(series(rot, x, cycle(CALM, n)) for x in lone[1:]),
+        ],
         "alert_rule_test": [
             check(t0 - i, name),
             check(t0 + i, name),  # pending, not yet firing
-            check(t0 + p.rot_for + i, name, expect(name, lab, SPIKE, "warning")),
+            check(t0 + p.rot_for + i, name, *(expect(name, x, SPIKE, "warning") for x in hit)),
             check(t0 + p.rot_window + 2 * i, name),  # resolved once the spike leaves the window
         ],
     }
