@@ -54,7 +54,9 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     dist.all_gather_object(gathered, mine, group=sharding.group)
     meta = {k: v for part in gathered for k, v in part.items()}
     for k in sorted(meta):
-        entry = state_dict["state"].setdefault(k, {})
+        # torch's state_dict() shares each parameter's state dict with the live optimizer:
+        # copy before replacing entries, or saving would turn live state into DTensors.
+        entry = state_dict["state"][k] = dict(state_dict["state"].get(k, {}))
         for name in sorted(meta[k]):
             shape, dtype, device = meta[k][name]
             source = entry.get(name) if owners[k] == sharding.rank else None
@@ -72,7 +74,7 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
         return state_dict
     owners = _owners_by_state_index(sharding)
     for k in sorted(state_dict["state"]):
-        entry = state_dict["state"][k]
+        entry = state_dict["state"][k] = dict(state_dict["state"][k])
         for name in sorted(entry):
             value = entry[name]
             if name not in keys or not isinstance(value, DTensor):
