@@ -131,12 +131,13 @@ class A2ACounter:
         dist.all_to_all_single = self._orig  # type: ignore[assignment]
 
 
-def parity_worker(rank: int, world: int, out: str, fsdp: bool, names: list[str],
-                  nan: bool) -> None:
+def parity_worker(rank: int, world: int, out: str, fsdp: bool,
+                  scenarios: list[tuple[str, bool]]) -> None:
+    """Run each ``(optimizer name, inject NaN)`` scenario; rank 0 saves params and stats."""
     from sharding import OwnerSharding
 
-    results: dict[str, Any] = {}
-    for name in names:
+    results: dict[tuple[str, bool], Any] = {}
+    for name, nan in scenarios:
         sharding = OwnerSharding()
         model, opt = build(name, fsdp=fsdp, sharding=sharding)
         with A2ACounter() as counter:
@@ -152,24 +153,26 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool, names: list[str],
         dist.all_gather_object(per_rank, mine)
         params = full_params(model)
         if rank == 0:
-            results[name] = {"params": params, "ranks": per_rank,
-                             "sharded_elements": sum(m * n for m, n in SHAPES)}
+            results[(name, nan)] = {"params": params, "ranks": per_rank}
     if rank == 0:
         torch.save(results, Path(out))
 
 
-def dcp_worker(rank: int, world: int, name: str, load_dir: str | None, save_dir: str | None,
-               first: int, last: int, out: str) -> None:
+def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
+               save_dir: str | None, first: int, last: int, out: str) -> None:
+    """Per optimizer: load ``load_dir/name`` if given, train steps [first, last), save."""
     from sharding import OwnerSharding, checkpoint
 
-    model, opt = build(name, fsdp=True, sharding=OwnerSharding())
-    if load_dir:
-        checkpoint.load(load_dir, model, opt)
-    for step in range(first, last):
-        inject(model, step)
-        opt.step()
-    if save_dir:
-        checkpoint.save(save_dir, model, opt)
-    params = full_params(model)
+    finals = {}
+    for name in names:
+        model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+        if load_dir:
+            checkpoint.load(Path(load_dir) / name, model, opt)
+        for step in range(first, last):
+            inject(model, step)
+            opt.step()
+        if save_dir:
+            checkpoint.save(Path(save_dir) / name, model, opt)
+        finals[name] = full_params(model)
     if rank == 0:
-        torch.save(params, Path(out))
+        torch.save(finals, Path(out))
