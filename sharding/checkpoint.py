@@ -74,6 +74,8 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
         return state_dict
     owners = _owners_by_state_index(sharding)
     for k in sorted(state_dict["state"]):
+        if k not in owners:  # AdamW-group parameters: elementwise state, no owner
+            continue
         entry = state_dict["state"][k] = dict(state_dict["state"][k])
         for name in sorted(entry):
             value = entry[name]

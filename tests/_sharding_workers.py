@@ -24,10 +24,10 @@ STEPS = 4
 NAN_STEP, NAN_PARAM, NAN_ROW = 2, "ws.0", 6  # row 6 lives on the LAST rank at W = 2 and 4
 
 
-def _soap(params: Any, sharding: Any) -> Any:
+def _soap(params: Any, sharding: Any, **kwargs: Any) -> Any:
     from optim.soap import SOAP
 
-    return SOAP(params, lr=3e-3, sharding=sharding)
+    return SOAP(params, lr=3e-3, sharding=sharding, **kwargs)
 
 
 OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
@@ -37,15 +37,10 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
         sharding=sharding),
     "normuon": lambda params, sharding: NorMuon(params, lr=0.02, sharding=sharding),
     "soap": _soap,
+    # One-sided SOAP: dims above 16 get no factor ((0, 0) state tensors) - 40x6, 7x12 both ways.
+    "soap_onesided_kl": lambda params, sharding: _soap(params, sharding, max_precond_dim=16,
+                                                       use_kl_shampoo=True, use_eigh=True),
 }
-
-
-def soap_available() -> bool:
-    try:
-        import optim.soap  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Awkward(nn.Module):

@@ -24,7 +24,7 @@ PARITY_ATOL = 1e-5
 PARITY_RTOL = 0.0
 FLOAT32_BYTES = 4
 
-NAMES = ["muon", "muon_soft_pe", "normuon"] + (["soap"] if w.soap_available() else [])
+NAMES = ["muon", "muon_soft_pe", "normuon", "soap", "soap_onesided_kl"]
 NAN_NAMES = ["muon", "normuon"]
 SCENARIOS = [(n, False) for n in NAMES] + [(n, True) for n in NAN_NAMES]
 
@@ -117,7 +117,7 @@ def test_replicated_parameters_match_single_process(tmp_path, references):
 
 
 def test_dcp_checkpoint_reshards_2_to_4_to_1_and_training_continues_exactly(tmp_path):
-    names = [n for n in NAMES if n in ("normuon", "muon_soft_pe", "soap")]
+    names = ["normuon", "muon_soft_pe", "soap", "soap_onesided_kl"]
     phases = [(2, 0, 2), (4, 2, 3), (1, 3, 5)]  # (world size, first step, last step)
     load_dir = None
     for k, (world, first, last) in enumerate(phases):
