@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _sharding_workers as w
 import pytest
 import torch
-
-import _sharding_workers as w
 from _dist import run_ranks
+
 from sharding.plan import build_plan
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
