@@ -63,9 +63,11 @@ def plot(out: Path) -> Path:
 
     losses = load_losses(out)
     health = load_health(out)
+    soap = any("basis_staleness_L" in m for m in health.values())
     panels = [("loss", None), ("basis rotation of Q_L, top-1 (degrees)", "rotation_degrees_L_k1"),
               ("eigengap ratio of L", "eigengap_ratio_L"),
-              ("orthogonality error", "orthogonality_error")]
+              ("basis staleness of Q_L", "basis_staleness_L") if soap
+              else ("orthogonality error", "orthogonality_error")]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for ax, (title, metric) in zip(axes.flat, panels, strict=True):
         ax.set_title(title)
