@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam
 
-__all__ = ["ADAMW", "LocalExchange", "MatrixExchange", "MatrixItem", "MatrixOptimizer", "local"]
+__all__ = ["ADAMW", "LocalExchange", "MatrixExchange", "MatrixItem", "MatrixOptimizer",
+           "all_finite", "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -44,6 +45,22 @@ def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank stores: a DTensor's local shard, or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values, with one fused reduction and one host sync.
+
+    A finite sum implies finite entries (NaN and Inf propagate, ``+Inf + -Inf`` is NaN), and a sum
+    reads the data once, where ``torch.isfinite(x).all()`` makes four passes and allocates two
+    masks (measured 7 ms against 0.15 ms on a 1024x1024 fp32 matrix, one thread). A non-finite
+    sum can also be an overflow of finite entries, so only those tensors are checked exactly.
+    """
+    if not tensors:
+        return []
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
+    ok = torch.isfinite(sums).tolist()
+    return [bool(good) or bool(torch.isfinite(t).all())
+            for good, t in zip(ok, tensors, strict=True)]
 
 
 @dataclass
@@ -181,9 +198,10 @@ class MatrixOptimizer(Optimizer):
                 updates = self._exchange.run(items, inputs, self._owner_compute)
             finally:
                 self._step_items = []
-            for item, update in zip(items, updates, strict=True):
-                if bool(torch.isfinite(update).all()):
+            for item, update, ok in zip(items, updates, all_finite(updates), strict=True):
+                if ok:
                     self._apply(item, update)
+                item.pending = None
         return loss
 
     def matrix_items(self) -> list[MatrixItem]:
@@ -196,10 +214,8 @@ class MatrixOptimizer(Optimizer):
         """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group."""
         items = [self._step_items[i] for i in indices]
         results: list[Tensor | None] = [None] * len(indices)
-        finite = torch.stack([torch.isfinite(x).all() for x in full_inputs]).tolist() \
-            if full_inputs else []
         batches: dict[tuple, list[int]] = defaultdict(list)
-        for j, ok in enumerate(finite):
+        for j, ok in enumerate(all_finite(full_inputs)):
             if ok:
                 batches[(id(items[j].group), items[j].shape)].append(j)
             else:
@@ -207,7 +223,7 @@ class MatrixOptimizer(Optimizer):
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
         for js in batches.values():
             batch_items = [items[j] for j in js]
-            out = self._compute(batch_items, torch.stack([full_inputs[j] for j in js]))
+            out = self._compute(batch_items, self._stack(batch_items, [full_inputs[j] for j in js]))
             for j, o in zip(js, out.unbind(0), strict=True):
                 results[j] = o
         for j in range(len(indices)):
@@ -238,6 +254,11 @@ class MatrixOptimizer(Optimizer):
     def _prepare(self, item: MatrixItem) -> Tensor:
         """Phase 1 on this rank's piece; may stash a pending state change in ``item.pending``."""
         raise NotImplementedError
+
+    def _stack(self, items: list[MatrixItem], xs: list[Tensor]) -> Tensor:
+        """The ``(B, m, n)`` batch :meth:`_compute` receives (one matrix: a view, no copy).
+        Subclasses may stack straight into their compute dtype, saving a pass over the data."""
+        return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
 
     def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
         """Phase 2 on a ``(B, m, n)`` stack of full, finite update inputs; returns the stack of

@@ -115,9 +115,27 @@ class Muon(MatrixOptimizer):
         self._init_state(item, owner=False)
         state = self.state[p]
         grad, buf = local(p.grad), local(state["momentum_buffer"])
-        new_buf = buf.lerp(grad, 1 - group["momentum"])  # committed in _apply unless skipped
+        # Out of place: a skipped matrix must keep its momentum. _apply commits it by moving the
+        # new storage into the buffer (no copy).
+        new_buf = buf.lerp(grad, 1 - group["momentum"])
         item.pending = new_buf
         return grad.lerp(new_buf, group["momentum"]) if group["nesterov"] else new_buf
+
+    def _stack(self, items: list[MatrixItem], xs: list[Tensor]) -> Tensor:
+        # Without softening the kernel only ever reads X in its compute dtype: convert while
+        # stacking (one pass, as torch.optim.Muon's own ``grad.bfloat16()``) instead of stacking
+        # in fp32 and converting again. Bit-identical: the same round-to-nearest-even cast.
+        group = items[0].group
+        compute = None if group["ns_method"] == "svd" else torch.bfloat16
+        if compute is None or xs[0].dtype == compute or \
+                _softening_at(group["softening"], group["step"]) != 0.0:
+            return super()._stack(items, xs)
+        if len(xs) == 1:
+            return xs[0].to(compute).unsqueeze(0)
+        out = torch.empty((len(xs), *xs[0].shape), dtype=compute, device=xs[0].device)
+        for i, x in enumerate(xs):
+            out[i].copy_(x)
+        return out
 
     def _orthogonalize(self, group: dict[str, Any], X: Tensor) -> Tensor:
         return orthogonalize(X, method=group["ns_method"], steps=group["ns_steps"],
@@ -142,13 +160,13 @@ class Muon(MatrixOptimizer):
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group, p = item.group, item.param
-        local(self.state[p]["momentum_buffer"]).copy_(item.pending)
-        item.pending = None
         lr = group["lr"]
         p_local = local(p)
         p_local.mul_(1 - lr * group["weight_decay"])
-        p_local.add_(update.to(p_local.dtype),
-                     alpha=-adjusted_lr(lr, group["adjust_lr_fn"], item.shape))
+        # A bf16 update is added as torch.optim.Muon adds it (promoted inside add_, no copy).
+        p_local.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], item.shape))
+        _commit(local(self.state[p]["momentum_buffer"]), item.pending)
+        item.pending = None
 
 
 class NorMuon(Muon):
@@ -182,6 +200,7 @@ class NorMuon(Muon):
 
     def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
         group = items[0].group
+        U = U.to(torch.promote_types(U.dtype, torch.float32))  # the normalized update stays fp32
         for item in items:
             self._init_state(item, owner=True)
         v = torch.stack([self.state[item.param]["second_moment"] for item in items])
@@ -189,6 +208,19 @@ class NorMuon(Muon):
         for item, v_new in zip(items, v.unbind(0), strict=True):
             self.state[item.param]["second_moment"].copy_(v_new)
         return out
+
+
+def _commit(buf: Tensor, new: Tensor) -> None:
+    """Make ``buf`` hold ``new``'s values. When both are plain tensors of one layout and ``buf``
+    is not a view, ``buf`` takes over ``new``'s storage (no copy; ``new`` must not be used
+    afterwards); otherwise the values are copied."""
+    if (buf._base is None and type(buf) is torch.Tensor and type(new) is torch.Tensor
+            and buf.dtype == new.dtype and buf.device == new.device
+            and buf.shape == new.shape and buf.stride() == new.stride()
+            and not buf.requires_grad):
+        buf.set_(new.untyped_storage(), new.storage_offset(), new.shape, new.stride())
+    else:
+        buf.copy_(new)
 
 
 def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: int,

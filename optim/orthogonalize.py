@@ -33,7 +33,6 @@ anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muo
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -131,6 +130,11 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown orthogonalize method {method!r}; choose one of {METHODS}")
 
 
+def _check_lower_bound(lower_bound: float | None) -> None:
+    if lower_bound is not None and not 0.0 < lower_bound <= 1.0:
+        raise ValueError(f"lower_bound must be in (0, 1], got {lower_bound!r}")
+
+
 def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.dtype:
     if dtype is not None:
         if not dtype.is_floating_point:
@@ -176,9 +180,12 @@ def _frobenius(X: Tensor) -> Tensor:
     return X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
 
 
-def _normalize(X: Tensor, method: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed."""
-    X = X / _frobenius(X).clamp(min=eps)
+def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
+               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed.
+    ``inplace`` divides X itself (a private copy), as ``torch.optim.Muon`` does: same bits."""
+    norm = _frobenius(X).clamp(min=eps)
+    X = X.div_(norm) if inplace else X / norm
     if method == "quintic":
         return X, None, None
     gram = _matmul.mm(X, X.mT)
@@ -191,27 +198,49 @@ def _normalize(X: Tensor, method: str, eps: float) -> tuple[Tensor, Tensor | Non
     return X / scale, None, gram_x / scale**3
 
 
+def _step(X: Tensor, poly: tuple, gram: Tensor | None, gram_x: Tensor | None) -> Tensor:
+    """One polynomial step on X (rows <= cols); ``gram`` / ``gram_x`` if already formed."""
+    if poly[0] == "quintic":
+        _, a, b, c = poly
+        if gram is None:
+            gram = _matmul.mm(X, X.mT)
+        # Same fused form as torch.optim.Muon: (b A + c A^2) X + a X, two addmm.
+        update = _matmul.addmm(gram, gram, gram, beta=b, alpha=c)
+        return _matmul.addmm(X, update, X, beta=a)
+    _, lin, cub = poly
+    if gram_x is not None:  # first CANS step: X X^T X came with the normalization
+        return lin * X + cub * gram_x
+    gram = _matmul.mm(X, X.mT)
+    return _matmul.addmm(X, gram, X, beta=lin, alpha=cub)
+
+
 def _iterate(X: Tensor, method: str, steps: int, eps: float, quintic: Sequence[float],
-             lower_bound: float | None) -> Iterator[Tensor]:
+             lower_bound: float | None, *, inplace: bool = False) -> Iterator[Tensor]:
     """Yield the iterate after each step; X is oriented with rows <= cols, in compute dtype."""
-    X, gram, gram_x = _normalize(X, method, eps)
+    X, gram, gram_x = _normalize(X, method, eps, inplace=inplace)
     for poly in _coefficients(method, steps, quintic, lower_bound):
-        if poly[0] == "quintic":
-            _, a, b, c = poly
-            if gram is None:
-                gram = _matmul.mm(X, X.mT)
-            # Same fused form as torch.optim.Muon: (b A + c A^2) X + a X, two addmm.
-            update = _matmul.addmm(gram, gram, gram, beta=b, alpha=c)
-            X = _matmul.addmm(X, update, X, beta=a)
-        else:
-            _, lin, cub = poly
-            if gram_x is not None:  # first CANS step: X X^T X came with the normalization
-                X = lin * X + cub * gram_x
-            else:
-                gram = _matmul.mm(X, X.mT)
-                X = _matmul.addmm(X, gram, X, beta=lin, alpha=cub)
+        X = _step(X, poly, gram, gram_x)
         gram, gram_x = None, None
         yield X
+
+
+def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None, eps: float,
+           quintic: Sequence[float], lower_bound: float | None) -> Tensor:
+    """The last iterate only, in X's dtype: the plain path of :func:`orthogonalize`, with no
+    per-step conversions (``polar_iterates`` converts every iterate it yields)."""
+    compute = _compute_dtype(X, dtype, method)
+    if method == "svd":
+        return _svd_polar(X, compute).to(X.dtype)
+    n_steps = steps if steps is not None else default_steps(method, compute)
+    transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
+    Y = X.to(compute)
+    private = Y is not X  # a fresh copy may be normalized in place
+    Y = Y.mT if transpose else Y
+    Y, gram, gram_x = _normalize(Y, method, eps, inplace=private)
+    for poly in _coefficients(method, n_steps, quintic, lower_bound):
+        Y = _step(Y, poly, gram, gram_x)
+        gram, gram_x = None, None
+    return (Y.mT if transpose else Y).to(X.dtype)
 
 
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
@@ -231,8 +260,7 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
     studies. The last item equals ``orthogonalize(X, ...)`` without softening."""
     _validate(X, 0.0, steps)
     _check_method(method)
-    if lower_bound is not None and not 0.0 < lower_bound <= 1.0:
-        raise ValueError(f"lower_bound must be in (0, 1], got {lower_bound!r}")
+    _check_lower_bound(lower_bound)
     compute = _compute_dtype(X, dtype, method)
     if method == "svd":
         yield _svd_polar(X, compute).to(X.dtype)
@@ -274,9 +302,9 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
             outside [0, 1] or NaN, or ``steps`` outside [1, 100).
     """
     _validate(X, softening, steps)
-    iterates = polar_iterates(X, method=method, steps=steps, dtype=dtype, eps=eps,
-                              coefficients=coefficients, lower_bound=lower_bound)
-    (result,) = collections.deque(iterates, maxlen=1)  # the last iterate; steps >= 1
+    _check_method(method)
+    _check_lower_bound(lower_bound)
+    result = _polar(X, method, steps, dtype, eps, coefficients, lower_bound)
     return soften(result, X, softening, eps=eps)
 
 
