@@ -270,10 +270,16 @@ def run_group(rank: int, world: int, kinds: list[str], cfg: dict[str, int], step
         if before is not None:
             after = opt.comm_stats()
             stats = {k: (after[k] - before[k]) / count_steps for k in after}
+        # A second, independent count of the collectives: torch's own CommDebugMode.
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        with CommDebugMode() as debug:
+            inject(params, steps + 2 + count_steps)
+            opt.step()
         out[kind] = {"times": times[kind], "sent": counter.sent / count_steps,
                      "received": counter.received / count_steps,
                      "calls": {k: v / count_steps for k, v in counter.calls.items()},
-                     "comm_stats": stats,
+                     "comm_stats": stats, "debug_calls": debug.get_total_counts(),
                      "params": {n: p.full_tensor().detach() for n, p in params}}
     return out
 
@@ -347,6 +353,8 @@ def report_muon(world: int, r: dict[str, Any], n_elements: int) -> list[str]:
         f"{t['ours'] / t['torch']:.3f} | |",
         f"| W={world} | collectives per step | ours {sum(ours['calls'].values()):.0f} | "
         f"naive {sum(naive['calls'].values()):.0f} | torch {sum(tm['calls'].values()):.0f} |",
+        f"| W={world} | collectives per step, torch CommDebugMode | ours {ours['debug_calls']} | "
+        f"naive {naive['debug_calls']} | torch {tm['debug_calls']} |",
         f"| W={world} | rank-0 comm_stats() sent/received vs counted | "
         f"{cs['bytes_sent']:.0f} / {cs['bytes_received']:.0f} | "
         f"{ours['sent']:.0f} / {ours['received']:.0f} | |",
