@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optim.health import eigengap_ratio, rotation_angle_degrees
+from optim.health import eigengap_ratio, rotation_angles_degrees
 
-__all__ = ["PRECISIONS", "SideRefresh", "SoapConfig", "adam_direction", "matmul_precision", "pmm",
-           "project_in", "project_out", "refresh_side", "soap_step", "update_factors"]
+__all__ = ["PRECISIONS", "SideHealth", "SideRefresh", "SoapConfig", "adam_direction",
+           "matmul_precision", "pmm", "project_in", "project_out", "refresh_side", "soap_health",
+           "soap_step", "update_factors"]
 
 PRECISIONS = ("highest", "high", "medium")
 # TF32 keeps 10 of fp32's 23 explicit mantissa bits (NVIDIA A100 whitepaper): drop 13, rounding
@@ -216,26 +217,78 @@ def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: Soap
     return m_hat / ((v / bc2).sqrt() + cfg.eps), m, v
 
 
+@dataclass
+class SideHealth:
+    """What one side's health needs, gathered by :func:`soap_step`; turned into metrics for a
+    whole batch of matrices at once by :func:`soap_health`."""
+
+    side: str                # "L" or "R"
+    eigvals: Tensor          # descending: eigh values, power-step estimates or Rayleigh quotients
+    staleness: Tensor        # of the basis in use before this step, against the new factor
+    Q_old: Tensor | None     # the bases before and after a refresh; None: no rotation (no
+    Q_new: Tensor | None     # refresh this step, or step 1, whose old basis is the identity)
+
+
 def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor,
-                 *, first: bool, prec: str) -> dict[str, Tensor | float]:
-    """Health of one side (docs/soap.md "Health"): eigengap, rotation against the basis in use
-    before this step (0 without a refresh), staleness of that basis against the new factor."""
+                 *, first: bool, prec: str) -> SideHealth:
+    """One side's health inputs (docs/soap.md "Health"); between refreshes the eigenvalues and
+    staleness come from the Rayleigh quotients of the current basis."""
     if refreshed is None:
         _, lam = _rayleigh(factor, Q_old, prec)
-        eigvals = lam.sort(descending=True).values
-        staleness = _staleness_from_quotients(factor, lam)
-        rot1: Tensor | float = 0.0
-        rot8: Tensor | float = 0.0
-    else:
-        eigvals, staleness = refreshed.eigvals, refreshed.staleness
-        if first:
-            rot1 = rot8 = 0.0
-        else:
-            rot1 = rotation_angle_degrees(Q_old, refreshed.Q, k=1)
-            rot8 = rotation_angle_degrees(Q_old, refreshed.Q, k=8)
-    gap = eigengap_ratio(eigvals) if eigvals.numel() >= 2 else 0.0
-    return {f"eigengap_ratio_{side}": gap, f"rotation_degrees_{side}_k1": rot1,
-            f"rotation_degrees_{side}_k8": rot8, f"basis_staleness_{side}": staleness}
+        return SideHealth(side, lam.sort(descending=True).values,
+                          _staleness_from_quotients(factor, lam), None, None)
+    if first:
+        return SideHealth(side, refreshed.eigvals, refreshed.staleness, None, None)
+    return SideHealth(side, refreshed.eigvals, refreshed.staleness, Q_old, refreshed.Q)
+
+
+def _stack_top_columns(bases: list[Tensor], k: int) -> Tensor:
+    """The first k columns of each basis, in float64, zero-padded to one row count: zero rows
+    change neither ``A^T B`` nor ``B - A (A^T B)``'s singular values, so the padded stack gives
+    each pair's principal angles exactly."""
+    rows = max(Q.size(-2) for Q in bases)
+    out = torch.zeros(len(bases), rows, k, dtype=torch.float64, device=bases[0].device)
+    for i, Q in enumerate(bases):
+        out[i, : Q.size(-2)].copy_(Q[:, :k])
+    return out
+
+
+def soap_health(per_matrix: list[list[SideHealth]]) -> list[dict[str, Tensor | float]]:
+    """Metrics of every side of every matrix of a step, with batched float64 math: one
+    eigengap computation for all sides, and one :func:`optim.health.rotation_angles_degrees`
+    call (k = 1 and 8) per distinct ``min(8, dim)`` for all refreshed sides. At small sizes
+    health is dominated by the number of small tensor operations, not by flops, so batching
+    across sides and matrices is what makes it cheap."""
+    flat = [side for sides in per_matrix for side in sides]
+    values: dict[int, dict[str, Tensor | float]] = {i: {} for i in range(len(flat))}
+    gapped = [i for i, side in enumerate(flat) if side.eigvals.numel() >= 2]
+    if gapped:
+        tops = torch.stack([flat[i].eigvals[:2].to(torch.float64) for i in gapped])
+        for i, gap in zip(gapped, eigengap_ratio(tops).unbind(0), strict=True):
+            values[i]["gap"] = gap
+    groups: dict[int, list[int]] = {}
+    for i, side in enumerate(flat):
+        if side.Q_old is not None:
+            groups.setdefault(min(8, side.Q_old.size(-1)), []).append(i)
+    for k, members in groups.items():
+        olds = _stack_top_columns([flat[i].Q_old for i in members], k)  # type: ignore[misc]
+        news = _stack_top_columns([flat[i].Q_new for i in members], k)  # type: ignore[misc]
+        rot1, rot8 = rotation_angles_degrees(olds, news, (1, 8))
+        for i, r1, r8 in zip(members, rot1.unbind(0), rot8.unbind(0), strict=True):
+            values[i]["rot1"], values[i]["rot8"] = r1, r8
+    out: list[dict[str, Tensor | float]] = []
+    i = 0
+    for sides in per_matrix:
+        metrics: dict[str, Tensor | float] = {}
+        for side in sides:
+            v, s = values[i], side.side
+            metrics.update({f"eigengap_ratio_{s}": v.get("gap", 0.0),
+                            f"rotation_degrees_{s}_k1": v.get("rot1", 0.0),
+                            f"rotation_degrees_{s}_k8": v.get("rot8", 0.0),
+                            f"basis_staleness_{s}": side.staleness})
+            i += 1
+        out.append(metrics)
+    return out
 
 
 def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool
@@ -265,7 +318,7 @@ def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *,
 
 
 def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool
-              ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor | float]]:
+              ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth]]:
     """One SOAP step on one full fp32 gradient ``G`` (m, n); the inputs are not modified.
 
     With ``t`` the 1-based step and ``b = 1 - (1 - shampoo_beta) / (1 - shampoo_beta^t)``
@@ -282,7 +335,8 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     first, as Emerging-Optimizers does, lets step 1 already use the basis of ``G``.
 
     Returns:
-        ``(U, new_state, health)``; ``health`` is empty unless ``want_health``.
+        ``(U, new_state, health)``; ``health`` (each present side's :class:`SideHealth`,
+        for :func:`soap_health`) is empty unless ``want_health``.
     """
     t = int(state["step"]) + 1
     beta = cfg.shampoo_beta
@@ -303,10 +357,10 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         U = project_out(D, new["Q_L"], new["Q_R"], prec)
     new_state = {"L": L, "R": R, "Q_L": new["Q_L"], "Q_R": new["Q_R"], "exp_avg": exp_avg,
                  "exp_avg_sq": exp_avg_sq, "step": torch.full_like(state["step"], t)}
-    health: dict[str, Tensor | float] = {}
+    health: list[SideHealth] = []
     if want_health:
         for name, key, factor, side in (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R)):
             if _present(factor):
-                health.update(_side_health(name, state[key], side, factor, first=t == 1,
+                health.append(_side_health(name, state[key], side, factor, first=t == 1,
                                            prec="highest"))
     return U, new_state, health

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["basis_staleness", "eigengap_ratio", "orthogonality_error", "rotation_angle_degrees"]
+__all__ = ["basis_staleness", "eigengap_ratio", "orthogonality_error", "rotation_angle_degrees",
+           "rotation_angles_degrees"]
 
 
 def orthogonality_error(O: Tensor) -> Tensor:
@@ -72,28 +73,59 @@ def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
     singular values of M; k=1 gives the acute angle between the two top eigenvectors (sign
     flips do not count). The arccos of a cosine near 1 loses all precision below ~0.03 degrees
     in float32, so small angles come from the sines instead: the singular values of
-    ``Q_new_k - Q_prev_k M`` (Knyazev & Argentati 2002). Computed in float64; columns are
+    ``W = Q_new_k - Q_prev_k M`` (Knyazev & Argentati 2002). Computed in float64; columns are
     assumed orthonormal. ``k`` is clamped to the number of columns.
 
     Returns:
         A tensor of shape ``Q_prev.shape[:-2]``, in [0, 90].
+    """
+    return rotation_angles_degrees(Q_prev, Q_new, (k,))[0]
+
+
+def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] = (1, 8)
+                            ) -> Tensor:
+    """:func:`rotation_angle_degrees` for several ``k`` at once, sharing the float64 copies and
+    the overlap ``M`` (the top-k overlap is the leading block of the top-kmax one).
+
+    Cost, per k (health runs it at every refresh): k = 1 is a dot product and a vector norm.
+    k > 1 takes the smallest cosine from ONE singular value decomposition, of the k x k overlap,
+    and the largest sine as the square root of the top eigenvalue of the k x k Gram ``W^T W``:
+    the Gram's eigenvalues are accurate relative to ``sin_max^2`` itself, so tiny angles keep
+    full float64 precision, while ``1 - cos^2`` would not. The cosine is never squared (near 90
+    degrees ``M^T M`` would lose it), so the arccos branch keeps its precision too.
+
+    Returns:
+        A tensor of shape ``(len(ks), *Q_prev.shape[:-2])``, in degrees.
     """
     if Q_prev.shape != Q_new.shape or Q_prev.ndim < 2:
         raise ValueError(
             f"rotation_angle_degrees needs two bases of one (..., n, r) shape, got "
             f"{tuple(Q_prev.shape)} and {tuple(Q_new.shape)}"
         )
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, Q_prev.size(-1))
-    a = Q_prev[..., :k].to(torch.float64)
-    b = Q_new[..., :k].to(torch.float64)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be >= 1, got {min(ks) if ks else ks}")
+    r = Q_prev.size(-1)
+    kmax = min(max(ks), r)
+    a = Q_prev[..., :kmax].to(torch.float64)
+    b = Q_new[..., :kmax].to(torch.float64)
     overlap = a.mT @ b
-    cos_min = torch.linalg.svdvals(overlap)[..., -1].clamp(0.0, 1.0)
-    sin_max = torch.linalg.svdvals(b - a @ overlap)[..., 0].clamp(0.0, 1.0)
-    # Use whichever function is well conditioned: arcsin below 45 degrees, arccos above.
-    angle = torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max), torch.arccos(cos_min))
-    return torch.rad2deg(angle)
+    angles = []
+    for k in ks:
+        k = min(k, r)
+        if k == 1:
+            c = overlap[..., :1, :1]
+            cos_min = c.abs()[..., 0, 0]
+            sin_max = torch.linalg.vector_norm(b[..., :1] - a[..., :1] * c, dim=(-2, -1))
+        else:
+            M = overlap[..., :k, :k]
+            W = b[..., :k] - a[..., :k] @ M
+            cos_min = torch.linalg.svdvals(M)[..., -1]
+            sin_max = torch.linalg.eigvalsh(W.mT @ W)[..., -1].clamp_min(0.0).sqrt()
+        cos_min, sin_max = cos_min.clamp(0.0, 1.0), sin_max.clamp(0.0, 1.0)
+        # Use whichever function is well conditioned: arcsin below 45 degrees, arccos above.
+        angles.append(torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max),
+                                  torch.arccos(cos_min)))
+    return torch.rad2deg(torch.stack(angles))
 
 
 def basis_staleness(Q: Tensor, factor: Tensor) -> Tensor:

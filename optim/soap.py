@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import MatrixItem, MatrixOptimizer, local
-from optim._soap_math import PRECISIONS, SoapConfig, soap_step
+from optim._base import MatrixItem, MatrixOptimizer, all_finite, local
+from optim._soap_math import PRECISIONS, SoapConfig, soap_health, soap_step
 
 __all__ = ["SOAP"]
 
@@ -122,16 +122,20 @@ class SOAP(MatrixOptimizer):
         # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
         # eigenvalues); a float64 parameter keeps float64 state.
         X = X.to(torch.promote_types(X.dtype, torch.float32))
-        updates = []
+        updates, healths, new_states = [], [], []
         for item, G in zip(items, X.unbind(0), strict=True):
             self._init_state(item, owner=True)
-            state = self.state[item.param]
-            U, new_state, health = soap_step(G, state, cfg, want_health=due)
-            if bool(torch.isfinite(U).all()):  # commit only a usable step (frame skips it too)
-                state.update(new_state)
-            if health:
-                self._record(item.name, health)
+            U, new_state, health = soap_step(G, self.state[item.param], cfg, want_health=due)
             updates.append(U)
+            healths.append(health)
+            new_states.append(new_state)
+        # commit only usable steps (the frame skips a non-finite update too)
+        for item, new_state, ok in zip(items, new_states, all_finite(updates), strict=True):
+            if ok:
+                self.state[item.param].update(new_state)
+        if due:
+            for item, metrics in zip(items, soap_health(healths), strict=True):
+                self._record(item.name, metrics)
         return torch.stack(updates)
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:

@@ -200,3 +200,24 @@ def test_basis_staleness_known_value_and_zero_factor():
     # off-diagonal norm sqrt(2) over total sqrt(10)
     assert basis_staleness(eye, L).item() == pytest.approx(math.sqrt(0.2), rel=EXACT64_RTOL)
     assert basis_staleness(eye, torch.zeros(2, 2, dtype=torch.float64)).item() == 0.0
+
+
+def test_rotation_angles_for_several_k_equal_single_k_calls_and_zero_row_padding():
+    from optim._soap_math import _stack_top_columns
+    from optim.health import rotation_angles_degrees
+    Q = orthonormal(16, seed=8)
+    Q_new = rotate_columns(rotate_columns(Q, 0, 9, 1e-3), 3, 12, 35.0)
+    both = rotation_angles_degrees(Q, Q_new, (1, 8))
+    assert both[0].item() == pytest.approx(1e-3, abs=ANGLE64_ATOL_DEG)
+    assert both[1].item() == pytest.approx(35.0, abs=ANGLE64_ATOL_DEG)
+    for i, k in enumerate((1, 8)):
+        assert both[i].item() == pytest.approx(rotation_angle_degrees(Q, Q_new, k=k).item(),
+                                               abs=EXACT64_ATOL)
+    # SOAP health stacks bases of different sizes with zero rows: same angles
+    P = orthonormal(10, seed=9)
+    P_new = rotate_columns(P, 1, 7, 50.0)
+    stacked = rotation_angles_degrees(_stack_top_columns([Q, P], 8),
+                                      _stack_top_columns([Q_new, P_new], 8), (1, 8))
+    torch.testing.assert_close(stacked[:, 0], both, atol=EXACT64_ATOL, rtol=0.0)
+    assert stacked[1, 1].item() == pytest.approx(50.0, abs=ANGLE64_ATOL_DEG)
+    assert stacked[0, 1].item() == pytest.approx(0.0, abs=ANGLE64_ATOL_DEG)
