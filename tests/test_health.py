@@ -215,9 +215,9 @@ def test_rotation_angles_for_several_k_equal_single_k_calls_and_zero_row_padding
                                                abs=EXACT64_ATOL)
     # SOAP health stacks bases of different sizes with zero rows: same angles
     P = orthonormal(10, seed=9)
-    P_new = rotate_columns(P, 1, 7, 50.0)
+    P_new = rotate_columns(P, 1, 9, 50.0)  # the 2nd column leaves the top-8 span
     stacked = rotation_angles_degrees(_stack_top_columns([Q, P], 8),
                                       _stack_top_columns([Q_new, P_new], 8), (1, 8))
     torch.testing.assert_close(stacked[:, 0], both, atol=EXACT64_ATOL, rtol=0.0)
-    assert stacked[1, 1].item() == pytest.approx(50.0, abs=ANGLE64_ATOL_DEG)
-    assert stacked[0, 1].item() == pytest.approx(0.0, abs=ANGLE64_ATOL_DEG)
+    assert stacked[0, 1].item() == pytest.approx(0.0, abs=ANGLE64_ATOL_DEG)  # k=1
+    assert stacked[1, 1].item() == pytest.approx(50.0, abs=ANGLE64_ATOL_DEG)  # k=8
