@@ -414,6 +414,22 @@ def plan_table(models: list[tuple[str, list[tuple[int, int]], list[str]]]) -> li
     return lines
 
 
+def code_version() -> str:
+    """The commit the measured code is at, and whether optim/ or sharding/ differ from it."""
+    import subprocess
+
+    root = _HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "optim", "sharding"],
+                               cwd=root, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    changed = sorted(line[3:] for line in dirty.splitlines())
+    return f"commit {head}" + (f", uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, few steps")
@@ -430,7 +446,7 @@ def main() -> None:
     print(f"# OwnerSharding benchmark ({datetime.date.today()}, torch {torch.__version__}, CPU "
           f"gloo, 1 thread per rank, {os.cpu_count()} CPUs; Muon model GPT d={cfg['d_model']} "
           f"x {cfg['n_layers']} layers: {len(shapes)} matrices, P = {p / 1e6:.3f} M; "
-          f"median over {steps} timed steps of the slowest rank)\n")
+          f"median over {steps} timed steps of the slowest rank; {code_version()})\n")
     muon_lines, soap_lines = [], []
     for world in args.worlds:
         jobs = [{"kinds": ["ours", "naive", "torch"], "cfg": cfg, "steps": steps,
