@@ -21,7 +21,7 @@ Methods (``orthogonalize(..., method=)``):
     optimal for that interval, so the iteration never leaves the interval it was built for and
     cannot diverge in bfloat16 (a fixed list whose p(1) != 1 can). 2 products per step.
 ``"svd"``
-    The exact polar factor by ``torch.linalg.svd`` (the reference; slow).
+    The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow).
 
 Normalization. Every iteration needs ``sigma_max <= 1`` first. The Frobenius norm gives it but
 wastes range on ill-conditioned inputs (it overestimates sigma_max by up to sqrt(rank)).
@@ -244,12 +244,24 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
 
 
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
-    U, S, Vh = torch.linalg.svd(X.to(compute), full_matrices=False)
-    # Zero singular values have no polar direction: drop them (a zero matrix maps to zero),
-    # which is also what every odd polynomial does.
-    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(compute).eps
-    keep = (S > tol).to(compute)
-    return (U * keep.unsqueeze(-2)) @ Vh
+    """Exact polar factor ``U V^T`` by LAPACK, the reference for the iterations.
+
+    LAPACK runs in float64 (at least): float32 and narrower inputs are exact there, and the
+    factor is then accurate for every singular value the stored data resolves. Zero singular
+    values have no polar direction and map to 0 (a zero matrix returns zeros, as every odd
+    polynomial does). "Zero" is the float64 numerical-rank tolerance
+    ``sigma_max * max(m, n) * eps(float64)`` (~2e-13 relative for 1024 rows): float64 rounding
+    leaves an exact zero singular value below it, while float32 data cannot hold a singular
+    value that small relative to sigma_max other than as rounding of its own entries
+    (~6e-8 relative), so nothing the data resolves is dropped. The old float32 tolerance
+    (``max(m, n) * eps(float32)``, 1.2e-4 for 1024 rows) dropped a third of the directions of
+    a matrix with singular values spread over [1e-6, 1].
+    """
+    work = torch.promote_types(compute, torch.float64)
+    U, S, Vh = torch.linalg.svd(X.to(work), full_matrices=False)
+    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
+    keep = (S > tol).to(work)
+    return ((U * keep.unsqueeze(-2)) @ Vh).to(compute)
 
 
 def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | None = None,

@@ -13,6 +13,7 @@ import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from optim import count_matmuls
+from optim.health import orthogonality_error
 from optim.orthogonalize import (
     _POLAR_EXPRESS_RAW,
     JORDAN_QUINTIC,
@@ -317,3 +318,46 @@ def test_cans_interval_step_equioscillates_on_its_interval():
     assert p(b) == pytest.approx(new_a, rel=1e-12)
     assert p(e) == pytest.approx(new_b, rel=1e-12)
     assert new_a + new_b == pytest.approx(2.0, rel=1e-12)
+
+
+# ---- the svd reference on ill-conditioned and rank-deficient inputs ---------------------------
+
+def _logspaced(m, n, lo, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(0.0, math.log10(lo), k, dtype=torch.float64)
+    return ((U * sigma) @ V.T).float()
+
+
+# fp32 output of an exactly orthogonal float64 factor: entries rounded by ~6e-8, Gram entries
+# off by ~sqrt(m) * 6e-8 ~ 2e-6 for m = 1024; 1e-5 leaves 5x margin. Before the fix the svd
+# reference dropped the singular values below 1.2e-4 and read ~0.59 here.
+SVD_REFERENCE_ORTHO_MAX = 1e-5
+
+
+def test_svd_reference_keeps_every_direction_of_singular_values_spread_over_1e_6_to_1():
+    X = _logspaced(1024, 256, 1e-6, seed=2)
+    O = orthogonalize(X, method="svd")
+    assert orthogonality_error(O).item() < SVD_REFERENCE_ORTHO_MAX
+    sigma = torch.linalg.svdvals(O.double())
+    assert sigma.min().item() > 1.0 - SVD_REFERENCE_ORTHO_MAX
+
+
+def test_svd_reference_maps_exact_zero_singular_values_and_zero_matrices_to_zero():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(32, 12, generator=g)
+    X = torch.cat([A, torch.zeros(32, 4)], dim=1)  # 4 exact zero singular values
+    O = orthogonalize(X, method="svd")
+    assert torch.equal(O[:, 12:], torch.zeros(32, 4))
+    torch.testing.assert_close(O[:, :12], orthogonalize(A, method="svd"), atol=1e-6, rtol=0.0)
+    sigma = torch.linalg.svdvals(O.double())
+    assert (sigma[:12] - 1.0).abs().max().item() < 1e-6 and sigma[12:].max().item() < 1e-6
+    assert torch.equal(orthogonalize(torch.zeros(2, 8, 5), method="svd"), torch.zeros(2, 8, 5))
+    # rank one, stored exactly: u v^T with small-integer entries has exact zero singular values
+    u = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    v = torch.tensor([2.0, 0.0, 1.0])
+    O1 = orthogonalize(torch.outer(u, v), method="svd")
+    expected = torch.outer(u / u.norm(), v / v.norm())
+    torch.testing.assert_close(O1, expected, atol=1e-6, rtol=0.0)
