@@ -47,6 +47,14 @@ def local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
+def _replicated(t: Tensor) -> Tensor:
+    """A DTensor reduction (e.g. the sum of a ``Shard(0)`` gradient) as one plain tensor with
+    the same value on every rank (DTensor runs the all-reduce), so that every rank takes the
+    same skip decision; a plain tensor as is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
 def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
     """Whether each tensor holds only finite values, with one fused reduction and one host sync.
 
@@ -57,7 +65,7 @@ def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
     """
     if not tensors:
         return []
-    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
+    sums = torch.stack([_replicated(t.sum()).to(torch.float64) for t in tensors])
     ok = torch.isfinite(sums).tolist()
     return [bool(good) or bool(torch.isfinite(t).all())
             for good, t in zip(ok, tensors, strict=True)]
@@ -156,7 +164,6 @@ class MatrixOptimizer(Optimizer):
         self._check_groups()
         self.health_every = health_every
         self._health: dict[str, dict[str, Tensor | float]] = {}
-        self._nonfinite: dict[str, int] = defaultdict(int)
         self._step_items: list[MatrixItem] = []
         self._exchange = sharding if sharding is not None else LocalExchange()
         self._exchange.bind(self)
@@ -170,6 +177,11 @@ class MatrixOptimizer(Optimizer):
                     f"{ADAMW!r}, got {group['algorithm']!r}")
             if "param_names" not in group:
                 group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+            # Non-finite skip counts live in the param group so that state_dict() carries them
+            # (plain ints, the same keys on every rank); health() reports them.
+            saved = group.get("nonfinite_skips") or {}
+            group["nonfinite_skips"] = {name: int(saved.get(name, 0))
+                                        for name in group["param_names"]}
             if group["algorithm"] == ADAMW:
                 continue
             for name, p in zip(group["param_names"], group["params"], strict=True):
@@ -219,16 +231,16 @@ class MatrixOptimizer(Optimizer):
             if ok:
                 batches[(id(items[j].group), items[j].shape)].append(j)
             else:
-                self._nonfinite[items[j].name] += 1
+                items[j].group["nonfinite_skips"][items[j].name] += 1
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
         for js in batches.values():
             batch_items = [items[j] for j in js]
             out = self._compute(batch_items, self._stack(batch_items, [full_inputs[j] for j in js]))
             for j, o in zip(js, out.unbind(0), strict=True):
                 results[j] = o
-        for j in range(len(indices)):
-            self._health.setdefault(items[j].name, {})["nonfinite_skips"] = \
-                float(self._nonfinite[items[j].name])
+        for item in items:
+            self._health.setdefault(item.name, {})["nonfinite_skips"] = \
+                float(item.group["nonfinite_skips"][item.name])
         return [r for r in results if r is not None]
 
     def init_state(self) -> None:
@@ -296,9 +308,17 @@ class MatrixOptimizer(Optimizer):
 
     # ---- AdamW fallback -----------------------------------------------------------------
     def _adamw_step(self, group: dict[str, Any]) -> None:
+        """AdamW on the fallback group. As for matrices, a parameter whose gradient holds a NaN
+        or Inf is skipped (its state and value untouched) and counted; it appears in
+        :meth:`health` from its first skip on, as ``{"nonfinite_skips": n}``."""
+        named = [(name, p) for name, p in zip(group["param_names"], group["params"], strict=True)
+                 if p.grad is not None]
+        finite = all_finite([p.grad for _, p in named])
         params, grads, avgs, sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
+        for (name, p), ok in zip(named, finite, strict=True):
+            if not ok:
+                group["nonfinite_skips"][name] += 1
+                self._record(name, {"nonfinite_skips": float(group["nonfinite_skips"][name])})
                 continue
             state = self._adamw_state(p)
             params.append(p)
@@ -334,6 +354,8 @@ class MatrixOptimizer(Optimizer):
             for key, value in list(g.items()):
                 if callable(value):
                     g[key] = None
+            if "nonfinite_skips" in g:  # a snapshot, not the live counter
+                g["nonfinite_skips"] = dict(g["nonfinite_skips"])
         return self._exchange.export_state(sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -343,3 +365,8 @@ class MatrixOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         for group, saved in zip(self.param_groups, callables, strict=True):
             group.update(saved)
+        self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
+        for group in self.param_groups:
+            for name, count in group["nonfinite_skips"].items():
+                if count and group["algorithm"] == ADAMW:  # matrices re-report at their next step
+                    self._record(name, {"nonfinite_skips": float(count)})

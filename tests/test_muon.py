@@ -410,3 +410,74 @@ def test_closure_is_called_and_its_loss_returned():
     before = copy.deepcopy(model.state_dict())
     opt.step(closure)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- AdamW fallback: non-finite gradients, skip counts in the state dict ------------------------
+
+def _routed_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_adamw_fallback_skips_a_nonfinite_gradient_counts_it_and_trains_on():
+    from optim import split_param_groups
+    model, ref_model = _routed_model(), _routed_model()
+    opt = Muon(split_param_groups(model.named_parameters()), lr=0.02)
+    ref = Muon(split_param_groups(ref_model.named_parameters()), lr=0.02)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(4))
+    for t in range(4):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+        if t == 1:  # a NaN in one bias: that bias is skipped; the reference gets no grad for it
+            bias = dict(model.named_parameters())["0.bias"]
+            before = bias.detach().clone()
+            state_before = {k: v.clone() for k, v in opt.state[bias].items()}
+            bias.grad[3] = float("nan")
+            dict(ref_model.named_parameters())["0.bias"].grad = None
+        opt.step()
+        ref.step()
+        if t == 1:
+            assert torch.equal(bias, before)
+            for k, v in state_before.items():
+                assert torch.equal(opt.state[bias][k], v), k
+            assert opt.health()["0.bias"] == {"nonfinite_skips": 1.0}
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, q)
+    assert "2.bias" not in opt.health()  # never skipped: not reported
+
+
+def test_nonfinite_skip_counts_survive_a_state_dict_round_trip():
+    from optim import split_param_groups
+    model = _routed_model()
+    names = [n for n, _ in model.named_parameters()]
+    opt = Muon(split_param_groups(model.named_parameters()), lr=0.02)
+    x = torch.randn(16, 8)
+    for bad in ("0.weight", "0.weight", "2.bias"):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        dict(model.named_parameters())[bad].grad.view(-1)[0] = float("inf")
+        opt.step()
+    saved = opt.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    fresh = Muon(split_param_groups(model.named_parameters()), lr=0.02)
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    assert fresh.health()["2.bias"]["nonfinite_skips"] == 1.0  # AdamW: reported on load
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    fresh.step()
+    health = fresh.health()
+    assert health["0.weight"]["nonfinite_skips"] == 2.0
+    assert health["2.weight"]["nonfinite_skips"] == 0.0
+    # the same keys whatever happened (every rank presents identical state dict keys)
+    for group in saved["param_groups"]:
+        assert set(group["nonfinite_skips"]) <= set(names)
+    assert sorted(k for g in saved["param_groups"] for k in g["nonfinite_skips"]) == sorted(names)
+    # the saved snapshot does not follow the live counter
+    dict(model.named_parameters())["2.bias"].grad.view(-1)[0] = float("inf")
+    opt.step()
+    assert sum(sum(g["nonfinite_skips"].values()) for g in opt.param_groups) == 4
+    assert sum(sum(g["nonfinite_skips"].values()) for g in saved["param_groups"]) == 3
