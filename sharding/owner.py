@@ -7,11 +7,13 @@ Communication plan of one optimizer step (``W`` ranks, matrices ``i`` with owner
    flat float32 buffer, and ONE ``all_to_all_single`` with uneven split sizes delivers them.
    The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
    order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
-   under DDP) need no gather: the owner already has the full input.
+   under DDP) need no gather: the owner already has the full input, and with only replicated
+   matrices this phase sends nothing and makes no call.
 2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
    (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
 3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
-   for replicated matrices, the whole update from its owner to every rank.
+   for replicated matrices, the whole update from its owner to every rank (an all-gather with
+   exact sizes, so no rank repeats another's work).
 
 No padding: ``all_to_all_single`` takes exact per-rank split sizes, so uneven shards and empty
 ``(0, n)`` shards cost nothing extra. Per rank and step this moves ``2 (W-1)/W^2 P`` elements on
@@ -138,6 +140,8 @@ class OwnerSharding:
         return self._scatter(plan, inputs, owned, results)
 
     def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int]) -> list[Tensor]:
+        if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
+            return [inputs[i].to(self.exchange_dtype) for i in owned]
         device = inputs[0].device
         send = [[inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]

@@ -52,6 +52,8 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
 
 def load_balance(costs: Sequence[float], owners: Sequence[int], world_size: int) -> float:
     """max / mean of the per-rank cost (1.0 is perfect)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
     loads = [0.0] * world_size
     for c, o in zip(costs, owners, strict=True):
         loads[o] += c
