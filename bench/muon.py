@@ -1,6 +1,6 @@
 """Muon step time against torch.optim.Muon, and the cost of live health.
 
-    .venv/bin/python bench/muon.py [--quick] [--steps N] [--threads N]
+    .venv/bin/python bench/muon.py [--quick] [--steps N] [--threads N] [--cpu-time]
     orthoshard bench muon [--quick]
 
 The matrices of a small 2-layer transformer block stack (d_model 256, MLP 1024: per layer
@@ -10,7 +10,10 @@ compared, and the table shows medians: the machine is shared and noisy, so only 
 measured in one process means anything.
 
 Ratios: our ``Muon`` / ``torch.optim.Muon`` (same arguments; ours batches same-shape matrices),
-and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05), plus NorMuon.
+and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05), plus NorMuon. Our
+optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every
+step makes it. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time: other jobs
+on a shared machine do not inflate it; use it with ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -38,12 +41,17 @@ def make(shape_list: list[tuple[int, int]]) -> tuple[list[nn.Parameter], list[to
     return params, grads
 
 
+CLOCK = time.perf_counter
+
+
 def timed_step(opt: torch.optim.Optimizer, params, grads) -> float:
     for p, g in zip(params, grads, strict=True):
         p.grad = g
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     opt.step()
-    return time.perf_counter() - t0
+    if hasattr(opt, "health"):
+        opt.health()
+    return CLOCK() - t0
 
 
 def compare(label: str, factories: dict[str, callable], shape_list, steps: int) -> dict:
@@ -65,15 +73,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpu-time", action="store_true", help="time.thread_time, not wall")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
     steps = args.steps or (10 if args.quick else 30)
     shape_list = shapes(args.quick)
     n_params = sum(a * b for a, b in shape_list)
     print(f"# Muon step-time benchmark (torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, {len(shape_list)} matrices, {n_params / 1e6:.2f} M params, median of "
-          f"{steps} interleaved steps)\n")
+          f"{steps} interleaved steps, {'CPU' if args.cpu_time else 'wall'} time)\n")
     kw = {"lr": 0.02}
     rows = [
         ("ours Muon / torch.optim.Muon",

@@ -1,6 +1,7 @@
 """Orthogonality error against counted matrix products, and quintic's time against torch's.
 
-    .venv/bin/python bench/orthogonalize.py [--quick] [--threads N]
+    .venv/bin/python bench/orthogonalize.py [--quick] [--threads N] [--reps N] [--cpu-time]
+        [--timing-only]
     orthoshard bench orthogonalize [--quick]
 
 Accuracy: every method's iterates from ``optim.orthogonalize.polar_iterates``; the x-axis is the
@@ -93,13 +94,16 @@ def accuracy_tables(xs: dict[str, torch.Tensor]) -> None:
                   f"| {fmt(best32)} | {fmt(floor16)} |")
 
 
+CLOCK = time.perf_counter
+
+
 def median_time(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -123,13 +127,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small inputs, few repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--reps", type=int, default=None, help="timing repetitions")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time.thread_time (this thread's CPU time; use with --threads 1)")
+    parser.add_argument("--timing-only", action="store_true", help="skip the accuracy tables")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
     xs = inputs(args.quick)
     print(f"# orthogonalize benchmark (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads{', quick' if args.quick else ''})")
-    accuracy_tables(xs)
+          f"{torch.get_num_threads()} threads{', quick' if args.quick else ''}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time)")
+    if not args.timing_only:
+        accuracy_tables(xs)
     timing_table(xs, args.reps or (3 if args.quick else 7))
 
 

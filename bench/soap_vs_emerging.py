@@ -6,6 +6,7 @@ Emerging-Optimizers is NOT a project dependency. Run this script in its own venv
     /tmp/eo-venv/bin/pip install torch==2.13.0 absl-py numpy
     /tmp/eo-venv/bin/pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0
     /tmp/eo-venv/bin/python bench/soap_vs_emerging.py [--sizes 128x64,512x256] [--reps 3]
+        [--divergence]
 
 (0.3.0 declares Python 3.12 for ``typing.override`` only; the shim below supplies it on 3.11.)
 The repository root is put on ``sys.path``: ``optim`` needs torch only.
@@ -115,12 +116,54 @@ def timing(EO, sizes, steps, reps) -> None:
                   f"{eo * 1e3:8.2f} {ours / eo:8.2f} {off * 1e3:10.2f} {ours / off:7.3f}")
 
 
+def divergence(EO, steps: int = 60) -> None:
+    """bench/training.py's MLP with plain SOAP on its matrices (AdamW on the rest), ours and
+    EO's with identical arguments: test loss after 10, 30 and 60 steps (docs/soap.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torch import nn
+    from training import MLP, data
+
+    tensors = data(8192)
+
+    def run(make, lr):
+        x_train, y_train, x_test, y_test = tensors
+        model = MLP(nn.ReLU(), seed=7)
+        named = list(model.named_parameters())
+        mats = [p for n, p in named if p.ndim == 2 and n != "head.weight"]
+        rest = [p for n, p in named if not (p.ndim == 2 and n != "head.weight")]
+        opt = make(mats, lr)
+        adam = torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for t in range(1, steps + 1):
+            idx = torch.randint(0, x_train.shape[0], (128,), generator=gen)
+            opt.zero_grad()
+            adam.zero_grad()
+            nn.functional.mse_loss(model(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+            adam.step()
+            if t in (10, 30, 60):
+                with torch.no_grad():
+                    losses.append(nn.functional.mse_loss(model(x_test), y_test).item())
+        return " / ".join(f"{v:.3g}" for v in losses)
+
+    print(f"\nMLP test loss after 10 / 30 / {steps} steps (initial ~0.42), plain SOAP, wd=0")
+    for lr in (3e-3, 1e-3):
+        for solver, kw in (("power x1", {}), ("power x3", {"power_iter_steps": 3}),
+                           ("eigh", {"use_eigh": True})):
+            ours = run(lambda ps, lr, kw=kw: SOAP(ps, lr=lr, weight_decay=0.0, **kw), lr)
+            eo = run(lambda ps, lr, kw=kw: EO(ps, lr=lr, weight_decay=0.0, **kw), lr)
+            print(f"  lr={lr:g} {solver:<9} ours {ours:<28} EO {eo}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128x64,512x256")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--divergence", action="store_true",
+                        help="also the MLP run of docs/soap.md (power iteration at lr 3e-3)")
     args = parser.parse_args()
     try:
         from emerging_optimizers.soap.soap import SOAP as EO
@@ -132,6 +175,8 @@ def main() -> None:
     agreement(EO)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     timing(EO, sizes, args.steps, args.reps)
+    if args.divergence:
+        divergence(EO)
 
 
 if __name__ == "__main__":
