@@ -81,7 +81,7 @@ def accuracy_tables(xs: dict[str, torch.Tensor]) -> None:
                 summary.append((name, method, dname, reach, min(e for _, e in pts)))
             with count_matmuls() as c:
                 svd_err = float(orthogonality_error(orthogonalize(X, method="svd")))
-            print(f"| svd (fp32, {c.products} counted) | {fmt(svd_err)} |\n")
+            print(f"| svd (float64 LAPACK, {c.products} counted) | {fmt(svd_err)} |\n")
     print(f"\n## products to reach {TARGET:g} in fp32, and the bf16 floor (min over iterates)\n")
     print("| input | method | products to 1e-5 (fp32) | fp32 best | bf16 floor |")
     print("|---|---|---|---|---|")
