@@ -47,26 +47,28 @@ def local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def _replicated(t: Tensor) -> Tensor:
-    """A DTensor reduction (e.g. the sum of a ``Shard(0)`` gradient) as one plain tensor with
-    the same value on every rank (DTensor runs the all-reduce), so that every rank takes the
-    same skip decision; a plain tensor as is."""
-    full = getattr(t, "full_tensor", None)
-    return full() if full is not None else t
-
-
-def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
+def all_finite(tensors: Sequence[Tensor], *,
+               agree: Callable[[Tensor], Tensor] | None = None) -> list[bool]:
     """Whether each tensor holds only finite values, with one fused reduction and one host sync.
 
     A finite sum implies finite entries (NaN and Inf propagate, ``+Inf + -Inf`` is NaN), and a sum
     reads the data once, where ``torch.isfinite(x).all()`` makes four passes and allocates two
     masks (measured 7 ms against 0.15 ms on a 1024x1024 fp32 matrix, one thread). A non-finite
     sum can also be an overflow of finite entries, so only those tensors are checked exactly.
+
+    For sharded tensors (DTensors) each rank sums its own shard; ``agree`` (the exchange's
+    all-reduce) then sums those partial sums across ranks in ONE collective for all tensors, so
+    every rank takes the same decision for the whole parameter.
     """
     if not tensors:
         return []
-    sums = torch.stack([_replicated(t.sum()).to(torch.float64) for t in tensors])
+    sums = torch.stack([local(t).sum().to(torch.float64) for t in tensors])
+    sharded = any(hasattr(t, "to_local") for t in tensors)
+    if sharded and agree is not None:
+        sums = agree(sums)
     ok = torch.isfinite(sums).tolist()
+    if sharded:  # an overflowing sum of finite shards: rare, and rechecked by the same rule
+        return [bool(good) for good in ok]
     return [bool(good) or bool(torch.isfinite(t).all())
             for good, t in zip(ok, tensors, strict=True)]
 
@@ -112,6 +114,10 @@ class MatrixExchange(Protocol):
         """Cumulative optimizer communication of this rank."""
         ...
 
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (one collective); the identity in one process."""
+        ...
+
 
 class LocalExchange:
     """Single process: every matrix is whole and owned here."""
@@ -134,6 +140,9 @@ class LocalExchange:
 
     def comm_stats(self) -> dict[str, int]:
         return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t
 
 
 class MatrixOptimizer(Optimizer):
@@ -313,7 +322,7 @@ class MatrixOptimizer(Optimizer):
         :meth:`health` from its first skip on, as ``{"nonfinite_skips": n}``."""
         named = [(name, p) for name, p in zip(group["param_names"], group["params"], strict=True)
                  if p.grad is not None]
-        finite = all_finite([p.grad for _, p in named])
+        finite = all_finite([p.grad for _, p in named], agree=self._exchange.all_reduce_sum)
         params, grads, avgs, sqs, steps = [], [], [], [], []
         for (name, p), ok in zip(named, finite, strict=True):
             if not ok:

@@ -31,6 +31,7 @@ __all__ = ["export_owner_state", "import_owner_state", "load", "save"]
 
 def _mesh(sharding: OwnerSharding, device: torch.device) -> DeviceMesh:
     group = sharding.group if sharding.group is not None else dist.group.WORLD
+    assert group is not None  # OwnerSharding requires an initialized process group
     return DeviceMesh.from_group(group, device_type=device.type)
 
 
@@ -42,7 +43,24 @@ def _owners_by_state_index(sharding: OwnerSharding) -> dict[int, int]:
     return {k: plan.owners[index[id(p)]] for k, p in enumerate(flat) if id(p) in index}
 
 
+def _global_skip_counts(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
+    """Each matrix's non-finite skip count grows on its owner only, and DCP keeps one rank's
+    param groups: take the maximum over ranks (one all-reduce) so the saved counts are whole."""
+    groups = [g.get("nonfinite_skips") or {} for g in state_dict["param_groups"]]
+    keys = [(gi, name) for gi, counts in enumerate(groups) for name in sorted(counts)]
+    if not keys:
+        return
+    device = next((p.device for g in sharding._optimizer.param_groups for p in g["params"]),
+                  torch.device("cpu"))
+    values = torch.tensor([groups[gi][name] for gi, name in keys], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=sharding.group)
+    for (gi, name), value in zip(keys, values.tolist(), strict=True):
+        groups[gi][name] = int(value)
+
+
 def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
+    _global_skip_counts(sharding, state_dict)
     keys = sharding._optimizer.owner_state_keys
     if not keys:
         return state_dict

@@ -81,7 +81,20 @@ class OwnerSharding:
         self._optimizer = optimizer
 
     def comm_stats(self) -> dict[str, int]:
+        """Bytes of the matrix exchange that crossed to or from other ranks (exact payload),
+        plus the payload of the AdamW-group finiteness agreement (8 bytes per sharded AdamW
+        parameter and step, counted once each way), and the number of collectives."""
         return dict(self._stats)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness agreement."""
+        out = t.clone()
+        dist.all_reduce(out, group=self.group)
+        if self.world_size > 1:
+            self._stats["bytes_sent"] += out.nbytes
+            self._stats["bytes_received"] += out.nbytes
+        self._stats["collectives"] += 1
+        return out
 
     # ---- planning -----------------------------------------------------------------------
     def global_plan(self) -> tuple[Plan, dict[int, int]]:

@@ -21,6 +21,9 @@ def init_gloo(rank: int, world_size: int, store: str) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # As orthoshard.train: gloo's eager full-mesh connect at init is the one step seen to hang
+    # or refuse connections on this machine; lazy pair connection changes no result.
+    os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
     import torch
 
     torch.set_num_threads(1)

@@ -61,6 +61,7 @@ def full_grads(step: int, *, nan: bool) -> dict[str, torch.Tensor]:
     grads["bias"] = torch.randn(BIAS, generator=g)
     if nan and step == NAN_STEP:
         grads[NAN_PARAM][NAN_ROW, 0] = float("nan")
+        grads["bias"][BIAS - 1] = float("inf")  # on one rank's shard only (W = 2 and 4)
     return grads
 
 
@@ -155,7 +156,9 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
 
 def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
                save_dir: str | None, first: int, last: int, out: str) -> None:
-    """Per optimizer: load ``load_dir/name`` if given, train steps [first, last), save."""
+    """Per optimizer: load ``load_dir/name`` if given, train steps [first, last) with the NaN
+    scenario's gradients, save; rank 0 writes the final parameters and the skip counts that
+    the ranks' health reports (gathered)."""
     from sharding import OwnerSharding, checkpoint
 
     finals = {}
@@ -164,10 +167,13 @@ def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
         if load_dir:
             checkpoint.load(Path(load_dir) / name, model, opt)
         for step in range(first, last):
-            inject(model, step)
+            inject(model, step, nan=True)
             opt.step()
         if save_dir:
             checkpoint.save(Path(save_dir) / name, model, opt)
-        finals[name] = full_params(model)
+        health: list[Any] = [None] * world
+        dist.all_gather_object(health, opt.health())
+        skips = {k: v["nonfinite_skips"] for h in health for k, v in h.items()}
+        finals[name] = {"params": full_params(model), "skips": skips}
     if rank == 0:
         torch.save(finals, Path(out))
