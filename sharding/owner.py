@@ -1,34 +1,4 @@
-"""OwnerSharding: full-matrix optimizer updates on owner ranks, one all-to-all each way.
-
-Communication plan of one optimizer step (``W`` ranks, matrices ``i`` with owner ``o(i)``):
-
-1. *Gather.* Every rank packs, for each destination rank ``d``, its rows of the update input
-   of every row-sharded (FSDP2 ``Shard(0)``) matrix that ``d`` owns, in matrix order, into one
-   flat float32 buffer, and ONE ``all_to_all_single`` with uneven split sizes delivers them.
-   The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
-   order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
-   under DDP) need no gather: the owner already has the full input, and with only replicated
-   matrices this phase sends nothing and makes no call.
-2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
-   (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
-3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
-   for replicated matrices, the whole update from its owner to every rank (an all-gather with
-   exact sizes, so no rank repeats another's work).
-
-No padding: ``all_to_all_single`` takes exact per-rank split sizes, so uneven shards and empty
-``(0, n)`` shards cost nothing extra. Per rank and step this moves ``2 (W-1)/W^2 P`` elements on
-average for ``P`` sharded matrix elements (the exact per-rank figure is
-:meth:`sharding.plan.Plan.elements_sent`), against ``(W-1)/W P`` when every rank calls
-``full_tensor()`` and repeats all the work.
-
-Ownership is a cost-balanced longest-processing-time plan (:mod:`sharding.plan`) computed
-identically on every rank from the shapes and cached while the set of matrices is unchanged.
-Every rank must step the same parameters in the same order (true under FSDP2, where every rank
-has a gradient for every parameter, possibly an empty shard of it).
-
-One code path for 1 and N ranks, for gloo (CPU) and NCCL (GPU): the buffers live on the
-parameters' device.
-"""
+"""OwnerSharding: full-matrix optimizer updates on owner ranks, one all-to-all each way."""
 
 from __future__ import annotations
 
@@ -51,6 +21,35 @@ Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
 
 class OwnerSharding:
     """Pass as ``sharding=`` to ``Muon``, ``NorMuon`` or ``SOAP``.
+
+    Communication plan of one optimizer step (``W`` ranks, matrices ``i`` with owner ``o(i)``):
+
+    1. *Gather.* Every rank packs, for each destination rank ``d``, its rows of the update input
+       of every row-sharded (FSDP2 ``Shard(0)``) matrix that ``d`` owns, in matrix order, into one
+       flat float32 buffer, and ONE ``all_to_all_single`` with uneven split sizes delivers them.
+       The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
+       order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
+       under DDP) need no gather: the owner already has the full input, and with only replicated
+       matrices this phase sends nothing and makes no call.
+    2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
+       (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
+    3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
+       for replicated matrices, the whole update from its owner to every rank (an all-gather with
+       exact sizes, so no rank repeats another's work).
+
+    No padding: ``all_to_all_single`` takes exact per-rank split sizes, so uneven shards and empty
+    ``(0, n)`` shards cost nothing extra. Per rank and step this moves ``2 (W-1)/W^2 P`` elements on
+    average for ``P`` sharded matrix elements (the exact per-rank figure is
+    :meth:`sharding.plan.Plan.elements_sent`), against ``(W-1)/W P`` when every rank calls
+    ``full_tensor()`` and repeats all the work.
+
+    Ownership is a cost-balanced longest-processing-time plan (:mod:`sharding.plan`) computed
+    identically on every rank from the shapes and cached while the set of matrices is unchanged.
+    Every rank must step the same parameters in the same order (true under FSDP2, where every rank
+    has a gradient for every parameter, possibly an empty shard of it).
+
+    One code path for 1 and N ranks, for gloo (CPU) and NCCL (GPU): the buffers live on the
+    parameters' device.
 
     Args:
         group: the process group (None: the default group). Under FSDP2 it must be the group of
