@@ -257,9 +257,11 @@ def _wait_for(prom: httpx.Client, promql: str, *, want: int, within_s: float) ->
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            result = _query(prom, promql)
-            if len(result) >= want:
-                return result
+            # While it starts, Prometheus answers 503 "Service Unavailable" (plain text).
+            if prom.get("/-/ready").status_code == 200:
+                result = _query(prom, promql)
+                if len(result) >= want:
+                    return result
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -271,32 +273,38 @@ def _wait_for(prom: httpx.Client, promql: str, *, want: int, within_s: float) ->
 
 @pytest.mark.timeout(120)
 def test_real_optimizer_health_through_publisher_into_sidecar(sidecar: Sidecar) -> None:
-    torch = pytest.importorskip("torch")
-    optim = pytest.importorskip("optim")
+    import torch
+
+    from optim import SOAP
+    from orthoshard.telemetry import publish_health
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(16, 8, bias=False)
     )
-    opt = (
-        optim.SOAP(model.named_parameters(), lr=1e-2)
-        if hasattr(optim, "SOAP")
-        else optim.Muon(model.named_parameters())
-    )
+    opt = SOAP(model.named_parameters(), lr=1e-2)
     pub = Publisher(uds=sidecar.uds, token=sidecar.token, run_id="e2e")
-    reported = {}
+    reported: dict[str, dict[str, float]] = {}
     for step in range(1, 6):
         opt.zero_grad()
         model(torch.randn(8, 32)).square().mean().backward()
         opt.step()
-        reported = opt.health()
-        pub.publish(step=step, rank=0, params=reported)
+        reported = publish_health(pub, opt, step=step, rank=0, with_summary=step == 5)
     assert pub.close(timeout_s=10) and pub.stats.rejected == 0
     assert set(reported) == {"0.weight", "1.weight"}
     with sidecar.client() as c:
         detail = c.get("/v1/params/0.weight").json()
-        assert detail["step"] == 5
-        assert detail["metrics"] == pytest.approx(reported["0.weight"], rel=0, abs=0)
         text = c.get("/metrics").text
-    orth = reported["0.weight"].get("orthogonality_error")
-    if orth is not None:
-        assert f'orthoshard_orthogonality_error{{param="0.weight"}} {orth!r}' in text
+    assert detail["step"] == 5
+    assert detail["metrics"] == pytest.approx(reported["0.weight"], rel=0, abs=0)
+    state = detail["state"]  # the optimizer summary: shape, owner and L's top eigenvalues
+    assert state["shape"] == [16, 32] and state["owner_rank"] == 0
+    eig = state["eigenvalues"]["L"]
+    assert len(eig) == 8 and eig == sorted(eig, reverse=True)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    key = ("orthoshard_basis_rotation_degrees",
+           (("factor", "L"), ("k", "1"), ("param", "0.weight")))
+    assert samples[key] == reported["0.weight"]["rotation_degrees_L_k1"]
