@@ -182,11 +182,12 @@ def test_killing_the_sidecar_does_not_slow_the_publishing_loop(sidecar: Sidecar)
         time.sleep(0.002)  # stands in for a training step
     pub.close(timeout_s=1)
     after = costs[200:]
-    # "Never blocks": publish only appends to a deque. Measured medians are ~5-10 us; 0.5 ms and
-    # 50 ms leave room for a shared 2-core machine (GIL hand-offs with the sender thread)
-    # while still failing at once if publish ever waited on the network (timeout is 500 ms).
+    # "Never blocks": publish only appends to a deque. Measured medians are ~5-10 us and the
+    # worst call 3.5 ms (a GIL hand-off to the encoding sender thread); 0.5 ms and 200 ms leave
+    # room for a loaded 2-core machine while still failing at once if publish ever waited on
+    # the network (the request timeout is 500 ms, and a dead sidecar makes every request wait).
     assert statistics.median(after) < 5e-4, statistics.median(after)
-    assert max(costs) < 0.05, max(costs)
+    assert max(costs) < 0.2, max(costs)
     assert pub.stats.sent >= 1 and pub.stats.failures >= 1
 
 
