@@ -67,10 +67,18 @@ def all_finite(tensors: Sequence[Tensor], *,
     if sharded and agree is not None:
         sums = agree(sums)
     ok = torch.isfinite(sums).tolist()
-    if sharded:  # an overflowing sum of finite shards: rare, and rechecked by the same rule
-        return [bool(good) for good in ok]
-    return [bool(good) or bool(torch.isfinite(t).all())
-            for good, t in zip(ok, tensors, strict=True)]
+    if all(ok):
+        return [True] * len(tensors)
+    suspects = [i for i, good in enumerate(ok) if not good]
+    # A non-finite sum can be an overflow of finite entries: check those tensors exactly. Every
+    # rank saw the same agreed sums, so every rank takes this branch and makes the same call.
+    bad = torch.tensor([float(not bool(torch.isfinite(local(tensors[i])).all()))
+                        for i in suspects], dtype=torch.float64, device=sums.device)
+    if sharded and agree is not None:
+        bad = agree(bad)
+    for i, flag in zip(suspects, bad.tolist(), strict=True):
+        ok[i] = flag == 0.0
+    return [bool(good) for good in ok]
 
 
 @dataclass
