@@ -37,6 +37,7 @@ def _sidecar(args: argparse.Namespace) -> int:
             port=args.port,
             uds=args.uds,
             series_ttl_s=args.series_ttl,
+            rotation_hold_s=args.rotation_hold,
             history_max_rows=args.history_max_rows,
             max_body_bytes=args.max_body_bytes,
         )
@@ -61,6 +62,11 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     sidecar.add_argument(
         "--series-ttl", type=float, default=defaults.DEFAULT_SERIES_TTL_S,
         help="seconds after which a silent param/rank leaves /metrics (default %(default)s)",
+    )  # fmt: skip
+    sidecar.add_argument(
+        "--rotation-hold", type=float, default=defaults.DEFAULT_ROTATION_HOLD_S,
+        help="seconds each basis-rotation series holds its largest value, so a one-step spike "
+        "survives until the next scrape; keep it >= the scrape interval (default %(default)s)",
     )  # fmt: skip
     sidecar.add_argument(
         "--history-max-rows", type=int, default=defaults.DEFAULT_HISTORY_MAX_ROWS,

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun --max-restarts")
     p.add_argument("--sidecar-port", type=int, default=0, help="0: a free port")
     p.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step")
+    p.add_argument("--rotation-hold", type=float, default=None,
+                   help="the sidecar's --rotation-hold (seconds; default: the sidecar's 30 s)")
     p.add_argument("--linger", type=float, default=0.0,
                    help="keep the sidecar up this many seconds after training (-1: until Ctrl-C)")
 
@@ -57,7 +59,7 @@ def _free_port() -> int:
 class Sidecar:
     """A sidecar subprocess on 127.0.0.1 with a fresh token in ``OUT/sidecar.token``."""
 
-    def __init__(self, out: Path, port: int) -> None:
+    def __init__(self, out: Path, port: int, rotation_hold: float | None = None) -> None:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = out / "sidecar.token"
@@ -67,6 +69,8 @@ class Sidecar:
         cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--port", str(self.port),
                "--token-file", str(self.token_file), "--db", str(self.db),
                "--log-level", "warning"]
+        if rotation_hold is not None:
+            cmd += ["--rotation-hold", str(rotation_hold)]
         self.proc = subprocess.Popen(cmd)
         self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
             "Authorization": f"Bearer {self.token_file.read_text()}"})
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _fresh_outputs(args.out, args.resume)
     started = time.time()
-    sidecar = Sidecar(args.out, args.sidecar_port)
+    sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)
     try:
         print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
         code = _torchrun(args, sidecar)

@@ -54,7 +54,12 @@ def create_app(
         summary="Optimizer health: ingest snapshots, serve state, history and Prometheus metrics.",
         lifespan=lifespan,
     )
-    collector = HealthCollector(store, series_ttl_s=settings.series_ttl_s, clock=clock)
+    collector = HealthCollector(
+        store,
+        series_ttl_s=settings.series_ttl_s,
+        rotation_hold_s=settings.rotation_hold_s,
+        clock=clock,
+    )
     app.state.settings = settings
     app.state.store = store
     app.state.clock = clock

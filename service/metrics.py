@@ -20,6 +20,15 @@ Health metric names map generically: ``rotation_degrees_{factor}_k{k}``,
 ``eigengap_ratio_{factor}``, ``orthogonality_error``, ``nonfinite_skips``; other health metrics
 (``update_rms``, ``basis_staleness_L``, ...) are kept in the state API but not exported.
 
+Rotation hold: a basis rotation is an event of one step, and the gauge of the latest step
+would show a spike only until the next snapshot, often shorter than the scrape interval. Each
+``orthoshard_basis_rotation_degrees`` series therefore exports the largest value among the
+snapshots received in the last ``rotation_hold_s`` seconds (30 s by default, twice the usual
+15 s scrape), and never less than the latest value. Every spike is seen by at least one scrape;
+the state API keeps the exact per-step values. Non-finite rotations are not held: the export is
+``NaN`` only when neither the latest value nor any value in the window is finite. The hold lives
+in memory (a restarted sidecar exports the latest values until new snapshots arrive).
+
 Expiry: a parameter or rank whose last snapshot was received more than ``series_ttl_s`` ago
 (900 s by default) is not emitted, so a parameter that stopped reporting, a dead rank or a
 previous run leaves no ghost series. A ``null`` metric (non-finite at the source) is emitted as
@@ -39,13 +48,15 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.settings import DEFAULT_ROTATION_HOLD_S
 from service.store import ParamRecord, RankRecord, Store
 
 #: What ``render`` writes: the classic text format (Prometheus 2.x negotiates it by default).
@@ -80,7 +91,8 @@ class Family:
 ROTATION = Family(
     "orthoshard_basis_rotation_degrees",
     "gauge",
-    "Largest principal angle between the previous and current top-k eigenbasis.",
+    "Largest principal angle between the previous and current top-k eigenbasis "
+    "(the largest over the sidecar's rotation hold window).",
     ("param", "factor", "k"),
 )
 EIGENGAP = Family(
@@ -140,11 +152,45 @@ def classify(key: str) -> tuple[int, tuple[str, ...]] | None:
     return None
 
 
-def param_samples(rec: ParamRecord) -> Iterator[Sample]:
-    """The exported samples of one parameter, indexed into ``PARAM_FAMILIES``."""
+def param_samples(rec: ParamRecord, held: Mapping[str, float] | None = None) -> Iterator[Sample]:
+    """The exported samples of one parameter, indexed into ``PARAM_FAMILIES``.
+
+    ``held`` overrides the values of some keys (the rotation hold).
+    """
     for key, raw in rec.metrics.items():
         if (kind := classify(key)) is not None:
-            yield kind[0], (rec.name, *kind[1]), math.nan if raw is None else raw
+            value = math.nan if raw is None else raw
+            if held is not None:
+                value = held.get(key, value)
+            yield kind[0], (rec.name, *kind[1]), value
+
+
+class _Peak:
+    """Sliding-window maximum of one series: a deque of (time, value), values decreasing.
+
+    ``push`` is amortized O(1); after ``prune(cutoff)`` the front is the largest value received
+    at or after ``cutoff`` (the deque is empty when none was).
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[float, float]] = deque()
+
+    def push(self, t: float, value: float) -> None:
+        entries = self.entries
+        while entries and entries[-1][1] <= value:
+            entries.pop()
+        entries.append((t, value))
+
+    def prune(self, cutoff: float) -> None:
+        entries = self.entries
+        while entries and entries[0][0] < cutoff:
+            entries.popleft()
+
+    def expires(self, hold: float) -> float:
+        """When the window's maximum may next change without a new value arriving."""
+        return self.entries[0][0] + hold if self.entries else math.inf
 
 
 def rank_samples(rec: RankRecord) -> Iterator[Sample]:
@@ -186,46 +232,82 @@ class HealthCollector(Collector):
     Args:
         store: the sidecar's store.
         series_ttl_s: records received longer ago than this are not emitted.
-        clock: Unix seconds (injected for tests).
+        rotation_hold_s: each rotation series exports its largest value over this many seconds.
+        clock: Unix seconds (injected for tests; the store's clock stamps ``received_at``).
     """
 
     def __init__(
-        self, store: Store, *, series_ttl_s: float, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        *,
+        series_ttl_s: float,
+        rotation_hold_s: float = DEFAULT_ROTATION_HOLD_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._ttl = series_ttl_s
+        self._hold = rotation_hold_s
         self._clock = clock
-        self._cache: dict[str, tuple[ParamRecord, list[str]]] = {}
-        self._cache_lock = threading.Lock()
+        # name -> (record, one text block per param family, time the blocks go stale)
+        self._cache: dict[str, tuple[ParamRecord, list[str], float]] = {}
+        self._peaks: dict[str, dict[str, _Peak]] = {}  # name -> rotation key -> window max
+        self._lock = threading.Lock()
         store.add_listener(self._warm)
 
     def _warm(self, records: list[ParamRecord]) -> None:
-        """Render new records at ingest time, so a scrape only joins cached text."""
-        with self._cache_lock:
+        """Feed the rotation hold and render new records at ingest time (a scrape only joins)."""
+        now = self._clock()
+        with self._lock:
             for rec in records:
-                self._param_lines(rec)
+                peaks = self._peaks.setdefault(rec.name, {})
+                for key, raw in rec.metrics.items():
+                    kind = classify(key)
+                    if kind is not None and kind[0] == 0 and raw is not None and math.isfinite(raw):
+                        peak = peaks.get(key) or peaks.setdefault(key, _Peak())
+                        peak.push(rec.received_at, raw)
+                        peak.prune(rec.received_at - self._hold)
+                self._cache.pop(rec.name, None)
+                self._param_lines(rec, now)
 
-    def _live(self) -> tuple[list[ParamRecord], list[RankRecord]]:
-        cutoff = self._clock() - self._ttl
+    def _held(self, rec: ParamRecord, now: float) -> tuple[dict[str, float] | None, float]:
+        """The rotation values to export for ``rec`` and until when they stay valid."""
+        peaks = self._peaks.get(rec.name)
+        if not peaks:
+            return None, math.inf
+        held: dict[str, float] = {}
+        valid_until = math.inf
+        for key, peak in peaks.items():
+            if key not in rec.metrics:
+                continue  # no longer reported: nothing to export
+            peak.prune(now - self._hold)
+            raw = rec.metrics[key]
+            finite = [v for v in (raw, peak.entries[0][1] if peak.entries else None)
+                      if v is not None and math.isfinite(v)]  # fmt: skip
+            held[key] = max(finite) if finite else math.nan
+            valid_until = min(valid_until, peak.expires(self._hold))
+        return held, valid_until
+
+    def _live(self) -> tuple[float, list[ParamRecord], list[RankRecord]]:
+        now = self._clock()
+        cutoff = now - self._ttl
         params = [p for p in self._store.params() if p.received_at >= cutoff]
         ranks = [r for r in self._store.ranks() if r.received_at >= cutoff]
-        return params, ranks
+        return now, params, ranks
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client's interface (``generate_latest``, ``get_sample_value``)."""
-        params, ranks = self._live()
-        yield from self._families(PARAM_FAMILIES, params, param_samples)
-        yield from self._families(RANK_FAMILIES, ranks, rank_samples)
+        now, params, ranks = self._live()
+        with self._lock:
+            samples = [s for rec in params for s in param_samples(rec, self._held(rec, now)[0])]
+        yield from self._families(PARAM_FAMILIES, samples)
+        yield from self._families(RANK_FAMILIES, (s for r in ranks for s in rank_samples(r)))
 
     @staticmethod
-    def _families(
-        families: tuple[Family, ...], records: Iterable, samples: Callable
-    ) -> list[Metric]:
-        out: list[Metric] = [f.empty() for f in families]
-        for rec in records:
-            for index, labels, value in samples(rec):
-                out[index].add_metric(list(labels), value)
-        return out
+    def _families(families: tuple[Family, ...], samples: Iterable[Sample]) -> list[Metric]:
+        out = [f.empty() for f in families]
+        for index, labels, value in samples:
+            out[index].add_metric(list(labels), value)
+        return list(out)
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples (lets the registry check for name clashes)."""
@@ -234,11 +316,11 @@ class HealthCollector(Collector):
 
     def render(self) -> bytes:
         """The text exposition (format 0.0.4) of the same samples ``collect`` yields."""
-        params, ranks = self._live()
+        now, params, ranks = self._live()
         chunks: list[list[str]] = [[f.header()] for f in PARAM_FAMILIES]
-        with self._cache_lock:
+        with self._lock:
             for rec in params:
-                for index, text in enumerate(self._param_lines(rec)):
+                for index, text in enumerate(self._param_lines(rec, now)):
                     if text:
                         chunks[index].append(text)
             self._forget(params)
@@ -250,29 +332,29 @@ class HealthCollector(Collector):
             )
         return "".join(out).encode("utf-8")
 
-    def _param_lines(self, rec: ParamRecord) -> list[str]:
-        """One text block per param family for ``rec``, cached until the record changes."""
+    def _param_lines(self, rec: ParamRecord, now: float) -> list[str]:
+        """One text block per param family for ``rec``, cached until it changes or goes stale."""
         hit = self._cache.get(rec.name)
-        if hit is not None and hit[0] is rec:
+        if hit is not None and hit[0] is rec and now < hit[2]:
             return hit[1]
+        held, valid_until = self._held(rec, now)
         blocks = [""] * len(PARAM_FAMILIES)
         name = _escape(rec.name)
-        for key, raw in rec.metrics.items():
-            if (kind := classify(key)) is not None:
-                index, extra = kind
-                blocks[index] += (
-                    f'{PARAM_FAMILIES[index].sample_name}{{param="{name}"{_suffix(index, extra)}}} '
-                    f"{_number(math.nan if raw is None else raw)}\n"
-                )
-        self._cache[rec.name] = (rec, blocks)
+        for index, labels, value in param_samples(rec, held):
+            suffix = _suffix(index, labels[1:])
+            blocks[index] += (
+                f'{PARAM_FAMILIES[index].sample_name}{{param="{name}"{suffix}}} {_number(value)}\n'
+            )
+        self._cache[rec.name] = (rec, blocks, valid_until)
         return blocks
 
     def _forget(self, live: list[ParamRecord]) -> None:
-        """Drop cache entries of expired parameters so the cache stays bounded."""
-        if len(self._cache) > len(live):
+        """Drop cache and hold entries of expired parameters so both stay bounded."""
+        if len(self._cache) > len(live) or len(self._peaks) > len(live):
             keep = {p.name for p in live}
-            for name in [n for n in self._cache if n not in keep]:
-                del self._cache[name]
+            for table in (self._cache, self._peaks):
+                for name in [n for n in table if n not in keep]:
+                    del table[name]
 
 
 def build_registry(collector: HealthCollector) -> CollectorRegistry:

@@ -16,6 +16,10 @@ from pathlib import Path
 #: Longer than any sane snapshot interval and longer than the ``OptimizerSnapshotStale`` alert
 #: window (a few minutes), so the alert fires on a silent rank before its series disappears.
 DEFAULT_SERIES_TTL_S = 900.0
+#: Default rotation hold: each ``orthoshard_basis_rotation_degrees`` series exports its largest
+#: value over this many seconds, so a one-step spike outlives the next scrape. Twice the usual
+#: 15 s scrape interval, so one missed scrape still sees it; keep it >= the scrape interval.
+DEFAULT_ROTATION_HOLD_S = 30.0
 #: Default bound on stored history rows (one row per parameter per accepted snapshot). 2e6 rows
 #: is ~1000 steps of 8 ranks x 250 matrices, a few hundred MB of SQLite at most.
 DEFAULT_HISTORY_MAX_ROWS = 2_000_000
@@ -34,6 +38,8 @@ class Settings:
         host, port: the TCP listener. ``port=0`` is allowed (tests pick a free port).
         uds: optional Unix socket path, served by the same process next to TCP.
         series_ttl_s: a parameter or rank that has not reported for this long leaves ``/metrics``.
+        rotation_hold_s: each basis-rotation series exports its largest value over this window
+            (at least the scrape interval; 0 exports the latest step only).
         history_max_rows: history rows kept; the oldest are pruned beyond it.
         max_body_bytes: larger request bodies are refused with 413 before parsing.
     """
@@ -44,6 +50,7 @@ class Settings:
     port: int = 9400
     uds: str | None = None
     series_ttl_s: float = DEFAULT_SERIES_TTL_S
+    rotation_hold_s: float = DEFAULT_ROTATION_HOLD_S
     history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
@@ -58,6 +65,11 @@ class Settings:
             raise ValueError("host must not be empty (use 127.0.0.1 for loopback only)")
         if not self.series_ttl_s > 0:
             raise ValueError(f"series_ttl_s must be > 0 seconds, got {self.series_ttl_s}")
+        if not 0 <= self.rotation_hold_s < self.series_ttl_s:
+            raise ValueError(
+                f"rotation_hold_s must be in [0, series_ttl_s={self.series_ttl_s}) seconds, "
+                f"got {self.rotation_hold_s}; use at least the Prometheus scrape interval"
+            )
         if self.history_max_rows < 1:
             raise ValueError(f"history_max_rows must be >= 1, got {self.history_max_rows}")
         if self.max_body_bytes < 1024:

@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 FAST_RULES = ROOT / "deploy" / "prometheus" / "rules-fast" / "orthoshard.rules.yml"
 SPIKE_QUERY = 'ALERTS{alertname="OptimizerBasisRotationSpike",alertstate="firing"}'
 # Timing of the alert runs. The fast rules compare a 5 s window against a 20 s baseline offset
-# by 5 s, so the spike needs ~25 s of calm history first; a step every ~0.5 s keeps each step
-# visible to the 1 s scrape (the gauge holds only the latest step).
-SPIKE_AT, STEPS, STEP_DELAY_S, LINGER_S = 60, 90, 0.5, 8
+# by 5 s, so the spike needs ~25 s of calm history first: 60 steps of ~0.5 s. The sidecar's
+# rotation hold keeps the one-step spike on /metrics until the 1 s scrape sees it; 2 s is to the
+# fast profile's 5 s jump window what the default 30 s is to the production 2 min window.
+SPIKE_AT, STEPS, STEP_DELAY_S, LINGER_S, ROTATION_HOLD_S = 60, 90, 0.5, 8, 2.0
 
 
 def _demo(out: Path, *extra: str) -> list[str]:
@@ -88,7 +89,8 @@ def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_
             cmd, url = _prometheus(tmp, sidecar_port)
             stack.enter_context(serve(cmd, f"{url}/-/ready", tmp / "prometheus.log"))
             extra = ["--optimizer", "soap", "--steps", str(STEPS), "--step-delay",
-                     str(STEP_DELAY_S), "--sidecar-port", str(sidecar_port), "--linger",
+                     str(STEP_DELAY_S), "--sidecar-port", str(sidecar_port),
+                     "--rotation-hold", str(ROTATION_HOLD_S), "--linger",
                      str(LINGER_S)] + (["--spike-at", str(SPIKE_AT)] if case == "spike" else [])
             log = (tmp / "demo.log").open("w")
             proc = subprocess.Popen(_demo(tmp / "out", *extra), stdout=log,

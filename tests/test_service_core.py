@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.client import Publisher
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
+from service.settings import Settings
 from service.store import Store
 
 
@@ -125,6 +127,73 @@ def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
     store.close()
+
+
+def _rotation_snapshot(step: int, k1: float | None, *, ortho: float = 0.3) -> Snapshot:
+    metrics = {"rotation_degrees_L_k1": k1, "rotation_degrees_R_k1": 1.0,
+               "orthogonality_error": ortho}  # fmt: skip
+    return Snapshot(schema_version=1, run_id="r", rank=0, step=step, wall_time=1e9,
+                    params={"w": metrics})  # fmt: skip
+
+
+def test_rotation_series_hold_their_largest_value_for_the_hold_window() -> None:
+    """A one-step spike stays on /metrics for ``rotation_hold_s``; other gauges show the latest."""
+    now = [1000.0]
+    store = Store(":memory:", history_max_rows=1000, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=600, rotation_hold_s=30, clock=lambda: now[0])
+    registry = build_registry(collector)
+
+    def exported() -> tuple[float | None, float | None, float | None]:
+        text = collector.render().decode()
+        assert _samples(text) == _samples(generate_latest(registry).decode())  # both paths agree
+        get = registry.get_sample_value
+        return (get("orthoshard_basis_rotation_degrees", {"param": "w", "factor": "L", "k": "1"}),
+                get("orthoshard_basis_rotation_degrees", {"param": "w", "factor": "R", "k": "1"}),
+                get("orthoshard_orthogonality_error", {"param": "w"}))  # fmt: skip
+
+    store.ingest(_rotation_snapshot(1, 2.0))
+    assert exported() == (2.0, 1.0, 0.3)
+    now[0] += 1
+    store.ingest(_rotation_snapshot(2, 80.0, ortho=0.2))  # the spike
+    for _ in range(29):  # 29 more one-second steps: the spike is still inside the window
+        now[0] += 1
+        store.ingest(_rotation_snapshot(3, 3.0, ortho=0.1))
+        assert exported() == (80.0, 1.0, 0.1)
+    now[0] += 1.5  # 30.5 s after the spike: it has left the window, the next largest shows
+    assert exported() == (3.0, 1.0, 0.1)
+    store.ingest(_rotation_snapshot(4, 2.5))
+    assert exported()[0] == 3.0  # an older but larger value inside the window still wins
+    now[0] += 31
+    assert exported()[0] == 2.5  # a silent series keeps exporting its latest value
+    store.ingest(_rotation_snapshot(5, 7.0))
+    now[0] += 1
+    store.ingest(_rotation_snapshot(6, None))  # non-finite at the source: not held ...
+    assert exported()[0] == 7.0  # ... and does not hide the finite values of the window
+    now[0] += 31
+    store.ingest(_rotation_snapshot(7, None))
+    exported_nan = exported()[0]
+    assert exported_nan is not None and math.isnan(exported_nan)  # no finite value left
+    store.close()
+
+
+def test_rotation_hold_zero_exports_the_latest_step_only() -> None:
+    now = [50.0]
+    store = Store(":memory:", history_max_rows=100, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=600, rotation_hold_s=0, clock=lambda: now[0])
+    registry = build_registry(collector)
+    store.ingest(_rotation_snapshot(1, 80.0))
+    now[0] += 0.5
+    store.ingest(_rotation_snapshot(2, 1.0))
+    collector.render()
+    labels = {"param": "w", "factor": "L", "k": "1"}
+    assert registry.get_sample_value("orthoshard_basis_rotation_degrees", labels) == 1.0
+    store.close()
+
+
+@pytest.mark.parametrize("hold", [-1.0, 600.0, math.nan])
+def test_settings_refuse_a_rotation_hold_outside_zero_to_the_ttl(hold: float) -> None:
+    with pytest.raises(ValueError, match="rotation_hold_s"):
+        Settings(token="t" * 32, series_ttl_s=600, rotation_hold_s=hold)
 
 
 # ------------------------------------------------------------------------------ publisher

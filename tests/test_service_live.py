@@ -286,11 +286,13 @@ def test_real_optimizer_health_through_publisher_into_sidecar(sidecar: Sidecar) 
     opt = SOAP(model.named_parameters(), lr=1e-2)
     pub = Publisher(uds=sidecar.uds, token=sidecar.token, run_id="e2e")
     reported: dict[str, dict[str, float]] = {}
+    steps: list[dict[str, dict[str, float]]] = []
     for step in range(1, 6):
         opt.zero_grad()
         model(torch.randn(8, 32)).square().mean().backward()
         opt.step()
         reported = publish_health(pub, opt, step=step, rank=0, with_summary=step == 5)
+        steps.append(reported)
     assert pub.close(timeout_s=10) and pub.stats.rejected == 0
     assert set(reported) == {"0.weight", "1.weight"}
     with sidecar.client() as c:
@@ -308,4 +310,20 @@ def test_real_optimizer_health_through_publisher_into_sidecar(sidecar: Sidecar) 
                for family in text_string_to_metric_families(text) for s in family.samples}
     key = ("orthoshard_basis_rotation_degrees",
            (("factor", "L"), ("k", "1"), ("param", "0.weight")))
-    assert samples[key] == reported["0.weight"]["rotation_degrees_L_k1"]
+    # Rotation gauges hold the largest value of the last --rotation-hold (30 s): all five steps.
+    assert samples[key] == max(r["0.weight"]["rotation_degrees_L_k1"] for r in steps)
+    gap = ("orthoshard_eigengap_ratio", (("factor", "L"), ("param", "0.weight")))
+    assert samples[gap] == reported["0.weight"]["eigengap_ratio_L"]  # other gauges: the latest
+
+
+@pytest.mark.timeout(60)
+def test_sidecar_cli_refuses_a_negative_rotation_hold(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+    db = tmp_path / "state.db"
+    cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
+           "--db", str(db), "--port", str(free_port()), "--rotation-hold", "-5"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2 and "rotation_hold_s" in proc.stderr, proc.stderr
+    assert not db.exists()  # refused before touching the store

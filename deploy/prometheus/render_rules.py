@@ -8,9 +8,10 @@ thresholds:
   (the group sets ``interval: 1s`` itself, so the global evaluation interval does not matter).
 
 Each profile writes ``rules[-fast]/orthoshard.rules.yml`` and a promtool test file whose input
-series are built from the same numbers (calm noise, a one-sample spike, a noisy degenerate
-spectrum, a slow drift, a frozen snapshot clock, a NaN, a failed scrape), so changing a window
-here changes the rules and the expectations together.
+series are built from the same numbers, rotations shaped as the sidecar exports them under the
+profile's rotation hold (calm noise, a one-step spike, a noisy degenerate spectrum, a slow
+drift, a frozen snapshot clock, a NaN, a failed scrape), so changing a window here changes the
+rules and the expectations together.
 
     python deploy/prometheus/render_rules.py          # (re)write the four files
     python deploy/prometheus/render_rules.py --check  # exit 1 if a committed file differs
@@ -49,14 +50,15 @@ class Profile:
     ortho_for: int
     down_for: int
     group_interval: int | None  # None: the global evaluation_interval
+    rot_hold: int  # the sidecar's --rotation-hold the profile expects (scrape <= hold <= window)
 
     @property
     def rules_dir(self) -> str:
         return "rules" if self.name == "prod" else f"rules-{self.name}"
 
 
-PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None)
-FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1)
+PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None, 30)
+FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1, 2)
 PROFILES = (PROD, FAST)
 
 
@@ -215,18 +217,27 @@ def cycle(pattern: list[float], n: int) -> list[float]:
     return [pattern[i % len(pattern)] for i in range(n)]
 
 
+def held(values: list[float], p: Profile) -> list[float]:
+    """What the sidecar exports for per-scrape step values: the max over its rotation hold."""
+    m = p.rot_hold // p.interval
+    return [max(values[max(0, k - m) : k + 1]) for k in range(len(values))]
+
+
 def rotation_tests(p: Profile) -> list[dict]:
     i, name = p.interval, "OptimizerBasisRotationSpike"
     lab = labels(param="layers.0.attn.q.weight", factor="L", k="1")
     rot = "orthoshard_basis_rotation_degrees"
+    held_for = (p.rot_hold // i) * i  # the spike stays on /metrics this much longer
     n_before = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline before the spike
     t0 = n_before * i
     n = n_before + 1 + (p.rot_window + p.rot_baseline) // i
-    spiked = [*cycle(CALM, n_before), SPIKE, *cycle(CALM, n - n_before - 1)]
+    spiked = held([*cycle(CALM, n_before), SPIKE, *cycle(CALM, n - n_before - 1)], p)
+    calm_n = held(cycle(CALM, n), p)
     long_n = 4 * (p.rot_window + p.rot_baseline) // i
     drift = [2.0 + 88.0 * k / (long_n - 1) for k in range(long_n)]  # 2 -> 90 degrees, slowly
-    warmup = [SPIKE, *cycle(CALM, n)]  # first sample large: there is no baseline yet
-    bump = [*cycle(TINY, n_before), 2.0, *cycle(TINY, n - n_before - 1)]  # under the floor
+    degenerate = held(cycle(DEGENERATE, long_n), p)
+    warmup = held([SPIKE, *cycle(CALM, n)], p)  # first sample large: there is no baseline yet
+    bump = held([*cycle(TINY, n_before), 2.0, *cycle(TINY, n - n_before - 1)], p)  # under floor
     k8 = {**lab, "k": "8"}  # k=8 is not watched: same spike, no alert of its own
     # A gradient spike: 3 of the 4 watched matrices on sidecar-0 turn at once (75% >= breadth).
     hit = [lab, *(labels(param=f"layers.{j}.mlp.w.weight", factor="R", k="1") for j in (1, 2))]
@@ -239,23 +250,24 @@ def rotation_tests(p: Profile) -> list[dict]:
         "input_series": [
             *(series(rot, x, spiked) for x in hit),
             series(rot, k8, spiked),
-            series(rot, calm, cycle(CALM, n)),
+            series(rot, calm, calm_n),
             series(rot, lone[0], spiked),
-            *(series(rot, x, cycle(CALM, n)) for x in lone[1:]),
+            *(series(rot, x, calm_n) for x in lone[1:]),
         ],
         "alert_rule_test": [
             check(t0 - i, name),
             check(t0 + i, name),  # pending, not yet firing
             check(t0 + p.rot_for + i, name, *(expect(name, x, SPIKE, "warning") for x in hit)),
-            check(t0 + p.rot_window + 2 * i, name),  # resolved once the spike leaves the window
+            # resolved once the held spike has left the jump window
+            check(t0 + held_for + p.rot_window + 2 * i, name),
         ],
     }
     quiet = {
         "interval": dur(i),
         "input_series": [
-            series(rot, labels(param="calm", factor="L", k="1"), cycle(CALM, long_n)),
-            series(rot, labels(param="degenerate", factor="R", k="1"), cycle(DEGENERATE, long_n)),
-            series(rot, labels(param="drift", factor="L", k="1"), drift),
+            series(rot, labels(param="calm", factor="L", k="1"), held(cycle(CALM, long_n), p)),
+            series(rot, labels(param="degenerate", factor="R", k="1"), degenerate),
+            series(rot, labels(param="drift", factor="L", k="1"), held(drift, p)),
             series(rot, labels(param="warmup", factor="L", k="1"), warmup),
             series(rot, labels(param="tiny", factor="R", k="1"), bump),
         ],
