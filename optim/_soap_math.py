@@ -141,7 +141,11 @@ def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
     except RuntimeError:  # LinAlgError derives from it; retry in float64 as EO does
         vals, vecs = torch.linalg.eigh(factor.double())
         vals, vecs = vals.to(factor.dtype), vecs.to(factor.dtype)
-    return vals.flip(-1), vecs.flip(-1)
+    # Row-major, as every other state tensor and as a checkpoint restores it: LAPACK returns the
+    # vectors column-major, and BLAS may round a product differently for the other layout. SOAP
+    # amplifies such last-bit differences where exp_avg_sq is ~0 (directions the gradients never
+    # reach), so a resumed run would drift from an uninterrupted one by ~1e-3 in one step.
+    return vals.flip(-1), vecs.flip(-1).contiguous()
 
 
 def _staleness_from_quotients(factor: Tensor, lam: Tensor) -> Tensor:
