@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from optim._base import MatrixItem, MatrixOptimizer, local
-from optim.health import orthogonality_error
+from optim.health import update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
 
 __all__ = ["Muon", "NorMuon", "adjusted_lr", "normuon_normalize"]
@@ -148,8 +148,10 @@ class Muon(MatrixOptimizer):
         U = soften(O, X, s, eps=group["eps"])
         U = self._post_orthogonalize(items, U)
         if self._health_due(group):
-            ortho = orthogonality_error(O)
-            rms = U.float().square().mean(dim=(-2, -1)).sqrt()
+            ortho = update_orthogonality_error(O)
+            # The norm accumulates in float32 without a float32 copy of U.
+            rms = torch.linalg.vector_norm(U, dim=(-2, -1), dtype=torch.float32) \
+                / math.sqrt(U.size(-2) * U.size(-1))
             for b, item in enumerate(items):
                 self._record(item.name, {"orthogonality_error": ortho[b], "update_rms": rms[b],
                                          "softening": s})

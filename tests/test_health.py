@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
+from optim import health
 from optim.health import (
     basis_staleness,
     eigengap_ratio,
     orthogonality_error,
     rotation_angle_degrees,
+    update_orthogonality_error,
 )
+from optim.orthogonalize import orthogonalize
 
 # Angles of float64 bases: arcsin/arccos of float64 values, errors ~1e-15 rad ~ 1e-13 degrees.
 ANGLE64_ATOL_DEG = 1e-9
@@ -22,6 +25,9 @@ ANGLE32_ATOL_DEG = 1e-4
 # Exact small-integer and float64 arithmetic cases.
 EXACT64_ATOL = 1e-12
 EXACT64_RTOL = 1e-12
+# The fused bf16 Gram rounds each entry of O^T O - I once to bf16 (8 significant bits of the
+# entry itself): at most 2^-9 relative per entry, so at most 2^-9 on the Frobenius norm.
+FUSED_BF16_RTOL = 2.0**-9
 
 
 def orthonormal(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -178,6 +184,42 @@ def test_orthogonality_error_is_batched_and_at_least_float32():
     err = orthogonality_error(batch)
     assert err.dtype == torch.float32 and err.shape == (2,)
     torch.testing.assert_close(err, torch.tensor([0.0, 3.0]), atol=0.0, rtol=0.0)
+
+
+@pytest.fixture(params=[False, True], ids=["float32-gram", "fused-bf16-gram"])
+def fused(request, monkeypatch):
+    """Run a test on both paths of update_orthogonality_error, whatever this CPU has."""
+    monkeypatch.setattr(health, "_native_half_matmul", lambda device, dtype: request.param
+                        and dtype in (torch.bfloat16, torch.float16))  # fmt: skip
+    return request.param
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express"])
+@pytest.mark.parametrize("shape", [(3, 96, 64), (2, 64, 96), (64, 64)], ids=["tall", "wide", "sq"])
+def test_update_orthogonality_error_matches_float64_on_bf16_updates(fused, method, shape):
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    O = orthogonalize(X.bfloat16(), method=method)  # bf16, as Muon's default path produces
+    want = orthogonality_error(O.double())
+    got = update_orthogonality_error(O)
+    assert got.dtype == torch.float32 and got.shape == O.shape[:-2]
+    # float32 Gram of bf16 entries: products are exact, sums round at ~k * 6e-8 = 4e-6.
+    rtol = FUSED_BF16_RTOL if fused else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.0)
+
+
+def test_update_orthogonality_error_of_exact_cases(fused):
+    batch = torch.stack([torch.eye(4), 2.0 * torch.eye(4)]).to(torch.bfloat16)
+    torch.testing.assert_close(update_orthogonality_error(batch), torch.tensor([0.0, 3.0]),
+                               atol=0.0, rtol=0.0)
+    tall = torch.cat([2.0 * torch.eye(5), torch.zeros(3, 5)]).to(torch.bfloat16)
+    assert update_orthogonality_error(tall).item() == 3.0
+    assert update_orthogonality_error(tall.T).item() == 3.0
+    assert update_orthogonality_error(torch.zeros(6, 4, dtype=torch.bfloat16)).item() == 1.0
+
+
+def test_update_orthogonality_error_keeps_float32_inputs_exact():
+    O = torch.randn(20, 12, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(update_orthogonality_error(O), orthogonality_error(O))
 
 
 def test_orthogonality_error_rejects_1d():

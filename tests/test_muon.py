@@ -184,8 +184,9 @@ def test_numeric_softening_applies_the_blend_and_reports_it(s):
     health = opt.health()["w"]
     assert health["softening"] == s
     # orthogonality is measured on O, before softening
+    # rel: on CPUs with native bf16 the fused bf16 Gram is used (test_health.FUSED_BF16_RTOL)
     assert health["orthogonality_error"] == pytest.approx(orthogonality_error(O).item(),
-                                                          rel=1e-6)
+                                                          rel=2.0**-9)
 
 
 def test_scheduled_softening_follows_the_step_and_health_reports_the_scheduled_value():
