@@ -6,6 +6,7 @@ Collectives that mismatch hang rather than fail, so every multi-process test goe
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +33,9 @@ def init_gloo(rank: int, world_size: int, store: str) -> None:
 
 
 def _entry(rank: int, fn: Callable[..., None], world_size: int, store: str, args: tuple) -> None:
+    # A rank that dies on a signal (a C++ abort in a collective) prints its Python stack to the
+    # stderr the test captures, instead of only "terminated with signal SIGABRT".
+    faulthandler.enable()
     init_gloo(rank, world_size, store)
     import torch.distributed as dist
 
