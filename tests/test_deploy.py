@@ -92,6 +92,31 @@ def test_rule_files_match_their_generator() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def _render_rules_module():
+    spec = importlib.util.spec_from_file_location("render_rules", PROM / "render_rules.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rotation_hold_sits_between_the_scrape_interval_and_the_jump_window() -> None:
+    """The sidecar holds each rotation series at its window maximum (``--rotation-hold``) so a
+    one-step spike outlives the next scrape; the rules' jump window must still contain it and
+    the promtool tests must model the hold the compose sidecars run with."""
+    from service.settings import DEFAULT_ROTATION_HOLD_S
+
+    rules = _render_rules_module()
+    scrape = re.search(r"scrape_interval:\s*(\d+)s", (PROM / "prometheus.yml").read_text())
+    assert scrape is not None
+    assert "--rotation-hold" not in COMPOSE.read_text()  # the compose sidecars use the default
+    assert rules.PROD.rot_hold == DEFAULT_ROTATION_HOLD_S
+    assert rules.PROD.interval == int(scrape.group(1))
+    for profile in rules.PROFILES:
+        assert profile.interval <= profile.rot_hold <= profile.rot_window, profile.name
+
+
 @pytest.mark.tools
 @pytest.mark.timeout(60)
 def test_promtool_check_config() -> None:
