@@ -10,7 +10,8 @@ compared, and the table shows medians: the machine is shared and noisy, so only 
 measured in one process means anything.
 
 Ratios: our ``Muon`` / ``torch.optim.Muon`` (same arguments; ours batches same-shape matrices),
-and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05), plus NorMuon. Our
+and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05), plus NorMuon, and the
+same health ratio for a whole training step of a small GPT (forward and backward included). Our
 optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every
 step makes it. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time: other jobs
 on a shared machine do not inflate it; use it with ``--threads 1``).
@@ -68,6 +69,41 @@ def compare(label: str, factories: dict[str, callable], shape_list, steps: int) 
     return {name: statistics.median(times) for name, (_, _, _, times) in runs.items()}
 
 
+def training_step_ratio(steps: int, quick: bool) -> tuple[float, float]:
+    """Median full training step (forward, backward, Muon step, ``health()``) of a small GPT
+    (``orthoshard.model``, d_model 256, 2 layers, 16 x 128 tokens) with health every step
+    against never: what health costs a training loop rather than the optimizer alone."""
+    from optim import split_param_groups
+    from orthoshard.model import GPT, GPTConfig
+
+    cfg = GPTConfig(vocab=64, seq_len=128, d_model=64 if quick else 256, n_layers=2, n_heads=4)
+    tokens = torch.randint(0, cfg.vocab, (16, cfg.seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    runs = []
+    for every in (1, 0):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = Muon(split_param_groups(model.named_parameters()), lr=0.02, health_every=every)
+        runs.append((model, opt, []))
+
+    def one(model: nn.Module, opt: Muon) -> float:
+        t0 = CLOCK()
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        opt.step()
+        opt.health()
+        return CLOCK() - t0
+
+    for _ in range(3):
+        for model, opt, _ in runs:
+            one(model, opt)
+    for _ in range(steps):
+        for model, opt, times in runs:
+            times.append(one(model, opt))
+    return statistics.median(runs[0][2]), statistics.median(runs[1][2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -110,6 +146,9 @@ def main() -> None:
         t = compare(label, factories, shape_list, steps)
         print(f"| {label} | {t['ours'] * 1e3:.1f} | {t['torch'] * 1e3:.1f} | "
               f"{t['ours'] / t['torch']:.3f} |")
+    on, off = training_step_ratio(steps, args.quick)
+    print(f"| GPT training step (fwd + bwd + Muon), health_every=1 / 0 | {on * 1e3:.1f} | "
+          f"{off * 1e3:.1f} | {on / off:.3f} |")
 
 
 if __name__ == "__main__":
