@@ -36,6 +36,10 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
         params, lr=0.02, ns_method="polar_express", softening=lambda t: 0.1 * t,
         sharding=sharding),
     "normuon": lambda params, sharding: NorMuon(params, lr=0.02, sharding=sharding),
+    # Two probes: the orthogonality error is estimated (not exact) on every matrix with a
+    # smaller side above 4, so the owner's seeded probes are checked against one process.
+    "muon_probes": lambda params, sharding: Muon(params, lr=0.02, health_probes=2,
+                                                 sharding=sharding),
     "soap": _soap,
     # One-sided SOAP: dims above 16 get no factor ((0, 0) state tensors) - 40x6, 7x12 both ways.
     "soap_onesided_kl": lambda params, sharding: _soap(params, sharding, max_precond_dim=16,
@@ -95,11 +99,17 @@ def build(name: str, *, fsdp: bool, sharding: Any) -> tuple[nn.Module, Any]:
 
 def reference(name: str, steps: int, *, nan: bool = False) -> dict[str, torch.Tensor]:
     """Single process, no process group: the result every world size must reproduce."""
+    return reference_run(name, steps, nan=nan)[0]
+
+
+def reference_run(name: str, steps: int, *, nan: bool = False
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """:func:`reference`'s parameters and the single process's ``health()`` after the run."""
     model, opt = build(name, fsdp=False, sharding=None)
     for step in range(steps):
         inject(model, step, nan=nan)
         opt.step()
-    return full_params(model)
+    return full_params(model), opt.health()
 
 
 class A2ACounter:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from optim import Muon, NorMuon
-from optim.health import orthogonality_error
+from optim.health import estimate_orthogonality_error, orthogonality_error
 from optim.muon import adjusted_lr
 from optim.orthogonalize import METHODS, orthogonalize, soften
 
@@ -187,6 +187,38 @@ def test_numeric_softening_applies_the_blend_and_reports_it(s):
     # rel: on CPUs with native bf16 the fused bf16 Gram is used (test_health.FUSED_BF16_RTOL)
     assert health["orthogonality_error"] == pytest.approx(orthogonality_error(O).item(),
                                                           rel=2.0**-9)
+
+
+@pytest.mark.parametrize("kwargs, probes", [
+    ({}, Muon.AUTO_PROBES),                                     # Jordan's quintic: estimated
+    ({"health_probes": 0}, 0),                                  # exact on request
+    ({"health_probes": 5}, 5),
+    ({"ns_coefficients": (3.0, -3.2, 1.2)}, 0),                 # other coefficients: exact
+    ({"ns_method": "polar_express"}, 0),                        # a converging method: exact
+], ids=["auto-quintic", "exact", "five", "other-coefficients", "polar-express"])
+def test_orthogonality_error_is_estimated_for_jordans_quintic_and_exact_otherwise(kwargs, probes):
+    g = torch.Generator().manual_seed(2)
+    W0, grad = torch.randn(96, 80, generator=g), torch.randn(96, 80, generator=g)
+    _, opt = one_step_update(Muon, W0, grad, **kwargs)
+    group = opt.param_groups[0]
+    O = orthogonalize(nesterov_input(grad).bfloat16(), method=group["ns_method"],
+                      steps=group["ns_steps"], coefficients=group["ns_coefficients"])
+    want = orthogonality_error(O) if probes == 0 else \
+        estimate_orthogonality_error(O, probes, seed=1)  # seed: the step count
+    # rel: the test's O and the step's O are both bf16 NS outputs of the same input; the exact
+    # path may take the fused bf16 Gram (test_health.FUSED_BF16_RTOL)
+    got = opt.health()["w"]["orthogonality_error"]
+    assert got == pytest.approx(want.item(), rel=2.0**-9)
+    if probes:  # and it is an estimate of the exact value (test_health.QUINTIC_PROBE16_RTOL)
+        assert got == pytest.approx(orthogonality_error(O).item(), rel=0.08)
+        assert got != pytest.approx(orthogonality_error(O).item(), rel=1e-6)
+
+
+def test_health_probes_must_be_none_zero_or_a_positive_int():
+    for bad in (-1, 1.5, True, "16"):
+        with pytest.raises(ValueError, match="health_probes"):
+            Muon(make_params(), health_probes=bad)
+    assert NorMuon(make_params(), health_probes=4).health_probes == 4
 
 
 def test_scheduled_softening_follows_the_step_and_health_reports_the_scheduled_value():
