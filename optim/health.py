@@ -86,6 +86,17 @@ def update_orthogonality_error(O: Tensor) -> Tensor:
     return norms.reshape(O.shape[:-2]) / math.sqrt(k)
 
 
+@functools.lru_cache(maxsize=8)
+def _probe_matrix(k: int, probes: int, seed: int, dtype: torch.dtype, device: torch.device
+                  ) -> Tensor:
+    """The ``k x probes`` Gaussian probes of ``seed`` (cached: the groups of one step share
+    them). Drawn in float32 or wider, then rounded to ``dtype``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn(k, probes, generator=generator, device=device,
+                       dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+
+
 def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) -> Tensor:
     """:func:`orthogonality_error` estimated from ``probes`` Gaussian probe vectors, without
     forming the Gram.
@@ -132,10 +143,8 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
     dtype = O.dtype if _native_half_matmul(O.device.type, O.dtype) \
         else torch.promote_types(O.dtype, torch.float32)
     flat = work.reshape(-1, m, k).to(dtype)
-    generator = torch.Generator(device=O.device)
-    generator.manual_seed(seed)
     acc = torch.promote_types(dtype, torch.float32)
-    Z = torch.randn(k, probes, generator=generator, device=O.device, dtype=acc).to(dtype)
+    Z = _probe_matrix(k, probes, seed, dtype, O.device)
     Zb = Z.expand(flat.size(0), k, probes)
     DZ = torch.baddbmm(Zb, flat.mT, flat @ Zb, beta=-1.0)
     num = torch.linalg.vector_norm(DZ, dim=(-2, -1), dtype=acc)
