@@ -7,6 +7,9 @@ When is each meaningful?
 
 * ``orthogonality_error`` of an orthogonalized update says how far NS stopped from the polar
   factor. Jordan's quintic sits near 0.3 by design; Polar Express / CANS in float32 reach 1e-6.
+  The exact value needs the Gram ``O^T O``, a third of one NS iteration;
+  :func:`estimate_orthogonality_error` gets it from a few probe vectors instead, accurately when
+  the error is spread over many directions (Jordan's quintic), loosely when a few carry it.
 * ``rotation_angle_degrees(Q_prev, Q_new, k=1)`` is the angle the top eigenvector turned. It is
   only meaningful when the spectrum has a gap at the top: with ``l1 ~ l2`` (i.i.d. Gaussian
   gradients give ratios of 1.02-1.04) any perturbation swaps the top two eigenvectors and k=1
