@@ -34,8 +34,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam
 
-__all__ = ["ADAMW", "LocalExchange", "MatrixExchange", "MatrixItem", "MatrixOptimizer",
-           "all_finite", "local"]
+__all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
+           "MatrixOptimizer", "all_finite", "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -79,6 +79,41 @@ def all_finite(tensors: Sequence[Tensor], *,
     for i, flag in zip(suspects, bad.tolist(), strict=True):
         ok[i] = flag == 0.0
     return [bool(good) for good in ok]
+
+
+@dataclass(eq=False)
+class DeferredMetrics:
+    """The health metrics of several matrices of one step, held as ONE tensor until
+    :meth:`MatrixOptimizer.health` reads them: converting it then takes a single ``.tolist()``
+    (one host transfer on an accelerator), where a tensor per metric takes one ``float()`` each,
+    and the final scalar formulas run on Python floats instead of as tiny tensor operations.
+
+    ``keys[i]`` names matrix i's metrics; ``finish(values.tolist())`` returns, per matrix, their
+    values in that order.
+    """
+
+    keys: list[tuple[str, ...]]
+    values: Tensor
+    finish: Callable[[list[float]], list[list[float]]]
+    _floats: list[list[float]] | None = field(default=None, repr=False)
+
+    def floats(self, i: int) -> list[float]:
+        """Matrix i's metric values (the tensor is converted once, on first use)."""
+        if self._floats is None:
+            self._floats = self.finish(self.values.tolist())
+        return self._floats[i]
+
+
+class _Slot:
+    """A recorded metric that lives in a :class:`DeferredMetrics` until :meth:`health`."""
+
+    __slots__ = ("batch", "index", "position")
+
+    def __init__(self, batch: DeferredMetrics, index: int, position: int) -> None:
+        self.batch, self.index, self.position = batch, index, position
+
+    def __float__(self) -> float:
+        return float(self.batch.floats(self.index)[self.position])
 
 
 @dataclass
@@ -180,7 +215,7 @@ class MatrixOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._check_groups()
         self.health_every = health_every
-        self._health: dict[str, dict[str, Tensor | float]] = {}
+        self._health: dict[str, dict[str, Tensor | float | _Slot]] = {}
         self._step_items: list[MatrixItem] = []
         self._exchange = sharding if sharding is not None else LocalExchange()
         self._exchange.bind(self)
@@ -313,6 +348,13 @@ class MatrixOptimizer(Optimizer):
 
     def _record(self, name: str, metrics: dict[str, Tensor | float]) -> None:
         self._health.setdefault(name, {}).update(metrics)
+
+    def _record_deferred(self, names: Sequence[str], batch: DeferredMetrics) -> None:
+        """Record ``batch``'s metrics for the matrices ``names`` (in order), converted to floats
+        only when :meth:`health` is called."""
+        for i, (name, keys) in enumerate(zip(names, batch.keys, strict=True)):
+            self._health.setdefault(name, {}).update(
+                {key: _Slot(batch, i, j) for j, key in enumerate(keys)})
 
     def health(self) -> dict[str, dict[str, float]]:
         """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values)."""

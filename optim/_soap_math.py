@@ -16,13 +16,13 @@ the operands are left alone and :func:`matmul_precision` sets torch's global mod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from optim.health import eigengap_ratio, rotation_angles_degrees
 
 __all__ = ["PRECISIONS", "SideHealth", "SideRefresh", "SoapConfig", "adam_direction",
            "matmul_precision", "pmm", "project_in", "project_out", "refresh_side", "soap_health",
@@ -127,15 +127,19 @@ def update_factors(L: Tensor, R: Tensor, G: Tensor, *, beta: float, kl: bool, Q_
 
 @dataclass
 class SideRefresh:
-    """One side's refreshed eigenbasis and what health needs from the refresh."""
+    """One side's refreshed eigenbasis, and what health needs from the refresh (kept as the
+    refresh produces it: only a step that measures health does any work on it)."""
 
     Q: Tensor                # new basis, columns in descending eigenvalue (estimate) order
     order: Tensor            # permutation to apply to exp_avg_sq's axis (old index per new one)
-    eigvals: Tensor          # descending eigenvalues (eigh) or power-step estimates |diag(R)|
-    staleness: Tensor        # ||B - diag B||_F / ||B||_F of the OLD basis, B = Q_old^T F Q_old
+    eigvals: Tensor          # eigenvalues (eigh, ascending) or power-step estimates |diag(R)|
+                             # (unsorted); health reads the top two
+    quotients: Tensor        # Rayleigh quotients diag(Q_old^T F Q_old) of the OLD basis (staleness)
 
 
 def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """``(eigenvalues, eigenvectors)``: the vectors in DESCENDING eigenvalue order, the values
+    as LAPACK returns them (ascending; only health reads them)."""
     try:
         vals, vecs = torch.linalg.eigh(factor)
     except RuntimeError:  # LinAlgError derives from it; retry in float64 as EO does
@@ -145,16 +149,24 @@ def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
     # vectors column-major, and BLAS may round a product differently for the other layout. SOAP
     # amplifies such last-bit differences where exp_avg_sq is ~0 (directions the gradients never
     # reach), so a resumed run would drift from an uninterrupted one by ~1e-3 in one step.
-    return vals.flip(-1), vecs.flip(-1).contiguous()
+    return vals, vecs.flip(-1).contiguous()
 
 
-def _staleness_from_quotients(factor: Tensor, lam: Tensor) -> Tensor:
-    """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B: ``||B||_F =
-    ||F||_F`` (Q orthogonal) and ``diag B`` are the Rayleigh quotients already in hand. Float64
-    for the difference; the fp32 quotients put a floor of ~1e-3 under the result."""
-    total = factor.double().square().sum()
-    off = (total - lam.double().square().sum()).clamp_min(0.0)
-    return torch.where(total > 0, (off / total.clamp_min(1e-300)).sqrt(), torch.zeros_like(total))
+def _squared_norm(t: Tensor) -> Tensor:
+    """``sum(t^2)`` in float64, a cascade sum as ``t.double().square().sum()`` (bit for bit);
+    ``vector_norm(t, dtype=float64)`` squared was ~10x further from the exact value, which the
+    staleness's cancellation amplifies."""
+    return t.to(torch.float64, copy=True).square_().sum()  # copy=True: never square a state
+
+
+def _staleness(total: float, diagonal: float) -> float:
+    """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B, from ``total =
+    ||F||_F^2 = ||B||_F^2`` (Q orthogonal) and ``diagonal = ||diag B||^2``, the squared
+    Rayleigh quotients already in hand, both float64 sums. Float64 for the difference; the fp32
+    quotients put a floor of ~1e-3 under the result."""
+    if not total > 0.0:
+        return 0.0
+    return math.sqrt(max(total - diagonal, 0.0) / max(total, 1e-300))
 
 
 def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps: int,
@@ -171,10 +183,9 @@ def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps:
     """
     Y, lam = _rayleigh(factor, Q, prec)
     order = torch.argsort(lam, descending=True)
-    staleness = _staleness_from_quotients(factor, lam)
     if use_eigh:
         eigvals, Q_new = _eigh_descending(factor)
-        return SideRefresh(Q_new, order, eigvals, staleness)
+        return SideRefresh(Q_new, order, eigvals, lam)
     Y = Y[:, order]
     for i in range(power_iter_steps):
         if i > 0:
@@ -182,7 +193,7 @@ def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps:
         Q_new, R_fac = torch.linalg.qr(Y)
     estimates = R_fac.diagonal().abs()
     resort = torch.argsort(estimates, descending=True)
-    return SideRefresh(Q_new[:, resort], order[resort], estimates[resort], staleness)
+    return SideRefresh(Q_new[:, resort], order[resort], estimates, lam)
 
 
 @dataclass(frozen=True)
@@ -223,12 +234,13 @@ def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: Soap
 
 @dataclass
 class SideHealth:
-    """What one side's health needs, gathered by :func:`soap_step`; turned into metrics for a
-    whole batch of matrices at once by :func:`soap_health`."""
+    """What one side's health needs, gathered by :func:`soap_step` (references only, no work);
+    turned into metrics for a whole batch of matrices at once by :func:`soap_health`."""
 
     side: str                # "L" or "R"
-    eigvals: Tensor          # descending: eigh values, power-step estimates or Rayleigh quotients
-    staleness: Tensor        # of the basis in use before this step, against the new factor
+    eigvals: Tensor          # eigh values, power-step estimates or Rayleigh quotients, any order
+    factor: Tensor           # the factor after this step's update
+    quotients: Tensor        # Rayleigh quotients of the basis in use before this step (staleness)
     Q_old: Tensor | None     # the bases before and after a refresh; None: no rotation (no
     Q_new: Tensor | None     # refresh this step, or step 1, whose old basis is the identity)
 
@@ -239,60 +251,156 @@ def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor
     staleness come from the Rayleigh quotients of the current basis."""
     if refreshed is None:
         _, lam = _rayleigh(factor, Q_old, prec)
-        return SideHealth(side, lam.sort(descending=True).values,
-                          _staleness_from_quotients(factor, lam), None, None)
+        return SideHealth(side, lam, factor, lam, None, None)
     if first:
-        return SideHealth(side, refreshed.eigvals, refreshed.staleness, None, None)
-    return SideHealth(side, refreshed.eigvals, refreshed.staleness, Q_old, refreshed.Q)
+        return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, None, None)
+    return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, Q_old, refreshed.Q)
 
 
-def _stack_top_columns(bases: list[Tensor], k: int) -> Tensor:
-    """The first k columns of each basis, in float64, zero-padded to one row count: zero rows
-    change neither ``A^T B`` nor ``B - A (A^T B)``'s singular values, so the padded stack gives
-    each pair's principal angles exactly."""
-    rows = max(Q.size(-2) for Q in bases)
-    out = torch.zeros(len(bases), rows, k, dtype=torch.float64, device=bases[0].device)
-    for i, Q in enumerate(bases):
-        out[i, : Q.size(-2)].copy_(Q[:, :k])
-    return out
+@functools.cache
+def _zero_rows(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(rows, k, dtype=dtype, device=device)  # only ever read
 
 
-def soap_health(per_matrix: list[list[SideHealth]]) -> list[dict[str, Tensor | float]]:
-    """Metrics of every side of every matrix of a step, with batched float64 math: one
-    eigengap computation for all sides, and one :func:`optim.health.rotation_angles_degrees`
-    call (k = 1 and 8) per distinct ``min(8, dim)`` for all refreshed sides. At small sizes
-    health is dominated by the number of small tensor operations, not by flops, so batching
-    across sides and matrices is what makes it cheap."""
+@functools.cache
+def _column_masks(k: int, device: torch.device) -> Tensor:
+    """``(1, 2, 1, 1, k)`` float64: all k columns, and the first column alone."""
+    masks = torch.ones(1, 2, 1, 1, k, dtype=torch.float64)
+    masks[:, 1, ..., 1:] = 0.0
+    return masks.to(device)
+
+
+def _principal_extremes(olds: list[Tensor], news: list[Tensor], k: int) -> Tensor:
+    """What the largest principal angle between the spans of the first k columns of each pair
+    ``olds[i]``, ``news[i]`` (and, for ``k > 1``, of their first columns alone) is computed from,
+    for all pairs with ONE float64 conversion, three batched products and ONE LAPACK call.
+
+    The math is :func:`optim.health.rotation_angles_degrees`' (Knyazev & Argentati 2002): with
+    ``M = A^T B`` (A, B the first k old and new columns) the cosines are the singular values of
+    M, the sines those of ``W = B - A M``. The largest sine comes from the top singular value of
+    the k x k Gram ``W^T W`` (accurate relative to ``sin_max^2`` itself, so tiny angles keep full
+    float64 precision), the smallest cosine from M unsquared (near 90 degrees ``M^T M`` would
+    lose it); both Grams and overlaps go to one batched ``svdvals``. The first-column problem is
+    the same computation with the other columns zeroed: its ``M`` and ``W^T W`` have a single
+    non-zero entry, ``a1 . b1`` and ``||b1 - a1 (a1 . b1)||^2``. Bases with fewer rows are
+    zero-padded: zero rows change neither ``A^T B`` nor ``W``'s singular values.
+
+    Returns:
+        ``(2P, k)`` descending singular values, ``P = 2 len(olds)`` (``len(olds)`` for k = 1):
+        rows ``[0, P)`` of the Grams ``W^T W``, rows ``[P, 2P)`` of the overlaps ``M``; pair i's
+        k-column problem is row i, its first-column problem row ``len(olds) + i``.
+    """
+    rows = max(Q.size(0) for Q in olds)
+    pieces = []  # one cat pads and stacks all bases: (2 n rows, k)
+    for Q in olds + news:
+        pieces.append(Q[:, :k])
+        if Q.size(0) < rows:
+            pieces.append(_zero_rows(rows - Q.size(0), k, Q.dtype, Q.device))
+    X = torch.cat(pieces).view(2, 1, len(olds), rows, k)
+    # float64 (the masks promote), (2, P, rows, k): old and new columns of every problem
+    X = X * _column_masks(k, X.device) if k > 1 else X.to(torch.float64)
+    A, B = X.view(2, -1, rows, k).unbind(0)
+    M = torch.bmm(A.mT, B)
+    W = torch.baddbmm(B, A, M, alpha=-1.0)
+    return torch.linalg.svdvals(torch.cat([torch.bmm(W.mT, W), M]))
+
+
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def _angle_degrees(sin_max_sq: float, cos_min: float) -> float:
+    """The largest principal angle from its sine squared and cosine, with whichever function is
+    well conditioned: arcsin below 45 degrees, arccos above."""
+    sin_max = min(math.sqrt(max(sin_max_sq, 0.0)), 1.0)
+    if sin_max < _SQRT_HALF:
+        return math.degrees(math.asin(sin_max))
+    return math.degrees(math.acos(min(max(cos_min, 0.0), 1.0)))
+
+
+# maps the floats of soap_health's values tensor to each matrix's metric values
+HealthFinish = Callable[[list[float]], list[list[float]]]
+
+
+@functools.cache
+def _metric_keys(sides: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{metric}_{side}{suffix}" for side in sides
+                 for metric, suffix in (("eigengap_ratio", ""), ("rotation_degrees", "_k1"),
+                                        ("rotation_degrees", "_k8"), ("basis_staleness", "")))
+
+
+def soap_health(per_matrix: list[list[SideHealth]]
+                ) -> tuple[list[tuple[str, ...]], Tensor, HealthFinish]:
+    """Metrics of every side of every matrix of a step (docs/soap.md "Health").
+
+    At small sizes health is dominated by the number of small tensor operations, not by flops,
+    so the tensor work is batched over all sides and matrices and ends in ONE float64 tensor: the
+    squared norms of every factor and of its Rayleigh quotients, the top two eigenvalues of each
+    side, and the singular values :func:`_principal_extremes` needs for all refreshed sides (one
+    call per distinct ``min(8, dim)``). The scalar formulas (eigengap ratio, staleness, arcsin /
+    arccos) then run on Python floats, once that tensor is converted (one ``.tolist()``).
+
+    Returns:
+        ``(keys, values, finish)``: ``keys[i]`` are matrix i's metric names; ``finish`` maps
+        ``values.tolist()`` to their values (per matrix, in ``keys`` order).
+    """
     flat = [side for sides in per_matrix for side in sides]
-    values: dict[int, dict[str, Tensor | float]] = {i: {} for i in range(len(flat))}
-    gapped = [i for i, side in enumerate(flat) if side.eigvals.numel() >= 2]
-    if gapped:
-        tops = torch.stack([flat[i].eigvals[:2].to(torch.float64) for i in gapped])
-        for i, gap in zip(gapped, eigengap_ratio(tops).unbind(0), strict=True):
-            values[i]["gap"] = gap
+    keys = [_metric_keys(tuple(side.side for side in sides)) for sides in per_matrix]
+    counts = [len(sides) for sides in per_matrix]  # what finish needs: it holds no tensor
+    if not flat:
+        return keys, torch.zeros(0, dtype=torch.float64), lambda _: [[] for _ in counts]
+    pieces = [torch.stack([_squared_norm(t) for side in flat
+                           for t in (side.factor, side.quotients)])]
+    offset = 2 * len(flat)
+    top_at: list[int | None] = []
+    for side in flat:
+        if side.eigvals.numel() >= 2:
+            pieces.append(side.eigvals.topk(2).values)
+            top_at.append(offset)
+            offset += 2
+        else:
+            top_at.append(None)
     groups: dict[int, list[int]] = {}
     for i, side in enumerate(flat):
         if side.Q_old is not None:
             groups.setdefault(min(8, side.Q_old.size(-1)), []).append(i)
+    # per rotated side, where its values sit: (sin_max^2, cos_min) of the first k columns and
+    # (sin^2, cos) of the first column (the same problem when k = 1)
+    rot_at: dict[int, tuple[int, int, int, int]] = {}
     for k, members in groups.items():
-        olds = _stack_top_columns([flat[i].Q_old for i in members], k)  # type: ignore[misc]
-        news = _stack_top_columns([flat[i].Q_new for i in members], k)  # type: ignore[misc]
-        rot1, rot8 = rotation_angles_degrees(olds, news, (1, 8))
-        for i, r1, r8 in zip(members, rot1.unbind(0), rot8.unbind(0), strict=True):
-            values[i]["rot1"], values[i]["rot8"] = r1, r8
-    out: list[dict[str, Tensor | float]] = []
-    i = 0
-    for sides in per_matrix:
-        metrics: dict[str, Tensor | float] = {}
-        for side in sides:
-            v, s = values[i], side.side
-            metrics.update({f"eigengap_ratio_{s}": v.get("gap", 0.0),
-                            f"rotation_degrees_{s}_k1": v.get("rot1", 0.0),
-                            f"rotation_degrees_{s}_k8": v.get("rot8", 0.0),
-                            f"basis_staleness_{s}": side.staleness})
-            i += 1
-        out.append(metrics)
-    return out
+        n = len(members)
+        problems = 2 * n if k > 1 else n
+        pieces.append(_principal_extremes([flat[i].Q_old for i in members],  # type: ignore[misc]
+                                          [flat[i].Q_new for i in members],  # type: ignore[misc]
+                                          k).reshape(-1))
+        first = n if k > 1 else 0
+        for j, i in enumerate(members):
+            rot_at[i] = (offset + j * k, offset + (problems + j) * k + k - 1,
+                         offset + (first + j) * k, offset + (problems + first + j) * k)
+        offset += 2 * problems * k
+    values = torch.cat(pieces)
+
+    def finish(v: list[float]) -> list[list[float]]:
+        out: list[list[float]] = []
+        i = 0
+        for count in counts:
+            row: list[float] = []
+            for _ in range(count):
+                top = top_at[i]
+                gap = 0.0
+                if top is not None:
+                    l1, l2 = v[top], v[top + 1]
+                    gap = (l1 - l2) / l1 if l1 > 0 else 0.0
+                rot1 = rot8 = 0.0
+                if i in rot_at:
+                    sin_sq, cos, sin1_sq, cos1 = rot_at[i]
+                    rot8 = _angle_degrees(v[sin_sq], v[cos])
+                    rot1 = _angle_degrees(v[sin1_sq], v[cos1])
+                row += [gap, rot1, rot8, _staleness(v[2 * i], v[2 * i + 1])]
+                i += 1
+            out.append(row)
+        return out
+
+    return keys, values, finish
 
 
 def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool

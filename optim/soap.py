@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import MatrixItem, MatrixOptimizer, all_finite, local
+from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
 from optim._soap_math import PRECISIONS, SoapConfig, soap_health, soap_step
 
 __all__ = ["SOAP"]
@@ -133,9 +133,9 @@ class SOAP(MatrixOptimizer):
         for item, new_state, ok in zip(items, new_states, all_finite(updates), strict=True):
             if ok:
                 self.state[item.param].update(new_state)
-        if due:
-            for item, metrics in zip(items, soap_health(healths), strict=True):
-                self._record(item.name, metrics)
+        if due:  # one tensor for the whole batch, converted to floats by health()
+            self._record_deferred([item.name for item in items],
+                                  DeferredMetrics(*soap_health(healths)))
         return torch.stack(updates)
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:

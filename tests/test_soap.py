@@ -4,12 +4,20 @@ argument validation, one-sided SOAP and the fp32 matmul precision knob."""
 from __future__ import annotations
 
 import copy
+import gc
+import math
+import weakref
 
 import pytest
 import torch
 
-from optim._soap_math import matmul_precision, pmm
-from optim.health import rotation_angle_degrees
+from optim._soap_math import SideHealth, matmul_precision, pmm, soap_health
+from optim.health import (
+    basis_staleness,
+    eigengap_ratio,
+    rotation_angle_degrees,
+    rotation_angles_degrees,
+)
 from optim.soap import SOAP
 
 STATE_KEYS = {"L", "R", "Q_L", "Q_R", "exp_avg", "exp_avg_sq", "step"}
@@ -241,6 +249,114 @@ def test_health_lists_every_metric_for_a_two_sided_matrix():
         f"rotation_degrees_{s}_k{k}" for s in "LR" for k in (1, 8)} | {"nonfinite_skips"}
     assert set(opt.health()["w"]) == expected
     assert all(isinstance(v, float) for v in opt.health()["w"].values())
+
+
+# ---- health: one batched computation, checked against optim.health's reference functions ------
+# Angles of float64 inputs: arcsin/arccos of float64 values, ~1e-13 degrees (as test_health.py).
+ANGLE64_ATOL_DEG = 1e-9
+# basis_staleness forms B = Q^T F Q in float64; SOAP's staleness takes ||B||_F = ||F||_F and the
+# fp32 Rayleigh quotients, whose rounding puts a floor of ~1e-3 under it (docs/soap.md).
+STALENESS_FP32_ATOL = 2e-3
+# ... and in float64 a floor of ~sqrt(rows * 2^-52) ~ 1e-7 (the difference of squared norms).
+STALENESS64_ATOL = 1e-6
+
+
+def _orthonormal(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0].to(dtype)
+
+
+def _turned(Q: torch.Tensor, turns: list[tuple[int, int, float]]) -> torch.Tensor:
+    """Q with column i turned by ``degrees`` towards column j, for each (i, j, degrees)."""
+    out = Q.clone()
+    for i, j, degrees in turns:
+        t = math.radians(degrees)
+        ci, cj = out[:, i].clone(), out[:, j].clone()
+        out[:, i] = math.cos(t) * ci + math.sin(t) * cj
+        out[:, j] = -math.sin(t) * ci + math.cos(t) * cj
+    return out
+
+
+# (rows, turns, expected k=1 and k=8 degrees): tiny, large, near-90 and exactly-90 angles, a
+# column swap inside the top 8, k < 8 and k = 1, on bases of five row counts (zero-padded)
+HEALTH_CASES = [
+    (16, [(0, 9, 1e-3), (3, 12, 35.0)], 1e-3, 35.0),
+    (10, [(1, 9, 50.0)], 0.0, 50.0),
+    (12, [(0, 10, 90.0 - 1e-5)], 90.0 - 1e-5, 90.0 - 1e-5),
+    (12, [(0, 1, 90.0)], 90.0, 0.0),
+    (5, [(0, 4, 1e-6), (1, 3, 70.0)], 1e-6, 0.0),  # k = 5 = all columns: the span is fixed
+    (1, [], 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cases(dtype):
+    sides, expected = [], []
+    for seed, (rows, turns, k1, k8) in enumerate(HEALTH_CASES):
+        Q_old = _orthonormal(rows, seed, dtype)
+        Q_new = -_turned(Q_old, turns) if rows == 1 else _turned(Q_old, turns)  # a sign flip
+        spectrum = torch.linspace(float(rows), 1.0, rows, dtype=dtype) ** 2
+        factor = Q_new @ torch.diag(spectrum) @ Q_new.mT
+        quotients = (Q_old * (factor @ Q_old)).sum(0)
+        eigvals = spectrum[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
+        sides.append(SideHealth("L", eigvals, factor, quotients, Q_old, Q_new))
+        rot = rotation_angles_degrees(Q_old, Q_new, (1, 8))
+        gap = eigengap_ratio(spectrum.double()).item() if rows > 1 else 0.0
+        expected.append((gap, rot[0].item(), rot[1].item(),
+                         basis_staleness(Q_old.double(), factor.double()).item(), k1, k8))
+    keys, values, finish = soap_health([[side] for side in sides])
+    assert values.dtype == torch.float64 and values.ndim == 1
+    rows_out = finish(values.tolist())
+    for key, row, (gap, rot1, rot8, stale, k1, k8) in zip(keys, rows_out, expected, strict=True):
+        assert key == ("eigengap_ratio_L", "rotation_degrees_L_k1", "rotation_degrees_L_k8",
+                       "basis_staleness_L")
+        assert row[0] == pytest.approx(gap, rel=1e-12, abs=1e-15)
+        assert row[1] == pytest.approx(rot1, abs=ANGLE64_ATOL_DEG)
+        assert row[2] == pytest.approx(rot8, abs=ANGLE64_ATOL_DEG)
+        if dtype == torch.float64:
+            assert row[1] == pytest.approx(k1, abs=ANGLE64_ATOL_DEG)
+            assert row[2] == pytest.approx(k8, abs=ANGLE64_ATOL_DEG)
+            # sqrt(1 - ||diag B||^2 / ||F||^2) cancels: float64 floor ~sqrt(rows * 2^-52)
+            assert row[3] == pytest.approx(stale, rel=1e-9, abs=STALENESS64_ATOL)
+
+
+@pytest.mark.parametrize("use_eigh", [False, True])
+def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eigh):
+    p = torch.nn.Parameter(torch.zeros(24, 16))
+    opt = SOAP([("w", p)], lr=0.01, use_eigh=use_eigh)
+    for t, g in enumerate(_grads(6, (24, 16))):
+        old = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
+        p.grad = g
+        opt.step()
+        health = opt.health()["w"]
+        for s in "LR" if t else ():
+            new, factor = opt.state[p][f"Q_{s}"], opt.state[p][s]
+            rot = rotation_angles_degrees(old[s], new, (1, 8))
+            assert health[f"rotation_degrees_{s}_k1"] == pytest.approx(rot[0].item(),
+                                                                       abs=ANGLE64_ATOL_DEG)
+            assert health[f"rotation_degrees_{s}_k8"] == pytest.approx(rot[1].item(),
+                                                                       abs=ANGLE64_ATOL_DEG)
+            assert health[f"basis_staleness_{s}"] == pytest.approx(
+                basis_staleness(old[s].double(), factor.double()).item(), abs=STALENESS_FP32_ATOL)
+            if use_eigh:  # the same fp32 eigh of the same factor
+                gap = eigengap_ratio(torch.linalg.eigh(factor)[0].flip(-1).double()).item()
+                assert health[f"eigengap_ratio_{s}"] == pytest.approx(gap, rel=1e-12)
+
+
+def test_recorded_health_holds_no_tensor_of_the_step_until_it_is_read():
+    p = torch.nn.Parameter(torch.zeros(12, 8))
+    opt = SOAP([("w", p)], lr=0.1)
+    grads = _grads(3)
+    for g in grads[:2]:
+        p.grad = g
+        opt.step()
+    basis = weakref.ref(opt.state[p]["Q_L"])
+    p.grad = grads[2]
+    opt.step()  # refreshes Q_L: the old basis is health's, and must not outlive the step
+    gc.collect()
+    assert basis() is None
+    first, again = opt.health()["w"], opt.health()["w"]
+    assert first == again and all(isinstance(v, float) for v in first.values())
 
 
 # ---- fp32 matmul precision ---------------------------------------------------------------------
