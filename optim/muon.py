@@ -30,13 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import MatrixItem, MatrixOptimizer, local
+from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, local
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
 
 __all__ = ["Muon", "NorMuon", "adjusted_lr", "normuon_normalize"]
 
 Softening = float | Callable[[int], float]
+
+_MUON_METRICS = ("orthogonality_error", "update_rms", "softening")
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
@@ -171,9 +173,15 @@ class Muon(MatrixOptimizer):
             # norm; asking for a float32 result would first copy U to float32 (2.5x the time).
             rms = torch.linalg.vector_norm(U, dim=(-2, -1)).float() \
                 / math.sqrt(U.size(-2) * U.size(-1))
-            for item, o, r in zip(items, ortho.unbind(0), rms.unbind(0), strict=True):
-                self._record(item.name, {"orthogonality_error": o, "update_rms": r,
-                                         "softening": s})
+            # One tensor for the batch: health() converts it with a single .tolist().
+            n = len(items)
+
+            def finish(v: list[float]) -> list[list[float]]:
+                return [[v[i], v[n + i], s] for i in range(n)]
+
+            values = torch.cat([ortho.float(), rms])  # errors of the batch, then its RMS
+            self._record_deferred([item.name for item in items],
+                                  DeferredMetrics([_MUON_METRICS] * n, values, finish))
         return U
 
     def _orthogonality_error(self, group: dict[str, Any], O: Tensor) -> Tensor:
