@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optim.health import principal_extremes
+
 __all__ = ["PRECISIONS", "SideHealth", "SideRefresh", "SoapConfig", "adam_direction",
            "matmul_precision", "pmm", "project_in", "project_out", "refresh_side", "soap_health",
            "soap_step", "update_factors"]
@@ -152,19 +154,11 @@ def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
     return vals, vecs.flip(-1).contiguous()
 
 
-def _squared_norm(t: Tensor) -> Tensor:
-    """``sum(t^2)`` in float64: one float64 copy and one dot product (1.5e-14 relative on a
-    512x512 factor, 0.65x the time of squaring and summing the copy; ``vector_norm(t,
-    dtype=float64)`` squared was 6x slower there). The staleness's cancellation needs float64."""
-    x = t.reshape(-1).to(torch.float64)
-    return torch.dot(x, x)
-
-
 def _staleness(total: float, diagonal: float) -> float:
     """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B, from ``total =
     ||F||_F^2 = ||B||_F^2`` (Q orthogonal) and ``diagonal = ||diag B||^2``, the squared
-    Rayleigh quotients already in hand, both float64 sums. Float64 for the difference; the fp32
-    quotients put a floor of ~1e-3 under the result."""
+    Rayleigh quotients already in hand, both float64 sums (float64 for the difference: the
+    subtraction cancels). The fp32 quotients put a floor of ~1e-3 under the result."""
     if not total > 0.0:
         return 0.0
     return math.sqrt(max(total - diagonal, 0.0) / max(total, 1e-300))
@@ -258,68 +252,92 @@ def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor
     return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, Q_old, refreshed.Q)
 
 
-@functools.cache
-def _zero_rows(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.zeros(rows, k, dtype=dtype, device=device)  # only ever read
-
-
-@functools.cache
-def _column_masks(k: int, device: torch.device) -> Tensor:
-    """``(1, 2, 1, 1, k)`` float64: all k columns, and the first column alone."""
-    masks = torch.ones(1, 2, 1, 1, k, dtype=torch.float64)
-    masks[:, 1, ..., 1:] = 0.0
-    return masks.to(device)
-
-
-def _principal_extremes(olds: list[Tensor], news: list[Tensor], k: int) -> Tensor:
-    """What the largest principal angle between the spans of the first k columns of each pair
-    ``olds[i]``, ``news[i]`` (and, for ``k > 1``, of their first columns alone) is computed from,
-    for all pairs with ONE float64 conversion, three batched products and ONE LAPACK call.
-
-    The math is :func:`optim.health.rotation_angles_degrees`' (Knyazev & Argentati 2002): with
-    ``M = A^T B`` (A, B the first k old and new columns) the cosines are the singular values of
-    M, the sines those of ``W = B - A M``. The largest sine comes from the top singular value of
-    the k x k Gram ``W^T W`` (accurate relative to ``sin_max^2`` itself, so tiny angles keep full
-    float64 precision), the smallest cosine from M unsquared (near 90 degrees ``M^T M`` would
-    lose it); both Grams and overlaps go to one batched ``svdvals``. The first-column problem is
-    the same computation with the other columns zeroed: its ``M`` and ``W^T W`` have a single
-    non-zero entry, ``a1 . b1`` and ``||b1 - a1 (a1 . b1)||^2``. Bases with fewer rows are
-    zero-padded: zero rows change neither ``A^T B`` nor ``W``'s singular values.
-
-    Returns:
-        ``(2P, k)`` descending singular values, ``P = 2 len(olds)`` (``len(olds)`` for k = 1):
-        rows ``[0, P)`` of the Grams ``W^T W``, rows ``[P, 2P)`` of the overlaps ``M``; pair i's
-        k-column problem is row i, its first-column problem row ``len(olds) + i``.
-    """
-    rows = max(Q.size(0) for Q in olds)
-    pieces = []  # one cat pads and stacks all bases: (2 n rows, k)
-    for Q in olds + news:
-        pieces.append(Q[:, :k])
-        if Q.size(0) < rows:
-            pieces.append(_zero_rows(rows - Q.size(0), k, Q.dtype, Q.device))
-    X = torch.cat(pieces).view(2, 1, len(olds), rows, k)
-    # float64 (the masks promote), (2, P, rows, k): old and new columns of every problem
-    X = X * _column_masks(k, X.device) if k > 1 else X.to(torch.float64)
-    A, B = X.view(2, -1, rows, k).unbind(0)
-    M = torch.bmm(A.mT, B)
-    W = torch.baddbmm(B, A, M, alpha=-1.0)
-    return torch.linalg.svdvals(torch.cat([torch.bmm(W.mT, W), M]))
-
-
 _SQRT_HALF = math.sqrt(0.5)
 
 
-def _angle_degrees(sin_max_sq: float, cos_min: float) -> float:
-    """The largest principal angle from its sine squared and cosine, with whichever function is
-    well conditioned: arcsin below 45 degrees, arccos above."""
-    sin_max = min(math.sqrt(max(sin_max_sq, 0.0)), 1.0)
-    if sin_max < _SQRT_HALF:
-        return math.degrees(math.asin(sin_max))
-    return math.degrees(math.acos(min(max(cos_min, 0.0), 1.0)))
+def _angle_degrees(sin_sq: float, cos: float) -> float:
+    """The angle from its squared sine and its cosine, with whichever function is well
+    conditioned: arcsin below 45 degrees, arccos above."""
+    sin = min(math.sqrt(max(sin_sq, 0.0)), 1.0)
+    if sin < _SQRT_HALF:
+        return math.degrees(math.asin(sin))
+    return math.degrees(math.acos(min(max(cos, 0.0), 1.0)))
 
 
 # maps the floats of soap_health's values tensor to each matrix's metric values
 HealthFinish = Callable[[list[float]], list[list[float]]]
+
+# one side's layout: (name, dim, number of eigenvalues, rotated this step)
+_SideLayout = tuple[str, int, int, bool]
+
+
+class _HealthPlan:
+    """Where each side's numbers sit in :func:`soap_health`'s values tensor, and the formulas
+    that turn them into metrics. It depends only on the batch's layout (sides, dims, which sides
+    were refreshed), which repeats step after step, so it is built once per layout.
+
+    Values: the norms of each side's factor and quotients (2 per side), the top two eigenvalues
+    of each side with at least two, then per rotation group (sides of one ``k = min(8, dim)``)
+    :func:`optim.health.principal_extremes` of its k-column and first-column problems:
+    the k singular values of each k-column problem's Gram, of each first-column one's, then of
+    their overlaps (``sin^2`` first in a Gram's, ``cos_min`` k-th in an overlap's).
+    """
+
+    def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        flat = [side for sides in layout for side in sides]
+        self.keys = [_metric_keys(tuple(side[0] for side in sides)) for sides in layout]
+        self.counts = [len(sides) for sides in layout]
+        offset = 2 * len(flat)
+        self.top_at: list[int | None] = []
+        for _, _, eig_count, _ in flat:
+            self.top_at.append(offset if eig_count >= 2 else None)
+            offset += 2 if eig_count >= 2 else 0
+        members: dict[int, list[int]] = {}
+        for i, (_, dim, _, rotated) in enumerate(flat):
+            if rotated:
+                members.setdefault(min(8, dim), []).append(i)
+        # per group: k, the member sides, the rows they are padded to and each one's zero rows
+        self.groups: list[tuple[int, list[int], int, list[Tensor | None]]] = []
+        self.rot_at: dict[int, tuple[int, int, int, int]] = {}
+        for k, sides in members.items():
+            rows = max(flat[i][1] for i in sides)
+            pads = [torch.zeros(rows - flat[i][1], k, dtype=dtype, device=device)
+                    if flat[i][1] < rows else None for i in sides]
+            self.groups.append((k, sides, rows, pads))
+            n = len(sides)
+            overlaps = offset + 2 * n * k  # problem p's values start at p * k in each half
+            for j, i in enumerate(sides):
+                self.rot_at[i] = (offset + j * k, overlaps + j * k + k - 1,         # k columns
+                                  offset + (n + j) * k, overlaps + (n + j) * k)     # first one
+            offset += 4 * n * k
+
+    def finish(self, v: list[float]) -> list[list[float]]:
+        out: list[list[float]] = []
+        i = 0
+        for count in self.counts:
+            row: list[float] = []
+            for _ in range(count):
+                top = self.top_at[i]
+                gap = 0.0
+                if top is not None:
+                    l1, l2 = v[top], v[top + 1]
+                    gap = (l1 - l2) / l1 if l1 > 0 else 0.0
+                rot1 = rot8 = 0.0
+                at = self.rot_at.get(i)
+                if at is not None:
+                    rot8 = _angle_degrees(v[at[0]], v[at[1]])
+                    rot1 = _angle_degrees(v[at[2]], v[at[3]])
+                row += [gap, rot1, rot8, _staleness(v[2 * i] ** 2, v[2 * i + 1] ** 2)]
+                i += 1
+            out.append(row)
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _health_plan(layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
+                 device: torch.device) -> _HealthPlan:
+    return _HealthPlan(layout, dtype, device)
 
 
 @functools.cache
@@ -333,75 +351,43 @@ def soap_health(per_matrix: list[list[SideHealth]]
                 ) -> tuple[list[tuple[str, ...]], Tensor, HealthFinish]:
     """Metrics of every side of every matrix of a step (docs/soap.md "Health").
 
-    At small sizes health is dominated by the number of small tensor operations, not by flops,
-    so the tensor work is batched over all sides and matrices and ends in ONE float64 tensor: the
-    squared norms of every factor and of its Rayleigh quotients, the top two eigenvalues of each
-    side, and the singular values :func:`_principal_extremes` needs for all refreshed sides (one
-    call per distinct ``min(8, dim)``). The scalar formulas (eigengap ratio, staleness, arcsin /
-    arccos) then run on Python floats, once that tensor is converted (one ``.tolist()``).
+    At small sizes health is dominated by the number of small tensor operations and Python
+    calls, not by flops, so the tensor work is batched over all sides and matrices and ends in
+    ONE float64 tensor: the float64 norms of every factor and of its Rayleigh quotients (one
+    ``_foreach_norm``), the top two eigenvalues of each side, and the largest principal angle's
+    sine and cosine for all refreshed sides (:func:`optim.health.principal_extremes`, one batch
+    per distinct ``min(8, dim)``, bases of fewer rows zero-padded by the ``cat`` that stacks
+    them). The scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on Python
+    floats, once that
+    tensor is converted (one ``.tolist()``); where each number sits is planned once per layout.
 
     Returns:
         ``(keys, values, finish)``: ``keys[i]`` are matrix i's metric names; ``finish`` maps
         ``values.tolist()`` to their values (per matrix, in ``keys`` order).
     """
     flat = [side for sides in per_matrix for side in sides]
-    keys = [_metric_keys(tuple(side.side for side in sides)) for sides in per_matrix]
-    counts = [len(sides) for sides in per_matrix]  # what finish needs: it holds no tensor
     if not flat:
-        return keys, torch.zeros(0, dtype=torch.float64), lambda _: [[] for _ in counts]
-    pieces = [torch.stack([_squared_norm(t) for side in flat
-                           for t in (side.factor, side.quotients)])]
-    offset = 2 * len(flat)
-    top_at: list[int | None] = []
-    for side in flat:
-        if side.eigvals.numel() >= 2:
-            pieces.append(side.eigvals.topk(2).values)
-            top_at.append(offset)
-            offset += 2
-        else:
-            top_at.append(None)
-    groups: dict[int, list[int]] = {}
-    for i, side in enumerate(flat):
-        if side.Q_old is not None:
-            groups.setdefault(min(8, side.Q_old.size(-1)), []).append(i)
-    # per rotated side, where its values sit: (sin_max^2, cos_min) of the first k columns and
-    # (sin^2, cos) of the first column (the same problem when k = 1)
-    rot_at: dict[int, tuple[int, int, int, int]] = {}
-    for k, members in groups.items():
-        n = len(members)
-        problems = 2 * n if k > 1 else n
-        pieces.append(_principal_extremes([flat[i].Q_old for i in members],  # type: ignore[misc]
-                                          [flat[i].Q_new for i in members],  # type: ignore[misc]
-                                          k).reshape(-1))
-        first = n if k > 1 else 0
-        for j, i in enumerate(members):
-            rot_at[i] = (offset + j * k, offset + (problems + j) * k + k - 1,
-                         offset + (first + j) * k, offset + (problems + first + j) * k)
-        offset += 2 * problems * k
-    values = torch.cat(pieces)
-
-    def finish(v: list[float]) -> list[list[float]]:
-        out: list[list[float]] = []
-        i = 0
-        for count in counts:
-            row: list[float] = []
-            for _ in range(count):
-                top = top_at[i]
-                gap = 0.0
-                if top is not None:
-                    l1, l2 = v[top], v[top + 1]
-                    gap = (l1 - l2) / l1 if l1 > 0 else 0.0
-                rot1 = rot8 = 0.0
-                if i in rot_at:
-                    sin_sq, cos, sin1_sq, cos1 = rot_at[i]
-                    rot8 = _angle_degrees(v[sin_sq], v[cos])
-                    rot1 = _angle_degrees(v[sin1_sq], v[cos1])
-                row += [gap, rot1, rot8, _staleness(v[2 * i], v[2 * i + 1])]
-                i += 1
-            out.append(row)
-        return out
-
-    return keys, values, finish
+        return [() for _ in per_matrix], torch.zeros(0, dtype=torch.float64), \
+            lambda _: [[] for _ in per_matrix]
+    layout = tuple(tuple((side.side, side.factor.size(0), side.eigvals.numel(),
+                          side.Q_old is not None) for side in sides) for sides in per_matrix)
+    factor = flat[0].factor
+    plan = _health_plan(layout, factor.dtype, factor.device)
+    norms = torch._foreach_norm([t for side in flat for t in (side.factor, side.quotients)], 2,
+                                dtype=torch.float64)
+    pieces = [norm.view(1) for norm in norms]
+    pieces += [side.eigvals.topk(2).values for side, at in zip(flat, plan.top_at, strict=True)
+               if at is not None]
+    for k, members, rows, pads in plan.groups:
+        columns: list[Tensor] = []
+        for attr in ("Q_old", "Q_new"):
+            for i, pad in zip(members, pads, strict=True):
+                columns.append(getattr(flat[i], attr)[:, :k])
+                if pad is not None:
+                    columns.append(pad)
+        pair = torch.cat(columns).view(2, len(members), rows, k)
+        pieces.append(principal_extremes(pair, (k, 1)).view(-1))
+    return plan.keys, torch.cat(pieces), plan.finish
 
 
 def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool

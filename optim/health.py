@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["basis_staleness", "eigengap_ratio", "estimate_orthogonality_error",
-           "orthogonality_error", "rotation_angle_degrees", "rotation_angles_degrees",
-           "update_orthogonality_error"]
+           "orthogonality_error", "principal_extremes", "rotation_angle_degrees",
+           "rotation_angles_degrees", "update_orthogonality_error"]
 
 
 def orthogonality_error(O: Tensor) -> Tensor:
@@ -188,15 +188,10 @@ def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
 
 def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] = (1, 8)
                             ) -> Tensor:
-    """:func:`rotation_angle_degrees` for several ``k`` at once, sharing the float64 copies and
-    the overlap ``M`` (the top-k overlap is the leading block of the top-kmax one).
-
-    Cost, per k (health runs it at every refresh): k = 1 is a dot product and a vector norm.
-    k > 1 takes the smallest cosine from ONE singular value decomposition, of the k x k overlap,
-    and the largest sine as the square root of the top eigenvalue of the k x k Gram ``W^T W``:
-    the Gram's eigenvalues are accurate relative to ``sin_max^2`` itself, so tiny angles keep
-    full float64 precision, while ``1 - cos^2`` would not. The cosine is never squared (near 90
-    degrees ``M^T M`` would lose it), so the arccos branch keeps its precision too.
+    """:func:`rotation_angle_degrees` for several ``k`` at once: one float64 batch of problems
+    for all of them (:func:`principal_extremes`). Below 45 degrees the angle is the arcsin of
+    the largest sine, above it the arccos of the smallest cosine: each is well conditioned
+    where it is used, ~1e-13 degrees everywhere on float64 bases.
 
     Returns:
         A tensor of shape ``(len(ks), *Q_prev.shape[:-2])``, in degrees.
@@ -209,27 +204,63 @@ def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] =
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {min(ks) if ks else ks}")
     r = Q_prev.size(-1)
-    kmax = min(max(ks), r)
-    a = Q_prev[..., :kmax].to(torch.float64)
-    b = Q_new[..., :kmax].to(torch.float64)
-    overlap = a.mT @ b
-    angles = []
-    for k in ks:
-        k = min(k, r)
-        if k == 1:
-            c = overlap[..., :1, :1]
-            cos_min = c.abs()[..., 0, 0]
-            sin_max = torch.linalg.vector_norm(b[..., :1] - a[..., :1] * c, dim=(-2, -1))
-        else:
-            M = overlap[..., :k, :k]
-            W = b[..., :k] - a[..., :k] @ M
-            cos_min = torch.linalg.svdvals(M)[..., -1]
-            sin_max = torch.linalg.eigvalsh(W.mT @ W)[..., -1].clamp_min(0.0).sqrt()
-        cos_min, sin_max = cos_min.clamp(0.0, 1.0), sin_max.clamp(0.0, 1.0)
-        # Use whichever function is well conditioned: arcsin below 45 degrees, arccos above.
-        angles.append(torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max),
-                                  torch.arccos(cos_min)))
-    return torch.rad2deg(torch.stack(angles))
+    clamped = tuple(min(k, r) for k in ks)
+    kmax = max(clamped)
+    sines, cosines = principal_extremes(
+        torch.stack([Q_prev[..., :kmax], Q_new[..., :kmax]]), clamped).unbind(0)
+    last = torch.tensor([k - 1 for k in clamped], device=cosines.device)
+    cos_min = cosines.gather(-1, last.view(-1, *([1] * (cosines.ndim - 1)))
+                             .expand(*cosines.shape[:-1], 1)).squeeze(-1).clamp(0.0, 1.0)
+    sin_max = sines[..., 0].clamp(0.0, 1.0).sqrt()
+    return torch.rad2deg(torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max),
+                                     torch.arccos(cos_min)))
+
+
+@functools.cache
+def _problem_masks(ks: tuple[int, ...], kmax: int, device: torch.device) -> Tensor:
+    """``(len(ks), kmax)`` float64, row i 1 on the first ``ks[i]`` columns and 0 after."""
+    masks = torch.zeros(len(ks), kmax, dtype=torch.float64)
+    for i, k in enumerate(ks):
+        masks[i, :k] = 1.0
+    return masks.to(device)
+
+
+def principal_extremes(pair: Tensor, ks: tuple[int, ...]) -> Tensor:
+    """What the largest principal angle between the spans of the first k columns of ``pair[0]``
+    and ``pair[1]`` is read from, for each k in ``ks``: ONE float64 batch (one conversion,
+    three batched products and one LAPACK call), whatever the number of bases and of k.
+
+    The math (Knyazev & Argentati 2002): with ``A``, ``B`` the first k columns (orthonormal) and
+    ``M = A^T B``, the cosines of the principal angles are the singular values of ``M``, the sines
+    those of ``W = B - A M``. ``sin_max^2`` is the top singular value of the k x k Gram ``W^T
+    W``, accurate relative to itself (tiny angles keep full precision, where ``1 - cos^2`` would
+    not); ``cos_min`` is a singular value of ``M`` never squared (near 90 degrees ``M^T M``
+    would lose it). Both Grams and overlaps go to one batched ``svdvals`` (one call for all is
+    cheaper than an eigenvalue call plus a singular value call). Each k is the full-width
+    problem with the columns from k on zeroed: ``W^T W`` keeps the k-column problem's nonzero
+    eigenvalues and ``M``'s k-th singular value is the block's smallest. Zero rows (padding
+    bases of different lengths into one batch) change neither ``A^T B`` nor ``W``'s singular
+    values.
+
+    Args:
+        pair: ``(2, ..., rows, kmax)``, ``kmax >= max(ks)``, columns orthonormal; any float dtype.
+        ks: column counts, each in ``[1, kmax]``.
+
+    Returns:
+        ``(2, len(ks), ..., kmax)`` float64 singular values in descending order: ``[0, i, ...,
+        0]`` is problem i's ``sin_max^2``, ``[1, i, ..., ks[i] - 1]`` its ``cos_min``. Left
+        unpicked, so that a caller converting them to Python floats spends no tensor
+        operation on it.
+    """
+    rows, kmax = pair.shape[-2:]
+    masks = _problem_masks(ks, kmax, pair.device)
+    # float64 (the masks promote): (2, len(ks), ..., rows, kmax)
+    X = pair.unsqueeze(1) * masks.view(1, len(ks), *([1] * (pair.ndim - 2)), kmax)
+    A, B = X.view(2, -1, rows, kmax).unbind(0)
+    M = torch.bmm(A.mT, B)
+    W = torch.baddbmm(B, A, M, alpha=-1.0)
+    values = torch.linalg.svdvals(torch.cat([torch.bmm(W.mT, W), M]))
+    return values.view(2, len(ks), *pair.shape[1:-2], kmax)
 
 
 def basis_staleness(Q: Tensor, factor: Tensor) -> Tensor:
