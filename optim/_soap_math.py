@@ -277,10 +277,9 @@ class _HealthPlan:
     were refreshed), which repeats step after step, so it is built once per layout.
 
     Values: the norms of each side's factor and quotients (2 per side), the top two eigenvalues
-    of each side with at least two, then per rotation group (sides of one ``k = min(8, dim)``)
-    :func:`optim.health.principal_extremes` of its k-column and first-column problems:
-    the k singular values of each k-column problem's Gram, of each first-column one's, then of
-    their overlaps (``sin^2`` first in a Gram's, ``cos_min`` k-th in an overlap's).
+    of each side with at least two, then per rotation group (the n sides of one ``k = min(8,
+    dim)``) :func:`optim.health.principal_extremes` of its pairs: the n Grams ``W^T W`` and the n
+    overlaps ``M`` (k x k each), then their singular values (k each), in that order.
     """
 
     def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
@@ -297,20 +296,24 @@ class _HealthPlan:
         for i, (_, dim, _, rotated) in enumerate(flat):
             if rotated:
                 members.setdefault(min(8, dim), []).append(i)
-        # per group: k, the member sides, the rows they are padded to and each one's zero rows
-        self.groups: list[tuple[int, list[int], int, list[Tensor | None]]] = []
-        self.rot_at: dict[int, tuple[int, int, int, int]] = {}
+        # per group: k, the member sides, the rows they are padded to, each one's zero rows
+        # (None: none needed) and an empty float64 piece: with it, the cat that stacks the
+        # bases also converts them
+        self.groups: list[tuple[int, list[int], int, list[Tensor | None], Tensor]] = []
+        # per rotated side: k, and where its Gram, overlap, sines and cosines start
+        self.rot_at: dict[int, tuple[int, int, int, int, int]] = {}
         for k, sides in members.items():
             rows = max(flat[i][1] for i in sides)
             pads = [torch.zeros(rows - flat[i][1], k, dtype=dtype, device=device)
                     if flat[i][1] < rows else None for i in sides]
-            self.groups.append((k, sides, rows, pads))
+            self.groups.append((k, sides, rows, pads,
+                                torch.zeros(0, k, dtype=torch.float64, device=device)))
             n = len(sides)
-            overlaps = offset + 2 * n * k  # problem p's values start at p * k in each half
+            values = offset + 2 * n * k * k
             for j, i in enumerate(sides):
-                self.rot_at[i] = (offset + j * k, overlaps + j * k + k - 1,         # k columns
-                                  offset + (n + j) * k, overlaps + (n + j) * k)     # first one
-            offset += 4 * n * k
+                self.rot_at[i] = (k, offset + j * k * k, offset + (n + j) * k * k,
+                                  values + j * k, values + (n + j) * k)
+            offset = values + 2 * n * k
 
     def finish(self, v: list[float]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -326,8 +329,11 @@ class _HealthPlan:
                 rot1 = rot8 = 0.0
                 at = self.rot_at.get(i)
                 if at is not None:
-                    rot8 = _angle_degrees(v[at[0]], v[at[1]])
-                    rot1 = _angle_degrees(v[at[2]], v[at[3]])
+                    k, gram, overlap, sines, cosines = at
+                    rot8 = _angle_degrees(v[sines], v[cosines + k - 1])
+                    # the first columns' angle from the same problem (principal_extremes)
+                    sin1_sq = v[gram] + sum(v[overlap + j * k] ** 2 for j in range(1, k))
+                    rot1 = _angle_degrees(sin1_sq, abs(v[overlap]))
                 row += [gap, rot1, rot8, _staleness(v[2 * i] ** 2, v[2 * i + 1] ** 2)]
                 i += 1
             out.append(row)
@@ -378,15 +384,16 @@ def soap_health(per_matrix: list[list[SideHealth]]
     pieces = [norm.view(1) for norm in norms]
     pieces += [side.eigvals.topk(2).values for side, at in zip(flat, plan.top_at, strict=True)
                if at is not None]
-    for k, members, rows, pads in plan.groups:
+    for k, members, rows, pads, promote in plan.groups:
         columns: list[Tensor] = []
         for attr in ("Q_old", "Q_new"):
             for i, pad in zip(members, pads, strict=True):
                 columns.append(getattr(flat[i], attr)[:, :k])
                 if pad is not None:
                     columns.append(pad)
-        pair = torch.cat(columns).view(2, len(members), rows, k)
-        pieces.append(principal_extremes(pair, (k, 1)).view(-1))
+        columns.append(promote)
+        grams, values = principal_extremes(torch.cat(columns).view(2, len(members), rows, k))
+        pieces += [grams.view(-1), values.view(-1)]
     return plan.keys, torch.cat(pieces), plan.finish
 
 

@@ -188,10 +188,10 @@ def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
 
 def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] = (1, 8)
                             ) -> Tensor:
-    """:func:`rotation_angle_degrees` for several ``k`` at once: one float64 batch of problems
-    for all of them (:func:`principal_extremes`). Below 45 degrees the angle is the arcsin of
-    the largest sine, above it the arccos of the smallest cosine: each is well conditioned
-    where it is used, ~1e-13 degrees everywhere on float64 bases.
+    """:func:`rotation_angle_degrees` for several ``k`` at once (one :func:`principal_extremes`
+    per distinct k). Below 45 degrees the angle is the arcsin of the largest sine, above it the
+    arccos of the smallest cosine: each is well conditioned where it is used, ~1e-13 degrees
+    everywhere on float64 bases.
 
     Returns:
         A tensor of shape ``(len(ks), *Q_prev.shape[:-2])``, in degrees.
@@ -204,63 +204,51 @@ def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] =
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {min(ks) if ks else ks}")
     r = Q_prev.size(-1)
-    clamped = tuple(min(k, r) for k in ks)
-    kmax = max(clamped)
-    sines, cosines = principal_extremes(
-        torch.stack([Q_prev[..., :kmax], Q_new[..., :kmax]]), clamped).unbind(0)
-    last = torch.tensor([k - 1 for k in clamped], device=cosines.device)
-    cos_min = cosines.gather(-1, last.view(-1, *([1] * (cosines.ndim - 1)))
-                             .expand(*cosines.shape[:-1], 1)).squeeze(-1).clamp(0.0, 1.0)
-    sin_max = sines[..., 0].clamp(0.0, 1.0).sqrt()
-    return torch.rad2deg(torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max),
-                                     torch.arccos(cos_min)))
+    angles: dict[int, Tensor] = {}
+    for k in sorted({min(k, r) for k in ks}):
+        _, (sines, cosines) = principal_extremes(torch.stack([Q_prev[..., :k], Q_new[..., :k]]))
+        sin_max = sines[..., 0].clamp(0.0, 1.0).sqrt()
+        cos_min = cosines[..., k - 1].clamp(0.0, 1.0)
+        angles[k] = torch.where(sin_max < math.sqrt(0.5), torch.arcsin(sin_max),
+                                torch.arccos(cos_min))
+    return torch.rad2deg(torch.stack([angles[min(k, r)] for k in ks]))
 
 
-@functools.cache
-def _problem_masks(ks: tuple[int, ...], kmax: int, device: torch.device) -> Tensor:
-    """``(len(ks), kmax)`` float64, row i 1 on the first ``ks[i]`` columns and 0 after."""
-    masks = torch.zeros(len(ks), kmax, dtype=torch.float64)
-    for i, k in enumerate(ks):
-        masks[i, :k] = 1.0
-    return masks.to(device)
+def principal_extremes(pair: Tensor) -> tuple[Tensor, Tensor]:
+    """What the largest principal angle between the column spans of ``pair[0]`` and ``pair[1]``
+    is read from, for a whole batch of pairs in ONE float64 computation: three batched products
+    and one LAPACK call, whatever the number of pairs.
 
-
-def principal_extremes(pair: Tensor, ks: tuple[int, ...]) -> Tensor:
-    """What the largest principal angle between the spans of the first k columns of ``pair[0]``
-    and ``pair[1]`` is read from, for each k in ``ks``: ONE float64 batch (one conversion,
-    three batched products and one LAPACK call), whatever the number of bases and of k.
-
-    The math (Knyazev & Argentati 2002): with ``A``, ``B`` the first k columns (orthonormal) and
-    ``M = A^T B``, the cosines of the principal angles are the singular values of ``M``, the sines
+    The math (Knyazev & Argentati 2002): with ``A``, ``B`` the k orthonormal columns and ``M =
+    A^T B``, the cosines of the principal angles are the singular values of ``M``, the sines
     those of ``W = B - A M``. ``sin_max^2`` is the top singular value of the k x k Gram ``W^T
     W``, accurate relative to itself (tiny angles keep full precision, where ``1 - cos^2`` would
-    not); ``cos_min`` is a singular value of ``M`` never squared (near 90 degrees ``M^T M``
-    would lose it). Both Grams and overlaps go to one batched ``svdvals`` (one call for all is
-    cheaper than an eigenvalue call plus a singular value call). Each k is the full-width
-    problem with the columns from k on zeroed: ``W^T W`` keeps the k-column problem's nonzero
-    eigenvalues and ``M``'s k-th singular value is the block's smallest. Zero rows (padding
-    bases of different lengths into one batch) change neither ``A^T B`` nor ``W``'s singular
-    values.
+    not); ``cos_min`` is a singular value of ``M`` never squared (near 90 degrees ``M^T M`` would
+    lose it). Both Grams and overlaps go to one batched ``svdvals``. Zero rows (padding bases of
+    different lengths into one batch) change neither ``A^T B`` nor ``W``'s singular values.
+
+    The angle between the FIRST columns alone needs no second problem: with ``w_1`` the first
+    column of ``W``, ``b_1 - a_1 M_11 = w_1 + sum_{j>1} a_j M_j1`` and ``w_1`` is orthogonal to
+    every ``a_j``, so ``sin^2 = (W^T W)_11 + sum_{j>1} M_j1^2`` (a sum of non-negative terms: no
+    cancellation) and ``cos = |M_11|``. On float32 bases, orthonormal only to ~1e-7, this
+    differs from ``||b_1 - a_1 M_11||^2`` by ~1e-7 relative: within the bases' own uncertainty.
 
     Args:
-        pair: ``(2, ..., rows, kmax)``, ``kmax >= max(ks)``, columns orthonormal; any float dtype.
-        ks: column counts, each in ``[1, kmax]``.
+        pair: ``(2, ..., rows, k)``, columns orthonormal; any float dtype.
 
     Returns:
-        ``(2, len(ks), ..., kmax)`` float64 singular values in descending order: ``[0, i, ...,
-        0]`` is problem i's ``sin_max^2``, ``[1, i, ..., ks[i] - 1]`` its ``cos_min``. Left
-        unpicked, so that a caller converting them to Python floats spends no tensor
-        operation on it.
+        ``(grams, values)`` in float64: ``grams[0]`` is ``W^T W`` and ``grams[1]`` is ``M``
+        (``(2, ..., k, k)``); ``values`` their singular values in descending order (``(2, ...,
+        k)``): ``sin_max^2 = values[0, ..., 0]``, ``cos_min = values[1, ..., k - 1]``.
     """
-    rows, kmax = pair.shape[-2:]
-    masks = _problem_masks(ks, kmax, pair.device)
-    # float64 (the masks promote): (2, len(ks), ..., rows, kmax)
-    X = pair.unsqueeze(1) * masks.view(1, len(ks), *([1] * (pair.ndim - 2)), kmax)
-    A, B = X.view(2, -1, rows, kmax).unbind(0)
+    rows, k = pair.shape[-2:]
+    A, B = pair.to(torch.float64).reshape(2, -1, rows, k).unbind(0)
     M = torch.bmm(A.mT, B)
     W = torch.baddbmm(B, A, M, alpha=-1.0)
-    values = torch.linalg.svdvals(torch.cat([torch.bmm(W.mT, W), M]))
-    return values.view(2, len(ks), *pair.shape[1:-2], kmax)
+    grams = torch.cat([torch.bmm(W.mT, W), M])
+    values = torch.linalg.svdvals(grams)
+    batch = pair.shape[1:-2]
+    return grams.view(2, *batch, k, k), values.view(2, *batch, k)
 
 
 def basis_staleness(Q: Tensor, factor: Tensor) -> Tensor:

@@ -254,6 +254,11 @@ def test_health_lists_every_metric_for_a_two_sided_matrix():
 # ---- health: one batched computation, checked against optim.health's reference functions ------
 # Angles of float64 inputs: arcsin/arccos of float64 values, ~1e-13 degrees (as test_health.py).
 ANGLE64_ATOL_DEG = 1e-9
+# SOAP reads the first columns' angle off the 8-column problem, which assumes orthonormal
+# columns (optim.health.principal_extremes); float32 bases are orthonormal to ~1e-7, which moves
+# sin^2 by ~1e-7 relative against the direct formula: measured up to 8e-6 degrees here and
+# 2.9e-5 over 30-step runs; 1e-4 is the bound test_health.py sets for any angle of float32 bases.
+FIRST_COLUMN_FP32_ATOL_DEG = 1e-4
 # basis_staleness forms B = Q^T F Q in float64; SOAP's staleness takes ||B||_F = ||F||_F and the
 # fp32 Rayleigh quotients, whose rounding puts a floor of ~1e-3 under it (docs/soap.md).
 STALENESS_FP32_ATOL = 2e-3
@@ -311,7 +316,8 @@ def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cas
         assert key == ("eigengap_ratio_L", "rotation_degrees_L_k1", "rotation_degrees_L_k8",
                        "basis_staleness_L")
         assert row[0] == pytest.approx(gap, rel=1e-12, abs=1e-15)
-        assert row[1] == pytest.approx(rot1, abs=ANGLE64_ATOL_DEG)
+        first_atol = ANGLE64_ATOL_DEG if dtype == torch.float64 else FIRST_COLUMN_FP32_ATOL_DEG
+        assert row[1] == pytest.approx(rot1, abs=first_atol)
         assert row[2] == pytest.approx(rot8, abs=ANGLE64_ATOL_DEG)
         if dtype == torch.float64:
             assert row[1] == pytest.approx(k1, abs=ANGLE64_ATOL_DEG)
@@ -332,8 +338,8 @@ def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eig
         for s in "LR" if t else ():
             new, factor = opt.state[p][f"Q_{s}"], opt.state[p][s]
             rot = rotation_angles_degrees(old[s], new, (1, 8))
-            assert health[f"rotation_degrees_{s}_k1"] == pytest.approx(rot[0].item(),
-                                                                       abs=ANGLE64_ATOL_DEG)
+            assert health[f"rotation_degrees_{s}_k1"] == pytest.approx(
+                rot[0].item(), abs=FIRST_COLUMN_FP32_ATOL_DEG)  # fp32 state
             assert health[f"rotation_degrees_{s}_k8"] == pytest.approx(rot[1].item(),
                                                                        abs=ANGLE64_ATOL_DEG)
             assert health[f"basis_staleness_{s}"] == pytest.approx(
