@@ -71,10 +71,13 @@ def compare(label: str, factories: dict[str, callable], shape_list, steps: int) 
     return {name: statistics.median(times) for name, (_, _, _, times) in runs.items()}
 
 
-def training_step_ratio(steps: int, quick: bool) -> tuple[float, float]:
-    """Median full training step (forward, backward, Muon step, ``health()``) of a small GPT
-    (``orthoshard.model``, d_model 256, 2 layers, 16 x 128 tokens) with health every step
-    against never: what health costs a training loop rather than the optimizer alone."""
+def training_step_ratio(steps: int, quick: bool, optimizer: type = Muon, **kwargs
+                        ) -> tuple[float, float]:
+    """Median full training step (forward, backward, optimizer step, ``health()``) of a small
+    GPT (``orthoshard.model``, d_model 256, 2 layers, 16 x 128 tokens) with health every step
+    against never: what health costs a training loop rather than the optimizer alone.
+    ``optimizer(param_groups, health_every=..., **kwargs)`` builds the optimizer (default Muon,
+    lr 0.02)."""
     from optim import split_param_groups
     from orthoshard.model import GPT, GPTConfig
 
@@ -85,10 +88,11 @@ def training_step_ratio(steps: int, quick: bool) -> tuple[float, float]:
     for every in (1, 0):
         torch.manual_seed(0)
         model = GPT(cfg)
-        opt = Muon(split_param_groups(model.named_parameters()), lr=0.02, health_every=every)
+        opt = optimizer(split_param_groups(model.named_parameters()), health_every=every,
+                        **(kwargs or {"lr": 0.02}))
         runs.append((model, opt, []))
 
-    def one(model: nn.Module, opt: Muon) -> float:
+    def one(model: nn.Module, opt: torch.optim.Optimizer) -> float:
         t0 = CLOCK()
         opt.zero_grad(set_to_none=True)
         logits = model(tokens[:, :-1])

@@ -1,10 +1,17 @@
 """What SOAP's health costs per step: ``health_every=1`` against ``health_every=0``.
 
-    .venv/bin/python bench/soap_health.py [--shapes 128x64,512x256] [--steps N] [--threads N]
+    .venv/bin/python bench/soap_health.py [--shapes 128x64,512x256] [--model] [--quick]
+                                          [--steps N] [--threads N]
 
-One matrix per optimizer, the two optimizers stepped alternately in one process (their order
-swapped every step), each health step including ``health()``; medians after the first fifth of
-the steps. Rows: QR (power iteration), eigh, and KL-Shampoo with QR. The machine is shared and
+Lone matrices: one matrix per optimizer, the two optimizers stepped alternately in one process
+(their order swapped every step), each health step including ``health()``; medians after the
+first fifth of the steps. Rows: QR (power iteration), eigh, and KL-Shampoo with QR. Health is a
+fixed number of small tensor operations per ``(group, shape)`` batch, so a lone small matrix is
+its worst case.
+
+``--model``: the same ratio on the 12 matrices of ``bench/muon.py``'s transformer stack (d_model
+256, MLP 1024, 2 layers; ``--quick``: 64 / 256), and for a whole training step of the small GPT
+``bench/muon.py`` times (forward, backward, SOAP step, ``health()``). The machine is shared and
 noisy, so only the ratio measured in one process means anything (target < 1.05).
 """
 
@@ -20,23 +27,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.muon import make, shapes, training_step_ratio
 from optim.soap import SOAP
 
 CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": True}}
 
 
-def ratio(shape: tuple[int, int], kwargs: dict, steps: int) -> tuple[float, float]:
-    g = torch.Generator().manual_seed(0)
-    grads = [torch.randn(shape, generator=g) for _ in range(4)]
+def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[float, float]:
+    """Median step time with health every step and never, for SOAP on these matrices."""
     runs = {}
     for every in (1, 0):
-        p = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02)
-        runs[every] = (p, SOAP([p], lr=0.01, health_every=every, **kwargs))
+        params, grads = make(shape_list)
+        runs[every] = (params, grads, SOAP(params, lr=0.01, health_every=every, **kwargs))
     times: dict[int, list[float]] = {1: [], 0: []}
     for i in range(steps):
         for every in (1, 0) if i % 2 == 0 else (0, 1):
-            p, opt = runs[every]
-            p.grad = grads[i % 4]
+            params, grads, opt = runs[every]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
             t0 = time.perf_counter()
             opt.step()
             if every:
@@ -46,22 +54,35 @@ def ratio(shape: tuple[int, int], kwargs: dict, steps: int) -> tuple[float, floa
     return on, off
 
 
+def row(label: str, solver: str, on: float, off: float) -> None:
+    print(f"| {label} | {solver} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="128x64,512x256")
-    parser.add_argument("--steps", type=int, default=None, help="default 600 / 160 by size")
+    parser.add_argument("--shapes", default="128x64,512x256", help="lone matrices ('' for none)")
+    parser.add_argument("--model", action="store_true", help="also the 12-matrix stack and GPT")
+    parser.add_argument("--quick", action="store_true", help="--model at d_model 64")
+    parser.add_argument("--steps", type=int, default=None, help="default by size")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# SOAP health cost (torch {torch.__version__}, {args.threads} threads, one matrix)\n")
-    print("| shape | solver | health off ms | health on ms | on/off |")
+    print(f"# SOAP health cost (torch {torch.__version__}, {args.threads} threads)\n")
+    print("| matrices | solver | health off ms | health on ms | on/off |")
     print("|---|---|---|---|---|")
-    for text in args.shapes.split(","):
+    for text in filter(None, args.shapes.split(",")):
         shape = tuple(int(d) for d in text.split("x"))
         steps = args.steps or (600 if shape[0] * shape[1] <= 128 * 64 else 160)
         for name, kwargs in CONFIGS.items():
-            on, off = ratio(shape, kwargs, steps)
-            print(f"| {text} | {name} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.3f} |")
+            row(f"{text} alone", name, *ratio([shape], kwargs, steps))
+    if args.model:
+        shape_list = shapes(args.quick)
+        label = f"{len(shape_list)} of d_model {64 if args.quick else 256}"
+        steps = args.steps or (100 if args.quick else 20)
+        for name, kwargs in CONFIGS.items():
+            row(label, name, *ratio(shape_list, kwargs, steps))
+        on, off = training_step_ratio(steps, args.quick, SOAP, lr=0.01)
+        row(f"GPT training step, d_model {64 if args.quick else 256}", "QR", on, off)
 
 
 if __name__ == "__main__":

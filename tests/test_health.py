@@ -13,6 +13,7 @@ from optim.health import (
     eigengap_ratio,
     estimate_orthogonality_error,
     orthogonality_error,
+    principal_extremes,
     rotation_angle_degrees,
     update_orthogonality_error,
 )
@@ -139,6 +140,35 @@ def test_rotation_is_batched_over_leading_dims():
 def test_rotation_rejects_bad_arguments(a, b, k):
     with pytest.raises(ValueError):
         rotation_angle_degrees(torch.zeros(a), torch.zeros(b), k=k)
+
+
+def test_principal_extremes_first_column_identity_and_zero_row_padding():
+    # sin^2 of the first columns' angle = (W^T W)_11 + sum_{j>1} M_j1^2, cos = |M_11|: checked
+    # against the direct ||b1 - a1 (a1 . b1)||^2 on float64 bases, for tiny to near-90 turns
+    # (several columns turned at once, so M_j1 for j > 1 is nonzero), padded with zero rows.
+    pairs, expected = [], []
+    for seed, turns in enumerate([[(0, 9, 1e-3)], [(0, 3, 35.0), (0, 10, 20.0)],
+                                  [(0, 1, 89.0), (2, 11, 60.0)], [(1, 9, 45.0)]]):
+        Q = orthonormal(12, seed=seed)
+        Q_new = Q
+        for i, j, degrees in turns:
+            Q_new = rotate_columns(Q_new, i, j, degrees)
+        a, b = Q[:, :8], Q_new[:, :8]
+        sin_sq = torch.linalg.vector_norm(b[:, 0] - a[:, 0] * (a[:, 0] @ b[:, 0])).item() ** 2
+        expected.append((sin_sq, abs((a[:, 0] @ b[:, 0]).item()),
+                         rotation_angle_degrees(Q, Q_new, k=8).item()))
+        pad = torch.zeros(4, 8, dtype=torch.float64)
+        pairs.append(torch.stack([torch.cat([a, pad]), torch.cat([b, pad])]))
+    grams, values = principal_extremes(torch.stack(pairs, dim=1))
+    assert grams.shape == (2, 4, 8, 8) and values.shape == (2, 4, 8)
+    for i, (sin_sq, cos, k8) in enumerate(expected):
+        first = grams[0, i, 0, 0].item() + (grams[1, i, 1:, 0] ** 2).sum().item()
+        assert first == pytest.approx(sin_sq, rel=1e-12, abs=1e-15)
+        assert abs(grams[1, i, 0, 0].item()) == pytest.approx(cos, abs=EXACT64_ATOL)
+        sin_max = math.sqrt(max(values[0, i, 0].item(), 0.0))
+        angle = math.degrees(math.asin(sin_max) if sin_max < math.sqrt(0.5)
+                             else math.acos(values[1, i, 7].item()))
+        assert angle == pytest.approx(k8, abs=ANGLE64_ATOL_DEG)
 
 
 # ---- eigengap_ratio ---------------------------------------------------------------------------
