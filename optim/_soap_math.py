@@ -92,39 +92,46 @@ def _rayleigh(factor: Tensor, Q: Tensor, prec: str) -> tuple[Tensor, Tensor]:
 
 
 def _kl_whitened(G: Tensor, Q: Tensor, factor: Tensor, *, side: int, eps: float,
-                 prec: str) -> Tensor:
+                 prec: str) -> tuple[Tensor, Tensor | None]:
     """KL-Shampoo's update of the OTHER factor, built from this side's factor:
     ``G^T Q diag(1/(m lam)) Q^T G`` (side 0) or ``G Q diag(1/(n lam)) Q^T G^T`` (side 1), with
     ``lam = max(diag(Q^T factor Q), eps)`` (arXiv 2509.03378, the eigenvalue approximation of
-    Emerging-Optimizers). An absent side whitens with the identity."""
+    Emerging-Optimizers). An absent side whitens with the identity. Returns the term and the
+    Rayleigh quotients it used (None for an absent side)."""
     dim = G.shape[side]
     Gs = G if side == 0 else G.mT
     if not _present(factor):
-        return pmm(Gs.mT, Gs, prec) / dim
+        return pmm(Gs.mT, Gs, prec) / dim, None
     _, lam = _rayleigh(factor, Q, prec)
     H = pmm(Q.mT, Gs, prec)                       # (dim, other)
     scaled = H * (1.0 / (dim * lam.clamp_min(eps))).unsqueeze(-1)
-    return pmm(H.mT, scaled, prec)
+    return pmm(H.mT, scaled, prec), lam
 
 
 def update_factors(L: Tensor, R: Tensor, G: Tensor, *, beta: float, kl: bool, Q_L: Tensor,
-                   Q_R: Tensor, eps: float, prec: str) -> tuple[Tensor, Tensor]:
-    """The Kronecker factors' EMA; returns new ``(L, R)`` (inputs are not modified).
+                   Q_R: Tensor, eps: float, prec: str
+                   ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
+    """The Kronecker factors' EMA; returns new ``(L, R)`` (inputs are not modified) and the
+    Rayleigh quotients of the OLD ``L`` and ``R`` in ``Q_L``, ``Q_R`` where KL-Shampoo computed
+    them for its whitening (else None).
 
     Plain (SOAP, arXiv 2409.11321): ``L <- b L + (1-b) G G^T``, ``R <- b R + (1-b) G^T G``.
     KL-Shampoo (arXiv 2509.03378): ``L <- b L + (1-b)/n G R^-1 G^T``,
     ``R <- b R + (1-b)/m G^T L^-1 G``, both inverses taken from the factors BEFORE this update,
     approximated in the stored eigenbases (see :func:`_kl_whitened`).
     """
+    lam_L = lam_R = None
     if kl:
-        new_L_term = _kl_whitened(G, Q_R, R, side=1, eps=eps, prec=prec) if _present(L) else None
-        new_R_term = _kl_whitened(G, Q_L, L, side=0, eps=eps, prec=prec) if _present(R) else None
+        new_L_term, lam_R = _kl_whitened(G, Q_R, R, side=1, eps=eps, prec=prec) \
+            if _present(L) else (None, None)
+        new_R_term, lam_L = _kl_whitened(G, Q_L, L, side=0, eps=eps, prec=prec) \
+            if _present(R) else (None, None)
     else:
         new_L_term = pmm(G, G.mT, prec) if _present(L) else None
         new_R_term = pmm(G.mT, G, prec) if _present(R) else None
     L_new = L.lerp(new_L_term, 1.0 - beta) if new_L_term is not None else L
     R_new = R.lerp(new_R_term, 1.0 - beta) if new_R_term is not None else R
-    return L_new, R_new
+    return L_new, R_new, (lam_L, lam_R)
 
 
 @dataclass
@@ -155,10 +162,15 @@ def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _squared_norm(t: Tensor) -> Tensor:
-    """``sum(t^2)`` in float64: one float64 copy and one dot product (1.5e-14 relative on a
-    512x512 factor; 0.4-0.8x the time of ``vector_norm(t, dtype=float64)`` or ``_foreach_norm``
-    from 256x256 on, measured). The staleness's cancellation needs float64."""
-    x = t.reshape(-1).to(torch.float64)
+    """``sum(t^2)`` as a float64 scalar. A factor (2-D) is reduced row by row in its own dtype
+    (``vecdot``) and the row sums are added in float64: within 1e-9 - 3e-9 of the float64 value
+    on float32 factors of 128-1024 rows, at 0.2-0.6x the time of a float64 copy and dot, whose
+    1-4 MB temporary at 512-1024 rows cost more than the sum itself inside the step (measured).
+    Vectors (the quotients) are summed in float64. The staleness's difference needs both to
+    ~1e-8 at least."""
+    if t.ndim == 2:
+        return torch.linalg.vecdot(t, t).sum(dtype=torch.float64)
+    x = t.to(torch.float64)
     return torch.dot(x, x)
 
 
@@ -217,14 +229,15 @@ class SoapConfig:
 
 
 def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: SoapConfig,
-                   t: int) -> tuple[Tensor, Tensor, Tensor]:
+                   t: int, square: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Adam in the eigenbasis (Emerging-Optimizers' ``calculate_adam_update``):
     ``m <- lerp(m, g, 1-b1)``, ``v <- lerp(v, g^2, 1-b2)``,
     ``d = m_hat / (sqrt(v / (1-b2^t)) + eps)`` with ``m_hat = m / (1-b1^t)``, or with
-    ``nesterov`` ``b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)``. Returns ``(d, m, v)``."""
+    ``nesterov`` ``b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)``. Returns ``(d, m, v)``;
+    ``square`` is ``g^2`` if the caller already has it."""
     b1, b2 = cfg.betas
     m = exp_avg.lerp(Gp, 1.0 - b1)
-    v = exp_avg_sq.lerp(Gp.square(), 1.0 - b2)
+    v = exp_avg_sq.lerp(Gp.square() if square is None else square, 1.0 - b2)
     bc1 = 1.0 - b1**t if cfg.correct_bias else 1.0
     bc2 = 1.0 - b2**t if cfg.correct_bias else 1.0
     if cfg.nesterov:
@@ -249,12 +262,12 @@ class SideHealth:
 
 
 def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor,
-                 *, first: bool, prec: str) -> SideHealth:
+                 *, first: bool, quotients: Tensor | None) -> SideHealth:
     """One side's health inputs (docs/soap.md "Health"); between refreshes the eigenvalues and
-    staleness come from the Rayleigh quotients of the current basis."""
+    staleness come from ``quotients``, the Rayleigh quotients of the current basis."""
     if refreshed is None:
-        _, lam = _rayleigh(factor, Q_old, prec)
-        return SideHealth(side, lam, factor, lam, None, None)
+        assert quotients is not None
+        return SideHealth(side, quotients, factor, quotients, None, None)
     if first:
         return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, None, None)
     return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, Q_old, refreshed.Q)
@@ -284,10 +297,10 @@ class _HealthPlan:
     that turn them into metrics. It depends only on the batch's layout (sides, dims, which sides
     were refreshed), which repeats step after step, so it is built once per layout.
 
-    Values: the squared norms of each side's factor and quotients (2 per side), the top two eigenvalues
-    of each side with at least two, then per rotation group (the n sides of one ``k = min(8,
-    dim)``) :func:`optim.health.principal_extremes` of its pairs: the n Grams ``W^T W`` and the n
-    overlaps ``M`` (k x k each), then their singular values (k each), in that order.
+    Values: the squared norms of each side's factor and quotients (2 per side), the top two
+    eigenvalues of each side with at least two, then per rotation group (the n sides of one
+    ``k = min(8, dim)``) :func:`optim.health.principal_extremes` of its pairs: the n Grams
+    ``W^T W`` and the n overlaps ``M`` (k x k each), then their singular values (k each).
     """
 
     def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
@@ -429,8 +442,46 @@ def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *,
     return sides[0], sides[1], new
 
 
-def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool
-              ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth]]:
+# the Rayleigh quotients diag(Q^T F Q) of (L, R) in their current bases; None for an absent side
+Quotients = tuple[Tensor | None, Tensor | None]
+
+
+def _next_quotients(sq: Tensor, previous: Quotients, whitening: Quotients, *, beta: float,
+                    cfg: SoapConfig) -> Quotients:
+    """This step's Rayleigh quotients ``diag(Q^T F_t Q)`` WITHOUT the ``d^3`` product: the bases
+    did not change, and ``F_t = b F_{t-1} + (1 - b) T`` is linear, so ``q_t = b q_{t-1} + (1 - b)
+    diag(Q^T T Q)``, and every update term's diagonal is a row or column sum of ``sq = Gp^2``
+    (which Adam squares anyway), ``Gp = Q_L^T G Q_R`` being the projected gradient (``Q_L`` and
+    ``Q_R`` are orthogonal, so ``Q_L^T G Q_R`` has the row norms of ``Q_L^T G`` and the column
+    norms of ``G Q_R``):
+
+    * plain: ``diag(Q_L^T G G^T Q_L) = sum_j Gp_ij^2``, ``diag(Q_R^T G^T G Q_R) = sum_i Gp_ij^2``;
+    * KL-Shampoo (:func:`_kl_whitened`): ``sum_j Gp_ij^2 / (n max(w^R_j, eps))`` and
+      ``sum_i Gp_ij^2 / (m max(w^L_i, eps))``, with ``whitening`` the very quotients the factor
+      update divided by (it computes them itself: near-null directions of a rank-deficient
+      factor make the division ill-conditioned, so no other estimate will do); an absent side
+      whitens with 1.
+
+    ``previous`` are ``q_{t-1}`` (None where unknown: that side's result is None). Exact in
+    exact arithmetic; in float32 each step adds ~1e-7 relative, below the ~1e-3 floor the
+    quotients' rounding already puts under the staleness (docs/soap.md).
+    """
+    q_L, q_R = previous
+    w_L, w_R = whitening
+    m, n = sq.shape
+    if cfg.use_kl_shampoo:
+        rows = (sq / (n * w_R.clamp_min(cfg.eps))).sum(1) if w_R is not None else sq.sum(1) / n
+        cols = (sq / (m * w_L.clamp_min(cfg.eps)).unsqueeze(1)).sum(0) if w_L is not None \
+            else sq.sum(0) / m
+    else:
+        rows, cols = sq.sum(1), sq.sum(0)
+    return (q_L.lerp(rows, 1.0 - beta) if q_L is not None else None,
+            q_R.lerp(cols, 1.0 - beta) if q_R is not None else None)
+
+
+def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool,
+              quotients: Quotients | None = None
+              ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth], Quotients | None]:
     """One SOAP step on one full fp32 gradient ``G`` (m, n); the inputs are not modified.
 
     With ``t`` the 1-based step and ``b = 1 - (1 - shampoo_beta) / (1 - shampoo_beta^t)``
@@ -446,9 +497,17 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     The SOAP paper (arXiv 2409.11321, Alg. 3) refreshes after the parameter update; refreshing
     first, as Emerging-Optimizers does, lets step 1 already use the basis of ``G``.
 
+    Health between refreshes needs the Rayleigh quotients of the current bases under the new
+    factors. ``quotients``, those of the previous step's factors in the same bases (returned by
+    the previous call), turn them into a few reductions of ``G'`` (:func:`_next_quotients`);
+    without them (first step after a power-iteration refresh, after a step without health, or
+    at a ``fp32_matmul_prec`` other than "highest", whose rounded products the increments would
+    not follow) they cost one ``F Q`` product per side.
+
     Returns:
-        ``(U, new_state, health)``; ``health`` (each present side's :class:`SideHealth`,
-        for :func:`soap_health`) is empty unless ``want_health``.
+        ``(U, new_state, health, quotients)``; ``health`` (each present side's
+        :class:`SideHealth`, for :func:`soap_health`) is empty unless ``want_health``;
+        ``quotients`` are this step's, for the next call, or None where unknown.
     """
     t = int(state["step"]) + 1
     beta = cfg.shampoo_beta
@@ -456,23 +515,44 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         beta = 1.0 - (1.0 - beta) / (1.0 - beta**t)
     prec = cfg.fp32_matmul_prec
     with matmul_precision(prec):
-        L, R = update_factors(state["L"], state["R"], G, beta=beta, kl=cfg.use_kl_shampoo,
-                              Q_L=state["Q_L"], Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
+        L, R, whitening = update_factors(state["L"], state["R"], G, beta=beta,
+                                         kl=cfg.use_kl_shampoo, Q_L=state["Q_L"],
+                                         Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
     side_L = side_R = None
     new = {k: state[k] for k in ("Q_L", "Q_R", "exp_avg", "exp_avg_sq")}
-    if (t - 1) % cfg.precondition_frequency == 0:
+    refresh = (t - 1) % cfg.precondition_frequency == 0
+    if refresh:
         side_L, side_R, new = _refresh(state, L, R, cfg, first=t == 1)
     with matmul_precision(prec):
         Gp = project_in(G, new["Q_L"], new["Q_R"], prec)
+        square = Gp.square()
         D, exp_avg, exp_avg_sq = adam_direction(Gp, new["exp_avg"], new["exp_avg_sq"], cfg=cfg,
-                                                t=t)
+                                                t=t, square=square)
         U = project_out(D, new["Q_L"], new["Q_R"], prec)
     new_state = {"L": L, "R": R, "Q_L": new["Q_L"], "Q_R": new["Q_R"], "exp_avg": exp_avg,
                  "exp_avg_sq": exp_avg_sq, "step": torch.full_like(state["step"], t)}
+    current: Quotients | None = None
+    if refresh:
+        if cfg.use_eigh or t == 1:  # the new bases diagonalize these factors: their eigenvalues
+            current = tuple(side.eigvals.flip(0) if side is not None else None  # type: ignore
+                            for side in (side_L, side_R))
+    elif want_health:
+        # q_{t-1}: KL-Shampoo's own quotients of the old factors, else the previous call's
+        previous = tuple(w if w is not None else (quotients[i] if quotients else None)
+                         for i, w in enumerate(whitening))
+        if prec == "highest":
+            current = _next_quotients(square, previous, whitening,  # type: ignore[arg-type]
+                                      beta=beta, cfg=cfg)
+        else:
+            current = (None, None)
+        current = tuple(q if q is not None or not _present(F) else _rayleigh(F, Q, "highest")[1]
+                        for q, F, Q in zip(current, (L, R), (new["Q_L"], new["Q_R"]),
+                                           strict=True))  # type: ignore[assignment]
     health: list[SideHealth] = []
     if want_health:
-        for name, key, factor, side in (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R)):
+        for i, (name, key, factor, side) in enumerate((("L", "Q_L", L, side_L),
+                                                       ("R", "Q_R", R, side_R))):
             if _present(factor):
                 health.append(_side_health(name, state[key], side, factor, first=t == 1,
-                                           prec="highest"))
-    return U, new_state, health
+                                           quotients=None if refresh else current[i]))  # type: ignore
+    return U, new_state, health, current

@@ -83,6 +83,9 @@ class SOAP(MatrixOptimizer):
                     "max_precond_dim": max_precond_dim}
         _check_soap_args(defaults)
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+        # per matrix: (step, Rayleigh quotients of its factors in its bases after that step), so
+        # health between refreshes needs no F Q product (soap_step); not state: health only
+        self._quotients: dict[Tensor, tuple[int, Any]] = {}
 
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
@@ -122,21 +125,37 @@ class SOAP(MatrixOptimizer):
         # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
         # eigenvalues); a float64 parameter keeps float64 state.
         X = X.to(torch.promote_types(X.dtype, torch.float32))
-        updates, healths, new_states = [], [], []
+        updates, healths, new_states, quotients = [], [], [], []
         for item, G in zip(items, X.unbind(0), strict=True):
             self._init_state(item, owner=True)
-            U, new_state, health = soap_step(G, self.state[item.param], cfg, want_health=due)
+            state = self.state[item.param]
+            cached = self._quotients.get(item.param)
+            U, new_state, health, q = soap_step(
+                G, state, cfg, want_health=due,
+                quotients=cached[1] if cached and cached[0] == int(state["step"]) else None)
             updates.append(U)
             healths.append(health)
             new_states.append(new_state)
+            quotients.append(q)
         # commit only usable steps (the frame skips a non-finite update too)
-        for item, new_state, ok in zip(items, new_states, all_finite(updates), strict=True):
+        for item, new_state, q, ok in zip(items, new_states, quotients, all_finite(updates),
+                                          strict=True):
             if ok:
                 self.state[item.param].update(new_state)
+                if q is not None:
+                    self._quotients[item.param] = (int(new_state["step"]), q)
+                else:
+                    self._quotients.pop(item.param, None)
         if due:  # one tensor for the whole batch, converted to floats by health()
             self._record_deferred([item.name for item in items],
                                   DeferredMetrics(*soap_health(healths)))
         return torch.stack(updates)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state (``MatrixOptimizer.load_state_dict``); the health quotients, which belong
+        to the replaced state, are dropped."""
+        super().load_state_dict(state_dict)
+        self._quotients.clear()
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group = item.group
