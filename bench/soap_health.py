@@ -5,9 +5,10 @@
 
 Lone matrices: one matrix per optimizer, the two optimizers stepped alternately in one process
 (their order swapped every step), each health step including ``health()``; medians after the
-first fifth of the steps. Rows: QR (power iteration), eigh, and KL-Shampoo with QR. Health is a
-fixed number of small tensor operations per ``(group, shape)`` batch, so a lone small matrix is
-its worst case.
+first fifth of the steps (with a refresh every 10 steps: of the sums over whole periods). Rows: QR
+(power iteration), eigh, KL-Shampoo with QR, and QR and eigh refreshing every 10 steps. A lone
+small matrix is health's worst case: most of its cost is small tensor operations and LAPACK
+calls on 8x8 matrices, which do not shrink with the matrix.
 
 ``--model``: the same ratio on the 12 matrices of ``bench/muon.py``'s transformer stack (d_model
 256, MLP 1024, 2 layers; ``--quick``: 64 / 256), and for a whole training step of the small GPT
@@ -30,11 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.muon import make, shapes, training_step_ratio
 from optim.soap import SOAP
 
-CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": True}}
+CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": True},
+           "QR, refresh every 10": {"precondition_frequency": 10},
+           "eigh, refresh every 10": {"use_eigh": True, "precondition_frequency": 10}}
 
 
 def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[float, float]:
-    """Median step time with health every step and never, for SOAP on these matrices."""
+    """Median step time with health every step and never, for SOAP on these matrices; with
+    ``precondition_frequency`` F > 1 the median of the sums over whole refresh periods, divided
+    by F (steps differ by phase)."""
+    period = kwargs.get("precondition_frequency", 1)
+    steps = max(steps, 10 * period) // period * period
     runs = {}
     for every in (1, 0):
         params, grads = make(shape_list)
@@ -50,8 +57,11 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[
             if every:
                 opt.health()
             times[every].append(time.perf_counter() - t0)
-    on, off = (statistics.median(times[every][steps // 5:]) for every in (1, 0))
-    return on, off
+    def per_step(ts: list[float]) -> float:
+        sums = [sum(ts[i:i + period]) for i in range(0, len(ts), period)]
+        return statistics.median(sums[len(sums) // 5:]) / period
+
+    return per_step(times[1]), per_step(times[0])
 
 
 def row(label: str, solver: str, on: float, off: float) -> None:

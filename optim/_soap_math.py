@@ -255,22 +255,23 @@ class SideHealth:
 
     side: str                # "L" or "R"
     eigvals: Tensor          # eigh values, power-step estimates or Rayleigh quotients, any order
-    factor: Tensor           # the factor after this step's update
+    total: Tensor            # ||factor||_F^2 after this step's update (float64 scalar), taken
+                             # right after the update, while the factor is still in cache
     quotients: Tensor        # Rayleigh quotients of the basis in use before this step (staleness)
     Q_old: Tensor | None     # the bases before and after a refresh; None: no rotation (no
     Q_new: Tensor | None     # refresh this step, or step 1, whose old basis is the identity)
 
 
-def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor,
+def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, total: Tensor,
                  *, first: bool, quotients: Tensor | None) -> SideHealth:
     """One side's health inputs (docs/soap.md "Health"); between refreshes the eigenvalues and
     staleness come from ``quotients``, the Rayleigh quotients of the current basis."""
     if refreshed is None:
         assert quotients is not None
-        return SideHealth(side, quotients, factor, quotients, None, None)
+        return SideHealth(side, quotients, total, quotients, None, None)
     if first:
-        return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, None, None)
-    return SideHealth(side, refreshed.eigvals, factor, refreshed.quotients, Q_old, refreshed.Q)
+        return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, None, None)
+    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, Q_old, refreshed.Q)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -396,11 +397,11 @@ def soap_health(per_matrix: list[list[SideHealth]]
     if not flat:
         return [() for _ in per_matrix], torch.zeros(0, dtype=torch.float64), \
             lambda _: [[] for _ in per_matrix]
-    layout = tuple(tuple((side.side, side.factor.size(0), side.eigvals.numel(),
+    layout = tuple(tuple((side.side, side.quotients.numel(), side.eigvals.numel(),
                           side.Q_old is not None) for side in sides) for sides in per_matrix)
-    factor = flat[0].factor
-    plan = _health_plan(layout, factor.dtype, factor.device)
-    pieces = [_squared_norm(t).view(1) for side in flat for t in (side.factor, side.quotients)]
+    quotients = flat[0].quotients
+    plan = _health_plan(layout, quotients.dtype, quotients.device)
+    pieces = [t.view(1) for side in flat for t in (side.total, _squared_norm(side.quotients))]
     pieces += [side.eigvals.topk(2).values for side, at in zip(flat, plan.top_at, strict=True)
                if at is not None]
     for k, members, rows, pads, promote in plan.groups:
@@ -518,6 +519,9 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         L, R, whitening = update_factors(state["L"], state["R"], G, beta=beta,
                                          kl=cfg.use_kl_shampoo, Q_L=state["Q_L"],
                                          Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
+    # health's ||F||^2 now, while the factors just written are in cache (inside the step, later
+    # reads of a 512x512 factor took 4x as long)
+    totals = [_squared_norm(F) if want_health and _present(F) else None for F in (L, R)]
     side_L = side_R = None
     new = {k: state[k] for k in ("Q_L", "Q_R", "exp_avg", "exp_avg_sq")}
     refresh = (t - 1) % cfg.precondition_frequency == 0
@@ -553,6 +557,6 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         for i, (name, key, factor, side) in enumerate((("L", "Q_L", L, side_L),
                                                        ("R", "Q_R", R, side_R))):
             if _present(factor):
-                health.append(_side_health(name, state[key], side, factor, first=t == 1,
+                health.append(_side_health(name, state[key], side, totals[i], first=t == 1,
                                            quotients=None if refresh else current[i]))  # type: ignore
     return U, new_state, health, current
