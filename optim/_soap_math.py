@@ -480,6 +480,13 @@ def _next_quotients(sq: Tensor, previous: Quotients, whitening: Quotients, *, be
             q_R.lerp(cols, 1.0 - beta) if q_R is not None else None)
 
 
+def _quotients_or_product(carried: Tensor | None, factor: Tensor, Q: Tensor) -> Tensor | None:
+    """The carried quotients, else ``diag(Q^T F Q)`` from one product (None: absent side)."""
+    if carried is not None or not _present(factor):
+        return carried
+    return _rayleigh(factor, Q, "highest")[1]
+
+
 def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool,
               quotients: Quotients | None = None
               ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth], Quotients | None]:
@@ -538,25 +545,25 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     current: Quotients | None = None
     if refresh:
         if cfg.use_eigh or t == 1:  # the new bases diagonalize these factors: their eigenvalues
-            current = tuple(side.eigvals.flip(0) if side is not None else None  # type: ignore
-                            for side in (side_L, side_R))
+            current = (side_L.eigvals.flip(0) if side_L is not None else None,
+                       side_R.eigvals.flip(0) if side_R is not None else None)
     elif want_health:
         # q_{t-1}: KL-Shampoo's own quotients of the old factors, else the previous call's
-        previous = tuple(w if w is not None else (quotients[i] if quotients else None)
-                         for i, w in enumerate(whitening))
-        if prec == "highest":
-            current = _next_quotients(square, previous, whitening,  # type: ignore[arg-type]
-                                      beta=beta, cfg=cfg)
-        else:
-            current = (None, None)
-        current = tuple(q if q is not None or not _present(F) else _rayleigh(F, Q, "highest")[1]
-                        for q, F, Q in zip(current, (L, R), (new["Q_L"], new["Q_R"]),
-                                           strict=True))  # type: ignore[assignment]
+        previous: Quotients = (whitening[0] if whitening[0] is not None else
+                               quotients[0] if quotients else None,
+                               whitening[1] if whitening[1] is not None else
+                               quotients[1] if quotients else None)
+        carried = _next_quotients(square, previous, whitening, beta=beta, cfg=cfg) \
+            if prec == "highest" else (None, None)
+        current = (_quotients_or_product(carried[0], L, new["Q_L"]),
+                   _quotients_or_product(carried[1], R, new["Q_R"]))
     health: list[SideHealth] = []
     if want_health:
-        for i, (name, key, factor, side) in enumerate((("L", "Q_L", L, side_L),
-                                                       ("R", "Q_R", R, side_R))):
+        sides = (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R))
+        for i, (name, key, factor, side) in enumerate(sides):
             if _present(factor):
-                health.append(_side_health(name, state[key], side, totals[i], first=t == 1,
-                                           quotients=None if refresh else current[i]))  # type: ignore
+                total = totals[i]
+                assert total is not None
+                health.append(_side_health(name, state[key], side, total, first=t == 1,
+                                           quotients=None if current is None else current[i]))
     return U, new_state, health, current
