@@ -6,7 +6,7 @@
 Lone matrices: one matrix per optimizer, the two optimizers stepped alternately in one process
 (their order swapped every step), each health step including ``health()``; medians after the
 first fifth of the steps (with a refresh every 10 steps: of the sums over whole periods). Rows: QR
-(power iteration), eigh, KL-Shampoo with QR, and QR and eigh refreshing every 10 steps. A lone
+(power iteration), eigh, KL-Shampoo with QR, and the three refreshing every 10 steps. A lone
 small matrix is health's worst case: most of its cost is small tensor operations and LAPACK
 calls on 8x8 matrices, which do not shrink with the matrix.
 
@@ -33,7 +33,8 @@ from optim.soap import SOAP
 
 CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": True},
            "QR, refresh every 10": {"precondition_frequency": 10},
-           "eigh, refresh every 10": {"use_eigh": True, "precondition_frequency": 10}}
+           "eigh, refresh every 10": {"use_eigh": True, "precondition_frequency": 10},
+           "KL, QR, refresh every 10": {"use_kl_shampoo": True, "precondition_frequency": 10}}
 
 
 def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[float, float]:
