@@ -44,6 +44,9 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
     # One-sided SOAP: dims above 16 get no factor ((0, 0) state tensors) - 40x6, 7x12 both ways.
     "soap_onesided_kl": lambda params, sharding: _soap(params, sharding, max_precond_dim=16,
                                                        use_kl_shampoo=True, use_eigh=True),
+    # Refresh every 2 steps: health between refreshes from Rayleigh quotients carried on the
+    # owner (power iteration: one product after each refresh), and across the NaN-skipped step.
+    "soap_every2": lambda params, sharding: _soap(params, sharding, precondition_frequency=2),
 }
 
 
