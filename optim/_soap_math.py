@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -298,10 +298,12 @@ class _HealthPlan:
     that turn them into metrics. It depends only on the batch's layout (sides, dims, which sides
     were refreshed), which repeats step after step, so it is built once per layout.
 
-    Values: the squared norms of each side's factor and quotients (2 per side), the top two
-    eigenvalues of each side with at least two, then per rotation group (the n sides of one
-    ``k = min(8, dim)``) :func:`optim.health.principal_extremes` of its pairs: the n Grams
-    ``W^T W`` and the n overlaps ``M`` (k x k each), then their singular values (k each).
+    Values: the squared norm of each side's factor; per group of sides with quotients of one
+    length, their quotients' squared norms; per group of sides with at least two eigenvalues of
+    one length, their top two; then per rotation group (the n sides of one ``k = min(8, dim)``)
+    :func:`optim.health.principal_extremes` of its pairs: the n Grams ``W^T W`` and the n
+    overlaps ``M`` (k x k each), then their singular values (k each). Grouping by length lets
+    one stack and one reduction serve every matrix of a batch (their sides have equal lengths).
     """
 
     def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
@@ -309,11 +311,20 @@ class _HealthPlan:
         flat = [side for sides in layout for side in sides]
         self.keys = [_metric_keys(tuple(side[0] for side in sides)) for sides in layout]
         self.counts = [len(sides) for sides in layout]
-        offset = 2 * len(flat)
-        self.top_at: list[int | None] = []
-        for _, _, eig_count, _ in flat:
-            self.top_at.append(offset if eig_count >= 2 else None)
-            offset += 2 if eig_count >= 2 else 0
+        offset = len(flat)
+        # sides grouped by quotient length, and where each one's squared norm sits
+        self.quotient_groups = _groups_by(range(len(flat)), key=lambda i: flat[i][1])
+        self.quotient_at = [0] * len(flat)
+        for sides in self.quotient_groups:
+            for i in sides:
+                self.quotient_at[i], offset = offset, offset + 1
+        # sides with two eigenvalues or more, grouped by their number; where each top two sit
+        self.top_groups = _groups_by((i for i in range(len(flat)) if flat[i][2] >= 2),
+                                     key=lambda i: flat[i][2])
+        self.top_at: list[int | None] = [None] * len(flat)
+        for sides in self.top_groups:
+            for i in sides:
+                self.top_at[i], offset = offset, offset + 2
         members: dict[int, list[int]] = {}
         for i, (_, dim, _, rotated) in enumerate(flat):
             if rotated:
@@ -356,10 +367,18 @@ class _HealthPlan:
                     # the first columns' angle from the same problem (principal_extremes)
                     sin1_sq = v[gram] + sum(v[overlap + j * k] ** 2 for j in range(1, k))
                     rot1 = _angle_degrees(sin1_sq, abs(v[overlap]))
-                row += [gap, rot1, rot8, _staleness(v[2 * i], v[2 * i + 1])]
+                row += [gap, rot1, rot8, _staleness(v[i], v[self.quotient_at[i]])]
                 i += 1
             out.append(row)
         return out
+
+
+def _groups_by(indices: Iterable[int], key: Callable[[int], int]) -> list[list[int]]:
+    """``indices`` grouped by ``key``, groups in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.values())
 
 
 @functools.lru_cache(maxsize=64)
@@ -401,9 +420,12 @@ def soap_health(per_matrix: list[list[SideHealth]]
                           side.Q_old is not None) for side in sides) for sides in per_matrix)
     quotients = flat[0].quotients
     plan = _health_plan(layout, quotients.dtype, quotients.device)
-    pieces = [t.view(1) for side in flat for t in (side.total, _squared_norm(side.quotients))]
-    pieces += [side.eigvals.topk(2).values for side, at in zip(flat, plan.top_at, strict=True)
-               if at is not None]
+    pieces = [torch.stack([side.total for side in flat])]
+    for sides in plan.quotient_groups:
+        quotients = torch.stack([flat[i].quotients for i in sides]).to(torch.float64)
+        pieces.append(torch.linalg.vecdot(quotients, quotients))
+    for sides in plan.top_groups:
+        pieces.append(torch.stack([flat[i].eigvals for i in sides]).topk(2).values.view(-1))
     for k, members, rows, pads, promote in plan.groups:
         columns: list[Tensor] = []
         for attr in ("Q_old", "Q_new"):
