@@ -510,7 +510,7 @@ def _quotients_or_product(carried: Tensor | None, factor: Tensor, Q: Tensor) -> 
 
 
 def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool,
-              quotients: Quotients | None = None
+              quotients: Quotients | None = None, track: bool = False
               ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth], Quotients | None]:
     """One SOAP step on one full fp32 gradient ``G`` (m, n); the inputs are not modified.
 
@@ -530,9 +530,10 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     Health between refreshes needs the Rayleigh quotients of the current bases under the new
     factors. ``quotients``, those of the previous step's factors in the same bases (returned by
     the previous call), turn them into a few reductions of ``G'`` (:func:`_next_quotients`);
-    without them (first step after a power-iteration refresh, after a step without health, or
-    at a ``fp32_matmul_prec`` other than "highest", whose rounded products the increments would
-    not follow) they cost one ``F Q`` product per side.
+    without them (first step after a power-iteration refresh, or at a ``fp32_matmul_prec`` other
+    than "highest", whose rounded products the increments would not follow) they cost one ``F
+    Q`` product per side. With ``track`` (health enabled but not due) the carried quotients are
+    kept up to date without that product, so that a later health step finds them.
 
     Returns:
         ``(U, new_state, health, quotients)``; ``health`` (each present side's
@@ -569,7 +570,7 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         if cfg.use_eigh or t == 1:  # the new bases diagonalize these factors: their eigenvalues
             current = (side_L.eigvals.flip(0) if side_L is not None else None,
                        side_R.eigvals.flip(0) if side_R is not None else None)
-    elif want_health:
+    elif want_health or (track and prec == "highest"):
         # q_{t-1}: KL-Shampoo's own quotients of the old factors, else the previous call's
         previous: Quotients = (whitening[0] if whitening[0] is not None else
                                quotients[0] if quotients else None,
@@ -577,8 +578,11 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
                                quotients[1] if quotients else None)
         carried = _next_quotients(square, previous, whitening, beta=beta, cfg=cfg) \
             if prec == "highest" else (None, None)
-        current = (_quotients_or_product(carried[0], L, new["Q_L"]),
-                   _quotients_or_product(carried[1], R, new["Q_R"]))
+        if want_health:
+            current = (_quotients_or_product(carried[0], L, new["Q_L"]),
+                       _quotients_or_product(carried[1], R, new["Q_R"]))
+        elif all(q is not None or not _present(F) for q, F in zip(carried, (L, R), strict=True)):
+            current = carried
     health: list[SideHealth] = []
     if want_health:
         sides = (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R))

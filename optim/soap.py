@@ -131,7 +131,7 @@ class SOAP(MatrixOptimizer):
             state = self.state[item.param]
             cached = self._quotients.get(item.param)
             U, new_state, health, q = soap_step(
-                G, state, cfg, want_health=due,
+                G, state, cfg, want_health=due, track=self.health_every > 0,
                 quotients=cached[1] if cached and cached[0] == int(state["step"]) else None)
             updates.append(U)
             healths.append(health)

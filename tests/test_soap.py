@@ -432,6 +432,31 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
         assert extra == (sides if after_power_refresh else 0), (t, extra)
 
 
+@pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["eigh"], CARRIED_CONFIGS["KL"]],
+                         ids=["eigh", "KL"])
+def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, monkeypatch):
+    # health every 3 steps, refresh every 3-4: the quotients are carried through the steps
+    # without health, so no health step needs a product (eigh and KL start them for free)
+    calls = _counting_rayleigh(monkeypatch)
+    grads = _spiky_grads(13)
+    runs = []
+    for every in (3, 0):
+        p = torch.nn.Parameter(torch.zeros(24, 16))
+        runs.append((p, SOAP([("w", p)], lr=0.01, health_every=every, **cfg)))
+    (p, opt), (p_off, opt_off) = runs
+    for t, g in enumerate(grads):
+        before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
+        p.grad, p_off.grad = g.clone(), g.clone()
+        calls[0] = 0
+        opt.step()
+        with_health, calls[0] = calls[0], 0
+        opt_off.step()
+        assert with_health == calls[0], t
+        if t and (t + 1) % 3 == 0:  # a health step
+            refreshed = t % cfg["precondition_frequency"] == 0
+            _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
+
+
 def test_carried_quotients_survive_a_skipped_step_and_are_dropped_with_loaded_state():
     cfg = {"precondition_frequency": 5}
     grads, other = _spiky_grads(8), _spiky_grads(8, seed=2)
