@@ -400,28 +400,32 @@ def _counting_rayleigh(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
-def test_health_between_refreshes_matches_the_stored_state_without_extra_products(cfg,
-                                                                                  monkeypatch):
+def _with_and_without_health(cfg, every, steps, monkeypatch):
+    """Step SOAP(health_every=every) and SOAP(health_every=0) on the same gradients; yield
+    ``(t, optimizer, param, bases before the step, Rayleigh products only health made)``."""
     calls = _counting_rayleigh(monkeypatch)
-    grads = _spiky_grads(14)
     runs = []
-    for every in (1, 0):
+    for health_every in (every, 0):
         p = torch.nn.Parameter(torch.zeros(24, 16))
-        runs.append((p, SOAP([("w", p)], lr=0.01, health_every=every, **cfg)))
-    freq = cfg["precondition_frequency"]
-    for t, g in enumerate(grads):
-        (p, opt), (p_off, opt_off) = runs
+        runs.append((p, SOAP([("w", p)], lr=0.01, health_every=health_every, **cfg)))
+    (p, opt), (p_off, opt_off) = runs
+    for t, g in enumerate(_spiky_grads(steps)):
         before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
         p.grad, p_off.grad = g.clone(), g.clone()
         calls[0] = 0
         opt.step()
         with_health, calls[0] = calls[0], 0
         opt_off.step()
-        extra = with_health - calls[0]
-        refreshed = t % freq == 0
+        yield t, opt, p, before, with_health - calls[0]
+
+
+@pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
+def test_health_between_refreshes_matches_the_stored_state_without_extra_products(cfg,
+                                                                                  monkeypatch):
+    freq = cfg["precondition_frequency"]
+    for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
-            _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
+            _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
         # an F Q product for health only where the new basis's quotients are unknown: on the
         # step after a power-iteration refresh, one per side whose quotients KL-Shampoo's own
         # whitening did not supply
@@ -437,21 +441,8 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
 def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, monkeypatch):
     # health every 3 steps, refresh every 3-4: the quotients are carried through the steps
     # without health, so no health step needs a product (eigh and KL start them for free)
-    calls = _counting_rayleigh(monkeypatch)
-    grads = _spiky_grads(13)
-    runs = []
-    for every in (3, 0):
-        p = torch.nn.Parameter(torch.zeros(24, 16))
-        runs.append((p, SOAP([("w", p)], lr=0.01, health_every=every, **cfg)))
-    (p, opt), (p_off, opt_off) = runs
-    for t, g in enumerate(grads):
-        before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
-        p.grad, p_off.grad = g.clone(), g.clone()
-        calls[0] = 0
-        opt.step()
-        with_health, calls[0] = calls[0], 0
-        opt_off.step()
-        assert with_health == calls[0], t
+    for t, opt, p, before, extra in _with_and_without_health(cfg, 3, 13, monkeypatch):
+        assert extra == 0, t
         if t and (t + 1) % 3 == 0:  # a health step
             refreshed = t % cfg["precondition_frequency"] == 0
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
