@@ -219,6 +219,19 @@ def test_orthogonality_error_is_estimated_for_jordans_quintic_and_exact_otherwis
         assert got != pytest.approx(orthogonality_error(O).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (200, 64), (64, 90)])
+def test_automatic_health_measures_small_matrices_exactly(shape):
+    # smaller side <= AUTO_PROBES_ABOVE: the Gram costs less than the probes, so it is exact
+    g = torch.Generator().manual_seed(3)
+    W0, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    _, opt = one_step_update(Muon, W0, grad)
+    O = orthogonalize(nesterov_input(grad).bfloat16(), method="quintic")
+    got = opt.health()["w"]["orthogonality_error"]
+    # rel: the step may take the fused bf16 Gram (test_health.FUSED_BF16_RTOL)
+    assert got == pytest.approx(orthogonality_error(O).item(), rel=2.0**-9)
+    assert min(shape) <= Muon.AUTO_PROBES_ABOVE
+
+
 def test_health_probes_must_be_none_zero_or_a_positive_int():
     for bad in (-1, 1.5, True, "16"):
         with pytest.raises(ValueError, match="health_probes"):
