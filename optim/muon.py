@@ -176,15 +176,15 @@ class Muon(MatrixOptimizer):
             ortho = self._orthogonality_error(group, O)
             # A bf16 norm accumulates in float32 and rounds once, to within 2^-9 of the float32
             # norm; asking for a float32 result would first copy U to float32 (2.5x the time).
-            rms = torch.linalg.vector_norm(U, dim=(-2, -1)).float() \
-                / math.sqrt(U.size(-2) * U.size(-1))
+            # The division by sqrt(m n) is left to finish(), on the Python float.
+            norms = torch.linalg.vector_norm(U, dim=(-2, -1))
             # One tensor for the batch: health() converts it with a single .tolist().
-            n = len(items)
+            n, root = len(items), math.sqrt(U.size(-2) * U.size(-1))
 
             def finish(v: list[float]) -> list[list[float]]:
-                return [[v[i], v[n + i], s] for i in range(n)]
+                return [[v[i], v[n + i] / root, s] for i in range(n)]
 
-            values = torch.cat([ortho.float(), rms])  # errors of the batch, then its RMS
+            values = torch.cat([ortho, norms])  # errors of the batch, then its norms (float32)
             self._record_deferred([item.name for item in items],
                                   DeferredMetrics([_MUON_METRICS] * n, values, finish))
         return U
