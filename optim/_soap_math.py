@@ -400,13 +400,13 @@ def soap_health(per_matrix: list[list[SideHealth]]
 
     At small sizes health is dominated by the number of small tensor operations and Python
     calls, not by flops, so the tensor work is batched over all sides and matrices and ends in
-    ONE float64 tensor: the float64 squared norms of every factor and of its Rayleigh quotients,
-    the top two eigenvalues of each side, and the largest principal angle's
-    sine and cosine for all refreshed sides (:func:`optim.health.principal_extremes`, one batch
-    per distinct ``min(8, dim)``, bases of fewer rows zero-padded by the ``cat`` that stacks
-    them). The scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on Python
-    floats, once that
-    tensor is converted (one ``.tolist()``); where each number sits is planned once per layout.
+    ONE float64 tensor: the squared norms of every factor (taken by :func:`soap_step`) and of its
+    Rayleigh quotients, the top two eigenvalues of each side, and what the largest principal
+    angles are read from for all refreshed sides (:func:`optim.health.principal_extremes`, one
+    batch per distinct ``min(8, dim)``, bases of fewer rows zero-padded by the ``cat`` that
+    stacks them). The scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on
+    Python floats, once that tensor is converted (one ``.tolist()``); where each number sits is
+    planned once per layout.
 
     Returns:
         ``(keys, values, finish)``: ``keys[i]`` are matrix i's metric names; ``finish`` maps
@@ -418,12 +418,12 @@ def soap_health(per_matrix: list[list[SideHealth]]
             lambda _: [[] for _ in per_matrix]
     layout = tuple(tuple((side.side, side.quotients.numel(), side.eigvals.numel(),
                           side.Q_old is not None) for side in sides) for sides in per_matrix)
-    quotients = flat[0].quotients
-    plan = _health_plan(layout, quotients.dtype, quotients.device)
+    first = flat[0].quotients
+    plan = _health_plan(layout, first.dtype, first.device)
     pieces = [torch.stack([side.total for side in flat])]
     for sides in plan.quotient_groups:
-        quotients = torch.stack([flat[i].quotients for i in sides]).to(torch.float64)
-        pieces.append(torch.linalg.vecdot(quotients, quotients))
+        stacked = torch.stack([flat[i].quotients for i in sides]).to(torch.float64)
+        pieces.append(torch.linalg.vecdot(stacked, stacked))
     for sides in plan.top_groups:
         pieces.append(torch.stack([flat[i].eigvals for i in sides]).topk(2).values.view(-1))
     for k, members, rows, pads, promote in plan.groups:
@@ -567,7 +567,8 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
                  "exp_avg_sq": exp_avg_sq, "step": torch.full_like(state["step"], t)}
     current: Quotients | None = None
     if refresh:
-        if cfg.use_eigh or t == 1:  # the new bases diagonalize these factors: their eigenvalues
+        # the new bases diagonalize these factors: their eigenvalues (kept only if health is on)
+        if (want_health or track) and (cfg.use_eigh or t == 1):
             current = (side_L.eigvals.flip(0) if side_L is not None else None,
                        side_R.eigvals.flip(0) if side_R is not None else None)
     elif want_health or (track and prec == "highest"):
