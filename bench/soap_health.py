@@ -1,7 +1,7 @@
 """What SOAP's health costs per step: ``health_every=1`` against ``health_every=0``.
 
     .venv/bin/python bench/soap_health.py [--shapes 128x64,512x256] [--model] [--quick]
-                                          [--steps N] [--threads N]
+                                          [--steps N] [--threads N] [--cpu-time]
 
 Lone matrices: one matrix per optimizer, the two optimizers stepped alternately in one process
 (their order swapped every step), each health step including ``health()``; medians after the
@@ -13,7 +13,9 @@ calls on 8x8 matrices, which do not shrink with the matrix.
 ``--model``: the same ratio on the 12 matrices of ``bench/muon.py``'s transformer stack (d_model
 256, MLP 1024, 2 layers; ``--quick``: 64 / 256), and for a whole training step of the small GPT
 ``bench/muon.py`` times (forward, backward, SOAP step, ``health()``). The machine is shared and
-noisy, so only the ratio measured in one process means anything (target < 1.05).
+noisy, so only the ratio measured in one process means anything (target < 1.05). ``--cpu-time``
+times with ``time.thread_time`` (this thread's CPU time, which other jobs on the machine do not
+inflate; use it with ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import bench.muon
 from bench.muon import make, shapes, training_step_ratio
 from optim.soap import SOAP
 
@@ -53,11 +56,11 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[
             params, grads, opt = runs[every]
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            t0 = time.perf_counter()
+            t0 = bench.muon.CLOCK()
             opt.step()
             if every:
                 opt.health()
-            times[every].append(time.perf_counter() - t0)
+            times[every].append(bench.muon.CLOCK() - t0)
     def per_step(ts: list[float]) -> float:
         sums = [sum(ts[i:i + period]) for i in range(0, len(ts), period)]
         return statistics.median(sums[len(sums) // 5:]) / period
@@ -76,9 +79,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="--model at d_model 64")
     parser.add_argument("--steps", type=int, default=None, help="default by size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-time", action="store_true", help="time.thread_time, not wall")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# SOAP health cost (torch {torch.__version__}, {args.threads} threads)\n")
+    if args.cpu_time:  # bench.muon's clock, so that its training step is timed the same way
+        bench.muon.CLOCK = time.thread_time
+    print(f"# SOAP health cost (torch {torch.__version__}, {args.threads} threads, "
+          f"{'CPU' if args.cpu_time else 'wall'} time)\n")
     print("| matrices | solver | health off ms | health on ms | on/off |")
     print("|---|---|---|---|---|")
     for text in filter(None, args.shapes.split(",")):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,47 +92,55 @@ def _rayleigh(factor: Tensor, Q: Tensor, prec: str) -> tuple[Tensor, Tensor]:
     return Y, (Q * Y).sum(dim=0)
 
 
+class Whitening(NamedTuple):
+    """The Rayleigh quotients ``lam`` of one side's factor in its basis, as KL-Shampoo's update of
+    the other factor used them, and its weights ``1 / (dim max(lam, eps))``."""
+
+    quotients: Tensor
+    weights: Tensor
+
+
 def _kl_whitened(G: Tensor, Q: Tensor, factor: Tensor, *, side: int, eps: float,
-                 prec: str) -> tuple[Tensor, Tensor | None]:
+                 prec: str) -> tuple[Tensor, Whitening | None]:
     """KL-Shampoo's update of the OTHER factor, built from this side's factor:
     ``G^T Q diag(1/(m lam)) Q^T G`` (side 0) or ``G Q diag(1/(n lam)) Q^T G^T`` (side 1), with
     ``lam = max(diag(Q^T factor Q), eps)`` (arXiv 2509.03378, the eigenvalue approximation of
     Emerging-Optimizers). An absent side whitens with the identity. Returns the term and the
-    Rayleigh quotients it used (None for an absent side)."""
+    Rayleigh quotients and weights ``1 / (dim lam)`` it used (None for an absent side)."""
     dim = G.shape[side]
     Gs = G if side == 0 else G.mT
     if not _present(factor):
         return pmm(Gs.mT, Gs, prec) / dim, None
     _, lam = _rayleigh(factor, Q, prec)
     H = pmm(Q.mT, Gs, prec)                       # (dim, other)
-    scaled = H * (1.0 / (dim * lam.clamp_min(eps))).unsqueeze(-1)
-    return pmm(H.mT, scaled, prec), lam
+    weights = 1.0 / (dim * lam.clamp_min(eps))
+    return pmm(H.mT, H * weights.unsqueeze(-1), prec), Whitening(lam, weights)
 
 
 def update_factors(L: Tensor, R: Tensor, G: Tensor, *, beta: float, kl: bool, Q_L: Tensor,
                    Q_R: Tensor, eps: float, prec: str
-                   ) -> tuple[Tensor, Tensor, tuple[Tensor | None, Tensor | None]]:
-    """The Kronecker factors' EMA; returns new ``(L, R)`` (inputs are not modified) and the
-    Rayleigh quotients of the OLD ``L`` and ``R`` in ``Q_L``, ``Q_R`` where KL-Shampoo computed
-    them for its whitening (else None).
+                   ) -> tuple[Tensor, Tensor, tuple[Whitening | None, Whitening | None]]:
+    """The Kronecker factors' EMA; returns new ``(L, R)`` (inputs are not modified) and, where
+    KL-Shampoo computed them for its whitening (else None), the Rayleigh quotients of the OLD
+    ``L`` and ``R`` in ``Q_L``, ``Q_R`` with the weights it derived from them.
 
     Plain (SOAP, arXiv 2409.11321): ``L <- b L + (1-b) G G^T``, ``R <- b R + (1-b) G^T G``.
     KL-Shampoo (arXiv 2509.03378): ``L <- b L + (1-b)/n G R^-1 G^T``,
     ``R <- b R + (1-b)/m G^T L^-1 G``, both inverses taken from the factors BEFORE this update,
     approximated in the stored eigenbases (see :func:`_kl_whitened`).
     """
-    lam_L = lam_R = None
+    white_L = white_R = None
     if kl:
-        new_L_term, lam_R = _kl_whitened(G, Q_R, R, side=1, eps=eps, prec=prec) \
+        new_L_term, white_R = _kl_whitened(G, Q_R, R, side=1, eps=eps, prec=prec) \
             if _present(L) else (None, None)
-        new_R_term, lam_L = _kl_whitened(G, Q_L, L, side=0, eps=eps, prec=prec) \
+        new_R_term, white_L = _kl_whitened(G, Q_L, L, side=0, eps=eps, prec=prec) \
             if _present(R) else (None, None)
     else:
         new_L_term = pmm(G, G.mT, prec) if _present(L) else None
         new_R_term = pmm(G.mT, G, prec) if _present(R) else None
     L_new = L.lerp(new_L_term, 1.0 - beta) if new_L_term is not None else L
     R_new = R.lerp(new_R_term, 1.0 - beta) if new_R_term is not None else R
-    return L_new, R_new, (lam_L, lam_R)
+    return L_new, R_new, (white_L, white_R)
 
 
 @dataclass
@@ -161,26 +170,25 @@ def _eigh_descending(factor: Tensor) -> tuple[Tensor, Tensor]:
     return vals, vecs.flip(-1).contiguous()
 
 
-def _squared_norm(t: Tensor) -> Tensor:
-    """``sum(t^2)`` as a float64 scalar. A factor (2-D) is reduced row by row in its own dtype
-    (``vecdot``) and the row sums are added in float64: within 1e-9 - 3e-9 of the float64 value
-    on float32 factors of 128-1024 rows, at 0.2-0.6x the time of a float64 copy and dot, whose
-    1-4 MB temporary at 512-1024 rows cost more than the sum itself inside the step (measured).
-    Vectors (the quotients) are summed in float64. The staleness's difference needs both to
-    ~1e-8 at least."""
-    if t.ndim == 2:
-        return torch.linalg.vecdot(t, t).sum(dtype=torch.float64)
-    x = t.to(torch.float64)
-    return torch.dot(x, x)
+def _frobenius(t: Tensor) -> Tensor:
+    """The Frobenius norms of ``(..., m, n)`` matrices, in float64: each row's norm in the
+    matrices' own dtype (one reduction, no temporary), then the norm of those in float64. Squared,
+    within 1e-9 - 1e-8 (relative) of the float64 value on float32 factors of 64-1024 rows, at
+    0.55-0.75x the time of a row-wise ``vecdot`` summed in float64 (its product is a temporary
+    of the factor's size; measured), and far more accurate than one float32 reduction (4e-5 at
+    1024 rows). The staleness's difference needs ~1e-8 (:func:`_staleness`)."""
+    return torch.linalg.vector_norm(torch.linalg.vector_norm(t, dim=-1), dim=-1,
+                                    dtype=torch.float64)
 
 
 def _staleness(total: float, diagonal: float) -> float:
     """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B, from ``total =
-    ||F||_F^2 = ||B||_F^2`` (Q orthogonal) and ``diagonal = ||diag B||^2``, the squared
-    Rayleigh quotients already in hand, both float64 sums (float64 for the difference: the
-    subtraction cancels). The fp32 quotients put a floor of ~1e-3 under the result."""
+    ||F||_F = ||B||_F`` (Q orthogonal) and ``diagonal = ||diag B||``, the norm of the Rayleigh
+    quotients already in hand, both float64 (for the difference of their squares, which
+    cancels). The fp32 quotients put a floor of ~1e-3 under the result."""
     if not total > 0.0:
         return 0.0
+    total, diagonal = total * total, diagonal * diagonal
     return math.sqrt(max(total - diagonal, 0.0) / max(total, 1e-300))
 
 
@@ -248,6 +256,12 @@ def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: Soap
     return m_hat / ((v / bc2).sqrt() + cfg.eps), m, v
 
 
+# A factor of at most this many entries has its norm taken by soap_health, with the
+# batch's other factors of its size in one reduction; a larger one inside soap_step, right after
+# its update, while it is still in cache (read later, a 512x512 factor took 4x as long).
+_BATCHED_NORM_MAX = 128 * 128
+
+
 @dataclass
 class SideHealth:
     """What one side's health needs, gathered by :func:`soap_step` (references only, no work);
@@ -255,23 +269,28 @@ class SideHealth:
 
     side: str                # "L" or "R"
     eigvals: Tensor          # eigh values, power-step estimates or Rayleigh quotients, any order
-    total: Tensor            # ||factor||_F^2 after this step's update (float64 scalar), taken
-                             # right after the update, while the factor is still in cache
+    total: Tensor | None     # ||factor||_F after this step's update (float64 scalar), or None:
+                             # soap_health takes it from ``factor``
     quotients: Tensor        # Rayleigh quotients of the basis in use before this step (staleness)
     Q_old: Tensor | None     # the bases before and after a refresh; None: no rotation (no
     Q_new: Tensor | None     # refresh this step, or step 1, whose old basis is the identity)
+    factor: Tensor | None = None  # the factor after this step's update, where ``total`` is None
 
 
-def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, total: Tensor,
-                 *, first: bool, quotients: Tensor | None) -> SideHealth:
+def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor, *,
+                 total: Tensor | None, first: bool, quotients: Tensor | None) -> SideHealth:
     """One side's health inputs (docs/soap.md "Health"); between refreshes the eigenvalues and
-    staleness come from ``quotients``, the Rayleigh quotients of the current basis."""
+    staleness come from ``quotients``, the Rayleigh quotients of the current basis. ``total``:
+    the factor's norm if already taken (else soap_health takes it)."""
+    deferred = factor if total is None else None
     if refreshed is None:
         assert quotients is not None
-        return SideHealth(side, quotients, total, quotients, None, None)
+        return SideHealth(side, quotients, total, quotients, None, None, deferred)
     if first:
-        return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, None, None)
-    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, Q_old, refreshed.Q)
+        return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, None, None,
+                          deferred)
+    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, Q_old, refreshed.Q,
+                      deferred)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -289,8 +308,9 @@ def _angle_degrees(sin_sq: float, cos: float) -> float:
 # maps the floats of soap_health's values tensor to each matrix's metric values
 HealthFinish = Callable[[list[float]], list[list[float]]]
 
-# one side's layout: (name, dim, number of eigenvalues, rotated this step)
-_SideLayout = tuple[str, int, int, bool]
+# one side's layout: (name, dim, number of eigenvalues, rotated this step, factor's norm
+# left to soap_health, eigenvalues are the quotients)
+_SideLayout = tuple[str, int, int, bool, bool, bool]
 
 
 class _HealthPlan:
@@ -298,12 +318,15 @@ class _HealthPlan:
     that turn them into metrics. It depends only on the batch's layout (sides, dims, which sides
     were refreshed), which repeats step after step, so it is built once per layout.
 
-    Values: the squared norm of each side's factor; per group of sides with quotients of one
-    length, their quotients' squared norms; per group of sides with at least two eigenvalues of
-    one length, their top two; then per rotation group (the n sides of one ``k = min(8, dim)``)
+    Values: the Frobenius norms of the factors soap_step took them of, then per group of the
+    other factors of one size, theirs; per group of sides with quotients of one length, their
+    quotients' norms; per group of sides with at least two eigenvalues of one length,
+    their top two; then per rotation group (the n sides of one ``k = min(8, dim)``)
     :func:`optim.health.principal_extremes` of its pairs: the n Grams ``W^T W`` and the n
     overlaps ``M`` (k x k each), then their singular values (k each). Grouping by length lets
     one stack and one reduction serve every matrix of a batch (their sides have equal lengths).
+    Groups are stacked in the state's dtype and converted afterwards: a ``cat`` that promotes
+    (an empty float64 piece) took 40-80 us even for 16 vectors of 64, ``stack`` and ``double`` 6 us.
     """
 
     def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
@@ -311,36 +334,49 @@ class _HealthPlan:
         flat = [side for sides in layout for side in sides]
         self.keys = [_metric_keys(tuple(side[0] for side in sides)) for sides in layout]
         self.counts = [len(sides) for sides in layout]
-        offset = len(flat)
-        # sides grouped by quotient length, and where each one's squared norm sits
+        self.total_at = [0] * len(flat)
+        # factors whose norm soap_step took, then groups of the others by size
+        self.taken = [i for i in range(len(flat)) if not flat[i][4]]
+        offset = 0
+        for i in self.taken:
+            self.total_at[i], offset = offset, offset + 1
+        self.total_groups = _groups_by((i for i in range(len(flat)) if flat[i][4]),
+                                       key=lambda i: flat[i][1])
+        for sides in self.total_groups:
+            for i in sides:
+                self.total_at[i], offset = offset, offset + 1
+        # sides grouped by quotient length, and where each one's norm sits
         self.quotient_groups = _groups_by(range(len(flat)), key=lambda i: flat[i][1])
         self.quotient_at = [0] * len(flat)
         for sides in self.quotient_groups:
             for i in sides:
                 self.quotient_at[i], offset = offset, offset + 1
-        # sides with two eigenvalues or more, grouped by their number; where each top two sit
-        self.top_groups = _groups_by((i for i in range(len(flat)) if flat[i][2] >= 2),
-                                     key=lambda i: flat[i][2])
+        # sides with two eigenvalues or more, grouped by their number; where each top two sit.
+        # A group whose eigenvalues are a quotient group's quotients (between refreshes) reuses
+        # that group's stack: (sides, index of that quotient group or None)
+        self.top_groups: list[tuple[list[int], int | None]] = []
+        for sides in _groups_by((i for i in range(len(flat)) if flat[i][2] >= 2),
+                                key=lambda i: (flat[i][2], flat[i][5])):
+            same = [j for j, q_sides in enumerate(self.quotient_groups) if q_sides == sides]
+            self.top_groups.append((sides, same[0] if same and flat[sides[0]][5] else None))
         self.top_at: list[int | None] = [None] * len(flat)
-        for sides in self.top_groups:
+        for sides, _ in self.top_groups:
             for i in sides:
                 self.top_at[i], offset = offset, offset + 2
         members: dict[int, list[int]] = {}
-        for i, (_, dim, _, rotated) in enumerate(flat):
+        for i, (_, dim, _, rotated, _, _) in enumerate(flat):
             if rotated:
                 members.setdefault(min(8, dim), []).append(i)
         # per group: k, the member sides, the rows they are padded to, each one's zero rows
-        # (None: none needed) and an empty float64 piece: with it, the cat that stacks the
-        # bases also converts them
-        self.groups: list[tuple[int, list[int], int, list[Tensor | None], Tensor]] = []
+        # (None: none needed)
+        self.groups: list[tuple[int, list[int], int, list[Tensor | None]]] = []
         # per rotated side: k, and where its Gram, overlap, sines and cosines start
         self.rot_at: dict[int, tuple[int, int, int, int, int]] = {}
         for k, sides in members.items():
             rows = max(flat[i][1] for i in sides)
             pads = [torch.zeros(rows - flat[i][1], k, dtype=dtype, device=device)
                     if flat[i][1] < rows else None for i in sides]
-            self.groups.append((k, sides, rows, pads,
-                                torch.zeros(0, k, dtype=torch.float64, device=device)))
+            self.groups.append((k, sides, rows, pads))
             n = len(sides)
             values = offset + 2 * n * k * k
             for j, i in enumerate(sides):
@@ -367,18 +403,23 @@ class _HealthPlan:
                     # the first columns' angle from the same problem (principal_extremes)
                     sin1_sq = v[gram] + sum(v[overlap + j * k] ** 2 for j in range(1, k))
                     rot1 = _angle_degrees(sin1_sq, abs(v[overlap]))
-                row += [gap, rot1, rot8, _staleness(v[i], v[self.quotient_at[i]])]
+                row += [gap, rot1, rot8, _staleness(v[self.total_at[i]], v[self.quotient_at[i]])]
                 i += 1
             out.append(row)
         return out
 
 
-def _groups_by(indices: Iterable[int], key: Callable[[int], int]) -> list[list[int]]:
+def _groups_by(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
     """``indices`` grouped by ``key``, groups in order of first appearance."""
-    groups: dict[int, list[int]] = {}
+    groups: dict[Hashable, list[int]] = {}
     for i in indices:
         groups.setdefault(key(i), []).append(i)
     return list(groups.values())
+
+
+def _given(t: Tensor | None) -> Tensor:
+    assert t is not None  # the plan only reads what the layout says is there
+    return t
 
 
 @functools.lru_cache(maxsize=64)
@@ -400,8 +441,9 @@ def soap_health(per_matrix: list[list[SideHealth]]
 
     At small sizes health is dominated by the number of small tensor operations and Python
     calls, not by flops, so the tensor work is batched over all sides and matrices and ends in
-    ONE float64 tensor: the squared norms of every factor (taken by :func:`soap_step`) and of its
-    Rayleigh quotients, the top two eigenvalues of each side, and what the largest principal
+    ONE float64 tensor: the norms of every factor (a large one's taken by
+    :func:`soap_step`, the others' here, per size) and of its Rayleigh quotients, the top two
+    eigenvalues of each side, and what the largest principal
     angles are read from for all refreshed sides (:func:`optim.health.principal_extremes`, one
     batch per distinct ``min(8, dim)``, bases of fewer rows zero-padded by the ``cat`` that
     stacks them). The scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on
@@ -417,24 +459,32 @@ def soap_health(per_matrix: list[list[SideHealth]]
         return [() for _ in per_matrix], torch.zeros(0, dtype=torch.float64), \
             lambda _: [[] for _ in per_matrix]
     layout = tuple(tuple((side.side, side.quotients.numel(), side.eigvals.numel(),
-                          side.Q_old is not None) for side in sides) for sides in per_matrix)
+                          side.Q_old is not None, side.total is None,
+                          side.eigvals is side.quotients) for side in sides)
+                   for sides in per_matrix)
     first = flat[0].quotients
     plan = _health_plan(layout, first.dtype, first.device)
-    pieces = [torch.stack([side.total for side in flat])]
+    pieces = [torch.stack([_given(flat[i].total) for i in plan.taken])] if plan.taken else []
+    for sides in plan.total_groups:
+        pieces.append(_frobenius(torch.stack([_given(flat[i].factor) for i in sides])))
+    stacks = []
     for sides in plan.quotient_groups:
-        stacked = torch.stack([flat[i].quotients for i in sides]).to(torch.float64)
-        pieces.append(torch.linalg.vecdot(stacked, stacked))
-    for sides in plan.top_groups:
-        pieces.append(torch.stack([flat[i].eigvals for i in sides]).topk(2).values.view(-1))
-    for k, members, rows, pads, promote in plan.groups:
+        stacked = torch.stack([flat[i].quotients for i in sides])
+        stacks.append(stacked)
+        pieces.append(torch.linalg.vector_norm(stacked, dim=-1, dtype=torch.float64))
+    for sides, reuse in plan.top_groups:
+        eigvals = stacks[reuse] if reuse is not None else \
+            torch.stack([flat[i].eigvals for i in sides])
+        pieces.append(eigvals.topk(2).values.view(-1))
+    for k, members, rows, pads in plan.groups:
         columns: list[Tensor] = []
         for attr in ("Q_old", "Q_new"):
             for i, pad in zip(members, pads, strict=True):
                 columns.append(getattr(flat[i], attr)[:, :k])
                 if pad is not None:
                     columns.append(pad)
-        columns.append(promote)
-        grams, values = principal_extremes(torch.cat(columns).view(2, len(members), rows, k))
+        grams, values = principal_extremes(
+            torch.cat(columns).view(2, len(members), rows, k).double())
         pieces += [grams.view(-1), values.view(-1)]
     return plan.keys, torch.cat(pieces), plan.finish
 
@@ -469,7 +519,14 @@ def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *,
 Quotients = tuple[Tensor | None, Tensor | None]
 
 
-def _next_quotients(sq: Tensor, previous: Quotients, whitening: Quotients, *, beta: float,
+@functools.lru_cache(maxsize=64)
+def _constant(n: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A length-``n`` vector of ``value`` (read-only; cached, as it recurs every step)."""
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
+def _next_quotients(sq: Tensor, previous: Quotients,
+                    whitening: tuple[Whitening | None, Whitening | None], *, beta: float,
                     cfg: SoapConfig) -> Quotients:
     """This step's Rayleigh quotients ``diag(Q^T F_t Q)`` WITHOUT the ``d^3`` product: the bases
     did not change, and ``F_t = b F_{t-1} + (1 - b) T`` is linear, so ``q_t = b q_{t-1} + (1 - b)
@@ -480,26 +537,32 @@ def _next_quotients(sq: Tensor, previous: Quotients, whitening: Quotients, *, be
 
     * plain: ``diag(Q_L^T G G^T Q_L) = sum_j Gp_ij^2``, ``diag(Q_R^T G^T G Q_R) = sum_i Gp_ij^2``;
     * KL-Shampoo (:func:`_kl_whitened`): ``sum_j Gp_ij^2 / (n max(w^R_j, eps))`` and
-      ``sum_i Gp_ij^2 / (m max(w^L_i, eps))``, with ``whitening`` the very quotients the factor
-      update divided by (it computes them itself: near-null directions of a rank-deficient
-      factor make the division ill-conditioned, so no other estimate will do); an absent side
-      whitens with 1.
+      ``sum_i Gp_ij^2 / (m max(w^L_i, eps))``, with ``w`` the very quotients the factor update
+      divided by, and its weights (it computes them itself: near-null directions of a
+      rank-deficient factor make the division ill-conditioned, so no other estimate will do); an
+      absent side whitens with 1.
+
+    Each side's weighted sum and the EMA are one matrix-vector product, ``addmv(q, sq, weights,
+    beta=b, alpha=1-b)`` (plain SOAP's weights are ones): one call where a reduction and a
+    ``lerp`` took two, which is what health costs on small matrices.
 
     ``previous`` are ``q_{t-1}`` (None where unknown: that side's result is None). Exact in
     exact arithmetic; in float32 each step adds ~1e-7 relative, below the ~1e-3 floor the
     quotients' rounding already puts under the staleness (docs/soap.md).
     """
     q_L, q_R = previous
-    w_L, w_R = whitening
     m, n = sq.shape
-    if cfg.use_kl_shampoo:
-        rows = (sq / (n * w_R.clamp_min(cfg.eps))).sum(1) if w_R is not None else sq.sum(1) / n
-        cols = (sq / (m * w_L.clamp_min(cfg.eps)).unsqueeze(1)).sum(0) if w_L is not None \
-            else sq.sum(0) / m
-    else:
-        rows, cols = sq.sum(1), sq.sum(0)
-    return (q_L.lerp(rows, 1.0 - beta) if q_L is not None else None,
-            q_R.lerp(cols, 1.0 - beta) if q_R is not None else None)
+
+    def weights(white: Whitening | None, dim: int) -> Tensor:
+        if white is not None:
+            return white.weights
+        value = 1.0 / dim if cfg.use_kl_shampoo else 1.0
+        return _constant(dim, value, sq.dtype, sq.device)
+
+    return (torch.addmv(q_L, sq, weights(whitening[1], n), beta=beta, alpha=1.0 - beta)
+            if q_L is not None else None,
+            torch.addmv(q_R, sq.mT, weights(whitening[0], m), beta=beta, alpha=1.0 - beta)
+            if q_R is not None else None)
 
 
 def _quotients_or_product(carried: Tensor | None, factor: Tensor, Q: Tensor) -> Tensor | None:
@@ -549,9 +612,9 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         L, R, whitening = update_factors(state["L"], state["R"], G, beta=beta,
                                          kl=cfg.use_kl_shampoo, Q_L=state["Q_L"],
                                          Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
-    # health's ||F||^2 now, while the factors just written are in cache (inside the step, later
-    # reads of a 512x512 factor took 4x as long)
-    totals = [_squared_norm(F) if want_health and _present(F) else None for F in (L, R)]
+    # health's ||F||^2 of a large factor now, while the factor just written is in cache
+    totals = [_frobenius(F) if want_health and F.numel() > _BATCHED_NORM_MAX else None
+              for F in (L, R)]
     side_L = side_R = None
     new = {k: state[k] for k in ("Q_L", "Q_R", "exp_avg", "exp_avg_sq")}
     refresh = (t - 1) % cfg.precondition_frequency == 0
@@ -573,9 +636,9 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
                        side_R.eigvals.flip(0) if side_R is not None else None)
     elif want_health or (track and prec == "highest"):
         # q_{t-1}: KL-Shampoo's own quotients of the old factors, else the previous call's
-        previous: Quotients = (whitening[0] if whitening[0] is not None else
+        previous: Quotients = (whitening[0].quotients if whitening[0] is not None else
                                quotients[0] if quotients else None,
-                               whitening[1] if whitening[1] is not None else
+                               whitening[1].quotients if whitening[1] is not None else
                                quotients[1] if quotients else None)
         carried = _next_quotients(square, previous, whitening, beta=beta, cfg=cfg) \
             if prec == "highest" else (None, None)
@@ -589,8 +652,7 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         sides = (("L", "Q_L", L, side_L), ("R", "Q_R", R, side_R))
         for i, (name, key, factor, side) in enumerate(sides):
             if _present(factor):
-                total = totals[i]
-                assert total is not None
-                health.append(_side_health(name, state[key], side, total, first=t == 1,
+                health.append(_side_health(name, state[key], side, factor, total=totals[i],
+                                           first=t == 1,
                                            quotients=None if current is None else current[i]))
     return U, new_state, health, current

@@ -11,7 +11,14 @@ import weakref
 import pytest
 import torch
 
-from optim._soap_math import SideHealth, _squared_norm, matmul_precision, pmm, soap_health
+from optim._soap_math import (
+    _BATCHED_NORM_MAX,
+    SideHealth,
+    _frobenius,
+    matmul_precision,
+    pmm,
+    soap_health,
+)
 from optim.health import (
     basis_staleness,
     eigengap_ratio,
@@ -304,7 +311,7 @@ def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cas
         factor = Q_new @ torch.diag(spectrum) @ Q_new.mT
         quotients = (Q_old * (factor @ Q_old)).sum(0)
         eigvals = spectrum[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
-        sides.append(SideHealth("L", eigvals, _squared_norm(factor), quotients, Q_old, Q_new))
+        sides.append(SideHealth("L", eigvals, _frobenius(factor), quotients, Q_old, Q_new))
         rot = rotation_angles_degrees(Q_old, Q_new, (1, 8))
         gap = eigengap_ratio(spectrum.double()).item() if rows > 1 else 0.0
         expected.append((gap, rot[0].item(), rot[1].item(),
@@ -326,11 +333,14 @@ def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cas
             assert row[3] == pytest.approx(stale, rel=1e-9, abs=STALENESS64_ATOL)
 
 
+# 136x16: L has more entries than _BATCHED_NORM_MAX (its norm is taken inside the step), R not
+@pytest.mark.parametrize("shape", [(24, 16), (136, 16)])
 @pytest.mark.parametrize("use_eigh", [False, True])
-def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eigh):
-    p = torch.nn.Parameter(torch.zeros(24, 16))
+def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eigh, shape):
+    assert shape[0] ** 2 > _BATCHED_NORM_MAX or shape == (24, 16)
+    p = torch.nn.Parameter(torch.zeros(*shape))
     opt = SOAP([("w", p)], lr=0.01, use_eigh=use_eigh)
-    for t, g in enumerate(_grads(6, (24, 16))):
+    for t, g in enumerate(_grads(6, shape)):
         old = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
         p.grad = g
         opt.step()
