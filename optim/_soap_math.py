@@ -27,7 +27,7 @@ from torch import Tensor
 
 from optim.health import principal_extremes
 
-__all__ = ["PRECISIONS", "SideHealth", "SideRefresh", "SoapConfig", "adam_direction",
+__all__ = ["PRECISIONS", "SideHealth", "SideRefresh", "SoapConfig", "Whitening", "adam_direction",
            "matmul_precision", "pmm", "project_in", "project_out", "refresh_side", "soap_health",
            "soap_step", "update_factors"]
 
