@@ -104,18 +104,6 @@ class DeferredMetrics:
         return self._floats[i]
 
 
-class _Slot:
-    """A recorded metric that lives in a :class:`DeferredMetrics` until :meth:`health`."""
-
-    __slots__ = ("batch", "index", "position")
-
-    def __init__(self, batch: DeferredMetrics, index: int, position: int) -> None:
-        self.batch, self.index, self.position = batch, index, position
-
-    def __float__(self) -> float:
-        return float(self.batch.floats(self.index)[self.position])
-
-
 @dataclass
 class MatrixItem:
     """One matrix parameter taking part in a step."""
@@ -215,7 +203,9 @@ class MatrixOptimizer(Optimizer):
         super().__init__(params, defaults)
         self._check_groups()
         self.health_every = health_every
-        self._health: dict[str, dict[str, Tensor | float | _Slot]] = {}
+        self._health: dict[str, dict[str, Tensor | float]] = {}
+        # the latest deferred metrics of each matrix: (batch, its index there), read by health()
+        self._deferred: dict[str, tuple[DeferredMetrics, int]] = {}
         self._step_items: list[MatrixItem] = []
         self._exchange = sharding if sharding is not None else LocalExchange()
         self._exchange.bind(self)
@@ -285,11 +275,15 @@ class MatrixOptimizer(Optimizer):
             else:
                 items[j].group["nonfinite_skips"][items[j].name] += 1
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
-        for js in batches.values():
-            batch_items = [items[j] for j in js]
-            out = self._compute(batch_items, self._stack(batch_items, [full_inputs[j] for j in js]))
-            for j, o in zip(js, out.unbind(0), strict=True):
-                results[j] = o
+        try:
+            for js in batches.values():
+                batch_items = [items[j] for j in js]
+                out = self._compute(batch_items,
+                                    self._stack(batch_items, [full_inputs[j] for j in js]))
+                for j, o in zip(js, out.unbind(0), strict=True):
+                    results[j] = o
+        finally:
+            self._end_batches()
         for item in items:
             self._health.setdefault(item.name, {})["nonfinite_skips"] = \
                 float(item.group["nonfinite_skips"][item.name])
@@ -329,6 +323,10 @@ class MatrixOptimizer(Optimizer):
         update directions (before lr and weight decay). Records health via :meth:`_record`."""
         raise NotImplementedError
 
+    def _end_batches(self) -> None:
+        """Called once all of a step's batches went through :meth:`_compute` (also when one
+        raised): where a subclass finishes work it gathered across batches, such as health."""
+
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         """Phase 3 on this rank's piece of a finite update."""
         raise NotImplementedError
@@ -351,15 +349,20 @@ class MatrixOptimizer(Optimizer):
 
     def _record_deferred(self, names: Sequence[str], batch: DeferredMetrics) -> None:
         """Record ``batch``'s metrics for the matrices ``names`` (in order), converted to floats
-        only when :meth:`health` is called."""
-        for i, (name, keys) in enumerate(zip(names, batch.keys, strict=True)):
-            self._health.setdefault(name, {}).update(
-                {key: _Slot(batch, i, j) for j, key in enumerate(keys)})
+        only when :meth:`health` is called; they replace the matrix's earlier deferred ones."""
+        if len(names) != len(batch.keys):
+            raise ValueError(f"{len(names)} names for {len(batch.keys)} matrices of metrics")
+        for i, name in enumerate(names):
+            self._deferred[name] = (batch, i)
 
     def health(self) -> dict[str, dict[str, float]]:
         """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values)."""
-        return {name: {k: float(v) for k, v in metrics.items()}
-                for name, metrics in self._health.items()}
+        out: dict[str, dict[str, float]] = {}
+        for name, (batch, i) in self._deferred.items():
+            out[name] = dict(zip(batch.keys[i], batch.floats(i), strict=True))
+        for name, metrics in self._health.items():
+            out.setdefault(name, {}).update({k: float(v) for k, v in metrics.items()})
+        return out
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes this rank sent and received for optimizer communication, and collectives."""

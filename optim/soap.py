@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
-from optim._soap_math import PRECISIONS, SoapConfig, soap_health, soap_step
+from optim._soap_math import PRECISIONS, SideHealth, SoapConfig, soap_health, soap_step
 
 __all__ = ["SOAP"]
 
@@ -86,6 +86,8 @@ class SOAP(MatrixOptimizer):
         # per matrix: (step, Rayleigh quotients of its factors in its bases after that step), so
         # health between refreshes needs no F Q product (soap_step); not state: health only
         self._quotients: dict[Tensor, tuple[int, Any]] = {}
+        # health inputs of this step's batches, (names, per-matrix sides), until _end_batches
+        self._batch_health: list[tuple[list[str], list[list[SideHealth]]]] = []
 
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
@@ -146,10 +148,20 @@ class SOAP(MatrixOptimizer):
                     self._quotients[item.param] = (int(new_state["step"]), q)
                 else:
                     self._quotients.pop(item.param, None)
-        if due:  # one tensor for the whole batch, converted to floats by health()
-            self._record_deferred([item.name for item in items],
-                                  DeferredMetrics(*soap_health(healths)))
+        if due:  # measured with the step's other batches, in _end_batches
+            self._batch_health.append(([item.name for item in items], healths))
         return torch.stack(updates)
+
+    def _end_batches(self) -> None:
+        """Health of every matrix of the step in one :func:`soap_health` call: groups of equal
+        lengths span the batches (a transformer's shapes share sides), so a step pays its small
+        tensor calls once, not once per shape; one tensor, converted by :meth:`health`."""
+        if not self._batch_health:
+            return
+        names = [name for batch_names, _ in self._batch_health for name in batch_names]
+        healths = [health for _, batch in self._batch_health for health in batch]
+        self._batch_health = []
+        self._record_deferred(names, DeferredMetrics(*soap_health(healths)))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state (``MatrixOptimizer.load_state_dict``); the health quotients, which belong
