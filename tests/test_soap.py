@@ -541,3 +541,31 @@ def test_bad_arguments_raise_value_errors_naming_the_argument(kwargs, fragment):
 def test_a_vector_in_a_soap_group_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="adamw"):
         SOAP([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+
+
+# Shapes whose sides recur across (group, shape) batches, and one L above _BATCHED_NORM_MAX
+MULTI_SHAPES = [(24, 16), (16, 24), (24, 16), (40, 16), (136, 16)]
+
+
+@pytest.mark.parametrize("cfg", [{"precondition_frequency": 2},
+                                 {"precondition_frequency": 3, "use_kl_shampoo": True}],
+                         ids=["QR", "KL"])
+def test_health_of_a_multi_shape_step_equals_each_matrix_measured_alone(cfg):
+    # soap_health runs once per step over every batch; each matrix's numbers must be the ones
+    # its own optimizer reports (refresh steps, steps between, and the first step)
+    grads = [_spiky_grads(6, shape, seed=i) for i, shape in enumerate(MULTI_SHAPES)]
+    params = [torch.nn.Parameter(torch.zeros(*shape)) for shape in MULTI_SHAPES]
+    together = SOAP([(f"w{i}", p) for i, p in enumerate(params)], lr=0.01, **cfg)
+    alone = [(q, SOAP([(f"w{i}", q)], lr=0.01, **cfg))
+             for i, q in enumerate(torch.nn.Parameter(torch.zeros(*s)) for s in MULTI_SHAPES)]
+    for t in range(6):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g[t].clone()
+        together.step()
+        health = together.health()
+        assert sorted(health) == [f"w{i}" for i in range(len(MULTI_SHAPES))]
+        for i, ((q, opt), g) in enumerate(zip(alone, grads, strict=True)):
+            q.grad = g[t].clone()
+            opt.step()
+            # every reduction is row-wise or per matrix: the same numbers, batched or not
+            assert health[f"w{i}"] == pytest.approx(opt.health()[f"w{i}"], rel=1e-12, abs=1e-12)
