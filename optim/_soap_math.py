@@ -256,8 +256,8 @@ def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: Soap
     return m_hat / ((v / bc2).sqrt() + cfg.eps), m, v
 
 
-# A factor of at most this many entries has its norm taken by soap_health, with the
-# batch's other factors of its size in one reduction; a larger one inside soap_step, right after
+# A factor of at most this many entries has its norm taken by soap_health, with the other
+# factors of its size in the step in one reduction; a larger one inside soap_step, right after
 # its update, while it is still in cache (read later, a 512x512 factor took 4x as long).
 _BATCHED_NORM_MAX = 128 * 128
 
@@ -315,7 +315,7 @@ _SideLayout = tuple[str, int, int, bool, bool, bool]
 
 class _HealthPlan:
     """Where each side's numbers sit in :func:`soap_health`'s values tensor, and the formulas
-    that turn them into metrics. It depends only on the batch's layout (sides, dims, which sides
+    that turn them into metrics. It depends only on the layout (sides, dims, which sides
     were refreshed), which repeats step after step, so it is built once per layout.
 
     Values: the Frobenius norms of the factors soap_step took them of, then per group of the
@@ -324,7 +324,8 @@ class _HealthPlan:
     their top two; then per rotation group (the n sides of one ``k = min(8, dim)``)
     :func:`optim.health.principal_extremes` of its pairs: the n Grams ``W^T W`` and the n
     overlaps ``M`` (k x k each), then their singular values (k each). Grouping by length lets
-    one stack and one reduction serve every matrix of a batch (their sides have equal lengths).
+    one stack and one reduction serve every side of that length (a model's matrices share a
+    few side lengths; :class:`optim.soap.SOAP` passes all of a step's matrices at once).
     Groups are stacked in the state's dtype and converted afterwards: a ``cat`` that promotes
     (an empty float64 piece) took 40-80 us even for 16 vectors of 64, ``stack`` and ``double`` 6 us.
     """
