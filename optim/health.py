@@ -83,10 +83,17 @@ def update_orthogonality_error(O: Tensor) -> Tensor:
     work = O.mT if O.size(-2) < O.size(-1) else O
     k = work.size(-1)
     flat = work.reshape(-1, *work.shape[-2:])
-    eye = torch.eye(k, dtype=O.dtype, device=O.device).expand(flat.size(0), k, k)
+    eye = _identity(k, O.dtype, O.device).expand(flat.size(0), k, k)
     deviation = torch.baddbmm(eye, flat.mT, flat, beta=-1.0)
     norms = torch.linalg.vector_norm(deviation, dim=(-2, -1), dtype=torch.float32)
     return norms.reshape(O.shape[:-2]) / math.sqrt(k)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``I_k`` (cached and only read: each step's Grams would otherwise build it anew, ~9 us per
+    batch at k = 64, a tenth of the fused Gram's time there)."""
+    return torch.eye(k, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -122,6 +122,9 @@ class Muon(MatrixOptimizer):
             raise ValueError(f"health_probes must be None (automatic), 0 (exact) or a number "
                              f"of probes >= 1, got {health_probes!r}")
         self.health_probes = health_probes
+        # (names, orthogonality errors, update norms, sqrt(m n), softening) of this step's
+        # batches, until _end_batches
+        self._batch_health: list[tuple[list[str], Tensor, Tensor, float, float]] = []
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                     "nesterov": nesterov, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
                     "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
@@ -173,21 +176,34 @@ class Muon(MatrixOptimizer):
         U = soften(O, X, s, eps=group["eps"])
         U = self._post_orthogonalize(items, U)
         if self._health_due(group):
-            ortho = self._orthogonality_error(group, O)
             # A bf16 norm accumulates in float32 and rounds once, to within 2^-9 of the float32
             # norm; asking for a float32 result would first copy U to float32 (2.5x the time).
-            # The division by sqrt(m n) is left to finish(), on the Python float.
-            norms = torch.linalg.vector_norm(U, dim=(-2, -1))
-            # One tensor for the batch: health() converts it with a single .tolist().
-            n, root = len(items), math.sqrt(U.size(-2) * U.size(-1))
-
-            def finish(v: list[float]) -> list[list[float]]:
-                return [[v[i], v[n + i] / root, s] for i in range(n)]
-
-            values = torch.cat([ortho, norms])  # errors of the batch, then its norms (float32)
-            self._record_deferred([item.name for item in items],
-                                  DeferredMetrics([_MUON_METRICS] * n, values, finish))
+            # The division by sqrt(m n) is left to _end_batches' finish, on the Python float.
+            self._batch_health.append(
+                ([item.name for item in items], self._orthogonality_error(group, O),
+                 torch.linalg.vector_norm(U, dim=(-2, -1)), math.sqrt(U.size(-2) * U.size(-1)),
+                 s))
         return U
+
+    def _end_batches(self) -> None:
+        """The step's health as one tensor (each batch's errors, then its update norms), which
+        :meth:`health` converts with a single ``.tolist()``."""
+        if not self._batch_health:
+            return
+        batches, self._batch_health = self._batch_health, []
+        values = torch.cat([piece for _, ortho, norms, _, _ in batches for piece in (ortho, norms)])
+        layout = [(len(names), root, s) for names, _, _, root, s in batches]
+
+        def finish(v: list[float]) -> list[list[float]]:
+            rows, at = [], 0
+            for n, root, s in layout:
+                rows += [[v[at + i], v[at + n + i] / root, s] for i in range(n)]
+                at += 2 * n
+            return rows
+
+        names = [name for batch_names, *_ in batches for name in batch_names]
+        self._record_deferred(names, DeferredMetrics([_MUON_METRICS] * len(names), values,
+                                                     finish))
 
     def _orthogonality_error(self, group: dict[str, Any], O: Tensor) -> Tensor:
         probes = self.health_probes

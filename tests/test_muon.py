@@ -431,6 +431,28 @@ def test_named_parameters_key_health_by_name_with_plain_floats(opt_cls):
         assert metrics["update_rms"] > 0.0
 
 
+# Several (shape) batches per step, with the exact Gram (side <= 64) and 2 probes (side 96)
+MULTI_SHAPES = [(16, 8), (8, 16), (16, 8), (96, 100), (24, 24)]
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_health_of_a_multi_shape_step_equals_each_matrix_measured_alone(opt_cls):
+    # health is gathered over a step's batches and converted once; each matrix's numbers must
+    # be the ones its own optimizer reports (the probes are seeded by the step, not the batch)
+    params = make_params(MULTI_SHAPES)
+    together = opt_cls([(f"w{i}", p) for i, p in enumerate(params)], lr=0.02, health_probes=2)
+    alone = [opt_cls([(f"w{i}", q)], lr=0.02, health_probes=2)
+             for i, q in enumerate(make_params(MULTI_SHAPES))]
+    for t in range(3):
+        run(together, together.param_groups[0]["params"], 1, start=t)
+        health = together.health()
+        assert sorted(health) == [f"w{i}" for i in range(len(MULTI_SHAPES))]
+        for i, opt in enumerate(alone):
+            opt.param_groups[0]["params"][0].grad = grads_for(params, t)[i].clone()
+            opt.step()
+            assert health[f"w{i}"] == opt.health()[f"w{i}"]  # the same kernels on the same data
+
+
 def test_health_every_controls_when_metrics_are_measured():
     params = make_params([(16, 8)])
     off = Muon([("w", params[0])], health_every=0)
