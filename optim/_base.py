@@ -320,7 +320,9 @@ class MatrixOptimizer(Optimizer):
 
     def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
         """Phase 2 on a ``(B, m, n)`` stack of full, finite update inputs; returns the stack of
-        update directions (before lr and weight decay). Records health via :meth:`_record`."""
+        update directions (before lr and weight decay). Health is recorded with :meth:`_record` or
+        :meth:`_record_deferred`, here or, gathered over the step's batches, in
+        :meth:`_end_batches`."""
         raise NotImplementedError
 
     def _end_batches(self) -> None:
