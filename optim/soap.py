@@ -127,25 +127,27 @@ class SOAP(MatrixOptimizer):
         # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
         # eigenvalues); a float64 parameter keeps float64 state.
         X = X.to(torch.promote_types(X.dtype, torch.float32))
-        updates, healths, new_states, quotients = [], [], [], []
+        updates, healths, new_states, quotients, steps = [], [], [], [], []
         for item, G in zip(items, X.unbind(0), strict=True):
             self._init_state(item, owner=True)
             state = self.state[item.param]
+            step = int(state["step"])
             cached = self._quotients.get(item.param)
             U, new_state, health, q = soap_step(
                 G, state, cfg, want_health=due, track=self.health_every > 0,
-                quotients=cached[1] if cached and cached[0] == int(state["step"]) else None)
+                quotients=cached[1] if cached and cached[0] == step else None)
             updates.append(U)
             healths.append(health)
             new_states.append(new_state)
             quotients.append(q)
+            steps.append(step + 1)  # new_state["step"]
         # commit only usable steps (the frame skips a non-finite update too)
-        for item, new_state, q, ok in zip(items, new_states, quotients, all_finite(updates),
-                                          strict=True):
+        for item, new_state, q, step, ok in zip(items, new_states, quotients, steps,
+                                                all_finite(updates), strict=True):
             if ok:
                 self.state[item.param].update(new_state)
                 if q is not None:
-                    self._quotients[item.param] = (int(new_state["step"]), q)
+                    self._quotients[item.param] = (step, q)
                 else:
                     self._quotients.pop(item.param, None)
         if due:  # measured with the step's other batches, in _end_batches
