@@ -97,14 +97,16 @@ def _identity(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _probe_matrix(k: int, probes: int, seed: int, dtype: torch.dtype, device: torch.device
-                  ) -> Tensor:
-    """The ``k x probes`` Gaussian probes of ``seed`` (cached: the groups of one step share
-    them). Drawn in float32 or wider, then rounded to ``dtype``."""
+def _probes(k: int, probes: int, seed: int, dtype: torch.dtype, device: torch.device
+            ) -> tuple[Tensor, Tensor]:
+    """The ``probes x k`` Gaussian probes of ``seed``, stored transposed (the layout both of the
+    estimate's products read), and their Frobenius norm in float32 or wider. Cached: the groups
+    of one step share them. Drawn in float32 or wider, then rounded to ``dtype``."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.randn(k, probes, generator=generator, device=device,
-                       dtype=torch.promote_types(dtype, torch.float32)).to(dtype)
+    wide = torch.promote_types(dtype, torch.float32)
+    Zt = torch.randn(k, probes, generator=generator, device=device, dtype=wide).to(dtype).mT
+    return Zt.contiguous(), torch.linalg.vector_norm(Zt, dtype=wide)
 
 
 def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) -> Tensor:
@@ -153,12 +155,19 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
     dtype = O.dtype if _native_half_matmul(O.device.type, O.dtype) \
         else torch.promote_types(O.dtype, torch.float32)
     flat = work.reshape(-1, m, k).to(dtype)
-    acc = torch.promote_types(dtype, torch.float32)
-    Z = _probe_matrix(k, probes, seed, dtype, O.device)
-    Zb = Z.expand(flat.size(0), k, probes)
-    DZ = torch.baddbmm(Zb, flat.mT, flat @ Zb, beta=-1.0)
-    num = torch.linalg.vector_norm(DZ, dim=(-2, -1), dtype=acc)
-    return (num / torch.linalg.vector_norm(Z, dtype=acc)).reshape(O.shape[:-2])
+    Zt, z_norm = _probes(k, probes, seed, dtype, O.device)
+    # W^T = Z^T work^T (probes x m), then (D Z)^T = W^T work - Z^T (probes x k). When work's rows
+    # are contiguous, W comes from ONE 2-D product over the whole batch (the probes are shared);
+    # when work is a transposed view, Z^T times the stored (k x m) matrices reads them in order.
+    # Either is 15-25% faster than the batched work @ Z on this CPU, whose batched thin products
+    # do not split over threads.
+    if flat.stride(-1) == 1 and flat.stride(-2) == k and flat.stride(0) == m * k:
+        Wt = (flat.reshape(-1, k) @ Zt.mT).view(-1, m, probes).mT
+    else:
+        Wt = Zt @ flat.mT
+    DZt = torch.baddbmm(Zt.expand(flat.size(0), probes, k), Wt, flat, beta=-1.0)
+    num = torch.linalg.vector_norm(DZt, dim=(-2, -1), dtype=z_norm.dtype)
+    return (num / z_norm).reshape(O.shape[:-2])
 
 
 def eigengap_ratio(eigvals: Tensor) -> Tensor:

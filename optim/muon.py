@@ -55,12 +55,19 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> 
 def normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float) -> Tensor:
     """NorMuon's per-row normalization of ``U`` (``(..., m, n)``); updates ``v`` (``(..., m, 1)``)
     in place. See the module docstring for the rule."""
+    return _normuon_normalize(U, v, beta2=beta2, eps=eps)[0]
+
+
+def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
+                       ) -> tuple[Tensor, Tensor]:
+    """:func:`normuon_normalize`, and ``||U||_F`` of each matrix (``(..., 1, 1)``): the rescale
+    makes it the result's norm too, so health reads the update's RMS from it."""
     U32 = U.float()
     v.lerp_(U32.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
     N = U32 / (v.sqrt() + eps)
-    scale = torch.linalg.matrix_norm(U32, keepdim=True) / \
-        torch.linalg.matrix_norm(N, keepdim=True).clamp(min=1e-30)
-    return (N * scale).to(U.dtype)
+    norm = torch.linalg.matrix_norm(U32, keepdim=True)
+    scale = norm / torch.linalg.matrix_norm(N, keepdim=True).clamp(min=1e-30)
+    return (N * scale).to(U.dtype), norm
 
 
 def _softening_at(softening: Softening, step: int) -> float:
@@ -174,15 +181,16 @@ class Muon(MatrixOptimizer):
         O = self._orthogonalize(group, X)
         s = _softening_at(group["softening"], group["step"])
         U = soften(O, X, s, eps=group["eps"])
-        U = self._post_orthogonalize(items, U)
+        U, norms = self._post_orthogonalize(items, U)
         if self._health_due(group):
             # A bf16 norm accumulates in float32 and rounds once, to within 2^-9 of the float32
             # norm; asking for a float32 result would first copy U to float32 (2.5x the time).
             # The division by sqrt(m n) is left to _end_batches' finish, on the Python float.
+            if norms is None:
+                norms = torch.linalg.vector_norm(U, dim=(-2, -1))
             self._batch_health.append(
                 ([item.name for item in items], self._orthogonality_error(group, O),
-                 torch.linalg.vector_norm(U, dim=(-2, -1)), math.sqrt(U.size(-2) * U.size(-1)),
-                 s))
+                 norms.reshape(-1), math.sqrt(U.size(-2) * U.size(-1)), s))
         return U
 
     def _end_batches(self) -> None:
@@ -217,8 +225,11 @@ class Muon(MatrixOptimizer):
         # Seeded by the step: new probes every step, identical on every rank and after a resume.
         return estimate_orthogonality_error(O, probes, seed=group["step"])
 
-    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
-        return U
+    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor
+                            ) -> tuple[Tensor, Tensor | None]:
+        """The final update from the softened one, and its Frobenius norms (``(batch,)`` or
+        any shape with that many elements) when the transform already has them, else None."""
+        return U, None
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group, p = item.group, item.param
@@ -262,16 +273,17 @@ class NorMuon(Muon):
         if owner and "second_moment" not in state:
             state["second_moment"] = torch.zeros(item.shape[0], 1, device=item.param.device)
 
-    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor) -> Tensor:
+    def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor
+                            ) -> tuple[Tensor, Tensor | None]:
         group = items[0].group
         U = U.to(torch.promote_types(U.dtype, torch.float32))  # the normalized update stays fp32
         for item in items:
             self._init_state(item, owner=True)
         v = torch.stack([self.state[item.param]["second_moment"] for item in items])
-        out = normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
+        out, norms = _normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
         for item, v_new in zip(items, v.unbind(0), strict=True):
             self.state[item.param]["second_moment"].copy_(v_new)
-        return out
+        return out, norms
 
 
 def _commit(buf: Tensor, new: Tensor) -> None:

@@ -219,6 +219,21 @@ def test_orthogonality_error_is_estimated_for_jordans_quintic_and_exact_otherwis
         assert got != pytest.approx(orthogonality_error(O).item(), rel=1e-6)
 
 
+# float32 rounding of a Frobenius norm over ~10^4 entries and of one division, with margin
+NORM_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("softening", [0.0, 0.4])
+def test_normuon_update_rms_is_the_rms_of_the_update_it_applied(softening):
+    # NorMuon's rescale keeps ||U||_F, and health reads the RMS from that norm: check it against
+    # the update actually applied (W0 = 0, so -W1 / lr_adj is the update up to one rounding)
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randn(160, 96, generator=g)
+    update, opt = one_step_update(NorMuon, torch.zeros(160, 96), grad, softening=softening)
+    want = torch.linalg.vector_norm(update).item() / math.sqrt(update.numel())
+    assert opt.health()["w"]["update_rms"] == pytest.approx(want, rel=NORM_RTOL)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (200, 64), (64, 90)])
 def test_automatic_health_measures_small_matrices_exactly(shape):
     # smaller side <= AUTO_PROBES_ABOVE: the Gram costs less than the probes, so it is exact
