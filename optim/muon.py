@@ -96,8 +96,8 @@ class Muon(MatrixOptimizer):
             ``O_t`` (a third of one Newton-Schulz iteration: 7-9% of a 5-step quintic).
             ``k >= 1``: estimated from ``k`` Gaussian probes
             (:func:`optim.health.estimate_orthogonality_error`: 1/8 of the Gram's
-            multiply-adds at 16 probes and k = 256, 0.25-0.4x its time on CPU, where the thin
-            products are memory-bound). ``None`` (default): 16 probes for Jordan's quintic,
+            multiply-adds at 16 probes and k = 256, 0.25-0.4x its time on CPU, where a thin
+            product costs what reading O does). ``None`` (default): 16 probes for Jordan's quintic,
             whose error is spread over every direction so the estimate is within ~1-2%, and
             exact for every other method and coefficient list, whose error can sit on a few
             directions where probes scatter by 10-15%, and for matrices whose smaller side is
