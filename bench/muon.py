@@ -68,11 +68,21 @@ def compare(label: str, factories: dict[str, callable], shape_list, steps: int) 
     for _ in range(steps):
         for opt, params, grads, times in runs.values():
             times.append(timed_step(opt, params, grads))
-    return {name: statistics.median(times) for name, (_, _, _, times) in runs.items()}
+    return {name: times for name, (_, _, _, times) in runs.items()}
 
 
-def training_step_ratio(steps: int, quick: bool, optimizer: type = Muon, **kwargs
-                        ) -> tuple[float, float]:
+def row(label: str, num: list[float], den: list[float]) -> str:
+    """A table row: the medians, their ratio, and the quartiles of the per-round ratios (each
+    round times the numerator and the denominator back to back, so a round's ratio shares that
+    moment's load on the machine: the spread says how far one run's ratio can be trusted)."""
+    paired = [a / b for a, b in zip(num, den, strict=True)]
+    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+    on, off = statistics.median(num), statistics.median(den)
+    return f"| {label} | {on * 1e3:.1f} | {off * 1e3:.1f} | {on / off:.3f} | {q1:.3f}-{q3:.3f} |"
+
+
+def training_step_times(steps: int, quick: bool, optimizer: type = Muon, **kwargs
+                        ) -> tuple[list[float], list[float]]:
     """Median full training step (forward, backward, optimizer step, ``health()``) of a small
     GPT (``orthoshard.model``, d_model 256, 2 layers, 16 x 128 tokens) with health every step
     against never: what health costs a training loop rather than the optimizer alone.
@@ -107,7 +117,7 @@ def training_step_ratio(steps: int, quick: bool, optimizer: type = Muon, **kwarg
     for _ in range(steps):
         for model, opt, times in runs:
             times.append(one(model, opt))
-    return statistics.median(runs[0][2]), statistics.median(runs[1][2])
+    return runs[0][2], runs[1][2]
 
 
 def main() -> None:
@@ -152,15 +162,13 @@ def main() -> None:
          {"ours": lambda p: NorMuon(p, **kw, health_every=1),
           "torch": lambda p: torch.optim.Muon(p, **kw)}),
     ]
-    print("| comparison | numerator ms | denominator ms | ratio |")
-    print("|---|---|---|---|")
+    print("| comparison | numerator ms | denominator ms | ratio | per-round ratios, quartiles |")
+    print("|---|---|---|---|---|")
     for label, factories in rows:
         t = compare(label, factories, shape_list, steps)
-        print(f"| {label} | {t['ours'] * 1e3:.1f} | {t['torch'] * 1e3:.1f} | "
-              f"{t['ours'] / t['torch']:.3f} |")
-    on, off = training_step_ratio(steps, args.quick)
-    print(f"| GPT training step (fwd + bwd + Muon), health_every=1 / 0 | {on * 1e3:.1f} | "
-          f"{off * 1e3:.1f} | {on / off:.3f} |")
+        print(row(label, t["ours"], t["torch"]))
+    print(row("GPT training step (fwd + bwd + Muon), health_every=1 / 0",
+              *training_step_times(steps, args.quick)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.muon
-from bench.muon import make, shapes, training_step_ratio
+from bench.muon import make, shapes, training_step_times
 from optim.soap import SOAP
 
 CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": True},
@@ -40,10 +40,11 @@ CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": Tr
            "KL, QR, refresh every 10": {"use_kl_shampoo": True, "precondition_frequency": 10}}
 
 
-def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[float, float]:
-    """Median step time with health every step and never, for SOAP on these matrices; with
-    ``precondition_frequency`` F > 1 the median of the sums over whole refresh periods, divided
-    by F (steps differ by phase)."""
+def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int
+          ) -> tuple[list[float], list[float]]:
+    """Step times with health every step and never, for SOAP on these matrices, after the first
+    fifth of the steps; with ``precondition_frequency`` F > 1 the sums over whole refresh
+    periods, divided by F (steps differ by phase)."""
     period = kwargs.get("precondition_frequency", 1)
     steps = max(steps, 10 * period) // period * period
     runs = {}
@@ -61,15 +62,21 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int) -> tuple[
             if every:
                 opt.health()
             times[every].append(bench.muon.CLOCK() - t0)
-    def per_step(ts: list[float]) -> float:
-        sums = [sum(ts[i:i + period]) for i in range(0, len(ts), period)]
-        return statistics.median(sums[len(sums) // 5:]) / period
+    def per_step(ts: list[float]) -> list[float]:
+        sums = [sum(ts[i:i + period]) / period for i in range(0, len(ts), period)]
+        return sums[len(sums) // 5:]
 
     return per_step(times[1]), per_step(times[0])
 
 
-def row(label: str, solver: str, on: float, off: float) -> None:
-    print(f"| {label} | {solver} | {off * 1e3:.2f} | {on * 1e3:.2f} | {on / off:.3f} |")
+def row(label: str, solver: str, on: list[float], off: list[float]) -> None:
+    """Medians, their ratio, and the quartiles of the ratios of the periods timed side by side
+    (how far one run's ratio can be trusted on a shared machine)."""
+    paired = [a / b for a, b in zip(on, off, strict=True)]
+    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+    t_on, t_off = statistics.median(on), statistics.median(off)
+    print(f"| {label} | {solver} | {t_off * 1e3:.2f} | {t_on * 1e3:.2f} | {t_on / t_off:.3f} | "
+          f"{q1:.3f}-{q3:.3f} |")
 
 
 def main() -> None:
@@ -86,8 +93,9 @@ def main() -> None:
         bench.muon.CLOCK = time.thread_time
     print(f"# SOAP health cost (torch {torch.__version__}, {args.threads} threads, "
           f"{'CPU' if args.cpu_time else 'wall'} time)\n")
-    print("| matrices | solver | health off ms | health on ms | on/off |")
-    print("|---|---|---|---|---|")
+    print("| matrices | solver | health off ms | health on ms | on/off | per-period ratios, "
+          "quartiles |")
+    print("|---|---|---|---|---|---|")
     for text in filter(None, args.shapes.split(",")):
         shape = tuple(int(d) for d in text.split("x"))
         steps = args.steps or (600 if shape[0] * shape[1] <= 128 * 64 else 160)
@@ -99,7 +107,7 @@ def main() -> None:
         steps = args.steps or (100 if args.quick else 20)
         for name, kwargs in CONFIGS.items():
             row(label, name, *ratio(shape_list, kwargs, steps))
-        on, off = training_step_ratio(steps, args.quick, SOAP, lr=0.01)
+        on, off = training_step_times(steps, args.quick, SOAP, lr=0.01)
         row(f"GPT training step, d_model {64 if args.quick else 256}", "QR", on, off)
 
 
