@@ -7,7 +7,9 @@ The matrices of a small 2-layer transformer block stack (d_model 256, MLP 1024: 
 Q, K, V, O of 256x256, up 1024x256, down 256x1024). Gradients are fixed random tensors so both
 optimizers do identical work. Each timed step is interleaved between the two optimizers being
 compared, and the table shows medians: the machine is shared and noisy, so only the ratio
-measured in one process means anything.
+measured in one process means anything. Its last column holds the quartiles of the per-round
+ratios (each round times both back to back): at two threads on this machine they span about
++-5% around the ratio of medians, which itself moves by about +-1.5% from run to run.
 
 Ratios: our ``Muon`` / ``torch.optim.Muon`` (same arguments; ours batches same-shape matrices),
 and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05; the orthogonality error
