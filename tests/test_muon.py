@@ -219,10 +219,6 @@ def test_orthogonality_error_is_estimated_for_jordans_quintic_and_exact_otherwis
         assert got != pytest.approx(orthogonality_error(O).item(), rel=1e-6)
 
 
-# float32 rounding of a Frobenius norm over ~10^4 entries and of one division, with margin
-NORM_RTOL = 1e-5
-
-
 @pytest.mark.parametrize("softening", [0.0, 0.4])
 def test_normuon_update_rms_is_the_rms_of_the_update_it_applied(softening):
     # NorMuon's rescale keeps ||U||_F, and health reads the RMS from that norm: check it against
