@@ -55,19 +55,25 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> 
 def normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float) -> Tensor:
     """NorMuon's per-row normalization of ``U`` (``(..., m, n)``); updates ``v`` (``(..., m, 1)``)
     in place. See the module docstring for the rule."""
-    return _normuon_normalize(U, v, beta2=beta2, eps=eps)[0]
+    return _normuon_normalize(U, v, beta2=beta2, eps=eps)[0].to(U.dtype)
 
 
 def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
                        ) -> tuple[Tensor, Tensor]:
-    """:func:`normuon_normalize`, and ``||U||_F`` of each matrix (``(..., 1, 1)``): the rescale
-    makes it the result's norm too, so health reads the update's RMS from it."""
-    U32 = U.float()
-    v.lerp_(U32.square().mean(dim=-1, keepdim=True), 1.0 - beta2)
-    N = U32 / (v.sqrt() + eps)
-    norm = torch.linalg.matrix_norm(U32, keepdim=True)
-    scale = norm / torch.linalg.matrix_norm(N, keepdim=True).clamp(min=1e-30)
-    return (N * scale).to(U.dtype), norm
+    """:func:`normuon_normalize` with the result in float32 (or wider), and ``||U||_F`` of each
+    matrix (``(..., 1, 1)``): the rescale makes it the result's norm too, so health reads the
+    update's RMS from it.
+
+    Two passes over ``U``: its rows' sums of squares (float32 accumulation, also for a bf16
+    ``U``) give ``v``, ``||U||_F^2`` (their sum) and ``||N||_F^2 = sum_i |U_i|^2 / (sqrt(v_i) +
+    eps)^2``, so ``N`` is never formed; then one product by a per-row factor."""
+    wide = torch.promote_types(U.dtype, torch.float32)
+    row_sq = torch.linalg.vector_norm(U, dim=-1, keepdim=True, dtype=wide).square()
+    v.lerp_((row_sq / U.size(-1)).to(v.dtype), 1.0 - beta2)
+    inv = 1.0 / (v.sqrt() + eps)                                            # (..., m, 1)
+    norm = row_sq.sum(dim=-2, keepdim=True).sqrt()                          # ||U||_F
+    n_norm = (row_sq * inv.square()).sum(dim=-2, keepdim=True).sqrt()       # ||N||_F
+    return U * (inv * (norm / n_norm.clamp(min=1e-30))), norm
 
 
 def _softening_at(softening: Softening, step: int) -> float:
@@ -276,10 +282,10 @@ class NorMuon(Muon):
     def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor
                             ) -> tuple[Tensor, Tensor | None]:
         group = items[0].group
-        U = U.to(torch.promote_types(U.dtype, torch.float32))  # the normalized update stays fp32
         for item in items:
             self._init_state(item, owner=True)
         v = torch.stack([self.state[item.param]["second_moment"] for item in items])
+        # the normalized update stays float32 (or wider), also for a bf16 U
         out, norms = _normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
         for item, v_new in zip(items, v.unbind(0), strict=True):
             self.state[item.param]["second_moment"].copy_(v_new)
