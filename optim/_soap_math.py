@@ -286,11 +286,8 @@ def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor
     if refreshed is None:
         assert quotients is not None
         return SideHealth(side, quotients, total, quotients, None, None, deferred)
-    if first:
-        return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, None, None,
-                          deferred)
-    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, Q_old, refreshed.Q,
-                      deferred)
+    old, new = (None, None) if first else (Q_old, refreshed.Q)  # step 1: no rotation
+    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, old, new, deferred)
 
 
 _SQRT_HALF = math.sqrt(0.5)
