@@ -7,8 +7,9 @@ A step runs in three phases, one code path for one process and for N ranks:
    input* and a pending state change that is committed only in phase 3.
 2. **owner compute** (on the FULL matrix, on one owner rank): orthogonalize, NorMuon's
    normalization, or the whole SOAP step. Non-finite inputs are caught here: the matrix is
-   skipped, counted and reported, and its state is left untouched. Health is measured here, on
-   matrices already in hand, at no communication cost.
+   skipped, counted and reported, and its state is left untouched; a subclass refuses the same
+   way a finite input whose step would make its state non-finite (SOAP squares its gradients).
+   Health is measured here, on matrices already in hand, at no communication cost.
 3. **apply** (elementwise again): commit the pending state, decoupled weight decay, the update.
 
 Between phases 1 and 2 and between 2 and 3 sits an *exchange*. Without ``sharding=`` it is the
@@ -273,7 +274,7 @@ class MatrixOptimizer(Optimizer):
             if ok:
                 batches[(id(items[j].group), items[j].shape)].append(j)
             else:
-                items[j].group["nonfinite_skips"][items[j].name] += 1
+                self._skip(items[j])
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
         try:
             for js in batches.values():
@@ -332,6 +333,12 @@ class MatrixOptimizer(Optimizer):
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         """Phase 3 on this rank's piece of a finite update."""
         raise NotImplementedError
+
+    def _skip(self, item: MatrixItem) -> None:
+        """Count a step ``item`` does not take: a non-finite input, or (from :meth:`_compute`)
+        a step whose new state would not be finite. The skipped matrix's result must be
+        non-finite (NaN), so that no rank applies it; its state is left as it was."""
+        item.group["nonfinite_skips"][item.name] += 1
 
     def matrix_cost(self, item: MatrixItem) -> float:
         """Relative cost of one matrix's owner update, for balancing owners across ranks.

@@ -181,15 +181,31 @@ def _frobenius(t: Tensor) -> Tensor:
                                     dtype=torch.float64)
 
 
+def _finite_totals(totals: Tensor, factors: list[Tensor]) -> Tensor:
+    """``totals`` (float64 norms of ``factors``), with any that :func:`_frobenius` overflowed
+    taken again in float64. Its rows' sums of squares stay in the factor's dtype, and
+    entries above ~1e19 overflow float32 though the factor is finite (KL-Shampoo's factors reach
+    that with gradients of ~1e6: its whitening divides by ``dim eps`` while a factor is ~0).
+    One reduction and one host sync; the float64 pass (3-4x the time) only where needed."""
+    if math.isfinite(float(totals.sum())):
+        return totals
+    redo = [i for i, value in enumerate(totals.tolist()) if not math.isfinite(value)]
+    exact = totals.clone()
+    for i in redo:
+        exact[i] = torch.linalg.vector_norm(factors[i], dtype=torch.float64)
+    return exact
+
+
 def _staleness(total: float, diagonal: float) -> float:
     """``||B - diag B||_F / ||B||_F`` for ``B = Q^T F Q`` WITHOUT forming B, from ``total =
     ||F||_F = ||B||_F`` (Q orthogonal) and ``diagonal = ||diag B||``, the norm of the Rayleigh
-    quotients already in hand, both float64 (for the difference of their squares, which
-    cancels). The fp32 quotients put a floor of ~1e-3 under the result."""
+    quotients already in hand, both float64 (for ``1 - (diagonal / total)^2``, which cancels;
+    the ratio, not the squares themselves: those of a float64 factor's norm could overflow).
+    The fp32 quotients put a floor of ~1e-3 under the result."""
     if not total > 0.0:
         return 0.0
-    total, diagonal = total * total, diagonal * diagonal
-    return math.sqrt(max(total - diagonal, 0.0) / max(total, 1e-300))
+    ratio = diagonal / total
+    return math.sqrt(max(1.0 - ratio * ratio, 0.0))
 
 
 def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps: int,
@@ -274,7 +290,7 @@ class SideHealth:
     quotients: Tensor        # Rayleigh quotients of the basis in use before this step (staleness)
     Q_old: Tensor | None     # the bases before and after a refresh; None: no rotation (no
     Q_new: Tensor | None     # refresh this step, or step 1, whose old basis is the identity)
-    factor: Tensor | None = None  # the factor after this step's update, where ``total`` is None
+    factor: Tensor           # the factor after this step's update (``total`` is its norm)
 
 
 def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor: Tensor, *,
@@ -282,12 +298,11 @@ def _side_health(side: str, Q_old: Tensor, refreshed: SideRefresh | None, factor
     """One side's health inputs (docs/soap.md "Health"); between refreshes the eigenvalues and
     staleness come from ``quotients``, the Rayleigh quotients of the current basis. ``total``:
     the factor's norm if already taken (else soap_health takes it)."""
-    deferred = factor if total is None else None
     if refreshed is None:
         assert quotients is not None
-        return SideHealth(side, quotients, total, quotients, None, None, deferred)
+        return SideHealth(side, quotients, total, quotients, None, None, factor)
     old, new = (None, None) if first else (Q_old, refreshed.Q)  # step 1: no rotation
-    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, old, new, deferred)
+    return SideHealth(side, refreshed.eigvals, total, refreshed.quotients, old, new, factor)
 
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -343,6 +358,7 @@ class _HealthPlan:
         for sides in self.total_groups:
             for i in sides:
                 self.total_at[i], offset = offset, offset + 1
+        self.total_order = self.taken + [i for sides in self.total_groups for i in sides]
         # sides grouped by quotient length, and where each one's norm sits
         self.quotient_groups = _groups_by(range(len(flat)), key=lambda i: flat[i][1])
         self.quotient_at = [0] * len(flat)
@@ -464,7 +480,8 @@ def soap_health(per_matrix: list[list[SideHealth]]
     plan = _health_plan(layout, first.dtype, first.device)
     pieces = [torch.stack([_given(flat[i].total) for i in plan.taken])] if plan.taken else []
     for sides in plan.total_groups:
-        pieces.append(_frobenius(torch.stack([_given(flat[i].factor) for i in sides])))
+        pieces.append(_frobenius(torch.stack([flat[i].factor for i in sides])))
+    pieces = [_finite_totals(torch.cat(pieces), [flat[i].factor for i in plan.total_order])]
     stacks = []
     for sides in plan.quotient_groups:
         stacked = torch.stack([flat[i].quotients for i in sides])
@@ -570,9 +587,49 @@ def _quotients_or_product(carried: Tensor | None, factor: Tensor, Q: Tensor) -> 
     return _rayleigh(factor, Q, "highest")[1]
 
 
+def gradient_fits(norm: float, shape: tuple[int, int], cfg: SoapConfig, dtype: torch.dtype
+                  ) -> bool | None:
+    """Whether a step on a FINITE gradient of Frobenius norm ``norm`` keeps every state tensor
+    of ``dtype`` finite: True, False, or None when only the new factors can tell (then
+    :func:`soap_step` with ``verify_factors`` checks them).
+
+    SOAP squares the gradient: a gradient above ~1e19 in float32 is finite, its factor terms and
+    second moments are not, and a refresh of an Inf factor raises or returns NaN bases. The
+    bound kept is ``limit = max(dtype) / 4`` on every factor's trace and on ``||G||^2``, an
+    invariant of all committed state (it holds for the zero state): a factor is positive
+    semi-definite, so its trace bounds every entry, eigenvalue and Rayleigh quotient, and each
+    lerp's ``T - F`` stays below ``max / 2``. Plain SOAP's terms ``G G^T`` and ``G^T G`` have
+    trace ``||G||^2``, and the second moments' ``(Q_L^T G Q_R)^2`` entries are at most
+    ``||G||^2``, so ``||G||^2 <= limit`` is enough. KL-Shampoo's terms are ``||G||^2`` times at
+    most its largest whitening weight, ``1 / (dim eps)``; a gradient past that bound is not
+    refused outright (the weight is that large only while a factor is ~0), its new factors are
+    checked instead.
+    """
+    limit = torch.finfo(dtype).max / 4
+    square = norm * norm
+    if not square <= limit:  # also Inf and NaN
+        return False
+    if not cfg.use_kl_shampoo:
+        return True
+    weight = max(1.0, 1.0 / (min(shape) * cfg.eps))
+    return True if square * weight <= limit and norm * weight <= limit else None
+
+
+def _factors_fit(factors: tuple[Tensor, Tensor], beta: float, dtype: torch.dtype) -> bool:
+    """:func:`gradient_fits`' bound on new factors ``F = b F_old + (1 - b) T``: ``tr F <= (1 - b)
+    limit`` keeps both ``tr T`` and ``tr F`` under ``limit`` (one trace per side, one sync)."""
+    present = [F for F in factors if _present(F)]
+    if not present:
+        return True
+    traces = torch.stack([torch.trace(F) for F in present]).tolist()
+    bound = (1.0 - beta) * torch.finfo(dtype).max / 4
+    return all(tr <= bound for tr in traces)
+
+
 def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_health: bool,
-              quotients: Quotients | None = None, track: bool = False
-              ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth], Quotients | None]:
+              quotients: Quotients | None = None, track: bool = False,
+              verify_factors: bool = False
+              ) -> tuple[Tensor, dict[str, Tensor], list[SideHealth], Quotients | None] | None:
     """One SOAP step on one full fp32 gradient ``G`` (m, n); the inputs are not modified.
 
     With ``t`` the 1-based step and ``b = 1 - (1 - shampoo_beta) / (1 - shampoo_beta^t)``
@@ -596,10 +653,14 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     Q`` product per side. With ``track`` (health enabled but not due) the carried quotients are
     kept up to date without that product, so that a later health step finds them.
 
+    ``G`` must be finite and pass :func:`gradient_fits`; where that returned None, pass
+    ``verify_factors``: the new factors are checked before anything reads them.
+
     Returns:
         ``(U, new_state, health, quotients)``; ``health`` (each present side's
         :class:`SideHealth`, for :func:`soap_health`) is empty unless ``want_health``;
-        ``quotients`` are this step's, for the next call, or None where unknown.
+        ``quotients`` are this step's, for the next call, or None where unknown. None when
+        ``verify_factors`` found a factor past the bound (the step must be skipped).
     """
     t = int(state["step"]) + 1
     beta = cfg.shampoo_beta
@@ -610,6 +671,8 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         L, R, whitening = update_factors(state["L"], state["R"], G, beta=beta,
                                          kl=cfg.use_kl_shampoo, Q_L=state["Q_L"],
                                          Q_R=state["Q_R"], eps=cfg.eps, prec=prec)
+    if verify_factors and not _factors_fit((L, R), beta, state["exp_avg"].dtype):
+        return None
     # health's ||F||^2 of a large factor now, while the factor just written is in cache
     totals = [_frobenius(F) if want_health and F.numel() > _BATCHED_NORM_MAX else None
               for F in (L, R)]

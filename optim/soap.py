@@ -23,13 +23,21 @@ Emerging-Optimizers.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
-from optim._soap_math import PRECISIONS, SideHealth, SoapConfig, soap_health, soap_step
+from optim._soap_math import (
+    PRECISIONS,
+    SideHealth,
+    SoapConfig,
+    gradient_fits,
+    soap_health,
+    soap_step,
+)
 
 __all__ = ["SOAP"]
 
@@ -127,31 +135,45 @@ class SOAP(MatrixOptimizer):
         # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
         # eigenvalues); a float64 parameter keeps float64 state.
         X = X.to(torch.promote_types(X.dtype, torch.float32))
-        updates, healths, new_states, quotients, steps = [], [], [], [], []
-        for item, G in zip(items, X.unbind(0), strict=True):
+        # ||G|| says whether the step keeps the state finite (gradient_fits): one reduction and
+        # one host sync for the batch
+        norms = torch.linalg.vector_norm(X, dim=(-2, -1)).tolist()
+        updates: list[Tensor] = []
+        taken: list[tuple[MatrixItem, tuple, int]] = []
+        for item, G, norm in zip(items, X.unbind(0), norms, strict=True):
             self._init_state(item, owner=True)
             state = self.state[item.param]
             step = int(state["step"])
-            cached = self._quotients.get(item.param)
-            U, new_state, health, q = soap_step(
-                G, state, cfg, want_health=due, track=self.health_every > 0,
-                quotients=cached[1] if cached and cached[0] == step else None)
-            updates.append(U)
-            healths.append(health)
-            new_states.append(new_state)
-            quotients.append(q)
-            steps.append(step + 1)  # new_state["step"]
+            fits = gradient_fits(norm, item.shape, cfg, state["exp_avg"].dtype)
+            result = None
+            if fits is not False:
+                cached = self._quotients.get(item.param)
+                result = soap_step(
+                    G, state, cfg, want_health=due, track=self.health_every > 0,
+                    quotients=cached[1] if cached and cached[0] == step else None,
+                    verify_factors=fits is None)
+            if result is None:  # its squares would overflow the state: skipped, as a NaN
+                self._skip(item)
+                updates.append(torch.full_like(G, math.nan))
+                continue
+            updates.append(result[0])
+            taken.append((item, result, step + 1))  # new_state["step"]
         # commit only usable steps (the frame skips a non-finite update too)
-        for item, new_state, q, step, ok in zip(items, new_states, quotients, steps,
-                                                all_finite(updates), strict=True):
-            if ok:
-                self.state[item.param].update(new_state)
-                if q is not None:
-                    self._quotients[item.param] = (step, q)
-                else:
-                    self._quotients.pop(item.param, None)
-        if due:  # measured with the step's other batches, in _end_batches
-            self._batch_health.append(([item.name for item in items], healths))
+        names, healths = [], []
+        for (item, (_, new_state, health, q), step), ok in zip(
+                taken, all_finite([result[0] for _, result, _ in taken]), strict=True):
+            if not ok:
+                self._skip(item)
+                continue
+            self.state[item.param].update(new_state)
+            if q is not None:
+                self._quotients[item.param] = (step, q)
+            else:
+                self._quotients.pop(item.param, None)
+            names.append(item.name)
+            healths.append(health)
+        if due and names:  # measured with the step's other batches, in _end_batches
+            self._batch_health.append((names, healths))
         return torch.stack(updates)
 
     def _end_batches(self) -> None:

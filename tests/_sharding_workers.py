@@ -22,6 +22,9 @@ SHAPES: tuple[tuple[int, int], ...] = ((7, 12), (3, 8), (40, 6), (5, 33), (16, 1
 BIAS = 5  # a 1-D parameter: the AdamW fallback, sharded by FSDP2 too
 STEPS = 4
 NAN_STEP, NAN_PARAM, NAN_ROW = 2, "ws.0", 6  # row 6 lives on the LAST rank at W = 2 and 4
+# what a "bad" scenario puts at NAN_PARAM[NAN_ROW, 0] at NAN_STEP: a NaN, or a finite gradient
+# whose squares overflow float32 (SOAP must skip it like a NaN)
+BAD_VALUES = {"nan": float("nan"), "huge": 1e30}
 
 
 def _soap(params: Any, sharding: Any, **kwargs: Any) -> Any:
@@ -62,20 +65,20 @@ class Awkward(nn.Module):
         return x
 
 
-def full_grads(step: int, *, nan: bool) -> dict[str, torch.Tensor]:
+def full_grads(step: int, *, bad: str | None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     grads = {f"ws.{i}": torch.randn(*s, generator=g) for i, s in enumerate(SHAPES)}
     grads["bias"] = torch.randn(BIAS, generator=g)
-    if nan and step == NAN_STEP:
-        grads[NAN_PARAM][NAN_ROW, 0] = float("nan")
+    if bad is not None and step == NAN_STEP:
+        grads[NAN_PARAM][NAN_ROW, 0] = BAD_VALUES[bad]
         grads["bias"][BIAS - 1] = float("inf")  # on one rank's shard only (W = 2 and 4)
     return grads
 
 
-def inject(model: nn.Module, step: int, *, nan: bool = False) -> None:
+def inject(model: nn.Module, step: int, *, bad: str | None = None) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    grads = full_grads(step, nan=nan)
+    grads = full_grads(step, bad=bad)
     for name, p in model.named_parameters():
         if isinstance(p, DTensor):
             p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements,
@@ -100,17 +103,17 @@ def build(name: str, *, fsdp: bool, sharding: Any) -> tuple[nn.Module, Any]:
     return model, OPTIMIZERS[name](split_param_groups(model.named_parameters()), sharding)
 
 
-def reference(name: str, steps: int, *, nan: bool = False) -> dict[str, torch.Tensor]:
+def reference(name: str, steps: int, *, bad: str | None = None) -> dict[str, torch.Tensor]:
     """Single process, no process group: the result every world size must reproduce."""
-    return reference_run(name, steps, nan=nan)[0]
+    return reference_run(name, steps, bad=bad)[0]
 
 
-def reference_run(name: str, steps: int, *, nan: bool = False
+def reference_run(name: str, steps: int, *, bad: str | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """:func:`reference`'s parameters and the single process's ``health()`` after the run."""
     model, opt = build(name, fsdp=False, sharding=None)
     for step in range(steps):
-        inject(model, step, nan=nan)
+        inject(model, step, bad=bad)
         opt.step()
     return full_params(model), opt.health()
 
@@ -141,17 +144,18 @@ class A2ACounter:
 
 
 def parity_worker(rank: int, world: int, out: str, fsdp: bool,
-                  scenarios: list[tuple[str, bool]]) -> None:
-    """Run each ``(optimizer name, inject NaN)`` scenario; rank 0 saves params and stats."""
+                  scenarios: list[tuple[str, str | None]]) -> None:
+    """Run each ``(optimizer name, bad gradient or None)`` scenario; rank 0 saves params and
+    stats."""
     from sharding import OwnerSharding
 
-    results: dict[tuple[str, bool], Any] = {}
-    for name, nan in scenarios:
+    results: dict[tuple[str, str | None], Any] = {}
+    for name, bad in scenarios:
         sharding = OwnerSharding()
         model, opt = build(name, fsdp=fsdp, sharding=sharding)
         with A2ACounter() as counter:
             for step in range(STEPS):
-                inject(model, step, nan=nan)
+                inject(model, step, bad=bad)
                 opt.step()
         plan, _ = sharding.global_plan()
         mine = {"stats": opt.comm_stats(), "counted": (counter.sent, counter.received,
@@ -162,7 +166,7 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
         dist.all_gather_object(per_rank, mine)
         params = full_params(model)
         if rank == 0:
-            results[(name, nan)] = {"params": params, "ranks": per_rank}
+            results[(name, bad)] = {"params": params, "ranks": per_rank}
     if rank == 0:
         torch.save(results, Path(out))
 
@@ -180,7 +184,7 @@ def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
         if load_dir:
             checkpoint.load(Path(load_dir) / name, model, opt)
         for step in range(first, last):
-            inject(model, step, nan=True)
+            inject(model, step, bad="nan")
             opt.step()
         if save_dir:
             checkpoint.save(Path(save_dir) / name, model, opt)

@@ -14,7 +14,9 @@ import torch
 from optim._soap_math import (
     _BATCHED_NORM_MAX,
     SideHealth,
+    SoapConfig,
     _frobenius,
+    gradient_fits,
     matmul_precision,
     pmm,
     soap_health,
@@ -140,6 +142,70 @@ def test_nonfinite_gradient_skips_the_step_keeps_state_and_training_resumes(bad)
     opt.step()
     assert torch.isfinite(p).all() and not torch.equal(p.detach(), before_p)
     assert int(opt.state[p]["step"]) == 3
+
+
+# A finite gradient whose squares overflow the state's dtype (float32: entries of ~1e19) would
+# make a factor or the second moments Inf, and a refresh of an Inf factor raises: such a step is
+# skipped and counted like a non-finite one. KL-Shampoo divides by dim * eps along directions a
+# factor has not seen yet (L is 12x12 of rank 8 after one 12x8 gradient), so there 1e17 is
+# already too much; it is refused after its new factors are checked (gradient_fits: None).
+OVERFLOW_CASES = {
+    "QR": ({}, 1e20),
+    "eigh": ({"use_eigh": True}, 1e20),
+    "between refreshes": ({"precondition_frequency": 3}, 1e20),
+    "one-sided": ({"max_precond_dim": 10}, 1e20),
+    "no factor": ({"max_precond_dim": 0}, 1e20),  # Adam alone: its second moments
+    "KL": ({"use_kl_shampoo": True}, 1e17),
+}
+
+
+@pytest.mark.parametrize("case", OVERFLOW_CASES)
+def test_gradient_whose_squares_overflow_is_skipped_and_training_resumes_unchanged(case):
+    kwargs, scale = OVERFLOW_CASES[case]
+    grads = _grads(4)
+    runs = [torch.nn.Parameter(torch.ones(12, 8)) for _ in range(2)]
+    (p, opt), (ref_p, ref) = [(q, SOAP([("w", q)], lr=0.1, **kwargs)) for q in runs]
+    p.grad, ref_p.grad = grads[0].clone(), grads[0].clone()
+    opt.step()
+    ref.step()
+    before_p, before_state = p.detach().clone(), copy.deepcopy(opt.state[p])
+    huge = grads[1] * scale
+    assert torch.isfinite(huge).all()
+    cfg = SoapConfig(**{k: opt.param_groups[0][k] for k in SoapConfig.__dataclass_fields__})
+    fits = gradient_fits(torch.linalg.vector_norm(huge).item(), (12, 8), cfg, torch.float32)
+    assert fits is (None if kwargs.get("use_kl_shampoo") else False)
+    p.grad = huge
+    opt.step()
+    assert torch.equal(p.detach(), before_p)
+    for key in STATE_KEYS:
+        assert torch.equal(opt.state[p][key], before_state[key]), key
+    health = opt.health()["w"]
+    assert health["nonfinite_skips"] == 1.0
+    assert all(math.isfinite(v) for v in health.values()), health
+    for g in grads[2:]:  # as if the huge gradient had never come
+        p.grad, ref_p.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(p.detach(), ref_p.detach())
+
+
+def test_kl_shampoo_takes_a_large_gradient_its_factors_can_hold():
+    """Past the static bound (gradient_fits: None), but the factors' quotients are ~1e33: the
+    whitened terms are small, the check of the new factors lets the step through."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    opt = SOAP([("w", p)], lr=0.1, use_kl_shampoo=True)
+    p.grad = torch.randn(8, 8, generator=gen) * 1e12
+    opt.step()
+    big = torch.randn(8, 8, generator=gen) * 1e16
+    cfg = SoapConfig(**{k: opt.param_groups[0][k] for k in SoapConfig.__dataclass_fields__})
+    assert gradient_fits(torch.linalg.vector_norm(big).item(), (8, 8), cfg, torch.float32) is None
+    before = p.detach().clone()
+    p.grad = big
+    opt.step()
+    assert opt.health()["w"]["nonfinite_skips"] == 0.0
+    assert int(opt.state[p]["step"]) == 2 and not torch.equal(p.detach(), before)
+    assert all(torch.isfinite(v).all() for v in opt.state[p].values())
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -311,7 +377,7 @@ def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cas
         factor = Q_new @ torch.diag(spectrum) @ Q_new.mT
         quotients = (Q_old * (factor @ Q_old)).sum(0)
         eigvals = spectrum[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
-        sides.append(SideHealth("L", eigvals, _frobenius(factor), quotients, Q_old, Q_new))
+        sides.append(SideHealth("L", eigvals, _frobenius(factor), quotients, Q_old, Q_new, factor))
         rot = rotation_angles_degrees(Q_old, Q_new, (1, 8))
         gap = eigengap_ratio(spectrum.double()).item() if rows > 1 else 0.0
         expected.append((gap, rot[0].item(), rot[1].item(),
@@ -444,6 +510,36 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
         if cfg.get("use_kl_shampoo") and sides == 2:
             sides = 0
         assert extra == (sides if after_power_refresh else 0), (t, extra)
+
+
+# Factors of large but trainable gradients: plain SOAP's entries pass 1e19 with gradients of
+# ~1e9, KL-Shampoo's with gradients of ~1e6 (it divides by dim * eps where a factor is ~0). The
+# rows' sums of squares then overflow float32 although the factor is finite.
+LARGE_FACTOR_CASES = {"QR": ({"precondition_frequency": 3}, 1e9),
+                      "KL": ({"precondition_frequency": 3, "use_kl_shampoo": True}, 1e6),
+                      "KL 136x16": ({"use_kl_shampoo": True, "shape": (136, 16)}, 1e6)}
+
+
+@pytest.mark.parametrize("case", LARGE_FACTOR_CASES)
+def test_staleness_of_factors_past_float32_squares_matches_the_stored_state(case):
+    cfg, scale = LARGE_FACTOR_CASES[case]
+    cfg = dict(cfg)
+    shape = cfg.pop("shape", (24, 16))
+    p = torch.nn.Parameter(torch.zeros(*shape))
+    opt = SOAP([("w", p)], lr=0.01, **cfg)
+    overflowed = 0
+    for t, g in enumerate(_spiky_grads(7, shape)):
+        before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
+        p.grad = g * scale
+        opt.step()
+        health = opt.health()["w"]
+        assert all(math.isfinite(v) for v in health.values()), (t, health)
+        overflowed += any(not torch.isfinite(torch.linalg.vector_norm(opt.state[p][s], dim=-1))
+                          .all() for s in "LR")
+        if t:
+            _check_against_stored_state(opt, p, health, before,
+                                        t % cfg.get("precondition_frequency", 1) == 0)
+    assert overflowed  # the case reaches the float64 fallback
 
 
 @pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["eigh"], CARRIED_CONFIGS["KL"]],
