@@ -82,6 +82,19 @@ def all_finite(tensors: Sequence[Tensor], *,
     return [bool(good) for good in ok]
 
 
+def _check_dense(groups: list[dict[str, Any]]) -> None:
+    """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
+    sparse=True)``): no update here, AdamW fallback included, reads one."""
+    for group in groups:
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    f"parameter {name!r} has a sparse gradient, which this optimizer cannot "
+                    f"use: build its module with sparse=False (e.g. nn.Embedding(..., "
+                    f"sparse=False)), or give it to a sparse optimizer such as "
+                    f"torch.optim.SparseAdam and leave it out of this one.")
+
+
 @dataclass(eq=False)
 class DeferredMetrics:
     """The health metrics of several matrices of one step, held as ONE tensor until
@@ -241,6 +254,7 @@ class MatrixOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _check_dense(self.param_groups)  # before anything changes
         for group in self.param_groups:
             group["step"] += 1
             if group["algorithm"] == ADAMW:

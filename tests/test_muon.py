@@ -387,6 +387,22 @@ def test_nonfinite_gradient_skips_only_that_matrix_and_training_resumes(opt_cls)
     assert opt.health()["a"]["nonfinite_skips"] == 3.0
 
 
+def test_sparse_gradient_is_refused_by_name_before_anything_changes():
+    from optim import split_param_groups
+
+    emb = nn.Embedding(10, 8, sparse=True)
+    named = [("embed.weight", emb.weight), ("h.weight", nn.Parameter(torch.randn(8, 8)))]
+    opt = Muon(split_param_groups(named), lr=0.02)  # the embedding goes to the AdamW group
+    emb(torch.tensor([1, 2])).sum().backward()
+    named[1][1].grad = torch.randn(8, 8)
+    before = [p.detach().clone() for _, p in named]
+    with pytest.raises(RuntimeError, match=r"'embed\.weight' has a sparse gradient.*sparse=False"):
+        opt.step()
+    assert all(g["step"] == 0 for g in opt.param_groups)
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before, strict=True))
+    assert not opt.state
+
+
 # ---- state dict -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
