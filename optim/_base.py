@@ -418,6 +418,42 @@ class MatrixOptimizer(Optimizer):
              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
              weight_decay=group["weight_decay"], eps=group["adamw_eps"], maximize=False)
 
+    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
+                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The shapes each state tensor of a parameter of ``shape`` may have; subclasses add
+        their matrix state. Checked by :meth:`load_state_dict`."""
+        if algorithm == ADAMW:
+            return {"step": ((),), "exp_avg": (shape,), "exp_avg_sq": (shape,)}
+        return {}
+
+    def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
+        """What makes ``state_dict`` unfit for this optimizer, or None. Counts of groups and
+        parameters are left to torch, which checks them before changing anything."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict) or \
+                len(saved_groups) != len(self.param_groups):
+            return None
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            algorithm = saved.get("algorithm", group["algorithm"])
+            if algorithm != group["algorithm"]:
+                return (f"param group {gi} was saved for {algorithm!r} and is "
+                        f"{group['algorithm']!r} here: it comes from another optimizer or "
+                        f"another split of the parameters")
+            indices = saved.get("params", [])
+            if len(indices) != len(group["params"]):
+                return None
+            for name, p, index in zip(group["param_names"], group["params"], indices,
+                                      strict=True):
+                shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
+                for key, value in (saved_state.get(index) or {}).items():
+                    if isinstance(value, Tensor) and key in shapes and \
+                            tuple(value.shape) not in shapes[key]:
+                        allowed = " or ".join(str(shape) for shape in shapes[key])
+                        return (f"state {key!r} of parameter {name!r} has shape "
+                                f"{tuple(value.shape)}, not {allowed} as a parameter of shape "
+                                f"{tuple(p.shape)} needs: it comes from another model")
+        return None
+
     def _adamw_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -444,7 +480,17 @@ class MatrixOptimizer(Optimizer):
         return self._exchange.export_state(sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank."""
+        """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank.
+
+        Raises:
+            ValueError: before anything changes, when a group was saved for another algorithm
+                or a state tensor's shape does not fit its parameter (a state dict of another
+                optimizer or model). The check reads shapes only; under ``OwnerSharding`` every
+                rank sees the same global shapes, so every rank raises together.
+        """
+        problem = self._state_dict_problem(state_dict)
+        if problem is not None:
+            raise ValueError(f"cannot load this state dict: {problem}")
         state_dict = self._exchange.import_state(state_dict)
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         super().load_state_dict(state_dict)

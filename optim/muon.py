@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, local
+from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, local
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
 
@@ -149,6 +149,14 @@ class Muon(MatrixOptimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(item.param,
                                                         memory_format=torch.preserve_format)
+
+    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
+                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        shapes = super()._state_shapes(shape, algorithm)
+        if algorithm != ADAMW:
+            shapes["momentum_buffer"] = (shape,)
+            shapes["second_moment"] = ((shape[0], 1),)  # NorMuon's
+        return shapes
 
     def _prepare(self, item: MatrixItem) -> Tensor:
         group, p = item.group, item.param

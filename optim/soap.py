@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
+from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
 from optim._soap_math import (
     PRECISIONS,
     SideHealth,
@@ -121,6 +121,17 @@ class SOAP(MatrixOptimizer):
         state.update({"L": factor(m), "R": factor(n), "Q_L": basis(m), "Q_R": basis(n),
                       "exp_avg": torch.zeros(m, n, **kw), "exp_avg_sq": torch.zeros(m, n, **kw),
                       "step": torch.tensor(0.0)})
+
+    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
+                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        shapes = super()._state_shapes(shape, algorithm)
+        if algorithm != ADAMW:
+            m, n = shape
+            absent = (0, 0)  # a side above max_precond_dim
+            shapes.update({"L": ((m, m), absent), "Q_L": ((m, m), absent),
+                           "R": ((n, n), absent), "Q_R": ((n, n), absent),
+                           "exp_avg": (shape,), "exp_avg_sq": (shape,), "step": ((),)})
+        return shapes
 
     def matrix_cost(self, item: MatrixItem) -> float:
         """Eigenbasis refresh ``~m^3 + n^3`` plus projections ``~m n (m + n)`` per step."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import Muon, NorMuon
+from optim import SOAP, Muon, NorMuon
 from optim.health import estimate_orthogonality_error, orthogonality_error
 from optim.muon import adjusted_lr
 from optim.orthogonalize import METHODS, orthogonalize, soften
@@ -432,6 +432,40 @@ def test_state_dict_replaces_a_schedule_by_none_without_touching_the_live_group(
     opt = Muon(make_params(), softening=schedule)
     assert opt.state_dict()["param_groups"][0]["softening"] is None
     assert opt.param_groups[0]["softening"] is schedule
+
+
+def _stepped(factory, shape):
+    p = nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
+    opt = factory([("w", p)])
+    p.grad = torch.ones(*shape)
+    opt.step()
+    return p, opt
+
+
+# (saved by, loaded into, what the error names): another optimizer, another shape (a (1, 8)
+# momentum would broadcast over a (4, 8) parameter without a word), SOAP's factors
+LOAD_MISMATCHES = {
+    "optimizer": (lambda ps: SOAP(ps, lr=1e-3), (4, 8), lambda ps: Muon(ps), (4, 8),
+                  "saved for 'soap' and is 'muon'"),
+    "broadcastable shape": (lambda ps: Muon(ps), (1, 8), lambda ps: Muon(ps), (4, 8),
+                            r"'momentum_buffer' of parameter 'w' has shape \(1, 8\)"),
+    "factor shape": (lambda ps: SOAP(ps, lr=1e-3), (8, 4), lambda ps: SOAP(ps, lr=1e-3), (4, 8),
+                     r"'L' of parameter 'w' has shape \(8, 8\), not \(4, 4\) or \(0, 0\)"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_MISMATCHES)
+def test_a_state_dict_that_does_not_fit_is_refused_before_anything_changes(case):
+    saver, saved_shape, loader, shape, message = LOAD_MISMATCHES[case]
+    _, source = _stepped(saver, saved_shape)
+    p, opt = _stepped(loader, shape)
+    groups, state = copy.deepcopy(opt.param_groups), copy.deepcopy(opt.state[p])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(source.state_dict())
+    assert opt.param_groups[0].keys() == groups[0].keys()
+    assert all(opt.param_groups[0][k] == groups[0][k] for k in groups[0] if k != "params")
+    assert state.keys() == opt.state[p].keys()
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
 
 
 # ---- LR schedulers ----------------------------------------------------------------------------
