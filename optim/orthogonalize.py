@@ -262,6 +262,8 @@ def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
     (``max(m, n) * eps(float32)``, 1.2e-4 for 1024 rows) dropped a third of the directions of
     a matrix with singular values spread over [1e-6, 1].
     """
+    if X.numel() == 0:  # no singular values to take the largest of
+        return torch.zeros(X.shape, dtype=compute, device=X.device)
     work = torch.promote_types(compute, torch.float64)
     U, S, Vh = torch.linalg.svd(X.to(work), full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps

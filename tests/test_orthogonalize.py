@@ -227,6 +227,13 @@ def test_zero_matrix_returns_zeros_without_nan(method, dtype, shape):
         assert torch.equal(out, torch.zeros_like(out)), (method, softening)
 
 
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 3, 5)])
+def test_empty_input_returns_an_empty_result_of_its_shape(method, shape):
+    out = orthogonalize(torch.randn(shape), method=method, softening=0.5)
+    assert out.shape == shape and out.dtype == torch.float32
+
+
 @pytest.mark.parametrize(("method", "steps"), [(m, None) for m in ALL]
                          + [(m, 30) for m in ALL if m != "svd"])
 def test_bf16_stays_finite_on_singular_values_from_1_to_1e6(method, steps):
