@@ -181,18 +181,22 @@ def _frobenius(t: Tensor) -> Tensor:
                                     dtype=torch.float64)
 
 
-def _finite_totals(totals: Tensor, factors: list[Tensor]) -> Tensor:
-    """``totals`` (float64 norms of ``factors``), with any that :func:`_frobenius` overflowed
-    taken again in float64. Its rows' sums of squares stay in the factor's dtype, and
-    entries above ~1e19 overflow float32 though the factor is finite (KL-Shampoo's factors reach
-    that with gradients of ~1e6: its whitening divides by ``dim eps`` while a factor is ~0).
-    One reduction and one host sync; the float64 pass (3-4x the time) only where needed."""
-    if math.isfinite(float(totals.sum())):
-        return totals
-    redo = [i for i, value in enumerate(totals.tolist()) if not math.isfinite(value)]
-    exact = totals.clone()
-    for i in redo:
-        exact[i] = torch.linalg.vector_norm(factors[i], dtype=torch.float64)
+def _finite_norms(norms: Tensor, tensors: list[Tensor]) -> Tensor:
+    """``norms`` (float64 norms of ``tensors``), with any that overflowed taken again, scaled.
+    :func:`_frobenius` sums a row's squares in the factor's dtype: entries above ~1e19 overflow
+    float32 though the factor is finite (KL-Shampoo's factors reach that with gradients of ~1e6:
+    its whitening divides by ``dim eps`` while a factor is ~0), and float64 factors or
+    quotients above ~1e154 overflow float64 squares. Finite factors keep their norms finite
+    (the trace bounds them, :func:`gradient_fits`), so a scaled norm always answers. One
+    reduction and one host sync; the slower scaled pass only where needed."""
+    if math.isfinite(float(norms.sum())):
+        return norms
+    exact = norms.clone()
+    for i, value in enumerate(norms.tolist()):
+        if not math.isfinite(value):
+            wide = tensors[i].to(torch.float64)
+            scale = wide.abs().amax()
+            exact[i] = scale * torch.linalg.vector_norm(wide / scale) if scale > 0 else 0.0
     return exact
 
 
@@ -481,12 +485,14 @@ def soap_health(per_matrix: list[list[SideHealth]]
     pieces = [torch.stack([_given(flat[i].total) for i in plan.taken])] if plan.taken else []
     for sides in plan.total_groups:
         pieces.append(_frobenius(torch.stack([flat[i].factor for i in sides])))
-    pieces = [_finite_totals(torch.cat(pieces), [flat[i].factor for i in plan.total_order])]
     stacks = []
     for sides in plan.quotient_groups:
         stacked = torch.stack([flat[i].quotients for i in sides])
         stacks.append(stacked)
         pieces.append(torch.linalg.vector_norm(stacked, dim=-1, dtype=torch.float64))
+    # the factors' norms, then the quotients', as the plan lays them out
+    pieces = [_finite_norms(torch.cat(pieces), [flat[i].factor for i in plan.total_order] +
+                            [flat[i].quotients for sides in plan.quotient_groups for i in sides])]
     for sides, reuse in plan.top_groups:
         eigvals = stacks[reuse] if reuse is not None else \
             torch.stack([flat[i].eigvals for i in sides])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import random
 import weakref
 
 import pytest
@@ -206,6 +207,49 @@ def test_kl_shampoo_takes_a_large_gradient_its_factors_can_hold():
     assert opt.health()["w"]["nonfinite_skips"] == 0.0
     assert int(opt.state[p]["step"]) == 2 and not torch.equal(p.detach(), before)
     assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+FUZZ_CONFIGS = [{}, {"use_eigh": True}, {"use_kl_shampoo": True},
+                {"use_kl_shampoo": True, "use_eigh": True}, {"precondition_frequency": 3},
+                {"precondition_frequency": 3, "use_kl_shampoo": True}, {"max_precond_dim": 6},
+                {"max_precond_dim": 6, "use_kl_shampoo": True}, {"fp32_matmul_prec": "medium"},
+                {"use_kl_shampoo": True, "eps": 1e-30},
+                {"use_kl_shampoo": True, "correct_bias": False, "shampoo_beta": 0.999}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_finite_gradient_makes_state_parameters_or_health_non_finite(dtype):
+    """Gradients of every magnitude the dtype holds (full rank and rank one), through every
+    configuration: a step is taken or skipped, never raises, and leaves everything finite."""
+    rng = random.Random(0)
+    top = math.log10(torch.finfo(dtype).max) - 1
+    taken_above_1e15 = skipped = 0
+    for trial in range(60):
+        cfg = rng.choice(FUZZ_CONFIGS)
+        shape = rng.choice([(8, 4), (4, 8), (12, 12), (10, 3)])
+        gen = torch.Generator().manual_seed(trial)
+        p = torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=dtype))
+        opt = SOAP([("w", p)], lr=1e-3, **cfg)
+        for _ in range(6):
+            scale = 10 ** rng.uniform(-3, top)
+            g = torch.randn(*shape, generator=gen, dtype=dtype)
+            if rng.random() < 0.3:
+                g = torch.outer(g[:, 0], g[0])
+            g = g * scale
+            if not torch.isfinite(g).all():
+                continue
+            before = int(opt.state[p]["step"]) if opt.state[p] else 0
+            p.grad = g
+            opt.step()
+            taken = int(opt.state[p]["step"]) > before
+            taken_above_1e15 += taken and scale > 1e15
+            skipped += not taken
+            health = opt.health()["w"]
+            assert all(math.isfinite(v) for v in health.values()), (trial, cfg, scale, health)
+            assert torch.isfinite(p).all(), (trial, cfg, scale)
+            for key, value in opt.state[p].items():
+                assert torch.isfinite(value).all(), (trial, cfg, scale, key)
+    assert taken_above_1e15 > 0 and skipped > 0  # both outcomes were exercised
 
 
 def test_state_dict_round_trip_continues_identically():
