@@ -221,6 +221,7 @@ class MatrixOptimizer(Optimizer):
         # the latest deferred metrics of each matrix: (batch, its index there), read by health()
         self._deferred: dict[str, tuple[DeferredMetrics, int]] = {}
         self._step_items: list[MatrixItem] = []
+        self._skipped: set[int] = set()  # ids of this step's items counted by _skip
         self._exchange = sharding if sharding is not None else LocalExchange()
         self._exchange.bind(self)
 
@@ -262,16 +263,30 @@ class MatrixOptimizer(Optimizer):
         items = [item for item in self.matrix_items() if item.param.grad is not None]
         if items:
             inputs = [self._prepare(item) for item in items]
-            self._step_items = items
+            self._step_items, self._skipped = items, set()
             try:
                 updates = self._exchange.run(items, inputs, self._owner_compute)
             finally:
                 self._step_items = []
-            for item, update, ok in zip(items, updates, all_finite(updates), strict=True):
+            finite = all_finite(updates)
+            if not all(finite):
+                self._count_failed(items, finite)
+            for item, update, ok in zip(items, updates, finite, strict=True):
                 if ok:
                     self._apply(item, update)
                 item.pending = None
         return loss
+
+    def _count_failed(self, items: list[MatrixItem], finite: list[bool]) -> None:
+        """Count, on its owner, a matrix whose update came out non-finite from a finite input
+        that no one counted yet (e.g. a float64 gradient beyond bfloat16's range, which the
+        Newton-Schulz iteration computes in): skipped like a non-finite gradient."""
+        for i in self._exchange.owned(items):
+            item = items[i]
+            if not finite[i] and id(item) not in self._skipped:
+                self._skip(item)
+                self._health.setdefault(item.name, {})["nonfinite_skips"] = \
+                    float(item.group["nonfinite_skips"][item.name])
 
     def matrix_items(self) -> list[MatrixItem]:
         """Every matrix parameter of the matrix groups, in param-group order."""
@@ -353,6 +368,7 @@ class MatrixOptimizer(Optimizer):
         a step whose new state would not be finite. The skipped matrix's result must be
         non-finite (NaN), so that no rank applies it; its state is left as it was."""
         item.group["nonfinite_skips"][item.name] += 1
+        self._skipped.add(id(item))
 
     def matrix_cost(self, item: MatrixItem) -> float:
         """Relative cost of one matrix's owner update, for balancing owners across ranks.

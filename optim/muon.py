@@ -292,9 +292,13 @@ class NorMuon(Muon):
         group = items[0].group
         for item in items:
             self._init_state(item, owner=True)
-        v = torch.stack([self.state[item.param]["second_moment"] for item in items])
+        old = torch.stack([self.state[item.param]["second_moment"] for item in items])
+        v = old.clone()
         # the normalized update stays float32 (or wider), also for a bf16 U
         out, norms = _normuon_normalize(U, v, beta2=group["beta2"], eps=group["normuon_eps"])
+        # A non-finite U (a finite input beyond bfloat16's range) is skipped by the frame: its
+        # second moment must stay as it was (a select, no host sync)
+        v = torch.where(torch.isfinite(norms), v, old)
         for item, v_new in zip(items, v.unbind(0), strict=True):
             self.state[item.param]["second_moment"].copy_(v_new)
         return out, norms

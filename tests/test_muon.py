@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import random
 
 import pytest
 import torch
@@ -385,6 +386,67 @@ def test_nonfinite_gradient_skips_only_that_matrix_and_training_resumes(opt_cls)
     assert_params_equal(params, ref_params)
     assert not torch.equal(params[0], a_before)
     assert opt.health()["a"]["nonfinite_skips"] == 3.0
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_update_that_overflows_from_a_finite_gradient_is_skipped_and_counted(opt_cls):
+    """A float64 gradient beyond bfloat16's range (~3.4e38), where Newton-Schulz computes: the
+    update comes out NaN; the step is skipped and counted like a non-finite gradient, and the
+    next gradient trains as if it had never come."""
+    shape, gen = (16, 8), torch.Generator().manual_seed(0)
+    grads = [torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    runs = [nn.Parameter(torch.ones(*shape, dtype=torch.float64)) for _ in range(2)]
+    (p, opt), (ref_p, ref) = [(q, opt_cls([("w", q)], lr=0.02)) for q in runs]
+    p.grad, ref_p.grad = grads[0].clone(), grads[0].clone()
+    opt.step()
+    ref.step()
+    before_p, before_state = p.detach().clone(), copy.deepcopy(opt.state[p])
+    p.grad = grads[1] * 1e40
+    opt.step()
+    assert torch.equal(p.detach(), before_p)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before_state.items())
+    health = opt.health()["w"]
+    assert health["nonfinite_skips"] == 1.0
+    assert math.isnan(health["orthogonality_error"])  # what the skipped update measured
+    p.grad, ref_p.grad = grads[2].clone(), grads[2].clone()
+    opt.step()
+    ref.step()
+    assert torch.equal(p.detach(), ref_p.detach())
+    assert opt.health()["w"]["nonfinite_skips"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_no_finite_gradient_makes_state_or_parameters_non_finite(dtype):
+    """Gradients of every magnitude the dtype holds, through every method: each step is taken
+    (health finite) or skipped and counted, and state and parameters stay finite."""
+    rng = random.Random(0)
+    top = math.log10(torch.finfo(dtype).max) - 0.5
+    configs = [{}, {"ns_method": "polar_express"}, {"ns_method": "cans"}, {"ns_method": "svd"},
+               {"softening": 0.3}, {"health_probes": 4}]
+    skipped = 0
+    for trial in range(40):
+        opt_cls, cfg = rng.choice([Muon, NorMuon]), rng.choice(configs)
+        shape = rng.choice([(8, 4), (4, 8), (80, 80), (10, 3)])
+        gen = torch.Generator().manual_seed(trial)
+        p = nn.Parameter(torch.randn(*shape, generator=gen).to(dtype))
+        opt = opt_cls([("w", p)], lr=0.02, **cfg)
+        for _ in range(5):
+            scale = 10 ** rng.uniform(-30, top)
+            g = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            if not torch.isfinite(g).all():
+                continue
+            count = opt.health().get("w", {}).get("nonfinite_skips", 0.0)
+            p.grad = g
+            opt.step()
+            health = opt.health()["w"]
+            if health["nonfinite_skips"] > count:
+                skipped += 1
+            else:
+                assert all(math.isfinite(v) for v in health.values()), (trial, cfg, scale)
+            assert torch.isfinite(p).all(), (trial, cfg, scale)
+            for key, value in opt.state[p].items():
+                assert torch.isfinite(value).all(), (trial, cfg, scale, key)
+    assert skipped > 0 or dtype != torch.float64  # float64 reaches beyond bfloat16's range
 
 
 def test_sparse_gradient_is_refused_by_name_before_anything_changes():
