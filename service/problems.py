@@ -82,12 +82,27 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """422 for a body or query that does not validate; 400 when the body is not JSON at all."""
+    """422 for a body or query that does not validate; 400 when the body is not JSON at all;
+    415 when it was not sent as JSON."""
     assert isinstance(exc, RequestValidationError)
     errors = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and not _is_json(media) and \
+            any(e["loc"] == ["body"] for e in errors):
+        # e.g. curl -d, which sends application/x-www-form-urlencoded: the body was not read
+        # as JSON at all, and "Input should be a valid dictionary" would not say why
+        return problem_response(
+            request,
+            415,
+            f"Send the body as JSON with 'Content-Type: application/json' (got "
+            f"{media or 'no Content-Type'}), e.g. curl -H 'Content-Type: application/json' "
+            f"--data @snapshot.json.",
+            slug="unsupported-media-type",
+            headers={"Accept-Post": "application/json"},
+        )
     if any(e["type"] == "json_invalid" for e in errors):
         return problem_response(
             request,
@@ -111,6 +126,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         slug="validation-error",
         errors=errors,
     )
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -255,6 +255,26 @@ def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
     assert body["type"] == "urn:orthoshard:problem:malformed-json"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_is_415_naming_the_header(
+    client: TestClient, token: str, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    content = json.dumps(snapshot()).encode()  # valid JSON, as `curl -d @file` sends it
+    response = client.post("/v1/snapshots", content=content, headers=headers)
+    body = assert_problem(response, 415)
+    assert body["type"] == "urn:orthoshard:problem:unsupported-media-type"
+    assert "Content-Type: application/json" in body["detail"]
+    assert response.headers["Accept-Post"] == "application/json"
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+    anonymous = client.post("/v1/snapshots", content=content,
+                            headers={**headers, "Authorization": "Bearer wrong"})
+    assert_problem(anonymous, 401)  # the token is checked first
+    ok = client.post("/v1/snapshots", content=content,
+                     headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 201, ok.text
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_literals_are_refused(client: TestClient, literal: str) -> None:
     text = json.dumps(snapshot()).replace('"update_rms": 0.2', f'"update_rms": {literal}')
