@@ -155,7 +155,6 @@ class Muon(MatrixOptimizer):
         shapes = super()._state_shapes(shape, algorithm)
         if algorithm != ADAMW:
             shapes["momentum_buffer"] = (shape,)
-            shapes["second_moment"] = ((shape[0], 1),)  # NorMuon's
         return shapes
 
     def _prepare(self, item: MatrixItem) -> Tensor:
@@ -286,6 +285,13 @@ class NorMuon(Muon):
         state = self.state[item.param]
         if owner and "second_moment" not in state:
             state["second_moment"] = torch.zeros(item.shape[0], 1, device=item.param.device)
+
+    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
+                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        shapes = super()._state_shapes(shape, algorithm)
+        if algorithm != ADAMW:
+            shapes["second_moment"] = ((shape[0], 1),)
+        return shapes
 
     def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor
                             ) -> tuple[Tensor, Tensor | None]:
