@@ -248,6 +248,33 @@ class MatrixOptimizer(Optimizer):
                         f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
                         f"with optim.split_param_groups(model.named_parameters()).")
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (e.g. layers unfrozen during training), with what the
+        constructor does for its groups: names for unnamed parameters (``group{i}.param{j}``),
+        skip counters, and the checks (``algorithm``, 2-D matrices outside AdamW groups); a
+        group that fails them is not added.
+
+        Under ``OwnerSharding`` call it on every rank in the same order, as every step: the
+        new matrices get owners without moving the existing ones, whose state stays where it is.
+        """
+        if not hasattr(self, "_exchange"):  # torch's constructor; ours then checks every group
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        params = group.get("params")
+        if "param_names" not in group and isinstance(params, (list, tuple)) and \
+                not any(isinstance(p, tuple) for p in params):
+            index = len(self.param_groups)
+            group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
+        elif "param_names" not in group and isinstance(params, Tensor):
+            group["param_names"] = [f"group{len(self.param_groups)}.param0"]
+        super().add_param_group(group)
+        try:
+            self._check_groups()
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     # ---- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

@@ -104,8 +104,13 @@ class OwnerSharding:
         key = tuple((id(item.param), item.shape, s) for item, s in zip(items, sharded, strict=True))
         if key != self._plan_key:
             costs = [float(self._optimizer.matrix_cost(item)) for item in items]
+            # Matrices appended to the set (add_param_group) join without moving the others:
+            # their owner-only state (SOAP's factors, NorMuon's second moments) stays put.
+            old = self._plan_key or ()
+            fixed = self._plan.owners if self._plan is not None and old and \
+                key[:len(old)] == old else ()
             self._plan = build_plan([item.shape for item in items], sharded, costs,
-                                    self.world_size)
+                                    self.world_size, fixed)
             self._plan_key = key
             self._index = {id(item.param): i for i, item in enumerate(items)}
             self._check_local_rows(items, self._plan)

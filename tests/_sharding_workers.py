@@ -118,6 +118,48 @@ def reference_run(name: str, steps: int, *, bad: str | None = None
     return full_params(model), opt.health()
 
 
+# add_param_group during training: the first matrices train from step 0, the last two join at
+# GROW_AT (as unfrozen layers do); under OwnerSharding the joiners must not move the others' state
+GROW_AT, GROW_JOINERS = 2, ("ws.4", "ws.5")
+
+
+def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+             ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """Train with the joiners added at ``GROW_AT``; the parameters and this rank's health."""
+    model = Awkward()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    named = dict(model.named_parameters())
+    first = [(n, p) for n, p in named.items() if n not in GROW_JOINERS]
+    opt = OPTIMIZERS[name](split_param_groups(first), sharding)
+    for step in range(steps):
+        if step == GROW_AT:
+            opt.add_param_group({"params": [(n, named[n]) for n in GROW_JOINERS]})
+        inject(model, step)
+        if step < GROW_AT:
+            for n in GROW_JOINERS:
+                named[n].grad = None  # frozen until they join
+        opt.step()
+    return full_params(model), opt.health()
+
+
+def grow_worker(rank: int, world: int, out: str, names: list[str]) -> None:
+    """:func:`grow_run` under FSDP2 and OwnerSharding for each optimizer; rank 0 saves the
+    parameters and every rank's health."""
+    from sharding import OwnerSharding
+
+    results = {}
+    for name in names:
+        params, health = grow_run(name, STEPS, fsdp=True, sharding=OwnerSharding())
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, health)
+        results[name] = {"params": params, "health": gathered}
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
 class A2ACounter:
     """An independent byte count: wraps ``dist.all_to_all_single`` for the duration."""
 

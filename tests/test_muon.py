@@ -449,6 +449,37 @@ def test_no_finite_gradient_makes_state_or_parameters_non_finite(dtype):
     assert skipped > 0 or dtype != torch.float64  # float64 reaches beyond bfloat16's range
 
 
+@pytest.mark.parametrize("factory", [
+    lambda ps: Muon(ps, lr=0.02), lambda ps: NorMuon(ps, lr=0.02),
+    lambda ps: SOAP(ps, lr=1e-2, precondition_frequency=2)], ids=["Muon", "NorMuon", "SOAP"])
+def test_a_group_added_during_training_trains_like_an_optimizer_of_its_own(factory):
+    gen = torch.Generator().manual_seed(0)
+    w0, q0 = torch.randn(8, 4, generator=gen), torch.randn(6, 6, generator=gen)
+    grads_w = [torch.randn(8, 4, generator=gen) for _ in range(4)]
+    grads_q = [torch.randn(6, 6, generator=gen) for _ in range(2)]
+    w, q, ref_w, ref_q = (nn.Parameter(t.clone()) for t in (w0, q0, w0, q0))
+    opt, ref, ref_joined = factory([w]), factory([ref_w]), None
+    for t in range(4):
+        if t == 2:  # q is unfrozen and joins, with an AdamW group; named like the constructor's
+            opt.add_param_group({"params": [q]})
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "algorithm": "adamw"})
+            ref_joined = factory([ref_q])
+        w.grad, ref_w.grad = grads_w[t].clone(), grads_w[t].clone()
+        if ref_joined is not None:
+            q.grad, ref_q.grad = grads_q[t - 2].clone(), grads_q[t - 2].clone()
+            ref_joined.step()
+        opt.step()
+        ref.step()
+    assert torch.equal(w.detach(), ref_w.detach())
+    assert torch.equal(q.detach(), ref_q.detach())
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["group0.param0"], ["group1.param0"], ["group2.param0"]]
+    assert set(opt.health()) == {"group0.param0", "group1.param0"}
+    with pytest.raises(ValueError, match="2-D matrices only"):  # refused, and not added
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(5))]})
+    assert len(opt.param_groups) == 3
+
+
 def test_sparse_gradient_is_refused_by_name_before_anything_changes():
     from optim import split_param_groups
 

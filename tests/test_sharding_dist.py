@@ -141,6 +141,25 @@ def test_nonfinite_gradient_shard_skips_the_whole_matrix_on_every_rank(fsdp_run)
         assert all(v == 0.0 for k, v in skips.items() if k not in (w.NAN_PARAM, "bias"))
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_group_added_during_training_keeps_the_other_matrices_state(tmp_path, world):
+    # SOAP's factors and NorMuon's second moments live on owners only: had the joiners moved
+    # them, the new owners would start from zero state and the run would leave the reference.
+    names = ["soap", "normuon"]
+    run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "grow.pt"), names)
+    results = torch.load(tmp_path / "grow.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        for name in names:
+            want, health = w.grow_run(name, w.STEPS, fsdp=False, sharding=None)
+            _assert_params_close(results[name]["params"], want, name)
+            reported = {k for report in results[name]["health"] for k in report}
+            assert reported == set(health) == {f"ws.{i}" for i in range(len(w.SHAPES))}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_replicated_parameters_match_single_process(tmp_path, references):
     scenarios = [(n, None) for n in NAMES]
     run_ranks(w.parity_worker, 2, tmp_path, str(tmp_path / "out.pt"), False, scenarios)

@@ -150,6 +150,18 @@ def test_assign_owners_edge_cases():
         assign_owners([1.0], 0)
 
 
+def test_assign_owners_keeps_fixed_owners_and_places_the_rest_on_top_of_their_load():
+    # from scratch the 9 goes to rank 0 and the 5 to rank 1; with the 5 fixed on rank 0, the 9
+    # goes to the empty rank 1, the 7 to rank 0 (5 < 9), the 2 to rank 1 (9 < 12)
+    assert assign_owners([5.0, 9.0, 2.0, 7.0], 2) == [1, 0, 0, 1]
+    assert assign_owners([5.0, 9.0, 2.0, 7.0], 2, fixed=[0]) == [0, 1, 1, 0]
+    assert assign_owners([5.0, 9.0], 2, fixed=[1, 1]) == [1, 1]  # all fixed: as given
+    with pytest.raises(ValueError, match="fixed owners"):
+        assign_owners([1.0], 2, fixed=[0, 1])
+    with pytest.raises(ValueError, match="fixed owners"):
+        assign_owners([1.0, 1.0], 2, fixed=[2])
+
+
 def test_assign_owners_lpt_makespan_within_graham_bound_of_optimum():
     rng = random.Random(0)
     for _ in range(150):
