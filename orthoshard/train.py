@@ -7,7 +7,8 @@ owns to its node's sidecar (``--sidecar-url`` or ``--sidecar-uds``) and appends 
 ``OUT/health-rank{r}.jsonl``; rank 0 draws the progress bar and logs the loss.
 
 Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
-``--checkpoint-dir`` and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
+``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt left that one: nothing is
+overwritten) and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
 leaves the previous checkpoint in force). ``--resume`` continues from ``LATEST`` when there is
 one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was.
 """
@@ -121,7 +122,7 @@ class Checkpoints:
         from sharding import checkpoint
 
         assert self.dir is not None
-        path = self.dir / f"step-{step:06d}"
+        path = self._fresh(step)
         checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step)})
         dist.barrier()
         if dist.get_rank() == 0:
@@ -129,6 +130,24 @@ class Checkpoints:
             tmp.write_text(path.name)
             tmp.replace(self.dir / "LATEST")
         dist.barrier()
+
+    def _fresh(self, step: int) -> Path:
+        """``step-NNNNNN``, or ``step-NNNNNN.K`` (the first free K) when that directory exists:
+        left by an earlier run in this directory, or by an attempt that died after writing it
+        but before LATEST. Checkpoints are never overwritten (checkpoint.save refuses); rank 0
+        picks the name and every rank uses it."""
+        assert self.dir is not None
+        name: list[str | None] = [None]
+        if dist.get_rank() == 0:
+            base = candidate = f"step-{step:06d}"
+            k = 0
+            while (self.dir / candidate).exists():
+                k += 1
+                candidate = f"{base}.{k}"
+            name[0] = candidate
+        dist.broadcast_object_list(name, src=0)
+        assert name[0] is not None
+        return self.dir / name[0]
 
     def load(self, model: torch.nn.Module, optimizer: Any) -> int:
         from sharding import checkpoint

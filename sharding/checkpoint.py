@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -109,9 +110,25 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
          extra: dict[str, Any] | None = None) -> None:
-    """Save model and optimizer with DCP into a NEW directory (collective on every rank)."""
+    """Save model and optimizer with DCP into a NEW directory (collective on every rank).
+
+    Raises:
+        FileExistsError: on every rank, when ``directory`` already holds a checkpoint, which is
+            left as it was. DCP would overwrite it file by file, and a crash midway would leave
+            the old metadata over a mix of old and new data. DCP itself refuses (its planning
+            is collective, so every rank learns it together; a check of our own could see
+            different filesystems on different nodes and leave some ranks in the collective).
+    """
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
-    dcp.save(state, checkpoint_id=str(directory))
+    try:
+        dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False))
+    except CheckpointException as exc:
+        if any("already exists" in str(error) for error, _ in exc.failures.values()):
+            raise FileExistsError(
+                f"{directory} already holds a checkpoint; save each checkpoint to a new "
+                f"directory (e.g. step-000100), then point to it (orthoshard.train writes "
+                f"LATEST last).") from None
+        raise
 
 
 def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,

@@ -160,6 +160,32 @@ def grow_worker(rank: int, world: int, out: str, names: list[str]) -> None:
         torch.save(results, Path(out))
 
 
+def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
+    """Save a checkpoint, then save again into the same directory: every rank must refuse the
+    second save together (none left waiting in a collective); rank 0 writes what each saw."""
+    from sharding import OwnerSharding, checkpoint
+
+    model, opt = build("soap", fsdp=True, sharding=OwnerSharding())
+    inject(model, 0)
+    opt.step()
+    checkpoint.save(directory, model, opt)
+    first = full_params(model)
+    inject(model, 1)
+    opt.step()
+    try:
+        checkpoint.save(directory, model, opt)
+        outcome = "saved"
+    except FileExistsError as exc:
+        outcome = f"FileExistsError: {exc}"
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, outcome)
+    fresh, fresh_opt = build("soap", fsdp=True, sharding=OwnerSharding())
+    checkpoint.load(directory, fresh, fresh_opt)
+    loaded = full_params(fresh)
+    if rank == 0:
+        torch.save({"outcomes": outcomes, "first": first, "loaded": loaded}, Path(out))
+
+
 class A2ACounter:
     """An independent byte count: wraps ``dist.all_to_all_single`` for the duration."""
 

@@ -171,6 +171,14 @@ def test_replicated_parameters_match_single_process(tmp_path, references):
             assert r["stats"]["collectives"] == w.STEPS  # no gather: owners hold every input
 
 
+def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
+    directory = tmp_path / "ckpt"
+    run_ranks(w.save_twice_worker, 2, tmp_path, str(directory), str(tmp_path / "twice.pt"))
+    result = torch.load(tmp_path / "twice.pt")
+    assert all(o.startswith("FileExistsError") and "new directory" in o for o in result["outcomes"])
+    _assert_params_close(result["loaded"], result["first"], "the first checkpoint, intact")
+
+
 def test_dcp_checkpoint_reshards_2_to_4_to_1_and_training_continues_exactly(tmp_path):
     # The NaN/Inf gradients arrive at step 2, in the W = 4 phase, on the last ranks: the skip
     # counts must survive the reshard to W = 1, where one rank owns everything.

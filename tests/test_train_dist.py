@@ -72,6 +72,22 @@ def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_
 
 
 @pytest.mark.timeout(300)
+def test_a_second_run_in_the_same_checkpoint_dir_overwrites_nothing(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    short = ["-m", "orthoshard.train", "--steps", "4", "--optimizer", "soap", "--no-progress",
+             "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4"]
+    _torchrun("--standalone", "--nproc-per-node=2", *short, "--out", str(tmp_path / "a"))
+    first = sorted(p.name for p in (ckpt / "step-000004").iterdir())
+    assert ".metadata" in first
+    # a fresh run (no --resume) into the same directory: step 4 again
+    _torchrun("--standalone", "--nproc-per-node=2", *short, "--out", str(tmp_path / "b"))
+    assert (ckpt / "LATEST").read_text().strip() == "step-000004.1"
+    assert sorted(p.name for p in (ckpt / "step-000004").iterdir()) == first
+    _assert_same(_params(tmp_path / "a" / "final_params.pt"),
+                 _params(tmp_path / "b" / "final_params.pt"))
+
+
+@pytest.mark.timeout(300)
 def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, uninterrupted):
     port = _free_port()
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
