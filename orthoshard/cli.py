@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -44,7 +45,13 @@ def _sidecar(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"orthoshard sidecar: {exc}", file=sys.stderr)
         return 2
-    return run(settings, log_level=args.log_level)
+    try:
+        return run(settings, log_level=args.log_level)
+    except sqlite3.Error as exc:  # raised opening the store, before any listener starts
+        print(f"orthoshard sidecar: cannot use {args.db} as the history database ({exc}): its "
+              f"directory must exist and be writable, and a file there must be one this "
+              f"sidecar wrote", file=sys.stderr)
+        return 2
 
 
 def _add_sidecar(sub: argparse._SubParsersAction) -> None:

@@ -327,3 +327,21 @@ def test_sidecar_cli_refuses_a_negative_rotation_hold(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert proc.returncode == 2 and "rotation_hold_s" in proc.stderr, proc.stderr
     assert not db.exists()  # refused before touching the store
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["missing directory", "not a database"])
+def test_sidecar_cli_names_a_database_it_cannot_use(tmp_path: Path, where: str) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+    db = tmp_path / "absent" / "state.db"
+    if where == "not a database":
+        db = tmp_path / "notes.txt"
+        db.write_text("not a database")
+    cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
+           "--db", str(db), "--port", str(free_port())]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot use {db} as the history database" in proc.stderr
+    assert "Traceback" not in proc.stderr
