@@ -141,11 +141,30 @@ def _fresh_outputs(out: Path, resume: bool) -> None:
             f.unlink()
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes these arguments unusable, before anything starts (None: they are fine)."""
+    if args.steps < 1 or args.nproc < 1:
+        return "--steps and --nproc must be >= 1"
+    if args.kl_shampoo and args.optimizer != "soap":
+        return "--kl-shampoo applies to --optimizer soap"
+    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
+        return (f"--spike-at must be a step in [0, --steps={args.steps}) (0-based), got "
+                f"{args.spike_at}")
+    if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
+        return "--checkpoint-every and --resume need --checkpoint-dir"
+    if args.checkpoint_every < 0 or args.max_restarts < 0 or args.step_delay < 0:
+        return "--checkpoint-every, --max-restarts and --step-delay must be >= 0"
+    if args.linger < 0 and args.linger != -1:
+        return f"--linger must be >= 0 seconds, or -1 (until Ctrl-C), got {args.linger}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from orthoshard import report
 
-    if args.steps < 1 or args.nproc < 1:
-        print("orthoshard demo: --steps and --nproc must be >= 1", file=sys.stderr)
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"orthoshard demo: {problem}", file=sys.stderr)
         return 2
     _fresh_outputs(args.out, args.resume)
     started = time.time()

@@ -66,8 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
-    if args.checkpoint_every and args.checkpoint_dir is None:
-        p.error("--checkpoint-every needs --checkpoint-dir")
+    if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
+        p.error("--checkpoint-every and --resume need --checkpoint-dir")
+    if args.checkpoint_every < 0 or args.step_delay < 0:
+        p.error("--checkpoint-every and --step-delay must be >= 0")
+    if args.kl_shampoo and args.optimizer != "soap":
+        p.error("--kl-shampoo applies to --optimizer soap")
+    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
+        p.error(f"--spike-at must be a step in [0, --steps={args.steps}) (0-based)")
+    for name in ("batch_size", "d_model", "layers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
