@@ -30,6 +30,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,10 @@ class Publisher:
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if url is not None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"url must be the sidecar's http(s)://host:port, got {url!r}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
             raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
         self.run_id = run_id or default_run_id()

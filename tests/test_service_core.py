@@ -323,3 +323,10 @@ def test_service_sources_do_not_mention_torch_imports() -> None:
             assert not stripped.startswith(
                 ("import torch", "from torch", "import optim", "from optim")
             ), f"{path}: {line}"
+
+
+@pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar"])
+def test_publisher_refuses_a_url_it_could_never_post_to(url: str) -> None:
+    # refused when built, not retried forever in the background with a log line per failure
+    with pytest.raises(ValueError, match=r"http\(s\)://host:port"):
+        Publisher(url=url)
