@@ -20,6 +20,7 @@ from optim._soap_math import (
     gradient_fits,
     matmul_precision,
     pmm,
+    power_step_quotients,
     soap_health,
 )
 from optim.health import (
@@ -476,6 +477,7 @@ def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eig
 EIGENGAP_CARRIED_ATOL = 1e-5
 CARRIED_CONFIGS = {
     "QR": {"precondition_frequency": 4},
+    "QR, 2 power steps": {"precondition_frequency": 4, "power_iter_steps": 2},
     "eigh": {"precondition_frequency": 4, "use_eigh": True},
     "KL": {"precondition_frequency": 3, "use_kl_shampoo": True},
     "KL-eigh": {"precondition_frequency": 3, "use_kl_shampoo": True, "use_eigh": True},
@@ -507,23 +509,27 @@ def _check_against_stored_state(opt, p, health, basis_before, refreshed):
                 eigengap_ratio(quotients).item(), abs=EIGENGAP_CARRIED_ATOL)
 
 
-def _counting_rayleigh(monkeypatch):
+def _counting_products(monkeypatch):
+    """Count the F Q products (``_rayleigh``) and the half products of a power step's
+    quotients (``power_step_quotients``) soap_step makes: ``calls[0]``, ``calls[1]``."""
     import optim._soap_math as soap_math
-    calls = [0]
-    original = soap_math._rayleigh
+    calls = [0, 0]
+    for i, name in enumerate(("_rayleigh", "power_step_quotients")):
+        original = getattr(soap_math, name)
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
+        def counted(*args, _i=i, _original=original, **kwargs):
+            calls[_i] += 1
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(soap_math, "_rayleigh", counted)
+        monkeypatch.setattr(soap_math, name, counted)
     return calls
 
 
 def _with_and_without_health(cfg, every, steps, monkeypatch):
     """Step SOAP(health_every=every) and SOAP(health_every=0) on the same gradients; yield
-    ``(t, optimizer, param, bases before the step, Rayleigh products only health made)``."""
-    calls = _counting_rayleigh(monkeypatch)
+    ``(t, optimizer, param, bases before the step, (F Q products, half products) only health
+    made)``."""
+    calls = _counting_products(monkeypatch)
     runs = []
     for health_every in (every, 0):
         p = torch.nn.Parameter(torch.zeros(24, 16))
@@ -532,11 +538,12 @@ def _with_and_without_health(cfg, every, steps, monkeypatch):
     for t, g in enumerate(_spiky_grads(steps)):
         before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
         p.grad, p_off.grad = g.clone(), g.clone()
-        calls[0] = 0
+        calls[:] = [0, 0]
         opt.step()
-        with_health, calls[0] = calls[0], 0
+        with_health = list(calls)
+        calls[:] = [0, 0]
         opt_off.step()
-        yield t, opt, p, before, with_health - calls[0]
+        yield t, opt, p, before, (with_health[0] - calls[0], with_health[1] - calls[1])
 
 
 @pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
@@ -546,14 +553,13 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
     for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
             _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
-        # an F Q product for health only where the new basis's quotients are unknown: on the
-        # step after a power-iteration refresh, one per side whose quotients KL-Shampoo's own
-        # whitening did not supply
-        after_power_refresh = t % freq == 1 and not cfg.get("use_eigh") and t > 1
+        # no F Q product for health, ever; at a power-iteration refresh half a product per side
+        # whose quotients KL-Shampoo's own whitening will not supply at the next step
+        power_refresh = t % freq == 0 and not cfg.get("use_eigh") and t > 0
         sides = sum(opt.state[p][s].numel() > 0 for s in "LR")
         if cfg.get("use_kl_shampoo") and sides == 2:
             sides = 0
-        assert extra == (sides if after_power_refresh else 0), (t, extra)
+        assert extra == (0, sides if power_refresh else 0), (t, extra)
 
 
 # Factors of large but trainable gradients: plain SOAP's entries pass 1e19 with gradients of
@@ -586,13 +592,28 @@ def test_staleness_of_factors_past_float32_squares_matches_the_stored_state(case
     assert overflowed  # the case reaches the float64 fallback
 
 
+@pytest.mark.parametrize("d", [1, 7, 64, 130])
+def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d):
+    # F Q_prev = Q_new R makes Q_new^T F Q_new = R Q_prev^T Q_new exactly; in float64 the
+    # half product's diagonal equals the direct one to rounding (sizes that split into uneven
+    # blocks, and a 1x1)
+    gen = torch.Generator().manual_seed(d)
+    G = torch.randn(d, d + 3, generator=gen, dtype=torch.float64)
+    F = G @ G.mT
+    Q_prev = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    Q_new, R = torch.linalg.qr(F @ Q_prev)
+    direct = (Q_new * (F @ Q_new)).sum(0)
+    got = power_step_quotients(Q_prev, Q_new, R)
+    assert torch.allclose(got, direct, rtol=0, atol=1e-12 * direct.abs().max().item())
+
+
 @pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["eigh"], CARRIED_CONFIGS["KL"]],
                          ids=["eigh", "KL"])
 def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, monkeypatch):
     # health every 3 steps, refresh every 3-4: the quotients are carried through the steps
     # without health, so no health step needs a product (eigh and KL start them for free)
     for t, opt, p, before, extra in _with_and_without_health(cfg, 3, 13, monkeypatch):
-        assert extra == 0, t
+        assert extra == (0, 0), t
         if t and (t + 1) % 3 == 0:  # a health step
             refreshed = t % cfg["precondition_frequency"] == 0
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
