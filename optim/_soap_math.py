@@ -153,9 +153,10 @@ class SideRefresh:
     eigvals: Tensor          # eigenvalues (eigh, ascending) or power-step estimates |diag(R)|
                              # (unsorted); health reads the top two
     quotients: Tensor        # Rayleigh quotients diag(Q_old^T F Q_old) of the OLD basis (staleness)
-    # power iteration: the last QR's input basis, its Q and R (F Q_prev = Q_raw R) and the
-    # re-sort (Q = Q_raw[:, resort]); :meth:`new_quotients` reads the new basis's quotients off
-    power: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    # power iteration: the last QR's input basis (``base[:, perm]``; perm None: as it is), its
+    # Q and R (F Q_prev = Q_raw R) and the re-sort (Q = Q_raw[:, resort]), kept as references:
+    # :meth:`new_quotients` reads the new basis's quotients off them when health wants them
+    power: tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor] | None = None
 
     def new_quotients(self) -> Tensor | None:
         """``diag(Q^T F Q)`` of the new basis after a power-iteration refresh (None after eigh,
@@ -163,7 +164,8 @@ class SideRefresh:
         (:func:`power_step_quotients`)."""
         if self.power is None:
             return None
-        Q_prev, Q_raw, R, resort = self.power
+        base, perm, Q_raw, R, resort = self.power
+        Q_prev = base if perm is None else base[:, perm]
         return power_step_quotients(Q_prev, Q_raw, R)[resort]
 
 
@@ -279,9 +281,9 @@ def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps:
         Q_new, R_fac = torch.linalg.qr(Y)
     estimates = R_fac.diagonal().abs()
     resort = torch.argsort(estimates, descending=True)
-    Q_prev = Q[:, order] if power_iter_steps == 1 else Q_last
+    base, perm = (Q, order) if power_iter_steps == 1 else (Q_last, None)
     return SideRefresh(Q_new[:, resort], order[resort], estimates, lam,
-                       power=(Q_prev, Q_new, R_fac, resort))
+                       power=(base, perm, Q_new, R_fac, resort))
 
 
 @dataclass(frozen=True)
