@@ -64,20 +64,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sleep this long after each step (to watch a short run live)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
-    if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
-        p.error("--checkpoint-every and --resume need --checkpoint-dir")
-    if args.checkpoint_every < 0 or args.step_delay < 0:
-        p.error("--checkpoint-every and --step-delay must be >= 0")
-    if args.kl_shampoo and args.optimizer != "soap":
-        p.error("--kl-shampoo applies to --optimizer soap")
-    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
-        p.error(f"--spike-at must be a step in [0, --steps={args.steps}) (0-based)")
+    problem = argument_problem(args)
+    if problem is not None:
+        p.error(problem)
     for name in ("batch_size", "d_model", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes the arguments ``orthoshard demo`` shares with this job unusable (None: they
+    are fine); both refuse them before starting anything."""
+    if args.steps < 1:
+        return "--steps must be >= 1"
+    if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
+        return "--checkpoint-every and --resume need --checkpoint-dir"
+    if args.checkpoint_every < 0 or args.step_delay < 0:
+        return "--checkpoint-every and --step-delay must be >= 0"
+    if args.kl_shampoo and args.optimizer != "soap":
+        return "--kl-shampoo applies to --optimizer soap"
+    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
+        return (f"--spike-at must be a step in [0, --steps={args.steps}) (0-based), got "
+                f"{args.spike_at}")
+    return None
 
 
 def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo: bool = False,

@@ -4,6 +4,7 @@ sidecar): each names the flag and what it needs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,17 @@ def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
 ])
 def test_the_demo_takes_what_the_readme_shows(argv):
     assert demo._argument_problem(_demo_args(*argv)) is None
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--max-restarts", "2"], ["--optimizer", "soap", "--kl-shampoo", "--spike-at", "150"],
+    ["--checkpoint-dir", "ckpt", "--checkpoint-every", "50", "--max-restarts", "2"],
+    ["--checkpoint-dir", "ckpt", "--resume"],
+])
+def test_what_the_demo_hands_the_training_job_is_accepted_there(argv):
+    # restarts without a checkpoint directory start over: no --resume (which needs one)
+    train_argv = demo._train_argv(_demo_args(*argv), "http://127.0.0.1:9400", Path("token"))
+    assert train.parse_args(train_argv).steps == 300
 
 
 @pytest.mark.parametrize(("argv", "message"), [
