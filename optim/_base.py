@@ -262,12 +262,15 @@ class MatrixOptimizer(Optimizer):
             return
         group = dict(param_group)
         params = group.get("params")
-        if "param_names" not in group and isinstance(params, (list, tuple)) and \
+        if isinstance(params, Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # a set: torch says why not
+            params = list(params)  # e.g. layer.parameters(), read once
+        group["params"] = params
+        if "param_names" not in group and params and \
                 not any(isinstance(p, tuple) for p in params):
             index = len(self.param_groups)
             group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
-        elif "param_names" not in group and isinstance(params, Tensor):
-            group["param_names"] = [f"group{len(self.param_groups)}.param0"]
         super().add_param_group(group)
         try:
             self._check_groups()

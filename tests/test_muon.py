@@ -461,7 +461,7 @@ def test_a_group_added_during_training_trains_like_an_optimizer_of_its_own(facto
     opt, ref, ref_joined = factory([w]), factory([ref_w]), None
     for t in range(4):
         if t == 2:  # q is unfrozen and joins, with an AdamW group; named like the constructor's
-            opt.add_param_group({"params": [q]})
+            opt.add_param_group({"params": iter([q])})  # as layer.parameters() gives them
             opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "algorithm": "adamw"})
             ref_joined = factory([ref_q])
         w.grad, ref_w.grad = grads_w[t].clone(), grads_w[t].clone()
