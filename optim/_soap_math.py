@@ -700,11 +700,13 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
 
     Health between refreshes needs the Rayleigh quotients of the current bases under the new
     factors. ``quotients``, those of the previous step's factors in the same bases (returned by
-    the previous call), turn them into a few reductions of ``G'`` (:func:`_next_quotients`);
-    without them (first step after a power-iteration refresh, or at a ``fp32_matmul_prec`` other
-    than "highest", whose rounded products the increments would not follow) they cost one ``F
-    Q`` product per side. With ``track`` (health enabled but not due) the carried quotients are
-    kept up to date without that product, so that a later health step finds them.
+    the previous call), turn them into a few reductions of ``G'`` (:func:`_next_quotients`).
+    A refresh returns its new bases' quotients: eigh's eigenvalues, or after a power step
+    :meth:`SideRefresh.new_quotients` (half a product). Without them (the first step after
+    ``load_state_dict``, or at a ``fp32_matmul_prec`` other than "highest", whose rounded
+    products the increments would not follow) they cost one ``F Q`` product per side. With
+    ``track`` (health enabled but not due) the carried quotients are kept up to date without
+    that product, so that a later health step finds them.
 
     ``G`` must be finite and pass :func:`gradient_fits`; where that returned None, pass
     ``verify_factors``: the new factors are checked before anything reads them.
