@@ -750,10 +750,12 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         if (want_health or track) and (cfg.use_eigh or t == 1):
             current = (side_L.eigvals.flip(0) if side_L is not None else None,
                        side_R.eigvals.flip(0) if side_R is not None else None)
-        elif (want_health or track) and prec == "highest":
-            # a power step: half a product gives the new bases' quotients (power_step_quotients),
-            # except where KL-Shampoo's whitening computes them at the next step anyway (a side's
-            # quotients whiten the other side's update)
+        elif (want_health or track) and prec == "highest" and cfg.precondition_frequency > 1:
+            # a power step: half a product gives the new bases' quotients (power_step_quotients)
+            # for the steps until the next refresh (none when every step refreshes: a refresh
+            # reads its old basis's quotients off its own product), except where KL-Shampoo's
+            # whitening computes them at the next step anyway (a side's quotients whiten the
+            # other side's update)
             kl = cfg.use_kl_shampoo
             current = (side_L.new_quotients() if side_L is not None and not (kl and _present(R))
                        else None,

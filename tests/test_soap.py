@@ -476,6 +476,7 @@ def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eig
 # them agreed within 5.7e-7 over these configurations: 1e-5 is ~20x that.
 EIGENGAP_CARRIED_ATOL = 1e-5
 CARRIED_CONFIGS = {
+    "QR every step": {"precondition_frequency": 1},
     "QR": {"precondition_frequency": 4},
     "QR, 2 power steps": {"precondition_frequency": 4, "power_iter_steps": 2},
     "eigh": {"precondition_frequency": 4, "use_eigh": True},
@@ -553,9 +554,11 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
     for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
             _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
-        # no F Q product for health, ever; at a power-iteration refresh half a product per side
-        # whose quotients KL-Shampoo's own whitening will not supply at the next step
-        power_refresh = t % freq == 0 and not cfg.get("use_eigh") and t > 0
+        # no F Q product for health, ever; at a power-iteration refresh followed by steps
+        # without one, half a product per side whose quotients KL-Shampoo's own whitening will
+        # not supply at the next step (refreshing every step needs none: each refresh reads
+        # its old basis's quotients off its own product)
+        power_refresh = t % freq == 0 and not cfg.get("use_eigh") and t > 0 and freq > 1
         sides = sum(opt.state[p][s].numel() > 0 for s in "LR")
         if cfg.get("use_kl_shampoo") and sides == 2:
             sides = 0
