@@ -154,20 +154,32 @@ class SideRefresh:
                              # (unsorted); health reads the top two
     quotients: Tensor        # Rayleigh quotients diag(Q_old^T F Q_old) of the OLD basis (staleness)
     # power iteration: the last QR's input basis (``base[:, perm]``; perm None: as it is), its
-    # Q and R (F Q_prev = Q_raw R) and the re-sort (Q = Q_raw[:, resort]), kept as references:
-    # :meth:`new_quotients` reads the new basis's quotients off them when health wants them
-    power: tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor] | None = None
+    # Q and R (F Q_prev = Q_raw R), the re-sort (Q = Q_raw[:, resort]) and the factor F, kept
+    # as references: :meth:`new_quotients` reads the new basis's quotients off them when health
+    # wants them
+    power: tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, Tensor] | None = None
 
     def new_quotients(self) -> Tensor | None:
         """``diag(Q^T F Q)`` of the new basis after a power-iteration refresh (None after eigh,
-        whose eigenvalues are those quotients), for half an ``F Q`` product
-        (:func:`power_step_quotients`)."""
+        whose eigenvalues are those quotients): for a side of ``HALF_PRODUCT_FROM`` or more,
+        half an ``F Q`` product (:func:`power_step_quotients`); below, the ``F Q`` product
+        itself, which is faster there (the half product's blocks are a dozen small calls)."""
         if self.power is None:
             return None
-        base, perm, Q_raw, R, resort = self.power
-        Q_prev = base if perm is None else base[:, perm]
-        return power_step_quotients(Q_prev, Q_raw, R)[resort]
+        base, perm, Q_raw, R, resort, factor = self.power
+        with matmul_precision("highest"):
+            if self.Q.size(-1) < HALF_PRODUCT_FROM:
+                return _rayleigh(factor, self.Q, "highest")[1]
+            Q_prev = base if perm is None else base[:, perm]
+            return power_step_quotients(Q_prev, Q_raw, R)[resort]
 
+
+# Sides from which the new basis's quotients after a power step come from the half product
+# (power_step_quotients) rather than the F Q product. Measured (2026-11-29, 1 / 2 threads, us,
+# half product against F Q and its column sums): 64: 76 / 86 against 14 / 14; 128: 107 / 107
+# against 64 / 47; 192: 186 / 156 against 177 / 112; 256: 351 / 253 against 399 / 228; 512:
+# 1912 / 1108 against 3278 / 1634; 1024: 15.0 / 8.3 ms against 29.2 / 16.4 ms.
+HALF_PRODUCT_FROM = 256
 
 # Row blocks of the lower triangle in power_step_quotients: 4 blocks cost 0.625 of the full
 # product (K blocks: (K + 1) / (2K)); measured on 1024x1024 at 1 / 2 threads, 14.9 / 8.2 ms
@@ -283,7 +295,7 @@ def refresh_side(factor: Tensor, Q: Tensor, *, use_eigh: bool, power_iter_steps:
     resort = torch.argsort(estimates, descending=True)
     base, perm = (Q, order) if power_iter_steps == 1 else (Q_last, None)
     return SideRefresh(Q_new[:, resort], order[resort], estimates, lam,
-                       power=(base, perm, Q_new, R_fac, resort))
+                       power=(base, perm, Q_new, R_fac, resort, factor))
 
 
 @dataclass(frozen=True)
@@ -702,11 +714,11 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     factors. ``quotients``, those of the previous step's factors in the same bases (returned by
     the previous call), turn them into a few reductions of ``G'`` (:func:`_next_quotients`).
     A refresh returns its new bases' quotients: eigh's eigenvalues, or after a power step
-    :meth:`SideRefresh.new_quotients` (half a product). Without them (the first step after
-    ``load_state_dict``, or at a ``fp32_matmul_prec`` other than "highest", whose rounded
-    products the increments would not follow) they cost one ``F Q`` product per side. With
-    ``track`` (health enabled but not due) the carried quotients are kept up to date without
-    that product, so that a later health step finds them.
+    :meth:`SideRefresh.new_quotients` (half a product; below 256 a product). Without them (the
+    first step after ``load_state_dict``, or at a ``fp32_matmul_prec`` other than "highest",
+    whose rounded products the increments would not follow) they cost one ``F Q`` product per
+    side. With ``track`` (health enabled but not due) the carried quotients are kept up to date
+    without that product, so that a later health step finds them.
 
     ``G`` must be finite and pass :func:`gradient_fits`; where that returned None, pass
     ``verify_factors``: the new factors are checked before anything reads them.
@@ -751,11 +763,11 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
             current = (side_L.eigvals.flip(0) if side_L is not None else None,
                        side_R.eigvals.flip(0) if side_R is not None else None)
         elif (want_health or track) and prec == "highest" and cfg.precondition_frequency > 1:
-            # a power step: half a product gives the new bases' quotients (power_step_quotients)
-            # for the steps until the next refresh (none when every step refreshes: a refresh
-            # reads its old basis's quotients off its own product), except where KL-Shampoo's
-            # whitening computes them at the next step anyway (a side's quotients whiten the
-            # other side's update)
+            # a power step: half a product (a product on small sides) gives the new bases'
+            # quotients (SideRefresh.new_quotients) for the steps until the next refresh (none
+            # when every step refreshes: a refresh reads its old basis's quotients off its own
+            # product), except where KL-Shampoo's whitening computes them at the next step
+            # anyway (a side's quotients whiten the other side's update)
             kl = cfg.use_kl_shampoo
             current = (side_L.new_quotients() if side_L is not None and not (kl and _present(R))
                        else None,

@@ -547,22 +547,31 @@ def _with_and_without_health(cfg, every, steps, monkeypatch):
         yield t, opt, p, before, (with_health[0] - calls[0], with_health[1] - calls[1])
 
 
+@pytest.mark.parametrize("half_product", [True, False], ids=["half product", "product"])
 @pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
-def test_health_between_refreshes_matches_the_stored_state_without_extra_products(cfg,
-                                                                                  monkeypatch):
+def test_health_between_refreshes_matches_the_stored_state_without_extra_products(
+        cfg, half_product, monkeypatch):
+    import optim._soap_math as soap_math
+    # the sides here (24, 16) are below the size where the half product pays: force it to
+    # check its values on every configuration too
+    if half_product:
+        monkeypatch.setattr(soap_math, "HALF_PRODUCT_FROM", 0)
+    assert (24 >= soap_math.HALF_PRODUCT_FROM) == half_product
     freq = cfg["precondition_frequency"]
     for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
             _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
-        # no F Q product for health, ever; at a power-iteration refresh followed by steps
-        # without one, half a product per side whose quotients KL-Shampoo's own whitening will
-        # not supply at the next step (refreshing every step needs none: each refresh reads
-        # its old basis's quotients off its own product)
+        # no F Q product for health between refreshes, ever; at a power-iteration refresh
+        # followed by steps without one, half a product (or on a small side one product) per
+        # side whose quotients KL-Shampoo's own whitening will not supply at the next step
+        # (refreshing every step needs none: each refresh reads its old basis's quotients off
+        # its own product)
         power_refresh = t % freq == 0 and not cfg.get("use_eigh") and t > 0 and freq > 1
         sides = sum(opt.state[p][s].numel() > 0 for s in "LR")
         if cfg.get("use_kl_shampoo") and sides == 2:
             sides = 0
-        assert extra == (0, sides if power_refresh else 0), (t, extra)
+        expected = (0, sides) if half_product else (sides, 0)
+        assert extra == (expected if power_refresh else (0, 0)), (t, extra)
 
 
 # Factors of large but trainable gradients: plain SOAP's entries pass 1e19 with gradients of
