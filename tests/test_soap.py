@@ -413,7 +413,7 @@ HEALTH_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_health_equals_the_reference_functions_on_padded_and_extreme_cases(dtype):
+def test_batched_health_equals_the_reference_functions_on_mixed_lengths_and_extreme_cases(dtype):
     sides, expected = [], []
     for seed, (rows, turns, k1, k8) in enumerate(HEALTH_CASES):
         Q_old = _orthonormal(rows, seed, dtype)
