@@ -48,6 +48,11 @@ def local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
+def _real(t: Tensor) -> Tensor:
+    """``t``, or a complex ``t``'s real and imaginary parts as a real view."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def all_finite(tensors: Sequence[Tensor], *,
                agree: Callable[[Tensor], Tensor] | None = None) -> list[bool]:
     """Whether each tensor holds only finite values, with one fused reduction and one host sync.
@@ -63,7 +68,9 @@ def all_finite(tensors: Sequence[Tensor], *,
     """
     if not tensors:
         return []
-    sums = torch.stack([local(t).sum().to(torch.float64) for t in tensors])
+    # a complex tensor is summed as its real and imaginary parts (casting its sum to a real dtype
+    # would drop a NaN in the imaginary part)
+    sums = torch.stack([_real(local(t)).sum().to(torch.float64) for t in tensors])
     sharded = any(hasattr(t, "to_local") for t in tensors)
     if sharded and agree is not None:
         sums = agree(sums)
@@ -247,6 +254,12 @@ class MatrixOptimizer(Optimizer):
                         f"parameter {name!r} has shape {tuple(p.shape)}; {type(self).__name__} "
                         f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
                         f"with optim.split_param_groups(model.named_parameters()).")
+                if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
+                    raise ValueError(
+                        f"parameter {name!r} is complex ({p.dtype}); {type(self).__name__} "
+                        f"updates real matrices only. Put it in an algorithm='adamw' group "
+                        f"(AdamW handles complex parameters), or optimize its real and "
+                        f"imaginary parts as real parameters.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` (e.g. layers unfrozen during training), with what the

@@ -109,8 +109,8 @@ def _kl_whitened(G: Tensor, Q: Tensor, factor: Tensor, *, side: int, eps: float,
     Rayleigh quotients and weights ``1 / (dim lam)`` it used (None for an absent side)."""
     dim = G.shape[side]
     Gs = G if side == 0 else G.mT
-    if not _present(factor):
-        return pmm(Gs.mT, Gs, prec) / dim, None
+    if not _present(factor):  # (a matrix without rows or columns: an empty sum, zero)
+        return pmm(Gs.mT, Gs, prec) / max(dim, 1), None
     _, lam = _rayleigh(factor, Q, prec)
     H = pmm(Q.mT, Gs, prec)                       # (dim, other)
     weights = 1.0 / (dim * lam.clamp_min(eps))
@@ -632,7 +632,7 @@ def _next_quotients(sq: Tensor, previous: Quotients,
     def weights(white: Whitening | None, dim: int) -> Tensor:
         if white is not None:
             return white.weights
-        value = 1.0 / dim if cfg.use_kl_shampoo else 1.0
+        value = 1.0 / max(dim, 1) if cfg.use_kl_shampoo else 1.0
         return _constant(dim, value, sq.dtype, sq.device)
 
     return (torch.addmv(q_L, sq, weights(whitening[1], n), beta=beta, alpha=1.0 - beta)
@@ -670,7 +670,7 @@ def gradient_fits(norm: float, shape: tuple[int, int], cfg: SoapConfig, dtype: t
     square = norm * norm
     if not square <= limit:  # also Inf and NaN
         return False
-    if not cfg.use_kl_shampoo:
+    if not cfg.use_kl_shampoo or square == 0.0:  # (a zero gradient also fits a 0-wide matrix)
         return True
     weight = max(1.0, 1.0 / (min(shape) * cfg.eps))
     return True if square * weight <= limit and norm * weight <= limit else None

@@ -52,7 +52,7 @@ def orthogonality_error(O: Tensor) -> Tensor:
     gram = work.mT @ work
     k = gram.size(-1)
     gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-    return torch.linalg.matrix_norm(gram) / math.sqrt(k)
+    return torch.linalg.matrix_norm(gram) / math.sqrt(max(k, 1))  # k = 0: no columns, 0
 
 
 @functools.cache
@@ -82,11 +82,11 @@ def update_orthogonality_error(O: Tensor) -> Tensor:
         return orthogonality_error(O)
     work = O.mT if O.size(-2) < O.size(-1) else O
     k = work.size(-1)
-    flat = work.reshape(-1, *work.shape[-2:])
+    flat = work.reshape(math.prod(work.shape[:-2]), *work.shape[-2:])  # -1 fails on 0 entries
     eye = _identity(k, O.dtype, O.device).expand(flat.size(0), k, k)
     deviation = torch.baddbmm(eye, flat.mT, flat, beta=-1.0)
     norms = torch.linalg.vector_norm(deviation, dim=(-2, -1), dtype=torch.float32)
-    return norms.reshape(O.shape[:-2]) / math.sqrt(k)
+    return norms.reshape(O.shape[:-2]) / math.sqrt(max(k, 1))
 
 
 @functools.lru_cache(maxsize=16)
@@ -154,7 +154,7 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
         return update_orthogonality_error(O)
     dtype = O.dtype if _native_half_matmul(O.device.type, O.dtype) \
         else torch.promote_types(O.dtype, torch.float32)
-    flat = work.reshape(-1, m, k).to(dtype)
+    flat = work.reshape(math.prod(work.shape[:-2]), m, k).to(dtype)
     Zt, z_norm = _probes(k, probes, seed, dtype, O.device)
     # W^T = Z^T work^T (probes x m), then (D Z)^T = W^T work - Z^T (probes x k). When work's rows
     # are contiguous, W comes from ONE 2-D product over the whole batch (the probes are shared);

@@ -42,10 +42,11 @@ _MUON_METRICS = ("orthogonality_error", "update_rms", "softening")
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
-    """Muon's shape-dependent learning rate, exactly as ``torch.optim.Muon``."""
+    """Muon's shape-dependent learning rate, exactly as ``torch.optim.Muon`` (which divides by
+    zero on a matrix without columns; it has no entries to scale, so ``lr`` is returned)."""
     a, b = shape
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return lr * math.sqrt(max(1.0, a / b))
+        return lr * math.sqrt(max(1.0, a / b)) if b else lr
     if adjust_lr_fn == "match_rms_adamw":
         return lr * (0.2 * math.sqrt(max(a, b)))  # torch's grouping: bit-identical lr
     raise ValueError(
@@ -218,7 +219,8 @@ class Muon(MatrixOptimizer):
         def finish(v: list[float]) -> list[list[float]]:
             rows, at = [], 0
             for n, root, s in layout:
-                rows += [[v[at + i], v[at + n + i] / root, s] for i in range(n)]
+                rows += [[v[at + i], v[at + n + i] / root if root else 0.0, s]
+                         for i in range(n)]
                 at += 2 * n
             return rows
 

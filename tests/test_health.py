@@ -254,6 +254,18 @@ def test_update_orthogonality_error_of_exact_cases(fused):
     assert update_orthogonality_error(torch.zeros(6, 4, dtype=torch.bfloat16)).item() == 1.0
 
 
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 0), (3, 0, 5), (0, 6, 4)])
+def test_orthogonality_errors_of_matrices_without_entries_are_zero(fused, shape):
+    # no columns (or rows) to be orthonormal: 0, in the batch's shape; before, the batched paths
+    # raised (a reshape by -1 of 0 entries) and the float32 one returned 0/0
+    for dtype in (torch.float32, torch.bfloat16):
+        O = torch.zeros(shape, dtype=dtype)
+        for value in (orthogonality_error(O), update_orthogonality_error(O),
+                      estimate_orthogonality_error(O, 2, seed=1)):
+            assert value.shape == O.shape[:-2]
+            assert torch.equal(value, torch.zeros(O.shape[:-2], dtype=value.dtype))
+
+
 def test_update_orthogonality_error_keeps_float32_inputs_exact():
     O = torch.randn(20, 12, generator=torch.Generator().manual_seed(5))
     assert torch.equal(update_orthogonality_error(O), orthogonality_error(O))

@@ -496,6 +496,90 @@ def test_sparse_gradient_is_refused_by_name_before_anything_changes():
     assert not opt.state
 
 
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_complex_matrices_are_refused_by_name_and_adamw_takes_them(opt_cls):
+    # as torch.optim.Muon; before, Muon dropped the imaginary parts and SOAP raised mid-step
+    z = nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat))
+    with pytest.raises(ValueError, match=r"'z' is complex.*algorithm='adamw'"):
+        opt_cls([("z", z)], lr=0.01)
+    opt = opt_cls([("w", nn.Parameter(torch.randn(4, 4)))], lr=0.01)
+    with pytest.raises(ValueError, match="is complex"):  # refused, and not added
+        opt.add_param_group({"params": [("z", z)]})
+    assert len(opt.param_groups) == 1
+    # the AdamW group: torch's AdamW on the complex parameter, and a NaN in an imaginary part
+    # is caught like any other (the finiteness check sums real and imaginary parts)
+    ref = nn.Parameter(z.detach().clone())
+    opt = opt_cls([{"params": [("z", z)], "algorithm": "adamw"}], lr=0.01)
+    torch_adamw = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-8,
+                                    weight_decay=opt.param_groups[0]["weight_decay"])
+    for _ in range(2):
+        z.grad = torch.randn(4, 4, dtype=torch.cfloat)
+        ref.grad = z.grad.clone()
+        opt.step()
+        torch_adamw.step()
+    assert torch.equal(z.detach(), ref.detach())
+    before = z.detach().clone()
+    z.grad = torch.full((4, 4), complex(1.0, float("nan")), dtype=torch.cfloat)
+    opt.step()
+    assert torch.equal(z.detach(), before)
+    assert opt.health()["z"]["nonfinite_skips"] == 1.0
+
+
+EMPTY_CASES = [(Muon, {}), (Muon, {"ns_method": "polar_express"}), (Muon, {"ns_method": "svd"}),
+               (Muon, {"health_probes": 2}), (Muon, {"softening": 0.3}),
+               (Muon, {"adjust_lr_fn": "match_rms_adamw"}), (NorMuon, {}), (SOAP, {}),
+               (SOAP, {"use_kl_shampoo": True, "precondition_frequency": 2}),
+               (SOAP, {"use_eigh": True, "precondition_frequency": 2})]
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0), (0, 0)])
+@pytest.mark.parametrize("case", range(len(EMPTY_CASES)))
+def test_matrices_without_entries_step_report_zero_and_leave_the_others_alone(case, shape):
+    # a matrix without rows or columns (a zero-width layer): its update is empty; its health
+    # reads 0, and the matrix beside it trains exactly as alone. Before, Muon raised in its
+    # health (a reshape by -1) or in the learning-rate scale (a division by 0 columns), and
+    # KL-Shampoo divided an empty sum by 0
+    opt_cls, kwargs = EMPTY_CASES[case]
+    empty, w = nn.Parameter(torch.randn(*shape)), nn.Parameter(torch.randn(5, 3))
+    w_alone = nn.Parameter(w.detach().clone())
+    opt = opt_cls([("e", empty), ("w", w)], lr=0.01, **kwargs)
+    alone = opt_cls([("w", w_alone)], lr=0.01, **kwargs)
+    for step in range(4):
+        if step == 2:  # a round trip through state_dict on the way
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        empty.grad, w.grad = torch.randn(*shape), torch.randn(5, 3)
+        w_alone.grad = w.grad.clone()
+        opt.step()
+        alone.step()
+        health = opt.health()
+        assert health["w"] == pytest.approx(alone.health()["w"], rel=1e-6, abs=1e-6)
+        # zero but for the rotations: SOAP's side of the empty matrix that has a factor (4x4
+        # when the other side is 0) only ever sees zero gradients, and a zero factor's
+        # eigenbasis is arbitrary (its eigengap, 0, says so: docs/soap.md)
+        assert all(v == 0.0 for k, v in health["e"].items()
+                   if k != "softening" and not k.startswith("rotation")), health["e"]
+        assert all(0.0 <= v <= 90.0 for k, v in health["e"].items() if k.startswith("rotation"))
+    assert empty.shape == shape
+    assert torch.allclose(w, w_alone, rtol=0, atol=1e-6)
+
+
+def test_an_empty_matrix_steps_as_in_torch_optim_muon():
+    # torch.optim.Muon steps a (0, n) matrix (it divides by zero on an (n, 0) one)
+    ours, theirs = nn.Parameter(torch.randn(0, 4)), nn.Parameter(torch.randn(0, 4))
+    w, w_ref = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6, 4))
+    w_ref.data.copy_(w.data)
+    opt = Muon([ours, w], lr=0.02)
+    ref = torch.optim.Muon([theirs, w_ref], lr=0.02)
+    for _ in range(3):
+        g = torch.randn(6, 4)
+        ours.grad, theirs.grad, w.grad, w_ref.grad = torch.randn(0, 4), torch.randn(0, 4), g, g
+        opt.step()
+        ref.step()
+    assert torch.equal(w.detach(), w_ref.detach())
+    assert ours.shape == theirs.shape == (0, 4)
+
+
 # ---- state dict -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
