@@ -33,16 +33,17 @@ def split_param_groups(named_parameters: Iterable[tuple[str, Tensor]], *,
                        adamw_eps: float = 1e-8) -> list[dict[str, Any]]:
     """Split ``model.named_parameters()`` into a matrix group and an AdamW group.
 
-    A parameter goes to AdamW when it is not 2-D or its name contains one of
-    ``adamw_name_parts``; frozen parameters (``requires_grad=False``) are left out. Empty
-    groups are dropped. ``adamw_lr`` / ``adamw_weight_decay`` default to the optimizer's.
+    A parameter goes to AdamW when it is not 2-D, is complex (no polar factor or eigenbasis
+    update takes those) or its name contains one of ``adamw_name_parts``; frozen parameters
+    (``requires_grad=False``) are left out. Empty groups are dropped. ``adamw_lr`` /
+    ``adamw_weight_decay`` default to the optimizer's.
     """
     matrix: list[tuple[str, Tensor]] = []
     fallback: list[tuple[str, Tensor]] = []
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        to_adamw = p.ndim != 2 or any(part in name for part in adamw_name_parts)
+        to_adamw = p.ndim != 2 or p.is_complex() or any(part in name for part in adamw_name_parts)
         (fallback if to_adamw else matrix).append((name, p))
     groups: list[dict[str, Any]] = []
     if matrix:

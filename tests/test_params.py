@@ -51,6 +51,13 @@ def test_split_without_overrides_inherits_the_optimizer_lr_and_drops_empty_group
     assert opt.param_groups[0]["lr"] == 0.01
 
 
+def test_split_sends_complex_matrices_to_adamw():
+    z = nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat))
+    matrix, fallback = split_param_groups([("w", nn.Parameter(torch.zeros(4, 4))), ("z", z)])
+    assert matrix["param_names"] == ["w"] and fallback["param_names"] == ["z"]
+    Muon([matrix, fallback], lr=0.01)  # accepted: the matrix groups refuse complex ones
+
+
 def test_custom_name_parts_choose_what_goes_to_adamw():
     groups = split_param_groups(TinyLM().named_parameters(), adamw_name_parts=("mlp",))
     assert groups[0]["param_names"] == ["embed.weight", "hidden.weight", "lm_head.weight"]
