@@ -299,6 +299,7 @@ class MatrixOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_dense(self.param_groups)  # before anything changes
+        self._before_step()
         for group in self.param_groups:
             group["step"] += 1
             if group["algorithm"] == ADAMW:
@@ -319,6 +320,10 @@ class MatrixOptimizer(Optimizer):
                     self._apply(item, update)
                 item.pending = None
         return loss
+
+    def _before_step(self) -> None:
+        """Evaluate and check what a step reads from its groups that can be wrong (e.g. a
+        schedule's value), before any state or parameter changes; raise ValueError if it is."""
 
     def _count_failed(self, items: list[MatrixItem], finite: list[bool]) -> None:
         """Count, on its owner, a matrix whose update came out non-finite from a finite input

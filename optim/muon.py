@@ -136,6 +136,7 @@ class Muon(MatrixOptimizer):
             raise ValueError(f"health_probes must be None (automatic), 0 (exact) or a number "
                              f"of probes >= 1, got {health_probes!r}")
         self.health_probes = health_probes
+        self._softening_now: dict[int, float] = {}  # id(group) -> s at the step being taken
         # (names, orthogonality errors, update norms, sqrt(m n), softening) of this step's
         # batches, until _end_batches
         self._batch_health: list[tuple[list[str], Tensor, Tensor, float, float]] = []
@@ -144,6 +145,13 @@ class Muon(MatrixOptimizer):
                     "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
                     "softening": softening, **extra_defaults}
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _before_step(self) -> None:
+        # each matrix group's softening at the coming step, from its schedule once, and checked
+        # before anything changes: a schedule returning a bad value raises without half a step
+        # (the AdamW group and the step counters already moved when it was read mid-step)
+        self._softening_now = {id(group): _softening_at(group["softening"], group["step"] + 1)
+                               for group in self.param_groups if group["algorithm"] != ADAMW}
 
     def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
         state = self.state[item.param]
@@ -176,8 +184,7 @@ class Muon(MatrixOptimizer):
         # in fp32 and converting again. Bit-identical: the same round-to-nearest-even cast.
         group = items[0].group
         compute = None if group["ns_method"] == "svd" else torch.bfloat16
-        if compute is None or xs[0].dtype == compute or \
-                _softening_at(group["softening"], group["step"]) != 0.0:
+        if compute is None or xs[0].dtype == compute or self._softening_now[id(group)] != 0.0:
             return super()._stack(items, xs)
         if len(xs) == 1:
             return xs[0].to(compute).unsqueeze(0)
@@ -193,7 +200,7 @@ class Muon(MatrixOptimizer):
     def _compute(self, items: list[MatrixItem], X: Tensor) -> Tensor:
         group = items[0].group
         O = self._orthogonalize(group, X)
-        s = _softening_at(group["softening"], group["step"])
+        s = self._softening_now[id(group)]
         U = soften(O, X, s, eps=group["eps"])
         U, norms = self._post_orthogonalize(items, U)
         if self._health_due(group):

@@ -158,6 +158,47 @@ def test_unknown_ns_method_and_bad_softening_raise_value_error():
         run(opt, opt.param_groups[0]["params"], 1)
 
 
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_a_schedule_going_bad_mid_training_raises_before_anything_changes(opt_cls):
+    # read mid-step, a bad value left the AdamW group stepped and the step counters moved
+    bad = {"now": False}
+
+    def schedule(step):
+        return float("nan") if bad["now"] else 0.1
+
+    def make():
+        torch.manual_seed(0)
+        w, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(3))
+        return w, b, opt_cls([{"params": [("w", w)]},
+                              {"params": [("b", b)], "algorithm": "adamw"}],
+                             lr=0.01, softening=schedule)
+
+    grads = [(torch.randn(6, 4), torch.randn(3)) for _ in range(4)]
+    w, b, opt = make()
+    w_ref, b_ref, ref = make()
+    for t, (gw, gb) in enumerate(grads):
+        if t == 2:
+            before = copy.deepcopy(opt.state_dict())
+            w_before, b_before = w.detach().clone(), b.detach().clone()
+            bad["now"] = True
+            w.grad, b.grad = gw.clone(), gb.clone()
+            with pytest.raises(ValueError, match="softening at step 3"):
+                opt.step()
+            bad["now"] = False
+            assert torch.equal(w, w_before) and torch.equal(b, b_before)
+            after = opt.state_dict()
+            assert [g["step"] for g in after["param_groups"]] == [2, 2]
+            assert all(torch.equal(before["state"][k][n], after["state"][k][n])
+                       for k in before["state"] for n in before["state"][k])
+        w.grad, b.grad = gw.clone(), gb.clone()
+        w_ref.grad, b_ref.grad = gw.clone(), gb.clone()
+        opt.step()
+        ref.step()
+    # the retried step and the ones after it: as if the bad value had never come
+    assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+
+
 # ---- softening inside the optimizer -----------------------------------------------------------
 
 def one_step_update(opt_cls, W0, grad, **kwargs):
