@@ -473,7 +473,7 @@ class _HealthPlan:
                 gap = 0.0
                 if top is not None:
                     l1, l2 = v[top], v[top + 1]
-                    gap = (l1 - l2) / l1 if l1 > 0 else 0.0
+                    gap = (l1 - l2) / l1 if l1 > 0 else (l1 if math.isnan(l1) else 0.0)
                 rot1 = rot8 = 0.0
                 at = self.rot_at.get(i)
                 if at is not None:

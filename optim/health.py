@@ -183,7 +183,9 @@ def eigengap_ratio(eigvals: Tensor) -> Tensor:
         raise ValueError(f"eigengap_ratio needs at least 2 eigenvalues, got {tuple(eigvals.shape)}")
     top, second = eigvals[..., 0], eigvals[..., 1]
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    return torch.where(top > 0, (top - second) / safe, torch.zeros_like(top))
+    # 0 for a zero (or negative) top, NaN for a NaN one
+    return torch.where(top > 0, (top - second) / safe,
+                       torch.where(top.isnan(), top, torch.zeros_like(top)))
 
 
 def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
@@ -220,6 +222,9 @@ def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] =
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {min(ks) if ks else ks}")
     r = Q_prev.size(-1)
+    if r == 0:  # no columns: empty spans, which do not turn
+        return torch.zeros(len(ks), *Q_prev.shape[:-2], dtype=torch.float64,
+                           device=Q_prev.device)
     angles: dict[int, Tensor] = {}
     for k in sorted({min(k, r) for k in ks}):
         _, (sines, cosines) = principal_extremes(torch.stack([Q_prev[..., :k], Q_new[..., :k]]))
@@ -257,19 +262,26 @@ def principal_extremes(pair: Tensor) -> tuple[Tensor, Tensor]:
         (``(2, ..., k, k)``); ``values`` their singular values in descending order (``(2, ...,
         k)``): ``sin_max^2 = values[0, ..., 0]``, ``cos_min = values[1, ..., k - 1]``.
     """
+    if pair.ndim < 3 or pair.size(0) != 2:
+        raise ValueError(f"principal_extremes needs a (2, ..., rows, k) pair of bases, got "
+                         f"{tuple(pair.shape)}")
     rows, k = pair.shape[-2:]
-    A, B = pair.to(torch.float64).reshape(2, -1, rows, k).unbind(0)
+    batch = pair.shape[1:-2]
+    A, B = pair.to(torch.float64).reshape(2, math.prod(batch), rows, k).unbind(0)
     M = torch.bmm(A.mT, B)
     W = torch.baddbmm(B, A, M, alpha=-1.0)
     grams = torch.cat([torch.bmm(W.mT, W), M])
     values = torch.linalg.svdvals(grams)
-    batch = pair.shape[1:-2]
     return grams.view(2, *batch, k, k), values.view(2, *batch, k)
 
 
 def basis_staleness(Q: Tensor, factor: Tensor) -> Tensor:
     """``||B - diag(B)||_F / ||B||_F`` with ``B = Q^T factor Q``: how far the stored eigenbasis
     is from diagonalizing the current factor (0 right after an eigendecomposition)."""
+    if Q.ndim < 2 or factor.ndim < 2 or factor.size(-1) != factor.size(-2) or \
+            Q.size(-2) != factor.size(-1):
+        raise ValueError(f"basis_staleness needs a (..., n, r) basis and an (..., n, n) factor, "
+                         f"got {tuple(Q.shape)} and {tuple(factor.shape)}")
     B = Q.mT @ factor @ Q
     off = B - torch.diag_embed(B.diagonal(dim1=-2, dim2=-1))
     total = torch.linalg.matrix_norm(B)

@@ -15,6 +15,7 @@ from optim.health import (
     orthogonality_error,
     principal_extremes,
     rotation_angle_degrees,
+    rotation_angles_degrees,
     update_orthogonality_error,
 )
 from optim.orthogonalize import orthogonalize
@@ -190,6 +191,22 @@ def test_eigengap_ratio_edges_degenerate_rank_one_zero_and_batched():
     eig = torch.tensor([[2.0, 2.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(eigengap_ratio(eig), torch.tensor([0.0, 1.0, 0.0],
                                                                  dtype=torch.float64))
+
+
+def test_health_functions_on_empty_bases_nan_spectra_and_mismatched_shapes():
+    # bases without columns: empty spans, which do not turn (a reshape by -1 raised before)
+    assert rotation_angle_degrees(torch.zeros(5, 0), torch.zeros(5, 0)).item() == 0.0
+    assert torch.equal(rotation_angles_degrees(torch.zeros(2, 5, 0), torch.zeros(2, 5, 0)),
+                       torch.zeros(2, 2, dtype=torch.float64))
+    grams, values = principal_extremes(torch.zeros(2, 5, 0))
+    assert grams.shape == (2, 0, 0) and values.shape == (2, 0)
+    # a NaN top eigenvalue reads NaN (it read 0, as a degenerate spectrum would)
+    assert math.isnan(eigengap_ratio(torch.tensor([float("nan"), 1.0])).item())
+    assert eigengap_ratio(torch.tensor([0.0, 0.0])).item() == 0.0
+    with pytest.raises(ValueError, match=r"\(2, \.\.\., rows, k\) pair"):
+        principal_extremes(torch.zeros(3, 5, 2))
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, n\) factor, got \(3, 3\) and \(4, 4\)"):
+        basis_staleness(torch.eye(3), torch.eye(4))
 
 
 def test_eigengap_ratio_needs_two_eigenvalues():
