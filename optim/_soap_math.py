@@ -407,8 +407,7 @@ class _HealthPlan:
     (an empty float64 piece) took 40-80 us even for 16 vectors of 64, ``stack`` and ``double`` 6 us.
     """
 
-    def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, layout: tuple[tuple[_SideLayout, ...], ...]) -> None:
         flat = [side for sides in layout for side in sides]
         self.keys = [_metric_keys(tuple(side[0] for side in sides)) for sides in layout]
         self.counts = [len(sides) for sides in layout]
@@ -502,9 +501,8 @@ def _given(t: Tensor | None) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _health_plan(layout: tuple[tuple[_SideLayout, ...], ...], dtype: torch.dtype,
-                 device: torch.device) -> _HealthPlan:
-    return _HealthPlan(layout, dtype, device)
+def _health_plan(layout: tuple[tuple[_SideLayout, ...], ...]) -> _HealthPlan:
+    return _HealthPlan(layout)
 
 
 @functools.cache
@@ -540,8 +538,7 @@ def soap_health(per_matrix: list[list[SideHealth]]
                           side.Q_old is not None, side.total is None,
                           side.eigvals is side.quotients) for side in sides)
                    for sides in per_matrix)
-    first = flat[0].quotients
-    plan = _health_plan(layout, first.dtype, first.device)
+    plan = _health_plan(layout)
     pieces = [torch.stack([_given(flat[i].total) for i in plan.taken])] if plan.taken else []
     for sides in plan.total_groups:
         pieces.append(_frobenius(torch.stack([flat[i].factor for i in sides])))
