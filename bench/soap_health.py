@@ -16,7 +16,8 @@ calls on 8x8 matrices, which do not shrink with the matrix.
 noisy, so only the ratio measured in one process means anything (target < 1.05); the last
 column holds the quartiles of the ratios of the steps (or periods) timed side by side. ``--cpu-time``
 times with ``time.thread_time`` (this thread's CPU time, which other jobs on the machine do not
-inflate; use it with ``--threads 1``).
+inflate; use it with ``--threads 1``). A second table splits what health adds, for the rows
+refreshing every 10 steps, between the refresh steps and the steps between them.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ CONFIGS = {"QR": {}, "eigh": {"use_eigh": True}, "KL, QR": {"use_kl_shampoo": Tr
            "KL, QR, refresh every 10": {"use_kl_shampoo": True, "precondition_frequency": 10}}
 
 
-def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int
-          ) -> tuple[list[float], list[float]]:
+# (label, solver, health's extra ms at refresh steps, at the steps between), for --phases
+PHASES: list[tuple[str, str, float, float]] = []
+
+
+def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int, label: str = "",
+          solver: str = "") -> tuple[list[float], list[float]]:
     """Step times with health every step and never, for SOAP on these matrices, after the first
     fifth of the steps; with ``precondition_frequency`` F > 1 the sums over whole refresh
-    periods, divided by F (steps differ by phase)."""
+    periods, divided by F (steps differ by phase). With F > 1 it also records in ``PHASES`` the
+    median of what health added (on minus off, the two timed side by side) on the refresh steps
+    and on the steps between."""
     period = kwargs.get("precondition_frequency", 1)
     steps = max(steps, 10 * period) // period * period
     runs = {}
@@ -67,6 +74,12 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int
         sums = [sum(ts[i:i + period]) / period for i in range(0, len(ts), period)]
         return sums[len(sums) // 5:]
 
+    if period > 1:  # step i refreshes when i % period == 0 (the optimizer's step i + 1)
+        start = steps // period // 5 * period
+        extra = [(i % period == 0, on - off) for i, (on, off) in
+                 enumerate(zip(times[1], times[0], strict=True)) if i >= start]
+        PHASES.append((label, solver, statistics.median(d for r, d in extra if r) * 1e3,
+                       statistics.median(d for r, d in extra if not r) * 1e3))
     return per_step(times[1]), per_step(times[0])
 
 
@@ -101,15 +114,22 @@ def main() -> None:
         shape = tuple(int(d) for d in text.split("x"))
         steps = args.steps or (600 if shape[0] * shape[1] <= 128 * 64 else 160)
         for name, kwargs in CONFIGS.items():
-            row(f"{text} alone", name, *ratio([shape], kwargs, steps))
+            row(f"{text} alone", name, *ratio([shape], kwargs, steps, f"{text} alone", name))
     if args.model:
         shape_list = shapes(args.quick)
         label = f"{len(shape_list)} of d_model {64 if args.quick else 256}"
         steps = args.steps or (100 if args.quick else 20)
         for name, kwargs in CONFIGS.items():
-            row(label, name, *ratio(shape_list, kwargs, steps))
+            row(label, name, *ratio(shape_list, kwargs, steps, label, name))
         on, off = training_step_times(steps, args.quick, SOAP, lr=0.01)
         row(f"GPT training step, d_model {64 if args.quick else 256}", "QR", on, off)
+    if PHASES:
+        print("\nWhat health adds to the step, refreshing every 10 steps (medians of on - off, "
+              "the two timed side by side):\n")
+        print("| matrices | solver | at a refresh step, ms | at the steps between, ms |")
+        print("|---|---|---|---|")
+        for label, solver, at_refresh, between in PHASES:
+            print(f"| {label} | {solver} | {at_refresh:.3f} | {between:.3f} |")
 
 
 if __name__ == "__main__":
