@@ -234,6 +234,7 @@ class MatrixOptimizer(Optimizer):
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
+        seen: dict[str, int] = {}  # name -> its group
         for gi, group in enumerate(self.param_groups):
             if group["algorithm"] not in (self.matrix_algorithm, ADAMW):
                 raise ValueError(
@@ -243,6 +244,15 @@ class MatrixOptimizer(Optimizer):
                 group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
             # Non-finite skip counts live in the param group so that state_dict() carries them
             # (plain ints, the same keys on every rank); health() reports them.
+            for name in group["param_names"]:
+                if name in seen:  # health, skip counts and checkpoints are keyed by name
+                    where = "group" if seen[name] == gi else "groups"
+                    groups = f"{seen[name]}" if seen[name] == gi else f"{seen[name]} and {gi}"
+                    raise ValueError(
+                        f"parameter name {name!r} is given twice ({where} {groups}); health, "
+                        f"skip counts and checkpoints are keyed by name: give each parameter "
+                        f"its own, e.g. from model.named_parameters().")
+                seen[name] = gi
             saved = group.get("nonfinite_skips") or {}
             group["nonfinite_skips"] = {name: int(saved.get(name, 0))
                                         for name in group["param_names"]}

@@ -539,6 +539,21 @@ def test_sparse_gradient_is_refused_by_name_before_anything_changes():
 
 
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_a_parameter_name_given_twice_is_refused(opt_cls):
+    # health, skip counts and checkpoints are keyed by name: two matrices called "w" reported
+    # one "w" (the other's numbers and skips lost in it)
+    a, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"'w' is given twice \(group 0\)"):
+        opt_cls([("w", a), ("w", b)], lr=0.01)
+    with pytest.raises(ValueError, match=r"'w' is given twice \(groups 0 and 1\)"):
+        opt_cls([{"params": [("w", a)]}, {"params": [("w", b)], "algorithm": "adamw"}], lr=0.01)
+    opt = opt_cls([("w", a)], lr=0.01)
+    with pytest.raises(ValueError, match="given twice"):  # refused, and not added
+        opt.add_param_group({"params": [("w", b)]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
 def test_complex_matrices_are_refused_by_name_and_adamw_takes_them(opt_cls):
     # as torch.optim.Muon; before, Muon dropped the imaginary parts and SOAP raised mid-step
     z = nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat))
