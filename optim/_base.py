@@ -242,17 +242,16 @@ class MatrixOptimizer(Optimizer):
                     f"{ADAMW!r}, got {group['algorithm']!r}")
             if "param_names" not in group:
                 group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-            # Non-finite skip counts live in the param group so that state_dict() carries them
-            # (plain ints, the same keys on every rank); health() reports them.
             for name in group["param_names"]:
                 if name in seen:  # health, skip counts and checkpoints are keyed by name
-                    where = "group" if seen[name] == gi else "groups"
-                    groups = f"{seen[name]}" if seen[name] == gi else f"{seen[name]} and {gi}"
+                    where = f"group {gi}" if seen[name] == gi else f"groups {seen[name]} and {gi}"
                     raise ValueError(
-                        f"parameter name {name!r} is given twice ({where} {groups}); health, "
-                        f"skip counts and checkpoints are keyed by name: give each parameter "
-                        f"its own, e.g. from model.named_parameters().")
+                        f"parameter name {name!r} is given twice ({where}); health, skip counts "
+                        f"and checkpoints are keyed by name: give each parameter its own, e.g. "
+                        f"from model.named_parameters().")
                 seen[name] = gi
+            # Non-finite skip counts live in the param group so that state_dict() carries them
+            # (plain ints, the same keys on every rank); health() reports them.
             saved = group.get("nonfinite_skips") or {}
             group["nonfinite_skips"] = {name: int(saved.get(name, 0))
                                         for name in group["param_names"]}
@@ -343,8 +342,7 @@ class MatrixOptimizer(Optimizer):
             item = items[i]
             if not finite[i] and id(item) not in self._skipped:
                 self._skip(item)
-                self._health.setdefault(item.name, {})["nonfinite_skips"] = \
-                    float(item.group["nonfinite_skips"][item.name])
+                self._report_skips(item)
 
     def matrix_items(self) -> list[MatrixItem]:
         """Every matrix parameter of the matrix groups, in param-group order."""
@@ -373,9 +371,13 @@ class MatrixOptimizer(Optimizer):
         finally:
             self._end_batches()
         for item in items:
-            self._health.setdefault(item.name, {})["nonfinite_skips"] = \
-                float(item.group["nonfinite_skips"][item.name])
+            self._report_skips(item)
         return [r for r in results if r is not None]
+
+    def _report_skips(self, item: MatrixItem) -> None:
+        """Put ``item``'s skip count in what :meth:`health` reports."""
+        self._health.setdefault(item.name, {})["nonfinite_skips"] = \
+            float(item.group["nonfinite_skips"][item.name])
 
     def init_state(self) -> None:
         """Create all state now, as the first step would, without touching the parameters.

@@ -167,11 +167,11 @@ class SideRefresh:
         if self.power is None:
             return None
         base, perm, Q_raw, R, resort, factor = self.power
-        with matmul_precision("highest"):
-            if self.Q.size(-1) < HALF_PRODUCT_FROM:
+        if self.Q.size(-1) < HALF_PRODUCT_FROM:
+            with matmul_precision("highest"):
                 return _rayleigh(factor, self.Q, "highest")[1]
-            Q_prev = base if perm is None else base.index_select(1, perm)
-            return power_step_quotients(Q_prev, Q_raw, R)[resort]
+        Q_prev = base if perm is None else base.index_select(1, perm)
+        return power_step_quotients(Q_prev, Q_raw, R)[resort]  # sets "highest" itself
 
 
 # Sides from which the new basis's quotients after a power step come from the half product
