@@ -44,7 +44,8 @@ _log = logging.getLogger("orthoshard.publisher")
 
 @dataclass
 class PublisherStats:
-    """Counters of a publisher (read them any time; they only grow)."""
+    """Counters of a publisher (read them any time; they only grow). Once :meth:`Publisher.close`
+    has stopped the sender thread, ``published == sent + dropped + rejected``."""
 
     published: int = 0  # publish() calls accepted onto the queue
     sent: int = 0  # snapshots the sidecar accepted (2xx)
@@ -120,6 +121,7 @@ class Publisher:
         self._deadline = math.inf
         self._backoff = backoff_s
         self._down = False
+        self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
         self._client = self._make_client(url, uds, token, timeout_s, transport)
         self._thread = threading.Thread(target=self._run, name="orthoshard-publisher", daemon=True)
         self._thread.start()
@@ -194,7 +196,7 @@ class Publisher:
             left = len(self._queue)
             self.stats.dropped += left
             self._queue.clear()
-        return left == 0 and not self._thread.is_alive()
+            return left == 0 and self._unsent == 0 and not self._thread.is_alive()
 
     def __enter__(self) -> Publisher:
         return self
@@ -208,17 +210,27 @@ class Publisher:
         delay = 0.0
         while (item := self._next(delay)) is not None:
             outcome = self._send(item)
-            with self._cond:
-                if outcome != "retry" and self._queue and self._queue[0] is item:
-                    self._queue.popleft()
             if outcome == "retry":
                 delay = min(max(2 * delay, self._backoff[0]), self._backoff[1])
+                with self._cond:
+                    # back to the head, unless newer snapshots filled the queue meanwhile:
+                    # then it is the oldest, and the one dropped
+                    if len(self._queue) < self._size:
+                        self._queue.appendleft(item)
+                    else:
+                        self.stats.dropped += 1
             else:
                 delay = 0.0
+        with self._cond:  # what the deadline left unsent (also a retry put back after it)
+            self._unsent += len(self._queue)
+            self.stats.dropped += len(self._queue)
+            self._queue.clear()
         self._client.close()
 
     def _next(self, delay: float) -> dict[str, Any] | None:
-        """The queue head after waiting ``delay`` (jittered); None when it is time to stop."""
+        """The oldest queued snapshot, taken off the queue (a send in flight holds no place
+        in it, so a full queue never drops a snapshot that is being sent), after waiting
+        ``delay`` (jittered); None when it is time to stop."""
         wake = time.monotonic() + delay * random.uniform(0.5, 1.0)
         with self._cond:
             while True:
@@ -226,7 +238,7 @@ class Publisher:
                 if self._closing and (not self._queue or now >= self._deadline):
                     return None
                 if self._queue and now >= wake:
-                    return self._queue[0]
+                    return self._queue.popleft()
                 limit = min(self._deadline, wake if self._queue else math.inf) - now
                 self._cond.wait(None if limit == math.inf else max(limit, 0.0))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 import threading
@@ -247,23 +246,87 @@ def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:
     assert pub.stats.sent == 1 and pub.stats.dropped == 0
 
 
+class Gate:
+    """An httpx handler whose first ``hold`` requests wait (on the sender thread) until
+    :meth:`release`, answered with ``statuses`` in turn (an exception instance is raised),
+    then 201. Records the successful bodies and the thread of every request."""
+
+    def __init__(self, *, hold: int = 1, statuses: tuple[int | Exception, ...] = ()) -> None:
+        self.hold, self.statuses = hold, list(statuses)
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.bodies: list[dict] = []
+        self.threads: set[int] = set()
+        self.calls = 0
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.threads.add(threading.get_ident())
+        self.calls += 1
+        if self.calls <= self.hold:
+            self.entered.set()
+            assert self.gate.wait(20), "the test never released the gate"
+        if self.statuses:
+            answer = self.statuses.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return httpx.Response(answer, json={})
+        self.bodies.append(json.loads(request.content))
+        return httpx.Response(201, json={})
+
+
+def gated(handler: Gate, **kw: object) -> Publisher:
+    return Publisher(run_id="r", transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
+                     backoff_s=(0.001, 0.01), **kw)
+
+
+def accounted(pub: Publisher) -> bool:
+    """Every published snapshot ended exactly one way (after a successful close)."""
+    st = pub.stats
+    return st.published == st.sent + st.dropped + st.rejected
+
+
+@pytest.mark.timeout(30)
 def test_publisher_drops_the_oldest_when_full_and_counts() -> None:
-    gate = threading.Event()
-    rec = Recorder()
-
-    def slow(request: httpx.Request) -> httpx.Response:
-        gate.wait(5)
-        return rec(request)
-
-    pub = Publisher(run_id="r", queue_size=3, transport=httpx.MockTransport(slow))
-    for step in range(10):
+    handler = Gate()
+    pub = gated(handler, queue_size=3)
+    pub.publish(step=0, rank=0, params={})
+    assert handler.entered.wait(10)  # step 0 is being sent: it holds no place in the queue
+    for step in range(1, 10):
         pub.publish(step=step, rank=0, params={})
-    gate.set()
+    handler.release()
     assert pub.close(timeout_s=5)
-    steps = [b["step"] for b in rec.bodies]
-    # The sender holds the head (step 0 or 1) while blocked; the queue keeps the newest 3.
-    assert steps[-3:] == [7, 8, 9] and len(steps) <= 4
-    assert pub.stats.published == 10 and pub.stats.dropped == 10 - len(steps)
+    assert [b["step"] for b in handler.bodies] == [0, 7, 8, 9]
+    assert (pub.stats.published, pub.stats.sent, pub.stats.dropped) == (10, 4, 6)
+    assert accounted(pub)
+
+
+@pytest.mark.timeout(30)
+def test_publisher_retries_5xx_and_connection_errors_in_order() -> None:
+    handler = Gate(hold=0, statuses=(503, httpx.ConnectError("refused"), 500))
+    pub = gated(handler)
+    for step in range(5):
+        pub.publish(step=step, rank=0, params={})
+    assert pub.close(timeout_s=10)
+    assert [b["step"] for b in handler.bodies] == [0, 1, 2, 3, 4]
+    assert (pub.stats.sent, pub.stats.failures, pub.stats.dropped) == (5, 3, 0)
+    assert accounted(pub)
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_send_is_dropped_as_the_oldest_when_newer_ones_filled_the_queue() -> None:
+    handler = Gate(statuses=(503,))
+    pub = gated(handler, queue_size=2)
+    pub.publish(step=0, rank=0, params={})
+    assert handler.entered.wait(10)
+    pub.publish(step=1, rank=0, params={})
+    pub.publish(step=2, rank=0, params={})  # the queue is full while step 0 is in flight
+    handler.release()                       # step 0 fails: no room to retry it
+    assert pub.close(timeout_s=10)
+    assert [b["step"] for b in handler.bodies] == [1, 2]
+    assert (pub.stats.sent, pub.stats.dropped, pub.stats.failures) == (2, 1, 1)
+    assert accounted(pub)
 
 
 def test_publisher_counts_refusals_and_does_not_retry_4xx() -> None:
@@ -274,27 +337,36 @@ def test_publisher_counts_refusals_and_does_not_retry_4xx() -> None:
     assert len(rec.bodies) == 1 and pub.stats.rejected == 1 and pub.stats.sent == 0
 
 
+@pytest.mark.timeout(30)
 def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
     pub = Publisher(url="http://127.0.0.1:9", run_id="r", timeout_s=0.2, backoff_s=(0.01, 0.05))
     pub.publish(step=1, rank=0, params={"w": {"x": object()}})  # type: ignore[dict-item]
     pub.publish(step=2, rank=0, params={"w": {"x": 1.0}})  # port 9: connection refused
-    start = time.monotonic()
-    assert pub.close(timeout_s=0.5) is False
-    assert time.monotonic() - start < 2.0  # deadline 0.5 s + one request timeout + join slack
+    assert pub.close(timeout_s=0.5) is False  # step 2 was never sent
+    # the deadline, not close()'s join timeout, stopped the retrying sender
+    assert not pub._thread.is_alive()
     assert pub.stats.rejected == 1 and pub.stats.failures >= 1 and pub.stats.dropped == 1
+    assert accounted(pub)
 
 
-def test_publish_costs_microseconds_on_the_calling_thread() -> None:
-    pub = publisher(Recorder(delay_s=0.01), queue_size=16)
+@pytest.mark.timeout(30)
+def test_publish_never_waits_for_the_sender_and_does_no_io() -> None:
+    # The sender is stuck in its first request for the whole loop: if publish ever waited for
+    # it (a blocking queue, a synchronous post), the loop would not finish and the timeout
+    # fails the test. No clock is read; the cost itself is bench/sidecar.py's figure.
+    handler = Gate()
+    pub = gated(handler, queue_size=16)
     params = {f"layers.{i}.w": {"orthogonality_error": 0.1, "update_rms": 0.2} for i in range(500)}
-    costs = []
-    for step in range(200):
-        t0 = time.perf_counter()
+    pub.publish(step=0, rank=0, params=params)
+    assert handler.entered.wait(10)
+    for step in range(1, 200):
         pub.publish(step=step, rank=0, params=params)
-        costs.append(time.perf_counter() - t0)
-    pub.close(timeout_s=1)
-    # Target < 1 ms (issue 5); measured ~5 us. 0.5 ms median leaves 100x room on a shared CPU.
-    assert statistics.median(costs) < 5e-4, statistics.median(costs)
+    assert (pub.stats.published, pub.stats.dropped, pub.stats.sent) == (200, 199 - 16, 0)
+    handler.release()
+    assert pub.close(timeout_s=10)
+    assert [b["step"] for b in handler.bodies] == [0, *range(184, 200)]
+    assert threading.get_ident() not in handler.threads and len(handler.threads) == 1
+    assert accounted(pub)
 
 
 # ------------------------------------------------------------------------------ layering

@@ -11,11 +11,10 @@ import os
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,28 +166,51 @@ def test_restart_on_the_same_db_keeps_history_and_last_state(tmp_path: Path) -> 
         again.stop()
 
 
-@pytest.mark.timeout(60)
-def test_killing_the_sidecar_does_not_slow_the_publishing_loop(sidecar: Sidecar) -> None:
-    pub = Publisher(url=sidecar.url, token=sidecar.token, run_id="kill", timeout_s=0.5)
+@pytest.mark.timeout(90)
+def test_a_killed_sidecar_costs_the_loop_only_snapshots_and_a_restart_resumes(
+    tmp_path: Path,
+) -> None:
+    car = start_sidecar(tmp_path)
+    pub = Publisher(url=car.url, token=car.token, run_id="kill", timeout_s=0.5,
+                    queue_size=8, backoff_s=(0.01, 0.2))
     params = health(1, n=200)
-    costs: list[float] = []
-    for step in range(600):
-        if step == 200:
-            sidecar.proc.kill()  # SIGKILL: no graceful shutdown, connections just die
-            sidecar.proc.wait(timeout=10)
-        t0 = time.perf_counter()
+    for step in range(200):
         pub.publish(step=step, rank=0, params=params)
-        costs.append(time.perf_counter() - t0)
         time.sleep(0.002)  # stands in for a training step
-    pub.close(timeout_s=1)
-    after = costs[200:]
-    # "Never blocks": publish only appends to a deque. Measured medians are ~5-10 us and the
-    # worst call 3.5 ms (a GIL hand-off to the encoding sender thread); 0.5 ms and 200 ms leave
-    # room for a loaded 2-core machine while still failing at once if publish ever waited on
-    # the network (the request timeout is 500 ms, and a dead sidecar makes every request wait).
-    assert statistics.median(after) < 5e-4, statistics.median(after)
-    assert max(costs) < 0.2, max(costs)
-    assert pub.stats.sent >= 1 and pub.stats.failures >= 1
+    car.proc.kill()  # SIGKILL: no graceful shutdown, connections just die
+    car.proc.wait(timeout=10)
+    # publish only appends to a deque: the loop goes on while every send fails (that it never
+    # waits is tests/test_service_core.py's; what it costs, bench/sidecar.py's)
+    for step in range(200, 400):
+        pub.publish(step=step, rank=0, params=params)
+        time.sleep(0.002)
+    _until(lambda: pub.stats.failures >= 1, "no failed send to the killed sidecar")
+    sent_before = pub.stats.sent
+    # a sidecar back on the same port and database: the publisher resumes by itself
+    again = start_sidecar(tmp_path, port=car.port, token=car.token)
+    try:
+        for step in range(400, 410):
+            pub.publish(step=step, rank=0, params=params)
+        assert pub.close(timeout_s=20)
+        st = pub.stats
+        assert st.published == 410 and st.published == st.sent + st.dropped + st.rejected
+        assert st.sent > sent_before and st.dropped > 0 and st.rejected == 0
+        with again.client() as c:
+            (rank,) = c.get("/v1/optimizer").json()["ranks"]
+            # the last snapshot arrived; history kept what the first sidecar stored
+            assert rank["step"] == 409
+            hist = c.get("/v1/params/layers.0.attn.w/history",
+                         params={"from_step": 0, "to_step": 409}).json()["points"]
+            assert hist[0]["step"] == 0 and hist[-1]["step"] == 409
+    finally:
+        again.stop()
+
+
+def _until(check: Callable[[], bool], why: str, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------------------ prometheus
