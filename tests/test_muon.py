@@ -308,7 +308,8 @@ def test_scheduled_softening_follows_the_step_and_health_reports_the_scheduled_v
         U = soften(orthogonalize(X, method="quintic", steps=5), X, 0.1 * (t + 1))
         with torch.no_grad():
             ref_params[0].mul_(1 - 0.02 * 0.1).add_(U, alpha=-adjusted_lr(0.02, None, (24, 12)))
-    torch.testing.assert_close(params[0], ref_params[0], atol=1e-6, rtol=1e-6)
+    # the reference runs the optimizer's own kernels on the one matrix: equal to the last bit
+    assert torch.equal(params[0], ref_params[0])
 
 
 # ---- NorMuon ----------------------------------------------------------------------------------
@@ -333,6 +334,13 @@ def test_normuon_evens_row_rms_and_preserves_the_softened_frobenius_norm(s):
     assert opt.state[opt.param_groups[0]["params"][0]]["second_moment"].shape == (64, 1)
 
 
+# NorMuon against its rule written out (v, N and the rescale as separate float32 expressions, in
+# another order than the fused kernel): float32 rounding only, measured after 5 steps 9.7e-7
+# relative (2.4e-7 absolute on entries up to 4) for the parameters and 2.1e-7 relative for the
+# second moments; about 10x above each.
+NORMUON_RULE_RTOL, NORMUON_RULE_ATOL = 1e-5, 2e-6
+
+
 def test_normuon_follows_its_written_rule_over_several_steps():
     beta2, eps, lr, wd = 0.9, 1e-8, 0.02, 0.05
     (W,), (R,) = make_params([(48, 24)]), make_params([(48, 24)])
@@ -349,8 +357,8 @@ def test_normuon_follows_its_written_rule_over_several_steps():
         N = N * torch.linalg.matrix_norm(U) / torch.linalg.matrix_norm(N)
         with torch.no_grad():
             R.mul_(1 - lr * wd).add_(N, alpha=-adjusted_lr(lr, None, (48, 24)))
-    torch.testing.assert_close(W, R, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(opt.state[W]["second_moment"], v, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(W, R, atol=NORMUON_RULE_ATOL, rtol=NORMUON_RULE_RTOL)
+    torch.testing.assert_close(opt.state[W]["second_moment"], v, atol=0.0, rtol=NORMUON_RULE_RTOL)
 
 
 # the rule in float64 against the step on float64 parameters: the second moment is kept in
@@ -609,7 +617,9 @@ def test_matrices_without_entries_step_report_zero_and_leave_the_others_alone(ca
         opt.step()
         alone.step()
         health = opt.health()
-        assert health["w"] == pytest.approx(alone.health()["w"], rel=1e-6, abs=1e-6)
+        # w takes the same operations in both optimizers (the empty matrix is a batch of
+        # its own): equal to the last bit
+        assert health["w"] == alone.health()["w"]
         # zero but for the rotations: SOAP's side of the empty matrix that has a factor (4x4
         # when the other side is 0) only ever sees zero gradients, and a zero factor's
         # eigenbasis is arbitrary (its eigengap, 0, says so: docs/soap.md)
@@ -617,7 +627,7 @@ def test_matrices_without_entries_step_report_zero_and_leave_the_others_alone(ca
                    if k != "softening" and not k.startswith("rotation")), health["e"]
         assert all(0.0 <= v <= 90.0 for k, v in health["e"].items() if k.startswith("rotation"))
     assert empty.shape == shape
-    assert torch.allclose(w, w_alone, rtol=0, atol=1e-6)
+    assert torch.equal(w, w_alone)
 
 
 def test_an_empty_matrix_steps_as_in_torch_optim_muon():

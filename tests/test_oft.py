@@ -11,6 +11,8 @@ from optim.orthogonal import METHODS
 
 # fp32 products of 64-wide rows: a few ulp of O(1) outputs.
 MERGE_ATOL, MERGE_RTOL = 1e-5, 1e-5
+# the fp32 bar for an orthogonal rotation (exp of 16x16 blocks: measured 1.2e-7)
+ORTHO_FP32 = 1e-6
 
 
 def adapted(method: str, *, seed: int = 0) -> OFTLinear:
@@ -44,7 +46,7 @@ def test_only_the_skew_vector_trains_and_health_reports_orthogonality():
         layer.oft_vector.normal_(std=0.5)  # norms far above pi: the auto clip keeps exp exact
     layer(torch.randn(4, 64)).square().sum().backward()
     assert layer.oft_vector.grad is not None and torch.isfinite(layer.oft_vector.grad).all()
-    assert layer.health()["orthogonality_error"] <= 1e-6
+    assert layer.health()["orthogonality_error"] <= ORTHO_FP32
 
 
 def test_cayley_neumann_health_shows_its_truncation_error():

@@ -26,6 +26,19 @@ ORTHO_FP32 = 1e-6
 CAYLEY_DRIFT_1000_UNPOLISHED = 1e-5
 # fp32 rounding of a few products on 64 x 8 frames, relative to O(1) entries.
 FP32_ATOL, FP32_RTOL = 1e-5, 1e-5
+# qr_retract of a 64x8 matrix moved by 1e-4 moves by ~5e-5 (measured); a flipped column's sign
+# would move entries by O(0.1-1)
+QR_CONTINUITY_MAX = 1e-2
+# central difference at t = 1e-6 in float64: truncation ~t^2 = 1e-12, rounding ~eps / t ~ 2e-10
+# on O(1) entries (measured 9.3e-11); 100x above
+FD_ATOL, FD_RTOL = 1e-8, 1e-8
+# float32 polar_retract against the float64 SVD polar factor: fp32 rounding of the Newton-Schulz
+# products, measured 5.8e-7 on entries up to 0.43
+POLAR_FP32_ATOL, POLAR_FP32_RTOL = 1e-5, 1e-5
+# the feedback system's learned frame against the planted one after 200 steps: measured 4.2e-7
+# (the planted map is noiseless, so it converges to fp32 rounding); 1e-4 still fails a frame
+# that is only roughly aligned
+LEARNED_FRAME_ATOL = 1e-4
 
 
 @pytest.fixture
@@ -55,7 +68,7 @@ def test_qr_retract_is_sign_fixed_identity_on_the_manifold_and_continuous():
     torch.testing.assert_close(qr_retract(U), U, atol=FP32_ATOL, rtol=FP32_RTOL)
     X = torch.randn(64, 8)
     nearby = qr_retract(X + 1e-4 * torch.randn(64, 8))
-    assert (qr_retract(X) - nearby).abs().max() < 1e-2  # no column flips
+    assert (qr_retract(X) - nearby).abs().max() < QR_CONTINUITY_MAX  # no column flips
     assert torch.all(torch.diagonal(qr_retract(X).T @ X) > 0)  # diag(R) > 0
 
 
@@ -81,14 +94,15 @@ def test_cayley_retract_stays_on_manifold_for_1000_steps_and_moves_along_project
     U64, G = frame(dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64)
     t = 1e-6
     velocity = (cayley_retract(U64, G, t) - cayley_retract(U64, G, -t)) / (2 * t)
-    torch.testing.assert_close(velocity, tangent_project(U64, G), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(velocity, tangent_project(U64, G), atol=FD_ATOL, rtol=FD_RTOL)
 
 
 def test_polar_retract_matches_svd_polar_factor():
     X = frame(dtype=torch.float64) + 0.1 * torch.randn(64, 8, dtype=torch.float64)
     ref = orthogonalize(X, method="svd", dtype=torch.float64)
-    torch.testing.assert_close(polar_retract(X.float()).double(), ref, atol=1e-5, rtol=1e-5)
-    assert orthogonality_error(polar_retract(X.float())) <= 1e-5
+    torch.testing.assert_close(polar_retract(X.float()).double(), ref, atol=POLAR_FP32_ATOL,
+                               rtol=POLAR_FP32_RTOL)
+    assert orthogonality_error(polar_retract(X.float())) <= ORTHO_FP32
 
 
 @pytest.mark.parametrize("kernel", [qr_retract, polar_retract])
@@ -147,7 +161,7 @@ def test_feedback_learns_a_planted_expander_and_reports_diagnostics(one_thread):
         c = system.compress_error(torch.randn(64, 50))
         diag = system.update_all([2.0 * c @ target.T], c)[0]
     U = system.layers[0].U
-    torch.testing.assert_close(U.T @ target, torch.eye(4), atol=0.05, rtol=0)  # U found it
+    torch.testing.assert_close(U.T @ target, torch.eye(4), atol=LEARNED_FRAME_ATOL, rtol=0)
     assert diag["correlation"] > 0.9  # cosine of G and U; sampling noise in G keeps it < 1
     assert abs(diag["gain"] - 2.0) < 0.1  # least-squares gain found the planted scale
     assert diag["orthogonality_error"] <= ORTHO_FP32
