@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 __all__ = ["optimizer_summary", "publish_health"]
 
@@ -41,13 +45,39 @@ def _groups(optimizer: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _sharded(v: Any) -> bool:
+    return isinstance(v, DTensor) and any(p.is_shard() for p in v.placements)
+
+
+def _sharded_norms(optimizer: Any) -> dict[tuple[str, str], float]:
+    """``(param name, state key) -> Frobenius norm`` of the state tensors stored as shards
+    (Muon's and NorMuon's momentum under FSDP2: each rank holds its rows only), from ONE
+    ``all_reduce`` of every rank's local sums of squares per device mesh, so a collective:
+    every rank must call it at the same step. Without sharded state it makes no call."""
+    entries: dict[Any, list[tuple[str, str, Tensor]]] = {}
+    for item in optimizer.matrix_items():
+        for key, v in optimizer.state.get(item.param, {}).items():
+            if _sharded(v):
+                local = torch.linalg.vector_norm(v.to_local(), dtype=torch.float64)
+                entries.setdefault(v.device_mesh, []).append((item.name, key, local))
+    norms = {}
+    for mesh, rows in entries.items():
+        sums = torch.stack([local.square() for _, _, local in rows])
+        dist.all_reduce(sums, group=mesh.get_group())
+        norms.update({(name, key): math.sqrt(total)
+                      for (name, key, _), total in zip(rows, sums.tolist(), strict=True)})
+    return norms
+
+
 def _state_summary(optimizer: Any, owned: set[str], rank: int) -> dict[str, Any]:
+    sharded = _sharded_norms(optimizer)
     summary = {}
     for item in optimizer.matrix_items():
         if item.name not in owned:
             continue
         state = optimizer.state.get(item.param, {})
-        norms = {k: float(torch.linalg.vector_norm(v.to_local() if hasattr(v, "to_local") else v))
+        norms = {k: sharded[(item.name, k)] if _sharded(v) else
+                 float(torch.linalg.vector_norm(v.to_local() if isinstance(v, DTensor) else v))
                  for k, v in state.items() if torch.is_tensor(v) and v.ndim >= 1 and k[0] != "Q"}
         eig = {}
         for factor in ("L", "R"):
@@ -61,7 +91,11 @@ def _state_summary(optimizer: Any, owned: set[str], rank: int) -> dict[str, Any]
 
 
 def optimizer_summary(optimizer: Any, *, rank: int) -> dict[str, Any]:
-    """Class, per-group hyperparameters and state summaries of the matrices this rank owns."""
+    """Class, per-group hyperparameters and state summaries of the matrices this rank owns.
+
+    Buffer norms are of the whole buffer: where a buffer is stored as shards (Muon's momentum
+    under FSDP2) one small ``all_reduce`` completes them, so under FSDP2 every rank must call
+    this at the same step, as it calls ``checkpoint.save``."""
     owned = set(optimizer.health())
     return {"class_name": type(optimizer).__name__, "groups": _groups(optimizer),
             "state": _state_summary(optimizer, owned, rank)}
@@ -70,7 +104,9 @@ def optimizer_summary(optimizer: Any, *, rank: int) -> dict[str, Any]:
 def publish_health(publisher: Any, optimizer: Any, *, step: int, rank: int,
                    with_summary: bool = False) -> dict[str, dict[str, float]]:
     """Hand this rank's health (and, if asked, the state summary) to the publisher; returns
-    the health it published. Never blocks on the network (the publisher's queue does)."""
+    the health it published. Never blocks on the sidecar (the publisher's queue does); with
+    ``with_summary`` under FSDP2 it is collective (:func:`optimizer_summary`): every rank
+    passes the same ``with_summary`` at a step."""
     health = optimizer.health()
     summary = optimizer_summary(optimizer, rank=rank) if with_summary else None
     publisher.publish(step=step, rank=rank, params=health, optimizer=summary)

@@ -109,13 +109,16 @@ def reference(name: str, steps: int, *, bad: str | None = None) -> dict[str, tor
 
 
 def reference_run(name: str, steps: int, *, bad: str | None = None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
-    """:func:`reference`'s parameters and the single process's ``health()`` after the run."""
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]], dict]:
+    """:func:`reference`'s parameters, the single process's ``health()`` and its state summary
+    (``orthoshard.telemetry.optimizer_summary``) after the run."""
+    from orthoshard.telemetry import optimizer_summary
+
     model, opt = build(name, fsdp=False, sharding=None)
     for step in range(steps):
         inject(model, step, bad=bad)
         opt.step()
-    return full_params(model), opt.health()
+    return full_params(model), opt.health(), optimizer_summary(opt, rank=0)["state"]
 
 
 # add_param_group during training: the first matrices train from step 0, the last two join at
@@ -215,6 +218,7 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
                   scenarios: list[tuple[str, str | None]]) -> None:
     """Run each ``(optimizer name, bad gradient or None)`` scenario; rank 0 saves params and
     stats."""
+    from orthoshard.telemetry import optimizer_summary
     from sharding import OwnerSharding
 
     results: dict[tuple[str, str | None], Any] = {}
@@ -229,7 +233,9 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
         mine = {"stats": opt.comm_stats(), "counted": (counter.sent, counter.received,
                                                        counter.calls),
                 "plan": (plan.elements_sent(rank), plan.elements_received(rank)),
-                "health": opt.health()}
+                "health": opt.health(),
+                # collective under FSDP2 (sharded momentum): every rank calls it here
+                "summary": optimizer_summary(opt, rank=rank)["state"]}
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, mine)
         params = full_params(model)

@@ -85,6 +85,33 @@ def test_health_of_the_owners_equals_single_process_health(fsdp_run, references)
                     (scenario, name, metric)
 
 
+def test_the_owners_state_summaries_equal_the_single_process_summary(fsdp_run, references):
+    # Buffer norms are of the whole buffer: Muon's momentum is stored as FSDP2 shards, and a
+    # norm of the owner's rows alone (what was reported before) reads low at W = 2 and 4.
+    # Eigenvalues come from the owner's full factors. PARITY_ATOL as for the health values.
+    _, results = fsdp_run
+    for scenario in SCENARIOS:
+        merged: dict[str, dict] = {}
+        for rank, report in enumerate(results[scenario]["ranks"]):
+            # the matrices it owns (health also names an AdamW parameter that skipped a NaN)
+            assert set(report["summary"]) == set(report["health"]) - {"bias"}, scenario
+            for name, summary in report["summary"].items():
+                assert summary["owner_rank"] == rank
+                merged[name] = summary
+        want = references[scenario][2]
+        assert merged.keys() == want.keys(), scenario
+        for name, summary in want.items():
+            got = merged[name]
+            assert got["shape"] == summary["shape"]
+            assert got["buffer_norms"].keys() == summary["buffer_norms"].keys() != set()
+            for key, value in summary["buffer_norms"].items():
+                assert got["buffer_norms"][key] == pytest.approx(value, abs=PARITY_ATOL), \
+                    (scenario, name, key)
+            assert got["eigenvalues"].keys() == summary["eigenvalues"].keys()
+            for factor, values in summary["eigenvalues"].items():
+                assert got["eigenvalues"][factor] == pytest.approx(values, abs=PARITY_ATOL)
+
+
 def test_each_matrix_has_exactly_one_owner_reporting_health(fsdp_run):
     _, results = fsdp_run
     for name in NAMES:
