@@ -170,6 +170,12 @@ class MatrixExchange(Protocol):
         """``t`` summed over the ranks (one collective); the identity in one process."""
         ...
 
+    def reports_fallback(self) -> bool:
+        """Whether this rank reports the AdamW group's skip counts in ``health()``: every rank
+        steps those parameters and counts alike, and one rank reports them, as one owner
+        reports each matrix (a count summed over ranks or nodes is then the true one)."""
+        ...
+
 
 class LocalExchange:
     """Single process: every matrix is whole and owned here."""
@@ -195,6 +201,9 @@ class LocalExchange:
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return t
+
+    def reports_fallback(self) -> bool:
+        return True
 
 
 class MatrixOptimizer(Optimizer):
@@ -479,7 +488,8 @@ class MatrixOptimizer(Optimizer):
         for (name, p), ok in zip(named, finite, strict=True):
             if not ok:
                 group["nonfinite_skips"][name] += 1
-                self._record(name, {"nonfinite_skips": float(group["nonfinite_skips"][name])})
+                if self._exchange.reports_fallback():
+                    self._record(name, {"nonfinite_skips": float(group["nonfinite_skips"][name])})
                 continue
             state = self._adamw_state(p)
             params.append(p)
@@ -575,5 +585,6 @@ class MatrixOptimizer(Optimizer):
         self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
         for group in self.param_groups:
             for name, count in group["nonfinite_skips"].items():
-                if count and group["algorithm"] == ADAMW:  # matrices re-report at their next step
+                # matrices re-report at their next step, on their owner
+                if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
                     self._record(name, {"nonfinite_skips": float(count)})

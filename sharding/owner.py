@@ -95,6 +95,10 @@ class OwnerSharding:
         self._stats["collectives"] += 1
         return out
 
+    def reports_fallback(self) -> bool:
+        """Rank 0 of the group reports the AdamW group's skip counts (every rank has them)."""
+        return self.rank == 0
+
     # ---- planning -----------------------------------------------------------------------
     def global_plan(self) -> tuple[Plan, dict[int, int]]:
         """The plan over ALL of the optimizer's matrices (ownership does not depend on which

@@ -165,6 +165,11 @@ def test_nonfinite_gradient_shard_skips_the_whole_matrix_on_every_rank(fsdp_run)
                  for k, v in r["health"].items()}
         assert skips[w.NAN_PARAM] == 1.0
         assert skips["bias"] == 1.0  # the AdamW parameter: every rank skipped its shard
+        # each name is reported by one rank: the owner for a matrix, rank 0 for the AdamW
+        # parameter (else a sum over ranks or nodes would count its one skip W times)
+        reporters = [set(r["health"]) for r in results[scenario]["ranks"]]
+        assert sum(len(names) for names in reporters) == len(set().union(*reporters))
+        assert "bias" in reporters[0]
         assert all(v == 0.0 for k, v in skips.items() if k not in (w.NAN_PARAM, "bias"))
 
 
