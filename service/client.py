@@ -67,6 +67,11 @@ def _plain(value: Any) -> Any:
     return _plain(float(value))
 
 
+def _worth_logging(count: int) -> bool:
+    """Log the 1st, 10th and 100th of a repeating problem, then every 1000th."""
+    return count in (1, 10, 100) or count % 1000 == 0
+
+
 def default_run_id() -> str:
     """``ORTHOSHARD_RUN_ID``, else torchrun's ``TORCHELASTIC_RUN_ID``, else a random id.
 
@@ -247,8 +252,7 @@ class Publisher:
         try:
             body = self._encode(item)
         except (TypeError, ValueError) as exc:
-            self.stats.rejected += 1
-            _log.warning("snapshot at step %s not encodable (%s); dropped", item["step"], exc)
+            self._rejected(f"step {item['step']} not encodable ({exc})")
             return "rejected"
         try:
             response = self._client.post("/v1/snapshots", content=body)
@@ -259,8 +263,8 @@ class Publisher:
             self._failed(f"HTTP {response.status_code}")
             return "retry"
         if response.status_code >= 400:
-            self.stats.rejected += 1
-            _log.warning("sidecar refused step %s: %s", item["step"], response.text[:500])
+            self._rejected(f"sidecar refused step {item['step']}: HTTP {response.status_code} "
+                           f"{response.text[:500]}")
             return "rejected"
         if self._down:
             self._down = False
@@ -271,10 +275,17 @@ class Publisher:
     def _failed(self, why: str) -> None:
         self._down = True
         self.stats.failures += 1
-        if self.stats.failures in (1, 10, 100) or self.stats.failures % 1000 == 0:
+        if _worth_logging(self.stats.failures):
             _log.warning(
                 "sidecar unreachable (%s); %d failed sends so far", why, self.stats.failures
             )
+
+    def _rejected(self, why: str) -> None:
+        # a refusal usually repeats every step (a wrong token, a snapshot over the limits):
+        # logged as failures are, not once per step and rank
+        self.stats.rejected += 1
+        if _worth_logging(self.stats.rejected):
+            _log.warning("%s; %d snapshots refused so far", why, self.stats.rejected)
 
     def _encode(self, item: dict[str, Any]) -> bytes:
         snapshot = {

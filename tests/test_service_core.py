@@ -338,6 +338,22 @@ def test_publisher_counts_refusals_and_does_not_retry_4xx() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_refusal_repeating_every_step_is_logged_sparingly(caplog) -> None:
+    # a wrong token is refused at every step of every rank: the log says so at the 1st, 10th
+    # and 100th refusal (with the answer), not 150 times
+    pub = publisher(Recorder(status=401), queue_size=200)
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        for step in range(150):
+            pub.publish(step=step, rank=0, params={})
+        assert pub.close(timeout_s=10) is True  # every snapshot ended (refused), none left
+    assert pub.stats.rejected == 150 and accounted(pub)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and all("HTTP 401" in line for line in lines)
+    assert [line.rsplit("; ", 1)[1] for line in lines] == [
+        "1 snapshots refused so far", "10 snapshots refused so far", "100 snapshots refused so far"]
+
+
+@pytest.mark.timeout(30)
 def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
     pub = Publisher(url="http://127.0.0.1:9", run_id="r", timeout_s=0.2, backoff_s=(0.01, 0.05))
     pub.publish(step=1, rank=0, params={"w": {"x": object()}})  # type: ignore[dict-item]
