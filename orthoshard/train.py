@@ -252,7 +252,7 @@ def _train(args: argparse.Namespace) -> int:
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate())
     if publisher is not None:
-        publisher.close()
+        publisher.close(finished=True)  # the run ended: its silence from now on is no alert
     return 0
 
 

@@ -6,7 +6,7 @@ One line in the training loop::
     ...
     pub.publish(step=step, rank=rank, params=opt.health())        # returns in microseconds
     ...
-    pub.close()                                                   # flushes, bounded by a deadline
+    pub.close(finished=True)                                      # flushes, says the run ended
 
 Contract: ``publish`` never blocks, never raises and never touches torch or torch.distributed.
 It appends to a bounded queue (the oldest snapshot is dropped and counted when full) and returns;
@@ -127,6 +127,9 @@ class Publisher:
         self._backoff = backoff_s
         self._down = False
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
+        self._ranks: set[int] = set()  # ranks published for (a finish is sent for each)
+        self._finish = False  # close(finished=True): say each rank's run ended, after the flush
+        self._finish_failed = False
         self._client = self._make_client(url, uds, token, timeout_s, transport)
         self._thread = threading.Thread(target=self._run, name="orthoshard-publisher", daemon=True)
         self._thread.start()
@@ -185,15 +188,22 @@ class Publisher:
                     self._queue.popleft()
                     self.stats.dropped += 1
                 self._queue.append(item)
+                self._ranks.add(rank)
                 self.stats.published += 1
                 self._cond.notify()
         except Exception:  # the contract: nothing escapes into the training loop
             _log.exception("publish failed; snapshot dropped")
 
-    def close(self, timeout_s: float = 5.0) -> bool:
-        """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent."""
+    def close(self, timeout_s: float = 5.0, *, finished: bool = False) -> bool:
+        """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent.
+
+        ``finished=True`` (the training loop ended normally) then tells the sidecar that each
+        rank published for has finished its run (``POST /v1/ranks/{rank}/finish``), so the
+        rank's silence from now on is not alerted as a stale rank; True then also needs those
+        answers to be 2xx. Leave it False on an error path: a crashed rank must still page."""
         with self._cond:
             self._closing = True
+            self._finish = finished
             self._deadline = time.monotonic() + timeout_s
             self._cond.notify()
         self._thread.join(timeout_s + 1.0)
@@ -201,7 +211,8 @@ class Publisher:
             left = len(self._queue)
             self.stats.dropped += left
             self._queue.clear()
-            return left == 0 and self._unsent == 0 and not self._thread.is_alive()
+            return (left == 0 and self._unsent == 0 and not self._finish_failed
+                    and not self._thread.is_alive())
 
     def __enter__(self) -> Publisher:
         return self
@@ -230,7 +241,28 @@ class Publisher:
             self._unsent += len(self._queue)
             self.stats.dropped += len(self._queue)
             self._queue.clear()
+            ranks = sorted(self._ranks) if self._finish else []
+        for rank in ranks:
+            self._send_finish(rank)
         self._client.close()
+
+    def _send_finish(self, rank: int) -> None:
+        """``POST /v1/ranks/{rank}/finish`` once, within close()'s deadline; a failure is logged
+        and makes close() return False (the sidecar then alerts on the silence as usual)."""
+        why = None
+        if time.monotonic() >= self._deadline:
+            why = "close()'s deadline passed first"
+        else:
+            body = json.dumps({"run_id": self.run_id}).encode("utf-8")
+            try:
+                response = self._client.post(f"/v1/ranks/{rank}/finish", content=body)
+                if response.status_code >= 300:
+                    why = f"HTTP {response.status_code} {response.text[:500]}"
+            except httpx.HTTPError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            self._finish_failed = True
+            _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
 
     def _next(self, delay: float) -> dict[str, Any] | None:
         """The oldest queued snapshot, taken off the queue (a send in flight holds no place

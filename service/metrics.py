@@ -29,6 +29,11 @@ the state API keeps the exact per-step values. Non-finite rotations are not held
 ``NaN`` only when neither the latest value nor any value in the window is finite. The hold lives
 in memory (a restarted sidecar exports the latest values until new snapshots arrive).
 
+Finished runs: a rank that said its run ended (``POST /v1/ranks/{rank}/finish``, sent by
+``Publisher.close(finished=True)``) exports no ``orthoshard_last_snapshot_timestamp_seconds``
+until its next snapshot, so ``OptimizerSnapshotStale`` pages for ranks that stopped, not for
+runs that finished.
+
 Expiry: a parameter or rank whose last snapshot was received more than ``series_ttl_s`` ago
 (900 s by default) is not emitted, so a parameter that stopped reporting, a dead rank or a
 previous run leaves no ghost series. A ``null`` metric (non-finite at the source) is emitted as
@@ -119,7 +124,8 @@ STEP = Family(
 LAST_SNAPSHOT = Family(
     "orthoshard_last_snapshot_timestamp_seconds",
     "gauge",
-    "Unix time at which the sidecar received the rank's latest snapshot.",
+    "Unix time at which the sidecar received the rank's latest snapshot "
+    "(absent while the rank's run is finished).",
     ("rank",),
 )
 RECEIVED = Family(
@@ -197,7 +203,8 @@ def rank_samples(rec: RankRecord) -> Iterator[Sample]:
     """The exported samples of one rank, indexed into ``RANK_FAMILIES``."""
     label = (str(rec.rank),)
     yield 0, label, float(rec.step)
-    yield 1, label, rec.received_at
+    if rec.finished_at is None:  # a rank whose run ended is not late: no liveness sample
+        yield 1, label, rec.received_at
     yield 2, label, float(rec.snapshots_received)
 
 

@@ -99,6 +99,12 @@ class Snapshot(_Strict):
     optimizer: OptimizerInfo | None = None
 
 
+class Finish(_Strict):
+    """What a rank posts to ``POST /v1/ranks/{rank}/finish`` when its run ended normally."""
+
+    run_id: RunId = Field(description="the run that ended; must be the rank's latest run")
+
+
 class Accepted(BaseModel):
     """Answer to an accepted snapshot."""
 
@@ -130,6 +136,11 @@ class RankState(BaseModel):
     received_at: float
     snapshots_received: int
     stale: bool
+    finished_at: float | None = Field(
+        default=None,
+        description="when the rank said its run ended (Publisher.close(finished=True)); "
+        "cleared by its next snapshot",
+    )
     optimizer: OptimizerInfo | None = None
 
 

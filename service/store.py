@@ -5,7 +5,8 @@ Reads for ``/metrics`` and the state API are served from an in-memory mirror of 
 Every accepted snapshot is written in one transaction before the ingest answers, so a restarted
 sidecar answers history queries and its last-known state: nothing accepted is lost.
 
-Tables: ``ranks`` (one row per rank), ``params`` (one row per parameter name) and ``history``
+Tables: ``ranks`` (one row per rank; ``finished_at`` is set when the rank says its run ended
+and cleared by its next snapshot), ``params`` (one row per parameter name) and ``history``
 (one row per parameter per snapshot; the oldest rows beyond ``history_max_rows`` are pruned on
 each ingest, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a power cut may lose
 the last transactions but never corrupts the file; a process crash loses nothing committed.
@@ -14,6 +15,7 @@ the last transactions but never corrupts the file; a process crash loses nothing
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -29,7 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ranks (
     rank INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, snapshots_received INTEGER NOT NULL,
-    optimizer TEXT);
+    optimizer TEXT, finished_at REAL);
 CREATE TABLE IF NOT EXISTS params (
     name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
@@ -38,6 +40,16 @@ CREATE TABLE IF NOT EXISTS history (
     step INTEGER NOT NULL, wall_time REAL NOT NULL, metrics TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS history_by_name ON history (name, run_id, step);
 """
+_RANK_COLUMNS = ("rank, run_id, step, wall_time, received_at, snapshots_received, optimizer, "
+                 "finished_at")
+
+
+class UnknownRank(LookupError):
+    """A rank this store has never received a snapshot from."""
+
+
+class OtherRun(ValueError):
+    """A rank whose latest snapshot belongs to another run than the one named."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,7 @@ class RankRecord:
     received_at: float
     snapshots_received: int
     optimizer: dict[str, Any] | None
+    finished_at: float | None = None  # receive time of the rank's "run ended", if it said so
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +121,27 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._ranks: dict[int, RankRecord] = {}
         self._params: dict[str, ParamRecord] = {}
         self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
         self._load()
 
+    def _migrate(self) -> None:
+        """Bring a database written by an earlier version up to this schema (in place)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ranks)")}
+        if "finished_at" not in columns:
+            self._db.execute("ALTER TABLE ranks ADD COLUMN finished_at REAL")
+
     def _load(self) -> None:
         """Fill the in-memory mirror from the ``ranks`` and ``params`` tables."""
-        for rank, run, step, wall, received, count, opt in self._db.execute("SELECT * FROM ranks"):
-            self._ranks[rank] = RankRecord(rank, run, step, wall, received, count, _loads(opt))
+        for rank, run, step, wall, received, count, opt, finished in self._db.execute(
+            f"SELECT {_RANK_COLUMNS} FROM ranks"
+        ):
+            self._ranks[rank] = RankRecord(
+                rank, run, step, wall, received, count, _loads(opt), finished
+            )
         for name, run, rank, step, wall, received, metrics, state in self._db.execute(
             "SELECT * FROM params"
         ):
@@ -163,6 +187,25 @@ class Store:
             listener(records)
         return len(records)
 
+    def finish(self, rank: int, run_id: str) -> RankRecord:
+        """Record that ``rank``'s run ``run_id`` ended (durably); its next snapshot clears it.
+
+        Raises:
+            UnknownRank: no snapshot from ``rank`` was ever received.
+            OtherRun: ``rank``'s latest snapshot belongs to another run (a late finish of an
+                earlier run must not hide a running one).
+        """
+        with self._transaction() as db:
+            prev = self._ranks.get(rank)
+            if prev is None:
+                raise UnknownRank(rank)
+            if prev.run_id != run_id:
+                raise OtherRun(prev.run_id)
+            rec = dataclasses.replace(prev, finished_at=self._clock())
+            db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?", (rec.finished_at, rank))
+            self._ranks[rank] = rec
+        return rec
+
     def add_listener(self, listener: Callable[[list[ParamRecord]], None]) -> None:
         """Call ``listener(new_records)`` after each ingest commits (outside the store lock)."""
         self._listeners.append(listener)
@@ -185,7 +228,7 @@ class Store:
     def _write(self, db: sqlite3.Connection, r: RankRecord, records: list[ParamRecord]) -> None:
         """Upsert the latest rows, append history, prune history beyond the bound."""
         db.execute(
-            "INSERT OR REPLACE INTO ranks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO ranks ({_RANK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.rank,
                 r.run_id,
@@ -194,6 +237,7 @@ class Store:
                 r.received_at,
                 r.snapshots_received,
                 _dumps(r.optimizer),
+                r.finished_at,
             ),
         )
         rows = [

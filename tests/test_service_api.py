@@ -347,6 +347,7 @@ def test_openapi_documents_every_route_and_problem_bodies(client: TestClient) ->
         "/readyz",
         "/metrics",
         "/v1/snapshots",
+        "/v1/ranks/{rank}/finish",
         "/v1/optimizer",
         "/v1/params",
         "/v1/params/{name}",
@@ -357,6 +358,10 @@ def test_openapi_documents_every_route_and_problem_bodies(client: TestClient) ->
     assert "Snapshot" in spec["components"]["schemas"]
     for code in ("400", "401", "413", "422"):
         assert PROBLEM in post_op["responses"][code]["content"]
+    finish_op = spec["paths"]["/v1/ranks/{rank}/finish"]["post"]
+    assert finish_op["security"] == [{"bearer": []}]
+    for code in ("401", "404", "409", "422"):
+        assert PROBLEM in finish_op["responses"][code]["content"]
 
 
 # ------------------------------------------------------------------------------ state API
@@ -433,6 +438,48 @@ def test_metrics_names_labels_and_values(client: TestClient, clock: FakeClock) -
         'orthoshard_snapshots_received_total{rank="2"} 2.0',
     }
     assert lines == expected  # update_rms and basis_staleness_L are not exported
+
+
+def test_a_finished_rank_exports_no_liveness_until_its_next_snapshot(
+    client: TestClient, clock: FakeClock
+) -> None:
+    # OptimizerSnapshotStale reads the timestamp: a run that ended must not page as a rank that
+    # stopped, and a resumed run must be watched again
+    post(client, snapshot(step=7, rank=2, names=("a.w",), run_id="run-a"))
+    post(client, snapshot(step=7, rank=3, names=("b.w",), run_id="run-a"))
+    clock.now += 5
+    r = client.post("/v1/ranks/2/finish", json={"run_id": "run-a"})
+    assert r.status_code == 200, r.text
+    assert r.json()["finished_at"] == clock.now and r.json()["step"] == 7
+    lines = metric_lines(client)
+    assert not any(ln.startswith('orthoshard_last_snapshot_timestamp_seconds{rank="2"}')
+                   for ln in lines)
+    assert any(ln.startswith('orthoshard_last_snapshot_timestamp_seconds{rank="3"}')
+               for ln in lines)  # the rank that did not finish still is watched
+    assert 'orthoshard_optimizer_step{rank="2"} 7.0' in lines  # its last state stays visible
+    assert 'orthoshard_orthogonality_error{param="a.w"} 0.01' in lines
+    ranks = {r["rank"]: r for r in client.get("/v1/optimizer").json()["ranks"]}
+    assert ranks[2]["finished_at"] == clock.now and ranks[3]["finished_at"] is None
+    clock.now += 5
+    post(client, snapshot(step=8, rank=2, names=("a.w",), run_id="run-b"))  # a new run
+    assert f'orthoshard_last_snapshot_timestamp_seconds{{rank="2"}} {clock.now!r}' in \
+        metric_lines(client)
+    assert client.get("/v1/optimizer").json()["ranks"][0]["finished_at"] is None
+
+
+def test_a_finish_names_a_known_rank_and_its_current_run(client: TestClient) -> None:
+    body = assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-a"}), 404)
+    assert body["type"].endswith("unknown-rank")
+    post(client, snapshot(rank=4, run_id="run-b"))
+    # a late finish from an earlier run must not hide the run that is going on
+    body = assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-a"}), 409)
+    assert body["type"].endswith("other-run") and "run-b" in body["detail"]
+    assert client.get("/v1/optimizer").json()["ranks"][0]["finished_at"] is None
+    assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-b", "x": 1}), 422)
+    assert_problem(client.post("/v1/ranks/-1/finish", json={"run_id": "run-b"}), 422)
+    assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-b"},
+                               headers={"Authorization": "Bearer wrong"}), 401)
+    assert client.post("/v1/ranks/4/finish", json={"run_id": "run-b"}).status_code == 200
 
 
 def test_silent_series_expire_after_the_ttl(client: TestClient, clock: FakeClock) -> None:

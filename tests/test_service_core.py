@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -56,6 +57,28 @@ def test_store_survives_reopen_with_history_and_last_state(tmp_path: Path) -> No
     assert again.param("blocks.2.w") is not None
     rows = again.history("blocks.2.w", run_id="r", from_step=1, to_step=2, limit=10)
     assert [r.step for r in rows] == [1, 2] and rows[0].metrics["eigengap_ratio_L"] is None
+    again.close()
+
+
+def test_a_finish_is_durable_and_a_database_of_the_earlier_schema_opens(tmp_path: Path) -> None:
+    # the ranks table as the previous version wrote it (no finished_at column), with a row
+    db = str(tmp_path / "old.db")
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TABLE ranks (rank INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT "
+        "NULL, wall_time REAL NOT NULL, received_at REAL NOT NULL, snapshots_received INTEGER "
+        "NOT NULL, optimizer TEXT);"
+        "INSERT INTO ranks VALUES (3, 'r', 9, 1e9, 4.0, 10, NULL);")
+    con.close()
+    store = Store(db, history_max_rows=1000, clock=lambda: 7.0)
+    (rank,) = store.ranks()
+    assert (rank.rank, rank.step, rank.snapshots_received, rank.finished_at) == (3, 9, 10, None)
+    assert store.finish(3, "r").finished_at == 7.0
+    store.close()
+    again = Store(db, history_max_rows=1000, clock=lambda: 8.0)
+    assert again.ranks()[0].finished_at == 7.0  # kept across a sidecar restart
+    again.ingest(make_snapshot(10, rank=3))  # the run goes on (resumed): watched again
+    assert again.ranks()[0].finished_at is None and again.ranks()[0].snapshots_received == 11
     again.close()
 
 
@@ -351,6 +374,53 @@ def test_a_refusal_repeating_every_step_is_logged_sparingly(caplog) -> None:
     assert len(lines) == 3 and all("HTTP 401" in line for line in lines)
     assert [line.rsplit("; ", 1)[1] for line in lines] == [
         "1 snapshots refused so far", "10 snapshots refused so far", "100 snapshots refused so far"]
+
+
+class Finishes(Gate):
+    """A :class:`Gate` that also records the finish requests, answering them ``finish``."""
+
+    def __init__(self, finish: int = 200) -> None:
+        super().__init__(hold=0)
+        self.finish, self.paths = finish, []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        if request.url.path.endswith("/finish"):
+            self.bodies.append(json.loads(request.content))
+            return httpx.Response(self.finish, json={})
+        return super().__call__(request)
+
+
+@pytest.mark.timeout(30)
+def test_close_finished_says_each_rank_ended_after_its_last_snapshot() -> None:
+    handler = Finishes()
+    pub = gated(handler)
+    for step in range(3):
+        pub.publish(step=step, rank=5, params={})
+    pub.publish(step=3, rank=1, params={})
+    assert pub.close(timeout_s=10, finished=True)
+    assert handler.paths == ["/v1/snapshots"] * 4 + ["/v1/ranks/1/finish", "/v1/ranks/5/finish"]
+    assert handler.bodies[-2:] == [{"run_id": "r"}, {"run_id": "r"}]
+    # without finished=True (an error path: a crashed rank must still page) nothing is said
+    quiet = Finishes()
+    other = gated(quiet)
+    other.publish(step=0, rank=0, params={})
+    assert other.close(timeout_s=10)
+    assert quiet.paths == ["/v1/snapshots"]
+    with gated(quiet) as third:  # nor by a with-block, which also closes on an exception
+        third.publish(step=1, rank=0, params={})
+    assert quiet.paths == ["/v1/snapshots"] * 2
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_finish_makes_close_report_false(caplog) -> None:
+    pub = gated(Finishes(finish=409))
+    pub.publish(step=0, rank=2, params={})
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        assert pub.close(timeout_s=10, finished=True) is False
+    assert pub.stats.sent == 1 and accounted(pub)
+    assert any("rank 2 finished" in r.getMessage() and "409" in r.getMessage()
+               for r in caplog.records)
 
 
 @pytest.mark.timeout(30)

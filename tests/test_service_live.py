@@ -151,7 +151,7 @@ def test_restart_on_the_same_db_keeps_history_and_last_state(tmp_path: Path) -> 
     pub = Publisher(uds=car.uds, token=car.token, run_id="durable")
     for step in range(10):
         pub.publish(step=step, rank=2, params=health(step, n=2))
-    assert pub.close(timeout_s=10)
+    assert pub.close(timeout_s=10, finished=True)  # the run ended
     assert car.stop() == 0 and not os.path.exists(car.uds)
     again = start_sidecar(tmp_path, token=car.token)
     try:
@@ -160,8 +160,12 @@ def test_restart_on_the_same_db_keeps_history_and_last_state(tmp_path: Path) -> 
             hist = c.get("/v1/params/layers.1.attn.w/history").json()
             assert [p["step"] for p in hist["points"]] == list(range(10))
             assert c.get("/v1/params/layers.1.attn.w").json()["step"] == 9
-            assert c.get("/v1/optimizer").json()["ranks"][0]["snapshots_received"] == 10
-            assert 'orthoshard_optimizer_step{rank="2"} 9.0' in c.get("/metrics").text
+            (rank,) = c.get("/v1/optimizer").json()["ranks"]
+            assert rank["snapshots_received"] == 10 and rank["finished_at"] is not None
+            metrics = c.get("/metrics").text
+            assert 'orthoshard_optimizer_step{rank="2"} 9.0' in metrics
+            # finished, also after the restart: nothing for OptimizerSnapshotStale to read
+            assert 'orthoshard_last_snapshot_timestamp_seconds{rank="2"}' not in metrics
     finally:
         again.stop()
 
@@ -270,6 +274,58 @@ def test_real_prometheus_scrapes_the_sidecar(sidecar: Sidecar, tmp_path: Path) -
             assert float(orth[0]["value"][1]) == pytest.approx(0.042, rel=1e-12)
             assert _query(prom, "orthoshard_snapshots_received_total")[0]["value"][1] == "1"
             assert _query(prom, 'up{job="orthoshard"}')[0]["value"][1] == "1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+FAST_RULES = ROOT / "deploy" / "prometheus" / "rules-fast" / "orthoshard.rules.yml"
+STALE_FIRING = 'ALERTS{alertname="OptimizerSnapshotStale",alertstate="firing"}'
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(120)
+def test_a_rank_that_stops_pages_as_stale_and_a_finished_run_does_not(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    # The fast rule profile: stale after 10 s without a snapshot, for 2 s, 1 s scrapes. Rank 0's
+    # run ends normally (close(finished=True)); rank 1 just stops, as a hung or dead rank does.
+    prometheus = require_tool("prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f'rule_files: ["{FAST_RULES}"]\n'
+        "scrape_configs:\n"
+        "  - job_name: orthoshard-sidecar\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{sidecar.port}']}}]\n"
+    )
+    web = free_port()
+    proc = subprocess.Popen(
+        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{web}", timeout=5) as prom:
+            pubs = [Publisher(url=sidecar.url, token=sidecar.token, run_id="ends") for _ in (0, 1)]
+            for rank, pub in enumerate(pubs):
+                pub.publish(step=1, rank=rank, params=health(1, n=1))
+            # both ranks' liveness is scraped before either goes quiet
+            _wait_for(prom, "orthoshard_last_snapshot_timestamp_seconds", want=2, within_s=45)
+            assert pubs[0].close(timeout_s=10, finished=True)
+            assert pubs[1].close(timeout_s=10)
+            deadline = time.monotonic() + 40
+            while not _query(prom, STALE_FIRING):
+                assert time.monotonic() < deadline, "OptimizerSnapshotStale never fired"
+                time.sleep(0.5)
+            time.sleep(3)  # past rank 0's own 10 s + 2 s as well
+            firing = _query(prom, f"max_over_time({STALE_FIRING}[1m])")
+            assert sorted(s["metric"]["rank"] for s in firing) == ["1"]
+            # rank 0 was alive, then finished: its state is still there, its timestamp is not
+            steps = _query(prom, "orthoshard_optimizer_step")
+            assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
+            live = _query(prom, "orthoshard_last_snapshot_timestamp_seconds")
+            assert sorted(s["metric"]["rank"] for s in live) == ["1"]
     finally:
         proc.terminate()
         proc.wait(timeout=15)

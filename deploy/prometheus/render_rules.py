@@ -100,7 +100,9 @@ ANNOTATIONS = {
         'rank {{ $labels.rank }} for {{ $value | printf "%.0f" }} seconds.',
         "runbook": "The rank is hung, dead, much slower than usual, or its publisher cannot "
         "reach the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
-        "sidecar. A finished run also ends here until --series-ttl drops its series.",
+        "sidecar. A run that ended normally does not page: Publisher.close(finished=True) "
+        "tells the sidecar, which then drops the rank's timestamp; a trainer that exits "
+        "without saying so ends here until --series-ttl drops its series.",
     },
     "OptimizerOrthogonalityErrorHigh": {
         "summary": 'Orthogonality error of {{ $labels.param }} is {{ $value | printf "%.3f" }}',

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 
 from service.deps import Authenticated, StoreDep
-from service.problems import problem_responses
-from service.schema import Accepted, Snapshot
+from service.problems import ProblemError, problem_responses
+from service.schema import Accepted, Finish, RankState, Snapshot
+from service.store import OtherRun, UnknownRank
 
 router = APIRouter(prefix="/v1", tags=["ingest"], dependencies=[Authenticated])
 
@@ -28,4 +31,34 @@ def post_snapshot(snapshot: Snapshot, store: StoreDep) -> Accepted:
     stored = store.ingest(snapshot)
     return Accepted(
         run_id=snapshot.run_id, rank=snapshot.rank, step=snapshot.step, params_stored=stored
+    )
+
+
+@router.post(
+    "/ranks/{rank}/finish",
+    summary="Say a rank's run ended normally",
+    responses=problem_responses(400, 401, 404, 409, 413, 415, 422),
+)
+def finish_rank(
+    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep
+) -> RankState:
+    """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's
+    ``orthoshard_last_snapshot_timestamp_seconds`` leaves ``/metrics``, so a run that finished
+    does not page as a stale rank. Its next snapshot (a new or resumed run) clears the mark.
+    404: no snapshot from this rank yet; 409: its latest snapshot is of another run."""
+    try:
+        r = store.finish(rank, body.run_id)
+    except UnknownRank as exc:
+        raise ProblemError(404, f"No snapshot from rank {rank} yet.", slug="unknown-rank") from exc
+    except OtherRun as exc:
+        raise ProblemError(
+            409,
+            f"Rank {rank} last reported run {exc.args[0]!r}, not {body.run_id!r}: a finish of "
+            f"an earlier run does not end the one it is running now.",
+            slug="other-run",
+        ) from exc
+    return RankState(
+        rank=r.rank, run_id=r.run_id, step=r.step, wall_time=r.wall_time,
+        received_at=r.received_at, snapshots_received=r.snapshots_received, stale=False,
+        finished_at=r.finished_at,
     )

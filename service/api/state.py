@@ -70,6 +70,7 @@ def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep) -> Op
             received_at=r.received_at,
             snapshots_received=r.snapshots_received,
             stale=now - r.received_at > settings.series_ttl_s,
+            finished_at=r.finished_at,
             optimizer=OptimizerInfo.model_validate(r.optimizer) if r.optimizer else None,
         )
         for r in store.ranks()
