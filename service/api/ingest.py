@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, status
 
+from service.api.state import rank_state
 from service.deps import Authenticated, StoreDep
 from service.problems import ProblemError, problem_responses
 from service.schema import Accepted, Finish, RankState, Snapshot
@@ -57,8 +58,4 @@ def finish_rank(
             f"an earlier run does not end the one it is running now.",
             slug="other-run",
         ) from exc
-    return RankState(
-        rank=r.rank, run_id=r.run_id, step=r.step, wall_time=r.wall_time,
-        received_at=r.received_at, snapshots_received=r.snapshots_received, stale=False,
-        finished_at=r.finished_at,
-    )
+    return rank_state(r, stale=False)

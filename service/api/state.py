@@ -21,7 +21,7 @@ from service.schema import (
     ParamSummary,
     RankState,
 )
-from service.store import ParamRecord
+from service.store import ParamRecord, RankRecord
 
 router = APIRouter(
     prefix="/v1", tags=["state"], dependencies=[Authenticated], responses=problem_responses(401)
@@ -57,25 +57,27 @@ def _summary(rec: ParamRecord, now: float, ttl: float) -> ParamSummary:
     )
 
 
+def rank_state(r: RankRecord, *, stale: bool) -> RankState:
+    """The API's view of one rank's record."""
+    return RankState(
+        rank=r.rank,
+        run_id=r.run_id,
+        step=r.step,
+        wall_time=r.wall_time,
+        received_at=r.received_at,
+        snapshots_received=r.snapshots_received,
+        stale=stale,
+        finished_at=r.finished_at,
+        optimizer=OptimizerInfo.model_validate(r.optimizer) if r.optimizer else None,
+    )
+
+
 @router.get("/optimizer", summary="Optimizer configuration and step per rank")
 def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep) -> OptimizerView:
     """Every rank ever seen, its run, step, receive time and the configuration it last sent."""
     now = clock()
-    ranks = [
-        RankState(
-            rank=r.rank,
-            run_id=r.run_id,
-            step=r.step,
-            wall_time=r.wall_time,
-            received_at=r.received_at,
-            snapshots_received=r.snapshots_received,
-            stale=now - r.received_at > settings.series_ttl_s,
-            finished_at=r.finished_at,
-            optimizer=OptimizerInfo.model_validate(r.optimizer) if r.optimizer else None,
-        )
-        for r in store.ranks()
-    ]
-    return OptimizerView(ranks=ranks)
+    return OptimizerView(ranks=[rank_state(r, stale=now - r.received_at > settings.series_ttl_s)
+                                for r in store.ranks()])
 
 
 @router.get(
