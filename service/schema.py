@@ -39,6 +39,7 @@ MAX_PARAMS = 20_000
 MAX_METRICS_PER_PARAM = 64
 MAX_GROUPS = 256
 MAX_EIGENVALUES = 256
+MAX_STEP = 2**62  # steps are stored as SQLite integers (signed 64-bit)
 
 # Parameter names are module paths ("layers.0.attn.q_proj.weight"); no "/" so that
 # /v1/params/{name} is unambiguous, no whitespace or control characters.
@@ -93,7 +94,7 @@ class Snapshot(_Strict):
     schema_version: Literal[1] = Field(description="must be 1; other versions are refused")
     run_id: RunId
     rank: int = Field(ge=0, le=65535)
-    step: int = Field(ge=0, le=2**62)
+    step: int = Field(ge=0, le=MAX_STEP)
     wall_time: float = Field(gt=0, description="Unix seconds at the trainer when taken")
     params: dict[ParamName, ParamMetrics] = Field(max_length=MAX_PARAMS)
     optimizer: OptimizerInfo | None = None

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
 from service.schema import (
+    MAX_STEP,
     HistoryPoint,
     OptimizerInfo,
     OptimizerView,
@@ -139,8 +140,8 @@ def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep
 def get_history(
     name: str,
     store: StoreDep,
-    from_step: Annotated[int, Query(ge=0)] = 0,
-    to_step: Annotated[int, Query(ge=0)] = 2**62,
+    from_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
+    to_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = MAX_STEP,
     run_id: Annotated[str | None, Query(max_length=128, description=_RUN_DOC)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 1000,
 ) -> ParamHistory:
