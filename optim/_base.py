@@ -89,6 +89,19 @@ def all_finite(tensors: Sequence[Tensor], *,
     return [bool(good) for good in ok]
 
 
+def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
+    """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
+    if not group["lr"] >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    betas = group["adamw_betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
+    if not group["adamw_eps"] >= 0.0:
+        raise ValueError(f"adamw_eps must be >= 0, got {group['adamw_eps']!r}")
+
+
 def _check_dense(groups: list[dict[str, Any]]) -> None:
     """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
     sparse=True)``): no update here, AdamW fallback included, reads one."""
@@ -232,6 +245,8 @@ class MatrixOptimizer(Optimizer):
         defaults = {**ADAMW_DEFAULTS, "algorithm": self.matrix_algorithm, "step": 0, **defaults}
         super().__init__(params, defaults)
         self._check_groups()
+        for gi, group in enumerate(self.param_groups):
+            self._check_hyperparameters(gi, group)
         self.health_every = health_every
         self._health: dict[str, dict[str, Tensor | float]] = {}
         # the latest deferred metrics of each matrix: (batch, its index there), read by health()
@@ -305,9 +320,26 @@ class MatrixOptimizer(Optimizer):
         super().add_param_group(group)
         try:
             self._check_groups()
+            self._check_hyperparameters(len(self.param_groups) - 1, self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
+        """Raise ValueError, naming the group, for a hyperparameter its update cannot use: a
+        group's own values (``[{"params": ..., "lr": ...}]``) bypass the constructor's checks.
+        The AdamW group's are checked here (as ``torch.optim.AdamW`` checks them), a matrix
+        group's by :meth:`_check_matrix_hyperparameters`."""
+        try:
+            if group["algorithm"] == ADAMW:
+                _check_adamw_hyperparameters(group)
+            else:
+                self._check_matrix_hyperparameters(group)
+        except ValueError as exc:
+            raise ValueError(f"param group {index}: {exc}") from None
+
+    def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for a matrix group's hyperparameter the update cannot use."""
 
     # ---- the step -----------------------------------------------------------------------
     @torch.no_grad()

@@ -129,7 +129,8 @@ class Muon(MatrixOptimizer):
                  ns_method: str = "quintic", softening: Softening = 0.0, sharding: Any = None,
                  health_every: int = 1, health_probes: int | None = None,
                  **extra_defaults: Any) -> None:
-        _check_muon_args(lr, weight_decay, momentum, ns_steps, ns_method, softening, adjust_lr_fn)
+        _check_muon_args(lr, weight_decay, momentum, ns_steps, ns_method, softening, adjust_lr_fn,
+                         ns_coefficients, eps)
         if health_probes is not None and (isinstance(health_probes, bool)
                                           or not isinstance(health_probes, int)
                                           or health_probes < 0):
@@ -145,6 +146,11 @@ class Muon(MatrixOptimizer):
                     "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
                     "softening": softening, **extra_defaults}
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
+        _check_muon_args(group["lr"], group["weight_decay"], group["momentum"], group["ns_steps"],
+                         group["ns_method"], group["softening"], group["adjust_lr_fn"],
+                         group["ns_coefficients"], group["eps"])
 
     def _before_step(self) -> None:
         # each matrix group's softening at the coming step, from its schedule once, and checked
@@ -281,13 +287,16 @@ class NorMuon(Muon):
                  normuon_eps: float = 1e-8, ns_method: str = "quintic",
                  softening: Softening = 0.0, sharding: Any = None, health_every: int = 1,
                  health_probes: int | None = None) -> None:
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+        _check_normuon_args(beta2, normuon_eps)
         super().__init__(params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
                          ns_steps, adjust_lr_fn, ns_method=ns_method, softening=softening,
                          sharding=sharding, health_every=health_every,
                          health_probes=health_probes, beta2=beta2,
                          normuon_eps=normuon_eps)
+
+    def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._check_matrix_hyperparameters(group)
+        _check_normuon_args(group["beta2"], group["normuon_eps"])
 
     def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
         super()._init_state(item, owner=owner)
@@ -332,8 +341,16 @@ def _commit(buf: Tensor, new: Tensor) -> None:
         buf.copy_(new)
 
 
+def _check_normuon_args(beta2: float, normuon_eps: float) -> None:
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
+    if not 0.0 <= normuon_eps < math.inf:
+        raise ValueError(f"normuon_eps must be a finite number >= 0, got {normuon_eps!r}")
+
+
 def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: int,
-                     ns_method: str, softening: Softening, adjust_lr_fn: str | None) -> None:
+                     ns_method: str, softening: Softening, adjust_lr_fn: str | None,
+                     ns_coefficients: Any, eps: float) -> None:
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr!r}")
     if not weight_decay >= 0.0:
@@ -347,3 +364,11 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
     if not callable(softening):
         _softening_at(softening, 0)
     adjusted_lr(1.0, adjust_lr_fn, (1, 1))
+    if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                    for c in ns_coefficients)):
+        raise ValueError(f"ns_coefficients must be the (a, b, c) of the quintic, three finite "
+                         f"numbers (default {JORDAN_QUINTIC}), got {ns_coefficients!r}")
+    if not (isinstance(eps, (int, float)) and 0.0 <= eps < math.inf):
+        raise ValueError(f"eps (the floor of Newton-Schulz's normalizing norm) must be a finite "
+                         f"number >= 0, got {eps!r}")

@@ -97,6 +97,9 @@ class SOAP(MatrixOptimizer):
         # health inputs of this step's batches, (names, per-matrix sides), until _end_batches
         self._batch_health: list[tuple[list[str], list[list[SideHealth]]]] = []
 
+    def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
+        _check_soap_args(group)
+
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
         return local(item.param.grad)

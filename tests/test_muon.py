@@ -561,6 +561,36 @@ def test_a_parameter_name_given_twice_is_refused(opt_cls):
     assert len(opt.param_groups) == 1
 
 
+# A group's own hyperparameters (torch's per-group overrides) skipped the constructor's checks:
+# a negative lr ascended the loss, momentum 1.5 diverged, precondition_frequency 0 raised
+# ZeroDivisionError mid-step. One bad value per optimizer and for the AdamW group.
+GROUP_HYPER_CASES = [
+    (Muon, {"lr": -1.0}, "lr must be >= 0"),
+    (Muon, {"momentum": 1.5}, "momentum must be in"),
+    (Muon, {"ns_coefficients": (1.0, 2.0)}, "ns_coefficients must be"),
+    (Muon, {"eps": -1.0}, "eps"),
+    (NorMuon, {"beta2": 1.0}, "beta2 must be in"),
+    (NorMuon, {"normuon_eps": -1.0}, "normuon_eps"),
+    (SOAP, {"betas": (1.0, 0.9)}, "betas must be"),
+    (SOAP, {"precondition_frequency": 0}, "precondition_frequency must be"),
+    (Muon, {"algorithm": "adamw", "adamw_betas": (0.9, 1.0)}, "adamw_betas must be"),
+    (SOAP, {"algorithm": "adamw", "lr": -0.1}, "lr must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("opt_cls", "bad", "message"), GROUP_HYPER_CASES)
+def test_a_groups_own_hyperparameter_is_checked_and_names_the_group(opt_cls, bad, message):
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=f"param group 1: {message}"):
+        opt_cls([{"params": [("a", a)]}, {"params": [("b", b)], **bad}], lr=0.01)
+    opt = opt_cls([("a", a)], lr=0.01)
+    with pytest.raises(ValueError, match=f"param group 1: {message}"):  # refused, not added
+        opt.add_param_group({"params": [("b", b)], **bad})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [("b", b)]})  # the same group with the defaults is fine
+    assert len(opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
 def test_complex_matrices_are_refused_by_name_and_adamw_takes_them(opt_cls):
     # as torch.optim.Muon; before, Muon dropped the imaginary parts and SOAP raised mid-step
