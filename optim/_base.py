@@ -25,6 +25,7 @@ fallback for 1-D parameters, embeddings and output heads (see
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 
 __all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
-           "MatrixOptimizer", "all_finite", "local"]
+           "MatrixOptimizer", "all_finite", "check_rates", "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -89,12 +90,18 @@ def all_finite(tensors: Sequence[Tensor], *,
     return [bool(good) for good in ok]
 
 
+def check_rates(**rates: Any) -> None:
+    """Raise ValueError unless each named value (``lr``, ``weight_decay``; a float or a one-element
+    tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the
+    first step, a negative learning rate ascends the loss."""
+    for name, value in rates.items():
+        if not 0.0 <= value < math.inf:  # also NaN
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
     """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
-    if not group["lr"] >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    check_rates(lr=group["lr"], weight_decay=group["weight_decay"])
     betas = group["adamw_betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")

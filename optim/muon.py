@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, local
+from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, check_rates, local
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
 
@@ -351,10 +351,7 @@ def _check_normuon_args(beta2: float, normuon_eps: float) -> None:
 def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: int,
                      ns_method: str, softening: Softening, adjust_lr_fn: str | None,
                      ns_coefficients: Any, eps: float) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    check_rates(lr=lr, weight_decay=weight_decay)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:

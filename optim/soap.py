@@ -29,7 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, all_finite, local
+from optim._base import (
+    ADAMW,
+    DeferredMetrics,
+    MatrixItem,
+    MatrixOptimizer,
+    all_finite,
+    check_rates,
+    local,
+)
 from optim._soap_math import (
     PRECISIONS,
     SideHealth,
@@ -216,8 +224,7 @@ class SOAP(MatrixOptimizer):
 
 def _check_soap_args(d: dict[str, Any]) -> None:
     """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
-    if not d["lr"] >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {d['lr']!r}")
+    check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
     betas = d["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -226,8 +233,6 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     if not d["eps"] > 0.0:
         raise ValueError(f"eps must be > 0 (it also floors KL-Shampoo's eigenvalues), "
                          f"got {d['eps']!r}")
-    if not d["weight_decay"] >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {d['weight_decay']!r}")
     for key in ("fp32_matmul_prec", "qr_fp32_matmul_prec"):
         if d[key] not in PRECISIONS:
             raise ValueError(f"{key} must be one of {PRECISIONS}, got {d[key]!r}")

@@ -565,7 +565,7 @@ def test_a_parameter_name_given_twice_is_refused(opt_cls):
 # a negative lr ascended the loss, momentum 1.5 diverged, precondition_frequency 0 raised
 # ZeroDivisionError mid-step. One bad value per optimizer and for the AdamW group.
 GROUP_HYPER_CASES = [
-    (Muon, {"lr": -1.0}, "lr must be >= 0"),
+    (Muon, {"lr": -1.0}, "lr must be a finite number >= 0"),
     (Muon, {"momentum": 1.5}, "momentum must be in"),
     (Muon, {"ns_coefficients": (1.0, 2.0)}, "ns_coefficients must be"),
     (Muon, {"eps": -1.0}, "eps"),
@@ -574,7 +574,9 @@ GROUP_HYPER_CASES = [
     (SOAP, {"betas": (1.0, 0.9)}, "betas must be"),
     (SOAP, {"precondition_frequency": 0}, "precondition_frequency must be"),
     (Muon, {"algorithm": "adamw", "adamw_betas": (0.9, 1.0)}, "adamw_betas must be"),
-    (SOAP, {"algorithm": "adamw", "lr": -0.1}, "lr must be >= 0"),
+    (SOAP, {"algorithm": "adamw", "lr": -0.1}, "lr must be a finite number >= 0"),
+    (SOAP, {"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0"),
+    (NorMuon, {"lr": float("nan")}, "lr must be a finite number >= 0"),
 ]
 
 
