@@ -136,10 +136,28 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     """Load what :func:`save` wrote, at any world size (collective on every rank).
 
     ``extra`` is a template of additional entries (filled in place and returned).
+
+    Raises:
+        ValueError: on every rank, when the checkpoint lacks state this optimizer needs (it was
+            saved by another optimizer class, or for other parameters); nothing is loaded.
     """
     optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
-    dcp.load(state, checkpoint_id=str(directory))
+    try:
+        dcp.load(state, checkpoint_id=str(directory))
+    except CheckpointException as exc:
+        # DCP plans the load collectively, so every rank sees the same missing key, before
+        # any data is read; its message alone ("Missing key ...: optim.state.0.L") does not
+        # say that the optimizer is the mismatch
+        missing = [str(error) for error, _ in exc.failures.values()
+                   if "Missing key in checkpoint state_dict: optim." in str(error)]
+        if missing:
+            raise ValueError(
+                f"{directory} does not hold this {type(optimizer).__name__}'s state "
+                f"({missing[0]}): it was saved by another optimizer or for other parameters. "
+                f"Load it with the optimizer that saved it, or load the model alone "
+                f"(torch.distributed.checkpoint) and start this optimizer afresh.") from None
+        raise
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     return {k: v for k, v in state.items() if k not in ("model", "optim")}

@@ -185,8 +185,18 @@ def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     fresh, fresh_opt = build("soap", fsdp=True, sharding=OwnerSharding())
     checkpoint.load(directory, fresh, fresh_opt)
     loaded = full_params(fresh)
+    # the SOAP checkpoint into a Muon: refused on every rank, naming the mismatch
+    other, other_opt = build("muon", fsdp=True, sharding=OwnerSharding())
+    try:
+        checkpoint.load(directory, other, other_opt)
+        wrong = "loaded"
+    except ValueError as exc:
+        wrong = f"ValueError: {exc}"
+    wrongs: list[Any] = [None] * world
+    dist.all_gather_object(wrongs, wrong)
     if rank == 0:
-        torch.save({"outcomes": outcomes, "first": first, "loaded": loaded}, Path(out))
+        torch.save({"outcomes": outcomes, "first": first, "loaded": loaded, "wrong": wrongs},
+                   Path(out))
 
 
 class A2ACounter:

@@ -209,6 +209,9 @@ def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     result = torch.load(tmp_path / "twice.pt")
     assert all(o.startswith("FileExistsError") and "new directory" in o for o in result["outcomes"])
     _assert_params_close(result["loaded"], result["first"], "the first checkpoint, intact")
+    # a checkpoint of another optimizer: DCP's "Missing key" alone did not say so
+    assert all(o.startswith("ValueError") and "this Muon's state" in o
+               and "saved by another optimizer" in o for o in result["wrong"]), result["wrong"]
 
 
 def test_dcp_checkpoint_reshards_2_to_4_to_1_and_training_continues_exactly(tmp_path):
