@@ -163,6 +163,20 @@ def grow_worker(rank: int, world: int, out: str, names: list[str]) -> None:
         torch.save(results, Path(out))
 
 
+def _every_rank_says(world: int, expected: type[Exception], action: Callable[[], Any]
+                     ) -> list[str]:
+    """Run ``action`` on this rank; every rank's outcome ("done", or the ``expected`` exception
+    as "Name: message"), gathered."""
+    try:
+        action()
+        outcome = "done"
+    except expected as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, outcome)
+    return outcomes
+
+
 def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     """Save a checkpoint, then save again into the same directory: every rank must refuse the
     second save together (none left waiting in a collective); rank 0 writes what each saw."""
@@ -175,25 +189,15 @@ def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     first = full_params(model)
     inject(model, 1)
     opt.step()
-    try:
-        checkpoint.save(directory, model, opt)
-        outcome = "saved"
-    except FileExistsError as exc:
-        outcome = f"FileExistsError: {exc}"
-    outcomes: list[Any] = [None] * world
-    dist.all_gather_object(outcomes, outcome)
+    outcomes = _every_rank_says(world, FileExistsError,
+                                lambda: checkpoint.save(directory, model, opt))
     fresh, fresh_opt = build("soap", fsdp=True, sharding=OwnerSharding())
     checkpoint.load(directory, fresh, fresh_opt)
     loaded = full_params(fresh)
     # the SOAP checkpoint into a Muon: refused on every rank, naming the mismatch
     other, other_opt = build("muon", fsdp=True, sharding=OwnerSharding())
-    try:
-        checkpoint.load(directory, other, other_opt)
-        wrong = "loaded"
-    except ValueError as exc:
-        wrong = f"ValueError: {exc}"
-    wrongs: list[Any] = [None] * world
-    dist.all_gather_object(wrongs, wrong)
+    wrongs = _every_rank_says(world, ValueError,
+                              lambda: checkpoint.load(directory, other, other_opt))
     if rank == 0:
         torch.save({"outcomes": outcomes, "first": first, "loaded": loaded, "wrong": wrongs},
                    Path(out))
