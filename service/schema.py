@@ -76,7 +76,8 @@ class ParamState(_Strict):
     eigenvalues: dict[MetricName, Eigenvalues] = Field(
         default_factory=dict,
         max_length=4,
-        description="top-k eigenvalues per preconditioner factor ('L', 'R'), descending",
+        description="top-k eigenvalue estimates per preconditioner factor ('L', 'R'), "
+        "descending (SOAP: Rayleigh quotients of its eigenbasis' leading columns)",
     )
 
 
