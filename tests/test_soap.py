@@ -365,8 +365,8 @@ QUOTIENT_EIGH_RTOL = 1e-5
 def test_the_state_summary_reports_the_bases_top_quotients_without_an_eigendecomposition(
         monkeypatch):
     # orthoshard.telemetry's summary for the state API: an eigvalsh per factor cost 1 s at
-    # d = 2048 (a minute at 8192) every few steps; the quotients of the basis's leading columns
-    # cost 8 d^2 and equal the eigenvalues right after an eigh refresh
+    # d = 2048 (measured; it grows as d^3) every few steps; the quotients of the basis's leading
+    # columns cost 8 d^2 and equal the eigenvalues right after an eigh refresh
     from orthoshard.telemetry import optimizer_summary
 
     g = torch.Generator().manual_seed(4)
