@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 
 __all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
-           "MatrixOptimizer", "all_finite", "check_rates", "local"]
+           "MatrixOptimizer", "all_finite", "check_betas", "check_rates", "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -99,12 +99,16 @@ def check_rates(**rates: Any) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def check_betas(name: str, betas: Any) -> None:
+    """Raise ValueError unless ``betas`` are two decay rates in [0, 1)."""
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
+
+
 def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
     """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
     check_rates(lr=group["lr"], weight_decay=group["weight_decay"])
-    betas = group["adamw_betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
+    check_betas("adamw_betas", group["adamw_betas"])
     if not group["adamw_eps"] >= 0.0:
         raise ValueError(f"adamw_eps must be >= 0, got {group['adamw_eps']!r}")
 

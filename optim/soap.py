@@ -35,6 +35,7 @@ from optim._base import (
     MatrixItem,
     MatrixOptimizer,
     all_finite,
+    check_betas,
     check_rates,
     local,
 )
@@ -225,9 +226,7 @@ class SOAP(MatrixOptimizer):
 def _check_soap_args(d: dict[str, Any]) -> None:
     """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
     check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
-    betas = d["betas"]
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    check_betas("betas", d["betas"])
     if not 0.0 <= d["shampoo_beta"] < 1.0:
         raise ValueError(f"shampoo_beta must be in [0, 1), got {d['shampoo_beta']!r}")
     if not d["eps"] > 0.0:

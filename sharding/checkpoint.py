@@ -108,6 +108,12 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     return state_dict
 
 
+def _failure(exc: CheckpointException, fragment: str) -> str | None:
+    """The first of a DCP failure's per-rank errors whose message contains ``fragment``."""
+    return next((str(error) for error, _ in exc.failures.values() if fragment in str(error)),
+                None)
+
+
 def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
          extra: dict[str, Any] | None = None) -> None:
     """Save model and optimizer with DCP into a NEW directory (collective on every rank).
@@ -123,7 +129,7 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     try:
         dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False))
     except CheckpointException as exc:
-        if any("already exists" in str(error) for error, _ in exc.failures.values()):
+        if _failure(exc, "already exists") is not None:
             raise FileExistsError(
                 f"{directory} already holds a checkpoint; save each checkpoint to a new "
                 f"directory (e.g. step-000100), then point to it (orthoshard.train writes "
@@ -149,12 +155,11 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
         # DCP plans the load collectively, so every rank sees the same missing key, before
         # any data is read; its message alone ("Missing key ...: optim.state.0.L") does not
         # say that the optimizer is the mismatch
-        missing = [str(error) for error, _ in exc.failures.values()
-                   if "Missing key in checkpoint state_dict: optim." in str(error)]
-        if missing:
+        missing = _failure(exc, "Missing key in checkpoint state_dict: optim.")
+        if missing is not None:
             raise ValueError(
                 f"{directory} does not hold this {type(optimizer).__name__}'s state "
-                f"({missing[0]}): it was saved by another optimizer or for other parameters. "
+                f"({missing}): it was saved by another optimizer or for other parameters. "
                 f"Load it with the optimizer that saved it, or load the model alone "
                 f"(torch.distributed.checkpoint) and start this optimizer afresh.") from None
         raise
