@@ -644,8 +644,14 @@ def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d):
     Q_prev = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
     Q_new, R = torch.linalg.qr(F @ Q_prev)
     direct = (Q_new * (F @ Q_new)).sum(0)
-    got = power_step_quotients(Q_prev, Q_new, R)
-    assert torch.allclose(got, direct, rtol=0, atol=1e-12 * direct.abs().max().item())
+    # R as refresh_side keeps it: geqrf's packing, Householder vectors below the diagonal
+    packed, tau = torch.geqrf(F @ Q_prev)
+    assert torch.equal(torch.linalg.householder_product(packed, tau), Q_new)
+    if d > 1:
+        assert packed.tril(-1).abs().max() > 0.1  # what the quotients must not read
+    for r in (R, packed):
+        got = power_step_quotients(Q_prev, Q_new, r)
+        assert torch.allclose(got, direct, rtol=0, atol=1e-12 * direct.abs().max().item())
 
 
 @pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["eigh"], CARRIED_CONFIGS["KL"]],
