@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 
 __all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
-           "MatrixOptimizer", "all_finite", "check_betas", "check_rates", "local"]
+           "MatrixOptimizer", "all_finite", "check_betas", "check_flags", "check_rates", "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -95,13 +95,34 @@ def check_rates(**rates: Any) -> None:
     tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the
     first step, a negative learning rate ascends the loss."""
     for name, value in rates.items():
-        if not 0.0 <= value < math.inf:  # also NaN
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex():
+                raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
+                                 f"tensor of shape {tuple(value.shape)} ({value.dtype})")
+            number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r} "
+                             f"({type(value).__name__})")
+        if not 0.0 <= number < math.inf:  # also NaN
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_flags(d: dict[str, Any], *names: str) -> None:
+    """Raise ValueError unless each named entry of ``d`` is a bool: ``nesterov="false"`` is a
+    true string, which would silently turn the option on."""
+    for name in names:
+        if not isinstance(d[name], bool):
+            raise ValueError(f"{name} must be True or False, got {d[name]!r} "
+                             f"({type(d[name]).__name__})")
 
 
 def check_betas(name: str, betas: Any) -> None:
     """Raise ValueError unless ``betas`` are two decay rates in [0, 1)."""
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+            for b in betas):
         raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
 
 
@@ -251,7 +272,7 @@ class MatrixOptimizer(Optimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
-        if not isinstance(health_every, int) or health_every < 0:
+        if isinstance(health_every, bool) or not isinstance(health_every, int) or health_every < 0:
             raise ValueError(f"health_every must be an int >= 0, got {health_every!r}")
         defaults = {**ADAMW_DEFAULTS, "algorithm": self.matrix_algorithm, "step": 0, **defaults}
         super().__init__(params, defaults)
@@ -270,6 +291,7 @@ class MatrixOptimizer(Optimizer):
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
         seen: dict[str, int] = {}  # name -> its group
+        tensors: dict[int, str] = {}  # id(parameter) -> its name
         for gi, group in enumerate(self.param_groups):
             if group["algorithm"] not in (self.matrix_algorithm, ADAMW):
                 raise ValueError(
@@ -285,6 +307,14 @@ class MatrixOptimizer(Optimizer):
                         f"and checkpoints are keyed by name: give each parameter its own, e.g. "
                         f"from model.named_parameters().")
                 seen[name] = gi
+            for name, p in zip(group["param_names"], group["params"], strict=True):
+                # torch only warns within a group; stepped twice, it would take two updates and
+                # two weight decays each step, and report its health twice
+                if id(p) in tensors:
+                    raise ValueError(
+                        f"parameter {name!r} is the same tensor as {tensors[id(p)]!r}: list each "
+                        f"parameter once (model.parameters() already removes shared weights).")
+                tensors[id(p)] = name
             # Non-finite skip counts live in the param group so that state_dict() carries them
             # (plain ints, the same keys on every rank); health() reports them.
             saved = group.get("nonfinite_skips") or {}
@@ -360,6 +390,10 @@ class MatrixOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_dense(self.param_groups)  # before anything changes
+        # A group's values may have changed since they were checked (a scheduler, user code):
+        # a step with one the update cannot use would fail half-way through the groups.
+        for gi, group in enumerate(self.param_groups):
+            self._check_hyperparameters(gi, group)
         self._before_step()
         for group in self.param_groups:
             group["step"] += 1
@@ -408,8 +442,8 @@ class MatrixOptimizer(Optimizer):
         results: list[Tensor | None] = [None] * len(indices)
         batches: dict[tuple, list[int]] = defaultdict(list)
         for j, ok in enumerate(all_finite(full_inputs)):
-            if ok:
-                batches[(id(items[j].group), items[j].shape)].append(j)
+            if ok:  # stacking promotes mixed dtypes: one batch per dtype
+                batches[(id(items[j].group), items[j].shape, full_inputs[j].dtype)].append(j)
             else:
                 self._skip(items[j])
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
@@ -568,6 +602,13 @@ class MatrixOptimizer(Optimizer):
                 return (f"param group {gi} was saved for {algorithm!r} and is "
                         f"{group['algorithm']!r} here: it comes from another optimizer or "
                         f"another split of the parameters")
+            # the group as it would be after loading (schedules are kept, as load keeps them)
+            candidate = {**saved, **{k: v for k, v in group.items() if callable(v)}}
+            try:
+                self._check_hyperparameters(gi, candidate)
+            except (ValueError, KeyError, TypeError) as exc:
+                return f"{exc}" if isinstance(exc, ValueError) else \
+                    f"param group {gi} lacks or mistypes {exc}"
             indices = saved.get("params", [])
             if len(indices) != len(group["params"]):
                 return None
@@ -575,6 +616,10 @@ class MatrixOptimizer(Optimizer):
                                       strict=True):
                 shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
                 for key, value in (saved_state.get(index) or {}).items():
+                    if shapes and key not in shapes:
+                        return (f"parameter {name!r} has state {key!r}, which "
+                                f"{type(self).__name__} does not keep (it keeps "
+                                f"{', '.join(sorted(shapes))}): it comes from another optimizer")
                     if isinstance(value, Tensor) and key in shapes and \
                             tuple(value.shape) not in shapes[key]:
                         allowed = " or ".join(str(shape) for shape in shapes[key])
@@ -611,23 +656,72 @@ class MatrixOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank.
 
+        A group saved without some of this optimizer's keys (e.g. by ``torch.optim.Muon``, whose
+        ``momentum_buffer`` is the same state) takes them from the group it replaces. State
+        tensors keep the dtype this optimizer keeps them in (torch would cast them all to the
+        parameter's: a bf16 parameter's float32 SOAP factors would lose their precision).
+
         Raises:
-            ValueError: before anything changes, when a group was saved for another algorithm
-                or a state tensor's shape does not fit its parameter (a state dict of another
-                optimizer or model). The check reads shapes only; under ``OwnerSharding`` every
-                rank sees the same global shapes, so every rank raises together.
+            ValueError: before anything changes, when a group was saved for another algorithm,
+                holds a hyperparameter its update cannot use, or a state tensor's key or shape
+                does not fit its parameter (a state dict of another optimizer or model). The
+                checks read shapes and plain values only; under ``OwnerSharding`` every rank
+                sees the same, so every rank raises together.
         """
+        state_dict = self._completed(state_dict)
         problem = self._state_dict_problem(state_dict)
         if problem is not None:
             raise ValueError(f"cannot load this state dict: {problem}")
         state_dict = self._exchange.import_state(state_dict)
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        saved = self._saved_matrix_state(state_dict)
         super().load_state_dict(state_dict)
-        for group, saved in zip(self.param_groups, callables, strict=True):
-            group.update(saved)
+        for group, kept in zip(self.param_groups, callables, strict=True):
+            group.update(kept)
+        for p, entries in saved:  # torch cast them to p's dtype: take the saved values again
+            state = self.state[p]
+            for key, value in entries.items():
+                dtype = self._state_dtype(p, key)
+                if dtype is not None and key in state and state[key].dtype != dtype:
+                    state[key] = value.to(dtype=dtype, device=local(p).device)
         self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
         for group in self.param_groups:
             for name, count in group["nonfinite_skips"].items():
                 # matrices re-report at their next step, on their owner
                 if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
                     self._record(name, {"nonfinite_skips": float(count)})
+
+    def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` (a shallow copy) whose groups have every key of the groups they
+        replace: a missing one takes the live group's value (the step counter: 0)."""
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return state_dict  # torch names the mismatch
+        groups = []
+        for live, saved in zip(self.param_groups, saved_groups, strict=True):
+            if not isinstance(saved, dict):
+                return state_dict
+            missing = {k: v for k, v in live.items()
+                       if k not in saved and k not in ("params", "param_names")}
+            if "step" in missing:
+                missing["step"] = 0
+            groups.append({**missing, **saved} if missing else saved)
+        return {**state_dict, "param_groups": groups}
+
+    def _saved_matrix_state(self, state_dict: dict[str, Any]
+                            ) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """The matrix parameters' saved state tensors, by parameter, as torch pairs them."""
+        out = []
+        for live, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            if live["algorithm"] == ADAMW:
+                continue
+            for p, index in zip(live["params"], saved["params"], strict=True):
+                entry = state_dict["state"].get(index)
+                if entry:
+                    out.append((p, {k: v for k, v in entry.items() if isinstance(v, Tensor)}))
+        return out
+
+    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
+        """The dtype of matrix parameter ``p``'s state tensor ``key``, which a loaded one is
+        given (None: torch's rule, the parameter's dtype; ``step`` it leaves alone)."""
+        return None

@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import ADAMW, DeferredMetrics, MatrixItem, MatrixOptimizer, check_rates, local
+from optim._base import (
+    ADAMW,
+    DeferredMetrics,
+    MatrixItem,
+    MatrixOptimizer,
+    check_flags,
+    check_rates,
+    local,
+)
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, orthogonalize, soften
 
@@ -70,7 +78,8 @@ def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
     eps)^2``, so ``N`` is never formed; then one product by a per-row factor."""
     wide = torch.promote_types(U.dtype, torch.float32)
     row_sq = torch.linalg.vector_norm(U, dim=-1, keepdim=True, dtype=wide).square()
-    v.lerp_((row_sq / U.size(-1)).to(v.dtype), 1.0 - beta2)
+    # a matrix without columns has no entries: its rows' mean square is 0, not 0/0
+    v.lerp_((row_sq / max(U.size(-1), 1)).to(v.dtype), 1.0 - beta2)
     inv = 1.0 / (v.sqrt() + eps)                                            # (..., m, 1)
     norm = row_sq.sum(dim=-2, keepdim=True).sqrt()                          # ||U||_F
     n_norm = (row_sq * inv.square()).sum(dim=-2, keepdim=True).sqrt()       # ||N||_F
@@ -79,7 +88,7 @@ def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
 
 def _softening_at(softening: Softening, step: int) -> float:
     s = softening(step) if callable(softening) else softening
-    if not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s <= 1.0:
         raise ValueError(f"softening at step {step} must be a number in [0, 1], got {s!r}")
     return float(s)
 
@@ -88,7 +97,11 @@ class Muon(MatrixOptimizer):
     """Muon with selectable Newton-Schulz method, Soft-Muon softening and owner sharding.
 
     A drop-in for ``torch.optim.Muon``: the same argument names and defaults where they
-    overlap, and with equal arguments and ``softening=0`` a step gives the same parameters.
+    overlap, and with equal arguments and ``softening=0`` a step gives the same parameters, bit
+    for bit for a matrix whose shape is unique in its param group. Same-shape matrices of a group
+    are stacked into one batched Newton-Schulz (faster on small matrices), whose ``baddbmm`` can
+    round an entry of the bf16 update differently from ``addmm``: at most one bf16 ulp of an
+    update entry per step. ``load_state_dict`` takes a ``torch.optim.Muon`` checkpoint.
 
     Args:
         params: matrices, ``model.named_parameters()`` or param groups; groups with
@@ -128,9 +141,10 @@ class Muon(MatrixOptimizer):
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *,
                  ns_method: str = "quintic", softening: Softening = 0.0, sharding: Any = None,
                  health_every: int = 1, health_probes: int | None = None,
-                 **extra_defaults: Any) -> None:
+                 _extra_defaults: dict[str, Any] | None = None) -> None:
         _check_muon_args(lr, weight_decay, momentum, ns_steps, ns_method, softening, adjust_lr_fn,
                          ns_coefficients, eps)
+        check_flags({"nesterov": nesterov}, "nesterov")
         if health_probes is not None and (isinstance(health_probes, bool)
                                           or not isinstance(health_probes, int)
                                           or health_probes < 0):
@@ -144,13 +158,14 @@ class Muon(MatrixOptimizer):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                     "nesterov": nesterov, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
                     "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
-                    "softening": softening, **extra_defaults}
+                    "softening": softening, **(_extra_defaults or {})}
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
 
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_muon_args(group["lr"], group["weight_decay"], group["momentum"], group["ns_steps"],
                          group["ns_method"], group["softening"], group["adjust_lr_fn"],
                          group["ns_coefficients"], group["eps"])
+        check_flags(group, "nesterov")
 
     def _before_step(self) -> None:
         # each matrix group's softening at the coming step, from its schedule once, and checked
@@ -291,8 +306,8 @@ class NorMuon(Muon):
         super().__init__(params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps,
                          ns_steps, adjust_lr_fn, ns_method=ns_method, softening=softening,
                          sharding=sharding, health_every=health_every,
-                         health_probes=health_probes, beta2=beta2,
-                         normuon_eps=normuon_eps)
+                         health_probes=health_probes,
+                         _extra_defaults={"beta2": beta2, "normuon_eps": normuon_eps})
 
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_matrix_hyperparameters(group)
@@ -302,7 +317,11 @@ class NorMuon(Muon):
         super()._init_state(item, owner=owner)
         state = self.state[item.param]
         if owner and "second_moment" not in state:
-            state["second_moment"] = torch.zeros(item.shape[0], 1, device=item.param.device)
+            state["second_moment"] = torch.zeros(item.shape[0], 1, dtype=torch.float32,
+                                                 device=item.param.device)
+
+    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
+        return torch.float32 if key == "second_moment" else super()._state_dtype(p, key)
 
     def _state_shapes(self, shape: tuple[int, ...], algorithm: str
                       ) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -342,9 +361,10 @@ def _commit(buf: Tensor, new: Tensor) -> None:
 
 
 def _check_normuon_args(beta2: float, normuon_eps: float) -> None:
-    if not 0.0 <= beta2 < 1.0:
+    if not (isinstance(beta2, (int, float)) and not isinstance(beta2, bool)
+            and 0.0 <= beta2 < 1.0):
         raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-    if not 0.0 <= normuon_eps < math.inf:
+    if not (isinstance(normuon_eps, (int, float)) and 0.0 <= normuon_eps < math.inf):
         raise ValueError(f"normuon_eps must be a finite number >= 0, got {normuon_eps!r}")
 
 
@@ -352,9 +372,10 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
                      ns_method: str, softening: Softening, adjust_lr_fn: str | None,
                      ns_coefficients: Any, eps: float) -> None:
     check_rates(lr=lr, weight_decay=weight_decay)
-    if not 0.0 <= momentum < 1.0:
+    if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+            and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
         raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
     if ns_method not in METHODS:
         raise ValueError(f"ns_method must be one of {METHODS}, got {ns_method!r}")

@@ -22,8 +22,10 @@ from torch import Tensor
 __all__ = ["DEFAULT_ADAMW_NAME_PARTS", "split_param_groups"]
 
 # Name fragments that mark embeddings and output heads in common model code (GPT-2 style wte /
-# wpe, Hugging Face embed_tokens / lm_head, nanoGPT-style "head").
-DEFAULT_ADAMW_NAME_PARTS: tuple[str, ...] = ("embed", "wte", "wpe", "lm_head", "head.")
+# wpe, Hugging Face embed_tokens / lm_head, Llama-style tok_embeddings, a module named "head").
+# Fragments are looked for in "." + name + ".", so one with dots at both ends matches a whole
+# dotted component: ".head." is a module named head, not "sa_head" or "multi_head".
+DEFAULT_ADAMW_NAME_PARTS: tuple[str, ...] = ("embed", "wte", "wpe", "lm_head", ".head.")
 
 
 def split_param_groups(named_parameters: Iterable[tuple[str, Tensor]], *,
@@ -37,13 +39,21 @@ def split_param_groups(named_parameters: Iterable[tuple[str, Tensor]], *,
     update takes those) or its name contains one of ``adamw_name_parts``; frozen parameters
     (``requires_grad=False``) are left out. Empty groups are dropped. ``adamw_lr`` /
     ``adamw_weight_decay`` default to the optimizer's.
+
+    Fragments are searched in ``"." + name + "."``: ``"embed"`` matches anywhere in the name,
+    ``".head."`` only a whole component (``head.weight``, ``model.head.bias``; not
+    ``sa_head.weight``). A head under another name (Llama's ``output``) needs its own fragment,
+    e.g. ``adamw_name_parts=(*DEFAULT_ADAMW_NAME_PARTS, ".output.")``: name-based routing cannot
+    tell it from a hidden ``attention.output.dense`` matrix of another model.
     """
     matrix: list[tuple[str, Tensor]] = []
     fallback: list[tuple[str, Tensor]] = []
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        to_adamw = p.ndim != 2 or p.is_complex() or any(part in name for part in adamw_name_parts)
+        dotted = f".{name}."
+        to_adamw = p.ndim != 2 or p.is_complex() or any(part in dotted
+                                                        for part in adamw_name_parts)
         (fallback if to_adamw else matrix).append((name, p))
     groups: list[dict[str, Any]] = []
     if matrix:

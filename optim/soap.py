@@ -36,6 +36,7 @@ from optim._base import (
     MatrixOptimizer,
     all_finite,
     check_betas,
+    check_flags,
     check_rates,
     local,
 )
@@ -210,6 +211,10 @@ class SOAP(MatrixOptimizer):
         self._batch_health = []
         self._record_deferred(names, DeferredMetrics(*soap_health(healths)))
 
+    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
+        # as _init_state creates them; the step counter is left as saved
+        return None if key == "step" else torch.promote_types(p.dtype, torch.float32)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state (``MatrixOptimizer.load_state_dict``); the health quotients, which belong
         to the replaced state, are dropped."""
@@ -227,11 +232,12 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
     check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
     check_betas("betas", d["betas"])
-    if not 0.0 <= d["shampoo_beta"] < 1.0:
+    check_flags(d, "nesterov", "correct_bias", "use_eigh", "use_kl_shampoo")
+    if not (_is_number(d["shampoo_beta"]) and 0.0 <= d["shampoo_beta"] < 1.0):
         raise ValueError(f"shampoo_beta must be in [0, 1), got {d['shampoo_beta']!r}")
-    if not d["eps"] > 0.0:
-        raise ValueError(f"eps must be > 0 (it also floors KL-Shampoo's eigenvalues), "
-                         f"got {d['eps']!r}")
+    if not (_is_number(d["eps"]) and 0.0 < d["eps"] < math.inf):
+        raise ValueError(f"eps must be a finite number > 0 (it also floors KL-Shampoo's "
+                         f"eigenvalues; an infinite one makes every update 0), got {d['eps']!r}")
     for key in ("fp32_matmul_prec", "qr_fp32_matmul_prec"):
         if d[key] not in PRECISIONS:
             raise ValueError(f"{key} must be one of {PRECISIONS}, got {d[key]!r}")
@@ -240,3 +246,7 @@ def _check_soap_args(d: dict[str, Any]) -> None:
         value = d[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

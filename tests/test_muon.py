@@ -23,9 +23,10 @@ PARITY_ATOL = 0.0
 PARITY_RTOL = 0.0
 # Same-shape matrices are stacked and run through baddbmm instead of addmm. On CPU, baddbmm can
 # round an entry of a bf16 product differently from addmm (different blocking of the same sum),
-# measured: 2 of 512 entries off by one fp32 ulp after 6 steps with custom coefficients, exact with
-# the defaults. A bound that holds whatever entry flips: one bf16 ulp of an update entry of
-# magnitude < 2 (2**-7), scaled by the adjusted lr, per step. Momentum never sees the update, so
+# measured: 2 of 512 entries off by one fp32 ulp after 6 steps with custom coefficients; with the
+# defaults 6 of 200 seed/shape pairs differ after one step (2e-5 at lr 0.02). A bound that holds
+# whatever entry flips: one bf16 ulp of an update entry of magnitude < 2 (2**-7), scaled by the
+# adjusted lr, per step. Momentum never sees the update, so
 # differences add up over steps instead of compounding.
 BF16_ULP_BELOW_2 = 2.0**-7
 
@@ -741,6 +742,166 @@ def test_a_state_dict_that_does_not_fit_is_refused_before_anything_changes(case)
     assert all(opt.param_groups[0][k] == groups[0][k] for k in groups[0] if k != "params")
     assert state.keys() == opt.state[p].keys()
     assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+
+
+# A group saved with hyperparameters its update cannot use, or state another optimizer keeps:
+# refused before anything changes (a loaded shampoo_beta of 1 divided by zero at the next step,
+# betas[0] = 1 made every step a silent "non-finite" skip).
+LOAD_BAD_GROUPS = {
+    "soap shampoo_beta": (lambda ps: SOAP(ps, lr=1e-3), {"shampoo_beta": 1.0},
+                          "param group 0: shampoo_beta must be in"),
+    "soap betas": (lambda ps: SOAP(ps, lr=1e-3), {"betas": (1.0, 0.95)},
+                   "param group 0: betas must be"),
+    "muon momentum": (lambda ps: Muon(ps), {"momentum": 1.0}, "param group 0: momentum must be"),
+    "muon nesterov": (lambda ps: Muon(ps), {"nesterov": "no"}, "nesterov must be True or False"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_BAD_GROUPS)
+def test_a_state_dict_with_an_unusable_hyperparameter_is_refused_before_anything_changes(case):
+    factory, bad, message = LOAD_BAD_GROUPS[case]
+    p, opt = _stepped(factory, (4, 8))
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(bad)
+    groups, state = copy.deepcopy(opt.param_groups), copy.deepcopy(opt.state[p])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    assert all(opt.param_groups[0][k] == groups[0][k] for k in groups[0] if k != "params")
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+    p.grad = torch.ones(4, 8)
+    opt.step()  # still usable
+
+
+def test_state_another_optimizer_keeps_is_refused_by_key():
+    _, adamw_like = _stepped(lambda ps: torch.optim.AdamW([p for _, p in ps]), (4, 8))
+    _, opt = _stepped(lambda ps: Muon(ps), (4, 8))
+    with pytest.raises(ValueError, match=r"state '\w+', which Muon does not keep"):
+        opt.load_state_dict(adamw_like.state_dict())
+
+
+def test_a_torch_muon_checkpoint_resumes_identically():
+    # a drop-in switch mid-run: torch.optim.Muon's groups lack our keys, its momentum_buffer is
+    # our state; before, the load raised KeyError and left the optimizer unable to step
+    ours_p, ref_p = make_params(SHAPES[:3]), make_params(SHAPES[:3])
+    ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.01)
+    run(ref, ref_p, 3)
+    for p, q in zip(ours_p, ref_p, strict=True):
+        p.data.copy_(q.data)
+    ours = Muon(ours_p, lr=0.02, weight_decay=0.01)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))  # a copy, as a file gives it
+    assert ours.param_groups[0]["step"] == 0 and ours.param_groups[0]["algorithm"] == "muon"
+    run(ref, ref_p, 3, start=3)
+    run(ours, ours_p, 3, start=3)
+    assert_params_equal(ours_p, ref_p)  # unique shapes: bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_normuon_second_moment_stays_float32_through_a_round_trip(dtype):
+    # torch's load_state_dict casts every state tensor to the parameter's dtype: a bf16
+    # parameter's float32 second moment lost its precision, and the resumed run drifted
+    def steps(opt, params, start):
+        for t in range(start, start + 2):
+            for p, gr in zip(params, grads_for(params, t), strict=True):
+                p.grad = gr.to(dtype)
+            opt.step()
+
+    params = [nn.Parameter(p.detach().to(dtype)) for p in make_params()]
+    opt = NorMuon(params, lr=0.02)
+    steps(opt, params, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    clone = [nn.Parameter(p.detach().clone()) for p in params]
+    fresh = NorMuon(clone, lr=0.02)
+    fresh.load_state_dict(saved)
+    assert all(fresh.state[p]["second_moment"].dtype == torch.float32 for p in clone)
+    assert all(fresh.state[p]["momentum_buffer"].dtype == dtype for p in clone)
+    steps(opt, params, 2)
+    steps(fresh, clone, 2)
+    assert_params_equal(params, clone)
+
+
+# ---- argument types and duplicates ------------------------------------------------------------
+
+ARG_TYPE_CASES = [
+    (Muon, {"nesterov": "False"}, "nesterov must be True or False"),  # a true string
+    (Muon, {"ns_steps": True}, "ns_steps must be an int"),
+    (Muon, {"softening": True}, "softening at step 0 must be a number"),
+    (Muon, {"health_every": True}, "health_every must be an int"),
+    (Muon, {"lr": torch.tensor([0.1, 0.2])}, "lr must be a number or a one-element"),
+    (Muon, {"lr": "0.02"}, r"lr must be a finite number >= 0, got '0.02' \(str\)"),
+    (NorMuon, {"nesterov": 1}, "nesterov must be True or False"),
+    (SOAP, {"nesterov": "false"}, "nesterov must be True or False"),
+    (SOAP, {"use_eigh": 1}, "use_eigh must be True or False"),
+    (SOAP, {"correct_bias": None}, "correct_bias must be True or False"),
+    (SOAP, {"use_kl_shampoo": "yes"}, "use_kl_shampoo must be True or False"),
+    (SOAP, {"eps": float("inf")}, "eps must be a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize(("opt_cls", "bad", "message"), ARG_TYPE_CASES)
+def test_arguments_of_the_wrong_type_are_refused_by_name(opt_cls, bad, message):
+    kwargs = {"lr": 0.01, **bad}
+    with pytest.raises(ValueError, match=message):
+        opt_cls(make_params(), **kwargs)
+
+
+def test_muon_refuses_an_unknown_keyword_as_torch_muon_does():
+    with pytest.raises(TypeError, match="nesterof"):
+        Muon(make_params(), nesterof=False)
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_the_same_tensor_twice_is_refused(opt_cls):
+    # torch only warns within a group; it was stepped (and weight-decayed) twice per step
+    w = nn.Parameter(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="'b' is the same tensor as 'a'"):
+        opt_cls([("a", w), ("b", w)], lr=0.01)
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_a_hyperparameter_changed_after_construction_is_refused_before_the_step(opt_cls):
+    # group 1 broken by user code after construction: the step refuses it before group 0's
+    # state, parameters or step counters move
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5, 3))
+    opt = opt_cls([{"params": [("a", a)]}, {"params": [("b", b)]}], lr=0.01)
+    a.grad, b.grad = torch.randn(6, 4), torch.randn(5, 3)
+    opt.step()
+    before = (a.detach().clone(), copy.deepcopy(opt.state[a]),
+              [g["step"] for g in opt.param_groups])
+    opt.param_groups[1]["lr"] = -0.5
+    with pytest.raises(ValueError, match="param group 1: lr must be a finite number >= 0"):
+        opt.step()
+    assert torch.equal(a, before[0]) and [g["step"] for g in opt.param_groups] == before[2]
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in before[1].items())
+
+
+def test_same_shape_matrices_of_different_dtypes_in_one_group_step():
+    # stacked together, float32 and float64 promoted to float64 and the float32 state refused
+    # the float64 gradient mid-step
+    a = nn.Parameter(torch.randn(6, 4))
+    b = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    for opt_cls in (Muon, NorMuon, SOAP):
+        opt = opt_cls([("a", a), ("b", b)], lr=0.01)
+        alone = [opt_cls([(n, nn.Parameter(p.detach().clone()))], lr=0.01) for n, p in
+                 (("a", a), ("b", b))]
+        for _ in range(2):
+            ga, gb = torch.randn(6, 4), torch.randn(6, 4, dtype=torch.float64)
+            a.grad, b.grad = ga, gb
+            opt.step()
+            for single, g in zip(alone, (ga, gb), strict=True):
+                single.param_groups[0]["params"][0].grad = g.clone()
+                single.step()
+        for single, p in zip(alone, (a, b), strict=True):  # each in its own batch
+            assert torch.equal(single.param_groups[0]["params"][0], p)
+            assert p.dtype == single.param_groups[0]["params"][0].dtype
+
+
+def test_normuon_keeps_a_matrix_without_columns_finite():
+    e = nn.Parameter(torch.zeros(5, 0))
+    opt = NorMuon([("e", e)], lr=0.01)
+    e.grad = torch.zeros(5, 0)
+    opt.step()
+    assert torch.equal(opt.state[e]["second_moment"], torch.zeros(5, 1))
 
 
 # ---- LR schedulers ----------------------------------------------------------------------------

@@ -64,6 +64,22 @@ def test_custom_name_parts_choose_what_goes_to_adamw():
     assert "mlp.weight" in groups[1]["param_names"]
 
 
+def test_head_matches_a_whole_name_component_only():
+    # "head." used to match inside "sa_head.weight" and "multi_head.proj.weight": hidden
+    # matrices went to AdamW
+    names = ["head.weight", "model.head.weight", "sa_head.weight", "multi_head.proj.weight",
+             "heads.0.weight", "tok_embeddings.weight", "lm_head.weight"]
+    matrix, fallback = split_param_groups(
+        [(name, nn.Parameter(torch.zeros(4, 4))) for name in names])
+    assert matrix["param_names"] == ["sa_head.weight", "multi_head.proj.weight", "heads.0.weight"]
+    assert fallback["param_names"] == ["head.weight", "model.head.weight",
+                                       "tok_embeddings.weight", "lm_head.weight"]
+    # a head under another name takes a fragment of its own
+    (fallback,) = split_param_groups([("output.weight", nn.Parameter(torch.zeros(4, 4)))],
+                                     adamw_name_parts=(".output.",))
+    assert fallback["param_names"] == ["output.weight"]
+
+
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
 def test_adamw_group_matches_torch_adamw_on_those_params(opt_cls):
     ours_model, ref_model = TinyLM(), TinyLM()

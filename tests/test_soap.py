@@ -274,6 +274,31 @@ def test_state_dict_round_trip_continues_identically():
     assert torch.equal(q.detach(), p.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_state_dict_round_trip_keeps_the_state_dtype_of_a_bf16_or_float64_matrix(dtype):
+    # torch's load_state_dict casts state to the parameter's dtype: a bf16 matrix's float32
+    # factors came back as bf16 and the next step raised on the dtype mismatch
+    grads = [g.to(dtype) for g in _grads(6)]
+    p = torch.nn.Parameter(torch.randn(12, 8, dtype=dtype))
+    opt = SOAP([p], lr=0.05, precondition_frequency=2)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    saved, saved_p = copy.deepcopy(opt.state_dict()), p.detach().clone()
+    wide = torch.promote_types(dtype, torch.float32)
+    q = torch.nn.Parameter(saved_p.clone())
+    resumed = SOAP([q], lr=0.05, precondition_frequency=2)
+    resumed.load_state_dict(saved)
+    for key, value in resumed.state[q].items():
+        assert value.dtype == opt.state[p][key].dtype == (torch.float32 if key == "step"
+                                                          else wide), key
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(q.detach(), p.detach())
+
+
 @pytest.mark.parametrize("use_eigh", [True, False])
 def test_a_restored_state_in_row_major_layout_continues_identically(use_eigh):
     """A checkpoint (DCP) restores every tensor row-major. If the live state held another layout
