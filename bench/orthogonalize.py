@@ -9,6 +9,10 @@ number of matrix products ``count_matmuls`` saw (normalization included), never 
 per-step cost. Inputs: 1024x256 and 1024x4096 Gaussians, and 1024x256 matrices with singular
 values log-spaced over [1e-3, 1] and [1e-6, 1]; compute in float32 and bfloat16.
 
+Directions: each method at its default bf16 steps against the float64 ``U V^T``, with the
+smallest coefficient of a singular direction in the result, which shows a reversed direction
+that the orthogonality error cannot.
+
 Timing: ``orthogonalize(X, method="quintic", steps=5)`` (bf16 default path) against
 ``torch.optim._muon._zeropower_via_newtonschulz`` on the same inputs, interleaved, median of
 repetitions, as a ratio in one process (target <= 1.0).
@@ -26,7 +30,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 from optim import count_matmuls
 from optim.health import orthogonality_error
-from optim.orthogonalize import JORDAN_QUINTIC, orthogonalize, polar_iterates
+from optim.orthogonalize import JORDAN_QUINTIC, default_steps, orthogonalize, polar_iterates
 
 TARGET = 1e-5
 MAX_STEPS = {"quintic": 8, "polar_express": 14, "cans": 20}  # up to 42 / 40 products
@@ -94,6 +98,28 @@ def accuracy_tables(xs: dict[str, torch.Tensor]) -> None:
                   f"| {fmt(best32)} | {fmt(floor16)} |")
 
 
+def direction_table(xs: dict[str, torch.Tensor]) -> None:
+    """What a Muon step gets: each method's result at its default bf16 steps against the float64
+    ``U V^T``. The orthogonality error cannot see a singular direction the iteration reversed
+    (``-u v^T`` is as orthogonal as ``u v^T``); ``min diag(U^T O V)`` can: ~1 when every
+    direction is kept, ~-1 for a reversed one, ~0 for one too small for bf16 to resolve (below
+    ~1e-3 of the largest)."""
+    print("\n## bf16 at the default steps against U V^T\n")
+    print("| input | method | steps | orthogonality error | distance to U V^T (Frobenius, "
+          "relative) | min diag(U^T O V) |")
+    print("|---|---|---|---|---|---|")
+    for name, X in xs.items():
+        U, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+        polar = U @ Vh
+        for method in MAX_STEPS:
+            O = orthogonalize(X, method=method).double()
+            kept = torch.diagonal(U.mT @ O @ Vh.mT).min()
+            dist = torch.linalg.matrix_norm(O - polar) / torch.linalg.matrix_norm(polar)
+            print(f"| {name} | {method} | {default_steps(method, torch.bfloat16)} "
+                  f"| {fmt(float(orthogonality_error(O)))} | {fmt(float(dist))} "
+                  f"| {float(kept):+.3f} |")
+
+
 CLOCK = time.perf_counter
 
 
@@ -142,6 +168,7 @@ def main() -> None:
           f"{'CPU' if args.cpu_time else 'wall'} time)")
     if not args.timing_only:
         accuracy_tables(xs)
+        direction_table(xs)
     timing_table(xs, args.reps or (3 if args.quick else 7))
 
 

@@ -305,10 +305,15 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
     random start. A single random-start power step estimates ~0.74x on average (FIELD-NOTES)
     and can leave a clipped norm far above its bound; this cannot. ``k`` is chosen from ``b``
     (:func:`_norm_squarings`): 1 + 6 products at b = 8, 1 + 7 at b = 128. Computed in float32
-    at least; a zero block gives 0.
+    at least; a zero block gives 0. The bound is homogeneous, so each block is divided by its
+    largest entry first and the bound scaled back: ``Q^T Q`` of a float32 block above ~1e19
+    would overflow (its bound read Inf from ~1e10 on, clipping Q to zero, and 0 from ~1e20,
+    leaving it unclipped).
     """
     _check_square(Q, "spectral_norm_upper_bound")
     W = _at_least_fp32(_as_batch(Q))
+    scale = W.abs().amax(dim=(-2, -1), keepdim=True)
+    W = W / scale.clamp(min=torch.finfo(W.dtype).tiny)
     B = _matmul.mm(W.mT, W)
     tiny = torch.finfo(B.dtype).tiny
     norm0 = torch.linalg.matrix_norm(B, keepdim=True)
@@ -319,7 +324,7 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
         B = _matmul.mm(B, B)
         n = torch.linalg.matrix_norm(B, keepdim=True).clamp(min=tiny)
         B, log_norm = B / n, 2.0 * log_norm + n.log()
-    bound = torch.exp(log_norm / 2.0 ** (k + 1))  # (||A^(2^k)||_F)^(1 / 2^(k+1))
+    bound = torch.exp(log_norm / 2.0 ** (k + 1)) * scale  # (||A^(2^k)||_F)^(1 / 2^(k+1))
     bound = torch.where(norm0 > 0, bound, torch.zeros_like(bound))
     return bound.reshape(Q.shape[:-2])
 

@@ -19,7 +19,9 @@ Methods (``orthogonalize(..., method=)``):
     Chebyshev-optimal odd cubics on an adaptive interval (Grishina et al. 2025, arXiv 2506.10935):
     each step maps ``[a, b]`` onto ``[1 - eps, 1 + eps]`` in closed form, and the next step is
     optimal for that interval, so the iteration never leaves the interval it was built for and
-    cannot diverge in bfloat16 (a fixed list whose p(1) != 1 can). 2 products per step.
+    cannot diverge in bfloat16 (a fixed list whose p(1) != 1 can). In bfloat16 and float16 each
+    cubic is built for ``[a, 1.01 b]``, so rounding cannot carry a value past the cubic's zero
+    and reverse its direction (``_CANS_HALF_SAFETY``). 2 products per step.
 ``"svd"``
     The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow).
 
@@ -33,6 +35,7 @@ anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -84,6 +87,16 @@ POLAR_EXPRESS_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
 # was optimized for too, so the two are compared on equal terms; singular values below it still
 # converge, only more slowly. Pass ``lower_bound=`` when a tighter bound is known.
 CANS_DEFAULT_LOWER_BOUND = 1e-3
+
+# CANS's safety factor in bfloat16 and float16: each cubic is built for ``[a, 1.01 b]``. A cubic
+# for ``[a, b]`` with ``a << b`` has its zero just above ``b`` (at ``b sqrt(1 + a/b + (a/b)^2)``:
+# 0.05% above it for the first step from ``a = 1e-3``), and bf16 rounding (0.4%) pushes values
+# past it: they change sign and converge to -1, a direction of ``U V^T`` reversed (the
+# orthogonality error cannot see it). Measured on Gaussian 40x24 and 512x128 inputs: 7 of 20 and
+# 6 of 6 reversed without the factor, none with it, and the error after the default steps fell
+# from 8.6e-3 to 4.7-5.3e-3 (1024x256, where nothing reversed). Polar Express's list carries
+# the same 1.01 for the same reason.
+_CANS_HALF_SAFETY = 1.01
 
 # Default step counts: enough to reach each dtype's accuracy floor on the inputs of
 # bench/orthogonalize.py (Gaussian and singular values spread over [1e-3, 1]). In bfloat16 more
@@ -153,12 +166,13 @@ def _validate(X: Tensor, softening: float, steps: int | None) -> None:
     if not isinstance(softening, (int, float)) or not 0.0 <= softening <= 1.0:
         # NaN fails both comparisons and lands here too.
         raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
-    if steps is not None and not (isinstance(steps, int) and 1 <= steps < _MAX_STEPS):
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool)
+                                  and 1 <= steps < _MAX_STEPS):
         raise ValueError(f"steps must be an int in [1, {_MAX_STEPS}) or None, got {steps!r}")
 
 
 def _coefficients(method: str, steps: int, quintic: Sequence[float],
-                  lower_bound: float | None) -> Iterator[tuple]:
+                  lower_bound: float | None, compute: torch.dtype) -> Iterator[tuple]:
     """Per-step polynomial: ``("quintic", a, b, c)`` or ``("cubic", linear, cubic)``."""
     if method == "quintic":
         a, b, c = quintic
@@ -170,14 +184,19 @@ def _coefficients(method: str, steps: int, quintic: Sequence[float],
             yield ("quintic", *table[min(i, len(table) - 1)])
     else:  # cans: the interval is tracked in Python floats, so no device sync is needed
         lo, hi = (CANS_DEFAULT_LOWER_BOUND if lower_bound is None else lower_bound), 1.0
+        safety = _CANS_HALF_SAFETY if compute in (torch.bfloat16, torch.float16) else 1.0
         for _ in range(steps):
-            lin, cub, lo, hi = cans_interval_step(lo, hi)
+            lin, cub, lo, hi = cans_interval_step(lo, hi * safety)
             yield ("cubic", lin, cub)
 
 
 def _frobenius(X: Tensor) -> Tensor:
-    # 2-D: exactly torch.optim.Muon's ``X.norm()``; batched: one norm per matrix.
-    return X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+    """2-D: exactly torch.optim.Muon's ``X.norm()``; batched: one norm per matrix. A norm that
+    overflows the dtype (finite entries beyond ~1e19 in float32 or bfloat16) reads NaN, not Inf:
+    dividing by Inf would return zeros, a silent zero update; NaN makes it visibly non-finite
+    (an optimizer skips and counts it), with no host sync."""
+    norm = X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+    return norm.nan_to_num(nan=math.nan, posinf=math.nan)
 
 
 def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
@@ -218,7 +237,7 @@ def _iterate(X: Tensor, method: str, steps: int, eps: float, quintic: Sequence[f
              lower_bound: float | None, *, inplace: bool = False) -> Iterator[Tensor]:
     """Yield the iterate after each step; X is oriented with rows <= cols, in compute dtype."""
     X, gram, gram_x = _normalize(X, method, eps, inplace=inplace)
-    for poly in _coefficients(method, steps, quintic, lower_bound):
+    for poly in _coefficients(method, steps, quintic, lower_bound, X.dtype):
         X = _step(X, poly, gram, gram_x)
         gram, gram_x = None, None
         yield X
@@ -239,10 +258,11 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
     Y = X.to(compute)
-    private = Y is not X  # a fresh copy may be normalized in place
+    # a fresh copy may be normalized in place, unless autograd needs it for the norm's gradient
+    private = Y is not X and not (Y.requires_grad and torch.is_grad_enabled())
     Y = Y.mT if transpose else Y
     Y, gram, gram_x = _normalize(Y, method, eps, inplace=private)
-    for poly in _coefficients(method, n_steps, quintic, lower_bound):
+    for poly in _coefficients(method, n_steps, quintic, lower_bound, compute):
         Y = _step(Y, poly, gram, gram_x)
         gram, gram_x = None, None
     return (Y.mT if transpose else Y).to(X.dtype)
@@ -308,7 +328,9 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
             (monotone in sigma: a heavier-tailed, finite-Schatten-p update); with a finite NS
             it is ``(1 - s) f(sigma) + s sigma/||X||_F``. ``s = 0`` returns NS(X) untouched.
         dtype: compute dtype; None computes in bfloat16 as Muon does (float32 for ``"svd"``).
-        eps: floor of the normalizing norms; a zero matrix returns zeros, never NaN.
+        eps: floor of the normalizing norms; a zero matrix returns zeros, never NaN. A finite
+            input whose Frobenius norm overflows its dtype (entries beyond ~1e19 in float32 or
+            bfloat16) returns NaN (``"svd"`` only when softened), never a silent zero.
         coefficients: the ``(a, b, c)`` of ``"quintic"`` (Muon's ``ns_coefficients``).
         lower_bound: ``"cans"`` only: a known lower bound of ``sigma_min / sigma_max``
             (default :data:`CANS_DEFAULT_LOWER_BOUND`); a tight bound saves steps.

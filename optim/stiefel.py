@@ -189,7 +189,8 @@ def feedback_update(U: Tensor, ema_G: Tensor, alpha: Tensor, g_hat: Tensor, c: T
     """
     g_flat = g_hat.reshape(-1, g_hat.size(-1))
     c_flat = c.reshape(-1, c.size(-1))
-    if g_flat.size(0) != c_flat.size(0) or g_flat.size(1) != U.size(0):
+    if g_flat.size(0) != c_flat.size(0) or g_flat.size(1) != U.size(0) or \
+            c_flat.size(1) != U.size(1):
         raise ValueError(f"g_hat (..., {U.size(0)}) and c (..., {U.size(1)}) need the same "
                          f"leading dims, got {tuple(g_hat.shape)} and {tuple(c.shape)}")
     n = max(g_flat.size(0), 1)

@@ -896,6 +896,24 @@ def test_same_shape_matrices_of_different_dtypes_in_one_group_step():
             assert p.dtype == single.param_groups[0]["params"][0].dtype
 
 
+@pytest.mark.parametrize("method", ["quintic", "polar_express"])
+def test_a_gradient_whose_norm_overflows_is_skipped_and_counted_not_a_silent_zero_update(method):
+    # finite entries overflowing the Frobenius norm (Nesterov's update here is ~0.1 of the
+    # gradient: ~1e19 entries, 2.3e39 for the sum of squares): Newton-Schulz divided by Inf
+    # and returned zeros, an uncounted step of weight decay alone with orthogonality_error 1.0
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = Muon([("w", w)], lr=0.02, ns_method=method)
+    w.grad = torch.full((6, 4), 1e20)
+    before = w.detach().clone()
+    opt.step()
+    assert torch.equal(w, before)
+    assert torch.equal(opt.state[w]["momentum_buffer"], torch.zeros(6, 4))
+    assert opt.health()["w"]["nonfinite_skips"] == 1.0
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    assert not torch.equal(w, before)
+
+
 def test_normuon_keeps_a_matrix_without_columns_finite():
     e = nn.Parameter(torch.zeros(5, 0))
     opt = NorMuon([("e", e)], lr=0.01)

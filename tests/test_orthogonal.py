@@ -160,6 +160,19 @@ def test_norm_bound_is_certified_where_one_power_step_underestimates():
     assert ((bound >= 1.0 - CLIP_RTOL) & (bound <= 1.01)).all()
 
 
+@pytest.mark.parametrize("scale", [1e10, 1e20, 1e-20])
+def test_norm_bound_and_clip_hold_for_huge_and_tiny_blocks(scale):
+    # Q^T Q of a float32 block overflowed: the bound read Inf from ~1e10 (Q clipped to zero) and
+    # 0 from ~1e20 (Q left unclipped)
+    Q = random_skew(16, 1.0, batch=3) * scale
+    true = torch.linalg.matrix_norm(Q, 2)
+    bound = spectral_norm_upper_bound(Q.float()).double()
+    assert ((bound >= true * (1 - CLIP_RTOL)) & (bound <= true * 1.01)).all()
+    clipped = torch.linalg.matrix_norm(clip_spectral_norm(Q.float(), 3.0).double(), 2)
+    expected = torch.clamp(true, max=3.0)
+    assert ((clipped <= expected * (1 + CLIP_RTOL)) & (clipped >= expected / 1.01)).all()
+
+
 def test_clip_auto_bounds_and_small_blocks_untouched():
     Q = random_skew(16, 0.5)
     assert torch.equal(clip_spectral_norm(Q, -1, method="exp"), Q)

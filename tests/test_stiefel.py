@@ -168,6 +168,15 @@ def test_feedback_learns_a_planted_expander_and_reports_diagnostics(one_thread):
     assert set(diag) >= {"cross_cov_norm", "step_norm", "step_clipped", "gain_target"}
 
 
+def test_feedback_refuses_a_code_of_the_wrong_rank():
+    # a (N, 1) code was broadcast over the rank-4 expander without a word
+    U, ema, alpha = frame(16, 4), torch.zeros(16, 4), torch.tensor(0.1)
+    for c in (torch.randn(32, 1), torch.randn(32, 3)):
+        with pytest.raises(ValueError, match=r"c \(\.\.\., 4\)"):
+            feedback_update(U, ema, alpha, torch.randn(32, 16), c, config=FeedbackConfig())
+    assert not ema.any()
+
+
 def test_feedback_frozen_only_accumulates_and_step_is_clipped():
     U, ema = frame(16, 4), torch.zeros(16, 4)
     alpha = torch.tensor(0.1)
