@@ -516,6 +516,17 @@ class MatrixOptimizer(Optimizer):
         item.group["nonfinite_skips"][item.name] += 1
         self._skipped.add(id(item))
 
+    def update_like(self, item: MatrixItem, input_dtype: torch.dtype
+                    ) -> tuple[torch.dtype | None, bool]:
+        """How the update :meth:`_compute` returns for ``item`` (from an update input of
+        ``input_dtype``) looks, computable on every rank: its dtype (None: whatever arrives) and
+        whether it is stored transposed (column-major). An exchange that carries updates in a
+        wider, row-major buffer gives them back that look, so that :meth:`_apply` adds exactly
+        what one process adds: torch rounds ``p.add_(u)`` differently for a float32 ``u`` than
+        for a bf16 one, and its vectorized loop (contiguous ``u``) differently from its strided
+        one."""
+        return None, False
+
     def matrix_cost(self, item: MatrixItem) -> float:
         """Relative cost of one matrix's owner update, for balancing owners across ranks.
 

@@ -214,6 +214,17 @@ class Muon(MatrixOptimizer):
             out[i].copy_(x)
         return out
 
+    def update_like(self, item: MatrixItem, input_dtype: torch.dtype
+                    ) -> tuple[torch.dtype | None, bool]:
+        # Newton-Schulz without softening runs on the bf16 stack (_stack) and returns bf16;
+        # softened or by SVD, the result has the input's dtype. The iteration works on the wide
+        # orientation, so a tall matrix's update comes back as a transposed view (SVD: not).
+        group = item.group
+        svd = group["ns_method"] == "svd"
+        dtype = torch.bfloat16 if not svd and self._softening_now[id(group)] == 0.0 \
+            else input_dtype
+        return dtype, not svd and item.shape[0] > item.shape[1]
+
     def _orthogonalize(self, group: dict[str, Any], X: Tensor) -> Tensor:
         return orthogonalize(X, method=group["ns_method"], steps=group["ns_steps"],
                              eps=group["eps"], coefficients=group["ns_coefficients"])
@@ -329,6 +340,12 @@ class NorMuon(Muon):
         if algorithm != ADAMW:
             shapes["second_moment"] = ((shape[0], 1),)
         return shapes
+
+    def update_like(self, item: MatrixItem, input_dtype: torch.dtype
+                    ) -> tuple[torch.dtype | None, bool]:
+        dtype, transposed = super().update_like(item, input_dtype)
+        # the normalized update is float32 or wider, in the orthogonalized update's layout
+        return (None if dtype is None else torch.promote_types(dtype, torch.float32)), transposed
 
     def _post_orthogonalize(self, items: list[MatrixItem], U: Tensor
                             ) -> tuple[Tensor, Tensor | None]:

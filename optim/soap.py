@@ -157,7 +157,7 @@ class SOAP(MatrixOptimizer):
         cfg = SoapConfig(**{k: group[k] for k in _CONFIG_KEYS})
         due = self._health_due(group)
         # Factors and eigenbases need at least fp32 (bf16 Gram matrices lose their small
-        # eigenvalues); a float64 parameter keeps float64 state.
+        # eigenvalues); a float64 parameter keeps float64 state (the batch holds one dtype).
         X = X.to(torch.promote_types(X.dtype, torch.float32))
         # ||G|| says whether the step keeps the state finite (gradient_fits): one reduction and
         # one host sync for the batch
@@ -210,6 +210,10 @@ class SOAP(MatrixOptimizer):
         healths = [health for _, batch in self._batch_health for health in batch]
         self._batch_health = []
         self._record_deferred(names, DeferredMetrics(*soap_health(healths)))
+
+    def update_like(self, item: MatrixItem, input_dtype: torch.dtype
+                    ) -> tuple[torch.dtype | None, bool]:
+        return torch.promote_types(input_dtype, torch.float32), False  # as _compute computes
 
     def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
         # as _init_state creates them; the step counter is left as saved

@@ -92,7 +92,8 @@ def _state_summary(optimizer: Any, owned: set[str], rank: int) -> dict[str, Any]
             continue
         state = optimizer.state.get(item.param, {})
         norms = {k: sharded[(item.name, k)] if _sharded(v) else
-                 float(torch.linalg.vector_norm(v.to_local() if isinstance(v, DTensor) else v))
+                 float(torch.linalg.vector_norm(v.to_local() if isinstance(v, DTensor) else v,
+                                                dtype=torch.float64))
                  for k, v in state.items() if torch.is_tensor(v) and v.ndim >= 1 and k[0] != "Q"}
         eig = {factor: values for factor in ("L", "R")
                if (values := _top_quotients(state.get(factor), state.get(f"Q_{factor}")))}

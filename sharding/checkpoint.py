@@ -125,6 +125,10 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             is collective, so every rank learns it together; a check of our own could see
             different filesystems on different nodes and leave some ranks in the collective).
     """
+    # State every parameter will have, as :func:`load`'s template asks for it: a checkpoint taken
+    # before the first step, or while a matrix has had no gradient yet, would otherwise lack
+    # entries and be refused on load. The zeros it creates are what a first step creates.
+    optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
     try:
         dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False))

@@ -26,7 +26,8 @@ class OwnerSharding:
 
     1. *Gather.* Every rank packs, for each destination rank ``d``, its rows of the update input
        of every row-sharded (FSDP2 ``Shard(0)``) matrix that ``d`` owns, in matrix order, into one
-       flat float32 buffer, and ONE ``all_to_all_single`` with uneven split sizes delivers them.
+       flat buffer (float32, or float64 when a matrix is), and ONE ``all_to_all_single`` with
+       uneven split sizes delivers them.
        The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
        order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
        under DDP) need no gather: the owner already has the full input, and with only replicated
@@ -54,12 +55,17 @@ class OwnerSharding:
     Args:
         group: the process group (None: the default group). Under FSDP2 it must be the group of
             the parameters' 1-D device mesh.
-        exchange_dtype: dtype of the communication buffers (float32: the exchanged update
-            inputs and updates keep full precision, so results match one process).
+        exchange_dtype: dtype of the communication buffers. None (default): the widest of
+            float32 and the step's matrices' dtypes, which every input and update fits exactly
+            (bfloat16 and float32 ride in float32, float64 in float64), so results match one
+            process. A narrower dtype (e.g. ``torch.bfloat16``) halves the traffic and rounds
+            what crosses. Either way the owner computes on each matrix's own dtype and every
+            rank receives its update as one process would apply it (dtype and layout:
+            ``update_like`` of the optimizer).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
-                 exchange_dtype: torch.dtype = torch.float32) -> None:
+                 exchange_dtype: torch.dtype | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "OwnerSharding needs an initialized process group: call "
@@ -156,34 +162,57 @@ class OwnerSharding:
             compute: Compute) -> list[Tensor]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
-        full_inputs = self._gather(plan, inputs, owned)
+        wire = self._wire_dtype(inputs)
+        full_inputs = self._gather(plan, inputs, owned, wire)
         results = compute(owned, full_inputs) if owned else []
-        return self._scatter(plan, inputs, owned, results)
+        updates = self._scatter(plan, inputs, owned, results, wire)
+        # the look the owner's update had (dtype, layout), which every rank can tell from the
+        # matrix alone, so each rank adds exactly what one process adds
+        out = []
+        for item, inp, update in zip(items, inputs, updates, strict=True):
+            dtype, transposed = self._optimizer.update_like(item, inp.dtype)
+            if dtype is not None:
+                update = update.to(dtype)
+            out.append(update.mT.contiguous().mT if transposed else update)
+        return out
 
-    def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int]) -> list[Tensor]:
+    def _wire_dtype(self, inputs: Sequence[Tensor]) -> torch.dtype:
+        """The buffers' dtype: ``exchange_dtype``, or the widest of float32 and the inputs'
+        (the same on every rank: every rank steps the same parameters)."""
+        if self.exchange_dtype is not None:
+            return self.exchange_dtype
+        wire = torch.float32
+        for t in inputs:
+            wire = torch.promote_types(wire, t.dtype)
+        return wire
+
+    def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
+                wire: torch.dtype) -> list[Tensor]:
+        """Each owned matrix's full update input, in its own dtype (one process computes on
+        that dtype: Muon's softening blend, SOAP's float64 state)."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            return [inputs[i].to(self.exchange_dtype) for i in owned]
+            return [_through(inputs[i], wire) for i in owned]
         device = inputs[0].device
         send = [[inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]
         recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
                       for s in range(self.world_size)]
-        received = self._all_to_all(send, recv_sizes, device)
+        received = self._all_to_all(send, recv_sizes, device, wire)
         full = []
         for i in owned:
             if not plan.sharded[i]:
-                full.append(inputs[i].to(self.exchange_dtype))
+                full.append(_through(inputs[i], wire))
                 continue
             pieces = []
             for s in range(self.world_size):
                 size = plan.rows_of(i, s) * plan.shapes[i][1]
                 pieces.append(received[s][:size])
                 received[s] = received[s][size:]
-            full.append(torch.cat(pieces).view(plan.shapes[i]))
+            full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
         return full
 
     def _scatter(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                 results: list[Tensor]) -> list[Tensor]:
+                 results: list[Tensor], wire: torch.dtype) -> list[Tensor]:
         device = inputs[0].device
         send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
         for i, result in zip(owned, results, strict=True):
@@ -194,7 +223,7 @@ class OwnerSharding:
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
                           else plan.shapes[i][0] * plan.shapes[i][1]
                           for i in plan.owned_by(s)) for s in range(self.world_size)]
-        received = self._all_to_all(send, recv_sizes, device)
+        received = self._all_to_all(send, recv_sizes, device, wire)
         out: list[Tensor] = []
         for i, inp in enumerate(inputs):
             src = plan.owners[i]
@@ -204,14 +233,14 @@ class OwnerSharding:
         return out
 
     def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
-                    device: torch.device) -> list[Tensor]:
+                    device: torch.device, wire: torch.dtype) -> list[Tensor]:
         """One ``all_to_all_single`` with uneven splits; returns the received block per source."""
-        send_flat = [torch.cat(parts).to(self.exchange_dtype) if parts
-                     else torch.empty(0, dtype=self.exchange_dtype, device=device)
+        send_flat = [torch.cat([p.to(wire) for p in parts]) if parts
+                     else torch.empty(0, dtype=wire, device=device)
                      for parts in send]
         send_sizes = [t.numel() for t in send_flat]
         inp = torch.cat(send_flat)
-        out = torch.empty(sum(recv_sizes), dtype=self.exchange_dtype, device=device)
+        out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
         dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
                                input_split_sizes=send_sizes, group=self.group)
         itemsize = out.element_size()
@@ -227,3 +256,11 @@ class OwnerSharding:
 
     def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return checkpoint.import_owner_state(self, state_dict)
+
+
+def _through(t: Tensor, wire: torch.dtype) -> Tensor:
+    """``t`` as it would arrive through a ``wire`` buffer: itself when ``wire`` holds its dtype
+    exactly, else rounded to ``wire`` and back (a replicated matrix then matches a sharded one)."""
+    if torch.promote_types(t.dtype, wire) == wire:
+        return t
+    return t.to(wire).to(t.dtype)

@@ -53,6 +53,17 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+# "name@dtype" runs optimizer "name" on a model (and gradients) of that dtype: the exchange must
+# hand the owner each matrix in its own dtype and bring back the update one process applies
+DTYPES = {"bf16": torch.bfloat16, "f64": torch.float64}
+
+
+def split_name(name: str) -> tuple[str, torch.dtype]:
+    """``("soap", torch.float64)`` for ``"soap@f64"``; float32 without a suffix."""
+    base, _, suffix = name.partition("@")
+    return base, DTYPES[suffix] if suffix else torch.float32
+
+
 class Awkward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -80,11 +91,11 @@ def inject(model: nn.Module, step: int, *, bad: str | None = None) -> None:
 
     grads = full_grads(step, bad=bad)
     for name, p in model.named_parameters():
+        grad = grads[name].to(p.dtype)
         if isinstance(p, DTensor):
-            p.grad = distribute_tensor(grads[name], p.device_mesh, p.placements,
-                                       src_data_rank=None)
+            p.grad = distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None)
         else:
-            p.grad = grads[name].clone()
+            p.grad = grad.clone()
 
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,12 +106,13 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def build(name: str, *, fsdp: bool, sharding: Any) -> tuple[nn.Module, Any]:
-    model = Awkward()
+    base, dtype = split_name(name)
+    model = Awkward().to(dtype)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
-    return model, OPTIMIZERS[name](split_param_groups(model.named_parameters()), sharding)
+    return model, OPTIMIZERS[base](split_param_groups(model.named_parameters()), sharding)
 
 
 def reference(name: str, steps: int, *, bad: str | None = None) -> dict[str, torch.Tensor]:
