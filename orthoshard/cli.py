@@ -27,7 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sidecar(args: argparse.Namespace) -> int:
     """Run the health sidecar (torch-free: imports only ``service``)."""
-    from service.server import run
+    from service.server import ListenError, run
     from service.settings import Settings, read_token_file
 
     try:
@@ -47,10 +47,13 @@ def _sidecar(args: argparse.Namespace) -> int:
         return 2
     try:
         return run(settings, log_level=args.log_level)
-    except sqlite3.Error as exc:  # raised opening the store, before any listener starts
+    except ListenError as exc:  # raised binding a socket, before the store is opened
+        print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # raised opening the store, before any request is served
         print(f"orthoshard sidecar: cannot use {args.db} as the history database ({exc}): its "
-              f"directory must exist and be writable, and a file there must be one this "
-              f"sidecar wrote", file=sys.stderr)
+              f"directory must exist, the sidecar must be able to write both the directory and "
+              f"the file, and an existing file must be one this sidecar wrote", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,8 @@
 Layout (FastAPI "Bigger Applications"): ``settings`` (frozen, validated), ``deps`` (what
 routes receive; tests override), ``api/`` (routers), ``schema`` (wire models), ``store``
 (SQLite + in-memory latest state), ``metrics`` (collector on a private registry), ``problems``
-(RFC 9457 errors). Nothing here imports torch or ``optim``.
+(RFC 9457 errors), ``auth`` (the bearer token, checked before a body is read). Nothing here
+imports torch or ``optim``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.api import ingest, probes, state
+from service.auth import BearerTokenMiddleware
 from service.metrics import HealthCollector, build_registry
 from service.problems import BodyLimitMiddleware, install_problem_handlers
 from service.settings import Settings
@@ -67,6 +69,9 @@ def create_app(
     app.state.registry = build_registry(collector)
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # added last, so outermost: a request without the token is answered before anything,
+    # the size limit included, looks at its body
+    app.add_middleware(BearerTokenMiddleware, token=settings.token)
     for router in (probes.router, ingest.router, state.router):
         app.include_router(router)
     return app

@@ -11,8 +11,10 @@ One line in the training loop::
 Contract: ``publish`` never blocks, never raises and never touches torch or torch.distributed.
 It appends to a bounded queue (the oldest snapshot is dropped and counted when full) and returns;
 a daemon thread encodes and posts. Connection errors and 5xx answers are retried with
-exponential backoff; a 4xx answer (the sidecar refused the snapshot) drops it and counts it. A
-dead, slow or absent sidecar therefore costs the trainer nothing but dropped snapshots.
+exponential backoff; a 4xx answer (the sidecar refused the snapshot) drops it and counts it, as
+does a snapshot whose values cannot be encoded (logged with the reason). No snapshot stops the
+thread: whatever one raises, it is counted and logged and the next one is sent. A dead, slow or
+absent sidecar, or a bad value, therefore costs the trainer nothing but lost snapshots.
 
 ``publish`` keeps references to ``params`` / ``optimizer`` and encodes them on the thread, so
 pass fresh dicts (``health()`` returns a new one each call) and do not mutate them afterwards.
@@ -50,7 +52,7 @@ class PublisherStats:
     published: int = 0  # publish() calls accepted onto the queue
     sent: int = 0  # snapshots the sidecar accepted (2xx)
     dropped: int = 0  # pushed out of a full queue, or left unsent at close()
-    rejected: int = 0  # refused by the sidecar (4xx) or not encodable
+    rejected: int = 0  # refused by the sidecar (4xx), not encodable, or its send raised
     failures: int = 0  # failed send attempts (connection errors, timeouts, 5xx)
 
 
@@ -127,6 +129,8 @@ class Publisher:
         self._backoff = backoff_s
         self._down = False
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
+        self._unencodable = 0  # snapshots whose values could not be encoded (also rejected)
+        self._crashes = 0  # sends that raised unexpectedly (also rejected)
         self._ranks: set[int] = set()  # ranks published for (a finish is sent for each)
         self._finish = False  # close(finished=True): say each rank's run ended, after the flush
         self._finish_failed = False
@@ -225,7 +229,10 @@ class Publisher:
     def _run(self) -> None:
         delay = 0.0
         while (item := self._next(delay)) is not None:
-            outcome = self._send(item)
+            try:
+                outcome = self._send(item)
+            except Exception as exc:  # this thread must outlive any one snapshot
+                outcome = self._unexpected(item, exc)
             if outcome == "retry":
                 delay = min(max(2 * delay, self._backoff[0]), self._backoff[1])
                 with self._cond:
@@ -258,7 +265,7 @@ class Publisher:
                 response = self._client.post(f"/v1/ranks/{rank}/finish", content=body)
                 if response.status_code >= 300:
                     why = f"HTTP {response.status_code} {response.text[:500]}"
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # httpx.HTTPError, or anything a transport raises
                 why = f"{type(exc).__name__}: {exc}"
         if why is not None:
             self._finish_failed = True
@@ -283,8 +290,11 @@ class Publisher:
         """Encode and post one snapshot: "ok", "rejected" (do not retry) or "retry"."""
         try:
             body = self._encode(item)
-        except (TypeError, ValueError) as exc:
-            self._rejected(f"step {item['step']} not encodable ({exc})")
+        except Exception as exc:
+            # whatever the values raise: TypeError (an object without __float__), ValueError,
+            # OverflowError (int(inf)), RecursionError (a dict holding itself), or an error of
+            # a value's own __float__ (a tensor on the meta device, one of many elements)
+            self._not_encodable(item, exc)
             return "rejected"
         try:
             response = self._client.post("/v1/snapshots", content=body)
@@ -311,6 +321,28 @@ class Publisher:
             _log.warning(
                 "sidecar unreachable (%s); %d failed sends so far", why, self.stats.failures
             )
+
+    def _not_encodable(self, item: dict[str, Any], exc: BaseException) -> None:
+        """Count a snapshot that cannot be encoded as rejected; log the first such one, with the
+        reason, whatever was rejected before it (then as sparingly as other refusals)."""
+        self._unencodable += 1
+        self.stats.rejected += 1
+        if _worth_logging(self._unencodable):
+            _log.warning(
+                "snapshot of step %r, rank %r not encodable, not sent (%s: %s); %d so far",
+                item.get("step"), item.get("rank"), type(exc).__name__, exc, self._unencodable,
+            )
+
+    def _unexpected(self, item: dict[str, Any], exc: BaseException) -> str:
+        """A send that raised what no branch of ``_send`` expects (a bug, or a transport raising
+        something other than ``httpx.HTTPError``): count the snapshot as rejected (retrying it
+        would likely raise again), log with the traceback, and go on with the next one."""
+        self.stats.rejected += 1
+        self._crashes += 1
+        if _worth_logging(self._crashes):
+            _log.error("sending the snapshot of step %r failed unexpectedly; %d so far",
+                       item.get("step"), self._crashes, exc_info=exc)
+        return "rejected"
 
     def _rejected(self, why: str) -> None:
         # a refusal usually repeats every step (a wrong token, a snapshot over the limits):

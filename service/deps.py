@@ -6,7 +6,6 @@ Each reads what ``create_app`` put on ``app.state``; tests replace any of them w
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from typing import Annotated
@@ -14,8 +13,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.auth import token_problem
 from service.metrics import HealthCollector
-from service.problems import ProblemError
 from service.settings import Settings
 from service.store import Store
 
@@ -51,29 +50,20 @@ def get_clock(request: Request) -> Callable[[], float]:
 
 
 def require_token(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Accept only ``Authorization: Bearer <token>`` with the configured token.
+    """Accept only ``Authorization: Bearer <token>`` with the configured token (401 otherwise,
+    with ``WWW-Authenticate: Bearer``; see ``auth.token_problem``).
 
-    The comparison is constant-time (``hmac.compare_digest``) so response timing does not leak
-    how much of a guess was right. Failures are 401 with ``WWW-Authenticate: Bearer``.
+    ``auth.BearerTokenMiddleware`` has already made this check before the body was read; the
+    dependency keeps a route safe wherever it is mounted, and ``_scheme`` (HTTPBearer) puts the
+    scheme in OpenAPI.
     """
-    if credentials is None:
-        raise ProblemError(
-            401,
-            "A bearer token is required.",
-            slug="unauthorized",
-            headers={"WWW-Authenticate": 'Bearer realm="orthoshard"'},
-        )
-    given = credentials.credentials.encode("utf-8")
-    if not hmac.compare_digest(given, settings.token.encode("utf-8")):
-        raise ProblemError(
-            401,
-            "The bearer token is not valid.",
-            slug="unauthorized",
-            headers={"WWW-Authenticate": 'Bearer realm="orthoshard", error="invalid_token"'},
-        )
+    problem = token_problem(request.headers.get("authorization"), settings.token)
+    if problem is not None:
+        raise problem
 
 
 StoreDep = Annotated[Store, Depends(get_store)]

@@ -26,13 +26,19 @@ so the series stays present and ``x != x`` finds it. Identity and bookkeeping fi
 wall time, shapes, hyperparameters) must be finite; a ``null`` there is a type error (422).
 
 Every collection has a size bound; unknown fields are refused (``extra="forbid"``).
+
+Types are strict (``strict=True``): an integer field takes only a JSON integer (not ``5.0``,
+``"5"`` or ``true``), a float field a JSON number (an integer or a float, not a string or a
+boolean), a string field only a string. A sender whose numbers arrive as strings or booleans has
+a bug; coercing them would store values nobody sent. ``schema_version`` is exactly the integer 1.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 MAX_PARAMS = 20_000
@@ -54,10 +60,22 @@ Eigenvalues = Annotated[list[Measure], Field(max_length=MAX_EIGENVALUES)]
 HyperValue = bool | int | float | ShortText | list[float | int] | None
 
 
-class _Strict(BaseModel):
-    """Base: unknown fields refused, NaN/Inf refused in every float field."""
+def _integer_only(value: object) -> object:
+    """Refuse what is not an integer before ``Literal`` compares it: ``true == 1 == 1.0`` in
+    Python, so ``Literal[1]`` alone takes ``true`` and ``1.0``, even in strict mode."""
+    if type(value) is not int:
+        raise PydanticCustomError("literal_error", "Input should be the integer 1")
+    return value
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_integer_only)]
+
+
+class _Strict(BaseModel):
+    """Base: unknown fields refused, NaN/Inf refused in every float field, no type coercion
+    (a JSON int for an int, a JSON number for a float; see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class ParamGroup(_Strict):
@@ -92,7 +110,7 @@ class OptimizerInfo(_Strict):
 class Snapshot(_Strict):
     """What one rank posts to ``POST /v1/snapshots`` (schema v1)."""
 
-    schema_version: Literal[1] = Field(description="must be 1; other versions are refused")
+    schema_version: SchemaVersion = Field(description="must be 1; other versions are refused")
     run_id: RunId
     rank: int = Field(ge=0, le=65535)
     step: int = Field(ge=0, le=MAX_STEP)

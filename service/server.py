@@ -3,23 +3,47 @@
 ``uvicorn --uds`` ignores ``--host/--port``, so both listeners are two ``uvicorn.Server``
 objects serving the same app in one event loop. The servers' own signal handling is turned
 off (each would overwrite the other's handler); one handler stops both, then the store closes.
+
+The sockets are bound here, before the store is opened and before uvicorn starts, so that a
+second sidecar started by mistake on the same port or ``--uds`` stops with a ``ListenError``
+naming the address, and touches neither the running sidecar's socket nor any database. A socket
+file that accepts connections belongs to a live process and is never replaced (asyncio's
+``create_unix_server`` would delete it); a stale one, left by a process that died, is. At exit
+the socket file is removed only if it is still the one bound here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
+import stat
 from collections.abc import Generator
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
 
 _log = logging.getLogger("orthoshard.sidecar")
+#: Listen backlog of both sockets: uvicorn's default.
+_BACKLOG = 2048
+#: How long to wait for a connection to an existing socket file before calling it live: a
+#: listener that exists accepts or refuses at once (only a full backlog makes it wait).
+_PROBE_TIMEOUT_S = 1.0
+#: Mode of a new socket file, as uvicorn gives it: any local user may connect; the bearer
+#: token, not the file mode, decides what a connection may do. A replaced stale file's mode
+#: is kept.
+_SOCKET_MODE = 0o666
+
+
+class ListenError(RuntimeError):
+    """A listener could not be opened; the message names the address and what to do."""
 
 
 class _Server(uvicorn.Server):
@@ -31,7 +55,8 @@ class _Server(uvicorn.Server):
 
 
 def _configs(settings: Settings, app: object, log_level: str) -> list[uvicorn.Config]:
-    """One config per listener. Lifespan is off: the store is opened and closed here."""
+    """One config per listener (its address is used for the start-up log line; the socket is
+    bound by ``serve``). Lifespan is off: the store is opened and closed here."""
     common = {
         "log_level": log_level,
         "lifespan": "off",
@@ -45,10 +70,112 @@ def _configs(settings: Settings, app: object, log_level: str) -> list[uvicorn.Co
     return configs
 
 
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    try:
+        return socket.create_server((host, port), family=family, backlog=_BACKLOG)
+    except OSError as exc:
+        hint = (
+            "is another sidecar running? Stop it or choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else "check --host and --port"
+        )
+        # create_server's own message repeats the address; getaddrinfo's errnos are negative
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        raise ListenError(f"cannot listen on {where} ({why}): {hint}") from exc
+
+
+def _accepts_connections(path: str) -> bool:
+    """True if a process listens on the Unix socket ``path``; False for a stale file (refused)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(_PROBE_TIMEOUT_S)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:  # e.g. a timeout: someone holds it; never take it away from them
+            return True
+        return True
+
+
+def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening Unix socket at ``path`` and the (device, inode) of the file it created.
+
+    Raises:
+        ListenError: ``path`` is a live socket, is not a socket, or cannot be bound.
+    """
+    mode = _SOCKET_MODE
+    with contextlib.suppress(FileNotFoundError):
+        existing = os.lstat(path)
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise ListenError(
+                f"--uds {path} exists and is not a socket: remove it or choose another path"
+            )
+        if _accepts_connections(path):
+            raise ListenError(
+                f"--uds {path} is in use: a process (another sidecar?) listens on "
+                f"it; stop it or choose another path"
+            )
+        os.unlink(path)  # stale: left by a process that is gone
+        mode = stat.S_IMODE(existing.st_mode)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(_BACKLOG)
+        bound = os.stat(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(
+            f"cannot listen on --uds {path} ({exc.strerror or exc}): its "
+            f"directory must exist and be writable"
+        ) from exc
+    return sock, (bound.st_dev, bound.st_ino)
+
+
+def _remove_if_ours(path: str, identity: tuple[int, int]) -> None:
+    """Remove the socket file at ``path`` if it is still the one this process bound (a file
+    another process has bound there since is left alone)."""
+    with contextlib.suppress(FileNotFoundError):
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == identity:
+            os.unlink(path)
+
+
 async def serve(settings: Settings, *, log_level: str = "info") -> None:
-    """Serve until SIGINT or SIGTERM, then stop both listeners and close the store."""
-    app = create_app(settings)
-    servers = [_Server(config) for config in _configs(settings, app, log_level)]
+    """Bind the listeners, open the store, serve until SIGINT or SIGTERM, then stop both
+    listeners, close the store and remove the socket file this process bound.
+
+    Raises:
+        ListenError: a listener could not be opened (nothing was opened or served).
+        sqlite3.Error: the store could not be opened (the listeners are closed again).
+    """
+    sockets: list[socket.socket] = []
+    ours: tuple[int, int] | None = None
+    app: FastAPI | None = None
+    try:
+        sockets.append(_bind_tcp(settings.host, settings.port))
+        if settings.uds:
+            unix, ours = _bind_unix(settings.uds)
+            sockets.append(unix)
+        app = create_app(settings)
+        await _serve_until_signal(sockets, _configs(settings, app, log_level))
+    finally:
+        for sock in sockets:
+            sock.close()
+        if app is not None:
+            app.state.store.close()
+        if ours is not None and settings.uds:
+            _remove_if_ours(settings.uds, ours)
+        if app is not None:
+            _log.info("sidecar stopped; store closed")
+
+
+async def _serve_until_signal(sockets: list[socket.socket], configs: list[uvicorn.Config]) -> None:
+    """Serve each socket with a uvicorn server of its config until SIGINT or SIGTERM."""
+    servers = [_Server(config) for config in configs]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -58,15 +185,12 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     try:
-        await asyncio.gather(*(server.serve() for server in servers))
+        await asyncio.gather(
+            *(server.serve(sockets=[sock]) for server, sock in zip(servers, sockets, strict=True))
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        app.state.store.close()
-        if settings.uds:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(settings.uds)
-        _log.info("sidecar stopped; store closed")
 
 
 def run(settings: Settings, *, log_level: str = "info") -> int:

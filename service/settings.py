@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import string
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,17 @@ DEFAULT_SERIES_TTL_S = 900.0
 #: value over this many seconds, so a one-step spike outlives the next scrape. Twice the usual
 #: 15 s scrape interval, so one missed scrape still sees it; keep it >= the scrape interval.
 DEFAULT_ROTATION_HOLD_S = 30.0
-#: Default bound on stored history rows (one row per parameter per accepted snapshot). 2e6 rows
+#: Default bound on stored history rows (one row per parameter, run and step). 2e6 rows
 #: is ~1000 steps of 8 ranks x 250 matrices, a few hundred MB of SQLite at most.
 DEFAULT_HISTORY_MAX_ROWS = 2_000_000
 #: Default bound on one request body. A rank owning 5000 matrices with full state summaries
 #: encodes to about 4 MB; 16 MiB leaves room without letting one client exhaust memory.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: RFC 6750 section 2.1 ``b64token``: what ``Authorization: Bearer <token>`` can carry, these
+#: characters then optional trailing ``=``. A token outside it (non-ASCII, quotes, spaces) could
+#: never be sent by a client, so every request would be refused: it is refused at start instead.
+TOKEN_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~+/")
+_TOKEN_RULE = "ASCII letters, digits and - . _ ~ + / (then optional trailing =), per RFC 6750"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +39,8 @@ class Settings:
     """Everything ``create_app`` and the server need.
 
     Attributes:
-        token: bearer token every ``/v1`` request must carry (compared in constant time).
+        token: bearer token every ``/v1`` request must carry: at least 16 of the
+            ``TOKEN_CHARACTERS`` (compared in constant time).
         db_path: SQLite file holding history and last-known state; ``":memory:"`` for tests.
         host, port: the TCP listener. ``port=0`` is allowed (tests pick a free port).
         uds: optional Unix socket path, served by the same process next to TCP.
@@ -55,8 +62,10 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
-        if not self.token or any(ch.isspace() for ch in self.token):
-            raise ValueError("token must be a non-empty string without whitespace")
+        if not self.token:
+            raise ValueError("token must be a non-empty string")
+        if (where := _token_error(self.token)) is not None:
+            raise ValueError(f"token has {where}: a bearer token holds only {_TOKEN_RULE}")
         if len(self.token) < 16:
             raise ValueError("token is too short: use at least 16 characters (e.g. 32 random hex)")
         if not 0 <= self.port <= 65535:
@@ -78,11 +87,29 @@ class Settings:
             raise ValueError("uds must be a socket path or None")
 
 
+def _token_error(token: str) -> str | None:
+    """Where ``token`` leaves RFC 6750's token characters (without quoting the secret), or
+    None when it is a valid bearer token."""
+    body = token.rstrip("=")
+    if not body:
+        return "no character before its trailing '='"
+    for i, ch in enumerate(body):
+        if ch not in TOKEN_CHARACTERS:
+            what = (
+                repr(ch)
+                if ch.isascii() and ch.isprintable() and not ch.isspace()
+                else ("a whitespace" if ch.isspace() else "a non-ASCII or control")
+            )
+            return f"{what} character at position {i + 1}"
+    return None
+
+
 def read_token_file(path: str | os.PathLike[str]) -> str:
     """Read a bearer token from ``path`` (surrounding whitespace stripped).
 
     Warns when the file is readable by group or others, since anyone who can read it can post
-    snapshots. Raises ``ValueError`` when the file is missing or empty.
+    snapshots. Raises ``ValueError`` naming the file when it is missing, empty, not UTF-8, or
+    holds characters a bearer token cannot carry (see ``TOKEN_CHARACTERS``).
     """
     p = Path(path)
     try:
@@ -90,8 +117,15 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         mode = p.stat().st_mode
     except OSError as exc:
         raise ValueError(f"cannot read token file {p}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"token file {p} is not text; write a random hex token into it") from exc
     if not text:
         raise ValueError(f"token file {p} is empty; write a random token into it")
+    if (where := _token_error(text)) is not None:
+        raise ValueError(
+            f"token file {p} has {where}: a bearer token holds only {_TOKEN_RULE}; write e.g. "
+            f"the output of: python -c 'import secrets; print(secrets.token_hex(32))'"
+        )
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(f"token file {p} is readable by others; chmod 600 it", stacklevel=2)
     return text

@@ -7,9 +7,15 @@ sidecar answers history queries and its last-known state: nothing accepted is lo
 
 Tables: ``ranks`` (one row per rank; ``finished_at`` is set when the rank says its run ended
 and cleared by its next snapshot), ``params`` (one row per parameter name) and ``history``
-(one row per parameter per snapshot; the oldest rows beyond ``history_max_rows`` are pruned on
+(one row per parameter, run and step; the oldest rows beyond ``history_max_rows`` are pruned on
 each ingest, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a power cut may lose
 the last transactions but never corrupts the file; a process crash loses nothing committed.
+
+A step can arrive twice in one run: an elastic restart resumes from a checkpoint under the same
+run id and re-sends the steps after it, and the publisher re-sends a snapshot whose answer timed
+out although the sidecar had committed it. The re-sent point replaces the earlier one (an upsert
+on ``(name, run_id, step)``), so history has one point per step and paging by step is exact. The
+row keeps its id, so ids stay contiguous and pruning by id keeps exactly ``history_max_rows``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from typing import Any
 
 from service.schema import Snapshot
 
-_SCHEMA = """
+_HISTORY_TABLE = """CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL, rank INTEGER NOT NULL,
+    step INTEGER NOT NULL, wall_time REAL NOT NULL, metrics TEXT NOT NULL)"""
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ranks (
     rank INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, snapshots_received INTEGER NOT NULL,
@@ -35,11 +44,15 @@ CREATE TABLE IF NOT EXISTS ranks (
 CREATE TABLE IF NOT EXISTS params (
     name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
-CREATE TABLE IF NOT EXISTS history (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL, rank INTEGER NOT NULL,
-    step INTEGER NOT NULL, wall_time REAL NOT NULL, metrics TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS history_by_name ON history (name, run_id, step);
+{_HISTORY_TABLE};
 """
+_HISTORY_COLUMNS = "name, run_id, rank, step, wall_time, metrics"
+#: The unique index that makes a re-sent step an upsert; created by ``Store._migrate`` because a
+#: database of an earlier version may first need its repeated steps merged.
+_POINT_INDEX = "history_point"
+#: Recorded in ``PRAGMA user_version`` at every start (databases of earlier versions hold 0).
+#: 1: one history row per (name, run_id, step).
+_FORMAT_VERSION = 1
 _RANK_COLUMNS = ("rank, run_id, step, wall_time, received_at, snapshots_received, optimizer, "
                  "finished_at")
 
@@ -117,22 +130,67 @@ class Store:
         self._clock = clock
         self._max_rows = history_max_rows
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any other
+        # path is a plain file name as before
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
+        try:
+            self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
         self._ranks: dict[int, RankRecord] = {}
         self._params: dict[str, ParamRecord] = {}
         self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
         self._load()
 
-    def _migrate(self) -> None:
-        """Bring a database written by an earlier version up to this schema (in place)."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ranks)")}
+    def _prepare(self) -> None:
+        """Create or migrate the tables and prove the database writable.
+
+        Raises:
+            sqlite3.Error: the file is not a SQLite database, or the sidecar cannot write it.
+        """
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            self._migrate(db)
+            # A write at every start, even when nothing needs creating: the statements above
+            # only read an existing database in WAL mode, so a file the sidecar cannot write
+            # (read-only, immutable, on a read-only mount) would otherwise start and then fail
+            # every ingest with a 500. It fails here instead, and the sidecar does not start.
+            db.execute(f"PRAGMA user_version = {_FORMAT_VERSION}")
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring a database written by an earlier version up to this schema (in place, inside
+        the caller's transaction)."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(ranks)")}
         if "finished_at" not in columns:
-            self._db.execute("ALTER TABLE ranks ADD COLUMN finished_at REAL")
+            db.execute("ALTER TABLE ranks ADD COLUMN finished_at REAL")
+        if _POINT_INDEX not in {row[1] for row in db.execute("PRAGMA index_list(history)")}:
+            self._merge_repeated_steps(db)
+            db.execute(f"CREATE UNIQUE INDEX {_POINT_INDEX} ON history (name, run_id, step)")
+            db.execute("DROP INDEX IF EXISTS history_by_name")  # the earlier, non-unique one
+
+    @staticmethod
+    def _merge_repeated_steps(db: sqlite3.Connection) -> None:
+        """Earlier versions appended a re-sent step as another row: keep the latest row of each
+        (name, run_id, step), as the upsert now does. The table is rebuilt in id order so that
+        ids are contiguous again (the exact retention bound prunes by id)."""
+        repeated = db.execute(
+            "SELECT 1 FROM history GROUP BY name, run_id, step HAVING COUNT(*) > 1 LIMIT 1"
+        ).fetchone()
+        if repeated is None:
+            return
+        db.execute("ALTER TABLE history RENAME TO history_before_merge")
+        db.execute("DROP INDEX IF EXISTS history_by_name")
+        db.execute(_HISTORY_TABLE)
+        db.execute(
+            f"INSERT INTO history ({_HISTORY_COLUMNS}) SELECT {_HISTORY_COLUMNS} FROM "
+            "history_before_merge WHERE id IN (SELECT MAX(id) FROM history_before_merge "
+            "GROUP BY name, run_id, step) ORDER BY id"
+        )
+        db.execute("DROP TABLE history_before_merge")
 
     def _load(self) -> None:
         """Fill the in-memory mirror from the ``ranks`` and ``params`` tables."""
@@ -226,7 +284,7 @@ class Store:
         )
 
     def _write(self, db: sqlite3.Connection, r: RankRecord, records: list[ParamRecord]) -> None:
-        """Upsert the latest rows, append history, prune history beyond the bound."""
+        """Upsert the latest rows and the history points, prune history beyond the bound."""
         db.execute(
             f"INSERT OR REPLACE INTO ranks ({_RANK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -254,9 +312,10 @@ class Store:
             for p in records
         ]
         db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        db.executemany(
-            "INSERT INTO history (name, run_id, rank, step, wall_time, metrics) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+        db.executemany(  # a re-sent step replaces its point (see the module docstring)
+            f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name, run_id, step) DO UPDATE SET rank = excluded.rank, "
+            "wall_time = excluded.wall_time, metrics = excluded.metrics",
             [(*row[:5], row[6]) for row in rows],
         )
         db.execute(
@@ -309,11 +368,12 @@ class Store:
     def history(
         self, name: str, *, run_id: str, from_step: int, to_step: int, limit: int
     ) -> list[HistoryRow]:
-        """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step."""
+        """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step. There
+        is one point per step, so a page cut before step s is continued exactly by from_step=s."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
-                "run_id = ? AND step BETWEEN ? AND ? ORDER BY step, id LIMIT ?",
+                "run_id = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
                 (name, run_id, from_step, to_step, limit),
             ).fetchall()
         return [HistoryRow(s, r, w, json.loads(m)) for s, r, w, m in rows]

@@ -6,6 +6,7 @@ fake clock injected through ``create_app`` and a dependency override, never a pa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import warnings
@@ -185,6 +186,49 @@ def test_v1_requires_the_bearer_token(
     assert not client.app.state.store.ready  # type: ignore[attr-defined]
 
 
+def _asgi_post_without_reading(app: Any, authorization: bytes | None) -> tuple[int, bool]:
+    """POST a malformed body within the size limit straight to the ASGI app; (status, whether
+    the app asked for the body). TestClient sends the whole body up front, so it cannot tell."""
+    content = b"{" * 1000
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(content)).encode())]
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/snapshots", "raw_path": b"/v1/snapshots",
+             "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 9400)}  # fmt: skip
+    read, sent = [], []
+
+    async def receive() -> dict[str, Any]:
+        read.append(True)
+        return {"type": "http.request", "body": content, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], bool(read)
+
+
+def test_the_token_is_checked_before_the_body_is_read(client: TestClient) -> None:
+    # Without this order a client with no token makes the sidecar read and parse up to
+    # max_body_bytes, and learns from a 400/422 what was wrong with its body.
+    app = client.app
+    for authorization in (None, b"Bearer wrong-token-wrong-token", b"Basic dXNlcjpwYXNz"):
+        assert _asgi_post_without_reading(app, authorization) == (401, False)
+    del client.headers["Authorization"]
+    for content in (b"{not json", b"\xff\xfe", json.dumps(snapshot() | {"step": "x"}).encode()):
+        r = client.post("/v1/snapshots", content=content,
+                        headers={"Content-Type": "application/json"})
+        body = assert_problem(r, 401)  # not 400 malformed-json, not 422
+        assert body["type"] == "urn:orthoshard:problem:unauthorized"
+        assert body["instance"] == "/v1/snapshots"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert client.get("/healthz").status_code == 200  # the probes stay open
+    assert client.get("/metrics").status_code == 200
+
+
 def test_the_right_token_is_accepted(client: TestClient) -> None:
     assert post(client, snapshot()).status_code == 201
     assert client.get("/v1/optimizer").status_code == 200
@@ -242,7 +286,37 @@ def test_bad_snapshot_is_422_and_nothing_is_stored(client: TestClient, case: str
     assert not client.app.state.store.ready  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+WRONG_JSON_TYPES = {
+    "step as a string": snapshot() | {"step": "5"},
+    "step as a float": snapshot() | {"step": 5.0},
+    "step as a boolean": snapshot() | {"step": True},
+    "rank as a boolean": snapshot() | {"rank": True},
+    "wall time as a string": snapshot() | {"wall_time": "1700000000"},
+    "metric as a string": snapshot() | {"params": {"w": {"orthogonality_error": "0.5"}}},
+    "metric as a boolean": snapshot() | {"params": {"w": {"orthogonality_error": True}}},
+    "run id as a number": snapshot() | {"run_id": 7},
+    "shape as floats": snapshot(optimizer={"class_name": "M", "state": {"w": {"shape": [2.0]}}}),
+    "owner rank as a boolean": snapshot(
+        optimizer={"class_name": "M", "state": {"w": {"owner_rank": False}}}),
+    "eigenvalue as a string": snapshot(
+        optimizer={"class_name": "M", "state": {"w": {"eigenvalues": {"L": ["1.0"]}}}}),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_JSON_TYPES))
+def test_wrong_json_types_are_refused_not_coerced(client: TestClient, case: str) -> None:
+    body = assert_problem(post(client, WRONG_JSON_TYPES[case]), 422)
+    assert body["type"] == "urn:orthoshard:problem:validation-error"
+    assert not client.app.state.store.ready  # type: ignore[attr-defined]
+
+
+def test_a_json_integer_is_a_valid_float(client: TestClient) -> None:
+    body = snapshot() | {"wall_time": 1_700_000_000, "params": {"w": {"nonfinite_skips": 0}}}
+    assert post(client, body).status_code == 201
+    assert client.get("/v1/params/w").json()["metrics"] == {"nonfinite_skips": 0.0}
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None, True, 1.0])
 def test_unknown_schema_version_is_refused(client: TestClient, version: Any) -> None:
     body = assert_problem(post(client, snapshot(schema_version=version)), 422)
     assert body["type"] == "urn:orthoshard:problem:unsupported-schema-version"
@@ -391,6 +465,41 @@ def test_history_limit_gives_next_from_step_and_bad_range_is_400(client: TestCli
     assert client.get(url, params={"to_step": 2**62}).status_code == 200
 
 
+def _walk_history(client: TestClient, name: str, limit: int, **query: Any) -> list[Any]:
+    """Every point, page after page by next_from_step (a page bound catches a loop)."""
+    points: list[Any] = []
+    from_step: int | None = 0
+    for _ in range(100):
+        page = client.get(f"/v1/params/{name}/history",
+                          params={"from_step": from_step, "limit": limit, **query}).json()
+        points += page["points"]
+        from_step = page["next_from_step"]
+        if from_step is None:
+            return points
+    raise AssertionError(f"paging with limit={limit} did not end after 100 pages")
+
+
+def test_a_resent_step_replaces_its_point_and_every_page_size_walks_the_same_points(
+    client: TestClient,
+) -> None:
+    # an elastic restart resumes from a checkpoint under the same run id and re-sends steps
+    # (here from another owner rank); a publisher re-sends a snapshot whose answer timed out
+    sends = [(1, 0, 0.1), (2, 0, 0.2), (3, 0, 0.3), (4, 0, 0.4),
+             (2, 1, 0.25), (3, 1, 0.35), (3, 1, 0.35), (5, 1, 0.5)]  # fmt: skip
+    for step, rank, orth in sends:
+        body = snapshot(step=step, rank=rank, names=("w",))
+        body["params"]["w"]["orthogonality_error"] = orth
+        assert post(client, body).status_code == 201
+    whole = client.get("/v1/params/w/history").json()
+    assert whole["next_from_step"] is None
+    assert [(p["step"], p["rank"], p["metrics"]["orthogonality_error"])
+            for p in whole["points"]] == [(1, 0, 0.1), (2, 1, 0.25), (3, 1, 0.35), (4, 0, 0.4),
+                                           (5, 1, 0.5)]  # fmt: skip
+    for limit in range(1, 7):
+        assert _walk_history(client, "w", limit) == whole["points"], limit
+    assert client.app.state.store.history_rows() == 5  # type: ignore[attr-defined]
+
+
 def test_history_is_per_run(client: TestClient) -> None:
     post(client, snapshot(step=1, run_id="old"))
     post(client, snapshot(step=2, run_id="new"))
@@ -417,8 +526,24 @@ def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -
     assert [i["name"] for i in ranked["items"]] == list(names[12:])
 
 
-def test_bad_cursor_is_400(client: TestClient) -> None:
-    assert_problem(client.get("/v1/params", params={"cursor": "%%%not-base64"}), 400)
+@pytest.mark.parametrize(
+    "cursor",
+    ["%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj"],
+)
+def test_bad_cursor_is_400(client: TestClient, cursor: str) -> None:
+    # "YR", "YQ==" decode to "a" but are not what encode_cursor produces ("YQ"); "_w" is not
+    # UTF-8; the rest is not base64url: each would otherwise restart the walk at page 1
+    post(client, snapshot(names=("a", "b")))
+    body = assert_problem(client.get("/v1/params", params={"cursor": cursor}), 400)
+    assert body["type"] == "urn:orthoshard:problem:bad-cursor"
+
+
+def test_a_cursor_the_api_produced_continues_after_its_name(client: TestClient) -> None:
+    post(client, snapshot(names=("a", "b", "ü.w")))
+    first = client.get("/v1/params", params={"limit": 1}).json()
+    assert first["next_cursor"] == "YQ"
+    rest = client.get("/v1/params", params={"cursor": first["next_cursor"]}).json()
+    assert [i["name"] for i in rest["items"]] == ["b", "ü.w"]
 
 
 # ------------------------------------------------------------------------------ metrics

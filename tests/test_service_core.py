@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.client import Publisher
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
-from service.settings import Settings
+from service.settings import Settings, read_token_file
 from service.store import Store
 
 
@@ -92,6 +92,59 @@ def test_store_uses_wal_and_bounds_history_exactly(tmp_path: Path) -> None:
     mode = store._db.execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     store.close()
+
+
+def test_a_resent_step_replaces_its_point_and_the_bound_stays_exact(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s.db"), history_max_rows=10)
+    for step in (0, 1, 2, 1, 2, 3, 2, 4):  # a restart from step 1, then a retried step 2
+        store.ingest(make_snapshot(step, n=2))
+    rows = store.history("blocks.0.w", run_id="r", from_step=0, to_step=99, limit=99)
+    assert [r.step for r in rows] == [0, 1, 2, 3, 4]
+    assert store.history_rows() == 10  # 5 steps x 2 params, nothing repeated
+    for step in range(5, 9):
+        store.ingest(make_snapshot(step, n=2))
+    assert store.history_rows() == 10  # ids stayed contiguous: pruning by id is still exact
+    rows = store.history("blocks.0.w", run_id="r", from_step=0, to_step=99, limit=99)
+    assert [r.step for r in rows] == [4, 5, 6, 7, 8]
+    store.close()
+
+
+def test_a_database_with_repeated_steps_is_merged_to_one_point_per_step(tmp_path: Path) -> None:
+    # the history table and index as the previous version wrote them, a step sent twice
+    db = str(tmp_path / "old.db")
+    con = sqlite3.connect(db)
+    con.executescript(
+        "CREATE TABLE history (id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL,"
+        " rank INTEGER NOT NULL, step INTEGER NOT NULL, wall_time REAL NOT NULL, metrics TEXT "
+        "NOT NULL);"
+        "CREATE INDEX history_by_name ON history (name, run_id, step);"
+        "INSERT INTO history VALUES (1, 'w', 'r', 0, 1, 1.0, '{\"e\":0.1}'),"
+        " (2, 'w', 'r', 0, 2, 2.0, '{\"e\":0.2}'), (3, 'w', 'r', 1, 2, 3.0, '{\"e\":0.25}'),"
+        " (4, 'w', 'r', 1, 3, 4.0, '{\"e\":0.3}'), (5, 'w', 'other', 0, 2, 5.0, '{\"e\":9}');")
+    con.close()
+    store = Store(db, history_max_rows=3)
+    rows = store.history("w", run_id="r", from_step=0, to_step=9, limit=9)
+    assert [(r.step, r.rank, r.metrics["e"]) for r in rows] == [(1, 0, 0.1), (2, 1, 0.25),
+                                                                (3, 1, 0.3)]  # the latest kept
+    assert store.history_rows() == 4
+    store.ingest(make_snapshot(7, n=1))  # ids renumbered 1..4: the bound of 3 is exact again
+    assert store.history_rows() == 3
+    indexes = {row[1]: row[2] for row in store._db.execute("PRAGMA index_list(history)")}
+    assert indexes == {"history_point": 1}  # unique; the earlier index is gone
+    store.close()
+
+
+def test_a_database_the_sidecar_cannot_write_refuses_to_open(tmp_path: Path) -> None:
+    # Already in WAL mode with every table in place, such a file only needs reads to open:
+    # the store must still find out at start, not answer 500 to every ingest. SQLite's
+    # read-only mode is what it falls back to for a file it cannot open for writing (a
+    # read-only file or mount, an immutable file), and it binds root as well.
+    db = tmp_path / "s.db"
+    Store(str(db), history_max_rows=10).close()
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        Store(f"file:{db}?mode=ro", history_max_rows=10)
+    Store(f"file:{db}", history_max_rows=10).close()  # a file: URI names the same database
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -216,6 +269,32 @@ def test_rotation_hold_zero_exports_the_latest_step_only() -> None:
 def test_settings_refuse_a_rotation_hold_outside_zero_to_the_ttl(hold: float) -> None:
     with pytest.raises(ValueError, match="rotation_hold_s"):
         Settings(token="t" * 32, series_ttl_s=600, rotation_hold_s=hold)
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["äöü-not-ascii-token-1234", "token with spaces in it", 'quoted"token"1234567890',
+     "abc=def0123456789abcdef", "===================="],
+)
+def test_settings_and_the_token_file_refuse_a_token_no_client_can_send(
+    tmp_path: Path, token: str
+) -> None:
+    with pytest.raises(ValueError, match="RFC 6750"):
+        Settings(token=token)
+    path = tmp_path / "token"
+    path.write_text(token + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match=rf"token file {path} has .*RFC 6750") as err:
+        read_token_file(path)
+    assert token not in str(err.value)  # the secret is not echoed
+
+
+def test_a_token_of_rfc_6750_characters_is_accepted(tmp_path: Path) -> None:
+    token = "AZaz09-._~+/" + "x" * 8 + "=="
+    path = tmp_path / "token"
+    path.write_text(f"  {token}\n")
+    path.chmod(0o600)
+    assert read_token_file(path) == token and Settings(token=token).token == token
 
 
 # ------------------------------------------------------------------------------ publisher
@@ -433,6 +512,66 @@ def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
     assert not pub._thread.is_alive()
     assert pub.stats.rejected == 1 and pub.stats.failures >= 1 and pub.stats.dropped == 1
     assert accounted(pub)
+
+
+class _FloatRaises:
+    """A value whose ``__float__`` raises, as a tensor of several elements or on the meta
+    device does."""
+
+    def __float__(self) -> float:
+        raise RuntimeError("a Tensor with 2 elements cannot be converted to Scalar")
+
+
+def _nested(depth: int) -> dict:
+    d: dict = {}
+    for _ in range(depth):
+        d = {"x": d}
+    return d
+
+
+@pytest.mark.timeout(30)
+def test_no_value_stops_the_sender_and_each_bad_one_is_counted_and_logged(caplog) -> None:
+    rec = Recorder()
+    pub = publisher(rec)
+    self_ref: dict = {}
+    self_ref["self"] = self_ref
+    bad = [
+        {"step": float("inf"), "params": {}},  # OverflowError from int()
+        {"step": 1, "params": {"w": {"orthogonality_error": _FloatRaises()}}},  # RuntimeError
+        {"step": 2, "params": {"w": self_ref}},  # RecursionError
+        {"step": 3, "params": {"w": _nested(5000)}},  # RecursionError, deep not cyclic
+        {"step": 4, "params": {"w": {"x": object()}}},  # TypeError
+    ]
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        for item in bad:
+            pub.publish(rank=0, **item)  # type: ignore[arg-type]
+        for step in range(10, 13):
+            pub.publish(step=step, rank=0, params={"w": {"orthogonality_error": 0.1}})
+        assert pub.close(timeout_s=5)
+    assert [b["step"] for b in rec.bodies] == [10, 11, 12]
+    assert (pub.stats.rejected, pub.stats.sent) == (5, 3) and accounted(pub)
+    (first,) = [r.getMessage() for r in caplog.records if "step inf" in r.getMessage()]
+    assert "not encodable" in first and "OverflowError" in first
+
+
+@pytest.mark.timeout(30)
+def test_a_send_that_raises_unexpectedly_is_counted_and_the_sender_goes_on(caplog) -> None:
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["step"])
+        if len(calls) == 1:
+            raise RuntimeError("not an httpx.HTTPError")
+        return httpx.Response(201, json={})
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler))
+    with caplog.at_level("ERROR", logger="orthoshard.publisher"):
+        for step in range(3):
+            pub.publish(step=step, rank=0, params={})
+        assert pub.close(timeout_s=5)
+    assert calls == [0, 1, 2] and (pub.stats.rejected, pub.stats.sent) == (1, 2)
+    assert accounted(pub)
+    assert any("step 0 failed unexpectedly" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.timeout(30)

@@ -7,6 +7,7 @@ and database, and stops it with SIGTERM (or SIGKILL where that is the point).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -23,6 +24,7 @@ import pytest
 from conftest import ROOT, require_tool
 
 from service.client import Publisher
+from service.store import Store
 
 pytestmark = pytest.mark.multiprocess
 
@@ -423,3 +425,89 @@ def test_sidecar_cli_names_a_database_it_cannot_use(tmp_path: Path, where: str) 
     assert proc.returncode == 2, proc.stderr
     assert f"cannot use {db} as the history database" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def sidecar_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``orthoshard sidecar *args`` with a fresh token file until it exits (for the
+    start-up refusals, which must exit 2 with a message, not a traceback)."""
+    token_file = tmp / "cli-token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+    cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
+           *args]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.mark.timeout(60)
+def test_a_second_sidecar_leaves_the_running_ones_socket_and_database_alone(
+    sidecar: Sidecar, tmp_path: Path
+) -> None:
+    # Started by mistake with the first one's port and socket: it used to delete the live
+    # socket on its way out (exit 3, a traceback), leaving the first one unreachable there.
+    second_db = tmp_path / "second.db"
+    same_port = sidecar_cli(tmp_path, "--port", str(sidecar.port), "--uds", sidecar.uds,
+                            "--db", str(second_db))  # fmt: skip
+    assert same_port.returncode == 2, same_port.stderr
+    assert f"cannot listen on 127.0.0.1:{sidecar.port} (Address already in use)" in \
+        same_port.stderr and "another --port" in same_port.stderr
+    same_uds = sidecar_cli(tmp_path, "--port", str(free_port()), "--uds", sidecar.uds,
+                           "--db", str(tmp_path / "state.db"))  # fmt: skip
+    assert same_uds.returncode == 2, same_uds.stderr
+    assert f"--uds {sidecar.uds} is in use" in same_uds.stderr
+    assert not second_db.exists()  # refused before any database was opened
+    with sidecar.client(via_uds=True) as unix, sidecar.client() as tcp:
+        assert unix.get("/healthz").status_code == tcp.get("/healthz").status_code == 200
+        assert unix.post("/v1/snapshots", json={
+            "schema_version": 1, "run_id": "r", "rank": 0, "step": 1, "wall_time": 1.7e9,
+            "params": {"w": {"orthogonality_error": 0.1}}}).status_code == 201  # fmt: skip
+    assert sidecar.stop() == 0 and not os.path.exists(sidecar.uds)  # it removes its own
+
+
+@pytest.mark.timeout(60)
+def test_a_stale_socket_file_is_replaced_and_a_file_that_is_no_socket_is_not(
+    tmp_path: Path,
+) -> None:
+    uds = tmp_path / "sidecar.sock"  # where start_sidecar puts it
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(uds))  # left behind by a sidecar that was SIGKILLed: nobody listens
+    car = start_sidecar(tmp_path)
+    assert car.stop() == 0 and not uds.exists()
+    uds.write_text("not a socket")
+    proc = sidecar_cli(tmp_path, "--port", str(free_port()), "--uds", str(uds),
+                       "--db", str(tmp_path / "state.db"))  # fmt: skip
+    assert proc.returncode == 2 and f"--uds {uds} exists and is not a socket" in proc.stderr
+    assert uds.read_text() == "not a socket"
+
+
+def _make_read_only(path: Path) -> Callable[[], None]:
+    """Make ``path`` unwritable for this process; returns the undo. chmod does not bind
+    root, so root makes the file immutable (``chattr +i``) instead."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return lambda: path.chmod(0o644)
+    chattr = require_tool("chattr")
+    done = subprocess.run([chattr, "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not supported here ({done.stderr.strip()}); the read-only "
+                    f"open case covers the same start-up check")
+    return lambda: subprocess.run([chattr, "-i", str(path)], check=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["read-only open", "read-only file"])
+def test_sidecar_cli_refuses_a_database_it_cannot_write(tmp_path: Path, how: str) -> None:
+    # In WAL mode with its tables in place, such a file needed no write to open: the sidecar
+    # started, then answered 500 to every ingest.
+    db = tmp_path / "state.db"
+    Store(str(db), history_max_rows=10).close()
+    arg = f"file:{db}?mode=ro"  # SQLite's read-only open, what it falls back to for such files
+    with contextlib.ExitStack() as undo:
+        if how == "read-only file":
+            arg = str(db)
+            undo.callback(_make_read_only(db))
+        proc = sidecar_cli(tmp_path, "--db", arg, "--port", str(free_port()))
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot use {arg} as the history database (attempt to write a readonly " \
+        "database)" in proc.stderr

@@ -39,12 +39,25 @@ def encode_cursor(name: str) -> str:
 
 
 def decode_cursor(cursor: str) -> str:
-    """Inverse of ``encode_cursor``; a cursor this API did not produce is a 400."""
+    """Inverse of ``encode_cursor``; a cursor this API did not produce is a 400.
+
+    Strict, so that a mangled cursor is an error rather than a silent restart at page 1:
+    characters outside the base64url alphabet are refused (``urlsafe_b64decode`` would skip
+    them), and the name must encode back to exactly ``cursor`` (which refuses "+", "/",
+    padding and non-zero trailing bits, all of which decode but are never produced).
+    """
+    bad = ProblemError(
+        400, "The cursor is not valid; pass next_cursor back unchanged.", slug="bad-cursor"
+    )
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+        raw = base64.b64decode(padded.encode("ascii"), altchars=b"-_", validate=True)
+        name = raw.decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError) as exc:
-        raise ProblemError(400, "The cursor is not valid.", slug="bad-cursor") from exc
+        raise bad from exc
+    if encode_cursor(name) != cursor:
+        raise bad
+    return name
 
 
 def _summary(rec: ParamRecord, now: float, ttl: float) -> ParamSummary:
@@ -145,7 +158,12 @@ def get_history(
     run_id: Annotated[str | None, Query(max_length=128, description=_RUN_DOC)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 1000,
 ) -> ParamHistory:
-    """Points with ``from_step <= step <= to_step`` in step order (retention permitting)."""
+    """Points with ``from_step <= step <= to_step`` in step order (retention permitting).
+
+    A run holds one point per step (a re-sent step replaced the earlier point), so continuing
+    from ``next_from_step``, the first step not returned, walks the range exactly: no point twice,
+    none skipped, whatever the limit.
+    """
     if from_step > to_step:
         raise ProblemError(400, "from_step must not exceed to_step.", slug="bad-range")
     run = run_id or _require(store, name).run_id
