@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -481,18 +482,21 @@ def test_a_stale_socket_file_is_replaced_and_a_file_that_is_no_socket_is_not(
     assert uds.read_text() == "not a socket"
 
 
-def _make_read_only(path: Path) -> Callable[[], None]:
-    """Make ``path`` unwritable for this process; returns the undo. chmod does not bind
-    root, so root makes the file immutable (``chattr +i``) instead."""
+def _read_only_file(path: Path, undo: contextlib.ExitStack) -> str:
+    """Make the file ``path`` unwritable for this process and return the ``--db`` argument
+    naming it. chmod does not bind root, so root makes the file immutable (``chattr +i``); where
+    the filesystem cannot (or chattr is absent), root opens the same file read-only through a
+    SQLite URI, which fails the sidecar's start-up write the same way."""
     if os.geteuid() != 0:
         path.chmod(0o444)
-        return lambda: path.chmod(0o644)
-    chattr = require_tool("chattr")
-    done = subprocess.run([chattr, "+i", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"chattr +i is not supported here ({done.stderr.strip()}); the read-only "
-                    f"open case covers the same start-up check")
-    return lambda: subprocess.run([chattr, "-i", str(path)], check=True)
+        undo.callback(path.chmod, 0o644)
+        return str(path)
+    chattr = shutil.which("chattr")
+    if chattr is not None and subprocess.run([chattr, "+i", str(path)],
+                                             capture_output=True).returncode == 0:
+        undo.callback(subprocess.run, [chattr, "-i", str(path)], check=True)
+        return str(path)
+    return f"file:{path}?mode=ro"
 
 
 @pytest.mark.timeout(60)
@@ -505,8 +509,7 @@ def test_sidecar_cli_refuses_a_database_it_cannot_write(tmp_path: Path, how: str
     arg = f"file:{db}?mode=ro"  # SQLite's read-only open, what it falls back to for such files
     with contextlib.ExitStack() as undo:
         if how == "read-only file":
-            arg = str(db)
-            undo.callback(_make_read_only(db))
+            arg = _read_only_file(db, undo)
         proc = sidecar_cli(tmp_path, "--db", arg, "--port", str(free_port()))
     assert proc.returncode == 2, proc.stderr
     assert f"cannot use {arg} as the history database (attempt to write a readonly " \
