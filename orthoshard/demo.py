@@ -56,6 +56,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class SidecarError(RuntimeError):
+    """The demo's sidecar did not start (the sidecar printed why)."""
+
+
 class Sidecar:
     """A sidecar subprocess on 127.0.0.1 with a fresh token in ``OUT/sidecar.token``."""
 
@@ -74,20 +78,31 @@ class Sidecar:
         self.proc = subprocess.Popen(cmd)
         self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
             "Authorization": f"Bearer {self.token_file.read_text()}"})
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until THIS sidecar serves: another process answering /healthz on the port (a sidecar
+        already there, which makes ours exit) must not be taken for it, so the token it was
+        started with must open the state API too."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the sidecar exited with code {self.proc.returncode}")
+                raise SidecarError(f"the sidecar exited with code {self.proc.returncode} "
+                                   f"(its message is above)")
             try:
-                if self.client.get("/healthz").status_code == 200:
+                if self.client.get("/healthz").status_code == 200 and \
+                        self.client.get("/v1/optimizer").status_code == 200 and \
+                        self.proc.poll() is None:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the sidecar did not answer /healthz on {self.url} in {timeout} s")
+        raise SidecarError(f"the sidecar did not answer on {self.url} with its token in "
+                           f"{timeout} s")
 
     def params(self) -> dict[str, dict[str, Any]]:
         """Latest metrics of every parameter, through the paginated state API."""
@@ -130,19 +145,37 @@ def _train_argv(args: argparse.Namespace, url: str, token_file: Path) -> list[st
     return argv
 
 
+# How long torchrun may take to stop its workers after a SIGTERM before it is killed.
+_TORCHRUN_STOP_S = 30.0
+
+
 def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
            "-m", "orthoshard.train", *_train_argv(args, sidecar.url, sidecar.token_file)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except BaseException:  # SIGTERM (as SystemExit) or Ctrl-C: stop the trainers, not orphan them
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers, then exits
+            try:
+                proc.wait(timeout=_TORCHRUN_STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
 
 
 def _fresh_outputs(out: Path, resume: bool) -> None:
+    """Create ``out``; unless resuming, remove a previous run's files, results included (a run
+    that fails must not leave the last run's summary looking like its own)."""
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         return
-    for pattern in ("health-rank*.jsonl", "loss.jsonl", "rank*.json", "sidecar.db*"):
+    for pattern in ("health-rank*.jsonl", "loss.jsonl", "rank*.json", "sidecar.db*",
+                    "summary.json", "health.png", "final_params.pt"):
         for f in out.glob(pattern):
             f.unlink()
 
@@ -158,19 +191,46 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return "--max-restarts must be >= 0"
     if args.linger < 0 and args.linger != -1:
         return f"--linger must be >= 0 seconds, or -1 (until Ctrl-C), got {args.linger}"
+    if not 0 <= args.sidecar_port <= 65535:
+        return f"--sidecar-port must be a TCP port (0: a free one), got {args.sidecar_port}"
+    if args.rotation_hold is not None and not args.rotation_hold >= 0:
+        return f"--rotation-hold must be >= 0 seconds, got {args.rotation_hold}"
     return argument_problem(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    from orthoshard import report
-
     problem = _argument_problem(args)
     if problem is not None:
         print(f"orthoshard demo: {problem}", file=sys.stderr)
         return 2
-    _fresh_outputs(args.out, args.resume)
+    # SIGTERM (kill, timeout, a CI runner) ends the demo as Ctrl-C does: through the finally
+    # clauses that stop the trainers and the sidecar, which would otherwise run on orphaned
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orthoshard import report
+
+    try:
+        _fresh_outputs(args.out, args.resume)
+    except OSError as exc:
+        print(f"orthoshard demo: cannot use --out {args.out}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     started = time.time()
-    sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)
+    try:
+        sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)
+    except SidecarError as exc:
+        print(f"orthoshard demo: {exc}", file=sys.stderr)
+        return 2
     try:
         print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
         code = _torchrun(args, sidecar)

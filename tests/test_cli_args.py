@@ -27,6 +27,9 @@ def _demo_args(*argv: str) -> argparse.Namespace:
     (["--max-restarts", "-1"], "must be >= 0"),
     (["--step-delay", "-0.5"], "must be >= 0"),
     (["--linger", "-2"], "--linger must be >= 0 seconds, or -1"),
+    (["--sidecar-port", "70000"], "--sidecar-port must be a TCP port"),
+    (["--sidecar-port", "-5"], "--sidecar-port must be a TCP port"),
+    (["--rotation-hold", "-1"], "--rotation-hold must be >= 0 seconds"),
 ])
 def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
     problem = demo._argument_problem(_demo_args(*argv))

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +57,81 @@ def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_pa
     png = (out / "health.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "sidecar:" in proc.stdout and "blocks.0.qkv.weight" in proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_a_port_held_by_another_sidecar_stops_the_demo_and_clears_the_last_results(tmp_path):
+    # /healthz of the sidecar already on the port was taken for the demo's own: training ran
+    # against it (401 on every snapshot) and the demo ended in a traceback, leaving the
+    # previous run's summary.json and health.png in place as if they were this run's
+    from test_service_live import start_sidecar
+
+    other = start_sidecar(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("summary.json", "health.png", "final_params.pt"):
+        (out / name).write_text("an earlier run")
+    try:
+        proc = subprocess.run(_demo(out, "--steps", "5", "--sidecar-port", str(other.port)),
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        other.stop()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Address already in use" in proc.stderr and "orthoshard demo: the sidecar exited" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    assert not any((out / name).exists() for name in ("summary.json", "health.png",
+                                                       "final_params.pt"))
+
+
+def test_an_output_path_that_is_a_file_is_refused_by_name(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    proc = subprocess.run(_demo(blocker / "sub", "--steps", "5"), capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and f"orthoshard demo: cannot use --out {blocker / 'sub'}" \
+        in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _alive(pattern: str) -> dict[int, str]:
+    """``pid -> command line`` of the running processes whose command line contains
+    ``pattern``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if pattern in cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_stops_the_trainers_and_the_sidecar(tmp_path):
+    # SIGTERM (kill, timeout, a CI runner) skipped the demo's cleanup: the sidecar, torchrun
+    # and both ranks went on running, orphaned
+    out = tmp_path / "sigterm-out"
+    proc = subprocess.Popen(_demo(out, "--steps", "2000", "--step-delay", "0.05"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 100
+        while not (out / "loss.jsonl").exists() or not (out / "loss.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        assert len(_alive(str(out))) >= 3  # the demo, its sidecar, torchrun and the ranks
+        proc.terminate()
+        assert proc.wait(timeout=60) == 128 + 15
+        deadline = time.monotonic() + 30
+        while _alive(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _alive(str(out)) == {}
+    finally:  # whatever went wrong, leave no process of this run behind
+        proc.kill()
+        for pid in _alive(str(out)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _prometheus(tmp: Path, sidecar_port: int) -> tuple[list[str], str]:

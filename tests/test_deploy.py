@@ -287,6 +287,23 @@ def test_sidecar_requirements_cover_service_imports_and_exclude_torch() -> None:
     assert not re.search(r"pip install[^\n]*torch", dockerfile)
 
 
+@pytest.mark.timeout(300)
+def test_sidecar_requirements_install_together_without_torch(tmp_path: Path) -> None:
+    # The image's one pip step resolves these pins: a pydantic pin whose pydantic-core differed
+    # from the pinned one made the whole compose build fail. pip's own resolver, from the
+    # package index, as the image build uses it (--dry-run: nothing is installed).
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), "-r", str(DEPLOY / "sidecar-requirements.txt")],
+        capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert {"fastapi", "pydantic", "pydantic-core", "uvicorn"} <= {
+        n.replace("_", "-") for n in resolved}
+    assert "torch" not in resolved
+
+
 # --- Grafana ----------------------------------------------------------------------------------
 
 

@@ -129,10 +129,13 @@ def rules(p: Profile) -> list[dict]:
     w, b = dur(p.rot_window), dur(p.rot_baseline)
     jump = f"max_over_time({ROT}[{w}])"
     # Per matrix: the largest turn of the last w, above the floor and above ratio x the average
-    # turn of the b before it (offset w: the spike is never inside its own baseline).
+    # turn of the b before it (offset w: the spike is never inside its own baseline). The
+    # average is over the samples that hold a turn (> 0): SOAP reports 0 between refreshes, and
+    # with a refresh every few minutes the zeros pulled the average down to a fraction of an
+    # ordinary turn, so every refresh paged (a subquery at the scrape step reads the samples).
     jumped = (
         f"{jump} > {num(p.rot_floor)}\nand\n{jump}\n"
-        f"  > {num(p.rot_ratio)} * avg_over_time({ROT}[{b}] offset {w})"
+        f"  > {num(p.rot_ratio)} * avg_over_time(({ROT} > 0)[{b}:{dur(p.interval)}] offset {w})"
     )
     # Breadth: a gradient spike turns (nearly) every matrix at once; a lone matrix whose top two
     # eigenvalues cross turns alone (measured, docs/deploy.md). Same target = same sidecar.
@@ -185,6 +188,7 @@ TARGET = {"job": JOB, "instance": "sidecar-0:9400", "node": "0"}
 CALM = [2.0, 4.5, 3.0, 1.5, 4.0, 2.5]  # degrees per step, a spectrum with a gap (measured <= 4.4)
 DEGENERATE = [88.0, 45.0, 70.0, 89.0, 60.0, 30.0]  # near-degenerate spectrum: flips every step
 SPIKE = 85.0  # plain SOAP's top-1 turn on a rank-1 gradient spike (FIELD-NOTES)
+REFRESH_EVERY = 7  # scrapes between SOAP basis refreshes in the sparse cases (100 s at 15 s)
 TINY = [0.01, 0.03, 0.02, 0.05, 0.01, 0.02]  # KL-Shampoo: ~0 degrees; a 2-degree bump is 50x
 
 
@@ -279,7 +283,44 @@ def rotation_tests(p: Profile) -> list[dict]:
             check(t, name) for t in range(0, long_n * i, max(i, p.rot_window // 2))
         ],
     }
-    return [spike_case, quiet]
+    # SOAP refreshing every REFRESH_EVERY scrapes (100 s at 15 s): 0 between refreshes, each
+    # refresh's turn held for rot_hold. Every matrix refreshes at the same step, so breadth
+    # holds at each refresh: only the average over the turns themselves keeps this quiet.
+    def sparse(turns: list[float]) -> list[float]:
+        return held([turns[k // REFRESH_EVERY] if k % REFRESH_EVERY == 0 else 0.0
+                     for k in range(len(turns) * REFRESH_EVERY)], p)
+
+    refreshes = long_n // REFRESH_EVERY + 1
+    at = (n_before // REFRESH_EVERY + 1)  # the refresh that spikes, after a full baseline
+    t_spike = at * REFRESH_EVERY * i
+    spiky = [SPIKE if r == at else CALM[r % len(CALM)] for r in range(refreshes)]
+    sparse_case = {
+        "interval": dur(i),
+        "input_series": [
+            *(series(rot, x, sparse(spiky)) for x in hit),
+            series(rot, calm, sparse(cycle(CALM, refreshes))),
+        ],
+        "alert_rule_test": [
+            *(check(t, name) for t in range(0, t_spike, max(i, p.rot_window // 2))),
+            check(t_spike + p.rot_for + i, name, *(expect(name, x, SPIKE, "warning")
+                                                    for x in hit)),
+        ],
+    }
+    # Every matrix turning 30-89 degrees at each sparse refresh (a near-degenerate spectrum, as
+    # SOAP's top-1 vector of i.i.d. gradients), all at once, no spike: quiet all along. The
+    # average over all samples (zeros included) paged here at every refresh.
+    quiet_sparse = {
+        "interval": dur(i),
+        "input_series": [
+            series(rot, labels(param=f"p{j}", factor=f, k="1"),
+                   sparse(cycle(DEGENERATE[j:] + DEGENERATE[:j], refreshes)))
+            for j in range(4) for f in ("L", "R")
+        ],
+        "alert_rule_test": [
+            check(t, name) for t in range(0, long_n * i, max(i, p.rot_window // 2))
+        ],
+    }
+    return [spike_case, quiet, sparse_case, quiet_sparse]
 
 
 def stale_tests(p: Profile) -> list[dict]:
