@@ -133,9 +133,23 @@ class Checkpoints:
         self.dir = directory
 
     def latest(self) -> Path | None:
+        """The checkpoint ``LATEST`` names, or None without one.
+
+        Raises:
+            FileNotFoundError: ``LATEST`` is empty or names a directory that is not there (a
+                checkpoint deleted or not copied along): resuming from another one, or from
+                nothing, would silently train a different run.
+        """
         if self.dir is None or not (self.dir / "LATEST").exists():
             return None
-        return self.dir / (self.dir / "LATEST").read_text().strip()
+        name = (self.dir / "LATEST").read_text().strip()
+        path = self.dir / name
+        if not name or not path.is_dir():
+            raise FileNotFoundError(
+                f"{self.dir / 'LATEST'} names {name!r}, which is not a checkpoint directory "
+                f"in {self.dir}: restore it, point LATEST at an existing step-NNNNNN "
+                f"directory, or remove LATEST to start from step 0")
+        return path
 
     def save(self, model: torch.nn.Module, optimizer: Any, step: int) -> None:
         from sharding import checkpoint

@@ -67,3 +67,15 @@ def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, caps
         train.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pointer", ["", "step-000040"])
+def test_a_latest_pointer_to_no_checkpoint_is_refused_by_name(tmp_path, pointer):
+    # it raised a bare FileNotFoundError from deep inside DCP's load on every rank
+    (tmp_path / "step-000020").mkdir()
+    (tmp_path / "LATEST").write_text(pointer)
+    with pytest.raises(FileNotFoundError, match=r"LATEST names .* remove LATEST to start"):
+        train.Checkpoints(tmp_path).latest()
+    (tmp_path / "LATEST").write_text("step-000020\n")
+    assert train.Checkpoints(tmp_path).latest() == tmp_path / "step-000020"
+    assert train.Checkpoints(None).latest() is None
