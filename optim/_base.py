@@ -26,6 +26,7 @@ fallback for 1-D parameters, embeddings and output heads (see
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 
 __all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
-           "MatrixOptimizer", "all_finite", "check_betas", "check_flags", "check_rates", "local"]
+           "MatrixOptimizer", "all_finite", "check_betas", "check_flags", "check_rates", "is_real",
+           "local"]
 
 ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
@@ -100,13 +102,19 @@ def check_rates(**rates: Any) -> None:
                 raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
                                  f"tensor of shape {tuple(value.shape)} ({value.dtype})")
             number = float(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif is_real(value):
             number = float(value)
         else:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r} "
                              f"({type(value).__name__})")
         if not 0.0 <= number < math.inf:  # also NaN
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def is_real(value: Any) -> bool:
+    """A real number that is not a bool: Python's int and float, and NumPy's scalars (an LR
+    scheduler may write ``np.float32`` into a group)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_flags(d: dict[str, Any], *names: str) -> None:
@@ -121,7 +129,7 @@ def check_flags(d: dict[str, Any], *names: str) -> None:
 def check_betas(name: str, betas: Any) -> None:
     """Raise ValueError unless ``betas`` are two decay rates in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
-            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0
+            is_real(b) and 0.0 <= b < 1.0
             for b in betas):
         raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
 

@@ -37,6 +37,7 @@ from optim._base import (
     MatrixOptimizer,
     check_flags,
     check_rates,
+    is_real,
     local,
 )
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
@@ -88,7 +89,7 @@ def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
 
 def _softening_at(softening: Softening, step: int) -> float:
     s = softening(step) if callable(softening) else softening
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s <= 1.0:
+    if not is_real(s) or not 0.0 <= s <= 1.0:
         raise ValueError(f"softening at step {step} must be a number in [0, 1], got {s!r}")
     return float(s)
 
@@ -378,10 +379,9 @@ def _commit(buf: Tensor, new: Tensor) -> None:
 
 
 def _check_normuon_args(beta2: float, normuon_eps: float) -> None:
-    if not (isinstance(beta2, (int, float)) and not isinstance(beta2, bool)
-            and 0.0 <= beta2 < 1.0):
+    if not (is_real(beta2) and 0.0 <= beta2 < 1.0):
         raise ValueError(f"beta2 must be in [0, 1), got {beta2!r}")
-    if not (isinstance(normuon_eps, (int, float)) and 0.0 <= normuon_eps < math.inf):
+    if not (is_real(normuon_eps) and 0.0 <= normuon_eps < math.inf):
         raise ValueError(f"normuon_eps must be a finite number >= 0, got {normuon_eps!r}")
 
 
@@ -389,8 +389,7 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
                      ns_method: str, softening: Softening, adjust_lr_fn: str | None,
                      ns_coefficients: Any, eps: float) -> None:
     check_rates(lr=lr, weight_decay=weight_decay)
-    if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
-            and 0.0 <= momentum < 1.0):
+    if not (is_real(momentum) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
         raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
@@ -400,10 +399,10 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
         _softening_at(softening, 0)
     adjusted_lr(1.0, adjust_lr_fn, (1, 1))
     if not (isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3
-            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+            and all(is_real(c) and math.isfinite(c)
                     for c in ns_coefficients)):
         raise ValueError(f"ns_coefficients must be the (a, b, c) of the quintic, three finite "
                          f"numbers (default {JORDAN_QUINTIC}), got {ns_coefficients!r}")
-    if not (isinstance(eps, (int, float)) and 0.0 <= eps < math.inf):
+    if not (is_real(eps) and 0.0 <= eps < math.inf):
         raise ValueError(f"eps (the floor of Newton-Schulz's normalizing norm) must be a finite "
                          f"number >= 0, got {eps!r}")

@@ -312,6 +312,8 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
     """
     _check_square(Q, "spectral_norm_upper_bound")
     W = _at_least_fp32(_as_batch(Q))
+    if W.size(-1) == 0:  # 0 x 0 blocks: norm 0 (amax cannot reduce an empty block)
+        return torch.zeros(Q.shape[:-2], dtype=W.dtype, device=W.device)
     scale = W.abs().amax(dim=(-2, -1), keepdim=True)
     W = W / scale.clamp(min=torch.finfo(W.dtype).tiny)
     B = _matmul.mm(W.mT, W)

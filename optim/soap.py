@@ -38,6 +38,7 @@ from optim._base import (
     check_betas,
     check_flags,
     check_rates,
+    is_real,
     local,
 )
 from optim._soap_math import (
@@ -237,9 +238,9 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
     check_betas("betas", d["betas"])
     check_flags(d, "nesterov", "correct_bias", "use_eigh", "use_kl_shampoo")
-    if not (_is_number(d["shampoo_beta"]) and 0.0 <= d["shampoo_beta"] < 1.0):
+    if not (is_real(d["shampoo_beta"]) and 0.0 <= d["shampoo_beta"] < 1.0):
         raise ValueError(f"shampoo_beta must be in [0, 1), got {d['shampoo_beta']!r}")
-    if not (_is_number(d["eps"]) and 0.0 < d["eps"] < math.inf):
+    if not (is_real(d["eps"]) and 0.0 < d["eps"] < math.inf):
         raise ValueError(f"eps must be a finite number > 0 (it also floors KL-Shampoo's "
                          f"eigenvalues; an infinite one makes every update 0), got {d['eps']!r}")
     for key in ("fp32_matmul_prec", "qr_fp32_matmul_prec"):
@@ -250,7 +251,3 @@ def _check_soap_args(d: dict[str, Any]) -> None:
         value = d[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -25,9 +25,11 @@ converted, and non-finite floats become ``null`` (the sidecar's NaN policy, see 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
+import operator
 import os
 import random
 import threading
@@ -57,7 +59,8 @@ class PublisherStats:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-ready copy: non-finite floats -> None, ``__float__`` objects -> float."""
+    """JSON-ready copy: non-finite floats -> None, integer-likes (``__index__``: NumPy ints,
+    integer tensors) -> int, other ``__float__`` objects -> float."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, bool | int | str):
@@ -66,6 +69,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    with contextlib.suppress(TypeError):  # integer-likes (np.int64, 0-d int tensors) stay ints
+        return operator.index(value)
     return _plain(float(value))
 
 

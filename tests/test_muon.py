@@ -844,6 +844,20 @@ def test_arguments_of_the_wrong_type_are_refused_by_name(opt_cls, bad, message):
         opt_cls(make_params(), **kwargs)
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_numpy_scalars_are_numbers_for_hyperparameters_and_schedulers(opt_cls):
+    # a LambdaLR returning np.float32 wrote it into the group; the per-step check refused it
+    import numpy as np  # matplotlib's dependency, installed with the project
+
+    params = make_params(SHAPES[:2])
+    opt = opt_cls(params, lr=np.float32(0.02), weight_decay=np.float32(0.01))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: np.float32(0.5) ** step)
+    for t in range(3):
+        run(opt, params, 1, start=t)
+        sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5**3)
+
+
 def test_muon_refuses_an_unknown_keyword_as_torch_muon_does():
     with pytest.raises(TypeError, match="nesterof"):
         Muon(make_params(), nesterof=False)

@@ -173,6 +173,12 @@ def test_norm_bound_and_clip_hold_for_huge_and_tiny_blocks(scale):
     assert ((clipped <= expected * (1 + CLIP_RTOL)) & (clipped >= expected / 1.01)).all()
 
 
+def test_norm_bound_and_clip_of_empty_blocks():
+    empty = torch.zeros(3, 0, 0)
+    assert spectral_norm_upper_bound(empty).shape == (3,)
+    assert clip_spectral_norm(empty, 1.0).shape == (3, 0, 0)
+
+
 def test_clip_auto_bounds_and_small_blocks_untouched():
     Q = random_skew(16, 0.5)
     assert torch.equal(clip_spectral_norm(Q, -1, method="exp"), Q)

@@ -348,6 +348,25 @@ def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:
     assert pub.stats.sent == 1 and pub.stats.dropped == 0
 
 
+def test_publisher_sends_integer_likes_as_integers_the_strict_schema_takes() -> None:
+    # np.int64 went through float(): 0.0 in an integer field, and the whole snapshot got a 422
+    import numpy as np  # matplotlib's dependency, installed with the project
+
+    rec = Recorder()
+    pub = publisher(rec)
+    opt = {"class_name": "SOAP", "groups": [],
+           "state": {"a.w": {"shape": [np.int64(4), np.int64(3)], "owner_rank": np.int64(1),
+                             "buffer_norms": {"L": np.float32(2.5)}, "eigenvalues": {}}}}
+    pub.publish(step=np.int64(3), rank=np.int64(1), params={"a.w": {"update_rms": np.float32(
+        0.5)}}, optimizer=opt)
+    assert pub.close(timeout_s=5)
+    (body,) = rec.bodies
+    Snapshot.model_validate(body)  # what the sidecar accepts
+    state = body["optimizer"]["state"]["a.w"]
+    assert state["shape"] == [4, 3] and type(state["owner_rank"]) is int
+    assert body["params"]["a.w"]["update_rms"] == 0.5 and pub.stats.rejected == 0
+
+
 class Gate:
     """An httpx handler whose first ``hold`` requests wait (on the sender thread) until
     :meth:`release`, answered with ``statuses`` in turn (an exception instance is raised),
