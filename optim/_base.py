@@ -277,6 +277,9 @@ class MatrixOptimizer(Optimizer):
     # is elementwise and sharded like the parameter). The exchange turns them into sharded
     # DTensors for checkpoints, so every rank presents the same keys to DCP.
     owner_state_keys: frozenset[str] = frozenset()
+    # Group keys that may hold a schedule (a callable of the step): state_dict() saves them as
+    # None, and load_state_dict() keeps the live group's value for them.
+    schedule_keys: frozenset[str] = frozenset()
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
@@ -712,7 +715,9 @@ class MatrixOptimizer(Optimizer):
 
     def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` (a shallow copy) whose groups have every key of the groups they
-        replace: a missing one takes the live group's value (the step counter: 0)."""
+        replace: a missing one takes the live group's value (the step counter: 0), and so does
+        a schedulable one (:attr:`schedule_keys`) saved as None, i.e. saved from a schedule,
+        which is not data: the live group's schedule or number stands."""
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict  # torch names the mismatch
@@ -721,10 +726,11 @@ class MatrixOptimizer(Optimizer):
             if not isinstance(saved, dict):
                 return state_dict
             missing = {k: v for k, v in live.items()
-                       if k not in saved and k not in ("params", "param_names")}
+                       if (k not in saved or (k in self.schedule_keys and saved[k] is None))
+                       and k not in ("params", "param_names")}
             if "step" in missing:
                 missing["step"] = 0
-            groups.append({**missing, **saved} if missing else saved)
+            groups.append({**saved, **missing} if missing else saved)
         return {**state_dict, "param_groups": groups}
 
     def _saved_matrix_state(self, state_dict: dict[str, Any]

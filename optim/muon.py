@@ -135,6 +135,7 @@ class Muon(MatrixOptimizer):
     AUTO_PROBES_ABOVE = 64
 
     matrix_algorithm = "muon"
+    schedule_keys = frozenset({"softening"})
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,

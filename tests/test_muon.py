@@ -710,6 +710,20 @@ def test_state_dict_replaces_a_schedule_by_none_without_touching_the_live_group(
     assert opt.param_groups[0]["softening"] is schedule
 
 
+def test_a_schedule_saved_as_none_leaves_the_live_number_in_force():
+    # saved from a schedule (None: not data) and loaded where softening is a number: the group
+    # read None, and the next step raised
+    params = make_params(SHAPES[:1])
+    opt = Muon(params, lr=0.02, softening=lambda step: 0.1)
+    run(opt, params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = Muon([nn.Parameter(p.detach().clone()) for p in params], lr=0.02, softening=0.25)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["softening"] == 0.25 and fresh.param_groups[0]["step"] == 2
+    run(fresh, fresh.param_groups[0]["params"], 1, start=2)
+    assert fresh.health()["group0.param0"]["softening"] == 0.25
+
+
 def _stepped(factory, shape):
     p = nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
     opt = factory([("w", p)])
