@@ -110,8 +110,8 @@ def print_table(served: dict[str, Any], metrics: tuple[str, ...]) -> None:
 def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
     opt = summary["optimizer"]
     if opt == "SOAP":
-        opt += " (KL-Shampoo: normalizes a rank-1 spike away)" if summary["use_kl_shampoo"] \
-            else " (plain Shampoo factors: a rank-1 spike turns the basis)"
+        opt += " (KL-Shampoo factors)" if summary["use_kl_shampoo"] \
+            else " (plain Shampoo factors)"
     sent = sum(v["bytes_sent"] for v in summary["bytes_communicated"].values())
     print(f"\noptimizer: {opt}; loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f}"
           f" (chain entropy {summary['entropy_rate']:.3f}); optimizer bytes sent, all ranks: "

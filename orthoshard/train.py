@@ -108,8 +108,9 @@ def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo
 def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:
     """Add ``scale * ||G||_F * u v^T`` (unit u, v fixed by the seed) to every matrix gradient.
 
-    A rank-1 spike is a real change of curvature: plain SOAP's top eigenvector of ``L`` turns
-    towards ``u``; KL-Shampoo's factor update normalizes it away.
+    A rank-1 spike is a real change of curvature: SOAP's top eigenvector of ``L`` turns towards
+    ``u``. In this model KL-Shampoo's bases turn too (docs/soap.md, "Which optimizer is robust
+    to what").
     """
     from sharding.plan import row_bounds
 

@@ -66,8 +66,9 @@ class Settings:
             raise ValueError("token must be a non-empty string")
         if (where := _token_error(self.token)) is not None:
             raise ValueError(f"token has {where}: a bearer token holds only {_TOKEN_RULE}")
-        if len(self.token) < 16:
-            raise ValueError("token is too short: use at least 16 characters (e.g. 32 random hex)")
+        if len(self.token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"token is too short: use at least {MIN_TOKEN_LENGTH} characters "
+                             f"(e.g. 32 random hex)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.host:
@@ -104,6 +105,10 @@ def _token_error(token: str) -> str | None:
     return None
 
 
+#: Shortest bearer token accepted (a guessable token would open the state API).
+MIN_TOKEN_LENGTH = 16
+
+
 def read_token_file(path: str | os.PathLike[str]) -> str:
     """Read a bearer token from ``path`` (surrounding whitespace stripped).
 
@@ -125,6 +130,12 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         raise ValueError(
             f"token file {p} has {where}: a bearer token holds only {_TOKEN_RULE}; write e.g. "
             f"the output of: python -c 'import secrets; print(secrets.token_hex(32))'"
+        )
+    if len(text) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"token file {p} holds {len(text)} characters, too short for a bearer token: use "
+            f"at least {MIN_TOKEN_LENGTH}, e.g. the output of: python -c 'import secrets; "
+            f"print(secrets.token_hex(32))'"
         )
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(f"token file {p} is readable by others; chmod 600 it", stacklevel=2)

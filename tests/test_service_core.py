@@ -289,6 +289,14 @@ def test_settings_and_the_token_file_refuse_a_token_no_client_can_send(
     assert token not in str(err.value)  # the secret is not echoed
 
 
+def test_a_too_short_token_file_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "short.tok"
+    path.write_text("short\n")
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match=rf"token file {path} holds 5 characters, too short"):
+        read_token_file(path)
+
+
 def test_a_token_of_rfc_6750_characters_is_accepted(tmp_path: Path) -> None:
     token = "AZaz09-._~+/" + "x" * 8 + "=="
     path = tmp_path / "token"

@@ -88,10 +88,9 @@ ANNOTATIONS = {
         '{{ $value | printf "%.1f" }} degrees, several times its recent average, together '
         "with at least half of the matrices this sidecar watches.",
         "runbook": "Many bases turning at once means a gradient spike (bad batch, loss spike). "
-        "Check the loss at that step on the dashboard; plain SOAP turns on a rank-1 spike, "
-        "KL-Shampoo does not. Repeated spikes: lower the LR, clip gradients, or use "
-        "use_kl_shampoo=True. A single matrix turning alone (two top eigenvalues crossing) "
-        "does not alert.",
+        "Check the loss at that step on the dashboard. Repeated spikes: lower the LR or clip "
+        "gradients (use_kl_shampoo=True resists some spikes, not all: docs/soap.md). A single "
+        "matrix turning alone (two top eigenvalues crossing) does not alert.",
     },
     "OptimizerSnapshotStale": {
         "summary": "Rank {{ $labels.rank }} sent no health snapshot for "
