@@ -71,18 +71,28 @@ def _configs(settings: Settings, app: object, log_level: str) -> list[uvicorn.Co
 
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``, as uvicorn would bind it."""
+    """A listening TCP socket on ``host:port``, as uvicorn would bind it.
+
+    Created with ``proto=IPPROTO_TCP``, not 0 (what ``socket.create_server`` gives): asyncio
+    sets TCP_NODELAY on an accepted connection only when its socket says IPPROTO_TCP, and
+    without it Nagle's algorithm against the client's delayed ACK added ~40 ms to every
+    response (measured: a 1-parameter POST 1.8 -> 44 ms, sidecar ingest halved)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=_BACKLOG)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(_BACKLOG)
+        return sock
     except OSError as exc:
+        sock.close()
         hint = (
             "is another sidecar running? Stop it or choose another --port"
             if exc.errno == errno.EADDRINUSE
             else "check --host and --port"
         )
-        # create_server's own message repeats the address; getaddrinfo's errnos are negative
+        # the OSError's own message repeats the address; getaddrinfo's errnos are negative
         why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
         raise ListenError(f"cannot listen on {where} ({why}): {hint}") from exc
 

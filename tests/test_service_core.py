@@ -297,6 +297,24 @@ def test_a_too_short_token_file_is_refused_by_name(tmp_path: Path) -> None:
         read_token_file(path)
 
 
+def test_the_tcp_listener_is_a_tcp_socket_so_connections_get_nodelay() -> None:
+    # socket.create_server gives proto 0, and asyncio sets TCP_NODELAY on accepted connections
+    # only for IPPROTO_TCP: Nagle against the client's delayed ACK added ~40 ms per response
+    import socket
+
+    from service.server import _bind_tcp
+
+    sock = _bind_tcp("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.type == socket.SOCK_STREAM
+        with socket.create_connection(sock.getsockname(), timeout=5):
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
+
+
 def test_a_token_of_rfc_6750_characters_is_accepted(tmp_path: Path) -> None:
     token = "AZaz09-._~+/" + "x" * 8 + "=="
     path = tmp_path / "token"
