@@ -124,7 +124,7 @@ def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:
         full_norm = grad.full_tensor().norm() if hasattr(grad, "full_tensor") else grad.norm()
         start, end = row_bounds(m, world)[rank] if hasattr(grad, "to_local") else (0, m)
         local = grad.to_local() if hasattr(grad, "to_local") else grad
-        local.add_(scale * float(full_norm) * torch.outer(u[start:end], v))
+        local.add_(scale * float(full_norm) * torch.outer(u[start:end], v).to(local.device))
 
 
 class Checkpoints:
@@ -215,7 +215,11 @@ def _maybe_die(step: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "gloo":
+    if backend == "nccl":
+        # one GPU per local rank, chosen before anything touches CUDA: FSDP2 places the
+        # parameters on the current device, and NCCL serves CUDA tensors only
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
         # Gloo's eager full-mesh connect at init hung in ~1 of 3 group restarts after a killed
         # rank (torchrun --max-restarts) on this CPU set-up; connecting pairs lazily, on first
         # use, made 6 of 6 restarts succeed. It changes no result, only when sockets open.
@@ -235,6 +239,7 @@ def _train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
     model = shard_gpt(GPT(cfg))
+    device = next(model.parameters()).device  # where fully_shard put the parameters
     optimizer = build_optimizer(args.optimizer, model, steps=args.steps,
                                 kl_shampoo=args.kl_shampoo, sharding=OwnerSharding())
     data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
@@ -244,7 +249,7 @@ def _train(args: argparse.Namespace) -> int:
     publisher = _publisher(args)
     log = _Log(args.out, rank, start, args.steps, args.progress)
     for step in range(start, args.steps):
-        x, y = data.batch(step, rank)
+        x, y = (t.to(device) for t in data.batch(step, rank))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         if args.spike_at is not None and step == args.spike_at:

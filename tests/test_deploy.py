@@ -9,6 +9,7 @@ fails in CI when one is missing. The live checks (a real Prometheus and Alertman
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.util
 import json
 import os
@@ -236,6 +237,37 @@ def test_compose_services_ports_secrets_and_health() -> None:
 
 @pytest.mark.tools
 @pytest.mark.timeout(60)
+def test_grafana_refuses_to_start_without_a_readable_password(tmp_path: Path) -> None:
+    """Grafana reads its password file as uid 472 and, when it cannot, starts as admin/admin
+    without a word; the compose entrypoint stops it first and names the file."""
+    entry = compose_config(COMPOSE)["services"]["grafana"]["entrypoint"]
+    assert entry[:2] == ["sh", "-c"] and "exec /run.sh" in entry[2]
+    # compose's config output keeps "$$" escaped; the container's shell sees "$"; the image's
+    # /run.sh is replaced by a stand-in that shows it was reached with the arguments
+    script = entry[2].replace("$$", "$").replace("exec /run.sh", "exec echo started")
+    secret = tmp_path / "grafana_admin_password"
+
+    def start() -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ["PATH"], "GF_SECURITY_ADMIN_PASSWORD__FILE": str(secret)}
+        return subprocess.run(["sh", "-c", script, *entry[3:], "--flag"], capture_output=True,
+                              text=True, timeout=TOOL_TIMEOUT_S, env=env)
+
+    for content in (None, ""):  # missing, then empty
+        if content is not None:
+            secret.write_text(content)
+        refused = start()
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert str(secret) in refused.stderr and "chmod 644" in refused.stderr
+    secret.write_text("s3cret-password\n")
+    started = start()
+    assert started.returncode == 0 and started.stdout == "started --flag\n", started.stderr
+    if os.geteuid() != 0:  # root reads any file; as a user, mode 000 is unreadable
+        secret.chmod(0)
+        assert start().returncode == 1
+
+
+@pytest.mark.tools
+@pytest.mark.timeout(60)
 def test_compose_gpu_override_reserves_gpus() -> None:
     services = compose_config(COMPOSE, COMPOSE_GPU)["services"]
     for n in (0, 1):
@@ -244,6 +276,19 @@ def test_compose_gpu_override_reserves_gpus() -> None:
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
         assert "NCCL_SOCKET_IFNAME" in trainer["environment"]
         assert "--nproc-per-node=2" in trainer["command"]  # the base command survives the merge
+
+
+def test_build_context_leaves_out_secrets_and_the_local_environment() -> None:
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for must in ("deploy/secrets", ".venv", ".git", "out"):
+        assert must in ignored, f".dockerignore lacks {must}"
+    for dockerfile in DEPLOY.glob("*.Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert not any(fnmatch.fnmatch(source, pattern) or source.startswith(
+                        pattern + "/") for pattern in ignored), f"{dockerfile.name}: {source}"
 
 
 def test_secrets_are_ignored_and_not_committed() -> None:

@@ -10,7 +10,7 @@ thresholds:
 Each profile writes ``rules[-fast]/orthoshard.rules.yml`` and a promtool test file whose input
 series are built from the same numbers, rotations shaped as the sidecar exports them under the
 profile's rotation hold (calm noise, a one-step spike, a noisy degenerate spectrum, a slow
-drift, a frozen snapshot clock, a NaN, a failed scrape), so changing a window here changes the
+drift, a frozen snapshot clock, a NaN, failed scrapes), so changing a window here changes the
 rules and the expectations together.
 
     python deploy/prometheus/render_rules.py          # (re)write the four files
@@ -88,7 +88,9 @@ ANNOTATIONS = {
         '{{ $value | printf "%.1f" }} degrees, several times its recent average, together '
         "with at least half of the matrices this sidecar watches.",
         "runbook": "Many bases turning at once means a gradient spike (bad batch, loss spike). "
-        "Check the loss at that step on the dashboard. Repeated spikes: lower the LR or clip "
+        "Check the training loss around that step (rank 0 appends it to loss.jsonl in the "
+        "trainer's --out directory: the out volume under compose). Repeated spikes: lower "
+        "the LR or clip "
         "gradients (use_kl_shampoo=True resists some spikes, not all: docs/soap.md). A single "
         "matrix turning alone (two top eigenvalues crossing) does not alert.",
     },
@@ -138,10 +140,13 @@ def rules(p: Profile) -> list[dict]:
     )
     # Breadth: a gradient spike turns (nearly) every matrix at once; a lone matrix whose top two
     # eigenvalues cross turns alone (measured, docs/deploy.md). Same target = same sidecar.
+    # The denominator counts the matrices seen over the jump window, like the numerator: an
+    # instant count is empty after a failed scrape, which reset the alert's `for:` and, with two
+    # failed scrapes at the wrong moment, let the spike leave the window without a page.
     rotation = (
         f"{JUMP}\nand on (job, instance)\n(\n"
         f"  count by (job, instance) ({JUMP})\n"
-        f"    / count by (job, instance) ({ROT})\n  >= {num(p.rot_breadth)}\n)"
+        f"    / count by (job, instance) ({jump})\n  >= {num(p.rot_breadth)}\n)"
     )
     ortho = "orthoshard_orthogonality_error"
     return [
@@ -195,9 +200,10 @@ def labels(**extra: str) -> dict[str, str]:
     return {**TARGET, **extra}
 
 
-def series(name: str, lab: dict[str, str], values: list[float]) -> dict:
+def series(name: str, lab: dict[str, str], values: list[float | None]) -> dict:
+    """A promtool input series; None is a failed scrape (a staleness marker)."""
     body = ",".join(f'{k}="{v}"' for k, v in lab.items())
-    text = " ".join("NaN" if v != v else f"{v:g}" for v in values)
+    text = " ".join("stale" if v is None else "NaN" if v != v else f"{v:g}" for v in values)
     return {"series": f"{name}{{{body}}}", "values": text}
 
 
@@ -269,6 +275,23 @@ def rotation_tests(p: Profile) -> list[dict]:
             check(t0 + held_for + p.rot_window + 2 * i, name),
         ],
     }
+    # Two failed scrapes just before `for:` completes: the page must still come on time (the
+    # window-based counts stay defined through the gap; an instant count did not).
+    gap = p.rot_for // i  # the scrape at which the alert would fire
+    gapped = [None if n_before + gap - 1 <= k <= n_before + gap else v
+              for k, v in enumerate(spiked)]
+    gap_case = {
+        "interval": dur(i),
+        "input_series": [
+            *(series(rot, x, gapped) for x in hit),
+            series(rot, calm, [None if v is None else c
+                               for v, c in zip(gapped, calm_n, strict=True)]),
+        ],
+        "alert_rule_test": [
+            check(t0 - i, name),
+            check(t0 + p.rot_for + i, name, *(expect(name, x, SPIKE, "warning") for x in hit)),
+        ],
+    }
     quiet = {
         "interval": dur(i),
         "input_series": [
@@ -319,7 +342,7 @@ def rotation_tests(p: Profile) -> list[dict]:
             check(t, name) for t in range(0, long_n * i, max(i, p.rot_window // 2))
         ],
     }
-    return [spike_case, quiet, sparse_case, quiet_sparse]
+    return [spike_case, gap_case, quiet, sparse_case, quiet_sparse]
 
 
 def stale_tests(p: Profile) -> list[dict]:
