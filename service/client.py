@@ -32,6 +32,7 @@ import math
 import operator
 import os
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from service.schema import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "http://127.0.0.1:9400"
@@ -125,6 +128,12 @@ class Publisher:
         if not 0 < backoff_s[0] <= backoff_s[1]:
             raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
         self.run_id = run_id or default_run_id()
+        if len(self.run_id) > RUN_ID_MAX_LENGTH or not re.fullmatch(RUN_ID_PATTERN, self.run_id):
+            source = "run_id" if run_id else "the run id from the environment"
+            raise ValueError(
+                f"{source} {self.run_id!r} would be refused by the sidecar: use at most "
+                f"{RUN_ID_MAX_LENGTH} letters, digits, '_', '.', ':' and '-' (ORTHOSHARD_RUN_ID "
+                f"overrides torchrun's id)")
         self.stats = PublisherStats()
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._size = queue_size
@@ -190,14 +199,16 @@ class Publisher:
                 "wall_time": time.time() if wall_time is None else wall_time,
             }
             with self._cond:
-                if self._closing:
+                if self._closing:  # counted as published and dropped: the totals still add up
+                    self.stats.published += 1
                     self.stats.dropped += 1
                     return
                 if len(self._queue) >= self._size:
                     self._queue.popleft()
                     self.stats.dropped += 1
                 self._queue.append(item)
-                self._ranks.add(rank)
+                with contextlib.suppress(TypeError):  # a rank that is no integer: not encodable
+                    self._ranks.add(operator.index(rank))
                 self.stats.published += 1
                 self._cond.notify()
         except Exception:  # the contract: nothing escapes into the training loop
@@ -360,8 +371,10 @@ class Publisher:
         snapshot = {
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
-            "rank": int(item["rank"]),
-            "step": int(item["step"]),
+            # integers only (NumPy and 0-d integer tensors included): int(2.5) would file the
+            # snapshot under another step's history point
+            "rank": operator.index(item["rank"]),
+            "step": operator.index(item["step"]),
             "wall_time": float(item["wall_time"]),
             "params": _plain(item["params"]),
         }

@@ -49,9 +49,17 @@ MAX_STEP = 2**62  # steps are stored as SQLite integers (signed 64-bit)
 
 # Parameter names are module paths ("layers.0.attn.q_proj.weight"); no "/" so that
 # /v1/params/{name} is unambiguous, no whitespace or control characters.
-ParamName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\s/]+$")]
+PARAM_NAME_MAX_LENGTH = 256
+ParamName = Annotated[
+    str, StringConstraints(min_length=1, max_length=PARAM_NAME_MAX_LENGTH, pattern=r"^[^\s/]+$")
+]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
-RunId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.:-]+$")]
+#: A run id: letters, digits, "_", ".", ":" and "-" (it labels history and appears in URLs).
+RUN_ID_PATTERN = r"^[\w.:-]+$"
+RUN_ID_MAX_LENGTH = 128
+RunId = Annotated[
+    str, StringConstraints(min_length=1, max_length=RUN_ID_MAX_LENGTH, pattern=RUN_ID_PATTERN)
+]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 #: A measured value: a finite float, or null when it was NaN/Inf at the source.
 Measure = float | None

@@ -42,6 +42,12 @@ _PROBE_TIMEOUT_S = 1.0
 _SOCKET_MODE = 0o666
 
 
+#: Seconds a SIGINT/SIGTERM leaves in-flight requests to finish before their connections are
+#: closed: a client that stalls mid-body (a trainer that died while posting) must not keep the
+#: sidecar up. A second signal stops at once.
+SHUTDOWN_GRACE_S = 5.0
+
+
 class ListenError(RuntimeError):
     """A listener could not be opened; the message names the address and what to do."""
 
@@ -63,6 +69,7 @@ def _configs(settings: Settings, app: object, log_level: str) -> list[uvicorn.Co
         "access_log": False,
         "proxy_headers": False,
         "server_header": False,
+        "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
     }
     configs = [uvicorn.Config(app, host=settings.host, port=settings.port, **common)]  # type: ignore[arg-type]
     if settings.uds:
@@ -190,6 +197,8 @@ async def _serve_until_signal(sockets: list[socket.socket], configs: list[uvicor
 
     def stop() -> None:
         for server in servers:
+            if server.should_exit:  # the second signal: no more waiting for requests
+                server.force_exit = True
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -153,7 +153,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        with self._transaction() as db:
+        with self._lock, self._transaction() as db:
             self._migrate(db)
             # A write at every start, even when nothing needs creating: the statements above
             # only read an existing database in WAL mode, so a file the sidecar cannot write
@@ -210,22 +210,29 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """One write transaction, committed when the block ends. The caller holds ``_lock``
+        around it and changes the mirror only after it: a COMMIT that fails (a full disk: WAL
+        pages are written at commit) raises here, and the mirror must not show what the
+        database does not hold."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
             self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # sqlite may have rolled back a failed COMMIT itself
+                self._db.execute("ROLLBACK")
+            raise
 
     def ingest(self, snap: Snapshot) -> int:
         """Store one accepted snapshot durably, then update the mirror. Returns params stored."""
         now = self._clock()
         opt = snap.optimizer.model_dump(mode="json") if snap.optimizer else None
         states: dict[str, Any] = opt.pop("state", {}) if opt else {}
-        with self._transaction() as db:
+        with self._lock:
             prev = self._ranks.get(snap.rank)
+            # a snapshot without a summary keeps its run's last one, never another run's
+            if opt is None and prev is not None and prev.run_id == snap.run_id:
+                opt = prev.optimizer
             rank_rec = RankRecord(
                 snap.rank,
                 snap.run_id,
@@ -233,13 +240,14 @@ class Store:
                 snap.wall_time,
                 now,
                 (prev.snapshots_received if prev else 0) + 1,
-                opt if opt is not None else (prev.optimizer if prev else None),
+                opt,
             )
             records = [
                 self._param_record(snap, now, name, metrics, states.get(name))
                 for name, metrics in snap.params.items()
             ]
-            self._write(db, rank_rec, records)
+            with self._transaction() as db:
+                self._write(db, rank_rec, records)
             self._apply(rank_rec, records)
         for listener in self._listeners:
             listener(records)
@@ -253,14 +261,16 @@ class Store:
             OtherRun: ``rank``'s latest snapshot belongs to another run (a late finish of an
                 earlier run must not hide a running one).
         """
-        with self._transaction() as db:
+        with self._lock:
             prev = self._ranks.get(rank)
             if prev is None:
                 raise UnknownRank(rank)
             if prev.run_id != run_id:
                 raise OtherRun(prev.run_id)
             rec = dataclasses.replace(prev, finished_at=self._clock())
-            db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?", (rec.finished_at, rank))
+            with self._transaction() as db:
+                db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?",
+                           (rec.finished_at, rank))
             self._ranks[rank] = rec
         return rec
 
@@ -276,8 +286,10 @@ class Store:
         metrics: dict[str, float | None],
         state: dict[str, Any] | None,
     ) -> ParamRecord:
-        """A new latest record; a snapshot without a state summary keeps the previous one."""
-        if state is None and (prev := self._params.get(name)) is not None:
+        """A new latest record; a snapshot without a state summary keeps the previous one of
+        the same run (another run's state describes another optimizer)."""
+        prev = self._params.get(name)
+        if state is None and prev is not None and prev.run_id == snap.run_id:
             state = prev.state
         return ParamRecord(
             name, snap.run_id, snap.rank, snap.step, snap.wall_time, now, dict(metrics), state

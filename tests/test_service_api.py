@@ -259,6 +259,15 @@ def test_state_summary_survives_a_snapshot_without_one(client: TestClient) -> No
     assert client.get("/v1/optimizer").json()["ranks"][0]["optimizer"]["class_name"] == "SOAP"
 
 
+def test_a_new_run_does_not_inherit_the_previous_runs_summary(client: TestClient) -> None:
+    post(client, snapshot(step=9, optimizer=OPTIMIZER))  # a SOAP run with its summary
+    post(client, snapshot(step=0, run_id="run-b"))  # a new run, no summary yet
+    detail = client.get("/v1/params/layers.0.attn.q.weight").json()
+    assert detail["run_id"] == "run-b" and detail["state"] is None
+    (rank,) = client.get("/v1/optimizer").json()["ranks"]
+    assert rank["run_id"] == "run-b" and rank["optimizer"] is None
+
+
 def raw_post(client: TestClient, content: bytes) -> Any:
     return client.post(
         "/v1/snapshots", content=content, headers={"Content-Type": "application/json"}
@@ -544,6 +553,16 @@ def test_a_cursor_the_api_produced_continues_after_its_name(client: TestClient) 
     assert first["next_cursor"] == "YQ"
     rest = client.get("/v1/params", params={"cursor": first["next_cursor"]}).json()
     assert [i["name"] for i in rest["items"]] == ["b", "ü.w"]
+
+
+def test_the_longest_names_page_on(client: TestClient) -> None:
+    # 256 characters of 4 bytes each: the longest cursor the API can hand out is accepted back
+    longest = ("\U0001d54f" * 256, "\U0001d550" * 256)
+    post(client, snapshot(names=longest))
+    first = client.get("/v1/params", params={"limit": 1}).json()
+    rest = client.get("/v1/params", params={"cursor": first["next_cursor"]})
+    assert rest.status_code == 200, rest.text
+    assert [i["name"] for i in rest.json()["items"]] == [longest[1]]
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, require_tool
 
 from service.client import Publisher
+from service.server import SHUTDOWN_GRACE_S
 from service.store import Store
 
 pytestmark = pytest.mark.multiprocess
@@ -395,6 +396,33 @@ def test_real_optimizer_health_through_publisher_into_sidecar(sidecar: Sidecar) 
     assert samples[key] == max(r["0.weight"]["rotation_degrees_L_k1"] for r in steps)
     gap = ("orthoshard_eigengap_ratio", (("factor", "L"), ("param", "0.weight")))
     assert samples[gap] == reported["0.weight"]["eigengap_ratio_L"]  # other gauges: the latest
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_a_client_stalled_mid_body_does_not_keep_the_sidecar_up(
+    sidecar: Sidecar, signals: tuple[int, ...]
+) -> None:
+    """A trainer that dies halfway through a POST leaves its connection open; SIGTERM stops the
+    sidecar once the grace period ends, a second Ctrl-C at once, and the store is closed."""
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as stalled:
+        stalled.sendall(
+            f"POST /v1/snapshots HTTP/1.1\r\nHost: sidecar\r\nAuthorization: Bearer "
+            f"{sidecar.token}\r\nContent-Type: application/json\r\nContent-Length: 1000"
+            '\r\n\r\n{"schema_version": 1,'.encode()
+        )
+        time.sleep(0.3)  # the request is being read
+        started = time.monotonic()
+        for sig in signals:
+            sidecar.proc.send_signal(sig)
+            time.sleep(0.2)
+        status = sidecar.proc.wait(timeout=SHUTDOWN_GRACE_S + 10)  # hung for good before
+        took = time.monotonic() - started
+    assert status == 0
+    if len(signals) == 2:  # forced: no grace period (SHUTDOWN_GRACE_S is 5 s)
+        assert took < SHUTDOWN_GRACE_S, took
+    again = start_sidecar(Path(sidecar.uds).parent)  # same database and socket path: reusable
+    assert again.stop() == 0
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,7 @@ from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
 from service.schema import (
     MAX_STEP,
+    PARAM_NAME_MAX_LENGTH,
     HistoryPoint,
     OptimizerInfo,
     OptimizerView,
@@ -30,6 +31,9 @@ router = APIRouter(
 MAX_PAGE = 1000
 MAX_HISTORY = 10_000
 _CURSOR_DOC = "next_cursor of the previous page"
+#: The longest cursor this API hands out: base64url (no padding) of the longest name in UTF-8,
+#: up to 4 bytes a character.
+CURSOR_MAX_LENGTH = -(-4 * 4 * PARAM_NAME_MAX_LENGTH // 3)
 _RUN_DOC = "run to read; default: the run of the parameter's latest snapshot"
 
 
@@ -104,7 +108,8 @@ def list_params(
     settings: SettingsDep,
     clock: ClockDep,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    cursor: Annotated[str | None, Query(max_length=1024, description=_CURSOR_DOC)] = None,
+    cursor: Annotated[str | None, Query(max_length=CURSOR_MAX_LENGTH,
+                                        description=_CURSOR_DOC)] = None,
     rank: Annotated[int | None, Query(ge=0, description="only this owner rank")] = None,
 ) -> ParamPage:
     """A page of parameters; ``next_cursor`` is null on the last page."""
