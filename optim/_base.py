@@ -418,9 +418,13 @@ class MatrixOptimizer(Optimizer):
                 updates = self._exchange.run(items, inputs, self._owner_compute)
             finally:
                 self._step_items = []
-            finite = all_finite(updates)
-            if not all(finite):
-                self._count_failed(items, finite)
+            if isinstance(self._exchange, LocalExchange):
+                # the owner's check saw every whole update and counted each non-finite one
+                finite = [id(item) not in self._skipped for item in items]
+            else:  # each rank's rows, as they came back
+                finite = all_finite(updates)
+                if not all(finite):
+                    self._count_failed(items, finite)
             for item, update, ok in zip(items, updates, finite, strict=True):
                 if ok:
                     self._apply(item, update)
@@ -432,9 +436,9 @@ class MatrixOptimizer(Optimizer):
         schedule's value), before any state or parameter changes; raise ValueError if it is."""
 
     def _count_failed(self, items: list[MatrixItem], finite: list[bool]) -> None:
-        """Count, on its owner, a matrix whose update came out non-finite from a finite input
-        that no one counted yet (e.g. a float64 gradient beyond bfloat16's range, which the
-        Newton-Schulz iteration computes in): skipped like a non-finite gradient."""
+        """Count, on its owner, a matrix whose update became non-finite after the owner checked
+        it (on the way back: an ``exchange_dtype`` too narrow for its values) that no one
+        counted yet: skipped like a non-finite gradient."""
         for i in self._exchange.owned(items):
             item = items[i]
             if not finite[i] and id(item) not in self._skipped:
@@ -467,9 +471,20 @@ class MatrixOptimizer(Optimizer):
                     results[j] = o
         finally:
             self._end_batches()
+        out = [r for r in results if r is not None]
+        # A finite input whose update came out non-finite (a float64 gradient beyond bfloat16's
+        # range, which Newton-Schulz computes in) is counted here, where the whole update is
+        # seen: counted after the exchange, an owner holding no rows of the matrix (an empty
+        # FSDP2 shard) saw nothing wrong and the skip went unreported. All NaN, so that no
+        # rank applies its rows of a partly finite update.
+        for j, ok in enumerate(all_finite(out)):
+            if not ok:
+                if id(items[j]) not in self._skipped:
+                    self._skip(items[j])
+                out[j] = torch.full_like(out[j], float("nan"))
         for item in items:
             self._report_skips(item)
-        return [r for r in results if r is not None]
+        return out
 
     def _report_skips(self, item: MatrixItem) -> None:
         """Put ``item``'s skip count in what :meth:`health` reports."""

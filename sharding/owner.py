@@ -87,8 +87,9 @@ class OwnerSharding:
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload),
-        plus the payload of the AdamW-group finiteness agreement (8 bytes per sharded AdamW
-        parameter and step, counted once each way), and the number of collectives."""
+        plus the payload of the AdamW-group finiteness agreement (when any AdamW parameter is
+        sharded: 8 bytes per AdamW parameter with a gradient and step, counted once each way),
+        and the number of collectives."""
         return dict(self._stats)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:

@@ -294,3 +294,54 @@ def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
         finals[name] = {"params": full_params(model), "skips": skips}
     if rank == 0:
         torch.save(finals, Path(out))
+
+
+# A float64 gradient entry finite in float64 and beyond bfloat16's range: Muon's update (Newton-
+# Schulz in bfloat16) comes out non-finite from a finite input, and only its owner can tell.
+BEYOND_BF16 = 1e300
+EMPTY_OWNER_SHAPES = ((8, 8), (1, 8))  # at W = 2 the 1-row matrix's second shard is empty
+
+
+def _empty_owner_grads(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    grads = [torch.randn(*s, generator=g, dtype=torch.float64) for s in EMPTY_OWNER_SHAPES]
+    if step == 1:
+        grads[1][0, 3] = BEYOND_BF16
+    return grads
+
+
+def empty_owner_run(model: nn.Module, optimizer: Any, steps: int = 3) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for step in range(steps):
+        for p, g in zip(model.parameters(), _empty_owner_grads(step), strict=True):
+            p.grad = (distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                      if isinstance(p, DTensor) else g)
+        optimizer.step()
+
+
+def empty_owner_model() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    return nn.ParameterList(nn.Parameter(torch.randn(*s, generator=g, dtype=torch.float64))
+                            for s in EMPTY_OWNER_SHAPES)
+
+
+def empty_owner_worker(rank: int, world: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = empty_owner_model()
+    fully_shard(model)
+    sharding = OwnerSharding()
+    optimizer = Muon(list(model.named_parameters()), lr=0.02, sharding=sharding)
+    empty_owner_run(model, optimizer)
+    plan, _ = sharding.global_plan()
+    mine = {"rank": rank, "owners": plan.owners, "bounds": plan.bounds,
+            "health": optimizer.health(),
+            "saved": optimizer.state_dict()["param_groups"][0]["nonfinite_skips"]}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"ranks": gathered, "params": params}, out)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from _dist import run_ranks
 
+from optim import Muon
 from sharding.plan import build_plan
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
@@ -191,6 +192,26 @@ def test_nonfinite_gradient_shard_skips_the_whole_matrix_on_every_rank(fsdp_run)
         assert sum(len(names) for names in reporters) == len(set().union(*reporters))
         assert "bias" in reporters[0]
         assert all(v == 0.0 for k, v in skips.items() if k not in (w.NAN_PARAM, "bias"))
+
+
+def test_a_skip_only_the_owner_sees_is_counted_when_it_holds_no_rows(tmp_path):
+    # The 1-row matrix's update is NaN from a finite float64 gradient (beyond bfloat16's range):
+    # only the owner sees it whole. At W = 2 its owner holds an empty shard; the skip must still
+    # be counted, reported and saved, as one process does.
+    reference = w.empty_owner_model()
+    named = [(str(i), p) for i, p in enumerate(reference)]
+    single = Muon(named, lr=0.02)
+    w.empty_owner_run(reference, single)
+    assert single.param_groups[0]["nonfinite_skips"] == {"0": 0, "1": 1}
+    run_ranks(w.empty_owner_worker, 2, tmp_path, str(tmp_path / "out.pt"))
+    result = torch.load(tmp_path / "out.pt")
+    owner = result["ranks"][0]["owners"][1]
+    start, end = result["ranks"][0]["bounds"][1][owner]
+    assert start == end, "the case needs an owner without rows of the matrix"
+    health = {k: v for r in result["ranks"] for k, v in r["health"].items()}
+    assert health["1"]["nonfinite_skips"] == 1.0 and health["0"]["nonfinite_skips"] == 0.0
+    assert all(r["saved"] == {"0": 0, "1": 1} for r in result["ranks"])
+    _assert_params_close(result["params"], {k: p.detach() for k, p in named}, "empty owner")
 
 
 @pytest.mark.parametrize("world", [2, 4])
