@@ -465,9 +465,9 @@ class MatrixOptimizer(Optimizer):
         try:
             for js in batches.values():
                 batch_items = [items[j] for j in js]
-                out = self._compute(batch_items,
-                                    self._stack(batch_items, [full_inputs[j] for j in js]))
-                for j, o in zip(js, out.unbind(0), strict=True):
+                stacked = self._compute(batch_items,
+                                        self._stack(batch_items, [full_inputs[j] for j in js]))
+                for j, o in zip(js, stacked.unbind(0), strict=True):
                     results[j] = o
         finally:
             self._end_batches()

@@ -214,8 +214,10 @@ def _maybe_die(step: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    # GPU: NCCL for CUDA tensors and gloo for the few CPU ones (SOAP's step counters in a
+    # checkpoint); CPU: gloo
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         # one GPU per local rank, chosen before anything touches CUDA: FSDP2 places the
         # parameters on the current device, and NCCL serves CUDA tensors only
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -66,7 +66,10 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     if not keys:
         return state_dict
     owners = _owners_by_state_index(sharding)
-    mine = {k: {name: (tuple(v.shape), v.dtype, str(v.device))
+    flat = [p for group in sharding._optimizer.param_groups for p in group["params"]]
+    # the device TYPE only: a placeholder goes on this rank's own device of that type (the
+    # owner's "cuda:1" is another rank's GPU); CPU state (SOAP's step counter) stays on CPU
+    mine = {k: {name: (tuple(v.shape), v.dtype, v.device.type)
                 for name, v in state_dict["state"].get(k, {}).items() if name in keys}
             for k, owner in owners.items() if owner == sharding.rank}
     gathered: list[Any] = [None] * sharding.world_size
@@ -77,9 +80,10 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
         # copy before replacing entries, or saving would turn live state into DTensors.
         entry = state_dict["state"][k] = dict(state_dict["state"].get(k, {}))
         for name in sorted(meta[k]):
-            shape, dtype, device = meta[k][name]
+            shape, dtype, device_type = meta[k][name]
             source = entry.get(name) if owners[k] == sharding.rank else None
             if source is None:
+                device = torch.device("cpu") if device_type == "cpu" else flat[k].device
                 source = torch.empty(shape, dtype=dtype, device=device)
             placement = Shard(0) if len(shape) >= 1 else Replicate()
             entry[name] = distribute_tensor(source, _mesh(sharding, source.device), [placement],

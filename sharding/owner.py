@@ -66,6 +66,12 @@ class OwnerSharding:
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  exchange_dtype: torch.dtype | None = None) -> None:
+        if exchange_dtype is not None and not (isinstance(exchange_dtype, torch.dtype)
+                                               and exchange_dtype.is_floating_point):
+            raise ValueError(
+                f"exchange_dtype must be None (automatic) or a real floating dtype such as "
+                f"torch.float32 or torch.bfloat16, got {exchange_dtype!r}: an integer or "
+                f"complex buffer would change the values it carries")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "OwnerSharding needs an initialized process group: call "

@@ -388,3 +388,12 @@ def test_few_matrices_per_rank_can_miss_the_budget_slack_under_any_whole_matrix_
     lpt = worst(plan_for(shapes, world).owners)
     assert lpt == best == Fraction(19, 18)
     assert best > BUDGET_SLACK
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.bool, "float32"])
+def test_an_exchange_dtype_that_would_change_the_values_is_refused(dtype):
+    from sharding import OwnerSharding
+
+    # refused before anything else, whether or not a process group exists
+    with pytest.raises(ValueError, match="exchange_dtype must be"):
+        OwnerSharding(exchange_dtype=dtype)
