@@ -15,10 +15,12 @@ otherwise.
 ``exp_orthogonal(Q)``   ``exp(Q)``, rotation angle ``theta``; all rotations at ``||Q||_2 <= pi``.
 
 Inputs must be skew-symmetric; the kernels do not check it (a check is a full pass and a device
-sync per call). For a non-skew ``Q`` the results are not orthogonal: ``exp_orthogonal`` returns
-``exp(Q)`` of the general matrix, ``cans_cayley`` a polar factor that is not the Cayley
-transform. Build ``Q`` with :func:`skew` or :func:`skew_from_vector` from an unconstrained
-parameter and this cannot happen. Non-square input raises ``ValueError``.
+sync per call). For a non-skew ``Q`` the result is unspecified: in general not orthogonal, not
+``exp(Q)`` (``exp_orthogonal``'s closing Newton-Schulz step assumes a nearly orthogonal input)
+and not a polar factor of ``(I + Q)^2`` (``cans_cayley``'s certified lower bound assumes the
+singular values of ``(I + Q)^2`` are ``>= 1``). Build ``Q`` with :func:`skew` or
+:func:`skew_from_vector` from an unconstrained parameter and this cannot happen. Non-square input
+raises ``ValueError``.
 
 Every matrix product goes through :mod:`optim._matmul`, so ``count_matmuls()`` reports the
 products a call really did (a linear solve is recorded as one).
@@ -27,11 +29,13 @@ products a call really did (a linear solve is recorded as one).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 from optim import _matmul
+from optim._base import is_real
 
 __all__ = [
     "AUTO_MAX_NORM",
@@ -55,8 +59,9 @@ METHODS = ("cayley", "cayley_neumann", "cans_cayley", "exp")
 # - cayley: exact at every norm, so no clip (inf).
 # - cayley_neumann: the series converges only for ||Q||_2 < 1; 0.95 is OneTrainer's default
 #   (PR #1556 "auto"); there the 5-term error is still 0.66 (FIELD-NOTES), so prefer smaller Q.
-# - cans_cayley: the norm at which CANS_CAYLEY_DEFAULT_STEPS reach the float32 floor at block
-#   size 128 (bench/orthogonal.py); larger norms still converge, only more slowly.
+# - cans_cayley: the norm up to which CANS_CAYLEY_DEFAULT_STEPS are certified to reach each
+#   dtype's rounding at block sizes up to 128 (see there); larger norms still converge, only
+#   more slowly.
 # - exp: just under pi (OneTrainer PR #1556 uses 3.13): at theta = pi a plane turns by 180
 #   degrees and exp stops being one-to-one; exp_orthogonal is accurate to 1e-6 up to pi.
 AUTO_MAX_NORM: dict[str, float] = {
@@ -66,18 +71,32 @@ AUTO_MAX_NORM: dict[str, float] = {
     "exp": 3.13,
 }
 
-# CANS steps of cans_cayley(Q, steps=None), by compute dtype: enough for the error against the
-# exact Cayley transform to reach the dtype's rounding floor for ||Q||_2 <= AUTO_MAX_NORM
-# ["cans_cayley"] at block sizes 8-128 (measured in bench/orthogonal.py). The interval contracts
-# quadratically-to-cubically once near 1, so one step more costs 2 products and buys nothing.
-CANS_CAYLEY_DEFAULT_STEPS: dict[bool, int] = {True: 5, False: 6}  # {bfloat16/float16: , other: }
+# CANS steps of cans_cayley(Q, steps=None), by input dtype: the fewest for which the certified
+# interval's half-width, the worst-case error against the exact Cayley transform, is below the
+# dtype's unit roundoff for every ||Q||_2 <= AUTO_MAX_NORM["cans_cayley"] at block sizes up to
+# 128. There M = (I + Q)^2 has singular values in [1, 10] and the Gelfand norm g is at most
+# (128 * 10^6)^(1/6) = 22.4, so the start interval is [0.045, 1]; its half-width after steps
+# 4..8 is 5.5e-2, 2.3e-3, 3.8e-6, 1.1e-11, < 1e-16 (tests/test_orthogonal.py recomputes it).
+# Half-widths against unit roundoffs: bfloat16 2.3e-3 < 3.9e-3 at 5 steps; float16 3.8e-6 <
+# 4.9e-4 at 6 (computed in float32, see cans_cayley); float32 1.1e-11 < 6.0e-8 at 7 (6 leave
+# 3.8e-6: a block with one eigen-plane at angle 0 and the rest at 3 sits on the lower bound);
+# float64 < 1.1e-16 at 8. Near 1 a step roughly squares the half-width, so one step fewer than
+# the table leaves about the square root of the dtype's floor, and one more buys nothing.
+CANS_CAYLEY_DEFAULT_STEPS: dict[torch.dtype, int] = {
+    torch.bfloat16: 5,
+    torch.float16: 6,
+    torch.float32: 7,
+    torch.float64: 8,
+}
 
-# exp_orthogonal: Taylor degree 12 of exp(Q/2), evaluated by Paterson-Stockmeyer with the powers
-# X, X^2, X^3, X^4 (Paterson & Stockmeyer 1973, SIAM J. Comput. 2(1); no arXiv id), then one
-# squaring. Chosen on bench/orthogonal.py: the truncation error at ||Q/2||_2 = pi/2 is
-# (pi/2)^13/13! = 5.7e-8, below float32 rounding, for 5 + 1 products.
+# exp_orthogonal: Taylor degree 12 of exp(Q / 2^s), evaluated by Paterson-Stockmeyer with the
+# powers X, X^2, X^3, X^4 (Paterson & Stockmeyer 1973, SIAM J. Comput. 2(1); no arXiv id), then s
+# squarings. On an eigen-plane the truncation error after the squarings is at most 2^s (pi /
+# 2^s)^13 / 13! at ||Q||_2 = pi: s = 1 gives 1.1e-7, at float32 rounding, for 5 + 1 products
+# (chosen on bench/orthogonal.py); float64 takes s = 4, 1.7e-18, below float64 rounding, for
+# 5 + 4 (s = 3 leaves 6.8e-15, above it).
 _EXP_TAYLOR_COEFFS = tuple(1.0 / math.factorial(k) for k in range(13))
-_EXP_HALVINGS = 1
+_EXP_HALVINGS: dict[torch.dtype, int] = {torch.float64: 4}  # every other dtype: 1
 
 
 def _check_square(Q: Tensor, name: str) -> None:
@@ -90,9 +109,15 @@ def _check_square(Q: Tensor, name: str) -> None:
         raise ValueError(f"{name} needs a real floating-point tensor, got {Q.dtype}")
 
 
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``steps=True`` would silently mean 1); NumPy's count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_batch(Q: Tensor) -> Tensor:
-    """2-D stays 2-D (torch.addmm); more leading dims fold into one (torch.baddbmm is 3-D)."""
-    return Q if Q.ndim <= 3 else Q.reshape(-1, Q.size(-2), Q.size(-1))
+    """2-D stays 2-D (torch.addmm); more leading dims fold into one (torch.baddbmm is 3-D).
+    ``flatten``, not ``reshape(-1, b, b)``: -1 is ambiguous for a tensor of 0 x 0 blocks."""
+    return Q if Q.ndim <= 3 else Q.flatten(0, -3)
 
 
 def _at_least_fp32(X: Tensor) -> Tensor:
@@ -116,8 +141,9 @@ def skew_from_vector(v: Tensor, b: int) -> Tensor:
     transposed position, so an unconstrained parameter vector always gives a skew ``Q``
     (differentiable; half the parameters of a full block). Inverse: :func:`vector_from_skew`.
     """
-    if not isinstance(b, int) or b < 1:
+    if not _is_int(b) or b < 1:
         raise ValueError(f"block size b must be a positive int, got {b!r}")
+    b = int(b)
     if v.ndim < 1 or v.size(-1) != b * (b - 1) // 2:
         raise ValueError(
             f"a ({b}, {b}) skew block has {b * (b - 1) // 2} free entries, got a vector of "
@@ -165,7 +191,7 @@ def cayley_neumann(Q: Tensor, terms: int = 5) -> Tensor:
         terms: number of terms, >= 1 (1 gives I, 2 gives I + Q).
     """
     _check_square(Q, "cayley_neumann")
-    if not isinstance(terms, int) or terms < 1:
+    if not _is_int(terms) or terms < 1:
         raise ValueError(f"terms must be an int >= 1, got {terms!r}")
     X = _as_batch(Q)
     eye = _eye_like(X)
@@ -200,21 +226,27 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     ``[1/g, 1]``: a certified lower bound, tight within ``b^(1/6)`` (OneTrainer PR #1512 used
     ``1/||I+Q||_F``, far looser). Each block then runs CANS cubics optimal for its own interval.
 
+    float16 computes in float32 and casts back: ``M M^T M`` has entries up to ``(1 +
+    ||Q||_2^2)^3``, beyond float16's 65504 once ``||Q||_2 > 6.3`` (the result would be NaN).
+    bfloat16 has float32's range and computes in bfloat16.
+
     Args:
         Q: skew-symmetric ``(..., b, b)``.
         steps: CANS steps (2 products each, plus 1 for M); None is
-            ``CANS_CAYLEY_DEFAULT_STEPS`` for the dtype (6 in float32, 5 in bfloat16).
+            ``CANS_CAYLEY_DEFAULT_STEPS`` for the dtype (5 in bfloat16, 6 in float16, 7 in
+            float32, 8 in float64).
 
     Returns:
-        ``(..., b, b)`` in Q's dtype. Error: the last interval's half-width (below rounding at
-        ``||Q||_2 <= AUTO_MAX_NORM["cans_cayley"]``) plus float rounding of the products.
+        ``(..., b, b)`` in Q's dtype. Error: the last interval's half-width (below the dtype's
+        unit roundoff at ``||Q||_2 <= AUTO_MAX_NORM["cans_cayley"]`` and ``b <= 128``) plus
+        float rounding of the products.
     """
     _check_square(Q, "cans_cayley")
     if steps is None:
-        steps = CANS_CAYLEY_DEFAULT_STEPS[Q.dtype in (torch.bfloat16, torch.float16)]
-    if not isinstance(steps, int) or steps < 1:
+        steps = CANS_CAYLEY_DEFAULT_STEPS.get(Q.dtype, CANS_CAYLEY_DEFAULT_STEPS[torch.float64])
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
-    X = _as_batch(Q)
+    X = _as_batch(Q.float() if Q.dtype == torch.float16 else Q)
     M = _matmul.addmm(_eye_like(X) + 2.0 * X, X, X)  # (I + Q)^2 = I + 2Q + Q^2
     MMtM = _matmul.mm(_matmul.mm(M, M.mT), M)
     g = torch.linalg.matrix_norm(_at_least_fp32(MMtM), keepdim=True).pow(1.0 / 3.0).clamp(min=1.0)
@@ -225,7 +257,7 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
         lin, cub, lo, hi = _cans_cubic(lo, hi)
         gram = _matmul.mm(X, X.mT)
         X = lin.to(X.dtype) * X + _matmul.mm(cub.to(X.dtype) * gram, X)
-    return X.reshape(Q.shape)
+    return X.reshape(Q.shape).to(Q.dtype)
 
 
 def _exp_taylor(X: Tensor) -> Tensor:
@@ -260,7 +292,10 @@ def exp_orthogonal(Q: Tensor) -> Tensor:
 
     ``exp(Q) = exp(Q / 2)^2``; ``exp(Q / 2)`` is the degree-12 Taylor polynomial evaluated by
     Paterson-Stockmeyer (5 products), then one squaring and one Newton-Schulz correction
-    (2 products): 8 products in all, fixed, no host sync.
+    (2 products): 8 products in all, fixed, no host sync. float64 scales by 1/16 instead and
+    squares four times (11 products), which puts the truncation below float64 rounding: measured
+    <= 1.4e-14 against ``torch.linalg.matrix_exp`` at ``||Q||_2 = pi``, blocks 8-128 (1.3e-8 with
+    one squaring).
 
     Where the error comes from (float32, ``||Q||_2 <= pi``, blocks 8-128; bench/orthogonal.py
     measures <= 4e-7 relative Frobenius against float64 ``torch.linalg.matrix_exp``):
@@ -274,12 +309,13 @@ def exp_orthogonal(Q: Tensor) -> Tensor:
       removes the symmetric (non-orthogonal) part to second order.
 
     bfloat16 computes in bfloat16 (error ~6e-3, the rounding floor amplified by the squaring).
-    Above ``pi`` the truncation grows like ``(||Q||_2 / 2)^13 / 13!``; clip with
-    ``AUTO_MAX_NORM["exp"]`` (3.13) first.
+    Above ``pi`` the truncation grows like ``2^s (||Q||_2 / 2^s)^13 / 13!`` (``s`` squarings);
+    clip with ``AUTO_MAX_NORM["exp"]`` (3.13) first.
     """
     _check_square(Q, "exp_orthogonal")
-    X = _exp_taylor(_as_batch(Q) * (0.5**_EXP_HALVINGS))
-    for _ in range(_EXP_HALVINGS):
+    halvings = _EXP_HALVINGS.get(Q.dtype, 1)
+    X = _exp_taylor(_as_batch(Q) * (0.5**halvings))
+    for _ in range(halvings):
         X = _matmul.mm(X, X)
     return _newton_schulz_correct(X).reshape(Q.shape)
 
@@ -345,18 +381,20 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str | None = None)
         method: the rotation method the clip serves; required with ``max_norm=-1``.
 
     Raises:
-        ValueError: non-square Q, ``max_norm`` not positive (and not -1), ``-1`` without a
-            known ``method``.
+        ValueError: non-square Q, ``max_norm`` not a real number (a bool is not one), not
+            positive and not -1, or ``-1`` without a known ``method``.
     """
     _check_square(Q, "clip_spectral_norm")
+    if not is_real(max_norm) or not (max_norm == -1 or max_norm > 0):
+        raise ValueError(
+            f"max_norm must be a real number > 0, math.inf or -1 (auto), got {max_norm!r}"
+        )
     if max_norm == -1:
         if method not in AUTO_MAX_NORM:
             raise ValueError(
                 f"max_norm=-1 picks the method's automatic bound; pass method= one of {METHODS}"
             )
         max_norm = AUTO_MAX_NORM[method]
-    if not isinstance(max_norm, (int, float)) or not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, math.inf or -1 (auto), got {max_norm!r}")
     if math.isinf(max_norm):
         return Q
     with torch.no_grad():

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from optim import _matmul
+from optim._base import is_real
 from optim.health import orthogonality_error
 from optim.orthogonalize import orthogonalize
 
@@ -99,7 +100,9 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     W is skew, so ``Y(t)`` stays on St(d, r) for every t, and ``Y'(0) = W U =
     tangent_project(U, G)``. With ``W = A B^T``, ``A = [P, U]``, ``B = [U, -P]`` (``d x 2r``),
     Woodbury gives ``Y(t) = U + t A (I - t/2 B^T A)^-1 B^T U``: 4 products and a ``2r x 2r``
-    solve (recorded as one product). Computed in float32 at least.
+    solve (recorded as one product). Computed in float32 at least. Leading dims broadcast as in
+    :func:`tangent_project`: one frame ``U`` (d, r) against a batch ``G`` (..., d, r) gives
+    (..., d, r).
 
     In exact arithmetic Y(t) is orthonormal; in float32 rounding drifts off the manifold like a
     random walk (~2e-6 after 1,000 steps). ``polish=True`` (default) ends with one Newton-Schulz
@@ -110,11 +113,12 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     _check_frame(U, "cayley_retract")
     if G.shape[-2:] != U.shape[-2:]:
         raise ValueError(f"G must have U's shape {tuple(U.shape)}, got {tuple(G.shape)}")
-    if not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise ValueError(f"t must be a finite number, got {t!r}")
+    if not is_real(t) or not math.isfinite(t):
+        raise ValueError(f"t must be a finite real number (not a bool), got {t!r}")
     compute = torch.promote_types(torch.promote_types(U.dtype, G.dtype), torch.float32)
     Uc, Gc = U.to(compute), G.to(compute)
     P = Gc - 0.5 * _matmul.mm(Uc, _matmul.mm(Uc.mT, Gc))
+    Uc = Uc.expand_as(P)  # one frame against a batch of G broadcasts, as in tangent_project
     A = torch.cat([P, Uc], dim=-1)
     B = torch.cat([Uc, -P], dim=-1)
     eye = torch.eye(A.size(-1), dtype=compute, device=A.device)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from optim.oft import OFTConfig, OFTLinear
-from optim.orthogonal import METHODS
+from optim.orthogonal import METHODS, clip_spectral_norm, rotation, skew_from_vector
 
 # fp32 products of 64-wide rows: a few ulp of O(1) outputs.
 MERGE_ATOL, MERGE_RTOL = 1e-5, 1e-5
@@ -29,14 +30,22 @@ def test_adapter_equals_base_layer_at_init(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_merge_equals_the_adapted_forward(method):
+def test_forward_and_merge_equal_x_times_w_block_diag_r(method):
+    # against the documented W' = W diag(R_1, ..., R_k), built from the kernels and not from the
+    # layer: comparing merge() with forward() alone passed a layer that applied R^T in both
     layer = adapted(method)
     with torch.no_grad():
         layer.oft_vector.normal_(std=0.1)
     x = torch.randn(7, 64)
+    with torch.no_grad():
+        Q = clip_spectral_norm(skew_from_vector(layer.oft_vector, 16), -1, method=method)
+        R = torch.block_diag(*rotation(Q, method=method))
+        expected = x @ (layer.base.weight @ R).T + layer.base.bias
+        assert not torch.allclose(R, R.T, atol=1e-2)  # R^T would give a different layer
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and not torch.equal(merged.weight, layer.base.weight)
-    torch.testing.assert_close(merged(x), layer(x), atol=MERGE_ATOL, rtol=MERGE_RTOL)
+    torch.testing.assert_close(layer(x), expected, atol=MERGE_ATOL, rtol=MERGE_RTOL)
+    torch.testing.assert_close(merged(x), expected, atol=MERGE_ATOL, rtol=MERGE_RTOL)
 
 
 def test_only_the_skew_vector_trains_and_health_reports_orthogonality():
@@ -63,3 +72,25 @@ def test_bad_configuration_is_refused_with_a_fix():
         OFTConfig(method="householder")
     with pytest.raises(ValueError, match="max_norm"):
         OFTConfig(max_norm=0.0)
+    for max_norm in (None, True, float("nan"), "3.0"):  # None raised a TypeError
+        with pytest.raises(ValueError, match="max_norm must be a real number"):
+            OFTConfig(max_norm=max_norm)
+    with pytest.raises(ValueError, match="block_size"):
+        OFTConfig(block_size=True)  # a bool would have built 1 x 1 blocks
+    with pytest.raises(ValueError, match="steps"):
+        OFTConfig(method="cans_cayley", steps=True)
+    with pytest.raises(ValueError, match="terms"):
+        OFTConfig(terms=False)
+
+
+@pytest.mark.parametrize("max_norm", [np.float32(0.5), np.float64(0.5)])
+def test_numpy_max_norm_builds_a_layer_that_runs(max_norm):
+    # OFTConfig took np.float32 and the layer's first forward then refused it
+    torch.manual_seed(0)
+    layer = OFTLinear(nn.Linear(8, 2), config=OFTConfig(block_size=4, max_norm=max_norm))
+    with torch.no_grad():
+        layer.oft_vector.normal_(std=1.0)
+    reference = OFTLinear(layer.base, config=OFTConfig(block_size=4, max_norm=0.5))
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), reference(x), atol=MERGE_ATOL, rtol=MERGE_RTOL)

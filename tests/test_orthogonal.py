@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,8 @@ from optim._matmul import count_matmuls
 from optim.health import orthogonality_error
 from optim.orthogonal import (
     AUTO_MAX_NORM,
+    CANS_CAYLEY_DEFAULT_STEPS,
+    _cans_cubic,
     cans_cayley,
     cayley,
     cayley_neumann,
@@ -30,6 +33,11 @@ EXP_MAX_PRODUCTS = 10
 FP32_FLOOR = 1e-6
 # bf16 unit roundoff 2^-8 = 3.9e-3, amplified ~2x by a short product chain (measured <= 8e-3).
 BF16_FLOOR = 1e-2
+# fp16 unit roundoff 2^-11 = 4.9e-4, from casting the float32 result (measured <= 4.2e-4); 2x.
+FP16_FLOOR = 1e-3
+# float64 rounding floor of the same chains at b <= 128: measured <= 1.4e-14 (exp with its 11
+# float64 products; with float32's 8 it stops at 1.3e-8); 7x.
+FP64_FLOOR = 1e-13
 # clip: the true norm may exceed the bound by rounding only, and undershoot by 1% at most.
 CLIP_RTOL = 1e-4
 BLOCKS = (8, 32, 128)
@@ -52,6 +60,17 @@ def flat_spectrum_skew(b: int, norm: float, *, seed: int = 0) -> torch.Tensor:
     O, _ = torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))
     J = torch.zeros(b, b, dtype=torch.float64)
     idx = torch.arange(0, b, 2)
+    J[idx, idx + 1], J[idx + 1, idx] = norm, -norm
+    return (O @ J @ O.T)[None]
+
+
+def zero_plane_skew(b: int, norm: float, *, seed: int = 0) -> torch.Tensor:
+    """One eigen-plane at angle 0 (every odd b has one), the others at ``norm``: a singular
+    value of ``(I + Q)^2 / g`` then sits on cans_cayley's certified lower bound ``1 / g``."""
+    g = torch.Generator().manual_seed(seed)
+    O, _ = torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))
+    J = torch.zeros(b, b, dtype=torch.float64)
+    idx = torch.arange(0, 2 * (b // 2 - 1), 2)
     J[idx, idx + 1], J[idx + 1, idx] = norm, -norm
     return (O @ J @ O.T)[None]
 
@@ -101,10 +120,62 @@ def test_cans_cayley_equals_cayley_up_to_its_auto_bound(b, norm):
     assert rel_err(cans_cayley(Q.bfloat16()), exact_cayley(Q)) <= BF16_FLOOR
 
 
+@pytest.mark.parametrize("b", [33, 64, 127, 128])
+def test_cans_cayley_default_steps_reach_fp32_rounding_on_the_lower_bound(b):
+    # 6 steps left the interval half-width, 3.7e-6 at b = 128 (orthogonality error 2.2e-6)
+    Q = zero_plane_skew(b, AUTO_MAX_NORM["cans_cayley"])
+    X = cans_cayley(Q.float())
+    assert rel_err(X, exact_cayley(Q)) <= FP32_FLOOR
+    assert orthogonality_error(X).max() <= FP32_FLOOR
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+                         ids=str)
+def test_cans_cayley_default_steps_are_the_fewest_certified_for_the_dtype(dtype):
+    # the worst start interval at the auto bound and b = 128: M's singular values in [1, 1 +
+    # norm^2], Gelfand norm g <= (b (1 + norm^2)^6)^(1/6), so [1 / g, 1]
+    norm, b = AUTO_MAX_NORM["cans_cayley"], 128
+    lo = torch.tensor((b * (1 + norm**2) ** 6) ** (-1 / 6), dtype=torch.float64)
+    hi = torch.ones((), dtype=torch.float64)
+    half_widths = []
+    for _ in range(CANS_CAYLEY_DEFAULT_STEPS[dtype]):
+        *_, lo, hi = _cans_cubic(lo, hi)
+        half_widths.append(float(hi - lo) / 2)
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    assert half_widths[-1] <= unit_roundoff < half_widths[-2]
+
+
+def test_float64_reaches_float64_rounding():
+    # exp (one squaring) stopped at 1.3e-8, cans_cayley (the float32 steps) at 1.8e-7
+    for b in BLOCKS:
+        for Q in (random_skew(b, math.pi), flat_spectrum_skew(b, math.pi)):
+            assert rel_err(exp_orthogonal(Q), torch.linalg.matrix_exp(Q)) <= FP64_FLOOR
+        for Q in (random_skew(b, 3.0), flat_spectrum_skew(b, 3.0), zero_plane_skew(b, 3.0)):
+            assert rel_err(cans_cayley(Q), exact_cayley(Q)) <= FP64_FLOOR
+
+
+def test_cans_cayley_float16_is_finite_beyond_its_range_and_accurate_at_the_bound():
+    # M M^T M overflowed float16 (65504) once ||Q||_2 > 6.3: NaN
+    for norm in (8.0, 10.0, 100.0):
+        X = cans_cayley(random_skew(16, norm).half())
+        assert X.dtype == torch.float16 and torch.isfinite(X).all()
+    Q = random_skew(16, 8.0)
+    assert rel_err(cans_cayley(Q.half(), steps=20), exact_cayley(Q)) <= FP16_FLOOR
+    for b in BLOCKS:
+        Q = random_skew(b, AUTO_MAX_NORM["cans_cayley"])
+        assert rel_err(cans_cayley(Q.half()), exact_cayley(Q)) <= FP16_FLOOR
+
+
 def test_cans_cayley_counts_one_plus_two_products_per_step():
     with count_matmuls() as counted:
         cans_cayley(random_skew(16, 1.0).float(), steps=4)
     assert counted.products == 1 + 2 * 4
+    with count_matmuls() as counted:
+        cans_cayley(random_skew(16, 1.0).float())
+    assert counted.products == 1 + 2 * CANS_CAYLEY_DEFAULT_STEPS[torch.float32] == 15
+    with count_matmuls() as counted:
+        exp_orthogonal(random_skew(16, 1.0))
+    assert counted.products == 5 + 4 + 2  # float64: four squarings
 
 
 def test_cayley_neumann_is_the_truncated_series_and_errs_like_norm_to_the_4():
@@ -173,10 +244,14 @@ def test_norm_bound_and_clip_hold_for_huge_and_tiny_blocks(scale):
     assert ((clipped <= expected * (1 + CLIP_RTOL)) & (clipped >= expected / 1.01)).all()
 
 
-def test_norm_bound_and_clip_of_empty_blocks():
-    empty = torch.zeros(3, 0, 0)
-    assert spectral_norm_upper_bound(empty).shape == (3,)
-    assert clip_spectral_norm(empty, 1.0).shape == (3, 0, 0)
+@pytest.mark.parametrize("shape", [(3, 0, 0), (2, 3, 0, 0)])
+def test_empty_blocks_keep_their_shape_in_every_kernel(shape):
+    # (2, 3, 0, 0) was folded by reshape(-1, 0, 0), which cannot infer -1 for 0 elements
+    empty = torch.zeros(shape)
+    assert spectral_norm_upper_bound(empty).shape == shape[:-2]
+    assert clip_spectral_norm(empty, 1.0).shape == shape
+    for kernel in (cayley, cayley_neumann, cans_cayley, exp_orthogonal):
+        assert kernel(empty).shape == shape
 
 
 def test_clip_auto_bounds_and_small_blocks_untouched():
@@ -215,5 +290,22 @@ def test_bad_arguments_raise_value_errors():
         clip_spectral_norm(Q, -1)
     with pytest.raises(ValueError, match="max_norm"):
         clip_spectral_norm(Q, 0.0)
+    for flag in (True, False):  # a bool is not a count or a bound (True read as 1)
+        with pytest.raises(ValueError, match="steps"):
+            cans_cayley(Q, steps=flag)
+        with pytest.raises(ValueError, match="terms"):
+            cayley_neumann(Q, terms=flag)
+        with pytest.raises(ValueError, match="max_norm"):
+            clip_spectral_norm(Q, flag)
+
+
+def test_clip_takes_numpy_scalars_like_floats():
+    # np.float32(0.5) was refused as "max_norm must be > 0"
+    Q = random_skew(8, 2.0).float()
+    for bound in (np.float32(0.5), np.float64(0.5), np.int64(1)):
+        expected = clip_spectral_norm(Q, float(bound))
+        torch.testing.assert_close(clip_spectral_norm(Q, bound), expected)
+    auto = clip_spectral_norm(Q, np.int64(-1), method="cayley_neumann")
+    torch.testing.assert_close(auto, clip_spectral_norm(Q, -1, method="cayley_neumann"))
     with pytest.raises(ValueError, match="6 free entries"):
         skew_from_vector(torch.zeros(5), 4)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +115,27 @@ def test_retractions_batched_equal_per_frame(kernel):
                                atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
+def test_cayley_retract_broadcasts_one_frame_over_a_batch_of_g():
+    # torch.cat refused the (d, r) frame next to the (B, d, r) tangent: "same number of dims"
+    U, G = frame(32, 4), torch.randn(3, 32, 4)
+    Y = cayley_retract(U, G, 0.1)
+    torch.testing.assert_close(Y, torch.stack([cayley_retract(U, g, 0.1) for g in G]),
+                               atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(Y, cayley_retract(U.expand_as(G), G, 0.1), atol=FP32_ATOL,
+                               rtol=FP32_RTOL)
+
+
+def test_cayley_retract_takes_numpy_steps_and_refuses_bools():
+    # np.float32(0.1) was refused as "t must be a finite number"; True was taken as 1
+    U, G = frame(), torch.randn(64, 8)
+    for t in (np.float32(0.1), np.float64(0.1)):
+        torch.testing.assert_close(cayley_retract(U, G, t), cayley_retract(U, G, 0.1),
+                                   atol=FP32_ATOL, rtol=FP32_RTOL)
+    for t in (True, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="t must be a finite real number"):
+            cayley_retract(U, G, t)
+
+
 def test_cayley_retract_counts_its_products():
     with count_matmuls() as counted:
         cayley_retract(frame(), torch.randn(64, 8), 0.1, polish=False)
@@ -166,6 +190,48 @@ def test_feedback_learns_a_planted_expander_and_reports_diagnostics(one_thread):
     assert abs(diag["gain"] - 2.0) < 0.1  # least-squares gain found the planted scale
     assert diag["orthogonality_error"] <= ORTHO_FP32
     assert set(diag) >= {"cross_cov_norm", "step_norm", "step_clipped", "gain_target"}
+
+
+def run_planted_feedback(lr: float, *, anti_correlated: bool = False,
+                         steps: int = 200) -> tuple[list[dict[str, float]], list[torch.Tensor]]:
+    """The planted map ``g = 2 c target^T`` (ema 0.5, gain_ema 0.05): diagnostics and U per
+    step. ``anti_correlated`` plants ``-U`` of the initial frame."""
+    g = torch.Generator().manual_seed(2)
+    config = FeedbackConfig(lr=lr, ema=0.5, gain_ema=0.05)
+    system = StiefelFeedbackSystem(50, [24], rank=4, config=config,
+                                   generator=torch.Generator().manual_seed(1))
+    layer = system.layers[0]
+    target = -layer.U.clone() if anti_correlated else frame(24, 4, seed=9)
+    diags, frames = [], []
+    for _ in range(steps):
+        c = system.compress_error(torch.randn(64, 50, generator=g))
+        diags.append(system.update_all([2.0 * c @ target.T], c)[0])
+        frames.append(layer.U.clone())
+    return diags, frames
+
+
+def test_feedback_anti_correlated_start_drives_the_gain_to_its_floor_and_stalls(one_thread):
+    # the step is lr * alpha * D: the least-squares gain of an anti-aligned U is negative, so
+    # alpha is clamped toward gain_min and U barely moves (measured: 1.0e-4, correlation < -0.92)
+    diags, _ = run_planted_feedback(0.2, anti_correlated=True)
+    assert diags[-1]["gain"] <= 2 * FeedbackConfig().gain_min
+    assert all(d["correlation"] < -0.9 for d in diags[100:])
+
+
+def test_feedback_step_far_above_half_oscillates(one_thread):
+    # lr * alpha ~ 0.4 settles (correlation mean 0.97 over the last 50 steps, measured); ~5
+    # overshoots: each step of U reverses the last (mean cosine -0.98) and the correlation
+    # swings over 0.67-0.89 (mean 0.80)
+    diags, _ = run_planted_feedback(0.2)
+    assert 0.3 < 0.2 * diags[-1]["gain"] < 0.5
+    assert sum(d["correlation"] for d in diags[-50:]) / 50 > 0.95
+    diags, frames = run_planted_feedback(3.0)
+    assert 3.0 * diags[-1]["gain"] > 4.0
+    tail = [d["correlation"] for d in diags[-50:]]
+    assert sum(tail) / 50 < 0.85 and max(tail) - min(tail) > 0.15
+    moves = [b - a for a, b in pairwise(frames[-51:])]
+    cosines = [float((m * n).sum() / (m.norm() * n.norm())) for m, n in pairwise(moves)]
+    assert sum(cosines) / len(cosines) < -0.9
 
 
 def test_feedback_refuses_a_code_of_the_wrong_rank():
