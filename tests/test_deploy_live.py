@@ -1,6 +1,6 @@
 """The deployment's configs loaded by the real programs on loopback.
 
-- Prometheus started with ``deploy/prometheus/prometheus.yml`` loads the four alert rules, and
+- Prometheus started with ``deploy/prometheus/prometheus.yml`` loads the five alert rules, and
   every PromQL expression of the Grafana dashboard parses and evaluates on it
   (``/api/v1/query`` answers ``status: success``).
 - Alertmanager started with ``deploy/alertmanager/alertmanager.yml`` inhibits a rotation alert

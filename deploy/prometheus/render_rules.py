@@ -51,14 +51,17 @@ class Profile:
     down_for: int
     group_interval: int | None  # None: the global evaluation_interval
     rot_hold: int  # the sidecar's --rotation-hold the profile expects (scrape <= hold <= window)
+    skips_window: int  # skips counted over this window ...
+    skips_for: int  # ... in every evaluation for this long: a lone bad batch leaves the window
 
     @property
     def rules_dir(self) -> str:
         return "rules" if self.name == "prod" else f"rules-{self.name}"
 
 
-PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None, 30)
-FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1, 2)
+PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None, 30, 300,
+               600)
+FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1, 2, 5, 10)
 PROFILES = (PROD, FAST)
 
 
@@ -115,6 +118,19 @@ ANNOTATIONS = {
         "Exactly 1.0 with update_rms 0 (GET /v1/params/{name}) is a zero update: the matrix "
         "gets an all-zero gradient and does not train.",
     },
+    "OptimizerNonfiniteUpdatesSkipped": {
+        "summary": "{{ $labels.instance }} keeps skipping non-finite updates "
+        '({{ $value | printf "%.0f" }} in the last window)',
+        "description": "Matrices whose ranks report to {{ $labels.instance }} skipped "
+        '{{ $value | printf "%.0f" }} updates with a NaN/Inf gradient or update over the '
+        "last window, and have kept doing so: these matrices are not training.",
+        "runbook": "Every optimizer (SOAP too, which has no orthogonality error) skips a "
+        "matrix whose gradient is not finite and counts it. Skips that keep coming mean the "
+        "loss diverged (check loss.jsonl in the trainer's --out directory), the LR is too "
+        "high, a data shard is bad, or low precision overflows. Which matrices: "
+        "orthoshard_nonfinite_skips_total by param on the dashboard, or GET /v1/params/{name}. "
+        "A single bad batch does not page.",
+    },
     "OptimizerSidecarDown": {
         "summary": "Health sidecar {{ $labels.instance }} is down",
         "description": "Prometheus cannot scrape {{ $labels.instance }}; optimizer health "
@@ -162,6 +178,13 @@ def rules(p: Profile) -> list[dict]:
             "OptimizerOrthogonalityErrorHigh",
             f"{ortho} > {num(p.ortho_max)}\nor\n{ortho} != {ortho}",
             p.ortho_for,
+            "warning",
+        ),
+        _alert(
+            "OptimizerNonfiniteUpdatesSkipped",
+            "sum by (job, instance) (\n"
+            f"  increase(orthoshard_nonfinite_skips_total[{dur(p.skips_window)}])\n) > 0",
+            p.skips_for,
             "warning",
         ),
         _alert("OptimizerSidecarDown", f'up{{job="{JOB}"}} == 0', p.down_for, "critical"),
@@ -400,6 +423,40 @@ def ortho_tests(p: Profile) -> list[dict]:
     ]
 
 
+def skips_tests(p: Profile) -> list[dict]:
+    i, name = p.interval, "OptimizerNonfiniteUpdatesSkipped"
+    skips = "orthoshard_nonfinite_skips_total"
+    n = (p.skips_window + p.skips_for) // i + 10
+    # diverged: every scrape brings 12 more skips (a dozen matrices, NaN every step), then
+    # training is fixed (restarted from a checkpoint) and the counters stand still
+    steady = [0.0] * n + [12.0 * k for k in range(1, 2 * n + 1)]
+    steady += [steady[-1]] * (2 * n)
+    t_start, t_stop = n * i, 3 * n * i
+    t_fire = t_start + p.skips_for + 2 * i
+    # one bad batch: every matrix skips once, at one step; then a reset (sidecar restart)
+    once = [0.0] * n + [1.0] * (2 * n) + [0.0] * (2 * n)
+    lab = {"job": JOB, "instance": "sidecar-0:9400"}
+    other = {"job": JOB, "instance": "sidecar-1:9400"}
+    # the alert's value: 12 skips per scrape over the window
+    return [
+        {
+            "interval": dur(i),
+            "input_series": [
+                *(series(skips, {**lab, "node": "0", "param": f"w{j}"},
+                         [v / 12 for v in steady]) for j in range(12)),
+                *(series(skips, {**other, "node": "1", "param": f"w{j}"}, once)
+                  for j in range(12)),
+            ],
+            "alert_rule_test": [
+                check(t_start - i, name),
+                check(t_start + p.skips_for // 2, name),  # pending
+                check(t_fire, name, expect(name, lab, 12.0 * p.skips_window / i, "warning")),
+                check(t_stop + p.skips_window + 2 * i, name),  # resolved once they stop
+            ],
+        }
+    ]
+
+
 def down_tests(p: Profile) -> list[dict]:
     i, name = p.interval, "OptimizerSidecarDown"
     lab = {"job": JOB, "instance": "sidecar-1:9400", "node": "1"}
@@ -426,7 +483,8 @@ def tests_doc(p: Profile) -> dict:
     return {
         "rule_files": [f"../{p.rules_dir}/orthoshard.rules.yml"],
         "evaluation_interval": dur(p.interval),
-        "tests": rotation_tests(p) + stale_tests(p) + ortho_tests(p) + down_tests(p),
+        "tests": rotation_tests(p) + stale_tests(p) + ortho_tests(p) + skips_tests(p)
+        + down_tests(p),
     }
 
 
