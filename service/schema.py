@@ -51,7 +51,10 @@ MAX_STEP = 2**62  # steps are stored as SQLite integers (signed 64-bit)
 # /v1/params/{name} is unambiguous, no whitespace or control characters.
 PARAM_NAME_MAX_LENGTH = 256
 ParamName = Annotated[
-    str, StringConstraints(min_length=1, max_length=PARAM_NAME_MAX_LENGTH, pattern=r"^[^\s/]+$")
+    str,
+    StringConstraints(
+        min_length=1, max_length=PARAM_NAME_MAX_LENGTH, pattern=r"^[^\s/\x00-\x1f\x7f]+$"
+    ),
 ]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 #: A run id: letters, digits, "_", ".", ":" and "-" (it labels history and appears in URLs).
