@@ -751,10 +751,19 @@ def test_fp32_matmul_prec_really_changes_cpu_products_and_restores_the_global_mo
     # "highest": float32 dot products of 64 terms, measured 1.1e-5 off the float64 product;
     # "high" (bf16x3) 1.1e-2, "medium" (bf16) 0.1: the bound separates them by 10x each way
     assert err["highest"] < FP32_PRODUCT_MAX_ERR < err["high"] < err["medium"]
-    torch.set_float32_matmul_precision("highest")
-    with matmul_precision("medium"):
-        assert torch.get_float32_matmul_precision() == "medium"
-    assert torch.get_float32_matmul_precision() == "highest"
+    # the block restores what was set before it, not torch's default ("highest"), also when it
+    # raises
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with matmul_precision("medium"):
+            assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError, match="inside"), matmul_precision("medium"):
+            raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
