@@ -73,8 +73,9 @@ def update_orthogonality_error(O: Tensor) -> Tensor:
     AVX512-BF16 or AMX) takes ``O^T O - I`` from one fused ``baddbmm``: the identity is
     subtracted inside the float32 accumulator, before the single rounding to O's dtype, so each
     entry of the deviation keeps 8 significant bits of ITSELF (not of 1): the error is within
-    2^-9 relative (measured ~1e-4 on NS outputs; a bf16 ``O`` carries ~1e-3 of orthogonality
-    error from its own rounding anyway). The float32 Gram costs twice as much there: it is ~1/3
+    2^-8 relative, one bf16 rounding per entry (measured ~1e-4 on NS outputs; a bf16 ``O``
+    carries ~1e-3 of orthogonality error from its own rounding anyway). The float32 Gram costs
+    twice as much there: it is ~1/3
     of one Newton-Schulz iteration, which made health 23% of a quintic Muon step. Every other
     input takes the float32 :func:`orthogonality_error`.
     """

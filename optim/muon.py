@@ -238,7 +238,7 @@ class Muon(MatrixOptimizer):
         U = soften(O, X, s, eps=group["eps"])
         U, norms = self._post_orthogonalize(items, U)
         if self._health_due(group):
-            # A bf16 norm accumulates in float32 and rounds once, to within 2^-9 of the float32
+            # A bf16 norm accumulates in float32 and rounds once, to within 2^-8 of the float32
             # norm; asking for a float32 result would first copy U to float32 (2.5x the time).
             # The division by sqrt(m n) is left to _end_batches' finish, on the Python float.
             if norms is None:

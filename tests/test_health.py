@@ -25,12 +25,23 @@ ANGLE64_ATOL_DEG = 1e-9
 # float32 bases: each entry is rounded by ~6e-8 relative, so a principal angle is only known to
 # ~sqrt(n) * 6e-8 rad ~ 1e-5 degrees for n = 8; 1e-4 degrees is 10x that.
 ANGLE32_ATOL_DEG = 1e-4
-# Exact small-integer and float64 arithmetic cases.
+# Exact small-integer and float64 arithmetic cases: float64 rounding (1.1e-16 per operation) of
+# O(1) values over a few operations; 1e-12 leaves 1e4x that.
 EXACT64_ATOL = 1e-12
 EXACT64_RTOL = 1e-12
+# sin^2 of a first column turned by 1e-3 degrees (3e-10) or not at all (~1e-31): the direct
+# ||b1 - a1 (a1 . b1)||^2 subtracts two nearly equal vectors, so it is only known to ~1e-16
+# absolute per entry, not relative (measured 4e-22 apart; the O(1) cases 4.4e-16 relative).
+# 1e-15 is ~10 float64 ulps of 1, the scale sin^2 is measured on.
+FIRST_SIN_SQ64_ATOL = 1e-15
 # The fused bf16 Gram rounds each entry of O^T O - I once to bf16 (8 significant bits of the
-# entry itself): at most 2^-9 relative per entry, so at most 2^-9 on the Frobenius norm.
+# entry itself): within 2^-8 relative per entry, and the roundings of the k^2 entries are
+# independent, so the Frobenius norm moves far less (measured <= 3.0e-4 below); 2^-9 is 6x that.
 FUSED_BF16_RTOL = 2.0**-9
+# float32 Gram of bf16 entries: products are exact, sums of up to 96 of them round at
+# ~96 * 6e-8 = 6e-6 of the O(1) diagonal; measured <= 3.5e-6 relative (polar_express, whose
+# error of ~4e-3 is small next to the entries whose rounding it inherits); ~3x.
+GRAM32_RTOL = 1e-5
 # 16 probes on Jordan-quintic updates: the estimate's relative standard deviation is
 # ~sqrt(1 / (2 * 16 * n_eff)) with n_eff the number of directions carrying the error; over the
 # gradient types below it measured 0.2-2.1% (100 seeds each, smaller side 96-256). 8% is 4x the
@@ -164,7 +175,7 @@ def test_principal_extremes_first_column_identity_and_zero_row_padding():
     assert grams.shape == (2, 4, 8, 8) and values.shape == (2, 4, 8)
     for i, (sin_sq, cos, k8) in enumerate(expected):
         first = grams[0, i, 0, 0].item() + (grams[1, i, 1:, 0] ** 2).sum().item()
-        assert first == pytest.approx(sin_sq, rel=1e-12, abs=1e-15)
+        assert first == pytest.approx(sin_sq, rel=EXACT64_RTOL, abs=FIRST_SIN_SQ64_ATOL)
         assert abs(grams[1, i, 0, 0].item()) == pytest.approx(cos, abs=EXACT64_ATOL)
         sin_max = math.sqrt(max(values[0, i, 0].item(), 0.0))
         angle = math.degrees(math.asin(sin_max) if sin_max < math.sqrt(0.5)
@@ -256,8 +267,7 @@ def test_update_orthogonality_error_matches_float64_on_bf16_updates(fused, metho
     want = orthogonality_error(O.double())
     got = update_orthogonality_error(O)
     assert got.dtype == torch.float32 and got.shape == O.shape[:-2]
-    # float32 Gram of bf16 entries: products are exact, sums round at ~k * 6e-8 = 4e-6.
-    rtol = FUSED_BF16_RTOL if fused else 1e-5
+    rtol = FUSED_BF16_RTOL if fused else GRAM32_RTOL
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0.0)
 
 
@@ -338,10 +348,15 @@ def test_estimated_square_is_unbiased_even_where_the_error_sits_on_few_direction
     assert abs(samples.mean().item() / exact_sq - 1) < 4 * spread / math.sqrt(400)
 
 
+# float64 probes through 40-long products of O(1) values: rounding ~sqrt(40) * 1.1e-16 = 7e-16
+# (measured 5.9e-16 for the error of an orthonormal Q, 1.5e-16 relative on 2 Q); ~20x.
+PROBES64_TOL = 1e-14
+
+
 def test_estimate_of_exact_cases_and_the_exact_fallback():
     Q = orthonormal(40)
-    assert estimate_orthogonality_error(Q, 4).item() < 1e-14
-    assert estimate_orthogonality_error(2 * Q, 4).item() == pytest.approx(3.0, rel=1e-14)
+    assert estimate_orthogonality_error(Q, 4).item() < PROBES64_TOL
+    assert estimate_orthogonality_error(2 * Q, 4).item() == pytest.approx(3.0, rel=PROBES64_TOL)
     zeros = torch.zeros(3, 50, 30, dtype=torch.bfloat16)
     torch.testing.assert_close(estimate_orthogonality_error(zeros, 4), torch.ones(3),
                                atol=0.0, rtol=0.0)
@@ -349,6 +364,12 @@ def test_estimate_of_exact_cases_and_the_exact_fallback():
     O = torch.randn(64, 20, generator=torch.Generator().manual_seed(2))
     assert torch.equal(estimate_orthogonality_error(O, 10), update_orthogonality_error(O))
     assert not torch.equal(estimate_orthogonality_error(O, 9), update_orthogonality_error(O))
+
+
+# The same float32 products, one matrix at a time or over the batch, a wide matrix or its tall
+# transpose: bit-identical here (measured 0); a BLAS that blocks the 48- and 80-long
+# sums differently moves the O(0.4) estimate by a few float32 ulps (1.2e-7). 1e-6 is ~8 ulps.
+PROBE_ROUTE32_RTOL = 1e-6
 
 
 def test_estimate_is_seeded_batched_side_agnostic_and_leaves_the_global_rng_alone():
@@ -362,10 +383,11 @@ def test_estimate_is_seeded_batched_side_agnostic_and_leaves_the_global_rng_alon
     assert not torch.equal(a, estimate_orthogonality_error(O, 8, seed=6))
     # each batch member is estimated on its own: the same as one matrix at a time
     torch.testing.assert_close(a, torch.stack([estimate_orthogonality_error(o, 8, seed=5)
-                                               for o in O]), atol=0.0, rtol=1e-6)
+                                               for o in O]), atol=0.0,
+                               rtol=PROBE_ROUTE32_RTOL)
     # a wide matrix is probed on its smaller side: the same as its transpose
     torch.testing.assert_close(estimate_orthogonality_error(O.mT, 8, seed=5), a,
-                               atol=0.0, rtol=1e-6)
+                               atol=0.0, rtol=PROBE_ROUTE32_RTOL)
     assert estimate_orthogonality_error(O.double(), 8).dtype == torch.float64
 
 

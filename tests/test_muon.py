@@ -44,6 +44,26 @@ UPDATE_RTOL = 1e-4
 # of the rows of a tall orthogonalized update.
 NORMUON_ROW_SPREAD = 1e-4
 NORM_RTOL = 1e-5  # Frobenius norms of fp32 matrices of ~1000 entries
+# health's orthogonality error against the test's float32 one: on CPUs with native bf16 (as
+# here) the step takes the fused bf16 Gram, whose independent per-entry roundings move the norm
+# by far less than one bf16 rounding (test_health.FUSED_BF16_RTOL; measured <= 2.1e-4 below).
+FUSED_BF16_RTOL = 2.0**-9
+# update_rms is a bf16 norm: the float32 sum rounded once to bf16, within 2^-8 (the unit
+# roundoff of 8 significant bits) of it; measured up to 3.3e-3, as close to the bound as one
+# rounding gets. O itself may differ from the test's in the last bit of a few entries, so the
+# bound is twice one rounding.
+BF16_NORM_RTOL = 2.0**-7
+# 16 Gaussian probes estimate a quintic update's error within 0.2-2.1% (one standard deviation,
+# test_health.QUINTIC_PROBE16_RTOL); 8% is 4x the largest. k probes spread sqrt(16 / k) times
+# more, so k probes get 8% * sqrt(16 / k). Measured here: 0.5% with 16 probes, 7.3% with 5
+# (bound 14%).
+QUINTIC_PROBE16_RTOL = 0.08
+# A softening schedule's value is the same Python float product 0.1 * step on both sides
+# (measured exact); 1e-12 would allow another float64 evaluation of O(0.1) values.
+SCHEDULE_ATOL = 1e-12
+# 8 polar_express steps in bf16 reach its rounding floor (~1e-2; measured 5.6e-3 on tiny_mlp);
+# 0.05 is 9x that and still 6x below quintic's ~0.3.
+POLAR_EXPRESS_BF16_ORTHO_MAX = 0.05
 # Loss reduction a working optimizer must reach on the quadratic in 40 steps (measured 0.01-0.2).
 QUADRATIC_MAX_FINAL_OVER_INITIAL = 0.5
 
@@ -227,9 +247,8 @@ def test_numeric_softening_applies_the_blend_and_reports_it(s):
     health = opt.health()["w"]
     assert health["softening"] == s
     # orthogonality is measured on O, before softening
-    # rel: on CPUs with native bf16 the fused bf16 Gram is used (test_health.FUSED_BF16_RTOL)
     assert health["orthogonality_error"] == pytest.approx(orthogonality_error(O).item(),
-                                                          rel=2.0**-9)
+                                                          rel=FUSED_BF16_RTOL)
 
 
 @pytest.mark.parametrize("kwargs, probes", [
@@ -248,18 +267,20 @@ def test_orthogonality_error_is_estimated_for_jordans_quintic_and_exact_otherwis
                       steps=group["ns_steps"], coefficients=group["ns_coefficients"])
     want = orthogonality_error(O) if probes == 0 else \
         estimate_orthogonality_error(O, probes, seed=1)  # seed: the step count
-    # rel: the test's O and the step's O are both bf16 NS outputs of the same input; the exact
-    # path may take the fused bf16 Gram (test_health.FUSED_BF16_RTOL)
+    # the test's O and the step's O are both bf16 NS outputs of the same input; the exact path
+    # may take the fused bf16 Gram
     health = opt.health()["w"]
     got = health["orthogonality_error"]
-    assert got == pytest.approx(want.item(), rel=2.0**-9)
-    # update_rms of U = O (no softening): a bf16 norm rounds once (2^-9), O itself may differ
-    # from the test's in the last bit of a few entries
+    assert got == pytest.approx(want.item(), rel=FUSED_BF16_RTOL)
+    # update_rms of U = O (no softening)
     assert health["update_rms"] == pytest.approx(
-        torch.linalg.vector_norm(O.float()).item() / math.sqrt(O.numel()), rel=2.0**-8)
-    if probes:  # and it is an estimate of the exact value (test_health.QUINTIC_PROBE16_RTOL)
-        assert got == pytest.approx(orthogonality_error(O).item(), rel=0.08)
-        assert got != pytest.approx(orthogonality_error(O).item(), rel=1e-6)
+        torch.linalg.vector_norm(O.float()).item() / math.sqrt(O.numel()), rel=BF16_NORM_RTOL)
+    if probes:  # and it is an estimate of the exact value
+        exact = orthogonality_error(O).item()
+        assert got == pytest.approx(exact, rel=QUINTIC_PROBE16_RTOL * math.sqrt(16 / probes))
+        # not the exact value itself (which the fused bf16 Gram gives within FUSED_BF16_RTOL):
+        # the estimates here are >= 4.9e-3 off it
+        assert got != pytest.approx(exact, rel=FUSED_BF16_RTOL)
 
 
 @pytest.mark.parametrize("softening", [0.0, 0.4])
@@ -281,8 +302,8 @@ def test_automatic_health_measures_small_matrices_exactly(shape):
     _, opt = one_step_update(Muon, W0, grad)
     O = orthogonalize(nesterov_input(grad).bfloat16(), method="quintic")
     got = opt.health()["w"]["orthogonality_error"]
-    # rel: the step may take the fused bf16 Gram (test_health.FUSED_BF16_RTOL)
-    assert got == pytest.approx(orthogonality_error(O).item(), rel=2.0**-9)
+    # the step may take the fused bf16 Gram
+    assert got == pytest.approx(orthogonality_error(O).item(), rel=FUSED_BF16_RTOL)
     assert min(shape) <= Muon.AUTO_PROBES_ABOVE
 
 
@@ -301,7 +322,7 @@ def test_scheduled_softening_follows_the_step_and_health_reports_the_scheduled_v
     buf = torch.zeros(24, 12)
     for t in range(4):
         run(opt, params, 1, start=t)
-        assert opt.health()["w"]["softening"] == pytest.approx(0.1 * (t + 1), abs=1e-12)
+        assert opt.health()["w"]["softening"] == pytest.approx(0.1 * (t + 1), abs=SCHEDULE_ATOL)
         # reference: the update rule written out, with s_t = 0.1 t
         (grad,) = grads_for(ref_params, t)
         buf = buf.lerp(grad, 0.05)
@@ -996,8 +1017,7 @@ def test_named_parameters_key_health_by_name_with_plain_floats(opt_cls):
         assert set(metrics) >= {"orthogonality_error", "update_rms", "softening",
                                 "nonfinite_skips"}
         assert all(type(v) is float for v in metrics.values())
-        # 8 polar_express steps in bf16 reach its rounding floor (~1e-2), quintic would be ~0.3
-        assert 0.0 <= metrics["orthogonality_error"] < 0.05
+        assert 0.0 <= metrics["orthogonality_error"] < POLAR_EXPRESS_BF16_ORTHO_MAX
         assert metrics["update_rms"] > 0.0
 
 

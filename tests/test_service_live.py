@@ -231,6 +231,12 @@ def _query(client: httpx.Client, promql: str) -> list[dict]:
     return result
 
 
+# 0.001 * 42 travels as JSON, is exposed with repr and parsed by Prometheus as float64: each hop
+# round-trips exactly (the integral values next to it compare with ==); 1e-12 would still allow
+# one re-formatting at 12 significant digits.
+PROMETHEUS_FLOAT_RTOL = 1e-12
+
+
 @pytest.mark.tools
 @pytest.mark.timeout(90)
 def test_real_prometheus_scrapes_the_sidecar(sidecar: Sidecar, tmp_path: Path) -> None:
@@ -275,7 +281,7 @@ def test_real_prometheus_scrapes_the_sidecar(sidecar: Sidecar, tmp_path: Path) -
             step = _query(prom, "orthoshard_optimizer_step")
             assert [(s["metric"]["rank"], s["value"][1]) for s in step] == [("3", "42")]
             orth = _query(prom, 'orthoshard_orthogonality_error{param="layers.1.attn.w"}')
-            assert float(orth[0]["value"][1]) == pytest.approx(0.042, rel=1e-12)
+            assert float(orth[0]["value"][1]) == pytest.approx(0.042, rel=PROMETHEUS_FLOAT_RTOL)
             assert _query(prom, "orthoshard_snapshots_received_total")[0]["value"][1] == "1"
             assert _query(prom, 'up{job="orthoshard"}')[0]["value"][1] == "1"
     finally:
