@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import secrets
 import signal
@@ -169,13 +170,17 @@ def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
 
 
 def _fresh_outputs(out: Path, resume: bool) -> None:
-    """Create ``out``; unless resuming, remove a previous run's files, results included (a run
-    that fails must not leave the last run's summary looking like its own)."""
+    """Create ``out`` and prove it writable; remove a previous run's results (a run that fails
+    must not leave the last run's summary looking like its own, and a resume at fewer ranks
+    must not read the ranks that are gone) and, unless resuming, its logs too."""
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        return
-    for pattern in ("health-rank*.jsonl", "loss.jsonl", "rank*.json", "sidecar.db*",
-                    "summary.json", "health.png", "final_params.pt"):
+    probe = out / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+    patterns = ["rank*.json", "summary.json", "health.png", "final_params.pt"]
+    if not resume:
+        patterns += ["health-rank*.jsonl", "loss.jsonl", "sidecar.db*"]
+    for pattern in patterns:
         for f in out.glob(pattern):
             f.unlink()
 
@@ -189,12 +194,19 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return "--steps and --nproc must be >= 1"
     if args.max_restarts < 0:
         return "--max-restarts must be >= 0"
-    if args.linger < 0 and args.linger != -1:
+    if not (0 <= args.linger < math.inf or args.linger == -1):
         return f"--linger must be >= 0 seconds, or -1 (until Ctrl-C), got {args.linger}"
     if not 0 <= args.sidecar_port <= 65535:
         return f"--sidecar-port must be a TCP port (0: a free one), got {args.sidecar_port}"
-    if args.rotation_hold is not None and not args.rotation_hold >= 0:
-        return f"--rotation-hold must be >= 0 seconds, got {args.rotation_hold}"
+    if args.rotation_hold is not None and not 0 <= args.rotation_hold < math.inf:
+        return f"--rotation-hold must be >= 0 seconds (finite), got {args.rotation_hold}"
+    if (args.max_restarts and not args.resume and args.checkpoint_dir is not None
+            and (args.checkpoint_dir / "LATEST").exists()):
+        # a restarted group resumes from LATEST: with another run's there, a rank dying before
+        # this run's first checkpoint would continue that run (and the first attempt too)
+        return (f"--checkpoint-dir {args.checkpoint_dir} holds a run's checkpoints (LATEST), "
+                f"which --max-restarts would resume from: pass --resume to continue that run, "
+                f"or an empty --checkpoint-dir for a new one")
     return argument_problem(args)
 
 

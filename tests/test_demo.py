@@ -53,7 +53,8 @@ def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_pa
     assert set(summary["owner_rank"].values()) == {0, 1}  # both ranks own matrices
     for metrics in summary["health_served_by_sidecar"].values():
         assert 0.0 < metrics["orthogonality_error"] < 0.6  # Jordan quintic sits near 0.35
-    assert all(v["bytes_sent"] > 0 for v in summary["bytes_communicated"].values())
+    assert all(v["bytes_sent"] > 0 and v["steps"] == 40
+               for v in summary["bytes_communicated"].values())
     png = (out / "health.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "sidecar:" in proc.stdout and "blocks.0.qkv.weight" in proc.stdout
