@@ -130,3 +130,24 @@ def test_a_resume_at_fewer_ranks_summarizes_the_ranks_that_ran(tmp_path):
     summary = report.write_summary(_demo_args("--out", str(out), "--nproc", "2"), {}, 1.0)
     assert set(summary["health"]) == {"w0", "w1"}
     assert set(summary["bytes_communicated"]) == {"0", "1"}
+
+
+def test_an_output_directory_it_cannot_write_is_named_before_anything_starts(tmp_path, monkeypatch,
+                                                                             capsys):
+    # a read-only --out passed mkdir and failed later, writing the sidecar's token, with a
+    # traceback (exit 1); root may write anywhere but on a read-only mount, as simulated here
+    import errno
+
+    real = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    started = []
+    monkeypatch.setattr(demo, "Sidecar", lambda *a, **k: started.append(a))
+    assert demo.run(_demo_args("--out", str(tmp_path), "--steps", "2")) == 2
+    assert started == []
+    assert f"cannot use --out {tmp_path}: Read-only file system" in capsys.readouterr().err
