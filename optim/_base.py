@@ -269,7 +269,7 @@ class MatrixOptimizer(Optimizer):
             must hold 2-D matrices only.
         defaults: the subclass's hyperparameters.
         sharding: None (one process) or an exchange such as ``sharding.OwnerSharding()``.
-        health_every: measure health every this many steps (0 turns it off).
+        health_every: measure health at step 1 and then every this many steps (0 turns it off).
     """
 
     matrix_algorithm = "matrix"
@@ -564,7 +564,11 @@ class MatrixOptimizer(Optimizer):
 
     # ---- health -------------------------------------------------------------------------
     def _health_due(self, group: dict[str, Any]) -> bool:
-        return self.health_every > 0 and group["step"] % self.health_every == 0
+        """Steps 1, N + 1, 2N + 1, ... for ``health_every=N``: the steps SOAP refreshes its
+        bases at when N is a multiple of ``precondition_frequency`` (refreshes come at steps 1,
+        f + 1, ...), so every measured step measures a rotation. At N, 2N, ... they never met,
+        and the rotations read 0 on every measured step."""
+        return self.health_every > 0 and (group["step"] - 1) % self.health_every == 0
 
     def _record(self, name: str, metrics: dict[str, Tensor | float]) -> None:
         self._health.setdefault(name, {}).update(metrics)

@@ -112,7 +112,7 @@ class Muon(MatrixOptimizer):
         ns_method: any :func:`optim.orthogonalize` method; ``ns_steps`` is its step count.
         softening: ``s`` in [0, 1], or a schedule ``step -> s`` (step counts from 1).
         sharding: None or ``sharding.OwnerSharding()``.
-        health_every: measure health every this many steps (0: never).
+        health_every: measure health at step 1 and then every this many steps (0: never).
         health_probes: how ``orthogonality_error`` is measured. ``0``: exactly, one Gram of
             ``O_t`` (a third of one Newton-Schulz iteration: 7-9% of a 5-step quintic).
             ``k >= 1``: estimated from ``k`` Gaussian probes

@@ -1049,10 +1049,13 @@ def test_health_every_controls_when_metrics_are_measured():
     run(off, params, 2)
     assert off.health() == {"w": {"nonfinite_skips": 0.0}}
     every2 = Muon([("w", make_params([(16, 8)])[0])], health_every=2)
-    run(every2, every2.param_groups[0]["params"], 1)
-    assert "orthogonality_error" not in every2.health()["w"]
-    run(every2, every2.param_groups[0]["params"], 1, start=1)
-    assert "orthogonality_error" in every2.health()["w"]
+    measured = []
+    for t in range(5):  # steps 1, 3, 5: step 1, then every 2
+        run(every2, every2.param_groups[0]["params"], 1, start=t)
+        measured.append(every2.health()["w"].get("orthogonality_error"))
+    assert measured[0] is not None and measured[1] == measured[0]
+    assert measured[2] not in (None, measured[1]) and measured[3] == measured[2]
+    assert measured[4] not in (None, measured[3])
     with pytest.raises(ValueError, match="health_every"):
         Muon(make_params(), health_every=-1)
 

@@ -704,9 +704,24 @@ def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, mo
     # without health, so no health step needs a product (eigh and KL start them for free)
     for t, opt, p, before, extra in _with_and_without_health(cfg, 3, 13, monkeypatch):
         assert extra == (0, 0), t
-        if t and (t + 1) % 3 == 0:  # a health step
+        if t and t % 3 == 0:  # a health step (steps 1, 4, 7, ...: t = step - 1)
             refreshed = t % cfg["precondition_frequency"] == 0
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
+
+
+@pytest.mark.parametrize("every", [5, 10])
+def test_health_every_a_multiple_of_the_refresh_period_measures_every_refresh(every):
+    # measured at N, 2N, ... while refreshing at 1, f + 1, ..., the two never met: every
+    # rotation read 0, through a spike too
+    p = torch.nn.Parameter(torch.zeros(24, 16))
+    opt = SOAP([("w", p)], lr=0.01, precondition_frequency=5, health_every=every)
+    turns = []
+    for t, g in enumerate(_spiky_grads(31)):
+        p.grad = g
+        opt.step()
+        if t % every == 0 and t:  # a measured step (step t + 1), and a refresh step
+            turns.append(opt.health()["w"]["rotation_degrees_L_k8"])
+    assert len(turns) == 30 // every and all(turn > 0 for turn in turns), turns
 
 
 def test_carried_quotients_survive_a_skipped_step_and_are_dropped_with_loaded_state():
