@@ -45,6 +45,23 @@ ADAMW = "adamw"
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 
 
+# Keys a user may take for AdamW's own: the AdamW group reads adamw_betas and adamw_eps, and
+# these belong to the matrix optimizer, so in an AdamW group they would be ignored.
+_MATRIX_KEYS_ADAMW_IGNORES = ("betas", "eps", "momentum", "nesterov")
+
+
+def _refuse_matrix_keys_in_adamw(group: Any) -> None:
+    """Raise ValueError for an AdamW group (as given) that sets a key AdamW does not read."""
+    if not isinstance(group, dict) or group.get("algorithm") != ADAMW:
+        return
+    given = [key for key in _MATRIX_KEYS_ADAMW_IGNORES if key in group]
+    if given:
+        raise ValueError(
+            f"a param group with algorithm='adamw' sets {', '.join(map(repr, given))}, which "
+            f"its AdamW update does not read (they are the matrix optimizer's): give AdamW's "
+            f"as adamw_betas=(beta1, beta2) and adamw_eps")
+
+
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank stores: a DTensor's local shard, or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
@@ -144,9 +161,15 @@ def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
 
 def _check_dense(groups: list[dict[str, Any]]) -> None:
     """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
-    sparse=True)``): no update here, AdamW fallback included, reads one."""
+    sparse=True)``): no update here, AdamW fallback included, reads one; and for a parameter on
+    the meta device (no values)."""
     for group in groups:
         for name, p in zip(group["param_names"], group["params"], strict=True):
+            if p.grad is not None and p.is_meta:
+                raise RuntimeError(
+                    f"parameter {name!r} is on the meta device, which holds no values to "
+                    f"update: materialize the model first (e.g. model.to_empty(device=...) "
+                    f"and initialize it).")
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError(
                     f"parameter {name!r} has a sparse gradient, which this optimizer cannot "
@@ -355,6 +378,7 @@ class MatrixOptimizer(Optimizer):
         Under ``OwnerSharding`` call it on every rank in the same order, as every step: the
         new matrices get owners without moving the existing ones, whose state stays where it is.
         """
+        _refuse_matrix_keys_in_adamw(param_group)
         if not hasattr(self, "_exchange"):  # torch's constructor; ours then checks every group
             super().add_param_group(param_group)
             return
@@ -726,6 +750,11 @@ class MatrixOptimizer(Optimizer):
                 if dtype is not None and key in state and state[key].dtype != dtype:
                     state[key] = value.to(dtype=dtype, device=local(p).device)
         self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
+        loaded = {name: count for group in self.param_groups
+                  for name, count in group["nonfinite_skips"].items()}
+        for name, metrics in self._health.items():  # what health() reported is the loaded count
+            if "nonfinite_skips" in metrics and name in loaded:
+                metrics["nonfinite_skips"] = float(loaded[name])
         for group in self.param_groups:
             for name, count in group["nonfinite_skips"].items():
                 # matrices re-report at their next step, on their owner

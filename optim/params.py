@@ -46,6 +46,11 @@ def split_param_groups(named_parameters: Iterable[tuple[str, Tensor]], *,
     e.g. ``adamw_name_parts=(*DEFAULT_ADAMW_NAME_PARTS, ".output.")``: name-based routing cannot
     tell it from a hidden ``attention.output.dense`` matrix of another model.
     """
+    if isinstance(adamw_name_parts, str):  # its characters would each be a fragment
+        raise ValueError(
+            f"adamw_name_parts must be a sequence of name fragments, got the string "
+            f"{adamw_name_parts!r}: write ({adamw_name_parts!r},) or "
+            f"(*DEFAULT_ADAMW_NAME_PARTS, {adamw_name_parts!r})")
     matrix: list[tuple[str, Tensor]] = []
     fallback: list[tuple[str, Tensor]] = []
     for name, p in named_parameters:

@@ -68,8 +68,10 @@ class SOAP(MatrixOptimizer):
             Emerging-Optimizers' ``SOAP``. ``correct_bias`` corrects both Adam's moments and the
             factors' EMA. ``weight_decay`` is decoupled: ``W <- W (1 - lr wd)``.
             ``fp32_matmul_prec`` ("highest", "high" = TF32, "medium" = bf16) governs the factor
-            updates and the projections, ``qr_fp32_matmul_prec`` the basis refresh; on CPU both
-            are emulated by rounding the operands (:mod:`optim._soap_math`).
+            updates and the projections, emulated on CPU by rounding the operands
+            (:mod:`optim._soap_math`). ``qr_fp32_matmul_prec`` governs the basis refresh
+            through torch's global float32 matmul mode only: TF32 on CUDA, no effect on CPU
+            (as in Emerging-Optimizers; docs/soap.md says why).
         precondition_frequency: refresh the eigenbases every this many steps (factors are
             updated every step).
         max_precond_dim: a dimension above this gets no factor (one-sided SOAP): its ``L``/``Q_L``

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from optim import SOAP, Muon, NorMuon
+from optim import SOAP, Muon, NorMuon, split_param_groups
 from optim.health import estimate_orthogonality_error, orthogonality_error
 from optim.muon import adjusted_lr
 from optim.orthogonalize import METHODS, orthogonalize, soften
@@ -151,6 +151,28 @@ def quadratic_run(opt_cls, steps=40, **kwargs):
         losses.append(loss.item())
     final = 0.5 * (W.detach() - target).square().sum().item()
     return losses[0], final, opt
+
+
+def test_a_checkpoint_from_before_the_skips_brings_back_its_counts_in_health():
+    # going back to the last good checkpoint after NaN steps: health() kept the counts of the
+    # abandoned steps, for good on an AdamW parameter (it reports only when it skips)
+    w, bias = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(4))
+    opt = Muon(split_param_groups([("w", w), ("bias", bias)]), lr=0.02)
+    for p in (w, bias):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        for p in (w, bias):
+            p.grad = torch.full_like(p, float("nan"))
+        opt.step()
+    assert opt.health()["w"]["nonfinite_skips"] == opt.health()["bias"]["nonfinite_skips"] == 2
+    opt.load_state_dict(good)
+    assert opt.health()["w"]["nonfinite_skips"] == opt.health()["bias"]["nonfinite_skips"] == 0
+    for p in (w, bias):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.health()["bias"]["nonfinite_skips"] == 0.0
 
 
 @pytest.mark.parametrize("opt_cls", [Muon, NorMuon])

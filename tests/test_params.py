@@ -121,3 +121,37 @@ def test_non_2d_param_in_matrix_group_names_it_and_the_fix(name, shape):
 def test_unknown_group_algorithm_is_rejected():
     with pytest.raises(ValueError, match="algorithm"):
         Muon([{"params": [nn.Parameter(torch.zeros(2, 2))], "algorithm": "sgd"}])
+
+
+def test_a_bare_string_of_name_parts_is_refused():
+    # iterated letter by letter, "lm_head" sent every parameter with an l, m, _, h, e, a or d
+    # in its name to AdamW, and the "Muon" run had no matrix left
+    with pytest.raises(ValueError, match=r"write \('lm_head',\)"):
+        split_param_groups(TinyLM().named_parameters(), adamw_name_parts="lm_head")
+    groups = split_param_groups(TinyLM().named_parameters(), adamw_name_parts=("lm_head",))
+    assert groups[0]["param_names"] == ["embed.weight", "hidden.weight", "mlp.weight"]
+
+
+@pytest.mark.parametrize("opt_cls, key, value", [
+    (Muon, "betas", (0.5, 0.6)), (Muon, "momentum", 0.5), (Muon, "eps", 1e-3),
+    (NorMuon, "nesterov", False),
+])
+def test_an_adamw_group_refuses_the_matrix_optimizers_keys(opt_cls, key, value):
+    # AdamW reads adamw_betas / adamw_eps: these were accepted and silently ignored
+    bias = nn.Parameter(torch.zeros(4))
+    group = {"params": [bias], "param_names": ["bias"], "algorithm": "adamw", key: value}
+    w = nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=rf"sets '{key}'.*adamw_betas=\(beta1, beta2\)"):
+        opt_cls([{"params": [w], "param_names": ["w"]}, group])
+    opt = opt_cls([{"params": [w], "param_names": ["w"]}])
+    with pytest.raises(ValueError, match=rf"sets '{key}'"):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+
+
+def test_a_meta_parameter_is_named_at_step():
+    w = nn.Parameter(torch.empty(4, 4, device="meta"))
+    w.grad = torch.empty(4, 4, device="meta")
+    opt = Muon([("w", w)])
+    with pytest.raises(RuntimeError, match=r"'w' is on the meta device.*to_empty"):
+        opt.step()

@@ -709,6 +709,13 @@ def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, mo
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
 
 
+def test_an_adamw_group_of_soap_refuses_betas():
+    bias = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="sets 'betas'"):
+        SOAP([{"params": [bias], "param_names": ["b"], "algorithm": "adamw",
+               "betas": (0.5, 0.6)}], lr=0.1)
+
+
 @pytest.mark.parametrize("every", [5, 10])
 def test_health_every_a_multiple_of_the_refresh_period_measures_every_refresh(every):
     # measured at N, 2N, ... while refreshing at 1, f + 1, ..., the two never met: every
