@@ -98,9 +98,11 @@ CANS_DEFAULT_LOWER_BOUND = 1e-3
 # the same 1.01 for the same reason.
 _CANS_HALF_SAFETY = 1.01
 
-# Default step counts: enough to reach each dtype's accuracy floor on the inputs of
-# bench/orthogonalize.py (Gaussian and singular values spread over [1e-3, 1]). In bfloat16 more
-# steps buy nothing once the rounding floor (~3e-3 to 7e-3) is reached.
+# Default step counts. float32: enough to reach 1e-5 on the inputs of bench/orthogonalize.py
+# (Gaussian, and singular values spread over [1e-3, 1]). bfloat16: enough to reach the rounding
+# floor (4.0-5.3e-3 at these steps, ~2-3e-3 at best) on Gaussian inputs, where more steps buy
+# nothing; on the [1e-3, 1] spread they leave the smallest directions unresolved (Polar Express
+# reads 2.8e-2 at 6 steps and reaches its floor, 2.7e-3, at 7: pass steps=7 for such inputs).
 _DEFAULT_STEPS: dict[str, dict[bool, int]] = {
     # method: {computing in bfloat16 or float16: steps, otherwise: steps}
     "quintic": {True: 5, False: 5},
@@ -190,6 +192,13 @@ def _coefficients(method: str, steps: int, quintic: Sequence[float],
             yield ("cubic", lin, cub)
 
 
+def _widen_half(X: Tensor) -> Tensor:
+    """float16 as float32, anything else as it is: float16's largest value is 65504, so the
+    Frobenius norm of an ordinary gradient (a 1024x1024 matrix of entries ~100) overflows it,
+    and entries below ~6e-8 vanish. bfloat16 has float32's range and stays (Muon's bits)."""
+    return X.float() if X.dtype == torch.float16 else X
+
+
 def _frobenius(X: Tensor) -> Tensor:
     """2-D: exactly torch.optim.Muon's ``X.norm()``; batched: one norm per matrix. A norm that
     overflows the dtype (finite entries beyond ~1e19 in float32 or bfloat16) reads NaN, not Inf:
@@ -257,7 +266,7 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
                       lower_bound).reshape(X.shape)
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = X.to(compute)
+    Y = _to_compute(X, compute, eps)
     # a fresh copy may be normalized in place, unless autograd needs it for the norm's gradient
     private = Y is not X and not (Y.requires_grad and torch.is_grad_enabled())
     Y = Y.mT if transpose else Y
@@ -268,26 +277,40 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
     return (Y.mT if transpose else Y).to(X.dtype)
 
 
+def _to_compute(X: Tensor, compute: torch.dtype, eps: float) -> Tensor:
+    """X in the compute dtype. Into float16, scaled to unit Frobenius norm in float32 first
+    (the iteration normalizes anyway): cast as it is, entries beyond 65504 became Inf and
+    entries below ~6e-8 zero. Every other dtype is cast unscaled (Muon's bits)."""
+    if compute != torch.float16:
+        return X.to(compute)
+    wide = X.to(torch.promote_types(X.dtype, torch.float32))
+    return (wide / _frobenius(wide).clamp(min=eps)).to(compute)
+
+
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
     """Exact polar factor ``U V^T`` by LAPACK, the reference for the iterations.
 
     LAPACK runs in float64 (at least): float32 and narrower inputs are exact there, and the
     factor is then accurate for every singular value the stored data resolves. Zero singular
     values have no polar direction and map to 0 (a zero matrix returns zeros, as every odd
-    polynomial does). "Zero" is the float64 numerical-rank tolerance
-    ``sigma_max * max(m, n) * eps(float64)`` (~2e-13 relative for 1024 rows): float64 rounding
-    leaves an exact zero singular value below it, while float32 data cannot hold a singular
-    value that small relative to sigma_max other than as rounding of its own entries
-    (~6e-8 relative), so nothing the data resolves is dropped. The old float32 tolerance
-    (``max(m, n) * eps(float32)``, 1.2e-4 for 1024 rows) dropped a third of the directions of
-    a matrix with singular values spread over [1e-6, 1].
+    polynomial does). "Zero" is the larger of the float64 numerical-rank tolerance
+    ``sigma_max * max(m, n) * eps(float64)`` (~2e-13 relative for 1024 rows: float64 rounding
+    leaves an exact zero singular value below it) and the rounding of the data itself,
+    ``eps(X's dtype) * ||X||_F``: storing X in its dtype perturbs it by a matrix of at most
+    that norm, so a singular value below it is rounding, not data. A rank-4 float32 gradient
+    has its other singular values at ~1e-8 relative; kept, they became hundreds of unit
+    directions of noise. The bound stays below every singular value float32 data resolves:
+    singular values spread over [1e-6, 1] all stay (a float32 tolerance of
+    ``max(m, n) * eps(float32)``, 1.2e-4 for 1024 rows, dropped a third of them).
     """
     if X.numel() == 0:  # no singular values to take the largest of
         return torch.zeros(X.shape, dtype=compute, device=X.device)
     work = torch.promote_types(compute, torch.float64)
     U, S, Vh = torch.linalg.svd(X.to(work), full_matrices=False)
-    tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
-    keep = (S > tol).to(work)
+    rank_tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
+    # ||X||_F from the singular values: sqrt(sum S^2)
+    data_tol = torch.linalg.vector_norm(S, dim=-1, keepdim=True) * torch.finfo(X.dtype).eps
+    keep = (S > torch.maximum(rank_tol, data_tol)).to(work)
     return ((U * keep.unsqueeze(-2)) @ Vh).to(compute)
 
 
@@ -306,7 +329,7 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
         return
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = X.to(compute)
+    Y = _to_compute(X, compute, eps)
     Y = Y.mT if transpose else Y
     for Z in _iterate(Y, method, n_steps, eps, coefficients, lower_bound):
         yield (Z.mT if transpose else Z).to(X.dtype)
@@ -357,5 +380,6 @@ def soften(O: Tensor, X: Tensor, softening: float, *, eps: float = 1e-7) -> Tens
     """
     if softening == 0.0:
         return O
+    X = _widen_half(X)
     direction = X / _frobenius(X).clamp(min=eps)
     return torch.lerp(O, direction.to(O.dtype), float(softening))
