@@ -220,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the trainers and the sidecar are stopped by now
+        print("\northoshard demo: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)
 
