@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -489,8 +490,21 @@ class MatrixOptimizer(Optimizer):
         try:
             for js in batches.values():
                 batch_items = [items[j] for j in js]
-                stacked = self._compute(batch_items,
-                                        self._stack(batch_items, [full_inputs[j] for j in js]))
+                try:
+                    stacked = self._compute(
+                        batch_items, self._stack(batch_items, [full_inputs[j] for j in js]))
+                except torch.linalg.LinAlgError as exc:
+                    # A decomposition that did not converge (SOAP's eigh even in float64, an
+                    # SVD): skipped and counted like a non-finite update, with a warning. Raised
+                    # here, on the owner, it would leave every other rank waiting in the
+                    # exchange; _compute commits no state before its batch is done.
+                    warnings.warn(f"{type(self).__name__}: the update of "
+                                  f"{', '.join(item.name for item in batch_items)} failed "
+                                  f"({exc}); skipped this step", RuntimeWarning, stacklevel=2)
+                    for j in js:
+                        self._skip(items[j])
+                        results[j] = torch.full_like(full_inputs[j], float("nan"))
+                    continue
                 for j, o in zip(js, stacked.unbind(0), strict=True):
                     results[j] = o
         finally:

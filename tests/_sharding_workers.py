@@ -345,3 +345,59 @@ def empty_owner_worker(rank: int, world: int, out: str) -> None:
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"ranks": gathered, "params": params}, out)
+
+
+FAILING_EIGH_SIDE = 24  # an eigendecomposition of this size raises, as a non-converging one does
+FAILING_SHAPES = ((24, 16), (8, 8))
+
+
+def failing_eigh() -> Callable[..., Any]:
+    """``torch.linalg.eigh`` that raises for a ``FAILING_EIGH_SIDE`` factor (float64 retry too)."""
+    real = torch.linalg.eigh
+
+    def eigh(a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if a.size(-1) == FAILING_EIGH_SIDE:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real(a, *args, **kwargs)
+
+    return eigh
+
+
+def failing_model() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    return nn.ParameterList(nn.Parameter(torch.randn(*s, generator=g)) for s in FAILING_SHAPES)
+
+
+def failing_run(model: nn.Module, optimizer: Any, steps: int = 2) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        for p in model.parameters():
+            grad = torch.randn(*p.shape, generator=g)
+            p.grad = (distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None)
+                      if isinstance(p, DTensor) else grad)
+        optimizer.step()
+
+
+def failing_owner_worker(rank: int, world: int, out: str) -> None:
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    from optim.soap import SOAP
+    from sharding import OwnerSharding
+
+    torch.linalg.eigh = failing_eigh()  # this spawned process only
+    model = failing_model()
+    fully_shard(model)
+    optimizer = SOAP(list(model.named_parameters()), lr=3e-3, use_eigh=True,
+                     sharding=OwnerSharding())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        failing_run(model, optimizer)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, optimizer.health())
+    params = {n: p.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"health": gathered, "params": params}, out)

@@ -214,6 +214,24 @@ def test_a_skip_only_the_owner_sees_is_counted_when_it_holds_no_rows(tmp_path):
     _assert_params_close(result["params"], {k: p.detach() for k, p in named}, "empty owner")
 
 
+def test_a_decomposition_that_fails_on_its_owner_skips_the_matrix_on_every_rank(tmp_path,
+                                                                               monkeypatch):
+    # raised on the owner, the error ended that rank while the other waited in the exchange
+    # until a launcher killed it; now every rank skips that matrix, as one process does
+    monkeypatch.setattr(torch.linalg, "eigh", w.failing_eigh())
+    reference = w.failing_model()
+    named = [(str(i), p) for i, p in enumerate(reference)]
+    from optim.soap import SOAP
+
+    with pytest.warns(RuntimeWarning, match="update of 0 failed"):
+        w.failing_run(reference, SOAP(named, lr=3e-3, use_eigh=True))
+    run_ranks(w.failing_owner_worker, 2, tmp_path, str(tmp_path / "out.pt"))
+    result = torch.load(tmp_path / "out.pt")
+    health = {k: v for report in result["health"] for k, v in report.items()}
+    assert health["0"]["nonfinite_skips"] == 2.0 and health["1"]["nonfinite_skips"] == 0.0
+    _assert_params_close(result["params"], {k: p.detach() for k, p in named}, "failing eigh")
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_a_group_added_during_training_keeps_the_other_matrices_state(tmp_path, world):
     # SOAP's factors and NorMuon's second moments live on owners only: had the joiners moved

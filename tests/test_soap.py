@@ -857,3 +857,26 @@ def test_health_of_a_multi_shape_step_equals_each_matrix_measured_alone(cfg):
             # every reduction is row-wise or per matrix: the same numbers, batched or not
             assert health[f"w{i}"] == pytest.approx(opt.health()[f"w{i}"], rel=SAME_FLOAT64_RTOL,
                                                     abs=SAME_FLOAT64_ATOL)
+
+
+def test_an_eigendecomposition_that_fails_skips_that_matrix_with_a_warning(monkeypatch):
+    # raised on an owner, the error left every other rank waiting in the exchange; now the
+    # matrix is skipped and counted like a non-finite update, and the others train
+    real = torch.linalg.eigh
+
+    def eigh(a, *args, **kwargs):
+        if a.size(-1) == 24:  # the (24, 16) matrix's L, in float32 and in the float64 retry
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    a, b = torch.nn.Parameter(torch.zeros(24, 16)), torch.nn.Parameter(torch.zeros(8, 8))
+    opt = SOAP([("a", a), ("b", b)], lr=0.01, use_eigh=True)
+    grads = _spiky_grads(1)[0], _spiky_grads(1, shape=(8, 8))[0]
+    a.grad, b.grad = grads
+    with pytest.warns(RuntimeWarning, match="update of a failed.*converge"):
+        opt.step()
+    assert torch.equal(a, torch.zeros(24, 16)) and not torch.equal(b, torch.zeros(8, 8))
+    health = opt.health()
+    assert health["a"]["nonfinite_skips"] == 1.0 and health["b"]["nonfinite_skips"] == 0.0
+    assert int(opt.state[a]["step"]) == 0  # its state was left as it was
