@@ -129,6 +129,12 @@ def check_rates(**rates: Any) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``steps=True`` would silently mean 1): Python's int and
+    NumPy's integer scalars."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def is_real(value: Any) -> bool:
     """A real number that is not a bool: Python's int and float, and NumPy's scalars (an LR
     scheduler may write ``np.float32`` into a group)."""

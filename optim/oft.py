@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optim._base import is_real
+from optim._base import is_int, is_real
 from optim.health import orthogonality_error
-from optim.orthogonal import METHODS, _is_int, clip_spectral_norm, rotation, skew_from_vector
+from optim.orthogonal import METHODS, clip_spectral_norm, rotation, skew_from_vector
 
 __all__ = ["OFTConfig", "OFTLinear"]
 
@@ -44,16 +44,16 @@ class OFTConfig:
     steps: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.block_size) or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not is_real(self.max_norm) or not (self.max_norm == -1 or self.max_norm > 0):
             raise ValueError(f"max_norm must be a real number > 0, math.inf or -1 (auto), got "
                              f"{self.max_norm!r}")
-        if not _is_int(self.terms) or self.terms < 1:
+        if not is_int(self.terms) or self.terms < 1:
             raise ValueError(f"terms must be an int >= 1, got {self.terms!r}")
-        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+        if self.steps is not None and (not is_int(self.steps) or self.steps < 1):
             raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
 
 

@@ -29,13 +29,12 @@ products a call really did (a linear solve is recorded as one).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from optim import _matmul
-from optim._base import is_real
+from optim._base import is_int, is_real
 
 __all__ = [
     "AUTO_MAX_NORM",
@@ -109,11 +108,6 @@ def _check_square(Q: Tensor, name: str) -> None:
         raise ValueError(f"{name} needs a real floating-point tensor, got {Q.dtype}")
 
 
-def _is_int(value: object) -> bool:
-    """An integer that is not a bool (``steps=True`` would silently mean 1); NumPy's count."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _as_batch(Q: Tensor) -> Tensor:
     """2-D stays 2-D (torch.addmm); more leading dims fold into one (torch.baddbmm is 3-D).
     ``flatten``, not ``reshape(-1, b, b)``: -1 is ambiguous for a tensor of 0 x 0 blocks."""
@@ -141,7 +135,7 @@ def skew_from_vector(v: Tensor, b: int) -> Tensor:
     transposed position, so an unconstrained parameter vector always gives a skew ``Q``
     (differentiable; half the parameters of a full block). Inverse: :func:`vector_from_skew`.
     """
-    if not _is_int(b) or b < 1:
+    if not is_int(b) or b < 1:
         raise ValueError(f"block size b must be a positive int, got {b!r}")
     b = int(b)
     if v.ndim < 1 or v.size(-1) != b * (b - 1) // 2:
@@ -191,7 +185,7 @@ def cayley_neumann(Q: Tensor, terms: int = 5) -> Tensor:
         terms: number of terms, >= 1 (1 gives I, 2 gives I + Q).
     """
     _check_square(Q, "cayley_neumann")
-    if not _is_int(terms) or terms < 1:
+    if not is_int(terms) or terms < 1:
         raise ValueError(f"terms must be an int >= 1, got {terms!r}")
     X = _as_batch(Q)
     eye = _eye_like(X)
@@ -244,7 +238,7 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     _check_square(Q, "cans_cayley")
     if steps is None:
         steps = CANS_CAYLEY_DEFAULT_STEPS.get(Q.dtype, CANS_CAYLEY_DEFAULT_STEPS[torch.float64])
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
     X = _as_batch(Q.float() if Q.dtype == torch.float16 else Q)
     M = _matmul.addmm(_eye_like(X) + 2.0 * X, X, X)  # (I + Q)^2 = I + 2Q + Q^2

@@ -36,12 +36,16 @@ def _mesh(sharding: OwnerSharding, device: torch.device) -> DeviceMesh:
     return DeviceMesh.from_group(group, device_type=device.type)
 
 
+def _params_by_state_index(optimizer: Any) -> list[torch.Tensor]:
+    """The optimizer's parameters in the order of ``state_dict()["state"]``'s indices."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def _owners_by_state_index(sharding: OwnerSharding) -> dict[int, int]:
     """``{index in state_dict()["state"]: owner rank}`` for every matrix parameter."""
-    optimizer = sharding._optimizer
     plan, index = sharding.global_plan()
-    flat = [p for group in optimizer.param_groups for p in group["params"]]
-    return {k: plan.owners[index[id(p)]] for k, p in enumerate(flat) if id(p) in index}
+    return {k: plan.owners[index[id(p)]]
+            for k, p in enumerate(_params_by_state_index(sharding._optimizer)) if id(p) in index}
 
 
 def _global_skip_counts(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
@@ -66,7 +70,7 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     if not keys:
         return state_dict
     owners = _owners_by_state_index(sharding)
-    flat = [p for group in sharding._optimizer.param_groups for p in group["params"]]
+    flat = _params_by_state_index(sharding._optimizer)
     # the device TYPE only: a placeholder goes on this rank's own device of that type (the
     # owner's "cuda:1" is another rank's GPU); CPU state (SOAP's step counter) stays on CPU
     mine = {k: {name: (tuple(v.shape), v.dtype, v.device.type)
