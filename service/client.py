@@ -42,9 +42,8 @@ from typing import Any
 
 import httpx
 
-from service.schema import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN
+from service.schema import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN, SCHEMA_VERSION
 
-SCHEMA_VERSION = 1
 DEFAULT_URL = "http://127.0.0.1:9400"
 _log = logging.getLogger("orthoshard.publisher")
 
