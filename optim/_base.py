@@ -675,13 +675,22 @@ class MatrixOptimizer(Optimizer):
         return {}
 
     def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
-        """What makes ``state_dict`` unfit for this optimizer, or None. Counts of groups and
-        parameters are left to torch, which checks them before changing anything."""
+        """What makes ``state_dict`` unfit for this optimizer, or None; torch's own checks
+        (counts of groups and of their parameters) included, so that :meth:`check_state_dict`
+        answers for all of :meth:`load_state_dict`."""
         saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict) or \
-                len(saved_groups) != len(self.param_groups):
-            return None
+                not all(isinstance(g, dict) for g in saved_groups):
+            return "it is not an optimizer state dict ({'state': {...}, 'param_groups': [...]})"
+        if len(saved_groups) != len(self.param_groups):
+            return (f"it has {len(saved_groups)} param groups and this optimizer "
+                    f"{len(self.param_groups)}: it comes from another split of the parameters")
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            indices = saved.get("params", [])
+            if len(indices) != len(group["params"]):
+                return (f"param group {gi} was saved with {len(indices)} parameters and has "
+                        f"{len(group['params'])} here: it comes from another model or another "
+                        f"split of the parameters")
             algorithm = saved.get("algorithm", group["algorithm"])
             if algorithm != group["algorithm"]:
                 return (f"param group {gi} was saved for {algorithm!r} and is "
@@ -694,9 +703,6 @@ class MatrixOptimizer(Optimizer):
             except (ValueError, KeyError, TypeError) as exc:
                 return f"{exc}" if isinstance(exc, ValueError) else \
                     f"param group {gi} lacks or mistypes {exc}"
-            indices = saved.get("params", [])
-            if len(indices) != len(group["params"]):
-                return None
             for name, p, index in zip(group["param_names"], group["params"], indices,
                                       strict=True):
                 shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
@@ -754,9 +760,7 @@ class MatrixOptimizer(Optimizer):
                 sees the same, so every rank raises together.
         """
         state_dict = self._completed(state_dict)
-        problem = self._state_dict_problem(state_dict)
-        if problem is not None:
-            raise ValueError(f"cannot load this state dict: {problem}")
+        self._refuse_unfit(state_dict)
         state_dict = self._exchange.import_state(state_dict)
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         saved = self._saved_matrix_state(state_dict)
@@ -781,6 +785,17 @@ class MatrixOptimizer(Optimizer):
                 if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
                     self._record(name, {"nonfinite_skips": float(count)})
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise the ValueError :meth:`load_state_dict` would raise for ``state_dict``, changing
+        nothing (not a collective). For loaders that write tensors in place before the optimizer
+        sees them, as :func:`sharding.checkpoint.load` does: they check first."""
+        self._refuse_unfit(self._completed(state_dict))
+
+    def _refuse_unfit(self, state_dict: dict[str, Any]) -> None:
+        problem = self._state_dict_problem(state_dict)
+        if problem is not None:
+            raise ValueError(f"cannot load this state dict: {problem}")
+
     def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` (a shallow copy) whose groups have every key of the groups they
         replace: a missing one takes the live group's value (the step counter: 0), and so does
@@ -788,7 +803,7 @@ class MatrixOptimizer(Optimizer):
         which is not data: the live group's schedule or number stands."""
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            return state_dict  # torch names the mismatch
+            return state_dict  # _state_dict_problem names the mismatch
         groups = []
         for live, saved in zip(self.param_groups, saved_groups, strict=True):
             if not isinstance(saved, dict):

@@ -14,6 +14,7 @@ it was saved under. Both are collectives: call them on every rank, as DCP does.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -149,18 +150,8 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
         raise
 
 
-def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load what :func:`save` wrote, at any world size (collective on every rank).
-
-    ``extra`` is a template of additional entries (filled in place and returned).
-
-    Raises:
-        ValueError: on every rank, when the checkpoint lacks state this optimizer needs (it was
-            saved by another optimizer class, or for other parameters); nothing is loaded.
-    """
-    optimizer.init_state()
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
+def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> None:
+    """``dcp.load`` in place; a checkpoint without state this optimizer needs raises ValueError."""
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except CheckpointException as exc:
@@ -175,6 +166,39 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
                 f"Load it with the optimizer that saved it, or load the model alone "
                 f"(torch.distributed.checkpoint) and start this optimizer afresh.") from None
         raise
+
+
+def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load what :func:`save` wrote, at any world size (collective on every rank).
+
+    ``extra`` is a template of additional entries (filled in place and returned).
+
+    DCP writes into the model's and the optimizer's own tensors (their state dicts share them),
+    so the checkpoint's param groups are read and checked first
+    (``optimizer.check_state_dict``): a refused checkpoint leaves model and optimizer as they
+    were. Shapes need no such step: DCP refuses a size mismatch while planning, before it reads.
+
+    Raises:
+        ValueError: on every rank, when the checkpoint lacks state this optimizer needs (it was
+            saved by another optimizer class, or for other parameters), or its param groups
+            do not fit this optimizer's (another algorithm, hyperparameters it cannot use,
+            another split of the parameters); nothing is loaded.
+    """
+    optimizer.init_state()
+    optim_state = optimizer.state_dict()
+    # the groups alone first: a few small objects, and a collective plan every rank shares,
+    # so every rank refuses together; their template is a copy, the live groups stay
+    groups = {"optim": {"param_groups": copy.deepcopy(optim_state["param_groups"])}}
+    _dcp_load(groups, directory, optimizer)
+    try:
+        optimizer.check_state_dict({"state": optim_state["state"],
+                                    "param_groups": groups["optim"]["param_groups"]})
+    except ValueError as exc:
+        raise ValueError(f"{directory} cannot be loaded into this "
+                         f"{type(optimizer).__name__} (nothing was loaded): {exc}") from None
+    state = {"model": model.state_dict(), "optim": optim_state, **(extra or {})}
+    _dcp_load(state, directory, optimizer)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     return {k: v for k, v in state.items() if k not in ("model", "optim")}

@@ -210,9 +210,30 @@ def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     other, other_opt = build("muon", fsdp=True, sharding=OwnerSharding())
     wrongs = _every_rank_says(world, ValueError,
                               lambda: checkpoint.load(directory, other, other_opt))
+    # a NorMuon checkpoint holds every tensor a Muon asks for (and more): DCP alone would load
+    # them into the Muon's model and state before its groups ("normuon") were refused
+    normuon, normuon_opt = build("normuon", fsdp=True, sharding=OwnerSharding())
+    inject(normuon, 0)
+    normuon_opt.step()
+    checkpoint.save(f"{directory}-normuon", normuon, normuon_opt)
+    inject(other, 2)
+    other_opt.step()
+    before = (full_params(other), _full_state(other_opt))
+    groups = _every_rank_says(world, ValueError,
+                              lambda: checkpoint.load(f"{directory}-normuon", other, other_opt))
+    after = (full_params(other), _full_state(other_opt))
     if rank == 0:
-        torch.save({"outcomes": outcomes, "first": first, "loaded": loaded, "wrong": wrongs},
-                   Path(out))
+        torch.save({"outcomes": outcomes, "first": first, "loaded": loaded, "wrong": wrongs,
+                    "groups": groups, "before": before, "after": after}, Path(out))
+
+
+def _full_state(opt: Any) -> dict[tuple[int, str], torch.Tensor]:
+    """Every state tensor of ``opt.state_dict()`` in full (a collective under OwnerSharding)."""
+    from torch.distributed.tensor import DTensor
+
+    return {(k, key): (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, entry in opt.state_dict()["state"].items() for key, v in entry.items()
+            if isinstance(v, torch.Tensor)}
 
 
 class A2ACounter:

@@ -793,6 +793,8 @@ def test_a_state_dict_that_does_not_fit_is_refused_before_anything_changes(case)
     _, source = _stepped(saver, saved_shape)
     p, opt = _stepped(loader, shape)
     groups, state = copy.deepcopy(opt.param_groups), copy.deepcopy(opt.state[p])
+    with pytest.raises(ValueError, match=message):  # what a loader asks before it writes
+        opt.check_state_dict(source.state_dict())
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(source.state_dict())
     assert opt.param_groups[0].keys() == groups[0].keys()
@@ -827,6 +829,23 @@ def test_a_state_dict_with_an_unusable_hyperparameter_is_refused_before_anything
     assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
     p.grad = torch.ones(4, 8)
     opt.step()  # still usable
+
+
+def test_another_split_of_the_parameters_is_named_by_check_state_dict_and_load():
+    # torch's load_state_dict counted groups and parameters itself, but only after a loader
+    # that writes in place (sharding.checkpoint.load) had asked check_state_dict, which let
+    # these through
+    w, v = (nn.Parameter(torch.randn(4, 8)) for _ in range(2))
+    one = Muon([("w", w), ("v", v)])
+    two = Muon([{"params": [("w", w)]}, {"params": [("v", v)], "lr": 0.01}])
+    alone = Muon([("w", w)])
+    cases = [(two, one.state_dict(), "it has 1 param groups and this optimizer 2"),
+             (one, alone.state_dict(), "param group 0 was saved with 1 parameters and has 2"),
+             (one, {"state": {}}, "it is not an optimizer state dict")]
+    for opt, saved, message in cases:
+        for action in (opt.check_state_dict, opt.load_state_dict):
+            with pytest.raises(ValueError, match=message):
+                action(copy.deepcopy(saved))
 
 
 def test_state_another_optimizer_keeps_is_refused_by_key():

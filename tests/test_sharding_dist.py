@@ -274,6 +274,15 @@ def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     # a checkpoint of another optimizer: DCP's "Missing key" alone did not say so
     assert all(o.startswith("ValueError") and "this Muon's state" in o
                and "saved by another optimizer" in o for o in result["wrong"]), result["wrong"]
+    # one whose tensors fit but whose groups do not: refused on every rank before DCP wrote
+    # anything into the Muon's parameters or state
+    assert all(o.startswith("ValueError") and "nothing was loaded" in o
+               and "saved for 'normuon'" in o for o in result["groups"]), result["groups"]
+    for before, after, what in zip(result["before"], result["after"], ("params", "state"),
+                                   strict=True):
+        assert before.keys() == after.keys() and before, what
+        for key in before:
+            assert torch.equal(before[key], after[key]), (what, key)
 
 
 def test_a_checkpoint_taken_before_the_first_step_loads_and_continues_exactly(tmp_path):
