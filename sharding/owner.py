@@ -84,6 +84,7 @@ class OwnerSharding:
         self._plan: Plan | None = None
         self._plan_key: tuple | None = None
         self._index: dict[int, int] = {}
+        self._meshes_checked: dict[int, Any] = {}
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def bind(self, optimizer: Any) -> None:
@@ -154,7 +155,25 @@ class OwnerSharding:
             raise ValueError(
                 f"parameter mesh has {param.device_mesh.size()} ranks but the OwnerSharding group "
                 f"has {self.world_size}; pass the FSDP mesh's group as OwnerSharding(group=...)")
+        self._check_mesh_ranks(param.device_mesh)
         return True
+
+    def _check_mesh_ranks(self, mesh: Any) -> None:
+        """Shard ``i`` of a parameter must live on group rank ``i``: the exchange assembles a
+        matrix from its shards in group rank order. A mesh of the right size over other ranks
+        (another group of a 2-D layout) or in another order would assemble another matrix."""
+        if id(mesh) in self._meshes_checked:
+            return
+        mesh_ranks = mesh.mesh.flatten().tolist()
+        group = self.group if self.group is not None else dist.group.WORLD
+        group_ranks = dist.get_process_group_ranks(group)
+        if mesh_ranks != group_ranks:
+            raise ValueError(
+                f"parameter mesh holds global ranks {mesh_ranks} but the OwnerSharding group "
+                f"holds {group_ranks} in that order: shard i must live on group rank i. Pass "
+                f"the FSDP mesh's group as OwnerSharding(group=mesh.get_group()), and build "
+                f"the mesh with its ranks in ascending order (init_device_mesh does).")
+        self._meshes_checked[id(mesh)] = mesh  # kept alive, so its id is not reused
 
     def _check_local_rows(self, items: Sequence[MatrixItem], plan: Plan) -> None:
         for i, item in enumerate(items):

@@ -422,3 +422,52 @@ def failing_owner_worker(rank: int, world: int, out: str) -> None:
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"health": gathered, "params": params}, out)
+
+
+MESH_SHAPE = (8, 6)  # rows divide by 2 and 4: only the ranks check can tell a wrong mesh
+
+
+def mesh_run(mesh: Any, sharding: Any) -> dict[str, torch.Tensor]:
+    """Two Muon steps on one ``MESH_SHAPE`` matrix sharded over ``mesh`` (or not: None)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(MESH_SHAPE[1], MESH_SHAPE[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(*MESH_SHAPE, generator=g))
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(lin, mesh=mesh)
+    opt = Muon([("w", lin.weight)], lr=0.05, sharding=sharding)
+    for _ in range(2):
+        # the same gradient on every rank: src_data_rank=None keeps each rank's own chunk
+        grad = torch.randn(*MESH_SHAPE, generator=g)
+        lin.weight.grad = grad if mesh is None else distribute_tensor(
+            grad, mesh, lin.weight.placements, src_data_rank=None)
+        opt.step()
+    return full_params(lin)
+
+
+def mesh_checks_worker(rank: int, world: int, out: str) -> None:
+    """At W = 4, FSDP over 2-rank meshes with OwnerSharding over the right and wrong groups;
+    rank 0 saves what every rank saw and the right group's parameters."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    from sharding import OwnerSharding
+
+    two_d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replica", "shard"))
+    shard, replica = two_d["shard"], two_d["replica"]
+    reversed_mesh = DeviceMesh("cpu", torch.arange(world).flip(0))
+    cases = {
+        # the mesh's ranks, in another order than the group's
+        "reversed": lambda: mesh_run(reversed_mesh, OwnerSharding()),
+        # right size, other ranks: rank 0 would assemble its row chunk with rank 2's, which
+        # is the same chunk of the other replica
+        "other ranks": lambda: mesh_run(shard, OwnerSharding(group=replica.get_group())),
+        "other size": lambda: mesh_run(shard, OwnerSharding()),
+    }
+    outcomes = {name: _every_rank_says(world, ValueError, case) for name, case in cases.items()}
+    right = mesh_run(shard, OwnerSharding(group=shard.get_group()))
+    if rank == 0:
+        torch.save({"outcomes": outcomes, "right": right}, out)

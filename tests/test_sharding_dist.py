@@ -325,3 +325,18 @@ def test_dcp_checkpoint_reshards_2_to_4_to_1_and_training_continues_exactly(tmp_
             assert finals[name]["skips"]["bias"] == 1.0, name
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_mesh_over_other_ranks_than_the_sharding_group_is_refused_on_every_rank(tmp_path):
+    # the exchange assembles a matrix from its shards in group rank order: a mesh of the right
+    # size over other ranks (the other dimension of a 2-D layout) or in another order passed
+    # the size check and assembled another matrix
+    run_ranks(w.mesh_checks_worker, 4, tmp_path, str(tmp_path / "mesh.pt"))
+    result = torch.load(tmp_path / "mesh.pt")
+    outcomes = result["outcomes"]
+    assert all(o.startswith("ValueError") and "shard i must live on group rank i" in o
+               for name in ("reversed", "other ranks") for o in outcomes[name]), outcomes
+    assert all(o.startswith("ValueError") and "mesh has 2 ranks" in o
+               for o in outcomes["other size"]), outcomes
+    # each replica's shard group, as the message says: the single-process result
+    _assert_params_close(result["right"], w.mesh_run(None, None), "shard group of each replica")
