@@ -255,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land
         served = sidecar.params()
         summary = report.write_summary(args, served, time.time() - started)
-        report.plot(args.out)
+        report.plot(args.out, args.spike_at)
         report.print_table(served, _TABLE_METRICS)
         report.print_footer(args, summary, sidecar.url)
         _linger(args.linger)

@@ -8,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_health", "plot", "print_footer", "print_table", "write_summary"]
+__all__ = ["HEALTH_PANELS", "health_panels", "load_health", "plot", "print_footer",
+           "print_table", "write_summary"]
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -56,9 +57,34 @@ def write_summary(args: argparse.Namespace, served: dict[str, Any], wall: float)
     return summary
 
 
-def plot(out: Path) -> Path:
-    """Loss, basis rotation (top-1 and top-8), eigengap, orthogonality error and basis staleness
-    over steps, one panel each; a metric the optimizer does not report says so in its panel."""
+# The health panels, in this order, each drawn when some matrix reports its metric: a Muon run
+# shows its orthogonality error and update RMS, a SOAP run its bases (SOAP has no orthogonality
+# error, Muon no basis), and any run whose updates were skipped its skip counts.
+HEALTH_PANELS: tuple[tuple[str, str], ...] = (
+    ("orthogonality error of the update", "orthogonality_error"),
+    ("update RMS", "update_rms"),
+    ("basis rotation of Q_L, top-1 (degrees)", "rotation_degrees_L_k1"),
+    ("basis rotation of Q_L, top-8 span (degrees)", "rotation_degrees_L_k8"),
+    ("eigengap ratio of L", "eigengap_ratio_L"),
+    ("basis staleness of Q_L", "basis_staleness_L"),
+    ("non-finite updates skipped (count)", "nonfinite_skips"),
+)
+
+
+def health_panels(health: dict[str, dict[str, dict[int, float]]]) -> list[tuple[str, str]]:
+    """The :data:`HEALTH_PANELS` this run's health fills; skip counts only once one is
+    non-zero (every optimizer reports them, and a flat zero says nothing)."""
+    def reported(metric: str) -> bool:
+        values = [v for series in health.values() for v in series.get(metric, {}).values()]
+        return any(v != 0 for v in values) if metric == "nonfinite_skips" else bool(values)
+
+    return [(title, metric) for title, metric in HEALTH_PANELS if reported(metric)]
+
+
+def plot(out: Path, spike_at: int | None = None) -> Path:
+    """Loss and each health metric the run reported (:func:`health_panels`) over steps, one
+    panel each, one line per matrix; ``spike_at`` (the demo's 0-based ``--spike-at``, logged
+    as step ``spike_at + 1``) marks the spike on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,30 +92,30 @@ def plot(out: Path) -> Path:
 
     losses = load_losses(out)
     health = load_health(out)
-    panels = [("loss", None),
-              ("basis rotation of Q_L, top-1 (degrees)", "rotation_degrees_L_k1"),
-              ("basis rotation of Q_L, top-8 span (degrees)", "rotation_degrees_L_k8"),
-              ("eigengap ratio of L", "eigengap_ratio_L"),
-              ("orthogonality error of the update", "orthogonality_error"),
-              ("basis staleness of Q_L", "basis_staleness_L")]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
-    for ax, (title, metric) in zip(axes.flat, panels, strict=True):
+    panels: list[tuple[str, str | None]] = [("loss", None), *health_panels(health)]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.3 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, metric) in zip(axes.flat[:len(panels)], panels, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
+        if spike_at is not None:
+            ax.axvline(spike_at + 1, color="red", linestyle="--", linewidth=0.8,
+                       label="spike")
         if metric is None:
             ax.plot(sorted(losses), [losses[s] for s in sorted(losses)])
+            if not health:
+                ax.text(0.5, 0.9, "no health logged", ha="center", transform=ax.transAxes,
+                        color="gray")
             continue
-        drawn = 0
-        for name in sorted(health):
-            values = health[name].get(metric)
-            if values:
-                steps = sorted(values)
-                ax.plot(steps, [values[s] for s in steps], label=name, linewidth=0.8)
-                drawn += 1
-        if not drawn:
-            ax.text(0.5, 0.5, f"{metric}\nnot reported by this optimizer", ha="center",
-                    va="center", transform=ax.transAxes, color="gray")
-        elif drawn <= 12:
+        names = [name for name in sorted(health) if health[name].get(metric)]
+        for name in names:
+            values = health[name][metric]
+            steps = sorted(values)
+            ax.plot(steps, [values[s] for s in steps], label=name, linewidth=0.8)
+        if len(names) <= 12:
             ax.legend(fontsize=6)
     fig.tight_layout()
     path = out / "health.png"

@@ -151,3 +151,40 @@ def test_an_output_directory_it_cannot_write_is_named_before_anything_starts(tmp
     assert demo.run(_demo_args("--out", str(tmp_path), "--steps", "2")) == 2
     assert started == []
     assert f"cannot use --out {tmp_path}: Read-only file system" in capsys.readouterr().err
+
+
+def _health_log(out, params: dict[str, dict[str, float]], steps: int = 3) -> None:
+    import json
+
+    with (out / "health-rank0.jsonl").open("w") as f:
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "params": params}) + "\n")
+    (out / "loss.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in range(1, steps + 1)))
+
+
+PLOT_CASES = {
+    # a Muon run drew four empty SOAP panels ("not reported by this optimizer") beside its two
+    "muon": ({"w": {"orthogonality_error": 0.35, "update_rms": 0.2, "softening": 0.1,
+                    "nonfinite_skips": 0.0}},
+             ["orthogonality_error", "update_rms"]),
+    "soap": ({"w": {"eigengap_ratio_L": 0.5, "rotation_degrees_L_k1": 1.0,
+                    "rotation_degrees_L_k8": 2.0, "basis_staleness_L": 0.01,
+                    "eigengap_ratio_R": 0.4, "nonfinite_skips": 0.0}},
+             ["rotation_degrees_L_k1", "rotation_degrees_L_k8", "eigengap_ratio_L",
+              "basis_staleness_L"]),
+    "skips": ({"w": {"orthogonality_error": 0.35, "nonfinite_skips": 2.0}},
+              ["orthogonality_error", "nonfinite_skips"]),
+    "no health": ({}, []),
+}
+
+
+@pytest.mark.parametrize("case", PLOT_CASES)
+def test_health_png_draws_the_metrics_the_run_reported(tmp_path, case):
+    from orthoshard import report
+
+    params, metrics = PLOT_CASES[case]
+    _health_log(tmp_path, params)
+    assert [m for _, m in report.health_panels(report.load_health(tmp_path))] == metrics
+    path = report.plot(tmp_path, spike_at=1)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
