@@ -53,17 +53,19 @@ def _sharded_norms(optimizer: Any) -> dict[tuple[str, str], float]:
     """``(param name, state key) -> Frobenius norm`` of the state tensors stored as shards
     (Muon's and NorMuon's momentum under FSDP2: each rank holds its rows only), from ONE
     ``all_reduce`` of every rank's local sums of squares per device mesh, so a collective:
-    every rank must call it at the same step. Without sharded state it makes no call."""
-    entries: dict[Any, list[tuple[str, str, Tensor]]] = {}
+    every rank must call it at the same step. Without sharded state it makes no call. Under
+    HSDP the sums run over the sharded mesh dimension only (the replicas hold the same rows)."""
+    entries: dict[tuple[Any, int], list[tuple[str, str, Tensor]]] = {}
     for item in optimizer.matrix_items():
         for key, v in optimizer.state.get(item.param, {}).items():
             if _sharded(v):
                 local = torch.linalg.vector_norm(v.to_local(), dtype=torch.float64)
-                entries.setdefault(v.device_mesh, []).append((item.name, key, local))
+                dim = next(d for d, pl in enumerate(v.placements) if pl.is_shard())
+                entries.setdefault((v.device_mesh, dim), []).append((item.name, key, local))
     norms = {}
-    for mesh, rows in entries.items():
+    for (mesh, dim), rows in entries.items():
         sums = torch.stack([local.square() for _, _, local in rows])
-        dist.all_reduce(sums, group=mesh.get_group())
+        dist.all_reduce(sums, group=mesh.get_group(dim))
         norms.update({(name, key): math.sqrt(total)
                       for (name, key, _), total in zip(rows, sums.tolist(), strict=True)})
     return norms

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from optim._base import MatrixItem, local
 from sharding import checkpoint
@@ -84,7 +84,7 @@ class OwnerSharding:
         self._plan: Plan | None = None
         self._plan_key: tuple | None = None
         self._index: dict[int, int] = {}
-        self._meshes_checked: dict[int, Any] = {}
+        self._meshes_checked: dict[tuple[int, int], Any] = {}
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def bind(self, optimizer: Any) -> None:
@@ -144,36 +144,50 @@ class OwnerSharding:
         return self.plan_for(items).owned_by(self.rank)
 
     def _is_sharded(self, param: Tensor) -> bool:
+        """Whether ``param`` is row-sharded over this group (False: replicated, a plain
+        tensor). A DTensor must be ``Shard(0)`` over one mesh dimension (FSDP2's ``fully_shard``)
+        and ``Replicate()`` over any others (HSDP's replica dimension: every replica holds the
+        same shards and gradients, so each runs the same exchange within its shard group)."""
         if not isinstance(param, DTensor):
             return False
-        if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        placements = tuple(param.placements)
+        shard_dims = [d for d, pl in enumerate(placements) if pl == Shard(0)]
+        if len(shard_dims) != 1 or not all(isinstance(pl, Replicate) for d, pl in
+                                           enumerate(placements) if d != shard_dims[0]):
             raise ValueError(
-                f"OwnerSharding supports DTensor parameters on a 1-D mesh with Shard(0) "
-                f"placement (FSDP2 fully_shard), got mesh {param.device_mesh} and placements "
-                f"{param.placements}")
-        if param.device_mesh.size() != self.world_size:
+                f"OwnerSharding supports DTensor parameters sharded Shard(0) over one mesh "
+                f"dimension (FSDP2 fully_shard) and replicated over any others (HSDP), got "
+                f"mesh {param.device_mesh} and placements {param.placements}")
+        mesh, dim = param.device_mesh, shard_dims[0]
+        if mesh.size(dim) != self.world_size:
             raise ValueError(
-                f"parameter mesh has {param.device_mesh.size()} ranks but the OwnerSharding group "
-                f"has {self.world_size}; pass the FSDP mesh's group as OwnerSharding(group=...)")
-        self._check_mesh_ranks(param.device_mesh)
+                f"parameter mesh has {mesh.size(dim)} ranks along its Shard(0) dimension but the "
+                f"OwnerSharding group has {self.world_size}; pass the FSDP shard group as "
+                f"OwnerSharding(group=mesh.get_group(<shard dimension>))")
+        self._check_mesh_ranks(mesh, dim)
         return True
 
-    def _check_mesh_ranks(self, mesh: Any) -> None:
+    def _check_mesh_ranks(self, mesh: Any, dim: int) -> None:
         """Shard ``i`` of a parameter must live on group rank ``i``: the exchange assembles a
         matrix from its shards in group rank order. A mesh of the right size over other ranks
         (another group of a 2-D layout) or in another order would assemble another matrix."""
-        if id(mesh) in self._meshes_checked:
+        if (id(mesh), dim) in self._meshes_checked:
             return
-        mesh_ranks = mesh.mesh.flatten().tolist()
+        # the ranks along the Shard(0) dimension through this rank
+        coordinate = mesh.get_coordinate()
+        assert coordinate is not None  # a parameter on this rank: the rank is in its mesh
+        index = tuple(slice(None) if d == dim else c for d, c in enumerate(coordinate))
+        mesh_ranks = mesh.mesh[index].flatten().tolist()
         group = self.group if self.group is not None else dist.group.WORLD
         group_ranks = dist.get_process_group_ranks(group)
         if mesh_ranks != group_ranks:
             raise ValueError(
-                f"parameter mesh holds global ranks {mesh_ranks} but the OwnerSharding group "
-                f"holds {group_ranks} in that order: shard i must live on group rank i. Pass "
-                f"the FSDP mesh's group as OwnerSharding(group=mesh.get_group()), and build "
-                f"the mesh with its ranks in ascending order (init_device_mesh does).")
-        self._meshes_checked[id(mesh)] = mesh  # kept alive, so its id is not reused
+                f"parameter mesh holds global ranks {mesh_ranks} along its Shard(0) dimension "
+                f"but the OwnerSharding group holds {group_ranks} in that order: shard i must "
+                f"live on group rank i. Pass that dimension's group as "
+                f"OwnerSharding(group=mesh.get_group(<shard dimension>)), and build the mesh "
+                f"with its ranks in ascending order (init_device_mesh does).")
+        self._meshes_checked[(id(mesh), dim)] = mesh  # kept alive, so its id is not reused
 
     def _check_local_rows(self, items: Sequence[MatrixItem], plan: Plan) -> None:
         for i, item in enumerate(items):

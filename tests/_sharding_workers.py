@@ -105,14 +105,35 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
-def build(name: str, *, fsdp: bool, sharding: Any) -> tuple[nn.Module, Any]:
+def build(name: str, *, fsdp: bool, sharding: Any, mesh: Any = None) -> tuple[nn.Module, Any]:
+    """The Awkward model (``fully_shard`` over ``mesh``, default the world, when ``fsdp``) and
+    optimizer ``name`` over it."""
     base, dtype = split_name(name)
     model = Awkward().to(dtype)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
     return model, OPTIMIZERS[base](split_param_groups(model.named_parameters()), sharding)
+
+
+def hsdp_mesh(world: int) -> Any:
+    """HSDP over ``world`` ranks: 2 replicas of ``world // 2`` shards (ranks 0..world/2-1 hold
+    the first replica)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+
+
+def layout(kind: str, world: int) -> tuple[Any, Any]:
+    """``(mesh for fully_shard, OwnerSharding)`` of a layout: "fsdp" (the world, the default
+    group) or "hsdp" (:func:`hsdp_mesh`, OwnerSharding over each replica's shard group)."""
+    from sharding import OwnerSharding
+
+    if kind == "fsdp":
+        return None, OwnerSharding()
+    mesh = hsdp_mesh(world)
+    return mesh, OwnerSharding(group=mesh.get_group("shard"))
 
 
 def reference(name: str, steps: int, *, bad: str | None = None) -> dict[str, torch.Tensor]:
@@ -293,15 +314,17 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
 
 
 def dcp_worker(rank: int, world: int, names: list[str], load_dir: str | None,
-               save_dir: str | None, first: int, last: int, out: str) -> None:
+               save_dir: str | None, first: int, last: int, out: str,
+               kind: str = "fsdp") -> None:
     """Per optimizer: load ``load_dir/name`` if given, train steps [first, last) with the NaN
     scenario's gradients, save; rank 0 writes the final parameters and the skip counts that
-    the ranks' health reports (gathered)."""
-    from sharding import OwnerSharding, checkpoint
+    the ranks' health reports (gathered). ``kind``: the :func:`layout`."""
+    from sharding import checkpoint
 
     finals = {}
     for name in names:
-        model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+        mesh, sharding = layout(kind, world)
+        model, opt = build(name, fsdp=True, sharding=sharding, mesh=mesh)
         if load_dir:
             checkpoint.load(Path(load_dir) / name, model, opt)
         for step in range(first, last):
@@ -449,6 +472,20 @@ def mesh_run(mesh: Any, sharding: Any) -> dict[str, torch.Tensor]:
     return full_params(lin)
 
 
+def _column_sharded_step(world: int) -> None:
+    """A Muon step on a ``Shard(1)`` (tensor-parallel style) parameter: refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sharding import OwnerSharding
+
+    mesh = init_device_mesh("cpu", (world,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(*MESH_SHAPE), mesh, [Shard(1)]))
+    opt = Muon([("w", weight)], lr=0.05, sharding=OwnerSharding())
+    weight.grad = distribute_tensor(torch.ones(*MESH_SHAPE), mesh, [Shard(1)])
+    opt.step()
+
+
 def mesh_checks_worker(rank: int, world: int, out: str) -> None:
     """At W = 4, FSDP over 2-rank meshes with OwnerSharding over the right and wrong groups;
     rank 0 saves what every rank saw and the right group's parameters."""
@@ -466,8 +503,31 @@ def mesh_checks_worker(rank: int, world: int, out: str) -> None:
         # is the same chunk of the other replica
         "other ranks": lambda: mesh_run(shard, OwnerSharding(group=replica.get_group())),
         "other size": lambda: mesh_run(shard, OwnerSharding()),
+        "column shards": lambda: _column_sharded_step(world),
     }
     outcomes = {name: _every_rank_says(world, ValueError, case) for name, case in cases.items()}
     right = mesh_run(shard, OwnerSharding(group=shard.get_group()))
     if rank == 0:
         torch.save({"outcomes": outcomes, "right": right}, out)
+
+
+def hsdp_worker(rank: int, world: int, out: str, scenarios: list[tuple[str, str | None]]
+                ) -> None:
+    """Each scenario under HSDP (:func:`layout`); rank 0 saves the parameters, every rank's
+    health, state summary (by its rank in its shard group) and byte counts."""
+    from orthoshard.telemetry import optimizer_summary
+
+    results: dict[tuple[str, str | None], Any] = {}
+    for name, bad in scenarios:
+        mesh, sharding = layout("hsdp", world)
+        model, opt = build(name, fsdp=True, sharding=sharding, mesh=mesh)
+        for step in range(STEPS):
+            inject(model, step, bad=bad)
+            opt.step()
+        mine = {"stats": opt.comm_stats(), "health": opt.health(),
+                "summary": optimizer_summary(opt, rank=sharding.rank)["state"]}
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        results[(name, bad)] = {"params": full_params(model), "ranks": gathered}
+    if rank == 0:
+        torch.save(results, Path(out))

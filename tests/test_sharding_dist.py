@@ -338,5 +338,67 @@ def test_a_mesh_over_other_ranks_than_the_sharding_group_is_refused_on_every_ran
                for name in ("reversed", "other ranks") for o in outcomes[name]), outcomes
     assert all(o.startswith("ValueError") and "mesh has 2 ranks" in o
                for o in outcomes["other size"]), outcomes
+    assert all(o.startswith("ValueError") and "Shard(0) over one mesh dimension" in o
+               for o in outcomes["column shards"]), outcomes
     # each replica's shard group, as the message says: the single-process result
     _assert_params_close(result["right"], w.mesh_run(None, None), "shard group of each replica")
+
+
+HSDP_SCENARIOS = [("muon", None), ("normuon", None), ("soap", None), ("soap_onesided_kl", None),
+                  ("soap_every2", "nan"), ("muon", "nan")]
+
+
+def test_hsdp_steps_equal_single_process_in_each_replica(tmp_path, references):
+    # FSDP2 HSDP (2 replicas x 2 shards, placements (Replicate(), Shard(0))): OwnerSharding over
+    # each replica's shard group. Before, a 2-D mesh was refused outright.
+    run_ranks(w.hsdp_worker, 4, tmp_path, str(tmp_path / "hsdp.pt"), HSDP_SCENARIOS)
+    results = torch.load(tmp_path / "hsdp.pt")
+    for scenario in HSDP_SCENARIOS:
+        result = results[scenario]
+        _assert_params_close(result["params"], references[scenario][0], scenario, world=4)
+        ranks = result["ranks"]
+        for replica in (ranks[:2], ranks[2:]):  # mesh [[0, 1], [2, 3]]: rows are shard groups
+            merged: dict[str, dict[str, float]] = {}
+            for report in replica:
+                for name, metrics in report["health"].items():
+                    merged.setdefault(name, {}).update(metrics)
+            want = references[scenario][1]
+            assert merged.keys() == want.keys(), scenario
+            for name, metrics in want.items():
+                for metric, value in metrics.items():
+                    assert merged[name][metric] == pytest.approx(
+                        value, abs=PARITY_ATOL, nan_ok=True), (scenario, name, metric)
+            # the state summaries too: a momentum's norm sums its shards over the shard
+            # dimension only (mesh.get_group() raised on the 2-D mesh)
+            summaries = {n: s for report in replica for n, s in report["summary"].items()}
+            assert summaries.keys() == references[scenario][2].keys(), scenario
+            for name, summary in references[scenario][2].items():
+                for key, value in summary["buffer_norms"].items():
+                    assert summaries[name]["buffer_norms"][key] == pytest.approx(
+                        value, abs=PARITY_ATOL), (scenario, name, key)
+        # the replicas run the same exchange, each within its shard group
+        for r in range(2):
+            assert ranks[r]["stats"] == ranks[r + 2]["stats"], scenario
+            assert ranks[r]["stats"]["bytes_sent"] > 0
+
+
+def test_a_checkpoint_moves_between_hsdp_and_fsdp_and_training_continues_exactly(tmp_path):
+    # HSDP at W = 4 saves (owner state from each replica's owners), FSDP at W = 2 loads and
+    # saves, HSDP loads again; the NaN of step 2 falls in the FSDP phase
+    names = ["normuon", "soap", "soap_onesided_kl"]
+    phases = [("hsdp", 4, 0, 2), ("fsdp", 2, 2, 3), ("hsdp", 4, 3, 5)]
+    load_dir = None
+    for k, (kind, world, first, last) in enumerate(phases):
+        save_dir = str(tmp_path / f"ckpt{k}") if k < len(phases) - 1 else None
+        run_ranks(w.dcp_worker, world, tmp_path, names, load_dir, save_dir, first, last,
+                  str(tmp_path / "final.pt"), kind)
+        load_dir = save_dir
+    finals = torch.load(Path(tmp_path / "final.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        for name in names:
+            _assert_params_close(finals[name]["params"], w.reference(name, 5, bad="nan"), name)
+            assert finals[name]["skips"][w.NAN_PARAM] == 1.0, name
+    finally:
+        torch.set_num_threads(threads)
