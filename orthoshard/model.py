@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +70,12 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def shard_gpt(model: GPT) -> GPT:
-    """FSDP2: each block its own unit, then the root (embeddings, final norm, head)."""
+def shard_gpt(model: GPT, mesh: Any = None) -> GPT:
+    """FSDP2: each block its own unit, then the root (embeddings, final norm, head); over
+    ``mesh`` (default: all ranks; a 2-D ``("replicate", "shard")`` mesh gives HSDP)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="HSDP: this many replicas, each sharding the model over WORLD/replicas "
+                        "consecutive ranks (e.g. the nodes; 1: FSDP over all ranks)")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="sleep this long after each step (to watch a short run live)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = argument_problem(args)
     if problem is not None:
         p.error(problem)
-    for name in ("batch_size", "d_model", "layers"):
+    for name in ("batch_size", "d_model", "layers", "replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -234,17 +237,37 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
+def _hsdp_mesh(replicas: int, world: int) -> tuple[Any, Any]:
+    """``(mesh, OwnerSharding group)``: (None, None) for FSDP over every rank; for HSDP a
+    ``("replicate", "shard")`` mesh whose shard groups are consecutive ranks (a node's, when
+    ``replicas`` is the number of nodes) and its shard group, where owners exchange."""
+    if replicas == 1:
+        return None, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (replicas, world // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+    return mesh, mesh.get_group("shard")
+
+
 def _train(args: argparse.Namespace) -> int:
     from sharding import OwnerSharding
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world % args.replicas:
+        if rank == 0:  # every rank stops here, before any collective
+            print(f"orthoshard.train: --replicas {args.replicas} does not divide the "
+                  f"{world} ranks", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
-    model = shard_gpt(GPT(cfg))
+    mesh, group = _hsdp_mesh(args.replicas, world)
+    model = shard_gpt(GPT(cfg), mesh)
     device = next(model.parameters()).device  # where fully_shard put the parameters
     optimizer = build_optimizer(args.optimizer, model, steps=args.steps,
-                                kl_shampoo=args.kl_shampoo, sharding=OwnerSharding())
+                                kl_shampoo=args.kl_shampoo, sharding=OwnerSharding(group))
     data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
                       seed=args.seed)
     ckpt = Checkpoints(args.checkpoint_dir)

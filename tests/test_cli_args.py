@@ -69,6 +69,7 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv):
     (["--step-delay", "-1"], "must be >= 0"),
     (["--step-delay", "nan"], "must be >= 0 (and finite)"),
     (["--layers", "0"], "--layers must be >= 1"),
+    (["--replicas", "0"], "--replicas must be >= 1"),
 ])
 def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

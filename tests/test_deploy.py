@@ -204,6 +204,8 @@ def test_compose_config_quiet(files: list[Path]) -> None:
 @pytest.mark.tools
 @pytest.mark.timeout(60)
 def test_compose_services_ports_secrets_and_health() -> None:
+    from orthoshard.train import parse_args  # imports torch: only this test needs it
+
     cfg = compose_config(COMPOSE)
     services = cfg["services"]
     assert set(services) == {
@@ -227,6 +229,9 @@ def test_compose_services_ports_secrets_and_health() -> None:
                     f"--sidecar-url=http://sidecar-{n}:9400"):  # fmt: skip
             assert arg in cmd, f"trainer-{n} lacks {arg}"
         assert cmd[cmd.index("-m") + 1] == "orthoshard.train"
+        # the job's own parser takes what compose renders (defaults: SOAP, FSDP over all ranks)
+        train_args = parse_args(cmd[cmd.index("-m") + 2:])
+        assert (train_args.optimizer, train_args.replicas, train_args.resume) == ("soap", 1, True)
         assert trainer["depends_on"][f"sidecar-{n}"]["condition"] == "service_healthy"
     assert "--web.enable-lifecycle" in services["prometheus"]["command"]
     assert "--cluster.listen-address=" in services["alertmanager"]["command"]
