@@ -134,13 +134,18 @@ def assert_problem(response: Any, status: int) -> dict[str, Any]:
 def test_healthz_is_open_and_ok(client: TestClient) -> None:
     r = client.get("/healthz", headers={"Authorization": ""})
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+    # HEAD as GET, without a body (it was a 405)
+    r = client.head("/healthz", headers={"Authorization": ""})
+    assert r.status_code == 200 and r.content == b""
 
 
 def test_readyz_is_503_until_the_first_snapshot(client: TestClient) -> None:
     body = assert_problem(client.get("/readyz"), 503)
     assert body["type"].endswith("not-ready")
+    assert client.head("/readyz").status_code == 503
     assert post(client, snapshot()).status_code == 201
     assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.head("/readyz").status_code == 200
 
 
 def test_metrics_is_served_directly_without_auth_or_redirect(client: TestClient) -> None:

@@ -11,12 +11,17 @@ from service.problems import ProblemError, problem_responses
 router = APIRouter(tags=["probes"])
 
 
+# Probes answer HEAD as GET (without the body): some load balancers and uptime checks send it.
+# A route of its own, out of the OpenAPI document (one route for both gave duplicate operation
+# ids there).
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", summary="Liveness: the process answers")
 def healthz() -> dict[str, str]:
     """Always 200 while the process serves requests."""
     return {"status": "ok"}
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz", summary="Readiness: a snapshot has been accepted", responses=problem_responses(503)
 )
