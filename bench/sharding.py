@@ -29,6 +29,11 @@ three optimizers are interleaved step by step so machine noise hits them alike. 
 shared (2 cores here): W=4 runs 4 single-thread ranks on 2 cores, so only ratios measured in one
 run mean anything.
 
+Memory, per rank, max over ranks: the optimizer's state (local shards of DTensor state; the
+naive SOAP's full parameter copies and their state too), and the peak a step allocates beyond
+what it started with (``torch.profiler``'s CPU allocation events summed over time), taken in one
+more untimed step.
+
 A SOAP row compares ``optim.SOAP(sharding=OwnerSharding())`` with the naive way (full_tensor()
 of every gradient, a replicated single-process SOAP on full copies, own rows kept); there is no
 torch SOAP. The plan table (no processes) gives max/mean owner cost and the per-rank worst bytes
@@ -168,6 +173,39 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# ---- memory -----------------------------------------------------------------------------------
+def optimizer_bytes(opt: Any) -> int:
+    """Bytes this rank holds for the optimizer beyond the model: its state tensors (a DTensor's
+    local shard), and for the naive SOAP also the full parameter copies it steps."""
+    if isinstance(opt, NaiveMuon):
+        tensors = list(opt.bufs)
+    elif isinstance(opt, NaiveSOAP):
+        tensors = [*opt.shadow, *(v for st in opt.opt.state.values() for v in st.values())]
+    else:
+        tensors = [v for st in opt.state.values() for v in st.values()]
+    return sum(_nbytes(t.to_local() if isinstance(t, DTensor) else t)
+               for t in tensors if isinstance(t, torch.Tensor))
+
+
+def step_peak_bytes(opt: Any, params: list[tuple[str, Any]], step: int) -> int:
+    """The most memory one ``opt.step()`` has allocated at any moment beyond what it started
+    with (exchange buffers, gathered matrices, Newton-Schulz and SOAP temporaries), on this
+    rank: the running sum of the profiler's CPU allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inject(params, step)
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
 class CommCounter(TorchDispatchMode):
     """Counts this rank's collective traffic (conventions in the module docstring)."""
 
@@ -280,6 +318,8 @@ def run_group(rank: int, world: int, kinds: list[str], cfg: dict[str, int], step
                      "received": counter.received / count_steps,
                      "calls": {k: v / count_steps for k, v in counter.calls.items()},
                      "comm_stats": stats, "debug_calls": debug.get_total_counts(),
+                     "state_bytes": optimizer_bytes(opt),
+                     "peak_bytes": step_peak_bytes(opt, params, steps + 3 + count_steps),
                      "params": {n: p.full_tensor().detach() for n, p in params}}
     return out
 
@@ -291,15 +331,14 @@ def worker(rank: int, world: int, store: str, out: str, jobs: list[dict[str, Any
     try:
         results = [run_group(rank, world, **job) for job in jobs]
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, [{k: {"times": v["times"], "sent": v["sent"],
-                                                "received": v["received"]}
+        keys = ("times", "sent", "received", "state_bytes", "peak_bytes")
+        dist.all_gather_object(gathered, [{k: {key: v[key] for key in keys}
                                             for k, v in r.items()} for r in results])
         if rank == 0:
             for j, r in enumerate(results):
                 for kind, v in r.items():
-                    v["rank_times"] = [g[j][kind]["times"] for g in gathered]
-                    v["rank_sent"] = [g[j][kind]["sent"] for g in gathered]
-                    v["rank_received"] = [g[j][kind]["received"] for g in gathered]
+                    for key in keys:
+                        v[f"rank_{key}"] = [g[j][kind][key] for g in gathered]
             torch.save(results, out)
         dist.barrier()
     finally:
@@ -340,6 +379,7 @@ def report_muon(world: int, r: dict[str, Any], n_elements: int) -> list[str]:
     t = {k: step_time(v) for k, v in r.items()}
     cs = ours["comm_stats"]
     worst = {k: max(max(v["rank_sent"]), max(v["rank_received"])) for k, v in r.items()}
+    mem = {k: (max(v["rank_state_bytes"]), max(v["rank_peak_bytes"])) for k, v in r.items()}
     lines = [
         f"| W={world} | bytes/rank (max of sent, received) | ours: {worst['ours'] / 1e6:.3f} MB"
         f" | naive: {worst['naive'] / 1e6:.3f} MB | torch: {worst['torch'] / 1e6:.3f} MB |",
@@ -358,6 +398,16 @@ def report_muon(world: int, r: dict[str, Any], n_elements: int) -> list[str]:
         f"| W={world} | rank-0 comm_stats() sent/received vs counted | "
         f"{cs['bytes_sent']:.0f} / {cs['bytes_received']:.0f} | "
         f"{ours['sent']:.0f} / {ours['received']:.0f} | |",
+        f"| W={world} | optimizer state MB per rank (max over ranks) | ours "
+        f"{mem['ours'][0] / 1e6:.3f} | naive {mem['naive'][0] / 1e6:.3f} | torch "
+        f"{mem['torch'][0] / 1e6:.3f} |",
+        f"| W={world} | ours state / naive, / torch | "
+        f"{mem['ours'][0] / mem['naive'][0]:.3f} | {mem['ours'][0] / mem['torch'][0]:.3f} | |",
+        f"| W={world} | step peak allocation MB per rank (max over ranks) | ours "
+        f"{mem['ours'][1] / 1e6:.3f} | naive {mem['naive'][1] / 1e6:.3f} | torch "
+        f"{mem['torch'][1] / 1e6:.3f} |",
+        f"| W={world} | ours step peak / naive, / torch | "
+        f"{mem['ours'][1] / mem['naive'][1]:.3f} | {mem['ours'][1] / mem['torch'][1]:.3f} | |",
         f"| W={world} | max abs param diff after all steps, vs ours | naive "
         f"{max_diff(naive['params'], ours['params']):.1e} | torch "
         f"{max_diff(tm['params'], ours['params']):.1e} | |",
@@ -377,8 +427,12 @@ def report_soap(world: int, r: dict[str, Any], n_elements: int) -> list[str]:
     w_ours = max(max(ours["rank_sent"]), max(ours["rank_received"]))
     w_naive = max(max(naive["rank_sent"]), max(naive["rank_received"]))
     t_ours, t_naive = step_time(ours), step_time(naive)
+    state = max(ours["rank_state_bytes"]) / max(naive["rank_state_bytes"])
+    peak = max(ours["rank_peak_bytes"]) / max(naive["rank_peak_bytes"])
     return [f"| W={world} | SOAP | {w_ours / budget:.3f} | {w_ours / w_naive:.3f} | "
             f"{t_ours * 1e3:.1f} | {t_naive * 1e3:.1f} | {t_ours / t_naive:.3f} | "
+            f"{max(ours['rank_state_bytes']) / 1e6:.2f} | {state:.3f} | "
+            f"{max(ours['rank_peak_bytes']) / 1e6:.2f} | {peak:.3f} | "
             f"{max_diff(naive['params'], ours['params']):.1e} |"]
 
 
@@ -467,8 +521,9 @@ def main() -> None:
         print(f"\n## SOAP: ours vs naive (GPT d={soap_cfg['d_model']} x {soap_cfg['n_layers']}, "
               f"P = {p_soap / 1e6:.3f} M)\n")
         print("| W | optimizer | ours bytes / budget | ours bytes / naive | ours ms | naive ms "
-              "| ours time / naive | max abs param diff |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| ours time / naive | ours state MB/rank | state / naive | ours step peak MB/rank "
+              "| peak / naive | max abs param diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(soap_lines))
     print("\n## Ownership plan (no processes)\n")
     muon_c, soap_c = list(COSTS)

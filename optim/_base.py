@@ -31,7 +31,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -225,8 +225,10 @@ class MatrixExchange(Protocol):
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
         """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
-        the indices this rank owns and their FULL inputs; return this rank's piece of every
-        matrix's update, in ``items`` order."""
+        the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
+        (it drops each entry once stacked, to bound a step's memory); return this rank's piece
+        of every matrix's update, in ``items`` order. The caller hands ``inputs`` over too: it
+        does not read them after the call."""
         ...
 
     def bind(self, optimizer: MatrixOptimizer) -> None:
@@ -277,7 +279,10 @@ class LocalExchange:
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]]) -> list[Tensor]:
-        return compute(list(range(len(items))), list(inputs))
+        # the caller's list itself (handed over, see Exchange.run): compute drops each input
+        # once stacked, and none outlives its batch
+        return compute(list(range(len(items))),
+                       inputs if isinstance(inputs, list) else list(inputs))
 
     def comm_stats(self) -> dict[str, int]:
         return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
@@ -493,12 +498,18 @@ class MatrixOptimizer(Optimizer):
             else:
                 self._skip(items[j])
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
+        # The list is handed over: each batch's entries are dropped once stacked (the stack, or
+        # for one matrix its view, holds them), so no input outlives its batch's compute.
+        pending = cast("list[Tensor | None]", full_inputs)
         try:
             for js in batches.values():
                 batch_items = [items[j] for j in js]
+                X = self._stack(batch_items, [full_inputs[j] for j in js])
+                like = [(full_inputs[j].shape, full_inputs[j].dtype) for j in js]
+                for j in js:
+                    pending[j] = None
                 try:
-                    stacked = self._compute(
-                        batch_items, self._stack(batch_items, [full_inputs[j] for j in js]))
+                    stacked = self._compute(batch_items, X)
                 except torch.linalg.LinAlgError as exc:
                     # A decomposition that did not converge (SOAP's eigh even in float64, an
                     # SVD): skipped and counted like a non-finite update, with a warning. Raised
@@ -507,10 +518,13 @@ class MatrixOptimizer(Optimizer):
                     warnings.warn(f"{type(self).__name__}: the update of "
                                   f"{', '.join(item.name for item in batch_items)} failed "
                                   f"({exc}); skipped this step", RuntimeWarning, stacklevel=2)
-                    for j in js:
+                    for j, (shape, dtype) in zip(js, like, strict=True):
                         self._skip(items[j])
-                        results[j] = torch.full_like(full_inputs[j], float("nan"))
+                        results[j] = torch.full(shape, float("nan"), dtype=dtype,
+                                                device=X.device)
                     continue
+                finally:
+                    del X
                 for j, o in zip(js, stacked.unbind(0), strict=True):
                     results[j] = o
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -203,14 +204,24 @@ class OwnerSharding:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
         wire = self._wire_dtype(inputs)
+        # What the rest of the step needs of the inputs: they are dropped once sent (the caller
+        # hands its list over), compute drops each full input once stacked, and _scatter the
+        # results once they are in its send buffer, so a step's peak holds no second copy of
+        # any of them. Every rank joins the gather, an owner of nothing too (it sends its rows).
+        shapes = [tuple(t.shape) for t in inputs]
+        dtypes = [t.dtype for t in inputs]
+        device = inputs[0].device
         full_inputs = self._gather(plan, inputs, owned, wire)
+        if isinstance(inputs, list):
+            inputs.clear()
         results = compute(owned, full_inputs) if owned else []
-        updates = self._scatter(plan, inputs, owned, results, wire)
+        del full_inputs  # emptied by compute
+        updates = self._scatter(plan, shapes, device, owned, results, wire)
         # the look the owner's update had (dtype, layout), which every rank can tell from the
         # matrix alone, so each rank adds exactly what one process adds
         out = []
-        for item, inp, update in zip(items, inputs, updates, strict=True):
-            dtype, transposed = self._optimizer.update_like(item, inp.dtype)
+        for item, dtype_in, update in zip(items, dtypes, updates, strict=True):
+            dtype, transposed = self._optimizer.update_like(item, dtype_in)
             if dtype is not None:
                 update = update.to(dtype)
             out.append(update.mT.contiguous().mT if transposed else update)
@@ -251,35 +262,45 @@ class OwnerSharding:
             full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
         return full
 
-    def _scatter(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                 results: list[Tensor], wire: torch.dtype) -> list[Tensor]:
-        device = inputs[0].device
+    def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
+                 owned: list[int], results: list[Tensor], wire: torch.dtype) -> list[Tensor]:
+        """Send each owned result's rows to their ranks; each rank's rows of every matrix
+        (``shapes``: of this rank's inputs). Consumes ``results`` (cleared once the send
+        buffer holds them)."""
         send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
         for i, result in zip(owned, results, strict=True):
             for d in range(self.world_size):
                 start, end = plan.bounds[i][d]
                 send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
                                else result.reshape(-1))
+        results.clear()  # the views in ``send`` keep them until _all_to_all has copied them
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
                           else plan.shapes[i][0] * plan.shapes[i][1]
                           for i in plan.owned_by(s)) for s in range(self.world_size)]
         received = self._all_to_all(send, recv_sizes, device, wire)
         out: list[Tensor] = []
-        for i, inp in enumerate(inputs):
+        for i, shape in enumerate(shapes):
             src = plan.owners[i]
-            size = inp.numel() if plan.sharded[i] else plan.shapes[i][0] * plan.shapes[i][1]
-            out.append(received[src][:size].view(inp.shape if plan.sharded[i] else plan.shapes[i]))
+            shape = shape if plan.sharded[i] else plan.shapes[i]
+            size = math.prod(shape)
+            out.append(received[src][:size].view(shape))
             received[src] = received[src][size:]
         return out
 
     def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
                     device: torch.device, wire: torch.dtype) -> list[Tensor]:
-        """One ``all_to_all_single`` with uneven splits; returns the received block per source."""
-        send_flat = [torch.cat([p.to(wire) for p in parts]) if parts
-                     else torch.empty(0, dtype=wire, device=device)
-                     for parts in send]
-        send_sizes = [t.numel() for t in send_flat]
-        inp = torch.cat(send_flat)
+        """One ``all_to_all_single`` with uneven splits; returns the received block per source.
+        Consumes ``send`` (emptied once copied into the one send buffer, so what its pieces
+        view can be freed before the collective)."""
+        send_sizes = [sum(p.numel() for p in parts) for parts in send]
+        # one copy, cast on the way, into the send buffer (none per destination first)
+        inp = torch.empty(sum(send_sizes), dtype=wire, device=device)
+        pieces = [p for parts in send for p in parts]
+        if pieces:
+            torch.cat(pieces, out=inp)
+        del pieces
+        for parts in send:
+            parts.clear()
         out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
         dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
                                input_split_sizes=send_sizes, group=self.group)
