@@ -17,7 +17,8 @@ of the default quintic estimated from 16 probes), the same with the exact Gram
 (``health_probes=0``) and for Polar Express (exact by default), plus NorMuon, and the
 same health ratio for a whole training step of a small GPT (forward and backward included). Our
 optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every
-step makes it. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time: other jobs
+step makes it. A last table gives each optimizer's step peak allocation (``torch.profiler`` CPU allocation
+events) against torch.optim.Muon's. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time: other jobs
 on a shared machine do not inflate it; use it with ``--threads 1``).
 """
 
@@ -57,6 +58,46 @@ def timed_step(opt: torch.optim.Optimizer, params, grads) -> float:
     if hasattr(opt, "health"):
         opt.health()
     return CLOCK() - t0
+
+
+def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
+    """The most memory one step (and ``health()``) has allocated at any moment beyond what it
+    started with: the running sum of ``torch.profiler``'s CPU allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+        if hasattr(opt, "health"):
+            opt.health()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def memory_rows(shape_list) -> list[str]:
+    """Step peak allocation of each optimizer against torch.optim.Muon's, in one process (after
+    two steps, so that the state exists), and against P, the matrices' fp32 bytes."""
+    kw = {"lr": 0.02}
+    factories = {"torch.optim.Muon": lambda p: torch.optim.Muon(p, **kw),
+                 "ours Muon (health every step)": lambda p: Muon(p, **kw),
+                 "ours NorMuon (health every step)": lambda p: NorMuon(p, **kw)}
+    n_bytes = 4 * sum(a * b for a, b in shape_list)
+    peaks = {}
+    for name, factory in factories.items():
+        params, grads = make(shape_list)
+        opt = factory(params)
+        for _ in range(2):
+            timed_step(opt, params, grads)
+        peaks[name] = step_peak_bytes(opt, params, grads)
+    base = peaks["torch.optim.Muon"]
+    return [f"| {name} | {peak / 1e6:.2f} | {peak / n_bytes:.2f} | {peak / base:.2f} |"
+            for name, peak in peaks.items()]
 
 
 def compare(label: str, factories: dict[str, callable], shape_list, steps: int) -> dict:
@@ -171,6 +212,9 @@ def main() -> None:
         print(row(label, t["ours"], t["torch"]))
     print(row("GPT training step (fwd + bwd + Muon), health_every=1 / 0",
               *training_step_times(steps, args.quick)))
+    print("\n| step peak allocation (one process) | MB | / P (fp32 bytes of the matrices) "
+          "| / torch.optim.Muon |\n|---|---|---|---|")
+    print("\n".join(memory_rows(shape_list)))
 
 
 if __name__ == "__main__":
