@@ -447,25 +447,48 @@ class MatrixOptimizer(Optimizer):
             if group["algorithm"] == ADAMW:
                 self._adamw_step(group)
         items = [item for item in self.matrix_items() if item.param.grad is not None]
-        if items:
+        if items and isinstance(self._exchange, LocalExchange):
+            self._step_local(items)
+        elif items:
             inputs = [self._prepare(item) for item in items]
             self._step_items, self._skipped = items, set()
             try:
                 updates = self._exchange.run(items, inputs, self._owner_compute)
             finally:
                 self._step_items = []
-            if isinstance(self._exchange, LocalExchange):
-                # the owner's check saw every whole update and counted each non-finite one
-                finite = [id(item) not in self._skipped for item in items]
-            else:  # each rank's rows, as they came back
-                finite = all_finite(updates)
-                if not all(finite):
-                    self._count_failed(items, finite)
+            finite = all_finite(updates)  # each rank's rows, as they came back
+            if not all(finite):
+                self._count_failed(items, finite)
             for item, update, ok in zip(items, updates, finite, strict=True):
                 if ok:
                     self._apply(item, update)
                 item.pending = None
         return loss
+
+    def _step_local(self, items: list[MatrixItem]) -> None:
+        """One process: prepare, compute and apply one batch of matrices at a time (the
+        batches :meth:`_owner_compute` forms), so a step holds one batch's inputs and updates
+        rather than every matrix's (a step's peak allocation: bench/muon.py). The results are
+        those of the three phases over all matrices: each matrix reads only its own gradient,
+        state and parameter. Health is still finished once per step (:meth:`_end_batches`)."""
+        batches: dict[tuple, list[MatrixItem]] = defaultdict(list)
+        for item in items:
+            batches[(id(item.group), item.shape, item.param.dtype)].append(item)
+        self._skipped = set()
+        try:
+            for batch in batches.values():
+                self._step_items = batch
+                inputs = [self._prepare(item) for item in batch]
+                # the owner's check saw every whole update and counted each non-finite one
+                updates = self._owner_compute(list(range(len(batch))), inputs, end=False)
+                for item, update in zip(batch, updates, strict=True):
+                    if id(item) not in self._skipped:
+                        self._apply(item, update)
+                    item.pending = None
+                del inputs, updates  # before the next batch's are made
+        finally:
+            self._step_items = []
+            self._end_batches()
 
     def _before_step(self) -> None:
         """Evaluate and check what a step reads from its groups that can be wrong (e.g. a
@@ -487,8 +510,11 @@ class MatrixOptimizer(Optimizer):
                 for group in self.param_groups if group["algorithm"] != ADAMW
                 for name, p in zip(group["param_names"], group["params"], strict=True)]
 
-    def _owner_compute(self, indices: list[int], full_inputs: list[Tensor]) -> list[Tensor]:
-        """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group."""
+    def _owner_compute(self, indices: list[int], full_inputs: list[Tensor], *,
+                       end: bool = True) -> list[Tensor]:
+        """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group.
+        ``end``: finish the step's batches here (:meth:`_end_batches`); False when the caller
+        does, after more batches."""
         items = [self._step_items[i] for i in indices]
         results: list[Tensor | None] = [None] * len(indices)
         batches: dict[tuple, list[int]] = defaultdict(list)
@@ -528,7 +554,8 @@ class MatrixOptimizer(Optimizer):
                 for j, o in zip(js, stacked.unbind(0), strict=True):
                     results[j] = o
         finally:
-            self._end_batches()
+            if end:
+                self._end_batches()
         out = [r for r in results if r is not None]
         # A finite input whose update came out non-finite (a float64 gradient beyond bfloat16's
         # range, which Newton-Schulz computes in) is counted here, where the whole update is
