@@ -470,7 +470,9 @@ class MatrixOptimizer(Optimizer):
         batches :meth:`_owner_compute` forms), so a step holds one batch's inputs and updates
         rather than every matrix's (a step's peak allocation: bench/muon.py). The results are
         those of the three phases over all matrices: each matrix reads only its own gradient,
-        state and parameter. Health is still finished once per step (:meth:`_end_batches`)."""
+        state and parameter. Health is still finished once per step (:meth:`_end_batches`).
+        An exception from a later batch (other than the LinAlgError a batch skips) leaves the
+        earlier batches stepped."""
         batches: dict[tuple, list[MatrixItem]] = defaultdict(list)
         for item in items:
             batches[(id(item.group), item.shape, item.param.dtype)].append(item)
