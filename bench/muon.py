@@ -60,17 +60,13 @@ def timed_step(opt: torch.optim.Optimizer, params, grads) -> float:
     return CLOCK() - t0
 
 
-def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
-    """The most memory one step (and ``health()``) has allocated at any moment beyond what it
-    started with: the running sum of ``torch.profiler``'s CPU allocation events."""
+def peak_allocation(run) -> int:
+    """The most memory ``run()`` has allocated at any moment beyond what it started with: the
+    running sum of ``torch.profiler``'s CPU allocation events (this process)."""
     from torch.profiler import ProfilerActivity, profile
 
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
-        if hasattr(opt, "health"):
-            opt.health()
+        run()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     running = peak = 0
@@ -78,6 +74,19 @@ def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
         running += e.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
+    """:func:`peak_allocation` of one step and ``health()``."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+    def run() -> None:
+        opt.step()
+        if hasattr(opt, "health"):
+            opt.health()
+
+    return peak_allocation(run)
 
 
 def memory_rows(shape_list) -> list[str]:

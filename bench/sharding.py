@@ -58,6 +58,7 @@ from typing import Any
 # sys.path[0] and `import sharding` would import this file. Drop that entry first.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))  # the repository root: `bench.muon`, and the packages
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -190,20 +191,12 @@ def optimizer_bytes(opt: Any) -> int:
 def step_peak_bytes(opt: Any, params: list[tuple[str, Any]], step: int) -> int:
     """The most memory one ``opt.step()`` has allocated at any moment beyond what it started
     with (exchange buffers, gathered matrices, Newton-Schulz and SOAP temporaries), on this
-    rank: the running sum of the profiler's CPU allocation events."""
-    from torch.profiler import ProfilerActivity, profile
+    rank (:func:`bench.muon.peak_allocation`)."""
+    from bench.muon import peak_allocation
 
     inject(params, step)
     dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    running = peak = 0
-    for e in events:
-        running += e.nbytes()
-        peak = max(peak, running)
-    return peak
+    return peak_allocation(opt.step)
 
 
 class CommCounter(TorchDispatchMode):
