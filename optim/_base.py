@@ -539,13 +539,11 @@ class MatrixOptimizer(Optimizer):
                 try:
                     stacked = self._compute(batch_items, X)
                 except torch.linalg.LinAlgError as exc:
-                    # A decomposition that did not converge (SOAP's eigh even in float64, an
-                    # SVD): skipped and counted like a non-finite update, with a warning. Raised
-                    # here, on the owner, it would leave every other rank waiting in the
-                    # exchange; _compute commits no state before its batch is done.
-                    warnings.warn(f"{type(self).__name__}: the update of "
-                                  f"{', '.join(item.name for item in batch_items)} failed "
-                                  f"({exc}); skipped this step", RuntimeWarning, stacklevel=2)
+                    # A decomposition that did not converge (an SVD; SOAP catches its own per
+                    # matrix): skipped and counted like a non-finite update, with a warning.
+                    # Raised here, on the owner, it would leave every other rank waiting in the
+                    # exchange; a _compute that lets it through has committed no state.
+                    self._warn_failed(batch_items, exc)
                     for j, (shape, dtype) in zip(js, like, strict=True):
                         self._skip(items[j])
                         results[j] = torch.full(shape, float("nan"), dtype=dtype,
@@ -572,6 +570,12 @@ class MatrixOptimizer(Optimizer):
         for item in items:
             self._report_skips(item)
         return out
+
+    def _warn_failed(self, items: list[MatrixItem], exc: Exception) -> None:
+        """Warn that the update of ``items`` failed with ``exc`` and is skipped this step."""
+        warnings.warn(f"{type(self).__name__}: the update of "
+                      f"{', '.join(item.name for item in items)} failed ({exc}); skipped this "
+                      f"step", RuntimeWarning, stacklevel=3)
 
     def _report_skips(self, item: MatrixItem) -> None:
         """Put ``item``'s skip count in what :meth:`health` reports."""

@@ -880,3 +880,32 @@ def test_an_eigendecomposition_that_fails_skips_that_matrix_with_a_warning(monke
     health = opt.health()
     assert health["a"]["nonfinite_skips"] == 1.0 and health["b"]["nonfinite_skips"] == 0.0
     assert int(opt.state[a]["step"]) == 0  # its state was left as it was
+
+
+def test_a_failed_decomposition_skips_only_its_matrix_within_a_batch(monkeypatch):
+    # Two matrices of one shape go through one batch. The failure of one skipped both before
+    # (its batch-mates' updates were dropped with it); now each matrix's step is committed on
+    # its own, so the other steps exactly as it would alone.
+    real = torch.linalg.eigh
+    marked = 1e4  # the failing matrix's gradient scale: its factor's trace is far above 1e6
+
+    def eigh(f, *args, **kwargs):
+        if float(f.diagonal(dim1=-2, dim2=-1).sum()) > 1e6:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge")
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    g_ok, g_bad = _spiky_grads(1, shape=(8, 8))[0], _spiky_grads(1, shape=(8, 8))[0] * marked
+    a, b = torch.nn.Parameter(torch.ones(8, 8)), torch.nn.Parameter(torch.ones(8, 8))
+    opt = SOAP([("a", a), ("b", b)], lr=0.01, use_eigh=True)
+    a.grad, b.grad = g_ok.clone(), g_bad.clone()
+    with pytest.warns(RuntimeWarning, match="update of b failed.*converge"):
+        opt.step()
+    alone = torch.nn.Parameter(torch.ones(8, 8))
+    single = SOAP([("a", alone)], lr=0.01, use_eigh=True)
+    alone.grad = g_ok.clone()
+    single.step()
+    assert torch.equal(a, alone)
+    assert torch.equal(b, torch.ones(8, 8)) and int(opt.state[b]["step"]) == 0
+    health = opt.health()
+    assert health["a"]["nonfinite_skips"] == 0.0 and health["b"]["nonfinite_skips"] == 1.0
