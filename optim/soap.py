@@ -166,10 +166,7 @@ class SOAP(MatrixOptimizer):
         # one host sync for the batch
         norms = torch.linalg.vector_norm(X, dim=(-2, -1)).tolist()
         updates: list[Tensor] = []
-        names, healths = [], []
-        # Each matrix's new state is committed (or dropped) before the next matrix is stepped:
-        # a failed decomposition skips that matrix alone, and a batch holds one matrix's second
-        # copy of the state, not all of them. One host sync per matrix, next to its eigh or QR.
+        taken: list[tuple[MatrixItem, tuple, int]] = []
         for item, G, norm in zip(items, X.unbind(0), norms, strict=True):
             self._init_state(item, owner=True)
             state = self.state[item.param]
@@ -186,21 +183,25 @@ class SOAP(MatrixOptimizer):
                 except torch.linalg.LinAlgError as exc:
                     # this matrix alone is skipped; the batch's others keep their steps
                     self._warn_failed([item], exc)
-            # None: its squares would overflow the state, or its decomposition failed; a
-            # non-finite update: the frame skips it too. Skipped, as a NaN, state untouched.
-            if result is None or not all_finite([result[0]])[0]:
+            # None: its squares would overflow the state, or its decomposition failed
+            if result is None:
                 self._skip(item)
                 updates.append(torch.full_like(G, math.nan))
                 continue
-            U, new_state, health, q = result
-            del result
-            state.update(new_state)
-            del new_state
+            updates.append(result[0])
+            taken.append((item, result, step + 1))  # new_state["step"]
+        # commit only usable steps (the frame skips a non-finite update too): one host sync
+        names, healths = [], []
+        for (item, (_, new_state, health, q), step), ok in zip(
+                taken, all_finite([result[0] for _, result, _ in taken]), strict=True):
+            if not ok:
+                self._skip(item)
+                continue
+            self.state[item.param].update(new_state)
             if q is not None:
-                self._quotients[item.param] = (step + 1, q)  # new_state["step"]
+                self._quotients[item.param] = (step, q)
             else:
                 self._quotients.pop(item.param, None)
-            updates.append(U)
             names.append(item.name)
             healths.append(health)
         if due and names:  # measured with the step's other batches, in _end_batches
