@@ -191,14 +191,16 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # so every rank refuses together; their template is a copy, the live groups stay
     groups = {"optim": {"param_groups": copy.deepcopy(optim_state["param_groups"])}}
     _dcp_load(groups, directory, optimizer)
+    optim_state["param_groups"] = groups["optim"]["param_groups"]
     try:
-        optimizer.check_state_dict({"state": optim_state["state"],
-                                    "param_groups": groups["optim"]["param_groups"]})
+        optimizer.check_state_dict(optim_state)
     except ValueError as exc:
         raise ValueError(f"{directory} cannot be loaded into this "
                          f"{type(optimizer).__name__} (nothing was loaded): {exc}") from None
-    state = {"model": model.state_dict(), "optim": optim_state, **(extra or {})}
+    # then the tensors, into the model's and the optimizer's own
+    state = {"model": model.state_dict(), "optim": {"state": optim_state["state"]},
+             **(extra or {})}
     _dcp_load(state, directory, optimizer)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
+    optimizer.load_state_dict(optim_state)
     return {k: v for k, v in state.items() if k not in ("model", "optim")}
