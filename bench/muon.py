@@ -17,9 +17,10 @@ of the default quintic estimated from 16 probes), the same with the exact Gram
 (``health_probes=0``) and for Polar Express (exact by default), plus NorMuon, and the
 same health ratio for a whole training step of a small GPT (forward and backward included). Our
 optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every
-step makes it. A last table gives each optimizer's step peak allocation (``torch.profiler`` CPU allocation
-events) against torch.optim.Muon's. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time: other jobs
-on a shared machine do not inflate it; use it with ``--threads 1``).
+step makes it. A last table gives each optimizer's step peak allocation (``torch.profiler``
+CPU allocation events) against torch.optim.Muon's. ``--cpu-time`` times with
+``time.thread_time`` (this thread's CPU time: other jobs on a shared machine do not inflate it;
+use it with ``--threads 1``).
 """
 
 from __future__ import annotations
