@@ -19,6 +19,10 @@ __all__ = ["OwnerSharding"]
 
 Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
 
+# Elements each rank appends to every block of the scatter: its compute's status (0: computed,
+# 1: failed), so a failure on one owner reaches every rank without another collective.
+STATUS_ELEMENTS = 1
+
 
 class OwnerSharding:
     """Pass as ``sharding=`` to ``Muon``, ``NorMuon`` or ``SOAP``.
@@ -37,7 +41,10 @@ class OwnerSharding:
        (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
     3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
        for replicated matrices, the whole update from its owner to every rank (an all-gather with
-       exact sizes, so no rank repeats another's work).
+       exact sizes, so no rank repeats another's work). Each block ends with the sender's status
+       element: an owner whose compute raised still takes part, flagged, and then every rank
+       raises (the owner its own error) and none applies the step's matrix updates, instead of
+       the other ranks waiting in the exchange until the process group times out.
 
     No padding: ``all_to_all_single`` takes exact per-rank split sizes, so uneven shards and empty
     ``(0, n)`` shards cost nothing extra. Per rank and step this moves ``2 (W-1)/W^2 P`` elements on
@@ -94,8 +101,9 @@ class OwnerSharding:
         self._optimizer = optimizer
 
     def comm_stats(self) -> dict[str, int]:
-        """Bytes of the matrix exchange that crossed to or from other ranks (exact payload),
-        plus the payload of the AdamW-group finiteness agreement (when any AdamW parameter is
+        """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
+        with the scatter's one status element per pair of ranks: ``STATUS_ELEMENTS``), plus
+        the payload of the AdamW-group finiteness agreement (when any AdamW parameter is
         sharded: 8 bytes per AdamW parameter with a gradient and step, counted once each way),
         and the number of collectives."""
         return dict(self._stats)
@@ -214,9 +222,26 @@ class OwnerSharding:
         full_inputs = self._gather(plan, inputs, owned, wire)
         if isinstance(inputs, list):
             inputs.clear()
-        results = compute(owned, full_inputs) if owned else []
+        # An owner whose compute raises (out of memory on a full matrix, a bug) still joins the
+        # scatter, flagged as failed: left out, every other rank would wait in it until the
+        # process group timed out. Every rank then raises, and none applies this step's updates.
+        failure: Exception | None = None
+        try:
+            results: list[Tensor] | None = compute(owned, full_inputs) if owned else []
+        except Exception as exc:  # raised again below, after the exchange
+            failure, results = exc, None
         del full_inputs  # emptied by compute
-        updates = self._scatter(plan, shapes, device, owned, results, wire)
+        updates, failed = self._scatter(plan, shapes, device, owned, results, wire)
+        if failed:
+            if failure is not None:
+                failure.add_note(f"orthoshard: raised on every rank of the group; no rank "
+                                 f"applied this step's matrix updates (failed: ranks {failed})")
+                raise failure
+            raise RuntimeError(
+                f"the matrix update on rank {failed[0]} of the sharding group failed "
+                f"this step: its own error is raised there; every rank of the group raises and "
+                f"none applied this step's matrix updates (failed: ranks {failed}; owners of "
+                f"{_owned_names(plan, failed, items)})")
         # the look the owner's update had (dtype, layout), which every rank can tell from the
         # matrix alone, so each rank adds exactly what one process adds
         out = []
@@ -263,21 +288,42 @@ class OwnerSharding:
         return full
 
     def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
-                 owned: list[int], results: list[Tensor], wire: torch.dtype) -> list[Tensor]:
+                 owned: list[int], results: list[Tensor] | None, wire: torch.dtype
+                 ) -> tuple[list[Tensor], list[int]]:
         """Send each owned result's rows to their ranks; each rank's rows of every matrix
-        (``shapes``: of this rank's inputs). Consumes ``results`` (cleared once the send
-        buffer holds them)."""
+        (``shapes``: of this rank's inputs), and the ranks whose compute failed. Consumes
+        ``results`` (cleared once the send buffer holds them); None: this rank's compute
+        failed, and it sends placeholders of the same sizes, no new memory, and the flag.
+
+        Each block ends with one status element (0: computed, 1: failed), so that every rank
+        learns of a failed owner in this one collective: ``STATUS_ELEMENTS`` per destination."""
         send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
-        for i, result in zip(owned, results, strict=True):
+        for k, i in enumerate(owned):
             for d in range(self.world_size):
                 start, end = plan.bounds[i][d]
+                if results is None:
+                    size = (end - start if plan.sharded[i] else plan.shapes[i][0]) \
+                        * plan.shapes[i][1]
+                    send[d].append(torch.zeros(1, dtype=wire, device=device).expand(size))
+                    continue
+                result = results[k]
                 send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
                                else result.reshape(-1))
-        results.clear()  # the views in ``send`` keep them until _all_to_all has copied them
+        status = torch.full((STATUS_ELEMENTS,), 0.0 if results is not None else 1.0,
+                            dtype=wire, device=device)
+        for parts in send:
+            parts.append(status)
+        if results is not None:
+            results.clear()  # the views in ``send`` keep them until _all_to_all has copied them
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
                           else plan.shapes[i][0] * plan.shapes[i][1]
-                          for i in plan.owned_by(s)) for s in range(self.world_size)]
+                          for i in plan.owned_by(s)) + STATUS_ELEMENTS
+                      for s in range(self.world_size)]
         received = self._all_to_all(send, recv_sizes, device, wire)
+        flags = torch.stack([block[-1] for block in received]).tolist()  # one host sync
+        failed = [s for s, flag in enumerate(flags) if flag != 0]
+        if failed:
+            return [], failed
         out: list[Tensor] = []
         for i, shape in enumerate(shapes):
             src = plan.owners[i]
@@ -285,7 +331,7 @@ class OwnerSharding:
             size = math.prod(shape)
             out.append(received[src][:size].view(shape))
             received[src] = received[src][size:]
-        return out
+        return out, []
 
     def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
                     device: torch.device, wire: torch.dtype) -> list[Tensor]:
@@ -317,6 +363,13 @@ class OwnerSharding:
 
     def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return checkpoint.import_owner_state(self, state_dict)
+
+
+def _owned_names(plan: Plan, ranks: list[int], items: Sequence[MatrixItem]) -> str:
+    """The matrices ``ranks`` own this step, by name (the first few), for an error."""
+    names = [items[i].name for r in ranks for i in plan.owned_by(r)]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return shown or "no matrices"
 
 
 def _through(t: Tensor, wire: torch.dtype) -> Tensor:

@@ -447,6 +447,41 @@ def failing_owner_worker(rank: int, world: int, out: str) -> None:
         torch.save({"health": gathered, "params": params}, out)
 
 
+FAILING_MATRIX = "ws.3"  # its owner's compute raises (owner_error_worker)
+
+
+def owner_error_worker(rank: int, world: int, out: str) -> None:
+    """Muon under FSDP2 whose compute raises on the owner of ``FAILING_MATRIX`` at the second
+    step (as an out-of-memory error on a full matrix would): what every rank saw, the parameters
+    around that step, and a third step once the fault is gone. Rank 0 writes them."""
+    from sharding import OwnerSharding
+
+    model, opt = build("muon", fsdp=True, sharding=OwnerSharding())
+    inject(model, 0)
+    opt.step()
+    plan, _ = opt._exchange.global_plan()
+    owner = plan.owners[[item.name for item in opt.matrix_items()].index(FAILING_MATRIX)]
+    real = opt._compute
+
+    def compute(items: list[Any], X: torch.Tensor) -> torch.Tensor:
+        if any(item.name == FAILING_MATRIX for item in items):
+            raise RuntimeError(f"injected failure on rank {rank}")
+        return real(items, X)
+
+    opt._compute = compute
+    before = full_params(model)
+    inject(model, 1)
+    failed = _every_rank_says(world, Exception, opt.step)
+    after = full_params(model)
+    del opt._compute  # the class's again
+    inject(model, 2)
+    recovered = _every_rank_says(world, Exception, opt.step)
+    final = full_params(model)  # a collective: every rank
+    if rank == 0:
+        torch.save({"owner": owner, "failed": failed, "recovered": recovered, "before": before,
+                    "after": after, "final": final}, out)
+
+
 MESH_SHAPE = (8, 6)  # rows divide by 2 and 4: only the ranks check can tell a wrong mesh
 
 

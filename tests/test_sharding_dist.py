@@ -14,6 +14,7 @@ import torch
 from _dist import run_ranks
 
 from optim import Muon
+from sharding.owner import STATUS_ELEMENTS
 from sharding.plan import build_plan
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
@@ -43,6 +44,12 @@ SCENARIOS = [(n, None) for n in NAMES] + BAD_SCENARIOS
 def _wire_bytes(scenario: tuple[str, str | None]) -> int:
     """Bytes per exchanged element: float32, float64 for a float64 model (and bf16 in float32)."""
     return 8 if w.split_name(scenario[0])[1] == torch.float64 else FLOAT32_BYTES
+
+
+def _status_bytes(world: int, wire: int) -> int:
+    """What the scatter's status elements add to one rank's bytes sent (or received) over the
+    run: one element to (from) each other rank per step."""
+    return STATUS_ELEMENTS * (world - 1) * wire * w.STEPS
 
 
 def _assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
@@ -153,8 +160,9 @@ def test_comm_stats_equal_plan_and_an_independent_count(fsdp_run):
         recheck = 1 if scenario[1] else 0
         check = ADAMW_CHECK_BYTES * (w.STEPS + recheck) if world > 1 else 0
         wire = _wire_bytes(scenario)
+        status = _status_bytes(world, wire)
         for rank, r in enumerate(results[scenario]["ranks"]):
-            sent, received = (wire * w.STEPS * e for e in r["plan"])
+            sent, received = (wire * w.STEPS * e + status for e in r["plan"])
             assert r["stats"]["bytes_sent"] - check == sent == r["counted"][0], (scenario, rank)
             assert r["stats"]["bytes_received"] - check == received == r["counted"][1], \
                 (scenario, rank)
@@ -165,15 +173,16 @@ def test_comm_stats_equal_plan_and_an_independent_count(fsdp_run):
 def test_bytes_are_two_exchanges_of_the_rows_not_on_their_owner(fsdp_run):
     world, results = fsdp_run
     # Every element of a matrix that does not sit on its owner crosses the wire exactly twice
-    # per step (in and out); nothing else is sent. Averaged over ranks this is the DESIGN.md
-    # budget 2 (W-1)/W^2 P when shards are even.
+    # per step (in and out); nothing else is sent but the scatter's status element per pair of
+    # ranks. Averaged over ranks this is the DESIGN.md budget 2 (W-1)/W^2 P when shards are even.
     plan = build_plan(list(w.SHAPES), [True] * len(w.SHAPES),
                       [m * n * min(m, n) for m, n in w.SHAPES], world)
     off_owner = sum((m - plan.rows_of(i, plan.owners[i])) * n
                     for i, (m, n) in enumerate(w.SHAPES))
     ranks = results[("muon", None)]["ranks"]
     check = ADAMW_CHECK_BYTES * w.STEPS if world > 1 else 0
-    assert sum(r["stats"]["bytes_sent"] - check for r in ranks) == \
+    status = _status_bytes(world, FLOAT32_BYTES)
+    assert sum(r["stats"]["bytes_sent"] - check - status for r in ranks) == \
         2 * off_owner * FLOAT32_BYTES * w.STEPS
 
 
@@ -233,6 +242,30 @@ def test_a_decomposition_that_fails_on_its_owner_skips_the_matrix_on_every_rank(
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
+def test_an_error_on_one_owner_is_raised_on_every_rank_and_nothing_is_applied(tmp_path, world):
+    # raised on the owner alone, it left every other rank waiting in the scatter until the
+    # process group timed out (30 minutes by default): here that is run_ranks' deadline
+    run_ranks(w.owner_error_worker, world, tmp_path, str(tmp_path / "out.pt"), timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    owner = result["owner"]
+    for rank, outcome in enumerate(result["failed"]):
+        if rank == owner:  # its own error, unchanged
+            assert outcome == f"RuntimeError: injected failure on rank {owner}"
+        else:
+            assert outcome.startswith(f"RuntimeError: the matrix update on rank {owner} ")
+            assert w.FAILING_MATRIX in outcome and "none applied" in outcome
+    for name, value in result["before"].items():
+        if name.startswith("ws."):  # no rank applied any matrix update of that step
+            assert torch.equal(result["after"][name], value), name
+    # the AdamW group had stepped before the matrices, as docs/sharding.md says
+    assert not torch.equal(result["after"]["bias"], result["before"]["bias"])
+    # the collectives stayed matched: the next step runs on every rank and updates every matrix
+    assert result["recovered"] == ["done"] * world
+    for name, value in result["after"].items():
+        assert not torch.equal(result["final"][name], value), name
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_a_group_added_during_training_keeps_the_other_matrices_state(tmp_path, world):
     # SOAP's factors and NorMuon's second moments live on owners only: had the joiners moved
     # them, the new owners would start from zero state and the run would leave the reference.
@@ -261,7 +294,8 @@ def test_replicated_parameters_match_single_process(tmp_path, references, world)
                              world=world)
         wire = _wire_bytes(scenario)
         for r in results[scenario]["ranks"]:  # each owner's full update goes to every other rank
-            assert r["stats"]["bytes_sent"] == wire * w.STEPS * r["plan"][0]
+            assert r["stats"]["bytes_sent"] == \
+                wire * w.STEPS * r["plan"][0] + _status_bytes(world, wire)
             assert r["stats"]["collectives"] == w.STEPS  # no gather: owners hold every input
 
 
