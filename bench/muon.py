@@ -18,7 +18,8 @@ of the default quintic estimated from 16 probes), the same with the exact Gram
 same health ratio for a whole training step of a small GPT (forward and backward included). Our
 optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every
 step makes it. A last table gives each optimizer's step peak allocation (``torch.profiler``
-CPU allocation events) against torch.optim.Muon's. ``--cpu-time`` times with
+CPU allocation events, after a step inside the profile: see :func:`peak_allocation`) against
+torch.optim.Muon's, with ours batched (the default) and one matrix at a time. ``--cpu-time`` times with
 ``time.thread_time`` (this thread's CPU time: other jobs on a shared machine do not inflate it;
 use it with ``--threads 1``).
 """
@@ -61,24 +62,42 @@ def timed_step(opt: torch.optim.Optimizer, params, grads) -> float:
     return CLOCK() - t0
 
 
-def peak_allocation(run) -> int:
+def peak_allocation(run, warm=None) -> int:
     """The most memory ``run()`` has allocated at any moment beyond what it started with: the
-    running sum of ``torch.profiler``'s CPU allocation events (this process)."""
-    from torch.profiler import ProfilerActivity, profile
+    running sum of ``torch.profiler``'s CPU allocation events (this process).
+
+    The profiler records no release of a block allocated before it started (it warns: "Memory
+    block of unknown size was allocated before the profiling started"), so a step that swaps a
+    state tensor's storage for a new one (our momentum commit: the new buffer moves in, the old
+    one is freed) would count every new buffer and no old one: P too much by the last matrix.
+    ``warm`` (one step) runs first inside the profile, so that the blocks ``run`` releases are
+    known; the peak is counted from the start of ``run``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    running = peak = 0
+        if warm is not None:
+            warm()
+        with record_function(_MEASURED):
+            run()
+    events = sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    start = next(e.start_ns() for e in events if e.name() == _MEASURED)
+    running = peak = base = 0
     for e in events:
+        if e.name() != "[memory]":
+            continue
         running += e.nbytes()
-        peak = max(peak, running)
+        if e.start_ns() >= start:
+            peak = max(peak, running - base)
+        else:
+            base = running
     return peak
 
 
+_MEASURED = "bench.peak_allocation.run"
+
+
 def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
-    """:func:`peak_allocation` of one step and ``health()``."""
+    """:func:`peak_allocation` of one step and ``health()``, after one such step (``warm``)."""
     for p, g in zip(params, grads, strict=True):
         p.grad = g
 
@@ -87,7 +106,13 @@ def step_peak_bytes(opt: torch.optim.Optimizer, params, grads) -> int:
         if hasattr(opt, "health"):
             opt.health()
 
-    return peak_allocation(run)
+    return peak_allocation(run, warm=run)
+
+
+def one_per_batch(opt: Muon) -> Muon:
+    """``opt`` computing one matrix at a time (``MAX_BATCH_BYTES`` below any matrix)."""
+    opt.MAX_BATCH_BYTES = 1
+    return opt
 
 
 def memory_rows(shape_list) -> list[str]:
@@ -96,7 +121,10 @@ def memory_rows(shape_list) -> list[str]:
     kw = {"lr": 0.02}
     factories = {"torch.optim.Muon": lambda p: torch.optim.Muon(p, **kw),
                  "ours Muon (health every step)": lambda p: Muon(p, **kw),
-                 "ours NorMuon (health every step)": lambda p: NorMuon(p, **kw)}
+                 "ours NorMuon (health every step)": lambda p: NorMuon(p, **kw),
+                 "ours Muon, one matrix per batch": lambda p: one_per_batch(Muon(p, **kw)),
+                 "ours NorMuon, one matrix per batch":
+                     lambda p: one_per_batch(NorMuon(p, **kw))}
     n_bytes = 4 * sum(a * b for a, b in shape_list)
     peaks = {}
     for name, factory in factories.items():
@@ -214,6 +242,8 @@ def main() -> None:
         ("NorMuon / torch.optim.Muon",
          {"ours": lambda p: NorMuon(p, **kw, health_every=1),
           "torch": lambda p: torch.optim.Muon(p, **kw)}),
+        ("Muon one matrix per batch / batched (the default MAX_BATCH_BYTES)",
+         {"ours": lambda p: one_per_batch(Muon(p, **kw)), "torch": lambda p: Muon(p, **kw)}),
     ]
     print("| comparison | numerator ms | denominator ms | ratio | per-round ratios, quartiles |")
     print("|---|---|---|---|---|")

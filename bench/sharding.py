@@ -191,12 +191,13 @@ def optimizer_bytes(opt: Any) -> int:
 def step_peak_bytes(opt: Any, params: list[tuple[str, Any]], step: int) -> int:
     """The most memory one ``opt.step()`` has allocated at any moment beyond what it started
     with (exchange buffers, gathered matrices, Newton-Schulz and SOAP temporaries), on this
-    rank (:func:`bench.muon.peak_allocation`)."""
+    rank (:func:`bench.muon.peak_allocation`, after a step on the same gradients inside the
+    profile, so that the state buffers a step replaces are seen released)."""
     from bench.muon import peak_allocation
 
     inject(params, step)
     dist.barrier()
-    return peak_allocation(opt.step)
+    return peak_allocation(opt.step, warm=opt.step)
 
 
 class CommCounter(TorchDispatchMode):

@@ -31,7 +31,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -49,6 +49,8 @@ ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 # Keys a user may take for AdamW's own: the AdamW group reads adamw_betas and adamw_eps, and
 # these belong to the matrix optimizer, so in an AdamW group they would be ignored.
 _MATRIX_KEYS_ADAMW_IGNORES = ("betas", "eps", "momentum", "nesterov")
+
+T = TypeVar("T")
 
 
 def _refuse_matrix_keys_in_adamw(group: Any) -> None:
@@ -315,6 +317,12 @@ class MatrixOptimizer(Optimizer):
     # Group keys that may hold a schedule (a callable of the step): state_dict() saves them as
     # None, and load_state_dict() keeps the live group's value for them.
     schedule_keys: frozenset[str] = frozenset()
+    #: Same-shape matrices of a group are computed as one batch of at most this many float32
+    #: bytes (at least one matrix), so a step's temporaries scale with the batch, not with the
+    #: model: small matrices still batch (the speed of one call for many), large ones go one or
+    #: a few at a time (the memory of torch.optim.Muon). Set it on an instance to trade memory
+    #: for speed; the results do not depend on it.
+    MAX_BATCH_BYTES = 256 * 2**20
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
@@ -478,7 +486,8 @@ class MatrixOptimizer(Optimizer):
             batches[(id(item.group), item.shape, item.param.dtype)].append(item)
         self._skipped = set()
         try:
-            for batch in batches.values():
+            for batch in (chunk for same in batches.values()
+                          for chunk in self._batch_chunks(same, same[0].shape)):
                 self._step_items = batch
                 inputs = [self._prepare(item) for item in batch]
                 # the owner's check saw every whole update and counted each non-finite one
@@ -530,7 +539,8 @@ class MatrixOptimizer(Optimizer):
         # for one matrix its view, holds them), so no input outlives its batch's compute.
         pending = cast("list[Tensor | None]", full_inputs)
         try:
-            for js in batches.values():
+            for js in (chunk for same in batches.values()
+                       for chunk in self._batch_chunks(same, items[same[0]].shape)):
                 batch_items = [items[j] for j in js]
                 X = self._stack(batch_items, [full_inputs[j] for j in js])
                 like = [(full_inputs[j].shape, full_inputs[j].dtype) for j in js]
@@ -570,6 +580,12 @@ class MatrixOptimizer(Optimizer):
         for item in items:
             self._report_skips(item)
         return out
+
+    def _batch_chunks(self, same: list[T], shape: tuple[int, int]) -> list[list[T]]:
+        """``same`` (matrices of one group, shape and dtype) cut, in order, into batches of
+        at most :attr:`MAX_BATCH_BYTES` float32 bytes each, at least one matrix."""
+        per = max(1, int(self.MAX_BATCH_BYTES) // max(1, 4 * shape[0] * shape[1]))
+        return [same[k:k + per] for k in range(0, len(same), per)]
 
     def _warn_failed(self, items: list[MatrixItem], exc: Exception) -> None:
         """Warn that the update of ``items`` failed with ``exc`` and is skipped this step."""

@@ -33,6 +33,11 @@ def _soap(params: Any, sharding: Any, **kwargs: Any) -> Any:
     return SOAP(params, lr=3e-3, sharding=sharding, **kwargs)
 
 
+def _one_per_batch(opt: Any) -> Any:
+    opt.MAX_BATCH_BYTES = 1
+    return opt
+
+
 OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
     "muon": lambda params, sharding: Muon(params, lr=0.02, sharding=sharding),
     "muon_soft_pe": lambda params, sharding: Muon(
@@ -44,6 +49,8 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
     "muon_probes": lambda params, sharding: Muon(params, lr=0.02, health_probes=2,
                                                  sharding=sharding),
     "soap": _soap,
+    # One matrix per batch, on the owners too (the two 16x16 matrices batch otherwise)
+    "soap_unbatched": lambda params, sharding: _one_per_batch(_soap(params, sharding)),
     # One-sided SOAP: dims above 16 get no factor ((0, 0) state tensors) - 40x6, 7x12 both ways.
     "soap_onesided_kl": lambda params, sharding: _soap(params, sharding, max_precond_dim=16,
                                                        use_kl_shampoo=True, use_eigh=True),

@@ -1188,3 +1188,56 @@ def test_nonfinite_skip_counts_survive_a_state_dict_round_trip():
     opt.step()
     assert sum(sum(g["nonfinite_skips"].values()) for g in opt.param_groups) == 4
     assert sum(sum(g["nonfinite_skips"].values()) for g in saved["param_groups"]) == 3
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("factory", [
+    lambda p: Muon(p, lr=0.02),
+    lambda p: Muon(p, lr=0.02, health_probes=2),  # probes shared by a batch, seeded by the step
+    lambda p: NorMuon(p, lr=0.02, softening=0.1),
+    lambda p: SOAP(p, lr=3e-3, precondition_frequency=2),
+], ids=["muon", "muon_probes", "normuon_soft", "soap"])
+def test_max_batch_bytes_cuts_the_batches_and_changes_no_result(factory):
+    shapes = [(32, 16)] * 3 + [(16, 8)] * 2
+    names = [f"w{i}" for i in range(len(shapes))]
+    runs = {}
+    for cap in (None, 2 * 32 * 16 * 4):  # default (one batch per shape); two 32x16 per batch
+        params = make_params(shapes)
+        opt = factory(list(zip(names, params, strict=True)))
+        if cap is not None:
+            opt.MAX_BATCH_BYTES = cap
+        sizes: list[int] = []
+        real = opt._compute
+
+        def compute(items, X, real=real, sizes=sizes):
+            sizes.append(X.shape[0])
+            return real(items, X)
+
+        opt._compute = compute
+        for t in range(4):
+            for p, g in zip(params, grads_for(params, t), strict=True):
+                p.grad = g
+            opt.step()
+        runs[cap] = (params, opt.health(), sizes)
+    (batched, batched_health, batched_sizes), (cut, cut_health, cut_sizes) = runs.values()
+    assert batched_sizes == [3, 2] * 4 and cut_sizes == [2, 1, 2] * 4
+    # each matrix reads only its own slice of a batch: bit-identical, health too
+    assert all(torch.equal(a, b) for a, b in zip(cut, batched, strict=True))
+    assert cut_health == batched_health
+
+
+def test_max_batch_bytes_below_one_matrix_computes_one_matrix_at_a_time():
+    params = make_params([(8, 4)] * 2)
+    before = [p.detach().clone() for p in params]
+    opt = Muon(list(zip("ab", params, strict=True)), lr=0.02)
+    opt.MAX_BATCH_BYTES = 0
+    sizes: list[int] = []
+    real = opt._compute
+    opt._compute = lambda items, X: (sizes.append(X.shape[0]), real(items, X))[1]
+    for p, g in zip(params, grads_for(params, 0), strict=True):
+        p.grad = g
+    opt.step()
+    assert sizes == [1, 1]
+    assert not any(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert set(opt.health()) == {"a", "b"}

@@ -34,7 +34,8 @@ BF16_PARITY_RTOL = w.STEPS * 2.0**-7
 # "@bf16" / "@f64": the model in that dtype. A bf16 parameter must add the bf16 update one process
 # adds (torch rounds p.add_(u) differently for a float32 u), softening must blend in bf16, and
 # float64 must cross the exchange without passing through float32.
-NAMES = ["muon", "muon_soft_pe", "normuon", "muon_probes", "soap", "soap_onesided_kl",
+NAMES = ["muon", "muon_soft_pe", "normuon", "muon_probes", "soap", "soap_unbatched",
+         "soap_onesided_kl",
          "soap_every2", "muon@bf16", "muon_soft_pe@bf16", "normuon@bf16", "soap@bf16",
          "soap@f64", "muon@f64"]
 BAD_SCENARIOS = [("muon", "nan"), ("normuon", "nan"), ("soap", "huge"), ("soap_every2", "nan")]
