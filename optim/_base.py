@@ -445,6 +445,10 @@ class MatrixOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_dense(self.param_groups)  # before anything changes
+        if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
+            raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
+                             f"same-shape matrices; 0: one matrix at a time), got "
+                             f"{self.MAX_BATCH_BYTES!r}")
         # A group's values may have changed since they were checked (a scheduler, user code):
         # a step with one the update cannot use would fail half-way through the groups.
         for gi, group in enumerate(self.param_groups):
@@ -584,7 +588,7 @@ class MatrixOptimizer(Optimizer):
     def _batch_chunks(self, same: list[T], shape: tuple[int, int]) -> list[list[T]]:
         """``same`` (matrices of one group, shape and dtype) cut, in order, into batches of
         at most :attr:`MAX_BATCH_BYTES` float32 bytes each, at least one matrix."""
-        per = max(1, int(self.MAX_BATCH_BYTES) // max(1, 4 * shape[0] * shape[1]))
+        per = max(1, self.MAX_BATCH_BYTES // max(1, 4 * shape[0] * shape[1]))
         return [same[k:k + per] for k in range(0, len(same), per)]
 
     def _warn_failed(self, items: list[MatrixItem], exc: Exception) -> None:

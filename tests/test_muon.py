@@ -1241,3 +1241,17 @@ def test_max_batch_bytes_below_one_matrix_computes_one_matrix_at_a_time():
     assert sizes == [1, 1]
     assert not any(torch.equal(p, q) for p, q in zip(params, before, strict=True))
     assert set(opt.health()) == {"a", "b"}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "256MiB", True, None])
+def test_a_bad_max_batch_bytes_is_refused_before_anything_changes(bad):
+    params = make_params([(8, 4), (3,)])
+    opt = Muon(split_param_groups([("w", params[0]), ("b", params[1])]), lr=0.02)
+    before = [p.detach().clone() for p in params]
+    opt.MAX_BATCH_BYTES = bad
+    for p, g in zip(params, grads_for(params, 0), strict=True):
+        p.grad = g
+    with pytest.raises(ValueError, match="MAX_BATCH_BYTES must be an int >= 0"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert all(group["step"] == 0 for group in opt.param_groups)
