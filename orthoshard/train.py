@@ -218,6 +218,13 @@ def _maybe_die(step: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if world % args.replicas:
+        # Every rank says it, before any process group exists: the launcher stops the others
+        # once one exits, so a message left to one rank could be cut off with it.
+        print(f"orthoshard.train: --replicas {args.replicas} does not divide the {world} ranks",
+              file=sys.stderr)
+        return 2
     # GPU: NCCL for CUDA tensors and gloo for the few CPU ones (SOAP's step counters in a
     # checkpoint); CPU: gloo
     backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
@@ -255,11 +262,6 @@ def _train(args: argparse.Namespace) -> int:
     from sharding import OwnerSharding
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % args.replicas:
-        if rank == 0:  # every rank stops here, before any collective
-            print(f"orthoshard.train: --replicas {args.replicas} does not divide the "
-                  f"{world} ranks", file=sys.stderr)
-        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
