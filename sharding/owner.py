@@ -36,7 +36,9 @@ class OwnerSharding:
        The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
        order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
        under DDP) need no gather: the owner already has the full input, and with only replicated
-       matrices this phase sends nothing and makes no call.
+       matrices this phase sends nothing and makes no call. Each block ends with the sender's
+       finiteness flags of the sharded AdamW parameters (``carry``), summed on arrival, so that
+       the AdamW group needs no collective of its own.
     2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
        (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
     3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
@@ -102,14 +104,15 @@ class OwnerSharding:
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
-        with the scatter's one status element per pair of ranks: ``STATUS_ELEMENTS``), plus
-        the payload of the AdamW-group finiteness agreement (when any AdamW parameter is
-        sharded: 8 bytes per AdamW parameter with a gradient and step, counted once each way),
-        and the number of collectives."""
+        with the scatter's one status element per pair of ranks, ``STATUS_ELEMENTS``, and the
+        gather's finiteness flag per AdamW parameter with a gradient, when any is sharded),
+        and the number of collectives: 2 per step, plus one ``all_reduce`` of those flags in a
+        step whose exchange makes no gather call (no sharded matrix with a gradient)."""
         return dict(self._stats)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness agreement."""
+        """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness flags, in a
+        step whose exchange made no gather call to carry them."""
         out = t.clone()
         dist.all_reduce(out, group=self.group)
         if self.world_size > 1:
@@ -208,7 +211,8 @@ class OwnerSharding:
 
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
-            compute: Compute) -> list[Tensor]:
+            compute: Compute, *, carry: Tensor | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
         wire = self._wire_dtype(inputs)
@@ -219,7 +223,7 @@ class OwnerSharding:
         shapes = [tuple(t.shape) for t in inputs]
         dtypes = [t.dtype for t in inputs]
         device = inputs[0].device
-        full_inputs = self._gather(plan, inputs, owned, wire)
+        full_inputs, carried = self._gather(plan, inputs, owned, wire, carry)
         if isinstance(inputs, list):
             inputs.clear()
         # An owner whose compute raises (out of memory on a full matrix, a bug) still joins the
@@ -250,7 +254,7 @@ class OwnerSharding:
             if dtype is not None:
                 update = update.to(dtype)
             out.append(update.mT.contiguous().mT if transposed else update)
-        return out
+        return out, carried
 
     def _wire_dtype(self, inputs: Sequence[Tensor]) -> torch.dtype:
         """The buffers' dtype: ``exchange_dtype``, or the widest of float32 and the inputs'
@@ -263,17 +267,28 @@ class OwnerSharding:
         return wire
 
     def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                wire: torch.dtype) -> list[Tensor]:
+                wire: torch.dtype, carry: Tensor | None
+                ) -> tuple[list[Tensor], Tensor | None]:
         """Each owned matrix's full update input, in its own dtype (one process computes on
-        that dtype: Muon's softening blend, SOAP's float64 state)."""
+        that dtype: Muon's softening blend, SOAP's float64 state), and ``carry`` summed over
+        the ranks: it ends every block (exact for the 0/1 flags it holds, in any wire dtype;
+        None when this phase makes no call)."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            return [_through(inputs[i], wire) for i in owned]
+            return [_through(inputs[i], wire) for i in owned], None
         device = inputs[0].device
         send = [[inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]
+        extra = 0 if carry is None else carry.numel()
+        if carry is not None:
+            for parts in send:
+                parts.append(carry.to(device))
         recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
-                      for s in range(self.world_size)]
+                      + extra for s in range(self.world_size)]
         received = self._all_to_all(send, recv_sizes, device, wire)
+        carried = None
+        if carry is not None:  # summed in rank order: the same result on every rank
+            carried = torch.stack([block[len(block) - extra:] for block in received]) \
+                .to(torch.float64).sum(0)
         full = []
         for i in owned:
             if not plan.sharded[i]:
@@ -285,7 +300,7 @@ class OwnerSharding:
                 pieces.append(received[s][:size])
                 received[s] = received[s][size:]
             full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
-        return full
+        return full, carried
 
     def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
                  owned: list[int], results: list[Tensor] | None, wire: torch.dtype

@@ -489,6 +489,45 @@ def owner_error_worker(rank: int, world: int, out: str) -> None:
                     "after": after, "final": final}, out)
 
 
+def bias_only_run(model: nn.Module, opt: Any) -> list[float]:
+    """Three steps: every gradient; then the bias alone (no matrix takes part, so no gather
+    can carry its finiteness flag) with an Inf in rank 0's shard alone, then finite. The AdamW
+    skip count after each step."""
+    counts = []
+    for step in range(3):
+        inject(model, step)
+        if step > 0:
+            for name, p in model.named_parameters():
+                if name != "bias":
+                    p.grad = None
+        if step == 1:
+            _set_first(model.bias.grad, float("inf"))
+        opt.step()
+        counts.append(float(opt.param_groups[-1]["nonfinite_skips"]["bias"]))
+    return counts
+
+
+def _set_first(grad: torch.Tensor, value: float) -> None:
+    """Put ``value`` in the first entry of a gradient (rank 0's shard holds it)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(grad, DTensor):
+        grad[0] = value
+    elif dist.get_rank() == 0:
+        grad.to_local()[0] = value
+
+
+def bias_only_worker(rank: int, world: int, out: str) -> None:
+    from sharding import OwnerSharding
+
+    model, opt = build("muon", fsdp=True, sharding=OwnerSharding())
+    counts = bias_only_run(model, opt)
+    stats = opt.comm_stats()
+    params = full_params(model)
+    if rank == 0:
+        torch.save({"counts": counts, "stats": stats, "params": params}, out)
+
+
 MESH_SHAPE = (8, 6)  # rows divide by 2 and 4: only the ranks check can tell a wrong mesh
 
 

@@ -1,10 +1,10 @@
-"""The optimizer frame's fused finiteness check (optim._base.all_finite)."""
+"""The optimizer frame's fused finiteness checks (optim._base.all_finite, nonfinite_flags)."""
 
 from __future__ import annotations
 
 import torch
 
-from optim._base import all_finite
+from optim._base import all_finite, nonfinite_flags
 
 
 def test_finite_entries_whose_sum_overflows_count_as_finite():
@@ -20,20 +20,14 @@ def test_nan_and_opposite_infinities_are_not_finite():
     assert all_finite([nan, infs, one_inf, torch.zeros(2)]) == [False, False, False, True]
 
 
-def test_the_agreement_hook_decides_for_sharded_tensors_only_when_needed():
-    calls = []
-
-    class Shard(torch.Tensor):  # stands in for a DTensor: has to_local
+def test_nonfinite_flags_judge_this_processs_shard_exactly():
+    class Shard(torch.Tensor):  # stands in for a DTensor: its local part is what is judged
         def to_local(self) -> torch.Tensor:
-            return self.as_subclass(torch.Tensor)
+            return self.as_subclass(torch.Tensor)[:2]
 
-    def agree(t: torch.Tensor) -> torch.Tensor:  # another rank's shard holds a NaN
-        calls.append(t.clone())
-        return t + (1.0 if len(calls) > 1 else float("nan"))  # its flag, or its partial sum
-
-    shard = torch.ones(4).as_subclass(Shard)
-    # The hook reports another rank's NaN: the local shard is finite, yet the call is "skip".
-    assert all_finite([shard], agree=agree) == [False]
-    assert len(calls) == 2  # the sums, then the exact flags of the suspects
-    assert all_finite([torch.ones(2)], agree=agree) == [True]  # plain tensors: no agreement
-    assert len(calls) == 2
+    bad_elsewhere = torch.tensor([1.0, 2.0, float("nan")]).as_subclass(Shard)  # NaN not local
+    bad_here = torch.tensor([float("inf"), 2.0, 3.0]).as_subclass(Shard)
+    huge = torch.full((10,), 3e38)  # finite entries, non-finite float32 sum: checked exactly
+    flags = nonfinite_flags([bad_elsewhere, bad_here, huge, torch.tensor([-float("inf")])])
+    assert flags.dtype == torch.float64 and flags.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert nonfinite_flags([]).numel() == 0
