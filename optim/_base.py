@@ -224,7 +224,8 @@ class MatrixExchange(Protocol):
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+            carry: Tensor | None = None, failure: Exception | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
         """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
         the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
         (it drops each entry once stacked, to bound a step's memory); return this rank's piece
@@ -233,7 +234,9 @@ class MatrixExchange(Protocol):
 
         ``carry``: a small float64 vector (the same length on every rank) to be summed over the
         ranks on the way; returned second, the same on every rank, or None when the exchange
-        made no call that could carry it (the caller then uses :meth:`all_reduce_sum`)."""
+        made no call that could carry it (the caller then uses :meth:`all_reduce_sum`).
+        ``failure``: this rank could not prepare its inputs (``inputs`` is then empty); it is
+        raised, and every other rank raises too, once the ranks have learnt of it."""
         ...
 
     def bind(self, optimizer: MatrixOptimizer) -> None:
@@ -284,7 +287,10 @@ class LocalExchange:
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+            carry: Tensor | None = None, failure: Exception | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
+        if failure is not None:
+            raise failure
         # the caller's list itself (handed over, see Exchange.run): compute drops each input
         # once stacked, and none outlives its batch
         return compute(list(range(len(items))),
@@ -474,12 +480,18 @@ class MatrixOptimizer(Optimizer):
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
         elif items:
-            inputs = [self._prepare(item) for item in items]
+            failure: Exception | None = None
+            try:
+                inputs = [self._prepare(item) for item in items]
+            except Exception as exc:  # raised on every rank by the exchange, none left waiting
+                failure, inputs = exc, []
+                for item in items:
+                    item.pending = None
             self._step_items, self._skipped = items, set()
             try:
                 updates, carried = self._exchange.run(
                     items, inputs, self._owner_compute,
-                    carry=flags if agreed is None else None)
+                    carry=flags if agreed is None else None, failure=failure)
             finally:
                 self._step_items = []
             agreed = carried if agreed is None else agreed

@@ -19,8 +19,9 @@ __all__ = ["OwnerSharding"]
 
 Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
 
-# Elements each rank appends to every block of the scatter: its compute's status (0: computed,
-# 1: failed), so a failure on one owner reaches every rank without another collective.
+# Elements each rank appends to every block of both all-to-alls: its status (0: fine, 1: it
+# could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
+# failure on one rank reaches every rank without another collective.
 STATUS_ELEMENTS = 1
 
 
@@ -37,8 +38,10 @@ class OwnerSharding:
        order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
        under DDP) need no gather: the owner already has the full input, and with only replicated
        matrices this phase sends nothing and makes no call. Each block ends with the sender's
-       finiteness flags of the sharded AdamW parameters (``carry``), summed on arrival, so that
-       the AdamW group needs no collective of its own.
+       status element (a rank that could not prepare its rows sends placeholders, flagged, and
+       every rank raises before any owner computes) and its finiteness flags of the sharded
+       AdamW parameters (``carry``), summed on arrival, so that the AdamW group needs no
+       collective of its own.
     2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
        (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
     3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
@@ -104,7 +107,7 @@ class OwnerSharding:
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
-        with the scatter's one status element per pair of ranks, ``STATUS_ELEMENTS``, and the
+        with each all-to-all's status element per pair of ranks, ``STATUS_ELEMENTS``, and the
         gather's finiteness flag per AdamW parameter with a gradient, when any is sharded),
         and the number of collectives: 2 per step, plus one ``all_reduce`` of those flags in a
         step whose exchange makes no gather call (no sharded matrix with a gradient)."""
@@ -211,41 +214,45 @@ class OwnerSharding:
 
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
-            compute: Compute, *, carry: Tensor | None = None
+            compute: Compute, *, carry: Tensor | None = None, failure: Exception | None = None
             ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
-        wire = self._wire_dtype(inputs)
+        # ``failure``: this rank could not prepare its inputs (there are none). It still takes
+        # part, flagged, so that every rank raises in this step instead of waiting for it.
+        if failure is None:
+            shapes = [tuple(t.shape) for t in inputs]
+            dtypes = [t.dtype for t in inputs]
+            device = inputs[0].device
+        else:
+            shapes = [tuple(local(item.param).shape) for item in items]
+            dtypes = [item.param.dtype for item in items]
+            device = local(items[0].param).device
+        wire = self._wire_dtype(dtypes)
         # What the rest of the step needs of the inputs: they are dropped once sent (the caller
         # hands its list over), compute drops each full input once stacked, and _scatter the
         # results once they are in its send buffer, so a step's peak holds no second copy of
         # any of them. Every rank joins the gather, an owner of nothing too (it sends its rows).
-        shapes = [tuple(t.shape) for t in inputs]
-        dtypes = [t.dtype for t in inputs]
-        device = inputs[0].device
-        full_inputs, carried = self._gather(plan, inputs, owned, wire, carry)
+        full_inputs, carried, failed = self._gather(plan, inputs, owned, wire, device, carry,
+                                                    failure is not None)
         if isinstance(inputs, list):
             inputs.clear()
+        if failed:  # known to every rank after the gather: no owner computes
+            self._raise_failed(failure, failed, "before the exchange (preparing its rows)", items,
+                               plan)
         # An owner whose compute raises (out of memory on a full matrix, a bug) still joins the
         # scatter, flagged as failed: left out, every other rank would wait in it until the
         # process group timed out. Every rank then raises, and none applies this step's updates.
-        failure: Exception | None = None
-        try:
-            results: list[Tensor] | None = compute(owned, full_inputs) if owned else []
-        except Exception as exc:  # raised again below, after the exchange
-            failure, results = exc, None
+        results: list[Tensor] | None = None
+        if failure is None:
+            try:
+                results = compute(owned, full_inputs) if owned else []
+            except Exception as exc:  # raised again below, after the exchange
+                failure = exc
         del full_inputs  # emptied by compute
         updates, failed = self._scatter(plan, shapes, device, owned, results, wire)
         if failed:
-            if failure is not None:
-                failure.add_note(f"orthoshard: raised on every rank of the group; no rank "
-                                 f"applied this step's matrix updates (failed: ranks {failed})")
-                raise failure
-            raise RuntimeError(
-                f"the matrix update on rank {failed[0]} of the sharding group failed "
-                f"this step: its own error is raised there; every rank of the group raises and "
-                f"none applied this step's matrix updates (failed: ranks {failed}; owners of "
-                f"{_owned_names(plan, failed, items)})")
+            self._raise_failed(failure, failed, "this step", items, plan)
         # the look the owner's update had (dtype, layout), which every rank can tell from the
         # matrix alone, so each rank adds exactly what one process adds
         out = []
@@ -256,39 +263,62 @@ class OwnerSharding:
             out.append(update.mT.contiguous().mT if transposed else update)
         return out, carried
 
-    def _wire_dtype(self, inputs: Sequence[Tensor]) -> torch.dtype:
+    def _raise_failed(self, failure: Exception | None, failed: list[int], when: str,
+                      items: Sequence[MatrixItem], plan: Plan) -> None:
+        """Raise on this rank for the ``failed`` ranks of the group: its own ``failure`` (with
+        a note) if it is one of them, else a RuntimeError naming them."""
+        if failure is not None:
+            failure.add_note(f"orthoshard: raised on every rank of the group; no rank applied "
+                             f"this step's matrix updates (failed: ranks {failed})")
+            raise failure
+        raise RuntimeError(
+            f"the matrix update on rank {failed[0]} of the sharding group failed {when}: its "
+            f"own error is raised there; every rank of the group raises and none applied this "
+            f"step's matrix updates (failed: ranks {failed}; owners of "
+            f"{_owned_names(plan, failed, items)})")
+
+    def _wire_dtype(self, dtypes: Sequence[torch.dtype]) -> torch.dtype:
         """The buffers' dtype: ``exchange_dtype``, or the widest of float32 and the inputs'
-        (the same on every rank: every rank steps the same parameters)."""
+        (the same on every rank: every rank steps the same parameters, and its inputs have
+        their parameters' dtypes)."""
         if self.exchange_dtype is not None:
             return self.exchange_dtype
         wire = torch.float32
-        for t in inputs:
-            wire = torch.promote_types(wire, t.dtype)
+        for dtype in dtypes:
+            wire = torch.promote_types(wire, dtype)
         return wire
 
     def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                wire: torch.dtype, carry: Tensor | None
-                ) -> tuple[list[Tensor], Tensor | None]:
+                wire: torch.dtype, device: torch.device, carry: Tensor | None, failed: bool
+                ) -> tuple[list[Tensor], Tensor | None, list[int]]:
         """Each owned matrix's full update input, in its own dtype (one process computes on
-        that dtype: Muon's softening blend, SOAP's float64 state), and ``carry`` summed over
-        the ranks: it ends every block (exact for the 0/1 flags it holds, in any wire dtype;
-        None when this phase makes no call)."""
+        that dtype: Muon's softening blend, SOAP's float64 state), ``carry`` summed over the
+        ranks (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could
+        not prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
+        block ends with the sender's status element, then ``carry``. With only replicated
+        matrices this phase makes no call: no carry (None) and no failure known yet."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            return [_through(inputs[i], wire) for i in owned], None
-        device = inputs[0].device
-        send = [[inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
+            full = [] if failed else [_through(inputs[i], wire) for i in owned]
+            return full, None, []
+        zero = torch.zeros(1, dtype=wire, device=device)
+        send = [[zero.expand(plan.rows_of(i, self.rank) * plan.shapes[i][1]) if failed
+                 else inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]
-        extra = 0 if carry is None else carry.numel()
-        if carry is not None:
-            for parts in send:
-                parts.append(carry.to(device))
+        status = torch.full((STATUS_ELEMENTS,), float(failed), dtype=wire, device=device)
+        tail = [status] if carry is None else [status, carry.to(device)]
+        extra = sum(t.numel() for t in tail)
+        for parts in send:
+            parts.extend(tail)
         recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
                       + extra for s in range(self.world_size)]
         received = self._all_to_all(send, recv_sizes, device, wire)
-        carried = None
-        if carry is not None:  # summed in rank order: the same result on every rank
-            carried = torch.stack([block[len(block) - extra:] for block in received]) \
-                .to(torch.float64).sum(0)
+        # summed in rank order: the same result on every rank; one host sync for the statuses
+        tails = torch.stack([block[len(block) - extra:] for block in received]).to(torch.float64)
+        flags = tails[:, :STATUS_ELEMENTS].sum(1).tolist()
+        failed_ranks = [s for s, flag in enumerate(flags) if flag != 0]
+        carried = None if carry is None else tails[:, STATUS_ELEMENTS:].sum(0)
+        if failed_ranks:
+            return [], carried, failed_ranks
         full = []
         for i in owned:
             if not plan.sharded[i]:
@@ -300,7 +330,7 @@ class OwnerSharding:
                 pieces.append(received[s][:size])
                 received[s] = received[s][size:]
             full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
-        return full, carried
+        return full, carried, []
 
     def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
                  owned: list[int], results: list[Tensor] | None, wire: torch.dtype

@@ -457,36 +457,52 @@ def failing_owner_worker(rank: int, world: int, out: str) -> None:
 FAILING_MATRIX = "ws.3"  # its owner's compute raises (owner_error_worker)
 
 
-def owner_error_worker(rank: int, world: int, out: str) -> None:
-    """Muon under FSDP2 whose compute raises on the owner of ``FAILING_MATRIX`` at the second
-    step (as an out-of-memory error on a full matrix would): what every rank saw, the parameters
-    around that step, and a third step once the fault is gone. Rank 0 writes them."""
+def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) -> None:
+    """Muon whose step raises on one rank at the second step, as an out-of-memory error would:
+    in the compute of ``FAILING_MATRIX``'s owner (``phase`` "compute"), or while the last rank
+    prepares its rows ("prepare"). What every rank saw, the parameters and momentum around that
+    step, and a third step once the fault is gone. Rank 0 writes them."""
     from sharding import OwnerSharding
 
-    model, opt = build("muon", fsdp=True, sharding=OwnerSharding())
+    model, opt = build("muon", fsdp=fsdp, sharding=OwnerSharding())
     inject(model, 0)
     opt.step()
     plan, _ = opt._exchange.global_plan()
-    owner = plan.owners[[item.name for item in opt.matrix_items()].index(FAILING_MATRIX)]
-    real = opt._compute
+    names = [item.name for item in opt.matrix_items()]
+    failing = plan.owners[names.index(FAILING_MATRIX)] if phase == "compute" else world - 1
+    method = "_compute" if phase == "compute" else "_prepare"
+    real = getattr(opt, method)
 
-    def compute(items: list[Any], X: torch.Tensor) -> torch.Tensor:
-        if any(item.name == FAILING_MATRIX for item in items):
+    def fail(*args: Any) -> Any:
+        items = args[0] if phase == "compute" else [args[0]]
+        if rank == failing and any(item.name == FAILING_MATRIX for item in items):
             raise RuntimeError(f"injected failure on rank {rank}")
-        return real(items, X)
+        return real(*args)
 
-    opt._compute = compute
-    before = full_params(model)
+    setattr(opt, method, fail)
+    before, momentum = full_params(model), _momentum(opt)
     inject(model, 1)
     failed = _every_rank_says(world, Exception, opt.step)
-    after = full_params(model)
-    del opt._compute  # the class's again
+    after, momentum_after = full_params(model), _momentum(opt)
+    delattr(opt, method)  # the class's again
     inject(model, 2)
     recovered = _every_rank_says(world, Exception, opt.step)
     final = full_params(model)  # a collective: every rank
     if rank == 0:
-        torch.save({"owner": owner, "failed": failed, "recovered": recovered, "before": before,
-                    "after": after, "final": final}, out)
+        torch.save({"failing": failing, "failed": failed, "recovered": recovered,
+                    "before": before, "after": after, "final": final, "momentum": momentum,
+                    "momentum_after": momentum_after}, out)
+
+
+def _momentum(opt: Any) -> dict[str, torch.Tensor]:
+    """Every matrix's full momentum buffer (a collective under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for item in opt.matrix_items():
+        buf = opt.state[item.param]["momentum_buffer"]
+        out[item.name] = (buf.full_tensor() if isinstance(buf, DTensor) else buf).clone()
+    return out
 
 
 def bias_only_run(model: nn.Module, opt: Any) -> list[float]:

@@ -48,8 +48,9 @@ def _wire_bytes(scenario: tuple[str, str | None]) -> int:
 
 
 def _status_bytes(world: int, wire: int) -> int:
-    """What the scatter's status elements add to one rank's bytes sent (or received) over the
-    run: one element to (from) each other rank per step."""
+    """What one exchange's status elements add to one rank's bytes sent (or received) over
+    the run: one element to (from) each other rank per step (the scatter's; the gather's too
+    when any matrix is sharded)."""
     return STATUS_ELEMENTS * (world - 1) * wire * w.STEPS
 
 
@@ -162,7 +163,7 @@ def test_comm_stats_equal_plan_and_an_independent_count(fsdp_run):
     world, results = fsdp_run
     for scenario in SCENARIOS:
         wire = _wire_bytes(scenario)
-        extra = _status_bytes(world, wire) + _flag_bytes(world, wire)
+        extra = 2 * _status_bytes(world, wire) + _flag_bytes(world, wire)  # gather, scatter
         for rank, r in enumerate(results[scenario]["ranks"]):
             sent, received = (wire * w.STEPS * e + extra for e in r["plan"])
             assert r["stats"]["bytes_sent"] == sent == r["counted"][0], (scenario, rank)
@@ -175,7 +176,7 @@ def test_comm_stats_equal_plan_and_an_independent_count(fsdp_run):
 def test_bytes_are_two_exchanges_of_the_rows_not_on_their_owner(fsdp_run):
     world, results = fsdp_run
     # Every element of a matrix that does not sit on its owner crosses the wire exactly twice
-    # per step (in and out); nothing else is sent but the scatter's status element and the
+    # per step (in and out); nothing else is sent but a status element each way and the
     # gather's AdamW flag per pair of ranks. Averaged over ranks this is the DESIGN.md budget
     # 2 (W-1)/W^2 P when shards are even.
     plan = build_plan(list(w.SHAPES), [True] * len(w.SHAPES),
@@ -183,7 +184,7 @@ def test_bytes_are_two_exchanges_of_the_rows_not_on_their_owner(fsdp_run):
     off_owner = sum((m - plan.rows_of(i, plan.owners[i])) * n
                     for i, (m, n) in enumerate(w.SHAPES))
     ranks = results[("muon", None)]["ranks"]
-    extra = _status_bytes(world, FLOAT32_BYTES) + _flag_bytes(world, FLOAT32_BYTES)
+    extra = 2 * _status_bytes(world, FLOAT32_BYTES) + _flag_bytes(world, FLOAT32_BYTES)
     assert sum(r["stats"]["bytes_sent"] - extra for r in ranks) == \
         2 * off_owner * FLOAT32_BYTES * w.STEPS
 
@@ -254,21 +255,33 @@ def test_the_adamw_flags_agree_without_a_gather_to_carry_them(tmp_path, world):
     assert result["stats"]["collectives"] == 2 + 1 + 1  # the exchange, then one all_reduce each
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_an_error_on_one_owner_is_raised_on_every_rank_and_nothing_is_applied(tmp_path, world):
-    # raised on the owner alone, it left every other rank waiting in the scatter until the
+@pytest.mark.parametrize(("phase", "fsdp", "world"), [
+    ("compute", True, 1), ("compute", True, 2), ("compute", True, 4),
+    ("prepare", True, 2), ("prepare", True, 4),
+    ("compute", False, 2), ("prepare", False, 2),  # replicated: no gather to learn it from
+])
+def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_path, phase,
+                                                                           fsdp, world):
+    # raised on one rank alone, it left every other rank waiting in the exchange until the
     # process group timed out (30 minutes by default): here that is run_ranks' deadline
-    run_ranks(w.owner_error_worker, world, tmp_path, str(tmp_path / "out.pt"), timeout=90)
+    run_ranks(w.owner_error_worker, world, tmp_path, str(tmp_path / "out.pt"), phase, fsdp,
+              timeout=90)
     result = torch.load(tmp_path / "out.pt")
-    owner = result["owner"]
+    failing = result["failing"]
+    when = "before the exchange" if phase == "prepare" and fsdp else "this step"
     for rank, outcome in enumerate(result["failed"]):
-        if rank == owner:  # its own error, unchanged
-            assert outcome == f"RuntimeError: injected failure on rank {owner}"
+        if rank == failing:  # its own error, unchanged
+            assert outcome == f"RuntimeError: injected failure on rank {failing}"
         else:
-            assert outcome.startswith(f"RuntimeError: the matrix update on rank {owner} ")
-            assert w.FAILING_MATRIX in outcome and "none applied" in outcome
-    for name, value in result["before"].items():  # no rank changed any parameter: the
-        assert torch.equal(result["after"][name], value), name  # AdamW group steps last
+            assert outcome.startswith(
+                f"RuntimeError: the matrix update on rank {failing} of the sharding group "
+                f"failed {when}"), outcome
+            assert "none applied" in outcome
+    # no rank changed a parameter (the AdamW group steps last) or a momentum buffer
+    for name, value in result["before"].items():
+        assert torch.equal(result["after"][name], value), name
+    for name, value in result["momentum"].items():
+        assert torch.equal(result["momentum_after"][name], value), name
     # the collectives stayed matched: the next step runs on every rank and updates every matrix
     assert result["recovered"] == ["done"] * world
     for name, value in result["after"].items():
