@@ -185,6 +185,11 @@ def _fresh_outputs(out: Path, resume: bool) -> None:
             f.unlink()
 
 
+# Ranks the local demo starts at most: each is a Python process holding torch (~300 MB) on this
+# one machine; more belong to torchrun across nodes.
+MAX_LOCAL_RANKS = 64
+
+
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What makes these arguments unusable, before anything starts (None: they are fine): the
     demo's own, then those it hands to ``orthoshard.train`` (checked there, once for both)."""
@@ -192,6 +197,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 
     if args.steps < 1 or args.nproc < 1:
         return "--steps and --nproc must be >= 1"
+    if args.nproc > MAX_LOCAL_RANKS:
+        return (f"--nproc {args.nproc}: the local demo runs every rank on this machine, at most "
+                f"{MAX_LOCAL_RANKS}; for more ranks run orthoshard.train under torchrun on each "
+                f"node (docs/deploy.md)")
     if args.max_restarts < 0:
         return "--max-restarts must be >= 0"
     if not (0 <= args.linger < math.inf or args.linger == -1):

@@ -19,6 +19,7 @@ def _demo_args(*argv: str) -> argparse.Namespace:
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--steps", "0"], "--steps and --nproc must be >= 1"),
+    (["--nproc", "65"], "--nproc 65: the local demo runs every rank on this machine, at most 64"),
     (["--kl-shampoo"], "--kl-shampoo applies to --optimizer soap"),
     (["--spike-at", "300"], "--spike-at must be a step in [0, --steps=300)"),
     (["--spike-at", "-1"], "--spike-at must be a step"),
@@ -46,6 +47,7 @@ def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
 @pytest.mark.parametrize("argv", [
     [], ["--optimizer", "soap", "--kl-shampoo", "--spike-at", "150"], ["--linger", "-1"],
     ["--checkpoint-dir", "ckpt", "--checkpoint-every", "50", "--resume", "--max-restarts", "2"],
+    ["--nproc", "64"],  # the most the local demo starts
 ])
 def test_the_demo_takes_what_the_readme_shows(argv):
     assert demo._argument_problem(_demo_args(*argv)) is None
