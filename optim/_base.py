@@ -93,6 +93,8 @@ def _nonfinite(tensors: Sequence[Tensor]) -> list[float]:
     """:func:`nonfinite_flags` as Python floats (no tensor made)."""
     if not tensors:
         return []
+    # a complex tensor is summed as its real and imaginary parts (casting its sum to a real dtype
+    # would drop a NaN in the imaginary part)
     sums = torch.stack([_real(local(t)).sum().to(torch.float64) for t in tensors])
     return [0.0 if good else float(not bool(torch.isfinite(local(t)).all()))
             for t, good in zip(tensors, torch.isfinite(sums).tolist(), strict=True)]
