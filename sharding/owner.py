@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils.weak import WeakIdKeyDictionary
 
 from optim._base import MatrixItem, local
 from sharding import checkpoint
@@ -98,6 +99,7 @@ class OwnerSharding:
         self._plan_key: tuple | None = None
         self._index: dict[int, int] = {}
         self._meshes_checked: dict[tuple[int, int], Any] = {}
+        self._sharded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> _is_sharded
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def bind(self, optimizer: Any) -> None:
@@ -133,7 +135,7 @@ class OwnerSharding:
         """The plan over ALL of the optimizer's matrices (ownership does not depend on which
         have a gradient this step) and the map ``id(param) -> plan index``."""
         items = self._optimizer.matrix_items()
-        sharded = tuple(self._is_sharded(item.param) for item in items)
+        sharded = tuple(self._sharded_of(item.param) for item in items)
         key = tuple((id(item.param), item.shape, s) for item, s in zip(items, sharded, strict=True))
         if key != self._plan_key:
             costs = [float(self._optimizer.matrix_cost(item)) for item in items]
@@ -157,6 +159,14 @@ class OwnerSharding:
 
     def owned(self, items: Sequence[MatrixItem]) -> list[int]:
         return self.plan_for(items).owned_by(self.rank)
+
+    def _sharded_of(self, param: Tensor) -> bool:
+        """:meth:`_is_sharded`, once per parameter object (a DTensor's placements do not
+        change; the checks cost ~2 us a matrix, every step)."""
+        known = self._sharded.get(param)
+        if known is None:
+            known = self._sharded[param] = self._is_sharded(param)
+        return known
 
     def _is_sharded(self, param: Tensor) -> bool:
         """Whether ``param`` is row-sharded over this group (False: replicated, a plain
