@@ -476,8 +476,9 @@ class MatrixOptimizer(Optimizer):
                                                           strict=True) if p.grad is not None])
                     for group in self.param_groups if group["algorithm"] == ADAMW]
         grads = [p.grad for _, named in fallback for _, p in named]
-        flags = nonfinite_flags(grads)
-        agreed = None if any(hasattr(g, "to_local") for g in grads) else flags
+        sharded = any(hasattr(g, "to_local") for g in grads)
+        flags = nonfinite_flags(grads) if sharded else None  # to sum over the ranks
+        bad = None if sharded else _nonfinite(grads)  # this process decides alone
         items = [item for item in self.matrix_items() if item.param.grad is not None]
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
@@ -491,12 +492,12 @@ class MatrixOptimizer(Optimizer):
                     item.pending = None
             self._step_items, self._skipped = items, set()
             try:
-                updates, carried = self._exchange.run(
-                    items, inputs, self._owner_compute,
-                    carry=flags if agreed is None else None, failure=failure)
+                updates, carried = self._exchange.run(items, inputs, self._owner_compute,
+                                                      carry=flags, failure=failure)
             finally:
                 self._step_items = []
-            agreed = carried if agreed is None else agreed
+            if flags is not None and carried is not None:
+                bad = carried.tolist()
             finite = all_finite(updates)  # each rank's rows, as they came back
             if not all(finite):
                 self._count_failed(items, finite)
@@ -504,11 +505,12 @@ class MatrixOptimizer(Optimizer):
                 if ok:
                     self._apply(item, update)
                 item.pending = None
-        if agreed is None:  # sharded AdamW parameters, and no gather that carried their flags
-            agreed = self._exchange.all_reduce_sum(flags)
-        bad = iter(agreed.tolist())
+        if bad is None:  # sharded AdamW parameters, and no gather that carried their flags
+            assert flags is not None
+            bad = self._exchange.all_reduce_sum(flags).tolist()
+        flag = iter(bad)
         for group, named in fallback:
-            self._adamw_step(group, named, [next(bad) == 0.0 for _ in named])
+            self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
         return loss
 
     def _step_local(self, items: list[MatrixItem]) -> None:

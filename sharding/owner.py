@@ -310,23 +310,14 @@ class OwnerSharding:
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
             full = [] if failed else [_through(inputs[i], wire) for i in owned]
             return full, None, []
-        zero = torch.zeros(1, dtype=wire, device=device)
-        send = [[zero.expand(plan.rows_of(i, self.rank) * plan.shapes[i][1]) if failed
-                 else inputs[i].reshape(-1) for i in plan.owned_by(d) if plan.sharded[i]]
+        send = [[_placeholder(plan.rows_of(i, self.rank) * plan.shapes[i][1], wire, device)
+                 if failed else inputs[i].reshape(-1)
+                 for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]
-        status = torch.full((STATUS_ELEMENTS,), float(failed), dtype=wire, device=device)
-        tail = [status] if carry is None else [status, carry.to(device)]
-        extra = sum(t.numel() for t in tail)
-        for parts in send:
-            parts.extend(tail)
         recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
-                      + extra for s in range(self.world_size)]
-        received = self._all_to_all(send, recv_sizes, device, wire)
-        # summed in rank order: the same result on every rank; one host sync for the statuses
-        tails = torch.stack([block[len(block) - extra:] for block in received]).to(torch.float64)
-        flags = tails[:, :STATUS_ELEMENTS].sum(1).tolist()
-        failed_ranks = [s for s, flag in enumerate(flags) if flag != 0]
-        carried = None if carry is None else tails[:, STATUS_ELEMENTS:].sum(0)
+                      for s in range(self.world_size)]
+        received, failed_ranks, carried = self._all_to_all(send, recv_sizes, device, wire,
+                                                           failed=failed, carry=carry)
         if failed_ranks:
             return [], carried, failed_ranks
         full = []
@@ -357,26 +348,19 @@ class OwnerSharding:
             for d in range(self.world_size):
                 start, end = plan.bounds[i][d]
                 if results is None:
-                    size = (end - start if plan.sharded[i] else plan.shapes[i][0]) \
-                        * plan.shapes[i][1]
-                    send[d].append(torch.zeros(1, dtype=wire, device=device).expand(size))
+                    rows = end - start if plan.sharded[i] else plan.shapes[i][0]
+                    send[d].append(_placeholder(rows * plan.shapes[i][1], wire, device))
                     continue
                 result = results[k]
                 send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
                                else result.reshape(-1))
-        status = torch.full((STATUS_ELEMENTS,), 0.0 if results is not None else 1.0,
-                            dtype=wire, device=device)
-        for parts in send:
-            parts.append(status)
         if results is not None:
             results.clear()  # the views in ``send`` keep them until _all_to_all has copied them
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
                           else plan.shapes[i][0] * plan.shapes[i][1]
-                          for i in plan.owned_by(s)) + STATUS_ELEMENTS
-                      for s in range(self.world_size)]
-        received = self._all_to_all(send, recv_sizes, device, wire)
-        flags = torch.stack([block[-1] for block in received]).tolist()  # one host sync
-        failed = [s for s, flag in enumerate(flags) if flag != 0]
+                          for i in plan.owned_by(s)) for s in range(self.world_size)]
+        received, failed, _ = self._all_to_all(send, recv_sizes, device, wire,
+                                               failed=results is None)
         if failed:
             return [], failed
         out: list[Tensor] = []
@@ -389,16 +373,27 @@ class OwnerSharding:
         return out, []
 
     def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
-                    device: torch.device, wire: torch.dtype) -> list[Tensor]:
-        """One ``all_to_all_single`` with uneven splits; returns the received block per source.
-        Consumes ``send`` (emptied once copied into the one send buffer, so what its pieces
-        view can be freed before the collective)."""
+                    device: torch.device, wire: torch.dtype, *, failed: bool,
+                    carry: Tensor | None = None
+                    ) -> tuple[list[Tensor], list[int], Tensor | None]:
+        """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
+        from each source). Every block ends with its sender's status element (``failed``) and
+        then ``carry``. Returns the payload received per source, the ranks that said they
+        failed, and ``carry`` summed over the ranks (None without one). Consumes ``send``
+        (emptied once copied into the one send buffer, so what its pieces view can be freed
+        before the collective)."""
+        tail = [torch.full((STATUS_ELEMENTS,), float(failed), dtype=wire, device=device)]
+        if carry is not None:
+            tail.append(carry.to(device))
+        extra = sum(t.numel() for t in tail)
+        for parts in send:
+            parts.extend(tail)
+        recv_sizes = [size + extra for size in recv_sizes]
         send_sizes = [sum(p.numel() for p in parts) for parts in send]
         # one copy, cast on the way, into the send buffer (none per destination first)
         inp = torch.empty(sum(send_sizes), dtype=wire, device=device)
         pieces = [p for parts in send for p in parts]
-        if pieces:
-            torch.cat(pieces, out=inp)
+        torch.cat(pieces, out=inp)
         del pieces
         for parts in send:
             parts.clear()
@@ -410,7 +405,13 @@ class OwnerSharding:
         self._stats["bytes_sent"] += sum(send_sizes[r] for r in others) * itemsize
         self._stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
         self._stats["collectives"] += 1
-        return list(out.split(recv_sizes))
+        blocks = out.split(recv_sizes)
+        # summed in rank order, the same on every rank; one host sync for the statuses
+        tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
+        statuses = tails[:, :STATUS_ELEMENTS].sum(1).tolist()
+        carried = tails[:, STATUS_ELEMENTS:].sum(0) if carry is not None else None
+        return ([block[:len(block) - extra] for block in blocks],
+                [r for r, status in enumerate(statuses) if status != 0], carried)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -418,6 +419,12 @@ class OwnerSharding:
 
     def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return checkpoint.import_owner_state(self, state_dict)
+
+
+def _placeholder(n: int, wire: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` zeros to send in place of a payload this rank does not have (one element, viewed
+    ``n`` times: no new memory)."""
+    return torch.zeros(1, dtype=wire, device=device).expand(n)
 
 
 def _owned_names(plan: Plan, ranks: list[int], items: Sequence[MatrixItem]) -> str:
