@@ -1192,6 +1192,19 @@ def test_nonfinite_skip_counts_survive_a_state_dict_round_trip():
 
 # ---- batches ------------------------------------------------------------------------------
 
+def record_batch_sizes(opt) -> list[int]:
+    """The list the size of every batch ``opt`` computes is appended to, from now on."""
+    sizes: list[int] = []
+    real = opt._compute
+
+    def compute(items, X):
+        sizes.append(X.shape[0])
+        return real(items, X)
+
+    opt._compute = compute
+    return sizes
+
+
 @pytest.mark.parametrize("factory", [
     lambda p: Muon(p, lr=0.02),
     lambda p: Muon(p, lr=0.02, health_probes=2),  # probes shared by a batch, seeded by the step
@@ -1207,14 +1220,7 @@ def test_max_batch_bytes_cuts_the_batches_and_changes_no_result(factory):
         opt = factory(list(zip(names, params, strict=True)))
         if cap is not None:
             opt.MAX_BATCH_BYTES = cap
-        sizes: list[int] = []
-        real = opt._compute
-
-        def compute(items, X, real=real, sizes=sizes):
-            sizes.append(X.shape[0])
-            return real(items, X)
-
-        opt._compute = compute
+        sizes = record_batch_sizes(opt)
         for t in range(4):
             for p, g in zip(params, grads_for(params, t), strict=True):
                 p.grad = g
@@ -1232,9 +1238,7 @@ def test_max_batch_bytes_below_one_matrix_computes_one_matrix_at_a_time():
     before = [p.detach().clone() for p in params]
     opt = Muon(list(zip("ab", params, strict=True)), lr=0.02)
     opt.MAX_BATCH_BYTES = 0
-    sizes: list[int] = []
-    real = opt._compute
-    opt._compute = lambda items, X: (sizes.append(X.shape[0]), real(items, X))[1]
+    sizes = record_batch_sizes(opt)
     for p, g in zip(params, grads_for(params, 0), strict=True):
         p.grad = g
     opt.step()
