@@ -6,6 +6,8 @@ temporary database, then measures over HTTP:
 - ``/metrics`` latency for R ranks x P parameters, "fresh" (every rank posted a new step since
   the last scrape, the worst case) and "unchanged" (scraped twice without new data);
 - ingest throughput: sequential ``POST /v1/snapshots`` of one rank's P-parameter snapshot;
+- ``Store.ingest`` alone (no HTTP), ours (WAL checkpoints on the store's own thread) against
+  SQLite's automatic checkpoint run by the committing connection, alternated in this process;
 - ``Publisher.publish`` cost on the calling thread with a P-parameter ``health()`` dict.
 
 Targets (issue 5): /metrics p99 < 100 ms at 8 x 500; publish() < 1 ms.
@@ -18,6 +20,7 @@ import argparse
 import json
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,8 @@ from pathlib import Path
 import httpx
 
 from service.client import Publisher
+from service.schema import Snapshot
+from service.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,6 +133,38 @@ def bench_ingest(c: httpx.Client, params: int, count: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def bench_store(ranks: int, params: int, count: int) -> tuple[list[float], list[float]]:
+    """``Store.ingest`` seconds per P-parameter snapshot on a file database already holding
+    ``ranks`` ranks' parameters: ours, and the same store with its checkpointer stopped and
+    SQLite's automatic checkpoint back on (the committing connection copies the WAL into the
+    file every 1000 pages), alternated snapshot by snapshot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = [Store(f"{tmp}/ours.db", history_max_rows=2_000_000),
+                  Store(f"{tmp}/auto.db", history_max_rows=2_000_000)]
+        auto = stores[1]
+        assert auto._checkpointer is not None
+        auto._checkpointer.close()  # the baseline: checkpoints on the committing connection
+        auto._checkpointer = None
+        auto._db.execute("PRAGMA wal_autocheckpoint=1000")
+        try:
+            for step in range(10):
+                for rank in range(ranks):
+                    snap = Snapshot.model_validate_json(body(rank, params, step))
+                    for store in stores:
+                        store.ingest(snap)
+            times: tuple[list[float], list[float]] = ([], [])
+            for i in range(count):
+                snap = Snapshot.model_validate_json(body(0, params, 1000 + i))
+                for j in (0, 1) if i % 2 == 0 else (1, 0):
+                    t0 = time.perf_counter()
+                    stores[j].ingest(snap)
+                    times[j].append(time.perf_counter() - t0)
+        finally:
+            for store in stores:
+                store.close()
+    return times
+
+
 def bench_publish(url: str, token: str, params: int, count: int) -> list[float]:
     """publish() wall time on the calling thread, one call per simulated 5 ms step."""
     pub = Publisher(url=url, token=token, run_id="bench-pub")
@@ -160,11 +197,13 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=15)
-    report(args, scrapes, rate, publish)
+    store = bench_store(args.ranks, args.params, 2 * args.rounds)
+    report(args, scrapes, rate, publish, store)
 
 
 def report(
-    args: argparse.Namespace, scrapes: dict[str, list[float]], rate: float, publish: list[float]
+    args: argparse.Namespace, scrapes: dict[str, list[float]], rate: float, publish: list[float],
+    store: tuple[list[float], list[float]],
 ) -> None:
     """Print the table."""
     ms = 1e3
@@ -185,6 +224,11 @@ def report(
     print(
         f"{'ingest (snapshots/s, 1 rank each)':<40}{rate:>10.1f}"
         f"   = {rate * args.params:,.0f} params/s"
+    )
+    ours, auto = (statistics.median(ts) * ms for ts in store)
+    print(
+        f"{'Store.ingest (ms), ours / auto-checkpoint':<40}{ours:>10.1f}{auto:>10.1f}"
+        f"{'':>12}{ours / auto:>18.2f}"
     )
 
 

@@ -219,6 +219,17 @@ def _suffix(index: int, extra: tuple[str, ...]) -> str:
     return "".join(f',{k}="{v}"' for k, v in zip(names, extra, strict=True))
 
 
+def _sample_prefix(name: str, key: str) -> tuple[int, str] | None:
+    """``(family index, 'family{labels} ')`` of parameter ``name``'s metric ``key``, or None
+    when ``key`` is not exported (the text :func:`param_samples` and ``_line`` spell)."""
+    kind = classify(key)
+    if kind is None:
+        return None
+    index, extra = kind
+    family = PARAM_FAMILIES[index]
+    return index, f'{family.sample_name}{{param="{_escape(name)}"{_suffix(index, extra)}}} '
+
+
 def _number(value: float) -> str:
     """A sample value as the text format spells it (``repr`` round-trips exactly)."""
     if value != value:
@@ -257,6 +268,9 @@ class HealthCollector(Collector):
         self._clock = clock
         # name -> (record, one text block per param family, time the blocks go stale)
         self._cache: dict[str, tuple[ParamRecord, list[str], float]] = {}
+        # name -> metric key -> (family index, the sample's text up to its value) or None when
+        # the key is not exported: the labels of a series never change, only its value
+        self._prefixes: dict[str, dict[str, tuple[int, str] | None]] = {}
         self._peaks: dict[str, dict[str, _Peak]] = {}  # name -> rotation key -> window max
         self._lock = threading.Lock()
         store.add_listener(self._warm)
@@ -345,21 +359,30 @@ class HealthCollector(Collector):
         if hit is not None and hit[0] is rec and now < hit[2]:
             return hit[1]
         held, valid_until = self._held(rec, now)
-        blocks = [""] * len(PARAM_FAMILIES)
-        name = _escape(rec.name)
-        for index, labels, value in param_samples(rec, held):
-            suffix = _suffix(index, labels[1:])
-            blocks[index] += (
-                f'{PARAM_FAMILIES[index].sample_name}{{param="{name}"{suffix}}} {_number(value)}\n'
-            )
+        prefixes = self._prefixes.get(rec.name)
+        if prefixes is None:
+            prefixes = self._prefixes[rec.name] = {}
+        lines: list[list[str]] = [[] for _ in PARAM_FAMILIES]
+        for key, raw in rec.metrics.items():
+            if key in prefixes:
+                entry = prefixes[key]
+            else:
+                entry = prefixes[key] = _sample_prefix(rec.name, key)
+            if entry is None:
+                continue
+            value = math.nan if raw is None else raw
+            if held is not None:
+                value = held.get(key, value)
+            lines[entry[0]].append(entry[1] + _number(value) + "\n")
+        blocks = ["".join(chunk) for chunk in lines]
         self._cache[rec.name] = (rec, blocks, valid_until)
         return blocks
 
     def _forget(self, live: list[ParamRecord]) -> None:
         """Drop cache and hold entries of expired parameters so both stay bounded."""
-        if len(self._cache) > len(live) or len(self._peaks) > len(live):
+        if max(len(self._cache), len(self._peaks), len(self._prefixes)) > len(live):
             keep = {p.name for p in live}
-            for table in (self._cache, self._peaks):
+            for table in (self._cache, self._peaks, self._prefixes):
                 for name in [n for n in table if n not in keep]:
                     del table[name]
 

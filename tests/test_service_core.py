@@ -136,6 +136,42 @@ def test_store_uses_wal_and_bounds_history_exactly(tmp_path: Path) -> None:
     store.close()
 
 
+# How long the checkpointer may take to copy a commit into the database file: it runs within
+# its 0.2 s interval of a commit; 10 s leaves room for a loaded CI machine.
+CHECKPOINT_DEADLINE_S = 10.0
+
+
+def _rows_in_file_alone(db: Path, copy: Path) -> int | None:
+    """History rows in a copy of the database file WITHOUT its WAL (what a backup of the .db
+    file alone holds), or None while the copy is torn by a checkpoint writing it."""
+    copy.write_bytes(db.read_bytes())
+    con = sqlite3.connect(copy)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return None
+    finally:
+        con.close()
+
+
+def test_commits_reach_the_database_file_off_the_ingest_thread(tmp_path: Path) -> None:
+    # An ingest's commit only appends to the WAL (its connection never checkpoints, which took
+    # half of a large ingest's time); the store's checkpointer thread copies it into the file.
+    db = tmp_path / "s.db"
+    store = Store(str(db), history_max_rows=1000)
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    store.ingest(make_snapshot(1, n=3))
+    deadline = time.monotonic() + CHECKPOINT_DEADLINE_S
+    while (rows := _rows_in_file_alone(db, tmp_path / "copy.db")) != 3 and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rows == 3
+    store.ingest(make_snapshot(2, n=3))
+    store.close()  # the checkpointer stops first; the last connection empties the WAL
+    assert not (tmp_path / "s.db-wal").exists()
+    assert _rows_in_file_alone(db, tmp_path / "copy.db") == 6
+
+
 def test_a_resent_step_replaces_its_point_and_the_bound_stays_exact(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s.db"), history_max_rows=10)
     for step in (0, 1, 2, 1, 2, 3, 2, 4):  # a restart from step 1, then a retried step 2
