@@ -329,6 +329,25 @@ def test_rotation_series_hold_their_largest_value_for_the_hold_window() -> None:
     store.close()
 
 
+def test_the_collector_forgets_expired_parameters() -> None:
+    # parameters come and go (a new run's names, a rank that died): what the collector keeps
+    # per parameter (rendered text, label prefixes, rotation windows) must not grow with them
+    now = [100.0]
+    store = Store(":memory:", history_max_rows=10_000, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=60, rotation_hold_s=30, clock=lambda: now[0])
+    for run in range(5):
+        params = {f"run{run}.w{i}": {"rotation_degrees_L_k1": 1.0, "orthogonality_error": 0.1}
+                  for i in range(4)}
+        store.ingest(Snapshot(schema_version=1, run_id=f"run{run}", rank=0, step=1,
+                              wall_time=1e9, params=params))
+        assert f'param="run{run}.w3"' in collector.render().decode()
+        now[0] += 61  # this run's parameters expire before the next run reports
+    assert 'param="run3.' not in collector.render().decode()
+    tables = (collector._cache, collector._prefixes, collector._peaks)
+    assert [len(table) for table in tables] == [0, 0, 0]
+    store.close()
+
+
 def test_rotation_hold_zero_exports_the_latest_step_only() -> None:
     now = [50.0]
     store = Store(":memory:", history_max_rows=100, clock=lambda: now[0])
