@@ -1,7 +1,8 @@
-"""The ``orthoshard`` console script.
+"""orthoshard: Muon, NorMuon and SOAP for FSDP training, with live optimizer health.
 
-Each subcommand imports what it needs only when it runs, so ``orthoshard sidecar`` works in an
-environment without torch (the sidecar image) and ``--help`` is instant.
+The ``orthoshard`` console script. Each subcommand imports what it needs only when it runs, so
+``orthoshard sidecar`` works in an environment without torch (the sidecar image) and ``--help``
+is instant.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
+def _benchmarks() -> list[str]:
+    """The benchmark scripts in bench/ (the source checkout's)."""
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
 def _bench(args: argparse.Namespace) -> int:
-    scripts = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+    scripts = _benchmarks()
     if args.name not in scripts:
         print(f"unknown benchmark {args.name!r}; available: {', '.join(scripts)}", file=sys.stderr)
         return 2
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (prints ratio tables)")
-    bench.add_argument("name", help="benchmark name, e.g. orthogonalize")
+    bench.add_argument("name", help=f"one of: {', '.join(_benchmarks())}")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
     _add_sidecar(sub)

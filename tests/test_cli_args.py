@@ -191,3 +191,16 @@ def test_health_png_draws_the_metrics_the_run_reported(tmp_path, case):
     assert [m for _, m in report.health_panels(report.load_health(tmp_path))] == metrics
     path = report.plot(tmp_path, spike_at=1)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_names_its_benchmarks_and_refuses_an_unknown_one(capsys) -> None:
+    from orthoshard import cli
+
+    names = sorted(p.stem for p in (Path(cli.__file__).parent.parent / "bench").glob("*.py"))
+    assert "sharding" in names and "sidecar" in names
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert f"one of: {', '.join(names)}" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["bench", "no_such_bench"]) == 2
+    assert f"unknown benchmark 'no_such_bench'; available: {', '.join(names)}" in \
+        capsys.readouterr().err
