@@ -379,7 +379,8 @@ class HealthCollector(Collector):
         return blocks
 
     def _forget(self, live: list[ParamRecord]) -> None:
-        """Drop cache and hold entries of expired parameters so both stay bounded."""
+        """Drop the cached text, label prefixes and hold windows of expired parameters, so that
+        none grows with the parameters that came and went."""
         if max(len(self._cache), len(self._peaks), len(self._prefixes)) > len(live):
             keep = {p.name for p in live}
             for table in (self._cache, self._peaks, self._prefixes):
