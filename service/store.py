@@ -14,8 +14,8 @@ the last transactions but never corrupts the file; a process crash loses nothing
 An ingest's commit only appends its pages to the WAL. Copying them into the database file (a WAL
 checkpoint, with an fsync) runs on a thread of its own with its own connection
 (:class:`_Checkpointer`), so no ingest waits for it: SQLite's automatic checkpoint, which the
-committing connection runs every 1000 pages, took ~40% of the store's time for a 500-parameter
-snapshot (19.7 of it against 11.2 ms without, docs/service.md).
+committing connection runs every 1000 pages, took ~45% of the store's time for a 500-parameter
+snapshot (``Store.ingest`` 18.3-19.9 ms with it, 10.1-10.9 ms without: bench/sidecar.py).
 
 A step can arrive twice in one run: an elastic restart resumes from a checkpoint under the same
 run id and re-sends the steps after it, and the publisher re-sends a snapshot whose answer timed
@@ -152,7 +152,7 @@ class Store:
         try:
             if self._prepare():  # a file database (an in-memory one has no WAL)
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._checkpointer = _Checkpointer(path)
+                self._checkpointer = _Checkpointer(path, self._lock)
             self._load()
         except BaseException:
             self.close()
@@ -432,16 +432,34 @@ class _Checkpointer:
     :meth:`notify`, and this thread runs a PASSIVE checkpoint (which never blocks the writer,
     and copies what was committed when it started), at most once per ``interval_s`` so that a
     burst of ingests shares one fsync. Between checkpoints the WAL holds what is not yet copied;
-    readers see it either way. A checkpoint that fails (a full disk) is logged and retried at the
-    next commit; the commits themselves go on.
+    readers see it either way.
+
+    The WAL starts over from its beginning only when a write transaction BEGINS with all of it
+    copied. Under a steady stream of ingests a commit lands between every copy and the next
+    BEGIN, so that never happens and the WAL grows without bound (4 GB in 20 s of 500-parameter
+    snapshots, measured). So once the WAL holds more than ``restart_frames`` pages, the PASSIVE
+    copy is followed by a RESTART checkpoint under the store's ``lock``: no commit or read of
+    the store runs meanwhile, so it copies only what was committed during the PASSIVE copy, and
+    the next commit starts the WAL over. An ingest then waits for that tail, not for the whole
+    copy. (Without the lock, the RESTART's busy-wait raced the commits: stalls of up to 1.4 s
+    while the WAL reached 900 MB.)
+
+    A checkpoint that fails (a full disk) is logged and retried at the next commit; the commits
+    themselves go on.
 
     Args:
         path: the database (as the store opened it).
+        lock: the store's lock (held around every use of its connection).
         interval_s: least time between two checkpoints.
+        restart_frames: WAL pages beyond which an incomplete checkpoint is finished by a
+            RESTART one (default 16384: 64 MB of 4 KiB pages).
     """
 
-    def __init__(self, path: str, *, interval_s: float = 0.2) -> None:
+    def __init__(self, path: str, lock: threading.RLock, *, interval_s: float = 0.2,
+                 restart_frames: int = 16384) -> None:
+        self._lock = lock
         self._interval = interval_s
+        self.restart_frames = restart_frames
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._wake = threading.Event()
@@ -462,7 +480,10 @@ class _Checkpointer:
                 return
             self._wake.clear()
             try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                frames = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
+                if frames > self.restart_frames:
+                    with self._lock:
+                        self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
             except sqlite3.Error as exc:
                 self._failures += 1
                 if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
