@@ -140,7 +140,12 @@ class Store:
     ) -> None:
         self._clock = clock
         self._max_rows = history_max_rows
+        # _lock guards the in-memory mirror and is held only briefly, so that reads of the
+        # latest state (a scrape) never wait for the disk; _db_lock guards the connection and
+        # serializes the writers (and the checkpointer's RESTART): a writer holds it from
+        # reading the mirror to updating it
         self._lock = threading.RLock()
+        self._db_lock = threading.RLock()
         # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any other
         # path is a plain file name as before
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
@@ -152,7 +157,7 @@ class Store:
         try:
             if self._prepare():  # a file database (an in-memory one has no WAL)
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._checkpointer = _Checkpointer(path, self._lock)
+                self._checkpointer = _Checkpointer(path, self._db_lock)
             self._load()
         except BaseException:
             self.close()
@@ -169,7 +174,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         self._db.executescript(_SCHEMA)
-        with self._lock, self._transaction() as db:
+        with self._db_lock, self._transaction() as db:
             self._migrate(db)
             # A write at every start, even when nothing needs creating: the statements above
             # only read an existing database in WAL mode, so a file the sidecar cannot write
@@ -227,7 +232,7 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed when the block ends. The caller holds ``_lock``
+        """One write transaction, committed when the block ends. The caller holds ``_db_lock``
         around it and changes the mirror only after it: a COMMIT that fails (a full disk: WAL
         pages are written at commit) raises here, and the mirror must not show what the
         database does not hold."""
@@ -247,27 +252,29 @@ class Store:
         now = self._clock()
         opt = snap.optimizer.model_dump(mode="json") if snap.optimizer else None
         states: dict[str, Any] = opt.pop("state", {}) if opt else {}
-        with self._lock:
-            prev = self._ranks.get(snap.rank)
-            # a snapshot without a summary keeps its run's last one, never another run's
-            if opt is None and prev is not None and prev.run_id == snap.run_id:
-                opt = prev.optimizer
-            rank_rec = RankRecord(
-                snap.rank,
-                snap.run_id,
-                snap.step,
-                snap.wall_time,
-                now,
-                (prev.snapshots_received if prev else 0) + 1,
-                opt,
-            )
-            records = [
-                self._param_record(snap, now, name, metrics, states.get(name))
-                for name, metrics in snap.params.items()
-            ]
+        with self._db_lock:  # the writers, one at a time: the mirror changes only under it
+            with self._lock:
+                prev = self._ranks.get(snap.rank)
+                # a snapshot without a summary keeps its run's last one, never another run's
+                if opt is None and prev is not None and prev.run_id == snap.run_id:
+                    opt = prev.optimizer
+                rank_rec = RankRecord(
+                    snap.rank,
+                    snap.run_id,
+                    snap.step,
+                    snap.wall_time,
+                    now,
+                    (prev.snapshots_received if prev else 0) + 1,
+                    opt,
+                )
+                records = [
+                    self._param_record(snap, now, name, metrics, states.get(name))
+                    for name, metrics in snap.params.items()
+                ]
             with self._transaction() as db:
                 self._write(db, rank_rec, records)
-            self._apply(rank_rec, records)
+            with self._lock:
+                self._apply(rank_rec, records)
         for listener in self._listeners:
             listener(records)
         return len(records)
@@ -280,8 +287,9 @@ class Store:
             OtherRun: ``rank``'s latest snapshot belongs to another run (a late finish of an
                 earlier run must not hide a running one).
         """
-        with self._lock:
-            prev = self._ranks.get(rank)
+        with self._db_lock:
+            with self._lock:
+                prev = self._ranks.get(rank)
             if prev is None:
                 raise UnknownRank(rank)
             if prev.run_id != run_id:
@@ -290,7 +298,8 @@ class Store:
             with self._transaction() as db:
                 db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?",
                            (rec.finished_at, rank))
-            self._ranks[rank] = rec
+            with self._lock:
+                self._ranks[rank] = rec
         return rec
 
     def add_listener(self, listener: Callable[[list[ParamRecord]], None]) -> None:
@@ -401,7 +410,7 @@ class Store:
     ) -> list[HistoryRow]:
         """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step. There
         is one point per step, so a page cut before step s is continued exactly by from_step=s."""
-        with self._lock:
+        with self._db_lock:
             rows = self._db.execute(
                 "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
                 "run_id = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
@@ -411,7 +420,7 @@ class Store:
 
     def history_rows(self) -> int:
         """Number of stored history rows (for tests and the retention check)."""
-        with self._lock:
+        with self._db_lock:
             return int(self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
 
     def close(self) -> None:
@@ -419,7 +428,7 @@ class Store:
         close copies what is left of the WAL into the database file and removes the WAL."""
         if self._checkpointer is not None:
             self._checkpointer.close()
-        with self._lock:
+        with self._db_lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
@@ -438,18 +447,18 @@ class _Checkpointer:
     copied. Under a steady stream of ingests a commit lands between every copy and the next
     BEGIN, so that never happens and the WAL grows without bound (4 GB in 20 s of 500-parameter
     snapshots, measured). So once the WAL holds more than ``restart_frames`` pages, the PASSIVE
-    copy is followed by a RESTART checkpoint under the store's ``lock``: no commit or read of
-    the store runs meanwhile, so it copies only what was committed during the PASSIVE copy, and
-    the next commit starts the WAL over. An ingest then waits for that tail, not for the whole
-    copy. (Without the lock, the RESTART's busy-wait raced the commits: stalls of up to 1.4 s
-    while the WAL reached 900 MB.)
+    copy is followed by a RESTART checkpoint under the store's connection lock: no commit or
+    history read runs meanwhile (reads of the latest state do), so it copies only what was
+    committed during the PASSIVE copy, and the next commit starts the WAL over. An ingest then
+    waits for that tail, not for the whole copy. (Without the lock, the RESTART's busy-wait
+    raced the commits: stalls of up to 1.4 s while the WAL reached 900 MB.)
 
     A checkpoint that fails (a full disk) is logged and retried at the next commit; the commits
     themselves go on.
 
     Args:
         path: the database (as the store opened it).
-        lock: the store's lock (held around every use of its connection).
+        lock: the store's connection lock (held around every other use of the database).
         interval_s: least time between two checkpoints.
         restart_frames: WAL pages beyond which an incomplete checkpoint is finished by a
             RESTART one (default 16384: 64 MB of 4 KiB pages).

@@ -202,6 +202,47 @@ def test_the_wal_starts_over_under_a_steady_stream_of_ingests(tmp_path: Path,
     assert restarts >= 2, (restarts, max(sizes) / 1e6)
 
 
+# How long a scrape may take while a commit is stalled: it reads memory only (milliseconds for
+# three parameters); 5 s leaves room for a loaded machine, and a scrape that waited for the
+# commit would wait until the stall is released, after this deadline.
+READ_DEADLINE_S = 5.0
+
+
+def test_a_scrape_does_not_wait_for_a_stalled_commit(tmp_path: Path) -> None:
+    # a slow disk (or the checkpointer finishing a copy) holds up the writers, not the reads of
+    # the latest state that /metrics and the state API serve
+    store = Store(str(tmp_path / "s.db"), history_max_rows=1000)
+    collector = HealthCollector(store, series_ttl_s=600)
+    store.ingest(make_snapshot(1))
+    entered, release = threading.Event(), threading.Event()
+    real = store._write
+
+    def stalled_write(*args: Any) -> None:
+        entered.set()
+        release.wait(30)
+        real(*args)
+
+    store._write = stalled_write  # type: ignore[method-assign]
+    writer = threading.Thread(target=store.ingest, args=(make_snapshot(2),))
+    writer.start()
+    assert entered.wait(30)
+    seen: dict[str, Any] = {}
+    read = threading.Event()
+
+    def scrape() -> None:
+        seen["text"], seen["param"] = collector.render().decode(), store.param("blocks.0.w")
+        read.set()
+
+    threading.Thread(target=scrape, daemon=True).start()
+    answered = read.wait(READ_DEADLINE_S)
+    release.set()
+    writer.join(30)
+    assert answered
+    assert seen["param"].step == 1 and 'param="blocks.0.w"' in seen["text"]  # not the commit
+    assert store.param("blocks.0.w").step == 2  # in flight, then committed
+    store.close()
+
+
 def test_a_resent_step_replaces_its_point_and_the_bound_stays_exact(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s.db"), history_max_rows=10)
     for step in (0, 1, 2, 1, 2, 3, 2, 4):  # a restart from step 1, then a retried step 2
