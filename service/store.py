@@ -14,8 +14,8 @@ the last transactions but never corrupts the file; a process crash loses nothing
 An ingest's commit only appends its pages to the WAL. Copying them into the database file (a WAL
 checkpoint, with an fsync) runs on a thread of its own with its own connection
 (:class:`_Checkpointer`), so no ingest waits for it: SQLite's automatic checkpoint, which the
-committing connection runs every 1000 pages, took ~45% of the store's time for a 500-parameter
-snapshot (``Store.ingest`` 18.3-19.9 ms with it, 10.1-10.9 ms without: bench/sidecar.py).
+committing connection runs every 1000 pages, took ~30-50% of the store's time for a 500-parameter
+snapshot (``Store.ingest`` 14.4-21.0 ms with it, 9.9-11.0 ms without: bench/sidecar.py).
 
 A step can arrive twice in one run: an elastic restart resumes from a checkpoint under the same
 run id and re-sends the steps after it, and the publisher re-sends a snapshot whose answer timed
