@@ -62,8 +62,8 @@ _POINT_INDEX = "history_point"
 _FORMAT_VERSION = 1
 _RANK_COLUMNS = ("rank, run_id, step, wall_time, received_at, snapshots_received, optimizer, "
                  "finished_at")
-#: The WAL file is cut back to this size when a checkpoint has emptied it (it keeps its largest
-#: size otherwise).
+#: The WAL file is cut back to this size when it starts over (it keeps its largest size
+#: otherwise).
 _WAL_SIZE_LIMIT = 64 << 20
 _log = logging.getLogger("orthoshard.sidecar.store")
 
@@ -460,8 +460,8 @@ class _Checkpointer:
         path: the database (as the store opened it).
         lock: the store's connection lock (held around every other use of the database).
         interval_s: least time between two checkpoints.
-        restart_frames: WAL pages beyond which an incomplete checkpoint is finished by a
-            RESTART one (default 16384: 64 MB of 4 KiB pages).
+        restart_frames: WAL pages beyond which the PASSIVE copy is followed by a RESTART
+            checkpoint (default 16384: 64 MB of 4 KiB pages).
     """
 
     def __init__(self, path: str, lock: threading.RLock, *, interval_s: float = 0.2,
