@@ -160,7 +160,8 @@ def _rows_in_file_alone(db: Path, copy: Path) -> int | None:
 
 def test_commits_reach_the_database_file_off_the_ingest_thread(tmp_path: Path) -> None:
     # An ingest's commit only appends to the WAL (its connection never checkpoints, which took
-    # half of a large ingest's time); the store's checkpointer thread copies it into the file.
+    # 30-50% of a large ingest's store time); the store's checkpointer thread copies it into the
+    # file.
     db = tmp_path / "s.db"
     store = Store(str(db), history_max_rows=1000)
     assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
