@@ -11,11 +11,20 @@ and cleared by its next snapshot), ``params`` (one row per parameter name) and `
 each ingest, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a power cut may lose
 the last transactions but never corrupts the file; a process crash loses nothing committed.
 
-An ingest's commit only appends its pages to the WAL. Copying them into the database file (a WAL
-checkpoint, with an fsync) runs on a thread of its own with its own connection
-(:class:`_Checkpointer`), so no ingest waits for it: SQLite's automatic checkpoint, which the
-committing connection runs every 1000 pages, took ~30-50% of the store's time for a 500-parameter
-snapshot (``Store.ingest`` 14.4-21.0 ms with it, 9.9-11.0 ms without: bench/sidecar.py).
+An ingest's commit writes its rank's row and appends its parameters' rows to ``pending``, a
+table without secondary indexes, so one snapshot dirties a few contiguous pages. Every
+``merge_interval_s`` the store's thread (:class:`_Checkpointer`) moves ``pending`` into
+``history`` and ``params`` in one transaction (:meth:`Store._merge`), where each leaf of the
+history index is written once for all the steps since the last merge: written at each ingest, a
+500-parameter snapshot dirtied ~670 pages, ~540 of them leaves of that index (one per
+parameter). Reads of history merge first, and a restarted store replays ``pending`` into its
+mirror before merging it, so nothing accepted is ever missing from what the store answers.
+
+Copying the WAL into the database file (a checkpoint, with an fsync) runs on the same thread
+with its own connection, so no ingest waits for it: SQLite's automatic checkpoint, which the
+committing connection runs every 1000 pages, took ~30-50% of the store's time for a
+500-parameter snapshot (``Store.ingest`` 14.4-21.0 ms with it, 9.9-11.0 ms without, before the
+merge: bench/sidecar.py).
 
 A step can arrive twice in one run: an elastic restart resumes from a checkpoint under the same
 run id and re-sends the steps after it, and the publisher re-sends a snapshot whose answer timed
@@ -52,8 +61,13 @@ CREATE TABLE IF NOT EXISTS params (
     name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
 {_HISTORY_TABLE};
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL, rank INTEGER NOT NULL,
+    step INTEGER NOT NULL, wall_time REAL NOT NULL, received_at REAL NOT NULL,
+    metrics TEXT NOT NULL, state TEXT);
 """
 _HISTORY_COLUMNS = "name, run_id, rank, step, wall_time, metrics"
+_PARAM_COLUMNS = "name, run_id, rank, step, wall_time, received_at, metrics, state"
 #: The unique index that makes a re-sent step an upsert; created by ``Store._migrate`` because a
 #: database of an earlier version may first need its repeated steps merged.
 _POINT_INDEX = "history_point"
@@ -65,6 +79,10 @@ _RANK_COLUMNS = ("rank, run_id, step, wall_time, received_at, snapshots_received
 #: The WAL file is cut back to this size when it starts over (it keeps its largest size
 #: otherwise).
 _WAL_SIZE_LIMIT = 64 << 20
+#: Pending rows the store's thread merges in one transaction: ~10 ms of merge per 1000 rows
+#: here, so writers wait at most ~0.1-0.2 s for one chunk; the next cycle (0.2 s on) merges the
+#: next chunk, up to ~50 000 rows a second.
+_MERGE_CHUNK = 10_000
 #: PASSIVE passes between the first one and a RESTART: 10 s of back-to-back 500-parameter
 #: ingests held writers for 25-31 ms (median; at most 53) per RESTART with 2, 41-48 ms (at most
 #: 97) with none; ingest p99 53 against 68-71 ms.
@@ -137,13 +155,17 @@ class Store:
         path: SQLite file, or ``":memory:"``.
         history_max_rows: history rows kept (older rows pruned on ingest).
         clock: returns Unix seconds; injected so tests control "received at".
+        merge_interval_s: how often accepted snapshots move from ``pending`` into ``history``
+            and ``params`` (a file database; an in-memory one merges at each ingest).
     """
 
     def __init__(
-        self, path: str, *, history_max_rows: int, clock: Callable[[], float] = time.time
+        self, path: str, *, history_max_rows: int, clock: Callable[[], float] = time.time,
+        merge_interval_s: float = 2.0,
     ) -> None:
         self._clock = clock
         self._max_rows = history_max_rows
+        self._merge_interval = merge_interval_s
         # _lock guards the in-memory mirror and is held only briefly, so that reads of the
         # latest state (a scrape) never wait for the disk; _db_lock guards the connection and
         # serializes the writers (and the checkpointer's RESTART): a writer holds it from
@@ -154,15 +176,20 @@ class Store:
         # path is a plain file name as before
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
         self._checkpointer: _Checkpointer | None = None
+        self._prepared = False  # the tables exist (a store that failed to open merges nothing)
         self._ranks: dict[int, RankRecord] = {}
         self._params: dict[str, ParamRecord] = {}
         self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
         try:
-            if self._prepare():  # a file database (an in-memory one has no WAL)
+            wal = self._prepare()
+            self._prepared = True
+            if wal:  # a file database (an in-memory one has no WAL)
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
-                self._checkpointer = _Checkpointer(path, self._db_lock)
+                self._checkpointer = _Checkpointer(path, self._db_lock, merge=self._merge,
+                                                   merge_interval_s=merge_interval_s)
             self._load()
+            self._merge()  # what the last run accepted and did not merge
         except BaseException:
             self.close()
             raise
@@ -228,6 +255,13 @@ class Store:
             )
         for name, run, rank, step, wall, received, metrics, state in self._db.execute(
             "SELECT * FROM params"
+        ):
+            self._params[name] = ParamRecord(
+                name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
+            )
+        # accepted, not merged yet: newer than the params rows, in the order they arrived
+        for name, run, rank, step, wall, received, metrics, state in self._db.execute(
+            f"SELECT {_PARAM_COLUMNS} FROM pending ORDER BY id"
         ):
             self._params[name] = ParamRecord(
                 name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
@@ -328,7 +362,8 @@ class Store:
         )
 
     def _write(self, db: sqlite3.Connection, r: RankRecord, records: list[ParamRecord]) -> None:
-        """Upsert the latest rows and the history points, prune history beyond the bound."""
+        """The rank's row, and the parameters' rows appended to ``pending`` (merged into
+        ``history`` and ``params`` by :meth:`_merge`: at once for an in-memory database)."""
         db.execute(
             f"INSERT OR REPLACE INTO ranks ({_RANK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -342,26 +377,57 @@ class Store:
                 r.finished_at,
             ),
         )
-        rows = [
-            (
-                p.name,
-                p.run_id,
-                p.rank,
-                p.step,
-                p.wall_time,
-                p.received_at,
-                _dumps(p.metrics),
-                _dumps(p.state),
-            )
-            for p in records
-        ]
-        db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        db.executemany(  # a re-sent step replaces its point (see the module docstring)
-            f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (name, run_id, step) DO UPDATE SET rank = excluded.rank, "
-            "wall_time = excluded.wall_time, metrics = excluded.metrics",
-            [(*row[:5], row[6]) for row in rows],
+        db.executemany(
+            f"INSERT INTO pending ({_PARAM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (p.name, p.run_id, p.rank, p.step, p.wall_time, p.received_at,
+                 _dumps(p.metrics), _dumps(p.state))
+                for p in records
+            ],
         )
+        if self._checkpointer is None:
+            self._merge_into(db)
+
+    def _merge(self, limit: int | None = None) -> bool:
+        """Move ``pending`` into ``history`` and ``params``, the ``limit`` oldest rows (all:
+        None) in one transaction. Returns whether rows are left. The store's thread merges
+        :data:`_MERGE_CHUNK` rows at a time every ``merge_interval_s`` (writers wait for one
+        chunk, not for all that piled up); a history read or the store's close merges all."""
+        with self._db_lock:
+            if not self._prepared or self._db is None:
+                return False
+            first, last = self._db.execute("SELECT MIN(id), MAX(id) FROM pending").fetchone()
+            if first is None:
+                return False
+            upto = last if limit is None else min(last, first + limit - 1)
+            with self._transaction() as db:
+                self._merge_into(db, upto)
+            return upto < last
+
+    def _merge_into(self, db: sqlite3.Connection, upto: int | None = None) -> None:
+        """:meth:`_merge` of the pending rows up to id ``upto`` (all: None) inside the caller's
+        transaction. Rows go in the order they arrived, so history ids keep arrival order (the
+        retention bound prunes by id), a re-sent step replaces its point (and keeps its id) and
+        each parameter's row ends as its latest."""
+        last = db.execute("SELECT MAX(id) FROM pending").fetchone()[0] if upto is None else upto
+        if last is None:
+            return
+        # (the WHERE clause is also what lets SQLite read ON CONFLICT after INSERT ... SELECT)
+        db.execute(
+            f"INSERT INTO history ({_HISTORY_COLUMNS}) SELECT {_HISTORY_COLUMNS} FROM pending "
+            "WHERE id <= ? ORDER BY id ON CONFLICT (name, run_id, step) DO UPDATE SET "
+            "rank = excluded.rank, wall_time = excluded.wall_time, metrics = excluded.metrics",
+            (last,),
+        )
+        db.execute(
+            f"INSERT INTO params ({_PARAM_COLUMNS}) SELECT {_PARAM_COLUMNS} FROM pending "
+            "WHERE id <= ? ORDER BY id ON CONFLICT (name) DO UPDATE SET "
+            "run_id = excluded.run_id, rank = excluded.rank, step = excluded.step, "
+            "wall_time = excluded.wall_time, received_at = excluded.received_at, "
+            "metrics = excluded.metrics, state = excluded.state",
+            (last,),
+        )
+        db.execute("DELETE FROM pending WHERE id <= ?", (last,))
         db.execute(
             "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (self._max_rows,)
         )
@@ -415,6 +481,7 @@ class Store:
         """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step. There
         is one point per step, so a page cut before step s is continued exactly by from_step=s."""
         with self._db_lock:
+            self._merge()
             rows = self._db.execute(
                 "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
                 "run_id = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
@@ -425,6 +492,7 @@ class Store:
     def history_rows(self) -> int:
         """Number of stored history rows (for tests and the retention check)."""
         with self._db_lock:
+            self._merge()
             return int(self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
 
     def close(self) -> None:
@@ -434,6 +502,10 @@ class Store:
             self._checkpointer.close()
         with self._db_lock:
             if self._db is not None:
+                try:
+                    self._merge()
+                except sqlite3.Error as exc:  # kept in pending: the next start merges it
+                    _log.warning("could not merge the last snapshots at close: %s", exc)
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
 
@@ -463,14 +535,24 @@ class _Checkpointer:
     Args:
         path: the database (as the store opened it).
         lock: the store's connection lock (held around every other use of the database).
+        merge: moves up to its argument's number of the store's ``pending`` rows into
+            ``history`` and returns whether rows are left (:meth:`Store._merge`); run first in a
+            cycle at least ``merge_interval_s`` after the last one, or in the next cycle when
+            rows were left.
         interval_s: least time between two checkpoints.
         restart_frames: WAL pages beyond which the PASSIVE copy is followed by a RESTART
             checkpoint (default 16384: 64 MB of 4 KiB pages).
     """
 
-    def __init__(self, path: str, lock: threading.RLock, *, interval_s: float = 0.2,
+    def __init__(self, path: str, lock: threading.RLock, *, merge: Callable[[int], bool],
+                 merge_interval_s: float, interval_s: float = 0.2,
                  restart_frames: int = 16384) -> None:
         self._lock = lock
+        self._merge = merge
+        self._merge_interval = merge_interval_s
+        self._merged_at = time.monotonic()
+        self._behind = False  # rows were left after the last chunk: merge again next cycle
+        self._behind = False  # rows were left after the last chunk: merge again next cycle
         self._interval = interval_s
         self.restart_frames = restart_frames
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
@@ -493,6 +575,9 @@ class _Checkpointer:
                 return
             self._wake.clear()
             try:
+                if self._behind or time.monotonic() - self._merged_at >= self._merge_interval:
+                    self._merged_at = time.monotonic()
+                    self._behind = self._merge(_MERGE_CHUNK)
                 frames = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
                 if frames > self.restart_frames:
                     # two more passes without the lock copy what was committed during the
@@ -504,7 +589,8 @@ class _Checkpointer:
             except sqlite3.Error as exc:
                 self._failures += 1
                 if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
-                    _log.warning("WAL checkpoint failed (%d so far): %s", self._failures, exc)
+                    _log.warning("merging pending rows or the WAL checkpoint failed (%d so far): "
+                                 "%s", self._failures, exc)
             self._stopping.wait(self._interval)
 
     def close(self) -> None:

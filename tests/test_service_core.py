@@ -125,6 +125,65 @@ def test_a_commit_that_fails_changes_nothing_the_store_shows(tmp_path: Path) -> 
     again.close()
 
 
+def _pending(db: str) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM pending").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_snapshots_not_merged_yet_are_read_and_survive_a_crash(tmp_path: Path) -> None:
+    # An ingest appends to ``pending``; the merge into history and params runs every
+    # merge_interval_s. Whatever is pending is answered all the same, and a store that stopped
+    # without merging (killed) replays it at the next start.
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, merge_interval_s=3600, clock=lambda: 5.0)
+    store.ingest(make_snapshot(1, rank=1))
+    body = make_snapshot(2, rank=1).model_dump(mode="json")
+    body["optimizer"] = {"class_name": "SOAP", "state": {
+        "blocks.0.w": {"shape": [4, 4], "buffer_norms": {"exp_avg": 1.5}}}}
+    store.ingest(Snapshot.model_validate_json(json.dumps(body)))
+    assert _pending(db) == 6  # 3 parameters x 2 steps, none merged
+    assert [r.step for r in store.history("blocks.0.w", run_id="r", from_step=0, to_step=9,
+                                          limit=9)] == [1, 2]
+    assert _pending(db) == 0  # the read merged them
+    store.ingest(make_snapshot(3, rank=1))  # no state summary: keeps step 2's
+    assert _pending(db) == 3
+    # killed: the thread stops and the connection goes, with no merge
+    assert store._checkpointer is not None
+    store._checkpointer.close()
+    store._db.close()
+    again = Store(db, history_max_rows=1000)
+    rank = again.ranks()[0]
+    assert (rank.step, rank.snapshots_received) == (3, 3)
+    param = again.param("blocks.0.w")
+    assert param is not None and (param.step, param.received_at) == (3, 5.0)
+    assert param.state == {"shape": [4, 4], "owner_rank": None,
+                           "buffer_norms": {"exp_avg": 1.5}, "eigenvalues": {}}
+    assert [r.step for r in again.history("blocks.2.w", run_id="r", from_step=0, to_step=9,
+                                          limit=9)] == [1, 2, 3]
+    assert _pending(db) == 0
+    again.close()
+
+
+def test_the_merge_goes_in_chunks_in_arrival_order(tmp_path: Path) -> None:
+    # the store's thread merges a chunk at a time, so that writers wait for one chunk only
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, merge_interval_s=3600)
+    for step in range(3):
+        store.ingest(make_snapshot(step, n=3))  # rows 1-9: step 0's three, step 1's, step 2's
+    assert store._merge(4) is True and _pending(db) == 5
+    con = sqlite3.connect(db)
+    merged = con.execute("SELECT name, step FROM history ORDER BY id").fetchall()
+    con.close()
+    assert merged == [("blocks.0.w", 0), ("blocks.1.w", 0), ("blocks.2.w", 0),
+                      ("blocks.0.w", 1)]
+    assert store._merge(100) is False and _pending(db) == 0
+    assert store.history_rows() == 9
+    store.close()
+
+
 def test_store_uses_wal_and_bounds_history_exactly(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s.db"), history_max_rows=10)
     for step in range(7):
@@ -146,12 +205,14 @@ CHECKPOINT_DEADLINE_S = 10.0
 
 
 def _rows_in_file_alone(db: Path, copy: Path) -> int | None:
-    """History rows in a copy of the database file WITHOUT its WAL (what a backup of the .db
-    file alone holds), or None while the copy is torn by a checkpoint writing it."""
+    """Parameter rows accepted (merged into history or still pending) in a copy of the database
+    file WITHOUT its WAL (what a backup of the .db file alone holds), or None while the copy is
+    torn by a checkpoint writing it."""
     copy.write_bytes(db.read_bytes())
     con = sqlite3.connect(copy)
     try:
-        return int(con.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+        return int(con.execute("SELECT (SELECT COUNT(*) FROM history) + "
+                               "(SELECT COUNT(*) FROM pending)").fetchone()[0])
     except sqlite3.DatabaseError:
         return None
     finally:
