@@ -6,10 +6,12 @@ Every accepted snapshot is written in one transaction before the ingest answers,
 sidecar answers history queries and its last-known state: nothing accepted is lost.
 
 Tables: ``ranks`` (one row per rank; ``finished_at`` is set when the rank says its run ended
-and cleared by its next snapshot), ``params`` (one row per parameter name) and ``history``
-(one row per parameter, run and step; the oldest rows beyond ``history_max_rows`` are pruned on
-each ingest, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a power cut may lose
-the last transactions but never corrupts the file; a process crash loses nothing committed.
+and cleared by its next snapshot), ``pending`` (the parameters' rows of accepted snapshots not
+merged yet), ``params`` (one row per parameter name) and ``history`` (one row per parameter,
+run and step; the oldest rows beyond ``history_max_rows`` are pruned at each merge, and a
+history read merges first, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a
+power cut may lose the last transactions but never corrupts the file; a process crash loses
+nothing committed.
 
 An ingest's commit writes its rank's row and appends its parameters' rows to ``pending``, a
 table without secondary indexes, so one snapshot dirties a few contiguous pages. Every
