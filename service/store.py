@@ -155,7 +155,7 @@ class Store:
 
     Args:
         path: SQLite file, or ``":memory:"``.
-        history_max_rows: history rows kept (older rows pruned on ingest).
+        history_max_rows: history rows kept (older rows pruned at each merge).
         clock: returns Unix seconds; injected so tests control "received at".
         merge_interval_s: how often accepted snapshots move from ``pending`` into ``history``
             and ``params`` (a file database; an in-memory one merges at each ingest).
@@ -248,7 +248,8 @@ class Store:
         db.execute("DROP TABLE history_before_merge")
 
     def _load(self) -> None:
-        """Fill the in-memory mirror from the ``ranks`` and ``params`` tables."""
+        """Fill the in-memory mirror from the ``ranks`` and ``params`` tables, then the rows
+        still in ``pending`` (accepted after the last merge), in the order they arrived."""
         for rank, run, step, wall, received, count, opt, finished in self._db.execute(
             f"SELECT {_RANK_COLUMNS} FROM ranks"
         ):
