@@ -167,7 +167,6 @@ class Store:
     ) -> None:
         self._clock = clock
         self._max_rows = history_max_rows
-        self._merge_interval = merge_interval_s
         # _lock guards the in-memory mirror and is held only briefly, so that reads of the
         # latest state (a scrape) never wait for the disk; _db_lock guards the connection and
         # serializes the writers (and the checkpointer's RESTART): a writer holds it from
@@ -256,19 +255,13 @@ class Store:
             self._ranks[rank] = RankRecord(
                 rank, run, step, wall, received, count, _loads(opt), finished
             )
-        for name, run, rank, step, wall, received, metrics, state in self._db.execute(
-            "SELECT * FROM params"
-        ):
-            self._params[name] = ParamRecord(
-                name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
-            )
-        # accepted, not merged yet: newer than the params rows, in the order they arrived
-        for name, run, rank, step, wall, received, metrics, state in self._db.execute(
-            f"SELECT {_PARAM_COLUMNS} FROM pending ORDER BY id"
-        ):
-            self._params[name] = ParamRecord(
-                name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
-            )
+        # the merged rows, then those accepted after the last merge (newer), as they arrived
+        for query in (f"SELECT {_PARAM_COLUMNS} FROM params",
+                      f"SELECT {_PARAM_COLUMNS} FROM pending ORDER BY id"):
+            for name, run, rank, step, wall, received, metrics, state in self._db.execute(query):
+                self._params[name] = ParamRecord(
+                    name, run, rank, step, wall, received, json.loads(metrics), _loads(state)
+                )
         self._names = sorted(self._params)
 
     @contextmanager
@@ -554,7 +547,6 @@ class _Checkpointer:
         self._merge = merge
         self._merge_interval = merge_interval_s
         self._merged_at = time.monotonic()
-        self._behind = False  # rows were left after the last chunk: merge again next cycle
         self._behind = False  # rows were left after the last chunk: merge again next cycle
         self._interval = interval_s
         self.restart_frames = restart_frames
