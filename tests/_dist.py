@@ -7,6 +7,7 @@ Collectives that mismatch hang rather than fail, so every multi-process test goe
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import sys
 import time
@@ -17,6 +18,14 @@ from typing import Any
 import torch.multiprocessing as mp
 
 __all__ = ["init_gloo", "run_ranks"]
+
+# Ranks start from a fork server that has imported these once, not as fresh interpreters: a
+# spawned rank spent ~2-3 s of CPU importing torch, which was most of a short test's time on
+# two cores. The server itself only imports (no thread, no tensor op runs in it), so what it
+# forks is what a fresh interpreter would be after the same imports.
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
+            "torch.distributed.checkpoint", "optim", "sharding", "_sharding_workers"]
+multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
 
 
 def init_gloo(rank: int, world_size: int, store: str) -> None:
@@ -59,7 +68,7 @@ def run_ranks(fn: Callable[..., None], world_size: int, tmp: Path, *args: Any,
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; raise on error/timeout."""
     store = tmp / f"store-{world_size}-{time.monotonic_ns()}"
     ctx = mp.start_processes(_entry, args=(fn, world_size, str(store), args),
-                             nprocs=world_size, join=False, start_method="spawn")
+                             nprocs=world_size, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
