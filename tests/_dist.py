@@ -1,4 +1,4 @@
-"""Run a function on W gloo ranks (spawned processes) with a hard timeout.
+"""Run a function on W gloo ranks (processes forked from a preloaded server) with a hard timeout.
 
 Collectives that mismatch hang rather than fail, so every multi-process test goes through
 :func:`run_ranks`, which kills the whole group and fails the test when the deadline passes.
@@ -21,8 +21,8 @@ __all__ = ["init_gloo", "run_ranks"]
 
 # Ranks start from a fork server that has imported these once, not as fresh interpreters: a
 # spawned rank spent ~2-3 s of CPU importing torch, which was most of a short test's time on
-# two cores. The server itself only imports (no thread, no tensor op runs in it), so what it
-# forks is what a fresh interpreter would be after the same imports.
+# two cores. The server itself only imports (one thread, measured; no tensor op runs in it),
+# so what it forks is what a fresh interpreter would be after the same imports.
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
             "torch.distributed.checkpoint", "optim", "sharding", "_sharding_workers"]
 multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
