@@ -52,6 +52,33 @@ ALERTS = {
 TOOL_TIMEOUT_S = 60
 
 
+@pytest.mark.parametrize(("ci", "outcome"), [("1", pytest.fail.Exception),
+                                             (None, pytest.skip.Exception)])
+def test_a_missing_tool_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"run: bash scripts/setup\.sh --dev"):
+        require_tool("orthoshard-no-such-tool")
+
+
+def test_ci_runs_the_test_script_with_ci_set_even_when_the_runner_does_not(tmp_path) -> None:
+    # .ci/run copied beside a stand-in scripts/test.sh that reports what it was given
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
+    (tmp_path / "scripts" / "test.sh").write_text('echo "CI=${CI:-unset} args=$#"\n')
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert out.strip() == "CI=1 args=0"
+    env["CI"] = "true"  # a runner's own value is kept
+    out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    assert out.strip() == "CI=true args=0"
+
+
 def run(*cmd: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(c) for c in cmd], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, env=env,
