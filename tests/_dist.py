@@ -22,7 +22,9 @@ __all__ = ["init_gloo", "run_ranks"]
 # Ranks start from a fork server that has imported these once, not as fresh interpreters: a
 # spawned rank spent ~2-3 s of CPU importing torch, which was most of a short test's time on
 # two cores. The server itself only imports (one thread, measured; no tensor op runs in it),
-# so what it forks is what a fresh interpreter would be after the same imports.
+# so what it forks is what a fresh interpreter would be after the same imports. A rank inherits
+# the server's environment as it was when the server started (the first run_ranks), not the
+# test's at the call: pass what a rank needs as an argument, not an environment variable.
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
             "torch.distributed.checkpoint", "optim", "sharding", "_sharding_workers"]
 multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
