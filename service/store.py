@@ -534,7 +534,8 @@ class _Checkpointer:
         merge: moves up to its argument's number of the store's ``pending`` rows into
             ``history`` and returns whether rows are left (:meth:`Store._merge`); run first in a
             cycle at least ``merge_interval_s`` after the last one, or in the next cycle when
-            rows were left.
+            rows were left. The thread wakes for it by itself: rows appended by the last
+            commits merge whether or not more commits follow.
         interval_s: least time between two checkpoints.
         restart_frames: WAL pages beyond which the PASSIVE copy is followed by a RESTART
             checkpoint (default 16384: 64 MB of 4 KiB pages).
@@ -548,6 +549,9 @@ class _Checkpointer:
         self._merge_interval = merge_interval_s
         self._merged_at = time.monotonic()
         self._behind = False  # rows were left after the last chunk: merge again next cycle
+        # a commit since the last merge may have left rows in pending: the thread wakes for
+        # them by itself once merge_interval_s has passed, whether or not more commits come
+        self._unmerged = False
         self._interval = interval_s
         self.restart_frames = restart_frames
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
@@ -560,18 +564,22 @@ class _Checkpointer:
         self._thread.start()
 
     def notify(self) -> None:
-        """A commit happened: checkpoint soon."""
+        """A commit happened: checkpoint soon, and merge what it appended."""
+        self._unmerged = True
         self._wake.set()
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            due = None if not self._unmerged else \
+                max(0.0, self._merged_at + self._merge_interval - time.monotonic())
+            self._wake.wait(0.0 if self._behind else due)
             if self._stopping.is_set():
                 return
             self._wake.clear()
             try:
                 if self._behind or time.monotonic() - self._merged_at >= self._merge_interval:
                     self._merged_at = time.monotonic()
+                    self._unmerged = False  # before the merge: a commit during it sets it again
                     self._behind = self._merge(_MERGE_CHUNK)
                 frames = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
                 if frames > self.restart_frames:
@@ -582,6 +590,7 @@ class _Checkpointer:
                     with self._lock:
                         self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
             except sqlite3.Error as exc:
+                self._unmerged = True  # try the merge again at the next interval
                 self._failures += 1
                 if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
                     _log.warning("merging pending rows or the WAL checkpoint failed (%d so far): "

@@ -184,6 +184,23 @@ def test_the_merge_goes_in_chunks_in_arrival_order(tmp_path: Path) -> None:
     store.close()
 
 
+def test_the_last_snapshots_merge_without_further_ingests(tmp_path: Path, monkeypatch) -> None:
+    # the thread merges what the last commits appended though no commit follows to wake it,
+    # and goes on chunk by chunk: 5 rows, 2 a chunk, then nothing more is ingested
+    monkeypatch.setattr("service.store._MERGE_CHUNK", 2)
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, merge_interval_s=0.3)
+    store.ingest(make_snapshot(0, n=5))
+    deadline = time.monotonic() + CHECKPOINT_DEADLINE_S
+    while _pending(db) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _pending(db) == 0
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*) FROM history").fetchone()[0] == 5
+    con.close()
+    store.close()
+
+
 def test_store_uses_wal_and_bounds_history_exactly(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "s.db"), history_max_rows=10)
     for step in range(7):
