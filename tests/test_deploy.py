@@ -70,13 +70,14 @@ def test_ci_runs_the_test_script_with_ci_set_even_when_the_runner_does_not(tmp_p
     (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
     (tmp_path / "scripts" / "test.sh").write_text('echo "CI=${CI:-unset} args=$#"\n')
     env = {k: v for k, v in os.environ.items() if k != "CI"}
-    out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True,
-                         text=True, timeout=30, check=True).stdout
-    assert out.strip() == "CI=1 args=0"
+
+    def run() -> str:
+        return subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, text=True,
+                              capture_output=True, timeout=30, check=True).stdout.strip()
+
+    assert run() == "CI=1 args=0"
     env["CI"] = "true"  # a runner's own value is kept
-    out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True,
-                         text=True, timeout=30, check=True).stdout
-    assert out.strip() == "CI=true args=0"
+    assert run() == "CI=true args=0"
 
 
 def run(*cmd: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
