@@ -177,16 +177,19 @@ class SideRefresh:
 
 # Sides from which the new basis's quotients after a power step come from the half product
 # (power_step_quotients) rather than the F Q product. Measured (2026-11-29, 1 / 2 threads, us,
-# half product against F Q and its column sums): 64: 76 / 86 against 14 / 14; 128: 107 / 107
-# against 64 / 47; 192: 186 / 156 against 177 / 112; 256: 351 / 253 against 399 / 228; 512:
-# 1912 / 1108 against 3278 / 1634; 1024: 15.0 / 8.3 ms against 29.2 / 16.4 ms.
+# four row blocks, the half product before the halving, against F Q and its column sums): 64:
+# 76 / 86 against 14 / 14; 128: 107 / 107 against 64 / 47; 192: 186 / 156 against 177 / 112;
+# 256: 351 / 253 against 399 / 228; 512: 1912 / 1108 against 3278 / 1634; 1024: 15.0 / 8.3 ms
+# against 29.2 / 16.4 ms. The halving, on an AVX2-only machine at 1 thread: 256: 500 against 530.
 HALF_PRODUCT_FROM = 256
 
-# Row blocks of the lower triangle in power_step_quotients: 4 blocks cost 0.625 of the full
-# product (K blocks: (K + 1) / (2K)); measured on 1024x1024 at 1 / 2 threads, 14.9 / 8.2 ms
-# against 28.7 / 17.1 ms for F Q and its row sums; 8 blocks gained <10% more (13.8 / 8.1 ms)
-# and cost more calls on small sides.
-_QUOTIENT_BLOCKS = 4
+# The diagonal blocks power_step_quotients leaves to one product each (the recursion halves
+# blocks down to this size): at d, ``1/2 + leaf / (2 d)`` of the full product, 0.5625 at 1024.
+# Measured 2026-11-29 (1 thread, CPU time, medians of 25 runs interleaved, against four row
+# blocks at 0.625 of a product): 1024: 31.2 against 33.3 ms (the F Q product: 53.0); 512: 3.54
+# against 3.82 ms; 256: 0.50 against 0.68 ms (F Q: 0.53); at 1024 leaves of 64 or 256 were
+# slower (31.7, 33.0 ms).
+_QUOTIENT_LEAF = 128
 
 
 def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
@@ -196,23 +199,30 @@ def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
 
     ``Q_prev`` is square and orthogonal, so ``F = F Q_prev Q_prev^T = Q_new R Q_prev^T`` and
     ``Q_new^T F Q_new = R M`` with ``M = Q_prev^T Q_new``, exactly. ``R`` is upper triangular,
-    so ``diag(R M)_i = sum_{j >= i} R_ij M_ji`` reads only M's lower triangle: computed by row
-    blocks of ``M`` (``M[s:, block] = Q_prev[:, s:]^T Q_new[:, block]``), about 0.6 of the one
-    ``F Q_new`` product it replaces, in float32 with the same rounding (within 4e-7 of it,
-    relative, on 256 and 1024 sides).
+    so ``diag(R M)_i = sum_{j >= i} R_ij M_ji`` reads only M's lower triangle. It is computed
+    by halving: a block ``[lo, hi)`` contributes its lower-left quarter ``M[mid:hi, lo:mid] =
+    Q_prev[:, mid:hi]^T Q_new[:, lo:mid]`` (one product, all of it below the diagonal) and
+    recurses into its two diagonal quarters, down to ``_QUOTIENT_LEAF`` columns, whose block is
+    one product with ``R``'s lower part masked. Every product keeps the full inner length ``d``
+    (what BLAS runs fastest), and each column's contribution is one ``vecdot`` with ``R^T``
+    (row-major as geqrf returns ``R`` column-major). In float32 with the rounding of the
+    ``F Q_new`` product it replaces (within 4e-7 of it, relative, on 256 and 1024 sides).
     """
     d = Q_prev.size(-1)
-    step = -(-d // _QUOTIENT_BLOCKS)
-    out = torch.empty(d, dtype=Q_new.dtype, device=Q_new.device)
+    R_t = R.mT  # R_t[j, i] = R[i, j]: row j of M's block pairs with row j of R_t
+    out = torch.zeros(d, dtype=Q_new.dtype, device=Q_new.device)
+    blocks = [(0, d)]
     with matmul_precision("highest"):
-        for start in range(0, d, step):
-            end = min(start + step, d)
-            lower = Q_prev[:, start:].mT @ Q_new[:, start:end]       # M[start:, start:end]
-            # R's rows start:end from column start: the diagonal block (upper triangle only),
-            # then the block right of it
-            out[start:end] = (R[start:end, start:end].triu() * lower[:end - start].mT).sum(-1)
-            if end < d:
-                out[start:end] += (R[start:end, end:] * lower[end - start:].mT).sum(-1)
+        while blocks:
+            lo, hi = blocks.pop()
+            if hi - lo <= _QUOTIENT_LEAF:
+                M = Q_prev[:, lo:hi].mT @ Q_new[:, lo:hi]
+                out[lo:hi] += torch.linalg.vecdot(R_t[lo:hi, lo:hi].tril(), M, dim=0)
+                continue
+            mid = (lo + hi) // 2
+            M = Q_prev[:, mid:hi].mT @ Q_new[:, lo:mid]
+            out[lo:mid] += torch.linalg.vecdot(R_t[mid:hi, lo:mid], M, dim=0)
+            blocks += [(lo, mid), (mid, hi)]
     return out
 
 

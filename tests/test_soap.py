@@ -675,11 +675,15 @@ def test_staleness_of_factors_past_float32_squares_matches_the_stored_state(case
 QUOTIENT64_RTOL = 1e-12
 
 
+@pytest.mark.parametrize("leaf", [None, 3], ids=["default-leaf", "leaf-3"])
 @pytest.mark.parametrize("d", [1, 7, 64, 130])
-def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d):
+def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d, leaf, monkeypatch):
     # F Q_prev = Q_new R makes Q_new^T F Q_new = R Q_prev^T Q_new exactly; in float64 the
     # half product's diagonal equals the direct one to rounding (sizes that split into uneven
-    # blocks, and a 1x1)
+    # halves, and a 1x1); leaves of 3 columns take the halving several levels deep
+    import optim._soap_math as soap_math
+    if leaf is not None:
+        monkeypatch.setattr(soap_math, "_QUOTIENT_LEAF", leaf)
     gen = torch.Generator().manual_seed(d)
     G = torch.randn(d, d + 3, generator=gen, dtype=torch.float64)
     F = G @ G.mT
