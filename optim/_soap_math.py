@@ -205,8 +205,8 @@ def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
     recurses into its two diagonal quarters, down to ``_QUOTIENT_LEAF`` columns, whose block is
     one product with ``R``'s lower part masked. Every product keeps the full inner length ``d``
     (what BLAS runs fastest), and each column's contribution is one ``vecdot`` with ``R^T``
-    (row-major as geqrf returns ``R`` column-major). In float32 with the rounding of the
-    ``F Q_new`` product it replaces (within 4e-7 of it, relative, on 256 and 1024 sides).
+    (row-major as geqrf returns ``R`` column-major). In float32 it lands within 6e-7 of the
+    ``F Q_new`` product it replaces, relative to the largest quotient (256 and 1024 sides).
     """
     d = Q_prev.size(-1)
     R_t = R.mT  # R_t[j, i] = R[i, j]: row j of M's block pairs with row j of R_t
