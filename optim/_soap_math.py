@@ -188,7 +188,8 @@ HALF_PRODUCT_FROM = 256
 # Measured 2026-11-29 (1 thread, CPU time, medians of 25 runs interleaved, against four row
 # blocks at 0.625 of a product): 1024: 31.2 against 33.3 ms (the F Q product: 53.0); 512: 3.54
 # against 3.82 ms; 256: 0.50 against 0.68 ms (F Q: 0.53); at 1024 leaves of 64 or 256 were
-# slower (31.7, 33.0 ms).
+# slower (31.7, 33.0 ms). At 2 threads (wall, medians): 1024: 11.3 against 11.9 ms (F Q: 20.0);
+# 256: 0.40 against 0.50 ms, where F Q takes 0.30 (at 1 thread the two are level there).
 _QUOTIENT_LEAF = 128
 
 
