@@ -730,8 +730,11 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     :meth:`SideRefresh.new_quotients` (half a product; below 256 a product). Without them (the
     first step after ``load_state_dict``, or at a ``fp32_matmul_prec`` other than "highest",
     whose rounded products the increments would not follow) they cost one ``F Q`` product per
-    side. With ``track`` (health enabled but not due) the carried quotients are kept up to date
-    without that product, so that a later health step finds them.
+    side. ``track`` says that a later health step may fall between refreshes: the carried
+    quotients are then kept up to date on steps without health, and a power-iteration refresh
+    starts them, so that such a step finds them. Without it (health off, or every health step a
+    refresh: :meth:`optim.soap.SOAP._carries_quotients`) a refresh measures its own health
+    without them (its old basis's quotients come off its own product).
 
     ``G`` must be finite and pass :func:`gradient_fits`; where that returned None, pass
     ``verify_factors``: the new factors are checked before anything reads them.
@@ -775,12 +778,13 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         if (want_health or track) and (cfg.use_eigh or t == 1):
             current = (side_L.eigvals.flip(0) if side_L is not None else None,
                        side_R.eigvals.flip(0) if side_R is not None else None)
-        elif (want_health or track) and prec == "highest" and cfg.precondition_frequency > 1:
+        elif track and prec == "highest" and cfg.precondition_frequency > 1:
             # a power step: half a product (a product on small sides) gives the new bases'
             # quotients (SideRefresh.new_quotients) for the steps until the next refresh (none
-            # when every step refreshes: a refresh reads its old basis's quotients off its own
-            # product), except where KL-Shampoo's whitening computes them at the next step
-            # anyway (a side's quotients whiten the other side's update)
+            # when every step refreshes, or when no health step falls before the next refresh:
+            # a refresh reads its old basis's quotients off its own product), except where
+            # KL-Shampoo's whitening computes them at the next step anyway (a side's quotients
+            # whiten the other side's update)
             kl = cfg.use_kl_shampoo
             current = (side_L.new_quotients() if side_L is not None and not (kl and _present(R))
                        else None,

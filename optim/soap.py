@@ -177,7 +177,8 @@ class SOAP(MatrixOptimizer):
                 cached = self._quotients.get(item.param)
                 try:
                     result = soap_step(
-                        G, state, cfg, want_health=due, track=self.health_every > 0,
+                        G, state, cfg, want_health=due,
+                        track=self._carries_quotients(group["step"] - (step + 1), cfg),
                         quotients=cached[1] if cached and cached[0] == step else None,
                         verify_factors=fits is None)
                 except torch.linalg.LinAlgError as exc:
@@ -207,6 +208,17 @@ class SOAP(MatrixOptimizer):
         if due and names:  # measured with the step's other batches, in _end_batches
             self._batch_health.append((names, healths))
         return torch.stack(updates)
+
+    def _carries_quotients(self, lag: int, cfg: SoapConfig) -> bool:
+        """Whether a matrix's steps keep its bases' Rayleigh quotients up to date for a later
+        health step (``soap_step``'s ``track``): only if one of its health steps can fall between
+        its refreshes. ``lag`` is how many steps the matrix's own count trails the group's (a
+        skipped step, a matrix added later). With ``health_every`` a multiple of
+        ``precondition_frequency`` and the lag a multiple too, every health step is a refresh,
+        which reads its old basis's quotients off its own product, so carrying them would buy
+        nothing and cost a half product per side at each power-iteration refresh."""
+        every, period = self.health_every, cfg.precondition_frequency
+        return every > 0 and not (every % period == 0 and lag % period == 0)
 
     def _end_batches(self) -> None:
         """Health of every matrix of the step in one :func:`soap_health` call: groups of equal

@@ -713,6 +713,56 @@ def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, mo
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
 
 
+@pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["QR"], CARRIED_CONFIGS["KL"],
+                                 CARRIED_CONFIGS["one-sided"]], ids=["QR", "KL", "one-sided"])
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_health_only_at_refreshes_carries_no_quotients(cfg, multiple, monkeypatch):
+    # health_every a multiple of precondition_frequency: every health step is a refresh, whose
+    # old basis's quotients come off its own product, so a power-iteration refresh starts no
+    # carried quotients (no product or half product for health at any step) and the steps
+    # between keep none (step 1's eigh keeps its eigenvalues, which cost nothing)
+    every = multiple * cfg["precondition_frequency"]
+    for t, opt, p, before, extra in _with_and_without_health(cfg, every, 2 * every + 2,
+                                                             monkeypatch):
+        assert extra == (0, 0), (t, extra)
+        assert (p in opt._quotients) == (t == 0), t
+        if t and t % every == 0:  # a health step, and a refresh
+            _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed=True)
+
+
+def test_a_skip_that_moves_the_refreshes_off_the_health_steps_starts_the_carried_quotients(
+        monkeypatch):
+    # health and refreshes every 3 steps coincide until a skipped step delays the matrix's own
+    # count by one: from then on its health steps fall between its refreshes, and each is
+    # measured from carried quotients (a product only where none are carried yet)
+    calls = _counting_products(monkeypatch)
+    p = torch.nn.Parameter(torch.zeros(24, 16))
+    opt = SOAP([("w", p)], lr=0.01, precondition_frequency=3, health_every=3)
+    products, between = [], 0
+    for step, g in enumerate(_spiky_grads(17), start=1):  # the group's step
+        grad = g.clone()
+        if step == 5:
+            grad[0, 0] = float("nan")
+        t = int(opt.state[p]["step"]) + 1 if p in opt.state else 1  # the matrix's step
+        before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t > 1 else {}
+        p.grad = grad
+        calls[:] = [0, 0]
+        opt.step()
+        if step == 5:
+            assert int(opt.state[p]["step"]) == 4 and opt.health()["w"]["nonfinite_skips"] == 1
+            continue
+        if step > 1 and (step - 1) % 3 == 0:  # a health step
+            refreshed = (t - 1) % 3 == 0
+            _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
+            if not refreshed:
+                between += 1
+                products.append(calls[0])
+    # group steps 7, 10, 13, 16 are the matrix's steps 6, 9, 12, 15; its refreshes come at 7,
+    # 10, 13, 16. Step 6 has no carried quotients (none were started at its refresh at 4): one
+    # product per side; then the refreshes start them
+    assert between == 4 and products == [2, 0, 0, 0], products
+
+
 def test_an_adamw_group_of_soap_refuses_betas():
     bias = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="sets 'betas'"):
