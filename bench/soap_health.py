@@ -13,7 +13,8 @@ calls on 8x8 matrices, which do not shrink with the matrix.
 
 ``--model``: the same ratio on the 12 matrices of ``bench/muon.py``'s transformer stack (d_model
 256, MLP 1024, 2 layers; ``--quick``: 64 / 256), and for a whole training step of the small GPT
-``bench/muon.py`` times (forward, backward, SOAP step, ``health()``). The machine is shared and
+``bench/muon.py`` times (forward, backward, SOAP step, ``health()``), refreshing every step and
+every 10 steps (the latter as means over whole periods of 10 steps, at least 60 steps). The machine is shared and
 noisy, so only the ratio measured in one process means anything (target < 1.05); the last
 column holds the quartiles of the ratios of the steps (or periods) timed side by side. ``--cpu-time``
 times with ``time.thread_time`` (this thread's CPU time, which other jobs on the machine do not
@@ -78,7 +79,7 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int, label: st
                 opt.health()
             times[every].append(bench.muon.CLOCK() - t0)
     def per_step(ts: list[float]) -> list[float]:
-        sums = [sum(ts[i:i + period]) / period for i in range(0, len(ts), period)]
+        sums = periods(ts, period)
         return sums[len(sums) // 5:]
 
     if period > 1:  # step i refreshes when i % period == 0 (the optimizer's step i + 1)
@@ -88,6 +89,11 @@ def ratio(shape_list: list[tuple[int, int]], kwargs: dict, steps: int, label: st
         PHASES.append((label, solver, statistics.median(d for r, d in extra if r) * 1e3,
                        statistics.median(d for r, d in extra if not r) * 1e3))
     return per_step(times[1]), per_step(times[0])
+
+
+def periods(ts: list[float], period: int) -> list[float]:
+    """Mean step time of each whole period of ``period`` consecutive steps."""
+    return [sum(ts[i:i + period]) / period for i in range(0, len(ts) - period + 1, period)]
 
 
 def row(label: str, solver: str, on: list[float], off: list[float]) -> None:
@@ -130,6 +136,11 @@ def main() -> None:
             row(label, name, *ratio(shape_list, kwargs, steps, label, name))
         on, off = training_step_times(steps, args.quick, SOAP, lr=0.01)
         row(f"GPT training step, d_model {64 if args.quick else 256}", "QR", on, off)
+        # any 10 consecutive steps hold exactly one refresh: per-period means of the steps
+        on, off = (periods(ts, 10) for ts in training_step_times(
+            max(steps, 60) // 10 * 10, args.quick, SOAP, lr=0.01, precondition_frequency=10))
+        row(f"GPT training step, d_model {64 if args.quick else 256}", "QR, refresh every 10",
+            on, off)
     if PHASES:
         print("\nWhat health adds to the step, refreshing every 10 steps (medians of on - off, "
               "the two timed side by side):\n")
