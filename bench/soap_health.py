@@ -14,12 +14,13 @@ calls on 8x8 matrices, which do not shrink with the matrix.
 ``--model``: the same ratio on the 12 matrices of ``bench/muon.py``'s transformer stack (d_model
 256, MLP 1024, 2 layers; ``--quick``: 64 / 256), and for a whole training step of the small GPT
 ``bench/muon.py`` times (forward, backward, SOAP step, ``health()``), refreshing every step and
-every 10 steps (the latter as means over whole periods of 10 steps, at least 60 steps). The machine is shared and
-noisy, so only the ratio measured in one process means anything (target < 1.05); the last
-column holds the quartiles of the ratios of the steps (or periods) timed side by side. ``--cpu-time``
-times with ``time.thread_time`` (this thread's CPU time, which other jobs on the machine do not
-inflate; use it with ``--threads 1``). A second table splits what health adds, for the rows
-refreshing every 10 steps, between the refresh steps and the steps between them.
+every 10 steps (the latter as means over whole periods of 10 steps, at least 60 steps). The
+machine is shared and noisy, so only the ratio measured in one process means anything (target
+< 1.05); the last column holds the quartiles of the ratios of the steps (or periods) timed side
+by side. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time, which other
+jobs on the machine do not inflate; use it with ``--threads 1``). A second table splits what
+health adds, for the rows refreshing every 10 steps, between the refresh steps and the steps
+between them.
 """
 
 from __future__ import annotations
