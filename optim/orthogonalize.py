@@ -36,6 +36,7 @@ anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muo
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -160,17 +161,32 @@ def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.d
     return torch.float32 if method == "svd" else torch.bfloat16
 
 
-def _validate(X: Tensor, softening: float, steps: int | None) -> None:
+def _validate(X: Tensor, softening: float, steps: int | None, eps: float,
+              coefficients: Sequence[float]) -> None:
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs a (..., m, n) matrix, got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise ValueError(f"orthogonalize needs a real floating-point tensor, got {X.dtype}")
-    if not isinstance(softening, (int, float)) or not 0.0 <= softening <= 1.0:
+    if not _real(softening) or not 0.0 <= softening <= 1.0:
         # NaN fails both comparisons and lands here too.
         raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
-    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool)
-                                  and 1 <= steps < _MAX_STEPS):
+    if steps is not None and not (isinstance(steps, numbers.Integral)
+                                  and not isinstance(steps, bool) and 1 <= steps < _MAX_STEPS):
         raise ValueError(f"steps must be an int in [1, {_MAX_STEPS}) or None, got {steps!r}")
+    if not _real(eps) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps (the floor of the normalizing norms) must be a finite number >= 0, "
+                         f"got {eps!r}")
+    if coefficients is not JORDAN_QUINTIC and not (
+            isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
+            and all(_real(c) and math.isfinite(c) for c in coefficients)):
+        raise ValueError(f"coefficients must be the (a, b, c) of the quintic, three finite "
+                         f"numbers (default {JORDAN_QUINTIC}), got {coefficients!r}")
+
+
+def _real(value: object) -> bool:
+    """A real number that is not a bool (``softening=True`` would silently mean 1); NumPy's
+    scalars count, as an optimizer's schedule may return them."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _coefficients(method: str, steps: int, quintic: Sequence[float],
@@ -320,7 +336,7 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
                    lower_bound: float | None = None) -> Iterator[Tensor]:
     """Yield the approximation after each step (X's shape and dtype): for accuracy-per-product
     studies. The last item equals ``orthogonalize(X, ...)`` without softening."""
-    _validate(X, 0.0, steps)
+    _validate(X, 0.0, steps, eps, coefficients)
     _check_method(method)
     _check_lower_bound(lower_bound)
     compute = _compute_dtype(X, dtype, method)
@@ -363,9 +379,10 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
 
     Raises:
         ValueError: for fewer than 2 dims, a non-float X, an unknown method, ``softening``
-            outside [0, 1] or NaN, or ``steps`` outside [1, 100).
+            outside [0, 1] or NaN, ``steps`` outside [1, 100), a negative or non-finite
+            ``eps``, or ``coefficients`` that are not three finite numbers.
     """
-    _validate(X, softening, steps)
+    _validate(X, softening, steps, eps, coefficients)
     _check_method(method)
     _check_lower_bound(lower_bound)
     result = _polar(X, method, steps, dtype, eps, coefficients, lower_bound)

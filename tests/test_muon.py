@@ -15,7 +15,7 @@ from torch import nn
 from optim import SOAP, Muon, NorMuon, split_param_groups
 from optim.health import estimate_orthogonality_error, orthogonality_error
 from optim.muon import adjusted_lr
-from optim.orthogonalize import METHODS, orthogonalize, soften
+from optim.orthogonalize import METHODS, default_steps, orthogonalize, soften
 
 # Our Muon runs the same ops in the same order as torch.optim.Muon (lerp momentum, bf16 NS with
 # addmm, mul_ then add_): for a matrix whose shape is unique in its group, parity is exact.
@@ -893,6 +893,50 @@ def test_normuon_second_moment_stays_float32_through_a_round_trip(dtype):
     steps(opt, params, 2)
     steps(fresh, clone, 2)
     assert_params_equal(params, clone)
+
+
+# ---- ns_steps not given: each method's own count ----------------------------------------------
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "cans"])
+def test_unset_ns_steps_runs_the_methods_own_count(opt_cls, method):
+    # the quintic keeps torch.optim.Muon's 5; Polar Express and CANS run their bf16 counts (6,
+    # 9): at 5 CANS is less orthogonal than the quintic. Bit-identical to naming the count.
+    count = default_steps(method, torch.bfloat16)
+    params, clone = make_params(), make_params()
+    opt = opt_cls(params, lr=0.02, ns_method=method)
+    named = opt_cls(clone, lr=0.02, ns_method=method, ns_steps=count)
+    assert opt.param_groups[0]["ns_steps"] == count
+    assert type(opt.param_groups[0]["ns_steps"]) is int  # a plain int: see the next test
+    run(opt, params, 2)
+    run(named, clone, 2)
+    assert_params_equal(params, clone)
+
+
+def test_unset_ns_steps_follows_each_groups_method_and_a_given_count_is_kept():
+    a, b, c, d = (nn.Parameter(torch.zeros(8, 4)) for _ in range(4))
+    opt = Muon([{"params": [a]}, {"params": [b], "ns_method": "cans"},
+                {"params": [c], "ns_method": "cans", "ns_steps": 5}], lr=0.02)
+    opt.add_param_group({"params": [d], "ns_method": "polar_express"})
+    assert [g["ns_steps"] for g in opt.param_groups] == [5, 9, 5, 6]
+    given = Muon([nn.Parameter(torch.zeros(8, 4))], ns_method="cans", ns_steps=5)
+    assert given.param_groups[0]["ns_steps"] == 5
+    # the state dict holds plain values, so torch.load's default weights_only reads it back
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert [g["ns_steps"] for g in loaded["param_groups"]] == [5, 9, 5, 6]
+
+
+def test_unset_ns_steps_with_an_adamw_group_and_svd():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+    opt = Muon(split_param_groups(model.named_parameters()), lr=0.02, ns_method="svd")
+    assert all(type(g["ns_steps"]) is int for g in opt.param_groups)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # raises on a class it does not know
 
 
 # ---- argument types and duplicates ------------------------------------------------------------

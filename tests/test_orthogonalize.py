@@ -210,12 +210,25 @@ def test_softening_outside_unit_interval_or_nan_raises_value_error(s):
     pytest.param(dict(dtype=torch.int32), id="int-compute-dtype"),
     pytest.param(dict(method="cans", lower_bound=0.0), id="cans-lower-bound-0"),
     pytest.param(dict(method="cans", lower_bound=1.5), id="cans-lower-bound-1.5"),
+    pytest.param(dict(softening=True), id="softening-bool"),
+    pytest.param(dict(eps=-1.0), id="eps-negative"),
+    pytest.param(dict(eps=float("nan")), id="eps-nan"),
+    pytest.param(dict(coefficients=(1.0, 2.0)), id="coefficients-two"),
+    pytest.param(dict(coefficients=(3.4, float("inf"), 2.0)), id="coefficients-inf"),
 ])
 def test_bad_input_raises_value_error(bad):
     kwargs = {"X": gaussian(6, 4), **bad}
     X = kwargs.pop("X")
     with pytest.raises(ValueError):
         orthogonalize(X, **kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_the_python_numbers_they_equal():
+    # a schedule or a config loaded with NumPy hands over np.float32 / np.int64
+    np = pytest.importorskip("numpy")
+    X = gaussian(6, 4)
+    assert torch.equal(orthogonalize(X, softening=np.float32(0.5), steps=np.int64(3)),
+                       orthogonalize(X, softening=0.5, steps=3))
 
 
 def test_unknown_method_error_lists_the_valid_methods():
