@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -177,12 +178,16 @@ def _fresh_outputs(out: Path, resume: bool) -> None:
     probe = out / f".write-test-{os.getpid()}"
     probe.write_text("")
     probe.unlink()
-    patterns = ["rank*.json", "summary.json", "health.png", "final_params.pt"]
-    if not resume:
-        patterns += ["health-rank*.jsonl", "loss.jsonl", "sidecar.db*"]
-    for pattern in patterns:
-        for f in out.glob(pattern):
+    ours = _RESULTS if resume else _RESULTS + "|" + _LOGS
+    for f in out.iterdir():
+        if re.fullmatch(ours, f.name) and not f.is_dir():
             f.unlink()
+
+
+# the files a demo run writes in --out, as full-name patterns: only these are cleared, so a
+# user's own files there (ranking.json, sidecar.db.bak) stay
+_RESULTS = r"rank\d+\.json|summary\.json|health\.png|final_params\.pt"
+_LOGS = r"health-rank\d+\.jsonl|loss\.jsonl|sidecar\.db(-wal|-shm|-journal)?"
 
 
 # Ranks the local demo starts at most: each is a Python process holding torch (~300 MB) on this
@@ -216,7 +221,33 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return (f"--checkpoint-dir {args.checkpoint_dir} holds a run's checkpoints (LATEST), "
                 f"which --max-restarts would resume from: pass --resume to continue that run, "
                 f"or an empty --checkpoint-dir for a new one")
-    return argument_problem(args)
+    problem = argument_problem(args)
+    if problem is None and args.resume:
+        problem = _resume_problem(args.checkpoint_dir, args.steps)
+    return problem
+
+
+def _resume_problem(directory: Path, steps: int) -> str | None:
+    """What stops ``--resume`` from ``directory`` before any rank starts (None: nothing): a
+    LATEST naming no checkpoint, or one at or past ``--steps`` (nothing left to train). A
+    missing LATEST is fine: the run starts from step 0 and writes one."""
+    from orthoshard.train import Checkpoints
+
+    try:
+        latest = Checkpoints(directory).latest()
+    except (FileNotFoundError, OSError) as exc:
+        return f"--resume: {exc}"
+    done = _checkpoint_step(latest) if latest is not None else None
+    if done is not None and done >= steps:
+        return (f"--resume: the checkpoint {latest} is at step {done}, not before --steps "
+                f"{steps}: nothing is left to train; pass a larger --steps")
+    return None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step a ``step-NNNNNN`` (or ``step-NNNNNN.K``) checkpoint directory was saved at."""
+    match = re.fullmatch(r"step-(\d+)(\.\d+)?", path.name)
+    return int(match.group(1)) if match else None
 
 
 def run(args: argparse.Namespace) -> int:

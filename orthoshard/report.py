@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ def load_losses(out: Path) -> dict[int, float]:
 def load_health(out: Path) -> dict[str, dict[str, dict[int, float]]]:
     """``{param: {metric: {step: value}}}`` from every rank's health log."""
     series: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for path in sorted(out.glob("health-rank*.jsonl")):
+    for path in sorted(p for p in out.glob("health-rank*.jsonl")
+                       if re.fullmatch(r"health-rank\d+\.jsonl", p.name)):
         for record in _jsonl(path):
             for name, metrics in record["params"].items():
                 for metric, value in metrics.items():

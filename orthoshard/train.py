@@ -86,6 +86,9 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--checkpoint-every and --resume need --checkpoint-dir"
     if args.checkpoint_every < 0 or not 0 <= args.step_delay < math.inf:
         return "--checkpoint-every and --step-delay must be >= 0 (and finite)"
+    if args.checkpoint_dir is not None and args.checkpoint_dir.exists() \
+            and not args.checkpoint_dir.is_dir():
+        return f"--checkpoint-dir {args.checkpoint_dir} is not a directory"
     if args.kl_shampoo and args.optimizer != "soap":
         return "--kl-shampoo applies to --optimizer soap"
     if args.spike_at is not None and not 0 <= args.spike_at < args.steps:

@@ -86,6 +86,10 @@ class Settings:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.uds is not None and not self.uds:
             raise ValueError("uds must be a socket path or None")
+        if not self.db_path:
+            # SQLite opens "" as a private temporary database, dropped on exit: no history
+            raise ValueError("db_path must name the history file (\":memory:\" keeps none); an "
+                             "empty path would keep it in a temporary database, lost on exit")
 
 
 def _token_error(token: str) -> str | None:

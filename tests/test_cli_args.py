@@ -106,6 +106,49 @@ def test_restarts_into_another_runs_checkpoints_are_refused(tmp_path):
     assert demo._argument_problem(_demo_args(*argv)) is None  # an empty directory
 
 
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    # it trained up to the first checkpoint, then every rank died in NotADirectoryError
+    path = tmp_path / "afile"
+    path.write_text("")
+    argv = ["--checkpoint-dir", str(path), "--checkpoint-every", "1"]
+    problem = demo._argument_problem(_demo_args(*argv))
+    assert problem is not None and f"--checkpoint-dir {path} is not a directory" in problem
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+
+
+@pytest.mark.parametrize(("latest", "message"), [
+    ("step-999999", "names 'step-999999', which is not a checkpoint directory"),
+    ("step-000004", "is at step 4, not before --steps 4: nothing is left to train"),
+    ("step-000006.1", "is at step 6, not before --steps 4"),
+])
+def test_a_resume_that_cannot_continue_is_refused_before_any_rank_starts(tmp_path, latest,
+                                                                         message):
+    # each raised inside every rank (a traceback per rank), or trained 0 steps and exited 0
+    for name in ("step-000002", "step-000004", "step-000006.1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "LATEST").write_text(latest)
+    argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--steps", "4"]
+    problem = demo._argument_problem(_demo_args(*argv))
+    assert problem is not None and message in problem
+    (tmp_path / "LATEST").write_text("step-000002")
+    assert demo._argument_problem(_demo_args(*argv)) is None
+
+
+def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):
+    # the glob rank*.json took ranking.json too, and sidecar.db* a sidecar.db.bak
+    ours = ["rank0.json", "rank12.json", "summary.json", "health.png", "final_params.pt",
+            "health-rank0.jsonl", "loss.jsonl", "sidecar.db", "sidecar.db-wal", "sidecar.db-shm"]
+    theirs = ["ranking.json", "rank-notes.json", "rankings-2025.json", "sidecar.db.bak",
+              "health-rank-old.jsonl", "notes.txt"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    demo._fresh_outputs(tmp_path, resume=True)  # keeps the logs and the history
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs + ours[5:])
+    demo._fresh_outputs(tmp_path, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
 def test_the_footer_of_a_run_that_logged_no_loss_says_so(tmp_path, capsys):
     from orthoshard import report
 

@@ -518,6 +518,12 @@ def test_settings_refuse_a_rotation_hold_outside_zero_to_the_ttl(hold: float) ->
         Settings(token="t" * 32, series_ttl_s=600, rotation_hold_s=hold)
 
 
+def test_settings_refuse_an_empty_history_path() -> None:
+    # SQLite opens "" as a private temporary database: the history was silently not kept
+    with pytest.raises(ValueError, match="db_path must name the history file"):
+        Settings(token="t" * 32, db_path="")
+
+
 @pytest.mark.parametrize(
     "token",
     ["äöü-not-ascii-token-1234", "token with spaces in it", 'quoted"token"1234567890',
