@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,20 @@ def _publisher(args: argparse.Namespace) -> Any:
     from service.client import Publisher
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token)
+    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token, run_id=_run_id())
+
+
+def _run_id() -> str:
+    """The id every rank publishes under: the environment's (``ORTHOSHARD_RUN_ID``, torchrun's
+    own run id), else one rank 0 draws and sends to all (collective): torchrun's shared default
+    ``"none"`` (``--master-port``, static rendezvous) would mix this run with earlier ones."""
+    from service.client import environment_run_id
+
+    if (value := environment_run_id()) is not None:
+        return value
+    box = [uuid.uuid4().hex[:16] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
 
 
 def _maybe_die(step: int) -> None:

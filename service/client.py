@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 
 from service.schema import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN, SCHEMA_VERSION
+from service.settings import TOKEN_RULE, token_error
 
 DEFAULT_URL = "http://127.0.0.1:9400"
 _log = logging.getLogger("orthoshard.publisher")
@@ -56,7 +57,7 @@ class PublisherStats:
     published: int = 0  # publish() calls accepted onto the queue
     sent: int = 0  # snapshots the sidecar accepted (2xx)
     dropped: int = 0  # pushed out of a full queue, or left unsent at close()
-    rejected: int = 0  # refused by the sidecar (4xx), not encodable, or its send raised
+    rejected: int = 0  # refused by the sidecar (3xx, 4xx), not encodable, or its send raised
     failures: int = 0  # failed send attempts (connection errors, timeouts, 5xx)
 
 
@@ -81,14 +82,38 @@ def _worth_logging(count: int) -> bool:
     return count in (1, 10, 100) or count % 1000 == 0
 
 
-def default_run_id() -> str:
-    """``ORTHOSHARD_RUN_ID``, else torchrun's ``TORCHELASTIC_RUN_ID``, else a random id.
+#: torchrun's default ``--rdzv-id``, its ``TORCHELASTIC_RUN_ID`` for every run started with
+#: ``--master-port`` or a static multi-node rendezvous: shared by all such runs, so no run's id
+TORCHRUN_SHARED_RUN_ID = "none"
 
-    All ranks of a run must agree; under torchrun the elastic run id already does.
+
+def environment_run_id() -> str | None:
+    """``ORTHOSHARD_RUN_ID``, else torchrun's ``TORCHELASTIC_RUN_ID`` unless it is torchrun's
+    shared default (:data:`TORCHRUN_SHARED_RUN_ID`); None when neither names this run."""
+    if value := os.environ.get("ORTHOSHARD_RUN_ID"):
+        return value
+    value = os.environ.get("TORCHELASTIC_RUN_ID")
+    return value if value and value != TORCHRUN_SHARED_RUN_ID else None
+
+
+def default_run_id() -> str:
+    """:func:`environment_run_id`, else a random id (one process: no other rank to agree with).
+
+    All ranks of a run must agree; under torchrun the elastic run id already does, except for
+    its shared default ``"none"``, which every run started with ``--master-port`` or a static
+    rendezvous gets: publishing under it would write each run over the last one's history.
+
+    Raises:
+        ValueError: torchrun's id is ``"none"`` and ``ORTHOSHARD_RUN_ID`` is not set.
     """
-    for var in ("ORTHOSHARD_RUN_ID", "TORCHELASTIC_RUN_ID"):
-        if value := os.environ.get(var):
-            return value
+    if (value := environment_run_id()) is not None:
+        return value
+    if os.environ.get("TORCHELASTIC_RUN_ID") == TORCHRUN_SHARED_RUN_ID:
+        raise ValueError(
+            "torchrun's run id is its default 'none' (given to every run started with "
+            "--master-port or a static rendezvous), under which runs would overwrite each "
+            "other's history: export ORTHOSHARD_RUN_ID (the same on every rank), pass "
+            "run_id=, or start torchrun with --rdzv-id")
     return uuid.uuid4().hex[:16]
 
 
@@ -126,6 +151,11 @@ class Publisher:
                 raise ValueError(f"url must be the sidecar's http(s)://host:port, got {url!r}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
             raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
+        if token is not None and (where := token_error(token)) is not None:
+            # httpx would refuse the header on every send, which looks like a sidecar that
+            # is down (e.g. a token read from its file without .strip())
+            raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE} "
+                             f"(strip the newline of a token read from a file)")
         self.run_id = run_id or default_run_id()
         if len(self.run_id) > RUN_ID_MAX_LENGTH or not re.fullmatch(RUN_ID_PATTERN, self.run_id):
             source = "run_id" if run_id else "the run id from the environment"
@@ -319,7 +349,7 @@ class Publisher:
         if response.status_code >= 500:
             self._failed(f"HTTP {response.status_code}")
             return "retry"
-        if response.status_code >= 400:
+        if response.status_code >= 300:  # a 3xx too: a redirect stored nothing (not followed)
             self._rejected(f"sidecar refused step {item['step']}: HTTP {response.status_code} "
                            f"{response.text[:500]}")
             return "rejected"

@@ -76,6 +76,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     slug = getattr(exc, "slug", None)
     extra = getattr(exc, "extra", {})
+    if exc.status_code == 400 and slug is None:
+        # FastAPI's own "error parsing the body": json.loads raised something other than a
+        # JSON syntax error (a body that is not UTF-8, an integer beyond Python's 4300-digit
+        # limit). Every 400 of ours carries a slug, so a client branches on one type.
+        return problem_response(
+            request, 400, "The request body is not valid JSON (not UTF-8, or a number it "
+            "cannot hold).", slug="malformed-json", headers=exc.headers
+        )
     return problem_response(
         request, exc.status_code, str(exc.detail), slug=slug, headers=exc.headers, **extra
     )

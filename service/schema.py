@@ -48,12 +48,13 @@ MAX_EIGENVALUES = 256
 MAX_STEP = 2**62  # steps are stored as SQLite integers (signed 64-bit)
 
 # Parameter names are module paths ("layers.0.attn.q_proj.weight"); no "/" so that
-# /v1/params/{name} is unambiguous, no whitespace or control characters.
+# /v1/params/{name} is unambiguous, no whitespace or control characters (C0, DEL and C1: a
+# name is printed in terminals, where U+009B starts an escape sequence).
 PARAM_NAME_MAX_LENGTH = 256
 ParamName = Annotated[
     str,
     StringConstraints(
-        min_length=1, max_length=PARAM_NAME_MAX_LENGTH, pattern=r"^[^\s/\x00-\x1f\x7f]+$"
+        min_length=1, max_length=PARAM_NAME_MAX_LENGTH, pattern=r"^[^\s/\x00-\x1f\x7f-\x9f]+$"
     ),
 ]
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]

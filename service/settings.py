@@ -31,7 +31,7 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: characters then optional trailing ``=``. A token outside it (non-ASCII, quotes, spaces) could
 #: never be sent by a client, so every request would be refused: it is refused at start instead.
 TOKEN_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~+/")
-_TOKEN_RULE = "ASCII letters, digits and - . _ ~ + / (then optional trailing =), per RFC 6750"
+TOKEN_RULE = "ASCII letters, digits and - . _ ~ + / (then optional trailing =), per RFC 6750"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +64,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.token:
             raise ValueError("token must be a non-empty string")
-        if (where := _token_error(self.token)) is not None:
-            raise ValueError(f"token has {where}: a bearer token holds only {_TOKEN_RULE}")
+        if (where := token_error(self.token)) is not None:
+            raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE}")
         if len(self.token) < MIN_TOKEN_LENGTH:
             raise ValueError(f"token is too short: use at least {MIN_TOKEN_LENGTH} characters "
                              f"(e.g. 32 random hex)")
@@ -92,7 +92,7 @@ class Settings:
                              "empty path would keep it in a temporary database, lost on exit")
 
 
-def _token_error(token: str) -> str | None:
+def token_error(token: str) -> str | None:
     """Where ``token`` leaves RFC 6750's token characters (without quoting the secret), or
     None when it is a valid bearer token."""
     body = token.rstrip("=")
@@ -130,9 +130,9 @@ def read_token_file(path: str | os.PathLike[str]) -> str:
         raise ValueError(f"token file {p} is not text; write a random hex token into it") from exc
     if not text:
         raise ValueError(f"token file {p} is empty; write a random token into it")
-    if (where := _token_error(text)) is not None:
+    if (where := token_error(text)) is not None:
         raise ValueError(
-            f"token file {p} has {where}: a bearer token holds only {_TOKEN_RULE}; write e.g. "
+            f"token file {p} has {where}: a bearer token holds only {TOKEN_RULE}; write e.g. "
             f"the output of: python -c 'import secrets; print(secrets.token_hex(32))'"
         )
     if len(text) < MIN_TOKEN_LENGTH:

@@ -628,3 +628,15 @@ def hsdp_worker(rank: int, world: int, out: str, scenarios: list[tuple[str, str 
         results[(name, bad)] = {"params": full_params(model), "ranks": gathered}
     if rank == 0:
         torch.save(results, Path(out))
+
+
+def run_id_worker(rank: int, world: int, out: str, torchelastic_id: str) -> None:
+    """``orthoshard.train._run_id`` on every rank with torchrun's id set to ``torchelastic_id``
+    (``ORTHOSHARD_RUN_ID`` unset); writes it to ``out.<rank>``."""
+    import os
+
+    from orthoshard.train import _run_id
+
+    os.environ.pop("ORTHOSHARD_RUN_ID", None)
+    os.environ["TORCHELASTIC_RUN_ID"] = torchelastic_id
+    Path(f"{out}.{rank}").write_text(_run_id())

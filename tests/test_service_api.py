@@ -290,6 +290,7 @@ BAD_BODIES = {
     "control character in param name": snapshot(names=("a\x00b",)),
     "escape sequence in param name": snapshot(names=("w\x1b[2J",)),
     "DEL in param name": snapshot(names=("w\x7f",)),
+    "C1 control (CSI) in param name": snapshot(names=("w\x9b2J",)),
     "too many metrics": snapshot() | {"params": {"w": {f"m{i}": 1.0 for i in range(65)}}},
     "null step": snapshot() | {"step": None},
     "body is a list": [snapshot()],
@@ -340,7 +341,12 @@ def test_unknown_schema_version_is_refused(client: TestClient, version: Any) -> 
     assert not client.app.state.store.ready  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"schema_version": 1,', b"\xff\xfe"])
+@pytest.mark.parametrize("content", [
+    b"{not json", b'{"schema_version": 1,', b"\xff\xfe",
+    # json.loads raises other errors on these, which FastAPI answered as a bare 400
+    b'{"schema_version": 1, "run_id": "r", "step": \xff}',   # not UTF-8
+    b'{"schema_version": 1, "step": 1' + b"0" * 5000 + b"}",  # beyond Python's 4300 digits
+])
 def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
     body = assert_problem(raw_post(client, content), 400)
     assert body["type"] == "urn:orthoshard:problem:malformed-json"

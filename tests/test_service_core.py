@@ -19,7 +19,7 @@ from conftest import ROOT, require_tool
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import Publisher
+from service.client import Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
 from service.settings import Settings, read_token_file
@@ -729,8 +729,10 @@ def test_a_failed_send_is_dropped_as_the_oldest_when_newer_ones_filled_the_queue
     assert accounted(pub)
 
 
-def test_publisher_counts_refusals_and_does_not_retry_4xx() -> None:
-    rec = Recorder(status=422)
+@pytest.mark.parametrize("status", [422, 308, 301])
+def test_publisher_counts_refusals_and_does_not_retry_4xx_or_redirects(status: int) -> None:
+    # a redirect (not followed) stored nothing: it counted as sent
+    rec = Recorder(status=status)
     pub = publisher(rec)
     pub.publish(step=1, rank=0, params={})
     pub.close(timeout_s=5)
@@ -962,6 +964,32 @@ def test_service_sources_do_not_mention_torch_imports() -> None:
             assert not stripped.startswith(
                 ("import torch", "from torch", "import optim", "from optim")
             ), f"{path}: {line}"
+
+
+@pytest.mark.parametrize("token", ["t" * 32 + "\n", "tok en-0123456789abcdef", "ä" * 20])
+def test_publisher_refuses_a_token_no_request_could_carry(token: str) -> None:
+    # httpx refused the header on every send, logged as an unreachable sidecar, for ever
+    with pytest.raises(ValueError, match="a bearer token holds only") as info:
+        Publisher(token=token, run_id="r")
+    assert token.strip() not in str(info.value)  # the secret is not echoed
+
+
+def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchrun --master-port (or a static rendezvous) sets TORCHELASTIC_RUN_ID=none for every
+    # run: publishing under it wrote each run over the last one's history
+    monkeypatch.delenv("ORTHOSHARD_RUN_ID", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert environment_run_id() is None
+    with pytest.raises(ValueError, match="ORTHOSHARD_RUN_ID"):
+        Publisher()
+    Publisher(run_id="r").close()  # an explicit id is used as given
+    monkeypatch.setenv("ORTHOSHARD_RUN_ID", "sweep-3")
+    assert environment_run_id() == default_run_id() == "sweep-3"
+    monkeypatch.delenv("ORTHOSHARD_RUN_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a1b2c3")
+    assert default_run_id() == "a1b2c3"
 
 
 @pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar"])

@@ -142,3 +142,25 @@ def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "--replicas 3 does not divide the 2 ranks" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("torchelastic_id", ["none", "a1b2c3d4"])
+def test_every_rank_publishes_under_one_run_id_even_when_torchrun_gives_none(tmp_path,
+                                                                             torchelastic_id):
+    # torchrun --master-port or a static rendezvous: TORCHELASTIC_RUN_ID=none for every run;
+    # rank 0 draws the id and broadcasts it, so the ranks agree and the runs do not mix
+    import _sharding_workers as w
+    from _dist import run_ranks
+
+    ids = []
+    for attempt in range(2):
+        out = tmp_path / f"id{attempt}"
+        run_ranks(w.run_id_worker, 2, tmp_path, str(out), torchelastic_id)
+        ids.append({Path(f"{out}.{r}").read_text() for r in range(2)})
+    assert all(len(agreed) == 1 for agreed in ids)  # the ranks of a run agree
+    if torchelastic_id == "none":
+        assert ids[0] != ids[1] and "none" not in ids[0]  # two runs, two ids
+    else:
+        assert ids[0] == ids[1] == {torchelastic_id}  # torchrun's own id, as given
+
