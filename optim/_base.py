@@ -65,6 +65,21 @@ def _refuse_matrix_keys_in_adamw(group: Any) -> None:
             f"as adamw_betas=(beta1, beta2) and adamw_eps")
 
 
+def _check_gradient_layout(item: MatrixItem) -> None:
+    """Raise ValueError when this rank's piece of ``item``'s gradient is not shaped as its piece
+    of the parameter: a full plain-tensor ``.grad`` set on a sharded (DTensor) parameter, which
+    torch accepts, failed inside the exchange with a collective's size mismatch."""
+    grad = item.param.grad
+    assert grad is not None  # the step passes only matrices with a gradient
+    mine, theirs = local(grad).shape, local(item.param).shape
+    if mine != theirs:
+        raise ValueError(
+            f"{item.name}: this rank's gradient has shape {tuple(mine)} ({type(grad).__name__}) "
+            f"but its part of the parameter {tuple(theirs)} ({type(item.param).__name__}): set "
+            f".grad laid out as the parameter is (a DTensor with its placements, as FSDP2's "
+            f"backward does)")
+
+
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank stores: a DTensor's local shard, or ``t`` itself."""
     to_local = getattr(t, "to_local", None)
@@ -485,6 +500,8 @@ class MatrixOptimizer(Optimizer):
         elif items:
             failure: Exception | None = None
             try:
+                for item in items:
+                    _check_gradient_layout(item)
                 inputs = [self._prepare(item) for item in items]
             except Exception as exc:  # raised on every rank by the exchange, none left waiting
                 failure, inputs = exc, []
@@ -729,7 +746,15 @@ class MatrixOptimizer(Optimizer):
             self._deferred[name] = (batch, i)
 
     def health(self) -> dict[str, dict[str, float]]:
-        """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values)."""
+        """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values).
+
+        Only parameters still in a param group: a group removed during training (a block
+        frozen) takes its matrices' last values with it, which would otherwise be reported, and
+        published, as if they were current."""
+        present = {name for group in self.param_groups for name in group["param_names"]}
+        for stale in [n for n in (*self._deferred, *self._health) if n not in present]:
+            self._deferred.pop(stale, None)
+            self._health.pop(stale, None)
         out: dict[str, dict[str, float]] = {}
         for name, (batch, i) in self._deferred.items():
             out[name] = dict(zip(batch.keys[i], batch.floats(i), strict=True))

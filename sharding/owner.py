@@ -139,11 +139,12 @@ class OwnerSharding:
         key = tuple((id(item.param), item.shape, s) for item, s in zip(items, sharded, strict=True))
         if key != self._plan_key:
             costs = [float(self._optimizer.matrix_cost(item)) for item in items]
-            # Matrices appended to the set (add_param_group) join without moving the others:
-            # their owner-only state (SOAP's factors, NorMuon's second moments) stays put.
-            old = self._plan_key or ()
-            fixed = self._plan.owners if self._plan is not None and old and \
-                key[:len(old)] == old else ()
+            # A changed set of matrices (add_param_group, a group removed, a matrix moved to
+            # another group) keeps every remaining matrix's owner: its owner-only state (SOAP's
+            # factors, NorMuon's second moments) lives there. Only new matrices are placed.
+            before = dict(zip(self._plan_key or (), self._plan.owners, strict=True)) \
+                if self._plan is not None else {}
+            fixed = [before.get(k) for k in key]
             self._plan = build_plan([item.shape for item in items], sharded, costs,
                                     self.world_size, fixed)
             self._plan_key = key

@@ -38,22 +38,28 @@ def row_bounds(rows: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def assign_owners(costs: Sequence[float], world_size: int,
-                  fixed: Sequence[int] = ()) -> list[int]:
+                  fixed: Sequence[int | None] = ()) -> list[int]:
     """Owner rank of each item by longest-processing-time greedy (deterministic).
 
-    ``fixed``: the owners of the first ``len(fixed)`` items, kept as they are (matrices added
-    after their state exists must not move it); the others are placed greedily on top of them.
+    ``fixed``: owners kept as they are, item by item (matrices whose state already exists must
+    not move it: their owner holds it); ``fixed[i]`` for the first ``len(fixed)`` items, None
+    where item ``i`` has none yet. The others are placed greedily on top of them.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if len(fixed) > len(costs) or any(not 0 <= o < world_size for o in fixed):
+    if len(fixed) > len(costs) or any(o is not None and not 0 <= o < world_size for o in fixed):
         raise ValueError(f"fixed owners {list(fixed)} do not fit {len(costs)} items over "
                          f"{world_size} ranks")
     loads = [0.0] * world_size
-    owners = list(fixed) + [0] * (len(costs) - len(fixed))
+    owners = [0] * len(costs)
+    free = list(range(len(fixed), len(costs)))
     for i, rank in enumerate(fixed):
-        loads[rank] += costs[i]
-    for i in sorted(range(len(fixed), len(costs)), key=lambda j: (-costs[j], j)):
+        if rank is None:
+            free.append(i)
+        else:
+            owners[i] = rank
+            loads[rank] += costs[i]
+    for i in sorted(free, key=lambda j: (-costs[j], j)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
         owners[i] = rank
         loads[rank] += costs[i]
@@ -124,10 +130,10 @@ class Plan:
 
 
 def build_plan(shapes: Sequence[tuple[int, int]], sharded: Sequence[bool],
-               costs: Sequence[float], world_size: int, fixed_owners: Sequence[int] = ()
-               ) -> Plan:
-    """The plan for matrices of these global shapes, placement and update costs; the first
-    ``len(fixed_owners)`` matrices keep those owners (:func:`assign_owners`)."""
+               costs: Sequence[float], world_size: int,
+               fixed_owners: Sequence[int | None] = ()) -> Plan:
+    """The plan for matrices of these global shapes, placement and update costs; matrices with
+    an owner in ``fixed_owners`` keep it (:func:`assign_owners`)."""
     if not len(shapes) == len(sharded) == len(costs):
         raise ValueError("shapes, sharded and costs must have one entry per matrix")
     owners = assign_owners(costs, world_size, fixed_owners)

@@ -188,14 +188,42 @@ def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
     return full_params(model), opt.health()
 
 
-def grow_worker(rank: int, world: int, out: str, names: list[str]) -> None:
-    """:func:`grow_run` under FSDP2 and OwnerSharding for each optimizer; rank 0 saves the
-    parameters and every rank's health."""
+# a group removed during training (a block frozen): its matrices leave at GROW_AT; the others'
+# owners must stay where their state is (a fresh plan over the rest moved some of them)
+SHRINK_LEAVERS = ("ws.2", "ws.3")
+
+
+def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """Train with the leavers' group removed at ``GROW_AT``; the parameters and this rank's
+    health (the leavers keep the gradients injected, which no optimizer reads any more)."""
+    model = Awkward()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    named = dict(model.named_parameters())
+    rest = [(n, p) for n, p in named.items() if n not in SHRINK_LEAVERS]
+    groups = [{"params": [(n, named[n]) for n in SHRINK_LEAVERS]}, *split_param_groups(rest)]
+    opt = OPTIMIZERS[name](groups, sharding)
+    for step in range(steps):
+        if step == GROW_AT:
+            opt.param_groups.pop(0)
+        inject(model, step)
+        opt.step()
+    return full_params(model), opt.health()
+
+
+def grow_worker(rank: int, world: int, out: str, names: list[str], change: str = "grow"
+                ) -> None:
+    """:func:`grow_run` (or :func:`shrink_run`) under FSDP2 and OwnerSharding for each
+    optimizer; rank 0 saves the parameters and every rank's health."""
     from sharding import OwnerSharding
 
+    run = grow_run if change == "grow" else shrink_run
     results = {}
     for name in names:
-        params, health = grow_run(name, STEPS, fsdp=True, sharding=OwnerSharding())
+        params, health = run(name, STEPS, fsdp=True, sharding=OwnerSharding())
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, health)
         results[name] = {"params": params, "health": gathered}
@@ -640,3 +668,28 @@ def run_id_worker(rank: int, world: int, out: str, torchelastic_id: str) -> None
     os.environ.pop("ORTHOSHARD_RUN_ID", None)
     os.environ["TORCHELASTIC_RUN_ID"] = torchelastic_id
     Path(f"{out}.{rank}").write_text(_run_id())
+
+
+def plain_grad_worker(rank: int, world: int, out: str, name: str) -> None:
+    """A full plain-tensor ``.grad`` set on one FSDP2 (DTensor) matrix: every rank's outcome of
+    that step, whether any parameter changed, and the next (correct) step's outcome."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = Awkward()
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    opt = OPTIMIZERS[name](split_param_groups(list(named.items())), OwnerSharding())
+    inject(model, 0)
+    opt.step()
+    before = full_params(model)
+    inject(model, 1)
+    named["ws.0"].grad = torch.zeros(SHAPES[0])  # torch takes it; the exchange could not
+    outcomes = _every_rank_says(world, ValueError, opt.step)
+    after = full_params(model)
+    inject(model, 2)
+    recovered = _every_rank_says(world, ValueError, opt.step)
+    if rank == 0:
+        torch.save({"outcomes": outcomes, "unchanged": all(
+            torch.equal(before[k], after[k]) for k in before), "recovered": recovered}, out)

@@ -1106,6 +1106,23 @@ def test_named_parameters_key_health_by_name_with_plain_floats(opt_cls):
         assert metrics["update_rms"] > 0.0
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, SOAP])
+def test_a_removed_groups_matrices_leave_health(opt_cls):
+    # a block frozen by removing its group kept reporting (and publishing) its last values as
+    # if they were current
+    model = tiny_mlp()
+    named = list(model.named_parameters())
+    opt = opt_cls([{"params": named[:1]}, {"params": named[1:]}], lr=0.02)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    model(x).square().mean().backward()
+    opt.step()
+    assert set(opt.health()) == {"0.weight", "2.weight"}
+    opt.param_groups.pop(0)
+    assert set(opt.health()) == {"2.weight"}
+    opt.step()
+    assert set(opt.health()) == {"2.weight"}
+
+
 # Several (shape) batches per step, with the exact Gram (side <= 64) and 2 probes (side 96)
 MULTI_SHAPES = [(16, 8), (8, 16), (16, 8), (96, 100), (24, 24)]
 

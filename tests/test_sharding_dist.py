@@ -307,6 +307,40 @@ def test_a_group_added_during_training_keeps_the_other_matrices_state(tmp_path, 
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_group_removed_during_training_keeps_the_other_matrices_state(tmp_path, world):
+    # a plan built afresh over the remaining matrices moved some owners: the new owner started
+    # SOAP / NorMuon from zero state while the old one kept a stale copy
+    names = ["soap", "normuon"]
+    run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "shrink.pt"), names, "shrink")
+    results = torch.load(tmp_path / "shrink.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        for name in names:
+            want, health = w.shrink_run(name, w.STEPS, fsdp=False, sharding=None)
+            _assert_params_close(results[name]["params"], want, name)
+            reported = {k for report in results[name]["health"] for k in report}
+            assert reported == set(health)
+            assert not reported & set(w.SHRINK_LEAVERS)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["soap", "muon"])
+def test_a_plain_gradient_on_a_sharded_matrix_is_refused_by_name_on_every_rank(tmp_path, name):
+    # it failed inside gloo's all-to-all (SOAP: "inLengthPerRank ... == outLengthPerRank") or
+    # with a broadcast error (Muon), naming neither the matrix nor the cause
+    run_ranks(w.plain_grad_worker, 2, tmp_path, str(tmp_path / "out.pt"), name, timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    for rows, outcome in zip((4, 3), result["outcomes"], strict=True):  # torch.chunk of 7 rows
+        assert outcome.startswith(f"ValueError: ws.0: this rank's gradient has shape (7, 12) "
+                                  f"(Tensor) but its part of the parameter ({rows}, 12) "
+                                  f"(DTensor)"), outcome
+    assert result["unchanged"]  # no rank changed a parameter
+    assert result["recovered"] == ["done", "done"]
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_replicated_parameters_match_single_process(tmp_path, references, world):
     scenarios = [(n, None) for n in NAMES]

@@ -156,6 +156,10 @@ def test_assign_owners_keeps_fixed_owners_and_places_the_rest_on_top_of_their_lo
     assert assign_owners([5.0, 9.0, 2.0, 7.0], 2) == [1, 0, 0, 1]
     assert assign_owners([5.0, 9.0, 2.0, 7.0], 2, fixed=[0]) == [0, 1, 1, 0]
     assert assign_owners([5.0, 9.0], 2, fixed=[1, 1]) == [1, 1]  # all fixed: as given
+    # None: no owner yet (a matrix that joined), placed on top of the others' load; a removed
+    # matrix leaves a hole, not a shift (the kept owners stay with their matrices)
+    assert assign_owners([5.0, 9.0, 2.0, 7.0], 2, fixed=[None, 0, None, 0]) == [1, 0, 1, 0]
+    assert assign_owners([5.0, 9.0], 2, fixed=[None]) == assign_owners([5.0, 9.0], 2)
     with pytest.raises(ValueError, match="fixed owners"):
         assign_owners([1.0], 2, fixed=[0, 1])
     with pytest.raises(ValueError, match="fixed owners"):
