@@ -288,41 +288,26 @@ def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_pa
         assert not torch.equal(result["final"][name], value), name
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_a_group_added_during_training_keeps_the_other_matrices_state(tmp_path, world):
-    # SOAP's factors and NorMuon's second moments live on owners only: had the joiners moved
-    # them, the new owners would start from zero state and the run would leave the reference.
+@pytest.mark.parametrize(("change", "world"), [
+    ("grow", 1), ("grow", 2), ("grow", 4), ("shrink", 2), ("shrink", 4)])
+def test_a_group_added_or_removed_during_training_keeps_the_other_matrices_state(tmp_path,
+                                                                                 change, world):
+    # SOAP's factors and NorMuon's second moments live on owners only: a plan built afresh
+    # over the new set of matrices (joiners added; a group removed) moved some owners, whose
+    # new owner started from zero state while the old one kept a stale copy
     names = ["soap", "normuon"]
-    run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "grow.pt"), names)
-    results = torch.load(tmp_path / "grow.pt")
+    run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "out.pt"), names, change)
+    results = torch.load(tmp_path / "out.pt")
+    run = w.grow_run if change == "grow" else w.shrink_run
+    left = set(w.SHRINK_LEAVERS) if change == "shrink" else set()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         for name in names:
-            want, health = w.grow_run(name, w.STEPS, fsdp=False, sharding=None)
+            want, health = run(name, w.STEPS, fsdp=False, sharding=None)
             _assert_params_close(results[name]["params"], want, name)
             reported = {k for report in results[name]["health"] for k in report}
-            assert reported == set(health) == {f"ws.{i}" for i in range(len(w.SHAPES))}
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_a_group_removed_during_training_keeps_the_other_matrices_state(tmp_path, world):
-    # a plan built afresh over the remaining matrices moved some owners: the new owner started
-    # SOAP / NorMuon from zero state while the old one kept a stale copy
-    names = ["soap", "normuon"]
-    run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "shrink.pt"), names, "shrink")
-    results = torch.load(tmp_path / "shrink.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks (see references)
-    try:
-        for name in names:
-            want, health = w.shrink_run(name, w.STEPS, fsdp=False, sharding=None)
-            _assert_params_close(results[name]["params"], want, name)
-            reported = {k for report in results[name]["health"] for k in report}
-            assert reported == set(health)
-            assert not reported & set(w.SHRINK_LEAVERS)
+            assert reported == set(health) == {f"ws.{i}" for i in range(len(w.SHAPES))} - left
     finally:
         torch.set_num_threads(threads)
 
