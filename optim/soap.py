@@ -136,7 +136,9 @@ class SOAP(MatrixOptimizer):
 
         state.update({"L": factor(m), "R": factor(n), "Q_L": basis(m), "Q_R": basis(n),
                       "exp_avg": torch.zeros(m, n, **kw), "exp_avg_sq": torch.zeros(m, n, **kw),
-                      "step": torch.tensor(0.0)})
+                      # float64: exact to 2^53 steps (float32 stops counting at 2^24, and the
+                      # refresh schedule with it)
+                      "step": torch.tensor(0.0, dtype=torch.float64)})
 
     def _state_shapes(self, shape: tuple[int, ...], algorithm: str
                       ) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -236,8 +238,8 @@ class SOAP(MatrixOptimizer):
         return torch.promote_types(input_dtype, torch.float32), False  # as _compute computes
 
     def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
-        # as _init_state creates them; the step counter is left as saved
-        return None if key == "step" else torch.promote_types(p.dtype, torch.float32)
+        # as _init_state creates them (a step counter saved in float32 becomes float64)
+        return torch.float64 if key == "step" else torch.promote_types(p.dtype, torch.float32)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state (``MatrixOptimizer.load_state_dict``); the health quotients, which belong

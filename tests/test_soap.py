@@ -274,6 +274,41 @@ def test_state_dict_round_trip_continues_identically():
     assert torch.equal(q.detach(), p.detach())
 
 
+@pytest.mark.parametrize("frequency", [4, 10])
+def test_the_refresh_schedule_holds_past_two_to_the_24_steps(frequency):
+    # a float32 step counter stopped at 2^24 = 16,777,216: with f = 10 the bases were never
+    # refreshed again, with f = 4 refreshed at every step
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = SOAP([p], lr=0.01, precondition_frequency=frequency, health_every=0)
+    p.grad = torch.randn(8, 6)
+    opt.step()
+    start = 2**24 - 4  # what a run holds after ~16.8 M steps
+    opt.state[p]["step"].fill_(start)
+    refreshed = []
+    for t in range(start + 1, start + 25):
+        before = opt.state[p]["Q_L"].clone()
+        p.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(t))
+        opt.step()
+        assert int(opt.state[p]["step"]) == t
+        if not torch.equal(before, opt.state[p]["Q_L"]):
+            refreshed.append(t)
+    assert refreshed == [t for t in range(start + 1, start + 25) if (t - 1) % frequency == 0]
+
+
+def test_a_checkpoint_with_a_float32_step_counter_loads_as_float64():
+    # checkpoints written before the counter was float64 keep resuming
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = SOAP([p], lr=0.01)
+    p.grad = torch.randn(8, 6)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = saved["state"][0]["step"].float()
+    resumed = SOAP([torch.nn.Parameter(p.detach().clone())], lr=0.01)
+    resumed.load_state_dict(saved)
+    step = next(iter(resumed.state.values()))["step"]
+    assert step.dtype == torch.float64 and float(step) == 1.0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_state_dict_round_trip_keeps_the_state_dtype_of_a_bf16_or_float64_matrix(dtype):
     # torch's load_state_dict casts state to the parameter's dtype: a bf16 matrix's float32
@@ -290,7 +325,7 @@ def test_state_dict_round_trip_keeps_the_state_dtype_of_a_bf16_or_float64_matrix
     resumed = SOAP([q], lr=0.05, precondition_frequency=2)
     resumed.load_state_dict(saved)
     for key, value in resumed.state[q].items():
-        assert value.dtype == opt.state[p][key].dtype == (torch.float32 if key == "step"
+        assert value.dtype == opt.state[p][key].dtype == (torch.float64 if key == "step"
                                                           else wide), key
     for g in grads[3:]:
         p.grad, q.grad = g.clone(), g.clone()
