@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,28 +20,57 @@ from torch.distributed.tensor import DTensor
 
 __all__ = ["optimizer_summary", "publish_health"]
 
+# what each kind of group reads (an AdamW group also holds the matrix optimizer's defaults,
+# which its update ignores: publishing them would misreport it)
 _HYPER_KEYS = ("algorithm", "lr", "weight_decay", "momentum", "nesterov", "ns_method",
-               "ns_steps", "adjust_lr_fn", "beta2", "betas", "shampoo_beta", "eps",
-               "use_kl_shampoo", "use_eigh", "precondition_frequency", "fp32_matmul_prec",
-               "adamw_betas")
+               "ns_steps", "ns_coefficients", "adjust_lr_fn", "beta2", "normuon_eps", "betas",
+               "shampoo_beta", "eps", "correct_bias", "use_kl_shampoo", "use_eigh",
+               "power_iter_steps", "precondition_frequency", "max_precond_dim",
+               "fp32_matmul_prec")
+_ADAMW_KEYS = ("algorithm", "lr", "weight_decay", "adamw_betas", "adamw_eps")
 _TOP_K = 8
 
 
 def _plain(value: Any) -> Any:
+    """A JSON-ready hyperparameter: one-element tensors (a tensor ``lr``) and NumPy scalars as
+    numbers, sequences as lists of floats, anything else as its ``str`` (at most 256
+    characters, as the sidecar takes them)."""
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if isinstance(value, (tuple, list)):
-        return [float(v) for v in value]
-    return str(value)
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            return str(value)[:256]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return str(value)[:256]
+
+
+def _softening(group: dict[str, Any]) -> float | None:
+    """The softening of the group's last step (of its first before it has taken one: a
+    schedule counts steps from 1); None when a schedule raises or returns no number, which
+    the step itself would refuse, so that the summary never raises into the training loop."""
+    s = group["softening"]
+    if not callable(s):
+        return float(s)
+    try:
+        return float(s(max(int(group["step"]), 1)))
+    except Exception:
+        return None
 
 
 def _groups(optimizer: Any) -> list[dict[str, Any]]:
     out = []
     for group in optimizer.param_groups:
-        hyper = {k: _plain(group[k]) for k in _HYPER_KEYS if k in group}
-        if "softening" in group:
-            s = group["softening"]
-            hyper["softening"] = float(s(group["step"]) if callable(s) else s)
+        keys = _ADAMW_KEYS if group.get("algorithm") == "adamw" else _HYPER_KEYS
+        hyper = {k: _plain(group[k]) for k in keys if k in group}
+        if "softening" in group and group.get("algorithm") != "adamw":
+            hyper["softening"] = _softening(group)
         out.append({"hyperparameters": hyper, "params": list(group.get("param_names", []))})
     return out
 
@@ -96,7 +126,9 @@ def _state_summary(optimizer: Any, owned: set[str], rank: int) -> dict[str, Any]
         norms = {k: sharded[(item.name, k)] if _sharded(v) else
                  float(torch.linalg.vector_norm(v.to_local() if isinstance(v, DTensor) else v,
                                                 dtype=torch.float64))
-                 for k, v in state.items() if torch.is_tensor(v) and v.ndim >= 1 and k[0] != "Q"}
+                 for k, v in state.items()
+                 # an absent side of one-sided SOAP is stored as a (0, 0) tensor: no buffer
+                 if torch.is_tensor(v) and v.ndim >= 1 and v.numel() > 0 and k[0] != "Q"}
         eig = {factor: values for factor in ("L", "R")
                if (values := _top_quotients(state.get(factor), state.get(f"Q_{factor}")))}
         summary[item.name] = {"shape": list(item.shape), "owner_rank": rank,
