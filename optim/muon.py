@@ -135,7 +135,11 @@ class Muon(MatrixOptimizer):
     for bit for a matrix whose shape is unique in its param group. Same-shape matrices of a group
     are stacked into one batched Newton-Schulz (faster on small matrices), whose ``baddbmm`` can
     round an entry of the bf16 update differently from ``addmm``: at most one bf16 ulp of an
-    update entry per step. ``load_state_dict`` takes a ``torch.optim.Muon`` checkpoint.
+    update entry per step. ``load_state_dict`` takes a ``torch.optim.Muon`` checkpoint. One
+    known difference: for a bf16 parameter with ``nesterov=False``, ``torch.optim.Muon`` (2.13)
+    normalizes its own momentum buffer in place (``grad.bfloat16()`` of a bf16 buffer is the
+    buffer itself, then divided by its norm), so its buffer's norm stays ~1 and its parameters
+    leave ours from step 2; ours keeps the momentum the update rule defines.
 
     Args:
         params: matrices, ``model.named_parameters()`` or param groups; groups with
