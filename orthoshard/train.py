@@ -120,9 +120,6 @@ def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:
     ``u``. In this model KL-Shampoo's bases turn too (docs/soap.md, "Which optimizer is robust
     to what").
     """
-    from sharding.plan import row_bounds
-
-    rank, world = dist.get_rank(), dist.get_world_size()
     for k, item in enumerate(optimizer.matrix_items()):
         g = torch.Generator().manual_seed(seed * 7919 + k)
         m, n = item.shape
@@ -130,9 +127,28 @@ def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:
         v = torch.nn.functional.normalize(torch.randn(n, generator=g), dim=0)
         grad = item.param.grad
         full_norm = grad.full_tensor().norm() if hasattr(grad, "full_tensor") else grad.norm()
-        start, end = row_bounds(m, world)[rank] if hasattr(grad, "to_local") else (0, m)
+        start, end = _local_rows(grad, m)
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         local.add_(scale * float(full_norm) * torch.outer(u[start:end], v).to(local.device))
+
+
+def _local_rows(t: Any, rows: int) -> tuple[int, int]:
+    """The rows of a ``rows``-row matrix this rank holds of ``t``: all of a plain tensor, a
+    DTensor's ``Shard(0)`` chunk by its own coordinate on that mesh dimension (under HSDP the
+    shard group, not the global rank and world size)."""
+    from torch.distributed.tensor import Shard
+
+    from sharding.plan import row_bounds
+
+    if not hasattr(t, "to_local"):
+        return 0, rows
+    dims = [d for d, p in enumerate(t.placements) if p == Shard(0)]
+    if not dims:
+        return 0, rows
+    mesh = t.device_mesh
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None  # this rank is in the mesh the parameter lives on
+    return row_bounds(rows, mesh.size(dims[0]))[coordinate[dims[0]]]
 
 
 class Checkpoints:
@@ -201,24 +217,45 @@ class Checkpoints:
         return int(extra["progress"])
 
 
-def _publisher(args: argparse.Namespace) -> Any:
+def _publisher(args: argparse.Namespace, *, resumed: bool) -> Any:
     if args.sidecar_url is None and args.sidecar_uds is None:
         return None
     from service.client import Publisher
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token, run_id=_run_id())
+    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token,
+                     run_id=_run_id(args.checkpoint_dir, resumed))
 
 
-def _run_id() -> str:
+#: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
+RUN_ID_FILE = "RUN_ID"
+
+
+def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     """The id every rank publishes under: the environment's (``ORTHOSHARD_RUN_ID``, torchrun's
     own run id), else one rank 0 draws and sends to all (collective): torchrun's shared default
-    ``"none"`` (``--master-port``, static rendezvous) would mix this run with earlier ones."""
+    ``"none"`` (``--master-port``, static rendezvous) would mix this run with earlier ones. A
+    drawn id is kept in the checkpoint directory, and a run resumed from one of its checkpoints
+    (``--resume``, as every attempt of an elastic restart is) publishes under it again."""
     from service.client import environment_run_id
 
     if (value := environment_run_id()) is not None:
         return value
-    box = [uuid.uuid4().hex[:16] if dist.get_rank() == 0 else None]
+    box: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        kept = checkpoint_dir / RUN_ID_FILE if checkpoint_dir is not None else None
+        # only with a checkpoint to resume from (LATEST): an attempt restarted before the
+        # first one starts over, and may as well be a new run
+        if resumed and kept is not None and kept.is_file() and (kept.parent / "LATEST").exists():
+            drawn = kept.read_text().strip()
+        else:
+            drawn = uuid.uuid4().hex[:16]
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                tmp = kept.with_suffix(".tmp")
+                tmp.write_text(drawn)
+                tmp.replace(kept)
+        box[0] = drawn
     dist.broadcast_object_list(box, src=0)
     return str(box[0])
 
@@ -291,7 +328,8 @@ def _train(args: argparse.Namespace) -> int:
                       seed=args.seed)
     ckpt = Checkpoints(args.checkpoint_dir)
     start = ckpt.load(model, optimizer) if args.resume else 0
-    publisher = _publisher(args)
+    _check_resumed_flags(optimizer, args)
+    publisher = _publisher(args, resumed=args.resume)
     log = _Log(args.out, rank, start, args.steps, args.progress)
     for step in range(start, args.steps):
         x, y = (t.to(device) for t in data.batch(step, rank))
@@ -319,6 +357,19 @@ def _train(args: argparse.Namespace) -> int:
     if publisher is not None:
         publisher.close(finished=True)  # the run ended: its silence from now on is no alert
     return 0
+
+
+def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
+    """Raise ValueError (on every rank: each loaded the same checkpoint) when a loaded
+    checkpoint's groups run another algorithm than the flags ask for: loading takes the saved
+    hyperparameters, so ``--kl-shampoo`` over a plain SOAP checkpoint ran plain SOAP."""
+    for group in optimizer.param_groups:
+        if "use_kl_shampoo" in group and bool(group["use_kl_shampoo"]) != args.kl_shampoo:
+            saved = "KL-Shampoo" if group["use_kl_shampoo"] else "plain SOAP"
+            raise ValueError(
+                f"the checkpoint in {args.checkpoint_dir} was saved by {saved}: resume it "
+                f"{'with' if group['use_kl_shampoo'] else 'without'} --kl-shampoo, or start a "
+                f"new run in an empty --checkpoint-dir")
 
 
 class _Log:
@@ -356,7 +407,8 @@ class _Log:
                   "comm_stats": {**optimizer.comm_stats(), "steps": self.steps_run},
                   "entropy_rate": entropy,
                   "optimizer": type(optimizer).__name__,
-                  "use_kl_shampoo": bool(optimizer.defaults.get("use_kl_shampoo", False))}
+                  "use_kl_shampoo": any(bool(g.get("use_kl_shampoo", False))
+                                        for g in optimizer.param_groups)}
         (self.out / f"rank{self.rank}.json").write_text(json.dumps(report, indent=1))
         if self.rank == 0:
             torch.save(final, self.out / "final_params.pt")

@@ -658,7 +658,8 @@ def hsdp_worker(rank: int, world: int, out: str, scenarios: list[tuple[str, str 
         torch.save(results, Path(out))
 
 
-def run_id_worker(rank: int, world: int, out: str, torchelastic_id: str) -> None:
+def run_id_worker(rank: int, world: int, out: str, torchelastic_id: str,
+                  checkpoint_dir: str | None = None, resumed: bool = False) -> None:
     """``orthoshard.train._run_id`` on every rank with torchrun's id set to ``torchelastic_id``
     (``ORTHOSHARD_RUN_ID`` unset); writes it to ``out.<rank>``."""
     import os
@@ -667,7 +668,8 @@ def run_id_worker(rank: int, world: int, out: str, torchelastic_id: str) -> None
 
     os.environ.pop("ORTHOSHARD_RUN_ID", None)
     os.environ["TORCHELASTIC_RUN_ID"] = torchelastic_id
-    Path(f"{out}.{rank}").write_text(_run_id())
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    Path(f"{out}.{rank}").write_text(_run_id(directory, resumed))
 
 
 def plain_grad_worker(rank: int, world: int, out: str, name: str) -> None:

@@ -149,6 +149,23 @@ def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
 
 
+@pytest.mark.parametrize(("saved", "flag"), [(False, True), (True, False)])
+def test_resuming_soap_with_the_other_kl_shampoo_setting_is_refused(saved, flag):
+    # loading takes the checkpoint's groups: --kl-shampoo over a plain SOAP checkpoint ran plain
+    # SOAP while rank*.json and summary.json said KL-Shampoo
+    import torch
+
+    from optim.soap import SOAP
+
+    opt = SOAP([torch.nn.Parameter(torch.zeros(4, 3))], lr=1e-3, use_kl_shampoo=saved)
+    args = _demo_args("--optimizer", "soap", "--checkpoint-dir", "ckpt", "--resume",
+                      *(["--kl-shampoo"] if flag else []))
+    with pytest.raises(ValueError, match=r"resume it (with|without) --kl-shampoo"):
+        train._check_resumed_flags(opt, args)
+    same = _demo_args("--optimizer", "soap", *(["--kl-shampoo"] if saved else []))
+    train._check_resumed_flags(opt, same)  # the setting it was saved with
+
+
 def test_the_footer_of_a_run_that_logged_no_loss_says_so(tmp_path, capsys):
     from orthoshard import report
 

@@ -121,11 +121,13 @@ HSDP_LOSS_RTOL = 1e-3
 
 @pytest.mark.timeout(300)
 def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp_path):
+    # with a spike: its rows are each rank's rows of its shard group (from the global rank and
+    # world size every HSDP rank failed on a shape mismatch at the spike step)
     losses = {}
     for replicas in (1, 2):
         out = tmp_path / f"r{replicas}"
         _torchrun("--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(out),
-                  "--replicas", str(replicas))
+                  "--replicas", str(replicas), "--spike-at", str(STEPS // 2))
         lines = (out / "loss.jsonl").read_text().splitlines()
         losses[replicas] = [json.loads(line)["loss"] for line in lines]
     assert losses[2][-1] == pytest.approx(losses[1][-1], rel=HSDP_LOSS_RTOL)
@@ -163,4 +165,28 @@ def test_every_rank_publishes_under_one_run_id_even_when_torchrun_gives_none(tmp
         assert ids[0] != ids[1] and "none" not in ids[0]  # two runs, two ids
     else:
         assert ids[0] == ids[1] == {torchelastic_id}  # torchrun's own id, as given
+
+
+@pytest.mark.timeout(120)
+def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path):
+    # torchrun's "none" and --max-restarts: each attempt drew a new id, so one run's history
+    # was split in two at the sidecar; the id drawn first is kept in the checkpoint directory
+    import _sharding_workers as w
+    from _dist import run_ranks
+
+    ckpt = tmp_path / "ckpt"
+
+    def run_id(name: str, resumed: bool) -> str:
+        out = tmp_path / name
+        run_ranks(w.run_id_worker, 2, tmp_path, str(out), "none", str(ckpt), resumed)
+        ids = {Path(f"{out}.{r}").read_text() for r in range(2)}
+        assert len(ids) == 1  # the ranks agree
+        return ids.pop()
+
+    first = run_id("a", resumed=False)
+    assert run_id("b", resumed=True) != first  # no checkpoint (LATEST) yet: a fresh start
+    drawn = run_id("c", resumed=False)
+    (ckpt / "LATEST").write_text("step-000004")
+    assert run_id("d", resumed=True) == drawn  # a restart or --resume: the same run
+    assert run_id("e", resumed=False) != drawn  # a new run in the directory: a new id
 
