@@ -223,25 +223,50 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
                 f"or an empty --checkpoint-dir for a new one")
     problem = argument_problem(args)
     if problem is None and args.resume:
-        problem = _resume_problem(args.checkpoint_dir, args.steps)
+        problem = _resume_problem(args.checkpoint_dir, args.steps, args.optimizer)
     return problem
 
 
-def _resume_problem(directory: Path, steps: int) -> str | None:
+def _resume_problem(directory: Path, steps: int, optimizer: str) -> str | None:
     """What stops ``--resume`` from ``directory`` before any rank starts (None: nothing): a
-    LATEST naming no checkpoint, or one at or past ``--steps`` (nothing left to train). A
-    missing LATEST is fine: the run starts from step 0 and writes one."""
+    LATEST naming no checkpoint, one at or past ``--steps`` (nothing left to train), or one
+    another ``--optimizer`` saved. A missing LATEST is fine: the run starts from step 0 and
+    writes one."""
     from orthoshard.train import Checkpoints
 
     try:
         latest = Checkpoints(directory).latest()
     except (FileNotFoundError, OSError) as exc:
         return f"--resume: {exc}"
-    done = _checkpoint_step(latest) if latest is not None else None
+    if latest is None:
+        return None
+    done = _checkpoint_step(latest)
     if done is not None and done >= steps:
         return (f"--resume: the checkpoint {latest} is at step {done}, not before --steps "
                 f"{steps}: nothing is left to train; pass a larger --steps")
+    saved = _checkpoint_optimizer(latest)
+    if saved is not None and saved != optimizer:
+        return (f"--resume: the checkpoint {latest} holds --optimizer {saved}'s state: resume "
+                f"it with --optimizer {saved}, or start a new run in an empty --checkpoint-dir")
     return None
+
+
+def _checkpoint_optimizer(path: Path) -> str | None:
+    """Which of the demo's optimizers saved the DCP checkpoint at ``path``, from the state
+    keys its metadata lists (no tensor is read): NorMuon's ``second_moment``, SOAP's factors,
+    Muon's ``momentum_buffer`` alone. None when the metadata cannot tell."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    except Exception:  # not a DCP checkpoint or unreadable: the ranks' own load says why
+        return None
+    state = {key.rsplit(".", 1)[-1] for key in keys if key.startswith("optim.state.")}
+    if "second_moment" in state:
+        return "normuon"
+    if state & {"L", "R", "Q_L", "Q_R"}:
+        return "soap"
+    return "muon" if "momentum_buffer" in state else None
 
 
 def _checkpoint_step(path: Path) -> int | None:

@@ -4,6 +4,7 @@ sidecar): each names the flag and what it needs."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,30 @@ def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs + ours[5:])
     demo._fresh_outputs(tmp_path, resume=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+@pytest.mark.parametrize("saved", ["muon", "normuon", "soap"])
+def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_path, saved):
+    # it failed inside every rank, a traceback each, on DCP's missing key
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    opt = train.build_optimizer(saved, model, steps=4)
+    model(torch.randn(3, 6)).square().mean().backward()
+    opt.step()
+    with warnings.catch_warnings():  # DCP says it saves in one process, as it is asked to
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "step-000002"),
+                 no_dist=True)
+    (tmp_path / "LATEST").write_text("step-000002")
+    for other in ("muon", "normuon", "soap"):
+        argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--optimizer", other]
+        problem = demo._argument_problem(_demo_args(*argv))
+        if other == saved:
+            assert problem is None
+        else:
+            assert problem is not None and f"resume it with --optimizer {saved}" in problem
 
 
 @pytest.mark.parametrize(("saved", "flag"), [(False, True), (True, False)])
