@@ -210,6 +210,20 @@ class Muon(MatrixOptimizer):
         if len(self.param_groups) > count:
             _settle_steps(self.param_groups[-1])
 
+    def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # a torch.optim.Muon checkpoint's ns_steps counts quintic steps (it has no ns_method):
+        # a group that runs another method keeps its own count, as it keeps its method
+        completed = super()._completed(state_dict)
+        saved = state_dict.get("param_groups")
+        if completed is state_dict or not isinstance(saved, list):
+            return completed
+        groups = list(completed["param_groups"])
+        for i, (live, old) in enumerate(zip(self.param_groups, saved, strict=True)):
+            if isinstance(old, dict) and "ns_method" not in old \
+                    and live.get("ns_method", "quintic") != "quintic":
+                groups[i] = {**groups[i], "ns_steps": live["ns_steps"]}
+        return {**completed, "param_groups": groups}
+
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_muon_args(group["lr"], group["weight_decay"], group["momentum"], group["ns_steps"],
                          group["ns_method"], group["softening"], group["adjust_lr_fn"],

@@ -100,6 +100,7 @@ class OwnerSharding:
         self._index: dict[int, int] = {}
         self._meshes_checked: dict[tuple[int, int], Any] = {}
         self._sharded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> _is_sharded
+        self._owner_of: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> its owner rank
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
     def bind(self, optimizer: Any) -> None:
@@ -140,13 +141,14 @@ class OwnerSharding:
         if key != self._plan_key:
             costs = [float(self._optimizer.matrix_cost(item)) for item in items]
             # A changed set of matrices (add_param_group, a group removed, a matrix moved to
-            # another group) keeps every remaining matrix's owner: its owner-only state (SOAP's
-            # factors, NorMuon's second moments) lives there. Only new matrices are placed.
-            before = dict(zip(self._plan_key or (), self._plan.owners, strict=True)) \
-                if self._plan is not None else {}
-            fixed = [before.get(k) for k in key]
+            # another group, a removed one added back) keeps every matrix's owner, by parameter,
+            # as long as the parameter lives: its owner-only state (SOAP's factors, NorMuon's
+            # second moments) stays there. Only matrices never planned are placed.
+            fixed = [self._owner_of.get(item.param) for item in items]
             self._plan = build_plan([item.shape for item in items], sharded, costs,
                                     self.world_size, fixed)
+            for item, owner in zip(items, self._plan.owners, strict=True):
+                self._owner_of[item.param] = owner
             self._plan_key = key
             self._index = {id(item.param): i for i, item in enumerate(items)}
             self._check_local_rows(items, self._plan)

@@ -214,16 +214,50 @@ def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
     return full_params(model), opt.health()
 
 
+# a block frozen and unfrozen again: ws.0's group leaves at step 2, ws.4 first joins at 3,
+# ws.0 comes back at 4 (placed afresh it moved to another rank and restarted from zero state)
+REFREEZE_STEPS = 6
+
+
+def refreeze_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    model = Awkward()
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    named = dict(model.named_parameters())
+    rest = [(n, p) for n, p in named.items() if n not in ("ws.0", "ws.4")]
+    opt = OPTIMIZERS[name]([{"params": [("ws.0", named["ws.0"])]}, *split_param_groups(rest)],
+                           sharding)
+    for step in range(steps):
+        if step == 2:
+            opt.param_groups.pop(0)
+        if step in (3, 4):
+            joiner = "ws.4" if step == 3 else "ws.0"
+            opt.add_param_group({"params": [(joiner, named[joiner])]})
+        inject(model, step)
+        if step < 3:
+            named["ws.4"].grad = None
+        opt.step()
+    return full_params(model), opt.health()
+
+
+REGROUPS: dict[str, tuple[Callable[..., Any], int]] = {
+    "grow": (grow_run, STEPS), "shrink": (shrink_run, STEPS),
+    "refreeze": (refreeze_run, REFREEZE_STEPS)}
+
+
 def grow_worker(rank: int, world: int, out: str, names: list[str], change: str = "grow"
                 ) -> None:
-    """:func:`grow_run` (or :func:`shrink_run`) under FSDP2 and OwnerSharding for each
-    optimizer; rank 0 saves the parameters and every rank's health."""
+    """:func:`grow_run` (or another of :data:`REGROUPS`) under FSDP2 and OwnerSharding for
+    each optimizer; rank 0 saves the parameters and every rank's health."""
     from sharding import OwnerSharding
 
-    run = grow_run if change == "grow" else shrink_run
+    run, steps = REGROUPS[change]
     results = {}
     for name in names:
-        params, health = run(name, STEPS, fsdp=True, sharding=OwnerSharding())
+        params, health = run(name, steps, fsdp=True, sharding=OwnerSharding())
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, health)
         results[name] = {"params": params, "health": gathered}

@@ -871,6 +871,20 @@ def test_a_torch_muon_checkpoint_resumes_identically():
     assert_params_equal(ours_p, ref_p)  # unique shapes: bit for bit
 
 
+@pytest.mark.parametrize(("method", "kwargs", "steps_after"), [
+    ("quintic", {}, 3), ("cans", {}, 9), ("cans", {"ns_steps": 7}, 7)])
+def test_a_torch_muon_checkpoint_keeps_a_non_quintic_groups_step_count(method, kwargs,
+                                                                       steps_after):
+    # torch.optim.Muon saves ns_steps (its quintic's count) and no ns_method: loaded into a
+    # CANS group it set CANS to 5 steps, far from orthogonal; the quintic takes the saved count
+    params = make_params(SHAPES[:1])
+    ref = torch.optim.Muon(make_params(SHAPES[:1]), lr=0.02, ns_steps=3)
+    ours = Muon(params, lr=0.02, ns_method=method, **kwargs)
+    ours.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert ours.param_groups[0]["ns_method"] == method
+    assert ours.param_groups[0]["ns_steps"] == steps_after
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_normuon_second_moment_stays_float32_through_a_round_trip(dtype):
     # torch's load_state_dict casts every state tensor to the parameter's dtype: a bf16

@@ -664,3 +664,21 @@ def test_store_dependency_override_is_used(client: TestClient, clock: FakeClock)
     post(client, snapshot())
     assert other.ready and not client.app.state.store.ready  # type: ignore[attr-defined]
     other.close()
+
+
+def test_a_summary_stored_before_names_refused_c1_controls_is_still_served(client: TestClient
+                                                                           ) -> None:
+    # re-validated on read with today's name rule, it failed GET /v1/optimizer with a 500
+    from service.schema import OptimizerInfo, ParamGroup, Snapshot
+
+    name = "layer\x9bweight"  # U+009B, which names admitted before
+    old = Snapshot.model_construct(
+        schema_version=1, run_id="r", rank=0, step=1, wall_time=T0, params={},
+        optimizer=OptimizerInfo.model_construct(
+            class_name="Muon", state={},
+            groups=[ParamGroup.model_construct(hyperparameters={"lr": 0.02}, params=[name])]))
+    client.app.state.store.ingest(old)  # type: ignore[attr-defined]
+    r = client.get("/v1/optimizer")
+    assert r.status_code == 200, r.text
+    groups = r.json()["ranks"][0]["optimizer"]["groups"]
+    assert groups[0]["params"] == ["layer\\x9bweight"]  # written out, not a terminal escape

@@ -289,7 +289,7 @@ def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_pa
 
 
 @pytest.mark.parametrize(("change", "world"), [
-    ("grow", 1), ("grow", 2), ("grow", 4), ("shrink", 2), ("shrink", 4)])
+    ("grow", 1), ("grow", 2), ("grow", 4), ("shrink", 2), ("shrink", 4), ("refreeze", 2)])
 def test_a_group_added_or_removed_during_training_keeps_the_other_matrices_state(tmp_path,
                                                                                  change, world):
     # SOAP's factors and NorMuon's second moments live on owners only: a plan built afresh
@@ -298,13 +298,13 @@ def test_a_group_added_or_removed_during_training_keeps_the_other_matrices_state
     names = ["soap", "normuon"]
     run_ranks(w.grow_worker, world, tmp_path, str(tmp_path / "out.pt"), names, change)
     results = torch.load(tmp_path / "out.pt")
-    run = w.grow_run if change == "grow" else w.shrink_run
+    run, steps = w.REGROUPS[change]
     left = set(w.SHRINK_LEAVERS) if change == "shrink" else set()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         for name in names:
-            want, health = run(name, w.STEPS, fsdp=False, sharding=None)
+            want, health = run(name, steps, fsdp=False, sharding=None)
             _assert_params_close(results[name]["params"], want, name)
             reported = {k for report in results[name]["health"] for k in report}
             assert reported == set(health) == {f"ws.{i}" for i in range(len(w.SHAPES))} - left

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from pydantic import ValidationError
 
 from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
@@ -86,8 +87,27 @@ def rank_state(r: RankRecord, *, stale: bool) -> RankState:
         snapshots_received=r.snapshots_received,
         stale=stale,
         finished_at=r.finished_at,
-        optimizer=OptimizerInfo.model_validate(r.optimizer) if r.optimizer else None,
+        optimizer=_stored_optimizer(r.optimizer) if r.optimizer else None,
     )
+
+
+# C1 control characters: parameter names have refused them since schema v1's names rule was
+# tightened; a summary stored before then may still hold some
+_C1 = {code: f"\\x{code:02x}" for code in range(0x80, 0xA0)}
+
+
+def _stored_optimizer(stored: dict[str, Any]) -> OptimizerInfo:
+    """A stored summary as the API model. It was validated when it came in; one stored before
+    names refused C1 controls has them written out as ``\\x9b`` (the same text any terminal
+    shows safely) instead of failing the whole answer."""
+    try:
+        return OptimizerInfo.model_validate(stored)
+    except ValidationError:
+        legacy = {**stored,
+                  "state": {k.translate(_C1): v for k, v in stored.get("state", {}).items()},
+                  "groups": [{**g, "params": [n.translate(_C1) for n in g.get("params", [])]}
+                             for g in stored.get("groups", [])]}
+        return OptimizerInfo.model_validate(legacy)
 
 
 @router.get("/optimizer", summary="Optimizer configuration and step per rank")
