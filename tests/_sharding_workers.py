@@ -166,15 +166,20 @@ def reference_run(name: str, steps: int, *, bad: str | None = None
 GROW_AT, GROW_JOINERS = 2, ("ws.4", "ws.5")
 
 
-def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
-             ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
-    """Train with the joiners added at ``GROW_AT``; the parameters and this rank's health."""
+def _awkward(fsdp: bool) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """The awkward model (under FSDP2 if ``fsdp``) and its parameters by name."""
     model = Awkward()
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
-    named = dict(model.named_parameters())
+    return model, dict(model.named_parameters())
+
+
+def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+             ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """Train with the joiners added at ``GROW_AT``; the parameters and this rank's health."""
+    model, named = _awkward(fsdp)
     first = [(n, p) for n, p in named.items() if n not in GROW_JOINERS]
     opt = OPTIMIZERS[name](split_param_groups(first), sharding)
     for step in range(steps):
@@ -197,12 +202,7 @@ def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Train with the leavers' group removed at ``GROW_AT``; the parameters and this rank's
     health (the leavers keep the gradients injected, which no optimizer reads any more)."""
-    model = Awkward()
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model)
-    named = dict(model.named_parameters())
+    model, named = _awkward(fsdp)
     rest = [(n, p) for n, p in named.items() if n not in SHRINK_LEAVERS]
     groups = [{"params": [(n, named[n]) for n in SHRINK_LEAVERS]}, *split_param_groups(rest)]
     opt = OPTIMIZERS[name](groups, sharding)
@@ -221,12 +221,7 @@ REFREEZE_STEPS = 6
 
 def refreeze_run(name: str, steps: int, *, fsdp: bool, sharding: Any
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
-    model = Awkward()
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model)
-    named = dict(model.named_parameters())
+    model, named = _awkward(fsdp)
     rest = [(n, p) for n, p in named.items() if n not in ("ws.0", "ws.4")]
     opt = OPTIMIZERS[name]([{"params": [("ws.0", named["ws.0"])]}, *split_param_groups(rest)],
                            sharding)
