@@ -165,6 +165,15 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> N
                 f"({missing}): it was saved by another optimizer or for other parameters. "
                 f"Load it with the optimizer that saved it, or load the model alone "
                 f"(torch.distributed.checkpoint) and start this optimizer afresh.") from None
+        # also planned collectively, before any data is read; DCP raises it as a
+        # CheckpointException, a BaseException that `except Exception` does not catch
+        mismatch = _failure(exc, "Size mismatch between saved")
+        if mismatch is not None:
+            what = ("this optimizer's state (SOAP's factors follow max_precond_dim: a side "
+                    "above it stores none)" if " for optim." in mismatch else "the model")
+            raise ValueError(
+                f"{directory} was saved for other shapes than {what} ({mismatch}): load it "
+                f"into the model and optimizer settings that saved it.") from None
         raise
 
 

@@ -307,9 +307,17 @@ def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     groups = _every_rank_says(world, ValueError,
                               lambda: checkpoint.load(f"{directory}-normuon", other, other_opt))
     after = (full_params(other), _full_state(other_opt))
+    # the SOAP checkpoint into a one-sided SOAP (max_precond_dim 16: the 40- and 33-long sides
+    # store no factor): DCP's size mismatch came as a CheckpointException, a BaseException
+    narrow, _ = build("soap", fsdp=True, sharding=None)
+    narrow_opt = OPTIMIZERS["soap_onesided_kl"](split_param_groups(narrow.named_parameters()),
+                                                OwnerSharding())
+    shapes = _every_rank_says(world, ValueError,
+                              lambda: checkpoint.load(directory, narrow, narrow_opt))
     if rank == 0:
         torch.save({"outcomes": outcomes, "first": first, "loaded": loaded, "wrong": wrongs,
-                    "groups": groups, "before": before, "after": after}, Path(out))
+                    "groups": groups, "before": before, "after": after, "shapes": shapes},
+                   Path(out))
 
 
 def _full_state(opt: Any) -> dict[tuple[int, str], torch.Tensor]:

@@ -354,6 +354,9 @@ def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     # anything into the Muon's parameters or state
     assert all(o.startswith("ValueError") and "nothing was loaded" in o
                and "saved for 'normuon'" in o for o in result["groups"]), result["groups"]
+    # one saved with other state shapes (another max_precond_dim): a ValueError naming it
+    assert all(o.startswith("ValueError") and "saved for other shapes than this optimizer's"
+               in o and "max_precond_dim" in o for o in result["shapes"]), result["shapes"]
     for before, after, what in zip(result["before"], result["after"], ("params", "state"),
                                    strict=True):
         assert before.keys() == after.keys() and before, what
