@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from orthoshard.report import HEALTH_LOG
+
 __all__ = ["add_arguments", "run"]
 
 _TABLE_METRICS = ("orthogonality_error", "update_rms", "softening", "eigengap_ratio_L",
@@ -187,7 +189,7 @@ def _fresh_outputs(out: Path, resume: bool) -> None:
 # the files a demo run writes in --out, as full-name patterns: only these are cleared, so a
 # user's own files there (ranking.json, sidecar.db.bak) stay
 _RESULTS = r"rank\d+\.json|summary\.json|health\.png|final_params\.pt"
-_LOGS = r"health-rank\d+\.jsonl|loss\.jsonl|sidecar\.db(-wal|-shm|-journal)?"
+_LOGS = rf"{HEALTH_LOG}|loss\.jsonl|sidecar\.db(-wal|-shm|-journal)?"
 
 
 # Ranks the local demo starts at most: each is a Python process holding torch (~300 MB) on this
@@ -236,7 +238,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str) -> str | None:
 
     try:
         latest = Checkpoints(directory).latest()
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:  # FileNotFoundError among them
         return f"--resume: {exc}"
     if latest is None:
         return None

@@ -13,6 +13,10 @@ __all__ = ["HEALTH_PANELS", "health_panels", "load_health", "plot", "print_foote
            "print_table", "write_summary"]
 
 
+#: the name of each rank's health log in ``--out`` (a full-name pattern)
+HEALTH_LOG = r"health-rank\d+\.jsonl"
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -28,7 +32,7 @@ def load_health(out: Path) -> dict[str, dict[str, dict[int, float]]]:
     """``{param: {metric: {step: value}}}`` from every rank's health log."""
     series: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for path in sorted(p for p in out.glob("health-rank*.jsonl")
-                       if re.fullmatch(r"health-rank\d+\.jsonl", p.name)):
+                       if re.fullmatch(HEALTH_LOG, p.name)):
         for record in _jsonl(path):
             for name, metrics in record["params"].items():
                 for metric, value in metrics.items():

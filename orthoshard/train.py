@@ -151,6 +151,14 @@ def _local_rows(t: Any, rows: int) -> tuple[int, int]:
     return row_bounds(rows, mesh.size(dims[0]))[coordinate[dims[0]]]
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` so that a reader sees the old text or the new, never a part: through
+    ``path.tmp`` and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Checkpoints:
     """``DIR/step-NNNNNN`` DCP directories plus a ``DIR/LATEST`` pointer written last."""
 
@@ -184,9 +192,7 @@ class Checkpoints:
         checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step)})
         dist.barrier()
         if dist.get_rank() == 0:
-            tmp = self.dir / "LATEST.tmp"
-            tmp.write_text(path.name)
-            tmp.replace(self.dir / "LATEST")
+            _write_whole(self.dir / "LATEST", path.name)
         dist.barrier()
 
     def _fresh(self, step: int) -> Path:
@@ -252,9 +258,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
             drawn = uuid.uuid4().hex[:16]
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
-                tmp = kept.with_suffix(".tmp")
-                tmp.write_text(drawn)
-                tmp.replace(kept)
+                _write_whole(kept, drawn)
         box[0] = drawn
     dist.broadcast_object_list(box, src=0)
     return str(box[0])
