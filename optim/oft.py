@@ -65,11 +65,14 @@ class OFTLinear(nn.Module):
         config: an :class:`OFTConfig` (default: 32-blocks, exp, auto clip).
 
     Raises:
+        TypeError: ``base`` is not an ``nn.Linear``.
         ValueError: ``block_size`` does not divide ``base.in_features``.
     """
 
     def __init__(self, base: nn.Linear, *, config: OFTConfig | None = None) -> None:
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"OFTLinear adapts an nn.Linear, got {type(base).__name__}")
         self.config = config if config is not None else OFTConfig()
         b = self.config.block_size
         if base.in_features % b:
@@ -92,6 +95,9 @@ class OFTLinear(nn.Module):
         return rotation(Q, method=cfg.method, terms=cfg.terms, steps=cfg.steps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 0 or x.size(-1) != self.base.in_features:
+            raise ValueError(f"OFTLinear expects inputs of in_features={self.base.in_features} "
+                             f"in the last dim, got shape {tuple(x.shape)}")
         R = self.rotation_blocks()
         blocks = x.unflatten(-1, (R.size(0), R.size(1)))  # (..., k, b)
         rotated = torch.einsum("...kj,kij->...ki", blocks, R.to(x.dtype)).flatten(-2)

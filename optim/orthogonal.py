@@ -59,8 +59,9 @@ METHODS = ("cayley", "cayley_neumann", "cans_cayley", "exp")
 # - cayley_neumann: the series converges only for ||Q||_2 < 1; 0.95 is OneTrainer's default
 #   (PR #1556 "auto"); there the 5-term error is still 0.66 (FIELD-NOTES), so prefer smaller Q.
 # - cans_cayley: the norm up to which CANS_CAYLEY_DEFAULT_STEPS are certified to reach each
-#   dtype's rounding at block sizes up to 128 (see there); larger norms still converge, only
-#   more slowly.
+#   dtype's rounding at block sizes up to 128 (see there); larger norms converge with more
+#   steps up to about u^(-1/2) (cans_cayley's docstring), past which its (I + Q)^2 is lost to
+#   rounding.
 # - exp: just under pi (OneTrainer PR #1556 uses 3.13): at theta = pi a plane turns by 180
 #   degrees and exp stops being one-to-one; exp_orthogonal is accurate to 1e-6 up to pi.
 AUTO_MAX_NORM: dict[str, float] = {
@@ -198,6 +199,16 @@ def cayley_neumann(Q: Tensor, terms: int = 5) -> Tensor:
     return R.reshape(Q.shape)
 
 
+def _power_of_two_scale(X: Tensor) -> Tensor:
+    """Per block, the power of two ``s >= 1`` at or just above its largest entry (1 for a zero
+    block; NaN for a NaN block), at least float32, as ``(N, 1, 1)``. Dividing by it is exact
+    and bounds the entries by 1 (kept below the dtype's largest power of two, so that ``1 / s``
+    stays normal for entries near the dtype's maximum)."""
+    amax = _at_least_fp32(X.detach().abs().amax(dim=(-2, -1), keepdim=True))
+    top = 2.0 ** math.floor(math.log2(torch.finfo(amax.dtype).max) - 1)
+    return torch.exp2(torch.ceil(torch.log2(amax))).clamp(min=1.0, max=top)
+
+
 def _cans_cubic(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-block CANS cubic on ``[lo, hi]`` (arXiv 2506.10935, Thm. 3): the tensor twin of
     :func:`optim.orthogonalize.cans_interval_step`, so each block gets its own optimal cubic
@@ -220,9 +231,20 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     ``[1/g, 1]``: a certified lower bound, tight within ``b^(1/6)`` (OneTrainer PR #1512 used
     ``1/||I+Q||_F``, far looser). Each block then runs CANS cubics optimal for its own interval.
 
-    float16 computes in float32 and casts back: ``M M^T M`` has entries up to ``(1 +
-    ||Q||_2^2)^3``, beyond float16's 65504 once ``||Q||_2 > 6.3`` (the result would be NaN).
-    bfloat16 has float32's range and computes in bfloat16.
+    Each block is first divided by a power of two ``s >= 1`` at its largest entry (exact), so
+    ``M / s^2`` is formed instead: ``M M^T M`` has entries up to ``(1 + ||Q||_2^2)^3``, which
+    overflowed float32 from ``||Q||_2 ~ 1500`` (a zero result) and the entries of M from ~3e6
+    (NaN). Scaling leaves the polar factor as it is; the lower bound becomes ``1 / (s^2 g)``.
+    float16 computes in float32 and casts back; bfloat16 has float32's range and computes in
+    bfloat16.
+
+    Range: rounding ``M`` costs ``u (1 + ||Q||_2^2)`` against its smallest singular value 1
+    (``u`` the unit roundoff), so past ``||Q||_2 ~ u^(-1/2)`` (4096 in float32, 16 in bfloat16)
+    the result is neither orthogonal nor the Cayley transform, whatever the steps. Below it
+    larger norms need more steps than the default (certified to ``AUTO_MAX_NORM``): with 60
+    steps in float32, measured within 2e-7 of orthogonal up to 3000 and 1.1e-3 / 1.3e-2 of the
+    exact transform at 1000 / 3000 (b = 8..128, docs/oft.md); at 1e4 (float32) and 100
+    (bfloat16) far from both. :func:`cayley` is exact at every norm.
 
     Args:
         Q: skew-symmetric ``(..., b, b)``.
@@ -241,10 +263,17 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1 or None, got {steps!r}")
     X = _as_batch(Q.float() if Q.dtype == torch.float16 else Q)
-    M = _matmul.addmm(_eye_like(X) + 2.0 * X, X, X)  # (I + Q)^2 = I + 2Q + Q^2
+    if X.size(-1) == 0:  # 0 x 0 blocks (amax cannot reduce an empty block)
+        return torch.empty_like(Q)
+    s = _power_of_two_scale(X)
+    Xs = X / s.to(X.dtype)  # exact: s is a power of two
+    inv_s = (1.0 / s).to(X.dtype)
+    # M / s^2 = (I / s + Q / s)^2 = I / s^2 + 2 (Q / s) / s + (Q / s)^2, the polar factor unchanged
+    M = _matmul.addmm(_eye_like(X) * (inv_s * inv_s) + 2.0 * Xs * inv_s, Xs, Xs)
     MMtM = _matmul.mm(_matmul.mm(M, M.mT), M)
-    g = torch.linalg.matrix_norm(_at_least_fp32(MMtM), keepdim=True).pow(1.0 / 3.0).clamp(min=1.0)
-    lo, hi = 1.0 / g, torch.ones_like(g)
+    g = torch.linalg.matrix_norm(_at_least_fp32(MMtM), keepdim=True).pow(1.0 / 3.0)
+    # singular values of M / s^2 are >= 1 / s^2: of M / (s^2 g), >= 1 / (s^2 g)
+    lo, hi = (1.0 / s) / s / g, torch.ones_like(g)
     lin, cub, lo, hi = _cans_cubic(lo, hi)
     X = (lin / g).to(M.dtype) * M + (cub / g.pow(3)).to(M.dtype) * MMtM
     for _ in range(steps - 1):
@@ -344,8 +373,9 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
     W = _at_least_fp32(_as_batch(Q))
     if W.size(-1) == 0:  # 0 x 0 blocks: norm 0 (amax cannot reduce an empty block)
         return torch.zeros(Q.shape[:-2], dtype=W.dtype, device=W.device)
-    scale = W.abs().amax(dim=(-2, -1), keepdim=True)
-    W = W / scale.clamp(min=torch.finfo(W.dtype).tiny)
+    # clamped: a zero block stays 0; a subnormal one is scaled by the smallest normal number
+    scale = W.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(W.dtype).tiny)
+    W = W / scale
     B = _matmul.mm(W.mT, W)
     tiny = torch.finfo(B.dtype).tiny
     norm0 = torch.linalg.matrix_norm(B, keepdim=True)
@@ -357,7 +387,8 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
         n = torch.linalg.matrix_norm(B, keepdim=True).clamp(min=tiny)
         B, log_norm = B / n, 2.0 * log_norm + n.log()
     bound = torch.exp(log_norm / 2.0 ** (k + 1)) * scale  # (||A^(2^k)||_F)^(1 / 2^(k+1))
-    bound = torch.where(norm0 > 0, bound, torch.zeros_like(bound))
+    # a zero block: 0; a NaN or Inf one: NaN (never a bound it does not meet)
+    bound = torch.where(norm0 == 0, torch.zeros_like(bound), bound)
     return bound.reshape(Q.shape[:-2])
 
 

@@ -51,6 +51,15 @@ def _check_frame(X: Tensor, name: str) -> None:
         raise ValueError(
             f"{name} needs a (..., d, r) frame with d >= r (St(d, r)), got {tuple(X.shape)}"
         )
+    if not X.is_floating_point():
+        raise ValueError(f"{name} needs a real floating-point frame, got {X.dtype}")
+
+
+def _check_direction(G: Tensor, U: Tensor) -> None:
+    if G.shape[-2:] != U.shape[-2:]:
+        raise ValueError(f"G must have U's shape {tuple(U.shape)}, got {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise ValueError(f"G must be a real floating-point tensor, got {G.dtype}")
 
 
 def _sym(A: Tensor) -> Tensor:
@@ -63,8 +72,7 @@ def tangent_project(U: Tensor, G: Tensor) -> Tensor:
     The result ``D`` satisfies ``U^T D + D^T U = 0`` when ``U^T U = I``.
     """
     _check_frame(U, "tangent_project")
-    if G.shape[-2:] != U.shape[-2:]:
-        raise ValueError(f"G must have U's shape {tuple(U.shape)}, got {tuple(G.shape)}")
+    _check_direction(G, U)
     return G - _matmul.mm(U, _sym(_matmul.mm(U.mT, G)))
 
 
@@ -99,10 +107,13 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
 
     W is skew, so ``Y(t)`` stays on St(d, r) for every t, and ``Y'(0) = W U =
     tangent_project(U, G)``. With ``W = A B^T``, ``A = [P, U]``, ``B = [U, -P]`` (``d x 2r``),
-    Woodbury gives ``Y(t) = U + t A (I - t/2 B^T A)^-1 B^T U``: 4 products and a ``2r x 2r``
-    solve (recorded as one product). Computed in float32 at least. Leading dims broadcast as in
-    :func:`tangent_project`: one frame ``U`` (d, r) against a batch ``G`` (..., d, r) gives
-    (..., d, r).
+    Woodbury gives ``Y(t) = U + t A (I - t/2 B^T A)^-1 B^T U``: 5 products (2 for P) and a
+    ``2r x 2r`` solve (recorded as one product). P is computed in float32 at least, the
+    Woodbury part in float64: ``I - t/2 B^T A`` is not normal, and for large ``t ||G||`` it is
+    badly conditioned where ``I - t/2 W`` is not (at ``t ||G||_2 ~ 10^3`` a float32 system left
+    a 256 x 256 frame 8e-2 from orthonormal even after the polish; float64: 3e-7, measured).
+    Leading dims broadcast as in :func:`tangent_project`: one frame ``U`` (d, r) against a
+    batch ``G`` (..., d, r) gives (..., d, r).
 
     In exact arithmetic Y(t) is orthonormal; in float32 rounding drifts off the manifold like a
     random walk (~2e-6 after 1,000 steps). ``polish=True`` (default) ends with one Newton-Schulz
@@ -111,21 +122,21 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     the map differs from the exact Cayley map by ``O(e^2)`` only.
     """
     _check_frame(U, "cayley_retract")
-    if G.shape[-2:] != U.shape[-2:]:
-        raise ValueError(f"G must have U's shape {tuple(U.shape)}, got {tuple(G.shape)}")
+    _check_direction(G, U)
     if not is_real(t) or not math.isfinite(t):
         raise ValueError(f"t must be a finite real number (not a bool), got {t!r}")
     compute = torch.promote_types(torch.promote_types(U.dtype, G.dtype), torch.float32)
     Uc, Gc = U.to(compute), G.to(compute)
     P = Gc - 0.5 * _matmul.mm(Uc, _matmul.mm(Uc.mT, Gc))
     Uc = Uc.expand_as(P)  # one frame against a batch of G broadcasts, as in tangent_project
-    A = torch.cat([P, Uc], dim=-1)
-    B = torch.cat([Uc, -P], dim=-1)
-    eye = torch.eye(A.size(-1), dtype=compute, device=A.device)
+    wide = torch.float64 if P.device.type != "mps" else compute  # (MPS has no float64)
+    A = torch.cat([P, Uc], dim=-1).to(wide)
+    B = torch.cat([Uc, -P], dim=-1).to(wide)
+    eye = torch.eye(A.size(-1), dtype=wide, device=A.device)
     inner = eye - (0.5 * t) * _matmul.mm(B.mT, A)
     _matmul.count(1)
-    coeffs = torch.linalg.solve(inner, _matmul.mm(B.mT, Uc))
-    Y = Uc + t * _matmul.mm(A, coeffs)
+    coeffs = torch.linalg.solve(inner, _matmul.mm(B.mT, Uc.to(wide)))
+    Y = (Uc.to(wide) + t * _matmul.mm(A, coeffs)).to(compute)
     if polish:
         gram = _matmul.mm(Y.mT, Y)
         Y = 1.5 * Y - 0.5 * _matmul.mm(Y, gram)
@@ -189,7 +200,10 @@ def feedback_update(U: Tensor, ema_G: Tensor, alpha: Tensor, g_hat: Tensor, c: T
     ``ema_G <- tau ema_G + (1 - tau) G``; ``D = tangent_project(U, ema_G)``, scaled to Frobenius
     norm ``max_step_norm`` if above; ``U <- qr_retract(U + lr alpha D)``;
     ``alpha <- (1 - beta) alpha + beta clamp(<G, U> / mean ||c||^2)``, with the new U.
-    ``frozen=True`` only accumulates the EMA. Returns plain-float diagnostics.
+    ``frozen=True`` only accumulates the EMA. Returns plain-float diagnostics, ``nonfinite``
+    among them: 1.0 when ``G`` is not finite (a NaN or Inf in ``g_hat`` or ``c``, or a product
+    that overflowed), in which case nothing is updated (one NaN in the EMA would reach ``U``
+    and ``alpha`` and stay there for good); the next finite signal trains normally.
     """
     g_flat = g_hat.reshape(-1, g_hat.size(-1))
     c_flat = c.reshape(-1, c.size(-1))
@@ -199,15 +213,20 @@ def feedback_update(U: Tensor, ema_G: Tensor, alpha: Tensor, g_hat: Tensor, c: T
                          f"leading dims, got {tuple(g_hat.shape)} and {tuple(c.shape)}")
     n = max(g_flat.size(0), 1)
     G = _matmul.mm(g_flat.mT, c_flat) / n
+    norm = float(torch.linalg.matrix_norm(G))
+    diag = {"cross_cov_norm": norm, "frozen": float(frozen)}
+    if not math.isfinite(norm):  # (the norm of a finite G that overflows: skipped too)
+        return diag | {"nonfinite": 1.0, "gain": float(alpha),
+                       "orthogonality_error": float(orthogonality_error(U))}
+    diag["nonfinite"] = 0.0
     ema_G.mul_(config.ema).add_(G, alpha=1.0 - config.ema)
-    diag = {"cross_cov_norm": float(torch.linalg.matrix_norm(G)), "frozen": float(frozen)}
     if not frozen:
         diag |= _riemannian_step(U, ema_G, alpha, config)
         c2_mean = c_flat.square().sum() / n
         target = ((U * G).sum() / (c2_mean + config.eps)).clamp(config.gain_min, config.gain_max)
         alpha.lerp_(target.to(alpha.dtype), config.gain_ema)
         diag["gain_target"] = float(target)
-    corr = (U * G).sum() / (torch.linalg.matrix_norm(G) * math.sqrt(U.size(1)) + config.eps)
+    corr = (U * G).sum() / (norm * math.sqrt(U.size(1)) + config.eps)
     diag |= {"gain": float(alpha), "correlation": float(corr),
              "orthogonality_error": float(orthogonality_error(U))}
     return diag
@@ -238,6 +257,7 @@ class StiefelFeedbackLayer(nn.Module):
         self.register_buffer("U", random_stiefel(d, r, generator=generator))
         self.register_buffer("alpha", torch.tensor(self.config.gain_init))
         self.register_buffer("ema_G", torch.zeros(d, r))
+        self.nonfinite_skips = 0  # updates skipped for a non-finite signal (feedback_update)
 
     def compute_delta(self, c: Tensor) -> Tensor:
         """``c`` (..., r) -> ``alpha c U^T`` (..., d)."""
@@ -245,9 +265,12 @@ class StiefelFeedbackLayer(nn.Module):
 
     @torch.no_grad()
     def update(self, g_hat: Tensor, c: Tensor, *, frozen: bool = False) -> dict[str, float]:
-        """:func:`feedback_update` on this layer's buffers."""
-        return feedback_update(self.U, self.ema_G, self.alpha, g_hat, c,
+        """:func:`feedback_update` on this layer's buffers; the diagnostics also carry
+        ``nonfinite_skips``, this layer's count of skipped updates."""
+        diag = feedback_update(self.U, self.ema_G, self.alpha, g_hat, c,
                                config=self.config, frozen=frozen)
+        self.nonfinite_skips += int(diag["nonfinite"])
+        return diag | {"nonfinite_skips": float(self.nonfinite_skips)}
 
 
 class StiefelFeedbackSystem(nn.Module):

@@ -90,6 +90,16 @@ def test_bad_configuration_is_refused_with_a_fix():
         OFTConfig(terms=False)
 
 
+def test_wrong_inputs_and_bases_are_refused_by_name():
+    # a wrong width failed inside unflatten, a Conv2d base on a missing in_features
+    layer = OFTLinear(nn.Linear(8, 3), config=OFTConfig(block_size=4))
+    for x in (torch.randn(2, 6), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="in_features=8"):
+            layer(x)
+    with pytest.raises(TypeError, match=r"adapts an nn\.Linear, got Conv2d"):
+        OFTLinear(nn.Conv2d(4, 4, 1), config=OFTConfig(block_size=2))
+
+
 @pytest.mark.parametrize("max_norm", [np.float32(0.5), np.float64(0.5)])
 def test_numpy_max_norm_builds_a_layer_that_runs(max_norm):
     # OFTConfig took np.float32 and the layer's first forward then refused it

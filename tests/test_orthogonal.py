@@ -47,6 +47,15 @@ NORM_BOUND_SLACK = 1.01
 # O(0.3) matrices in another order, ~1e-16 per operation (measured 2.2e-16); 1e-12 is far above.
 HORNER64_TOL = 1e-12
 BLOCKS = (8, 32, 128)
+# spectral_norm_upper_bound of a float32-subnormal block: the block's own entries keep only a
+# few bits there (1e-43 is 71 times the smallest subnormal: 3 significant bits), so the bound
+# is checked against the float64 norm within what rounding the block to them moves it.
+SUBNORMAL_RTOL = 0.1
+# cans_cayley at ||Q||_2 = 1500-3000 in float32: rounding (I + Q)^2 costs up to u ||Q||_2^2 =
+# 0.13-0.54 against its smallest singular value; measured at most 1.6e-3 (1500) and 1.3e-2
+# (3000) from the exact transform over 6 draws at b = 8, 32, 128. A result that is not the
+# transform is O(1) away (0.7 at 1e4), so 5e-2 still fails it.
+LARGE_NORM_CAYLEY_RTOL = 5e-2
 # batched against one block at a time: the same float32 products, which BLAS may still block
 # differently by batch size on other machines (bit-identical here, measured), so fp32 rounding
 BATCH_ATOL, BATCH_RTOL = 1e-6, 1e-5
@@ -248,6 +257,37 @@ def test_norm_bound_and_clip_hold_for_huge_and_tiny_blocks(scale):
     clipped = torch.linalg.matrix_norm(clip_spectral_norm(Q.float(), 3.0).double(), 2)
     expected = torch.clamp(true, max=3.0)
     assert ((clipped <= expected * (1 + CLIP_RTOL)) & (clipped >= expected / 1.01)).all()
+
+
+def test_norm_bound_is_nan_for_non_finite_blocks_and_holds_for_subnormal_ones():
+    # a NaN or Inf block read 0 (clip_spectral_norm then left an Inf block as it was), and a
+    # subnormal block was scaled back by its own entry, not the clamp it was divided by (1e-40:
+    # 0.018 of the true norm)
+    Q = random_skew(8, 1.0, batch=1)[0]
+    bad = Q.float().clone()
+    bad[0, 1] = float("nan")
+    infinite = Q.float().clone()
+    infinite[0, 1] = float("inf")
+    for block in (bad, infinite):
+        assert spectral_norm_upper_bound(block).isnan()
+        assert clip_spectral_norm(block, 1.0).isnan().all()
+    for scale in (1e-40, 1e-43):  # float32 subnormals
+        tiny = Q * scale
+        true = torch.linalg.matrix_norm(tiny, 2)
+        bound = spectral_norm_upper_bound(tiny.float()).double()
+        # the block itself is rounded to a subnormal's few bits (1e-43: 3 significant bits)
+        assert bound >= true * (1 - SUBNORMAL_RTOL)
+        assert bound <= true * NORM_BOUND_SLACK * (1 + SUBNORMAL_RTOL)
+
+
+@pytest.mark.parametrize("norm", [1500.0, 3000.0])
+def test_cans_cayley_stays_a_rotation_far_past_its_auto_bound(norm):
+    # M M^T M of the unscaled (I + Q)^2 overflowed float32 from ||Q||_2 ~ 1500: g = Inf, the
+    # lower bound 1 / g = 0, and the result was exactly 0 at every step count
+    Q = random_skew(32, norm, batch=2)
+    X = cans_cayley(Q.float(), steps=60).double()
+    assert orthogonality_error(X).max() <= FP32_FLOOR
+    assert rel_err(X, exact_cayley(Q)) <= LARGE_NORM_CAYLEY_RTOL
 
 
 @pytest.mark.parametrize("shape", [(3, 0, 0), (2, 3, 0, 0)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import numpy as np
@@ -132,6 +133,30 @@ def test_cayley_retract_broadcasts_one_frame_over_a_batch_of_g():
                                rtol=FP32_RTOL)
 
 
+@pytest.mark.parametrize("shape", [(256, 256), (128, 128), (64, 56)])
+def test_cayley_retract_stays_orthonormal_for_long_steps(shape):
+    # the 2r x 2r Woodbury system I - t/2 B^T A is not normal: solved in float32 it left square
+    # frames up to 8e-2 from orthonormal at t ||G||_2 ~ 1e3, even after the polish
+    g = torch.Generator().manual_seed(5)
+    U, G = frame(*shape, seed=5), torch.randn(*shape, generator=g)
+    for t in (1e3, 1e5):
+        assert orthogonality_error(cayley_retract(U, G, t)) <= ORTHO_FP32
+
+
+def test_integer_frames_and_directions_are_refused():
+    # qr_retract returned zeros and cayley_retract garbage in int64; tangent_project failed
+    # inside the product
+    X = torch.tensor([[3, 1], [4, 2], [0, 5]])
+    U = frame(3, 2)
+    for call in (lambda: qr_retract(X), lambda: cayley_retract(X, X, 0.1),
+                 lambda: tangent_project(X, X)):
+        with pytest.raises(ValueError, match="real floating-point frame"):
+            call()
+    for call in (lambda: cayley_retract(U, X, 0.1), lambda: tangent_project(U, X)):
+        with pytest.raises(ValueError, match="G must be a real floating-point"):
+            call()
+
+
 def test_cayley_retract_takes_numpy_steps_and_refuses_bools():
     # np.float32(0.1) was refused as "t must be a finite number"; True was taken as 1
     U, G = frame(), torch.randn(64, 8)
@@ -248,6 +273,28 @@ def test_feedback_refuses_a_code_of_the_wrong_rank():
         with pytest.raises(ValueError, match=r"c \(\.\.\., 4\)"):
             feedback_update(U, ema, alpha, torch.randn(32, 16), c, config=FeedbackConfig())
     assert not ema.any()
+
+
+def test_feedback_skips_a_non_finite_signal_counts_it_and_trains_on():
+    # one NaN went into the EMA, then U and the gain, and every later diagnostic read NaN
+    system = StiefelFeedbackSystem(50, [40], rank=8, generator=torch.Generator().manual_seed(0))
+    layer = system.layers[0]
+    g = torch.Generator().manual_seed(1)
+    c = system.compress_error(torch.randn(2, 50, generator=g))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        signal = torch.randn(2, 40, generator=g)
+        signal[0, 0] = bad
+        (diag,) = system.update_all([signal], c)
+        assert diag["nonfinite"] == 1.0
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    assert diag["nonfinite_skips"] == 2.0
+    (diag,) = system.update_all([torch.randn(2, 40, generator=g)], c)
+    assert diag["nonfinite"] == 0.0 and diag["nonfinite_skips"] == 2.0
+    assert all(math.isfinite(value) for value in diag.values())
+    assert not torch.equal(layer.U, before["U"])
+    assert orthogonality_error(layer.U) <= ORTHO_FP32
 
 
 def test_feedback_frozen_only_accumulates_and_step_is_clipped():
