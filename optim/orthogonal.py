@@ -392,7 +392,7 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
     return bound.reshape(Q.shape[:-2])
 
 
-def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str | None = None) -> Tensor:
+def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str = "exp") -> Tensor:
     """Scale each block down so its spectral norm is at most ``max_norm``.
 
     ``Q * min(1, max_norm / rho)`` with ``rho = spectral_norm_upper_bound(Q)``: afterwards
@@ -403,11 +403,12 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str | None = None)
         Q: ``(..., b, b)``.
         max_norm: a positive bound, ``math.inf`` (no clip), or ``-1`` for ``AUTO_MAX_NORM
             [method]``: cayley inf, cayley_neumann 0.95, cans_cayley 3.0, exp 3.13.
-        method: the rotation method the clip serves; required with ``max_norm=-1``.
+        method: the rotation method the clip serves, which ``max_norm=-1`` reads; default
+            ``"exp"``, :func:`rotation`'s (and ``OFTConfig``'s) default.
 
     Raises:
         ValueError: non-square Q, ``max_norm`` not a real number (a bool is not one), not
-            positive and not -1, or ``-1`` without a known ``method``.
+            positive and not -1, or ``-1`` with a ``method`` not in ``METHODS``.
     """
     _check_square(Q, "clip_spectral_norm")
     if not is_real(max_norm) or not (max_norm == -1 or max_norm > 0):
@@ -416,9 +417,8 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str | None = None)
         )
     if max_norm == -1:
         if method not in AUTO_MAX_NORM:
-            raise ValueError(
-                f"max_norm=-1 picks the method's automatic bound; pass method= one of {METHODS}"
-            )
+            raise ValueError(f"max_norm=-1 reads the bound of method=, one of {METHODS} (the "
+                             f"rotation the clip serves), got {method!r}")
         max_norm = AUTO_MAX_NORM[method]
     if math.isinf(max_norm):
         return Q

@@ -224,21 +224,27 @@ def _frobenius(X: Tensor) -> Tensor:
     return norm.nan_to_num(nan=math.nan, posinf=math.nan)
 
 
+def _floored(norm: Tensor, eps: float) -> Tensor:
+    """``norm`` floored at ``eps``, and at the dtype's smallest normal number when ``eps`` is 0:
+    a zero matrix divides to zeros, never 0 / 0."""
+    return norm.clamp(min=max(eps, torch.finfo(norm.dtype).tiny))
+
+
 def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed.
     ``inplace`` divides X itself (a private copy), as ``torch.optim.Muon`` does: same bits."""
-    norm = _frobenius(X).clamp(min=eps)
+    norm = _floored(_frobenius(X), eps)
     X = X.div_(norm) if inplace else X / norm
     if method == "quintic":
         return X, None, None
     gram = _matmul.mm(X, X.mT)
     if method == "polar_express":
         # (sum sigma^4)^(1/4) <= ||X||_F = 1 here; the clamp keeps a zero matrix at zero.
-        scale = _frobenius(gram).clamp(min=eps).sqrt()
+        scale = _floored(_frobenius(gram), eps).sqrt()
         return X / scale, gram / scale**2, None
     gram_x = _matmul.mm(gram, X)
-    scale = _frobenius(gram_x).clamp(min=eps) ** (1.0 / 3.0)  # (sum sigma^6)^(1/6)
+    scale = _floored(_frobenius(gram_x), eps) ** (1.0 / 3.0)  # (sum sigma^6)^(1/6)
     return X / scale, None, gram_x / scale**3
 
 
@@ -300,7 +306,7 @@ def _to_compute(X: Tensor, compute: torch.dtype, eps: float) -> Tensor:
     if compute != torch.float16:
         return X.to(compute)
     wide = X.to(torch.promote_types(X.dtype, torch.float32))
-    return (wide / _frobenius(wide).clamp(min=eps)).to(compute)
+    return (wide / _floored(_frobenius(wide), eps)).to(compute)
 
 
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
@@ -398,5 +404,5 @@ def soften(O: Tensor, X: Tensor, softening: float, *, eps: float = 1e-7) -> Tens
     if softening == 0.0:
         return O
     X = _widen_half(X)
-    direction = X / _frobenius(X).clamp(min=eps)
+    direction = X / _floored(_frobenius(X), eps)
     return torch.lerp(O, direction.to(O.dtype), float(softening))

@@ -111,11 +111,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             slug="unsupported-media-type",
             headers={"Accept-Post": "application/json"},
         )
-    if any(e["type"] == "json_invalid" for e in errors):
+    if any(e["type"] == "json_invalid" for e in errors) or \
+            any(e["loc"] == ["body"] and e["type"] == "missing" for e in errors):
+        # (an empty body reaches validation as a missing one, not as invalid JSON)
         return problem_response(
             request,
             400,
-            "The request body is not valid JSON.",
+            "The request body is empty or not valid JSON.",
             slug="malformed-json",
             errors=errors,
         )

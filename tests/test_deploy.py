@@ -304,12 +304,17 @@ def test_grafana_refuses_to_start_without_a_readable_password(tmp_path: Path) ->
 @pytest.mark.timeout(60)
 def test_compose_gpu_override_reserves_gpus() -> None:
     services = compose_config(COMPOSE, COMPOSE_GPU)["services"]
+    taken: list[str] = []
     for n in (0, 1):
         trainer = services[f"trainer-{n}"]
         devices = trainer["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
-        assert "NCCL_SOCKET_IFNAME" in trainer["environment"]
+        # one GPU per process; a `count` gave both containers of this host devices 0 and 1
         assert "--nproc-per-node=2" in trainer["command"]  # the base command survives the merge
+        assert len(devices[0]["device_ids"]) == 2 and "count" not in devices[0]
+        taken += devices[0]["device_ids"]
+        assert "NCCL_SOCKET_IFNAME" in trainer["environment"]
+    assert len(set(taken)) == 4, taken
 
 
 def test_build_context_leaves_out_secrets_and_the_local_environment() -> None:
@@ -396,6 +401,28 @@ def dashboard_exprs(dash: dict) -> list[str]:
             assert m, f"variable {var['name']}: unexpected query {query!r}"
             exprs.append(m.group(1))
     return exprs
+
+
+def test_dashboard_param_variable_lists_every_optimizers_matrices() -> None:
+    # it read orthoshard_basis_rotation_degrees, which only SOAP exports: under Muon or
+    # NorMuon the dropdown offered "All" alone. orthoshard_nonfinite_skips_total comes from
+    # the nonfinite_skips every optimizer reports for every matrix it owns, from step 1.
+    import torch
+
+    from optim import SOAP, Muon, NorMuon
+
+    dash = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in dash["templating"]["list"] if v["name"] == "param"]
+    assert "orthoshard_nonfinite_skips_total{" in json.dumps(var["query"])
+    for make in (Muon, NorMuon, SOAP):
+        weights = {f"w{i}": torch.nn.Parameter(torch.randn(8, 4)) for i in range(2)}
+        opt = make(list(weights.items()), lr=0.01)
+        for p in weights.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        health = opt.health()
+        assert set(health) == set(weights), make.__name__
+        assert all("nonfinite_skips" in metrics for metrics in health.values()), make.__name__
 
 
 def test_dashboard_is_wellformed_and_uses_the_provisioned_datasource() -> None:

@@ -303,6 +303,11 @@ def test_empty_blocks_keep_their_shape_in_every_kernel(shape):
 def test_clip_auto_bounds_and_small_blocks_untouched():
     Q = random_skew(16, 0.5)
     assert torch.equal(clip_spectral_norm(Q, -1, method="exp"), Q)
+    # DESIGN.md's clip_spectral_norm(Q, max_norm): -1 alone is exp's bound (rotation's default)
+    torch.testing.assert_close(clip_spectral_norm(random_skew(16, 4.0), -1),
+                               clip_spectral_norm(random_skew(16, 4.0), -1, method="exp"))
+    assert torch.linalg.matrix_norm(clip_spectral_norm(random_skew(16, 4.0), -1), 2).max() \
+        <= AUTO_MAX_NORM["exp"] * (1 + CLIP_RTOL)
     clipped = clip_spectral_norm(random_skew(16, 2.0), -1, method="cayley_neumann")
     bound = AUTO_MAX_NORM["cayley_neumann"]
     assert torch.linalg.matrix_norm(clipped, 2).max() <= bound * (1 + CLIP_RTOL)
@@ -332,8 +337,9 @@ def test_bad_arguments_raise_value_errors():
         cayley_neumann(Q, terms=0)
     with pytest.raises(ValueError, match="steps"):
         cans_cayley(Q, steps=0)
-    with pytest.raises(ValueError, match="method="):
-        clip_spectral_norm(Q, -1)
+    for method in (None, "householder"):
+        with pytest.raises(ValueError, match="max_norm=-1 reads the bound of method="):
+            clip_spectral_norm(Q, -1, method=method)
     with pytest.raises(ValueError, match="max_norm"):
         clip_spectral_norm(Q, 0.0)
     for flag in (True, False):  # a bool is not a count or a bound (True read as 1)

@@ -244,9 +244,11 @@ def test_unknown_method_error_lists_the_valid_methods():
 def test_zero_matrix_returns_zeros_without_nan(method, dtype, shape):
     X = torch.zeros(shape, dtype=dtype)
     for softening in (0.0, 0.5):
-        out = orthogonalize(X, method=method, softening=softening)
-        assert out.dtype == dtype
-        assert torch.equal(out, torch.zeros_like(out)), (method, softening)
+        # eps=0 (no floor asked for) divided 0 by 0: NaN
+        for eps in (1e-7, 0.0):
+            out = orthogonalize(X, method=method, softening=softening, eps=eps)
+            assert out.dtype == dtype
+            assert torch.equal(out, torch.zeros_like(out)), (method, softening, eps)
 
 
 @pytest.mark.parametrize("method", ALL)

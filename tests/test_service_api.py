@@ -346,6 +346,7 @@ def test_unknown_schema_version_is_refused(client: TestClient, version: Any) -> 
     # json.loads raises other errors on these, which FastAPI answered as a bare 400
     b'{"schema_version": 1, "run_id": "r", "step": \xff}',   # not UTF-8
     b'{"schema_version": 1, "step": 1' + b"0" * 5000 + b"}",  # beyond Python's 4300 digits
+    b"",  # an empty body was a 422 validation-error ("Field required" at ["body"])
 ])
 def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
     body = assert_problem(raw_post(client, content), 400)
@@ -424,6 +425,14 @@ def test_unknown_route_and_method_are_problem_details(client: TestClient) -> Non
     r = client.delete("/metrics")
     assert_problem(r, 405)
     assert r.headers["allow"] == "GET"
+    # the probes answer HEAD from a route of their own, which the 405 left out
+    for path in ("/healthz", "/readyz"):
+        r = client.put(path)
+        assert_problem(r, 405)
+        assert r.headers["allow"] == "GET, HEAD"
+    r = client.get("/v1/snapshots")
+    assert_problem(r, 405)
+    assert r.headers["allow"] == "POST"
 
 
 def test_unknown_param_is_404(client: TestClient) -> None:
