@@ -37,6 +37,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,24 @@ def default_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+# The pace a sidecar is given to store a snapshot before its answer times out: a quarter of
+# the slowest measured (a 4.7 MB, 20,000-parameter body stored in 4.1 s on 2 shared cores).
+_STORE_BYTES_PER_S = 250_000
+
+
+# Every Publisher of this process, for the fork hook below.
+_LIVE: weakref.WeakSet[Publisher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pub in list(_LIVE):
+        pub._forked_child()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which cannot fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Publisher:
     """Posts snapshots to the sidecar from a background thread.
 
@@ -126,7 +145,8 @@ class Publisher:
         token: bearer token (the content of the sidecar's ``--token-file``).
         run_id: identifies the run; default ``default_run_id()``.
         queue_size: snapshots held while the sidecar is slow or down (oldest dropped beyond).
-        timeout_s: per-request timeout (connect, read, write, pool).
+        timeout_s: per-request timeout (connect, read, write, pool); a snapshot's read
+            timeout adds a second per 250 kB of its body (the sidecar answers once stored).
         backoff_s: (first, max) retry delay after a failed send; doubles, with jitter.
         transport: an httpx transport to use instead (tests).
     """
@@ -177,9 +197,25 @@ class Publisher:
         self._ranks: set[int] = set()  # ranks published for (a finish is sent for each)
         self._finish = False  # close(finished=True): say each rank's run ended, after the flush
         self._finish_failed = False
-        self._client = self._make_client(url, uds, token, timeout_s, transport)
+        self._finish_sent = False  # the finishes were posted (by the sender or a later close)
+        self._timeout_s = timeout_s
+        self._client_args = (url, uds, token, timeout_s, transport)
+        self._client = self._make_client(*self._client_args)
+        self._forked = self._fork_warned = False  # a forked child's copy (_forked_child)
         self._thread = threading.Thread(target=self._run, name="orthoshard-publisher", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
+
+    def _forked_child(self) -> None:
+        """In a child forked from this Publisher's process: the sender thread did not survive
+        the fork, and the lock may have been held by a thread of the parent at that instant
+        (the child's publish() then waited for ever). The copy gets a lock of its own and
+        stops: what the child publishes is dropped (with one warning), and it posts nothing,
+        not even a finish, which would speak for the parent's ranks."""
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._closing = True
+        self._forked = True
 
     @staticmethod
     def _make_client(
@@ -231,6 +267,10 @@ class Publisher:
                 if self._closing:  # counted as published and dropped: the totals still add up
                     self.stats.published += 1
                     self.stats.dropped += 1
+                    if self._forked and not self._fork_warned:
+                        self._fork_warned = True
+                        _log.warning("a Publisher does not cross fork(): this child's snapshots "
+                                     "are dropped; create a Publisher in the child instead")
                     return
                 if len(self._queue) >= self._size:
                     self._queue.popleft()
@@ -249,12 +289,31 @@ class Publisher:
         ``finished=True`` (the training loop ended normally) then tells the sidecar that each
         rank published for has finished its run (``POST /v1/ranks/{rank}/finish``), so the
         rank's silence from now on is not alerted as a stale rank; True then also needs those
-        answers to be 2xx. Leave it False on an error path: a crashed rank must still page."""
+        answers to be 2xx. Leave it False on an error path: a crashed rank must still page.
+        Called again after a ``close()`` (a ``with`` block's), ``finished=True`` still posts the
+        finishes, from this thread."""
+        if self._forked:
+            return False  # nothing of the child's was sent (see _forked_child)
         with self._cond:
-            self._closing = True
-            self._finish = finished
-            self._deadline = time.monotonic() + timeout_s
-            self._cond.notify()
+            again = self._closing
+            if not again:
+                self._closing = True
+                self._finish = finished
+                self._deadline = time.monotonic() + timeout_s
+                self._cond.notify()
+        if again:
+            self._thread.join(timeout_s + 1.0)
+            if finished and not self._finish_sent and not self._thread.is_alive():
+                self._deadline = time.monotonic() + timeout_s
+                self._client = self._make_client(*self._client_args)
+                try:
+                    for rank in sorted(self._ranks):
+                        self._send_finish(rank)
+                finally:
+                    self._client.close()
+                self._finish_sent = True
+            return (self._unsent == 0 and not self._finish_failed and not self._thread.is_alive()
+                    and (self._finish_sent or not finished))
         self._thread.join(timeout_s + 1.0)
         with self._cond:
             left = len(self._queue)
@@ -296,6 +355,7 @@ class Publisher:
             ranks = sorted(self._ranks) if self._finish else []
         for rank in ranks:
             self._send_finish(rank)
+        self._finish_sent = self._finish
         self._client.close()
 
     def _send_finish(self, rank: int) -> None:
@@ -341,8 +401,12 @@ class Publisher:
             # a value's own __float__ (a tensor on the meta device, one of many elements)
             self._not_encodable(item, exc)
             return "rejected"
+        # the answer comes once the sidecar has stored the snapshot, which takes time in
+        # proportion to its size: a fixed read timeout re-sent large snapshots it was storing
+        timeout = httpx.Timeout(self._timeout_s,
+                                read=self._timeout_s + len(body) / _STORE_BYTES_PER_S)
         try:
-            response = self._client.post("/v1/snapshots", content=body)
+            response = self._client.post("/v1/snapshots", content=body, timeout=timeout)
         except httpx.HTTPError as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
             return "retry"

@@ -145,7 +145,10 @@ def _is_json(media_type: str) -> bool:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     _log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    return problem_response(request, 500, "Internal error; see the sidecar log.")
+    # Starlette raises the error again after this answer and uvicorn then drops the
+    # connection: said here, so that a client does not send its next request down it
+    return problem_response(request, 500, "Internal error; see the sidecar log.",
+                            headers={"Connection": "close"})
 
 
 def install_problem_handlers(app: FastAPI) -> None:

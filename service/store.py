@@ -203,6 +203,16 @@ class Store:
             sqlite3.Error: the file is not a SQLite database, or the sidecar cannot write it.
         """
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        # A damaged file opens and even takes writes, then fails every read of the damaged
+        # pages (history answers 500, acknowledged snapshots stay unmerged) and the next start.
+        # quick_check reads every page once (O(file), without the index cross-checks of
+        # integrity_check): it is refused here instead, by name.
+        problems = [" ".join(str(row[0]).split())
+                    for row in self._db.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(
+                f"the database is damaged (sqlite quick_check: {' / '.join(problems)}); restore "
+                "it from a backup, or move it aside and start with a new --db")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         self._db.executescript(_SCHEMA)
@@ -292,13 +302,17 @@ class Store:
                 # a snapshot without a summary keeps its run's last one, never another run's
                 if opt is None and prev is not None and prev.run_id == snap.run_id:
                     opt = prev.optimizer
+                # the step this rank last sent, again: a retry whose answer was lost (the client
+                # timed out while this sidecar stored it). It replaces the stored point and is
+                # not counted twice.
+                again = prev is not None and prev.run_id == snap.run_id and prev.step == snap.step
                 rank_rec = RankRecord(
                     snap.rank,
                     snap.run_id,
                     snap.step,
                     snap.wall_time,
                     now,
-                    (prev.snapshots_received if prev else 0) + 1,
+                    (prev.snapshots_received if prev else 0) + (0 if again else 1),
                     opt,
                 )
                 records = [

@@ -353,6 +353,14 @@ def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
     assert body["type"] == "urn:orthoshard:problem:malformed-json"
 
 
+def test_utf16_and_utf32_bodies_are_read_as_json_readers_recognise_them(
+        client: TestClient) -> None:
+    # docs/service.md's malformed-json row: these are told apart by their zero bytes
+    for step, encoding in enumerate(("utf-16", "utf-16-le", "utf-32"), start=1):
+        r = raw_post(client, json.dumps(snapshot(step=step)).encode(encoding))
+        assert r.status_code == 201 and r.json()["step"] == step, (encoding, r.text)
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
 def test_a_body_not_sent_as_json_is_415_naming_the_header(
     client: TestClient, token: str, content_type: str | None
@@ -433,6 +441,30 @@ def test_unknown_route_and_method_are_problem_details(client: TestClient) -> Non
     r = client.get("/v1/snapshots")
     assert_problem(r, 405)
     assert r.headers["allow"] == "POST"
+
+
+def test_an_internal_error_is_a_problem_that_closes_the_connection(token: str) -> None:
+    # uvicorn drops the connection after an unhandled error: without "Connection: close" the
+    # client's next request on it was reset
+    app = create_app(Settings(token=token, db_path=":memory:"))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        def broken(*_: Any, **__: Any) -> None:
+            raise RuntimeError("disk went away")
+
+        app.state.store.ranks = broken
+        r = c.get("/v1/optimizer", headers={"Authorization": f"Bearer {token}"})
+        body = assert_problem(r, 500)
+        assert "see the sidecar log" in body["detail"] and "disk" not in body["detail"]
+        assert r.headers["connection"] == "close"
+
+
+def test_a_name_of_dots_alone_is_read_percent_encoded(client: TestClient) -> None:
+    # docs/service.md: clients resolve "." and ".." as path segments, so such a name is sent
+    # as %2E (the raw URL, which httpx keeps as it is)
+    assert post(client, snapshot(names=(".", ".."))).status_code == 201
+    for name, path in ((".", "/v1/params/%2E"), ("..", "/v1/params/%2E%2E")):
+        r = client.get(path)
+        assert r.status_code == 200 and r.json()["name"] == name, r.text
 
 
 def test_unknown_param_is_404(client: TestClient) -> None:
@@ -560,7 +592,8 @@ def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -
 
 @pytest.mark.parametrize(
     "cursor",
-    ["%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj"],
+    ["%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj",
+     "A" * 2000],  # (longer than any name's cursor: it was a 422 validation-error)
 )
 def test_bad_cursor_is_400(client: TestClient, cursor: str) -> None:
     # "YR", "YQ==" decode to "a" but are not what encode_cursor produces ("YQ"); "_w" is not

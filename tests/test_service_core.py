@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,6 +46,37 @@ def make_snapshot(step: int, rank: int = 0, n: int = 3, run_id: str = "r") -> Sn
 
 
 # ------------------------------------------------------------------------------ store
+
+
+def test_a_step_sent_again_replaces_its_point_and_counts_once(tmp_path: Path) -> None:
+    # a Publisher whose answer timed out sends the step again: it was counted again (and a
+    # storm of such retries counted more snapshots than the ranks ever published)
+    store = Store(str(tmp_path / "s.db"), history_max_rows=1000, clock=lambda: 5.0)
+    store.ingest(make_snapshot(3, rank=0))
+    store.ingest(make_snapshot(3, rank=0))
+    assert store.ranks()[0].snapshots_received == 1
+    store.ingest(make_snapshot(4, rank=0))
+    store.ingest(make_snapshot(3, rank=0))  # an earlier step again (a resumed run): counted
+    store.ingest(make_snapshot(3, rank=0, run_id="other"))  # another run's step 3: counted
+    assert store.ranks()[0].snapshots_received == 4
+    assert len(store.history("blocks.2.w", run_id="r", from_step=0, to_step=9, limit=10)) == 2
+    store.close()
+
+
+def test_a_damaged_database_is_refused_at_start(tmp_path: Path) -> None:
+    # a page overwritten in the middle of the history opened, took snapshots (201), answered
+    # every history read with a 500 and refused the next start
+    db = tmp_path / "s.db"
+    store = Store(str(db), history_max_rows=100_000)
+    for step in range(300):
+        store.ingest(make_snapshot(step, n=20))
+    store.close()
+    pages = db.stat().st_size // 4096
+    with db.open("r+b") as f:
+        f.seek(pages // 2 * 4096 + 100)
+        f.write(b"\xff" * 2000)
+    with pytest.raises(sqlite3.DatabaseError, match=r"damaged \(sqlite quick_check: .*tree page"):
+        Store(str(db), history_max_rows=100_000)
 
 
 def test_store_survives_reopen_with_history_and_last_state(tmp_path: Path) -> None:
@@ -599,6 +632,26 @@ def publisher(handler: Recorder | None = None, **kw: object) -> Publisher:
     return Publisher(token="t" * 32, run_id="run-x", transport=transport, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.timeout(30)
+def test_a_large_snapshot_gets_time_to_be_stored() -> None:
+    # a fixed 2 s read timeout gave up on a 4.7 MB snapshot the sidecar took 4.1 s to store,
+    # and sent it again while the sidecar was still storing the first
+    timeouts: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        timeouts.append(request.extensions["timeout"])
+        return httpx.Response(201, json={})
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), timeout_s=2.0)
+    pub.publish(step=0, rank=0, params={"w": {"update_rms": 1.0}})
+    big = {f"blocks.{i}.w": {"update_rms": 1.0, "orthogonality_error": 0.5} for i in range(20000)}
+    pub.publish(step=1, rank=0, params=big)
+    assert pub.close(timeout_s=10)
+    small, large = timeouts
+    assert small["connect"] == small["write"] == 2.0 and 2.0 <= small["read"] < 2.1
+    assert large["connect"] == 2.0 and large["read"] > 2.0 + 4.0  # >= 1 s per 250 kB
+
+
 def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:
     rec = Recorder()
     pub = publisher(rec)
@@ -789,6 +842,62 @@ def test_close_finished_says_each_rank_ended_after_its_last_snapshot() -> None:
     with gated(quiet) as third:  # nor by a with-block, which also closes on an exception
         third.publish(step=1, rank=0, params={})
     assert quiet.paths == ["/v1/snapshots"] * 2
+
+
+@pytest.mark.timeout(30)
+def test_close_finished_after_a_with_block_still_says_the_run_ended() -> None:
+    # the with-block's close() had stopped the sender: close(finished=True) then returned True
+    # and posted nothing, so the run's ranks were paged as stale
+    handler = Finishes()
+    with gated(handler) as pub:
+        pub.publish(step=0, rank=3, params={})
+    assert handler.paths == ["/v1/snapshots"]
+    assert pub.close(timeout_s=10, finished=True) is True
+    assert handler.paths == ["/v1/snapshots", "/v1/ranks/3/finish"]
+    assert pub.close(timeout_s=10, finished=True) is True  # said once
+    assert handler.paths == ["/v1/snapshots", "/v1/ranks/3/finish"]
+    refused = Finishes(finish=409)
+    with gated(refused) as other:
+        other.publish(step=0, rank=1, params={})
+    assert other.close(timeout_s=10, finished=True) is False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
+    # a child forked while a parent thread held the publisher's lock waited for ever in
+    # publish() (12 of 20 forks); the child now drops what it publishes and posts nothing
+    handler = Finishes()
+    pub = gated(handler)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        step = 0
+        while not stop.is_set():
+            pub.publish(step=step, rank=0, params={})
+            step += 1
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:  # the child: exit status 0 only if publish and close both returned
+                try:
+                    signal.alarm(5)
+                    pub.publish(step=10**6, rank=9, params={})
+                    code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
+                except BaseException:
+                    code = 4
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert pub.close(timeout_s=10)
+    assert all(body["rank"] == 0 for body in handler.bodies)
+    assert not any(path.endswith("/finish") for path in handler.paths)
 
 
 @pytest.mark.timeout(30)
