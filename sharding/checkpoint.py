@@ -93,6 +93,13 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
             placement = Shard(0) if len(shape) >= 1 else Replicate()
             entry[name] = distribute_tensor(source, _mesh(sharding, source.device), [placement],
                                             src_data_rank=owners[k])
+        state_dict["state"][k] = {name: entry[name] for name in sorted(entry)}
+    # The same order on every rank, of the parameters and of each one's keys (an owner's
+    # entries had their creation order, the other ranks' were added in sorted order): torch's
+    # full-state consolidation walks the state in order with one collective per tensor, and
+    # paired the owner's R with another rank's Q_L (wrong values, or a gloo abort where the
+    # shapes differ).
+    state_dict["state"] = {k: state_dict["state"][k] for k in sorted(state_dict["state"])}
     return state_dict
 
 

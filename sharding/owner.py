@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,10 +21,15 @@ __all__ = ["OwnerSharding"]
 
 Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
 
-# Elements each rank appends to every block of both all-to-alls: its status (0: fine, 1: it
-# could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
-# failure on one rank reaches every rank without another collective.
-STATUS_ELEMENTS = 1
+# Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
+# it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
+# failure on one rank reaches every rank without another collective; then the step's
+# signature, a CRC-32 of the names of the matrices it steps and the number of AdamW flags it
+# carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that ranks which
+# do not step the same parameters (a gradient None on some ranks only) find out in the same
+# collective instead of reading each other's rows as their own.
+_SIGNATURE_ELEMENTS = 8
+STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
 
 
 class OwnerSharding:
@@ -97,6 +103,7 @@ class OwnerSharding:
         self._optimizer: Any = None
         self._plan: Plan | None = None
         self._plan_key: tuple | None = None
+        self._signature: list[float] = []  # this step's (run), sent with every block
         self._index: dict[int, int] = {}
         self._meshes_checked: dict[tuple[int, int], Any] = {}
         self._sharded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> _is_sharded
@@ -231,6 +238,7 @@ class OwnerSharding:
             ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
+        self._signature = _signature(items, 0 if carry is None else carry.numel())
         # ``failure``: this rank could not prepare its inputs (there are none). It still takes
         # part, flagged, so that every rank raises in this step instead of waiting for it.
         if failure is None:
@@ -385,9 +393,8 @@ class OwnerSharding:
         failed, and ``carry`` summed over the ranks (None without one). Consumes ``send``
         (emptied once copied into the one send buffer, so what its pieces view can be freed
         before the collective)."""
-        tail = [torch.full((STATUS_ELEMENTS,), float(failed), dtype=wire, device=device)]
-        if carry is not None:
-            tail.append(carry.to(device))
+        status = torch.tensor([float(failed), *self._signature], dtype=wire, device=device)
+        tail = [carry.to(device), status] if carry is not None else [status]
         extra = sum(t.numel() for t in tail)
         for parts in send:
             parts.extend(tail)
@@ -401,6 +408,11 @@ class OwnerSharding:
         for parts in send:
             parts.clear()
         out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+        # NaN where each sender's status and signature land: a block shorter than this rank
+        # expects (its sender steps other matrices) leaves them NaN, never stale memory
+        ends = torch.tensor(recv_sizes, device=device).cumsum(0)
+        out[(ends[:, None] - torch.arange(STATUS_ELEMENTS, 0, -1, device=device)).view(-1)] = \
+            float("nan")
         dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
                                input_split_sizes=send_sizes, group=self.group)
         itemsize = out.element_size()
@@ -411,10 +423,21 @@ class OwnerSharding:
         blocks = out.split(recv_sizes)
         # summed in rank order, the same on every rank; one host sync for the statuses
         tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
-        statuses = tails[:, :STATUS_ELEMENTS].sum(1).tolist()
-        carried = tails[:, STATUS_ELEMENTS:].sum(0) if carry is not None else None
+        received = tails[:, -STATUS_ELEMENTS:]
+        mine = status.to(torch.float64)[1:]
+        checks = torch.cat([received[:, 0:1], (received[:, 1:] != mine).any(1, keepdim=True)], 1)
+        statuses, differ = zip(*checks.tolist(), strict=True)
+        others = [r for r, (st, d) in enumerate(zip(statuses, differ, strict=True))
+                  if d or math.isnan(st)]
+        if others:
+            raise ValueError(
+                f"ranks {others} of the sharding group do not step the same matrices as rank "
+                f"{self.rank} this step (their blocks of the exchange differ): every rank must "
+                f"step the same parameters. Is a gradient None on some ranks only (set to None, "
+                f"or a parameter unused in one rank's forward)? Nothing was applied.")
+        carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
         return ([block[:len(block) - extra] for block in blocks],
-                [r for r, status in enumerate(statuses) if status != 0], carried)
+                [r for r, st in enumerate(statuses) if st != 0], carried)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -422,6 +445,13 @@ class OwnerSharding:
 
     def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return checkpoint.import_owner_state(self, state_dict)
+
+
+def _signature(items: Sequence[MatrixItem], flags: int) -> list[float]:
+    """The step's signature (``STATUS_ELEMENTS``' comment): four-bit pieces of a CRC-32 of
+    the matrices' names in order and the number of AdamW flags."""
+    crc = zlib.crc32("\n".join([item.name for item in items] + [str(flags)]).encode())
+    return [float((crc >> (4 * k)) & 0xF) for k in range(_SIGNATURE_ELEMENTS)]
 
 
 def _placeholder(n: int, wire: torch.dtype, device: torch.device) -> Tensor:

@@ -274,6 +274,70 @@ def _every_rank_says(world: int, expected: type[Exception], action: Callable[[],
     return outcomes
 
 
+def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str) -> None:
+    """Rank 1 drops the gradient of a matrix rank 0 owns (rank 0 keeps it): every rank's
+    outcome of that step, whether any parameter changed, and the next (matching) step's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = Awkward()
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    sharding = OwnerSharding()
+    opt = OPTIMIZERS[name](split_param_groups(list(named.items())), sharding)
+    inject(model, 0)
+    opt.step()
+    before = full_params(model)
+    plan, index = sharding.global_plan()
+    victim = next(item.name for item in opt.matrix_items()
+                  if plan.owners[index[id(item.param)]] == 0)
+    inject(model, 1)
+    if rank == 1:
+        named[victim].grad = None
+    outcomes = _every_rank_says(world, ValueError, opt.step)
+    after = full_params(model)
+    inject(model, 2)
+    recovered = _every_rank_says(world, ValueError, opt.step)
+    if rank == 0:
+        torch.save({"outcomes": outcomes, "unchanged": all(
+            torch.equal(before[k], after[k]) for k in before), "recovered": recovered}, out)
+
+
+def full_state_dict_worker(rank: int, world: int, out: str, name: str) -> None:
+    """torch's own full (consolidated) optimizer state dict of a sharded model, against the
+    owners' live state: every owner-kept tensor, per matrix, whether equal."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = Awkward()
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    sharding = OwnerSharding()
+    opt = OPTIMIZERS[name](split_param_groups(list(named.items())), sharding)
+    for step in range(2):
+        inject(model, step)
+        opt.step()
+    full = get_optimizer_state_dict(model, opt,
+                                    options=StateDictOptions(full_state_dict=True))
+    plan, index = sharding.global_plan()
+    keys = sharding._optimizer.owner_state_keys
+    mine = {}
+    for item in opt.matrix_items():
+        if plan.owners[index[id(item.param)]] == rank:
+            live, got = opt.state[item.param], full["state"][item.name]
+            mine[item.name] = {k: torch.equal(got[k], live[k]) for k in keys if k in live}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        torch.save({k: v for part in gathered for k, v in part.items()}, out)
+
+
 def save_twice_worker(rank: int, world: int, directory: str, out: str) -> None:
     """Save a checkpoint, then save again into the same directory: every rank must refuse the
     second save together (none left waiting in a collective); rank 0 writes what each saw."""

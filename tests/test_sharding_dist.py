@@ -326,6 +326,33 @@ def test_a_plain_gradient_on_a_sharded_matrix_is_refused_by_name_on_every_rank(t
     assert result["recovered"] == ["done", "done"]
 
 
+@pytest.mark.parametrize("name", ["soap", "normuon"])
+def test_torch_full_optimizer_state_dict_holds_the_owners_state(tmp_path, name):
+    # the owner's entry listed SOAP's keys in creation order (L, R, Q_L, ...), the other
+    # ranks' in sorted order (L, Q_L, Q_R, R, ...): torch's consolidation, one collective per
+    # tensor in order, paired different tensors (wrong R, Q_L, Q_R; a gloo abort on 12 x 8)
+    run_ranks(w.full_state_dict_worker, 2, tmp_path, str(tmp_path / "out.pt"), name,
+              timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    assert set(result) == {f"ws.{i}" for i in range(len(w.SHAPES))}
+    assert all(result.values()) and all(all(v.values()) for v in result.values()), result
+
+
+@pytest.mark.parametrize("name", ["soap", "muon"])
+def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name):
+    # rank 1 sent a block shorter than rank 0 expected: rank 0 read its status from memory
+    # nobody wrote (a false "failed before the exchange", or an update built from it,
+    # applied), while rank 1 went on to the second all-to-all and waited there
+    run_ranks(w.grad_on_one_rank_worker, 2, tmp_path, str(tmp_path / "out.pt"), name,
+              timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
+        assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
+                                  f"step the same matrices as rank {rank}"), outcome
+    assert result["unchanged"]  # no rank changed a parameter
+    assert result["recovered"] == ["done", "done"]
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_replicated_parameters_match_single_process(tmp_path, references, world):
     scenarios = [(n, None) for n in NAMES]
