@@ -316,7 +316,7 @@ class OwnerSharding:
         that dtype: Muon's softening blend, SOAP's float64 state), ``carry`` summed over the
         ranks (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could
         not prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
-        block ends with the sender's status element, then ``carry``. With only replicated
+        block ends with ``carry``, then the sender's status and signature. With only replicated
         matrices this phase makes no call: no carry (None) and no failure known yet."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
             full = [] if failed else [_through(inputs[i], wire) for i in owned]
@@ -352,8 +352,9 @@ class OwnerSharding:
         ``results`` (cleared once the send buffer holds them); None: this rank's compute
         failed, and it sends placeholders of the same sizes, no new memory, and the flag.
 
-        Each block ends with one status element (0: computed, 1: failed), so that every rank
-        learns of a failed owner in this one collective: ``STATUS_ELEMENTS`` per destination."""
+        Each block ends with the status (0: computed, 1: failed) and the step's signature, so
+        that every rank learns of a failed owner in this one collective: ``STATUS_ELEMENTS``
+        per destination."""
         send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
         for k, i in enumerate(owned):
             for d in range(self.world_size):
@@ -388,9 +389,11 @@ class OwnerSharding:
                     carry: Tensor | None = None
                     ) -> tuple[list[Tensor], list[int], Tensor | None]:
         """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
-        from each source). Every block ends with its sender's status element (``failed``) and
-        then ``carry``. Returns the payload received per source, the ranks that said they
-        failed, and ``carry`` summed over the ranks (None without one). Consumes ``send``
+        from each source). Every block ends with ``carry``, then its sender's status
+        (``failed``) and step signature. Returns the payload received per source, the ranks
+        that said they failed, and ``carry`` summed over the ranks (None without one); raises
+        ValueError on a block whose signature differs from this rank's, or that came short
+        (its signature still the NaN set before the collective). Consumes ``send``
         (emptied once copied into the one send buffer, so what its pieces view can be freed
         before the collective)."""
         status = torch.tensor([float(failed), *self._signature], dtype=wire, device=device)
