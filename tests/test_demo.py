@@ -19,9 +19,13 @@ import time
 from pathlib import Path
 
 import httpx
+import matplotlib.image
+import numpy as np
 import pytest
 from conftest import ROOT, require_tool
 from test_deploy_live import free_port, serve
+
+from orthoshard.report import health_panels, load_health
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -56,7 +60,14 @@ def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_pa
     assert all(v["bytes_sent"] > 0 and v["steps"] == 40
                for v in summary["bytes_communicated"].values())
     png = (out / "health.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # the loss and one panel per reported metric, 5.3 x 4 in each at 100 dpi, three a row,
+    # and drawn on (far more than the white background and the axes' black)
+    panels = 1 + len(health_panels(load_health(out)))
+    cols = min(3, panels)
+    image = matplotlib.image.imread(out / "health.png")
+    assert image.shape[:2] == (400 * -(-panels // cols), 530 * cols)
+    assert len(np.unique(image.reshape(-1, image.shape[-1]), axis=0)) > 100
     assert "sidecar:" in proc.stdout and "blocks.0.qkv.weight" in proc.stdout
 
 

@@ -21,6 +21,7 @@ from conftest import ROOT, require_tool
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.client import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.client import Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
@@ -636,10 +637,10 @@ def publisher(handler: Recorder | None = None, **kw: object) -> Publisher:
 def test_a_large_snapshot_gets_time_to_be_stored() -> None:
     # a fixed 2 s read timeout gave up on a 4.7 MB snapshot the sidecar took 4.1 s to store,
     # and sent it again while the sidecar was still storing the first
-    timeouts: list[dict] = []
+    timeouts: list[tuple[dict, int]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        timeouts.append(request.extensions["timeout"])
+        timeouts.append((request.extensions["timeout"], len(request.content)))
         return httpx.Response(201, json={})
 
     pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), timeout_s=2.0)
@@ -647,9 +648,11 @@ def test_a_large_snapshot_gets_time_to_be_stored() -> None:
     big = {f"blocks.{i}.w": {"update_rms": 1.0, "orthogonality_error": 0.5} for i in range(20000)}
     pub.publish(step=1, rank=0, params=big)
     assert pub.close(timeout_s=10)
-    small, large = timeouts
-    assert small["connect"] == small["write"] == 2.0 and 2.0 <= small["read"] < 2.1
-    assert large["connect"] == 2.0 and large["read"] > 2.0 + 4.0  # >= 1 s per 250 kB
+    (small, small_size), (large, large_size) = timeouts
+    assert small["connect"] == small["write"] == large["connect"] == 2.0
+    for timeout, size in ((small, small_size), (large, large_size)):
+        assert timeout["read"] == 2.0 + size / STORE_BYTES_PER_S
+    assert large_size > 4 * STORE_BYTES_PER_S  # so the large one has >= 4 s more to be stored
 
 
 def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:

@@ -89,7 +89,8 @@ def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = Non
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    with (tmp / "sidecar.log").open("ab") as log:  # its stderr, for what it logs
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=log)
     car = Sidecar(proc, port, uds, token)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -418,15 +419,16 @@ def test_a_client_stalled_mid_body_does_not_keep_the_sidecar_up(
             '\r\n\r\n{"schema_version": 1,'.encode()
         )
         time.sleep(0.3)  # the request is being read
-        started = time.monotonic()
         for sig in signals:
             sidecar.proc.send_signal(sig)
             time.sleep(0.2)
         status = sidecar.proc.wait(timeout=SHUTDOWN_GRACE_S + 10)  # hung for good before
-        took = time.monotonic() - started
     assert status == 0
-    if len(signals) == 2:  # forced: no grace period (SHUTDOWN_GRACE_S is 5 s)
-        assert took < SHUTDOWN_GRACE_S, took
+    # one signal waits out the grace period and then cancels the stalled request (uvicorn says
+    # so at error level); a second one forces the exit before it, and nothing is cancelled
+    waited = "timeout graceful shutdown exceeded" in \
+        (Path(sidecar.uds).parent / "sidecar.log").read_text()
+    assert waited == (len(signals) == 1)
     again = start_sidecar(Path(sidecar.uds).parent)  # same database and socket path: reusable
     assert again.stop() == 0
 

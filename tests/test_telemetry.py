@@ -45,7 +45,9 @@ def test_the_adamw_group_reports_what_adamw_reads():
     _step(model, opt)
     matrix, adamw = (g["hyperparameters"] for g in _validated(optimizer_summary(opt, rank=0))
                      ["groups"])
-    assert adamw == {"algorithm": "adamw", "lr": 3e-4, "weight_decay": adamw["weight_decay"],
+    # weight_decay: SOAP's default (0.01), which the AdamW group of split_param_groups takes
+    # when it is given none
+    assert adamw == {"algorithm": "adamw", "lr": 3e-4, "weight_decay": 0.01,
                      "adamw_betas": [0.9, 0.95], "adamw_eps": 1e-6}
     assert matrix["betas"] == [0.8, 0.99] and matrix["eps"] == 1e-10
     assert matrix["max_precond_dim"] == 512 and "adamw_eps" not in matrix

@@ -131,6 +131,9 @@ def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp
         lines = (out / "loss.jsonl").read_text().splitlines()
         losses[replicas] = [json.loads(line)["loss"] for line in lines]
     assert losses[2][-1] == pytest.approx(losses[1][-1], rel=HSDP_LOSS_RTOL)
+    # and both train: 12 NorMuon steps take the loss from 4.32 (about ln(64) = 4.16, the
+    # uniform guess) to 3.18 (measured, both layouts); half that drop still fails a run that
+    # does not learn
     assert losses[2][-1] < losses[2][0] - 0.5
     hidden = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("qkv", "proj", "fc", "out")}
     reports = [json.loads((tmp_path / "r2" / f"rank{r}.json").read_text())["health"]
