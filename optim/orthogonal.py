@@ -199,16 +199,6 @@ def cayley_neumann(Q: Tensor, terms: int = 5) -> Tensor:
     return R.reshape(Q.shape)
 
 
-def _power_of_two_scale(X: Tensor) -> Tensor:
-    """Per block, the power of two ``s >= 1`` at or just above its largest entry (1 for a zero
-    block; NaN for a NaN block), at least float32, as ``(N, 1, 1)``. Dividing by it is exact
-    and bounds the entries by 1 (kept below the dtype's largest power of two, so that ``1 / s``
-    stays normal for entries near the dtype's maximum)."""
-    amax = _at_least_fp32(X.detach().abs().amax(dim=(-2, -1), keepdim=True))
-    top = 2.0 ** math.floor(math.log2(torch.finfo(amax.dtype).max) - 1)
-    return torch.exp2(torch.ceil(torch.log2(amax))).clamp(min=1.0, max=top)
-
-
 def _cans_cubic(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-block CANS cubic on ``[lo, hi]`` (arXiv 2506.10935, Thm. 3): the tensor twin of
     :func:`optim.orthogonalize.cans_interval_step`, so each block gets its own optimal cubic
@@ -231,10 +221,11 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     ``[1/g, 1]``: a certified lower bound, tight within ``b^(1/6)`` (OneTrainer PR #1512 used
     ``1/||I+Q||_F``, far looser). Each block then runs CANS cubics optimal for its own interval.
 
-    Each block is first divided by a power of two ``s >= 1`` at its largest entry (exact), so
-    ``M / s^2`` is formed instead: ``M M^T M`` has entries up to ``(1 + ||Q||_2^2)^3``, which
-    overflowed float32 from ``||Q||_2 ~ 1500`` (a zero result) and the entries of M from ~3e6
-    (NaN). Scaling leaves the polar factor as it is; the lower bound becomes ``1 / (s^2 g)``.
+    ``M`` is divided by the power of two ``2^e`` at its largest entry (exact) before its cube is
+    formed: ``M M^T M`` has entries up to ``(1 + ||Q||_2^2)^3``, which overflowed float32 from
+    ``||Q||_2 ~ 1500`` (a zero result) and float64 from ~1e51. Scaling leaves the polar factor
+    as it is; the lower bound becomes ``1 / (2^e g)``. (M itself overflows float32 only past
+    ``||Q||_2 ~ 1e19``, far beyond the range below.)
     float16 computes in float32 and casts back; bfloat16 has float32's range and computes in
     bfloat16.
 
@@ -265,15 +256,14 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
     X = _as_batch(Q.float() if Q.dtype == torch.float16 else Q)
     if X.size(-1) == 0:  # 0 x 0 blocks (amax cannot reduce an empty block)
         return torch.empty_like(Q)
-    s = _power_of_two_scale(X)
-    Xs = X / s.to(X.dtype)  # exact: s is a power of two
-    inv_s = (1.0 / s).to(X.dtype)
-    # M / s^2 = (I / s + Q / s)^2 = I / s^2 + 2 (Q / s) / s + (Q / s)^2, the polar factor unchanged
-    M = _matmul.addmm(_eye_like(X) * (inv_s * inv_s) + 2.0 * Xs * inv_s, Xs, Xs)
+    M = _matmul.addmm(_eye_like(X) + 2.0 * X, X, X)  # (I + Q)^2 = I + 2Q + Q^2
+    # M / 2^e, with 2^e at M's largest entry (exact; the polar factor does not change): its
+    # cube M M^T M stays within range, and M's singular values, >= 1, become >= 2^-e
+    e = torch.frexp(_at_least_fp32(M.detach().abs().amax(dim=(-2, -1), keepdim=True))).exponent
+    M = torch.ldexp(M, -e).to(M.dtype)
     MMtM = _matmul.mm(_matmul.mm(M, M.mT), M)
     g = torch.linalg.matrix_norm(_at_least_fp32(MMtM), keepdim=True).pow(1.0 / 3.0)
-    # singular values of M / s^2 are >= 1 / s^2: of M / (s^2 g), >= 1 / (s^2 g)
-    lo, hi = (1.0 / s) / s / g, torch.ones_like(g)
+    lo, hi = torch.ldexp(1.0 / g, -e), torch.ones_like(g)
     lin, cub, lo, hi = _cans_cubic(lo, hi)
     X = (lin / g).to(M.dtype) * M + (cub / g.pow(3)).to(M.dtype) * MMtM
     for _ in range(steps - 1):
