@@ -108,11 +108,12 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     W is skew, so ``Y(t)`` stays on St(d, r) for every t, and ``Y'(0) = W U =
     tangent_project(U, G)``. With ``W = A B^T``, ``A = [P, U]``, ``B = [U, -P]`` (``d x 2r``),
     Woodbury gives ``Y(t) = U + t A (I - t/2 B^T A)^-1 B^T U``: 5 products (2 for P) and a
-    ``2r x 2r`` solve (recorded as one product), in float32 at least. When ``2r > d``, A and B
-    have dependent columns and ``I - t/2 B^T A``, which is not normal, turns badly conditioned
-    for large ``t ||G||`` where ``I - t/2 W`` does not (at ``t ||G||_2 ~ 10^3`` a float32 system
-    left a 256 x 256 frame 8e-2 from orthonormal even after the polish): there the Woodbury
-    part is computed in float64 (3e-7, measured; 1.75x the float32 time at 256 x 256).
+    ``2r x 2r`` solve (recorded as one product). P is computed in float32 at least, the
+    Woodbury part in float64: ``I - t/2 B^T A`` is not normal and turns badly conditioned for
+    long steps where ``I - t/2 W`` does not, worst when ``2r > d`` (A and B then have dependent
+    columns). In float32, at ``t = 1e3`` and Gaussian G, a 256 x 256 frame ended 8e-2 from
+    orthonormal even after the polish, 64 x 34 8.9e-4, 512 x 64 5.7e-6; in float64 all stay
+    at 3e-7 (measured), for 1.7x (256 x 256) to 3.2x (1024 x 32) the float32 time.
     Leading dims broadcast as in :func:`tangent_project`: one frame ``U`` (d, r) against a
     batch ``G`` (..., d, r) gives (..., d, r).
 
@@ -130,11 +131,7 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     Uc, Gc = U.to(compute), G.to(compute)
     P = Gc - 0.5 * _matmul.mm(Uc, _matmul.mm(Uc.mT, Gc))
     Uc = Uc.expand_as(P)  # one frame against a batch of G broadcasts, as in tangent_project
-    # A and B (d x 2r) have dependent columns when 2r > d: only then is the system ill-conditioned
-    # (measured to t = 1e5: d >= 2r stays at 3e-7 in float32; 64 x 34 read 8.9e-4, 128 x 70
-    # 1.1e-5), and only then is it solved in float64 (MPS has none)
-    d, r = P.shape[-2:]
-    wide = torch.float64 if 2 * r > d and P.device.type != "mps" else compute
+    wide = torch.float64 if P.device.type != "mps" else compute  # (MPS has no float64)
     A = torch.cat([P, Uc], dim=-1).to(wide)
     B = torch.cat([Uc, -P], dim=-1).to(wide)
     eye = torch.eye(A.size(-1), dtype=wide, device=A.device)
