@@ -288,20 +288,15 @@ def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str) -> None:
     opt = OPTIMIZERS[name](split_param_groups(list(named.items())), sharding)
     inject(model, 0)
     opt.step()
-    before = full_params(model)
     plan, index = sharding.global_plan()
     victim = next(item.name for item in opt.matrix_items()
                   if plan.owners[index[id(item.param)]] == 0)
-    inject(model, 1)
-    if rank == 1:
-        named[victim].grad = None
-    outcomes = _every_rank_says(world, ValueError, opt.step)
-    after = full_params(model)
-    inject(model, 2)
-    recovered = _every_rank_says(world, ValueError, opt.step)
-    if rank == 0:
-        torch.save({"outcomes": outcomes, "unchanged": all(
-            torch.equal(before[k], after[k]) for k in before), "recovered": recovered}, out)
+
+    def spoil() -> None:
+        if rank == 1:
+            named[victim].grad = None
+
+    _refused_step(rank, world, model, opt, spoil, out)
 
 
 def full_state_dict_worker(rank: int, world: int, out: str, name: str) -> None:
@@ -786,9 +781,20 @@ def plain_grad_worker(rank: int, world: int, out: str, name: str) -> None:
     opt = OPTIMIZERS[name](split_param_groups(list(named.items())), OwnerSharding())
     inject(model, 0)
     opt.step()
+
+    def spoil() -> None:
+        named["ws.0"].grad = torch.zeros(SHAPES[0])  # torch takes it; the exchange could not
+
+    _refused_step(rank, world, model, opt, spoil, out)
+
+
+def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
+                  spoil: Callable[[], None], out: str) -> None:
+    """Step 1's gradients, ``spoil``-ed, then a step that every rank should refuse; saves every
+    rank's outcome, whether any parameter changed, and the outcomes of a correct step 2."""
     before = full_params(model)
     inject(model, 1)
-    named["ws.0"].grad = torch.zeros(SHAPES[0])  # torch takes it; the exchange could not
+    spoil()
     outcomes = _every_rank_says(world, ValueError, opt.step)
     after = full_params(model)
     inject(model, 2)
