@@ -866,8 +866,19 @@ class MatrixOptimizer(Optimizer):
         Schedules (callables in a group) are not data: saved as None, kept on load. Under
         ``OwnerSharding`` the owner-only state becomes ``Shard(0)`` DTensors (a collective:
         call it on every rank), so the keys are the same on every rank and DCP can reshard.
+
+        Only the parameters in ``param_groups`` are saved: the state of a group removed from
+        them (a block frozen) is kept for when it comes back, but is not in the state dict
+        (torch's packing numbers the groups' parameters, and raised KeyError on the others).
         """
-        sd = super().state_dict()
+        present = {id(p) for group in self.param_groups for p in group["params"]}
+        live = self.state
+        if any(id(p) not in present for p in live):
+            self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) in present})
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state = live
         for g in sd["param_groups"]:
             for key, value in list(g.items()):
                 if callable(value):

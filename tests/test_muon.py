@@ -1137,6 +1137,30 @@ def test_a_removed_groups_matrices_leave_health(opt_cls):
     assert set(opt.health()) == {"2.weight"}
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_a_state_dict_with_a_group_removed_saves_the_others_and_keeps_the_removed_state(
+        opt_cls):
+    # torch's packing numbers the groups' parameters: the removed group's state raised KeyError,
+    # so nothing could be checkpointed while a block was frozen
+    params = make_params()
+    opt = opt_cls([{"params": [("a", params[0])]},
+                   {"params": [(f"b{i}", p) for i, p in enumerate(params[1:])]}], lr=0.02)
+    run(opt, params, 3)
+    frozen = opt.param_groups.pop(0)
+    kept = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    run(opt, params[1:], 2, start=3)
+    saved = copy.deepcopy(opt.state_dict())
+    assert len(saved["param_groups"]) == 1 and len(saved["state"]) == len(params) - 1
+    clone = [nn.Parameter(p.detach().clone()) for p in params[1:]]
+    fresh = opt_cls([{"params": [(f"b{i}", p) for i, p in enumerate(clone)]}], lr=0.02)
+    fresh.load_state_dict(saved)
+    run(opt, params[1:], 2, start=5)
+    run(fresh, clone, 2, start=5)
+    assert_params_equal(params[1:], clone)
+    opt.param_groups.insert(0, frozen)  # the block comes back with the state it left with
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in kept.items())
+
+
 # Several (shape) batches per step, with the exact Gram (side <= 64) and 2 probes (side 96)
 MULTI_SHAPES = [(16, 8), (8, 16), (16, 8), (96, 100), (24, 24)]
 
