@@ -225,15 +225,18 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
                 f"or an empty --checkpoint-dir for a new one")
     problem = argument_problem(args)
     if problem is None and args.resume:
-        problem = _resume_problem(args.checkpoint_dir, args.steps, args.optimizer)
+        problem = _resume_problem(args.checkpoint_dir, args.steps, args.optimizer,
+                                  args.spike_at)
     return problem
 
 
-def _resume_problem(directory: Path, steps: int, optimizer: str) -> str | None:
+def _resume_problem(directory: Path, steps: int, optimizer: str,
+                    spike_at: int | None = None) -> str | None:
     """What stops ``--resume`` from ``directory`` before any rank starts (None: nothing): a
-    LATEST naming no checkpoint, one at or past ``--steps`` (nothing left to train), or one
-    another ``--optimizer`` saved. A missing LATEST is fine: the run starts from step 0 and
-    writes one."""
+    LATEST naming no checkpoint, one at or past ``--steps`` (nothing left to train), one past
+    ``--spike-at`` (the spike would never happen, yet be reported), or one another
+    ``--optimizer`` saved. A missing LATEST is fine: the run starts from step 0 and writes
+    one."""
     from orthoshard.train import Checkpoints
 
     try:
@@ -246,6 +249,10 @@ def _resume_problem(directory: Path, steps: int, optimizer: str) -> str | None:
     if done is not None and done >= steps:
         return (f"--resume: the checkpoint {latest} is at step {done}, not before --steps "
                 f"{steps}: nothing is left to train; pass a larger --steps")
+    if done is not None and spike_at is not None and spike_at < done:
+        return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at "
+                f"{spike_at}: this run trains from step {done} on and would never spike; pass "
+                f"a later --spike-at, or none")
     saved = _checkpoint_optimizer(latest)
     if saved is not None and saved != optimizer:
         return (f"--resume: the checkpoint {latest} holds --optimizer {saved}'s state: resume "

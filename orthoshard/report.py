@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,13 @@ def plot(out: Path, spike_at: int | None = None) -> Path:
     for ax, (title, metric) in zip(axes.flat[:len(panels)], panels, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if spike_at is not None:
+        if spike_at is not None and losses and min(losses) <= spike_at + 1 <= max(losses):
+            # (a run resumed past the spike into this --out did not log it)
             ax.axvline(spike_at + 1, color="red", linestyle="--", linewidth=0.8,
                        label="spike")
         if metric is None:
             ax.plot(sorted(losses), [losses[s] for s in sorted(losses)])
-            if not health:
+            if len(panels) == 1:  # (skip counts alone, all 0, make no panel either)
                 ax.text(0.5, 0.9, "no health logged", ha="center", transform=ax.transAxes,
                         color="gray")
             continue
@@ -156,8 +158,11 @@ def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
         loss += f" (chain entropy {entropy:.3f})"
     print(f"\noptimizer: {opt}; {loss}; optimizer bytes sent, all ranks: {sent:,} over the "
           f"{steps} steps this run took")
-    print(f"sidecar:   {url}/metrics   {url}/v1/params   (bearer token in "
+    # the demo's sidecar stops at the end, unless --linger keeps it serving
+    when = "stops when the demo ends" if getattr(args, "linger", 0) == 0 else "serving"
+    print(f"sidecar:   {url}/metrics   {url}/v1/params   ({when}; bearer token in "
           f"{args.out / 'sidecar.token'})")
     print(f"outputs:   {args.out / 'summary.json'}   {args.out / 'health.png'}")
-    print(f"history:   orthoshard sidecar --db {args.out / 'sidecar.db'} --token-file "
-          f"{args.out / 'sidecar.token'}   serves it again after the demo")
+    port = urllib.parse.urlsplit(url).port
+    print(f"history:   orthoshard sidecar --port {port} --db {args.out / 'sidecar.db'} "
+          f"--token-file {args.out / 'sidecar.token'}   serves it again after the demo")

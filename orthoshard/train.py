@@ -85,6 +85,9 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return "--steps must be >= 1"
     if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
         return "--checkpoint-every and --resume need --checkpoint-dir"
+    if args.checkpoint_dir is not None and not args.checkpoint_every and not args.resume:
+        return ("--checkpoint-dir without --checkpoint-every N would write no checkpoint; "
+                "pass --checkpoint-every (or --resume to continue the run there)")
     if args.checkpoint_every < 0 or not 0 <= args.step_delay < math.inf:
         return "--checkpoint-every and --step-delay must be >= 0 (and finite)"
     if args.checkpoint_dir is not None and args.checkpoint_dir.exists() \
@@ -302,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
+def _reports_written(out: Path, rank: int) -> bool:
+    """Whether every rank finds its ``rank{r}.json`` in ``out`` (one all-reduce, so that every
+    rank decides alike)."""
+    have = torch.tensor([float((out / f"rank{rank}.json").exists())])
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    return bool(have.item())
+
+
 def _hsdp_mesh(replicas: int, world: int) -> tuple[Any, Any]:
     """``(mesh, OwnerSharding group)``: (None, None) for FSDP over every rank; for HSDP a
     ``("replicate", "shard")`` mesh whose shard groups are consecutive ranks (a node's, when
@@ -332,6 +343,15 @@ def _train(args: argparse.Namespace) -> int:
                       seed=args.seed)
     ckpt = Checkpoints(args.checkpoint_dir)
     start = ckpt.load(model, optimizer) if args.resume else 0
+    if start >= args.steps and _reports_written(args.out, rank):
+        # a --resume of a finished run (compose restarted, say): training nothing would still
+        # rewrite its reports. (A restart that finds the last checkpoint but no reports, a
+        # rank having died after it, goes on and writes them.)
+        if rank == 0:
+            print(f"orthoshard.train: --resume: the checkpoint is at step {start}, not before "
+                  f"--steps {args.steps}: nothing is left to train, and the reports in "
+                  f"{args.out} are kept; pass a larger --steps to train on", file=sys.stderr)
+        return 0
     _check_resumed_flags(optimizer, args)
     publisher = _publisher(args, resumed=args.resume)
     log = _Log(args.out, rank, start, args.steps, args.progress)

@@ -26,6 +26,9 @@ def _demo_args(*argv: str) -> argparse.Namespace:
     (["--spike-at", "-1"], "--spike-at must be a step"),
     (["--resume"], "need --checkpoint-dir"),
     (["--checkpoint-every", "5"], "need --checkpoint-dir"),
+    # it trained and wrote no checkpoint at all
+    (["--checkpoint-dir", "ckpt"], "--checkpoint-dir without --checkpoint-every N would write "
+                                   "no checkpoint"),
     (["--max-restarts", "-1"], "must be >= 0"),
     (["--step-delay", "-0.5"], "must be >= 0"),
     (["--linger", "-2"], "--linger must be >= 0 seconds, or -1"),
@@ -134,6 +137,17 @@ def test_a_resume_that_cannot_continue_is_refused_before_any_rank_starts(tmp_pat
     assert problem is not None and message in problem
     (tmp_path / "LATEST").write_text("step-000002")
     assert demo._argument_problem(_demo_args(*argv)) is None
+
+
+def test_a_resume_past_the_spike_is_refused_before_any_rank_starts(tmp_path):
+    # the run trained from the checkpoint on, never spiked, and summary.json and health.png
+    # said it had
+    (tmp_path / "step-000020").mkdir()
+    (tmp_path / "LATEST").write_text("step-000020")
+    argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--steps", "25"]
+    problem = demo._argument_problem(_demo_args(*argv, "--spike-at", "5"))
+    assert problem is not None and "past --spike-at 5" in problem
+    assert demo._argument_problem(_demo_args(*argv, "--spike-at", "22")) is None
 
 
 def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):

@@ -70,6 +70,13 @@ def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_
     assert len(lines) == STEPS + 2
     assert (ckpt / "LATEST").read_text().strip() == f"step-{STEPS:06d}"
     _assert_same(_params(out / "final_params.pt"), uninterrupted)
+    # the same command again (a compose restart after the run ended): nothing is left to train,
+    # and the reports stay (they were rewritten from a 0-step run: empty health, "steps": 0)
+    reports = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".pt")}
+    _torchrun("--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out),
+              "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", "--resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".pt")} \
+        == reports and "rank0.json" in reports
 
 
 @pytest.mark.timeout(300)
