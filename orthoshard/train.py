@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "d_model", "layers", "replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    # checked here, on every rank before any process group, rather than failing in each rank
+    # once the model is built or the first snapshot is due
+    if args.d_model % GPTConfig.n_heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of the model's "
+                f"{GPTConfig.n_heads} attention heads")
+    if args.token_file is not None and not (args.token_file.is_file()
+                                            and os.access(args.token_file, os.R_OK)):
+        p.error(f"--token-file {args.token_file} is not a readable file")
+    if args.sidecar_url is not None:
+        parts = urllib.parse.urlsplit(args.sidecar_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            p.error(f"--sidecar-url must be the sidecar's http(s)://host:port, got "
+                    f"{args.sidecar_url!r}")
     return args
 
 

@@ -62,9 +62,11 @@ def test_the_demo_takes_what_the_readme_shows(argv):
     ["--checkpoint-dir", "ckpt", "--checkpoint-every", "50", "--max-restarts", "2"],
     ["--checkpoint-dir", "ckpt", "--resume"],
 ])
-def test_what_the_demo_hands_the_training_job_is_accepted_there(argv):
+def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # restarts without a checkpoint directory start over: no --resume (which needs one)
-    train_argv = demo._train_argv(_demo_args(*argv), "http://127.0.0.1:9400", Path("token"))
+    token = tmp_path / "token"
+    token.write_text("t" * 32)  # the demo writes it before it launches the ranks
+    train_argv = demo._train_argv(_demo_args(*argv), "http://127.0.0.1:9400", token)
     assert train.parse_args(train_argv).steps == 300
 
 
@@ -76,6 +78,10 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv):
     (["--step-delay", "nan"], "must be >= 0 (and finite)"),
     (["--layers", "0"], "--layers must be >= 1"),
     (["--replicas", "0"], "--replicas must be >= 1"),
+    # each failed inside every rank, after the process group was up: a traceback per rank
+    (["--d-model", "30"], "--d-model 30 must be a multiple of the model's 4 attention heads"),
+    (["--token-file", "/nonexistent/token"], "is not a readable file"),
+    (["--sidecar-url", "not a url"], "--sidecar-url must be the sidecar's http(s)://host:port"),
 ])
 def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

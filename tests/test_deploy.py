@@ -231,8 +231,11 @@ def test_compose_config_quiet(files: list[Path]) -> None:
 
 @pytest.mark.tools
 @pytest.mark.timeout(60)
-def test_compose_services_ports_secrets_and_health() -> None:
+def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
     from orthoshard.train import parse_args  # imports torch: only this test needs it
+
+    token = tmp_path / "token"  # the secret's file, as the container mounts it
+    token.write_text("t" * 32)
 
     cfg = compose_config(COMPOSE)
     services = cfg["services"]
@@ -258,7 +261,8 @@ def test_compose_services_ports_secrets_and_health() -> None:
             assert arg in cmd, f"trainer-{n} lacks {arg}"
         assert cmd[cmd.index("-m") + 1] == "orthoshard.train"
         # the job's own parser takes what compose renders (defaults: SOAP, FSDP over all ranks)
-        train_args = parse_args(cmd[cmd.index("-m") + 2:])
+        train_args = parse_args([f"--token-file={token}" if a.startswith("--token-file=") else a
+                                 for a in cmd[cmd.index("-m") + 2:]])
         assert (train_args.optimizer, train_args.replicas, train_args.resume) == ("soap", 1, True)
         assert trainer["depends_on"][f"sidecar-{n}"]["condition"] == "service_healthy"
     assert "--web.enable-lifecycle" in services["prometheus"]["command"]
