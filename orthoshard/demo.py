@@ -158,7 +158,11 @@ def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
            f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
            "-m", "orthoshard.train", *_train_argv(args, sidecar.url, sidecar.token_file)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env)
+    # A session of its own: a terminal's Ctrl-C reaches the demo alone, which stops torchrun
+    # (and torchrun its ranks) once, instead of every process of the group at the same instant
+    # (each rank and torchrun printed a traceback of its own, and torchrun's exit 1 read as a
+    # failed run)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()
     except BaseException:  # SIGTERM (as SystemExit) or Ctrl-C: stop the trainers, not orphan them
@@ -289,16 +293,20 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"orthoshard demo: {problem}", file=sys.stderr)
         return 2
-    # SIGTERM (kill, timeout, a CI runner) ends the demo as Ctrl-C does: through the finally
-    # clauses that stop the trainers and the sidecar, which would otherwise run on orphaned
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGTERM (kill, timeout, a CI runner) and SIGHUP (the terminal closed; torchrun runs in a
+    # session of its own, which the hang-up does not reach) end the demo as Ctrl-C does:
+    # through the finally clauses that stop the trainers and the sidecar, which would
+    # otherwise run on orphaned
+    previous = {sig: signal.signal(sig, _exit_on_sigterm)
+                for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(args)
     except KeyboardInterrupt:  # Ctrl-C: the trainers and the sidecar are stopped by now
         print("\northoshard demo: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

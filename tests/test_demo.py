@@ -120,13 +120,19 @@ def _alive(pattern: str) -> dict[int, str]:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig):
+@pytest.mark.parametrize(("sig", "group"), [
+    (signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGHUP, False),
+    (signal.SIGINT, True),  # a terminal's Ctrl-C: the whole foreground process group
+], ids=["SIGTERM", "SIGINT", "SIGHUP", "Ctrl-C"])
+def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig, group):
     # SIGTERM (kill, timeout, a CI runner) skipped the demo's cleanup: the sidecar, torchrun
-    # and both ranks went on running, orphaned; Ctrl-C (SIGINT) ended in a traceback
+    # and both ranks went on running, orphaned; Ctrl-C (SIGINT) ended in a traceback. A
+    # terminal's Ctrl-C reached every rank and torchrun too: a traceback from each (81 lines).
+    # SIGHUP (the terminal closed) must stop torchrun, which runs in a session of its own.
     out = tmp_path / "signal-out"
     proc = subprocess.Popen(_demo(out, "--steps", "2000", "--step-delay", "0.05"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     try:
         deadline = time.monotonic() + 100
         while not (out / "loss.jsonl").exists() or not (out / "loss.jsonl").read_text():
@@ -134,13 +140,18 @@ def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig):
                 proc.stderr.read()[-3000:]
             time.sleep(0.5)
         assert len(_alive(str(out))) >= 3  # the demo, its sidecar, torchrun and the ranks
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         assert proc.wait(timeout=60) == 128 + sig
         # the demo's own frames (torchrun may print its SignalException when stopped)
         err = proc.stderr.read()
         assert "orthoshard/demo.py" not in err, err[-3000:]
         if sig == signal.SIGINT:
             assert "orthoshard demo: interrupted" in err
+        if group:  # only the demo had the Ctrl-C; it stopped torchrun, and torchrun its ranks
+            assert "KeyboardInterrupt" not in err and err.count("Traceback") <= 1, err[-3000:]
         deadline = time.monotonic() + 30
         while _alive(str(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
