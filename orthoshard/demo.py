@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -230,17 +231,17 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     problem = argument_problem(args)
     if problem is None and args.resume:
         problem = _resume_problem(args.checkpoint_dir, args.steps, args.optimizer,
-                                  args.spike_at)
+                                  args.spike_at, args.kl_shampoo)
     return problem
 
 
 def _resume_problem(directory: Path, steps: int, optimizer: str,
-                    spike_at: int | None = None) -> str | None:
+                    spike_at: int | None = None, kl_shampoo: bool = False) -> str | None:
     """What stops ``--resume`` from ``directory`` before any rank starts (None: nothing): a
     LATEST naming no checkpoint, one at or past ``--steps`` (nothing left to train), one past
     ``--spike-at`` (the spike would never happen, yet be reported), or one another
-    ``--optimizer`` saved. A missing LATEST is fine: the run starts from step 0 and writes
-    one."""
+    ``--optimizer`` saved, or SOAP with the other ``--kl-shampoo`` setting. A missing LATEST
+    is fine: the run starts from step 0 and writes one."""
     from orthoshard.train import Checkpoints
 
     try:
@@ -261,7 +262,35 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     if saved is not None and saved != optimizer:
         return (f"--resume: the checkpoint {latest} holds --optimizer {saved}'s state: resume "
                 f"it with --optimizer {saved}, or start a new run in an empty --checkpoint-dir")
+    kl = _checkpoint_kl_shampoo(latest) if saved == optimizer == "soap" else None
+    if kl is not None and kl != kl_shampoo:
+        flag = "with --kl-shampoo" if kl else "without --kl-shampoo"
+        return (f"--resume: the checkpoint {latest} was saved by SOAP "
+                f"{'with' if kl else 'without'} KL-Shampoo factors: resume it {flag}, or start "
+                f"a new run in an empty --checkpoint-dir")
     return None
+
+
+def _checkpoint_kl_shampoo(path: Path) -> bool | None:
+    """Whether the SOAP checkpoint at ``path`` was saved with KL-Shampoo factors: its groups'
+    ``use_kl_shampoo``, read alone (DCP loads just those values, in this process, no process
+    group). None when the checkpoint cannot tell."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+        wanted: dict[str, Any] = {k: None for k in keys
+                                  if k.startswith("optim.param_groups.")
+                                  and k.endswith(".use_kl_shampoo")}
+        if not wanted:
+            return None
+        with warnings.catch_warnings():  # "assuming ... a single process": it is one
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, checkpoint_id=str(path))
+    except Exception:  # unreadable: the ranks' own load says why
+        return None
+    return any(bool(v) for v in wanted.values())
 
 
 def _checkpoint_optimizer(path: Path) -> str | None:

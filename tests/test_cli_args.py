@@ -194,6 +194,31 @@ def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_p
             assert problem is not None and f"resume it with --optimizer {saved}" in problem
 
 
+@pytest.mark.parametrize("saved_kl", [False, True])
+def test_a_demo_resume_with_the_other_kl_shampoo_setting_is_refused_before_launch(tmp_path,
+                                                                                 saved_kl):
+    # it failed inside every rank, a traceback each, on the training job's own check
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
+    opt = train.build_optimizer("soap", model, steps=4, kl_shampoo=saved_kl)
+    model(torch.randn(3, 6)).square().mean().backward()
+    opt.step()
+    with warnings.catch_warnings():  # DCP says it saves in one process, as it is asked to
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "step-000002"),
+                 no_dist=True)
+    (tmp_path / "LATEST").write_text("step-000002")
+    argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--optimizer", "soap"]
+    same = ["--kl-shampoo"] if saved_kl else []
+    other = [] if saved_kl else ["--kl-shampoo"]
+    assert demo._argument_problem(_demo_args(*argv, *same)) is None
+    problem = demo._argument_problem(_demo_args(*argv, *other))
+    expected = "with KL-Shampoo" if saved_kl else "without KL-Shampoo"
+    assert problem is not None and f"was saved by SOAP {expected} factors" in problem
+
+
 @pytest.mark.parametrize(("saved", "flag"), [(False, True), (True, False)])
 def test_resuming_soap_with_the_other_kl_shampoo_setting_is_refused(saved, flag):
     # loading takes the checkpoint's groups: --kl-shampoo over a plain SOAP checkpoint ran plain
