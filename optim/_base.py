@@ -127,6 +127,30 @@ def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor(_nonfinite(tensors), dtype=torch.float64, device=device)
 
 
+def _name_unnamed_groups(params: Any) -> Any:
+    """Param groups where some carry names (``split_param_groups``' ``param_names``, or
+    ``(name, tensor)`` pairs) and some do not (``{"params": [w], "algorithm": "adamw"}``): the
+    unnamed get ``group{i}.param{j}``, as :meth:`MatrixOptimizer.add_param_group` names them
+    (torch refuses groups "with/without names" mixed). Anything else is returned as it is."""
+    if isinstance(params, Tensor):
+        return params
+    params = list(params)
+    if not params or not all(isinstance(g, dict) for g in params):
+        return params
+    groups = []
+    for group in params:
+        ps = group["params"]
+        groups.append({**group, "params": [ps] if isinstance(ps, Tensor) else list(ps)})
+    named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
+             for g in groups]
+    if all(named) or not any(named):
+        return groups
+    for i, group in enumerate(groups):
+        if not named[i]:
+            group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
+    return groups
+
+
 def check_rates(**rates: Any) -> None:
     """Raise ValueError unless each named value (``lr``, ``weight_decay``; a float or a one-element
     tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the
@@ -356,7 +380,7 @@ class MatrixOptimizer(Optimizer):
         if isinstance(health_every, bool) or not isinstance(health_every, int) or health_every < 0:
             raise ValueError(f"health_every must be an int >= 0, got {health_every!r}")
         defaults = {**ADAMW_DEFAULTS, "algorithm": self.matrix_algorithm, "step": 0, **defaults}
-        super().__init__(params, defaults)
+        super().__init__(_name_unnamed_groups(params), defaults)
         self._check_groups()
         for gi, group in enumerate(self.param_groups):
             self._check_hyperparameters(gi, group)

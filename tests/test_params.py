@@ -42,6 +42,56 @@ def test_split_routes_1d_embeddings_and_heads_to_adamw_and_drops_frozen():
     assert fallback["adamw_betas"] == (0.9, 0.95) and fallback["adamw_eps"] == 1e-8
 
 
+def _routes(groups: list[dict]) -> dict[str, str]:
+    return {name: group.get("algorithm", "matrix") for group in groups
+            for name in group["param_names"]}
+
+
+def test_given_the_model_embeddings_go_to_adamw_by_type_and_tied_weights_by_any_name():
+    # minGPT's tok_emb (no "embed" in the name) and T5 / BART's ``shared`` embedding tied to
+    # the encoder's embed_tokens and the lm_head went to the matrix update: named_parameters()
+    # lists a tied tensor under its first name alone
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(10, 8)
+            self.encoder = nn.Module()
+            self.encoder.embed_tokens = self.shared
+            self.tok_emb = nn.Embedding(12, 8)
+            self.bag = nn.EmbeddingBag(9, 8)
+            self.fc = nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 10, bias=False)
+            self.lm_head.weight = self.shared.weight
+
+    model = Seq2Seq()
+    assert _routes(split_param_groups(model)) == {
+        "fc.weight": "matrix", "shared.weight": "adamw", "tok_emb.weight": "adamw",
+        "bag.weight": "adamw", "fc.bias": "adamw"}
+    # the names alone: tied by a matching alias, listed once under its first name (it was put
+    # in both groups, which torch refused without naming it)
+    routes = _routes(split_param_groups(model.named_parameters(remove_duplicate=False)))
+    assert routes["shared.weight"] == "adamw" and "lm_head.weight" not in routes
+    assert routes["tok_emb.weight"] == "matrix"  # (no module to tell its type)
+    Muon(split_param_groups(model), lr=0.02)  # each tensor in one group, by one name
+
+
+def test_parameters_without_names_are_refused_naming_the_fix():
+    # an error from tuple unpacking, or, with a first dim of 2, each tensor split into rows
+    for params in (nn.Linear(4, 3).parameters(), nn.Linear(8, 2).parameters()):
+        with pytest.raises(ValueError, match=r"model.parameters\(\) has no names"):
+            split_param_groups(params)
+
+
+def test_an_unnamed_adamw_group_may_join_named_groups_in_the_constructor():
+    # torch refused "all optimizer param groups should be with/without names" although
+    # add_param_group took the same group
+    hidden, emb = nn.Linear(8, 8), nn.Embedding(10, 8)
+    opt = Muon([*split_param_groups(hidden.named_parameters()),
+                {"params": [emb.weight], "algorithm": "adamw"}], lr=0.02)
+    assert [g["param_names"] for g in opt.param_groups] == [["weight"], ["bias"],
+                                                             ["group2.param0"]]
+
+
 def test_split_without_overrides_inherits_the_optimizer_lr_and_drops_empty_groups():
     (only,) = split_param_groups([("w", nn.Parameter(torch.zeros(3, 4)))])
     assert "lr" not in only and only["param_names"] == ["w"]
