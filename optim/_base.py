@@ -137,18 +137,18 @@ def _name_unnamed_groups(params: Any) -> Any:
     params = list(params)
     if not params or not all(isinstance(g, dict) for g in params):
         return params
-    groups = []
+    # each group's parameters as a list (a generator is read once, here), in the group itself,
+    # as torch keeps the caller's group dicts
     for group in params:
         ps = group["params"]
-        groups.append({**group, "params": [ps] if isinstance(ps, Tensor) else list(ps)})
+        group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
     named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
-             for g in groups]
-    if all(named) or not any(named):
-        return groups
-    for i, group in enumerate(groups):
-        if not named[i]:
-            group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
-    return groups
+             for g in params]
+    if any(named) and not all(named):
+        for i, group in enumerate(params):
+            if not named[i]:
+                group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
+    return params
 
 
 def check_rates(**rates: Any) -> None:
