@@ -170,21 +170,27 @@ def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
 
 
-@pytest.mark.parametrize("saved", ["muon", "normuon", "soap"])
-def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_path, saved):
-    # it failed inside every rank, a traceback each, on DCP's missing key
+def _save_one_step(directory: Path, optimizer: str, *, kl_shampoo: bool = False) -> None:
+    """A DCP checkpoint ``step-000002`` (and LATEST) of the demo's ``optimizer`` after one step
+    on a small model, saved in this process."""
     import torch
     import torch.distributed.checkpoint as dcp
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
-    opt = train.build_optimizer(saved, model, steps=4)
+    opt = train.build_optimizer(optimizer, model, steps=4, kl_shampoo=kl_shampoo)
     model(torch.randn(3, 6)).square().mean().backward()
     opt.step()
     with warnings.catch_warnings():  # DCP says it saves in one process, as it is asked to
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "step-000002"),
+        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(directory / "step-000002"),
                  no_dist=True)
-    (tmp_path / "LATEST").write_text("step-000002")
+    (directory / "LATEST").write_text("step-000002")
+
+
+@pytest.mark.parametrize("saved", ["muon", "normuon", "soap"])
+def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_path, saved):
+    # it failed inside every rank, a traceback each, on DCP's missing key
+    _save_one_step(tmp_path, saved)
     for other in ("muon", "normuon", "soap"):
         argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--optimizer", other]
         problem = demo._argument_problem(_demo_args(*argv))
@@ -198,18 +204,7 @@ def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_p
 def test_a_demo_resume_with_the_other_kl_shampoo_setting_is_refused_before_launch(tmp_path,
                                                                                  saved_kl):
     # it failed inside every rank, a traceback each, on the training job's own check
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False))
-    opt = train.build_optimizer("soap", model, steps=4, kl_shampoo=saved_kl)
-    model(torch.randn(3, 6)).square().mean().backward()
-    opt.step()
-    with warnings.catch_warnings():  # DCP says it saves in one process, as it is asked to
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "step-000002"),
-                 no_dist=True)
-    (tmp_path / "LATEST").write_text("step-000002")
+    _save_one_step(tmp_path, "soap", kl_shampoo=saved_kl)
     argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--optimizer", "soap"]
     same = ["--kl-shampoo"] if saved_kl else []
     other = [] if saved_kl else ["--kl-shampoo"]
