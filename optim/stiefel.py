@@ -137,8 +137,9 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     eye = torch.eye(A.size(-1), dtype=wide, device=A.device)
     inner = eye - (0.5 * t) * _matmul.mm(B.mT, A)
     _matmul.count(1)
-    coeffs = torch.linalg.solve(inner, _matmul.mm(B.mT, Uc.to(wide)))
-    Y = (Uc.to(wide) + t * _matmul.mm(A, coeffs)).to(compute)
+    Uw = Uc.to(wide)
+    coeffs = torch.linalg.solve(inner, _matmul.mm(B.mT, Uw))
+    Y = (Uw + t * _matmul.mm(A, coeffs)).to(compute)
     if polish:
         gram = _matmul.mm(Y.mT, Y)
         Y = 1.5 * Y - 0.5 * _matmul.mm(Y, gram)

@@ -258,11 +258,12 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
         return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at "
                 f"{spike_at}: this run trains from step {done} on and would never spike; pass "
                 f"a later --spike-at, or none")
-    saved = _checkpoint_optimizer(latest)
+    keys = _checkpoint_keys(latest)
+    saved = _checkpoint_optimizer(keys)
     if saved is not None and saved != optimizer:
         return (f"--resume: the checkpoint {latest} holds --optimizer {saved}'s state: resume "
                 f"it with --optimizer {saved}, or start a new run in an empty --checkpoint-dir")
-    kl = _checkpoint_kl_shampoo(latest) if saved == optimizer == "soap" else None
+    kl = _checkpoint_kl_shampoo(latest, keys) if saved == optimizer == "soap" else None
     if kl is not None and kl != kl_shampoo:
         flag = "with --kl-shampoo" if kl else "without --kl-shampoo"
         return (f"--resume: the checkpoint {latest} was saved by SOAP "
@@ -271,20 +272,28 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     return None
 
 
-def _checkpoint_kl_shampoo(path: Path) -> bool | None:
-    """Whether the SOAP checkpoint at ``path`` was saved with KL-Shampoo factors: its groups'
-    ``use_kl_shampoo``, read alone (DCP loads just those values, in this process, no process
-    group). None when the checkpoint cannot tell."""
-    import torch.distributed.checkpoint as dcp
+def _checkpoint_keys(path: Path) -> list[str]:
+    """The keys the DCP checkpoint at ``path`` lists in its metadata (no tensor is read);
+    none when it is not a DCP checkpoint or unreadable (the ranks' own load says why)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-        wanted: dict[str, Any] = {k: None for k in keys
-                                  if k.startswith("optim.param_groups.")
-                                  and k.endswith(".use_kl_shampoo")}
-        if not wanted:
-            return None
+        return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception:
+        return []
+
+
+def _checkpoint_kl_shampoo(path: Path, keys: list[str]) -> bool | None:
+    """Whether the SOAP checkpoint at ``path`` (its metadata ``keys``) was saved with
+    KL-Shampoo factors: its groups' ``use_kl_shampoo``, read alone (DCP loads just those
+    values, in this process, no process group). None when the checkpoint cannot tell."""
+    import torch.distributed.checkpoint as dcp
+
+    wanted: dict[str, Any] = {k: None for k in keys if k.startswith("optim.param_groups.")
+                              and k.endswith(".use_kl_shampoo")}
+    if not wanted:
+        return None
+    try:
         with warnings.catch_warnings():  # "assuming ... a single process": it is one
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(wanted, checkpoint_id=str(path))
@@ -293,16 +302,10 @@ def _checkpoint_kl_shampoo(path: Path) -> bool | None:
     return any(bool(v) for v in wanted.values())
 
 
-def _checkpoint_optimizer(path: Path) -> str | None:
-    """Which of the demo's optimizers saved the DCP checkpoint at ``path``, from the state
-    keys its metadata lists (no tensor is read): NorMuon's ``second_moment``, SOAP's factors,
-    Muon's ``momentum_buffer`` alone. None when the metadata cannot tell."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-    except Exception:  # not a DCP checkpoint or unreadable: the ranks' own load says why
-        return None
+def _checkpoint_optimizer(keys: list[str]) -> str | None:
+    """Which of the demo's optimizers saved a DCP checkpoint, from the state keys its metadata
+    lists (``keys``): NorMuon's ``second_moment``, SOAP's factors, Muon's ``momentum_buffer``
+    alone. None when they cannot tell."""
     state = {key.rsplit(".", 1)[-1] for key in keys if key.startswith("optim.state.")}
     if "second_moment" in state:
         return "normuon"

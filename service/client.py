@@ -307,11 +307,9 @@ class Publisher:
                 self._deadline = time.monotonic() + timeout_s
                 self._client = self._make_client(*self._client_args)
                 try:
-                    for rank in sorted(self._ranks):
-                        self._send_finish(rank)
+                    self._send_finishes(sorted(self._ranks))
                 finally:
                     self._client.close()
-                self._finish_sent = True
             return (self._unsent == 0 and not self._finish_failed and not self._thread.is_alive()
                     and (self._finish_sent or not finished))
         self._thread.join(timeout_s + 1.0)
@@ -353,10 +351,16 @@ class Publisher:
             self.stats.dropped += len(self._queue)
             self._queue.clear()
             ranks = sorted(self._ranks) if self._finish else []
+        if self._finish:
+            self._send_finishes(ranks)
+        self._client.close()
+
+    def _send_finishes(self, ranks: list[int]) -> None:
+        """Each rank's finish (:meth:`_send_finish`), once: a later ``close(finished=True)``
+        does not post them again."""
         for rank in ranks:
             self._send_finish(rank)
-        self._finish_sent = self._finish
-        self._client.close()
+        self._finish_sent = True
 
     def _send_finish(self, rank: int) -> None:
         """``POST /v1/ranks/{rank}/finish`` once, within close()'s deadline; a failure is logged
