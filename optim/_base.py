@@ -25,11 +25,12 @@ fallback for 1-D parameters, embeddings and output heads (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -203,8 +204,8 @@ def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
     """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
     check_rates(lr=group["lr"], weight_decay=group["weight_decay"])
     check_betas("adamw_betas", group["adamw_betas"])
-    if not group["adamw_eps"] >= 0.0:
-        raise ValueError(f"adamw_eps must be >= 0, got {group['adamw_eps']!r}")
+    if not is_real(group["adamw_eps"]) or not group["adamw_eps"] >= 0.0:
+        raise ValueError(f"adamw_eps must be a number >= 0, got {group['adamw_eps']!r}")
 
 
 def _check_dense(groups: list[dict[str, Any]]) -> None:
@@ -224,6 +225,26 @@ def _check_dense(groups: list[dict[str, Any]]) -> None:
                     f"use: build its module with sparse=False (e.g. nn.Embedding(..., "
                     f"sparse=False)), or give it to a sparse optimizer such as "
                     f"torch.optim.SparseAdam and leave it out of this one.")
+
+
+def _one_row(values: list[float]) -> list[list[float]]:
+    """The ``finish`` of a :class:`DeferredMetrics` holding one matrix's final values."""
+    return [values]
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
+    """Empty the named hook registries of ``optimizer`` for the block (torch's ``state_dict``
+    and ``load_state_dict`` would run them mid-way; :class:`MatrixOptimizer` runs them itself,
+    before and after its own work) and put them back after."""
+    held = {name: getattr(optimizer, name) for name in attributes}
+    for name in attributes:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(optimizer, name, hooks)
 
 
 @dataclass(eq=False)
@@ -384,14 +405,56 @@ class MatrixOptimizer(Optimizer):
         self._check_groups()
         for gi, group in enumerate(self.param_groups):
             self._check_hyperparameters(gi, group)
+        if sharding is not None and not all(callable(getattr(sharding, method, None))
+                                            for method in ("bind", "owned", "run")):
+            raise TypeError(f"sharding must be None (one process) or an exchange such as "
+                            f"sharding.OwnerSharding(), got {sharding!r}")
         self.health_every = health_every
         self._health: dict[str, dict[str, Tensor | float]] = {}
+        self._exchange = sharding if sharding is not None else LocalExchange()
+        self._init_runtime()
+        self._exchange.bind(self)
+
+    def _init_runtime(self) -> None:
+        """Set the attributes that live only between (or within) steps: caches and the step's
+        working lists. Called by the constructor and by :meth:`__setstate__` (a copy starts them
+        afresh); a subclass adding its own calls this first."""
         # the latest deferred metrics of each matrix: (batch, its index there), read by health()
         self._deferred: dict[str, tuple[DeferredMetrics, int]] = {}
         self._step_items: list[MatrixItem] = []
         self._skipped: set[int] = set()  # ids of this step's items counted by _skip
-        self._exchange = sharding if sharding is not None else LocalExchange()
-        self._exchange.bind(self)
+
+    # ---- copies -------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` carry: torch's three entries (``defaults``,
+        ``state``, ``param_groups``), this optimizer's settings, and the latest health (as
+        plain floats); the per-step caches start afresh in the copy (:meth:`_init_runtime`).
+        An optimizer with ``sharding`` holds a process group, which no copy can share: save it
+        with ``state_dict()`` (``sharding.checkpoint``) instead."""
+        if not isinstance(self._exchange, LocalExchange):
+            raise TypeError(f"a {type(self).__name__} with sharding= cannot be copied or "
+                            f"pickled (its exchange holds a process group): save and load it "
+                            f"with sharding.checkpoint (state_dict / load_state_dict) instead")
+        state = {k: v for k, v in self.__dict__.items() if k not in self._runtime_keys()}
+        # each matrix's deferred metrics, converted (their finish functions do not pickle)
+        state["_deferred_floats"] = {name: (batch.keys[i], batch.floats(i))
+                                     for name, (batch, i) in self._deferred.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        floats = state.pop("_deferred_floats", {})
+        super().__setstate__(state)  # torch's: fresh (empty) hooks, as torch's own copies
+        self._init_runtime()
+        for name, (keys, values) in floats.items():
+            batch = DeferredMetrics([keys], torch.tensor(values, dtype=torch.float64), _one_row)
+            self._deferred[name] = (batch, 0)
+
+    def _runtime_keys(self) -> set[str]:
+        """The names :meth:`_init_runtime` sets (what a copy does not carry)."""
+        probe = object.__new__(type(self))
+        probe._init_runtime()
+        return set(probe.__dict__)
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
@@ -420,6 +483,13 @@ class MatrixOptimizer(Optimizer):
                         f"parameter {name!r} is the same tensor as {tensors[id(p)]!r}: list each "
                         f"parameter once (model.parameters() already removes shared weights).")
                 tensors[id(p)] = name
+                # an integer or bool tensor: no gradient step is defined (torch's kernels
+                # would fail mid-step, after the step counters moved)
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(
+                        f"parameter {name!r} is {p.dtype}; optimizers update floating-point "
+                        f"parameters: convert it (e.g. .float()) or leave it out of the "
+                        f"optimizer (a buffer, if it is not trained).")
             # Non-finite skip counts live in the param group so that state_dict() carries them
             # (plain ints, the same keys on every rank); health() reports them.
             saved = group.get("nonfinite_skips") or {}
@@ -489,8 +559,11 @@ class MatrixOptimizer(Optimizer):
         """Raise ValueError for a matrix group's hyperparameter the update cannot use."""
 
     # ---- the step -----------------------------------------------------------------------
+    # Under torch.compile the step runs eagerly (a graph break): it decides per matrix on the
+    # host (finiteness, batching, the exchange), which no graph captures; the model compiles.
+    @torch.compiler.disable
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -895,12 +968,16 @@ class MatrixOptimizer(Optimizer):
         them (a block frozen) is kept for when it comes back, but is not in the state dict
         (torch's packing numbers the groups' parameters, and raised KeyError on the others).
         """
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
         present = {id(p) for group in self.param_groups for p in group["params"]}
         live = self.state
         if any(id(p) not in present for p in live):
             self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) in present})
         try:
-            sd = super().state_dict()
+            with _hooks_held(self, "_optimizer_state_dict_pre_hooks",
+                             "_optimizer_state_dict_post_hooks"):
+                sd = super().state_dict()
         finally:
             self.state = live
         for g in sd["param_groups"]:
@@ -909,7 +986,12 @@ class MatrixOptimizer(Optimizer):
                     g[key] = None
             if "nonfinite_skips" in g:  # a snapshot, not the live counter
                 g["nonfinite_skips"] = dict(g["nonfinite_skips"])
-        return self._exchange.export_state(sd)
+        sd = self._exchange.export_state(sd)
+        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, sd)  # the finished state dict, as torch's hooks get it
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank.
@@ -926,12 +1008,18 @@ class MatrixOptimizer(Optimizer):
                 checks read shapes and plain values only; under ``OwnerSharding`` every rank
                 sees the same, so every rank raises together.
         """
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)  # first, as torch runs them: they may migrate it
+            if result is not None:
+                state_dict = result
         state_dict = self._completed(state_dict)
         self._refuse_unfit(state_dict)
         state_dict = self._exchange.import_state(state_dict)
         callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
         saved = self._saved_matrix_state(state_dict)
-        super().load_state_dict(state_dict)
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
         for group, kept in zip(self.param_groups, callables, strict=True):
             group.update(kept)
         for p, entries in saved:  # torch cast them to p's dtype: take the saved values again
@@ -951,11 +1039,14 @@ class MatrixOptimizer(Optimizer):
                 # matrices re-report at their next step, on their owner
                 if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
                     self._record(name, {"nonfinite_skips": float(count)})
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)  # the optimizer as loaded, dtypes and counts restored
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Raise the ValueError :meth:`load_state_dict` would raise for ``state_dict``, changing
-        nothing (not a collective). For loaders that write tensors in place before the optimizer
-        sees them, as :func:`sharding.checkpoint.load` does: they check first."""
+        """Raise the ValueError :meth:`load_state_dict` would raise for ``state_dict`` as given
+        (the load pre-hooks are not run), changing nothing (not a collective). For loaders that
+        write tensors in place before the optimizer sees them, as
+        :func:`sharding.checkpoint.load` does: they check first."""
         self._refuse_unfit(self._completed(state_dict))
 
     def _refuse_unfit(self, state_dict: dict[str, Any]) -> None:

@@ -104,20 +104,44 @@ class _UnsetSteps(int):
 NS_STEPS_UNSET = _UnsetSteps(5)
 
 
+def _own_count(method: Any) -> int:
+    """A method's own Newton-Schulz step count (:func:`optim.orthogonalize.default_steps` in
+    bfloat16; the quintic: 5, as ``torch.optim.Muon``); 5 for ``"svd"``, which counts no steps,
+    and for an unknown method, which the group's check refuses."""
+    if isinstance(method, str) and method in METHODS and method != "svd":
+        return default_steps(method, torch.bfloat16)
+    return 5
+
+
 def _settle_steps(group: dict[str, Any]) -> None:
-    """Replace an unset ``ns_steps`` (:data:`NS_STEPS_UNSET`) in ``group`` by a plain int: its
-    method's own count (the quintic: 5, as ``torch.optim.Muon``); 5 for an AdamW group, which
-    does not read it, for ``"svd"``, which counts no steps, and for an unknown method, which
-    the group's check refuses. No group keeps the marker, so a state dict holds only plain
-    values (``torch.load``'s ``weights_only`` refuses unknown classes)."""
+    """Replace an unset ``ns_steps`` (:data:`NS_STEPS_UNSET`) in ``group`` by a plain int, its
+    method's own count (:func:`_own_count`; 5 for an AdamW group, which does not read it), and
+    record that method in ``ns_steps_auto`` (None where ``ns_steps`` was given), so that the
+    count follows a later change of ``ns_method`` (:func:`_follow_method`). No group keeps the
+    marker, so a state dict holds only plain values (``torch.load``'s ``weights_only`` refuses
+    unknown classes)."""
     if type(group.get("ns_steps")) is not _UnsetSteps:
+        group.setdefault("ns_steps_auto", None)
         return
-    method = group.get("ns_method")
-    if group.get("algorithm") != ADAMW and isinstance(method, str) and method in METHODS \
-            and method != "svd":
-        group["ns_steps"] = default_steps(method, torch.bfloat16)
-    else:
-        group["ns_steps"] = 5
+    method = group.get("ns_method") if group.get("algorithm") != ADAMW else None
+    group["ns_steps"] = _own_count(method)
+    group["ns_steps_auto"] = method if isinstance(method, str) else None
+
+
+def _follow_method(group: dict[str, Any]) -> None:
+    """Keep a group's derived ``ns_steps`` its method's own count when ``ns_method`` changes
+    during training (5 quintic steps leave CANS far from orthogonal: :class:`_UnsetSteps`).
+    ``ns_steps_auto`` names the method the count was derived for; a count the user changed
+    (it no longer equals that method's) is theirs from then on (``ns_steps_auto`` None), as is
+    every count once ``ns_steps_auto`` is set to None."""
+    auto = group.get("ns_steps_auto")
+    if auto is None or group.get("algorithm") == ADAMW:
+        return
+    if group["ns_steps"] != _own_count(auto):
+        group["ns_steps_auto"] = None
+    elif group["ns_method"] != auto:
+        group["ns_steps"] = _own_count(group["ns_method"])
+        group["ns_steps_auto"] = group["ns_method"]
 
 
 def _softening_at(softening: Softening, step: int) -> float:
@@ -150,6 +174,9 @@ class Muon(MatrixOptimizer):
             Not given, each group runs its method's own count: 5 for the quintic (as
             ``torch.optim.Muon``), 6 for Polar Express, 9 for CANS (their bfloat16 counts,
             :func:`optim.orthogonalize.default_steps`); 5 steps leave CANS far from orthogonal.
+            Such a group's ``ns_steps_auto`` names the method its count is for, and the count
+            follows a change of the group's ``ns_method`` during training (set
+            ``ns_steps_auto`` to None, or ``ns_steps`` to another count, to pin it).
         softening: ``s`` in [0, 1], or a schedule ``step -> s`` (step counts from 1).
         sharding: None or ``sharding.OwnerSharding()``.
         health_every: measure health at step 1 and then every this many steps (0: never).
@@ -193,15 +220,18 @@ class Muon(MatrixOptimizer):
             raise ValueError(f"health_probes must be None (automatic), 0 (exact) or a number "
                              f"of probes >= 1, got {health_probes!r}")
         self.health_probes = health_probes
-        self._softening_now: dict[int, float] = {}  # id(group) -> s at the step being taken
-        # (names, orthogonality errors, update norms, sqrt(m n), softening) of this step's
-        # batches, until _end_batches
-        self._batch_health: list[tuple[list[str], Tensor, Tensor, float, float]] = []
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                     "nesterov": nesterov, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
                     "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn, "ns_method": ns_method,
                     "softening": softening, **(_extra_defaults or {})}
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
+        self._softening_now: dict[int, float] = {}  # id(group) -> s at the step being taken
+        # (names, orthogonality errors, update norms, sqrt(m n), softening) of this step's
+        # batches, until _end_batches
+        self._batch_health: list[tuple[list[str], Tensor, Tensor, float, float]] = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # a group without ns_steps runs its own method's count (NS_STEPS_UNSET)
@@ -234,6 +264,8 @@ class Muon(MatrixOptimizer):
         # each matrix group's softening at the coming step, from its schedule once, and checked
         # before anything changes: a schedule returning a bad value raises without half a step
         # (the AdamW group and the step counters already moved when it was read mid-step)
+        for group in self.param_groups:
+            _follow_method(group)
         self._softening_now = {id(group): _softening_at(group["softening"], group["step"] + 1)
                                for group in self.param_groups if group["algorithm"] != ADAMW}
 

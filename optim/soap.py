@@ -104,8 +104,12 @@ class SOAP(MatrixOptimizer):
                     "max_precond_dim": max_precond_dim}
         _check_soap_args(defaults)
         super().__init__(params, defaults, sharding=sharding, health_every=health_every)
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
         # per matrix: (step, Rayleigh quotients of its factors in its bases after that step), so
-        # health between refreshes needs no F Q product (soap_step); not state: health only
+        # health between refreshes needs no F Q product (soap_step); not state: health only (a
+        # copy, without them, measures them from one product at its next health step)
         self._quotients: dict[Tensor, tuple[int, Any]] = {}
         # health inputs of this step's batches, (names, per-matrix sides), until _end_batches
         self._batch_health: list[tuple[list[str], list[list[SideHealth]]]] = []
