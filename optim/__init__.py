@@ -2,7 +2,7 @@
 
 - :func:`orthogonalize` (Newton-Schulz polar factors with Soft-Muon softening),
 - the optimizers :class:`Muon`, :class:`NorMuon`, :class:`SOAP` and the routing helper
-  :func:`split_param_groups`,
+  :func:`split_param_groups` (with its name fragments, ``DEFAULT_ADAMW_NAME_PARTS``),
 - :mod:`optim.health` (orthogonality error, eigengap, basis rotation),
 - :mod:`optim.orthogonal` (OFT rotations), :mod:`optim.stiefel` (Stiefel tools) and
   :mod:`optim.oft` (an OFT adapter for ``nn.Linear``).
@@ -12,8 +12,8 @@ from optim import health, oft, orthogonal, stiefel
 from optim._matmul import count_matmuls
 from optim.muon import Muon, NorMuon
 from optim.orthogonalize import orthogonalize
-from optim.params import split_param_groups
+from optim.params import DEFAULT_ADAMW_NAME_PARTS, split_param_groups
 from optim.soap import SOAP
 
-__all__ = ["SOAP", "Muon", "NorMuon", "count_matmuls", "health", "oft", "orthogonal",
-           "orthogonalize", "split_param_groups", "stiefel"]
+__all__ = ["DEFAULT_ADAMW_NAME_PARTS", "SOAP", "Muon", "NorMuon", "count_matmuls", "health", "oft",
+           "orthogonal", "orthogonalize", "split_param_groups", "stiefel"]

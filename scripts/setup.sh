@@ -28,12 +28,14 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   pip_quiet torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 # The project (editable), again only when pyproject.toml changed or a --dev set-up is wanted
-# over a runtime one: the stamp holds pyproject.toml's hash and the level installed.
+# over a runtime one: the stamp holds pyproject.toml's hash and the level installed. The import
+# check runs isolated (-I): from here, a plain import would find the source folder itself.
 stamp=.venv/.orthoshard-installed
 read -r have_hash have_dev 2>/dev/null < "$stamp" || { have_hash=""; have_dev=0; }
 want_hash=$(.venv/bin/python -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest())")
 if [ "$have_hash" != "$want_hash" ] || [ "$have_dev" -lt "$dev" ] \
-    || ! .venv/bin/python -c "import orthoshard" 2>/dev/null; then
+    || [ ! -x .venv/bin/orthoshard ] \
+    || ! .venv/bin/python -I -c "import orthoshard" 2>/dev/null; then
   if [ "$dev" = 1 ]; then
     pip_quiet -e '.[dev]'
   else

@@ -205,3 +205,18 @@ def test_a_meta_parameter_is_named_at_step():
     opt = Muon([("w", w)])
     with pytest.raises(RuntimeError, match=r"'w' is on the meta device.*to_empty"):
         opt.step()
+
+
+def test_a_head_under_another_name_joins_adamw_with_the_fragments_the_readme_shows() -> None:
+    import optim  # the README's spelling: the defaults come from the package itself
+
+    model = nn.Sequential()
+    model.add_module("hidden", nn.Linear(8, 8, bias=False))
+    model.add_module("classifier", nn.Linear(8, 3, bias=False))
+    default = {g.get("algorithm", "matrix"): g["param_names"]
+               for g in split_param_groups(model)}
+    assert default == {"matrix": ["hidden.weight", "classifier.weight"]}
+    groups = split_param_groups(
+        model, adamw_name_parts=(*optim.DEFAULT_ADAMW_NAME_PARTS, ".classifier."))
+    routed = {g.get("algorithm", "matrix"): g["param_names"] for g in groups}
+    assert routed == {"matrix": ["hidden.weight"], "adamw": ["classifier.weight"]}
