@@ -103,12 +103,28 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     return state_dict
 
 
+def _owners_by_saved_key(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[Any, int]:
+    """``{key in state_dict["state"]: owner rank}`` for every matrix parameter.
+
+    Each saved group's ``params`` are paired with the live group's parameters in order, as
+    torch's ``load_state_dict`` pairs them, so the keys may be positions (``state_dict()``) or
+    parameter names (``torch.distributed.checkpoint.state_dict.set_state_dict`` passes state
+    keyed by FQN, and groups listing FQNs)."""
+    plan, index = sharding.global_plan()
+    live_groups = sharding._optimizer.param_groups
+    return {k: plan.owners[index[id(p)]]
+            for saved, live in zip(state_dict["param_groups"], live_groups, strict=True)
+            for k, p in zip(saved["params"], live["params"], strict=True) if id(p) in index}
+
+
 def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
     keys = sharding._optimizer.owner_state_keys
     if not keys:
         return state_dict
-    owners = _owners_by_state_index(sharding)
-    for k in sorted(state_dict["state"]):
+    owners = _owners_by_saved_key(sharding, state_dict)
+    # sorted by str: the same order on every rank (one collective per DTensor), for integer
+    # and for name keys
+    for k in sorted(state_dict["state"], key=str):
         if k not in owners:  # AdamW-group parameters: elementwise state, no owner
             continue
         entry = state_dict["state"][k] = dict(state_dict["state"][k])
@@ -117,7 +133,7 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
             if name not in keys or not isinstance(value, DTensor):
                 continue
             full = value.full_tensor()
-            if owners.get(k) == sharding.rank:
+            if owners[k] == sharding.rank:
                 entry[name] = full
             else:
                 del entry[name]

@@ -808,3 +808,59 @@ def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
     if rank == 0:
         torch.save({"outcomes": outcomes, "unchanged": all(
             torch.equal(before[k], after[k]) for k in before), "recovered": recovered}, out)
+
+
+RESUME_AT = 2  # the resumed runs load a checkpoint of the first RESUME_AT steps
+
+
+def torch_recipe_worker(rank: int, world: int, names: list[str], directory: str, save: bool,
+                        out: str) -> None:
+    """torch's own FSDP2 checkpoint recipe (``get_state_dict`` / ``set_state_dict``) with each
+    optimizer: if ``save``, train ``RESUME_AT`` steps and save both a sharded DCP checkpoint
+    (``directory/name``) and a full state dict (rank 0, ``directory/name.pt``); then, from
+    each of the two, a fresh model and optimizer load and train to ``STEPS`` with the NaN
+    scenario's gradients. Rank 0 writes the final parameters by ``(name, "sharded" | "full")``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    from sharding import OwnerSharding
+
+    full = StateDictOptions(full_state_dict=True)
+    results = {}
+    for name in names:
+        path = Path(directory) / name
+        if save:
+            model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+            for step in range(RESUME_AT):
+                inject(model, step, bad="nan")
+                opt.step()
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+            model_sd, optim_sd = get_state_dict(
+                model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save({"model": model_sd, "optim": optim_sd}, f"{path}.pt")
+            dist.barrier()
+        for kind in ("sharded", "full"):
+            model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+            if kind == "sharded":
+                model_sd, optim_sd = get_state_dict(model, opt)
+                state = {"model": model_sd, "optim": optim_sd}
+                dcp.load(state, checkpoint_id=str(path))
+                set_state_dict(model, opt, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
+            else:
+                state = torch.load(f"{path}.pt", weights_only=False)
+                set_state_dict(model, opt, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"], options=full)
+            for step in range(RESUME_AT, STEPS):
+                inject(model, step, bad="nan")
+                opt.step()
+            results[(name, kind)] = full_params(model)
+    if rank == 0:
+        torch.save(results, Path(out))
