@@ -103,41 +103,55 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     return state_dict
 
 
-def _owners_by_saved_key(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[Any, int]:
-    """``{key in state_dict["state"]: owner rank}`` for every matrix parameter.
+def _params_by_saved_key(optimizer: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Tensor]:
+    """``{key in state_dict["state"]: live parameter}``.
 
     Each saved group's ``params`` are paired with the live group's parameters in order, as
     torch's ``load_state_dict`` pairs them, so the keys may be positions (``state_dict()``) or
     parameter names (``torch.distributed.checkpoint.state_dict.set_state_dict`` passes state
     keyed by FQN, and groups listing FQNs)."""
-    plan, index = sharding.global_plan()
-    live_groups = sharding._optimizer.param_groups
-    return {k: plan.owners[index[id(p)]]
-            for saved, live in zip(state_dict["param_groups"], live_groups, strict=True)
-            for k, p in zip(saved["params"], live["params"], strict=True) if id(p) in index}
+    return {k: p for saved, live in zip(state_dict["param_groups"], optimizer.param_groups,
+                                        strict=True)
+            for k, p in zip(saved["params"], live["params"], strict=True)}
 
 
 def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict to load (a shallow copy; the caller's is left as it was) with each tensor
+    in the layout this rank keeps it in.
+
+    Owner-only state (``Shard(0)`` DTensors from :func:`export_owner_state`, or whole tensors
+    from a one-process ``state_dict()``) is kept whole on the matrix's owner under the current
+    plan and dropped elsewhere. A whole tensor of a parameter's shape, for a ``Shard(0)``
+    DTensor parameter (a one-process state dict: momentum, AdamW moments), becomes a DTensor
+    placed like the parameter, each rank cutting its own rows (no communication; every rank
+    loads the same dict). Every rank takes the same decisions, and makes the same collectives
+    (one ``full_tensor`` per owner-only DTensor) in the same order."""
     keys = sharding._optimizer.owner_state_keys
-    if not keys:
-        return state_dict
-    owners = _owners_by_saved_key(sharding, state_dict)
-    # sorted by str: the same order on every rank (one collective per DTensor), for integer
-    # and for name keys
-    for k in sorted(state_dict["state"], key=str):
-        if k not in owners:  # AdamW-group parameters: elementwise state, no owner
+    params = _params_by_saved_key(sharding._optimizer, state_dict)
+    plan, index = sharding.global_plan()
+    state = dict(state_dict["state"])
+    # sorted by str: the same order on every rank, for integer and for name keys
+    for k in sorted(state, key=str):
+        p = params.get(k)
+        if p is None:
             continue
-        entry = state_dict["state"][k] = dict(state_dict["state"][k])
+        owner = plan.owners[index[id(p)]] if id(p) in index else None  # None: AdamW group
+        entry = state[k] = dict(state[k])
         for name in sorted(entry):
             value = entry[name]
-            if name not in keys or not isinstance(value, DTensor):
+            if not isinstance(value, torch.Tensor):
                 continue
-            full = value.full_tensor()
-            if owners[k] == sharding.rank:
-                entry[name] = full
-            else:
-                del entry[name]
-    return state_dict
+            if owner is not None and name in keys:
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                if owner == sharding.rank:
+                    entry[name] = full
+                else:
+                    del entry[name]
+            elif isinstance(p, DTensor) and not isinstance(value, DTensor) and \
+                    value.ndim > 0 and value.shape == p.shape:
+                entry[name] = distribute_tensor(value.to(p.to_local().device), p.device_mesh,
+                                                p.placements, src_data_rank=None)
+    return {**state_dict, "state": state}
 
 
 def _failure(exc: CheckpointException, fragment: str) -> str | None:

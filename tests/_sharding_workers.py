@@ -864,3 +864,35 @@ def torch_recipe_worker(rank: int, world: int, names: list[str], directory: str,
             results[(name, kind)] = full_params(model)
     if rank == 0:
         torch.save(results, Path(out))
+
+
+def plain_state_dict_worker(rank: int, world: int, names: list[str], saved: str, out: str
+                            ) -> None:
+    """Each optimizer under FSDP2 loads the model and the optimizer ``state_dict()`` that one
+    process saved (``torch.save``) after ``RESUME_AT`` steps (``saved``: ``{name: {"model",
+    "optim"}}``) with the optimizer's own ``load_state_dict``, and trains to ``STEPS`` with
+    the NaN scenario's gradients. Rank 0 writes the final parameters and whether any rank's
+    loaded dict was changed (a DTensor put into it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from sharding import OwnerSharding
+
+    results: dict[str, Any] = {}
+    for name, state in torch.load(saved, weights_only=False).items():
+        if name not in names:
+            continue
+        model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+        set_model_state_dict(model, state["model"],
+                             options=StateDictOptions(full_state_dict=True))
+        opt.load_state_dict(state["optim"])
+        untouched = not any(isinstance(v, DTensor) for entry in state["optim"]["state"].values()
+                            for v in entry.values())
+        for step in range(RESUME_AT, STEPS):
+            inject(model, step, bad="nan")
+            opt.step()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, untouched)
+        results[name] = {"params": full_params(model), "untouched": all(gathered)}
+    if rank == 0:
+        torch.save(results, Path(out))

@@ -527,3 +527,33 @@ def test_torch_fsdp2_checkpoint_recipe_loads_owner_state_and_continues_exactly(t
                     _assert_params_close(results[(name, kind)], want, (name, kind, world))
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_a_one_process_state_dict_loads_into_fsdp2_and_continues_exactly(tmp_path, world):
+    # torch.save(opt.state_dict()) of one process, loaded with load_state_dict under FSDP2 and
+    # OwnerSharding: its whole tensors passed the (global) shape check and the next step
+    # failed (Muon: size mismatch 7 vs 4; SOAP: mixed Tensor/DTensor in the AdamW moments).
+    # Now elementwise state is placed like its parameter and owner-only state kept whole on
+    # its owner.
+    names = ["muon", "normuon", "soap"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        saved = {}
+        for name in names:
+            model, opt = w.build(name, fsdp=False, sharding=None)
+            for step in range(w.RESUME_AT):
+                w.inject(model, step, bad="nan")
+                opt.step()
+            saved[name] = {"model": model.state_dict(), "optim": opt.state_dict()}
+        torch.save(saved, tmp_path / "plain.pt")
+        run_ranks(w.plain_state_dict_worker, world, tmp_path, names, str(tmp_path / "plain.pt"),
+                  str(tmp_path / "out.pt"), timeout=180)
+        results = torch.load(tmp_path / "out.pt")
+        for name in names:
+            _assert_params_close(results[name]["params"], w.reference(name, w.STEPS, bad="nan"),
+                                 (name, world))
+            assert results[name]["untouched"], name  # the caller's dict is left as it was
+    finally:
+        torch.set_num_threads(threads)
