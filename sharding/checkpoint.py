@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint import (
+    CheckpointException,
+    FileSystemReader,
+    FileSystemWriter,
+    TensorStorageMetadata,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -214,6 +219,34 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> N
         raise
 
 
+def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A template of the checkpoint's own param groups, for DCP to fill: every key its metadata
+    lists under ``optim.param_groups``, nested as saved (``nonfinite_skips`` by name), whether
+    the live groups have it or not. An LR scheduler's ``initial_lr`` saved with it is loaded, and
+    a key the checkpoint lacks (a scheduler made before the load; an older checkpoint without
+    ``nonfinite_skips``) is not asked for: ``load_state_dict`` takes it from the live group.
+    Without readable metadata (not a DCP checkpoint, or saved without DCP's flattening), the
+    live groups' keys, and ``dcp.load`` says what it finds."""
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception:
+        return copy.deepcopy(live)
+    paths = metadata.planner_data  # {flat key: its path in the saved dict}
+    if not isinstance(paths, dict):
+        return copy.deepcopy(live)
+    groups: dict[int, dict[str, Any]] = {}
+    for fqn, path in paths.items():
+        if tuple(path[:2]) != ("optim", "param_groups") or len(path) < 4:
+            continue
+        node = groups.setdefault(path[2], {})
+        for key in path[3:-1]:
+            node = node.setdefault(key, {})
+        item = metadata.state_dict_metadata.get(fqn)
+        node[path[-1]] = (torch.empty(item.size, dtype=item.properties.dtype)
+                          if isinstance(item, TensorStorageMetadata) else None)
+    return [groups.get(gi, {}) for gi in range(max(groups, default=-1) + 1)]
+
+
 def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load what :func:`save` wrote, at any world size (collective on every rank).
@@ -223,7 +256,9 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     DCP writes into the model's and the optimizer's own tensors (their state dicts share them),
     so the checkpoint's param groups are read and checked first
     (``optimizer.check_state_dict``): a refused checkpoint leaves model and optimizer as they
-    were. Shapes need no such step: DCP refuses a size mismatch while planning, before it reads.
+    were. The groups keep the keys they were saved with (an LR scheduler's ``initial_lr``), and
+    a key they lack takes the live group's value, as with ``load_state_dict``. Shapes need no
+    such step: DCP refuses a size mismatch while planning, before it reads.
 
     Raises:
         ValueError: on every rank, when the checkpoint lacks state this optimizer needs (it was
@@ -234,8 +269,9 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     optimizer.init_state()
     optim_state = optimizer.state_dict()
     # the groups alone first: a few small objects, and a collective plan every rank shares,
-    # so every rank refuses together; their template is a copy, the live groups stay
-    groups = {"optim": {"param_groups": copy.deepcopy(optim_state["param_groups"])}}
+    # so every rank refuses together; their template holds the checkpoint's keys (the live
+    # groups stay as they are), and check_state_dict completes them from the live groups
+    groups = {"optim": {"param_groups": _saved_groups(directory, optim_state["param_groups"])}}
     _dcp_load(groups, directory, optimizer)
     optim_state["param_groups"] = groups["optim"]["param_groups"]
     try:

@@ -896,3 +896,61 @@ def plain_state_dict_worker(rank: int, world: int, names: list[str], saved: str,
         results[name] = {"params": full_params(model), "untouched": all(gathered)}
     if rank == 0:
         torch.save(results, Path(out))
+
+
+def halving(epoch: int) -> float:
+    """An LR factor for ``LambdaLR``: halved every 2 steps. A LambdaLR made after a load with
+    ``last_epoch=k - 1`` resumes it exactly (its lr is ``initial_lr * halving(k)``)."""
+    return 0.5 ** (epoch // 2)
+
+
+def train(model: nn.Module, opt: Any, first: int, last: int, sched: Any = None) -> None:
+    """Steps [first, last) with the NaN scenario's gradients; ``sched`` steps after each."""
+    for step in range(first, last):
+        inject(model, step, bad="nan")
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def group_keys_worker(rank: int, world: int, name: str, directory: str, out: str) -> None:
+    """``sharding.checkpoint`` with param-group keys on one side only. "scheduled": saved
+    with a LambdaLR's ``initial_lr``, loaded into an optimizer without it, the scheduler made
+    after the load (it reads ``initial_lr``). "older": saved without a scheduler and with
+    groups lacking ``nonfinite_skips`` (as older checkpoints), loaded into an optimizer whose
+    scheduler was made before the load. Both then train to ``STEPS``; rank 0 writes the
+    parameters, the groups' ``initial_lr`` and the skip counts the ranks report."""
+    import torch.distributed.checkpoint as dcp
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from sharding import OwnerSharding, checkpoint
+
+    results: dict[str, Any] = {}
+    scheduled, older = Path(directory) / "scheduled", Path(directory) / "older"
+    model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+    train(model, opt, 0, RESUME_AT, LambdaLR(opt, halving))
+    checkpoint.save(scheduled, model, opt)
+    model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+    train(model, opt, 0, RESUME_AT)
+    opt.init_state()
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["nonfinite_skips"]
+    dcp.save({"model": model.state_dict(), "optim": state}, checkpoint_id=str(older))
+    for kind in ("scheduled", "older"):
+        model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+        sched = None
+        if kind == "scheduled":
+            checkpoint.load(scheduled, model, opt)
+            sched = LambdaLR(opt, halving, last_epoch=RESUME_AT - 1)
+        else:
+            LambdaLR(opt, halving)  # sets initial_lr; not stepped
+            checkpoint.load(older, model, opt)
+        initial = [g["initial_lr"] for g in opt.param_groups]
+        train(model, opt, RESUME_AT, STEPS, sched)
+        health: list[Any] = [None] * world
+        dist.all_gather_object(health, opt.health())
+        skips = {k: v["nonfinite_skips"] for h in health for k, v in h.items()}
+        results[kind] = {"params": full_params(model), "initial_lr": initial, "skips": skips}
+    if rank == 0:
+        torch.save(results, Path(out))

@@ -374,9 +374,12 @@ def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     result = torch.load(tmp_path / "twice.pt")
     assert all(o.startswith("FileExistsError") and "new directory" in o for o in result["outcomes"])
     _assert_params_close(result["loaded"], result["first"], "the first checkpoint, intact")
-    # a checkpoint of another optimizer: DCP's "Missing key" alone did not say so
-    assert all(o.startswith("ValueError") and "this Muon's state" in o
-               and "saved by another optimizer" in o for o in result["wrong"]), result["wrong"]
+    # a checkpoint of another optimizer: DCP's "Missing key" alone did not say so. Its
+    # groups are read with the keys they were saved with, and the group check names the
+    # algorithm they were saved for
+    assert all(o.startswith("ValueError") and "nothing was loaded" in o
+               and "saved for 'soap'" in o and "another optimizer" in o
+               for o in result["wrong"]), result["wrong"]
     # one whose tensors fit but whose groups do not: refused on every rank before DCP wrote
     # anything into the Muon's parameters or state
     assert all(o.startswith("ValueError") and "nothing was loaded" in o
@@ -557,3 +560,35 @@ def test_a_one_process_state_dict_loads_into_fsdp2_and_continues_exactly(tmp_pat
             assert results[name]["untouched"], name  # the caller's dict is left as it was
     finally:
         torch.set_num_threads(threads)
+
+
+def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_ones(tmp_path):
+    # load asked DCP for exactly the live groups' keys: a scheduler's initial_lr in the
+    # checkpoint was dropped (a LambdaLR made after the load raised KeyError), and a key the
+    # checkpoint lacks (initial_lr of a scheduler made before the load; nonfinite_skips of an
+    # older checkpoint, which load_state_dict takes as 0) was refused as "saved by another
+    # optimizer". Both resume at RESUME_AT and end as one uninterrupted process.
+    from torch.optim.lr_scheduler import LambdaLR
+
+    name = "normuon"
+    run_ranks(w.group_keys_worker, 2, tmp_path, name, str(tmp_path / "ckpt"),
+              str(tmp_path / "out.pt"), timeout=180)
+    results = torch.load(tmp_path / "out.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        model, opt = w.build(name, fsdp=False, sharding=None)
+        w.train(model, opt, 0, w.STEPS, LambdaLR(opt, w.halving))
+        scheduled = w.full_params(model)
+        plain = w.reference(name, w.STEPS, bad="nan")
+    finally:
+        torch.set_num_threads(threads)
+    # the saved initial_lr, and the live one (the scheduler made before the load): both the
+    # constructor's lr, as in the uninterrupted run
+    initial = [g["initial_lr"] for g in opt.param_groups]
+    assert results["scheduled"]["initial_lr"] == initial == results["older"]["initial_lr"]
+    _assert_params_close(results["scheduled"]["params"], scheduled, "scheduled")
+    # skips counted from 0 (none before RESUME_AT), as one process counts them
+    _assert_params_close(results["older"]["params"], plain, "older")
+    assert results["older"]["skips"][w.NAN_PARAM] == 1.0
+    assert results["older"]["skips"]["bias"] == 1.0
