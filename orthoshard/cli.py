@@ -47,6 +47,7 @@ def _sidecar(args: argparse.Namespace) -> int:
             rotation_hold_s=args.rotation_hold,
             history_max_rows=args.history_max_rows,
             max_body_bytes=args.max_body_bytes,
+            max_writes=args.max_writes,
         )
     except ValueError as exc:
         print(f"orthoshard sidecar: {exc}", file=sys.stderr)
@@ -91,6 +92,10 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     sidecar.add_argument(
         "--max-body-bytes", type=int, default=defaults.DEFAULT_MAX_BODY_BYTES,
         help="larger snapshots are refused with 413 (default %(default)s)",
+    )  # fmt: skip
+    sidecar.add_argument(
+        "--max-writes", type=int, default=defaults.DEFAULT_MAX_WRITES,
+        help="snapshots in flight at once; beyond, 503 with Retry-After (default %(default)s)",
     )  # fmt: skip
     sidecar.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from service.api import ingest, probes, state
@@ -21,6 +22,7 @@ from service.metrics import HealthCollector, build_registry
 from service.problems import BodyLimitMiddleware, install_problem_handlers
 from service.settings import Settings
 from service.store import Store
+from service.writes import WriteLane
 
 API_VERSION = "1.0.0"
 
@@ -37,8 +39,9 @@ def create_app(
         clock: Unix seconds, used for receive times and series expiry (tests inject a fake).
 
     Returns:
-        The app, with ``app.state.settings``, ``.store``, ``.collector`` and ``.registry`` (a
-        fresh private ``CollectorRegistry`` per app).
+        The app, with ``app.state.settings``, ``.store``, ``.writes`` (the bounded lane of
+        store writes), ``.collector`` and ``.registry`` (a fresh private ``CollectorRegistry``
+        per app).
     """
     owned = store is None
     if store is None:
@@ -66,6 +69,9 @@ def create_app(
     app.state.store = store
     app.state.clock = clock
     app.state.collector = collector
+    app.state.writes = WriteLane(settings.max_writes)
+    # /metrics renders on threads of its own: never behind requests waiting for the database
+    app.state.metrics_threads = anyio.CapacityLimiter(2)
     app.state.registry = build_registry(collector)
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

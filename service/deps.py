@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, store, collector, clock and the bearer-token check.
+"""FastAPI dependencies: settings, store, write lane, collector, clock and the token check.
 
 Each reads what ``create_app`` put on ``app.state``; tests replace any of them with
 ``app.dependency_overrides[get_store] = ...`` instead of patching globals.
@@ -17,6 +17,7 @@ from service.auth import token_problem
 from service.metrics import HealthCollector
 from service.settings import Settings
 from service.store import Store
+from service.writes import WriteLane
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -41,6 +42,12 @@ def get_collector(request: Request) -> HealthCollector:
     """The collector behind ``/metrics`` (registered on the app's private registry)."""
     collector: HealthCollector = request.app.state.collector
     return collector
+
+
+def get_writes(request: Request) -> WriteLane:
+    """The lane store writes run on (bounded; see service.writes)."""
+    writes: WriteLane = request.app.state.writes
+    return writes
 
 
 def get_clock(request: Request) -> Callable[[], float]:
@@ -69,5 +76,6 @@ def require_token(
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CollectorDep = Annotated[HealthCollector, Depends(get_collector)]
+WritesDep = Annotated[WriteLane, Depends(get_writes)]
 ClockDep = Annotated[Callable[[], float], Depends(get_clock)]
 Authenticated = Depends(require_token)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.schema import Problem
+from service.store import Abandoned, StoreBusy
 
 MEDIA_TYPE = "application/problem+json"
 _log = logging.getLogger("orthoshard.sidecar")
@@ -48,6 +49,19 @@ class ProblemError(HTTPException):
         super().__init__(status_code=status, detail=detail, headers=dict(headers or {}))
         self.slug = slug
         self.extra = extra
+
+
+#: ``Retry-After`` (seconds) of a 503 for a busy database: a lock another process holds, or
+#: writes queued beyond the limit, clears in about a write's wait (``store.WRITE_WAIT_S``).
+BUSY_RETRY_AFTER_S = 1
+
+
+def storage_unavailable(detail: str, *, retry_after_s: int = BUSY_RETRY_AFTER_S) -> ProblemError:
+    """503 ``storage-unavailable`` with ``Retry-After``: the database cannot take the request
+    now; nothing was stored, and sending it again later is right."""
+    return ProblemError(503, f"The database cannot serve this now ({detail}); nothing was "
+                        f"stored: try again later.", slug="storage-unavailable",
+                        headers={"Retry-After": str(retry_after_s)})
 
 
 def problem_response(
@@ -143,6 +157,13 @@ def _is_json(media_type: str) -> bool:
         media_type.startswith("application/") and media_type.endswith("+json"))
 
 
+async def _store_busy(request: Request, exc: Exception) -> JSONResponse:
+    """A store that stayed busy (:class:`StoreBusy`), or a write whose client had gone
+    (:class:`Abandoned`; nobody reads this answer): 503 with ``Retry-After``."""
+    detail = str(exc) if isinstance(exc, StoreBusy) else "the client had gone"
+    return await _http_error(request, storage_unavailable(detail))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     _log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     # Starlette raises the error again after this answer and uvicorn then drops the
@@ -155,6 +176,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     """Route every error through problem details."""
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StoreBusy, _store_busy)
+    app.add_exception_handler(Abandoned, _store_busy)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -44,7 +44,9 @@ _SOCKET_MODE = 0o666
 
 #: Seconds a SIGINT/SIGTERM leaves in-flight requests to finish before their connections are
 #: closed: a client that stalls mid-body (a trainer that died while posting) must not keep the
-#: sidecar up. A second signal stops at once.
+#: sidecar up. A second signal stops at once. The store's close then takes at most
+#: ``store.CLOSE_WAIT_S`` more, also while another process holds the database locked (a write
+#: waits at most ``store.WRITE_WAIT_S``, so none in flight outlasts the grace).
 SHUTDOWN_GRACE_S = 5.0
 
 

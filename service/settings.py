@@ -27,6 +27,11 @@ DEFAULT_HISTORY_MAX_ROWS = 2_000_000
 #: Default bound on one request body. A rank owning 5000 matrices with full state summaries
 #: encodes to about 4 MB; 16 MiB leaves room without letting one client exhaust memory.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Default bound on writes (snapshots, finishes) in flight at once; beyond it a write is answered
+#: 503 at once. Twice the ranks of an 8-GPU node, so the snapshots all ranks post at the same
+#: step never meet it while the database keeps up; far below the 40 worker threads other
+#: requests share.
+DEFAULT_MAX_WRITES = 16
 #: RFC 6750 section 2.1 ``b64token``: what ``Authorization: Bearer <token>`` can carry, these
 #: characters then optional trailing ``=``. A token outside it (non-ASCII, quotes, spaces) could
 #: never be sent by a client, so every request would be refused: it is refused at start instead.
@@ -49,6 +54,7 @@ class Settings:
             (at least the scrape interval; 0 exports the latest step only).
         history_max_rows: history rows kept; the oldest are pruned beyond it.
         max_body_bytes: larger request bodies are refused with 413 before parsing.
+        max_writes: writes in flight at once (the rest are answered 503 with Retry-After).
     """
 
     token: str
@@ -60,6 +66,7 @@ class Settings:
     rotation_hold_s: float = DEFAULT_ROTATION_HOLD_S
     history_max_rows: int = DEFAULT_HISTORY_MAX_ROWS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_writes: int = DEFAULT_MAX_WRITES
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -84,6 +91,8 @@ class Settings:
             raise ValueError(f"history_max_rows must be >= 1, got {self.history_max_rows}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_writes < 1:
+            raise ValueError(f"max_writes must be >= 1, got {self.max_writes}")
         if self.uds is not None and not self.uds:
             raise ValueError("uds must be a socket path or None")
         if not self.db_path:

@@ -89,6 +89,15 @@ _MERGE_CHUNK = 10_000
 #: ingests held writers for 25-31 ms (median; at most 53) per RESTART with 2, 41-48 ms (at most
 #: 97) with none; ingest p99 53 against 68-71 ms.
 _CATCH_UP_PASSES = 2
+#: Longest a write (an ingest, a finish, a merge) waits for the database: for the store's lock,
+#: then for SQLite's write lock (another process's transaction). Half the Publisher's default
+#: 2 s timeout, so that its client is answered 503 (and retries later) before it gives up on
+#: the request; what normally holds the lock, a merge chunk or a RESTART checkpoint, takes
+#: ~0.1-0.2 s at most (see _MERGE_CHUNK and _CATCH_UP_PASSES).
+WRITE_WAIT_S = 1.0
+#: Longest :meth:`Store.close` waits for the database before it leaves the pending rows to the
+#: next start (the sidecar then stops anyway: SIGTERM must end it while a database is locked).
+CLOSE_WAIT_S = 2.0
 _log = logging.getLogger("orthoshard.sidecar.store")
 
 
@@ -98,6 +107,15 @@ class UnknownRank(LookupError):
 
 class OtherRun(ValueError):
     """A rank whose latest snapshot belongs to another run than the one named."""
+
+
+class StoreBusy(RuntimeError):
+    """The database stayed locked for :data:`WRITE_WAIT_S` (by another process's transaction,
+    or a write stalled on the disk), or the store is closing: nothing was written; try later."""
+
+
+class Abandoned(RuntimeError):
+    """The client of a write had gone when its turn came: nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +195,7 @@ class Store:
         # path is a plain file name as before
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
         self._checkpointer: _Checkpointer | None = None
+        self._closing = False  # close() began: writes waiting for their turn give up
         self._prepared = False  # the tables exist (a store that failed to open merges nothing)
         self._ranks: dict[int, RankRecord] = {}
         self._params: dict[str, ParamRecord] = {}
@@ -184,6 +203,9 @@ class Store:
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
         try:
             wal = self._prepare()
+            # from here on a write waits for SQLite's lock in _transaction, which gives up at
+            # its deadline (SQLite's own busy wait, 5 s, cannot be cut short by a close)
+            self._db.execute("PRAGMA busy_timeout = 0")
             self._prepared = True
             if wal:  # a file database (an in-memory one has no WAL)
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
@@ -275,12 +297,57 @@ class Store:
         self._names = sorted(self._params)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _turn(self, abandoned: Callable[[], bool] | None = None) -> Iterator[float]:
+        """Hold ``_db_lock`` for one use of the connection; yields the deadline of its
+        :meth:`_transaction`.
+
+        Raises:
+            StoreBusy: the lock was not free within :data:`WRITE_WAIT_S`, or the store is
+                closing (a write that waited for its turn does not start during a close).
+            Abandoned: ``abandoned()`` said the client had gone once the lock was held.
+        """
+        deadline = time.monotonic() + WRITE_WAIT_S
+        if self._closing or not self._db_lock.acquire(timeout=WRITE_WAIT_S):
+            raise StoreBusy(f"the database stayed busy for {WRITE_WAIT_S} s"
+                            if not self._closing else "the store is closing")
+        try:
+            if self._closing:
+                raise StoreBusy("the store is closing")
+            if abandoned is not None and abandoned():
+                raise Abandoned()
+            yield deadline
+        finally:
+            self._db_lock.release()
+
+    def _begin(self, deadline: float | None) -> None:
+        """``BEGIN IMMEDIATE``, tried again while another connection holds the write lock,
+        until ``deadline`` (monotonic; default :data:`WRITE_WAIT_S` from now).
+
+        Raises:
+            StoreBusy: the write lock was still held at the deadline.
+        """
+        deadline = time.monotonic() + WRITE_WAIT_S if deadline is None else deadline
+        pause = 0.001
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise StoreBusy("another connection held the database's write lock for "
+                                    f"{WRITE_WAIT_S} s") from exc
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)  # SQLite's own busy handler backs off likewise
+
+    @contextmanager
+    def _transaction(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction, committed when the block ends. The caller holds ``_db_lock``
         around it and changes the mirror only after it: a COMMIT that fails (a full disk: WAL
         pages are written at commit) raises here, and the mirror must not show what the
-        database does not hold."""
-        self._db.execute("BEGIN IMMEDIATE")
+        database does not hold. ``deadline``: see :meth:`_begin`."""
+        self._begin(deadline)
         try:
             yield self._db
             self._db.execute("COMMIT")
@@ -291,12 +358,19 @@ class Store:
         if self._checkpointer is not None:
             self._checkpointer.notify()
 
-    def ingest(self, snap: Snapshot) -> int:
-        """Store one accepted snapshot durably, then update the mirror. Returns params stored."""
+    def ingest(self, snap: Snapshot, *, abandoned: Callable[[], bool] | None = None) -> int:
+        """Store one accepted snapshot durably, then update the mirror. Returns params stored.
+
+        Raises:
+            StoreBusy: the database stayed locked for :data:`WRITE_WAIT_S` (nothing stored).
+            Abandoned: ``abandoned()``, asked once the snapshot's turn came, was True (its
+                client gave up waiting and will send it again; nothing stored).
+        """
         now = self._clock()
         opt = snap.optimizer.model_dump(mode="json") if snap.optimizer else None
         states: dict[str, Any] = opt.pop("state", {}) if opt else {}
-        with self._db_lock:  # the writers, one at a time: the mirror changes only under it
+        # the writers, one at a time: the mirror changes only under the lock
+        with self._turn(abandoned) as deadline:
             with self._lock:
                 prev = self._ranks.get(snap.rank)
                 # a snapshot without a summary keeps its run's last one, never another run's
@@ -319,7 +393,7 @@ class Store:
                     self._param_record(snap, now, name, metrics, states.get(name))
                     for name, metrics in snap.params.items()
                 ]
-            with self._transaction() as db:
+            with self._transaction(deadline) as db:
                 self._write(db, rank_rec, records)
             with self._lock:
                 self._apply(rank_rec, records)
@@ -334,8 +408,9 @@ class Store:
             UnknownRank: no snapshot from ``rank`` was ever received.
             OtherRun: ``rank``'s latest snapshot belongs to another run (a late finish of an
                 earlier run must not hide a running one).
+            StoreBusy: the database stayed locked for :data:`WRITE_WAIT_S`.
         """
-        with self._db_lock:
+        with self._turn() as deadline:
             with self._lock:
                 prev = self._ranks.get(rank)
             if prev is None:
@@ -343,7 +418,7 @@ class Store:
             if prev.run_id != run_id:
                 raise OtherRun(prev.run_id)
             rec = dataclasses.replace(prev, finished_at=self._clock())
-            with self._transaction() as db:
+            with self._transaction(deadline) as db:
                 db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?",
                            (rec.finished_at, rank))
             with self._lock:
@@ -398,11 +473,12 @@ class Store:
         if self._checkpointer is None:
             self._merge_into(db)
 
-    def _merge(self, limit: int | None = None) -> bool:
+    def _merge(self, limit: int | None = None, *, deadline: float | None = None) -> bool:
         """Move ``pending`` into ``history`` and ``params``, the ``limit`` oldest rows (all:
         None) in one transaction. Returns whether rows are left. The store's thread merges
         :data:`_MERGE_CHUNK` rows at a time every ``merge_interval_s`` (writers wait for one
-        chunk, not for all that piled up); a history read or the store's close merges all."""
+        chunk, not for all that piled up); a history read or the store's close merges all.
+        ``deadline``: see :meth:`_begin` (StoreBusy when the database stays locked)."""
         with self._db_lock:
             if not self._prepared or self._db is None:
                 return False
@@ -410,7 +486,7 @@ class Store:
             if first is None:
                 return False
             upto = last if limit is None else min(last, first + limit - 1)
-            with self._transaction() as db:
+            with self._transaction(deadline) as db:
                 self._merge_into(db, upto)
             return upto < last
 
@@ -489,9 +565,13 @@ class Store:
         self, name: str, *, run_id: str, from_step: int, to_step: int, limit: int
     ) -> list[HistoryRow]:
         """History of ``name`` in ``run_id`` for steps in [from_step, to_step], by step. There
-        is one point per step, so a page cut before step s is continued exactly by from_step=s."""
-        with self._db_lock:
-            self._merge()
+        is one point per step, so a page cut before step s is continued exactly by from_step=s.
+
+        Raises:
+            StoreBusy: the connection stayed busy for :data:`WRITE_WAIT_S`.
+        """
+        with self._turn() as deadline:
+            self._merge(deadline=deadline)
             rows = self._db.execute(
                 "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
                 "run_id = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
@@ -505,19 +585,33 @@ class Store:
             self._merge()
             return int(self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
 
-    def close(self) -> None:
-        """Close the database (idempotent). The checkpointer stops first: the last connection's
-        close copies what is left of the WAL into the database file and removes the WAL."""
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Close the database (idempotent), within about ``timeout_s`` even when another
+        process holds it locked. The checkpointer stops first: the last connection's close
+        copies what is left of the WAL into the database file and removes the WAL.
+
+        Writes waiting for their turn give up (:class:`StoreBusy`). When the database stays
+        busy past ``timeout_s`` the connection is left open for the exiting process (what is
+        committed is safe; what is pending merges at the next start) and a warning says so."""
+        deadline = time.monotonic() + timeout_s
+        self._closing = True
         if self._checkpointer is not None:
-            self._checkpointer.close()
-        with self._db_lock:
+            self._checkpointer.close(timeout_s)
+        if not self._db_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            _log.warning("the database stayed busy for %.1f s at close: stopping without "
+                         "closing it (nothing committed is lost; the next start merges the "
+                         "pending snapshots)", timeout_s)
+            return
+        try:
             if self._db is not None:
                 try:
-                    self._merge()
-                except sqlite3.Error as exc:  # kept in pending: the next start merges it
+                    self._merge(deadline=deadline)
+                except (sqlite3.Error, StoreBusy) as exc:  # kept in pending: merged next start
                     _log.warning("could not merge the last snapshots at close: %s", exc)
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
+        finally:
+            self._db_lock.release()
 
 
 class _Checkpointer:
@@ -568,7 +662,10 @@ class _Checkpointer:
         self._unmerged = False
         self._interval = interval_s
         self.restart_frames = restart_frames
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
+        # its RESTART waits for SQLite's lock (while writers wait for _db_lock) no longer than a
+        # write would
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True,
+                                   timeout=WRITE_WAIT_S)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -603,7 +700,7 @@ class _Checkpointer:
                         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     with self._lock:
                         self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StoreBusy) as exc:
                 self._unmerged = True  # try the merge again at the next interval
                 self._failures += 1
                 if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
@@ -611,10 +708,12 @@ class _Checkpointer:
                                  "%s", self._failures, exc)
             self._stopping.wait(self._interval)
 
-    def close(self) -> None:
-        """Stop the thread (after the checkpoint it is running, if any) and close its
-        connection (idempotent)."""
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Stop the thread (after the merge or checkpoint it is running, if any, for at most
+        ``timeout_s``) and close its connection (idempotent; left to the exiting process when
+        the thread is still in SQLite at the deadline)."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join()
-        self._db.close()
+        self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._db.close()

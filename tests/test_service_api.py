@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sqlite3
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +24,7 @@ with warnings.catch_warnings():
 
 from service import Settings, create_app
 from service.deps import get_clock, get_store
-from service.store import Store
+from service.store import WRITE_WAIT_S, Store
 
 PROBLEM = "application/problem+json"
 T0 = 1_700_000_000.0
@@ -724,3 +727,57 @@ def test_a_summary_stored_before_names_refused_c1_controls_is_still_served(clien
     assert r.status_code == 200, r.text
     groups = r.json()["ranks"][0]["optimizer"]["groups"]
     assert groups[0]["params"] == ["layer\\x9bweight"]  # written out, not a terminal escape
+
+
+# ------------------------------------------------------------------------------ a locked database
+
+#: More writes at once than the 40 worker threads every route shared before the write lane.
+_LOCKED_WRITES = 48
+#: Hang guard, not a speed bound: a probe answers in milliseconds; one that waits behind the
+#: writes waits until the database is unlocked, which this test does only after the guard.
+_HANG_GUARD_S = 3.0
+
+
+def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
+    tmp_path: Any, token: str, clock: FakeClock
+) -> None:
+    # every ingest held a thread of the shared pool for SQLite's 5 s busy wait; with the
+    # publishers' retries every thread waited, and /healthz and /metrics with them (Prometheus
+    # saw up == 0). Now writes beyond max_writes are refused at once, the rest give up after
+    # WRITE_WAIT_S, both with 503 + Retry-After, and the probes wait for none of them.
+    db = str(tmp_path / "s.db")
+    app = create_app(Settings(token=token, db_path=db), store=Store(db, history_max_rows=100,
+                                                                    clock=clock), clock=clock)
+    with TestClient(app) as c:
+        c.headers["Authorization"] = f"Bearer {token}"
+        assert post(c, snapshot(step=1)).status_code == 201
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        try:
+            posts = [_in_thread(lambda s=s: post(c, snapshot(step=s)))
+                     for s in range(2, 2 + _LOCKED_WRITES)]
+            time.sleep(WRITE_WAIT_S / 2)  # the writes are in (or refused)
+            probes = [_in_thread(lambda p=p: c.get(p)) for p in ("/healthz", "/readyz", "/metrics")]
+            for thread, _ in probes + posts:
+                thread.join(_HANG_GUARD_S + WRITE_WAIT_S)
+            answered = [out[0] for _, out in probes]
+            assert [r.status_code for r in answered] == [200, 200, 200]
+            assert 'orthoshard_optimizer_step{rank="0"} 1.0' in answered[2].text
+            refused = [out[0] for _, out in posts]
+            assert len(refused) == _LOCKED_WRITES
+            for r in refused:
+                body = assert_problem(r, 503)
+                assert body["type"] == "urn:orthoshard:problem:storage-unavailable"
+                assert r.headers["retry-after"] == "1"
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert post(c, snapshot(step=60)).status_code == 201  # nothing was left waiting
+        assert c.get("/v1/optimizer").json()["ranks"][0]["snapshots_received"] == 2

@@ -13,8 +13,10 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from conftest import ROOT, require_tool
 
 from service.client import Publisher
 from service.server import SHUTDOWN_GRACE_S
-from service.store import Store
+from service.store import CLOSE_WAIT_S, Store
 
 pytestmark = pytest.mark.multiprocess
 
@@ -430,6 +432,44 @@ def test_a_client_stalled_mid_body_does_not_keep_the_sidecar_up(
         (Path(sidecar.uds).parent / "sidecar.log").read_text()
     assert waited == (len(signals) == 1)
     again = start_sidecar(Path(sidecar.uds).parent)  # same database and socket path: reusable
+    assert again.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_stops_the_sidecar_while_another_process_holds_the_database_locked(
+    sidecar: Sidecar,
+) -> None:
+    """Publishers that time out and post again while the database is locked by another
+    process: SIGTERM used to wait for each queued write's 5 s busy wait, then for the store's
+    close (minutes). Now the sidecar ends within the grace period and the store's close
+    deadline, and what was accepted before the lock is still there at the next start."""
+    db = Path(sidecar.uds).parent / "state.db"
+    snap = {"schema_version": 1, "run_id": "r", "rank": 0, "step": 1, "wall_time": 1e9,
+            "params": health(1)}
+    with sidecar.client() as c:
+        assert c.post("/v1/snapshots", json=snap).status_code == 201
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        def impatient(step: int) -> None:  # gives up after the Publisher's default 2 s
+            with contextlib.suppress(httpx.HTTPError), sidecar.client() as c:
+                c.post("/v1/snapshots", json={**snap, "step": step}, timeout=2.0)
+
+        posters = [threading.Thread(target=impatient, args=(s,), daemon=True)
+                   for s in range(2, 22)]
+        for t in posters:
+            t.start()
+        time.sleep(1.0)  # the writes are waiting for the database
+        sidecar.proc.send_signal(signal.SIGTERM)
+        # a hang guard: the grace and the close deadline, plus 3 s for the interpreter to exit
+        status = sidecar.proc.wait(timeout=SHUTDOWN_GRACE_S + CLOSE_WAIT_S + 3.0)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert status == 0
+    again = start_sidecar(Path(sidecar.uds).parent)
+    with again.client() as c:
+        assert c.get("/v1/optimizer").json()["ranks"][0]["step"] == 1
     assert again.stop() == 0
 
 

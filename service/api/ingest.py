@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Request, status
 
 from service.api.state import rank_state
-from service.deps import Authenticated, StoreDep
+from service.deps import Authenticated, StoreDep, WritesDep
 from service.problems import ProblemError, problem_responses
 from service.schema import Accepted, Finish, RankState, Snapshot
 from service.store import OtherRun, UnknownRank
@@ -19,17 +19,21 @@ router = APIRouter(prefix="/v1", tags=["ingest"], dependencies=[Authenticated])
     "/snapshots",
     status_code=status.HTTP_201_CREATED,
     summary="Ingest a snapshot (schema v1)",
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses=problem_responses(400, 401, 413, 415, 422, 503),
 )
-def post_snapshot(snapshot: Snapshot, store: StoreDep) -> Accepted:
+async def post_snapshot(
+    snapshot: Snapshot, store: StoreDep, writes: WritesDep, request: Request
+) -> Accepted:
     """Validate and store a snapshot; it is durable in SQLite before the 201 is sent.
 
     Refused with nothing stored: malformed JSON (400), a body over the size limit (413), a body
     not sent as ``application/json`` (415),
     unknown ``schema_version``, unknown fields, wrong types, NaN/Infinity tokens or collections
-    over their bounds (422), a missing or wrong token (401).
+    over their bounds (422), a missing or wrong token (401); the database busy (locked by
+    another process for ``store.WRITE_WAIT_S``, or ``max_writes`` writes already waiting for
+    it): 503 ``storage-unavailable`` with ``Retry-After``.
     """
-    stored = store.ingest(snapshot)
+    stored = await writes.run(store.ingest, snapshot, request=request)
     return Accepted(
         run_id=snapshot.run_id, rank=snapshot.rank, step=snapshot.step, params_stored=stored
     )
@@ -38,17 +42,18 @@ def post_snapshot(snapshot: Snapshot, store: StoreDep) -> Accepted:
 @router.post(
     "/ranks/{rank}/finish",
     summary="Say a rank's run ended normally",
-    responses=problem_responses(400, 401, 404, 409, 413, 415, 422),
+    responses=problem_responses(400, 401, 404, 409, 413, 415, 422, 503),
 )
-def finish_rank(
-    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep
+async def finish_rank(
+    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep, writes: WritesDep
 ) -> RankState:
     """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's
     ``orthoshard_last_snapshot_timestamp_seconds`` leaves ``/metrics``, so a run that finished
     does not page as a stale rank. Its next snapshot (a new or resumed run) clears the mark.
-    404: no snapshot from this rank yet; 409: its latest snapshot is of another run."""
+    404: no snapshot from this rank yet; 409: its latest snapshot is of another run; 503: the
+    database is busy (as for a snapshot)."""
     try:
-        r = store.finish(rank, body.run_id)
+        r = await writes.run(store.finish, rank, body.run_id)
     except UnknownRank as exc:
         raise ProblemError(404, f"No snapshot from rank {rank} yet.", slug="unknown-rank") from exc
     except OtherRun as exc:

@@ -1,8 +1,14 @@
-"""Open endpoints: liveness, readiness and the Prometheus exposition."""
+"""Open endpoints: liveness, readiness and the Prometheus exposition.
+
+None of them waits for the database: the probes answer on the event loop, ``/metrics`` renders
+the in-memory state on threads of its own (``app.state.metrics_threads``), so a database that
+stalls writes (and the requests waiting for it) never makes Prometheus see the sidecar down.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import anyio.to_thread
+from fastapi import APIRouter, Request, Response
 
 from service.deps import CollectorDep, StoreDep
 from service.metrics import CONTENT_TYPE
@@ -16,7 +22,7 @@ router = APIRouter(tags=["probes"])
 # ids there).
 @router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", summary="Liveness: the process answers")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """Always 200 while the process serves requests."""
     return {"status": "ok"}
 
@@ -25,7 +31,7 @@ def healthz() -> dict[str, str]:
 @router.get(
     "/readyz", summary="Readiness: a snapshot has been accepted", responses=problem_responses(503)
 )
-def readyz(store: StoreDep) -> dict[str, str]:
+async def readyz(store: StoreDep) -> dict[str, str]:
     """200 once any snapshot was accepted (also one stored before a restart), else 503."""
     if not store.ready:
         raise ProblemError(503, "No snapshot has been received yet.", slug="not-ready")
@@ -39,7 +45,7 @@ _OTHER_METHODS = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # route's: the probes answer every other method themselves, naming both.
 @router.api_route("/healthz", methods=_OTHER_METHODS, include_in_schema=False)
 @router.api_route("/readyz", methods=_OTHER_METHODS, include_in_schema=False)
-def probe_method_not_allowed() -> None:
+async def probe_method_not_allowed() -> None:
     raise ProblemError(405, "Method Not Allowed", headers={"Allow": "GET, HEAD"})
 
 
@@ -49,6 +55,8 @@ def probe_method_not_allowed() -> None:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
 )
-def metrics(collector: CollectorDep) -> Response:
+async def metrics(collector: CollectorDep, request: Request) -> Response:
     """Text format 0.0.4, read from the current state at request time (see service.metrics)."""
-    return Response(collector.render(), media_type=CONTENT_TYPE)
+    body = await anyio.to_thread.run_sync(collector.render,
+                                          limiter=request.app.state.metrics_threads)
+    return Response(body, media_type=CONTENT_TYPE)
