@@ -123,6 +123,19 @@ def default_run_id() -> str:
 _STORE_BYTES_PER_S = 250_000
 
 
+def _check_url(url: str) -> None:
+    """Refuse a ``url`` that is not ``http(s)://host:port`` (without a port, httpx posts to 80
+    or 443, where no sidecar listens)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # a port that is no number, or out of range
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ValueError(f"url must be the sidecar's http(s)://host:port with its port (e.g. "
+                         f"{DEFAULT_URL}), got {url!r}")
+
+
 # Every Publisher of this process, for the fork hook below.
 _LIVE: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
@@ -166,9 +179,12 @@ class Publisher:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if url is not None:
-            parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"url must be the sidecar's http(s)://host:port, got {url!r}")
+            _check_url(url)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or \
+                not 0 < timeout_s < math.inf:
+            # 0, a negative or NaN timeout failed every send later, in the background
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0 (the default is "
+                             f"2.0), got {timeout_s!r}")
         if not 0 < backoff_s[0] <= backoff_s[1]:
             raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
         if token is not None and (where := token_error(token)) is not None:
@@ -284,7 +300,9 @@ class Publisher:
             _log.exception("publish failed; snapshot dropped")
 
     def close(self, timeout_s: float = 5.0, *, finished: bool = False) -> bool:
-        """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent.
+        """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent:
+        every snapshot published was accepted by the sidecar (False when any was dropped,
+        refused, e.g. for a wrong token, or could not be encoded).
 
         ``finished=True`` (the training loop ended normally) then tells the sidecar that each
         rank published for has finished its run (``POST /v1/ranks/{rank}/finish``), so the
@@ -310,15 +328,19 @@ class Publisher:
                     self._send_finishes(sorted(self._ranks))
                 finally:
                     self._client.close()
-            return (self._unsent == 0 and not self._finish_failed and not self._thread.is_alive()
+            return (self._all_sent() and not self._finish_failed and not self._thread.is_alive()
                     and (self._finish_sent or not finished))
         self._thread.join(timeout_s + 1.0)
         with self._cond:
             left = len(self._queue)
             self.stats.dropped += left
             self._queue.clear()
-            return (left == 0 and self._unsent == 0 and not self._finish_failed
+            return (left == 0 and self._all_sent() and not self._finish_failed
                     and not self._thread.is_alive())
+
+    def _all_sent(self) -> bool:
+        """Every snapshot published was accepted: none dropped, refused or unencodable."""
+        return self.stats.sent == self.stats.published
 
     def __enter__(self) -> Publisher:
         return self

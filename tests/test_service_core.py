@@ -752,7 +752,7 @@ def test_publisher_drops_the_oldest_when_full_and_counts() -> None:
     for step in range(1, 10):
         pub.publish(step=step, rank=0, params={})
     handler.release()
-    assert pub.close(timeout_s=5)
+    assert pub.close(timeout_s=5) is False  # six were dropped: not all was sent
     assert [b["step"] for b in handler.bodies] == [0, 7, 8, 9]
     assert (pub.stats.published, pub.stats.sent, pub.stats.dropped) == (10, 4, 6)
     assert accounted(pub)
@@ -779,7 +779,7 @@ def test_a_failed_send_is_dropped_as_the_oldest_when_newer_ones_filled_the_queue
     pub.publish(step=1, rank=0, params={})
     pub.publish(step=2, rank=0, params={})  # the queue is full while step 0 is in flight
     handler.release()                       # step 0 fails: no room to retry it
-    assert pub.close(timeout_s=10)
+    assert pub.close(timeout_s=10) is False  # a send was dropped
     assert [b["step"] for b in handler.bodies] == [1, 2]
     assert (pub.stats.sent, pub.stats.dropped, pub.stats.failures) == (2, 1, 1)
     assert accounted(pub)
@@ -803,7 +803,7 @@ def test_a_refusal_repeating_every_step_is_logged_sparingly(caplog) -> None:
     with caplog.at_level("WARNING", logger="orthoshard.publisher"):
         for step in range(150):
             pub.publish(step=step, rank=0, params={})
-        assert pub.close(timeout_s=10) is True  # every snapshot ended (refused), none left
+        assert pub.close(timeout_s=10) is False  # every snapshot ended refused: none sent
     assert pub.stats.rejected == 150 and accounted(pub)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all("HTTP 401" in line for line in lines)
@@ -898,7 +898,7 @@ def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
     finally:
         stop.set()
         thread.join()
-    assert pub.close(timeout_s=10)
+    pub.close(timeout_s=10)  # False when the hammer overflowed the queue
     assert all(body["rank"] == 0 for body in handler.bodies)
     assert not any(path.endswith("/finish") for path in handler.paths)
 
@@ -944,7 +944,7 @@ def test_only_integer_steps_and_ranks_are_sent() -> None:
     pub.publish(step=2.5, rank=0, params={"w": {"x": 9.0}})  # type: ignore[arg-type]
     pub.publish(step=3, rank=0.0, params={"w": {"x": 9.0}})  # type: ignore[arg-type]
     pub.publish(step=IntLike(4), rank=IntLike(1), params={})  # type: ignore[arg-type]
-    assert pub.close(timeout_s=5, finished=True) is True
+    assert pub.close(timeout_s=5, finished=True) is False  # the non-integers were refused
     assert [(b["step"], b["rank"]) for b in rec.bodies if "params" in b] == [(2, 0), (4, 1)]
     assert (pub.stats.rejected, pub.stats.sent) == (2, 2) and accounted(pub)
 
@@ -1003,7 +1003,7 @@ def test_no_value_stops_the_sender_and_each_bad_one_is_counted_and_logged(caplog
             pub.publish(rank=0, **item)  # type: ignore[arg-type]
         for step in range(10, 13):
             pub.publish(step=step, rank=0, params={"w": {"orthogonality_error": 0.1}})
-        assert pub.close(timeout_s=5)
+        assert pub.close(timeout_s=5) is False  # the bad ones were refused
     assert [b["step"] for b in rec.bodies] == [10, 11, 12]
     assert (pub.stats.rejected, pub.stats.sent) == (5, 3) and accounted(pub)
     (first,) = [r.getMessage() for r in caplog.records if "step inf" in r.getMessage()]
@@ -1024,7 +1024,7 @@ def test_a_send_that_raises_unexpectedly_is_counted_and_the_sender_goes_on(caplo
     with caplog.at_level("ERROR", logger="orthoshard.publisher"):
         for step in range(3):
             pub.publish(step=step, rank=0, params={})
-        assert pub.close(timeout_s=5)
+        assert pub.close(timeout_s=5) is False  # the one that raised was not sent
     assert calls == [0, 1, 2] and (pub.stats.rejected, pub.stats.sent) == (1, 2)
     assert accounted(pub)
     assert any("step 0 failed unexpectedly" in r.getMessage() for r in caplog.records)
@@ -1044,7 +1044,7 @@ def test_publish_never_waits_for_the_sender_and_does_no_io() -> None:
         pub.publish(step=step, rank=0, params=params)
     assert (pub.stats.published, pub.stats.dropped, pub.stats.sent) == (200, 199 - 16, 0)
     handler.release()
-    assert pub.close(timeout_s=10)
+    assert pub.close(timeout_s=10) is False  # 183 were dropped
     assert [b["step"] for b in handler.bodies] == [0, *range(184, 200)]
     assert threading.get_ident() not in handler.threads and len(handler.threads) == 1
     assert accounted(pub)
@@ -1104,8 +1104,42 @@ def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
     assert default_run_id() == "a1b2c3"
 
 
-@pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar"])
+@pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar",
+                                 "http://127.0.0.1", "https://sidecar/", "http://host:port"])
 def test_publisher_refuses_a_url_it_could_never_post_to(url: str) -> None:
     # refused when built, not retried forever in the background with a log line per failure
     with pytest.raises(ValueError, match=r"http\(s\)://host:port"):
         Publisher(url=url)
+
+
+@pytest.mark.parametrize("timeout_s", [0, 0.0, -1.0, None, math.nan, math.inf, True, "2"])
+def test_publisher_refuses_a_timeout_no_send_could_meet(timeout_s: object) -> None:
+    # 0, a negative, None or NaN timeout was taken and failed every send in the background
+    with pytest.raises(ValueError, match=r"timeout_s must be a finite number of seconds > 0"):
+        Publisher(run_id="r", timeout_s=timeout_s)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status", [401, 422])
+def test_close_reports_false_when_the_sidecar_refused_snapshots(status: int) -> None:
+    # a wrong token refused every snapshot, and close() still said all was sent
+    pub = publisher(Recorder(status=status))
+    pub.publish(step=0, rank=0, params={"w": {"orthogonality_error": 0.1}})
+    assert pub.close(timeout_s=10) is False
+    assert pub.stats.rejected == 1 and pub.stats.sent == 0 and accounted(pub)
+
+
+@pytest.mark.timeout(30)
+def test_close_reports_false_when_a_full_queue_dropped_snapshots() -> None:
+    gate = Gate()
+    pub = gated(gate, queue_size=1)
+    pub.publish(step=0, rank=0, params={})
+    assert gate.entered.wait(10)  # step 0 is being sent
+    pub.publish(step=1, rank=0, params={})
+    pub.publish(step=2, rank=0, params={})  # pushes step 1 out of the full queue
+    gate.release()
+    assert pub.close(timeout_s=10) is False
+    assert (pub.stats.sent, pub.stats.dropped) == (2, 1) and accounted(pub)
+    ok = publisher()
+    ok.publish(step=0, rank=0, params={})
+    assert ok.close(timeout_s=10) is True

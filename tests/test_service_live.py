@@ -202,7 +202,7 @@ def test_a_killed_sidecar_costs_the_loop_only_snapshots_and_a_restart_resumes(
     try:
         for step in range(400, 410):
             pub.publish(step=step, rank=0, params=params)
-        assert pub.close(timeout_s=20)
+        assert pub.close(timeout_s=20) is False  # the queue dropped some while the sidecar was gone
         st = pub.stats
         assert st.published == 410 and st.published == st.sent + st.dropped + st.rejected
         assert st.sent > sent_before and st.dropped > 0 and st.rejected == 0
