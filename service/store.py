@@ -33,6 +33,9 @@ run id and re-sends the steps after it, and the publisher re-sends a snapshot wh
 out although the sidecar had committed it. The re-sent point replaces the earlier one (an upsert
 on ``(name, run_id, step)``), so history has one point per step and paging by step is exact. The
 row keeps its id, so ids stay contiguous and pruning by id keeps exactly ``history_max_rows``.
+A snapshot taken before its rank's latest (same run, lower step, earlier wall time: a request
+that waited, or a retry, arriving after newer ones) only adds the points history lacks; the
+latest state and the rank's count stay those of the newer snapshot.
 """
 
 from __future__ import annotations
@@ -373,6 +376,15 @@ class Store:
         with self._turn(abandoned) as deadline:
             with self._lock:
                 prev = self._ranks.get(snap.rank)
+            if prev is not None and prev.run_id == snap.run_id and snap.step < prev.step \
+                    and snap.wall_time < prev.wall_time:
+                # taken before the rank's latest: a request that waited (a sidecar paused or
+                # stalled) or a retry, arriving late. A resumed run re-sends earlier steps
+                # taken later, which replace the latest state as before.
+                with self._transaction(deadline) as db:
+                    self._write_late(db, snap)
+                return len(snap.params)
+            with self._lock:
                 # a snapshot without a summary keeps its run's last one, never another run's
                 if opt is None and prev is not None and prev.run_id == snap.run_id:
                     opt = prev.optimizer
@@ -472,6 +484,20 @@ class Store:
         )
         if self._checkpointer is None:
             self._merge_into(db)
+
+    def _write_late(self, db: sqlite3.Connection, snap: Snapshot) -> None:
+        """A snapshot older than its rank's latest (same run, lower step, taken earlier): its
+        points go into ``history`` where that step has none yet; the latest state, the rank's
+        count and the exported series are left as they are."""
+        db.executemany(
+            f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name, run_id, step) DO NOTHING",
+            [(name, snap.run_id, snap.rank, snap.step, snap.wall_time, _dumps(metrics))
+             for name, metrics in snap.params.items()],
+        )
+        db.execute(
+            "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (self._max_rows,)
+        )
 
     def _merge(self, limit: int | None = None, *, deadline: float | None = None) -> bool:
         """Move ``pending`` into ``history`` and ``params``, the ``limit`` oldest rows (all:

@@ -1143,3 +1143,35 @@ def test_close_reports_false_when_a_full_queue_dropped_snapshots() -> None:
     ok = publisher()
     ok.publish(step=0, rank=0, params={})
     assert ok.close(timeout_s=10) is True
+
+
+def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
+    tmp_path: Path,
+) -> None:
+    # a sidecar paused then resumed stored abandoned older requests after newer ones: the
+    # latest step went 48 -> 21 and snapshots_received counted the retries again
+    store = Store(str(tmp_path / "s.db"), history_max_rows=1000, clock=lambda: 5.0)
+
+    def snap(step: int, wall: float, run_id: str = "r", orth: float = 0.0) -> Snapshot:
+        s = make_snapshot(step, run_id=run_id)
+        params = {n: {**m, "orthogonality_error": orth} for n, m in s.params.items()}
+        return s.model_copy(update={"wall_time": wall, "params": params})
+
+    store.ingest(snap(20, wall=100.0))
+    store.ingest(snap(48, wall=128.0, orth=0.48))
+    store.ingest(snap(21, wall=101.0, orth=0.21))  # taken before step 48, arriving after it
+    store.ingest(snap(20, wall=100.0, orth=0.99))  # a late retry of a stored step
+    (rank,) = store.ranks()
+    assert (rank.step, rank.wall_time, rank.snapshots_received) == (48, 128.0, 2)
+    assert store.param("blocks.0.w").step == 48  # type: ignore[union-attr]
+    points = store.history("blocks.0.w", run_id="r", from_step=0, to_step=99, limit=10)
+    # step 21 was new in history; step 20 kept its point
+    assert [(p.step, p.metrics["orthogonality_error"]) for p in points] == \
+        [(20, 0.0), (21, 0.21), (48, 0.48)]
+    # a resumed run re-sends step 30 taken later: it is the latest again, and counted
+    store.ingest(snap(30, wall=200.0, orth=0.3))
+    assert (store.ranks()[0].step, store.ranks()[0].snapshots_received) == (30, 3)
+    # a new run id (an elastic restart under a new id) starts at a low step: the latest too
+    store.ingest(snap(1, wall=50.0, run_id="r2"))
+    assert (store.ranks()[0].run_id, store.ranks()[0].step) == ("r2", 1)
+    store.close()
