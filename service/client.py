@@ -24,6 +24,7 @@ converted, and non-finite floats become ``null`` (the sidecar's NaN policy, see 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import json
@@ -147,6 +148,27 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # (not on Windows, which cannot fork)
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: What the interpreter's exit gives the Publishers not closed to send what they hold: short,
+#: since it delays the exit of a script that forgot ``close()`` (or crashed) by up to this much.
+EXIT_FLUSH_S = 1.5
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Send what the Publishers not closed still hold (their daemon sender threads would die
+    with the interpreter), all within :data:`EXIT_FLUSH_S`, and log what was left unsent.
+    ``_LIVE`` holds weak references: it keeps no Publisher alive."""
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for pub in list(_LIVE):
+        if pub._closing:
+            continue
+        before = pub.stats.dropped
+        pub.close(timeout_s=max(0.0, deadline - time.monotonic()))
+        if (lost := pub.stats.dropped - before) > 0:
+            _log.warning("interpreter exit: %d snapshot(s) of run %s not sent within %.1f s "
+                         "(call Publisher.close() at the end of training)", lost, pub.run_id,
+                         EXIT_FLUSH_S)
 
 
 class Publisher:

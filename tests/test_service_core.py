@@ -1175,3 +1175,32 @@ def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
     store.ingest(snap(1, wall=50.0, run_id="r2"))
     assert (store.ranks()[0].run_id, store.ranks()[0].step) == ("r2", 1)
     store.close()
+
+
+@pytest.mark.timeout(60)
+def test_snapshots_queued_at_exit_are_sent_without_close_and_publishers_are_not_kept(
+    tmp_path: Path,
+) -> None:
+    # the sender is a daemon thread: a script that forgot close() delivered 1 of 30 snapshots
+    script = tmp_path / "forgets_close.py"
+    script.write_text(
+        "import atexit, gc, json, time, weakref, httpx\n"
+        "got = []\n"
+        # registered before the client's hook, so it runs after it (atexit runs in reverse)
+        "atexit.register(lambda: print(json.dumps(sorted(got))))\n"
+        "from service.client import Publisher\n"
+        "def handler(request):\n"
+        "    time.sleep(0.005)\n"
+        "    got.append(json.loads(request.content)['step'])\n"
+        "    return httpx.Response(201, json={})\n"
+        "gone = Publisher(run_id='r', transport=httpx.MockTransport(handler))\n"
+        "ref = weakref.ref(gone); gone.close(); del gone; gc.collect()\n"
+        "assert ref() is None, 'the exit hook kept a Publisher alive'\n"
+        "pub = Publisher(run_id='r', transport=httpx.MockTransport(handler))\n"
+        "for step in range(30):\n"
+        "    pub.publish(step=step, rank=0, params={})\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == list(range(30))
