@@ -9,6 +9,8 @@ client can branch on it. Validation problems add ``errors``: a list of ``{loc, m
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -164,6 +166,36 @@ async def _store_busy(request: Request, exc: Exception) -> JSONResponse:
     return await _http_error(request, storage_unavailable(detail))
 
 
+#: SQLite's primary codes for a database that cannot take a request now (locked by another
+#: connection, full disk): 503 storage-unavailable, not an internal error.
+_UNAVAILABLE = {sqlite3.SQLITE_BUSY: "database is locked", sqlite3.SQLITE_LOCKED:
+                "database is locked", sqlite3.SQLITE_FULL: "database or disk is full"}
+#: ``Retry-After`` of a full disk: it needs an operator, not a moment.
+FULL_RETRY_AFTER_S = 30
+#: Seconds between two log lines about an unavailable database (the first is logged at once).
+_LOG_EVERY_S = 60.0
+_quiet_until = [0.0, 0]  # (monotonic time of the next line, occurrences not logged since)
+
+
+async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
+    """A full disk or a locked database: 503 with ``Retry-After``, logged once then at most
+    every ``_LOG_EVERY_S`` (without the traceback: it is the disk, not the code). Any other
+    SQLite error is an internal error."""
+    assert isinstance(exc, sqlite3.OperationalError)
+    why = _UNAVAILABLE.get((exc.sqlite_errorcode or 0) & 0xFF)
+    if why is None:
+        return await _unexpected(request, exc)
+    now = time.monotonic()
+    if now >= _quiet_until[0]:
+        _log.warning("storage unavailable on %s: %s (%d more since the last line)",
+                     request.url.path, exc, _quiet_until[1])
+        _quiet_until[:] = [now + _LOG_EVERY_S, 0]
+    else:
+        _quiet_until[1] += 1
+    retry = FULL_RETRY_AFTER_S if "full" in why else BUSY_RETRY_AFTER_S
+    return await _http_error(request, storage_unavailable(why, retry_after_s=retry))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     _log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     # Starlette raises the error again after this answer and uvicorn then drops the
@@ -177,6 +209,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StoreBusy, _store_busy)
+    app.add_exception_handler(sqlite3.OperationalError, _sqlite_error)
     app.add_exception_handler(Abandoned, _store_busy)
     app.add_exception_handler(Exception, _unexpected)
 

@@ -596,13 +596,24 @@ class Store:
         Raises:
             StoreBusy: the connection stayed busy for :data:`WRITE_WAIT_S`.
         """
+        where = "name = ? AND run_id = ? AND step BETWEEN ? AND ?"
+        args = (name, run_id, from_step, to_step)
         with self._turn() as deadline:
-            self._merge(deadline=deadline)
+            try:
+                self._merge(deadline=deadline)
+                merged = True
+            except (sqlite3.OperationalError, StoreBusy) as exc:  # a full disk: read anyway
+                _log.debug("history read without merging: %s", exc)
+                merged = False
             rows = self._db.execute(
-                "SELECT step, rank, wall_time, metrics FROM history WHERE name = ? AND "
-                "run_id = ? AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
-                (name, run_id, from_step, to_step, limit),
-            ).fetchall()
+                f"SELECT step, rank, wall_time, metrics FROM history WHERE {where} "
+                "ORDER BY step LIMIT ?", (*args, limit)).fetchall()
+            if not merged:  # what is stored plus what is pending (a pending point is newer)
+                points = {row[0]: row for row in rows}
+                points.update((row[0], row) for row in self._db.execute(
+                    f"SELECT step, rank, wall_time, metrics FROM pending WHERE {where} "
+                    "ORDER BY id", args))
+                rows = [points[step] for step in sorted(points)[:limit]]
         return [HistoryRow(s, r, w, json.loads(m)) for s, r, w, m in rows]
 
     def history_rows(self) -> int:

@@ -781,3 +781,28 @@ def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
             locker.close()
         assert post(c, snapshot(step=60)).status_code == 201  # nothing was left waiting
         assert c.get("/v1/optimizer").json()["ranks"][0]["snapshots_received"] == 2
+
+
+def test_a_full_disk_is_a_503_logged_once_and_history_still_answers(
+    token: str, clock: FakeClock, caplog: Any
+) -> None:
+    # a full disk failed the history read's merge with a 500, its traceback logged twice a request
+    app = create_app(Settings(token=token, db_path=":memory:"), clock=clock)
+    store = app.state.store
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {token}"
+        assert post(c, snapshot(step=1)).status_code == 201
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorcode = sqlite3.SQLITE_FULL  # as sqlite3 sets it
+        store.ingest = lambda *_a, **_k: (_ for _ in ()).throw(full)
+        store._merge = lambda *_a, **_k: (_ for _ in ()).throw(full)
+        with caplog.at_level("WARNING", logger="orthoshard.sidecar"):
+            for step in (2, 3):
+                r = post(c, snapshot(step=step))
+                assert assert_problem(r, 503)["type"] == \
+                    "urn:orthoshard:problem:storage-unavailable"
+                assert r.headers["retry-after"] == "30"
+            h = c.get("/v1/params/layers.0.attn.q.weight/history")
+        assert h.status_code == 200 and [p["step"] for p in h.json()["points"]] == [1]
+        lines = [r for r in caplog.records if "storage unavailable" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None
