@@ -210,10 +210,17 @@ def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
 
 def _check_dense(groups: list[dict[str, Any]]) -> None:
     """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
-    sparse=True)``): no update here, AdamW fallback included, reads one; and for a parameter on
-    the meta device (no values)."""
+    sparse=True)``): no update here, AdamW fallback included, reads one; for a parameter on
+    the meta device (no values); and for a gradient set on an integer or bool parameter (no
+    gradient step is defined for those; frozen ones, e.g. packed weights, are skipped as any
+    parameter without a gradient)."""
     for group in groups:
         for name, p in zip(group["param_names"], group["params"], strict=True):
+            if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(
+                    f"parameter {name!r} is {p.dtype} and has a gradient; optimizers update "
+                    f"floating-point parameters: convert it (e.g. .float()), or leave it "
+                    f"without a gradient (frozen) or out of the optimizer.")
             if p.grad is not None and p.is_meta:
                 raise RuntimeError(
                     f"parameter {name!r} is on the meta device, which holds no values to "
@@ -395,6 +402,10 @@ class MatrixOptimizer(Optimizer):
     #: a few at a time (the memory of torch.optim.Muon). Set it on an instance to trade memory
     #: for speed; the results do not depend on it.
     MAX_BATCH_BYTES = 256 * 2**20
+    #: Instance attributes a copy (``copy.deepcopy``, ``pickle``) carries besides torch's
+    #: ``defaults``, ``state`` and ``param_groups``: the settings and the recorded health
+    #: (``MAX_BATCH_BYTES`` when set on the instance). A subclass adds its own.
+    _copied: tuple[str, ...] = ("health_every", "_health", "_exchange", "MAX_BATCH_BYTES")
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
@@ -427,15 +438,18 @@ class MatrixOptimizer(Optimizer):
     # ---- copies -------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` carry: torch's three entries (``defaults``,
-        ``state``, ``param_groups``), this optimizer's settings, and the latest health (as
-        plain floats); the per-step caches start afresh in the copy (:meth:`_init_runtime`).
-        An optimizer with ``sharding`` holds a process group, which no copy can share: save it
-        with ``state_dict()`` (``sharding.checkpoint``) instead."""
+        ``state``, ``param_groups``), this optimizer's settings (:attr:`_copied`), and the
+        latest health (as plain floats); the per-step caches start afresh in the copy
+        (:meth:`_init_runtime`) and, as in torch's copies, the hooks start empty (an LR
+        scheduler's wrapper of ``step`` stays with the original). An optimizer with
+        ``sharding`` holds a process group, which no copy can share: save it with
+        ``state_dict()`` (``sharding.checkpoint``) instead."""
         if not isinstance(self._exchange, LocalExchange):
             raise TypeError(f"a {type(self).__name__} with sharding= cannot be copied or "
                             f"pickled (its exchange holds a process group): save and load it "
                             f"with sharding.checkpoint (state_dict / load_state_dict) instead")
-        state = {k: v for k, v in self.__dict__.items() if k not in self._runtime_keys()}
+        state = super().__getstate__()
+        state.update((k, self.__dict__[k]) for k in self._copied if k in self.__dict__)
         # each matrix's deferred metrics, converted (their finish functions do not pickle)
         state["_deferred_floats"] = {name: (batch.keys[i], batch.floats(i))
                                      for name, (batch, i) in self._deferred.items()}
@@ -444,17 +458,11 @@ class MatrixOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         floats = state.pop("_deferred_floats", {})
-        super().__setstate__(state)  # torch's: fresh (empty) hooks, as torch's own copies
+        super().__setstate__(state)  # torch's: fresh (empty) hooks, step patched for profiling
         self._init_runtime()
         for name, (keys, values) in floats.items():
             batch = DeferredMetrics([keys], torch.tensor(values, dtype=torch.float64), _one_row)
             self._deferred[name] = (batch, 0)
-
-    def _runtime_keys(self) -> set[str]:
-        """The names :meth:`_init_runtime` sets (what a copy does not carry)."""
-        probe = object.__new__(type(self))
-        probe._init_runtime()
-        return set(probe.__dict__)
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
@@ -483,13 +491,6 @@ class MatrixOptimizer(Optimizer):
                         f"parameter {name!r} is the same tensor as {tensors[id(p)]!r}: list each "
                         f"parameter once (model.parameters() already removes shared weights).")
                 tensors[id(p)] = name
-                # an integer or bool tensor: no gradient step is defined (torch's kernels
-                # would fail mid-step, after the step counters moved)
-                if not (p.is_floating_point() or p.is_complex()):
-                    raise ValueError(
-                        f"parameter {name!r} is {p.dtype}; optimizers update floating-point "
-                        f"parameters: convert it (e.g. .float()) or leave it out of the "
-                        f"optimizer (a buffer, if it is not trained).")
             # Non-finite skip counts live in the param group so that state_dict() carries them
             # (plain ints, the same keys on every rank); health() reports them.
             saved = group.get("nonfinite_skips") or {}
@@ -1008,6 +1009,7 @@ class MatrixOptimizer(Optimizer):
                 checks read shapes and plain values only; under ``OwnerSharding`` every rank
                 sees the same, so every rank raises together.
         """
+        state_dict = state_dict.copy()  # the caller's stays as it was, as torch keeps it
         for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
             result = pre_hook(self, state_dict)  # first, as torch runs them: they may migrate it
             if result is not None:

@@ -203,6 +203,7 @@ class Muon(MatrixOptimizer):
 
     matrix_algorithm = "muon"
     schedule_keys = frozenset({"softening"})
+    _copied = (*MatrixOptimizer._copied, "health_probes")
 
     def __init__(self, params: Any, lr: float = 1e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True,

@@ -210,10 +210,67 @@ def test_a_count_set_by_hand_or_unpinned_stays_through_a_change_of_method() -> N
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 @pytest.mark.parametrize("algorithm", ["muon", "adamw"])
-def test_integer_parameters_are_refused_by_name(dtype: torch.dtype, algorithm: str) -> None:
-    p = torch.zeros(4, 4, dtype=dtype)
-    with pytest.raises(ValueError, match=rf"'counts' is {dtype}.*floating-point"):
-        Muon([{"params": [p], "param_names": ["counts"], "algorithm": algorithm}], lr=0.02)
+def test_a_gradient_on_an_integer_parameter_is_refused_by_name_before_anything_moves(
+        dtype: torch.dtype, algorithm: str) -> None:
+    counts = torch.zeros(4, 4, dtype=dtype)
+    w = nn.Parameter(torch.randn(8, 8))
+    opt = Muon([{"params": [counts], "param_names": ["counts"], "algorithm": algorithm},
+                {"params": [w], "param_names": ["w"]}], lr=0.02)
+    counts.grad = torch.ones(4, 4, dtype=dtype)
+    w.grad = torch.randn(8, 8)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=rf"'counts' is {dtype} and has a gradient"):
+        opt.step()
+    assert [g["step"] for g in opt.param_groups] == [0, 0]
+    torch.testing.assert_close(w.detach(), before, atol=EXACT, rtol=EXACT)
+
+
+def test_frozen_integer_parameters_are_skipped_as_torch_optimizers_skip_them() -> None:
+    # packed or quantized weights: integer parameters cannot require a gradient
+    model = _model()
+    model.register_parameter("packed", nn.Parameter(torch.zeros(4, 4, dtype=torch.int8),
+                                                     requires_grad=False))
+    for cls, kwargs in ((Muon, {"lr": 0.02}), (SOAP, {"lr": 0.01})):
+        opt = cls([{"params": [model.packed], "param_names": ["packed"], "algorithm": "adamw"},
+                   {"params": [model[0].weight], "param_names": ["w"]}], **kwargs)
+        _train(model, opt, 2, seed=3)
+        assert model.packed.dtype == torch.int8 and not model.packed.any()
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+def test_a_copy_made_after_an_lr_scheduler_steps_its_own_parameters_and_pickles() -> None:
+    model = _model()
+    opt = Muon(split_param_groups(model), lr=0.02)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.register_step_post_hook(lambda optimizer, args, kwargs: None)
+    _train(model, opt, 1, seed=4)
+    scheduler.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    model2, opt2 = copy.deepcopy((model, opt))
+    _pickled((model, opt))  # the scheduler's wrapper of step is not part of the optimizer's copy
+    assert not opt2._optimizer_step_post_hooks  # hooks start empty, as in torch's copies
+    _train(model2, opt2, 1, seed=5)
+    for p, b in zip(model.parameters(), before, strict=True):  # the original did not move
+        torch.testing.assert_close(p.detach(), b, atol=EXACT, rtol=EXACT)
+    assert any(not torch.equal(p2, b) for p2, b in zip(model2.parameters(), before, strict=True))
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.01
+
+
+def test_load_pre_hooks_leave_the_callers_state_dict_as_it_was() -> None:
+    w = nn.Parameter(torch.randn(16, 8))
+    opt = Muon([w], lr=0.02)
+    w.grad = torch.randn(16, 8)
+    opt.step()
+    sd = opt.state_dict()
+    keys, state = set(sd), sd["state"]
+
+    def replace(optimizer: torch.optim.Optimizer, given: dict[str, Any]) -> None:
+        given["note"] = "migrated"  # in place, as torch lets a pre-hook do
+        given["state"] = dict(given["state"])
+
+    opt.register_load_state_dict_pre_hook(replace)
+    opt.load_state_dict(sd)
+    assert set(sd) == keys and sd["state"] is state
 
 
 def test_bad_sharding_and_adamw_eps_are_refused_by_name() -> None:
