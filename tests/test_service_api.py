@@ -16,6 +16,9 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
+import httpx
 import pytest
 
 with warnings.catch_warnings():
@@ -782,6 +785,38 @@ def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
         assert post(c, snapshot(step=60)).status_code == 201  # nothing was left waiting
         assert c.get("/v1/optimizer").json()["ranks"][0]["snapshots_received"] == 2
 
+
+
+def test_probes_metrics_and_writes_never_wait_for_the_shared_thread_pool(token: str) -> None:
+    # the dependencies (store, collector, write lane, token check) were plain functions, which
+    # FastAPI runs on the shared thread pool: with its threads held by history reads waiting
+    # for a locked database, /readyz and /metrics waited for a free thread (median 0.5 s).
+    # Here the pool has one thread, held until the requests are answered.
+    app = create_app(Settings(token=token, db_path=":memory:"))
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def scenario() -> list[int]:
+        pool = anyio.to_thread.current_default_thread_limiter()
+        pool.total_tokens = 1
+        release = threading.Event()
+        holder = asyncio.ensure_future(anyio.to_thread.run_sync(release.wait))
+        while pool.borrowed_tokens < 1:
+            await asyncio.sleep(0.001)
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as c:
+                with anyio.fail_after(_HANG_GUARD_S):
+                    return [
+                        (await c.post("/v1/snapshots", json=snapshot(step=1),
+                                      headers=headers)).status_code,
+                        (await c.get("/readyz")).status_code,
+                        (await c.get("/metrics")).status_code,
+                    ]
+        finally:
+            release.set()
+            await holder
+
+    assert asyncio.run(scenario()) == [201, 200, 200]
 
 def test_a_full_disk_is_a_503_logged_once_and_history_still_answers(
     token: str, clock: FakeClock, caplog: Any
