@@ -34,8 +34,10 @@ out although the sidecar had committed it. The re-sent point replaces the earlie
 on ``(name, run_id, step)``), so history has one point per step and paging by step is exact. The
 row keeps its id, so ids stay contiguous and pruning by id keeps exactly ``history_max_rows``.
 A snapshot taken before its rank's latest (same run, lower step, earlier wall time: a request
-that waited, or a retry, arriving after newer ones) only adds the points history lacks; the
-latest state and the rank's count stay those of the newer snapshot.
+that waited, or a retry, arriving after newer ones) only adds the points history lacks or holds
+from an earlier wall time (the crashed attempt's, when a resumed run's request arrives late;
+the row keeps its id as above); the latest state and the rank's count stay those of the newer
+snapshot.
 """
 
 from __future__ import annotations
@@ -487,11 +489,18 @@ class Store:
 
     def _write_late(self, db: sqlite3.Connection, snap: Snapshot) -> None:
         """A snapshot older than its rank's latest (same run, lower step, taken earlier): its
-        points go into ``history`` where that step has none yet; the latest state, the rank's
-        count and the exported series are left as they are."""
+        points go into ``history`` where that step has none yet or one taken earlier (a point
+        of an attempt that crashed, which the resumed run took again); the latest state, the
+        rank's count and the exported series are left as they are.
+
+        ``pending`` is merged first, in the same transaction: a point still waiting there would
+        otherwise be merged after this one and replace it, whenever it was taken."""
+        self._merge_into(db)
         db.executemany(
             f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (name, run_id, step) DO NOTHING",
+            "ON CONFLICT (name, run_id, step) DO UPDATE SET rank = excluded.rank, "
+            "wall_time = excluded.wall_time, metrics = excluded.metrics "
+            "WHERE excluded.wall_time > history.wall_time",
             [(name, snap.run_id, snap.rank, snap.step, snap.wall_time, _dumps(metrics))
              for name, metrics in snap.params.items()],
         )

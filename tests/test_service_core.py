@@ -1177,6 +1177,39 @@ def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
     store.close()
 
 
+
+@pytest.mark.parametrize("merge_interval_s", [0.0, 3600.0], ids=["merged", "still-pending"])
+def test_a_late_point_of_a_resumed_run_replaces_the_crashed_attempts_point(
+    tmp_path: Path, merge_interval_s: float
+) -> None:
+    # history kept the crashed attempt's point of a step the resumed run took again, when the
+    # resumed run's request for it arrived after its next step's (ON CONFLICT DO NOTHING); with
+    # that point still in ``pending`` a later merge would also have written it over the new one
+    db = ":memory:" if merge_interval_s == 0.0 else str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, merge_interval_s=merge_interval_s or 2.0)
+
+    def snap(step: int, wall: float, orth: float) -> Snapshot:
+        return Snapshot(schema_version=1, run_id="r", rank=0, step=step, wall_time=wall,
+                        params={"w": {"orthogonality_error": orth}})
+
+    def points() -> list[tuple[int, int, float, float | None]]:
+        history = store.history("w", run_id="r", from_step=0, to_step=9, limit=10)  # merges
+        ids = {step: row_id for row_id, step in store._db.execute("SELECT id, step FROM history")}
+        return [(ids[p.step], p.step, p.wall_time, p.metrics["orthogonality_error"])
+                for p in history]
+
+    for step in (1, 2, 3):  # the first attempt, then a crash
+        store.ingest(snap(step, float(step), 0.1 * step))
+    store.ingest(snap(3, 11.0, 9.3))  # resumed from step 1: its step 3 arrives first
+    store.ingest(snap(2, 10.0, 9.2))  # then its step 2, late (lower step, taken earlier)
+    assert points() == [(1, 1, 1.0, 0.1), (2, 2, 10.0, 9.2), (3, 3, 11.0, 9.3)]
+    store.ingest(snap(2, 2.0, 0.25))  # a point taken before the stored one changes nothing
+    assert points() == [(1, 1, 1.0, 0.1), (2, 2, 10.0, 9.2), (3, 3, 11.0, 9.3)]
+    (rank,) = store.ranks()
+    assert (rank.step, rank.wall_time, rank.snapshots_received) == (3, 11.0, 3)
+    assert store.param("w").step == 3  # type: ignore[union-attr]
+    store.close()
+
 @pytest.mark.timeout(60)
 def test_snapshots_queued_at_exit_are_sent_without_close_and_publishers_are_not_kept(
     tmp_path: Path,
