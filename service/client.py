@@ -124,6 +124,27 @@ def default_run_id() -> str:
 _STORE_BYTES_PER_S = 250_000
 
 
+#: The problem type of the sidecar's 503 when its database cannot take a write (locked, or the
+#: disk full); its ``Retry-After`` says when to try again.
+_STORAGE_UNAVAILABLE = "urn:orthoshard:problem:storage-unavailable"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds of a ``Retry-After: <seconds>`` header, or None (no header, or its
+    HTTP-date form, which a sidecar never sends)."""
+    value = response.headers.get("retry-after", "").strip()
+    return float(value) if re.fullmatch(r"[0-9]{1,9}", value) else None
+
+
+def _storage_unavailable(response: httpx.Response) -> bool:
+    """Whether a 5xx answer is the sidecar's own storage-unavailable problem (not a proxy's)."""
+    try:
+        body = response.json()
+    except ValueError:  # not JSON (a proxy's page), or not decodable
+        return False
+    return isinstance(body, dict) and body.get("type") == _STORAGE_UNAVAILABLE
+
+
 def _check_url(url: str) -> None:
     """Refuse a ``url`` that is not ``http(s)://host:port`` (without a port, httpx posts to 80
     or 443, where no sidecar listens)."""
@@ -229,6 +250,7 @@ class Publisher:
         self._deadline = math.inf
         self._backoff = backoff_s
         self._down = False
+        self._retry_after: float | None = None  # of the last send's 5xx answer, if it said
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
         self._unencodable = 0  # snapshots whose values could not be encoded (also rejected)
         self._crashes = 0  # sends that raised unexpectedly (also rejected)
@@ -373,14 +395,16 @@ class Publisher:
     # ------------------------------------------------------------------ sender thread
 
     def _run(self) -> None:
-        delay = 0.0
-        while (item := self._next(delay)) is not None:
+        backoff = pause = 0.0
+        while (item := self._next(pause)) is not None:
+            self._retry_after = None
             try:
                 outcome = self._send(item)
             except Exception as exc:  # this thread must outlive any one snapshot
                 outcome = self._unexpected(item, exc)
             if outcome == "retry":
-                delay = min(max(2 * delay, self._backoff[0]), self._backoff[1])
+                backoff = min(max(2 * backoff, self._backoff[0]), self._backoff[1])
+                pause = self._pause(backoff, self._retry_after)
                 with self._cond:
                     # back to the head, unless newer snapshots filled the queue meanwhile:
                     # then it is the oldest, and the one dropped
@@ -389,7 +413,7 @@ class Publisher:
                     else:
                         self.stats.dropped += 1
             else:
-                delay = 0.0
+                backoff = pause = 0.0
         with self._cond:  # what the deadline left unsent (also a retry put back after it)
             self._unsent += len(self._queue)
             self.stats.dropped += len(self._queue)
@@ -424,11 +448,20 @@ class Publisher:
             self._finish_failed = True
             _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
 
-    def _next(self, delay: float) -> dict[str, Any] | None:
+    def _pause(self, backoff: float, retry_after: float | None) -> float:
+        """The wait before the next attempt: the sidecar's ``Retry-After`` when its answer gave
+        one, else ``backoff`` jittered into [backoff / 2, backoff]; at most ``backoff_s[1]``.
+        (Retrying sooner than a Retry-After of 30 s, the sidecar's for a full disk, only adds
+        failed sends; waiting longer than ``backoff_s[1]`` would leave the queue overflowing.)"""
+        if retry_after is not None:
+            return min(retry_after, self._backoff[1])
+        return backoff * random.uniform(0.5, 1.0)
+
+    def _next(self, pause: float) -> dict[str, Any] | None:
         """The oldest queued snapshot, taken off the queue (a send in flight holds no place
         in it, so a full queue never drops a snapshot that is being sent), after waiting
-        ``delay`` (jittered); None when it is time to stop."""
-        wake = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        ``pause`` seconds; None when it is time to stop (close()'s deadline ends a pause)."""
+        wake = time.monotonic() + pause
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -456,10 +489,15 @@ class Publisher:
         try:
             response = self._client.post("/v1/snapshots", content=body, timeout=timeout)
         except httpx.HTTPError as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self._failed("sidecar unreachable", f"{type(exc).__name__}: {exc}")
             return "retry"
         if response.status_code >= 500:
-            self._failed(f"HTTP {response.status_code}")
+            self._retry_after = _retry_after(response)
+            after = "" if self._retry_after is None else f", Retry-After {self._retry_after:g} s"
+            if _storage_unavailable(response):
+                self._failed("sidecar's storage unavailable", f"HTTP {response.status_code}{after}")
+            else:
+                self._failed("sidecar failed", f"HTTP {response.status_code}{after}")
             return "retry"
         if response.status_code >= 300:  # a 3xx too: a redirect stored nothing (not followed)
             self._rejected(f"sidecar refused step {item['step']}: HTTP {response.status_code} "
@@ -467,17 +505,16 @@ class Publisher:
             return "rejected"
         if self._down:
             self._down = False
-            _log.info("sidecar reachable again after %d failed sends", self.stats.failures)
+            _log.info("sidecar accepting snapshots again after %d failed sends",
+                      self.stats.failures)
         self.stats.sent += 1
         return "ok"
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, what: str, why: str) -> None:
         self._down = True
         self.stats.failures += 1
         if _worth_logging(self.stats.failures):
-            _log.warning(
-                "sidecar unreachable (%s); %d failed sends so far", why, self.stats.failures
-            )
+            _log.warning("%s (%s); %d failed sends so far", what, why, self.stats.failures)
 
     def _not_encodable(self, item: dict[str, Any], exc: BaseException) -> None:
         """Count a snapshot that cannot be encoded as rejected; log the first such one, with the

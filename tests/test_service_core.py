@@ -914,6 +914,70 @@ def test_a_refused_finish_makes_close_report_false(caplog) -> None:
                for r in caplog.records)
 
 
+def storage_unavailable(retry_after: int) -> httpx.Response:
+    """The sidecar's 503 for a database that cannot take a write (see service.problems)."""
+    return httpx.Response(
+        503, headers={"Retry-After": str(retry_after)},
+        json={"type": "urn:orthoshard:problem:storage-unavailable", "title": "Service "
+              "Unavailable", "status": 503, "detail": "The database cannot serve this now."})
+
+
+class Scripted:
+    """An httpx handler answering each path's requests from its script in turn (an exception
+    instance is raised), 201 once a script is used up; records every request's path and
+    monotonic time."""
+
+    def __init__(self, **scripts: list[httpx.Response | Exception]) -> None:
+        self.scripts = {"/v1/" + k.replace("_", "/"): list(v) for k, v in scripts.items()}
+        self.calls: list[tuple[str, float]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append((request.url.path, time.monotonic()))
+        script = self.scripts.get(request.url.path, [])
+        answer = script.pop(0) if script else httpx.Response(201, json={})
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def times(self, path: str) -> list[float]:
+        return [t for p, t in self.calls if p == path]
+
+
+#: Slack for a sender thread's wake-up on a loaded 2-core machine: it wakes within
+#: milliseconds; a second still tells the pauses tested apart (1 s, 1.5 s, the 30 s asked for).
+_WAKE_SLACK_S = 1.0
+
+
+@pytest.mark.timeout(30)
+def test_a_503_retry_after_sets_the_pause_before_the_next_send_up_to_backoff_max(
+    caplog: Any,
+) -> None:
+    # retries came after 0.04, 0.1, ... s whatever the sidecar's Retry-After (30 s for a full
+    # disk), logged as an unreachable sidecar
+    handler = Scripted(snapshots=[storage_unavailable(1), storage_unavailable(30)])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 1.5))
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        pub.publish(step=0, rank=0, params={})
+        assert pub.close(timeout_s=20) is True
+    first, second, third = handler.times("/v1/snapshots")
+    assert 1.0 <= second - first < 1.0 + _WAKE_SLACK_S  # Retry-After: 1
+    assert 1.5 <= third - second < 1.5 + _WAKE_SLACK_S  # Retry-After: 30, at most backoff_s[1]
+    assert (pub.stats.sent, pub.stats.failures) == (1, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "sidecar's storage unavailable (HTTP 503, Retry-After 1 s); 1 failed sends so far"]
+
+
+@pytest.mark.timeout(30)
+def test_close_ends_a_retry_after_pause_at_its_deadline() -> None:
+    handler = Scripted(snapshots=[storage_unavailable(30)])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 60.0))
+    pub.publish(step=0, rank=0, params={})
+    start = time.monotonic()
+    assert pub.close(timeout_s=0.5) is False
+    assert time.monotonic() - start < 0.5 + _WAKE_SLACK_S
+    assert len(handler.calls) == 1 and (pub.stats.dropped, pub.stats.failures) == (1, 1)
+
+
 @pytest.mark.timeout(30)
 def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
     pub = Publisher(url="http://127.0.0.1:9", run_id="r", timeout_s=0.2, backoff_s=(0.01, 0.05))
