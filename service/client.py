@@ -431,22 +431,38 @@ class Publisher:
         self._finish_sent = True
 
     def _send_finish(self, rank: int) -> None:
-        """``POST /v1/ranks/{rank}/finish`` once, within close()'s deadline; a failure is logged
-        and makes close() return False (the sidecar then alerts on the silence as usual)."""
-        why = None
-        if time.monotonic() >= self._deadline:
-            why = "close()'s deadline passed first"
-        else:
-            body = json.dumps({"run_id": self.run_id}).encode("utf-8")
+        """``POST /v1/ranks/{rank}/finish`` within close()'s deadline. Connection errors,
+        timeouts and 5xx (a database busy for a moment) are tried again as snapshots are
+        (backoff, ``Retry-After``) while the deadline allows; a refusal (3xx, 4xx), anything
+        else a transport raises, or the deadline is logged and makes close() return False (the
+        sidecar then alerts on the silence as usual)."""
+        body = json.dumps({"run_id": self.run_id}).encode("utf-8")
+        why, backoff = "close()'s deadline passed first", 0.0
+        while (left := self._deadline - time.monotonic()) > 0:
+            retry_after = None
             try:
-                response = self._client.post(f"/v1/ranks/{rank}/finish", content=body)
-                if response.status_code >= 300:
-                    why = f"HTTP {response.status_code} {response.text[:500]}"
-            except Exception as exc:  # httpx.HTTPError, or anything a transport raises
+                response = self._client.post(f"/v1/ranks/{rank}/finish", content=body,
+                                             timeout=min(self._timeout_s, left))
+            except httpx.HTTPError as exc:
                 why = f"{type(exc).__name__}: {exc}"
-        if why is not None:
-            self._finish_failed = True
-            _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
+            except Exception as exc:  # anything else a transport raises: not tried again
+                why = f"{type(exc).__name__}: {exc}"
+                break
+            else:
+                if response.status_code < 300:
+                    return
+                why = f"HTTP {response.status_code} {response.text[:500]}"
+                if response.status_code < 500:
+                    break
+                retry_after = _retry_after(response)
+            backoff = min(max(2 * backoff, self._backoff[0]), self._backoff[1])
+            pause = self._pause(backoff, retry_after)
+            if time.monotonic() + pause >= self._deadline:
+                why += "; close()'s deadline passed before the next attempt"
+                break
+            time.sleep(pause)
+        self._finish_failed = True
+        _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
 
     def _pause(self, backoff: float, retry_after: float | None) -> float:
         """The wait before the next attempt: the sidecar's ``Retry-After`` when its answer gave

@@ -979,6 +979,41 @@ def test_close_ends_a_retry_after_pause_at_its_deadline() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_finish_answered_503_or_not_connected_is_sent_again_until_accepted() -> None:
+    # a finish answered 503 (the database busy for a moment) was not sent again: close()
+    # returned False with most of its time left and the finished rank paged as stale
+    handler = Scripted(ranks_0_finish=[storage_unavailable(1), httpx.ConnectError("refused"),
+                                       httpx.Response(500, text="proxy error"),
+                                       httpx.Response(200, json={})])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 0.01))
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=10, finished=True) is True
+    assert [p for p, _ in handler.calls] == ["/v1/snapshots"] + ["/v1/ranks/0/finish"] * 4
+    # a refusal is final: the sidecar would refuse it again
+    refused = Scripted(ranks_0_finish=[httpx.Response(409, json={})])
+    other = Publisher(run_id="r", transport=httpx.MockTransport(refused), backoff_s=(0.001, 0.01))
+    other.publish(step=0, rank=0, params={})
+    assert other.close(timeout_s=10, finished=True) is False
+    assert [p for p, _ in refused.calls] == ["/v1/snapshots", "/v1/ranks/0/finish"]
+
+
+@pytest.mark.timeout(30)
+def test_a_finish_is_tried_again_only_until_close_deadline(caplog: Any) -> None:
+    handler = Scripted(ranks_0_finish=[storage_unavailable(1)] * 100)
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 0.05))
+    pub.publish(step=0, rank=0, params={})
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        assert pub.close(timeout_s=0.5, finished=True) is False
+    assert time.monotonic() - start < 0.5 + _WAKE_SLACK_S
+    finishes = handler.times("/v1/ranks/0/finish")
+    assert len(finishes) >= 2 and finishes[-1] - start < 0.5  # every attempt within the deadline
+    (record,) = caplog.records
+    assert record.getMessage().startswith("could not tell the sidecar that rank 0 finished (HTTP "
+                                          "503 ")
+    assert record.getMessage().endswith("close()'s deadline passed before the next attempt)")
+
+@pytest.mark.timeout(30)
 def test_publisher_never_raises_and_close_respects_its_deadline() -> None:
     pub = Publisher(url="http://127.0.0.1:9", run_id="r", timeout_s=0.2, backoff_s=(0.01, 0.05))
     pub.publish(step=1, rank=0, params={"w": {"x": object()}})  # type: ignore[dict-item]
