@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -85,10 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             and os.access(args.token_file, os.R_OK)):
         p.error(f"--token-file {args.token_file} is not a readable file")
     if args.sidecar_url is not None:
-        parts = urllib.parse.urlsplit(args.sidecar_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            p.error(f"--sidecar-url must be the sidecar's http(s)://host:port, got "
-                    f"{args.sidecar_url!r}")
+        from service.client import url_problem  # the Publisher's own check (imports httpx)
+
+        if (problem := url_problem(args.sidecar_url)) is not None:
+            p.error(f"--sidecar-url {problem}")
     return args
 
 

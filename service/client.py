@@ -145,17 +145,24 @@ def _storage_unavailable(response: httpx.Response) -> bool:
     return isinstance(body, dict) and body.get("type") == _STORAGE_UNAVAILABLE
 
 
-def _check_url(url: str) -> None:
-    """Refuse a ``url`` that is not ``http(s)://host:port`` (without a port, httpx posts to 80
-    or 443, where no sidecar listens)."""
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` no sidecar URL (None: it is one), said after the argument's name:
+    ``http(s)://host[:port]``, where a missing port is the scheme's (80, 443: a sidecar behind
+    a TLS proxy). ``Publisher`` raises it and ``orthoshard.train`` refuses ``--sidecar-url``
+    with it, before any rank sets up its model.
+
+    Refused: another scheme or none (``localhost:9400`` parses as the scheme ``localhost``), no
+    host, and a port that is no number in 1-65535 (each failed every send in the background).
+    """
     parts = urllib.parse.urlsplit(url)
     try:
-        port = parts.port
+        port_ok = parts.port != 0  # None (the scheme's) or 1-65535
     except ValueError:  # a port that is no number, or out of range
-        port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise ValueError(f"url must be the sidecar's http(s)://host:port with its port (e.g. "
-                         f"{DEFAULT_URL}), got {url!r}")
+        port_ok = False
+    if parts.scheme in ("http", "https") and parts.hostname and port_ok:
+        return None
+    return (f"must be the sidecar's http(s)://host[:port] (e.g. {DEFAULT_URL}; without a port, "
+            f"the scheme's), got {url!r}")
 
 
 # Every Publisher of this process, for the fork hook below.
@@ -221,8 +228,8 @@ class Publisher:
     ) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        if url is not None:
-            _check_url(url)
+        if url is not None and (problem := url_problem(url)) is not None:
+            raise ValueError(f"url {problem}")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or \
                 not 0 < timeout_s < math.inf:
             # 0, a negative or NaN timeout failed every send later, in the background

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from orthoshard import demo, train
+from service.client import Publisher
 
 
 def _demo_args(*argv: str) -> argparse.Namespace:
@@ -81,13 +82,23 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # each failed inside every rank, after the process group was up: a traceback per rank
     (["--d-model", "30"], "--d-model 30 must be a multiple of the model's 4 attention heads"),
     (["--token-file", "/nonexistent/token"], "is not a readable file"),
-    (["--sidecar-url", "not a url"], "--sidecar-url must be the sidecar's http(s)://host:port"),
+    (["--sidecar-url", "not a url"], "--sidecar-url must be the sidecar's http(s)://host[:port]"),
+    # accepted here, then refused by the Publisher on every rank once its model was set up
+    (["--sidecar-url", "http://host:port"], "--sidecar-url must be the sidecar's http(s)://host"),
+    (["--sidecar-url", "localhost:9400"], "--sidecar-url must be the sidecar's http(s)://host"),
 ])
 def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["https://sidecar.example.com", "http://sidecar-3",
+                                 "http://127.0.0.1:9400/"])
+def test_the_training_job_takes_every_url_the_publisher_takes(url):
+    assert train.parse_args(["--sidecar-url", url]).sidecar_url == url
+    Publisher(url=url, run_id="r").close(timeout_s=0.1)
 
 
 @pytest.mark.parametrize("pointer", ["", "step-000040"])

@@ -1204,11 +1204,32 @@ def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
 
 
 @pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar",
-                                 "http://127.0.0.1", "https://sidecar/", "http://host:port"])
+                                 "http://host:port", "http://host:0", "http://host:70000"])
 def test_publisher_refuses_a_url_it_could_never_post_to(url: str) -> None:
     # refused when built, not retried forever in the background with a log line per failure
-    with pytest.raises(ValueError, match=r"http\(s\)://host:port"):
+    with pytest.raises(ValueError, match=r"^url must be the sidecar's http\(s\)://host\[:port\]"):
         Publisher(url=url)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("url", "posted_to"), [
+    ("https://sidecar.example.com", "https://sidecar.example.com/v1/snapshots"),  # TLS proxy
+    ("http://sidecar-3/", "http://sidecar-3/v1/snapshots"),
+    ("http://[::1]:9400", "http://[::1]:9400/v1/snapshots"),
+])
+def test_a_url_without_a_port_posts_to_the_schemes_port(url: str, posted_to: str) -> None:
+    # refused since the port became required, although https://host (443 behind a TLS proxy)
+    # and http://host (80) are the sidecar's URL there
+    posted: list[str] = []  # without a port in it, a URL's port is its scheme's
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(str(request.url))
+        return httpx.Response(201, json={})
+
+    pub = Publisher(url=url, run_id="r", transport=httpx.MockTransport(handler))
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=10) is True
+    assert posted == [posted_to]
 
 
 @pytest.mark.parametrize("timeout_s", [0, 0.0, -1.0, None, math.nan, math.inf, True, "2"])
