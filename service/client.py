@@ -472,13 +472,16 @@ class Publisher:
         _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
 
     def _pause(self, backoff: float, retry_after: float | None) -> float:
-        """The wait before the next attempt: the sidecar's ``Retry-After`` when its answer gave
-        one, else ``backoff`` jittered into [backoff / 2, backoff]; at most ``backoff_s[1]``.
-        (Retrying sooner than a Retry-After of 30 s, the sidecar's for a full disk, only adds
-        failed sends; waiting longer than ``backoff_s[1]`` would leave the queue overflowing.)"""
+        """The wait before the next attempt: ``backoff`` jittered into [backoff / 2, backoff],
+        lengthened to the answer's ``Retry-After`` when it gave a longer one; at most
+        ``backoff_s[1]``. A Retry-After only lengthens the pause: a proxy's ``Retry-After: 0``
+        would otherwise retry in a busy loop. (Retrying sooner than a Retry-After of 30 s, the
+        sidecar's for a full disk, only adds failed sends; waiting longer than ``backoff_s[1]``
+        would leave the queue overflowing.)"""
+        pause = backoff * random.uniform(0.5, 1.0)
         if retry_after is not None:
-            return min(retry_after, self._backoff[1])
-        return backoff * random.uniform(0.5, 1.0)
+            pause = max(pause, retry_after)
+        return min(pause, self._backoff[1])
 
     def _next(self, pause: float) -> dict[str, Any] | None:
         """The oldest queued snapshot, taken off the queue (a send in flight holds no place

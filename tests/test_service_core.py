@@ -967,6 +967,28 @@ def test_a_503_retry_after_sets_the_pause_before_the_next_send_up_to_backoff_max
         "sidecar's storage unavailable (HTTP 503, Retry-After 1 s); 1 failed sends so far"]
 
 
+# What a busy loop would exceed many times over: with backoff from 20 ms doubling to 80 ms, one
+# second holds at most ~15 attempts; answered at once, a loop without pauses made thousands.
+_BACKOFF_ATTEMPTS_PER_S = 20
+
+
+@pytest.mark.timeout(30)
+def test_a_retry_after_of_zero_keeps_the_backoff() -> None:
+    # a proxy's "Retry-After: 0" made the pause 0: the sender and the finish retried back to
+    # back (2565 snapshot posts in 1 s)
+    for script in ("snapshots", "ranks_0_finish"):
+        answers: list[httpx.Response | Exception] = [storage_unavailable(0)] * 1000
+        handler = Scripted(**{script: answers})
+        pub = Publisher(run_id="r", transport=httpx.MockTransport(handler),
+                        backoff_s=(0.02, 0.08))
+        pub.publish(step=0, rank=0, params={})
+        pub.close(timeout_s=1.0, finished=True)
+        attempts = [t for path, t in handler.calls if path == "/v1/" + script.replace("_", "/")]
+        assert 2 <= len(attempts) <= _BACKOFF_ATTEMPTS_PER_S, script
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert min(gaps) >= 0.01, script  # half the first backoff, the jitter's lowest
+
+
 @pytest.mark.timeout(30)
 def test_close_ends_a_retry_after_pause_at_its_deadline() -> None:
     handler = Scripted(snapshots=[storage_unavailable(30)])
