@@ -58,12 +58,21 @@ class ProblemError(HTTPException):
 BUSY_RETRY_AFTER_S = 1
 
 
-def storage_unavailable(detail: str, *, retry_after_s: int = BUSY_RETRY_AFTER_S) -> ProblemError:
+def storage_unavailable(detail: str, *, retry_after_s: int = BUSY_RETRY_AFTER_S,
+                        write: bool = True) -> ProblemError:
     """503 ``storage-unavailable`` with ``Retry-After``: the database cannot take the request
-    now; nothing was stored, and sending it again later is right."""
-    return ProblemError(503, f"The database cannot serve this now ({detail}); nothing was "
-                        f"stored: try again later.", slug="storage-unavailable",
+    now; nothing was stored (``write``: the request would have stored something), and sending
+    it again later is right."""
+    stored = "nothing was stored: " if write else ""
+    return ProblemError(503, f"The database cannot serve this now ({detail}); {stored}try "
+                        f"again later.", slug="storage-unavailable",
                         headers={"Retry-After": str(retry_after_s)})
+
+
+def _writes(request: Request) -> bool:
+    """Whether ``request`` would have stored something (a read answered 503 stored nothing
+    either way, and saying so would mislead)."""
+    return request.method not in ("GET", "HEAD")
 
 
 def problem_response(
@@ -163,7 +172,7 @@ async def _store_busy(request: Request, exc: Exception) -> JSONResponse:
     """A store that stayed busy (:class:`StoreBusy`), or a write whose client had gone
     (:class:`Abandoned`; nobody reads this answer): 503 with ``Retry-After``."""
     detail = str(exc) if isinstance(exc, StoreBusy) else "the client had gone"
-    return await _http_error(request, storage_unavailable(detail))
+    return await _http_error(request, storage_unavailable(detail, write=_writes(request)))
 
 
 #: SQLite's primary codes for a database that cannot take a request now (locked by another
@@ -193,7 +202,8 @@ async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
     else:
         _quiet_until[1] += 1
     retry = FULL_RETRY_AFTER_S if "full" in why else BUSY_RETRY_AFTER_S
-    return await _http_error(request, storage_unavailable(why, retry_after_s=retry))
+    return await _http_error(request, storage_unavailable(why, retry_after_s=retry,
+                                                          write=_writes(request)))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -224,5 +224,10 @@ class ParamHistory(BaseModel):
     run_id: str
     points: list[HistoryPoint]
     next_from_step: int | None = Field(
-        default=None, description="set when the limit cut the range; continue from this step"
+        default=None, description="set when the limit cut the range; continue from this step, "
+        "in this run_id"
+    )
+    next: str | None = Field(
+        default=None, description="set when the limit cut the range: the next page's path and "
+        "query (this run_id, from next_from_step)"
     )

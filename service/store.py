@@ -34,7 +34,8 @@ out although the sidecar had committed it. The re-sent point replaces the earlie
 on ``(name, run_id, step)``), so history has one point per step and paging by step is exact. The
 row keeps its id, so ids stay contiguous and pruning by id keeps exactly ``history_max_rows``.
 A snapshot taken before its rank's latest (same run, lower step, earlier wall time: a request
-that waited, or a retry, arriving after newer ones) only adds the points history lacks or holds
+that waited, or a retry, arriving after newer ones; or, with an earlier wall time, of a run the
+rank reported before its latest) only adds the points history lacks or holds
 from an earlier wall time (the crashed attempt's, when a resumed run's request arrives late;
 the row keeps its id as above); the latest state and the rank's count stay those of the newer
 snapshot.
@@ -378,11 +379,14 @@ class Store:
         with self._turn(abandoned) as deadline:
             with self._lock:
                 prev = self._ranks.get(snap.rank)
-            if prev is not None and prev.run_id == snap.run_id and snap.step < prev.step \
-                    and snap.wall_time < prev.wall_time:
+            if prev is not None and snap.wall_time < prev.wall_time and (
+                    (prev.run_id == snap.run_id and snap.step < prev.step)
+                    or (prev.run_id != snap.run_id and self._superseded(snap))):
                 # taken before the rank's latest: a request that waited (a sidecar paused or
-                # stalled) or a retry, arriving late. A resumed run re-sends earlier steps
-                # taken later, which replace the latest state as before.
+                # stalled) or a retry, arriving late, of this run or of one the rank already
+                # left. A resumed run re-sends earlier steps taken later, and a run not seen
+                # before (a new one, whatever its clock) takes over: both replace the latest
+                # state as before.
                 with self._transaction(deadline) as db:
                     self._write_late(db, snap)
                 return len(snap.params)
@@ -486,6 +490,18 @@ class Store:
         )
         if self._checkpointer is None:
             self._merge_into(db)
+
+    def _superseded(self, snap: Snapshot) -> bool:
+        """Whether ``snap``'s run already has points from its rank: a run the rank reported
+        before its latest one (the caller holds ``_db_lock``). Only asked of a snapshot of
+        another run taken before the rank's latest, so rarely; one indexed lookup per place."""
+        name = next(iter(snap.params), None)
+        found = name is not None and self._db.execute(
+            "SELECT 1 FROM history WHERE name = ? AND run_id = ? AND rank = ? LIMIT 1",
+            (name, snap.run_id, snap.rank)).fetchone() is not None
+        return found or self._db.execute(
+            "SELECT 1 FROM pending WHERE run_id = ? AND rank = ? LIMIT 1",
+            (snap.run_id, snap.rank)).fetchone() is not None
 
     def _write_late(self, db: sqlite3.Connection, snap: Snapshot) -> None:
         """A snapshot older than its rank's latest (same run, lower step, taken earlier): its

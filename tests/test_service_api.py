@@ -578,6 +578,36 @@ def test_history_is_per_run(client: TestClient) -> None:
     assert [p["step"] for p in client.get(url, params={"run_id": "old"}).json()["points"]] == [1]
 
 
+def test_next_walks_one_run_while_a_new_run_starts_between_two_pages(client: TestClient) -> None:
+    # without run_id each page read the parameter's latest run: a walk begun on run A went on
+    # with run B's steps from next_from_step, two runs in one history
+    for step in range(20):
+        post(client, snapshot(step=step, run_id="A", names=("w",)))
+    page = client.get("/v1/params/w/history", params={"limit": 5}).json()
+    for step in range(30):
+        post(client, snapshot(step=step, run_id="B", names=("w",)))
+    points, runs = list(page["points"]), {page["run_id"]}
+    while page["next"] is not None:
+        assert page["next"].startswith("/v1/params/w/history?")
+        page = client.get(page["next"]).json()
+        points += page["points"]
+        runs.add(page["run_id"])
+    assert runs == {"A"} and [p["step"] for p in points] == list(range(20))
+    # a name that needs escaping in the path keeps it in next
+    for step in range(3):
+        assert post(client, snapshot(step=step, names=("a%b?c#d",))).status_code == 201
+    odd = client.get("/v1/params/a%25b%3Fc%23d/history", params={"limit": 2}).json()
+    assert [p["step"] for p in client.get(odd["next"]).json()["points"]] == [2]
+
+
+@pytest.mark.parametrize("run_id", ["", "no such", "\u00ff\u00fe/x", "a" * 129])
+def test_a_history_run_id_that_no_snapshot_could_carry_is_422(client: TestClient,
+                                                              run_id: str) -> None:
+    # an empty one silently read the default run; others answered an empty page
+    post(client, snapshot(step=1, names=("w",)))
+    assert_problem(client.get("/v1/params/w/history", params={"run_id": run_id}), 422)
+
+
 def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -> None:
     names = tuple(f"blocks.{i:02d}.w" for i in range(23))
     post(client, snapshot(rank=0, names=names[:12]))
@@ -598,12 +628,13 @@ def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -
 
 @pytest.mark.parametrize(
     "cursor",
-    ["%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj",
+    ["", "%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj",
      "A" * 2000],  # (longer than any name's cursor: it was a 422 validation-error)
 )
 def test_bad_cursor_is_400(client: TestClient, cursor: str) -> None:
     # "YR", "YQ==" decode to "a" but are not what encode_cursor produces ("YQ"); "_w" is not
-    # UTF-8; the rest is not base64url: each would otherwise restart the walk at page 1
+    # UTF-8; the rest is not base64url: each would otherwise restart the walk at page 1 (as ""
+    # did: a client turning the last page's null into "" looped for ever)
     post(client, snapshot(names=("a", "b")))
     body = assert_problem(client.get("/v1/params", params={"cursor": cursor}), 400)
     assert body["type"] == "urn:orthoshard:problem:bad-cursor"
@@ -818,6 +849,7 @@ def test_probes_metrics_and_writes_never_wait_for_the_shared_thread_pool(token: 
 
     assert asyncio.run(scenario()) == [201, 200, 200]
 
+
 def test_a_full_disk_is_a_503_logged_once_and_history_still_answers(
     token: str, clock: FakeClock, caplog: Any
 ) -> None:
@@ -841,3 +873,22 @@ def test_a_full_disk_is_a_503_logged_once_and_history_still_answers(
         assert h.status_code == 200 and [p["step"] for p in h.json()["points"]] == [1]
         lines = [r for r in caplog.records if "storage unavailable" in r.getMessage()]
         assert len(lines) == 1 and lines[0].exc_info is None
+
+
+def test_a_history_read_of_a_busy_database_is_a_documented_503_that_stored_nothing_to_say(
+    token: str, clock: FakeClock
+) -> None:
+    # the route's OpenAPI listed no 503, and the answer said "nothing was stored" to a GET
+    from service.store import StoreBusy
+
+    app = create_app(Settings(token=token, db_path=":memory:"), clock=clock)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {token}"
+        assert post(c, snapshot(step=1)).status_code == 201
+        busy = StoreBusy(f"the database stayed busy for {WRITE_WAIT_S} s")
+        app.state.store.history = lambda *_a, **_k: (_ for _ in ()).throw(busy)
+        body = assert_problem(c.get("/v1/params/layers.0.attn.q.weight/history"), 503)
+        assert body["type"] == "urn:orthoshard:problem:storage-unavailable"
+        assert "stored" not in body["detail"] and "try again later" in body["detail"]
+        route = c.get("/openapi.json").json()["paths"]["/v1/params/{name}/history"]["get"]
+        assert "503" in route["responses"]

@@ -1321,6 +1321,37 @@ def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
 
 
 @pytest.mark.parametrize("merge_interval_s", [0.0, 3600.0], ids=["merged", "still-pending"])
+def test_a_late_snapshot_of_a_run_the_rank_left_does_not_take_it_back(
+    tmp_path: Path, merge_interval_s: float
+) -> None:
+    # a delayed retry of run A's step 8, arriving after run B began, made A the rank's latest
+    # run again (its old values on /metrics) and refused B's finish with 409
+    db = ":memory:" if merge_interval_s == 0.0 else str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, clock=lambda: 5.0, merge_interval_s=merge_interval_s)
+
+    def snap(step: int, wall: float, run_id: str, orth: float = 0.0) -> Snapshot:
+        s = make_snapshot(step, run_id=run_id)
+        params = {n: {**m, "orthogonality_error": orth} for n, m in s.params.items()}
+        return s.model_copy(update={"wall_time": wall, "params": params})
+
+    for step in range(10):
+        store.ingest(snap(step, wall=100.0 + step, run_id="A", orth=step / 10))
+    for step in range(3):
+        store.ingest(snap(step, wall=150.0 + step, run_id="B"))
+    store.ingest(snap(8, wall=108.0, run_id="A", orth=0.8))  # late: taken before B's steps
+    (rank,) = store.ranks()
+    assert (rank.run_id, rank.step, rank.snapshots_received) == ("B", 2, 13)
+    assert store.param("blocks.0.w").run_id == "B"  # type: ignore[union-attr]
+    assert store.finish(0, "B").finished_at == 5.0
+    points = store.history("blocks.0.w", run_id="A", from_step=8, to_step=8, limit=5)
+    assert [(p.step, p.wall_time) for p in points] == [(8, 108.0)]
+    # a run never seen before takes over whatever its clock says (another host's clock)
+    store.ingest(snap(0, wall=1.0, run_id="C"))
+    assert (store.ranks()[0].run_id, store.ranks()[0].step) == ("C", 0)
+    store.close()
+
+
+@pytest.mark.parametrize("merge_interval_s", [0.0, 3600.0], ids=["merged", "still-pending"])
 def test_a_late_point_of_a_resumed_run_replaces_the_crashed_attempts_point(
     tmp_path: Path, merge_interval_s: float
 ) -> None:

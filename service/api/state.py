@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.parse
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -14,6 +15,8 @@ from service.problems import ProblemError, problem_responses
 from service.schema import (
     MAX_STEP,
     PARAM_NAME_MAX_LENGTH,
+    RUN_ID_MAX_LENGTH,
+    RUN_ID_PATTERN,
     HistoryPoint,
     OptimizerInfo,
     OptimizerView,
@@ -54,7 +57,7 @@ def decode_cursor(cursor: str) -> str:
     bad = ProblemError(
         400, "The cursor is not valid; pass next_cursor back unchanged.", slug="bad-cursor"
     )
-    if len(cursor) > CURSOR_MAX_LENGTH:  # longer than any name's: not one of ours
+    if not cursor or len(cursor) > CURSOR_MAX_LENGTH:  # no name's (names are never empty)
         raise bad
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
@@ -134,7 +137,7 @@ def list_params(
     rank: Annotated[int | None, Query(ge=0, description="only this owner rank")] = None,
 ) -> ParamPage:
     """A page of parameters; ``next_cursor`` is null on the last page."""
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor) if cursor is not None else None  # "": a bad cursor too
     records = store.page(after=after, limit=limit + 1, rank=rank)
     more = len(records) > limit
     records = records[:limit]
@@ -174,21 +177,24 @@ def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep
 @router.get(
     "/params/{name}/history",
     summary="A parameter's metrics by step range",
-    responses=problem_responses(400, 404, 422),
+    responses=problem_responses(400, 404, 422, 503),
 )
 def get_history(
     name: str,
     store: StoreDep,
     from_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
     to_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = MAX_STEP,
-    run_id: Annotated[str | None, Query(max_length=128, description=_RUN_DOC)] = None,
+    run_id: Annotated[str | None, Query(min_length=1, max_length=RUN_ID_MAX_LENGTH,
+                                        pattern=RUN_ID_PATTERN, description=_RUN_DOC)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 1000,
 ) -> ParamHistory:
     """Points with ``from_step <= step <= to_step`` in step order (retention permitting).
 
     A run holds one point per step (a re-sent step replaced the earlier point), so continuing
-    from ``next_from_step``, the first step not returned, walks the range exactly: no point twice,
-    none skipped, whatever the limit.
+    from ``next_from_step``, the first step not returned, in the same run, walks the range
+    exactly: no point twice, none skipped, whatever the limit. ``next`` is that page's path and
+    query, the run included (without ``run_id`` the default run is the latest one, which a
+    new run changes between two pages).
     """
     if from_step > to_step:
         raise ProblemError(400, "from_step must not exceed to_step.", slug="bad-range")
@@ -201,6 +207,11 @@ def get_history(
         HistoryPoint(step=r.step, rank=r.rank, wall_time=r.wall_time, metrics=r.metrics)
         for r in rows[:limit]
     ]
+    next_step = rows[limit].step if more else None
     return ParamHistory(
-        name=name, run_id=run, points=points, next_from_step=rows[limit].step if more else None
+        name=name, run_id=run, points=points, next_from_step=next_step,
+        next=None if next_step is None else (
+            f"/v1/params/{urllib.parse.quote(name, safe='')}/history?"
+            + urllib.parse.urlencode({"from_step": next_step, "to_step": to_step,
+                                      "run_id": run, "limit": limit})),
     )
