@@ -1287,18 +1287,20 @@ def test_close_reports_false_when_a_full_queue_dropped_snapshots() -> None:
     assert ok.close(timeout_s=10) is True
 
 
+def timed_snapshot(step: int, wall: float, run_id: str = "r", orth: float = 0.0) -> Snapshot:
+    """``make_snapshot`` taken at trainer time ``wall``, every orthogonality error ``orth``."""
+    s = make_snapshot(step, run_id=run_id)
+    params = {n: {**m, "orthogonality_error": orth} for n, m in s.params.items()}
+    return s.model_copy(update={"wall_time": wall, "params": params})
+
+
 def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
     tmp_path: Path,
 ) -> None:
     # a sidecar paused then resumed stored abandoned older requests after newer ones: the
     # latest step went 48 -> 21 and snapshots_received counted the retries again
     store = Store(str(tmp_path / "s.db"), history_max_rows=1000, clock=lambda: 5.0)
-
-    def snap(step: int, wall: float, run_id: str = "r", orth: float = 0.0) -> Snapshot:
-        s = make_snapshot(step, run_id=run_id)
-        params = {n: {**m, "orthogonality_error": orth} for n, m in s.params.items()}
-        return s.model_copy(update={"wall_time": wall, "params": params})
-
+    snap = timed_snapshot
     store.ingest(snap(20, wall=100.0))
     store.ingest(snap(48, wall=128.0, orth=0.48))
     store.ingest(snap(21, wall=101.0, orth=0.21))  # taken before step 48, arriving after it
@@ -1319,7 +1321,6 @@ def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
     store.close()
 
 
-
 @pytest.mark.parametrize("merge_interval_s", [0.0, 3600.0], ids=["merged", "still-pending"])
 def test_a_late_snapshot_of_a_run_the_rank_left_does_not_take_it_back(
     tmp_path: Path, merge_interval_s: float
@@ -1328,12 +1329,7 @@ def test_a_late_snapshot_of_a_run_the_rank_left_does_not_take_it_back(
     # run again (its old values on /metrics) and refused B's finish with 409
     db = ":memory:" if merge_interval_s == 0.0 else str(tmp_path / "s.db")
     store = Store(db, history_max_rows=1000, clock=lambda: 5.0, merge_interval_s=merge_interval_s)
-
-    def snap(step: int, wall: float, run_id: str, orth: float = 0.0) -> Snapshot:
-        s = make_snapshot(step, run_id=run_id)
-        params = {n: {**m, "orthogonality_error": orth} for n, m in s.params.items()}
-        return s.model_copy(update={"wall_time": wall, "params": params})
-
+    snap = timed_snapshot
     for step in range(10):
         store.ingest(snap(step, wall=100.0 + step, run_id="A", orth=step / 10))
     for step in range(3):
