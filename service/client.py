@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
-from service.schema import RUN_ID_MAX_LENGTH, RUN_ID_PATTERN, SCHEMA_VERSION
+from service.schema import RUN_ID_MAX_LENGTH, SCHEMA_VERSION, RunId
 from service.settings import TOKEN_RULE, token_error
 
 DEFAULT_URL = "http://127.0.0.1:9400"
@@ -127,6 +128,19 @@ _STORE_BYTES_PER_S = 250_000
 #: The problem type of the sidecar's 503 when its database cannot take a write (locked, or the
 #: disk full); its ``Retry-After`` says when to try again.
 _STORAGE_UNAVAILABLE = "urn:orthoshard:problem:storage-unavailable"
+
+
+_RUN_ID = TypeAdapter(RunId)
+
+
+def _sidecar_takes_run_id(run_id: str) -> bool:
+    """Whether the sidecar's own validation (pydantic's, whose pattern engine differs from
+    ``re`` on unicode: ``"x²"`` matches ``\\w`` here and not there) accepts ``run_id``."""
+    try:
+        _RUN_ID.validate_python(run_id)
+    except ValidationError:
+        return False
+    return True
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -243,7 +257,7 @@ class Publisher:
             raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE} "
                              f"(strip the newline of a token read from a file)")
         self.run_id = run_id or default_run_id()
-        if len(self.run_id) > RUN_ID_MAX_LENGTH or not re.fullmatch(RUN_ID_PATTERN, self.run_id):
+        if not _sidecar_takes_run_id(self.run_id):
             source = "run_id" if run_id else "the run id from the environment"
             raise ValueError(
                 f"{source} {self.run_id!r} would be refused by the sidecar: use at most "

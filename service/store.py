@@ -35,10 +35,10 @@ on ``(name, run_id, step)``), so history has one point per step and paging by st
 row keeps its id, so ids stay contiguous and pruning by id keeps exactly ``history_max_rows``.
 A snapshot taken before its rank's latest (same run, lower step, earlier wall time: a request
 that waited, or a retry, arriving after newer ones; or, with an earlier wall time, of a run the
-rank reported before its latest) only adds the points history lacks or holds
-from an earlier wall time (the crashed attempt's, when a resumed run's request arrives late;
-the row keeps its id as above); the latest state and the rank's count stay those of the newer
-snapshot.
+rank reported before its latest, as ``rank_runs`` records them) only adds the points history
+lacks or holds from an earlier wall time (the crashed attempt's, when a resumed run's request
+arrives late; the row keeps its id as above); the latest state and the rank's count stay those
+of the newer snapshot.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS params (
     name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
 {_HISTORY_TABLE};
+CREATE TABLE IF NOT EXISTS rank_runs (
+    rank INTEGER NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (rank, run_id));
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL, run_id TEXT NOT NULL, rank INTEGER NOT NULL,
     step INTEGER NOT NULL, wall_time REAL NOT NULL, received_at REAL NOT NULL,
@@ -263,6 +265,9 @@ class Store:
             self._merge_repeated_steps(db)
             db.execute(f"CREATE UNIQUE INDEX {_POINT_INDEX} ON history (name, run_id, step)")
             db.execute("DROP INDEX IF EXISTS history_by_name")  # the earlier, non-unique one
+        # runs reported before rank_runs existed: each rank's latest (the runs they left are
+        # known by their points in history, see _superseded)
+        db.execute("INSERT OR IGNORE INTO rank_runs (rank, run_id) SELECT rank, run_id FROM ranks")
 
     @staticmethod
     def _merge_repeated_steps(db: sqlite3.Connection) -> None:
@@ -480,6 +485,9 @@ class Store:
                 r.finished_at,
             ),
         )
+        # every run each rank reported (a run it left stays known: _superseded)
+        db.execute("INSERT OR IGNORE INTO rank_runs (rank, run_id) VALUES (?, ?)",
+                   (r.rank, r.run_id))
         db.executemany(
             f"INSERT INTO pending ({_PARAM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
@@ -492,16 +500,17 @@ class Store:
             self._merge_into(db)
 
     def _superseded(self, snap: Snapshot) -> bool:
-        """Whether ``snap``'s run already has points from its rank: a run the rank reported
-        before its latest one (the caller holds ``_db_lock``). Only asked of a snapshot of
-        another run taken before the rank's latest, so rarely; one indexed lookup per place."""
-        name = next(iter(snap.params), None)
-        found = name is not None and self._db.execute(
+        """Whether ``snap``'s run is one its rank reported before (``rank_runs``; the caller
+        holds ``_db_lock``): a run the rank left, since its latest is another. A database from
+        before ``rank_runs`` knows those runs by their points in ``history`` (what was pruned
+        from it is forgotten). Only asked of a snapshot of another run taken before the rank's
+        latest, so rarely."""
+        if self._db.execute("SELECT 1 FROM rank_runs WHERE rank = ? AND run_id = ?",
+                            (snap.rank, snap.run_id)).fetchone() is not None:
+            return True
+        return any(self._db.execute(
             "SELECT 1 FROM history WHERE name = ? AND run_id = ? AND rank = ? LIMIT 1",
-            (name, snap.run_id, snap.rank)).fetchone() is not None
-        return found or self._db.execute(
-            "SELECT 1 FROM pending WHERE run_id = ? AND rank = ? LIMIT 1",
-            (snap.run_id, snap.rank)).fetchone() is not None
+            (name, snap.run_id, snap.rank)).fetchone() is not None for name in snap.params)
 
     def _write_late(self, db: sqlite3.Connection, snap: Snapshot) -> None:
         """A snapshot older than its rank's latest (same run, lower step, taken earlier): its

@@ -598,6 +598,15 @@ def test_next_walks_one_run_while_a_new_run_starts_between_two_pages(client: Tes
         assert post(client, snapshot(step=step, names=("a%b?c#d",))).status_code == 201
     odd = client.get("/v1/params/a%25b%3Fc%23d/history", params={"limit": 2}).json()
     assert [p["step"] for p in client.get(odd["next"]).json()["points"]] == [2]
+    # "." and "..": clients resolve such a segment as a dot segment unless it is encoded
+    for name, path in ((".", "%2E"), ("..", "%2E%2E")):
+        for step in range(2):
+            assert post(client, snapshot(step=step, names=(name,))).status_code == 201
+        first = client.get(f"/v1/params/{path}/history", params={"limit": 1}).json()
+        assert first["next"].startswith(f"/v1/params/{path}/history?")
+        second = client.get(first["next"])
+        assert second.status_code == 200 and second.json()["name"] == name
+        assert [p["step"] for p in second.json()["points"]] == [1]
 
 
 @pytest.mark.parametrize("run_id", ["", "no such", "\u00ff\u00fe/x", "a" * 129])

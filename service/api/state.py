@@ -148,6 +148,14 @@ def list_params(
     )
 
 
+def _path_segment(name: str) -> str:
+    """``name`` as one percent-encoded path segment; ``.`` and ``..`` as ``%2E``s, which
+    clients would otherwise resolve as dot segments (``/v1/params/../history``)."""
+    if name in (".", ".."):
+        return "%2E" * len(name)
+    return urllib.parse.quote(name, safe="")
+
+
 def _require(store: StoreDep, name: str) -> ParamRecord:
     rec = store.param(name)
     if rec is None:
@@ -211,7 +219,7 @@ def get_history(
     return ParamHistory(
         name=name, run_id=run, points=points, next_from_step=next_step,
         next=None if next_step is None else (
-            f"/v1/params/{urllib.parse.quote(name, safe='')}/history?"
+            f"/v1/params/{_path_segment(name)}/history?"
             + urllib.parse.urlencode({"from_step": next_step, "to_step": to_step,
                                       "run_id": run, "limit": limit})),
     )
