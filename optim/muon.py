@@ -262,11 +262,11 @@ class Muon(MatrixOptimizer):
         check_flags(group, "nesterov")
 
     def _before_step(self) -> None:
+        for group in self.param_groups:
+            _follow_method(group)
         # each matrix group's softening at the coming step, from its schedule once, and checked
         # before anything changes: a schedule returning a bad value raises without half a step
         # (the AdamW group and the step counters already moved when it was read mid-step)
-        for group in self.param_groups:
-            _follow_method(group)
         self._softening_now = {id(group): _softening_at(group["softening"], group["step"] + 1)
                                for group in self.param_groups if group["algorithm"] != ADAMW}
 

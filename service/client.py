@@ -424,7 +424,7 @@ class Publisher:
             except Exception as exc:  # this thread must outlive any one snapshot
                 outcome = self._unexpected(item, exc)
             if outcome == "retry":
-                backoff = min(max(2 * backoff, self._backoff[0]), self._backoff[1])
+                backoff = self._grow(backoff)
                 pause = self._pause(backoff, self._retry_after)
                 with self._cond:
                     # back to the head, unless newer snapshots filled the queue meanwhile:
@@ -476,7 +476,7 @@ class Publisher:
                 if response.status_code < 500:
                     break
                 retry_after = _retry_after(response)
-            backoff = min(max(2 * backoff, self._backoff[0]), self._backoff[1])
+            backoff = self._grow(backoff)
             pause = self._pause(backoff, retry_after)
             if time.monotonic() + pause >= self._deadline:
                 why += "; close()'s deadline passed before the next attempt"
@@ -484,6 +484,11 @@ class Publisher:
             time.sleep(pause)
         self._finish_failed = True
         _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
+
+    def _grow(self, backoff: float) -> float:
+        """The backoff after one more failed attempt: ``backoff_s[0]``, then doubling up to
+        ``backoff_s[1]``."""
+        return min(max(2 * backoff, self._backoff[0]), self._backoff[1])
 
     def _pause(self, backoff: float, retry_after: float | None) -> float:
         """The wait before the next attempt: ``backoff`` jittered into [backoff / 2, backoff],

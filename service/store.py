@@ -513,10 +513,10 @@ class Store:
             (name, snap.run_id, snap.rank)).fetchone() is not None for name in snap.params)
 
     def _write_late(self, db: sqlite3.Connection, snap: Snapshot) -> None:
-        """A snapshot older than its rank's latest (same run, lower step, taken earlier): its
-        points go into ``history`` where that step has none yet or one taken earlier (a point
-        of an attempt that crashed, which the resumed run took again); the latest state, the
-        rank's count and the exported series are left as they are.
+        """A snapshot taken before its rank's latest (see :meth:`ingest`): its points go into
+        ``history`` where that step has none yet or one taken earlier (a point of an attempt
+        that crashed, which the resumed run took again); the latest state, the rank's count
+        and the exported series are left as they are.
 
         ``pending`` is merged first, in the same transaction: a point still waiting there would
         otherwise be merged after this one and replace it, whenever it was taken."""
@@ -529,6 +529,10 @@ class Store:
             [(name, snap.run_id, snap.rank, snap.step, snap.wall_time, _dumps(metrics))
              for name, metrics in snap.params.items()],
         )
+        self._prune(db)
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Keep the newest ``history_max_rows`` points (ids are contiguous: see the module)."""
         db.execute(
             "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (self._max_rows,)
         )
@@ -574,9 +578,7 @@ class Store:
             (last,),
         )
         db.execute("DELETE FROM pending WHERE id <= ?", (last,))
-        db.execute(
-            "DELETE FROM history WHERE id <= (SELECT MAX(id) FROM history) - ?", (self._max_rows,)
-        )
+        self._prune(db)
 
     def _apply(self, rank_rec: RankRecord, records: list[ParamRecord]) -> None:
         """Update the in-memory mirror (caller holds the lock)."""
