@@ -36,10 +36,12 @@ class ReferenceSOAP:
 
     def __init__(self, shape: tuple[int, int], *, lr: float, betas=(0.9, 0.95),
                  shampoo_beta=0.95, eps=1e-8, weight_decay=0.0, kl=False, use_eigh=False,
-                 power_iter_steps=1, frequency=1, nesterov=False, left=True, right=True):
+                 power_iter_steps=1, frequency=1, nesterov=False, correct_bias=True, left=True,
+                 right=True):
         m, n = shape
         self.hp = dict(lr=lr, betas=betas, sb=shampoo_beta, eps=eps, wd=weight_decay, kl=kl,
-                       eigh=use_eigh, iters=power_iter_steps, f=frequency, nesterov=nesterov)
+                       eigh=use_eigh, iters=power_iter_steps, f=frequency, nesterov=nesterov,
+                       bias=correct_bias)
         d = torch.float64
         self.L = torch.zeros(m, m, dtype=d) if left else None
         self.R = torch.zeros(n, n, dtype=d) if right else None
@@ -81,7 +83,11 @@ class ReferenceSOAP:
         hp = self.hp
         self.t += 1
         t = self.t
-        b = 1 - (1 - hp["sb"]) / (1 - hp["sb"] ** t)
+        # bias correction divides by 1 - beta^t; without it every correction is 1
+        def bc(beta, k):
+            return 1 - beta**k if hp["bias"] else 1.0
+
+        b = 1 - (1 - hp["sb"]) / bc(hp["sb"], t)
         self._factors(G, b)
         if (t - 1) % hp["f"] == 0:
             if self.L is not None:
@@ -93,10 +99,10 @@ class ReferenceSOAP:
         Gp, Mp = self.QL.T @ G @ self.QR, self.QL.T @ self.M @ self.QR
         self.V = b2 * self.V + (1 - b2) * Gp**2
         if hp["nesterov"]:
-            Mhat = b1 * Mp / (1 - b1 ** (t + 1)) + (1 - b1) * Gp / (1 - b1**t)
+            Mhat = b1 * Mp / bc(b1, t + 1) + (1 - b1) * Gp / bc(b1, t)
         else:
-            Mhat = Mp / (1 - b1**t)
-        N = Mhat / ((self.V / (1 - b2**t)).sqrt() + hp["eps"])
+            Mhat = Mp / bc(b1, t)
+        N = Mhat / ((self.V / bc(b2, t)).sqrt() + hp["eps"])
         return W * (1 - hp["lr"] * hp["wd"]) - hp["lr"] * self.QL @ N @ self.QR.T
 
 
@@ -122,6 +128,11 @@ CASES = {
     "nesterov_two_power_steps": dict(nesterov=True, power_iter_steps=2),
     "refresh_every_3": dict(precondition_frequency=3),
     "kl_refresh_every_3": dict(use_kl_shampoo=True, precondition_frequency=3),
+    "no_bias_correction": dict(correct_bias=False),
+    "kl_nesterov_no_bias_correction": dict(use_kl_shampoo=True, nesterov=True,
+                                           correct_bias=False),
+    "other_betas": dict(betas=(0.8, 0.99), shampoo_beta=0.9, precondition_frequency=2),
+    "kl_other_betas": dict(use_kl_shampoo=True, betas=(0.7, 0.9), shampoo_beta=0.8),
 }
 
 
@@ -133,6 +144,9 @@ def _run_both(shape, kwargs, *, max_precond_dim=8192, left=True, right=True,
     opt = SOAP([p], lr=0.01, weight_decay=0.1, fp32_matmul_prec="highest",
                qr_fp32_matmul_prec="highest", max_precond_dim=max_precond_dim, **kwargs)
     ref = ReferenceSOAP(shape, lr=0.01, weight_decay=0.1, kl=kwargs.get("use_kl_shampoo", False),
+                        betas=kwargs.get("betas", (0.9, 0.95)),
+                        shampoo_beta=kwargs.get("shampoo_beta", 0.95),
+                        correct_bias=kwargs.get("correct_bias", True),
                         use_eigh=kwargs.get("use_eigh", False),
                         power_iter_steps=kwargs.get("power_iter_steps", 1),
                         frequency=kwargs.get("precondition_frequency", 1),
