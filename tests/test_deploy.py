@@ -14,8 +14,10 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -275,7 +277,8 @@ def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
 
 @pytest.mark.tools
 @pytest.mark.timeout(60)
-def test_grafana_refuses_to_start_without_a_readable_password(tmp_path: Path) -> None:
+def test_grafana_refuses_to_start_without_a_readable_password(
+        request: pytest.FixtureRequest) -> None:
     """Grafana reads its password file as uid 472 and, when it cannot, starts as admin/admin
     without a word; the compose entrypoint stops it first and names the file."""
     entry = compose_config(COMPOSE)["services"]["grafana"]["entrypoint"]
@@ -283,12 +286,22 @@ def test_grafana_refuses_to_start_without_a_readable_password(tmp_path: Path) ->
     # compose's config output keeps "$$" escaped; the container's shell sees "$"; the image's
     # /run.sh is replaced by a stand-in that shows it was reached with the arguments
     script = entry[2].replace("$$", "$").replace("exec /run.sh", "exec echo started")
-    secret = tmp_path / "grafana_admin_password"
+    # Grafana's uid must be able to reach the file: pytest's own directories are mode 700
+    home = Path(tempfile.mkdtemp(prefix="orthoshard-grafana-"))
+    home.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(home))
+    secret = home / "grafana_admin_password"
+    # root reads any file, so as root the script runs as Grafana's uid (472), as in the image
+    as_grafana = ([] if os.geteuid() != 0 else
+                  [shutil.which("setpriv") or pytest.fail("setpriv (util-linux) is needed to "
+                                                          "run as Grafana's uid 472 when root"),
+                   "--reuid=472", "--regid=472", "--clear-groups"])
 
     def start() -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ["PATH"], "GF_SECURITY_ADMIN_PASSWORD__FILE": str(secret)}
-        return subprocess.run(["sh", "-c", script, *entry[3:], "--flag"], capture_output=True,
-                              text=True, timeout=TOOL_TIMEOUT_S, env=env)
+        return subprocess.run([*as_grafana, "sh", "-c", script, *entry[3:], "--flag"],
+                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, env=env,
+                              cwd=home)
 
     for content in (None, ""):  # missing, then empty
         if content is not None:
@@ -299,9 +312,10 @@ def test_grafana_refuses_to_start_without_a_readable_password(tmp_path: Path) ->
     secret.write_text("s3cret-password\n")
     started = start()
     assert started.returncode == 0 and started.stdout == "started --flag\n", started.stderr
-    if os.geteuid() != 0:  # root reads any file; as a user, mode 000 is unreadable
-        secret.chmod(0)
-        assert start().returncode == 1
+    secret.chmod(0)  # present and not empty, but unreadable
+    unreadable = start()
+    assert unreadable.returncode == 1 and unreadable.stdout == ""
+    assert str(secret) in unreadable.stderr and "chmod 644" in unreadable.stderr
 
 
 @pytest.mark.tools
