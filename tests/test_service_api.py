@@ -25,6 +25,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
+import service.store
 from service import Settings, create_app
 from service.deps import get_clock, get_store
 from service.store import WRITE_WAIT_S, Store
@@ -777,8 +778,11 @@ def test_a_summary_stored_before_names_refused_c1_controls_is_still_served(clien
 #: More writes at once than the 40 worker threads every route shared before the write lane.
 _LOCKED_WRITES = 48
 #: Hang guard, not a speed bound: a probe answers in milliseconds; one that waits behind the
-#: writes waits until the database is unlocked, which this test does only after the guard.
+#: writes answers only once they give up, after ``_TEST_WRITE_WAIT_S``.
 _HANG_GUARD_S = 3.0
+#: The writes' wait for the lock in the locked-database test: longer than the guard, so that a
+#: probe answered within the guard cannot have waited for a write.
+_TEST_WRITE_WAIT_S = _HANG_GUARD_S + 2.0
 
 
 def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
@@ -788,16 +792,25 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
+def _wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + _HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {_HANG_GUARD_S} s"
+        time.sleep(0.01)
+
+
 def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
-    tmp_path: Any, token: str, clock: FakeClock
+    tmp_path: Any, token: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # every ingest held a thread of the shared pool for SQLite's 5 s busy wait; with the
     # publishers' retries every thread waited, and /healthz and /metrics with them (Prometheus
     # saw up == 0). Now writes beyond max_writes are refused at once, the rest give up after
-    # WRITE_WAIT_S, both with 503 + Retry-After, and the probes wait for none of them.
+    # the store's write wait, both with 503 + Retry-After, and the probes wait for none of them.
+    monkeypatch.setattr(service.store, "WRITE_WAIT_S", _TEST_WRITE_WAIT_S)
     db = str(tmp_path / "s.db")
     app = create_app(Settings(token=token, db_path=db), store=Store(db, history_max_rows=100,
                                                                     clock=clock), clock=clock)
+    lane = app.state.writes
     with TestClient(app) as c:
         c.headers["Authorization"] = f"Bearer {token}"
         assert post(c, snapshot(step=1)).status_code == 201
@@ -806,16 +819,23 @@ def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
         try:
             posts = [_in_thread(lambda s=s: post(c, snapshot(step=s)))
                      for s in range(2, 2 + _LOCKED_WRITES)]
-            time.sleep(WRITE_WAIT_S / 2)  # the writes are in (or refused)
+            _wait_for(lambda: lane.active == lane.limit
+                      and sum(bool(out) for _, out in posts) == _LOCKED_WRITES - lane.limit,
+                      "every write waiting in the lane or refused")
             probes = [_in_thread(lambda p=p: c.get(p)) for p in ("/healthz", "/readyz", "/metrics")]
-            for thread, _ in probes + posts:
-                thread.join(_HANG_GUARD_S + WRITE_WAIT_S)
-            answered = [out[0] for _, out in probes]
-            assert [r.status_code for r in answered] == [200, 200, 200]
+            for thread, _ in probes:
+                thread.join(_HANG_GUARD_S)
+            # the probes answered while every write in the lane still waited for the lock
+            waiting = lane.active
+            answered = [out[0] if out else None for _, out in probes]
+            assert waiting == lane.limit, "a probe waited until the writes gave up"
+            assert [getattr(r, "status_code", None) for r in answered] == [200, 200, 200]
             assert 'orthoshard_optimizer_step{rank="0"} 1.0' in answered[2].text
+            for thread, _ in posts:
+                thread.join(_TEST_WRITE_WAIT_S + _HANG_GUARD_S)
             refused = [out[0] for _, out in posts]
             assert len(refused) == _LOCKED_WRITES
-            for r in refused:
+            for r in refused:  # at once beyond the lane's limit, else after the write wait
                 body = assert_problem(r, 503)
                 assert body["type"] == "urn:orthoshard:problem:storage-unavailable"
                 assert r.headers["retry-after"] == "1"
@@ -824,7 +844,6 @@ def test_probes_and_metrics_answer_while_writes_wait_for_a_locked_database(
             locker.close()
         assert post(c, snapshot(step=60)).status_code == 201  # nothing was left waiting
         assert c.get("/v1/optimizer").json()["ranks"][0]["snapshots_received"] == 2
-
 
 
 def test_probes_metrics_and_writes_never_wait_for_the_shared_thread_pool(token: str) -> None:
