@@ -143,6 +143,8 @@ def _name_unnamed_groups(params: Any) -> Any:
     # as torch keeps the caller's group dicts
     for group in params:
         ps = group["params"]
+        if isinstance(ps, set):  # left for torch to refuse (an unordered set names nothing)
+            return params
         group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
     named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
              for g in params]
@@ -199,6 +201,22 @@ def check_betas(name: str, betas: Any) -> None:
             is_real(b) and 0.0 <= b < 1.0
             for b in betas):
         raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
+
+
+# AdamW's flags that would change the update, set in a group copied from an AdamW setup; the
+# updates here have neither (nor torch.optim.Muon), so a set one is refused, not ignored.
+_UNSUPPORTED_ADAM_FLAGS = {
+    "maximize": "every update here descends: negate the loss to ascend",
+    "amsgrad": "the AdamW group runs plain AdamW: leave amsgrad out (or False)",
+}
+
+
+def _refuse_unsupported_adam_flags(group: dict[str, Any]) -> None:
+    """Raise ValueError for a group that sets ``maximize`` or ``amsgrad`` to anything but
+    False (no update here reads them: an ascent would silently descend)."""
+    for key, fix in _UNSUPPORTED_ADAM_FLAGS.items():
+        if group.get(key, False) is not False:
+            raise ValueError(f"{key}={group[key]!r} is not supported ({fix})")
 
 
 def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
@@ -553,7 +571,11 @@ class MatrixOptimizer(Optimizer):
         group["params"] = params
         if "param_names" not in group and params and \
                 not any(isinstance(p, tuple) for p in params):
+            # group{i} after the last group, past any index a removed group's neighbours hold
+            taken = {name.split(".", 1)[0] for g in self.param_groups for name in g["param_names"]}
             index = len(self.param_groups)
+            while f"group{index}" in taken:
+                index += 1
             group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
         super().add_param_group(group)
         try:
@@ -569,6 +591,7 @@ class MatrixOptimizer(Optimizer):
         The AdamW group's are checked here (as ``torch.optim.AdamW`` checks them), a matrix
         group's by :meth:`_check_matrix_hyperparameters`."""
         try:
+            _refuse_unsupported_adam_flags(group)
             if group["algorithm"] == ADAMW:
                 _check_adamw_hyperparameters(group)
             else:

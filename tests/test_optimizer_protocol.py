@@ -280,3 +280,47 @@ def test_bad_sharding_and_adamw_eps_are_refused_by_name() -> None:
     with pytest.raises(ValueError, match="adamw_eps must be a number >= 0, got 'x'"):
         Muon([{"params": [nn.Parameter(torch.randn(4))], "algorithm": "adamw",
                "adamw_eps": "x"}], lr=0.02)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+@pytest.mark.parametrize("flag", ["maximize", "amsgrad"])
+def test_adamw_flags_no_update_here_reads_are_refused_not_ignored(
+        cls: type, kwargs: dict[str, Any], flag: str) -> None:
+    # an AdamW group copied with maximize=True descended where torch.optim.AdamW ascends
+    w, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match=rf"param group 1: {flag}=True is not supported"):
+        cls([{"params": [w]}, {"params": [b], "algorithm": "adamw", flag: True}], **kwargs)
+    opt = cls([{"params": [w]}, {"params": [b], "algorithm": "adamw", flag: False}], **kwargs)
+    b.grad = torch.ones(4)
+    opt.param_groups[0][flag] = True  # set by user code mid-training: refused before a move
+    with pytest.raises(ValueError, match=rf"param group 0: {flag}=True is not supported"):
+        opt.step()
+    assert torch.equal(b, torch.zeros(4)) and not opt.state
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_a_group_added_after_one_was_removed_gets_a_name_of_its_own(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # removing a group (to freeze a block) and adding one named the new group after the count
+    # of groups: "group2" again, refused as given twice though the user named nothing
+    ws = [nn.Parameter(torch.randn(4, 4)) for _ in range(4)]
+    opt = cls([{"params": [w]} for w in ws[:3]], **kwargs)
+    opt.param_groups.pop(1)
+    opt.add_param_group({"params": [ws[3]]})
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["group0.param0"], ["group2.param0"], ["group3.param0"]]
+    for w in (ws[0], ws[2], ws[3]):
+        w.grad = torch.randn(4, 4)
+    opt.step()
+    assert set(opt.health()) == {"group0.param0", "group2.param0", "group3.param0"}
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_a_set_of_parameters_in_a_group_is_refused_as_torch_refuses_it(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # a set's order can differ from run to run, and names, health and checkpoints follow it
+    ws = {nn.Parameter(torch.randn(4, 4)) for _ in range(2)}
+    with pytest.raises(TypeError, match="ordered collections"):
+        cls([{"params": ws}], **kwargs)
+    with pytest.raises(TypeError, match="ordered collections"):
+        torch.optim.AdamW([{"params": ws}])  # the same refusal as torch's
