@@ -1,4 +1,5 @@
-"""The training job under real torchrun: restarts after a killed rank, and two nodes.
+"""The training job under real torchrun: at 1, 2 and 4 ranks against one process on the same
+batches, restarts after a killed rank, and two nodes.
 
 Each run is a real ``torchrun`` (a few seconds of start-up each: they import torch), so the
 uninterrupted single-node reference is computed once per module.
@@ -51,10 +52,91 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref")
     _torchrun("--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out))
-    return _params(out / "final_params.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_out: Path) -> dict[str, torch.Tensor]:
+    return _params(uninterrupted_out / "final_params.pt")
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def _one_process(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The job of ``TRAIN`` in this process, without torch.distributed: the same model, seed,
+    optimizer and data, each step's gradient the mean of the ``world`` ranks' gradients (rank
+    r's batch is ``data.batch(step, r)``), as FSDP2's reduce-scatter averages them. Returns
+    the final parameters and each step's loss, the mean over the ranks' batches."""
+    import torch.nn.functional as F
+
+    from orthoshard.data import MarkovData
+    from orthoshard.model import GPT, GPTConfig
+    from orthoshard.train import build_optimizer, parse_args
+
+    args = parse_args([*TRAIN[2:], "--out", "unused"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (OMP_NUM_THREADS=1): the same BLAS blocking
+    try:
+        torch.manual_seed(args.seed)
+        cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
+        model = GPT(cfg)
+        optimizer = build_optimizer(args.optimizer, model, steps=args.steps)
+        data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
+                          seed=args.seed)
+        losses = []
+        for step in range(args.steps):
+            total = [torch.zeros_like(p) for p in model.parameters()]
+            loss_sum = 0.0
+            for rank in range(world):
+                x, y = data.batch(step, rank)
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                loss.backward()
+                loss_sum += float(loss.detach())
+                for t, p in zip(total, model.parameters(), strict=True):
+                    t += p.grad
+                model.zero_grad(set_to_none=True)
+            for t, p in zip(total, model.parameters(), strict=True):
+                p.grad = t / world
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_sum / world)
+        return {n: p.detach() for n, p in model.named_parameters()}, losses
+    finally:
+        torch.set_num_threads(threads)
+
+
+# At W = 1 and 2 the job's gradient is the one process's to the bit (two ranks' sum does not
+# depend on the order of its terms), so the runs match exactly. At W = 4 the reduce-scatter
+# sums four ranks in an order of its own (per shard), ~1e-7 relative, and NorMuon's bf16
+# Newton-Schulz turns that into parameter differences of ~1e-3 in 12 steps; the losses stay
+# within 3e-5 (relative, measured), and 1e-3 leaves room for other CPUs while a rank training
+# on another rank's batch (or on too few ranks' data) moves them by far more.
+W4_LOSS_RTOL = 1e-3
+# The job logs the ranks' mean loss from a float32 all-reduce, the one process a float64 sum of
+# the same float32 losses: float32 rounding apart, a few 1e-8.
+LOSS_LOG_RTOL = 1e-6
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_job_on_w_ranks_trains_as_one_process_on_the_ranks_batches(
+        tmp_path: Path, uninterrupted_out: Path, world: int) -> None:
+    if world == 2:
+        out = uninterrupted_out
+    else:
+        out = tmp_path / "out"
+        _torchrun("--standalone", f"--nproc-per-node={world}", *TRAIN, "--out", str(out))
+    params, losses = _one_process(world)
+    if world < 4:
+        _assert_same(_params(out / "final_params.pt"), params)
+        assert _losses(out) == pytest.approx(losses, rel=LOSS_LOG_RTOL)
+    else:
+        assert _losses(out) == pytest.approx(losses, rel=W4_LOSS_RTOL)
 
 
 @pytest.mark.timeout(300)
