@@ -29,6 +29,8 @@ import contextlib
 import functools
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -217,6 +219,19 @@ def _refuse_unsupported_adam_flags(group: dict[str, Any]) -> None:
     for key, fix in _UNSUPPORTED_ADAM_FLAGS.items():
         if group.get(key, False) is not False:
             raise ValueError(f"{key}={group[key]!r} is not supported ({fix})")
+
+
+_INTERNAL_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by its caller point at the first frame
+    outside torch and this package: the user's ``step()`` call, whatever wraps the step
+    (torch's hooks, a graph break under compile, an LR scheduler)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
@@ -472,6 +487,7 @@ class MatrixOptimizer(Optimizer):
         self._deferred: dict[str, tuple[DeferredMetrics, int]] = {}
         self._step_items: list[MatrixItem] = []
         self._skipped: set[int] = set()  # ids of this step's items counted by _skip
+        self._gradient_seen = False  # a step found a gradient (or warned that it found none)
 
     # ---- copies -------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -636,6 +652,16 @@ class MatrixOptimizer(Optimizer):
         flags = nonfinite_flags(grads) if sharded else None  # to sum over the ranks
         bad = None if sharded else _nonfinite(grads)  # this process decides alone
         items = [item for item in self.matrix_items() if item.param.grad is not None]
+        if not self._gradient_seen:
+            self._gradient_seen = bool(items or grads)
+            if not self._gradient_seen and self.param_groups:
+                warnings.warn(
+                    f"{type(self).__name__}.step() found no gradient on any of its parameters "
+                    f"and changed nothing. Was backward() run? Was the optimizer built after "
+                    f"fully_shard (which replaces the model's parameters with new ones) and "
+                    f"anything else that replaces them? (warned once)", RuntimeWarning,
+                    stacklevel=_user_stacklevel())
+                self._gradient_seen = True  # once
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
         elif items:
@@ -789,7 +815,7 @@ class MatrixOptimizer(Optimizer):
         """Warn that the update of ``items`` failed with ``exc`` and is skipped this step."""
         warnings.warn(f"{type(self).__name__}: the update of "
                       f"{', '.join(item.name for item in items)} failed ({exc}); skipped this "
-                      f"step", RuntimeWarning, stacklevel=3)
+                      f"step", RuntimeWarning, stacklevel=_user_stacklevel())
 
     def _report_skips(self, item: MatrixItem) -> None:
         """Put ``item``'s skip count in what :meth:`health` reports."""

@@ -46,7 +46,8 @@ class OwnerSharding:
        under DDP) need no gather: the owner already has the full input, and with only replicated
        matrices this phase sends nothing and makes no call. Each block ends with the sender's
        status element (a rank that could not prepare its rows sends placeholders, flagged, and
-       every rank raises before any owner computes) and its finiteness flags of the sharded
+       every rank raises before any owner computes; with no gather call, a failed preparation
+       is learned in the scatter, as a failed compute is) and its finiteness flags of the sharded
        AdamW parameters (``carry``), summed on arrival, so that the AdamW group needs no
        collective of its own.
     2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
@@ -98,6 +99,12 @@ class OwnerSharding:
                 "torch.distributed.init_process_group() first (torchrun sets the environment).")
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:  # torch's answer for a process outside the group
+            members = dist.get_process_group_ranks(group) if group is not None else []
+            raise ValueError(
+                f"this process (global rank {dist.get_rank()}) is not in the OwnerSharding "
+                f"group (global ranks {members}): create OwnerSharding, and the optimizer, "
+                f"only on the group's ranks, or pass a group that holds this rank")
         self.world_size = dist.get_world_size(group)
         self.exchange_dtype = exchange_dtype
         self._optimizer: Any = None

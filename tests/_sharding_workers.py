@@ -733,6 +733,10 @@ def mesh_checks_worker(rank: int, world: int, out: str) -> None:
         "column shards": lambda: _column_sharded_step(world),
     }
     outcomes = {name: _every_rank_says(world, ValueError, case) for name, case in cases.items()}
+    # a group of ranks 0 and 1 only (every rank creates it): ranks 2 and 3 are not in it
+    first_two = dist.new_group([0, 1])
+    outcomes["not a member"] = _every_rank_says(world, ValueError,
+                                                lambda: OwnerSharding(group=first_two))
     right = mesh_run(shard, OwnerSharding(group=shard.get_group()))
     if rank == 0:
         torch.save({"outcomes": outcomes, "right": right}, out)

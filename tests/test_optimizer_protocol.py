@@ -324,3 +324,27 @@ def test_a_set_of_parameters_in_a_group_is_refused_as_torch_refuses_it(
         cls([{"params": ws}], **kwargs)
     with pytest.raises(TypeError, match="ordered collections"):
         torch.optim.AdamW([{"params": ws}])  # the same refusal as torch's
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_a_step_that_finds_no_gradient_at_all_warns_once(cls: type, kwargs: dict[str, Any]
+                                                         ) -> None:
+    # an optimizer built before fully_shard (which installs new parameters) holds tensors no
+    # backward reaches: its steps changed nothing, silently
+    model = _model()
+    opt = cls(split_param_groups(model.named_parameters()), **kwargs)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"found no gradient on any of its parameters.*"
+                                            r"fully_shard") as caught:
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]  # points at the caller's step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once
+        fresh = cls(split_param_groups(model.named_parameters()), **kwargs)
+        _train(model, fresh, 2, seed=0)  # gradients from the first step on: no warning
+        model.zero_grad(set_to_none=True)
+        fresh.step()  # a later step without any: legitimate (e.g. a skipped micro-batch)

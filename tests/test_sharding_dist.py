@@ -462,6 +462,12 @@ def test_a_mesh_over_other_ranks_than_the_sharding_group_is_refused_on_every_ran
                for o in outcomes["other size"]), outcomes
     assert all(o.startswith("ValueError") and "Shard(0) over one mesh dimension" in o
                for o in outcomes["column shards"]), outcomes
+    # a rank outside the group is told so when it creates OwnerSharding (it read rank -1 and
+    # failed at the first step on "world_size must be >= 1, got -1")
+    assert outcomes["not a member"][:2] == ["done", "done"], outcomes
+    assert all(o.startswith(f"ValueError: this process (global rank {r}) is not in the "
+                            f"OwnerSharding group (global ranks [0, 1])")
+               for r, o in enumerate(outcomes["not a member"]) if r >= 2), outcomes
     # each replica's shard group, as the message says: the single-process result
     _assert_params_close(result["right"], w.mesh_run(None, None), "shard group of each replica")
 

@@ -963,8 +963,9 @@ def test_an_eigendecomposition_that_fails_skips_that_matrix_with_a_warning(monke
     opt = SOAP([("a", a), ("b", b)], lr=0.01, use_eigh=True)
     grads = _spiky_grads(1)[0], _spiky_grads(1, shape=(8, 8))[0]
     a.grad, b.grad = grads
-    with pytest.warns(RuntimeWarning, match="update of a failed.*converge"):
+    with pytest.warns(RuntimeWarning, match="update of a failed.*converge") as caught:
         opt.step()
+    assert [w.filename for w in caught] == [__file__]  # it points at the step() call
     assert torch.equal(a, torch.zeros(24, 16)) and not torch.equal(b, torch.zeros(8, 8))
     health = opt.health()
     assert health["a"]["nonfinite_skips"] == 1.0 and health["b"]["nonfinite_skips"] == 0.0
