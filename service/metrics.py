@@ -309,10 +309,18 @@ class HealthCollector(Collector):
         return held, valid_until
 
     def _live(self) -> tuple[float, list[ParamRecord], list[RankRecord]]:
+        """The parameters and ranks to export: received within the TTL, and parameters of
+        their rank's current run while it runs. A finished run's frozen values, or those of a
+        rank's earlier run, would otherwise stay for the TTL and count in the alerts (a spike
+        of the next run turned too few of the node's "matrices" to page)."""
         now = self._clock()
         cutoff = now - self._ttl
-        params = [p for p in self._store.params() if p.received_at >= cutoff]
-        ranks = [r for r in self._store.ranks() if r.received_at >= cutoff]
+        all_ranks = self._store.ranks()
+        running = {r.rank: r.run_id for r in all_ranks if r.finished_at is None}
+        finished = {r.rank for r in all_ranks if r.finished_at is not None}
+        params = [p for p in self._store.params() if p.received_at >= cutoff
+                  and p.rank not in finished and running.get(p.rank, p.run_id) == p.run_id]
+        ranks = [r for r in all_ranks if r.received_at >= cutoff]
         return now, params, ranks
 
     def collect(self) -> Iterator[Metric]:

@@ -708,14 +708,35 @@ def test_a_finished_rank_exports_no_liveness_until_its_next_snapshot(
     assert any(ln.startswith('orthoshard_last_snapshot_timestamp_seconds{rank="3"}')
                for ln in lines)  # the rank that did not finish still is watched
     assert 'orthoshard_optimizer_step{rank="2"} 7.0' in lines  # its last state stays visible
-    assert 'orthoshard_orthogonality_error{param="a.w"} 0.01' in lines
+    # its parameters' frozen values are not exported (they would count in the alerts); the
+    # running rank's are
+    assert not any('param="a.w"' in ln for ln in lines)
+    assert 'orthoshard_orthogonality_error{param="b.w"} 0.01' in lines
+    assert client.get("/v1/params/a.w").json()["step"] == 7  # the API still answers
     ranks = {r["rank"]: r for r in client.get("/v1/optimizer").json()["ranks"]}
     assert ranks[2]["finished_at"] == clock.now and ranks[3]["finished_at"] is None
     clock.now += 5
     post(client, snapshot(step=8, rank=2, names=("a.w",), run_id="run-b"))  # a new run
-    assert f'orthoshard_last_snapshot_timestamp_seconds{{rank="2"}} {clock.now!r}' in \
-        metric_lines(client)
+    lines = metric_lines(client)
+    assert f'orthoshard_last_snapshot_timestamp_seconds{{rank="2"}} {clock.now!r}' in lines
+    assert 'orthoshard_orthogonality_error{param="a.w"} 0.01' in lines
     assert client.get("/v1/optimizer").json()["ranks"][0]["finished_at"] is None
+
+
+def test_a_new_run_of_a_rank_ends_the_export_of_its_earlier_runs_parameters(
+    client: TestClient, clock: FakeClock
+) -> None:
+    # run-a's parameters that run-b does not report stayed exported, frozen, for the TTL: they
+    # counted among the node's matrices in the rotation alert's breadth check, and a spike
+    # turning 3 of run-b's 4 matrices read as 3 of 8
+    post(client, snapshot(step=30, rank=0, names=("old.w", "both.w"), run_id="run-a"))
+    post(client, snapshot(step=30, rank=1, names=("other.w",), run_id="run-a"))
+    clock.now += 5
+    post(client, snapshot(step=1, rank=0, names=("new.w", "both.w"), run_id="run-b"))
+    lines = metric_lines(client)
+    exported = {ln.split('param="')[1].split('"')[0] for ln in lines if 'param="' in ln}
+    assert exported == {"new.w", "both.w", "other.w"}  # rank 1 still runs run-a
+    assert client.get("/v1/params/old.w").json()["run_id"] == "run-a"  # the API keeps it
 
 
 def test_a_finish_names_a_known_rank_and_its_current_run(client: TestClient) -> None:
