@@ -195,6 +195,11 @@ if hasattr(os, "register_at_fork"):  # (not on Windows, which cannot fork)
 #: since it delays the exit of a script that forgot ``close()`` (or crashed) by up to this much.
 EXIT_FLUSH_S = 1.5
 
+#: ``close(finished=True)`` keeps this much of its deadline (at most half of it) for the
+#: finishes: snapshots still queued then are dropped. A finish not sent pages the rank as stale,
+#: a snapshot not sent does not; 1.5 s holds a second attempt after a 1 s ``Retry-After``.
+FINISH_RESERVE_S = 1.5
+
 
 @atexit.register
 def _flush_at_exit() -> None:
@@ -269,6 +274,7 @@ class Publisher:
         self._cond = threading.Condition()
         self._closing = False
         self._deadline = math.inf
+        self._flush_until = math.inf  # the snapshots' part of the deadline
         self._backoff = backoff_s
         self._down = False
         self._retry_after: float | None = None  # of the last send's 5xx answer, if it said
@@ -372,7 +378,9 @@ class Publisher:
         ``finished=True`` (the training loop ended normally) then tells the sidecar that each
         rank published for has finished its run (``POST /v1/ranks/{rank}/finish``), so the
         rank's silence from now on is not alerted as a stale rank; True then also needs those
-        answers to be 2xx. Leave it False on an error path: a crashed rank must still page.
+        answers to be 2xx. The snapshots then have the deadline less :data:`FINISH_RESERVE_S`
+        (at most half of ``timeout_s``), which is kept for the finishes. Leave it False on an
+        error path: a crashed rank must still page.
         Called again after a ``close()`` (a ``with`` block's), ``finished=True`` still posts the
         finishes, from this thread."""
         if self._forked:
@@ -383,6 +391,8 @@ class Publisher:
                 self._closing = True
                 self._finish = finished
                 self._deadline = time.monotonic() + timeout_s
+                reserve = min(FINISH_RESERVE_S, timeout_s / 2) if finished else 0.0
+                self._flush_until = self._deadline - reserve
                 self._cond.notify()
         if again:
             self._thread.join(timeout_s + 1.0)
@@ -505,16 +515,17 @@ class Publisher:
     def _next(self, pause: float) -> dict[str, Any] | None:
         """The oldest queued snapshot, taken off the queue (a send in flight holds no place
         in it, so a full queue never drops a snapshot that is being sent), after waiting
-        ``pause`` seconds; None when it is time to stop (close()'s deadline ends a pause)."""
+        ``pause`` seconds; None when it is time to stop (close()'s deadline, less the time kept
+        for the finishes, ends a pause)."""
         wake = time.monotonic() + pause
         with self._cond:
             while True:
                 now = time.monotonic()
-                if self._closing and (not self._queue or now >= self._deadline):
+                if self._closing and (not self._queue or now >= self._flush_until):
                     return None
                 if self._queue and now >= wake:
                     return self._queue.popleft()
-                limit = min(self._deadline, wake if self._queue else math.inf) - now
+                limit = min(self._flush_until, wake if self._queue else math.inf) - now
                 self._cond.wait(None if limit == math.inf else max(limit, 0.0))
 
     def _send(self, item: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
-from service.client import Publisher, default_run_id, environment_run_id
+from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
 from service.settings import Settings, read_token_file
@@ -1035,6 +1035,24 @@ def test_a_finish_answered_503_or_not_connected_is_sent_again_until_accepted() -
     other.publish(step=0, rank=0, params={})
     assert other.close(timeout_s=10, finished=True) is False
     assert [p for p, _ in refused.calls] == ["/v1/snapshots", "/v1/ranks/0/finish"]
+
+
+@pytest.mark.timeout(30)
+def test_a_finish_is_sent_when_queued_snapshots_would_take_the_whole_deadline() -> None:
+    # snapshots retried after a busy database's Retry-After took close()'s whole deadline, and
+    # the finish was never tried: the normal end of a run paged as a stale rank
+    handler = Scripted(snapshots=[storage_unavailable(1)] * 100)
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 1.0))
+    for step in range(3):
+        pub.publish(step=step, rank=0, params={})
+    assert pub.close(timeout_s=3.0, finished=True) is False  # snapshots were dropped
+    finishes = handler.times("/v1/ranks/0/finish")
+    assert len(finishes) == 1 and pub._finish_sent and not pub._finish_failed
+    # the snapshots stopped at the deadline less the reserve, then the finish was sent
+    snapshots = handler.times("/v1/snapshots")
+    assert len(snapshots) >= 2 and snapshots[-1] < finishes[0] < pub._deadline
+    assert pub._flush_until == pub._deadline - min(FINISH_RESERVE_S, 3.0 / 2)
+    assert (pub.stats.sent, pub.stats.dropped) == (0, 3)
 
 
 @pytest.mark.timeout(30)
