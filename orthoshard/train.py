@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,11 @@ def _write_whole(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+#: the checkpoint entry holding the run's softening schedule length (its first --steps): a
+#: resume with another --steps keeps the schedule the checkpoint was trained with
+HORIZON_KEY = "softening_steps"
+
+
 class Checkpoints:
     """``DIR/step-NNNNNN`` DCP directories plus a ``DIR/LATEST`` pointer written last."""
 
@@ -200,12 +206,14 @@ class Checkpoints:
                 f"directory, or remove LATEST to start from step 0")
         return path
 
-    def save(self, model: torch.nn.Module, optimizer: Any, step: int) -> None:
+    def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int) -> None:
+        """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps)."""
         from sharding import checkpoint
 
         assert self.dir is not None
         path = self._fresh(step)
-        checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step)})
+        checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step),
+                                                       HORIZON_KEY: torch.tensor(horizon)})
         dist.barrier()
         if dist.get_rank() == 0:
             _write_whole(self.dir / "LATEST", path.name)
@@ -230,13 +238,60 @@ class Checkpoints:
         return self.dir / name[0]
 
     def load(self, model: torch.nn.Module, optimizer: Any) -> int:
+        from torch.distributed.checkpoint.api import CheckpointException
+
         from sharding import checkpoint
 
         path = self.latest()
         if path is None:
             return 0
-        extra = checkpoint.load(path, model, optimizer, extra={"progress": torch.tensor(0)})
+        try:
+            extra = checkpoint.load(path, model, optimizer, extra={"progress": torch.tensor(0)})
+        except ValueError:
+            raise  # refused: another optimizer, model or flags (the message says which)
+        except (Exception, CheckpointException) as exc:  # a file missing, cut short, unreadable
+            # (DCP's CheckpointException is a BaseException)
+            earlier = sorted(p.name for p in self.dir.glob("step-*") if p != path) \
+                if self.dir is not None else []
+            exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, could not "
+                         f"be read. If its save was cut short, point LATEST at an earlier "
+                         f"complete checkpoint ({', '.join(earlier) or 'there is none'}), or "
+                         f"remove LATEST to start from step 0.")
+            raise
         return int(extra["progress"])
+
+    def horizon(self) -> int | None:
+        """The softening schedule's length saved with the latest checkpoint (None without a
+        checkpoint, or one saved before it was recorded). Each rank reads it alone."""
+        import torch.distributed.checkpoint as dcp
+
+        path = self.latest()
+        if path is None:
+            return None
+        try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception:  # unreadable: load(), which comes next, raises and says what to do
+            return None
+        if HORIZON_KEY not in saved:
+            return None
+        box = {HORIZON_KEY: torch.tensor(0)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(box, checkpoint_id=str(path), no_dist=True)
+        return int(box[HORIZON_KEY])
+
+    def check_writable(self) -> None:
+        """Create the directory and prove it writable now, not at the first save after
+        ``--checkpoint-every`` steps of work (every rank: each writes its own files)."""
+        assert self.dir is not None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        probe = self.dir / f".write-test-{os.getpid()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise OSError(f"--checkpoint-dir {self.dir} is not writable ({exc}): fix its "
+                          f"permissions or pass another directory") from exc
 
 
 def _publisher(args: argparse.Namespace, *, resumed: bool) -> Any:
@@ -318,12 +373,27 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
-def _reports_written(out: Path, rank: int) -> bool:
-    """Whether every rank finds its ``rank{r}.json`` in ``out`` (one all-reduce, so that every
-    rank decides alike)."""
-    have = torch.tensor([float((out / f"rank{rank}.json").exists())])
+def _reports_written(out: Path, rank: int, step: int) -> bool:
+    """Whether every rank finds its ``rank{r}.json`` in ``out``, written at ``step`` (one
+    all-reduce, so that every rank decides alike). A report without its step (written before
+    the step was recorded) counts as written."""
+    path = out / f"rank{rank}.json"
+    try:
+        at = json.loads(path.read_text()).get("final_step", step)
+    except (OSError, ValueError, AttributeError):
+        at = None
+    have = torch.tensor([float(at == step)])
     dist.all_reduce(have, op=dist.ReduceOp.MIN)
     return bool(have.item())
+
+
+def _forget_gone_ranks(out: Path, world: int) -> None:
+    """Remove ``rank{r}.json`` of ranks ``r >= world`` (rank 0): left by a run at more ranks,
+    their reports would be read as this run's (matrices counted twice)."""
+    for f in out.glob("rank*.json"):
+        r = f.name[len("rank"):-len(".json")]
+        if r.isdigit() and int(r) >= world:
+            f.unlink(missing_ok=True)
 
 
 def _hsdp_mesh(replicas: int, world: int) -> tuple[Any, Any]:
@@ -350,13 +420,24 @@ def _train(args: argparse.Namespace) -> int:
     mesh, group = _hsdp_mesh(args.replicas, world)
     model = shard_gpt(GPT(cfg), mesh)
     device = next(model.parameters()).device  # where fully_shard put the parameters
-    optimizer = build_optimizer(args.optimizer, model, steps=args.steps,
+    ckpt = Checkpoints(args.checkpoint_dir)
+    if args.checkpoint_every:
+        ckpt.check_writable()
+    # the softening schedule the checkpoint was trained with, whatever this --steps says (a
+    # schedule over the new --steps would jump back mid-run)
+    horizon = (ckpt.horizon() if args.resume else None) or args.steps
+    optimizer = build_optimizer(args.optimizer, model, steps=horizon,
                                 kl_shampoo=args.kl_shampoo, sharding=OwnerSharding(group))
     data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
                       seed=args.seed)
-    ckpt = Checkpoints(args.checkpoint_dir)
     start = ckpt.load(model, optimizer) if args.resume else 0
-    if start >= args.steps and _reports_written(args.out, rank):
+    if start > args.steps:
+        if rank == 0:
+            print(f"orthoshard.train: --resume: the checkpoint in {args.checkpoint_dir} is at "
+                  f"step {start}, past --steps {args.steps}: pass --steps {start} or more",
+                  file=sys.stderr)
+        return 2
+    if start >= args.steps and _reports_written(args.out, rank, start):
         # a --resume of a finished run (compose restarted, say): training nothing would still
         # rewrite its reports. (A restart that finds the last checkpoint but no reports, a
         # rank having died after it, goes on and writes them.)
@@ -366,6 +447,12 @@ def _train(args: argparse.Namespace) -> int:
                   f"{args.out} are kept; pass a larger --steps to train on", file=sys.stderr)
         return 0
     _check_resumed_flags(optimizer, args)
+    if rank == 0:
+        _forget_gone_ranks(args.out, world)
+        if args.optimizer == "muon" and horizon != args.steps:
+            print(f"orthoshard.train: --resume: the softening schedule keeps the checkpoint's "
+                  f"length of {horizon} steps (this run's --steps: {args.steps})",
+                  file=sys.stderr)
     publisher = _publisher(args, resumed=args.resume)
     log = _Log(args.out, rank, start, args.steps, args.progress)
     for step in range(start, args.steps):
@@ -384,13 +471,13 @@ def _train(args: argparse.Namespace) -> int:
                            with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, float(loss_avg) / world, health)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            ckpt.save(model, optimizer, step + 1)
+            ckpt.save(model, optimizer, step + 1, horizon)
         _maybe_die(step + 1)
         if args.step_delay:
             time.sleep(args.step_delay)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
-    log.finish(optimizer, final, data.entropy_rate())
+    log.finish(optimizer, final, data.entropy_rate(), max(start, args.steps))
     if publisher is not None:
         publisher.close(finished=True)  # the run ended: its silence from now on is no alert
     return 0
@@ -435,12 +522,13 @@ class _Log:
             self.bar.set_postfix(loss=f"{loss:.3f}")
             self.bar.update(1)
 
-    def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float) -> None:
+    def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float,
+               final_step: int) -> None:
         if self.bar is not None:
             self.bar.close()
         # comm_stats count from this process's start: after a restart or a resume, the steps
         # since the checkpoint it continued from
-        report = {"rank": self.rank, "health": optimizer.health(),
+        report = {"rank": self.rank, "final_step": final_step, "health": optimizer.health(),
                   "comm_stats": {**optimizer.comm_stats(), "steps": self.steps_run},
                   "entropy_rate": entropy,
                   "optimizer": type(optimizer).__name__,

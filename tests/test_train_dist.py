@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -67,18 +68,19 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
 
 
-def _one_process(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The job of ``TRAIN`` in this process, without torch.distributed: the same model, seed,
-    optimizer and data, each step's gradient the mean of the ``world`` ranks' gradients (rank
-    r's batch is ``data.batch(step, r)``), as FSDP2's reduce-scatter averages them. Returns
-    the final parameters and each step's loss, the mean over the ranks' batches."""
+def _one_process(world: int, *extra: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The job of ``TRAIN`` (and ``extra`` arguments) in this process, without
+    torch.distributed: the same model, seed, optimizer, data and spike, each step's gradient
+    the mean of the ``world`` ranks' gradients (rank r's batch is ``data.batch(step, r)``), as
+    FSDP2's reduce-scatter averages them. Returns the final parameters and each step's loss,
+    the mean over the ranks' batches."""
     import torch.nn.functional as F
 
     from orthoshard.data import MarkovData
     from orthoshard.model import GPT, GPTConfig
-    from orthoshard.train import build_optimizer, parse_args
+    from orthoshard.train import add_spike, build_optimizer, parse_args
 
-    args = parse_args([*TRAIN[2:], "--out", "unused"])
+    args = parse_args([*TRAIN[2:], "--out", "unused", *extra])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs (OMP_NUM_THREADS=1): the same BLAS blocking
     try:
@@ -102,6 +104,8 @@ def _one_process(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
                 model.zero_grad(set_to_none=True)
             for t, p in zip(total, model.parameters(), strict=True):
                 p.grad = t / world
+            if step == args.spike_at:
+                add_spike(optimizer, scale=args.spike_scale, seed=args.seed)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss_sum / world)
@@ -114,24 +118,39 @@ def _one_process(world: int) -> tuple[dict[str, torch.Tensor], list[float]]:
 # depend on the order of its terms), so the runs match exactly. At W = 4 the reduce-scatter
 # sums four ranks in an order of its own (per shard), ~1e-7 relative, and NorMuon's bf16
 # Newton-Schulz turns that into parameter differences of ~1e-3 in 12 steps; the losses stay
-# within 3e-5 (relative, measured), and 1e-3 leaves room for other CPUs while a rank training
-# on another rank's batch (or on too few ranks' data) moves them by far more.
+# within 1.5e-5 (relative, measured with and without the spike), and 1e-3 leaves room for other
+# CPUs while a rank training on another rank's batch moves them by far more.
 W4_LOSS_RTOL = 1e-3
 # The job logs the ranks' mean loss from a float32 all-reduce, the one process a float64 sum of
 # the same float32 losses: float32 rounding apart, a few 1e-8.
 LOSS_LOG_RTOL = 1e-6
 
 
+SPIKE = ("--spike-at", str(STEPS // 2))
+
+
+@pytest.fixture(scope="module")
+def fsdp4_out(tmp_path_factory) -> Path:
+    """The job at 4 ranks (FSDP over all four), with a spike: the HSDP test's reference too."""
+    out = tmp_path_factory.mktemp("fsdp4")
+    _torchrun("--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(out), *SPIKE)
+    return out
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_the_job_on_w_ranks_trains_as_one_process_on_the_ranks_batches(
-        tmp_path: Path, uninterrupted_out: Path, world: int) -> None:
-    if world == 2:
-        out = uninterrupted_out
-    else:
+        request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        world: int) -> None:
+    extra: tuple[str, ...] = ()
+    if world == 1:  # the job's own main, as torchrun's one rank, in this process
         out = tmp_path / "out"
-        _torchrun("--standalone", f"--nproc-per-node={world}", *TRAIN, "--out", str(out))
-    params, losses = _one_process(world)
+        assert _train_here(monkeypatch, *TRAIN[2:], "--out", str(out)) == 0
+    elif world == 2:
+        out = request.getfixturevalue("uninterrupted_out")
+    else:
+        out, extra = request.getfixturevalue("fsdp4_out"), SPIKE
+    params, losses = _one_process(world, *extra)
     if world < 4:
         _assert_same(_params(out / "final_params.pt"), params)
         assert _losses(out) == pytest.approx(losses, rel=LOSS_LOG_RTOL)
@@ -209,16 +228,13 @@ HSDP_LOSS_RTOL = 1e-3
 
 
 @pytest.mark.timeout(300)
-def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp_path):
+def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp_path,
+                                                                             fsdp4_out):
     # with a spike: its rows are each rank's rows of its shard group (from the global rank and
     # world size every HSDP rank failed on a shape mismatch at the spike step)
-    losses = {}
-    for replicas in (1, 2):
-        out = tmp_path / f"r{replicas}"
-        _torchrun("--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(out),
-                  "--replicas", str(replicas), "--spike-at", str(STEPS // 2))
-        lines = (out / "loss.jsonl").read_text().splitlines()
-        losses[replicas] = [json.loads(line)["loss"] for line in lines]
+    _torchrun("--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(tmp_path / "r2"),
+              "--replicas", "2", *SPIKE)
+    losses = {1: _losses(fsdp4_out), 2: _losses(tmp_path / "r2")}
     assert losses[2][-1] == pytest.approx(losses[1][-1], rel=HSDP_LOSS_RTOL)
     # and both train: 12 NorMuon steps take the loss from 4.32 (about ln(64) = 4.16, the
     # uniform guess) to 3.18 (measured, both layouts); half that drop still fails a run that
@@ -282,3 +298,104 @@ def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path):
     assert run_id("d", resumed=True) == drawn  # a restart or --resume: the same run
     assert run_id("e", resumed=False) != drawn  # a new run in the directory: a new id
 
+
+
+# ------------------------------------------------------------------- resume, in this process
+
+def _train_here(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    """``orthoshard.train`` as rank 0 of 1 in this process (as torchrun starts a rank; a few
+    steps take a second, not a torchrun's start-up). Returns its exit code."""
+    from orthoshard import train
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                       "TORCH_GLOO_LAZY_INIT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ORTHOSHARD_RUN_ID", "resume-test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main(["--no-progress", *argv])  # muon unless argv says otherwise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _softening(out: Path) -> dict[int, float]:
+    lines = (out / "health-rank0.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["params"]["blocks.0.fc.weight"]["softening"]
+            for rec in map(json.loads, lines)}
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from orthoshard.train import SOFTENING_MAX
+
+    ckpt, first, second = tmp_path / "ckpt", tmp_path / "first", tmp_path / "second"
+    keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "4"]
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(first), *keep) == 0
+    # trained on to 8 steps: the schedule of the 4-step run goes on (it had reached its top),
+    # where one over the new --steps jumped back from 0.2 to 0.125 at step 5
+    assert _train_here(monkeypatch, "--steps", "8", "--out", str(second), "--resume",
+                       *keep) == 0
+    assert "keeps the checkpoint's length of 4 steps" in capsys.readouterr().err
+    softening = _softening(first) | _softening(second)
+    assert softening == pytest.approx(
+        {t: SOFTENING_MAX * min(1.0, t / 4) for t in range(1, 9)}, rel=1e-6)
+    # the first run's reports, then a restart that finds the step-8 checkpoint: they were
+    # kept as if they were this run's (its parameters 4 steps old)
+    assert json.loads((first / "rank0.json").read_text())["final_step"] == 4
+    assert _train_here(monkeypatch, "--steps", "8", "--out", str(first), "--resume",
+                       "--checkpoint-dir", str(ckpt)) == 0
+    assert json.loads((first / "rank0.json").read_text())["final_step"] == 8
+    _assert_same(_params(first / "final_params.pt"), _params(second / "final_params.pt"))
+    # a --steps before the checkpoint's step finished at the checkpoint, silently
+    capsys.readouterr()
+    assert _train_here(monkeypatch, "--steps", "6", "--out", str(tmp_path / "third"),
+                       "--resume", "--checkpoint-dir", str(ckpt)) == 2
+    assert "is at step 8, past --steps 6: pass --steps 8 or more" in capsys.readouterr().err
+
+
+def test_a_run_at_fewer_ranks_removes_the_reports_of_the_ranks_that_are_gone(tmp_path):
+    from orthoshard.train import _forget_gone_ranks
+
+    for name in ("rank0.json", "rank1.json", "rank2.json", "rank10.json", "ranking.json"):
+        (tmp_path / name).write_text("{}")
+    _forget_gone_ranks(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json",
+                                                          "ranking.json"]
+
+
+@pytest.mark.timeout(120)
+def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_front(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from orthoshard import train
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    monkeypatch.setattr(train.Path, "write_text", _refuse_writes_in(ckpt))
+    with pytest.raises(OSError, match=rf"--checkpoint-dir {ckpt} is not writable"):
+        _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
+                    "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    monkeypatch.undo()
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
+                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 0
+    (ckpt / "step-000004" / ".metadata").unlink()  # a save cut short
+    with pytest.raises(CheckpointException) as raised:  # DCP's own error, with a note
+        _train_here(monkeypatch, "--steps", "6", "--out", str(tmp_path / "out"), "--resume",
+                    "--checkpoint-dir", str(ckpt))
+    assert any("point LATEST at an earlier complete checkpoint (step-000002)" in note
+               for note in getattr(raised.value, "__notes__", [])), raised.value
+
+
+def _refuse_writes_in(directory: Path) -> Any:
+    real = Path.write_text
+
+    def write_text(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.parent == directory:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    return write_text
