@@ -214,14 +214,16 @@ _UNSUPPORTED_ADAM_FLAGS = {
 
 
 def _refuse_unsupported_adam_flags(group: dict[str, Any]) -> None:
-    """Raise ValueError for a group that sets ``maximize`` or ``amsgrad`` to anything but
-    False (no update here reads them: an ascent would silently descend)."""
+    """Raise ValueError for a group that turns ``maximize`` or ``amsgrad`` on (no update here
+    reads them: an ascent would silently descend)."""
     for key, fix in _UNSUPPORTED_ADAM_FLAGS.items():
-        if group.get(key, False) is not False:
+        if group.get(key, False):  # False, 0, numpy's False: what AdamW reads as off
             raise ValueError(f"{key}={group[key]!r} is not supported ({fix})")
 
 
-_INTERNAL_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+# torch's files, this package's and the sharding layer's (which calls the owner compute)
+_INTERNAL_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep,
+                   os.path.join(os.path.dirname(os.path.dirname(__file__)), "sharding") + os.sep)
 
 
 def _user_stacklevel() -> int:

@@ -268,16 +268,18 @@ class Checkpoints:
         path = self.latest()
         if path is None:
             return None
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        box = {HORIZON_KEY: torch.tensor(0)}
         try:
             saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except Exception:  # unreadable: load(), which comes next, raises and says what to do
-            return None
-        if HORIZON_KEY not in saved:
-            return None
-        box = {HORIZON_KEY: torch.tensor(0)}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(box, checkpoint_id=str(path), no_dist=True)
+            if HORIZON_KEY not in saved:
+                return None
+            with warnings.catch_warnings():  # "assuming the intent is to load in one process"
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(box, checkpoint_id=str(path), no_dist=True)
+        except (Exception, CheckpointException):
+            return None  # unreadable: load(), which comes next, raises and says what to do
         return int(box[HORIZON_KEY])
 
     def check_writable(self) -> None:

@@ -540,8 +540,11 @@ class Publisher:
             return "rejected"
         # the answer comes once the sidecar has stored the snapshot, which takes time in
         # proportion to its size: a fixed read timeout re-sent large snapshots it was storing
-        timeout = httpx.Timeout(self._timeout_s,
-                                read=self._timeout_s + len(body) / _STORE_BYTES_PER_S)
+        connect, read = self._timeout_s, self._timeout_s + len(body) / _STORE_BYTES_PER_S
+        if self._finish:  # close(finished=True): the end of its deadline is the finishes'
+            left = max(self._flush_until - time.monotonic(), 0.001)
+            connect, read = min(connect, left), min(read, left)
+        timeout = httpx.Timeout(connect, read=read)
         try:
             response = self._client.post("/v1/snapshots", content=body, timeout=timeout)
         except httpx.HTTPError as exc:

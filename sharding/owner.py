@@ -100,11 +100,12 @@ class OwnerSharding:
         self.group = group
         self.rank = dist.get_rank(group)
         if self.rank < 0:  # torch's answer for a process outside the group
-            members = dist.get_process_group_ranks(group) if group is not None else []
+            # (new_group hands such a process a shared placeholder, not the group: its ranks
+            # cannot be named here)
             raise ValueError(
                 f"this process (global rank {dist.get_rank()}) is not in the OwnerSharding "
-                f"group (global ranks {members}): create OwnerSharding, and the optimizer, "
-                f"only on the group's ranks, or pass a group that holds this rank")
+                f"group: create OwnerSharding, and the optimizer, only on the group's ranks, "
+                f"or pass a group that holds this rank")
         self.world_size = dist.get_world_size(group)
         self.exchange_dtype = exchange_dtype
         self._optimizer: Any = None

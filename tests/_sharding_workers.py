@@ -574,14 +574,18 @@ def failing_owner_worker(rank: int, world: int, out: str) -> None:
     fully_shard(model)
     optimizer = SOAP(list(model.named_parameters()), lr=3e-3, use_eigh=True,
                      sharding=OwnerSharding())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
         failing_run(model, optimizer)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, optimizer.health())
+    # where each rank's warnings point (the owner warns): the step() call in failing_run
+    places: list[Any] = [None] * world
+    dist.all_gather_object(places, [w.filename for w in caught
+                                    if issubclass(w.category, RuntimeWarning)])
     params = {n: p.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({"health": gathered, "params": params}, out)
+        torch.save({"health": gathered, "params": params, "warned_at": places}, out)
 
 
 FAILING_MATRIX = "ws.3"  # its owner's compute raises (owner_error_worker)

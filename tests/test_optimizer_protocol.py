@@ -9,6 +9,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -290,6 +291,8 @@ def test_adamw_flags_no_update_here_reads_are_refused_not_ignored(
     w, b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match=rf"param group 1: {flag}=True is not supported"):
         cls([{"params": [w]}, {"params": [b], "algorithm": "adamw", flag: True}], **kwargs)
+    for off in (0, np.False_):  # what AdamW reads as off is accepted, as False is
+        cls([{"params": [w]}, {"params": [b], "algorithm": "adamw", flag: off}], **kwargs)
     opt = cls([{"params": [w]}, {"params": [b], "algorithm": "adamw", flag: False}], **kwargs)
     b.grad = torch.ones(4)
     opt.param_groups[0][flag] = True  # set by user code mid-training: refused before a move

@@ -1056,6 +1056,36 @@ def test_a_finish_is_sent_when_queued_snapshots_would_take_the_whole_deadline() 
 
 
 @pytest.mark.timeout(30)
+def test_a_snapshot_in_flight_when_close_finishes_leaves_the_finish_its_time() -> None:
+    # a snapshot send begun before the finishes' part of the deadline kept its whole timeout
+    # (2 s and more) and ran into that part: the finish came too late to be tried again
+    slow_s = 2.0  # a snapshot the busy sidecar answers only after this long
+    calls: list[tuple[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.url.path, time.monotonic()))
+        if request.url.path == "/v1/ranks/0/finish":
+            return httpx.Response(200, json={})
+        if len(calls) == 1:
+            return storage_unavailable(1)  # the retry comes after close() was called
+        read = request.extensions["timeout"]["read"]
+        if read < slow_s:  # as a real transport gives up at its read timeout
+            time.sleep(read)
+            raise httpx.ReadTimeout("timed out", request=request)
+        time.sleep(slow_s)
+        return httpx.Response(201, json={})
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 1.0))
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=3.0, finished=True) is False  # the snapshot was dropped
+    finish = [t for path, t in calls if path == "/v1/ranks/0/finish"]
+    assert len(finish) == 1 and pub._finish_sent and not pub._finish_failed
+    # the retry in flight was cut off (read timeout) where the finishes' part began: uncut, it
+    # was answered at the deadline, and no finish was tried
+    assert (pub.stats.sent, pub.stats.dropped) == (0, 1)
+
+
+@pytest.mark.timeout(30)
 def test_a_finish_is_tried_again_only_until_close_deadline(caplog: Any) -> None:
     handler = Scripted(ranks_0_finish=[storage_unavailable(1)] * 100)
     pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 0.05))

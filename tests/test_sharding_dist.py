@@ -241,6 +241,9 @@ def test_a_decomposition_that_fails_on_its_owner_skips_the_matrix_on_every_rank(
     result = torch.load(tmp_path / "out.pt")
     health = {k: v for report in result["health"] for k, v in report.items()}
     assert health["0"]["nonfinite_skips"] == 2.0 and health["1"]["nonfinite_skips"] == 0.0
+    # the owner's warnings point at the caller's step(), not into the sharding layer
+    warned = [place for places in result["warned_at"] for place in places]
+    assert len(warned) == 2 and set(warned) == {w.__file__}, result["warned_at"]
     _assert_params_close(result["params"], {k: p.detach() for k, p in named}, "failing eigh")
 
 
@@ -466,7 +469,7 @@ def test_a_mesh_over_other_ranks_than_the_sharding_group_is_refused_on_every_ran
     # failed at the first step on "world_size must be >= 1, got -1")
     assert outcomes["not a member"][:2] == ["done", "done"], outcomes
     assert all(o.startswith(f"ValueError: this process (global rank {r}) is not in the "
-                            f"OwnerSharding group (global ranks [0, 1])")
+                            f"OwnerSharding group: create OwnerSharding")
                for r, o in enumerate(outcomes["not a member"]) if r >= 2), outcomes
     # each replica's shard group, as the message says: the single-process result
     _assert_params_close(result["right"], w.mesh_run(None, None), "shard group of each replica")

@@ -382,12 +382,18 @@ def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_
     monkeypatch.undo()
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
                        "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 0
-    (ckpt / "step-000004" / ".metadata").unlink()  # a save cut short
-    with pytest.raises(CheckpointException) as raised:  # DCP's own error, with a note
-        _train_here(monkeypatch, "--steps", "6", "--out", str(tmp_path / "out"), "--resume",
-                    "--checkpoint-dir", str(ckpt))
-    assert any("point LATEST at an earlier complete checkpoint (step-000002)" in note
-               for note in getattr(raised.value, "__notes__", [])), raised.value
+    # saves cut short: a data file without its end, then no metadata (DCP's own errors, with
+    # a note naming what to do)
+    data = next((ckpt / "step-000004").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    for damage in ("truncated", "no metadata"):
+        if damage == "no metadata":
+            (ckpt / "step-000004" / ".metadata").unlink()
+        with pytest.raises(CheckpointException) as raised:
+            _train_here(monkeypatch, "--steps", "6", "--out", str(tmp_path / "out"),
+                        "--resume", "--checkpoint-dir", str(ckpt))
+        assert any("point LATEST at an earlier complete checkpoint (step-000002)" in note
+                   for note in getattr(raised.value, "__notes__", [])), (damage, raised.value)
 
 
 def _refuse_writes_in(directory: Path) -> Any:
