@@ -67,8 +67,20 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # restarts without a checkpoint directory start over: no --resume (which needs one)
     token = tmp_path / "token"
     token.write_text("t" * 32)  # the demo writes it before it launches the ranks
-    train_argv = demo._train_argv(_demo_args(*argv), "http://127.0.0.1:9400", token)
-    assert train.parse_args(train_argv).steps == 300
+    given = _demo_args(*argv)
+    train_argv = demo._train_argv(given, "http://127.0.0.1:9400", token)
+    got = train.parse_args(train_argv)
+    # every setting the job reads arrives as the demo was given it (the job's defaults filled
+    # in for a dropped one, unnoticed)
+    assert (got.steps, got.optimizer, got.kl_shampoo, got.spike_at, got.out) == \
+        (given.steps, given.optimizer, given.kl_shampoo, given.spike_at, given.out)
+    assert (got.checkpoint_dir, got.checkpoint_every) == \
+        (given.checkpoint_dir, given.checkpoint_every if given.checkpoint_dir else 0)
+    # a restarted group resumes from its checkpoint (restarts without one start over)
+    assert got.resume == (given.checkpoint_dir is not None
+                          and (given.resume or given.max_restarts > 0))
+    assert (got.sidecar_url, got.token_file, got.step_delay) == \
+        ("http://127.0.0.1:9400", token, given.step_delay)
 
 
 @pytest.mark.parametrize(("argv", "message"), [

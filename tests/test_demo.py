@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,6 +56,19 @@ def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_pa
     assert set(summary["health"]) == hidden
     assert set(summary["health_served_by_sidecar"]) == hidden
     assert set(summary["owner_rank"].values()) == {0, 1}  # both ranks own matrices
+    # what the summary says the sidecar served is what its store holds (read here from the
+    # database the demo leaves), and that is each matrix's last health exactly as its owner
+    # reported it (JSON round-trips floats exactly), under the rank that owns it
+    with contextlib.closing(sqlite3.connect(f"file:{out / 'sidecar.db'}?mode=ro",
+                                            uri=True)) as db:
+        stored = {name: (rank, json.loads(metrics)) for name, rank, metrics
+                  in db.execute("SELECT name, rank, metrics FROM params")}
+    assert {n: m for n, (_, m) in stored.items()} == summary["health_served_by_sidecar"]
+    assert {n: r for n, (r, _) in stored.items()} == summary["owner_rank"]
+    assert summary["health_served_by_sidecar"] == summary["health"]
+    for rank in (0, 1):
+        reported = json.loads((out / f"rank{rank}.json").read_text())["health"]
+        assert {n for n, r in summary["owner_rank"].items() if r == rank} == set(reported)
     for metrics in summary["health_served_by_sidecar"].values():
         assert 0.0 < metrics["orthogonality_error"] < 0.6  # Jordan quintic sits near 0.35
     assert all(v["bytes_sent"] > 0 and v["steps"] == 40

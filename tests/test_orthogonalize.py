@@ -112,7 +112,7 @@ def test_quintic_keeps_singular_vectors_and_lands_in_its_documented_band(shape):
 def test_quintic_bf16_default_equals_torch_muon_newton_schulz_bit_for_bit():
     for shape in [(96, 64), (64, 96), (64, 64)]:
         X = gaussian(*shape, seed=sum(shape))
-        ours = orthogonalize(X, method="quintic", steps=5)
+        ours = orthogonalize(X, method="quintic")  # the default steps: torch.optim.Muon's 5
         ref = _zeropower_via_newtonschulz(X, JORDAN_QUINTIC, 5, 1e-7)
         assert ours.dtype == X.dtype
         assert torch.equal(ours, ref.to(X.dtype)), shape
@@ -282,12 +282,21 @@ def test_products_counted_per_step_with_free_normalization(method, steps):
     assert counter.products == PRODUCTS_PER_STEP[method] * steps
 
 
+# The defaults' cost in products: quintic 5 steps (torch.optim.Muon's), Polar Express 8 / 6,
+# CANS 11 / 9 (float32 / bfloat16), the counts optim/orthogonalize.py documents. Written out
+# here, so that a changed default shows.
+DEFAULT_PRODUCTS = {("quintic", torch.float32): 15, ("quintic", torch.bfloat16): 15,
+                    ("polar_express", torch.float32): 24, ("polar_express", torch.bfloat16): 18,
+                    ("cans", torch.float32): 22, ("cans", torch.bfloat16): 18}
+
+
 @pytest.mark.parametrize("method", sorted(PRODUCTS_PER_STEP))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_step_products_match_default_steps(method, dtype):
     with count_matmuls() as counter:
         orthogonalize(gaussian(3, 24, 40), method=method, dtype=dtype)
     assert counter.products == PRODUCTS_PER_STEP[method] * default_steps(method, dtype)
+    assert counter.products == DEFAULT_PRODUCTS[(method, dtype)]
 
 
 def test_polar_iterates_count_products_cumulatively_and_end_at_orthogonalize():
