@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import urllib.parse
 from collections import defaultdict
@@ -30,14 +31,20 @@ def load_losses(out: Path) -> dict[int, float]:
 
 
 def load_health(out: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """``{param: {metric: {step: value}}}`` from every rank's health log."""
+    """``{param: {metric: {step: value}}}`` from every rank's health log. A step logged twice
+    (a restart re-runs the steps after its checkpoint, at another world size by other owners,
+    in another rank's log) takes the later record, by the time each record carries (a log
+    written before records carried one: by rank, then line order)."""
+    records = [(record.get("time", -math.inf), seq, record) for seq, record in enumerate(
+        r for path in sorted(p for p in out.glob("health-rank*.jsonl")
+                             if re.fullmatch(HEALTH_LOG, p.name))
+        for r in _jsonl(path))]
+    records.sort(key=lambda entry: entry[:2])
     series: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for path in sorted(p for p in out.glob("health-rank*.jsonl")
-                       if re.fullmatch(HEALTH_LOG, p.name)):
-        for record in _jsonl(path):
-            for name, metrics in record["params"].items():
-                for metric, value in metrics.items():
-                    series[name][metric][record["step"]] = value
+    for _, _, record in records:
+        for name, metrics in record["params"].items():
+            for metric, value in metrics.items():
+                series[name][metric][record["step"]] = value
     return series
 
 
@@ -156,8 +163,11 @@ def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
         f"loss {first:.3f} -> {last:.3f}"
     if entropy is not None:
         loss += f" (chain entropy {entropy:.3f})"
+    # comm_stats count from each rank's last (re)start: after a restart, not the whole run
+    total = summary.get("steps")
+    since = "since the last (re)start" if total is not None and steps < total else "this run took"
     print(f"\noptimizer: {opt}; {loss}; optimizer bytes sent, all ranks: {sent:,} over the "
-          f"{steps} steps this run took")
+          f"{steps} steps {since}")
     # the demo's sidecar stops at the end, unless --linger keeps it serving
     when = "stops when the demo ends" if getattr(args, "linger", 0) == 0 else "serving"
     print(f"sidecar:   {url}/metrics   {url}/v1/params   ({when}; bearer token in "

@@ -514,7 +514,8 @@ class _Log:
 
     def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
         self.steps_run += 1
-        self.health_file.write(json.dumps({"step": step, "params": health}) + "\n")
+        self.health_file.write(json.dumps({"step": step, "time": time.time(),
+                                           "params": health}) + "\n")
         self.health_file.flush()
         if self.loss_file is not None:
             self.loss_file.write(json.dumps({"step": step, "loss": loss, "time": time.time()})

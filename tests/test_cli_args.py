@@ -4,6 +4,7 @@ sidecar): each names the flag and what it needs."""
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -263,6 +264,35 @@ def test_the_footer_of_a_run_that_logged_no_loss_says_so(tmp_path, capsys):
                "bytes_communicated": {"0": {"bytes_sent": 10, "steps": 0}}}
     report.print_footer(args, summary, "http://127.0.0.1:9400")
     assert "no loss logged" in capsys.readouterr().out
+
+
+def test_the_footer_counts_bytes_over_the_steps_since_the_last_restart(tmp_path, capsys):
+    # a 30-step run restarted at step 20 read "over the 10 steps this run took"
+    from orthoshard import report
+
+    args = _demo_args("--out", str(tmp_path))
+    for ran, says in ((10, "over the 10 steps since the last (re)start"),
+                      (30, "over the 30 steps this run took")):
+        summary = {"optimizer": "Muon", "use_kl_shampoo": False, "initial_loss": 4.3,
+                   "final_loss": 2.0, "entropy_rate": None, "steps": 30,
+                   "bytes_communicated": {"0": {"bytes_sent": 10, "steps": ran}}}
+        report.print_footer(args, summary, "http://127.0.0.1:9400")
+        assert says in capsys.readouterr().out
+
+
+def test_a_step_logged_by_two_ranks_plots_the_later_record(tmp_path):
+    # a resume at another world size re-runs steps after its checkpoint with other owners: the
+    # higher rank's log won whatever was written last (the abandoned run's values plotted)
+    from orthoshard import report
+
+    def log(rank: int, *records: tuple[int, float, float]) -> None:
+        (tmp_path / f"health-rank{rank}.jsonl").write_text("".join(
+            json.dumps({"step": step, "time": when, "params": {"w": {"update_rms": value}}})
+            + "\n" for step, when, value in records))
+
+    log(1, (21, 100.0, 0.5), (22, 101.0, 0.6))  # the first run's owner, abandoned after 22
+    log(0, (21, 200.0, 0.7), (22, 201.0, 0.8), (23, 202.0, 0.9))  # the resumed run's
+    assert report.load_health(tmp_path)["w"]["update_rms"] == {21: 0.7, 22: 0.8, 23: 0.9}
 
 
 def test_a_resume_at_fewer_ranks_summarizes_the_ranks_that_ran(tmp_path):
