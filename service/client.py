@@ -541,7 +541,9 @@ class Publisher:
         # the answer comes once the sidecar has stored the snapshot, which takes time in
         # proportion to its size: a fixed read timeout re-sent large snapshots it was storing
         connect, read = self._timeout_s, self._timeout_s + len(body) / _STORE_BYTES_PER_S
-        if self._finish:  # close(finished=True): the end of its deadline is the finishes'
+        # close(finished=True): the end of its deadline is the finishes' (a send already in
+        # flight when close() was called keeps its timeout: httpx cannot shorten it)
+        if self._finish:
             left = max(self._flush_until - time.monotonic(), 0.001)
             connect, read = min(connect, left), min(read, left)
         timeout = httpx.Timeout(connect, read=read)

@@ -63,6 +63,7 @@ def test_the_demo_takes_what_the_readme_shows(argv):
     [], ["--max-restarts", "2"], ["--optimizer", "soap", "--kl-shampoo", "--spike-at", "150"],
     ["--checkpoint-dir", "ckpt", "--checkpoint-every", "50", "--max-restarts", "2"],
     ["--checkpoint-dir", "ckpt", "--resume"],
+    ["--out", "elsewhere", "--step-delay", "0.25", "--steps", "7"],  # not the job's defaults
 ])
 def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # restarts without a checkpoint directory start over: no --resume (which needs one)
