@@ -221,6 +221,7 @@ class Store:
                                                    merge_interval_s=merge_interval_s)
             self._load()
             self._merge()  # what the last run accepted and did not merge
+            self._bound()  # a --history-max-rows lowered since those rows were written
         except BaseException:
             self.close()
             raise
@@ -530,6 +531,12 @@ class Store:
              for name, metrics in snap.params.items()],
         )
         self._prune(db)
+
+    def _bound(self) -> None:
+        """Prune history to ``history_max_rows`` now: merges prune, but with nothing pending
+        none runs until a snapshot arrives, and reads served every row beyond the bound."""
+        with self._db_lock, self._transaction() as db:
+            self._prune(db)
 
     def _prune(self, db: sqlite3.Connection) -> None:
         """Keep the newest ``history_max_rows`` points (ids are contiguous: see the module)."""

@@ -96,6 +96,20 @@ def test_store_survives_reopen_with_history_and_last_state(tmp_path: Path) -> No
     again.close()
 
 
+def test_a_lower_history_bound_applies_when_the_store_opens(tmp_path: Path) -> None:
+    # a restart with a lower --history-max-rows served every old row until a snapshot came
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, clock=lambda: 5.0)
+    for step in range(10):
+        store.ingest(make_snapshot(step))  # 3 parameters: 30 points
+    store.close()
+    again = Store(db, history_max_rows=12)
+    assert again.history_rows() == 12
+    rows = again.history("blocks.0.w", run_id="r", from_step=0, to_step=9, limit=100)
+    assert [r.step for r in rows] == [6, 7, 8, 9]  # the newest 12 points of 3 parameters
+    again.close()
+
+
 def test_a_finish_is_durable_and_a_database_of_the_earlier_schema_opens(tmp_path: Path) -> None:
     # the ranks table as the previous version wrote it (no finished_at column), with a row
     db = str(tmp_path / "old.db")
@@ -385,11 +399,12 @@ def test_a_database_with_repeated_steps_is_merged_to_one_point_per_step(tmp_path
         " (4, 'w', 'r', 1, 3, 4.0, '{\"e\":0.3}'), (5, 'w', 'other', 0, 2, 5.0, '{\"e\":9}');")
     con.close()
     store = Store(db, history_max_rows=3)
+    # one point per step, the latest kept; ids renumbered 1..4 in order, so the bound of 3 is
+    # exact again, and applied at once: the oldest point goes
     rows = store.history("w", run_id="r", from_step=0, to_step=9, limit=9)
-    assert [(r.step, r.rank, r.metrics["e"]) for r in rows] == [(1, 0, 0.1), (2, 1, 0.25),
-                                                                (3, 1, 0.3)]  # the latest kept
-    assert store.history_rows() == 4
-    store.ingest(make_snapshot(7, n=1))  # ids renumbered 1..4: the bound of 3 is exact again
+    assert [(r.step, r.rank, r.metrics["e"]) for r in rows] == [(2, 1, 0.25), (3, 1, 0.3)]
+    assert store.history_rows() == 3
+    store.ingest(make_snapshot(7, n=1))
     assert store.history_rows() == 3
     indexes = {row[1]: row[2] for row in store._db.execute("PRAGMA index_list(history)")}
     assert indexes == {"history_point": 1}  # unique; the earlier index is gone
