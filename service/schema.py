@@ -111,11 +111,17 @@ class ParamState(_Strict):
     )
 
 
-class OptimizerInfo(_Strict):
-    """The optimizer's configuration and per-parameter state summaries."""
+class OptimizerConfig(_Strict):
+    """The optimizer's configuration: its class and param groups."""
 
     class_name: ShortText
     groups: list[ParamGroup] = Field(default_factory=list, max_length=MAX_GROUPS)
+
+
+class OptimizerInfo(OptimizerConfig):
+    """The optimizer's configuration and per-parameter state summaries (what a rank sends;
+    the summaries are served per parameter, ``GET /v1/params/{name}``)."""
+
     state: dict[ParamName, ParamState] = Field(default_factory=dict, max_length=MAX_PARAMS)
 
 
@@ -173,7 +179,9 @@ class RankState(BaseModel):
         description="when the rank said its run ended (Publisher.close(finished=True)); "
         "cleared by its next snapshot",
     )
-    optimizer: OptimizerInfo | None = None
+    # the configuration only: each parameter's state summary is GET /v1/params/{name}'s (an
+    # empty "state" here read as a rank without optimizer state)
+    optimizer: OptimizerConfig | None = None
 
 
 class OptimizerView(BaseModel):

@@ -261,6 +261,9 @@ def test_ingest_stores_metrics_state_and_configuration(client: TestClient) -> No
     ranks = client.get("/v1/optimizer").json()["ranks"]
     assert [(r["rank"], r["step"], r["snapshots_received"]) for r in ranks] == [(0, 7, 1)]
     assert ranks[0]["optimizer"]["groups"][0]["hyperparameters"]["betas"] == [0.9, 0.95]
+    # the configuration only: the state summaries are the parameters' (an always empty
+    # "state" here read as a rank without optimizer state)
+    assert set(ranks[0]["optimizer"]) == {"class_name", "groups"}
 
 
 def test_state_summary_survives_a_snapshot_without_one(client: TestClient) -> None:

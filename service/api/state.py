@@ -18,7 +18,7 @@ from service.schema import (
     RUN_ID_MAX_LENGTH,
     RUN_ID_PATTERN,
     HistoryPoint,
-    OptimizerInfo,
+    OptimizerConfig,
     OptimizerView,
     ParamDetail,
     ParamHistory,
@@ -101,18 +101,19 @@ def rank_state(r: RankRecord, *, stale: bool) -> RankState:
 _C1 = {code: f"\\x{code:02x}" for code in range(0x80, 0xA0)}
 
 
-def _stored_optimizer(stored: dict[str, Any]) -> OptimizerInfo:
-    """A stored summary as the API model. It was validated when it came in; one stored before
+def _stored_optimizer(stored: dict[str, Any]) -> OptimizerConfig:
+    """A stored configuration as the API model (its class and groups; a rank's state
+    summaries are stored per parameter). It was validated when it came in; one stored before
     names refused C1 controls has them written out as ``\\x9b`` (the same text any terminal
     shows safely) instead of failing the whole answer."""
+    config = {k: stored[k] for k in ("class_name", "groups") if k in stored}
     try:
-        return OptimizerInfo.model_validate(stored)
+        return OptimizerConfig.model_validate(config)
     except ValidationError:
-        legacy = {**stored,
-                  "state": {k.translate(_C1): v for k, v in stored.get("state", {}).items()},
+        legacy = {**config,
                   "groups": [{**g, "params": [n.translate(_C1) for n in g.get("params", [])]}
-                             for g in stored.get("groups", [])]}
-        return OptimizerInfo.model_validate(legacy)
+                             for g in config.get("groups", [])]}
+        return OptimizerConfig.model_validate(legacy)
 
 
 @router.get("/optimizer", summary="Optimizer configuration and step per rank")
