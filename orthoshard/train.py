@@ -264,12 +264,11 @@ class Checkpoints:
         """The softening schedule's length saved with the latest checkpoint (None without a
         checkpoint, or one saved before it was recorded). Each rank reads it alone."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         path = self.latest()
         if path is None:
             return None
-        from torch.distributed.checkpoint.api import CheckpointException
-
         box = {HORIZON_KEY: torch.tensor(0)}
         try:
             saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -479,7 +478,7 @@ def _train(args: argparse.Namespace) -> int:
             time.sleep(args.step_delay)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
-    log.finish(optimizer, final, data.entropy_rate(), max(start, args.steps))
+    log.finish(optimizer, final, data.entropy_rate(), args.steps)  # start <= steps (above)
     if publisher is not None:
         publisher.close(finished=True)  # the run ended: its silence from now on is no alert
     return 0

@@ -316,10 +316,10 @@ class HealthCollector(Collector):
         now = self._clock()
         cutoff = now - self._ttl
         all_ranks = self._store.ranks()
-        running = {r.rank: r.run_id for r in all_ranks if r.finished_at is None}
-        finished = {r.rank for r in all_ranks if r.finished_at is not None}
+        latest = {r.rank: r for r in all_ranks}
         params = [p for p in self._store.params() if p.received_at >= cutoff
-                  and p.rank not in finished and running.get(p.rank, p.run_id) == p.run_id]
+                  and ((r := latest.get(p.rank)) is None
+                       or (r.finished_at is None and r.run_id == p.run_id))]
         ranks = [r for r in all_ranks if r.received_at >= cutoff]
         return now, params, ranks
 
