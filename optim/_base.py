@@ -27,198 +27,45 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
 import os
 import sys
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam
 
-__all__ = ["ADAMW", "DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem",
-           "MatrixOptimizer", "all_finite", "check_betas", "check_flags", "check_rates", "is_real",
-           "local", "nonfinite_flags"]
+from optim._checks import (
+    ADAMW,
+    _check_adamw_hyperparameters,
+    _check_dense,
+    _check_gradient_layout,
+    _name_unnamed_groups,
+    _refuse_matrix_keys_in_adamw,
+    _refuse_unsupported_adam_flags,
+    is_int,
+)
+from optim._exchange import (
+    DeferredMetrics,
+    LocalExchange,
+    MatrixItem,
+    _nonfinite,
+    _one_row,
+    all_finite,
+    local,
+    nonfinite_flags,
+)
 
-ADAMW = "adamw"
+__all__ = ["MatrixOptimizer"]
+
 ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 
 
-# Keys a user may take for AdamW's own: the AdamW group reads adamw_betas and adamw_eps, and
-# these belong to the matrix optimizer, so in an AdamW group they would be ignored.
-_MATRIX_KEYS_ADAMW_IGNORES = ("betas", "eps", "momentum", "nesterov")
-
 T = TypeVar("T")
-
-
-def _refuse_matrix_keys_in_adamw(group: Any) -> None:
-    """Raise ValueError for an AdamW group (as given) that sets a key AdamW does not read."""
-    if not isinstance(group, dict) or group.get("algorithm") != ADAMW:
-        return
-    given = [key for key in _MATRIX_KEYS_ADAMW_IGNORES if key in group]
-    if given:
-        raise ValueError(
-            f"a param group with algorithm='adamw' sets {', '.join(map(repr, given))}, which "
-            f"its AdamW update does not read (they are the matrix optimizer's): give AdamW's "
-            f"as adamw_betas=(beta1, beta2) and adamw_eps")
-
-
-def _check_gradient_layout(item: MatrixItem) -> None:
-    """Raise ValueError when this rank's piece of ``item``'s gradient is not shaped as its piece
-    of the parameter: a full plain-tensor ``.grad`` set on a sharded (DTensor) parameter, which
-    torch accepts, failed inside the exchange with a collective's size mismatch."""
-    grad = item.param.grad
-    assert grad is not None  # the step passes only matrices with a gradient
-    mine, theirs = local(grad).shape, local(item.param).shape
-    if mine != theirs:
-        raise ValueError(
-            f"{item.name}: this rank's gradient has shape {tuple(mine)} ({type(grad).__name__}) "
-            f"but its part of the parameter {tuple(theirs)} ({type(item.param).__name__}): set "
-            f".grad laid out as the parameter is (a DTensor with its placements, as FSDP2's "
-            f"backward does)")
-
-
-def local(t: Tensor) -> Tensor:
-    """The part of ``t`` this rank stores: a DTensor's local shard, or ``t`` itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
-def _real(t: Tensor) -> Tensor:
-    """``t``, or a complex ``t``'s real and imaginary parts as a real view."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def all_finite(tensors: Sequence[Tensor]) -> list[bool]:
-    """Whether each tensor holds only finite values, with one fused reduction and one host sync.
-
-    A finite sum implies finite entries (NaN and Inf propagate, ``+Inf + -Inf`` is NaN), and a sum
-    reads the data once, where ``torch.isfinite(x).all()`` makes four passes and allocates two
-    masks (measured 7 ms against 0.15 ms on a 1024x1024 fp32 matrix, one thread). A non-finite
-    sum can also be an overflow of finite entries, so only those tensors are checked exactly.
-    A DTensor is judged by this process's shard (:func:`nonfinite_flags`, summed over the
-    ranks, decides for a whole sharded tensor).
-    """
-    return [flag == 0.0 for flag in _nonfinite(tensors)]
-
-
-def _nonfinite(tensors: Sequence[Tensor]) -> list[float]:
-    """:func:`nonfinite_flags` as Python floats (no tensor made)."""
-    if not tensors:
-        return []
-    # a complex tensor is summed as its real and imaginary parts (casting its sum to a real dtype
-    # would drop a NaN in the imaginary part)
-    sums = torch.stack([_real(local(t)).sum().to(torch.float64) for t in tensors])
-    return [0.0 if good else float(not bool(torch.isfinite(local(t)).all()))
-            for t, good in zip(tensors, torch.isfinite(sums).tolist(), strict=True)]
-
-
-def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:
-    """Per tensor, 1.0 where THIS process's part of it (a DTensor's local shard) holds a NaN
-    or an Inf, else 0.0 (float64, on the tensors' device; empty for no tensors).
-
-    Exact, with one fused sum per tensor and one host sync (as :func:`all_finite`): a finite sum
-    clears a shard, and a non-finite one, which can be an overflow of finite entries, is checked
-    entry by entry. Summed over the ranks (any exchange can carry them), nonzero flags say which
-    sharded tensors to skip on every rank."""
-    device = local(tensors[0]).device if tensors else None
-    return torch.tensor(_nonfinite(tensors), dtype=torch.float64, device=device)
-
-
-def _name_unnamed_groups(params: Any) -> Any:
-    """Param groups where some carry names (``split_param_groups``' ``param_names``, or
-    ``(name, tensor)`` pairs) and some do not (``{"params": [w], "algorithm": "adamw"}``): the
-    unnamed get ``group{i}.param{j}``, as :meth:`MatrixOptimizer.add_param_group` names them
-    (torch refuses groups "with/without names" mixed). Anything else is returned as it is."""
-    if isinstance(params, Tensor):
-        return params
-    params = list(params)
-    if not params or not all(isinstance(g, dict) for g in params):
-        return params
-    # each group's parameters as a list (a generator is read once, here), in the group itself,
-    # as torch keeps the caller's group dicts
-    for group in params:
-        ps = group["params"]
-        if isinstance(ps, set):  # left for torch to refuse (an unordered set names nothing)
-            return params
-        group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
-    named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
-             for g in params]
-    if any(named) and not all(named):
-        for i, group in enumerate(params):
-            if not named[i]:
-                group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
-    return params
-
-
-def check_rates(**rates: Any) -> None:
-    """Raise ValueError unless each named value (``lr``, ``weight_decay``; a float or a one-element
-    tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the
-    first step, a negative learning rate ascends the loss."""
-    for name, value in rates.items():
-        if isinstance(value, Tensor):
-            if value.numel() != 1 or value.is_complex():
-                raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
-                                 f"tensor of shape {tuple(value.shape)} ({value.dtype})")
-            number = float(value)
-        elif is_real(value):
-            number = float(value)
-        else:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r} "
-                             f"({type(value).__name__})")
-        if not 0.0 <= number < math.inf:  # also NaN
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def is_int(value: Any) -> bool:
-    """An integer that is not a bool (``steps=True`` would silently mean 1): Python's int and
-    NumPy's integer scalars."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    """A real number that is not a bool: Python's int and float, and NumPy's scalars (an LR
-    scheduler may write ``np.float32`` into a group)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_flags(d: dict[str, Any], *names: str) -> None:
-    """Raise ValueError unless each named entry of ``d`` is a bool: ``nesterov="false"`` is a
-    true string, which would silently turn the option on."""
-    for name in names:
-        if not isinstance(d[name], bool):
-            raise ValueError(f"{name} must be True or False, got {d[name]!r} "
-                             f"({type(d[name]).__name__})")
-
-
-def check_betas(name: str, betas: Any) -> None:
-    """Raise ValueError unless ``betas`` are two decay rates in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
-            is_real(b) and 0.0 <= b < 1.0
-            for b in betas):
-        raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
-
-
-# AdamW's flags that would change the update, set in a group copied from an AdamW setup; the
-# updates here have neither (nor torch.optim.Muon), so a set one is refused, not ignored.
-_UNSUPPORTED_ADAM_FLAGS = {
-    "maximize": "every update here descends: negate the loss to ascend",
-    "amsgrad": "the AdamW group runs plain AdamW: leave amsgrad out (or False)",
-}
-
-
-def _refuse_unsupported_adam_flags(group: dict[str, Any]) -> None:
-    """Raise ValueError for a group that turns ``maximize`` or ``amsgrad`` on (no update here
-    reads them: an ascent would silently descend)."""
-    for key, fix in _UNSUPPORTED_ADAM_FLAGS.items():
-        if group.get(key, False):  # False, 0, numpy's False: what AdamW reads as off
-            raise ValueError(f"{key}={group[key]!r} is not supported ({fix})")
 
 
 # torch's files, this package's and the sharding layer's (which calls the owner compute)
@@ -234,40 +81,6 @@ def _user_stacklevel() -> int:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
-    """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
-    check_rates(lr=group["lr"], weight_decay=group["weight_decay"])
-    check_betas("adamw_betas", group["adamw_betas"])
-    if not is_real(group["adamw_eps"]) or not group["adamw_eps"] >= 0.0:
-        raise ValueError(f"adamw_eps must be a number >= 0, got {group['adamw_eps']!r}")
-
-
-def _check_dense(groups: list[dict[str, Any]]) -> None:
-    """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
-    sparse=True)``): no update here, AdamW fallback included, reads one; for a parameter on
-    the meta device (no values); and for a gradient set on an integer or bool parameter (no
-    gradient step is defined for those; frozen ones, e.g. packed weights, are skipped as any
-    parameter without a gradient)."""
-    for group in groups:
-        for name, p in zip(group["param_names"], group["params"], strict=True):
-            if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
-                raise ValueError(
-                    f"parameter {name!r} is {p.dtype} and has a gradient; optimizers update "
-                    f"floating-point parameters: convert it (e.g. .float()), or leave it "
-                    f"without a gradient (frozen) or out of the optimizer.")
-            if p.grad is not None and p.is_meta:
-                raise RuntimeError(
-                    f"parameter {name!r} is on the meta device, which holds no values to "
-                    f"update: materialize the model first (e.g. model.to_empty(device=...) "
-                    f"and initialize it).")
-            if p.grad is not None and p.grad.is_sparse:
-                raise RuntimeError(
-                    f"parameter {name!r} has a sparse gradient, which this optimizer cannot "
-                    f"use: build its module with sparse=False (e.g. nn.Embedding(..., "
-                    f"sparse=False)), or give it to a sparse optimizer such as "
-                    f"torch.optim.SparseAdam and leave it out of this one.")
 
 
 def _eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -289,11 +102,6 @@ def _eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return eager
 
 
-def _one_row(values: list[float]) -> list[list[float]]:
-    """The ``finish`` of a :class:`DeferredMetrics` holding one matrix's final values."""
-    return [values]
-
-
 @contextlib.contextmanager
 def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
     """Empty the named hook registries of ``optimizer`` for the block (torch's ``state_dict``
@@ -307,127 +115,6 @@ def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
     finally:
         for name, hooks in held.items():
             setattr(optimizer, name, hooks)
-
-
-@dataclass(eq=False)
-class DeferredMetrics:
-    """The health metrics of several matrices of one step, held as ONE tensor until
-    :meth:`MatrixOptimizer.health` reads them: converting it then takes a single ``.tolist()``
-    (one host transfer on an accelerator), where a tensor per metric takes one ``float()`` each,
-    and the final scalar formulas run on Python floats instead of as tiny tensor operations.
-
-    ``keys[i]`` names matrix i's metrics; ``finish(values.tolist())`` returns, per matrix, their
-    values in that order.
-    """
-
-    keys: list[tuple[str, ...]]
-    values: Tensor
-    finish: Callable[[list[float]], list[list[float]]]
-    _floats: list[list[float]] | None = field(default=None, repr=False)
-
-    def floats(self, i: int) -> list[float]:
-        """Matrix i's metric values (the tensor is converted once, on first use)."""
-        if self._floats is None:
-            self._floats = self.finish(self.values.tolist())
-        return self._floats[i]
-
-
-@dataclass
-class MatrixItem:
-    """One matrix parameter taking part in a step."""
-
-    param: Tensor
-    name: str
-    group: dict[str, Any]
-    shape: tuple[int, int]  # the GLOBAL shape (a DTensor reports it too)
-    pending: Any = field(default=None, repr=False)
-
-
-class MatrixExchange(Protocol):
-    """How update inputs reach the owners of full matrices, and updates come back."""
-
-    def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
-            compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None, failure: Exception | None = None
-            ) -> tuple[list[Tensor], Tensor | None]:
-        """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
-        the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
-        (it drops each entry once stacked, to bound a step's memory); return this rank's piece
-        of every matrix's update, in ``items`` order. The caller hands ``inputs`` over too: it
-        does not read them after the call.
-
-        ``carry``: a small float64 vector (the same length on every rank) to be summed over the
-        ranks on the way; returned second, the same on every rank, or None when the exchange
-        made no call that could carry it (the caller then uses :meth:`all_reduce_sum`).
-        ``failure``: this rank could not prepare its inputs (``inputs`` is then empty); it is
-        raised, and every other rank raises too, once the ranks have learnt of it."""
-        ...
-
-    def bind(self, optimizer: MatrixOptimizer) -> None:
-        """Called once by the optimizer that uses this exchange."""
-        ...
-
-    def owned(self, items: Sequence[MatrixItem]) -> list[int]:
-        """Indices of ``items`` whose full matrix this rank owns."""
-        ...
-
-    def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Make owner-only state checkpointable (same keys on every rank)."""
-        ...
-
-    def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Inverse of :meth:`export_state` under the current ownership plan."""
-        ...
-
-    def comm_stats(self) -> dict[str, int]:
-        """Cumulative optimizer communication of this rank."""
-        ...
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """``t`` summed over the ranks (one collective); the identity in one process."""
-        ...
-
-    def reports_fallback(self) -> bool:
-        """Whether this rank reports the AdamW group's skip counts in ``health()``: every rank
-        steps those parameters and counts alike, and one rank reports them, as one owner
-        reports each matrix (a count summed over ranks or nodes is then the true one)."""
-        ...
-
-
-class LocalExchange:
-    """Single process: every matrix is whole and owned here."""
-
-    def bind(self, optimizer: MatrixOptimizer) -> None:
-        return None
-
-    def owned(self, items: Sequence[MatrixItem]) -> list[int]:
-        return list(range(len(items)))
-
-    def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return state_dict
-
-    def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return state_dict
-
-    def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
-            compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None, failure: Exception | None = None
-            ) -> tuple[list[Tensor], Tensor | None]:
-        if failure is not None:
-            raise failure
-        # the caller's list itself (handed over, see Exchange.run): compute drops each input
-        # once stacked, and none outlives its batch
-        return compute(list(range(len(items))),
-                       inputs if isinstance(inputs, list) else list(inputs)), carry
-
-    def comm_stats(self) -> dict[str, int]:
-        return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        return t
-
-    def reports_fallback(self) -> bool:
-        return True
 
 
 class MatrixOptimizer(Optimizer):

@@ -30,17 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import (
-    ADAMW,
-    DeferredMetrics,
-    MatrixItem,
-    MatrixOptimizer,
-    check_flags,
-    check_rates,
-    is_int,
-    is_real,
-    local,
-)
+from optim._base import MatrixOptimizer
+from optim._checks import ADAMW, check_flags, check_rates, is_int, is_real
+from optim._exchange import DeferredMetrics, MatrixItem, local
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, default_steps, orthogonalize, soften
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optim._base import is_int, is_real
+from optim._checks import is_int, is_real
 from optim.health import orthogonality_error
 from optim.orthogonal import METHODS, clip_spectral_norm, rotation, skew_from_vector
 

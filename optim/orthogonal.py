@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from optim import _matmul
-from optim._base import is_int, is_real
+from optim._checks import is_int, is_real
 
 __all__ = [
     "AUTO_MAX_NORM",

@@ -36,13 +36,13 @@ anyway. ``quintic`` keeps the Frobenius norm so that it equals ``torch.optim.Muo
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from optim import _matmul
+from optim._checks import is_int, is_real
 
 __all__ = [
     "CANS_DEFAULT_LOWER_BOUND",
@@ -167,26 +167,19 @@ def _validate(X: Tensor, softening: float, steps: int | None, eps: float,
         raise ValueError(f"orthogonalize needs a (..., m, n) matrix, got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise ValueError(f"orthogonalize needs a real floating-point tensor, got {X.dtype}")
-    if not _real(softening) or not 0.0 <= softening <= 1.0:
+    if not is_real(softening) or not 0.0 <= softening <= 1.0:
         # NaN fails both comparisons and lands here too.
         raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
-    if steps is not None and not (isinstance(steps, numbers.Integral)
-                                  and not isinstance(steps, bool) and 1 <= steps < _MAX_STEPS):
+    if steps is not None and not (is_int(steps) and 1 <= steps < _MAX_STEPS):
         raise ValueError(f"steps must be an int in [1, {_MAX_STEPS}) or None, got {steps!r}")
-    if not _real(eps) or not 0.0 <= eps < math.inf:
+    if not is_real(eps) or not 0.0 <= eps < math.inf:
         raise ValueError(f"eps (the floor of the normalizing norms) must be a finite number >= 0, "
                          f"got {eps!r}")
     if coefficients is not JORDAN_QUINTIC and not (
             isinstance(coefficients, (tuple, list)) and len(coefficients) == 3
-            and all(_real(c) and math.isfinite(c) for c in coefficients)):
+            and all(is_real(c) and math.isfinite(c) for c in coefficients)):
         raise ValueError(f"coefficients must be the (a, b, c) of the quintic, three finite "
                          f"numbers (default {JORDAN_QUINTIC}), got {coefficients!r}")
-
-
-def _real(value: object) -> bool:
-    """A real number that is not a bool (``softening=True`` would silently mean 1); NumPy's
-    scalars count, as an optimizer's schedule may return them."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _coefficients(method: str, steps: int, quintic: Sequence[float],

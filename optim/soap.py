@@ -29,18 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim._base import (
-    ADAMW,
-    DeferredMetrics,
-    MatrixItem,
-    MatrixOptimizer,
-    all_finite,
-    check_betas,
-    check_flags,
-    check_rates,
-    is_real,
-    local,
-)
+from optim._base import MatrixOptimizer
+from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_real
+from optim._exchange import DeferredMetrics, MatrixItem, all_finite, local
 from optim._soap_math import (
     PRECISIONS,
     SideHealth,

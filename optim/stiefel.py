@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from optim import _matmul
-from optim._base import is_real
+from optim._checks import is_real
 from optim.health import orthogonality_error
 from optim.orthogonalize import orthogonalize
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.weak import WeakIdKeyDictionary
 
-from optim._base import MatrixItem, local
+from optim._exchange import MatrixItem, local
 from sharding import checkpoint
 from sharding.plan import Plan, build_plan
 

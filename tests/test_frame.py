@@ -1,10 +1,10 @@
-"""The optimizer frame's fused finiteness checks (optim._base.all_finite, nonfinite_flags)."""
+"""The optimizer frame's fused finiteness checks (optim._exchange.all_finite, nonfinite_flags)."""
 
 from __future__ import annotations
 
 import torch
 
-from optim._base import all_finite, nonfinite_flags
+from optim._exchange import all_finite, nonfinite_flags
 
 
 def test_finite_entries_whose_sum_overflows_count_as_finite():

@@ -1,0 +1,179 @@
+"""Argument and parameter-group checks shared by every orthoshard optimizer and kernel.
+
+Each raises ``ValueError`` (``RuntimeError`` where torch would) naming the value, what it must be
+and how to fix it, before any state changes. The kernels (``optim.orthogonalize``,
+``optim.orthogonal``, ``optim.stiefel``) use its number checks too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from optim._exchange import local
+
+if TYPE_CHECKING:
+    from optim._exchange import MatrixItem
+
+__all__ = ["ADAMW", "check_betas", "check_flags", "check_rates", "is_int", "is_real"]
+
+ADAMW = "adamw"
+
+
+# Keys a user may take for AdamW's own: the AdamW group reads adamw_betas and adamw_eps, and
+# these belong to the matrix optimizer, so in an AdamW group they would be ignored.
+_MATRIX_KEYS_ADAMW_IGNORES = ("betas", "eps", "momentum", "nesterov")
+
+
+def _refuse_matrix_keys_in_adamw(group: Any) -> None:
+    """Raise ValueError for an AdamW group (as given) that sets a key AdamW does not read."""
+    if not isinstance(group, dict) or group.get("algorithm") != ADAMW:
+        return
+    given = [key for key in _MATRIX_KEYS_ADAMW_IGNORES if key in group]
+    if given:
+        raise ValueError(
+            f"a param group with algorithm='adamw' sets {', '.join(map(repr, given))}, which "
+            f"its AdamW update does not read (they are the matrix optimizer's): give AdamW's "
+            f"as adamw_betas=(beta1, beta2) and adamw_eps")
+
+
+def _check_gradient_layout(item: MatrixItem) -> None:
+    """Raise ValueError when this rank's piece of ``item``'s gradient is not shaped as its piece
+    of the parameter: a full plain-tensor ``.grad`` set on a sharded (DTensor) parameter, which
+    torch accepts, failed inside the exchange with a collective's size mismatch."""
+    grad = item.param.grad
+    assert grad is not None  # the step passes only matrices with a gradient
+    mine, theirs = local(grad).shape, local(item.param).shape
+    if mine != theirs:
+        raise ValueError(
+            f"{item.name}: this rank's gradient has shape {tuple(mine)} ({type(grad).__name__}) "
+            f"but its part of the parameter {tuple(theirs)} ({type(item.param).__name__}): set "
+            f".grad laid out as the parameter is (a DTensor with its placements, as FSDP2's "
+            f"backward does)")
+
+
+def _name_unnamed_groups(params: Any) -> Any:
+    """Param groups where some carry names (``split_param_groups``' ``param_names``, or
+    ``(name, tensor)`` pairs) and some do not (``{"params": [w], "algorithm": "adamw"}``): the
+    unnamed get ``group{i}.param{j}``, as :meth:`MatrixOptimizer.add_param_group` names them
+    (torch refuses groups "with/without names" mixed). Anything else is returned as it is."""
+    if isinstance(params, Tensor):
+        return params
+    params = list(params)
+    if not params or not all(isinstance(g, dict) for g in params):
+        return params
+    # each group's parameters as a list (a generator is read once, here), in the group itself,
+    # as torch keeps the caller's group dicts
+    for group in params:
+        ps = group["params"]
+        if isinstance(ps, set):  # left for torch to refuse (an unordered set names nothing)
+            return params
+        group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+    named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
+             for g in params]
+    if any(named) and not all(named):
+        for i, group in enumerate(params):
+            if not named[i]:
+                group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
+    return params
+
+
+def check_rates(**rates: Any) -> None:
+    """Raise ValueError unless each named value (``lr``, ``weight_decay``; a float or a one-element
+    tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the
+    first step, a negative learning rate ascends the loss."""
+    for name, value in rates.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or value.is_complex():
+                raise ValueError(f"{name} must be a number or a one-element real tensor, got a "
+                                 f"tensor of shape {tuple(value.shape)} ({value.dtype})")
+            number = float(value)
+        elif is_real(value):
+            number = float(value)
+        else:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r} "
+                             f"({type(value).__name__})")
+        if not 0.0 <= number < math.inf:  # also NaN
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``steps=True`` would silently mean 1): Python's int and
+    NumPy's integer scalars."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number that is not a bool: Python's int and float, and NumPy's scalars (an LR
+    scheduler may write ``np.float32`` into a group)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_flags(d: dict[str, Any], *names: str) -> None:
+    """Raise ValueError unless each named entry of ``d`` is a bool: ``nesterov="false"`` is a
+    true string, which would silently turn the option on."""
+    for name in names:
+        if not isinstance(d[name], bool):
+            raise ValueError(f"{name} must be True or False, got {d[name]!r} "
+                             f"({type(d[name]).__name__})")
+
+
+def check_betas(name: str, betas: Any) -> None:
+    """Raise ValueError unless ``betas`` are two decay rates in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            is_real(b) and 0.0 <= b < 1.0
+            for b in betas):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {betas!r}")
+
+
+# AdamW's flags that would change the update, set in a group copied from an AdamW setup; the
+# updates here have neither (nor torch.optim.Muon), so a set one is refused, not ignored.
+_UNSUPPORTED_ADAM_FLAGS = {
+    "maximize": "every update here descends: negate the loss to ascend",
+    "amsgrad": "the AdamW group runs plain AdamW: leave amsgrad out (or False)",
+}
+
+
+def _refuse_unsupported_adam_flags(group: dict[str, Any]) -> None:
+    """Raise ValueError for a group that turns ``maximize`` or ``amsgrad`` on (no update here
+    reads them: an ascent would silently descend)."""
+    for key, fix in _UNSUPPORTED_ADAM_FLAGS.items():
+        if group.get(key, False):  # False, 0, numpy's False: what AdamW reads as off
+            raise ValueError(f"{key}={group[key]!r} is not supported ({fix})")
+
+
+def _check_adamw_hyperparameters(group: dict[str, Any]) -> None:
+    """The AdamW fallback group's hyperparameters, checked as ``torch.optim.AdamW`` does."""
+    check_rates(lr=group["lr"], weight_decay=group["weight_decay"])
+    check_betas("adamw_betas", group["adamw_betas"])
+    if not is_real(group["adamw_eps"]) or not group["adamw_eps"] >= 0.0:
+        raise ValueError(f"adamw_eps must be a number >= 0, got {group['adamw_eps']!r}")
+
+
+def _check_dense(groups: list[dict[str, Any]]) -> None:
+    """Raise, naming the parameter and the fix, for a sparse gradient (``nn.Embedding(...,
+    sparse=True)``): no update here, AdamW fallback included, reads one; for a parameter on
+    the meta device (no values); and for a gradient set on an integer or bool parameter (no
+    gradient step is defined for those; frozen ones, e.g. packed weights, are skipped as any
+    parameter without a gradient)."""
+    for group in groups:
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(
+                    f"parameter {name!r} is {p.dtype} and has a gradient; optimizers update "
+                    f"floating-point parameters: convert it (e.g. .float()), or leave it "
+                    f"without a gradient (frozen) or out of the optimizer.")
+            if p.grad is not None and p.is_meta:
+                raise RuntimeError(
+                    f"parameter {name!r} is on the meta device, which holds no values to "
+                    f"update: materialize the model first (e.g. model.to_empty(device=...) "
+                    f"and initialize it).")
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    f"parameter {name!r} has a sparse gradient, which this optimizer cannot "
+                    f"use: build its module with sparse=False (e.g. nn.Embedding(..., "
+                    f"sparse=False)), or give it to a sparse optimizer such as "
+                    f"torch.optim.SparseAdam and leave it out of this one.")
