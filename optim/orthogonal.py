@@ -258,12 +258,15 @@ def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:
         return torch.empty_like(Q)
     M = _matmul.addmm(_eye_like(X) + 2.0 * X, X, X)  # (I + Q)^2 = I + 2Q + Q^2
     # M / 2^e, with 2^e at M's largest entry (exact; the polar factor does not change): its
-    # cube M M^T M stays within range, and M's singular values, >= 1, become >= 2^-e
+    # cube M M^T M stays within range, and M's singular values, >= 1, become >= 2^-e. A power
+    # of two as a float factor, not ldexp: torch's ldexp passes no gradient for a negative
+    # integer exponent, and OFT trains through this.
     e = torch.frexp(_at_least_fp32(M.detach().abs().amax(dim=(-2, -1), keepdim=True))).exponent
-    M = torch.ldexp(M, -e).to(M.dtype)
+    inv_scale = torch.exp2(-e.to(torch.float64))  # 2^-e, exact also in M's own dtype
+    M = M * inv_scale.to(M.dtype)
     MMtM = _matmul.mm(_matmul.mm(M, M.mT), M)
     g = torch.linalg.matrix_norm(_at_least_fp32(MMtM), keepdim=True).pow(1.0 / 3.0)
-    lo, hi = torch.ldexp(1.0 / g, -e), torch.ones_like(g)
+    lo, hi = inv_scale.to(g.dtype) / g, torch.ones_like(g)
     lin, cub, lo, hi = _cans_cubic(lo, hi)
     X = (lin / g).to(M.dtype) * M + (cub / g.pow(3)).to(M.dtype) * MMtM
     for _ in range(steps - 1):

@@ -111,3 +111,19 @@ def test_numpy_max_norm_builds_a_layer_that_runs(max_norm):
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), reference(x), atol=MERGE_ATOL, rtol=MERGE_RTOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sgd_moves_the_adapter_with_every_method(method):
+    # with cans_cayley the gradient was exactly zero: no step moved oft_vector from 0
+    layer = adapted(method)
+    x, target = torch.randn(16, 64), torch.randn(16, 24)
+    opt = torch.optim.SGD([layer.oft_vector], lr=0.05)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert layer.oft_vector.norm() > 0.01 and losses[-1] < losses[0], (method, losses)

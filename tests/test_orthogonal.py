@@ -19,6 +19,7 @@ from optim.orthogonal import (
     cayley_neumann,
     clip_spectral_norm,
     exp_orthogonal,
+    rotation,
     skew,
     skew_from_vector,
     spectral_norm_upper_bound,
@@ -362,3 +363,24 @@ def test_clip_takes_numpy_scalars_like_floats():
     torch.testing.assert_close(auto, clip_spectral_norm(Q, -1, method="cayley_neumann"))
     with pytest.raises(ValueError, match="6 free entries"):
         skew_from_vector(torch.zeros(5), 4)
+
+
+@pytest.mark.parametrize("method", ["cayley", "cayley_neumann", "cans_cayley", "exp"])
+@pytest.mark.parametrize("scale", [0.3, 2.0])  # small turns, and large (Neumann's diverges)
+def test_every_rotation_has_the_gradient_of_its_function(method, scale):
+    # cans_cayley scaled (I + Q)^2 with torch.ldexp, whose backward passes nothing for a
+    # negative integer exponent: its gradient was exactly zero and an OFT adapter never moved.
+    torch.manual_seed(0)
+    v = (scale * torch.randn(2, 6, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: rotation(skew_from_vector(v, 4), method=method), v)
+
+
+def test_cans_cayley_follows_cayleys_gradient_on_skew_inputs():
+    # equal functions on skew matrices: equal gradients through skew_from_vector, to rounding
+    torch.manual_seed(1)
+    v = (0.5 * torch.randn(3, 10, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(3, 5, 5, dtype=torch.float64)
+    grads = [torch.autograd.grad((f(skew_from_vector(v, 5)) * weights).sum(), v)[0]
+             for f in (cans_cayley, cayley)]
+    torch.testing.assert_close(grads[0], grads[1], atol=FP64_FLOOR, rtol=FP64_FLOOR)
+    assert grads[1].norm() > 1.0
