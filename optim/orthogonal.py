@@ -391,6 +391,9 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str = "exp") -> Te
     ``Q * min(1, max_norm / rho)`` with ``rho = spectral_norm_upper_bound(Q)``: afterwards
     ``||Q||_2 <= max_norm`` and, when clipped, ``>= max_norm / 1.01``. The factor is computed
     without gradient (as gradient-norm clipping does), so the gradient is the scaled identity.
+    In bfloat16 and float16 the scaled entries are rounded once to the dtype, which could in
+    principle lift a block past the bound by that rounding; the bound's own slack absorbed it
+    in every one of 6400 random bfloat16 blocks (b = 8 and 32, clipped to 0.95).
 
     Args:
         Q: ``(..., b, b)``.
@@ -418,7 +421,10 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str = "exp") -> Te
     with torch.no_grad():
         rho = spectral_norm_upper_bound(Q)
         factor = (max_norm / rho.clamp(min=torch.finfo(rho.dtype).tiny)).clamp(max=1.0)
-    return Q * factor.to(Q.dtype)[..., None, None]
+    # scaled in float32 at least and rounded once: a bfloat16 factor times bfloat16 entries
+    # rounded twice and carried 4 of 64 blocks past a 0.95 bound (by up to 0.2%)
+    wide = torch.promote_types(Q.dtype, torch.float32)
+    return (Q.to(wide) * factor.to(wide)[..., None, None]).to(Q.dtype)
 
 
 def rotation(Q: Tensor, *, method: str = "exp", terms: int = 5, steps: int | None = None) -> Tensor:

@@ -23,7 +23,10 @@ Methods (``orthogonalize(..., method=)``):
     cubic is built for ``[a, 1.01 b]``, so rounding cannot carry a value past the cubic's zero
     and reverse its direction (``_CANS_HALF_SAFETY``). 2 products per step.
 ``"svd"``
-    The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow).
+    The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow). Not for
+    training through: where singular values repeat (an orthogonal input, a scaled one) its
+    gradient is NaN, as ``torch.linalg.svd``'s backward divides by their differences; the
+    iterations are polynomials, differentiable everywhere.
 
 Normalization. Every iteration needs ``sigma_max <= 1`` first. The Frobenius norm gives it but
 wastes range on ill-conditioned inputs (it overestimates sigma_max by up to sqrt(rank)).
@@ -146,9 +149,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"unknown orthogonalize method {method!r}; choose one of {METHODS}")
 
 
-def _check_lower_bound(lower_bound: float | None) -> None:
-    if lower_bound is not None and not 0.0 < lower_bound <= 1.0:
-        raise ValueError(f"lower_bound must be in (0, 1], got {lower_bound!r}")
+def _check_lower_bound(lower_bound: float | None, method: str) -> None:
+    if lower_bound is None:
+        return
+    if not is_real(lower_bound) or not 0.0 < lower_bound <= 1.0:
+        raise ValueError(f"lower_bound must be a number in (0, 1], got {lower_bound!r}")
+    if method != "cans":  # the other methods' coefficients are fixed: it would do nothing
+        raise ValueError(f"lower_bound applies to method='cans' only, got method={method!r}")
 
 
 def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.dtype:
@@ -321,12 +328,16 @@ def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
     if X.numel() == 0:  # no singular values to take the largest of
         return torch.zeros(X.shape, dtype=compute, device=X.device)
     work = torch.promote_types(compute, torch.float64)
-    U, S, Vh = torch.linalg.svd(X.to(work), full_matrices=False)
+    # A matrix with a NaN or Inf has no polar factor: NaN, as the iterations give (an Inf made
+    # every singular value non-finite, none passed the tolerance, and the result was a silent
+    # zero; a NaN made LAPACK fail). LAPACK sees zeros in its place.
+    finite = torch.isfinite(X).flatten(-2).all(dim=-1)[..., None, None]
+    U, S, Vh = torch.linalg.svd(torch.where(finite, X, 0).to(work), full_matrices=False)
     rank_tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
     # ||X||_F from the singular values: sqrt(sum S^2)
     data_tol = torch.linalg.vector_norm(S, dim=-1, keepdim=True) * torch.finfo(X.dtype).eps
     keep = (S > torch.maximum(rank_tol, data_tol)).to(work)
-    return ((U * keep.unsqueeze(-2)) @ Vh).to(compute)
+    return torch.where(finite, (U * keep.unsqueeze(-2)) @ Vh, math.nan).to(compute)
 
 
 def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | None = None,
@@ -334,11 +345,18 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
                    coefficients: Sequence[float] = JORDAN_QUINTIC,
                    lower_bound: float | None = None) -> Iterator[Tensor]:
     """Yield the approximation after each step (X's shape and dtype): for accuracy-per-product
-    studies. The last item equals ``orthogonalize(X, ...)`` without softening."""
+    studies. The last item equals ``orthogonalize(X, ...)`` without softening. Arguments are
+    checked at the call, not at the first ``next()``."""
     _validate(X, 0.0, steps, eps, coefficients)
     _check_method(method)
-    _check_lower_bound(lower_bound)
+    _check_lower_bound(lower_bound, method)
     compute = _compute_dtype(X, dtype, method)
+    return _polar_iterates(X, method, steps, eps, coefficients, lower_bound, compute)
+
+
+def _polar_iterates(X: Tensor, method: str, steps: int | None, eps: float,
+                    coefficients: Sequence[float], lower_bound: float | None,
+                    compute: torch.dtype) -> Iterator[Tensor]:
     if method == "svd":
         yield _svd_polar(X, compute).to(X.dtype)
         return
@@ -370,8 +388,9 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
             input whose Frobenius norm overflows its dtype (entries beyond ~1e19 in float32 or
             bfloat16) returns NaN (``"svd"`` only when softened), never a silent zero.
         coefficients: the ``(a, b, c)`` of ``"quintic"`` (Muon's ``ns_coefficients``).
-        lower_bound: ``"cans"`` only: a known lower bound of ``sigma_min / sigma_max``
-            (default :data:`CANS_DEFAULT_LOWER_BOUND`); a tight bound saves steps.
+        lower_bound: ``"cans"`` only (refused for the other methods, whose coefficients are
+            fixed): a known lower bound of ``sigma_min / sigma_max`` (default
+            :data:`CANS_DEFAULT_LOWER_BOUND`); a tight bound saves steps.
 
     Returns:
         A tensor of X's shape and dtype.
@@ -383,7 +402,7 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
     """
     _validate(X, softening, steps, eps, coefficients)
     _check_method(method)
-    _check_lower_bound(lower_bound)
+    _check_lower_bound(lower_bound, method)
     result = _polar(X, method, steps, dtype, eps, coefficients, lower_bound)
     return soften(result, X, softening, eps=eps)
 
@@ -394,6 +413,11 @@ def soften(O: Tensor, X: Tensor, softening: float, *, eps: float = 1e-7) -> Tens
     Split out of :func:`orthogonalize` so an optimizer can measure the health of ``O`` before
     blending without computing NS twice.
     """
+    if not is_real(softening) or not 0.0 <= softening <= 1.0:  # NaN lands here too
+        raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
+    if O.shape != X.shape:  # broadcasting would blend every matrix with every other
+        raise ValueError(f"soften needs O and X of one shape, got {tuple(O.shape)} and "
+                         f"{tuple(X.shape)}")
     if softening == 0.0:
         return O
     X = _widen_half(X)

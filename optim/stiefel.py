@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -179,8 +180,9 @@ class FeedbackConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if not self.lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr!r}")
+        if not (is_real(self.lr) and 0 <= self.lr < math.inf):
+            # an infinite lr made U all NaN in one update, past the non-finite guard
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
         for name in ("ema", "gain_ema"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is an EMA rate in [0, 1], got {getattr(self, name)!r}")
@@ -252,6 +254,7 @@ class StiefelFeedbackLayer(nn.Module):
     U: Tensor
     alpha: Tensor
     ema_G: Tensor
+    nonfinite_skips: Tensor
 
     def __init__(self, d: int, r: int, *, config: FeedbackConfig | None = None,
                  generator: torch.Generator | None = None) -> None:
@@ -260,11 +263,19 @@ class StiefelFeedbackLayer(nn.Module):
         self.register_buffer("U", random_stiefel(d, r, generator=generator))
         self.register_buffer("alpha", torch.tensor(self.config.gain_init))
         self.register_buffer("ema_G", torch.zeros(d, r))
-        self.nonfinite_skips = 0  # updates skipped for a non-finite signal (feedback_update)
+        # updates skipped for a non-finite signal (feedback_update); a buffer, so that
+        # state_dict() carries it as it carries U
+        self.register_buffer("nonfinite_skips", torch.tensor(0, dtype=torch.int64))
 
     def compute_delta(self, c: Tensor) -> Tensor:
         """``c`` (..., r) -> ``alpha c U^T`` (..., d)."""
         return self.alpha * _matmul.mm(c, self.U.mT)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any, **kwargs: Any) -> None:
+        # a state saved before the count was a buffer has none: it starts from zero
+        state_dict.setdefault(prefix + "nonfinite_skips", torch.zeros((), dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update(self, g_hat: Tensor, c: Tensor, *, frozen: bool = False) -> dict[str, float]:
@@ -272,7 +283,7 @@ class StiefelFeedbackLayer(nn.Module):
         ``nonfinite_skips``, this layer's count of skipped updates."""
         diag = feedback_update(self.U, self.ema_G, self.alpha, g_hat, c,
                                config=self.config, frozen=frozen)
-        self.nonfinite_skips += int(diag["nonfinite"])
+        self.nonfinite_skips += int(diag["nonfinite"])  # in place: the buffer stays
         return diag | {"nonfinite_skips": float(self.nonfinite_skips)}
 
 

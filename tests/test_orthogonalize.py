@@ -511,3 +511,33 @@ def test_products_to_reach_1e_5_on_a_spread_spectrum(method):
             if orthogonality_error(O).item() < 1e-5:
                 break
     assert counter.products <= PRODUCTS_TO_1E5[method], counter.products
+
+
+def test_svd_of_a_non_finite_matrix_is_nan_like_the_iterations():
+    # an Inf gave a silent all-zero "polar factor"; a NaN made LAPACK raise
+    good = torch.randn(5, 3)
+    for bad in (math.inf, -math.inf, math.nan):
+        X = torch.stack([good, good.clone()])
+        X[1, 0, 0] = bad
+        for method in ("svd", "polar_express"):
+            O = orthogonalize(X, method=method, dtype=torch.float32)
+            assert torch.isnan(O[1]).all(), (method, bad)
+            assert torch.isfinite(O[0]).all(), (method, bad)
+        reference = orthogonalize(good, method="svd")
+        torch.testing.assert_close(orthogonalize(X, method="svd")[0], reference)
+
+
+def test_polar_iterates_and_soften_check_their_arguments_at_the_call():
+    X = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="unknown orthogonalize method"):
+        polar_iterates(X, method="bogus")  # was raised only at the first next()
+    with pytest.raises(ValueError, match="lower_bound must be a number"):
+        orthogonalize(X, method="cans", lower_bound=True)  # True read as 1.0
+    with pytest.raises(ValueError, match="lower_bound applies to method='cans' only"):
+        orthogonalize(X, method="polar_express", lower_bound=0.1)  # silently ignored
+    O = orthogonalize(X)
+    for s in (1.5, -0.1, math.nan, True):
+        with pytest.raises(ValueError, match="softening must be a number in"):
+            soften(O, X, s)  # 1.5 extrapolated, NaN made every entry NaN
+    with pytest.raises(ValueError, match="one shape"):
+        soften(O[:1], X, 0.5)  # broadcast every row of X against the one of O

@@ -290,7 +290,8 @@ def test_feedback_skips_a_non_finite_signal_counts_it_and_trains_on():
         (diag,) = system.update_all([signal], c)
         assert diag["nonfinite"] == 1.0
         for key, value in layer.state_dict().items():
-            assert torch.equal(value, before[key]), key
+            if key != "nonfinite_skips":  # the count, which does change
+                assert torch.equal(value, before[key]), key
     assert diag["nonfinite_skips"] == 2.0
     (diag,) = system.update_all([torch.randn(2, 40, generator=g)], c)
     assert diag["nonfinite"] == 0.0 and diag["nonfinite_skips"] == 2.0
@@ -308,3 +309,26 @@ def test_feedback_frozen_only_accumulates_and_step_is_clipped():
     assert torch.equal(U, U0) and ema.abs().sum() > 0 and diag["frozen"] == 1.0
     diag = feedback_update(U, ema, alpha, 1e3 * g, c, config=FeedbackConfig(max_step_norm=1e-3))
     assert diag["step_clipped"] == 1.0 and diag["step_norm"] > 1e-3
+
+
+def test_the_skip_count_survives_a_state_dict_round_trip():
+    # it was a plain attribute: a layer loaded from a state_dict started again from 0
+    system = StiefelFeedbackSystem(50, [40], rank=8, generator=torch.Generator().manual_seed(0))
+    c = system.compress_error(torch.randn(2, 50))
+    system.update_all([torch.full((2, 40), float("nan"))], c)
+    saved = system.layers[0].state_dict()
+    fresh = StiefelFeedbackSystem(50, [40], rank=8).layers[0]
+    fresh.load_state_dict(saved)
+    assert int(fresh.nonfinite_skips) == 1
+    (diag,) = system.update_all([torch.randn(2, 40)], c)
+    assert diag["nonfinite_skips"] == 1.0
+    # a state saved before the count was kept loads, counting from zero
+    fresh.load_state_dict({k: v for k, v in saved.items() if k != "nonfinite_skips"})
+    assert int(fresh.nonfinite_skips) == 0
+
+
+@pytest.mark.parametrize("lr", [math.inf, math.nan, -1.0, True])
+def test_feedback_config_refuses_a_rate_that_is_not_finite_and_nonnegative(lr):
+    # lr=inf turned U all NaN in one update, which the non-finite guard does not see
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        FeedbackConfig(lr=lr)
