@@ -21,7 +21,8 @@ Methods (``orthogonalize(..., method=)``):
     optimal for that interval, so the iteration never leaves the interval it was built for and
     cannot diverge in bfloat16 (a fixed list whose p(1) != 1 can). In bfloat16 and float16 each
     cubic is built for ``[a, 1.01 b]``, so rounding cannot carry a value past the cubic's zero
-    and reverse its direction (``_CANS_HALF_SAFETY``). 2 products per step.
+    and reverse its direction (``_CANS_HALF_SAFETY``), and the normalization and first cubic
+    run in float32 (:func:`_first_dtype`). 2 products per step.
 ``"svd"``
     The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow). Not for
     training through: where singular values repeat (an orthogonal input, a scaled one) its
@@ -264,12 +265,26 @@ def _step(X: Tensor, poly: tuple, gram: Tensor | None, gram_x: Tensor | None) ->
     return _matmul.addmm(X, gram, X, beta=lin, alpha=cub)
 
 
+def _first_dtype(method: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype of the normalization and first step. CANS's first cubic maps the top of its
+    interval near its root (p(1) = 5.18 - 5.175 at the float32 interval, 0.11 at bfloat16's
+    wider one): in bfloat16 that difference of two large terms was rounding noise larger than
+    itself, and a dominant singular direction (all of a rank-1 input) came out turned, by 0.19
+    in norm on 1 x 64 inputs, which no later step undoes. That step (two products) runs in
+    float32, the later ones in ``compute`` (docs/kernels.md has the measurements)."""
+    if method == "cans" and compute in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return compute
+
+
 def _iterate(X: Tensor, method: str, steps: int, eps: float, quintic: Sequence[float],
-             lower_bound: float | None, *, inplace: bool = False) -> Iterator[Tensor]:
-    """Yield the iterate after each step; X is oriented with rows <= cols, in compute dtype."""
+             lower_bound: float | None, compute: torch.dtype, *, inplace: bool = False
+             ) -> Iterator[Tensor]:
+    """Yield the iterate after each step, in ``compute``; X is oriented with rows <= cols, in
+    :func:`_first_dtype`."""
     X, gram, gram_x = _normalize(X, method, eps, inplace=inplace)
-    for poly in _coefficients(method, steps, quintic, lower_bound, X.dtype):
-        X = _step(X, poly, gram, gram_x)
+    for poly in _coefficients(method, steps, quintic, lower_bound, compute):
+        X = _step(X, poly, gram, gram_x).to(compute)  # after the first step: a no-op
         gram, gram_x = None, None
         yield X
 
@@ -288,14 +303,12 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
                       lower_bound).reshape(X.shape)
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = _to_compute(X, compute, eps)
+    Y = _to_compute(X, _first_dtype(method, compute), eps)
     # a fresh copy may be normalized in place, unless autograd needs it for the norm's gradient
     private = Y is not X and not (Y.requires_grad and torch.is_grad_enabled())
     Y = Y.mT if transpose else Y
-    Y, gram, gram_x = _normalize(Y, method, eps, inplace=private)
-    for poly in _coefficients(method, n_steps, quintic, lower_bound, compute):
-        Y = _step(Y, poly, gram, gram_x)
-        gram, gram_x = None, None
+    for Z in _iterate(Y, method, n_steps, eps, quintic, lower_bound, compute, inplace=private):
+        Y = Z  # each iterate dropped as the next one comes
     return (Y.mT if transpose else Y).to(X.dtype)
 
 
@@ -362,9 +375,9 @@ def _polar_iterates(X: Tensor, method: str, steps: int | None, eps: float,
         return
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = _to_compute(X, compute, eps)
+    Y = _to_compute(X, _first_dtype(method, compute), eps)
     Y = Y.mT if transpose else Y
-    for Z in _iterate(Y, method, n_steps, eps, coefficients, lower_bound):
+    for Z in _iterate(Y, method, n_steps, eps, coefficients, lower_bound, compute):
         yield (Z.mT if transpose else Z).to(X.dtype)
 
 
