@@ -21,18 +21,23 @@ step makes it. A last table gives each optimizer's step peak allocation (``torch
 CPU allocation events, after a step inside the profile: see :func:`peak_allocation`) against
 torch.optim.Muon's, with ours batched (the default) and one matrix at a time. ``--cpu-time`` times with
 ``time.thread_time`` (this thread's CPU time: other jobs on a shared machine do not inflate it;
-use it with ``--threads 1``).
+it needs ``--threads 1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+from bench._cli import check_cpu_time, positive_int
 from optim import Muon, NorMuon
 
 
@@ -204,10 +209,13 @@ def training_step_times(steps: int, quick: bool, optimizer: type = Muon, **kwarg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per optimizer")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--cpu-time", action="store_true", help="time.thread_time, not wall")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed steps per optimizer")
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time.thread_time, not wall (needs --threads 1)")
     args = parser.parse_args()
+    check_cpu_time(parser, args.cpu_time, args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
@@ -240,7 +248,7 @@ def main() -> None:
          {"ours": lambda p: NorMuon(p, **kw, health_every=1),
           "torch": lambda p: NorMuon(p, **kw, health_every=0)}),
         ("NorMuon / torch.optim.Muon",
-         {"ours": lambda p: NorMuon(p, **kw, health_every=1),
+         {"ours": lambda p: NorMuon(p, **kw, health_every=0),
           "torch": lambda p: torch.optim.Muon(p, **kw)}),
         ("Muon one matrix per batch / batched (the default MAX_BATCH_BYTES)",
          {"ours": lambda p: one_per_batch(Muon(p, **kw)), "torch": lambda p: Muon(p, **kw)}),

@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+from bench._cli import positive_int
 from optim._matmul import count_matmuls
 from optim.orthogonal import AUTO_MAX_NORM, cans_cayley, cayley, cayley_neumann, exp_orthogonal
 
@@ -61,8 +66,8 @@ def median_ratio(fn, baseline, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--repeats", type=positive_int, default=15)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print("| method | b | norm | products | fp32 error | bf16 error | time / matrix_exp |")

@@ -23,11 +23,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+from bench._cli import check_cpu_time, positive_int
 from optim import count_matmuls
 from optim.health import orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, default_steps, orthogonalize, polar_iterates
@@ -151,12 +156,14 @@ def timing_table(xs: dict[str, torch.Tensor], reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, few repetitions")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--reps", type=int, default=None, help="timing repetitions")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads")
+    parser.add_argument("--reps", type=positive_int, default=None, help="timing repetitions")
     parser.add_argument("--cpu-time", action="store_true",
-                        help="time.thread_time (this thread's CPU time; use with --threads 1)")
+                        help="time.thread_time (this thread's CPU time; needs --threads 1)")
     parser.add_argument("--timing-only", action="store_true", help="skip the accuracy tables")
     args = parser.parse_args()
+    check_cpu_time(parser, args.cpu_time, args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import secrets
 import socket
 import statistics
@@ -33,6 +34,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+from bench._cli import positive_int
 from service.client import Publisher
 from service.schema import Snapshot
 from service.store import Store
@@ -106,9 +110,10 @@ def start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
 
 
 def pct(values: list[float], q: float) -> float:
-    """The q-quantile (nearest rank) of ``values``."""
+    """The q-quantile of ``values`` by nearest rank: the smallest value with at least a
+    fraction ``q`` of them at or below it (below 100 values the 0.99 quantile is the largest)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def bench_metrics(c: httpx.Client, ranks: int, params: int, rounds: int) -> dict[str, list[float]]:
@@ -188,9 +193,9 @@ def bench_publish(url: str, token: str, params: int, count: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=8)
-    parser.add_argument("--params", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--ranks", type=positive_int, default=8)
+    parser.add_argument("--params", type=positive_int, default=500)
+    parser.add_argument("--rounds", type=positive_int, default=40)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         proc, url, token = start(Path(tmp))

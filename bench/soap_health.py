@@ -18,7 +18,7 @@ every 10 steps (the latter as means over whole periods of 10 steps, at least 60 
 machine is shared and noisy, so only the ratio measured in one process means anything (target
 < 1.05); the last column holds the quartiles of the ratios of the steps (or periods) timed side
 by side. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time, which other
-jobs on the machine do not inflate; use it with ``--threads 1``). A second table splits what
+jobs on the machine do not inflate; it needs ``--threads 1``). A second table splits what
 health adds, for the rows refreshing every 10 steps, between the refresh steps and the steps
 between them.
 """
@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.muon
+from bench._cli import check_cpu_time, positive_int
 from bench.muon import make, shapes, training_step_times
 from optim.soap import SOAP
 
@@ -112,10 +113,12 @@ def main() -> None:
     parser.add_argument("--shapes", default="128x64,512x256", help="lone matrices ('' for none)")
     parser.add_argument("--model", action="store_true", help="also the 12-matrix stack and GPT")
     parser.add_argument("--quick", action="store_true", help="--model at d_model 64")
-    parser.add_argument("--steps", type=int, default=None, help="default by size")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-time", action="store_true", help="time.thread_time, not wall")
+    parser.add_argument("--steps", type=positive_int, default=None, help="default by size")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time.thread_time, not wall (needs --threads 1)")
     args = parser.parse_args()
+    check_cpu_time(parser, args.cpu_time, args.threads)
     torch.set_num_threads(args.threads)
     if args.cpu_time:  # bench.muon's clock, so that its training step is timed the same way
         bench.muon.CLOCK = time.thread_time

@@ -1,11 +1,12 @@
 """Seed-004 spike study for orthoshard's SOAP: does a 1000x gradient spike turn Q_L?
 
-A 128x64 parameter, i.i.d. Gaussian gradients (seed 0), a 1000x spike at step 50, SOAP with
-``use_kl_shampoo=True``, lr 1, betas (0.9, 0.95), shampoo_beta 0.95, no weight decay; both
-eigenbasis solvers (power iteration: "SOAP (KL)", eigh: "REKLS") at ``fp32_matmul_prec`` "highest"
-and "high" (TF32, emulated on CPU by optim._soap_math.pmm). For N in 1, 2, 5, 10 it prints the
-largest principal angle between Q_L N steps before / after the pre-spike basis Q_L(step 50) and
-that basis (top-1 and top-8 columns), then L's top eigenvalues and top/2nd ratio around the spike.
+A 128x64 parameter, i.i.d. Gaussian gradients (seed 0), a 1000x spike after 50 steps (step 51, as
+the tables number steps from 1), SOAP with ``use_kl_shampoo=True``, lr 1, betas (0.9, 0.95),
+shampoo_beta 0.95, no weight decay; both eigenbasis solvers (power iteration: "SOAP (KL)", eigh:
+"REKLS") at ``fp32_matmul_prec`` "highest" and "high" (TF32, emulated on CPU by
+optim._soap_math.pmm). For N in 1, 2, 5, 10 it prints the largest principal angle between Q_L N
+steps before / after the pre-spike basis Q_L(step 50) and that basis (top-1 and top-8 columns), then
+L's top eigenvalues and top/2nd ratio around the spike.
 
     .venv/bin/python bench/soap_spike.py [--threads 1]
 """
@@ -13,9 +14,14 @@ that basis (top-1 and top-8 columns), then L's top eigenvalues and top/2nd ratio
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+from bench._cli import positive_int
 from optim.health import rotation_angle_degrees
 from optim.soap import SOAP
 
@@ -58,7 +64,7 @@ def spectrum(eigs) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     torch.set_num_threads(parser.parse_args().threads)
     for prec in ("highest", "high"):
         print(f"\n######## fp32_matmul_prec = {prec!r}")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not hasattr(typing, "override"):  # Python 3.11: EO 0.3.0 imports typing.override
     typing.override = lambda f: f  # type: ignore[attr-defined]
 
+from bench._cli import positive_int
 from optim.soap import SOAP
 
 CONFIGS = {
@@ -123,6 +124,9 @@ def step_time(make, shape, steps, reps) -> float:
     for g in grads[:3]:  # warm-up, past the first (eigh) refresh
         p.grad = g
         opt.step()
+    # ours holds a step's health as one tensor until health() reads it: the read is part of
+    # what health costs a training loop (bench/muon.py times it too); EO has no health
+    read = getattr(opt, "health", lambda: None)
     medians = []
     for _ in range(reps):
         times = []
@@ -130,6 +134,7 @@ def step_time(make, shape, steps, reps) -> float:
             p.grad = grads[i % 4]
             t0 = time.perf_counter()
             opt.step()
+            read()
             times.append(time.perf_counter() - t0)
         medians.append(statistics.median(times))
     return statistics.median(medians)
@@ -193,9 +198,9 @@ def divergence(EO, steps: int = 60) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128x64,512x256")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--reps", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--divergence", action="store_true",
                         help="also the MLP run of docs/soap.md (power iteration at lr 3e-3)")
     parser.add_argument("--near-singular", action="store_true",
