@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from optim._base import MatrixOptimizer
-from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_real
+from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_int, is_real
 from optim._exchange import DeferredMetrics, MatrixItem, all_finite, local
 from optim._soap_math import (
     PRECISIONS,
@@ -86,6 +86,7 @@ class SOAP(MatrixOptimizer):
                  use_kl_shampoo: bool = False, precondition_frequency: int = 1,
                  max_precond_dim: int = 8192, sharding: Any = None,
                  health_every: int = 1) -> None:
+        check_betas("betas", betas)  # before tuple(): a lone 0.9 is not iterable
         defaults = {"lr": lr, "betas": tuple(betas), "shampoo_beta": shampoo_beta, "eps": eps,
                     "weight_decay": weight_decay, "nesterov": nesterov,
                     "correct_bias": correct_bias, "fp32_matmul_prec": fp32_matmul_prec,
@@ -107,6 +108,26 @@ class SOAP(MatrixOptimizer):
 
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_soap_args(group)
+
+    def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
+        """The frame's checks, and one of SOAP's own: a matrix's state comes whole. An AdamW
+        state dict (``step``, ``exp_avg``, ``exp_avg_sq``, with the same shapes) passed the
+        frame's key and shape checks, loaded, and then every step failed on the missing ``L``."""
+        problem = super()._state_dict_problem(state_dict)
+        if problem is not None:
+            return problem
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            if group["algorithm"] == ADAMW:
+                continue
+            for name, index in zip(group["param_names"], saved.get("params", []), strict=True):
+                entry = state_dict["state"].get(index) or {}
+                missing = sorted(self.owner_state_keys - set(entry))
+                if entry and missing:
+                    return (f"parameter {name!r} has state without {', '.join(missing)}, which "
+                            f"SOAP keeps with the rest of its state: it comes from another "
+                            f"optimizer (an AdamW state dict holds only step, exp_avg and "
+                            f"exp_avg_sq) or was cut short")
+        return None
 
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
@@ -161,11 +182,13 @@ class SOAP(MatrixOptimizer):
         X = X.to(torch.promote_types(X.dtype, torch.float32))
         # ||G|| says whether the step keeps the state finite (gradient_fits): one reduction and
         # one host sync for the batch
+        for item in items:
+            self._init_state(item, owner=True)
+            _check_layout(item, self.state[item.param])
         norms = torch.linalg.vector_norm(X, dim=(-2, -1)).tolist()
         updates: list[Tensor] = []
         taken: list[tuple[MatrixItem, tuple, int]] = []
         for item, G, norm in zip(items, X.unbind(0), norms, strict=True):
-            self._init_state(item, owner=True)
             state = self.state[item.param]
             step = int(state["step"])
             fits = gradient_fits(norm, item.shape, cfg, state["exp_avg"].dtype)
@@ -249,6 +272,22 @@ class SOAP(MatrixOptimizer):
         p_local.add_(update.to(p_local.dtype), alpha=-group["lr"])
 
 
+def _check_layout(item: MatrixItem, state: dict[str, Tensor]) -> None:
+    """Raise ValueError when the group's ``max_precond_dim`` no longer matches the factors the
+    matrix's state was laid out with at its first step (a side gets a factor or ``(0, 0)``
+    then): the step reads the state, so a changed value would be silently ignored."""
+    limit = item.group["max_precond_dim"]
+    for key, d in (("L", item.shape[0]), ("R", item.shape[1])):
+        want = (d, d) if d <= limit else (0, 0)
+        if tuple(state[key].shape) != want:
+            raise ValueError(
+                f"{item.name}: max_precond_dim={limit} {'gives' if d <= limit else 'denies'} "
+                f"its side of {d} a factor, but its state was laid out at its first step "
+                f"{'without' if d <= limit else 'with'} one ({key} has shape "
+                f"{tuple(state[key].shape)}); the layout is fixed then: put the value back, or "
+                f"start a new optimizer with the new one")
+
+
 def _check_soap_args(d: dict[str, Any]) -> None:
     """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
     check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
@@ -265,5 +304,6 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     for key, low in (("power_iter_steps", 1), ("precondition_frequency", 1),
                      ("max_precond_dim", 0)):
         value = d[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        d[key] = int(value)  # a NumPy integer (a sweep's) as Python's, which a checkpoint keeps

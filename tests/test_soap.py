@@ -9,6 +9,7 @@ import math
 import random
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -999,3 +1000,67 @@ def test_a_failed_decomposition_skips_only_its_matrix_within_a_batch(monkeypatch
     assert torch.equal(b, torch.ones(8, 8)) and int(opt.state[b]["step"]) == 0
     health = opt.health()
     assert health["a"]["nonfinite_skips"] == 0.0 and health["b"]["nonfinite_skips"] == 1.0
+
+
+def _stepped_soap(steps: int = 2, **kw) -> tuple[SOAP, torch.nn.Parameter]:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    opt = SOAP([("w", w)], lr=1e-2, **kw)
+    for _ in range(steps):
+        w.grad = torch.randn(16, 8)
+        opt.step()
+    return opt, w
+
+
+def test_an_adamw_or_cut_state_dict_is_refused_before_anything_changes():
+    # AdamW's step / exp_avg / exp_avg_sq fit SOAP's keys and shapes: it loaded, and every
+    # step after raised KeyError: 'L'
+    opt, w = _stepped_soap()
+    before = copy.deepcopy(opt.state_dict())
+    adam_w = torch.nn.Parameter(w.detach().clone())
+    adam = torch.optim.AdamW([adam_w], lr=1e-3)
+    adam_w.grad = torch.randn(16, 8)
+    adam.step()
+    cut = copy.deepcopy(before)
+    del cut["state"][0]["Q_L"]
+    for saved, missing in ((adam.state_dict(), "L, Q_L, Q_R, R"), (cut, "Q_L")):
+        with pytest.raises(ValueError, match=f"'w' has state without {missing}.*another"):
+            opt.load_state_dict(saved)
+        after = opt.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for key, value in before["state"][0].items():
+            assert torch.equal(after["state"][0][key], value), key
+    w.grad = torch.randn(16, 8)
+    opt.step()  # still trains
+
+
+def test_max_precond_dim_changed_after_the_first_step_is_refused_and_can_be_put_back():
+    # the layout is fixed at the first step: the new value was silently ignored
+    opt, w = _stepped_soap()
+    for changed in (8, 4):  # 8: drops the 16 side's factor; 4: both sides
+        opt.param_groups[0]["max_precond_dim"] = changed
+        kept, state = w.detach().clone(), copy.deepcopy(opt.state[w])
+        w.grad = torch.randn(16, 8)
+        with pytest.raises(ValueError, match=r"'?w'?: max_precond_dim=\d+ denies its side of 16"):
+            opt.step()
+        assert torch.equal(w, kept)
+        assert all(torch.equal(opt.state[w][k], v) for k, v in state.items())
+    opt, w = _stepped_soap(max_precond_dim=8)  # the other way: a side gets a factor
+    opt.param_groups[0]["max_precond_dim"] = 8192
+    w.grad = torch.randn(16, 8)
+    with pytest.raises(ValueError, match="gives its side of 16 a factor"):
+        opt.step()
+    opt.param_groups[0]["max_precond_dim"] = 8
+    opt.step()
+
+
+def test_a_scalar_betas_and_numpy_counts_get_the_documented_checks():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+        SOAP([w], lr=1e-2, betas=0.9)  # was TypeError: 'float' object is not iterable
+    opt = SOAP([w], lr=1e-2, precondition_frequency=np.int64(2), max_precond_dim=np.int32(64))
+    assert type(opt.param_groups[0]["precondition_frequency"]) is int
+    opt.param_groups[0]["power_iter_steps"] = np.int64(2)  # as a sweep writes it mid-run
+    w.grad = torch.randn(4, 4)
+    opt.step()
+    assert type(opt.param_groups[0]["power_iter_steps"]) is int
