@@ -26,8 +26,9 @@ condition numbers of 10^3-10^4), where KL-Shampoo's factors inherit that conditi
 eigenvectors of the factors' smallest, crowded eigenvalues move by ~1e-3: the two float32 runs
 then differ by up to a few percent, and each differs from float64 by about as much.
 
-Timing: median per-step time after warm-up, ``--reps`` repetitions of ``--steps`` steps, both
-optimizers in the same process.
+Timing: median per-step time after warm-up of ours with health every step (its ``health()`` read
+included), ours without health, and Emerging-Optimizers', their steps interleaved in one process
+on the same gradients, ``--reps`` x ``--steps`` steps each.
 """
 
 from __future__ import annotations
@@ -116,43 +117,51 @@ def agreement(EO, near_singular: bool = False, seeds: int = 4) -> None:
         print(f"  {name:<24} {worst[0]:9.2e} {worst[1]:9.2e} {worst[2]:9.2e}  {verdict}")
 
 
-def step_time(make, shape, steps, reps) -> float:
+def step_times(makes: dict, shape, steps, reps) -> dict[str, float]:
+    """Median step time of each optimizer ``makes[name]([p])`` builds, their steps interleaved
+    (the order turns every step) on the same gradients, so that a shared machine's drift lands
+    on all of them alike: timed one after the other, the same comparison read 0.89-1.31x from
+    run to run."""
     gen = torch.Generator().manual_seed(0)
-    p = torch.nn.Parameter(torch.zeros(shape))
-    opt = make([p])
     grads = [torch.randn(shape, generator=gen) for _ in range(4)]
-    for g in grads[:3]:  # warm-up, past the first (eigh) refresh
-        p.grad = g
-        opt.step()
-    # ours holds a step's health as one tensor until health() reads it: the read is part of
-    # what health costs a training loop (bench/muon.py times it too); EO has no health
-    read = getattr(opt, "health", lambda: None)
-    medians = []
-    for _ in range(reps):
-        times = []
-        for i in range(steps):
+    runs = {}
+    for name, make in makes.items():
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = make([p])
+        # ours holds a step's health as one tensor until health() reads it: the read is part
+        # of what health costs a training loop (bench/muon.py times it too); EO has no health
+        runs[name] = (p, opt, getattr(opt, "health", lambda: None))
+        for g in grads[:3]:  # warm-up, past the first (eigh) refresh
+            p.grad = g
+            opt.step()
+    times: dict[str, list[float]] = {name: [] for name in makes}
+    names = list(makes)
+    for i in range(steps * reps):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            p, opt, read = runs[name]
             p.grad = grads[i % 4]
             t0 = time.perf_counter()
             opt.step()
             read()
-            times.append(time.perf_counter() - t0)
-        medians.append(statistics.median(times))
-    return statistics.median(medians)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def timing(EO, sizes, steps, reps) -> None:
     print(f"\nstep time, plain SOAP, fp32 'highest', {torch.get_num_threads()} thread(s), "
-          f"median of {reps} x {steps} steps (ms)")
+          f"median of {reps * steps} interleaved steps (ms)")
     print(f"  {'shape':<10} {'solver':<6} {'ours':>8} {'EO':>8} {'ours/EO':>8} "
           f"{'health off':>10} {'on/off':>7}")
     for shape in sizes:
         for solver, use_eigh in (("QR", False), ("eigh", True)):
             kw = {"lr": 0.01, "use_eigh": use_eigh}
-            ours = step_time(lambda ps, kw=kw: SOAP(ps, **kw), shape, steps, reps)
-            off = step_time(lambda ps, kw=kw: SOAP(ps, health_every=0, **kw), shape, steps, reps)
-            eo = step_time(lambda ps, kw=kw: EO(ps, **kw), shape, steps, reps)
-            print(f"  {'x'.join(map(str, shape)):<10} {solver:<6} {ours * 1e3:8.2f} "
-                  f"{eo * 1e3:8.2f} {ours / eo:8.2f} {off * 1e3:10.2f} {ours / off:7.3f}")
+            t = step_times({"ours": lambda ps, kw=kw: SOAP(ps, **kw),
+                            "off": lambda ps, kw=kw: SOAP(ps, health_every=0, **kw),
+                            "eo": lambda ps, kw=kw: EO(ps, **kw)}, shape, steps, reps)
+            print(f"  {'x'.join(map(str, shape)):<10} {solver:<6} {t['ours'] * 1e3:8.2f} "
+                  f"{t['eo'] * 1e3:8.2f} {t['ours'] / t['eo']:8.2f} {t['off'] * 1e3:10.2f} "
+                  f"{t['ours'] / t['off']:7.3f}")
 
 
 def divergence(EO, steps: int = 60) -> None:
