@@ -282,6 +282,10 @@ class Publisher:
         self._unencodable = 0  # snapshots whose values could not be encoded (also rejected)
         self._crashes = 0  # sends that raised unexpectedly (also rejected)
         self._ranks: set[int] = set()  # ranks published for (a finish is sent for each)
+        # per rank, the latest wall_time published: its finish says so, and a snapshot taken
+        # no later that reaches the sidecar after the finish (it was in flight) keeps it
+        self._last_wall: dict[int, float] = {}
+        self._finish_claimed = False  # the sender thread or close() took the finishes on
         self._finish = False  # close(finished=True): say each rank's run ended, after the flush
         self._finish_failed = False
         self._finish_sent = False  # the finishes were posted (by the sender or a later close)
@@ -343,12 +347,13 @@ class Publisher:
             wall_time: Unix seconds when taken; default now.
         """
         try:
+            taken = time.time() if wall_time is None else wall_time
             item = {
                 "step": step,
                 "rank": rank,
                 "params": params,
                 "optimizer": optimizer,
-                "wall_time": time.time() if wall_time is None else wall_time,
+                "wall_time": taken,
             }
             with self._cond:
                 if self._closing:  # counted as published and dropped: the totals still add up
@@ -363,8 +368,15 @@ class Publisher:
                     self._queue.popleft()
                     self.stats.dropped += 1
                 self._queue.append(item)
-                with contextlib.suppress(TypeError):  # a rank that is no integer: not encodable
-                    self._ranks.add(operator.index(rank))
+                with contextlib.suppress(TypeError, ValueError, OverflowError):
+                    # a rank that is no integer is not encodable (the snapshot is rejected when
+                    # its turn comes); a wall_time that is no finite number stays out of the
+                    # finish
+                    r = operator.index(rank)
+                    self._ranks.add(r)
+                    wall = float(taken)
+                    if math.isfinite(wall):
+                        self._last_wall[r] = max(self._last_wall.get(r, wall), wall)
                 self.stats.published += 1
                 self._cond.notify()
         except Exception:  # the contract: nothing escapes into the training loop
@@ -396,15 +408,20 @@ class Publisher:
                 self._cond.notify()
         if again:
             self._thread.join(timeout_s + 1.0)
-            if finished and not self._finish_sent and not self._thread.is_alive():
+            if finished and not self._thread.is_alive() and self._claim_finishes():
                 self._deadline = time.monotonic() + timeout_s
-                self._client = self._make_client(*self._client_args)
-                try:
-                    self._send_finishes(sorted(self._ranks))
-                finally:
-                    self._client.close()
+                self._finish_on_own_client()
             return (self._all_sent() and not self._finish_failed and not self._thread.is_alive()
                     and (self._finish_sent or not finished))
+        if finished:
+            # The sender posts the finishes after its last snapshot. One still in flight where
+            # the finishes' part of the deadline begins keeps its own timeout (httpx cannot
+            # shorten a request under way) and would use that part up: this thread posts them
+            # then, alongside it. Each finish carries the rank's last wall_time, so the
+            # snapshot, should it land after its finish, does not clear it.
+            self._thread.join(max(self._flush_until - time.monotonic(), 0.0))
+            if self._thread.is_alive() and self._claim_finishes():
+                self._finish_on_own_client()
         self._thread.join(timeout_s + 1.0)
         with self._cond:
             left = len(self._queue)
@@ -450,30 +467,50 @@ class Publisher:
             self.stats.dropped += len(self._queue)
             self._queue.clear()
             ranks = sorted(self._ranks) if self._finish else []
-        if self._finish:
-            self._send_finishes(ranks)
+        if self._finish and self._claim_finishes():
+            self._send_finishes(ranks, self._client)
         self._client.close()
 
-    def _send_finishes(self, ranks: list[int]) -> None:
+    def _claim_finishes(self) -> bool:
+        """True for the first caller only: the finishes are posted once, by whichever of the
+        sender thread and close() gets to them first."""
+        with self._cond:
+            claimed, self._finish_claimed = self._finish_claimed, True
+        return not claimed
+
+    def _finish_on_own_client(self) -> None:
+        """Post every rank's finish from the calling thread, on a client of its own (the
+        sender's may have a request in flight, or be closed)."""
+        with self._cond:
+            ranks = sorted(self._ranks)
+        client = self._make_client(*self._client_args)
+        try:
+            self._send_finishes(ranks, client)
+        finally:
+            client.close()
+
+    def _send_finishes(self, ranks: list[int], client: httpx.Client) -> None:
         """Each rank's finish (:meth:`_send_finish`), once: a later ``close(finished=True)``
         does not post them again."""
         for rank in ranks:
-            self._send_finish(rank)
+            self._send_finish(rank, client)
         self._finish_sent = True
 
-    def _send_finish(self, rank: int) -> None:
+    def _send_finish(self, rank: int, client: httpx.Client) -> None:
         """``POST /v1/ranks/{rank}/finish`` within close()'s deadline. Connection errors,
         timeouts and 5xx (a database busy for a moment) are tried again as snapshots are
         (backoff, ``Retry-After``) while the deadline allows; a refusal (3xx, 4xx), anything
         else a transport raises, or the deadline is logged and makes close() return False (the
         sidecar then alerts on the silence as usual)."""
-        body = json.dumps({"run_id": self.run_id}).encode("utf-8")
+        with self._cond:
+            last = self._last_wall.get(rank)
+        body = json.dumps({"run_id": self.run_id, "last_wall_time": last}).encode("utf-8")
         why, backoff = "close()'s deadline passed first", 0.0
         while (left := self._deadline - time.monotonic()) > 0:
             retry_after = None
             try:
-                response = self._client.post(f"/v1/ranks/{rank}/finish", content=body,
-                                             timeout=min(self._timeout_s, left))
+                response = client.post(f"/v1/ranks/{rank}/finish", content=body,
+                                       timeout=min(self._timeout_s, left))
             except httpx.HTTPError as exc:
                 why = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # anything else a transport raises: not tried again

@@ -141,6 +141,11 @@ class Finish(_Strict):
     """What a rank posts to ``POST /v1/ranks/{rank}/finish`` when its run ended normally."""
 
     run_id: RunId = Field(description="the run that ended; must be the rank's latest run")
+    last_wall_time: float | None = Field(
+        default=None, gt=0,
+        description="wall_time of the last snapshot the rank published (Publisher sends it): a "
+        "snapshot of this run taken no later, arriving after the finish (it was in flight), "
+        "keeps the finish; without it, any later snapshot clears it")
 
 
 class Accepted(BaseModel):

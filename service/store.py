@@ -6,7 +6,8 @@ Every accepted snapshot is written in one transaction before the ingest answers,
 sidecar answers history queries and its last-known state: nothing accepted is lost.
 
 Tables: ``ranks`` (one row per rank; ``finished_at`` is set when the rank says its run ended
-and cleared by its next snapshot), ``pending`` (the parameters' rows of accepted snapshots not
+and cleared by its next snapshot, unless that one was taken before the rank said so:
+``finished_wall_time``), ``pending`` (the parameters' rows of accepted snapshots not
 merged yet), ``params`` (one row per parameter name) and ``history`` (one row per parameter,
 run and step; the oldest rows beyond ``history_max_rows`` are pruned at each merge, and a
 history read merges first, so the bound is exact). WAL journal, ``synchronous=NORMAL``: a
@@ -64,7 +65,7 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS ranks (
     rank INTEGER PRIMARY KEY, run_id TEXT NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, snapshots_received INTEGER NOT NULL,
-    optimizer TEXT, finished_at REAL);
+    optimizer TEXT, finished_at REAL, finished_wall_time REAL);
 CREATE TABLE IF NOT EXISTS params (
     name TEXT PRIMARY KEY, run_id TEXT NOT NULL, rank INTEGER NOT NULL, step INTEGER NOT NULL,
     wall_time REAL NOT NULL, received_at REAL NOT NULL, metrics TEXT NOT NULL, state TEXT);
@@ -85,7 +86,7 @@ _POINT_INDEX = "history_point"
 #: 1: one history row per (name, run_id, step).
 _FORMAT_VERSION = 1
 _RANK_COLUMNS = ("rank, run_id, step, wall_time, received_at, snapshots_received, optimizer, "
-                 "finished_at")
+                 "finished_at, finished_wall_time")
 #: The WAL file is cut back to this size when it starts over (it keeps its largest size
 #: otherwise).
 _WAL_SIZE_LIMIT = 64 << 20
@@ -138,6 +139,9 @@ class RankRecord:
     snapshots_received: int
     optimizer: dict[str, Any] | None
     finished_at: float | None = None  # receive time of the rank's "run ended", if it said so
+    # the wall_time of the last snapshot the rank published before it said so (if it told):
+    # a snapshot of the run taken no later, arriving after the finish, keeps the finish
+    finished_wall_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +264,9 @@ class Store:
         """Bring a database written by an earlier version up to this schema (in place, inside
         the caller's transaction)."""
         columns = {row[1] for row in db.execute("PRAGMA table_info(ranks)")}
-        if "finished_at" not in columns:
-            db.execute("ALTER TABLE ranks ADD COLUMN finished_at REAL")
+        for column in ("finished_at", "finished_wall_time"):
+            if column not in columns:
+                db.execute(f"ALTER TABLE ranks ADD COLUMN {column} REAL")
         if _POINT_INDEX not in {row[1] for row in db.execute("PRAGMA index_list(history)")}:
             self._merge_repeated_steps(db)
             db.execute(f"CREATE UNIQUE INDEX {_POINT_INDEX} ON history (name, run_id, step)")
@@ -293,11 +298,11 @@ class Store:
     def _load(self) -> None:
         """Fill the in-memory mirror from the ``ranks`` and ``params`` tables, then the rows
         still in ``pending`` (accepted after the last merge), in the order they arrived."""
-        for rank, run, step, wall, received, count, opt, finished in self._db.execute(
+        for rank, run, step, wall, received, count, opt, finished, last in self._db.execute(
             f"SELECT {_RANK_COLUMNS} FROM ranks"
         ):
             self._ranks[rank] = RankRecord(
-                rank, run, step, wall, received, count, _loads(opt), finished
+                rank, run, step, wall, received, count, _loads(opt), finished, last
             )
         # the merged rows, then those accepted after the last merge (newer), as they arrived
         for query in (f"SELECT {_PARAM_COLUMNS} FROM params",
@@ -404,6 +409,11 @@ class Store:
                 # timed out while this sidecar stored it). It replaces the stored point and is
                 # not counted twice.
                 again = prev is not None and prev.run_id == snap.run_id and prev.step == snap.step
+                # a snapshot the rank took before it said its run ended, arriving after that
+                # (it was in flight): the run still ended
+                ended = prev if prev is not None and prev.run_id == snap.run_id and \
+                    prev.finished_wall_time is not None and \
+                    snap.wall_time <= prev.finished_wall_time else None
                 rank_rec = RankRecord(
                     snap.rank,
                     snap.run_id,
@@ -412,6 +422,8 @@ class Store:
                     now,
                     (prev.snapshots_received if prev else 0) + (0 if again else 1),
                     opt,
+                    ended.finished_at if ended else None,
+                    ended.finished_wall_time if ended else None,
                 )
                 records = [
                     self._param_record(snap, now, name, metrics, states.get(name))
@@ -425,8 +437,10 @@ class Store:
             listener(records)
         return len(records)
 
-    def finish(self, rank: int, run_id: str) -> RankRecord:
-        """Record that ``rank``'s run ``run_id`` ended (durably); its next snapshot clears it.
+    def finish(self, rank: int, run_id: str, last_wall_time: float | None = None) -> RankRecord:
+        """Record that ``rank``'s run ``run_id`` ended (durably); its next snapshot clears it,
+        unless it is of this run and taken at or before ``last_wall_time`` (the rank's last
+        published snapshot, which was still on its way).
 
         Raises:
             UnknownRank: no snapshot from ``rank`` was ever received.
@@ -441,10 +455,11 @@ class Store:
                 raise UnknownRank(rank)
             if prev.run_id != run_id:
                 raise OtherRun(prev.run_id)
-            rec = dataclasses.replace(prev, finished_at=self._clock())
+            rec = dataclasses.replace(prev, finished_at=self._clock(),
+                                      finished_wall_time=last_wall_time)
             with self._transaction(deadline) as db:
-                db.execute("UPDATE ranks SET finished_at = ? WHERE rank = ?",
-                           (rec.finished_at, rank))
+                db.execute("UPDATE ranks SET finished_at = ?, finished_wall_time = ? "
+                           "WHERE rank = ?", (rec.finished_at, last_wall_time, rank))
             with self._lock:
                 self._ranks[rank] = rec
         return rec
@@ -474,7 +489,7 @@ class Store:
         """The rank's row, and the parameters' rows appended to ``pending`` (merged into
         ``history`` and ``params`` by :meth:`_merge`: at once for an in-memory database)."""
         db.execute(
-            f"INSERT OR REPLACE INTO ranks ({_RANK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO ranks ({_RANK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.rank,
                 r.run_id,
@@ -484,6 +499,7 @@ class Store:
                 r.snapshots_received,
                 _dumps(r.optimizer),
                 r.finished_at,
+                r.finished_wall_time,
             ),
         )
         # every run each rank reported (a run it left stays known: _superseded)

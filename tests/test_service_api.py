@@ -742,6 +742,28 @@ def test_a_new_run_of_a_rank_ends_the_export_of_its_earlier_runs_parameters(
     assert client.get("/v1/params/old.w").json()["run_id"] == "run-a"  # the API keeps it
 
 
+def test_a_snapshot_in_flight_when_its_rank_finished_keeps_the_finish(
+    client: TestClient, clock: FakeClock
+) -> None:
+    # the finish overtook the rank's last snapshot (sent alongside it, which was slow to
+    # arrive): that snapshot cleared the finish, and a run that ended paged as a stale rank
+    post(client, snapshot(step=7, rank=2, wall_time=T0))
+    r = client.post("/v1/ranks/2/finish", json={"run_id": "run-a", "last_wall_time": T0 + 2})
+    assert r.status_code == 200, r.text
+    finished = r.json()["finished_at"]
+    post(client, snapshot(step=8, rank=2, wall_time=T0 + 2))  # the one in flight
+    (rank,) = client.get("/v1/optimizer").json()["ranks"]
+    assert (rank["step"], rank["finished_at"]) == (8, finished)
+    assert not any(ln.startswith("orthoshard_last_snapshot_timestamp_seconds")
+                   for ln in metric_lines(client))
+    post(client, snapshot(step=9, rank=2, wall_time=T0 + 3))  # taken after it: resumed
+    assert client.get("/v1/optimizer").json()["ranks"][0]["finished_at"] is None
+    for bad in ("0", "-1.0", '"1"', "1e999"):  # not a wall time; 1e999 reads as Infinity
+        content = f'{{"run_id": "run-a", "last_wall_time": {bad}}}'
+        assert_problem(client.post("/v1/ranks/2/finish", content=content,
+                                   headers={"Content-Type": "application/json"}), 422)
+
+
 def test_a_finish_names_a_known_rank_and_its_current_run(client: TestClient) -> None:
     body = assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-a"}), 404)
     assert body["type"].endswith("unknown-rank")

@@ -132,6 +132,22 @@ def test_a_finish_is_durable_and_a_database_of_the_earlier_schema_opens(tmp_path
     again.close()
 
 
+def test_a_finish_keeps_the_wall_time_it_covers_across_a_restart(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    store = Store(db, history_max_rows=1000, clock=lambda: 7.0)
+    store.ingest(make_snapshot(4))  # wall_time 1e9
+    store.finish(0, "r", last_wall_time=1e9 + 5)  # step 5, taken at 1e9 + 5, still on its way
+    store.close()
+    again = Store(db, history_max_rows=1000, clock=lambda: 8.0)
+    again.ingest(make_snapshot(5).model_copy(update={"wall_time": 1e9 + 5}))
+    (rank,) = again.ranks()
+    assert (rank.step, rank.finished_at, rank.finished_wall_time) == (5, 7.0, 1e9 + 5)
+    # another run of the rank, even taken earlier by its clock, is watched again
+    again.ingest(make_snapshot(1, run_id="r2").model_copy(update={"wall_time": 1e9 + 1}))
+    assert again.ranks()[0].finished_at is None
+    again.close()
+
+
 class _FailingCommit:
     """The store's connection, with COMMIT failing as it does on a full disk (WAL pages are
     written at commit); everything else goes to the real connection."""
@@ -845,12 +861,13 @@ class Finishes(Gate):
 def test_close_finished_says_each_rank_ended_after_its_last_snapshot() -> None:
     handler = Finishes()
     pub = gated(handler)
-    for step in range(3):
-        pub.publish(step=step, rank=5, params={})
-    pub.publish(step=3, rank=1, params={})
+    for step, wall in enumerate((100.0, 102.0, 101.0)):  # the latest taken, not the last sent
+        pub.publish(step=step, rank=5, params={}, wall_time=wall)
+    pub.publish(step=3, rank=1, params={}, wall_time=50.0)
     assert pub.close(timeout_s=10, finished=True)
     assert handler.paths == ["/v1/snapshots"] * 4 + ["/v1/ranks/1/finish", "/v1/ranks/5/finish"]
-    assert handler.bodies[-2:] == [{"run_id": "r"}, {"run_id": "r"}]
+    assert handler.bodies[-2:] == [{"run_id": "r", "last_wall_time": 50.0},
+                                   {"run_id": "r", "last_wall_time": 102.0}]
     # without finished=True (an error path: a crashed rank must still page) nothing is said
     quiet = Finishes()
     other = gated(quiet)
@@ -1098,6 +1115,35 @@ def test_a_snapshot_in_flight_when_close_finishes_leaves_the_finish_its_time() -
     # the retry in flight was cut off (read timeout) where the finishes' part began: uncut, it
     # was answered at the deadline, and no finish was tried
     assert (pub.stats.sent, pub.stats.dropped) == (0, 1)
+
+
+@pytest.mark.timeout(30)
+def test_a_send_in_flight_when_close_is_called_does_not_keep_the_finish_from_going_out() -> None:
+    # a send begun before close(finished=True) keeps its own timeout (httpx cannot shorten it):
+    # a large snapshot the sidecar was slow to store used up the finishes' part of the deadline,
+    # no finish was posted, and a run that ended normally paged as a stale rank
+    slow_s, timeout_s = 2.5, 2.0  # the snapshot's answer comes after close()'s deadline
+    started, calls = threading.Event(), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/finish"):
+            calls.append(("finish", time.monotonic(), json.loads(request.content)))
+            return httpx.Response(200, json={})
+        started.set()
+        time.sleep(slow_s)
+        calls.append(("snapshot", time.monotonic(), None))
+        return httpx.Response(201, json={})
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler))
+    pub.publish(step=9, rank=0, params={}, wall_time=1234.5)
+    assert started.wait(5)
+    assert pub.close(timeout_s=timeout_s, finished=True)
+    (finish, snapshot) = sorted(calls, key=lambda c: c[0])
+    # posted alongside the snapshot, before its answer, naming the snapshot's wall time so the
+    # sidecar keeps the finish when the snapshot lands after it
+    assert finish[1] < snapshot[1]
+    assert finish[2] == {"run_id": "r", "last_wall_time": 1234.5}
+    assert pub._finish_sent and not pub._finish_failed and pub.stats.sent == 1
 
 
 @pytest.mark.timeout(30)

@@ -49,11 +49,12 @@ async def finish_rank(
 ) -> RankState:
     """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's
     ``orthoshard_last_snapshot_timestamp_seconds`` leaves ``/metrics``, so a run that finished
-    does not page as a stale rank. Its next snapshot (a new or resumed run) clears the mark.
+    does not page as a stale rank. Its next snapshot (a new or resumed run) clears the mark,
+    unless it is of this run and taken by ``last_wall_time`` (it was in flight).
     404: no snapshot from this rank yet; 409: its latest snapshot is of another run; 503: the
     database is busy (as for a snapshot)."""
     try:
-        r = await writes.run(store.finish, rank, body.run_id)
+        r = await writes.run(store.finish, rank, body.run_id, body.last_wall_time)
     except UnknownRank as exc:
         raise ProblemError(404, f"No snapshot from rank {rank} yet.", slug="unknown-rank") from exc
     except OtherRun as exc:
