@@ -79,7 +79,7 @@ def optimizers() -> dict[str, callable]:
     return table
 
 
-def train(make_opt, steps: int, batch: int, tensors) -> tuple[float, float, float, dict]:
+def train(make_opt, steps: int, batch: int, tensors) -> tuple[float, float, dict]:
     x_train, y_train, x_test, y_test = tensors
     model = MLP(nn.ReLU(), seed=7)
     opt = make_opt(model)

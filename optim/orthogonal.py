@@ -391,9 +391,10 @@ def clip_spectral_norm(Q: Tensor, max_norm: float, *, method: str = "exp") -> Te
     ``Q * min(1, max_norm / rho)`` with ``rho = spectral_norm_upper_bound(Q)``: afterwards
     ``||Q||_2 <= max_norm`` and, when clipped, ``>= max_norm / 1.01``. The factor is computed
     without gradient (as gradient-norm clipping does), so the gradient is the scaled identity.
-    In bfloat16 and float16 the scaled entries are rounded once to the dtype, which could in
-    principle lift a block past the bound by that rounding; the bound's own slack absorbed it
-    in every one of 6400 random bfloat16 blocks (b = 8 and 32, clipped to 0.95).
+    In bfloat16 and float16 the scaled entries are rounded once to the dtype, which can lift a
+    block past the bound by up to that rounding (2^-8 relative in bfloat16; measured: 27 of
+    3200 random 32 x 32 blocks at scale 0.5 ended above 0.95, the largest at 0.95059, and 1 of
+    3200 8 x 8 at scale 50); the bound holds up to it.
 
     Args:
         Q: ``(..., b, b)``.

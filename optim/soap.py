@@ -31,7 +31,7 @@ from torch import Tensor
 
 from optim._base import MatrixOptimizer
 from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_int, is_real
-from optim._exchange import DeferredMetrics, MatrixItem, all_finite, local
+from optim._exchange import DeferredMetrics, LocalExchange, MatrixItem, all_finite, local
 from optim._soap_math import (
     PRECISIONS,
     SideHealth,
@@ -129,8 +129,21 @@ class SOAP(MatrixOptimizer):
                             f"exp_avg_sq) or was cut short")
         return None
 
+    def _before_step(self) -> None:
+        super()._before_step()
+        # one process: every matrix's state is here, so a changed max_precond_dim is refused
+        # before any batch steps (and before the step counters move)
+        if isinstance(self._exchange, LocalExchange):
+            for item in self.matrix_items():
+                if state := self.state.get(item.param):
+                    _check_layout(item, state)
+
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
+        # sharded: the owner holds the state; refused here, the exchange raises it on every
+        # rank before any owner computes
+        if state := self.state.get(item.param):
+            _check_layout(item, state)
         return local(item.param.grad)
 
     def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
@@ -184,7 +197,6 @@ class SOAP(MatrixOptimizer):
         # one host sync for the batch
         for item in items:
             self._init_state(item, owner=True)
-            _check_layout(item, self.state[item.param])
         norms = torch.linalg.vector_norm(X, dim=(-2, -1)).tolist()
         updates: list[Tensor] = []
         taken: list[tuple[MatrixItem, tuple, int]] = []

@@ -273,8 +273,10 @@ class StiefelFeedbackLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any, **kwargs: Any) -> None:
-        # a state saved before the count was a buffer has none: it starts from zero
-        state_dict.setdefault(prefix + "nonfinite_skips", torch.zeros((), dtype=torch.int64))
+        # a layer saved before the count was a buffer has every buffer but it: it starts from
+        # zero. A partial dict (a strict=False load) keeps the count, which is reported missing.
+        if all(prefix + key in state_dict for key in ("U", "alpha", "ema_G")):
+            state_dict.setdefault(prefix + "nonfinite_skips", torch.zeros((), dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

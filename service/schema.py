@@ -23,7 +23,8 @@ The body is strict JSON (RFC 8259): the non-standard tokens ``NaN``, ``Infinity`
 norm or eigenvalue that was not finite at the source is sent as ``null`` (``Publisher`` does this
 conversion); the sidecar stores the ``null`` and exports the sample as ``NaN`` on ``/metrics``,
 so the series stays present and ``x != x`` finds it. Identity and bookkeeping fields (rank, step,
-wall time, shapes, hyperparameters) must be finite; a ``null`` there is a type error (422).
+wall time, shapes) must be finite; a ``null`` there is a type error (422). A hyperparameter may
+be ``null`` (a softening schedule that raised).
 
 Every collection has a size bound; unknown fields are refused (``extra="forbid"``).
 

@@ -1035,16 +1035,26 @@ def test_an_adamw_or_cut_state_dict_is_refused_before_anything_changes():
 
 
 def test_max_precond_dim_changed_after_the_first_step_is_refused_and_can_be_put_back():
-    # the layout is fixed at the first step: the new value was silently ignored
-    opt, w = _stepped_soap()
-    for changed in (8, 4):  # 8: drops the 16 side's factor; 4: both sides
+    # the layout is fixed at the first step: the new value was silently ignored; and refused
+    # mid-step, a matrix of an earlier batch had already stepped
+    torch.manual_seed(0)
+    a, w = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(16, 8))
+    opt = SOAP([("a", a), ("w", w)], lr=1e-2)
+    for _ in range(2):
+        a.grad, w.grad = torch.randn(4, 4), torch.randn(16, 8)
+        opt.step()
+    for changed in (8, 4):  # 8: drops the 16 side's factor; 4: both sides of w
         opt.param_groups[0]["max_precond_dim"] = changed
-        kept, state = w.detach().clone(), copy.deepcopy(opt.state[w])
-        w.grad = torch.randn(16, 8)
-        with pytest.raises(ValueError, match=r"'?w'?: max_precond_dim=\d+ denies its side of 16"):
+        kept = copy.deepcopy(opt.state_dict())
+        params = [a.detach().clone(), w.detach().clone()]
+        a.grad, w.grad = torch.randn(4, 4), torch.randn(16, 8)
+        with pytest.raises(ValueError, match=r"w: max_precond_dim=\d+ denies its side of 16"):
             opt.step()
-        assert torch.equal(w, kept)
-        assert all(torch.equal(opt.state[w][k], v) for k, v in state.items())
+        assert torch.equal(a, params[0]) and torch.equal(w, params[1])
+        after = opt.state_dict()
+        assert after["param_groups"][0]["step"] == kept["param_groups"][0]["step"]
+        for index, entry in kept["state"].items():
+            assert all(torch.equal(after["state"][index][k], v) for k, v in entry.items())
     opt, w = _stepped_soap(max_precond_dim=8)  # the other way: a side gets a factor
     opt.param_groups[0]["max_precond_dim"] = 8192
     w.grad = torch.randn(16, 8)

@@ -332,3 +332,16 @@ def test_feedback_config_refuses_a_rate_that_is_not_finite_and_nonnegative(lr):
     # lr=inf turned U all NaN in one update, which the non-finite guard does not see
     with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
         FeedbackConfig(lr=lr)
+
+
+def test_a_partial_load_keeps_the_skip_counts_it_does_not_hold():
+    # the default for a layer saved before the count was kept also reset the counts of layers
+    # a strict=False load did not hold at all, and hid them from its missing keys
+    system = StiefelFeedbackSystem(50, [40, 40], rank=8,
+                                   generator=torch.Generator().manual_seed(0))
+    c = system.compress_error(torch.randn(2, 50))
+    system.update_all([torch.full((2, 40), float("nan"))] * 2, c)
+    saved = system.state_dict()
+    result = system.load_state_dict({"layers.0.U": saved["layers.0.U"]}, strict=False)
+    assert [int(layer.nonfinite_skips) for layer in system.layers] == [1, 1]
+    assert {"layers.0.nonfinite_skips", "layers.1.nonfinite_skips"} <= set(result.missing_keys)
