@@ -479,8 +479,8 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
     check_rates(lr=lr, weight_decay=weight_decay)
     if not (is_real(momentum) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not is_int(ns_steps) or not 1 <= ns_steps < 100:
-        raise ValueError(f"ns_steps must be an int in [1, 100), got {ns_steps!r}")
+    if not is_int(ns_steps) or not 0 <= ns_steps < 100:  # 0, as torch: the normalized input
+        raise ValueError(f"ns_steps must be an int in [0, 100), got {ns_steps!r}")
     if ns_method not in METHODS:
         raise ValueError(f"ns_method must be one of {METHODS}, got {ns_method!r}")
     if not callable(softening):

@@ -178,8 +178,8 @@ def _validate(X: Tensor, softening: float, steps: int | None, eps: float,
     if not is_real(softening) or not 0.0 <= softening <= 1.0:
         # NaN fails both comparisons and lands here too.
         raise ValueError(f"softening must be a number in [0, 1], got {softening!r}")
-    if steps is not None and not (is_int(steps) and 1 <= steps < _MAX_STEPS):
-        raise ValueError(f"steps must be an int in [1, {_MAX_STEPS}) or None, got {steps!r}")
+    if steps is not None and not (is_int(steps) and 0 <= steps < _MAX_STEPS):
+        raise ValueError(f"steps must be an int in [0, {_MAX_STEPS}) or None, got {steps!r}")
     if not is_real(eps) or not 0.0 <= eps < math.inf:
         raise ValueError(f"eps (the floor of the normalizing norms) must be a finite number >= 0, "
                          f"got {eps!r}")
@@ -307,6 +307,8 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
     # a fresh copy may be normalized in place, unless autograd needs it for the norm's gradient
     private = Y is not X and not (Y.requires_grad and torch.is_grad_enabled())
     Y = Y.mT if transpose else Y
+    if n_steps == 0:  # the normalized input, as torch.optim.Muon's ns_steps=0 gives it
+        Y = _normalize(Y, method, eps, inplace=private)[0]
     for Z in _iterate(Y, method, n_steps, eps, quintic, lower_bound, compute, inplace=private):
         Y = Z  # each iterate dropped as the next one comes
     return (Y.mT if transpose else Y).to(X.dtype)
@@ -358,8 +360,8 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
                    coefficients: Sequence[float] = JORDAN_QUINTIC,
                    lower_bound: float | None = None) -> Iterator[Tensor]:
     """Yield the approximation after each step (X's shape and dtype): for accuracy-per-product
-    studies. The last item equals ``orthogonalize(X, ...)`` without softening. Arguments are
-    checked at the call, not at the first ``next()``."""
+    studies. The last item equals ``orthogonalize(X, ...)`` without softening (``steps=0``
+    yields nothing). Arguments are checked at the call, not at the first ``next()``."""
     _validate(X, 0.0, steps, eps, coefficients)
     _check_method(method)
     _check_lower_bound(lower_bound, method)
@@ -392,6 +394,7 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
         method: ``"quintic"``, ``"polar_express"``, ``"cans"`` or ``"svd"`` (module docstring).
         steps: iterations; None is :func:`default_steps` for the method and compute dtype.
             Products per step: quintic and polar_express 3, cans 2 (normalization is free).
+            0 returns the normalized input (as ``torch.optim.Muon``'s ``ns_steps=0``).
         softening: ``s`` in [0, 1]. Returns ``(1 - s) * NS(X) + s * X / ||X||_F`` per matrix.
             With an exact polar factor each singular value becomes ``(1 - s) + s sigma/||X||_F``
             (monotone in sigma: a heavier-tailed, finite-Schatten-p update); with a finite NS

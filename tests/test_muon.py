@@ -102,6 +102,7 @@ def assert_params_equal(a, b, atol=PARITY_ATOL, rtol=PARITY_RTOL):
     pytest.param({"adjust_lr_fn": "match_rms_adamw", "lr": 0.01}, id="adjust-match-rms-adamw"),
     pytest.param({"ns_coefficients": (3.0, -3.2, 1.2), "ns_steps": 3, "eps": 1e-6},
                  id="custom-ns"),
+    pytest.param({"ns_steps": 0}, id="no-ns-steps"),  # the normalized momentum; was refused
 ])
 def test_muon_equals_torch_muon_over_several_steps(kwargs):
     ours_p, ref_p = make_params(), make_params()

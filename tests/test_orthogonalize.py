@@ -202,7 +202,6 @@ def test_softening_outside_unit_interval_or_nan_raises_value_error(s):
     pytest.param(dict(X=torch.ones(4, 3, dtype=torch.int64)), id="int-dtype"),
     pytest.param(dict(X=torch.ones(4, 3, dtype=torch.bool)), id="bool-dtype"),
     pytest.param(dict(method="newton"), id="unknown-method"),
-    pytest.param(dict(steps=0), id="steps-0"),
     pytest.param(dict(steps=-2), id="steps-negative"),
     pytest.param(dict(steps=100), id="steps-100"),
     pytest.param(dict(steps=2.5), id="steps-float"),
@@ -561,3 +560,14 @@ def test_bf16_cans_keeps_the_direction_of_a_rank_one_input(shape):
             O = orthogonalize(X, method=method)  # bf16, the default
             error = torch.linalg.matrix_norm(O - direction).max()
             assert error <= RANK1_BF16_ATOL, (method, shape, seed, float(error))
+
+
+def test_zero_steps_return_the_normalized_input_as_torch_muon_does():
+    # torch.optim.Muon takes ns_steps=0 (its update is then the normalized momentum); this
+    # refused it, so a configuration carried over from torch failed here
+    X = torch.randn(6, 10)
+    assert torch.equal(orthogonalize(X, method="quintic", steps=0, dtype=torch.float32),
+                       X / X.norm())  # the same one division
+    assert list(polar_iterates(X, method="cans", steps=0)) == []
+    with pytest.raises(ValueError, match=r"steps must be an int in \[0, 100\)"):
+        orthogonalize(X, steps=-1)
