@@ -13,8 +13,19 @@ cd "$(dirname "$0")/.."
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-PY=${PYTHON:-python3}
-if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+# Python 3.11 or later (pyproject.toml): $PYTHON if set, else python3.11 if there is one, else
+# python3. A .venv of an older Python (made with another default python3) is rebuilt: pip's
+# resolver would only say that torch's dependencies conflict, on every run.
+PY=${PYTHON:-$(command -v python3.11 || echo python3)}
+new_enough='import sys; sys.exit(sys.version_info < (3, 11))'
+if ! "$PY" -c "$new_enough" 2>/dev/null; then
+  echo "setup: needs Python 3.11 or later; $PY is $("$PY" --version 2>&1 || echo missing)." \
+    "Install python3.11, or point PYTHON at one: PYTHON=/path/to/python3.11 bash $0" >&2
+  exit 1
+fi
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1 \
+    || ! .venv/bin/python -c "$new_enough" 2>/dev/null; then
+  echo "setup: creating .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv --clear .venv
 fi
 pip_quiet() {
@@ -25,6 +36,7 @@ pip_quiet() {
 # torch first and pinned, so that the project's own "torch" requirement is already met.
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" \
     2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (a large download the first time)"
   pip_quiet torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 # The project (editable), again only when pyproject.toml changed or a --dev set-up is wanted
@@ -36,6 +48,7 @@ want_hash=$(.venv/bin/python -c "import hashlib; print(hashlib.sha256(open('pypr
 if [ "$have_hash" != "$want_hash" ] || [ "$have_dev" -lt "$dev" ] \
     || [ ! -x .venv/bin/orthoshard ] \
     || ! .venv/bin/python -I -c "import orthoshard" 2>/dev/null; then
+  echo "setup: installing orthoshard$([ "$dev" = 1 ] && echo " with its test extras")"
   if [ "$dev" = 1 ]; then
     pip_quiet -e '.[dev]'
   else

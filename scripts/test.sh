@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with the test tools, then runs the whole test suite. Extra args go to pytest.
+# Sets up .venv with the test tools, then runs the whole test suite. Extra args go to pytest,
+# which runs from the repository root: paths in them are relative to it (tests/test_soap.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
