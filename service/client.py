@@ -422,7 +422,9 @@ class Publisher:
             self._thread.join(max(self._flush_until - time.monotonic(), 0.0))
             if self._thread.is_alive() and self._claim_finishes():
                 self._finish_on_own_client()
-        self._thread.join(timeout_s + 1.0)
+        # the sender's last request may run up to its own timeout past the deadline (a second
+        # of grace, as ever; from the deadline, not from now: the finishes took some of it)
+        self._thread.join(max(self._deadline - time.monotonic(), 0.0) + 1.0)
         with self._cond:
             left = len(self._queue)
             self.stats.dropped += left

@@ -1135,9 +1135,16 @@ def test_a_send_in_flight_when_close_is_called_does_not_keep_the_finish_from_goi
         return httpx.Response(201, json={})
 
     pub = Publisher(run_id="r", transport=httpx.MockTransport(handler))
+    joins: list[float] = []  # when close() would stop waiting for the sender, at each wait
+    join = pub._thread.join
+    pub._thread.join = lambda t=None: (joins.append(time.monotonic() + t), join(t))[1]
     pub.publish(step=9, rank=0, params={}, wall_time=1234.5)
     assert started.wait(5)
     assert pub.close(timeout_s=timeout_s, finished=True)
+    # close() waits for the sender until a second past its deadline, the finishes included
+    # (waiting a whole timeout after them would run it to about two seconds past); the slack
+    # is the recorder reading the clock a moment after close() did
+    assert max(joins) <= pub._deadline + 1.0 + 0.05
     (finish, snapshot) = sorted(calls, key=lambda c: c[0])
     # posted alongside the snapshot, before its answer, naming the snapshot's wall time so the
     # sidecar keeps the finish when the snapshot lands after it
