@@ -410,7 +410,7 @@ class Publisher:
             self._thread.join(timeout_s + 1.0)
             if finished and not self._thread.is_alive() and self._claim_finishes():
                 self._deadline = time.monotonic() + timeout_s
-                self._finish_on_own_client()
+                self._finish_on_own_client(alongside=False)
             return (self._all_sent() and not self._finish_failed and not self._thread.is_alive()
                     and (self._finish_sent or not finished))
         if finished:
@@ -421,10 +421,12 @@ class Publisher:
             # snapshot, should it land after its finish, does not clear it.
             self._thread.join(max(self._flush_until - time.monotonic(), 0.0))
             if self._thread.is_alive() and self._claim_finishes():
-                self._finish_on_own_client()
+                self._finish_on_own_client(alongside=True)
         # the sender's last request may run up to its own timeout past the deadline (a second
         # of grace, as ever; from the deadline, not from now: the finishes took some of it)
         self._thread.join(max(self._deadline - time.monotonic(), 0.0) + 1.0)
+        if self._client_args[4] is not None and not self._thread.is_alive():
+            self._client.close()  # the given transport, left open by the sender (see _run)
         with self._cond:
             left = len(self._queue)
             self.stats.dropped += left
@@ -471,7 +473,10 @@ class Publisher:
             ranks = sorted(self._ranks) if self._finish else []
         if self._finish and self._claim_finishes():
             self._send_finishes(ranks, self._client)
-        self._client.close()
+        # a transport given to the Publisher may carry close()'s finishes still: close() closes
+        # it once it has waited for this thread
+        if self._client_args[4] is None:
+            self._client.close()
 
     def _claim_finishes(self) -> bool:
         """True for the first caller only: the finishes are posted once, by whichever of the
@@ -480,30 +485,38 @@ class Publisher:
             claimed, self._finish_claimed = self._finish_claimed, True
         return not claimed
 
-    def _finish_on_own_client(self) -> None:
+    def _finish_on_own_client(self, *, alongside: bool) -> None:
         """Post every rank's finish from the calling thread, on a client of its own (the
-        sender's may have a request in flight, or be closed)."""
+        sender's may have a request in flight, or be closed). ``alongside``: the sender still
+        has a request under way."""
         with self._cond:
             ranks = sorted(self._ranks)
         client = self._make_client(*self._client_args)
         try:
-            self._send_finishes(ranks, client)
+            self._send_finishes(ranks, client, alongside=alongside)
         finally:
-            client.close()
+            # a transport given to the Publisher is shared: closing this client would close it
+            # under the sender's request (close() closes it once the sender has ended)
+            if not alongside or self._client_args[4] is None:
+                client.close()
 
-    def _send_finishes(self, ranks: list[int], client: httpx.Client) -> None:
+    def _send_finishes(self, ranks: list[int], client: httpx.Client, *,
+                       alongside: bool = False) -> None:
         """Each rank's finish (:meth:`_send_finish`), once: a later ``close(finished=True)``
         does not post them again."""
         for rank in ranks:
-            self._send_finish(rank, client)
+            self._send_finish(rank, client, alongside=alongside)
         self._finish_sent = True
 
-    def _send_finish(self, rank: int, client: httpx.Client) -> None:
+    def _send_finish(self, rank: int, client: httpx.Client, *, alongside: bool = False
+                     ) -> None:
         """``POST /v1/ranks/{rank}/finish`` within close()'s deadline. Connection errors,
         timeouts and 5xx (a database busy for a moment) are tried again as snapshots are
         (backoff, ``Retry-After``) while the deadline allows; a refusal (3xx, 4xx), anything
         else a transport raises, or the deadline is logged and makes close() return False (the
-        sidecar then alerts on the silence as usual)."""
+        sidecar then alerts on the silence as usual). ``alongside`` (a snapshot still under way
+        on the sender): 404 and 409 are tried again too while it is, since the sidecar may
+        not have seen this run yet (that snapshot is its first)."""
         with self._cond:
             last = self._last_wall.get(rank)
         body = json.dumps({"run_id": self.run_id, "last_wall_time": last}).encode("utf-8")
@@ -522,7 +535,9 @@ class Publisher:
                 if response.status_code < 300:
                     return
                 why = f"HTTP {response.status_code} {response.text[:500]}"
-                if response.status_code < 500:
+                waiting = alongside and response.status_code in (404, 409) and \
+                    self._thread.is_alive()
+                if response.status_code < 500 and not waiting:
                     break
                 retry_after = _retry_after(response)
             backoff = self._grow(backoff)

@@ -1153,6 +1153,46 @@ def test_a_send_in_flight_when_close_is_called_does_not_keep_the_finish_from_goi
     assert pub._finish_sent and not pub._finish_failed and pub.stats.sent == 1
 
 
+class _ClosableTransport(httpx.BaseTransport):
+    """A handler behind a transport that, as a real one, fails its requests once closed."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler, self.closed = handler, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.handler(request)
+        if self.closed:  # a socket closed under the request
+            raise httpx.ReadError("Bad file descriptor", request=request)
+        return response
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.timeout(30)
+def test_a_finish_sent_alongside_waits_for_the_snapshot_the_sidecar_needs_first() -> None:
+    # the snapshot in flight was the run's first the sidecar would store: the finish sent
+    # alongside it got 404 (409 for a rank last seen in another run), was not tried again, and
+    # the run that ended paged as stale; and closing close()'s own client closed the transport
+    # given to the Publisher under the snapshot, which was then lost
+    stored, answers = threading.Event(), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/finish"):
+            answers.append(200 if stored.is_set() else 404)
+            return httpx.Response(answers[-1], json={})
+        time.sleep(2.0)  # past the finishes' part of close()'s deadline (1.5 s into 3 s)
+        stored.set()
+        return httpx.Response(201, json={})
+
+    transport = _ClosableTransport(handler)
+    pub = Publisher(run_id="r", transport=transport, backoff_s=(0.05, 0.2))
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=3.0, finished=True)
+    assert answers[0] == 404 and answers[-1] == 200 and set(answers[1:-1]) <= {404}
+    assert (pub.stats.sent, pub._finish_failed) == (1, False)
+
+
 @pytest.mark.timeout(30)
 def test_a_finish_is_tried_again_only_until_close_deadline(caplog: Any) -> None:
     handler = Scripted(ranks_0_finish=[storage_unavailable(1)] * 100)
