@@ -141,8 +141,9 @@ class SOAP(MatrixOptimizer):
     def _prepare(self, item: MatrixItem) -> Tensor:
         assert item.param.grad is not None  # MatrixOptimizer.step only passes params with a grad
         # sharded: the owner holds the state; refused here, the exchange raises it on every
-        # rank before any owner computes
-        if state := self.state.get(item.param):
+        # rank before any owner computes (one process checked every matrix in _before_step)
+        if not isinstance(self._exchange, LocalExchange) and \
+                (state := self.state.get(item.param)):
             _check_layout(item, state)
         return local(item.param.grad)
 
