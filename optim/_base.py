@@ -25,20 +25,16 @@ fallback for 1-D parameters, embeddings and output heads (see
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-import sys
 import warnings
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.adam import adam
 
+from optim._caller import eager_under_compile, user_stacklevel
 from optim._checks import (
     ADAMW,
     _check_adamw_hyperparameters,
@@ -47,6 +43,7 @@ from optim._checks import (
     _name_unnamed_groups,
     _refuse_matrix_keys_in_adamw,
     _refuse_unsupported_adam_flags,
+    check_param_groups,
     is_int,
 )
 from optim._exchange import (
@@ -54,11 +51,10 @@ from optim._exchange import (
     LocalExchange,
     MatrixItem,
     _nonfinite,
-    _one_row,
     all_finite,
-    local,
     nonfinite_flags,
 )
+from optim._state_dict import StateDictOptimizer
 
 __all__ = ["MatrixOptimizer"]
 
@@ -68,56 +64,7 @@ ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 T = TypeVar("T")
 
 
-# torch's files, this package's and the sharding layer's (which calls the owner compute)
-_INTERNAL_FILES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep,
-                   os.path.join(os.path.dirname(os.path.dirname(__file__)), "sharding") + os.sep)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by its caller point at the first frame
-    outside torch and this package: the user's ``step()`` call, whatever wraps the step
-    (torch's hooks, a graph break under compile, an LR scheduler)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run eagerly when a ``torch.compile``'d function calls it (a graph break). The
-    disabling wrapper is made at the first call, not at import: ``torch.compiler.disable``
-    imports torch._dynamo and inductor, 1.6 s of every process's start-up (measured). With it
-    at import, the restart of a killed rank under torchrun (tests/test_train_dist.py) failed to
-    reconnect its process group in 3 of 5 runs, and in none of 5 without. torch.optim's own
-    methods import it at their first call likewise."""
-    disabled: Callable[..., Any] | None = None
-
-    @functools.wraps(fn)
-    def eager(*args: Any, **kwargs: Any) -> Any:
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-
-    return eager
-
-
-@contextlib.contextmanager
-def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
-    """Empty the named hook registries of ``optimizer`` for the block (torch's ``state_dict``
-    and ``load_state_dict`` would run them mid-way; :class:`MatrixOptimizer` runs them itself,
-    before and after its own work) and put them back after."""
-    held = {name: getattr(optimizer, name) for name in attributes}
-    for name in attributes:
-        setattr(optimizer, name, OrderedDict())
-    try:
-        yield
-    finally:
-        for name, hooks in held.items():
-            setattr(optimizer, name, hooks)
-
-
-class MatrixOptimizer(Optimizer):
+class MatrixOptimizer(StateDictOptimizer):
     """Base class; subclasses implement :meth:`_prepare`, :meth:`_compute` and :meth:`_apply`.
 
     Args:
@@ -135,19 +82,12 @@ class MatrixOptimizer(Optimizer):
     # is elementwise and sharded like the parameter). The exchange turns them into sharded
     # DTensors for checkpoints, so every rank presents the same keys to DCP.
     owner_state_keys: frozenset[str] = frozenset()
-    # Group keys that may hold a schedule (a callable of the step): state_dict() saves them as
-    # None, and load_state_dict() keeps the live group's value for them.
-    schedule_keys: frozenset[str] = frozenset()
     #: Same-shape matrices of a group are computed as one batch of at most this many float32
     #: bytes (at least one matrix), so a step's temporaries scale with the batch, not with the
     #: model: small matrices still batch (the speed of one call for many), large ones go one or
     #: a few at a time (the memory of torch.optim.Muon). Set it on an instance to trade memory
     #: for speed; the results do not depend on it.
     MAX_BATCH_BYTES = 256 * 2**20
-    #: Instance attributes a copy (``copy.deepcopy``, ``pickle``) carries besides torch's
-    #: ``defaults``, ``state`` and ``param_groups``: the settings and the recorded health
-    #: (``MAX_BATCH_BYTES`` when set on the instance). A subclass adds its own.
-    _copied: tuple[str, ...] = ("health_every", "_health", "_exchange", "MAX_BATCH_BYTES")
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
@@ -178,81 +118,9 @@ class MatrixOptimizer(Optimizer):
         self._skipped: set[int] = set()  # ids of this step's items counted by _skip
         self._gradient_seen = False  # a step found a gradient (or warned that it found none)
 
-    # ---- copies -------------------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        """What ``copy.deepcopy`` and ``pickle`` carry: torch's three entries (``defaults``,
-        ``state``, ``param_groups``), this optimizer's settings (:attr:`_copied`), and the
-        latest health (as plain floats); the per-step caches start afresh in the copy
-        (:meth:`_init_runtime`) and, as in torch's copies, the hooks start empty (an LR
-        scheduler's wrapper of ``step`` stays with the original). An optimizer with
-        ``sharding`` holds a process group, which no copy can share: save it with
-        ``state_dict()`` (``sharding.checkpoint``) instead."""
-        if not isinstance(self._exchange, LocalExchange):
-            raise TypeError(f"a {type(self).__name__} with sharding= cannot be copied or "
-                            f"pickled (its exchange holds a process group): save and load it "
-                            f"with sharding.checkpoint (state_dict / load_state_dict) instead")
-        state = super().__getstate__()
-        state.update((k, self.__dict__[k]) for k in self._copied if k in self.__dict__)
-        # each matrix's deferred metrics, converted (their finish functions do not pickle)
-        state["_deferred_floats"] = {name: (batch.keys[i], batch.floats(i))
-                                     for name, (batch, i) in self._deferred.items()}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        floats = state.pop("_deferred_floats", {})
-        super().__setstate__(state)  # torch's: fresh (empty) hooks, step patched for profiling
-        self._init_runtime()
-        for name, (keys, values) in floats.items():
-            batch = DeferredMetrics([keys], torch.tensor(values, dtype=torch.float64), _one_row)
-            self._deferred[name] = (batch, 0)
-
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
-        seen: dict[str, int] = {}  # name -> its group
-        tensors: dict[int, str] = {}  # id(parameter) -> its name
-        for gi, group in enumerate(self.param_groups):
-            if group["algorithm"] not in (self.matrix_algorithm, ADAMW):
-                raise ValueError(
-                    f"param group {gi}: algorithm must be {self.matrix_algorithm!r} or "
-                    f"{ADAMW!r}, got {group['algorithm']!r}")
-            if "param_names" not in group:
-                group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-            for name in group["param_names"]:
-                if name in seen:  # health, skip counts and checkpoints are keyed by name
-                    where = f"group {gi}" if seen[name] == gi else f"groups {seen[name]} and {gi}"
-                    raise ValueError(
-                        f"parameter name {name!r} is given twice ({where}); health, skip counts "
-                        f"and checkpoints are keyed by name: give each parameter its own, e.g. "
-                        f"from model.named_parameters().")
-                seen[name] = gi
-            for name, p in zip(group["param_names"], group["params"], strict=True):
-                # torch only warns within a group; stepped twice, it would take two updates and
-                # two weight decays each step, and report its health twice
-                if id(p) in tensors:
-                    raise ValueError(
-                        f"parameter {name!r} is the same tensor as {tensors[id(p)]!r}: list each "
-                        f"parameter once (model.parameters() already removes shared weights).")
-                tensors[id(p)] = name
-            # Non-finite skip counts live in the param group so that state_dict() carries them
-            # (plain ints, the same keys on every rank); health() reports them.
-            saved = group.get("nonfinite_skips") or {}
-            group["nonfinite_skips"] = {name: int(saved.get(name, 0))
-                                        for name in group["param_names"]}
-            if group["algorithm"] == ADAMW:
-                continue
-            for name, p in zip(group["param_names"], group["params"], strict=True):
-                if p.ndim != 2:
-                    raise ValueError(
-                        f"parameter {name!r} has shape {tuple(p.shape)}; {type(self).__name__} "
-                        f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
-                        f"with optim.split_param_groups(model.named_parameters()).")
-                if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
-                    raise ValueError(
-                        f"parameter {name!r} is complex ({p.dtype}); {type(self).__name__} "
-                        f"updates real matrices only. Put it in an algorithm='adamw' group "
-                        f"(AdamW handles complex parameters), or optimize its real and "
-                        f"imaginary parts as real parameters.")
+        check_param_groups(self.param_groups, self.matrix_algorithm, type(self).__name__)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` (e.g. layers unfrozen during training), with what the
@@ -310,7 +178,7 @@ class MatrixOptimizer(Optimizer):
     # ---- the step -----------------------------------------------------------------------
     # Under torch.compile the step runs eagerly (a graph break): it decides per matrix on the
     # host (finiteness, batching, the exchange), which no graph captures; the model compiles.
-    @_eager_under_compile
+    @eager_under_compile
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -349,7 +217,7 @@ class MatrixOptimizer(Optimizer):
                     f"and changed nothing. Was backward() run? Was the optimizer built after "
                     f"fully_shard (which replaces the model's parameters with new ones) and "
                     f"anything else that replaces them? (warned once)", RuntimeWarning,
-                    stacklevel=_user_stacklevel())
+                    stacklevel=user_stacklevel())
                 self._gradient_seen = True  # once
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
@@ -504,7 +372,7 @@ class MatrixOptimizer(Optimizer):
         """Warn that the update of ``items`` failed with ``exc`` and is skipped this step."""
         warnings.warn(f"{type(self).__name__}: the update of "
                       f"{', '.join(item.name for item in items)} failed ({exc}); skipped this "
-                      f"step", RuntimeWarning, stacklevel=_user_stacklevel())
+                      f"step", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _report_skips(self, item: MatrixItem) -> None:
         """Put ``item``'s skip count in what :meth:`health` reports."""
@@ -654,59 +522,6 @@ class MatrixOptimizer(Optimizer):
              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
              weight_decay=group["weight_decay"], eps=group["adamw_eps"], maximize=False)
 
-    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
-                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """The shapes each state tensor of a parameter of ``shape`` may have; subclasses add
-        their matrix state. Checked by :meth:`load_state_dict`."""
-        if algorithm == ADAMW:
-            return {"step": ((),), "exp_avg": (shape,), "exp_avg_sq": (shape,)}
-        return {}
-
-    def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
-        """What makes ``state_dict`` unfit for this optimizer, or None; torch's own checks
-        (counts of groups and of their parameters) included, so that :meth:`check_state_dict`
-        answers for all of :meth:`load_state_dict`."""
-        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict) or \
-                not all(isinstance(g, dict) for g in saved_groups):
-            return "it is not an optimizer state dict ({'state': {...}, 'param_groups': [...]})"
-        if len(saved_groups) != len(self.param_groups):
-            return (f"it has {len(saved_groups)} param groups and this optimizer "
-                    f"{len(self.param_groups)}: it comes from another split of the parameters")
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            indices = saved.get("params", [])
-            if len(indices) != len(group["params"]):
-                return (f"param group {gi} was saved with {len(indices)} parameters and has "
-                        f"{len(group['params'])} here: it comes from another model or another "
-                        f"split of the parameters")
-            algorithm = saved.get("algorithm", group["algorithm"])
-            if algorithm != group["algorithm"]:
-                return (f"param group {gi} was saved for {algorithm!r} and is "
-                        f"{group['algorithm']!r} here: it comes from another optimizer or "
-                        f"another split of the parameters")
-            # the group as it would be after loading (schedules are kept, as load keeps them)
-            candidate = {**saved, **{k: v for k, v in group.items() if callable(v)}}
-            try:
-                self._check_hyperparameters(gi, candidate)
-            except (ValueError, KeyError, TypeError) as exc:
-                return f"{exc}" if isinstance(exc, ValueError) else \
-                    f"param group {gi} lacks or mistypes {exc}"
-            for name, p, index in zip(group["param_names"], group["params"], indices,
-                                      strict=True):
-                shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
-                for key, value in (saved_state.get(index) or {}).items():
-                    if shapes and key not in shapes:
-                        return (f"parameter {name!r} has state {key!r}, which "
-                                f"{type(self).__name__} does not keep (it keeps "
-                                f"{', '.join(sorted(shapes))}): it comes from another optimizer")
-                    if isinstance(value, Tensor) and key in shapes and \
-                            tuple(value.shape) not in shapes[key]:
-                        allowed = " or ".join(str(shape) for shape in shapes[key])
-                        return (f"state {key!r} of parameter {name!r} has shape "
-                                f"{tuple(value.shape)}, not {allowed} as a parameter of shape "
-                                f"{tuple(p.shape)} needs: it comes from another model")
-        return None
-
     def _adamw_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -714,140 +529,3 @@ class MatrixOptimizer(Optimizer):
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         return state
-
-    # ---- state dict ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict, ready for ``torch.distributed.checkpoint``.
-
-        Schedules (callables in a group) are not data: saved as None, kept on load. Under
-        ``OwnerSharding`` the owner-only state becomes ``Shard(0)`` DTensors (a collective:
-        call it on every rank), so the keys are the same on every rank and DCP can reshard.
-
-        Only the parameters in ``param_groups`` are saved: the state of a group removed from
-        them (a block frozen) is kept for when it comes back, but is not in the state dict
-        (torch's packing numbers the groups' parameters, and raised KeyError on the others).
-        """
-        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
-            pre_hook(self)
-        present = {id(p) for group in self.param_groups for p in group["params"]}
-        live = self.state
-        if any(id(p) not in present for p in live):
-            self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) in present})
-        try:
-            with _hooks_held(self, "_optimizer_state_dict_pre_hooks",
-                             "_optimizer_state_dict_post_hooks"):
-                sd = super().state_dict()
-        finally:
-            self.state = live
-        for g in sd["param_groups"]:
-            for key, value in list(g.items()):
-                if callable(value):
-                    g[key] = None
-            if "nonfinite_skips" in g:  # a snapshot, not the live counter
-                g["nonfinite_skips"] = dict(g["nonfinite_skips"])
-        sd = self._exchange.export_state(sd)
-        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
-            result = post_hook(self, sd)  # the finished state dict, as torch's hooks get it
-            if result is not None:
-                sd = result
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank.
-
-        A group saved without some of this optimizer's keys (e.g. by ``torch.optim.Muon``, whose
-        ``momentum_buffer`` is the same state) takes them from the group it replaces. State
-        tensors keep the dtype this optimizer keeps them in (torch would cast them all to the
-        parameter's: a bf16 parameter's float32 SOAP factors would lose their precision).
-
-        Raises:
-            ValueError: before anything changes, when a group was saved for another algorithm,
-                holds a hyperparameter its update cannot use, or a state tensor's key or shape
-                does not fit its parameter (a state dict of another optimizer or model). The
-                checks read shapes and plain values only; under ``OwnerSharding`` every rank
-                sees the same, so every rank raises together.
-        """
-        state_dict = state_dict.copy()  # the caller's stays as it was, as torch keeps it
-        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
-            result = pre_hook(self, state_dict)  # first, as torch runs them: they may migrate it
-            if result is not None:
-                state_dict = result
-        state_dict = self._completed(state_dict)
-        self._refuse_unfit(state_dict)
-        state_dict = self._exchange.import_state(state_dict)
-        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
-        saved = self._saved_matrix_state(state_dict)
-        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks",
-                         "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict(state_dict)
-        for group, kept in zip(self.param_groups, callables, strict=True):
-            group.update(kept)
-        for p, entries in saved:  # torch cast them to p's dtype: take the saved values again
-            state = self.state[p]
-            for key, value in entries.items():
-                dtype = self._state_dtype(p, key)
-                if dtype is not None and key in state and state[key].dtype != dtype:
-                    state[key] = value.to(dtype=dtype, device=local(p).device)
-        self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
-        loaded = {name: count for group in self.param_groups
-                  for name, count in group["nonfinite_skips"].items()}
-        for name, metrics in self._health.items():  # what health() reported is the loaded count
-            if "nonfinite_skips" in metrics and name in loaded:
-                metrics["nonfinite_skips"] = float(loaded[name])
-        for group in self.param_groups:
-            for name, count in group["nonfinite_skips"].items():
-                # matrices re-report at their next step, on their owner
-                if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
-                    self._record(name, {"nonfinite_skips": float(count)})
-        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
-            post_hook(self)  # the optimizer as loaded, dtypes and counts restored
-
-    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Raise the ValueError :meth:`load_state_dict` would raise for ``state_dict`` as given
-        (the load pre-hooks are not run), changing nothing (not a collective). For loaders that
-        write tensors in place before the optimizer sees them, as
-        :func:`sharding.checkpoint.load` does: they check first."""
-        self._refuse_unfit(self._completed(state_dict))
-
-    def _refuse_unfit(self, state_dict: dict[str, Any]) -> None:
-        problem = self._state_dict_problem(state_dict)
-        if problem is not None:
-            raise ValueError(f"cannot load this state dict: {problem}")
-
-    def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """``state_dict`` (a shallow copy) whose groups have every key of the groups they
-        replace: a missing one takes the live group's value (the step counter: 0), and so does
-        a schedulable one (:attr:`schedule_keys`) saved as None, i.e. saved from a schedule,
-        which is not data: the live group's schedule or number stands."""
-        saved_groups = state_dict.get("param_groups")
-        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
-            return state_dict  # _state_dict_problem names the mismatch
-        groups = []
-        for live, saved in zip(self.param_groups, saved_groups, strict=True):
-            if not isinstance(saved, dict):
-                return state_dict
-            missing = {k: v for k, v in live.items()
-                       if (k not in saved or (k in self.schedule_keys and saved[k] is None))
-                       and k not in ("params", "param_names")}
-            if "step" in missing:
-                missing["step"] = 0
-            groups.append({**saved, **missing} if missing else saved)
-        return {**state_dict, "param_groups": groups}
-
-    def _saved_matrix_state(self, state_dict: dict[str, Any]
-                            ) -> list[tuple[Tensor, dict[str, Tensor]]]:
-        """The matrix parameters' saved state tensors, by parameter, as torch pairs them."""
-        out = []
-        for live, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
-            if live["algorithm"] == ADAMW:
-                continue
-            for p, index in zip(live["params"], saved["params"], strict=True):
-                entry = state_dict["state"].get(index)
-                if entry:
-                    out.append((p, {k: v for k, v in entry.items() if isinstance(v, Tensor)}))
-        return out
-
-    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
-        """The dtype of matrix parameter ``p``'s state tensor ``key``, which a loaded one is
-        given (None: torch's rule, the parameter's dtype; ``step`` it leaves alone)."""
-        return None

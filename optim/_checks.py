@@ -81,6 +81,58 @@ def _name_unnamed_groups(params: Any) -> Any:
     return params
 
 
+def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, optimizer: str
+                       ) -> None:
+    """Check ``groups`` of the optimizer named ``optimizer`` (whose matrix update is
+    ``matrix_algorithm``) and complete them in place: names for unnamed parameters, each
+    name and tensor given once, skip counters (kept from a loaded group), and 2-D real
+    matrices outside the AdamW groups."""
+    seen: dict[str, int] = {}  # name -> its group
+    tensors: dict[int, str] = {}  # id(parameter) -> its name
+    for gi, group in enumerate(groups):
+        if group["algorithm"] not in (matrix_algorithm, ADAMW):
+            raise ValueError(
+                f"param group {gi}: algorithm must be {matrix_algorithm!r} or "
+                f"{ADAMW!r}, got {group['algorithm']!r}")
+        if "param_names" not in group:
+            group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+        for name in group["param_names"]:
+            if name in seen:  # health, skip counts and checkpoints are keyed by name
+                where = f"group {gi}" if seen[name] == gi else f"groups {seen[name]} and {gi}"
+                raise ValueError(
+                    f"parameter name {name!r} is given twice ({where}); health, skip counts "
+                    f"and checkpoints are keyed by name: give each parameter its own, e.g. "
+                    f"from model.named_parameters().")
+            seen[name] = gi
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            # torch only warns within a group; stepped twice, it would take two updates and
+            # two weight decays each step, and report its health twice
+            if id(p) in tensors:
+                raise ValueError(
+                    f"parameter {name!r} is the same tensor as {tensors[id(p)]!r}: list each "
+                    f"parameter once (model.parameters() already removes shared weights).")
+            tensors[id(p)] = name
+        # Non-finite skip counts live in the param group so that state_dict() carries them
+        # (plain ints, the same keys on every rank); health() reports them.
+        saved = group.get("nonfinite_skips") or {}
+        group["nonfinite_skips"] = {name: int(saved.get(name, 0))
+                                    for name in group["param_names"]}
+        if group["algorithm"] == ADAMW:
+            continue
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            if p.ndim != 2:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)}; {optimizer} "
+                    f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
+                    f"with optim.split_param_groups(model.named_parameters()).")
+            if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
+                raise ValueError(
+                    f"parameter {name!r} is complex ({p.dtype}); {optimizer} "
+                    f"updates real matrices only. Put it in an algorithm='adamw' group "
+                    f"(AdamW handles complex parameters), or optimize its real and "
+                    f"imaginary parts as real parameters.")
+
+
 def check_rates(**rates: Any) -> None:
     """Raise ValueError unless each named value (``lr``, ``weight_decay``; a float or a one-element
     tensor) is a finite number >= 0: an infinite one turns every parameter non-finite at the

@@ -1,0 +1,288 @@
+"""What a matrix optimizer keeps and restores: ``state_dict`` / ``load_state_dict`` with their
+checks (another optimizer's or model's state dict is refused before anything changes), the state
+dtypes a load keeps, and copies (``copy.deepcopy``, ``pickle``).
+
+:class:`StateDictOptimizer` sits between ``torch.optim.Optimizer`` and
+:class:`optim._base.MatrixOptimizer`, whose exchange, group checks and recorded health its
+methods read: it declares them, the frame sets and defines them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from optim._checks import ADAMW
+from optim._exchange import DeferredMetrics, LocalExchange, _one_row, local
+
+__all__ = ["StateDictOptimizer"]
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
+    """Empty the named hook registries of ``optimizer`` for the block (torch's ``state_dict``
+    and ``load_state_dict`` would run them mid-way; :class:`MatrixOptimizer` runs them itself,
+    before and after its own work) and put them back after."""
+    held = {name: getattr(optimizer, name) for name in attributes}
+    for name in attributes:
+        setattr(optimizer, name, OrderedDict())
+    try:
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(optimizer, name, hooks)
+
+
+class StateDictOptimizer(Optimizer):
+    """The state dict and the copies of :class:`optim._base.MatrixOptimizer` (its base)."""
+
+    # Group keys that may hold a schedule (a callable of the step): state_dict() saves them as
+    # None, and load_state_dict() keeps the live group's value for them.
+    schedule_keys: frozenset[str] = frozenset()
+    #: Instance attributes a copy (``copy.deepcopy``, ``pickle``) carries besides torch's
+    #: ``defaults``, ``state`` and ``param_groups``: the settings and the recorded health
+    #: (``MAX_BATCH_BYTES`` when set on the instance). A subclass adds its own.
+    _copied: tuple[str, ...] = ("health_every", "_health", "_exchange", "MAX_BATCH_BYTES")
+
+    # Set and defined by the frame (optim._base.MatrixOptimizer), read here.
+    _exchange: Any  # the MatrixExchange: LocalExchange or the sharding layer's
+    _health: dict[str, dict[str, Tensor | float]]
+    _deferred: dict[str, tuple[DeferredMetrics, int]]
+
+    def _init_runtime(self) -> None:
+        raise NotImplementedError
+
+    def _check_groups(self) -> None:
+        raise NotImplementedError
+
+    def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _record(self, name: str, metrics: dict[str, Tensor | float]) -> None:
+        raise NotImplementedError
+
+    # ---- copies -------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` carry: torch's three entries (``defaults``,
+        ``state``, ``param_groups``), this optimizer's settings (:attr:`_copied`), and the
+        latest health (as plain floats); the per-step caches start afresh in the copy
+        (:meth:`_init_runtime`) and, as in torch's copies, the hooks start empty (an LR
+        scheduler's wrapper of ``step`` stays with the original). An optimizer with
+        ``sharding`` holds a process group, which no copy can share: save it with
+        ``state_dict()`` (``sharding.checkpoint``) instead."""
+        if not isinstance(self._exchange, LocalExchange):
+            raise TypeError(f"a {type(self).__name__} with sharding= cannot be copied or "
+                            f"pickled (its exchange holds a process group): save and load it "
+                            f"with sharding.checkpoint (state_dict / load_state_dict) instead")
+        state = super().__getstate__()
+        state.update((k, self.__dict__[k]) for k in self._copied if k in self.__dict__)
+        # each matrix's deferred metrics, converted (their finish functions do not pickle)
+        state["_deferred_floats"] = {name: (batch.keys[i], batch.floats(i))
+                                     for name, (batch, i) in self._deferred.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        floats = state.pop("_deferred_floats", {})
+        super().__setstate__(state)  # torch's: fresh (empty) hooks, step patched for profiling
+        self._init_runtime()
+        for name, (keys, values) in floats.items():
+            batch = DeferredMetrics([keys], torch.tensor(values, dtype=torch.float64), _one_row)
+            self._deferred[name] = (batch, 0)
+
+
+    # ---- state dict ---------------------------------------------------------------------
+    def _state_shapes(self, shape: tuple[int, ...], algorithm: str
+                      ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The shapes each state tensor of a parameter of ``shape`` may have; subclasses add
+        their matrix state. Checked by :meth:`load_state_dict`."""
+        if algorithm == ADAMW:
+            return {"step": ((),), "exp_avg": (shape,), "exp_avg_sq": (shape,)}
+        return {}
+
+    def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
+        """What makes ``state_dict`` unfit for this optimizer, or None; torch's own checks
+        (counts of groups and of their parameters) included, so that :meth:`check_state_dict`
+        answers for all of :meth:`load_state_dict`."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict) or \
+                not all(isinstance(g, dict) for g in saved_groups):
+            return "it is not an optimizer state dict ({'state': {...}, 'param_groups': [...]})"
+        if len(saved_groups) != len(self.param_groups):
+            return (f"it has {len(saved_groups)} param groups and this optimizer "
+                    f"{len(self.param_groups)}: it comes from another split of the parameters")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            indices = saved.get("params", [])
+            if len(indices) != len(group["params"]):
+                return (f"param group {gi} was saved with {len(indices)} parameters and has "
+                        f"{len(group['params'])} here: it comes from another model or another "
+                        f"split of the parameters")
+            algorithm = saved.get("algorithm", group["algorithm"])
+            if algorithm != group["algorithm"]:
+                return (f"param group {gi} was saved for {algorithm!r} and is "
+                        f"{group['algorithm']!r} here: it comes from another optimizer or "
+                        f"another split of the parameters")
+            # the group as it would be after loading (schedules are kept, as load keeps them)
+            candidate = {**saved, **{k: v for k, v in group.items() if callable(v)}}
+            try:
+                self._check_hyperparameters(gi, candidate)
+            except (ValueError, KeyError, TypeError) as exc:
+                return f"{exc}" if isinstance(exc, ValueError) else \
+                    f"param group {gi} lacks or mistypes {exc}"
+            for name, p, index in zip(group["param_names"], group["params"], indices,
+                                      strict=True):
+                shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
+                for key, value in (saved_state.get(index) or {}).items():
+                    if shapes and key not in shapes:
+                        return (f"parameter {name!r} has state {key!r}, which "
+                                f"{type(self).__name__} does not keep (it keeps "
+                                f"{', '.join(sorted(shapes))}): it comes from another optimizer")
+                    if isinstance(value, Tensor) and key in shapes and \
+                            tuple(value.shape) not in shapes[key]:
+                        allowed = " or ".join(str(shape) for shape in shapes[key])
+                        return (f"state {key!r} of parameter {name!r} has shape "
+                                f"{tuple(value.shape)}, not {allowed} as a parameter of shape "
+                                f"{tuple(p.shape)} needs: it comes from another model")
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, ready for ``torch.distributed.checkpoint``.
+
+        Schedules (callables in a group) are not data: saved as None, kept on load. Under
+        ``OwnerSharding`` the owner-only state becomes ``Shard(0)`` DTensors (a collective:
+        call it on every rank), so the keys are the same on every rank and DCP can reshard.
+
+        Only the parameters in ``param_groups`` are saved: the state of a group removed from
+        them (a block frozen) is kept for when it comes back, but is not in the state dict
+        (torch's packing numbers the groups' parameters, and raised KeyError on the others).
+        """
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        present = {id(p) for group in self.param_groups for p in group["params"]}
+        live = self.state
+        if any(id(p) not in present for p in live):
+            self.state = defaultdict(dict, {p: s for p, s in live.items() if id(p) in present})
+        try:
+            with _hooks_held(self, "_optimizer_state_dict_pre_hooks",
+                             "_optimizer_state_dict_post_hooks"):
+                sd = super().state_dict()
+        finally:
+            self.state = live
+        for g in sd["param_groups"]:
+            for key, value in list(g.items()):
+                if callable(value):
+                    g[key] = None
+            if "nonfinite_skips" in g:  # a snapshot, not the live counter
+                g["nonfinite_skips"] = dict(g["nonfinite_skips"])
+        sd = self._exchange.export_state(sd)
+        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, sd)  # the finished state dict, as torch's hooks get it
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; under ``OwnerSharding`` a collective on every rank.
+
+        A group saved without some of this optimizer's keys (e.g. by ``torch.optim.Muon``, whose
+        ``momentum_buffer`` is the same state) takes them from the group it replaces. State
+        tensors keep the dtype this optimizer keeps them in (torch would cast them all to the
+        parameter's: a bf16 parameter's float32 SOAP factors would lose their precision).
+
+        Raises:
+            ValueError: before anything changes, when a group was saved for another algorithm,
+                holds a hyperparameter its update cannot use, or a state tensor's key or shape
+                does not fit its parameter (a state dict of another optimizer or model). The
+                checks read shapes and plain values only; under ``OwnerSharding`` every rank
+                sees the same, so every rank raises together.
+        """
+        state_dict = state_dict.copy()  # the caller's stays as it was, as torch keeps it
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)  # first, as torch runs them: they may migrate it
+            if result is not None:
+                state_dict = result
+        state_dict = self._completed(state_dict)
+        self._refuse_unfit(state_dict)
+        state_dict = self._exchange.import_state(state_dict)
+        callables = [{k: v for k, v in g.items() if callable(v)} for g in self.param_groups]
+        saved = self._saved_matrix_state(state_dict)
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks",
+                         "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
+        for group, kept in zip(self.param_groups, callables, strict=True):
+            group.update(kept)
+        for p, entries in saved:  # torch cast them to p's dtype: take the saved values again
+            state = self.state[p]
+            for key, value in entries.items():
+                dtype = self._state_dtype(p, key)
+                if dtype is not None and key in state and state[key].dtype != dtype:
+                    state[key] = value.to(dtype=dtype, device=local(p).device)
+        self._check_groups()  # owns a copy of the loaded skip counts (older checkpoints: 0)
+        loaded = {name: count for group in self.param_groups
+                  for name, count in group["nonfinite_skips"].items()}
+        for name, metrics in self._health.items():  # what health() reported is the loaded count
+            if "nonfinite_skips" in metrics and name in loaded:
+                metrics["nonfinite_skips"] = float(loaded[name])
+        for group in self.param_groups:
+            for name, count in group["nonfinite_skips"].items():
+                # matrices re-report at their next step, on their owner
+                if count and group["algorithm"] == ADAMW and self._exchange.reports_fallback():
+                    self._record(name, {"nonfinite_skips": float(count)})
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)  # the optimizer as loaded, dtypes and counts restored
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise the ValueError :meth:`load_state_dict` would raise for ``state_dict`` as given
+        (the load pre-hooks are not run), changing nothing (not a collective). For loaders that
+        write tensors in place before the optimizer sees them, as
+        :func:`sharding.checkpoint.load` does: they check first."""
+        self._refuse_unfit(self._completed(state_dict))
+
+    def _refuse_unfit(self, state_dict: dict[str, Any]) -> None:
+        problem = self._state_dict_problem(state_dict)
+        if problem is not None:
+            raise ValueError(f"cannot load this state dict: {problem}")
+
+    def _completed(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` (a shallow copy) whose groups have every key of the groups they
+        replace: a missing one takes the live group's value (the step counter: 0), and so does
+        a schedulable one (:attr:`schedule_keys`) saved as None, i.e. saved from a schedule,
+        which is not data: the live group's schedule or number stands."""
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return state_dict  # _state_dict_problem names the mismatch
+        groups = []
+        for live, saved in zip(self.param_groups, saved_groups, strict=True):
+            if not isinstance(saved, dict):
+                return state_dict
+            missing = {k: v for k, v in live.items()
+                       if (k not in saved or (k in self.schedule_keys and saved[k] is None))
+                       and k not in ("params", "param_names")}
+            if "step" in missing:
+                missing["step"] = 0
+            groups.append({**saved, **missing} if missing else saved)
+        return {**state_dict, "param_groups": groups}
+
+    def _saved_matrix_state(self, state_dict: dict[str, Any]
+                            ) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """The matrix parameters' saved state tensors, by parameter, as torch pairs them."""
+        out = []
+        for live, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            if live["algorithm"] == ADAMW:
+                continue
+            for p, index in zip(live["params"], saved["params"], strict=True):
+                entry = state_dict["state"].get(index)
+                if entry:
+                    out.append((p, {k: v for k, v in entry.items() if isinstance(v, Tensor)}))
+        return out
+
+    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype | None:
+        """The dtype of matrix parameter ``p``'s state tensor ``key``, which a loaded one is
+        given (None: torch's rule, the parameter's dtype; ``step`` it leaves alone)."""
+        return None
