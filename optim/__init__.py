@@ -10,7 +10,8 @@
 
 from optim import health, oft, orthogonal, stiefel
 from optim._matmul import count_matmuls
-from optim.muon import Muon, NorMuon
+from optim.muon import Muon
+from optim.normuon import NorMuon
 from optim.orthogonalize import orthogonalize
 from optim.params import DEFAULT_ADAMW_NAME_PARTS, split_param_groups
 from optim.soap import SOAP
