@@ -4,7 +4,7 @@ A 128x64 parameter, i.i.d. Gaussian gradients (seed 0), a 1000x spike after 50 s
 the tables number steps from 1), SOAP with ``use_kl_shampoo=True``, lr 1, betas (0.9, 0.95),
 shampoo_beta 0.95, no weight decay; both eigenbasis solvers (power iteration: "SOAP (KL)", eigh:
 "REKLS") at ``fp32_matmul_prec`` "highest" and "high" (TF32, emulated on CPU by
-optim._soap_math.pmm). For N in 1, 2, 5, 10 it prints the largest principal angle between Q_L N
+optim._soap_basis.pmm). For N in 1, 2, 5, 10 it prints the largest principal angle between Q_L N
 steps before / after the pre-spike basis Q_L(step 50) and that basis (top-1 and top-8 columns), then
 L's top eigenvalues and top/2nd ratio around the spike.
 

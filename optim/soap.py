@@ -17,7 +17,8 @@ NVIDIA Emerging-Optimizers' ``SOAP``, so that the same arguments give the same s
 All state lives with the FULL matrix on its owner rank (``self.state[p]``, keys ``L``, ``R``,
 ``Q_L``, ``Q_R``, ``exp_avg``, ``exp_avg_sq``, ``step``); phase 1 only hands the gradient over,
 phase 3 applies weight decay and the update to this rank's piece. The math is in
-:mod:`optim._soap_math`; ``docs/soap.md`` explains the choices and where they differ from
+:mod:`optim._soap_step` (the step), :mod:`optim._soap_basis` (factors and eigenbases) and
+:mod:`optim._soap_health`; ``docs/soap.md`` explains the choices and where they differ from
 Emerging-Optimizers.
 """
 
@@ -32,14 +33,9 @@ from torch import Tensor
 from optim._base import MatrixOptimizer
 from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_int, is_real
 from optim._exchange import DeferredMetrics, LocalExchange, MatrixItem, all_finite, local
-from optim._soap_math import (
-    PRECISIONS,
-    SideHealth,
-    SoapConfig,
-    gradient_fits,
-    soap_health,
-    soap_step,
-)
+from optim._soap_basis import PRECISIONS
+from optim._soap_health import SideHealth, soap_health
+from optim._soap_step import SoapConfig, gradient_fits, soap_step
 
 __all__ = ["SOAP"]
 
@@ -60,7 +56,7 @@ class SOAP(MatrixOptimizer):
             factors' EMA. ``weight_decay`` is decoupled: ``W <- W (1 - lr wd)``.
             ``fp32_matmul_prec`` ("highest", "high" = TF32, "medium" = bf16) governs the factor
             updates and the projections, emulated on CPU by rounding the operands
-            (:mod:`optim._soap_math`). ``qr_fp32_matmul_prec`` governs the basis refresh
+            (:mod:`optim._soap_basis`). ``qr_fp32_matmul_prec`` governs the basis refresh
             through torch's global float32 matmul mode only: TF32 on CUDA, no effect on CPU
             (as in Emerging-Optimizers; docs/soap.md says why).
         precondition_frequency: refresh the eigenbases every this many steps (factors are

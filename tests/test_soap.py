@@ -13,17 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from optim._soap_math import (
-    _BATCHED_NORM_MAX,
-    SideHealth,
-    SoapConfig,
-    _frobenius,
-    gradient_fits,
-    matmul_precision,
-    pmm,
-    power_step_quotients,
-    soap_health,
-)
+from optim._soap_basis import matmul_precision, pmm, power_step_quotients
+from optim._soap_health import _BATCHED_NORM_MAX, SideHealth, _frobenius, soap_health
+from optim._soap_step import SoapConfig, gradient_fits
 from optim.health import (
     basis_staleness,
     eigengap_ratio,
@@ -615,16 +607,20 @@ def _check_against_stored_state(opt, p, health, basis_before, refreshed):
 def _counting_products(monkeypatch):
     """Count the F Q products (``_rayleigh``) and the half products of a power step's
     quotients (``power_step_quotients``) soap_step makes: ``calls[0]``, ``calls[1]``."""
-    import optim._soap_math as soap_math
+    import optim._soap_basis as soap_basis
+    import optim._soap_step as soap_step_module
     calls = [0, 0]
     for i, name in enumerate(("_rayleigh", "power_step_quotients")):
-        original = getattr(soap_math, name)
+        original = getattr(soap_basis, name)
 
         def counted(*args, _i=i, _original=original, **kwargs):
             calls[_i] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(soap_math, name, counted)
+        # wherever the name is looked up: soap_step's module imports _rayleigh too
+        for module in (soap_basis, soap_step_module):
+            if getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -653,12 +649,12 @@ def _with_and_without_health(cfg, every, steps, monkeypatch):
 @pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
 def test_health_between_refreshes_matches_the_stored_state_without_extra_products(
         cfg, half_product, monkeypatch):
-    import optim._soap_math as soap_math
+    import optim._soap_basis as soap_basis
     # the sides here (24, 16) are below the size where the half product pays: force it to
     # check its values on every configuration too
     if half_product:
-        monkeypatch.setattr(soap_math, "HALF_PRODUCT_FROM", 0)
-    assert (24 >= soap_math.HALF_PRODUCT_FROM) == half_product
+        monkeypatch.setattr(soap_basis, "HALF_PRODUCT_FROM", 0)
+    assert (24 >= soap_basis.HALF_PRODUCT_FROM) == half_product
     freq = cfg["precondition_frequency"]
     for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
@@ -717,9 +713,9 @@ def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d, leaf, monke
     # F Q_prev = Q_new R makes Q_new^T F Q_new = R Q_prev^T Q_new exactly; in float64 the
     # half product's diagonal equals the direct one to rounding (sizes that split into uneven
     # halves, and a 1x1); leaves of 3 columns take the halving several levels deep
-    import optim._soap_math as soap_math
+    import optim._soap_basis as soap_basis
     if leaf is not None:
-        monkeypatch.setattr(soap_math, "_QUOTIENT_LEAF", leaf)
+        monkeypatch.setattr(soap_basis, "_QUOTIENT_LEAF", leaf)
     gen = torch.Generator().manual_seed(d)
     G = torch.randn(d, d + 3, generator=gen, dtype=torch.float64)
     F = G @ G.mT
