@@ -10,11 +10,12 @@ One line in the training loop::
 
 Contract: ``publish`` never blocks, never raises and never touches torch or torch.distributed.
 It appends to a bounded queue (the oldest snapshot is dropped and counted when full) and returns;
-a daemon thread encodes and posts. Connection errors and 5xx answers are retried with
-exponential backoff; a 4xx answer (the sidecar refused the snapshot) drops it and counts it, as
-does a snapshot whose values cannot be encoded (logged with the reason). No snapshot stops the
-thread: whatever one raises, it is counted and logged and the next one is sent. A dead, slow or
-absent sidecar, or a bad value, therefore costs the trainer nothing but lost snapshots.
+a daemon thread (its code is in :mod:`service.sender`) encodes and posts. Connection errors and
+5xx answers are retried with exponential backoff; a 4xx answer (the sidecar refused the
+snapshot) drops it and counts it, as does a snapshot whose values cannot be encoded (logged with
+the reason). No snapshot stops the thread: whatever one raises, it is counted and logged and the
+next one is sent. A dead, slow or absent sidecar, or a bad value, therefore costs the trainer
+nothing but lost snapshots.
 
 ``publish`` keeps references to ``params`` / ``optimizer`` and encodes them on the thread, so
 pass fresh dicts (``health()`` returns a new one each call) and do not mutate them afterwards.
@@ -27,13 +28,10 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import json
 import logging
 import math
 import operator
 import os
-import random
-import re
 import threading
 import time
 import urllib.parse
@@ -45,10 +43,10 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
-from service.schema import RUN_ID_MAX_LENGTH, SCHEMA_VERSION, RunId
+from service.schema import RUN_ID_MAX_LENGTH, RunId
+from service.sender import DEFAULT_URL, Sender
 from service.settings import TOKEN_RULE, token_error
 
-DEFAULT_URL = "http://127.0.0.1:9400"
 _log = logging.getLogger("orthoshard.publisher")
 
 
@@ -62,27 +60,6 @@ class PublisherStats:
     dropped: int = 0  # pushed out of a full queue, or left unsent at close()
     rejected: int = 0  # refused by the sidecar (3xx, 4xx), not encodable, or its send raised
     failures: int = 0  # failed send attempts (connection errors, timeouts, 5xx)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready copy: non-finite floats -> None, integer-likes (``__index__``: NumPy ints,
-    integer tensors) -> int, other ``__float__`` objects -> float."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    with contextlib.suppress(TypeError):  # integer-likes (np.int64, 0-d int tensors) stay ints
-        return operator.index(value)
-    return _plain(float(value))
-
-
-def _worth_logging(count: int) -> bool:
-    """Log the 1st, 10th and 100th of a repeating problem, then every 1000th."""
-    return count in (1, 10, 100) or count % 1000 == 0
 
 
 #: torchrun's default ``--rdzv-id``, its ``TORCHELASTIC_RUN_ID`` for every run started with
@@ -120,16 +97,6 @@ def default_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-# The pace a sidecar is given to store a snapshot before its answer times out: a quarter of
-# the slowest measured (a 4.7 MB, 20,000-parameter body stored in 4.1 s on 2 shared cores).
-_STORE_BYTES_PER_S = 250_000
-
-
-#: The problem type of the sidecar's 503 when its database cannot take a write (locked, or the
-#: disk full); its ``Retry-After`` says when to try again.
-_STORAGE_UNAVAILABLE = "urn:orthoshard:problem:storage-unavailable"
-
-
 _RUN_ID = TypeAdapter(RunId)
 
 
@@ -141,22 +108,6 @@ def _sidecar_takes_run_id(run_id: str) -> bool:
     except ValidationError:
         return False
     return True
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """The seconds of a ``Retry-After: <seconds>`` header, or None (no header, or its
-    HTTP-date form, which a sidecar never sends)."""
-    value = response.headers.get("retry-after", "").strip()
-    return float(value) if re.fullmatch(r"[0-9]{1,9}", value) else None
-
-
-def _storage_unavailable(response: httpx.Response) -> bool:
-    """Whether a 5xx answer is the sidecar's own storage-unavailable problem (not a proxy's)."""
-    try:
-        body = response.json()
-    except ValueError:  # not JSON (a proxy's page), or not decodable
-        return False
-    return isinstance(body, dict) and body.get("type") == _STORAGE_UNAVAILABLE
 
 
 def url_problem(url: str) -> str | None:
@@ -218,7 +169,7 @@ def _flush_at_exit() -> None:
                          EXIT_FLUSH_S)
 
 
-class Publisher:
+class Publisher(Sender):
     """Posts snapshots to the sidecar from a background thread.
 
     Args:
@@ -307,24 +258,6 @@ class Publisher:
         self._queue = collections.deque()
         self._closing = True
         self._forked = True
-
-    @staticmethod
-    def _make_client(
-        url: str | None,
-        uds: str | None,
-        token: str | None,
-        timeout_s: float,
-        transport: httpx.BaseTransport | None,
-    ) -> httpx.Client:
-        if transport is None and uds is not None:
-            transport = httpx.HTTPTransport(uds=uds)
-        base = url or (DEFAULT_URL if uds is None else "http://sidecar")
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return httpx.Client(
-            base_url=base, headers=headers, timeout=timeout_s, transport=transport, trust_env=False
-        )
 
     # ------------------------------------------------------------------ training thread
 
@@ -443,234 +376,3 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ------------------------------------------------------------------ sender thread
-
-    def _run(self) -> None:
-        backoff = pause = 0.0
-        while (item := self._next(pause)) is not None:
-            self._retry_after = None
-            try:
-                outcome = self._send(item)
-            except Exception as exc:  # this thread must outlive any one snapshot
-                outcome = self._unexpected(item, exc)
-            if outcome == "retry":
-                backoff = self._grow(backoff)
-                pause = self._pause(backoff, self._retry_after)
-                with self._cond:
-                    # back to the head, unless newer snapshots filled the queue meanwhile:
-                    # then it is the oldest, and the one dropped
-                    if len(self._queue) < self._size:
-                        self._queue.appendleft(item)
-                    else:
-                        self.stats.dropped += 1
-            else:
-                backoff = pause = 0.0
-        with self._cond:  # what the deadline left unsent (also a retry put back after it)
-            self._unsent += len(self._queue)
-            self.stats.dropped += len(self._queue)
-            self._queue.clear()
-            ranks = sorted(self._ranks) if self._finish else []
-        if self._finish and self._claim_finishes():
-            self._send_finishes(ranks, self._client)
-        # a transport given to the Publisher may carry close()'s finishes still: close() closes
-        # it once it has waited for this thread
-        if self._client_args[4] is None:
-            self._client.close()
-
-    def _claim_finishes(self) -> bool:
-        """True for the first caller only: the finishes are posted once, by whichever of the
-        sender thread and close() gets to them first."""
-        with self._cond:
-            claimed, self._finish_claimed = self._finish_claimed, True
-        return not claimed
-
-    def _finish_on_own_client(self, *, alongside: bool) -> None:
-        """Post every rank's finish from the calling thread, on a client of its own (the
-        sender's may have a request in flight, or be closed). ``alongside``: the sender still
-        has a request under way."""
-        with self._cond:
-            ranks = sorted(self._ranks)
-        client = self._make_client(*self._client_args)
-        try:
-            self._send_finishes(ranks, client, alongside=alongside)
-        finally:
-            # a transport given to the Publisher is shared: closing this client would close it
-            # under the sender's request (close() closes it once the sender has ended)
-            if not alongside or self._client_args[4] is None:
-                client.close()
-
-    def _send_finishes(self, ranks: list[int], client: httpx.Client, *,
-                       alongside: bool = False) -> None:
-        """Each rank's finish (:meth:`_send_finish`), once: a later ``close(finished=True)``
-        does not post them again."""
-        for rank in ranks:
-            self._send_finish(rank, client, alongside=alongside)
-        self._finish_sent = True
-
-    def _send_finish(self, rank: int, client: httpx.Client, *, alongside: bool = False
-                     ) -> None:
-        """``POST /v1/ranks/{rank}/finish`` within close()'s deadline. Connection errors,
-        timeouts and 5xx (a database busy for a moment) are tried again as snapshots are
-        (backoff, ``Retry-After``) while the deadline allows; a refusal (3xx, 4xx), anything
-        else a transport raises, or the deadline is logged and makes close() return False (the
-        sidecar then alerts on the silence as usual). ``alongside`` (a snapshot still under way
-        on the sender): 404 and 409 are tried again too while it is, since the sidecar may
-        not have seen this run yet (that snapshot is its first)."""
-        with self._cond:
-            last = self._last_wall.get(rank)
-        body = json.dumps({"run_id": self.run_id, "last_wall_time": last}).encode("utf-8")
-        why, backoff = "close()'s deadline passed first", 0.0
-        while (left := self._deadline - time.monotonic()) > 0:
-            retry_after = None
-            try:
-                response = client.post(f"/v1/ranks/{rank}/finish", content=body,
-                                       timeout=min(self._timeout_s, left))
-            except httpx.HTTPError as exc:
-                why = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # anything else a transport raises: not tried again
-                why = f"{type(exc).__name__}: {exc}"
-                break
-            else:
-                if response.status_code < 300:
-                    return
-                why = f"HTTP {response.status_code} {response.text[:500]}"
-                waiting = alongside and response.status_code in (404, 409) and \
-                    self._thread.is_alive()
-                if response.status_code < 500 and not waiting:
-                    break
-                retry_after = _retry_after(response)
-            backoff = self._grow(backoff)
-            pause = self._pause(backoff, retry_after)
-            if time.monotonic() + pause >= self._deadline:
-                why += "; close()'s deadline passed before the next attempt"
-                break
-            time.sleep(pause)
-        self._finish_failed = True
-        _log.warning("could not tell the sidecar that rank %d finished (%s)", rank, why)
-
-    def _grow(self, backoff: float) -> float:
-        """The backoff after one more failed attempt: ``backoff_s[0]``, then doubling up to
-        ``backoff_s[1]``."""
-        return min(max(2 * backoff, self._backoff[0]), self._backoff[1])
-
-    def _pause(self, backoff: float, retry_after: float | None) -> float:
-        """The wait before the next attempt: ``backoff`` jittered into [backoff / 2, backoff],
-        lengthened to the answer's ``Retry-After`` when it gave a longer one; at most
-        ``backoff_s[1]``. A Retry-After only lengthens the pause: a proxy's ``Retry-After: 0``
-        would otherwise retry in a busy loop. (Retrying sooner than a Retry-After of 30 s, the
-        sidecar's for a full disk, only adds failed sends; waiting longer than ``backoff_s[1]``
-        would leave the queue overflowing.)"""
-        pause = backoff * random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            pause = max(pause, retry_after)
-        return min(pause, self._backoff[1])
-
-    def _next(self, pause: float) -> dict[str, Any] | None:
-        """The oldest queued snapshot, taken off the queue (a send in flight holds no place
-        in it, so a full queue never drops a snapshot that is being sent), after waiting
-        ``pause`` seconds; None when it is time to stop (close()'s deadline, less the time kept
-        for the finishes, ends a pause)."""
-        wake = time.monotonic() + pause
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                if self._closing and (not self._queue or now >= self._flush_until):
-                    return None
-                if self._queue and now >= wake:
-                    return self._queue.popleft()
-                limit = min(self._flush_until, wake if self._queue else math.inf) - now
-                self._cond.wait(None if limit == math.inf else max(limit, 0.0))
-
-    def _send(self, item: dict[str, Any]) -> str:
-        """Encode and post one snapshot: "ok", "rejected" (do not retry) or "retry"."""
-        try:
-            body = self._encode(item)
-        except Exception as exc:
-            # whatever the values raise: TypeError (an object without __float__), ValueError,
-            # OverflowError (int(inf)), RecursionError (a dict holding itself), or an error of
-            # a value's own __float__ (a tensor on the meta device, one of many elements)
-            self._not_encodable(item, exc)
-            return "rejected"
-        # the answer comes once the sidecar has stored the snapshot, which takes time in
-        # proportion to its size: a fixed read timeout re-sent large snapshots it was storing
-        connect, read = self._timeout_s, self._timeout_s + len(body) / _STORE_BYTES_PER_S
-        # close(finished=True): the end of its deadline is the finishes' (a send already in
-        # flight when close() was called keeps its timeout: httpx cannot shorten it)
-        if self._finish:
-            left = max(self._flush_until - time.monotonic(), 0.001)
-            connect, read = min(connect, left), min(read, left)
-        timeout = httpx.Timeout(connect, read=read)
-        try:
-            response = self._client.post("/v1/snapshots", content=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            self._failed("sidecar unreachable", f"{type(exc).__name__}: {exc}")
-            return "retry"
-        if response.status_code >= 500:
-            self._retry_after = _retry_after(response)
-            after = "" if self._retry_after is None else f", Retry-After {self._retry_after:g} s"
-            if _storage_unavailable(response):
-                self._failed("sidecar's storage unavailable", f"HTTP {response.status_code}{after}")
-            else:
-                self._failed("sidecar failed", f"HTTP {response.status_code}{after}")
-            return "retry"
-        if response.status_code >= 300:  # a 3xx too: a redirect stored nothing (not followed)
-            self._rejected(f"sidecar refused step {item['step']}: HTTP {response.status_code} "
-                           f"{response.text[:500]}")
-            return "rejected"
-        if self._down:
-            self._down = False
-            _log.info("sidecar accepting snapshots again after %d failed sends",
-                      self.stats.failures)
-        self.stats.sent += 1
-        return "ok"
-
-    def _failed(self, what: str, why: str) -> None:
-        self._down = True
-        self.stats.failures += 1
-        if _worth_logging(self.stats.failures):
-            _log.warning("%s (%s); %d failed sends so far", what, why, self.stats.failures)
-
-    def _not_encodable(self, item: dict[str, Any], exc: BaseException) -> None:
-        """Count a snapshot that cannot be encoded as rejected; log the first such one, with the
-        reason, whatever was rejected before it (then as sparingly as other refusals)."""
-        self._unencodable += 1
-        self.stats.rejected += 1
-        if _worth_logging(self._unencodable):
-            _log.warning(
-                "snapshot of step %r, rank %r not encodable, not sent (%s: %s); %d so far",
-                item.get("step"), item.get("rank"), type(exc).__name__, exc, self._unencodable,
-            )
-
-    def _unexpected(self, item: dict[str, Any], exc: BaseException) -> str:
-        """A send that raised what no branch of ``_send`` expects (a bug, or a transport raising
-        something other than ``httpx.HTTPError``): count the snapshot as rejected (retrying it
-        would likely raise again), log with the traceback, and go on with the next one."""
-        self.stats.rejected += 1
-        self._crashes += 1
-        if _worth_logging(self._crashes):
-            _log.error("sending the snapshot of step %r failed unexpectedly; %d so far",
-                       item.get("step"), self._crashes, exc_info=exc)
-        return "rejected"
-
-    def _rejected(self, why: str) -> None:
-        # a refusal usually repeats every step (a wrong token, a snapshot over the limits):
-        # logged as failures are, not once per step and rank
-        self.stats.rejected += 1
-        if _worth_logging(self.stats.rejected):
-            _log.warning("%s; %d snapshots refused so far", why, self.stats.rejected)
-
-    def _encode(self, item: dict[str, Any]) -> bytes:
-        snapshot = {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": self.run_id,
-            # integers only (NumPy and 0-d integer tensors included): int(2.5) would file the
-            # snapshot under another step's history point
-            "rank": operator.index(item["rank"]),
-            "step": operator.index(item["step"]),
-            "wall_time": float(item["wall_time"]),
-            "params": _plain(item["params"]),
-        }
-        if item["optimizer"] is not None:
-            snapshot["optimizer"] = _plain(item["optimizer"])
-        return json.dumps(snapshot, allow_nan=False, separators=(",", ":")).encode("utf-8")

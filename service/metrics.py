@@ -61,8 +61,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.records import ParamRecord, RankRecord
 from service.settings import DEFAULT_ROTATION_HOLD_S
-from service.store import ParamRecord, RankRecord, Store
+from service.store import Store
 
 #: What ``render`` writes: the classic text format (Prometheus 2.x negotiates it by default).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.records import Abandoned, StoreBusy
 from service.schema import Problem
-from service.store import Abandoned, StoreBusy
 
 MEDIA_TYPE = "application/problem+json"
 _log = logging.getLogger("orthoshard.sidecar")

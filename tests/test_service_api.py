@@ -953,7 +953,7 @@ def test_a_history_read_of_a_busy_database_is_a_documented_503_that_stored_nothi
     token: str, clock: FakeClock
 ) -> None:
     # the route's OpenAPI listed no 503, and the answer said "nothing was stored" to a GET
-    from service.store import StoreBusy
+    from service.records import StoreBusy
 
     app = create_app(Settings(token=token, db_path=":memory:"), clock=clock)
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -21,10 +21,10 @@ from conftest import ROOT, require_tool
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.client import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
 from service.schema import Snapshot
+from service.sender import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.settings import Settings, read_token_file
 from service.store import Store
 
@@ -251,7 +251,7 @@ def test_the_merge_goes_in_chunks_in_arrival_order(tmp_path: Path) -> None:
 def test_the_last_snapshots_merge_without_further_ingests(tmp_path: Path, monkeypatch) -> None:
     # the thread merges what the last commits appended though no commit follows to wake it,
     # and goes on chunk by chunk: 5 rows, 2 a chunk, then nothing more is ingested
-    monkeypatch.setattr("service.store._MERGE_CHUNK", 2)
+    monkeypatch.setattr("service.checkpointer._MERGE_CHUNK", 2)
     db = str(tmp_path / "s.db")
     store = Store(db, history_max_rows=1000, merge_interval_s=0.3)
     store.ingest(make_snapshot(0, n=5))

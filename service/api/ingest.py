@@ -9,8 +9,8 @@ from fastapi import APIRouter, Path, Request, status
 from service.api.state import rank_state
 from service.deps import Authenticated, StoreDep, WritesDep
 from service.problems import ProblemError, problem_responses
+from service.records import OtherRun, UnknownRank
 from service.schema import Accepted, Finish, RankState, Snapshot
-from service.store import OtherRun, UnknownRank
 
 router = APIRouter(prefix="/v1", tags=["ingest"], dependencies=[Authenticated])
 

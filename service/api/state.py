@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
+from service.records import ParamRecord, RankRecord
 from service.schema import (
     MAX_STEP,
     PARAM_NAME_MAX_LENGTH,
@@ -27,7 +28,6 @@ from service.schema import (
     ParamSummary,
     RankState,
 )
-from service.store import ParamRecord, RankRecord
 
 router = APIRouter(
     prefix="/v1", tags=["state"], dependencies=[Authenticated], responses=problem_responses(401)
