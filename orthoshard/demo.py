@@ -242,7 +242,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     ``--spike-at`` (the spike would never happen, yet be reported), or one another
     ``--optimizer`` saved, or SOAP with the other ``--kl-shampoo`` setting. A missing LATEST
     is fine: the run starts from step 0 and writes one."""
-    from orthoshard.train import Checkpoints
+    from orthoshard.checkpoints import Checkpoints
 
     try:
         latest = Checkpoints(directory).latest()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orthoshard import demo, train
+from orthoshard import checkpoints, demo, train
 from service.client import Publisher
 
 
@@ -121,10 +121,10 @@ def test_a_latest_pointer_to_no_checkpoint_is_refused_by_name(tmp_path, pointer)
     (tmp_path / "step-000020").mkdir()
     (tmp_path / "LATEST").write_text(pointer)
     with pytest.raises(FileNotFoundError, match=r"LATEST names .* remove LATEST to start"):
-        train.Checkpoints(tmp_path).latest()
+        checkpoints.Checkpoints(tmp_path).latest()
     (tmp_path / "LATEST").write_text("step-000020\n")
-    assert train.Checkpoints(tmp_path).latest() == tmp_path / "step-000020"
-    assert train.Checkpoints(None).latest() is None
+    assert checkpoints.Checkpoints(tmp_path).latest() == tmp_path / "step-000020"
+    assert checkpoints.Checkpoints(None).latest() is None
 
 
 def test_restarts_into_another_runs_checkpoints_are_refused(tmp_path):
