@@ -30,7 +30,7 @@ COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "orthoshard.json"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
-#: The two rule profiles (render_rules.py): prod (15 s) and fast (1 s, end-to-end tests).
+#: The two rule profiles (alert_rules.py): prod (15 s) and fast (1 s, end-to-end tests).
 RULE_FILES = [PROM / "rules" / "orthoshard.rules.yml", PROM / "rules-fast" / "orthoshard.rules.yml"]
 RULE_TESTS = [PROM / "tests" / f"orthoshard{s}.rules.test.yml" for s in ("", "-fast")]
 
@@ -124,8 +124,8 @@ def test_rule_files_match_their_generator() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _render_rules_module():
-    spec = importlib.util.spec_from_file_location("render_rules", PROM / "render_rules.py")
+def _alert_rules_module():
+    spec = importlib.util.spec_from_file_location("alert_rules", PROM / "alert_rules.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
@@ -139,7 +139,7 @@ def test_rotation_hold_sits_between_the_scrape_interval_and_the_jump_window() ->
     the promtool tests must model the hold the compose sidecars run with."""
     from service.settings import DEFAULT_ROTATION_HOLD_S
 
-    rules = _render_rules_module()
+    rules = _alert_rules_module()
     scrape = re.search(r"scrape_interval:\s*(\d+)s", (PROM / "prometheus.yml").read_text())
     assert scrape is not None
     assert "--rotation-hold" not in COMPOSE.read_text()  # the compose sidecars use the default
