@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,21 +14,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from optim._exchange import MatrixItem, local
 from sharding import checkpoint
+from sharding._wire import STATUS_ELEMENTS, all_to_all, placeholder, signature, through
 from sharding.plan import Plan, build_plan
 
-__all__ = ["OwnerSharding"]
+__all__ = ["STATUS_ELEMENTS", "OwnerSharding"]
 
 Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
-
-# Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
-# it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
-# failure on one rank reaches every rank without another collective; then the step's
-# signature, a CRC-32 of the names of the matrices it steps and the number of AdamW flags it
-# carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that ranks which
-# do not step the same parameters (a gradient None on some ranks only) find out in the same
-# collective instead of reading each other's rows as their own.
-_SIGNATURE_ELEMENTS = 8
-STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
 
 
 class OwnerSharding:
@@ -246,7 +236,7 @@ class OwnerSharding:
             ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
-        self._signature = _signature(items, 0 if carry is None else carry.numel())
+        self._signature = signature(items, 0 if carry is None else carry.numel())
         # ``failure``: this rank could not prepare its inputs (there are none). It still takes
         # part, flagged, so that every rank raises in this step instead of waiting for it.
         if failure is None:
@@ -327,9 +317,9 @@ class OwnerSharding:
         block ends with ``carry``, then the sender's status and signature. With only replicated
         matrices this phase makes no call: no carry (None) and no failure known yet."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            full = [] if failed else [_through(inputs[i], wire) for i in owned]
+            full = [] if failed else [through(inputs[i], wire) for i in owned]
             return full, None, []
-        send = [[_placeholder(plan.rows_of(i, self.rank) * plan.shapes[i][1], wire, device)
+        send = [[placeholder(plan.rows_of(i, self.rank) * plan.shapes[i][1], wire, device)
                  if failed else inputs[i].reshape(-1)
                  for i in plan.owned_by(d) if plan.sharded[i]]
                 for d in range(self.world_size)]
@@ -342,7 +332,7 @@ class OwnerSharding:
         full = []
         for i in owned:
             if not plan.sharded[i]:
-                full.append(_through(inputs[i], wire))
+                full.append(through(inputs[i], wire))
                 continue
             pieces = []
             for s in range(self.world_size):
@@ -369,7 +359,7 @@ class OwnerSharding:
                 start, end = plan.bounds[i][d]
                 if results is None:
                     rows = end - start if plan.sharded[i] else plan.shapes[i][0]
-                    send[d].append(_placeholder(rows * plan.shapes[i][1], wire, device))
+                    send[d].append(placeholder(rows * plan.shapes[i][1], wire, device))
                     continue
                 result = results[k]
                 send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
@@ -396,59 +386,14 @@ class OwnerSharding:
                     device: torch.device, wire: torch.dtype, *, failed: bool,
                     carry: Tensor | None = None
                     ) -> tuple[list[Tensor], list[int], Tensor | None]:
-        """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
-        from each source). Every block ends with ``carry``, then its sender's status
-        (``failed``) and step signature. Returns the payload received per source, the ranks
-        that said they failed, and ``carry`` summed over the ranks (None without one); raises
-        ValueError on a block whose signature differs from this rank's, or that came short
-        (its signature still the NaN set before the collective). Consumes ``send``
-        (emptied once copied into the one send buffer, so what its pieces view can be freed
-        before the collective)."""
-        status = torch.tensor([float(failed), *self._signature], dtype=wire, device=device)
-        tail = [carry.to(device), status] if carry is not None else [status]
-        extra = sum(t.numel() for t in tail)
-        for parts in send:
-            parts.extend(tail)
-        recv_sizes = [size + extra for size in recv_sizes]
-        send_sizes = [sum(p.numel() for p in parts) for parts in send]
-        # one copy, cast on the way, into the send buffer (none per destination first)
-        inp = torch.empty(sum(send_sizes), dtype=wire, device=device)
-        pieces = [p for parts in send for p in parts]
-        torch.cat(pieces, out=inp)
-        del pieces
-        for parts in send:
-            parts.clear()
-        out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
-        # NaN where each sender's status and signature land: a block shorter than this rank
-        # expects (its sender steps other matrices) leaves them NaN, never stale memory
-        ends = torch.tensor(recv_sizes, device=device).cumsum(0)
-        out[(ends[:, None] - torch.arange(STATUS_ELEMENTS, 0, -1, device=device)).view(-1)] = \
-            float("nan")
-        dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
-                               input_split_sizes=send_sizes, group=self.group)
-        itemsize = out.element_size()
-        others = [r for r in range(self.world_size) if r != self.rank]
-        self._stats["bytes_sent"] += sum(send_sizes[r] for r in others) * itemsize
-        self._stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
+        """:func:`sharding._wire.all_to_all` in this group with this step's signature, counted
+        in :meth:`comm_stats`."""
+        blocks = all_to_all(send, recv_sizes, device, wire, failed=failed, carry=carry,
+                            signature=self._signature, group=self.group, rank=self.rank)
+        self._stats["bytes_sent"] += blocks.bytes_sent
+        self._stats["bytes_received"] += blocks.bytes_received
         self._stats["collectives"] += 1
-        blocks = out.split(recv_sizes)
-        # summed in rank order, the same on every rank; one host sync for the statuses
-        tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
-        received = tails[:, -STATUS_ELEMENTS:]
-        mine = status.to(torch.float64)[1:]
-        checks = torch.cat([received[:, 0:1], (received[:, 1:] != mine).any(1, keepdim=True)], 1)
-        statuses, differ = zip(*checks.tolist(), strict=True)
-        others = [r for r, (st, d) in enumerate(zip(statuses, differ, strict=True))
-                  if d or math.isnan(st)]
-        if others:
-            raise ValueError(
-                f"ranks {others} of the sharding group do not step the same matrices as rank "
-                f"{self.rank} this step (their blocks of the exchange differ): every rank must "
-                f"step the same parameters. Is a gradient None on some ranks only (set to None, "
-                f"or a parameter unused in one rank's forward)? Nothing was applied.")
-        carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
-        return ([block[:len(block) - extra] for block in blocks],
-                [r for r, st in enumerate(statuses) if st != 0], carried)
+        return blocks.received, blocks.failed, blocks.carried
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -458,29 +403,8 @@ class OwnerSharding:
         return checkpoint.import_owner_state(self, state_dict)
 
 
-def _signature(items: Sequence[MatrixItem], flags: int) -> list[float]:
-    """The step's signature (``STATUS_ELEMENTS``' comment): four-bit pieces of a CRC-32 of
-    the matrices' names in order and the number of AdamW flags."""
-    crc = zlib.crc32("\n".join([item.name for item in items] + [str(flags)]).encode())
-    return [float((crc >> (4 * k)) & 0xF) for k in range(_SIGNATURE_ELEMENTS)]
-
-
-def _placeholder(n: int, wire: torch.dtype, device: torch.device) -> Tensor:
-    """``n`` zeros to send in place of a payload this rank does not have (one element, viewed
-    ``n`` times: no new memory)."""
-    return torch.zeros(1, dtype=wire, device=device).expand(n)
-
-
 def _owned_names(plan: Plan, ranks: list[int], items: Sequence[MatrixItem]) -> str:
     """The matrices ``ranks`` own this step, by name (the first few), for an error."""
     names = [items[i].name for r in ranks for i in plan.owned_by(r)]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return shown or "no matrices"
-
-
-def _through(t: Tensor, wire: torch.dtype) -> Tensor:
-    """``t`` as it would arrive through a ``wire`` buffer: itself when ``wire`` holds its dtype
-    exactly, else rounded to ``wire`` and back (a replicated matrix then matches a sharded one)."""
-    if torch.promote_types(t.dtype, wire) == wire:
-        return t
-    return t.to(wire).to(t.dtype)

@@ -1,0 +1,121 @@
+"""The exchange's wire: one ``all_to_all_single`` with uneven splits, every block ending with the
+sender's carried flags, status and step signature, so that a failed rank or ranks that step
+different matrices are found out in the same collective (:class:`sharding.owner.OwnerSharding`
+runs two a step)."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from optim._exchange import MatrixItem
+
+__all__ = ["STATUS_ELEMENTS", "Blocks", "all_to_all", "placeholder", "signature", "through"]
+
+# Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
+# it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
+# failure on one rank reaches every rank without another collective; then the step's
+# signature, a CRC-32 of the names of the matrices it steps and the number of AdamW flags it
+# carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that ranks which
+# do not step the same parameters (a gradient None on some ranks only) find out in the same
+# collective instead of reading each other's rows as their own.
+_SIGNATURE_ELEMENTS = 8
+STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
+
+
+class Blocks(NamedTuple):
+    """What :func:`all_to_all` received: the payload per source rank, the ranks that said they
+    failed, the carried flags summed over the ranks (None without any), and the bytes that
+    crossed to and from the other ranks."""
+
+    received: list[Tensor]
+    failed: list[int]
+    carried: Tensor | None
+    bytes_sent: int
+    bytes_received: int
+
+
+def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.device,
+               wire: torch.dtype, *, failed: bool, carry: Tensor | None = None,
+               signature: list[float], group: dist.ProcessGroup | None, rank: int) -> Blocks:
+    """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
+    from each source). Every block ends with ``carry``, then its sender's status
+    (``failed``) and step signature. Returns the payload received per source, the ranks
+    that said they failed, and ``carry`` summed over the ranks (None without one); raises
+    ValueError on a block whose signature differs from this rank's, or that came short
+    (its signature still the NaN set before the collective). Consumes ``send``
+    (emptied once copied into the one send buffer, so what its pieces view can be freed
+    before the collective). ``signature``: this step's (:func:`signature`), ``rank``: this
+    rank in ``group``."""
+    status = torch.tensor([float(failed), *signature], dtype=wire, device=device)
+    tail = [carry.to(device), status] if carry is not None else [status]
+    extra = sum(t.numel() for t in tail)
+    for parts in send:
+        parts.extend(tail)
+    recv_sizes = [size + extra for size in recv_sizes]
+    send_sizes = [sum(p.numel() for p in parts) for parts in send]
+    # one copy, cast on the way, into the send buffer (none per destination first)
+    inp = torch.empty(sum(send_sizes), dtype=wire, device=device)
+    pieces = [p for parts in send for p in parts]
+    torch.cat(pieces, out=inp)
+    del pieces
+    for parts in send:
+        parts.clear()
+    out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+    # NaN where each sender's status and signature land: a block shorter than this rank
+    # expects (its sender steps other matrices) leaves them NaN, never stale memory
+    ends = torch.tensor(recv_sizes, device=device).cumsum(0)
+    out[(ends[:, None] - torch.arange(STATUS_ELEMENTS, 0, -1, device=device)).view(-1)] = \
+        float("nan")
+    dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+                           input_split_sizes=send_sizes, group=group)
+    itemsize = out.element_size()
+    others = [r for r in range(len(send_sizes)) if r != rank]
+    bytes_sent = sum(send_sizes[r] for r in others) * itemsize
+    bytes_received = sum(recv_sizes[r] for r in others) * itemsize
+    blocks = out.split(recv_sizes)
+    # summed in rank order, the same on every rank; one host sync for the statuses
+    tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
+    received = tails[:, -STATUS_ELEMENTS:]
+    mine = status.to(torch.float64)[1:]
+    checks = torch.cat([received[:, 0:1], (received[:, 1:] != mine).any(1, keepdim=True)], 1)
+    statuses, differ = zip(*checks.tolist(), strict=True)
+    others = [r for r, (st, d) in enumerate(zip(statuses, differ, strict=True))
+              if d or math.isnan(st)]
+    if others:
+        raise ValueError(
+            f"ranks {others} of the sharding group do not step the same matrices as rank "
+            f"{rank} this step (their blocks of the exchange differ): every rank must "
+            f"step the same parameters. Is a gradient None on some ranks only (set to None, "
+            f"or a parameter unused in one rank's forward)? Nothing was applied.")
+    carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
+    return Blocks([block[:len(block) - extra] for block in blocks],
+                  [r for r, st in enumerate(statuses) if st != 0], carried, bytes_sent,
+                  bytes_received)
+
+
+def signature(items: Sequence[MatrixItem], flags: int) -> list[float]:
+    """The step's signature (``STATUS_ELEMENTS``' comment): four-bit pieces of a CRC-32 of
+    the matrices' names in order and the number of AdamW flags."""
+    crc = zlib.crc32("\n".join([item.name for item in items] + [str(flags)]).encode())
+    return [float((crc >> (4 * k)) & 0xF) for k in range(_SIGNATURE_ELEMENTS)]
+
+
+def placeholder(n: int, wire: torch.dtype, device: torch.device) -> Tensor:
+    """``n`` zeros to send in place of a payload this rank does not have (one element, viewed
+    ``n`` times: no new memory)."""
+    return torch.zeros(1, dtype=wire, device=device).expand(n)
+
+
+def through(t: Tensor, wire: torch.dtype) -> Tensor:
+    """``t`` as it would arrive through a ``wire`` buffer: itself when ``wire`` holds its dtype
+    exactly, else rounded to ``wire`` and back (a replicated matrix then matches a sharded one)."""
+    if torch.promote_types(t.dtype, wire) == wire:
+        return t
+    return t.to(wire).to(t.dtype)
