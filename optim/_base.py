@@ -185,16 +185,7 @@ class MatrixOptimizer(StateDictOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        _check_dense(self.param_groups)  # before anything changes
-        if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
-            raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
-                             f"same-shape matrices; 0: one matrix at a time), got "
-                             f"{self.MAX_BATCH_BYTES!r}")
-        # A group's values may have changed since they were checked (a scheduler, user code):
-        # a step with one the update cannot use would fail half-way through the groups.
-        for gi, group in enumerate(self.param_groups):
-            self._check_hyperparameters(gi, group)
-        self._before_step()
+        self._check_step()
         for group in self.param_groups:
             group["step"] += 1
         # The AdamW groups' gradients: each rank flags its own shards' NaN/Inf now, and the
@@ -210,42 +201,13 @@ class MatrixOptimizer(StateDictOptimizer):
         bad = None if sharded else _nonfinite(grads)  # this process decides alone
         items = [item for item in self.matrix_items() if item.param.grad is not None]
         if not self._gradient_seen:
-            self._gradient_seen = bool(items or grads)
-            if not self._gradient_seen and self.param_groups:
-                warnings.warn(
-                    f"{type(self).__name__}.step() found no gradient on any of its parameters "
-                    f"and changed nothing. Was backward() run? Was the optimizer built after "
-                    f"fully_shard (which replaces the model's parameters with new ones) and "
-                    f"anything else that replaces them? (warned once)", RuntimeWarning,
-                    stacklevel=user_stacklevel())
-                self._gradient_seen = True  # once
+            self._warn_without_gradient(bool(items or grads))
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
         elif items:
-            failure: Exception | None = None
-            try:
-                for item in items:
-                    _check_gradient_layout(item)
-                inputs = [self._prepare(item) for item in items]
-            except Exception as exc:  # raised on every rank by the exchange, none left waiting
-                failure, inputs = exc, []
-                for item in items:
-                    item.pending = None
-            self._step_items, self._skipped = items, set()
-            try:
-                updates, carried = self._exchange.run(items, inputs, self._owner_compute,
-                                                      carry=flags, failure=failure)
-            finally:
-                self._step_items = []
+            carried = self._step_sharded(items, flags)
             if flags is not None and carried is not None:
                 bad = carried.tolist()
-            finite = all_finite(updates)  # each rank's rows, as they came back
-            if not all(finite):
-                self._count_failed(items, finite)
-            for item, update, ok in zip(items, updates, finite, strict=True):
-                if ok:
-                    self._apply(item, update)
-                item.pending = None
         if bad is None:  # sharded AdamW parameters, and no gather that carried their flags
             assert flags is not None
             bad = self._exchange.all_reduce_sum(flags).tolist()
@@ -253,6 +215,59 @@ class MatrixOptimizer(StateDictOptimizer):
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
         return loss
+
+    def _check_step(self) -> None:
+        """Raise, before anything changes, for what this step cannot run with."""
+        _check_dense(self.param_groups)
+        if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
+            raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
+                             f"same-shape matrices; 0: one matrix at a time), got "
+                             f"{self.MAX_BATCH_BYTES!r}")
+        # A group's values may have changed since they were checked (a scheduler, user code):
+        # a step with one the update cannot use would fail half-way through the groups.
+        for gi, group in enumerate(self.param_groups):
+            self._check_hyperparameters(gi, group)
+        self._before_step()
+
+    def _warn_without_gradient(self, found: bool) -> None:
+        """Until a step finds a gradient: warn, once, of a step that found none."""
+        self._gradient_seen = found
+        if not found and self.param_groups:
+            warnings.warn(
+                f"{type(self).__name__}.step() found no gradient on any of its parameters "
+                f"and changed nothing. Was backward() run? Was the optimizer built after "
+                f"fully_shard (which replaces the model's parameters with new ones) and "
+                f"anything else that replaces them? (warned once)", RuntimeWarning,
+                stacklevel=user_stacklevel())
+            self._gradient_seen = True  # once
+
+    def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None) -> Tensor | None:
+        """The three phases of ``items`` through the exchange (every rank of its group at
+        once); returns ``flags`` (the AdamW parameters' finiteness) summed over the ranks when
+        the exchange carried them."""
+        failure: Exception | None = None
+        try:
+            for item in items:
+                _check_gradient_layout(item)
+            inputs = [self._prepare(item) for item in items]
+        except Exception as exc:  # raised on every rank by the exchange, none left waiting
+            failure, inputs = exc, []
+            for item in items:
+                item.pending = None
+        self._step_items, self._skipped = items, set()
+        try:
+            updates, carried = self._exchange.run(items, inputs, self._owner_compute,
+                                                  carry=flags, failure=failure)
+        finally:
+            self._step_items = []
+        finite = all_finite(updates)  # each rank's rows, as they came back
+        if not all(finite):
+            self._count_failed(items, finite)
+        for item, update, ok in zip(items, updates, finite, strict=True):
+            if ok:
+                self._apply(item, update)
+            item.pending = None
+        return carried
 
     def _step_local(self, items: list[MatrixItem]) -> None:
         """One process: prepare, compute and apply one batch of matrices at a time (the
