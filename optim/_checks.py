@@ -18,7 +18,8 @@ from optim._exchange import local
 if TYPE_CHECKING:
     from optim._exchange import MatrixItem
 
-__all__ = ["ADAMW", "check_betas", "check_flags", "check_rates", "is_int", "is_real"]
+__all__ = ["ADAMW", "check_betas", "check_flags", "check_param_groups", "check_rates", "is_int",
+           "is_real"]
 
 ADAMW = "adamw"
 

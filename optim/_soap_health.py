@@ -36,8 +36,8 @@ def _finite_norms(norms: Tensor, tensors: list[Tensor]) -> Tensor:
     float32 though the factor is finite (KL-Shampoo's factors reach that with gradients of ~1e6:
     its whitening divides by ``dim eps`` while a factor is ~0), and float64 factors or
     quotients above ~1e154 overflow float64 squares. Finite factors keep their norms finite
-    (the trace bounds them, :func:`gradient_fits`), so a scaled norm always answers. One
-    reduction and one host sync; the slower scaled pass only where needed."""
+    (the trace bounds them, :func:`optim._soap_step.gradient_fits`), so a scaled norm always
+    answers. One reduction and one host sync; the slower scaled pass only where needed."""
     if math.isfinite(float(norms.sum())):
         return norms
     exact = norms.clone()
@@ -61,16 +61,11 @@ def _staleness(total: float, diagonal: float) -> float:
     return math.sqrt(max(1.0 - ratio * ratio, 0.0))
 
 
-# A factor of at most this many entries has its norm taken by soap_health, with the other
-# factors of its size in the step in one reduction; a larger one inside soap_step, right after
-# its update, while it is still in cache (read later, a 512x512 factor took 4x as long).
-_BATCHED_NORM_MAX = 128 * 128
-
-
 @dataclass
 class SideHealth:
-    """What one side's health needs, gathered by :func:`soap_step` (references only, no work);
-    turned into metrics for a whole batch of matrices at once by :func:`soap_health`."""
+    """What one side's health needs, gathered by :func:`optim._soap_step.soap_step`
+    (references only, no work); turned into metrics for a whole batch of matrices at once by
+    :func:`soap_health`."""
 
     side: str                # "L" or "R"
     eigvals: Tensor          # eigh values, power-step estimates or Rayleigh quotients, any order
@@ -243,12 +238,12 @@ def soap_health(per_matrix: list[list[SideHealth]]
     At small sizes health is dominated by the number of small tensor operations and Python
     calls, not by flops, so the tensor work is batched over all sides and matrices and ends in
     ONE float64 tensor: the norms of every factor (a large one's taken by
-    :func:`soap_step`, the others' here, per size) and of its Rayleigh quotients, the top two
-    eigenvalues of each side, and what the largest principal angles are read from for all
-    refreshed sides (:func:`optim.health.principal_extremes`, one batch per side length). The
-    scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on Python floats,
-    once that tensor is converted (one ``.tolist()``); where each number sits is planned once
-    per layout.
+    :func:`optim._soap_step.soap_step`, the others' here, per size) and of its Rayleigh
+    quotients, the top two eigenvalues of each side, and what the largest principal angles are read
+    from for all refreshed sides (:func:`optim.health.principal_extremes`, one batch per side
+    length). The scalar formulas (eigengap ratio, staleness, arcsin / arccos) then run on Python
+    floats, once that tensor is converted (one ``.tolist()``); where each number sits is planned
+    once per layout.
 
     Returns:
         ``(keys, values, finish)``: ``keys[i]`` are matrix i's metric names; ``finish`` maps

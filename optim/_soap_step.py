@@ -26,9 +26,16 @@ from optim._soap_basis import (
     refresh_side,
     update_factors,
 )
-from optim._soap_health import _BATCHED_NORM_MAX, SideHealth, _frobenius, _side_health
+from optim._soap_health import SideHealth, _frobenius, _side_health
 
 __all__ = ["SoapConfig", "adam_direction", "soap_step"]
+
+
+# A factor of at most this many entries has its norm taken by optim._soap_health.soap_health,
+# with the other factors of its size in the step in one reduction; a larger one inside
+# soap_step, right after its update, while it is still in cache (read later, a 512x512 factor
+# took 4x as long).
+_BATCHED_NORM_MAX = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,11 @@ def _next_quotients(sq: Tensor, previous: Quotients,
     norms of ``G Q_R``):
 
     * plain: ``diag(Q_L^T G G^T Q_L) = sum_j Gp_ij^2``, ``diag(Q_R^T G^T G Q_R) = sum_i Gp_ij^2``;
-    * KL-Shampoo (:func:`_kl_whitened`): ``sum_j Gp_ij^2 / (n max(w^R_j, eps))`` and
-      ``sum_i Gp_ij^2 / (m max(w^L_i, eps))``, with ``w`` the very quotients the factor update
-      divided by, and its weights (it computes them itself: near-null directions of a
-      rank-deficient factor make the division ill-conditioned, so no other estimate will do); an
-      absent side whitens with 1.
+    * KL-Shampoo (:func:`optim._soap_basis._kl_whitened`):
+      ``sum_j Gp_ij^2 / (n max(w^R_j, eps))`` and ``sum_i Gp_ij^2 / (m max(w^L_i, eps))``, with
+      ``w`` the very quotients the factor update divided by, and its weights (it computes them
+      itself: near-null directions of a rank-deficient factor make the division ill-conditioned, so
+      no other estimate will do); an absent side whitens with 1.
 
     Each side's weighted sum and the EMA are one matrix-vector product, ``addmv(q, sq, weights,
     beta=b, alpha=1-b)`` (plain SOAP's weights are ones): one call where a reduction and a
@@ -323,8 +330,9 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
 
     Returns:
         ``(U, new_state, health, quotients)``; ``health`` (each present side's
-        :class:`SideHealth`, for :func:`soap_health`) is empty unless ``want_health``;
-        ``quotients`` are this step's, for the next call, or None where unknown. None when
+        :class:`SideHealth`, for :func:`optim._soap_health.soap_health`) is empty unless
+        ``want_health``; ``quotients`` are this step's, for the next call, or None where
+        unknown. None when
         ``verify_factors`` found a factor past the bound (the step must be skipped).
     """
     t = int(state["step"]) + 1

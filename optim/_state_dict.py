@@ -27,8 +27,8 @@ __all__ = ["StateDictOptimizer"]
 @contextlib.contextmanager
 def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
     """Empty the named hook registries of ``optimizer`` for the block (torch's ``state_dict``
-    and ``load_state_dict`` would run them mid-way; :class:`MatrixOptimizer` runs them itself,
-    before and after its own work) and put them back after."""
+    and ``load_state_dict`` would run them mid-way; :class:`optim._base.MatrixOptimizer` runs
+    them itself, before and after its own work) and put them back after."""
     held = {name: getattr(optimizer, name) for name in attributes}
     for name in attributes:
         setattr(optimizer, name, OrderedDict())

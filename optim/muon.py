@@ -384,3 +384,14 @@ def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: 
     if not (is_real(eps) and 0.0 <= eps < math.inf):
         raise ValueError(f"eps (the floor of Newton-Schulz's normalizing norm) must be a finite "
                          f"number >= 0, got {eps!r}")
+
+
+def __getattr__(name: str) -> Any:
+    """``NorMuon`` and ``normuon_normalize``, which this module held before
+    :mod:`optim.normuon`: still importable from here, so that code importing them and
+    optimizers pickled then keep working (loaded on first use: that module imports this one)."""
+    if name in ("NorMuon", "normuon_normalize"):
+        from optim import normuon
+
+        return getattr(normuon, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

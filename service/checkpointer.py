@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from service.records import CLOSE_WAIT_S, StoreBusy
+from service.records import StoreBusy
 
 #: Pending rows the store's thread merges in one transaction: ~10 ms of merge per 1000 rows
 #: here, so writers wait at most ~0.1-0.2 s for one chunk; the next cycle (0.2 s on) merges the
@@ -56,11 +56,11 @@ class Checkpointer:
         path: the database (as the store opened it).
         lock: the store's connection lock (held around every other use of the database).
         merge: moves up to its argument's number of the store's ``pending`` rows into
-            ``history`` and returns whether rows are left (:meth:`Store._merge`); run first in a
-            cycle at least ``merge_interval_s`` after the last one, or in the next cycle when
-            rows were left. The thread wakes for it by itself: rows appended by the last
+            ``history`` and returns whether rows are left (:meth:`service.store.Store._merge`);
+            run first in a cycle at least ``merge_interval_s`` after the last one, or in the next
+            cycle when rows were left. The thread wakes for it by itself: rows appended by the last
             commits merge whether or not more commits follow.
-        busy_timeout_s: the store's write wait (:data:`service.records.WRITE_WAIT_S`).
+        busy_timeout_s: the store's write wait (:data:`service.store.WRITE_WAIT_S`).
         interval_s: least time between two checkpoints.
         restart_frames: WAL pages beyond which the PASSIVE copy is followed by a RESTART
             checkpoint (default 16384: 64 MB of 4 KiB pages).
@@ -125,7 +125,7 @@ class Checkpointer:
                                  "%s", self._failures, exc)
             self._stopping.wait(self._interval)
 
-    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+    def close(self, timeout_s: float) -> None:
         """Stop the thread (after the merge or checkpoint it is running, if any, for at most
         ``timeout_s``) and close its connection (idempotent; left to the exiting process when
         the thread is still in SQLite at the deadline)."""

@@ -1,5 +1,5 @@
 """What the store answers and raises: the last-known state of a rank and of a parameter, a
-history point, the store's errors, and the waits those errors are defined by.
+history point, and the store's errors.
 
 Kept apart from :mod:`service.store` so that the routes and the exporter name these types
 without the store's SQLite machinery.
@@ -9,16 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-#: Longest a write (an ingest, a finish, a merge) waits for the database: for the store's lock,
-#: then for SQLite's write lock (another process's transaction). Half the Publisher's default
-#: 2 s timeout, so that its client is answered 503 (and retries later) before it gives up on
-#: the request; what normally holds the lock, a merge chunk or a RESTART checkpoint, takes
-#: ~0.1-0.2 s at most (see _MERGE_CHUNK and _CATCH_UP_PASSES in service.checkpointer).
-WRITE_WAIT_S = 1.0
-#: Longest :meth:`Store.close` waits for the database before it leaves the pending rows to the
-#: next start (the sidecar then stops anyway: SIGTERM must end it while a database is locked).
-CLOSE_WAIT_S = 2.0
 
 
 class UnknownRank(LookupError):
@@ -30,8 +20,9 @@ class OtherRun(ValueError):
 
 
 class StoreBusy(RuntimeError):
-    """The database stayed locked for :data:`WRITE_WAIT_S` (by another process's transaction,
-    or a write stalled on the disk), or the store is closing: nothing was written; try later."""
+    """The database stayed locked for :data:`service.store.WRITE_WAIT_S` (by another process's
+    transaction, or a write stalled on the disk), or the store is closing: nothing was written;
+    try later."""
 
 
 class Abandoned(RuntimeError):

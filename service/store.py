@@ -37,8 +37,6 @@ from typing import Any
 from service import tables
 from service.checkpointer import Checkpointer
 from service.records import (
-    CLOSE_WAIT_S,
-    WRITE_WAIT_S,
     Abandoned,
     HistoryRow,
     OtherRun,
@@ -48,6 +46,17 @@ from service.records import (
     UnknownRank,
 )
 from service.schema import Snapshot
+
+#: Longest a write (an ingest, a finish, a merge) waits for the database: for the store's lock,
+#: then for SQLite's write lock (another process's transaction). Half the Publisher's default
+#: 2 s timeout, so that its client is answered 503 (and retries later) before it gives up on
+#: the request; what normally holds the lock, a merge chunk or a RESTART checkpoint, takes
+#: ~0.1-0.2 s at most (see _MERGE_CHUNK and _CATCH_UP_PASSES in service.checkpointer).
+WRITE_WAIT_S = 1.0
+#: Longest :meth:`Store.close` waits for the database before it leaves the pending rows to the
+#: next start (the sidecar then stops anyway: SIGTERM must end it while a database is locked).
+CLOSE_WAIT_S = 2.0
+
 
 #: The WAL file is cut back to this size when it starts over (it keeps its largest size
 #: otherwise).
@@ -322,9 +331,9 @@ class Store:
     def _merge(self, limit: int | None = None, *, deadline: float | None = None) -> bool:
         """Move ``pending`` into ``history`` and ``params``, the ``limit`` oldest rows (all:
         None) in one transaction. Returns whether rows are left. The store's thread merges
-        :data:`_MERGE_CHUNK` rows at a time every ``merge_interval_s`` (writers wait for one
-        chunk, not for all that piled up); a history read or the store's close merges all.
-        ``deadline``: see :meth:`_begin` (StoreBusy when the database stays locked)."""
+        :data:`service.checkpointer._MERGE_CHUNK` rows at a time every ``merge_interval_s``
+        (writers wait for one chunk, not for all that piled up); a history read or the store's close
+        merges all. ``deadline``: see :meth:`_begin` (StoreBusy when the database stays locked)."""
         with self._db_lock:
             if not self._prepared or self._db is None:
                 return False

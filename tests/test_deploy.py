@@ -124,13 +124,28 @@ def test_rule_files_match_their_generator() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _alert_rules_module():
-    spec = importlib.util.spec_from_file_location("alert_rules", PROM / "alert_rules.py")
+def _module_at(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def _alert_rules_module():
+    return _module_at(PROM / "alert_rules.py")
+
+
+def test_the_rule_generator_loads_by_path_with_its_neighbours() -> None:
+    # loaded rather than run (its directory not first on sys.path), it still finds
+    # alert_rules.py and rule_tests.py beside it, and renders the four files
+    for neighbour in ("alert_rules", "rule_tests"):
+        sys.modules.pop(neighbour, None)  # not found through another test's import
+    outputs = _module_at(PROM / "render_rules.py").outputs()
+    assert sorted(path.name for path in outputs) == [
+        "orthoshard-fast.rules.test.yml", "orthoshard.rules.test.yml",
+        "orthoshard.rules.yml", "orthoshard.rules.yml"]
 
 
 def test_rotation_hold_sits_between_the_scrape_interval_and_the_jump_window() -> None:

@@ -386,6 +386,22 @@ def test_normuon_evens_row_rms_and_preserves_the_softened_frobenius_norm(s):
 NORMUON_RULE_RTOL, NORMUON_RULE_ATOL = 1e-5, 2e-6
 
 
+def test_normuon_is_still_found_where_it_lived_before_its_own_module():
+    # code importing it from optim.muon, and optimizers pickled when it lived there (their
+    # pickles name optim.muon.NorMuon), keep working
+    import pickle
+
+    import optim.muon
+    import optim.normuon
+    from optim.muon import NorMuon as OldPath
+    from optim.muon import normuon_normalize
+
+    assert OldPath is NorMuon and normuon_normalize is optim.normuon.normuon_normalize
+    assert pickle.Unpickler(io.BytesIO()).find_class("optim.muon", "NorMuon") is NorMuon
+    with pytest.raises(AttributeError, match="no attribute 'Nor'"):
+        optim.muon.Nor
+
+
 def test_normuon_follows_its_written_rule_over_several_steps():
     beta2, eps, lr, wd = 0.9, 1e-8, 0.02, 0.05
     (W,), (R,) = make_params([(48, 24)]), make_params([(48, 24)])

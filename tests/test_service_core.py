@@ -216,7 +216,7 @@ def test_snapshots_not_merged_yet_are_read_and_survive_a_crash(tmp_path: Path) -
     assert _pending(db) == 3
     # killed: the thread stops and the connection goes, with no merge
     assert store._checkpointer is not None
-    store._checkpointer.close()
+    store._checkpointer.close(timeout_s=2.0)
     store._db.close()
     again = Store(db, history_max_rows=1000)
     rank = again.ranks()[0]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from optim._soap_basis import matmul_precision, pmm, power_step_quotients
-from optim._soap_health import _BATCHED_NORM_MAX, SideHealth, _frobenius, soap_health
-from optim._soap_step import SoapConfig, gradient_fits
+from optim._soap_health import SideHealth, _frobenius, soap_health
+from optim._soap_step import _BATCHED_NORM_MAX, SoapConfig, gradient_fits
 from optim.health import (
     basis_staleness,
     eigengap_ratio,

@@ -1,17 +1,9 @@
 """Render the orthoshard alert rules and their promtool unit tests from one source.
 
-Two profiles share every expression, label and annotation and differ only in windows and
-thresholds:
-
-- ``prod``: 15 s scrape and evaluation (Prometheus' usual), minutes-long windows.
-- ``fast``: 1 s scrape and evaluation, seconds-long windows, for end-to-end tests on loopback
-  (the group sets ``interval: 1s`` itself, so the global evaluation interval does not matter).
-
-Each profile writes ``rules[-fast]/orthoshard.rules.yml`` and a promtool test file whose input
-series are built from the same numbers, rotations shaped as the sidecar exports them under the
-profile's rotation hold (calm noise, a one-step spike, a noisy degenerate spectrum, a slow
-drift, a frozen snapshot clock, a NaN, failed scrapes), so changing a window here changes the
-rules and the expectations together.
+The rules and their two profiles (``prod``, ``fast``: windows and thresholds) are in
+``alert_rules.py``; the tests, built from the same numbers, in ``rule_tests.py``. Each profile
+writes ``rules[-fast]/orthoshard.rules.yml`` and a promtool test file, so changing a window in
+``alert_rules.py`` and running this changes the rules and the expectations together.
 
     python deploy/prometheus/render_rules.py          # (re)write the four files
     python deploy/prometheus/render_rules.py --check  # exit 1 if a committed file differs
@@ -26,6 +18,9 @@ import json
 import re
 import sys
 from pathlib import Path
+
+# its neighbours, also when this file is loaded by path rather than run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alert_rules import PROFILES, rules_doc
 from rule_tests import tests_doc

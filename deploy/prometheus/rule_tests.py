@@ -1,7 +1,8 @@
 """The promtool unit tests of the alert rules, built from the rules' own profile: input
 series shaped as the sidecar exports them under the profile's rotation hold (calm noise, a
 one-step spike, a noisy degenerate spectrum, a slow drift, a frozen snapshot clock, a NaN,
-failed scrapes) and the alerts each must raise, annotations included."""
+failed scrapes) and the alerts each must raise, annotations included. Imported by
+``render_rules.py``, which puts this directory on the path."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class _Rotations(NamedTuple):
 
 
 NAME = "OptimizerBasisRotationSpike"
-ROT = "orthoshard_basis_rotation_degrees"
+ROTATION = "orthoshard_basis_rotation_degrees"
 
 
 def _rotations(p: Profile) -> _Rotations:
@@ -104,11 +105,11 @@ def _spike_case(r: _Rotations) -> dict:
     return {
         "interval": dur(i),
         "input_series": [
-            *(series(ROT, x, r.spiked) for x in r.hit),
-            series(ROT, k8, r.spiked),
-            series(ROT, r.calm, r.calm_n),
-            series(ROT, lone[0], r.spiked),
-            *(series(ROT, x, r.calm_n) for x in lone[1:]),
+            *(series(ROTATION, x, r.spiked) for x in r.hit),
+            series(ROTATION, k8, r.spiked),
+            series(ROTATION, r.calm, r.calm_n),
+            series(ROTATION, lone[0], r.spiked),
+            *(series(ROTATION, x, r.calm_n) for x in lone[1:]),
         ],
         "alert_rule_test": [
             check(r.t0 - i, NAME),
@@ -131,8 +132,8 @@ def _gap_case(r: _Rotations) -> dict:
     return {
         "interval": dur(i),
         "input_series": [
-            *(series(ROT, x, gapped) for x in r.hit),
-            series(ROT, r.calm, [None if v is None else c
+            *(series(ROTATION, x, gapped) for x in r.hit),
+            series(ROTATION, r.calm, [None if v is None else c
                                  for v, c in zip(gapped, r.calm_n, strict=True)]),
         ],
         "alert_rule_test": [
@@ -153,13 +154,13 @@ def _quiet_case(r: _Rotations) -> dict:
     return {
         "interval": dur(i),
         "input_series": [
-            series(ROT, labels(param="calm", factor="L", k="1"),
+            series(ROTATION, labels(param="calm", factor="L", k="1"),
                    held(cycle(CALM, r.long_n), p)),
-            series(ROT, labels(param="degenerate", factor="R", k="1"),
+            series(ROTATION, labels(param="degenerate", factor="R", k="1"),
                    held(cycle(DEGENERATE, r.long_n), p)),
-            series(ROT, labels(param="drift", factor="L", k="1"), held(drift, p)),
-            series(ROT, labels(param="warmup", factor="L", k="1"), warmup),
-            series(ROT, labels(param="tiny", factor="R", k="1"), bump),
+            series(ROTATION, labels(param="drift", factor="L", k="1"), held(drift, p)),
+            series(ROTATION, labels(param="warmup", factor="L", k="1"), warmup),
+            series(ROTATION, labels(param="tiny", factor="R", k="1"), bump),
         ],
         "alert_rule_test": [check(t, NAME) for t in range(0, r.long_n * i, r.checks_every)],
     }
@@ -182,8 +183,8 @@ def _sparse_cases(r: _Rotations) -> list[dict]:
     spike = {
         "interval": dur(i),
         "input_series": [
-            *(series(ROT, x, sparse(spiky)) for x in r.hit),
-            series(ROT, r.calm, sparse(cycle(CALM, refreshes))),
+            *(series(ROTATION, x, sparse(spiky)) for x in r.hit),
+            series(ROTATION, r.calm, sparse(cycle(CALM, refreshes))),
         ],
         "alert_rule_test": [
             *(check(t, NAME) for t in range(0, t_spike, r.checks_every)),
@@ -197,7 +198,7 @@ def _sparse_cases(r: _Rotations) -> list[dict]:
     quiet = {
         "interval": dur(i),
         "input_series": [
-            series(ROT, labels(param=f"p{j}", factor=f, k="1"),
+            series(ROTATION, labels(param=f"p{j}", factor=f, k="1"),
                    sparse(cycle(DEGENERATE[j:] + DEGENERATE[:j], refreshes)))
             for j in range(4) for f in ("L", "R")
         ],
