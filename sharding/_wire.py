@@ -31,19 +31,17 @@ STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
 
 class Blocks(NamedTuple):
     """What :func:`all_to_all` received: the payload per source rank, the ranks that said they
-    failed, the carried flags summed over the ranks (None without any), and the bytes that
-    crossed to and from the other ranks."""
+    failed, and the carried flags summed over the ranks (None without any)."""
 
     received: list[Tensor]
     failed: list[int]
     carried: Tensor | None
-    bytes_sent: int
-    bytes_received: int
 
 
 def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.device,
                wire: torch.dtype, *, failed: bool, carry: Tensor | None = None,
-               signature: list[float], group: dist.ProcessGroup | None, rank: int) -> Blocks:
+               signature: list[float], group: dist.ProcessGroup | None, rank: int,
+               stats: dict[str, int]) -> Blocks:
     """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
     from each source). Every block ends with ``carry``, then its sender's status
     (``failed``) and step signature. Returns the payload received per source, the ranks
@@ -52,7 +50,8 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
     (its signature still the NaN set before the collective). Consumes ``send``
     (emptied once copied into the one send buffer, so what its pieces view can be freed
     before the collective). ``signature``: this step's (:func:`signature`), ``rank``: this
-    rank in ``group``."""
+    rank in ``group``; ``stats`` (``bytes_sent``, ``bytes_received``, ``collectives``) counts
+    the collective once it is made, also when a block is then refused."""
     status = torch.tensor([float(failed), *signature], dtype=wire, device=device)
     tail = [carry.to(device), status] if carry is not None else [status]
     extra = sum(t.numel() for t in tail)
@@ -77,8 +76,9 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
                            input_split_sizes=send_sizes, group=group)
     itemsize = out.element_size()
     others = [r for r in range(len(send_sizes)) if r != rank]
-    bytes_sent = sum(send_sizes[r] for r in others) * itemsize
-    bytes_received = sum(recv_sizes[r] for r in others) * itemsize
+    stats["bytes_sent"] += sum(send_sizes[r] for r in others) * itemsize
+    stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
+    stats["collectives"] += 1
     blocks = out.split(recv_sizes)
     # summed in rank order, the same on every rank; one host sync for the statuses
     tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
@@ -96,8 +96,7 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
             f"or a parameter unused in one rank's forward)? Nothing was applied.")
     carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
     return Blocks([block[:len(block) - extra] for block in blocks],
-                  [r for r, st in enumerate(statuses) if st != 0], carried, bytes_sent,
-                  bytes_received)
+                  [r for r, st in enumerate(statuses) if st != 0], carried)
 
 
 def signature(items: Sequence[MatrixItem], flags: int) -> list[float]:

@@ -388,12 +388,9 @@ class OwnerSharding:
                     ) -> tuple[list[Tensor], list[int], Tensor | None]:
         """:func:`sharding._wire.all_to_all` in this group with this step's signature, counted
         in :meth:`comm_stats`."""
-        blocks = all_to_all(send, recv_sizes, device, wire, failed=failed, carry=carry,
-                            signature=self._signature, group=self.group, rank=self.rank)
-        self._stats["bytes_sent"] += blocks.bytes_sent
-        self._stats["bytes_received"] += blocks.bytes_received
-        self._stats["collectives"] += 1
-        return blocks.received, blocks.failed, blocks.carried
+        return all_to_all(send, recv_sizes, device, wire, failed=failed, carry=carry,
+                          signature=self._signature, group=self.group, rank=self.rank,
+                          stats=self._stats)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -805,17 +805,21 @@ def plain_grad_worker(rank: int, world: int, out: str, name: str) -> None:
 def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
                   spoil: Callable[[], None], out: str) -> None:
     """Step 1's gradients, ``spoil``-ed, then a step that every rank should refuse; saves every
-    rank's outcome, whether any parameter changed, and the outcomes of a correct step 2."""
+    rank's outcome, whether any parameter changed, the collectives rank 0 counted for the
+    refused step, and the outcomes of a correct step 2."""
     before = full_params(model)
     inject(model, 1)
     spoil()
+    calls = opt.comm_stats()["collectives"]
     outcomes = _every_rank_says(world, ValueError, opt.step)
+    calls = opt.comm_stats()["collectives"] - calls
     after = full_params(model)
     inject(model, 2)
     recovered = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
         torch.save({"outcomes": outcomes, "unchanged": all(
-            torch.equal(before[k], after[k]) for k in before), "recovered": recovered}, out)
+            torch.equal(before[k], after[k]) for k in before), "recovered": recovered,
+            "collectives": calls}, out)
 
 
 RESUME_AT = 2  # the resumed runs load a checkpoint of the first RESUME_AT steps

@@ -353,6 +353,7 @@ def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
                                   f"step the same matrices as rank {rank}"), outcome
     assert result["unchanged"]  # no rank changed a parameter
+    assert result["collectives"] == 1  # the gather was made (and counted), then refused
     assert result["recovered"] == ["done", "done"]
 
 
