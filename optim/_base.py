@@ -231,7 +231,6 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def _warn_without_gradient(self, found: bool) -> None:
         """Until a step finds a gradient: warn, once, of a step that found none."""
-        self._gradient_seen = found
         if not found and self.param_groups:
             warnings.warn(
                 f"{type(self).__name__}.step() found no gradient on any of its parameters "
@@ -239,7 +238,7 @@ class MatrixOptimizer(StateDictOptimizer):
                 f"fully_shard (which replaces the model's parameters with new ones) and "
                 f"anything else that replaces them? (warned once)", RuntimeWarning,
                 stacklevel=user_stacklevel())
-            self._gradient_seen = True  # once
+        self._gradient_seen = found or bool(self.param_groups)  # warned: once
 
     def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None) -> Tensor | None:
         """The three phases of ``items`` through the exchange (every rank of its group at
