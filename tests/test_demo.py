@@ -39,6 +39,10 @@ SPIKE_QUERY = 'ALERTS{alertname="OptimizerBasisRotationSpike",alertstate="firing
 SPIKE_AT, STEPS, STEP_DELAY_S, LINGER_S, ROTATION_HOLD_S = 60, 90, 0.5, 8, 2.0
 
 
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _demo(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "orthoshard.cli", "demo", "--out", str(out), *extra]
 
@@ -143,10 +147,14 @@ def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig, group):
     # and both ranks went on running, orphaned; Ctrl-C (SIGINT) ended in a traceback. A
     # terminal's Ctrl-C reached every rank and torchrun too: a traceback from each (81 lines).
     # SIGHUP (the terminal closed) must stop torchrun, which runs in a session of its own.
+    # A shell without job control starts its background commands with SIGINT ignored, and an
+    # ignored signal stays ignored across exec: run from such a shell (`pytest ... &` in a
+    # script), the demo would rightly ignore the SIGINT this test sends. A terminal's shell
+    # starts a foreground job with SIGINT at its default, so the demo starts that way here.
     out = tmp_path / "signal-out"
     proc = subprocess.Popen(_demo(out, "--steps", "2000", "--step-delay", "0.05"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=group)
+                            start_new_session=group, preexec_fn=_sigint_at_default)
     try:
         deadline = time.monotonic() + 100
         while not (out / "loss.jsonl").exists() or not (out / "loss.jsonl").read_text():
