@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -132,9 +133,10 @@ def test_every_python_block_has_a_recipe() -> None:
         f"block: {sorted(set(RECIPES) - set(blocks))}")
 
 
-# Runs each torchrun block in its own namespace, one after the other, in the same two ranks:
-# one start-up of torch for all of them. A block that set up a process group has it torn down
-# before the next one sets up its own, as separate scripts would.
+# Runs a torchrun block as a script, with a line that says which block printed what follows.
+# Each block gets ranks of its own: a second default process group set up in the same process
+# reuses the first one's store prefix, so gloo could read the torn-down group's addresses and
+# both ranks hung in FSDP's first all-gather (2 runs of 3 while other jobs loaded the machine).
 _RUNNER = """
 import runpy, sys
 import torch.distributed as dist
@@ -144,6 +146,24 @@ for path in sys.argv[1:]:
     if dist.is_initialized():
         dist.destroy_process_group()
 """
+
+
+def _torchrun(tmp: Path, script: Path, env: dict[str, str]) -> str:
+    """Two ranks run ``script``; their output. torchrun and its ranks run in a session of
+    their own, so that a hang is killed whole: killing torchrun alone left both ranks behind."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--tee=3", str(tmp / "runner.py"), str(script)]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{script.name} did not finish in 90 s: killed\n"
+                             f"{stderr[-4000:]}") from None
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout
 
 
 @dataclass
@@ -166,20 +186,16 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> TwoRanks:
     (tmp / "runner.py").write_text(_RUNNER)
     car = start_sidecar(tmp)
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", "--tee=3", str(tmp / "runner.py"), *map(str, scripts)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_GLOO_LAZY_INIT": "1",
                "DOC_UDS": car.uds, "DOC_TOKEN_FILE": str(tmp / "token")}
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=150)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        stdout = "".join(_torchrun(tmp, script, env) for script in scripts)
         with car.client() as api:
             params = api.get("/v1/params", params={"limit": 100}).json()["items"]
             ranks = api.get("/v1/optimizer").json()["ranks"]
     finally:
         car.stop()
     printed: dict[tuple[int, str], list[str]] = {}
-    for line in proc.stdout.splitlines():  # torchrun's --tee prefixes "[rank]:"
+    for line in stdout.splitlines():  # torchrun's --tee prefixes "[rank]:"
         rank, _, text = line.partition("]:")
         r = int(rank.strip("[default"))
         if text.startswith("=== "):
