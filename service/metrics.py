@@ -272,7 +272,9 @@ class HealthCollector(Collector):
         # name -> metric key -> (family index, the sample's text up to its value) or None when
         # the key is not exported: the labels of a series never change, only its value
         self._prefixes: dict[str, dict[str, tuple[int, str] | None]] = {}
-        self._peaks: dict[str, dict[str, _Peak]] = {}  # name -> rotation key -> window max
+        # name -> (the run the windows belong to, rotation key -> window max): a new run of
+        # the parameter starts empty windows, so that no spike of an earlier run is held
+        self._peaks: dict[str, tuple[str, dict[str, _Peak]]] = {}
         self._lock = threading.Lock()
         store.add_listener(self._warm)
 
@@ -281,7 +283,10 @@ class HealthCollector(Collector):
         now = self._clock()
         with self._lock:
             for rec in records:
-                peaks = self._peaks.setdefault(rec.name, {})
+                entry = self._peaks.get(rec.name)
+                if entry is None or entry[0] != rec.run_id:
+                    entry = self._peaks[rec.name] = (rec.run_id, {})
+                peaks = entry[1]
                 for key, raw in rec.metrics.items():
                     kind = classify(key)
                     if kind is not None and kind[0] == 0 and raw is not None and math.isfinite(raw):
@@ -293,9 +298,10 @@ class HealthCollector(Collector):
 
     def _held(self, rec: ParamRecord, now: float) -> tuple[dict[str, float] | None, float]:
         """The rotation values to export for ``rec`` and until when they stay valid."""
-        peaks = self._peaks.get(rec.name)
-        if not peaks:
+        entry = self._peaks.get(rec.name)
+        if entry is None or entry[0] != rec.run_id or not entry[1]:
             return None, math.inf
+        peaks = entry[1]
         held: dict[str, float] = {}
         valid_until = math.inf
         for key, peak in peaks.items():
@@ -346,9 +352,12 @@ class HealthCollector(Collector):
 
     def render(self) -> bytes:
         """The text exposition (format 0.0.4) of the same samples ``collect`` yields."""
-        now, params, ranks = self._live()
         chunks: list[list[str]] = [[f.header()] for f in PARAM_FAMILIES]
         with self._lock:
+            # the live list under the lock: a parameter whose first snapshot is ingested
+            # meanwhile is then either in it or not yet warmed (its ingest's _warm waits for
+            # the lock), never forgotten right after its spike was pushed
+            now, params, ranks = self._live()
             for rec in params:
                 for index, text in enumerate(self._param_lines(rec, now)):
                     if text:

@@ -544,6 +544,71 @@ def test_rotation_series_hold_their_largest_value_for_the_hold_window() -> None:
     store.close()
 
 
+@pytest.mark.parametrize("finish", [False, True], ids=["new-run-id", "finish-then-new-run"])
+@pytest.mark.parametrize("scrape_between", [False, True])
+def test_a_spike_of_an_earlier_run_is_not_held_in_the_next_runs_series(
+        finish: bool, scrape_between: bool) -> None:
+    # the windows were keyed by parameter name alone: run b exported run a's 50 degrees for
+    # the hold, though it reported 3 (and after a finish only if no scrape came in between)
+    now = [1000.0]
+    store = Store(":memory:", history_max_rows=1000, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=600, rotation_hold_s=30, clock=lambda: now[0])
+    registry = build_registry(collector)
+
+    def run(run_id: str, step: int, k1: float) -> None:
+        store.ingest(Snapshot(schema_version=1, run_id=run_id, rank=0, step=step,
+                              wall_time=1e9 + now[0], params={"w": {"rotation_degrees_L_k1": k1}}))
+
+    run("a", 100, 50.0)
+    now[0] += 1
+    if finish:
+        store.finish(0, "a")
+    if scrape_between:
+        collector.render()
+    now[0] += 1
+    run("b", 0, 3.0)
+    labels = {"param": "w", "factor": "L", "k": "1"}
+    assert 'k="1"} 3.0\n' in collector.render().decode()
+    assert registry.get_sample_value("orthoshard_basis_rotation_degrees", labels) == 3.0
+    now[0] += 1
+    run("b", 1, 80.0)
+    now[0] += 1
+    run("b", 2, 1.0)
+    assert 'k="1"} 80.0\n' in collector.render().decode()  # the new run's own spike is held
+    store.close()
+
+
+def test_a_scrape_racing_a_new_parameters_first_snapshot_keeps_its_spike() -> None:
+    # render() took its live list before the lock, and forgot the windows of every name not in
+    # it: a first snapshot ingested in between lost its spike to the next scrape
+    now = [1000.0]
+    store = Store(":memory:", history_max_rows=1000, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=600, rotation_hold_s=30, clock=lambda: now[0])
+    store.ingest(Snapshot(schema_version=1, run_id="r", rank=0, step=0, wall_time=1e9,
+                          params={"old": {"rotation_degrees_L_k1": 1.0}}))
+    live = collector._live
+    spike = Snapshot(schema_version=1, run_id="r", rank=1, step=1, wall_time=1e9,
+                     params={"new": {"rotation_degrees_L_k1": 80.0}})
+    ingest = threading.Thread(target=store.ingest, args=(spike,))
+
+    def live_then_ingest() -> Any:
+        out = live()
+        ingest.start()  # its listener runs while this scrape is still under way
+        ingest.join(timeout=0.5)
+        return out
+
+    collector._live = live_then_ingest  # type: ignore[method-assign]
+    collector.render()
+    ingest.join(timeout=10)
+    assert not ingest.is_alive()
+    collector._live = live  # type: ignore[method-assign]
+    now[0] += 1
+    store.ingest(Snapshot(schema_version=1, run_id="r", rank=1, step=2, wall_time=1e9 + 1,
+                          params={"new": {"rotation_degrees_L_k1": 1.0}}))
+    assert 'param="new",factor="L",k="1"} 80.0\n' in collector.render().decode()
+    store.close()
+
+
 def test_the_collector_forgets_expired_parameters() -> None:
     # parameters come and go (a new run's names, a rank that died): what the collector keeps
     # per parameter (rendered text, label prefixes, rotation windows) must not grow with them
