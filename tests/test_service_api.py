@@ -779,6 +779,17 @@ def test_a_finish_names_a_known_rank_and_its_current_run(client: TestClient) -> 
     assert client.post("/v1/ranks/4/finish", json={"run_id": "run-b"}).status_code == 200
 
 
+def test_a_finish_answers_the_ranks_staleness_as_the_state_api_does(
+        client: TestClient, clock: FakeClock) -> None:
+    # the finish's answer said "stale": false whatever the age of the rank's last snapshot
+    post(client, snapshot(rank=3, run_id="run-a"))
+    clock.now += TTL + 1
+    finished = client.post("/v1/ranks/3/finish", json={"run_id": "run-a"})
+    assert finished.status_code == 200, finished.text
+    listed = client.get("/v1/optimizer").json()["ranks"][0]
+    assert finished.json()["stale"] is listed["stale"] is True
+
+
 def test_silent_series_expire_after_the_ttl(client: TestClient, clock: FakeClock) -> None:
     post(client, snapshot(rank=0, names=("old.w", "kept.w"), run_id="run-a"))
     clock.now += TTL / 2
@@ -801,12 +812,18 @@ def test_store_dependency_override_is_used(client: TestClient, clock: FakeClock)
     other.close()
 
 
-def test_a_summary_stored_before_names_refused_c1_controls_is_still_served(client: TestClient
-                                                                           ) -> None:
+@pytest.mark.parametrize(("name", "shown"), [
+    ("layer\x9bweight", "layer\\x9bweight"),  # C1 (U+009B, CSI), which names admitted before
+    ("layer\x1b[2Jweight", "layer\\x1b[2Jweight"),  # C0 (ESC) and DEL, admitted before that
+    ("layer\x7fweight", "layer\\x7fweight"),
+    ("w" * 250 + "\x00" * 6, "w" * 250 + "\\x00" + "\u2026"),  # cut to the length limit
+], ids=["C1", "C0", "DEL", "long"])
+def test_a_summary_stored_before_names_refused_controls_is_still_served(
+        client: TestClient, name: str, shown: str) -> None:
     # re-validated on read with today's name rule, it failed GET /v1/optimizer with a 500
+    # (names with C0 controls or DEL did, after the fallback for C1 ones)
     from service.schema import OptimizerInfo, ParamGroup, Snapshot
 
-    name = "layer\x9bweight"  # U+009B, which names admitted before
     old = Snapshot.model_construct(
         schema_version=1, run_id="r", rank=0, step=1, wall_time=T0, params={},
         optimizer=OptimizerInfo.model_construct(
@@ -816,7 +833,7 @@ def test_a_summary_stored_before_names_refused_c1_controls_is_still_served(clien
     r = client.get("/v1/optimizer")
     assert r.status_code == 200, r.text
     groups = r.json()["ranks"][0]["optimizer"]["groups"]
-    assert groups[0]["params"] == ["layer\\x9bweight"]  # written out, not a terminal escape
+    assert groups[0]["params"] == [shown]  # written out, not a terminal escape
 
 
 # ------------------------------------------------------------------------------ a locked database

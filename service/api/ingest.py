@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, status
 
 from service.api.state import rank_state
-from service.deps import Authenticated, StoreDep, WritesDep
+from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep, WritesDep
 from service.problems import ProblemError, problem_responses
 from service.records import OtherRun, UnknownRank
 from service.schema import Accepted, Finish, RankState, Snapshot
@@ -45,7 +45,8 @@ async def post_snapshot(
     responses=problem_responses(400, 401, 404, 409, 413, 415, 422, 503),
 )
 async def finish_rank(
-    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep, writes: WritesDep
+    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep, writes: WritesDep,
+    settings: SettingsDep, clock: ClockDep,
 ) -> RankState:
     """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's
     ``orthoshard_last_snapshot_timestamp_seconds`` leaves ``/metrics``, so a run that finished
@@ -64,4 +65,4 @@ async def finish_rank(
             f"an earlier run does not end the one it is running now.",
             slug="other-run",
         ) from exc
-    return rank_state(r, stale=False)
+    return rank_state(r, stale=clock() - r.received_at > settings.series_ttl_s)

@@ -96,22 +96,39 @@ def rank_state(r: RankRecord, *, stale: bool) -> RankState:
     )
 
 
-# C1 control characters: parameter names have refused them since schema v1's names rule was
-# tightened; a summary stored before then may still hold some
-_C1 = {code: f"\\x{code:02x}" for code in range(0x80, 0xA0)}
+# Control characters (C0, DEL, C1): parameter names have refused them since schema v1's names
+# rule was tightened; a summary stored before then may still hold some.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def _written_out(name: str) -> str:
+    """A stored name with its control characters written out (``\\x1b``, the same text any
+    terminal shows safely); cut, between characters, to the names' length limit with a
+    closing ellipsis if that made it longer."""
+    text = name.translate(_CONTROLS)
+    if len(text) <= PARAM_NAME_MAX_LENGTH:
+        return text
+    pieces, room = [], PARAM_NAME_MAX_LENGTH - 1
+    for char in name:
+        piece = _CONTROLS.get(ord(char), char)
+        if len(piece) > room:
+            break
+        pieces.append(piece)
+        room -= len(piece)
+    return "".join(pieces) + "\u2026"
 
 
 def _stored_optimizer(stored: dict[str, Any]) -> OptimizerConfig:
     """A stored configuration as the API model (its class and groups; a rank's state
     summaries are stored per parameter). It was validated when it came in; one stored before
-    names refused C1 controls has them written out as ``\\x9b`` (the same text any terminal
-    shows safely) instead of failing the whole answer."""
+    names refused control characters has them written out (:func:`_written_out`) instead of
+    failing the whole answer."""
     config = {k: stored[k] for k in ("class_name", "groups") if k in stored}
     try:
         return OptimizerConfig.model_validate(config)
     except ValidationError:
         legacy = {**config,
-                  "groups": [{**g, "params": [n.translate(_C1) for n in g.get("params", [])]}
+                  "groups": [{**g, "params": [_written_out(n) for n in g.get("params", [])]}
                              for g in config.get("groups", [])]}
         return OptimizerConfig.model_validate(legacy)
 
