@@ -45,12 +45,18 @@ def _normuon_normalize(U: Tensor, v: Tensor, *, beta2: float, eps: float
     ``U``) give ``v``, ``||U||_F^2`` (their sum) and ``||N||_F^2 = sum_i |U_i|^2 / (sqrt(v_i) +
     eps)^2``, so ``N`` is never formed; then one product by a per-row factor."""
     wide = torch.promote_types(U.dtype, torch.float32)
-    row_sq = torch.linalg.vector_norm(U, dim=-1, keepdim=True, dtype=wide).square()
+    row_norm = torch.linalg.vector_norm(U, dim=-1, keepdim=True, dtype=wide)
+    row_sq = row_norm.square()
     # a matrix without columns has no entries: its rows' mean square is 0, not 0/0
     v.lerp_((row_sq / max(U.size(-1), 1)).to(v.dtype), 1.0 - beta2)
-    inv = 1.0 / (v.sqrt() + eps)                                            # (..., m, 1)
+    denom = v.sqrt() + eps
+    # a row whose second moment is 0 has only zeros (v > 0 once it had an entry): it stays 0,
+    # also at eps = 0, where 1 / denom is inf and 0 * inf NaN
+    inv = torch.where(denom > 0, denom.reciprocal(), 0.0)                   # (..., m, 1)
     norm = row_sq.sum(dim=-2, keepdim=True).sqrt()                          # ||U||_F
-    n_norm = (row_sq * inv.square()).sum(dim=-2, keepdim=True).sqrt()       # ||N||_F
+    # ||N||_F from the rows' scaled norms, not their squares times inv^2: at a tiny eps a row
+    # of zeros has an inv^2 beyond float32 (0 * inf), while |U_i| inv_i stays bounded
+    n_norm = torch.linalg.vector_norm(row_norm * inv, dim=-2, keepdim=True)
     return U * (inv * (norm / n_norm.clamp(min=1e-30))), norm
 
 

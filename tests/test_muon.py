@@ -1087,6 +1087,26 @@ def test_normuon_keeps_a_matrix_without_columns_finite():
     assert torch.equal(opt.state[e]["second_moment"], torch.zeros(5, 1))
 
 
+@pytest.mark.parametrize("normuon_eps", [0.0, 1e-30])
+def test_normuon_trains_a_matrix_with_a_dead_row_at_any_accepted_eps(normuon_eps):
+    # a row without gradient (a dead neuron) has second moment 0: at eps = 0 its 0 * 1/0 made
+    # the update NaN, and at eps = 1e-30 its inv^2 overflowed float32 (0 * inf), so the matrix
+    # was skipped as non-finite at every step
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = NorMuon([("w", w)], lr=0.02, normuon_eps=normuon_eps)
+    for _ in range(3):
+        g = torch.randn(6, 4)
+        g[2] = 0.0
+        before = w.detach().clone()
+        w.grad = g
+        opt.step()
+        assert torch.isfinite(w).all() and not torch.equal(before, w.detach())
+        assert torch.equal(w.detach()[2], before[2] * (1 - 0.02 * 0.1))  # decay only
+        assert opt.health()["w"]["nonfinite_skips"] == 0.0
+    assert opt.state[w]["second_moment"][2].item() == 0.0
+
+
 # ---- LR schedulers ----------------------------------------------------------------------------
 
 def test_lr_scheduler_drives_muon_like_torch_muon():
