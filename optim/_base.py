@@ -142,8 +142,10 @@ class MatrixOptimizer(StateDictOptimizer):
         elif params is not None and not isinstance(params, set):  # a set: torch says why not
             params = list(params)  # e.g. layer.parameters(), read once
         group["params"] = params
-        if "param_names" not in group and params and \
+        if "param_names" not in group and isinstance(params, list) and \
                 not any(isinstance(p, tuple) for p in params):
+            # an empty group too (a place to add parameters later, as torch.optim allows):
+            # torch refuses a group without names next to named ones
             # group{i} after the last group, past any index a removed group's neighbours hold
             taken = {name.split(".", 1)[0] for g in self.param_groups for name in g["param_names"]}
             index = len(self.param_groups)

@@ -135,6 +135,9 @@ class StateDictOptimizer(Optimizer):
             except (ValueError, KeyError, TypeError) as exc:
                 return f"{exc}" if isinstance(exc, ValueError) else \
                     f"param group {gi} lacks or mistypes {exc}"
+            problem = _group_fields_problem(gi, saved, len(indices))
+            if problem is not None:
+                return problem
             for name, p, index in zip(group["param_names"], group["params"], indices,
                                       strict=True):
                 shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
@@ -143,6 +146,9 @@ class StateDictOptimizer(Optimizer):
                         return (f"parameter {name!r} has state {key!r}, which "
                                 f"{type(self).__name__} does not keep (it keeps "
                                 f"{', '.join(sorted(shapes))}): it comes from another optimizer")
+                    if shapes and not isinstance(value, Tensor):
+                        return (f"state {key!r} of parameter {name!r} is a "
+                                f"{type(value).__name__}, not a tensor")
                     if isinstance(value, Tensor) and key in shapes and \
                             tuple(value.shape) not in shapes[key]:
                         allowed = " or ".join(str(shape) for shape in shapes[key])
@@ -266,7 +272,7 @@ class StateDictOptimizer(Optimizer):
                        and k not in ("params", "param_names")}
             if "step" in missing:
                 missing["step"] = 0
-            groups.append({**saved, **missing} if missing else saved)
+            groups.append(_under_live_names(live, {**saved, **missing} if missing else saved))
         return {**state_dict, "param_groups": groups}
 
     def _saved_matrix_state(self, state_dict: dict[str, Any]
@@ -286,3 +292,53 @@ class StateDictOptimizer(Optimizer):
         """The dtype of matrix parameter ``p``'s state tensor ``key``, which a loaded one is
         given (None: torch's rule, the parameter's dtype; ``step`` it leaves alone)."""
         return None
+
+
+def _names_fit(names: Any, indices: Any) -> bool:
+    """Whether a saved group's ``param_names`` name its ``params`` one to one."""
+    return isinstance(names, list) and isinstance(indices, list) and \
+        len(names) == len(indices) and all(isinstance(n, str) for n in names) and \
+        len(set(names)) == len(names)
+
+
+def _under_live_names(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` as this optimizer loads it into ``live``: under the live names, which torch
+    would replace with the saved ones (health is keyed by them); and, where torch's packed
+    indices come with the names they were saved under and those are the live names in another
+    order (the parameters listed otherwise), paired with the live parameters by name, not by
+    position. Under other names (a model saved under another prefix) the pairing stays
+    torch's, by position, and so do the skip counts. A ``torch.distributed.checkpoint`` load
+    arrives already paired by FQN (``params`` are names, not indices): only the names change.
+    """
+    names: Any = saved.get("param_names")
+    indices: Any = saved.get("params")
+    live_names: list[str] = live["param_names"]
+    if not _names_fit(names, indices) or names == live_names or \
+            len(names) != len(live_names):
+        return saved  # no names to keep, nothing to change, or _state_dict_problem says why
+    out = {**saved, "param_names": list(live_names)}
+    packed = all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+    if packed and set(names) == set(live_names):
+        where = dict(zip(names, indices, strict=True))
+        out["params"] = [where[name] for name in live_names]
+    elif packed and isinstance(saved.get("nonfinite_skips"), dict):
+        skips = saved["nonfinite_skips"]
+        out["nonfinite_skips"] = {new: skips.get(old, 0)
+                                  for old, new in zip(names, live_names, strict=True)}
+    return out
+
+
+def _group_fields_problem(index: int, saved: dict[str, Any], count: int) -> str | None:
+    """What is wrong with a saved group's names or skip counts, or None (checked before
+    anything is loaded: torch would install them, and the next step fail on them)."""
+    names = saved.get("param_names")
+    if names is not None and not _names_fit(names, list(range(count))):
+        return (f"param group {index} has param_names that do not name its {count} "
+                f"parameters one to one (a list of distinct strings, one per parameter)")
+    skips = saved.get("nonfinite_skips")
+    if skips is not None and not (isinstance(skips, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in skips.items())):
+        return (f"param group {index} has nonfinite_skips that are not counts by parameter "
+                f"name ({{name: int >= 0}})")
+    return None

@@ -848,6 +848,88 @@ def test_a_state_dict_with_an_unusable_hyperparameter_is_refused_before_anything
     opt.step()  # still usable
 
 
+# Malformed names, counts or state values: torch installed them, and the next step (and any
+# later load) failed on them, so a bad dict left the optimizer unusable
+LOAD_BAD_FIELDS = {
+    "short param_names": (lambda sd: sd["param_groups"][0].update(param_names=["w"]),
+                          "param_names that do not name its 2 parameters"),
+    "repeated param_names": (lambda sd: sd["param_groups"][0].update(param_names=["w", "w"]),
+                             "param_names that do not name its 2 parameters"),
+    "skip count not an int": (lambda sd: sd["param_groups"][0].update(
+        nonfinite_skips={"w": None, "v": 0}), "nonfinite_skips that are not counts"),
+    "state not a tensor": (lambda sd: sd["state"][0].update(momentum_buffer="buf"),
+                           "'momentum_buffer' of parameter 'w' is a str, not a tensor"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_BAD_FIELDS)
+def test_a_state_dict_with_malformed_names_counts_or_state_is_refused_before_anything_changes(
+        case):
+    spoil, message = LOAD_BAD_FIELDS[case]
+    w, v = (nn.Parameter(torch.randn(4, 8)) for _ in range(2))
+    opt = Muon([("w", w), ("v", v)], lr=0.02)
+    w.grad, v.grad = torch.ones(4, 8), torch.ones(4, 8)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    spoil(saved)
+    groups, state = copy.deepcopy(opt.param_groups), copy.deepcopy(opt.state[w])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    assert all(opt.param_groups[0][k] == groups[0][k] for k in groups[0] if k != "params")
+    assert all(torch.equal(x, opt.state[w][k]) for k, x in state.items())
+    w.grad, v.grad = torch.ones(4, 8), torch.ones(4, 8)
+    opt.step()  # still usable
+    opt.load_state_dict(opt.state_dict())
+
+
+def _named_opt(order, factory, prefix=""):
+    torch.manual_seed(0)
+    params = {name: nn.Parameter(torch.randn(8, 8)) for name in ("attn.weight", "mlp.weight")}
+    return params, factory([(prefix + name, params[name]) for name in order])
+
+
+@pytest.mark.parametrize("factory", [lambda ps: Muon(ps, lr=0.02), lambda ps: SOAP(ps, lr=3e-3)],
+                         ids=["Muon", "SOAP"])
+def test_a_state_dict_loads_by_name_into_parameters_listed_in_another_order(factory):
+    # torch pairs saved state with parameters by position and then put the saved names in
+    # place of the live ones: a parameter got another matrix's state without a word, and
+    # health() reported it under the other's name
+    params, opt = _named_opt(["attn.weight", "mlp.weight"], factory)
+    for scale in (1.0, 100.0, 1.0):
+        params["attn.weight"].grad = torch.randn(8, 8)
+        params["mlp.weight"].grad = torch.randn(8, 8) * 100.0 * scale
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other, reordered = _named_opt(["mlp.weight", "attn.weight"], factory)
+    reordered.load_state_dict(saved)
+    assert reordered.param_groups[0]["param_names"] == ["mlp.weight", "attn.weight"]
+    for name in params:
+        for key, value in opt.state[params[name]].items():
+            assert torch.equal(reordered.state[other[name]][key], value), (name, key)
+    other["mlp.weight"].grad = torch.randn(8, 8)
+    reordered.step()
+    assert list(reordered.health()) == ["mlp.weight"]
+
+
+def test_a_state_dict_saved_under_other_names_loads_by_position_and_keeps_the_live_names():
+    # torch's pairing where the names differ (a model saved under DDP's "module." prefix); the
+    # loaded names were the saved ones, so health reported "module.*" for this model
+    params, opt = _named_opt(["attn.weight", "mlp.weight"], lambda ps: Muon(ps, lr=0.02),
+                             prefix="module.")
+    for p in params.values():
+        p.grad = torch.full((8, 8), float("nan"))
+    opt.step()  # one skip each, counted under the saved names
+    for p in params.values():
+        p.grad = torch.randn(8, 8)
+    opt.step()
+    other, fresh = _named_opt(["attn.weight", "mlp.weight"], lambda ps: Muon(ps, lr=0.02))
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["param_names"] == ["attn.weight", "mlp.weight"]
+    assert fresh.param_groups[0]["nonfinite_skips"] == {"attn.weight": 1, "mlp.weight": 1}
+    assert torch.equal(fresh.state[other["mlp.weight"]]["momentum_buffer"],
+                       opt.state[params["mlp.weight"]]["momentum_buffer"])
+
+
 def test_another_split_of_the_parameters_is_named_by_check_state_dict_and_load():
     # torch's load_state_dict counted groups and parameters itself, but only after a loader
     # that writes in place (sharding.checkpoint.load) had asked check_state_dict, which let

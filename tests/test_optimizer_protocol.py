@@ -319,6 +319,20 @@ def test_a_group_added_after_one_was_removed_gets_a_name_of_its_own(
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_an_empty_group_can_be_added_as_torch_optim_allows(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # torch refused it next to the named groups ("with/without names"), with no fix named
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = cls([w], **kwargs)
+    opt.add_param_group({"params": []})
+    assert opt.param_groups[1]["params"] == [] == opt.param_groups[1]["param_names"]
+    w.grad = torch.randn(4, 4)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert set(opt.health()) == {"group0.param0"}
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
 def test_a_set_of_parameters_in_a_group_is_refused_as_torch_refuses_it(
         cls: type, kwargs: dict[str, Any]) -> None:
     # a set's order can differ from run to run, and names, health and checkpoints follow it
