@@ -413,7 +413,7 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
 
     Raises:
         ValueError: for fewer than 2 dims, a non-float X, an unknown method, ``softening``
-            outside [0, 1] or NaN, ``steps`` outside [1, 100), a negative or non-finite
+            outside [0, 1] or NaN, ``steps`` outside [0, 100), a negative or non-finite
             ``eps``, or ``coefficients`` that are not three finite numbers.
     """
     _validate(X, softening, steps, eps, coefficients)
