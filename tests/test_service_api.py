@@ -790,6 +790,18 @@ def test_a_finish_answers_the_ranks_staleness_as_the_state_api_does(
     assert finished.json()["stale"] is listed["stale"] is True
 
 
+def test_a_parameter_only_in_a_late_snapshot_is_in_history_and_its_404_says_where(
+        client: TestClient) -> None:
+    # the 404 said no snapshot had named it, though its point was stored in history
+    assert post(client, snapshot(step=5, wall_time=T0 + 5)).status_code == 201
+    late = snapshot(step=3, names=("late.w",), wall_time=T0 + 3)  # taken before step 5
+    assert post(client, late).status_code == 201
+    body = assert_problem(client.get("/v1/params/late.w"), 404)
+    assert "history keeps (pass run_id)" in body["detail"]
+    points = client.get("/v1/params/late.w/history", params={"run_id": "run-a"}).json()["points"]
+    assert [p["step"] for p in points] == [3]
+
+
 def test_silent_series_expire_after_the_ttl(client: TestClient, clock: FakeClock) -> None:
     post(client, snapshot(rank=0, names=("old.w", "kept.w"), run_id="run-a"))
     clock.now += TTL / 2

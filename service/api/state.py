@@ -178,7 +178,10 @@ def _require(store: StoreDep, name: str) -> ParamRecord:
     rec = store.param(name)
     if rec is None:
         raise ProblemError(
-            404, f"No parameter named {name!r} has been reported.", slug="unknown-param"
+            404,
+            f"No latest state for a parameter named {name!r}: no snapshot named it, or only "
+            f"snapshots taken before their rank's latest, which history keeps (pass run_id).",
+            slug="unknown-param",
         )
     return rec
 
