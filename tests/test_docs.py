@@ -13,15 +13,13 @@ from __future__ import annotations
 import ast
 import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_whole
 from test_service_live import Sidecar, start_sidecar
 
 from optim.health import orthogonality_error
@@ -149,21 +147,12 @@ for path in sys.argv[1:]:
 
 
 def _torchrun(tmp: Path, script: Path, env: dict[str, str]) -> str:
-    """Two ranks run ``script``; their output. torchrun and its ranks run in a session of
-    their own, so that a hang is killed whole: killing torchrun alone left both ranks behind."""
+    """Two ranks run ``script``; their output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--tee=3", str(tmp / "runner.py"), str(script)]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"{script.name} did not finish in 90 s: killed\n"
-                             f"{stderr[-4000:]}") from None
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
+    proc = run_whole(cmd, timeout=90, cwd=tmp, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 @dataclass

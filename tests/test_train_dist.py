@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_whole
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -32,7 +33,7 @@ EXACT_ATOL = 1e-6
 def _torchrun(*args: str, env: dict | None = None, timeout: float = 240) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = run_whole(cmd, timeout=timeout, env=full_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -246,10 +247,9 @@ def test_hsdp_replicas_train_like_fsdp_and_each_replica_reports_every_matrix(tmp
     for replica in (reports[:2], reports[2:]):  # ranks 0-1 and 2-3: each replica's shard group
         assert set().union(*replica) == hidden
     # replicas that do not divide the ranks: refused before training starts
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=2", *TRAIN, "--out", str(tmp_path / "bad"),
-                           "--replicas", "3"], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_whole([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc-per-node=2", *TRAIN, "--out", str(tmp_path / "bad"),
+                      "--replicas", "3"], timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "--replicas 3 does not divide the 2 ranks" in proc.stderr
 
