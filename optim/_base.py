@@ -43,6 +43,7 @@ from optim._checks import (
     _name_unnamed_groups,
     _refuse_matrix_keys_in_adamw,
     _refuse_unsupported_adam_flags,
+    check_health_every,
     check_param_groups,
     is_int,
 )
@@ -91,8 +92,7 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, sharding: Any = None,
                  health_every: int = 1) -> None:
-        if isinstance(health_every, bool) or not isinstance(health_every, int) or health_every < 0:
-            raise ValueError(f"health_every must be an int >= 0, got {health_every!r}")
+        check_health_every(health_every)
         defaults = {**ADAMW_DEFAULTS, "algorithm": self.matrix_algorithm, "step": 0, **defaults}
         super().__init__(_name_unnamed_groups(params), defaults)
         self._check_groups()
@@ -225,6 +225,7 @@ class MatrixOptimizer(StateDictOptimizer):
             raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
                              f"same-shape matrices; 0: one matrix at a time), got "
                              f"{self.MAX_BATCH_BYTES!r}")
+        check_health_every(self.health_every)  # an instance attribute a user may have set
         # A group's values may have changed since they were checked (a scheduler, user code):
         # a step with one the update cannot use would fail half-way through the groups.
         for gi, group in enumerate(self.param_groups):

@@ -18,8 +18,8 @@ from optim._exchange import local
 if TYPE_CHECKING:
     from optim._exchange import MatrixItem
 
-__all__ = ["ADAMW", "check_betas", "check_flags", "check_param_groups", "check_rates", "is_int",
-           "is_real"]
+__all__ = ["ADAMW", "check_betas", "check_flags", "check_health_every", "check_param_groups",
+           "check_rates", "is_int", "is_real"]
 
 ADAMW = "adamw"
 
@@ -157,6 +157,15 @@ def is_int(value: Any) -> bool:
     """An integer that is not a bool (``steps=True`` would silently mean 1): Python's int and
     NumPy's integer scalars."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_health_every(value: Any) -> None:
+    """Raise ValueError unless ``value`` is an int >= 0 (``health_every``; 0: never). The
+    optimizers check it at construction and again at each step, since it is an attribute a user
+    may set on the instance."""
+    if not is_int(value) or value < 0:
+        raise ValueError(f"health_every must be an int >= 0 (measure health at step 1 and every "
+                         f"this many steps after; 0: never), got {value!r}")
 
 
 def is_real(value: Any) -> bool:

@@ -173,11 +173,7 @@ class Muon(MatrixOptimizer):
         _check_muon_args(lr, weight_decay, momentum, ns_steps, ns_method, softening, adjust_lr_fn,
                          ns_coefficients, eps)
         check_flags({"nesterov": nesterov}, "nesterov")
-        if health_probes is not None and (isinstance(health_probes, bool)
-                                          or not isinstance(health_probes, int)
-                                          or health_probes < 0):
-            raise ValueError(f"health_probes must be None (automatic), 0 (exact) or a number "
-                             f"of probes >= 1, got {health_probes!r}")
+        _check_health_probes(health_probes)
         self.health_probes = health_probes
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                     "nesterov": nesterov, "ns_coefficients": tuple(ns_coefficients), "eps": eps,
@@ -220,6 +216,7 @@ class Muon(MatrixOptimizer):
         check_flags(group, "nesterov")
 
     def _before_step(self) -> None:
+        _check_health_probes(self.health_probes)  # an instance attribute a user may have set
         for group in self.param_groups:
             _follow_method(group)
         # each matrix group's softening at the coming step, from its schedule once, and checked
@@ -361,6 +358,12 @@ def _commit(buf: Tensor, new: Tensor) -> None:
         buf.set_(new.untyped_storage(), new.storage_offset(), new.shape, new.stride())
     else:
         buf.copy_(new)
+
+
+def _check_health_probes(value: Any) -> None:
+    if value is not None and not (is_int(value) and value >= 0):
+        raise ValueError(f"health_probes must be None (automatic), 0 (exact) or a number of "
+                         f"probes >= 1, got {value!r}")
 
 
 def _check_muon_args(lr: float, weight_decay: float, momentum: float, ns_steps: int,

@@ -1477,3 +1477,31 @@ def test_a_bad_max_batch_bytes_is_refused_before_anything_changes(bad):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
     assert all(group["step"] == 0 for group in opt.param_groups)
+
+
+@pytest.mark.parametrize(("opt_cls", "attribute", "bad"), [
+    *[(cls, "health_every", bad) for cls in (Muon, NorMuon, SOAP)
+      for bad in (-1, 2.5, "3", True, None)],
+    *[(Muon, "health_probes", bad) for bad in (-1, 2.5, "16", False)],
+])
+def test_a_bad_health_setting_set_on_the_instance_is_refused_before_anything_changes(
+        opt_cls, attribute, bad):
+    # Both are constructor arguments and attributes a user may set later (health_every = 0 to
+    # stop measuring); a bad one used to fail mid-step after the step counters moved ('3',
+    # None), or to be taken silently (2.5 measured at no step, -1 at every step).
+    params = make_params([(8, 4), (6, 4), (3,)])
+    opt = opt_cls(split_param_groups([("a", params[0]), ("b", params[1]), ("c", params[2])]),
+                  lr=0.02)
+    before = [p.detach().clone() for p in params]
+    setattr(opt, attribute, bad)
+    for p, g in zip(params, grads_for(params, 0), strict=True):
+        p.grad = g
+    with pytest.raises(ValueError, match=f"{attribute} must be "):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert all(group["step"] == 0 for group in opt.param_groups)
+    assert opt.state == {} or all(not s for s in opt.state.values())
+    setattr(opt, attribute, 2 if attribute == "health_every" else 4)  # good again: it steps
+    opt.step()
+    assert not any(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert set(opt.health()) == {"a", "b"}
