@@ -590,6 +590,36 @@ def test_a_group_added_during_training_trains_like_an_optimizer_of_its_own(facto
     assert len(opt.param_groups) == 3
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_a_group_added_later_counts_its_own_steps_for_schedule_and_health(opt_cls):
+    gen = torch.Generator().manual_seed(1)
+    a, b = (nn.Parameter(torch.randn(8, 4, generator=gen)) for _ in range(2))
+    asked: list[tuple[str, int]] = []
+
+    def schedule(name):
+        return lambda t: asked.append((name, t)) or 0.1
+
+    extra = {} if opt_cls is SOAP else {"softening": schedule("a")}
+    opt = opt_cls([{"params": [("a", a)], **extra}], lr=0.01, health_every=3)
+    measured: dict[str, list[int]] = {"a": [], "b": []}
+    last: dict[str, dict] = {}
+    for t in range(1, 11):
+        if t == 5:
+            opt.add_param_group({"params": [("b", b)],
+                                 **({} if opt_cls is SOAP else {"softening": schedule("b")})})
+        for p in (a, b):
+            p.grad = torch.randn(8, 4, generator=gen)
+        opt.step()
+        for name, health in opt.health().items():
+            if health != last.get(name):  # a fresh gradient gives fresh values when measured
+                measured[name].append(t)
+            last[name] = dict(health)
+    assert measured == {"a": [1, 4, 7, 10], "b": [5, 8]}  # b's own steps 1 and 4
+    assert [g["step"] for g in opt.param_groups] == [10, 6]
+    if opt_cls is not SOAP:
+        assert [t for name, t in asked if name == "b"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_sparse_gradient_is_refused_by_name_before_anything_changes():
     from optim import split_param_groups
 
