@@ -966,3 +966,64 @@ def group_keys_worker(rank: int, world: int, name: str, directory: str, out: str
         results[kind] = {"params": full_params(model), "initial_lr": initial, "skips": skips}
     if rank == 0:
         torch.save(results, Path(out))
+
+
+# FSDP2 with a MixedPrecisionPolicy (bf16 compute, fp32 gradient reduction) and clip_grad_norm_,
+# as most FSDP training runs: the optimizer sees fp32 DTensor parameters and clipped fp32
+# DTensor gradients. MP_ROWS divides by 1, 2 and 4, so each rank takes an equal slice.
+MP_ROWS, MP_STEPS, MP_MAX_NORM = 8, 4, 0.05
+
+
+class MPNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 7)   # 7 rows: divides by neither 2 nor 4
+        self.l2 = nn.Linear(7, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.nn.functional.gelu(self.l1(x)))
+
+
+def mixed_precision_worker(rank: int, world: int, out: str, name: str) -> None:
+    """Train :class:`MPNet` under FSDP2 with bf16 compute and ``OwnerSharding``, clipping the
+    gradients each step; record the clipped full gradients and replay them through the same
+    optimizer in one process (rank 0). Saves both parameter sets, health and the gradient norms."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sharding import OwnerSharding
+
+    torch.manual_seed(0)
+    model = MPNet()
+    replay = MPNet()
+    replay.load_state_dict(model.state_dict())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in (model.l1, model.l2, model):
+        fully_shard(module, mp_policy=policy)
+    make = OPTIMIZERS[name]
+    opt = make(split_param_groups(model.named_parameters()), OwnerSharding())
+    one = make(split_param_groups(replay.named_parameters()), None)
+    gen = torch.Generator().manual_seed(1)
+    rows = MP_ROWS // world
+    norms = []
+    for _ in range(MP_STEPS):
+        x, y = torch.randn(MP_ROWS, 12, generator=gen), torch.randn(MP_ROWS, 5, generator=gen)
+        out_ = model(x[rank * rows:(rank + 1) * rows])
+        assert out_.dtype == torch.bfloat16  # the policy is in force
+        loss = (out_.float() - y[rank * rows:(rank + 1) * rows]).square().mean()
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), MP_MAX_NORM)
+        norms.append(float(total.full_tensor() if isinstance(total, DTensor) else total))
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        opt.step()
+        opt.zero_grad()
+        for n, p in replay.named_parameters():
+            p.grad = grads[n].clone()
+        one.step()
+    health: list[Any] = [None] * world
+    dist.all_gather_object(health, opt.health())
+    params = full_params(model)
+    if rank == 0:
+        torch.save({"params": params, "replay": full_params(replay), "health": health,
+                    "replay_health": one.health(), "norms": norms}, Path(out))

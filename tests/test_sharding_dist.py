@@ -602,3 +602,22 @@ def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_on
     _assert_params_close(results["older"]["params"], plain, "older")
     assert results["older"]["skips"][w.NAN_PARAM] == 1.0
     assert results["older"]["skips"]["bias"] == 1.0
+
+
+@pytest.mark.parametrize(("name", "world"), [("muon", 2), ("muon", 4), ("soap", 2)])
+def test_fsdp2_mixed_precision_with_clipping_steps_as_one_process_on_the_same_gradients(
+        tmp_path, name, world):
+    # bf16 compute, fp32 reduction, clip_grad_norm_ on the DTensor gradients: the step the
+    # owners compute from the clipped gradients is the one one process computes from them
+    # (PARITY_ATOL as above), and health covers every matrix with one process's values.
+    run_ranks(w.mixed_precision_worker, world, tmp_path, str(tmp_path / "out.pt"), name)
+    result = torch.load(tmp_path / "out.pt")
+    _assert_params_close(result["params"], result["replay"], (name, "mixed precision"))
+    assert any(norm > w.MP_MAX_NORM for norm in result["norms"]), result["norms"]  # it clipped
+    merged: dict[str, dict[str, float]] = {}
+    for report in result["health"]:
+        merged.update(report)
+    assert merged.keys() == result["replay_health"].keys() == {"l1.weight", "l2.weight"}
+    for param, metrics in result["replay_health"].items():
+        assert merged[param] == pytest.approx(metrics, abs=PARITY_ATOL, nan_ok=True), param
+    assert result["params"]["l1.weight"].dtype == torch.float32
