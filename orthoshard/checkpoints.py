@@ -5,7 +5,7 @@ job's ranks (:mod:`sharding.checkpoint`)."""
 
 from __future__ import annotations
 
-import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["HORIZON_KEY", "Checkpoints", "write_whole"]
+__all__ = ["HORIZON_KEY", "Checkpoints", "optimizer_mismatch", "write_whole"]
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -22,6 +22,68 @@ def write_whole(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def optimizer_mismatch(path: Path, optimizer: str, kl_shampoo: bool) -> str | None:
+    """Why ``--optimizer optimizer`` (``--kl-shampoo`` as given) cannot resume the checkpoint
+    at ``path`` (None: it can, or the checkpoint cannot tell): another of the job's optimizers
+    saved it, or SOAP with the other KL-Shampoo setting. Read in one process, before any
+    process group: the ranks' load would refuse it too, but in every rank and after the
+    model is built, and a launcher that restarts failed ranks would start over in vain."""
+    keys = _checkpoint_keys(path)
+    saved = _checkpoint_optimizer(keys)
+    if saved is not None and saved != optimizer:
+        return (f"--resume: the checkpoint {path} holds --optimizer {saved}'s state: resume it "
+                f"with --optimizer {saved}, or start a new run in an empty --checkpoint-dir")
+    kl = _checkpoint_kl_shampoo(path, keys) if saved == optimizer == "soap" else None
+    if kl is not None and kl != kl_shampoo:
+        flag = "with --kl-shampoo" if kl else "without --kl-shampoo"
+        return (f"--resume: the checkpoint {path} was saved by SOAP "
+                f"{'with' if kl else 'without'} KL-Shampoo factors: resume it {flag}, or start "
+                f"a new run in an empty --checkpoint-dir")
+    return None
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    """The keys the DCP checkpoint at ``path`` lists in its metadata (no tensor is read);
+    none when it is not a DCP checkpoint or unreadable (the ranks' own load says why)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception:
+        return []
+
+
+def _checkpoint_kl_shampoo(path: Path, keys: list[str]) -> bool | None:
+    """Whether the SOAP checkpoint at ``path`` (its metadata ``keys``) was saved with
+    KL-Shampoo factors: its groups' ``use_kl_shampoo``, read alone (DCP loads just those
+    values, in this process, no process group). None when the checkpoint cannot tell."""
+    import torch.distributed.checkpoint as dcp
+
+    wanted: dict[str, Any] = {k: None for k in keys if k.startswith("optim.param_groups.")
+                              and k.endswith(".use_kl_shampoo")}
+    if not wanted:
+        return None
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": it is one
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, checkpoint_id=str(path))
+    except Exception:  # unreadable: the ranks' own load says why
+        return None
+    return any(bool(v) for v in wanted.values())
+
+
+def _checkpoint_optimizer(keys: list[str]) -> str | None:
+    """Which of the job's optimizers saved a DCP checkpoint, from the state keys its metadata
+    lists (``keys``): NorMuon's ``second_moment``, SOAP's factors, Muon's ``momentum_buffer``
+    alone. None when they cannot tell."""
+    state = {key.rsplit(".", 1)[-1] for key in keys if key.startswith("optim.state.")}
+    if "second_moment" in state:
+        return "normuon"
+    if state & {"L", "R", "Q_L", "Q_R"}:
+        return "soap"
+    return "muon" if "momentum_buffer" in state else None
 
 
 #: the checkpoint entry holding the run's softening schedule length (its first --steps): a
@@ -133,9 +195,11 @@ class Checkpoints:
         """Create the directory and prove it writable now, not at the first save after
         ``--checkpoint-every`` steps of work (every rank: each writes its own files)."""
         assert self.dir is not None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        probe = self.dir / f".write-test-{os.getpid()}"
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # a name of this process alone: ranks on other hosts (containers) sharing the
+            # directory may have the same pid
+            probe = self.dir / f".write-test-{uuid.uuid4().hex}"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +71,12 @@ class Sidecar:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = out / "sidecar.token"
-        self.token_file.write_text(secrets.token_hex(32))
-        self.token_file.chmod(0o600)
+        # readable by its owner alone from the start (a umask-made file is world-readable
+        # until a chmod after the write)
+        self.token_file.unlink(missing_ok=True)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
         self.db = out / "sidecar.db"
         cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--port", str(self.port),
                "--token-file", str(self.token_file), "--db", str(self.db),
@@ -242,7 +245,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     ``--spike-at`` (the spike would never happen, yet be reported), or one another
     ``--optimizer`` saved, or SOAP with the other ``--kl-shampoo`` setting. A missing LATEST
     is fine: the run starts from step 0 and writes one."""
-    from orthoshard.checkpoints import Checkpoints
+    from orthoshard.checkpoints import Checkpoints, optimizer_mismatch
 
     try:
         latest = Checkpoints(directory).latest()
@@ -258,60 +261,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
         return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at "
                 f"{spike_at}: this run trains from step {done} on and would never spike; pass "
                 f"a later --spike-at, or none")
-    keys = _checkpoint_keys(latest)
-    saved = _checkpoint_optimizer(keys)
-    if saved is not None and saved != optimizer:
-        return (f"--resume: the checkpoint {latest} holds --optimizer {saved}'s state: resume "
-                f"it with --optimizer {saved}, or start a new run in an empty --checkpoint-dir")
-    kl = _checkpoint_kl_shampoo(latest, keys) if saved == optimizer == "soap" else None
-    if kl is not None and kl != kl_shampoo:
-        flag = "with --kl-shampoo" if kl else "without --kl-shampoo"
-        return (f"--resume: the checkpoint {latest} was saved by SOAP "
-                f"{'with' if kl else 'without'} KL-Shampoo factors: resume it {flag}, or start "
-                f"a new run in an empty --checkpoint-dir")
-    return None
-
-
-def _checkpoint_keys(path: Path) -> list[str]:
-    """The keys the DCP checkpoint at ``path`` lists in its metadata (no tensor is read);
-    none when it is not a DCP checkpoint or unreadable (the ranks' own load says why)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception:
-        return []
-
-
-def _checkpoint_kl_shampoo(path: Path, keys: list[str]) -> bool | None:
-    """Whether the SOAP checkpoint at ``path`` (its metadata ``keys``) was saved with
-    KL-Shampoo factors: its groups' ``use_kl_shampoo``, read alone (DCP loads just those
-    values, in this process, no process group). None when the checkpoint cannot tell."""
-    import torch.distributed.checkpoint as dcp
-
-    wanted: dict[str, Any] = {k: None for k in keys if k.startswith("optim.param_groups.")
-                              and k.endswith(".use_kl_shampoo")}
-    if not wanted:
-        return None
-    try:
-        with warnings.catch_warnings():  # "assuming ... a single process": it is one
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(wanted, checkpoint_id=str(path))
-    except Exception:  # unreadable: the ranks' own load says why
-        return None
-    return any(bool(v) for v in wanted.values())
-
-
-def _checkpoint_optimizer(keys: list[str]) -> str | None:
-    """Which of the demo's optimizers saved a DCP checkpoint, from the state keys its metadata
-    lists (``keys``): NorMuon's ``second_moment``, SOAP's factors, Muon's ``momentum_buffer``
-    alone. None when they cannot tell."""
-    state = {key.rsplit(".", 1)[-1] for key in keys if key.startswith("optim.state.")}
-    if "second_moment" in state:
-        return "normuon"
-    if state & {"L", "R", "Q_L", "Q_R"}:
-        return "soap"
-    return "muon" if "momentum_buffer" in state else None
+    return optimizer_mismatch(latest, optimizer, kl_shampoo)
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -354,6 +304,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"orthoshard demo: cannot use --out {args.out}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
+    if args.checkpoint_every:
+        from orthoshard.checkpoints import Checkpoints
+
+        try:  # as each rank does, but once, and before the sidecar and the ranks start
+            Checkpoints(args.checkpoint_dir).check_writable()
+        except OSError as exc:
+            print(f"orthoshard demo: {exc}", file=sys.stderr)
+            return 2
     started = time.time()
     try:
         sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)

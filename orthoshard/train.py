@@ -81,14 +81,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.d_model % GPTConfig.n_heads:
         p.error(f"--d-model {args.d_model} must be a multiple of the model's "
                 f"{GPTConfig.n_heads} attention heads")
-    if args.token_file is not None and not (args.token_file.is_file()
-                                            and os.access(args.token_file, os.R_OK)):
-        p.error(f"--token-file {args.token_file} is not a readable file")
+    if not 0 < args.spike_scale < math.inf:
+        p.error(f"--spike-scale must be a finite number > 0 (the spike's Frobenius norm as a "
+                f"multiple of the gradient's), got {args.spike_scale}")
     if args.sidecar_url is not None:
         from service.client import url_problem  # the Publisher's own check (imports httpx)
 
         if (problem := url_problem(args.sidecar_url)) is not None:
             p.error(f"--sidecar-url {problem}")
+    if (args.sidecar_url is not None or args.sidecar_uds is not None) and args.token_file is None:
+        p.error("--sidecar-url / --sidecar-uds need --token-file: the sidecar refuses snapshots "
+                "without its bearer token (the file its --token-file reads)")
+    if args.token_file is not None:
+        from service.settings import read_token_file  # the sidecar's own check of the file
+
+        try:
+            read_token_file(args.token_file)
+        except ValueError as exc:
+            p.error(f"--token-file: {exc}")
+    if args.resume:
+        from orthoshard.checkpoints import Checkpoints, optimizer_mismatch
+
+        try:
+            latest = Checkpoints(args.checkpoint_dir).latest()
+        except OSError:
+            latest = None  # the ranks' load says what is wrong with LATEST
+        if latest is not None and (problem := optimizer_mismatch(
+                latest, args.optimizer, args.kl_shampoo)) is not None:
+            p.error(problem)
     return args
 
 

@@ -69,6 +69,7 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # restarts without a checkpoint directory start over: no --resume (which needs one)
     token = tmp_path / "token"
     token.write_text("t" * 32)  # the demo writes it before it launches the ranks
+    token.chmod(0o600)
     given = _demo_args(*argv)
     train_argv = demo._train_argv(given, "http://127.0.0.1:9400", token)
     got = train.parse_args(train_argv)
@@ -95,7 +96,16 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     (["--replicas", "0"], "--replicas must be >= 1"),
     # each failed inside every rank, after the process group was up: a traceback per rank
     (["--d-model", "30"], "--d-model 30 must be a multiple of the model's 4 attention heads"),
-    (["--token-file", "/nonexistent/token"], "is not a readable file"),
+    (["--token-file", "/nonexistent/token"], "--token-file: cannot read token file "
+                                             "/nonexistent/token"),
+    # a spike of nan / inf made every matrix skip that step, reported as a spike
+    (["--spike-at", "1", "--spike-scale", "nan"], "--spike-scale must be a finite number > 0"),
+    (["--spike-at", "1", "--spike-scale=-inf"], "--spike-scale must be a finite number > 0"),
+    (["--spike-at", "1", "--spike-scale", "0"], "--spike-scale must be a finite number > 0"),
+    # the run trained to the end and exit 0 with every snapshot refused (HTTP 401)
+    (["--sidecar-url", "http://127.0.0.1:9400"], "--sidecar-url / --sidecar-uds need "
+                                                 "--token-file"),
+    (["--sidecar-uds", "/run/orthoshard.sock"], "need --token-file"),
     (["--sidecar-url", "not a url"], "--sidecar-url must be the sidecar's http(s)://host[:port]"),
     # accepted here, then refused by the Publisher on every rank once its model was set up
     (["--sidecar-url", "http://host:port"], "--sidecar-url must be the sidecar's http(s)://host"),
@@ -110,8 +120,11 @@ def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, caps
 
 @pytest.mark.parametrize("url", ["https://sidecar.example.com", "http://sidecar-3",
                                  "http://127.0.0.1:9400/"])
-def test_the_training_job_takes_every_url_the_publisher_takes(url):
-    assert train.parse_args(["--sidecar-url", url]).sidecar_url == url
+def test_the_training_job_takes_every_url_the_publisher_takes(url, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    token.chmod(0o600)
+    assert train.parse_args(["--sidecar-url", url, "--token-file", str(token)]).sidecar_url == url
     Publisher(url=url, run_id="r").close(timeout_s=0.1)
 
 
@@ -213,7 +226,8 @@ def _save_one_step(directory: Path, optimizer: str, *, kl_shampoo: bool = False)
 
 
 @pytest.mark.parametrize("saved", ["muon", "normuon", "soap"])
-def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_path, saved):
+def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_path, saved,
+                                                                          capsys):
     # it failed inside every rank, a traceback each, on DCP's missing key
     _save_one_step(tmp_path, saved)
     for other in ("muon", "normuon", "soap"):
@@ -221,8 +235,15 @@ def test_a_resume_with_another_optimizer_is_refused_before_any_rank_starts(tmp_p
         problem = demo._argument_problem(_demo_args(*argv))
         if other == saved:
             assert problem is None
+            assert train.parse_args(argv).optimizer == other
         else:
             assert problem is not None and f"resume it with --optimizer {saved}" in problem
+            # the job itself (as compose runs it, with no demo before it) refuses it too: it
+            # failed in every rank, and torchrun restarted the group into the same failure
+            with pytest.raises(SystemExit) as exit_info:
+                train.parse_args(argv)
+            assert exit_info.value.code == 2
+            assert f"resume it with --optimizer {saved}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("saved_kl", [False, True])
@@ -333,6 +354,25 @@ def test_an_output_directory_it_cannot_write_is_named_before_anything_starts(tmp
     assert demo.run(_demo_args("--out", str(tmp_path), "--steps", "2")) == 2
     assert started == []
     assert f"cannot use --out {tmp_path}: Read-only file system" in capsys.readouterr().err
+
+
+def test_a_checkpoint_dir_it_cannot_create_is_named_before_anything_starts(tmp_path,
+                                                                          monkeypatch, capsys):
+    # mkdir's own error escaped the "not writable" message, in a traceback on every rank
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    directory = blocker / "ckpt"
+    with pytest.raises(OSError, match=rf"--checkpoint-dir {directory} is not writable"):
+        checkpoints.Checkpoints(directory).check_writable()
+    started = []
+    monkeypatch.setattr(demo, "Sidecar", lambda *a, **k: started.append(a))
+    argv = ["--out", str(tmp_path / "out"), "--steps", "2", "--checkpoint-dir", str(directory),
+            "--checkpoint-every", "1"]
+    assert demo.run(_demo_args(*argv)) == 2
+    assert started == []
+    assert f"--checkpoint-dir {directory} is not writable" in capsys.readouterr().err
+    checkpoints.Checkpoints(tmp_path / "fine").check_writable()
+    assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
 
 
 def _health_log(out, params: dict[str, dict[str, float]], steps: int = 3) -> None:
