@@ -141,13 +141,23 @@ def cans_interval_step(a: float, b: float) -> tuple[float, float, float, float]:
     k = 2.0 * e2**1.5
     ell = a * b * (a + b)
     alpha = 6.0 / (k + ell)
-    eps = (k - ell) / (k + ell)
-    return alpha * e2, -alpha / 3.0, 1.0 - eps, 1.0 + eps
+    # 1 -+ eps without the cancellation: 1 - eps rounded to 0 for a below ~1e-16 (in Python
+    # floats), and the interval then stayed [0, 2] at every step
+    return alpha * e2, -alpha / 3.0, 2.0 * ell / (k + ell), 2.0 * k / (k + ell)
 
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown orthogonalize method {method!r}; choose one of {METHODS}")
+
+
+# The smallest lower_bound CANS takes, in units of the first step's machine epsilon u. The first
+# cubic maps the top of [a, 1] to p(1) = 1 - eps ~ 5.2 a, a difference of two terms of ~5.2
+# computed with an error of a few u: the result's distance to U V^T grows like u / (2 a)
+# (float32: 5e-5 at the default 1e-3, 4.6e-3 at 100 u; float64: 4.4e-3 at 100 u), and below
+# ~10 u the top directions come out turned or reversed (float32 at 1e-7: <u_i, O v_i> down to
+# -0.53; float64 at 1e-16: -0.98; Gaussian 1x64, 64x1, 8x64, 40x24, ten draws each).
+_CANS_MIN_BOUND_EPS = 100
 
 
 def _check_lower_bound(lower_bound: float | None, method: str) -> None:
@@ -157,6 +167,25 @@ def _check_lower_bound(lower_bound: float | None, method: str) -> None:
         raise ValueError(f"lower_bound must be a number in (0, 1], got {lower_bound!r}")
     if method != "cans":  # the other methods' coefficients are fixed: it would do nothing
         raise ValueError(f"lower_bound applies to method='cans' only, got method={method!r}")
+
+
+def _check_bound_resolves(lower_bound: float | None, method: str, compute: torch.dtype
+                          ) -> None:
+    """Raise ValueError for a ``lower_bound`` below what the first cubic resolves in its dtype
+    (:data:`_CANS_MIN_BOUND_EPS`)."""
+    if lower_bound is None or method != "cans":
+        return
+    first = _first_dtype(method, compute)
+    floor = _CANS_MIN_BOUND_EPS * torch.finfo(first).eps
+    if lower_bound < floor:
+        wider = "" if first == torch.float64 else (
+            f", or dtype=torch.float64 (whose floor is "
+            f"{_CANS_MIN_BOUND_EPS * torch.finfo(torch.float64).eps:.2g})")
+        raise ValueError(
+            f"lower_bound={lower_bound!r} is below what CANS's first cubic resolves in {first} "
+            f"({_CANS_MIN_BOUND_EPS} x its machine epsilon, {floor:.2g}): the top singular "
+            f"directions would be lost in rounding, some reversed. Pass lower_bound >= "
+            f"{floor:.2g}{wider}")
 
 
 def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.dtype:
@@ -225,6 +254,18 @@ def _frobenius(X: Tensor) -> Tensor:
     return norm.nan_to_num(nan=math.nan, posinf=math.nan)
 
 
+def _dividing_norm(X: Tensor, eps: float) -> Tensor:
+    """The Frobenius norm X is divided by: :func:`_frobenius`, or, with ``eps`` below where
+    the squares of the entries it would let through underflow (``sqrt(tiny)``, times 2^20 for
+    up to 2^40 entries; ``eps=0`` among them), taken of X scaled by its largest entry. A finite
+    input of norm 1e-25 read norm 0 in float32, was divided by ``tiny`` and came out NaN."""
+    if eps >= math.sqrt(torch.finfo(X.dtype).tiny) * 2.0**20:
+        return _frobenius(X)
+    amax = X.abs().amax() if X.ndim == 2 else X.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = amax.clamp(min=torch.finfo(X.dtype).tiny)
+    return scale * _frobenius(X / scale)
+
+
 def _floored(norm: Tensor, eps: float) -> Tensor:
     """``norm`` floored at ``eps``, and at the dtype's smallest normal number when ``eps`` is 0:
     a zero matrix divides to zeros, never 0 / 0."""
@@ -235,7 +276,7 @@ def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed.
     ``inplace`` divides X itself (a private copy), as ``torch.optim.Muon`` does: same bits."""
-    norm = _floored(_frobenius(X), eps)
+    norm = _floored(_dividing_norm(X, eps), eps)
     X = X.div_(norm) if inplace else X / norm
     if method == "quintic":
         return X, None, None
@@ -309,6 +350,7 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
     Y = Y.mT if transpose else Y
     if n_steps == 0:  # the normalized input, as torch.optim.Muon's ns_steps=0 gives it
         Y = _normalize(Y, method, eps, inplace=private)[0]
+        return (Y.mT if transpose else Y).to(X.dtype)
     for Z in _iterate(Y, method, n_steps, eps, quintic, lower_bound, compute, inplace=private):
         Y = Z  # each iterate dropped as the next one comes
     return (Y.mT if transpose else Y).to(X.dtype)
@@ -321,7 +363,7 @@ def _to_compute(X: Tensor, compute: torch.dtype, eps: float) -> Tensor:
     if compute != torch.float16:
         return X.to(compute)
     wide = X.to(torch.promote_types(X.dtype, torch.float32))
-    return (wide / _floored(_frobenius(wide), eps)).to(compute)
+    return (wide / _floored(_dividing_norm(wide, eps), eps)).to(compute)
 
 
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
@@ -366,6 +408,7 @@ def polar_iterates(X: Tensor, *, method: str = "polar_express", steps: int | Non
     _check_method(method)
     _check_lower_bound(lower_bound, method)
     compute = _compute_dtype(X, dtype, method)
+    _check_bound_resolves(lower_bound, method, compute)
     return _polar_iterates(X, method, steps, eps, coefficients, lower_bound, compute)
 
 
@@ -402,11 +445,18 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
         dtype: compute dtype; None computes in bfloat16 as Muon does (float32 for ``"svd"``).
         eps: floor of the normalizing norms; a zero matrix returns zeros, never NaN. A finite
             input whose Frobenius norm overflows its dtype (entries beyond ~1e19 in float32 or
-            bfloat16) returns NaN (``"svd"`` only when softened), never a silent zero.
+            bfloat16) returns NaN (``"svd"`` only when softened), never a silent zero. Below
+            ~1e-13 (float32, bfloat16; ~1e-148 in float64; ``eps=0`` among them) the input's
+            norm is taken scaled by its largest entry, so a tiny input (norm 1e-25) keeps its
+            polar factor instead of underflowing to NaN.
         coefficients: the ``(a, b, c)`` of ``"quintic"`` (Muon's ``ns_coefficients``).
         lower_bound: ``"cans"`` only (refused for the other methods, whose coefficients are
-            fixed): a known lower bound of ``sigma_min / sigma_max`` (default
-            :data:`CANS_DEFAULT_LOWER_BOUND`); a tight bound saves steps.
+            fixed): a known lower bound of the singular values after CANS's normalization,
+            ``sigma_min / (sum sigma^6)^(1/6)``, which is at least ``sigma_min / sigma_max``
+            times ``min(m, n)^(-1/6)`` (default :data:`CANS_DEFAULT_LOWER_BOUND`); a tight
+            bound saves steps. At least 100 machine epsilons of the first step's dtype
+            (float32 for float32, bfloat16 and float16: 1.2e-5; float64: 2.2e-14): the result
+            is within about ``eps_dtype / (2 lower_bound)`` of ``U V^T``.
 
     Returns:
         A tensor of X's shape and dtype.
@@ -414,11 +464,13 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
     Raises:
         ValueError: for fewer than 2 dims, a non-float X, an unknown method, ``softening``
             outside [0, 1] or NaN, ``steps`` outside [0, 100), a negative or non-finite
-            ``eps``, or ``coefficients`` that are not three finite numbers.
+            ``eps``, ``coefficients`` that are not three finite numbers, or a ``lower_bound``
+            outside (0, 1], below the first step's floor, or given for another method.
     """
     _validate(X, softening, steps, eps, coefficients)
     _check_method(method)
     _check_lower_bound(lower_bound, method)
+    _check_bound_resolves(lower_bound, method, _compute_dtype(X, dtype, method))
     result = _polar(X, method, steps, dtype, eps, coefficients, lower_bound)
     return soften(result, X, softening, eps=eps)
 
@@ -437,5 +489,5 @@ def soften(O: Tensor, X: Tensor, softening: float, *, eps: float = 1e-7) -> Tens
     if softening == 0.0:
         return O
     X = _widen_half(X)
-    direction = X / _floored(_frobenius(X), eps)
+    direction = X / _floored(_dividing_norm(X, eps), eps)
     return torch.lerp(O, direction.to(O.dtype), float(softening))

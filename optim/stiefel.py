@@ -70,10 +70,13 @@ def _sym(A: Tensor) -> Tensor:
 def tangent_project(U: Tensor, G: Tensor) -> Tensor:
     """``G - U sym(U^T G)``, ``sym(A) = (A + A^T)/2``: the tangent part of G at U (1 + 1 products).
 
-    The result ``D`` satisfies ``U^T D + D^T U = 0`` when ``U^T U = I``.
+    The result ``D`` satisfies ``U^T D + D^T U = 0`` when ``U^T U = I``. U and G of different
+    dtypes are computed in the promoted one (as :func:`cayley_retract` does), which D keeps.
     """
     _check_frame(U, "tangent_project")
     _check_direction(G, U)
+    common = torch.promote_types(U.dtype, G.dtype)
+    U, G = U.to(common), G.to(common)
     return G - _matmul.mm(U, _sym(_matmul.mm(U.mT, G)))
 
 

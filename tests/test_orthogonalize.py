@@ -571,3 +571,72 @@ def test_zero_steps_return_the_normalized_input_as_torch_muon_does():
     assert list(polar_iterates(X, method="cans", steps=0)) == []
     with pytest.raises(ValueError, match=r"steps must be an int in \[0, 100\)"):
         orthogonalize(X, steps=-1)
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "cans"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_steps_normalize_once_whatever_the_input_dtype(method, dtype):
+    # a copy made for the compute dtype was normalized twice, in place: the result depended on
+    # the input's dtype (polar_express 1.00 instead of its Gram scaling, 2.15), and the quintic
+    # left torch.optim.Muon's ns_steps=0 in 30 of 200 draws
+    torch.manual_seed(0)
+    X = torch.randn(64, 32).to(dtype)
+    same = orthogonalize(X.float(), method=method, steps=0, dtype=torch.float32)
+    for compute in (torch.float32, torch.float64):
+        got = orthogonalize(X, method=method, steps=0, dtype=compute).float()
+        # one normalization in either dtype: they differ by the input's rounding only
+        torch.testing.assert_close(got, same, rtol=0, atol=float(torch.finfo(dtype).eps))
+    if method == "quintic":
+        for seed in range(20):
+            torch.manual_seed(seed)
+            G = torch.randn(48, 24)
+            assert torch.equal(orthogonalize(G, method=method, steps=0),
+                               _zeropower_via_newtonschulz(G, JORDAN_QUINTIC, 0, 1e-7))
+
+
+def test_cans_intervals_keep_their_lower_end_however_small():
+    # 1 - eps cancelled to 0 below ~1e-16: the interval stayed [0, 2] and nothing converged
+    for a in (1e-17, 1e-30):
+        lin, cub, new_a, new_b = cans_interval_step(a, 1.0)
+        assert new_a > 0 and new_a == pytest.approx(3 * math.sqrt(3) * a, rel=1e-6)
+        assert new_b == pytest.approx(2.0, rel=1e-12)
+        assert lin * 1.0 + cub * 1.0 == pytest.approx(new_a, rel=1e-6)  # p(b) = 1 - eps
+
+
+@pytest.mark.parametrize(("compute", "floor"), [(torch.float32, 1.19e-5), (torch.bfloat16, 1.19e-5),
+                                                (torch.float16, 1.19e-5),
+                                                (torch.float64, 2.2e-14)])
+def test_a_cans_bound_below_the_first_steps_rounding_is_refused_at_the_call(compute, floor):
+    # below ~10 machine epsilons the first cubic reversed top directions with no error: float32
+    # at 1e-7 gave <u_i, O v_i> = -0.53, float64 at 1e-16 gave -0.98
+    X = torch.randn(8, 64, dtype=torch.float64)
+    for call in (orthogonalize, polar_iterates):
+        with pytest.raises(ValueError, match=r"lower_bound=.* is below what CANS's first cubic "
+                                             r"resolves in torch\.float(32|64)"):
+            call(X, method="cans", dtype=compute, lower_bound=floor / 2)
+    # at the floor it converges with every direction kept; the distance to U V^T is about
+    # eps / (2 floor) = 1/200 relative (4.4e-3 to 4.6e-3 measured), bounded at twice that
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    O = orthogonalize(X, method="cans", dtype=compute, lower_bound=floor * 1.01,
+                      steps=60).double()
+    assert torch.diagonal(U.mT @ O @ Vh.mT).min() > 0.9
+    if compute in (torch.float32, torch.float64):
+        assert torch.linalg.matrix_norm(O - U @ Vh) / math.sqrt(8) < 2 * 0.5 / 100
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "cans"])
+def test_eps_zero_keeps_a_tiny_inputs_polar_factor(method):
+    # float32 squares of entries below ~1e-19 underflow: the norm read 0, X was divided by
+    # float32's tiny and the products overflowed to NaN
+    torch.manual_seed(0)
+    X = torch.randn(64, 32)
+    want = orthogonalize(X, method=method, eps=0.0, dtype=torch.float32)
+    for scale in (1e-25, 1e-35):
+        got = orthogonalize(X * scale, method=method, eps=0.0, dtype=torch.float32)
+        # the same singular directions scaled to the same start: float32 rounding apart
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    tiny_soft = orthogonalize(X * 1e-30, method=method, eps=0.0, dtype=torch.float32,
+                              softening=0.5)
+    torch.testing.assert_close(tiny_soft, soften(want, X, 0.5, eps=0.0), rtol=0, atol=1e-5)
+    assert torch.equal(orthogonalize(torch.zeros(4, 3), method=method, eps=0.0),
+                       torch.zeros(4, 3))

@@ -72,6 +72,12 @@ def test_tangent_project_gives_tangent_vectors_and_is_a_projection():
     torch.testing.assert_close(U.T @ D + D.T @ U, torch.zeros(8, 8, dtype=torch.float64),
                                atol=FP64_ATOL, rtol=0)
     torch.testing.assert_close(tangent_project(U, D), D, atol=FP64_ATOL, rtol=0)
+    # a float32 frame with a float64 gradient (or the reverse) raised torch's matmul dtype
+    # error; cayley_retract promoted them: now both do
+    for u, g in ((U.float(), G), (U, G.float())):
+        mixed = tangent_project(u, g)
+        assert mixed.dtype == torch.float64
+        torch.testing.assert_close(mixed, tangent_project(u.double(), g.double()), atol=0, rtol=0)
 
 
 def test_qr_retract_is_sign_fixed_identity_on_the_manifold_and_continuous():
