@@ -152,8 +152,11 @@ def publish_health(publisher: Any, optimizer: Any, *, step: int, rank: int,
     """Hand this rank's health (and, if asked, the state summary) to the publisher; returns
     the health it published. Never blocks on the sidecar (the publisher's queue does); with
     ``with_summary`` under FSDP2 it is collective (:func:`optimizer_summary`): every rank
-    passes the same ``with_summary`` at a step."""
+    passes the same ``with_summary`` at a step, also a rank without a sidecar, whose
+    ``publisher`` is None (it takes part in the collective and publishes nothing; skipping the
+    call there would leave the other ranks waiting in it)."""
     health = optimizer.health()
     summary = optimizer_summary(optimizer, rank=rank) if with_summary else None
-    publisher.publish(step=step, rank=rank, params=health, optimizer=summary)
+    if publisher is not None:
+        publisher.publish(step=step, rank=rank, params=health, optimizer=summary)
     return health

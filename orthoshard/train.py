@@ -359,10 +359,10 @@ def _train(args: argparse.Namespace) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss_avg = loss.detach().clone()
         dist.all_reduce(loss_avg)  # logging only: the mean loss over ranks
-        health = optimizer.health()
-        if publisher is not None:
-            publish_health(publisher, optimizer, step=step + 1, rank=rank,
-                           with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
+        # on every rank, with a sidecar or not: the summary is collective under FSDP2 (a node
+        # started without --sidecar-url would otherwise leave the others waiting in it)
+        health = publish_health(publisher, optimizer, step=step + 1, rank=rank,
+                                with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, float(loss_avg) / world, health)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
             ckpt.save(model, optimizer, step + 1, horizon)

@@ -1027,3 +1027,34 @@ def mixed_precision_worker(rank: int, world: int, out: str, name: str) -> None:
     if rank == 0:
         torch.save({"params": params, "replay": full_params(replay), "health": health,
                     "replay_health": one.health(), "norms": norms}, Path(out))
+
+
+class _Recorder:
+    """A publisher that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+
+    def publish(self, **snapshot: Any) -> None:
+        self.published.append(snapshot)
+
+
+def summary_without_sidecar_worker(rank: int, world: int, out: str) -> None:
+    """Rank 0 publishes to a sidecar, the others have none (``publisher=None``); every rank
+    calls ``publish_health`` with the summary due, then the ranks sum a check value. Under
+    FSDP2 the summary's all_reduce completes the sharded momentum's norms: a rank that skipped
+    it would pair the others' all_reduce with the check's."""
+    from orthoshard.telemetry import publish_health
+    from sharding import OwnerSharding
+
+    model, opt = build("muon", fsdp=True, sharding=OwnerSharding())
+    publisher = _Recorder() if rank == 0 else None
+    for step in range(2):
+        inject(model, step)
+        opt.step()
+        publish_health(publisher, opt, step=step + 1, rank=rank, with_summary=True)
+    check = torch.tensor([float(rank + 1)])
+    dist.all_reduce(check)
+    if rank == 0:
+        assert publisher is not None
+        torch.save({"check": float(check), "published": publisher.published}, Path(out))

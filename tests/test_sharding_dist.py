@@ -6,6 +6,7 @@ scenario and the tests below read its results.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import _sharding_workers as w
@@ -624,3 +625,17 @@ def test_fsdp2_mixed_precision_with_clipping_steps_as_one_process_on_the_same_gr
     for param, metrics in result["replay_health"].items():
         assert merged[param] == pytest.approx(metrics, abs=PARITY_ATOL, nan_ok=True), param
     assert result["params"]["l1.weight"].dtype == torch.float32
+
+
+def test_a_rank_without_a_sidecar_still_joins_the_state_summarys_collective(tmp_path):
+    # orthoshard.train published (and so summarized) only on ranks with a sidecar: a node
+    # started without --sidecar-url left the others in the summary's all_reduce
+    run_ranks(w.summary_without_sidecar_worker, 2, tmp_path, str(tmp_path / "out.pt"),
+              timeout=60)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["check"] == 1.0 + 2.0  # the ranks' collectives paired up
+    assert [s["step"] for s in result["published"]] == [1, 2]
+    for snapshot in result["published"]:
+        norms = {name: state["buffer_norms"]["momentum_buffer"]
+                 for name, state in snapshot["optimizer"]["state"].items()}
+        assert norms and all(math.isfinite(v) and v > 0 for v in norms.values())
