@@ -8,11 +8,13 @@ turn into a silently green run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,10 +46,25 @@ def run_whole(cmd: list[str], *, timeout: float, **kwargs: object
     running, hung in a collective."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)  # type: ignore[call-overload]
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    with killed_whole(proc):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def killed_whole(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kill ``proc``'s session (started with ``start_new_session=True``) when the block is left
+    by an exception: a failed assertion, or the test's own timeout (pytest-timeout raises in
+    the test, past any ``communicate`` deadline), would otherwise leave it and its children
+    running."""
+    try:
+        yield proc
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise

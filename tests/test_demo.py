@@ -23,7 +23,7 @@ import httpx
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, require_tool
+from conftest import ROOT, killed_whole, require_tool, run_whole
 from test_deploy_live import free_port, serve
 
 from orthoshard.report import health_panels, load_health
@@ -50,8 +50,9 @@ def _demo(out: Path, *extra: str) -> list[str]:
 @pytest.mark.timeout(240)
 def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(_demo(out, "--steps", "40"), capture_output=True, text=True,
-                          timeout=220, cwd=ROOT)
+    # run_whole: a timeout kills the demo's sidecar and torchrun with it (torchrun runs in a
+    # session of its own, which killing the demo alone would orphan)
+    proc = run_whole(_demo(out, "--steps", "40"), timeout=220, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer"] == "Muon" and summary["world_size"] == 2
@@ -210,7 +211,7 @@ def _query(url: str, promql: str) -> list[dict]:
 @pytest.mark.timeout(420)
 def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_path):
     runs = {}
-    with __import__("contextlib").ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         for case in ("spike", "calm"):
             tmp = tmp_path / case
             tmp.mkdir()
@@ -222,8 +223,9 @@ def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_
                      "--rotation-hold", str(ROTATION_HOLD_S), "--linger",
                      str(LINGER_S)] + (["--spike-at", str(SPIKE_AT)] if case == "spike" else [])
             log = (tmp / "demo.log").open("w")
-            proc = subprocess.Popen(_demo(tmp / "out", *extra), stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = stack.enter_context(killed_whole(subprocess.Popen(
+                _demo(tmp / "out", *extra), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True)))  # killed whole if the test fails
             runs[case] = {"proc": proc, "url": url, "fired": False, "log": tmp / "demo.log"}
         deadline = time.monotonic() + 360
         while any(r["proc"].poll() is None for r in runs.values()):

@@ -7,17 +7,19 @@ uninterrupted single-node reference is computed once per module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import run_whole
+from conftest import killed_whole, run_whole
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -203,18 +205,15 @@ def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, u
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, *TRAIN,
-                                "--out", str(tmp_path / f"node{i}")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for i in range(2)]
-    try:
+    with contextlib.ExitStack() as stack:  # each agent's session killed whole on a failure
+        agents = [stack.enter_context(killed_whole(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *common, *TRAIN, "--out",
+             str(tmp_path / f"node{i}")], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True))) for i in range(2)]
+        deadline = time.monotonic() + 240
         for a in agents:
-            _, err = a.communicate(timeout=240)
+            _, err = a.communicate(timeout=max(1.0, deadline - time.monotonic()))
             assert a.returncode == 0, err[-4000:]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
     finals = [p for p in (tmp_path / "node0" / "final_params.pt",
                           tmp_path / "node1" / "final_params.pt") if p.exists()]
     assert len(finals) == 1, "exactly one node hosts global rank 0"
