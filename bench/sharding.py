@@ -404,7 +404,7 @@ def main() -> None:
     print("\n".join(muon_lines))
     if soap_lines:
         print(f"\n## SOAP: ours vs naive (GPT d={soap_cfg['d_model']} x {soap_cfg['n_layers']}, "
-              f"P = {p_soap / 1e6:.3f} M)\n")
+              f"P = {p_soap / 1e6:.3f} M; median over {max(3, steps // 3)} timed steps)\n")
         print("| W | optimizer | ours bytes / budget | ours bytes / naive | ours ms | naive ms "
               "| ours time / naive | ours state MB/rank | state / naive | ours step peak MB/rank "
               "| peak / naive | max abs param diff |")

@@ -154,7 +154,8 @@ def bench_store(ranks: int, params: int, count: int) -> tuple[list[float], list[
                   Store(f"{tmp}/auto.db", history_max_rows=2_000_000)]
         auto = stores[1]
         assert auto._checkpointer is not None
-        auto._checkpointer.close()  # the baseline: history and checkpoints in each commit
+        # the baseline: history and checkpoints in each commit
+        auto._checkpointer.close(timeout_s=10.0)
         auto._checkpointer = None
         auto._db.execute("PRAGMA wal_autocheckpoint=1000")
         try:

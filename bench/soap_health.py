@@ -113,7 +113,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="128x64,512x256", help="lone matrices ('' for none)")
     parser.add_argument("--model", action="store_true", help="also the 12-matrix stack and GPT")
     parser.add_argument("--quick", action="store_true", help="--model at d_model 64")
-    parser.add_argument("--steps", type=positive_int, default=None, help="default by size")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="default by size; a row refreshing every F steps runs at least 10 F, "
+                             "in whole periods (--steps 60 runs 100 at F = 10)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time.thread_time, not wall (needs --threads 1)")
