@@ -624,10 +624,22 @@ def _counting_products(monkeypatch):
     return calls
 
 
+def _rotation_flops(opt, p) -> int:
+    """The matrix-product flops of a refresh's rotation angles: per side with a factor, three
+    products of the first ``k = min(8, d)`` columns of two ``d``-long bases (``k x d`` by
+    ``d x k``), the ``k^2`` Grams and overlaps of ``optim.health.principal_extremes``."""
+    sides = [opt.state[p][f"Q_{s}"].shape[0] for s in "LR" if opt.state[p][f"Q_{s}"].numel()]
+    return sum(3 * 2 * min(8, d) ** 2 * d for d in sides)
+
+
 def _with_and_without_health(cfg, every, steps, monkeypatch):
     """Step SOAP(health_every=every) and SOAP(health_every=0) on the same gradients; yield
     ``(t, optimizer, param, bases before the step, (F Q products, half products) only health
-    made)``."""
+    made, matrix-product flops only health made)``. The flops are torch's own count of every
+    mm / bmm / addmm / baddbmm the step and ``health()`` ran (``FlopCounterMode``), so a
+    product made some other way than the two counted helpers shows there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     calls = _counting_products(monkeypatch)
     runs = []
     for health_every in (every, 0):
@@ -637,12 +649,17 @@ def _with_and_without_health(cfg, every, steps, monkeypatch):
     for t, g in enumerate(_spiky_grads(steps)):
         before = {s: opt.state[p][f"Q_{s}"].clone() for s in "LR"} if t else {}
         p.grad, p_off.grad = g.clone(), g.clone()
-        calls[:] = [0, 0]
-        opt.step()
-        with_health = list(calls)
-        calls[:] = [0, 0]
-        opt_off.step()
-        yield t, opt, p, before, (with_health[0] - calls[0], with_health[1] - calls[1])
+        flops = []
+        counts = []
+        for o in (opt, opt_off):
+            calls[:] = [0, 0]
+            with FlopCounterMode(display=False) as counter:
+                o.step()
+                o.health()
+            flops.append(counter.get_total_flops())
+            counts.append(list(calls))
+        yield (t, opt, p, before, (counts[0][0] - counts[1][0], counts[0][1] - counts[1][1]),
+               flops[0] - flops[1])
 
 
 @pytest.mark.parametrize("half_product", [True, False], ids=["half product", "product"])
@@ -656,9 +673,11 @@ def test_health_between_refreshes_matches_the_stored_state_without_extra_product
         monkeypatch.setattr(soap_basis, "HALF_PRODUCT_FROM", 0)
     assert (24 >= soap_basis.HALF_PRODUCT_FROM) == half_product
     freq = cfg["precondition_frequency"]
-    for t, opt, p, before, extra in _with_and_without_health(cfg, 1, 14, monkeypatch):
+    for t, opt, p, before, extra, flops in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
             _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
+        if t % freq:  # between refreshes health multiplies no matrices at all
+            assert flops == 0, (t, flops)
         # no F Q product for health between refreshes, ever; at a power-iteration refresh
         # followed by steps without one, half a product (or on a small side one product) per
         # side whose quotients KL-Shampoo's own whitening will not supply at the next step
@@ -738,8 +757,9 @@ def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d, leaf, monke
 def test_health_every_n_keeps_the_quotients_carried_between_health_steps(cfg, monkeypatch):
     # health every 3 steps, refresh every 3-4: the quotients are carried through the steps
     # without health, so no health step needs a product (eigh and KL start them for free)
-    for t, opt, p, before, extra in _with_and_without_health(cfg, 3, 13, monkeypatch):
+    for t, opt, p, before, extra, flops in _with_and_without_health(cfg, 3, 13, monkeypatch):
         assert extra == (0, 0), t
+        assert flops == 0 or t % cfg["precondition_frequency"] == 0, (t, flops)
         if t and t % 3 == 0:  # a health step (steps 1, 4, 7, ...: t = step - 1)
             refreshed = t % cfg["precondition_frequency"] == 0
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed)
@@ -754,9 +774,13 @@ def test_health_only_at_refreshes_carries_no_quotients(cfg, multiple, monkeypatc
     # carried quotients (no product or half product for health at any step) and the steps
     # between keep none (step 1's eigh keeps its eigenvalues, which cost nothing)
     every = multiple * cfg["precondition_frequency"]
-    for t, opt, p, before, extra in _with_and_without_health(cfg, every, 2 * every + 2,
-                                                             monkeypatch):
+    for t, opt, p, before, extra, flops in _with_and_without_health(cfg, every, 2 * every + 2,
+                                                                    monkeypatch):
         assert extra == (0, 0), (t, extra)
+        # nothing between health steps; at one (a refresh), only the rotations' products (step
+        # 1 has no earlier basis to turn from)
+        rotated = t > 0 and t % every == 0
+        assert flops == (_rotation_flops(opt, p) if rotated else 0), (t, flops)
         assert (p in opt._quotients) == (t == 0), t
         if t and t % every == 0:  # a health step, and a refresh
             _check_against_stored_state(opt, p, opt.health()["w"], before, refreshed=True)
