@@ -430,13 +430,18 @@ def parity_worker(rank: int, world: int, out: str, fsdp: bool,
     for name, bad in scenarios:
         sharding = OwnerSharding()
         model, opt = build(name, fsdp=fsdp, sharding=sharding)
-        with A2ACounter() as counter:
+        # torch's own count of every collective the steps ran (CommDebugMode: all_reduce,
+        # all_gather, broadcast, ... as well as the all-to-alls A2ACounter wraps)
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        with A2ACounter() as counter, CommDebugMode() as debug:
             for step in range(STEPS):
                 inject(model, step, bad=bad)
                 opt.step()
         plan, _ = sharding.global_plan()
         mine = {"stats": opt.comm_stats(), "counted": (counter.sent, counter.received,
                                                        counter.calls),
+                "all_collectives": debug.get_total_counts(),
                 "plan": (plan.elements_sent(rank), plan.elements_received(rank)),
                 "health": opt.health(),
                 # collective under FSDP2 (sharded momentum): every rank calls it here
