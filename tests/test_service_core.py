@@ -307,7 +307,12 @@ def test_commits_reach_the_database_file_off_the_ingest_thread(tmp_path: Path) -
     db = tmp_path / "s.db"
     store = Store(str(db), history_max_rows=1000)
     assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    statements: list[str] = []  # what the ingest's own connection runs
+    store._db.set_trace_callback(statements.append)
     store.ingest(make_snapshot(1, n=3))
+    store._db.set_trace_callback(None)
+    assert any(s.startswith("COMMIT") for s in statements), statements
+    assert not any("checkpoint" in s.lower() for s in statements), statements
     deadline = time.monotonic() + CHECKPOINT_DEADLINE_S
     while (rows := _rows_in_file_alone(db, tmp_path / "copy.db")) != 3 and \
             time.monotonic() < deadline:
