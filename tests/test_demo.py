@@ -238,7 +238,7 @@ def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_
             assert r["proc"].returncode == 0, r["log"].read_text()[-3000:]
             # The calm run's silence means something only if Prometheus saw rotations at all.
             seen = _query(r["url"], "count(max_over_time(orthoshard_basis_rotation_degrees[10m]))")
-            assert seen and float(seen[0]["value"][1]) >= 16, case  # 8 matrices x L/R x k=1/8
+            assert seen and float(seen[0]["value"][1]) == 32, case  # 8 matrices x L/R x k=1/8
             ever = _query(r["url"], f"max_over_time({SPIKE_QUERY}[10m])")
             r["fired"] = r["fired"] or bool(ever)
     assert runs["spike"]["fired"], "OptimizerBasisRotationSpike did not fire on the spike"

@@ -227,6 +227,7 @@ def test_sharding_guide_counts_two_collectives_a_step_and_its_checkpoint_loads(
     assert (two_ranks.cwd / "ckpt" / "step-000100" / ".metadata").is_file()
 
 
+@pytest.mark.multiprocess  # a sidecar process
 def test_service_guide_loop_reaches_the_sidecar_and_ends_the_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     car: Sidecar = start_sidecar(tmp_path)

@@ -490,6 +490,7 @@ def test_fast_render_equals_prometheus_client_exposition() -> None:
     store.close()
 
 
+@pytest.mark.tools
 def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     store = Store(":memory:", history_max_rows=1000)
@@ -1187,6 +1188,9 @@ def test_a_snapshot_in_flight_when_close_finishes_leaves_the_finish_its_time() -
     assert (pub.stats.sent, pub.stats.dropped) == (0, 1)
 
 
+JOIN_SLACK_S = 0.5
+
+
 @pytest.mark.timeout(30)
 def test_a_send_in_flight_when_close_is_called_does_not_keep_the_finish_from_going_out() -> None:
     # a send begun before close(finished=True) keeps its own timeout (httpx cannot shorten it):
@@ -1212,9 +1216,10 @@ def test_a_send_in_flight_when_close_is_called_does_not_keep_the_finish_from_goi
     assert started.wait(5)
     assert pub.close(timeout_s=timeout_s, finished=True)
     # close() waits for the sender until a second past its deadline, the finishes included
-    # (waiting a whole timeout after them would run it to about two seconds past); the slack
-    # is the recorder reading the clock a moment after close() did
-    assert max(joins) <= pub._deadline + 1.0 + 0.05
+    # (waiting a whole timeout after them would run it to about two seconds past, 3 s); the
+    # recorder reads the clock a moment after close() did, a moment a loaded machine can
+    # stretch: JOIN_SLACK_S is far below the second the defect added
+    assert max(joins) <= pub._deadline + 1.0 + JOIN_SLACK_S
     (finish, snapshot) = sorted(calls, key=lambda c: c[0])
     # posted alongside the snapshot, before its answer, naming the snapshot's wall time so the
     # sidecar keeps the finish when the snapshot lands after it

@@ -339,7 +339,7 @@ def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports
                        *keep) == 0
     assert "keeps the checkpoint's length of 4 steps" in capsys.readouterr().err
     softening = _softening(first) | _softening(second)
-    assert softening == pytest.approx(
+    assert softening == pytest.approx(  # read back from JSON floats: rounding only
         {t: SOFTENING_MAX * min(1.0, t / 4) for t in range(1, 9)}, rel=1e-6)
     # the first run's reports, then a restart that finds the step-8 checkpoint: they were
     # kept as if they were this run's (its parameters 4 steps old)
