@@ -35,8 +35,10 @@ SPIKE_QUERY = 'ALERTS{alertname="OptimizerBasisRotationSpike",alertstate="firing
 # Timing of the alert runs. The fast rules compare a 5 s window against a 20 s baseline offset
 # by 5 s, so the spike needs ~25 s of calm history first: 60 steps of ~0.5 s. The sidecar's
 # rotation hold keeps the one-step spike on /metrics until the 1 s scrape sees it; 2 s is to the
-# fast profile's 5 s jump window what the default 30 s is to the production 2 min window.
-SPIKE_AT, STEPS, STEP_DELAY_S, LINGER_S, ROTATION_HOLD_S = 60, 90, 0.5, 8, 2.0
+# fast profile's 5 s jump window what the default 30 s is to the production 2 min window. After
+# the spike, 12 steps and the linger keep the sidecar up ~14 s: the alert needs ~5 (hold,
+# scrape, one evaluation, its 2 s "for").
+SPIKE_AT, STEPS, STEP_DELAY_S, LINGER_S, ROTATION_HOLD_S = 60, 72, 0.5, 8, 2.0
 
 
 def _sigint_at_default() -> None:

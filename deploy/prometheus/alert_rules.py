@@ -97,8 +97,8 @@ ANNOTATIONS = {
         "runbook": "Newton-Schulz is not converging: NaN/Inf gradients, too few steps or a "
         "coefficient schedule outside its interval, or low precision. Check "
         "orthoshard_nonfinite_skips_total, ns_steps and ns_method (polar_express or cans). "
-        "Exactly 1.0 with update_rms 0 (GET /v1/params/{name}) is a zero update: the matrix "
-        "gets an all-zero gradient and does not train.",
+        "1.0 (to rounding) with update_rms 0 (GET /v1/params/{name}) is a zero update: the "
+        "matrix gets an all-zero gradient and does not train.",
     },
     "OptimizerNonfiniteUpdatesSkipped": {
         "summary": "{{ $labels.instance }} keeps skipping non-finite updates "
