@@ -253,6 +253,7 @@ def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
 
     token = tmp_path / "token"  # the secret's file, as the container mounts it
     token.write_text("t" * 32)
+    token.chmod(0o600)  # as docs/deploy.md has it made
 
     cfg = compose_config(COMPOSE)
     services = cfg["services"]
