@@ -206,13 +206,18 @@ class MatrixOptimizer(StateDictOptimizer):
             self._warn_without_gradient(bool(items or grads))
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
+        # what the flags belong to: ranks that flag other parameters (a gradient None on some
+        # ranks only) must not sum them entry by entry
+        flagged = [name for _, named in fallback for name, _ in named] if sharded else []
+        if items and isinstance(self._exchange, LocalExchange):
+            self._step_local(items)
         elif items:
-            carried = self._step_sharded(items, flags)
+            carried = self._step_sharded(items, flags, flagged)
             if flags is not None and carried is not None:
                 bad = carried.tolist()
         if bad is None:  # sharded AdamW parameters, and no gather that carried their flags
             assert flags is not None
-            bad = self._exchange.all_reduce_sum(flags).tolist()
+            bad = self._exchange.all_reduce_sum(flags, flagged).tolist()
         flag = iter(bad)
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
@@ -243,7 +248,8 @@ class MatrixOptimizer(StateDictOptimizer):
                 stacklevel=user_stacklevel())
         self._gradient_seen = found or bool(self.param_groups)  # warned: once
 
-    def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None) -> Tensor | None:
+    def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None,
+                      flagged: Sequence[str] = ()) -> Tensor | None:
         """The three phases of ``items`` through the exchange (every rank of its group at
         once); returns ``flags`` (the AdamW parameters' finiteness) summed over the ranks when
         the exchange carried them."""
@@ -259,7 +265,8 @@ class MatrixOptimizer(StateDictOptimizer):
         self._step_items, self._skipped = items, set()
         try:
             updates, carried = self._exchange.run(items, inputs, self._owner_compute,
-                                                  carry=flags, failure=failure)
+                                                  carry=flags, failure=failure,
+                                                  carry_names=flagged)
         finally:
             self._step_items = []
         finite = all_finite(updates)  # each rank's rows, as they came back

@@ -109,8 +109,8 @@ class MatrixExchange(Protocol):
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None, failure: Exception | None = None
-            ) -> tuple[list[Tensor], Tensor | None]:
+            carry: Tensor | None = None, failure: Exception | None = None,
+            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
         """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
         the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
         (it drops each entry once stacked, to bound a step's memory); return this rank's piece
@@ -120,6 +120,9 @@ class MatrixExchange(Protocol):
         ``carry``: a small float64 vector (the same length on every rank) to be summed over the
         ranks on the way; returned second, the same on every rank, or None when the exchange
         made no call that could carry it (the caller then uses :meth:`all_reduce_sum`).
+        ``carry_names``: what each entry of ``carry`` belongs to (the AdamW parameters with a
+        gradient); ranks that pass other names raise, as for other matrices, since summing
+        entries of different parameters would step each with another's flags.
         ``failure``: this rank could not prepare its inputs (``inputs`` is then empty); it is
         raised, and every other rank raises too, once the ranks have learnt of it."""
         ...
@@ -144,8 +147,9 @@ class MatrixExchange(Protocol):
         """Cumulative optimizer communication of this rank."""
         ...
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """``t`` summed over the ranks (one collective); the identity in one process."""
+    def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
+        """``t`` summed over the ranks (one collective); the identity in one process.
+        ``names``: what its entries belong to; ranks that pass other names raise."""
         ...
 
     def reports_fallback(self) -> bool:
@@ -172,8 +176,8 @@ class LocalExchange:
 
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
-            carry: Tensor | None = None, failure: Exception | None = None
-            ) -> tuple[list[Tensor], Tensor | None]:
+            carry: Tensor | None = None, failure: Exception | None = None,
+            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
         if failure is not None:
             raise failure
         # the caller's list itself (handed over, see Exchange.run): compute drops each input
@@ -184,7 +188,7 @@ class LocalExchange:
     def comm_stats(self) -> dict[str, int]:
         return {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
+    def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
         return t
 
     def reports_fallback(self) -> bool:

@@ -21,10 +21,10 @@ __all__ = ["STATUS_ELEMENTS", "Blocks", "all_to_all", "placeholder", "signature"
 # Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
 # it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
 # failure on one rank reaches every rank without another collective; then the step's
-# signature, a CRC-32 of the names of the matrices it steps and the number of AdamW flags it
-# carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that ranks which
-# do not step the same parameters (a gradient None on some ranks only) find out in the same
-# collective instead of reading each other's rows as their own.
+# signature, a CRC-32 of the names of the matrices it steps and of the AdamW parameters whose
+# flags it carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that
+# ranks which do not step the same parameters (a gradient None on some ranks only) find out in
+# the same collective instead of reading each other's rows as their own.
 _SIGNATURE_ELEMENTS = 8
 STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
 
@@ -90,7 +90,7 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
               if d or math.isnan(st)]
     if others:
         raise ValueError(
-            f"ranks {others} of the sharding group do not step the same matrices as rank "
+            f"ranks {others} of the sharding group do not step the same parameters as rank "
             f"{rank} this step (their blocks of the exchange differ): every rank must "
             f"step the same parameters. Is a gradient None on some ranks only (set to None, "
             f"or a parameter unused in one rank's forward)? Nothing was applied.")
@@ -99,10 +99,17 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
                   [r for r, st in enumerate(statuses) if st != 0], carried)
 
 
-def signature(items: Sequence[MatrixItem], flags: int) -> list[float]:
+def signature(items: Sequence[MatrixItem], carried: Sequence[str]) -> list[float]:
     """The step's signature (``STATUS_ELEMENTS``' comment): four-bit pieces of a CRC-32 of
-    the matrices' names in order and the number of AdamW flags."""
-    crc = zlib.crc32("\n".join([item.name for item in items] + [str(flags)]).encode())
+    the matrices' names in order and of what the carried flags belong to (the AdamW
+    parameters' names), so that ranks stepping other parameters find out."""
+    text = "\n".join([item.name for item in items] + ["--"] + list(carried))
+    return name_signature(text)
+
+
+def name_signature(text: str) -> list[float]:
+    """Four-bit pieces of the CRC-32 of ``text``."""
+    crc = zlib.crc32(text.encode())
     return [float((crc >> (4 * k)) & 0xF) for k in range(_SIGNATURE_ELEMENTS)]
 
 

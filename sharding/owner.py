@@ -14,7 +14,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from optim._exchange import MatrixItem, local
 from sharding import checkpoint
-from sharding._wire import STATUS_ELEMENTS, all_to_all, placeholder, signature, through
+from sharding._wire import (
+    STATUS_ELEMENTS,
+    all_to_all,
+    name_signature,
+    placeholder,
+    signature,
+    through,
+)
 from sharding.plan import Plan, build_plan
 
 __all__ = ["STATUS_ELEMENTS", "OwnerSharding"]
@@ -121,16 +128,31 @@ class OwnerSharding:
         step whose exchange makes no gather call (no sharded matrix with a gradient)."""
         return dict(self._stats)
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
+    def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
         """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness flags, in a
-        step whose exchange made no gather call to carry them."""
-        out = t.clone()
+        step whose exchange made no gather call to carry them. With ``names`` (what the
+        entries belong to) a signature of them rides along, with its squares and a count:
+        the sums equal ``count * signature`` and ``count * signature^2`` on every rank exactly
+        when every rank passed the same names (their spread is then zero), so ranks that flag
+        other parameters all raise ValueError, before anything is applied."""
+        mine = torch.tensor(name_signature("\n".join(names)) if names else [],
+                            dtype=t.dtype, device=t.device)
+        out = torch.cat([t, mine, mine.square(), torch.ones(1 if names else 0, dtype=t.dtype,
+                                                            device=t.device)])
         dist.all_reduce(out, group=self.group)
         if self.world_size > 1:
             self._stats["bytes_sent"] += out.nbytes
             self._stats["bytes_received"] += out.nbytes
         self._stats["collectives"] += 1
-        return out
+        if names:
+            n = mine.numel()
+            sums, squares, count = out[-2 * n - 1:-n - 1], out[-n - 1:-1], out[-1]
+            if not (torch.equal(sums, count * mine) and torch.equal(squares, count * mine**2)):
+                raise ValueError(
+                    f"the ranks of the sharding group do not step the same AdamW parameters as "
+                    f"rank {self.rank} this step (a gradient None on some ranks only?): every "
+                    f"rank must step the same parameters. Nothing was applied.")
+        return out[:t.numel()]
 
     def reports_fallback(self) -> bool:
         """Rank 0 of the group reports the AdamW group's skip counts (every rank has them)."""
@@ -232,11 +254,12 @@ class OwnerSharding:
 
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
-            compute: Compute, *, carry: Tensor | None = None, failure: Exception | None = None
-            ) -> tuple[list[Tensor], Tensor | None]:
+            compute: Compute, *, carry: Tensor | None = None, failure: Exception | None = None,
+            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items)
         owned = plan.owned_by(self.rank)
-        self._signature = signature(items, 0 if carry is None else carry.numel())
+        self._signature = signature(
+            items, carry_names or ([] if carry is None else [str(carry.numel())]))
         # ``failure``: this rank could not prepare its inputs (there are none). It still takes
         # part, flagged, so that every rank raises in this step instead of waiting for it.
         if failure is None:

@@ -105,6 +105,16 @@ def inject(model: nn.Module, step: int, *, bad: str | None = None) -> None:
             p.grad = grad.clone()
 
 
+def distribute_like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``p`` (this rank's piece of a DTensor parameter, or a copy)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(p.dtype)
+    if isinstance(p, DTensor):
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return full.clone()
+
+
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -1063,3 +1073,53 @@ def summary_without_sidecar_worker(rank: int, world: int, out: str) -> None:
     if rank == 0:
         assert publisher is not None
         torch.save({"check": float(check), "published": publisher.published}, Path(out))
+
+
+class TwoBiases(nn.Module):
+    """Two matrices and two AdamW parameters of one size, all sharded by FSDP2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.wa, self.wb = (nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(2))
+        self.bias_a, self.bias_b = (nn.Parameter(torch.zeros(6)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard needs a forward
+        return x
+
+
+def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
+    """Ranks 0 and 1 each drop the gradient of another AdamW parameter (as many flags on
+    each): with the matrices' gather carrying the flags, and in a step with no matrix gradient
+    (the flags' own all_reduce). Every rank's outcome, whether anything changed, and a correct
+    step after."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = TwoBiases()
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    opt = Muon(split_param_groups(list(named.items())), lr=0.02, sharding=OwnerSharding())
+    g = torch.Generator().manual_seed(4)
+    full = {n: torch.randn(p.shape, generator=g) for n, p in named.items()}
+
+    def set_grads(matrices: bool) -> None:
+        for n, p in named.items():
+            keep = matrices or not n.startswith("w")
+            p.grad = distribute_like(full[n], p) if keep else None
+        named[("bias_a", "bias_b")[rank % 2]].grad = None  # another one on each rank
+
+    results = {}
+    for case, matrices in (("gather", True), ("all_reduce", False)):
+        before = full_params(model)
+        set_grads(matrices)
+        outcomes = _every_rank_says(world, ValueError, opt.step)
+        after = full_params(model)
+        results[case] = {"outcomes": outcomes,
+                         "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    for n, p in named.items():
+        p.grad = distribute_like(full[n], p)
+    results["recovered"] = _every_rank_says(world, ValueError, opt.step)
+    if rank == 0:
+        torch.save(results, Path(out))

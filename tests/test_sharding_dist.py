@@ -354,7 +354,7 @@ def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name):
     result = torch.load(tmp_path / "out.pt")
     for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
-                                  f"step the same matrices as rank {rank}"), outcome
+                                  f"step the same parameters as rank {rank}"), outcome
     assert result["unchanged"]  # no rank changed a parameter
     assert result["collectives"] == 1  # the gather was made (and counted), then refused
     assert result["recovered"] == ["done", "done"]
@@ -641,3 +641,17 @@ def test_a_rank_without_a_sidecar_still_joins_the_state_summarys_collective(tmp_
         norms = {name: state["buffer_norms"]["momentum_buffer"]
                  for name, state in snapshot["optimizer"]["state"].items()}
         assert norms and all(math.isfinite(v) and v > 0 for v in norms.values())
+
+
+def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_path):
+    # the signature named the matrices and only counted the AdamW flags: with as many AdamW
+    # gradients on each rank but of other parameters, the flags were summed across different
+    # parameters and each rank stepped its shard of another one (two biases half-stepped)
+    run_ranks(w.adamw_mismatch_worker, 2, tmp_path, str(tmp_path / "out.pt"), timeout=60)
+    result = torch.load(tmp_path / "out.pt")
+    for case in ("gather", "all_reduce"):
+        outcomes = result[case]["outcomes"]
+        assert all(o.startswith("ValueError: ") and "step the same" in o
+                   and "parameters as rank" in o for o in outcomes), (case, outcomes)
+        assert result[case]["unchanged"], case
+    assert result["recovered"] == ["done", "done"]
