@@ -204,8 +204,6 @@ class MatrixOptimizer(StateDictOptimizer):
         items = [item for item in self.matrix_items() if item.param.grad is not None]
         if not self._gradient_seen:
             self._warn_without_gradient(bool(items or grads))
-        if items and isinstance(self._exchange, LocalExchange):
-            self._step_local(items)
         # what the flags belong to: ranks that flag other parameters (a gradient None on some
         # ranks only) must not sum them entry by entry
         flagged = [name for _, named in fallback for name, _ in named] if sharded else []
