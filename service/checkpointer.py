@@ -27,6 +27,13 @@ _MERGE_CHUNK = 10_000
 #: ingests held writers for 25-31 ms (median; at most 53) per RESTART with 2, 41-48 ms (at most
 #: 97) with none; ingest p99 53 against 68-71 ms.
 _CATCH_UP_PASSES = 2
+#: How long a RESTART waits for readers while it holds the store's lock. No writer or history
+#: read of this process runs then, so it waits only for another process's reader (a backup,
+#: a shell left in a transaction), which may hold on for minutes: waiting out the store's whole
+#: write wait (1 s) each cycle answered 15% of 500-parameter posts 503 while one did.
+RESTART_WAIT_S = 0.05
+#: After a RESTART another process's reader kept waiting, the next is tried this much later.
+RESTART_BACKOFF_S = 2.0
 _log = logging.getLogger("orthoshard.sidecar.store")
 
 
@@ -79,10 +86,12 @@ class Checkpointer:
         self._unmerged = False
         self._interval = interval_s
         self.restart_frames = restart_frames
-        # its RESTART waits for SQLite's lock (while writers wait for _db_lock) no longer than a
-        # write would
+        # its RESTART waits for another process's readers (while writers wait for _db_lock)
+        # RESTART_WAIT_S at most, never longer than a write would
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True,
-                                   timeout=busy_timeout_s)
+                                   timeout=min(busy_timeout_s, RESTART_WAIT_S))
+        self._restart_after = 0.0  # monotonic time before which no RESTART is tried
+        self.restarts_blocked = 0  # RESTARTs another process's reader kept from finishing
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -110,13 +119,15 @@ class Checkpointer:
                     self._unmerged = False  # before the merge: a commit during it sets it again
                     self._behind = self._merge(_MERGE_CHUNK)
                 frames = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0][1]
-                if frames > self.restart_frames:
+                if frames > self.restart_frames and time.monotonic() >= self._restart_after:
                     # two more passes without the lock copy what was committed during the
                     # previous one, leaving less for the RESTART to copy while writers wait
                     for _ in range(_CATCH_UP_PASSES):
                         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     with self._lock:
-                        self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                        busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()[0][0]
+                    if busy:
+                        self._blocked()
             except (sqlite3.Error, StoreBusy) as exc:
                 self._unmerged = True  # try the merge again at the next interval
                 self._failures += 1
@@ -124,6 +135,16 @@ class Checkpointer:
                     _log.warning("merging pending rows or the WAL checkpoint failed (%d so far): "
                                  "%s", self._failures, exc)
             self._stopping.wait(self._interval)
+
+    def _blocked(self) -> None:
+        """A RESTART found another process's reader: try again after RESTART_BACKOFF_S, and
+        say so now and then (the WAL grows meanwhile)."""
+        self._restart_after = time.monotonic() + RESTART_BACKOFF_S
+        self.restarts_blocked += 1
+        if self.restarts_blocked in (1, 10, 100) or self.restarts_blocked % 1000 == 0:
+            _log.warning("another process holds a read transaction on the database: the WAL "
+                         "cannot start over and grows until it ends (%d restarts blocked)",
+                         self.restarts_blocked)
 
     def close(self, timeout_s: float) -> None:
         """Stop the thread (after the merge or checkpoint it is running, if any, for at most

@@ -350,6 +350,45 @@ def test_the_wal_starts_over_under_a_steady_stream_of_ingests(tmp_path: Path,
     assert restarts >= 2, (restarts, max(sizes) / 1e6)
 
 
+# Ingests under a reader of another process: long enough for several RESTART cycles (0.2 s
+# apart) with the WAL past its RESTART size.
+FOREIGN_READER_S = 2.5
+
+
+def test_another_process_reading_the_database_does_not_stall_the_writes(tmp_path: Path
+                                                                         ) -> None:
+    # Its read transaction keeps the WAL from starting over; each RESTART waited out the
+    # store's whole write wait for it (1 s) while holding the store's lock, and writes queued
+    # behind it were refused (StoreBusy: 503 over HTTP). It now waits RESTART_WAIT_S, then
+    # backs off.
+    from service.records import StoreBusy
+
+    db = tmp_path / "s.db"
+    store = Store(str(db), history_max_rows=1_000_000)
+    assert store._checkpointer is not None
+    store._checkpointer.restart_frames = 16
+    store.ingest(make_snapshot(0, n=50))
+    reader = sqlite3.connect(db)  # a backup tool, or a shell left in a transaction
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM history").fetchone()
+    refused, step = 0, 1
+    deadline = time.monotonic() + FOREIGN_READER_S
+    try:
+        while time.monotonic() < deadline:
+            try:
+                store.ingest(make_snapshot(step, n=50))
+            except StoreBusy:
+                refused += 1
+            step += 1
+        blocked = store._checkpointer.restarts_blocked
+    finally:
+        reader.rollback()
+        reader.close()
+        store.close()
+    assert blocked >= 1  # the RESTARTs did meet the reader
+    assert refused == 0, (refused, step)
+
+
 # How long a scrape may take while a commit is stalled: it reads memory only (milliseconds for
 # three parameters); 5 s leaves room for a loaded machine, and a scrape that waited for the
 # commit would wait until the stall is released, after this deadline.
