@@ -33,6 +33,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sidecar(args: argparse.Namespace) -> int:
     """Run the health sidecar (torch-free: imports only ``service``)."""
+    from service.records import StoreBusy
     from service.server import ListenError, run
     from service.settings import Settings, read_token_file
 
@@ -56,6 +57,11 @@ def _sidecar(args: argparse.Namespace) -> int:
         return run(settings, log_level=args.log_level)
     except ListenError as exc:  # raised binding a socket, before the store is opened
         print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        return 2
+    except StoreBusy as exc:  # another process kept the write lock through the store's wait
+        print(f"orthoshard sidecar: cannot open {args.db}: {exc}. Another process holds it "
+              f"locked (another sidecar, a backup, an open sqlite3 shell): stop that process "
+              f"or pass another --db", file=sys.stderr)
         return 2
     except sqlite3.Error as exc:  # raised opening the store, before any request is served
         print(f"orthoshard sidecar: cannot use {args.db} as the history database ({exc}): its "

@@ -487,20 +487,36 @@ def test_sidecar_cli_refuses_a_negative_rotation_hold(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("where", ["missing directory", "not a database"])
+@pytest.mark.parametrize("where", ["missing directory", "not a database", "locked"])
 def test_sidecar_cli_names_a_database_it_cannot_use(tmp_path: Path, where: str) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
     db = tmp_path / "absent" / "state.db"
+    holder = None
     if where == "not a database":
         db = tmp_path / "notes.txt"
         db.write_text("not a database")
+    elif where == "locked":  # another process's write transaction (a traceback, exit 1)
+        from service.store import Store
+
+        db = tmp_path / "state.db"
+        Store(str(db), history_max_rows=10).close()  # a sidecar's database
+        holder = sqlite3.connect(db)
+        holder.execute("BEGIN IMMEDIATE")
     cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
            "--db", str(db), "--port", str(free_port())]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    finally:
+        if holder is not None:
+            holder.rollback()
+            holder.close()
     assert proc.returncode == 2, proc.stderr
-    assert f"cannot use {db} as the history database" in proc.stderr
+    if where == "locked":
+        assert f"cannot open {db}: " in proc.stderr and "holds it locked" in proc.stderr
+    else:
+        assert f"cannot use {db} as the history database" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
