@@ -11,11 +11,11 @@ One line in the training loop::
 Contract: ``publish`` never blocks, never raises and never touches torch or torch.distributed.
 It appends to a bounded queue (the oldest snapshot is dropped and counted when full) and returns;
 a daemon thread (its code is in :mod:`service.sender`) encodes and posts. Connection errors and
-5xx answers are retried with exponential backoff; a 4xx answer (the sidecar refused the
-snapshot) drops it and counts it, as does a snapshot whose values cannot be encoded (logged with
-the reason). No snapshot stops the thread: whatever one raises, it is counted and logged and the
-next one is sent. A dead, slow or absent sidecar, or a bad value, therefore costs the trainer
-nothing but lost snapshots.
+5xx answers (and a proxy's 429 or 408) are retried with exponential backoff; another 4xx
+answer (the sidecar refused the snapshot) drops it and counts it, as does a snapshot whose
+values cannot be encoded (logged with the reason). No snapshot stops the thread: whatever one
+raises, it is counted and logged and the next one is sent. A dead, slow or absent sidecar, or a
+bad value, therefore costs the trainer nothing but lost snapshots.
 
 ``publish`` keeps references to ``params`` / ``optimizer`` and encodes them on the thread, so
 pass fresh dicts (``health()`` returns a new one each call) and do not mutate them afterwards.

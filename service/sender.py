@@ -61,6 +61,9 @@ _STORE_BYTES_PER_S = 250_000
 #: The problem type of the sidecar's 503 when its database cannot take a write (locked, or the
 #: disk full); its ``Retry-After`` says when to try again.
 _STORAGE_UNAVAILABLE = "urn:orthoshard:problem:storage-unavailable"
+#: 4xx answers that store nothing and ask to come back (a rate-limiting proxy's 429, a 408):
+#: retried like a 5xx, Retry-After honoured; every other 4xx refuses the snapshot for good
+_RETRIED_4XX = frozenset({408, 429})
 
 
 
@@ -220,7 +223,8 @@ class Sender:
                 why = f"HTTP {response.status_code} {response.text[:500]}"
                 waiting = alongside and response.status_code in (404, 409) and \
                     self._thread.is_alive()
-                if response.status_code < 500 and not waiting:
+                if response.status_code < 500 and not waiting and \
+                        response.status_code not in _RETRIED_4XX:
                     break
                 retry_after = _retry_after(response)
             backoff = self._grow(backoff)
@@ -289,11 +293,16 @@ class Sender:
         except httpx.HTTPError as exc:
             self._failed("sidecar unreachable", f"{type(exc).__name__}: {exc}")
             return "retry"
-        if response.status_code >= 500:
+        # 5xx, and a proxy's 429 (rate limit) or 408 (request timeout): nothing was stored, and
+        # the same snapshot may be taken later
+        if response.status_code >= 500 or response.status_code in _RETRIED_4XX:
             self._retry_after = _retry_after(response)
             after = "" if self._retry_after is None else f", Retry-After {self._retry_after:g} s"
             if _storage_unavailable(response):
                 self._failed("sidecar's storage unavailable", f"HTTP {response.status_code}{after}")
+            elif response.status_code < 500:
+                self._failed("sidecar (or a proxy) asked to retry later",
+                             f"HTTP {response.status_code}{after}")
             else:
                 self._failed("sidecar failed", f"HTTP {response.status_code}{after}")
             return "retry"

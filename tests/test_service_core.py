@@ -1125,6 +1125,28 @@ def test_a_503_retry_after_sets_the_pause_before_the_next_send_up_to_backoff_max
         "sidecar's storage unavailable (HTTP 503, Retry-After 1 s); 1 failed sends so far"]
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("status", [429, 408])
+def test_a_proxys_rate_limit_is_retried_not_counted_as_a_refusal(status: int) -> None:
+    # a rate-limiting proxy in front of the sidecar answered 429: the snapshot was dropped and
+    # counted as refused, and so was the finish (close() False, the run paged as stale)
+    limited = httpx.Response(status, headers={"Retry-After": "1"}, text="slow down")
+    handler = Scripted(snapshots=[limited], ranks_0_finish=[limited])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 1.5))
+    pauses = _record_pauses(pub)
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=20, finished=True) is True
+    assert pauses[0] == 1.0  # its Retry-After
+    assert (pub.stats.sent, pub.stats.rejected, pub.stats.failures) == (1, 0, 1)
+    assert [path for path, _ in handler.calls].count("/v1/ranks/0/finish") == 2
+    # any other 4xx is a refusal: not sent again
+    refused = Scripted(snapshots=[httpx.Response(413, text="too large")])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(refused))
+    pub.publish(step=0, rank=0, params={})
+    assert pub.close(timeout_s=5) is False
+    assert (pub.stats.sent, pub.stats.rejected) == (0, 1) and len(refused.calls) == 1
+
+
 # What a busy loop would exceed many times over: with backoff from 20 ms doubling to 80 ms, one
 # second holds at most ~15 attempts; answered at once, a loop without pauses made thousands.
 _BACKOFF_ATTEMPTS_PER_S = 20
