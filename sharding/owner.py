@@ -108,6 +108,7 @@ class OwnerSharding:
         self._optimizer: Any = None
         self._plan: Plan | None = None
         self._plan_key: tuple | None = None
+        self._layout_error: ValueError | None = None  # this rank's rows are not the plan's
         self._signature: list[float] = []  # this step's (run), sent with every block
         self._index: dict[int, int] = {}
         self._meshes_checked: dict[tuple[int, int], Any] = {}
@@ -159,9 +160,11 @@ class OwnerSharding:
         return self.rank == 0
 
     # ---- planning -----------------------------------------------------------------------
-    def global_plan(self) -> tuple[Plan, dict[int, int]]:
+    def global_plan(self, *, check: bool = True) -> tuple[Plan, dict[int, int]]:
         """The plan over ALL of the optimizer's matrices (ownership does not depend on which
-        have a gradient this step) and the map ``id(param) -> plan index``."""
+        have a gradient this step) and the map ``id(param) -> plan index``. Raises ValueError
+        when this rank's rows are not the plan's (``check=False``: the step, which hands that
+        error to every rank through the exchange instead, so no rank is left waiting)."""
         items = self._optimizer.matrix_items()
         sharded = tuple(self._sharded_of(item.param) for item in items)
         key = tuple((id(item.param), item.shape, s) for item, s in zip(items, sharded, strict=True))
@@ -178,13 +181,15 @@ class OwnerSharding:
                 self._owner_of[item.param] = owner
             self._plan_key = key
             self._index = {id(item.param): i for i, item in enumerate(items)}
-            self._check_local_rows(items, self._plan)
+            self._layout_error = self._local_rows_problem(items, self._plan)
         assert self._plan is not None
+        if check and self._layout_error is not None:
+            raise self._layout_error
         return self._plan, self._index
 
-    def plan_for(self, items: Sequence[MatrixItem]) -> Plan:
+    def plan_for(self, items: Sequence[MatrixItem], *, check: bool = True) -> Plan:
         """The global plan restricted to ``items``, in their order."""
-        plan, index = self.global_plan()
+        plan, index = self.global_plan(check=check)
         return plan.subset([index[id(item.param)] for item in items])
 
     def owned(self, items: Sequence[MatrixItem]) -> list[int]:
@@ -244,19 +249,29 @@ class OwnerSharding:
                 f"with its ranks in ascending order (init_device_mesh does).")
         self._meshes_checked[(id(mesh), dim)] = mesh  # kept alive, so its id is not reused
 
-    def _check_local_rows(self, items: Sequence[MatrixItem], plan: Plan) -> None:
+    def _local_rows_problem(self, items: Sequence[MatrixItem], plan: Plan
+                            ) -> ValueError | None:
         for i, item in enumerate(items):
             rows = local(item.param).shape[0]
             if rows != plan.rows_of(i, self.rank):
-                raise ValueError(
+                return ValueError(
                     f"{item.name}: this rank holds {rows} rows, the plan expects "
                     f"{plan.rows_of(i, self.rank)} (torch.chunk row sharding over dim 0)")
+        return None
 
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Compute, *, carry: Tensor | None = None, failure: Exception | None = None,
             carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
-        plan = self.plan_for(items)
+        plan = self.plan_for(items, check=False)
+        if failure is None and self._layout_error is not None:
+            # rows not laid out as the plan's: this rank takes part with placeholders of the
+            # plan's sizes, flagged, and every rank raises (raising here left the others
+            # waiting in the gather)
+            failure = self._layout_error
+            if isinstance(inputs, list):
+                inputs.clear()
+            inputs = []
         owned = plan.owned_by(self.rank)
         self._signature = signature(
             items, carry_names or ([] if carry is None else [str(carry.numel())]))

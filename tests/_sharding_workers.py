@@ -1123,3 +1123,26 @@ def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
     results["recovered"] = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
         torch.save(results, Path(out))
+
+
+def uneven_rows_worker(rank: int, world: int, out: str) -> None:
+    """A 7x4 matrix laid out 3/2/2 over 3 ranks (``DTensor.from_local``; torch.chunk gives
+    3/3/1): every rank's outcome of a step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from sharding import OwnerSharding
+
+    mesh = init_device_mesh("cpu", (world,))
+    rows = [3, 2, 2][rank]
+
+    def uneven() -> DTensor:
+        return DTensor.from_local(torch.randn(rows, 4), mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size((7, 4)), stride=(4, 1))
+
+    p = nn.Parameter(uneven())
+    p.grad = uneven()
+    opt = Muon([("w", p)], lr=0.02, sharding=OwnerSharding())
+    outcomes = _every_rank_says(world, Exception, opt.step)
+    if rank == 0:
+        torch.save({"outcomes": outcomes}, Path(out))

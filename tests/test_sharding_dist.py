@@ -655,3 +655,16 @@ def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_pat
                    and "parameters as rank" in o for o in outcomes), (case, outcomes)
         assert result[case]["unchanged"], case
     assert result["recovered"] == ["done", "done"]
+
+
+def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
+    # the ranks whose rows disagreed with the plan raised before the gather, and the rank
+    # whose rows happened to agree waited in it (FSDP2 never lays rows out so; a hand-made
+    # DTensor.from_local can)
+    run_ranks(w.uneven_rows_worker, 3, tmp_path, str(tmp_path / "out.pt"), timeout=60)
+    outcomes = torch.load(tmp_path / "out.pt")["outcomes"]
+    assert outcomes[1].startswith("ValueError: w: this rank holds 2 rows, the plan expects 3")
+    assert outcomes[2].startswith("ValueError: w: this rank holds 2 rows, the plan expects 1")
+    # rank 0's rows agree: it learns of the others' error in the gather and raises too
+    assert outcomes[0].startswith("RuntimeError: the matrix update on rank 1") and \
+        "failed: ranks [1, 2]" in outcomes[0], outcomes
