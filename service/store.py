@@ -27,6 +27,7 @@ import bisect
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -97,8 +98,13 @@ class Store:
         self._params: dict[str, ParamRecord] = {}
         self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
+        # the file this store writes (None: an in-memory database, or a URI path): a file
+        # removed or replaced under a running sidecar kept taking writes into the open one,
+        # all lost at the next start
+        self._path, self._file = path, None
         try:
             wal = self._prepare()
+            self._file = _file_id(path)  # the file exists now
             # from here on a write waits for SQLite's lock in _transaction, which gives up at
             # its deadline (SQLite's own busy wait, 5 s, cannot be cut short by a close)
             self._db.execute("PRAGMA busy_timeout = 0")
@@ -173,6 +179,10 @@ class Store:
         Raises:
             StoreBusy: the write lock was still held at the deadline.
         """
+        if self._file is not None and _file_id(self._path) != self._file:
+            raise StoreBusy(f"the database file {self._path} was removed or replaced while the "
+                            f"sidecar ran, and writes to the one it has open would be lost: "
+                            f"restart the sidecar")
         deadline = time.monotonic() + WRITE_WAIT_S if deadline is None else deadline
         pause = 0.001
         while True:
@@ -357,8 +367,9 @@ class Store:
 
     @property
     def ready(self) -> bool:
-        """True once any snapshot has been accepted (now or before a restart)."""
-        return bool(self._ranks)
+        """True once any snapshot has been accepted (now or before a restart), and while the
+        database file is the one opened."""
+        return bool(self._ranks) and (self._file is None or _file_id(self._path) == self._file)
 
     def ranks(self) -> list[RankRecord]:
         """Every rank ever seen, by rank."""
@@ -450,3 +461,14 @@ class Store:
                 self._db = None  # type: ignore[assignment]
         finally:
             self._db_lock.release()
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of a database file path (None: in-memory, a URI, or absent)."""
+    if path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

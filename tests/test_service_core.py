@@ -350,6 +350,27 @@ def test_the_wal_starts_over_under_a_steady_stream_of_ingests(tmp_path: Path,
     assert restarts >= 2, (restarts, max(sizes) / 1e6)
 
 
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_database_file_removed_under_the_store_refuses_writes_instead_of_losing_them(
+        tmp_path: Path, how: str) -> None:
+    # the store kept writing into the file it had open: every snapshot was acknowledged, and
+    # all of them were gone at the next start (nothing logged, /readyz ready)
+    from service.records import StoreBusy
+
+    db = tmp_path / "s.db"
+    store = Store(str(db), history_max_rows=1000)
+    store.ingest(make_snapshot(1))
+    assert store.ready
+    for f in tmp_path.glob("s.db*"):
+        f.unlink()
+    if how == "replaced":  # another database moved into its place
+        Store(str(db), history_max_rows=1000).close()
+    with pytest.raises(StoreBusy, match=r"s\.db was removed or replaced while the sidecar ran"):
+        store.ingest(make_snapshot(2))
+    assert not store.ready  # /readyz answers 503
+    store.close()
+
+
 # Ingests under a reader of another process: long enough for several RESTART cycles (0.2 s
 # apart) with the WAL past its RESTART size.
 FOREIGN_READER_S = 2.5
