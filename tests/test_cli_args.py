@@ -375,6 +375,46 @@ def test_a_checkpoint_dir_it_cannot_create_is_named_before_anything_starts(tmp_p
     assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_end_the_demo_through_its_cleanup(tmp_path, monkeypatch, sig):
+    # SIGHUP (the terminal closed) must stop torchrun, which runs in a session of its own: the
+    # demo ends on it as on SIGTERM, by SystemExit through the finally clauses that stop the
+    # trainers and the sidecar (tests/test_demo.py sends SIGTERM to a running demo), and puts
+    # the handlers it found back
+    import os
+    import signal
+    import time
+
+    number = getattr(signal, sig)
+    cleaned = []
+
+    def run_until_signalled(args):
+        try:
+            os.kill(os.getpid(), number)
+            time.sleep(5)  # the handler raises before this ends
+        finally:
+            cleaned.append(True)
+        return 0
+
+    monkeypatch.setattr(demo, "_run", run_until_signalled)
+    # handlers of the test's own meanwhile: a signal the demo did not handle would otherwise
+    # end the test process, and is recorded instead
+    missed: list[int] = []
+
+    def record(signum, frame):
+        missed.append(signum)
+
+    before = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            demo.run(_demo_args("--out", str(tmp_path), "--steps", "2"))
+        assert exit_info.value.code == 128 + number and cleaned == [True] and missed == []
+        assert all(signal.getsignal(s) is record for s in before)  # put back
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def _health_log(out, params: dict[str, dict[str, float]], steps: int = 3) -> None:
     import json
 
