@@ -161,9 +161,14 @@ def _flush_at_exit() -> None:
     for pub in list(_LIVE):
         if pub._closing:
             continue
-        before = pub.stats.dropped
-        pub.close(timeout_s=max(0.0, deadline - time.monotonic()))
-        if (lost := pub.stats.dropped - before) > 0:
+        dropped_before = pub.stats.dropped  # pushed out of a full queue: counted already
+        # one deadline for all, without close()'s second of grace per Publisher (five of them
+        # took 6.6 s to let a stalled sidecar's interpreter exit)
+        pub._close(max(0.0, deadline - time.monotonic()), finished=False, grace_s=0.0)
+        stats = pub.stats
+        # what neither reached the sidecar nor was refused, a send still in flight included
+        lost = stats.published - stats.sent - stats.rejected - dropped_before
+        if lost > 0:
             _log.warning("interpreter exit: %d snapshot(s) of run %s not sent within %.1f s "
                          "(call Publisher.close() at the end of training)", lost, pub.run_id,
                          EXIT_FLUSH_S)
@@ -328,6 +333,11 @@ class Publisher(Sender):
         error path: a crashed rank must still page.
         Called again after a ``close()`` (a ``with`` block's), ``finished=True`` still posts the
         finishes, from this thread."""
+        return self._close(timeout_s, finished=finished, grace_s=1.0)
+
+    def _close(self, timeout_s: float, *, finished: bool, grace_s: float) -> bool:
+        """:meth:`close`, joining the sender at most ``grace_s`` past the deadline (its last
+        request may run up to its own timeout past it)."""
         if self._forked:
             return False  # nothing of the child's was sent (see _forked_child)
         with self._cond:
@@ -340,7 +350,7 @@ class Publisher(Sender):
                 self._flush_until = self._deadline - reserve
                 self._cond.notify()
         if again:
-            self._thread.join(timeout_s + 1.0)
+            self._thread.join(timeout_s + grace_s)
             if finished and not self._thread.is_alive() and self._claim_finishes():
                 self._deadline = time.monotonic() + timeout_s
                 self._finish_on_own_client(alongside=False)
@@ -357,7 +367,7 @@ class Publisher(Sender):
                 self._finish_on_own_client(alongside=True)
         # the sender's last request may run up to its own timeout past the deadline (a second
         # of grace, as ever; from the deadline, not from now: the finishes took some of it)
-        self._thread.join(max(self._deadline - time.monotonic(), 0.0) + 1.0)
+        self._thread.join(max(self._deadline - time.monotonic(), 0.0) + grace_s)
         if self._client_args[4] is not None and not self._thread.is_alive():
             self._client.close()  # the given transport, left open by the sender (see _run)
         with self._cond:

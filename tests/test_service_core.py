@@ -1740,6 +1740,44 @@ def test_a_late_point_of_a_resumed_run_replaces_the_crashed_attempts_point(
     assert store.param("w").step == 3  # type: ignore[union-attr]
     store.close()
 
+# What the exit hook may take beyond EXIT_FLUSH_S: joins that return at its deadline, and
+# the log lines; close()'s second of grace per Publisher was what it took before.
+EXIT_HOOK_SLACK_S = 0.5
+
+
+@pytest.mark.timeout(60)
+def test_the_exit_flush_keeps_its_deadline_for_all_publishers_and_counts_sends_in_flight(
+    tmp_path: Path,
+) -> None:
+    # each Publisher not closed got close()'s second of grace on top of the shared 1.5 s (5 of
+    # them held a stalled sidecar's script 6.6 s at exit), and a snapshot in flight at the
+    # deadline was not counted as lost (no warning)
+    script = tmp_path / "stalled.py"
+    script.write_text(
+        "import atexit, json, time, httpx\n"
+        "marks = {}\n"
+        "atexit.register(lambda: print(json.dumps(time.monotonic() - marks['exit'])))\n"
+        "from service.client import EXIT_FLUSH_S, Publisher\n"
+        "atexit.register(lambda: marks.update(exit=time.monotonic()))  # runs first\n"
+        "def stalled(request):\n"
+        "    time.sleep(30)\n"
+        "    return httpx.Response(201, json={})\n"
+        "pubs = [Publisher(run_id=f'r{i}', transport=httpx.MockTransport(stalled))\n"
+        "        for i in range(3)]\n"
+        "for pub in pubs:\n"
+        "    pub.publish(step=1, rank=0, params={})\n"
+        "time.sleep(0.2)  # each send under way\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    from service.client import EXIT_FLUSH_S
+
+    assert json.loads(out.stdout.strip().splitlines()[-1]) < EXIT_FLUSH_S + EXIT_HOOK_SLACK_S
+    for i in range(3):
+        assert f"1 snapshot(s) of run r{i} not sent" in out.stderr, out.stderr
+
+
 @pytest.mark.timeout(60)
 def test_snapshots_queued_at_exit_are_sent_without_close_and_publishers_are_not_kept(
     tmp_path: Path,
