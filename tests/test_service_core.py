@@ -1740,6 +1740,14 @@ def test_a_late_point_of_a_resumed_run_replaces_the_crashed_attempts_point(
     assert store.param("w").step == 3  # type: ignore[union-attr]
     store.close()
 
+
+def _run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter that imports this checkout (for what only
+    happens at interpreter exit)."""
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 # What the exit hook may take beyond EXIT_FLUSH_S: joins that return at its deadline, and
 # the log lines; close()'s second of grace per Publisher was what it took before.
 EXIT_HOOK_SLACK_S = 0.5
@@ -1768,8 +1776,7 @@ def test_the_exit_flush_keeps_its_deadline_for_all_publishers_and_counts_sends_i
         "    pub.publish(step=1, rank=0, params={})\n"
         "time.sleep(0.2)  # each send under way\n"
     )
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = _run_script(script)
     assert out.returncode == 0, out.stderr
     from service.client import EXIT_FLUSH_S
 
@@ -1801,7 +1808,6 @@ def test_snapshots_queued_at_exit_are_sent_without_close_and_publishers_are_not_
         "for step in range(30):\n"
         "    pub.publish(step=step, rank=0, params={})\n"
     )
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = _run_script(script)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == list(range(30))
