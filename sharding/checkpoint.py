@@ -247,6 +247,35 @@ def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dic
     return [groups.get(gi, {}) for gi in range(max(groups, default=-1) + 1)]
 
 
+def _keyed_as_saved(state: dict[Any, Any], live: list[dict[str, Any]],
+                    saved: list[dict[str, Any]]) -> dict[Any, Any]:
+    """``state`` (keyed by the live state dict's positions) keyed by the checkpoint's position of
+    each parameter, where a saved group lists the live group's names in another order: DCP
+    fills ``optim.state.<position>`` from the checkpoint's same position, which held another
+    parameter's state (refused as a shape mismatch, or loaded into the wrong matrix where the
+    shapes agree), and ``load_state_dict`` then pairs the positions by name. Groups saved under
+    the same order or under other names keep their keys."""
+    if len(live) != len(saved):
+        return state  # check_state_dict says what does not fit
+    out = dict(state)
+    for lg, sg in zip(live, saved, strict=True):
+        names, positions = sg.get("param_names"), sg.get("params")
+        live_names, live_positions = lg.get("param_names"), lg.get("params")
+        if not (isinstance(names, list) and isinstance(positions, list)
+                and isinstance(live_names, list) and isinstance(live_positions, list)
+                and len(names) == len(positions) == len(live_names) == len(live_positions)
+                and names != live_names and set(names) == set(live_names)
+                and all(isinstance(i, int) for i in positions)):
+            continue
+        where = dict(zip(names, positions, strict=True))
+        for position in live_positions:
+            out.pop(position, None)
+        for name, position in zip(live_names, live_positions, strict=True):
+            if position in state:
+                out[where[name]] = state[position]
+    return out
+
+
 def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load what :func:`save` wrote, at any world size (collective on every rank).
@@ -273,6 +302,10 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # groups stay as they are), and check_state_dict completes them from the live groups
     groups = {"optim": {"param_groups": _saved_groups(directory, optim_state["param_groups"])}}
     _dcp_load(groups, directory, optimizer)
+    # each live tensor where the checkpoint keeps its parameter's state: the checkpoint's
+    # position of that name, when its group lists the same names in another order
+    optim_state["state"] = _keyed_as_saved(optim_state["state"], optim_state["param_groups"],
+                                           groups["optim"]["param_groups"])
     optim_state["param_groups"] = groups["optim"]["param_groups"]
     try:
         optimizer.check_state_dict(optim_state)

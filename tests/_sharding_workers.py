@@ -1146,3 +1146,50 @@ def uneven_rows_worker(rank: int, world: int, out: str) -> None:
     outcomes = _every_rank_says(world, Exception, opt.step)
     if rank == 0:
         torch.save({"outcomes": outcomes}, Path(out))
+
+
+def _matrix_group_reversed(model: nn.Module) -> list[dict[str, Any]]:
+    """``split_param_groups`` of ``model`` with the matrix group's parameters listed in
+    reverse (a model refactored between save and resume lists them otherwise)."""
+    groups = split_param_groups(model.named_parameters())
+    for group in groups:
+        if group.get("algorithm") != "adamw":
+            group["params"] = group["params"][::-1]
+            group["param_names"] = group["param_names"][::-1]
+    return groups
+
+
+def reordered_load_worker(rank: int, world: int, names: list[str], directory: str,
+                          phase: int, out: str) -> None:
+    """Phase 0: train each optimizer ``name`` 2 steps under FSDP2 and save. Phase 1: load into
+    the same model with the matrix group reversed, train 2 more steps; rank 0 saves the
+    parameters (or the error) by name."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding, checkpoint
+
+    results: dict[str, Any] = {}
+    for name in names:
+        model = Awkward()
+        fully_shard(model)
+        groups = (split_param_groups(model.named_parameters()) if phase == 0
+                  else _matrix_group_reversed(model))
+        opt = OPTIMIZERS[name](groups, OwnerSharding())
+        path = Path(directory) / name
+        if phase == 0:
+            for step in range(2):
+                inject(model, step)
+                opt.step()
+            checkpoint.save(path, model, opt)
+            continue
+        try:
+            checkpoint.load(path, model, opt)
+        except ValueError as exc:
+            results[name] = f"ValueError: {exc}"
+            continue
+        for step in range(2, 4):
+            inject(model, step)
+            opt.step()
+        results[name] = full_params(model)
+    if rank == 0 and phase == 1:
+        torch.save(results, Path(out))

@@ -668,3 +668,19 @@ def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
     # rank 0's rows agree: it learns of the others' error in the gather and raises too
     assert outcomes[0].startswith("RuntimeError: the matrix update on rank 1") and \
         "failed: ranks [1, 2]" in outcomes[0], outcomes
+
+
+def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order(tmp_path,
+                                                                                references):
+    # DCP filled each live position from the checkpoint's same position, which held another
+    # matrix's state: refused as "another model" where the shapes differ (NorMuon's second
+    # moment, SOAP's factors), loaded into the wrong matrix where they agree
+    names = ["normuon", "soap"]
+    run_ranks(w.reordered_load_worker, 2, tmp_path, names, str(tmp_path / "ckpt"), 0, "",
+              timeout=120)
+    run_ranks(w.reordered_load_worker, 2, tmp_path, names, str(tmp_path / "ckpt"), 1,
+              str(tmp_path / "out.pt"), timeout=120)
+    results = torch.load(tmp_path / "out.pt")
+    for name in names:
+        assert not isinstance(results[name], str), results[name]
+        _assert_params_close(results[name], references[(name, None)][0], name, world=2)
