@@ -673,8 +673,8 @@ def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
 def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order(tmp_path,
                                                                                 references):
     # DCP filled each live position from the checkpoint's same position, which held another
-    # matrix's state: refused as "another model" where the shapes differ (NorMuon's second
-    # moment, SOAP's factors), loaded into the wrong matrix where they agree
+    # matrix's state: where the shapes differ (NorMuon's second moment, SOAP's factors) the
+    # load was refused as "another model"
     names = ["normuon", "soap"]
     run_ranks(w.reordered_load_worker, 2, tmp_path, names, str(tmp_path / "ckpt"), 0, "",
               timeout=120)
