@@ -252,9 +252,9 @@ def _keyed_as_saved(state: dict[Any, Any], live: list[dict[str, Any]],
     """``state`` (keyed by the live state dict's positions) keyed by the checkpoint's position of
     each parameter, where a saved group lists the live group's names in another order: DCP
     fills ``optim.state.<position>`` from the checkpoint's same position, which held another
-    parameter's state (refused as a shape mismatch, or loaded into the wrong matrix where the
-    shapes agree), and ``load_state_dict`` then pairs the positions by name. Groups saved under
-    the same order or under other names keep their keys."""
+    parameter's state (refused as a shape mismatch where the shapes differ), and
+    ``load_state_dict`` then pairs the positions by name. Groups saved under the same order or
+    under other names keep their keys."""
     if len(live) != len(saved):
         return state  # check_state_dict says what does not fit
     out = dict(state)
