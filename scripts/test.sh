@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist) fill each other's waits; `-n 0` after this runs in one process.
+exec .venv/bin/python -m pytest -n 2 --dist worksteal "$@"

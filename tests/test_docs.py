@@ -135,14 +135,22 @@ def test_every_python_block_has_a_recipe() -> None:
 # Each block gets ranks of its own: a second default process group set up in the same process
 # reuses the first one's store prefix, so gloo could read the torn-down group's addresses and
 # both ranks hung in FSDP's first all-gather (2 runs of 3 while other jobs loaded the machine).
+# Once every block has run, the ranks leave by os._exit, as docs/sharding.md's "abort at process
+# exit" advises. A rank of this runner aborted ("terminate called without an active exception",
+# SIGABRT) in one run of the suite on two workers, and its log did not say whether in a block
+# or after them: faulthandler now prints where.
 _RUNNER = """
-import runpy, sys
+import faulthandler, os, runpy, sys
 import torch.distributed as dist
+faulthandler.enable()  # an abort prints where it happened: in a block or after them all
 for path in sys.argv[1:]:
     print(f"=== {path}", flush=True)
     runpy.run_path(path, run_name="__main__")
     if dist.is_initialized():
         dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
