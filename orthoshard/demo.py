@@ -208,7 +208,7 @@ MAX_LOCAL_RANKS = 64
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What makes these arguments unusable, before anything starts (None: they are fine): the
     demo's own, then those it hands to ``orthoshard.train`` (checked there, once for both)."""
-    from orthoshard.train import argument_problem
+    from orthoshard.arguments import argument_problem
 
     if args.steps < 1 or args.nproc < 1:
         return "--steps and --nproc must be >= 1"

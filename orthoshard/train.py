@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
+from orthoshard.arguments import argument_problem
 from orthoshard.checkpoints import Checkpoints, write_whole
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
@@ -110,29 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
     return args
-
-
-def argument_problem(args: argparse.Namespace) -> str | None:
-    """What makes the arguments ``orthoshard demo`` shares with this job unusable (None: they
-    are fine); both refuse them before starting anything."""
-    if args.steps < 1:
-        return "--steps must be >= 1"
-    if (args.checkpoint_every or args.resume) and args.checkpoint_dir is None:
-        return "--checkpoint-every and --resume need --checkpoint-dir"
-    if args.checkpoint_dir is not None and not args.checkpoint_every and not args.resume:
-        return ("--checkpoint-dir without --checkpoint-every N would write no checkpoint; "
-                "pass --checkpoint-every (or --resume to continue the run there)")
-    if args.checkpoint_every < 0 or not 0 <= args.step_delay < math.inf:
-        return "--checkpoint-every and --step-delay must be >= 0 (and finite)"
-    if args.checkpoint_dir is not None and args.checkpoint_dir.exists() \
-            and not args.checkpoint_dir.is_dir():
-        return f"--checkpoint-dir {args.checkpoint_dir} is not a directory"
-    if args.kl_shampoo and args.optimizer != "soap":
-        return "--kl-shampoo applies to --optimizer soap"
-    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
-        return (f"--spike-at must be a step in [0, --steps={args.steps}) (0-based), got "
-                f"{args.spike_at}")
-    return None
 
 
 def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo: bool = False,

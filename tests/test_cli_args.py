@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -48,6 +50,20 @@ def _demo_args(*argv: str) -> argparse.Namespace:
 def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
     problem = demo._argument_problem(_demo_args(*argv))
     assert problem is not None and message in problem
+
+
+def test_the_demo_checks_its_arguments_without_importing_torch():
+    # it imported orthoshard.train for the checks it shares with the job, and torch with it:
+    # ~2.5 s before the sidecar started, in every demo run
+    code = ("import argparse, sys\n"
+            "from orthoshard import demo\n"
+            "p = argparse.ArgumentParser()\n"
+            "demo.add_arguments(p)\n"
+            "assert demo._argument_problem(p.parse_args(['--optimizer', 'soap'])) is None\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 @pytest.mark.parametrize("argv", [
