@@ -4,7 +4,8 @@ A small GPT on the synthetic Markov language (:mod:`orthoshard.data`), FSDP2 (``
 on every block, hidden matrices updated by Muon / NorMuon / SOAP through ``OwnerSharding``,
 embeddings, norms and the head by AdamW. Every rank publishes the health of the matrices it
 owns to its node's sidecar (``--sidecar-url`` or ``--sidecar-uds``) and appends it to
-``OUT/health-rank{r}.jsonl``; rank 0 draws the progress bar and logs the loss.
+``OUT/health-rank{r}.jsonl``; rank 0 draws the progress bar and logs the loss to
+``OUT/loss.jsonl``. A run from step 0 starts both logs over; a resumed one appends to them.
 
 Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
 ``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt left that one: nothing is
@@ -181,14 +182,20 @@ RUN_ID_FILE = "RUN_ID"
 
 
 def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
-    """The id every rank publishes under: the environment's (``ORTHOSHARD_RUN_ID``, torchrun's
-    own run id), else one rank 0 draws and sends to all (collective): torchrun's shared default
-    ``"none"`` (``--master-port``, static rendezvous) would mix this run with earlier ones. A
-    drawn id is kept in the checkpoint directory, and a run resumed from one of its checkpoints
-    (``--resume``, as every attempt of an elastic restart is) publishes under it again."""
+    """The id every rank publishes under: ``ORTHOSHARD_RUN_ID`` if set; else, with a checkpoint
+    directory, the run's own id kept there (``RUN_ID``: drawn by rank 0 when the run starts
+    from step 0 and sent to all, a collective; a run resumed from one of its checkpoints, as
+    ``--resume`` and every attempt of an elastic restart are, publishes under it again);
+    without one, torchrun's run id, or a drawn one where torchrun gives its shared default
+    ``"none"`` (``--master-port``, static rendezvous), which would mix this run with earlier
+    ones. The kept id goes before torchrun's because a fixed ``--rdzv-id`` (as
+    docker-compose.yml's) names the job, not the run: every new run of the job published under
+    it and overwrote the history of the run before."""
     from service.client import environment_run_id
 
-    if (value := environment_run_id()) is not None:
+    if explicit := os.environ.get("ORTHOSHARD_RUN_ID"):
+        return explicit
+    if checkpoint_dir is None and (value := environment_run_id()) is not None:
         return value
     box: list[str | None] = [None]
     if dist.get_rank() == 0:
@@ -374,8 +381,12 @@ class _Log:
     def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool) -> None:
         self.out, self.rank = out, rank
         self.steps_run = 0
-        self.health_file = (out / f"health-rank{rank}.jsonl").open("a")
-        self.loss_file = (out / "loss.jsonl").open("a") if rank == 0 else None
+        # a run from step 0 starts its logs over: appended to an earlier run's (a new run
+        # under docker compose keeps the out volume), its steps 1, 2, ... followed that run's
+        # and the runbooks' "loss around that step" read two runs
+        mode = "a" if start > 0 else "w"
+        self.health_file = (out / f"health-rank{rank}.jsonl").open(mode)
+        self.loss_file = (out / "loss.jsonl").open(mode) if rank == 0 else None
         self.bar = None
         if rank == 0 and progress:
             from tqdm import tqdm

@@ -275,9 +275,12 @@ def test_every_rank_publishes_under_one_run_id_even_when_torchrun_gives_none(tmp
 
 
 @pytest.mark.timeout(120)
-def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path):
+@pytest.mark.parametrize("torchelastic_id", ["none", "orthoshard-compose"])
+def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path, torchelastic_id):
     # torchrun's "none" and --max-restarts: each attempt drew a new id, so one run's history
-    # was split in two at the sidecar; the id drawn first is kept in the checkpoint directory
+    # was split in two at the sidecar; the id drawn first is kept in the checkpoint directory.
+    # A fixed --rdzv-id (docker-compose.yml's) names the job: every new run of it published
+    # under that one id and overwrote the previous run's history at the sidecar.
     import _sharding_workers as w
     from _dist import run_ranks
 
@@ -285,7 +288,7 @@ def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path):
 
     def run_id(name: str, resumed: bool) -> str:
         out = tmp_path / name
-        run_ranks(w.run_id_worker, 2, tmp_path, str(out), "none", str(ckpt), resumed)
+        run_ranks(w.run_id_worker, 2, tmp_path, str(out), torchelastic_id, str(ckpt), resumed)
         ids = {Path(f"{out}.{r}").read_text() for r in range(2)}
         assert len(ids) == 1  # the ranks agree
         return ids.pop()
@@ -296,6 +299,7 @@ def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path):
     (ckpt / "LATEST").write_text("step-000004")
     assert run_id("d", resumed=True) == drawn  # a restart or --resume: the same run
     assert run_id("e", resumed=False) != drawn  # a new run in the directory: a new id
+    assert torchelastic_id not in {first, drawn}
 
 
 
@@ -323,6 +327,24 @@ def _softening(out: Path) -> dict[int, float]:
     lines = (out / "health-rank0.jsonl").read_text().splitlines()
     return {rec["step"]: rec["params"]["blocks.0.fc.weight"]["softening"]
             for rec in map(json.loads, lines)}
+
+
+@pytest.mark.timeout(120)
+def test_a_run_from_step_0_starts_its_logs_over_and_a_resumed_run_appends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a new run in the out directory of an earlier one (docker compose keeps the out volume)
+    # appended its steps 1, 2, ... after that run's in loss.jsonl and health-rank0.jsonl
+    out, keep = tmp_path / "out", ["--checkpoint-dir", str(tmp_path / "ckpt"),
+                                   "--checkpoint-every", "2"]
+
+    def steps(name: str) -> list[int]:
+        return [json.loads(line)["step"] for line in (out / name).read_text().splitlines()]
+
+    assert _train_here(monkeypatch, "--steps", "3", "--out", str(out)) == 0
+    assert _train_here(monkeypatch, "--steps", "2", "--out", str(out), *keep) == 0
+    assert steps("loss.jsonl") == steps("health-rank0.jsonl") == [1, 2]
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), "--resume", *keep) == 0
+    assert steps("loss.jsonl") == steps("health-rank0.jsonl") == [1, 2, 3, 4]
 
 
 @pytest.mark.timeout(120)
