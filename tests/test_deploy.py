@@ -480,3 +480,21 @@ def test_dashboard_is_wellformed_and_uses_the_provisioned_datasource() -> None:
     defined = {v["name"] for v in dash["templating"]["list"]}
     for var in re.findall(r"\$(\w+)", text):
         assert var in defined or var.startswith("__"), f"${var} is not a dashboard variable"
+
+
+def test_a_panel_mixing_rates_and_levels_draws_the_rates_on_an_axis_of_their_own() -> None:
+    # the step counter (hundreds) and the snapshot rate (~2/s) shared one axis: the rate lay
+    # flat on zero, and a rank slowing down could not be seen
+    dash = json.loads(DASHBOARD.read_text())
+    mixed = 0
+    for panel in dash["panels"]:
+        rates = {t["refId"] for t in panel.get("targets", []) if "rate(" in t["expr"]}
+        levels = {t["refId"] for t in panel.get("targets", [])} - rates
+        if not rates or not levels:
+            continue
+        mixed += 1
+        right = {o["matcher"]["options"] for o in panel["fieldConfig"]["overrides"]
+                 if o["matcher"]["id"] == "byFrameRefID"
+                 and {"id": "custom.axisPlacement", "value": "right"} in o["properties"]}
+        assert right == rates, panel["title"]
+    assert mixed  # the step and snapshot-rate panel is one
