@@ -131,11 +131,14 @@ class MatrixOptimizer(StateDictOptimizer):
         Under ``OwnerSharding`` call it on every rank in the same order, as every step: the
         new matrices get owners without moving the existing ones, whose state stays where it is.
         """
+        if not isinstance(param_group, dict):  # as torch.optim
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         _refuse_matrix_keys_in_adamw(param_group)
         if not hasattr(self, "_exchange"):  # torch's constructor; ours then checks every group
             super().add_param_group(param_group)
             return
-        group = dict(param_group)
+        # the caller's dict itself, as torch.optim adds it: later edits to it reach the group
+        group = param_group
         params = group.get("params")
         if isinstance(params, Tensor):
             params = [params]
@@ -223,6 +226,16 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def _check_step(self) -> None:
         """Raise, before anything changes, for what this step cannot run with."""
+        for gi, group in enumerate(self.param_groups):
+            if len(group["params"]) != len(group["param_names"]):
+                # torch optimizers step a tensor appended to a group's list; here it has no
+                # name, no checks, no skip counter and, under OwnerSharding, no owner
+                raise ValueError(
+                    f"param group {gi} lists {len(group['params'])} parameters and "
+                    f"{len(group['param_names'])} names (param_names): parameters put into "
+                    f"param_groups[{gi}]['params'] (or taken out) by hand are not set up. "
+                    f"Add parameters with optimizer.add_param_group({{'params': [...]}}), "
+                    f"which names and checks them, and put the list back as it was.")
         _check_dense(self.param_groups)
         if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
             raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "

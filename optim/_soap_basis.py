@@ -11,7 +11,7 @@ nothing (measured with torch 2.13: identical bits at all three settings). So tha
 ``fp32_matmul_prec`` means the same numerics on every device, :func:`pmm` rounds the two operands
 on CPU to the format the setting names (TF32: 10 explicit mantissa bits; bf16: 7) and multiplies
 in fp32 - which is what TF32 / bf16 tensor cores do (rounded inputs, fp32 accumulation). On CUDA
-the operands are left alone and :func:`matmul_precision` sets torch's global mode instead.
+the operands are left alone and :func:`matmul_precision` sets cuBLAS's mode instead.
 """
 
 from __future__ import annotations
@@ -48,15 +48,30 @@ def pmm(a: Tensor, b: Tensor, prec: str) -> Tensor:
     return _round_operand(a, prec) @ _round_operand(b, prec)
 
 
+# ``fp32_matmul_prec`` -> cuBLAS's float32 matmul precision, as torch.set_float32_matmul_precision
+# maps it ("medium" is TF32 there too: cuBLAS has no bf16 mode for float32 products)
+_CUDA_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
 @contextlib.contextmanager
-def matmul_precision(prec: str) -> Iterator[None]:
-    """Set torch's float32 matmul precision for the block (CUDA honours it) and restore it."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(prec)
+def matmul_precision(prec: str, device: torch.device) -> Iterator[None]:
+    """Set the float32 matmul precision of ``device``'s backend for the block, and restore it:
+    cuBLAS's to ``prec`` (TF32 for "high" and "medium"); on CPU oneDNN's to IEEE float32, since
+    :func:`pmm` has already rounded the operands to what ``prec`` names.
+
+    Through the per-backend settings (``torch.backends.cuda.matmul.fp32_precision``): torch's
+    global getter raises once a program has used those (``torch.backends.fp32_precision =
+    "tf32"``, which torch's docs recommend), and every SOAP step raised with it."""
+    if device.type == "cuda":
+        backend, value = torch.backends.cuda.matmul, _CUDA_PRECISION[prec]
+    else:
+        backend, value = torch.backends.mkldnn.matmul, "ieee"  # type: ignore[attr-defined]
+    previous = backend.fp32_precision
+    backend.fp32_precision = value
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        backend.fp32_precision = previous
 
 
 def _present(factor: Tensor) -> bool:
@@ -165,7 +180,7 @@ class SideRefresh:
             return None
         base, perm, Q_raw, R, resort, factor = self.power
         if self.Q.size(-1) < HALF_PRODUCT_FROM:
-            with matmul_precision("highest"):
+            with matmul_precision("highest", factor.device):
                 return _rayleigh(factor, self.Q, "highest")[1]
         Q_prev = base if perm is None else base.index_select(1, perm)
         return power_step_quotients(Q_prev, Q_raw, R)[resort]  # sets "highest" itself
@@ -209,7 +224,7 @@ def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
     R_t = R.mT  # R_t[j, i] = R[i, j]: row j of M's block pairs with row j of R_t
     out = torch.zeros(d, dtype=Q_new.dtype, device=Q_new.device)
     blocks = [(0, d)]
-    with matmul_precision("highest"):
+    with matmul_precision("highest", Q_new.device):
         while blocks:
             lo, hi = blocks.pop()
             if hi - lo <= _QUOTIENT_LEAF:

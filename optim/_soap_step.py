@@ -80,12 +80,12 @@ def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *,
     """Refresh both bases and carry the moments across: ``exp_avg`` goes out through the old
     basis and back in through the new one (exact: it is the same momentum in parameter space);
     ``exp_avg_sq`` is permuted along each axis to follow its eigenvector (:func:`refresh_side`)."""
-    # qr_fp32_matmul_prec acts through torch's global mode only (TF32 on CUDA, as in
+    # qr_fp32_matmul_prec acts through cuBLAS's mode only (TF32 on CUDA, as in
     # Emerging-Optimizers; no-op on CPU): emulating TF32 in the power step on CPU changed square
     # problems' updates by up to 50% (docs/soap.md), a price CPU users should not pay by default.
     prec = "highest"
     use_eigh = cfg.use_eigh or first  # the identity is no warm start: the first refresh is eigh
-    with matmul_precision(cfg.qr_fp32_matmul_prec):
+    with matmul_precision(cfg.qr_fp32_matmul_prec, L.device):
         momentum = project_out(state["exp_avg"], state["Q_L"], state["Q_R"], prec)
         new = {"Q_L": state["Q_L"], "Q_R": state["Q_R"], "exp_avg_sq": state["exp_avg_sq"]}
         sides: list[SideRefresh | None] = []
@@ -217,7 +217,7 @@ def _precondition(G: Tensor, new: dict[str, Tensor], cfg: SoapConfig, *, t: int
     Returns ``(U, exp_avg, exp_avg_sq, G'^2)``; the squares also carry the quotients
     (:func:`_next_quotients`)."""
     prec = cfg.fp32_matmul_prec
-    with matmul_precision(prec):
+    with matmul_precision(prec, G.device):
         Gp = project_in(G, new["Q_L"], new["Q_R"], prec)
         square = Gp.square()
         D, exp_avg, exp_avg_sq = adam_direction(Gp, new["exp_avg"], new["exp_avg_sq"], cfg=cfg,
@@ -338,7 +338,7 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     t = int(state["step"]) + 1
     beta = _factor_beta(cfg, t)
     prec = cfg.fp32_matmul_prec
-    with matmul_precision(prec):
+    with matmul_precision(prec, G.device):
         L, R, whitening = update_factors(state["L"], state["R"], G, beta=beta,
                                          kl=cfg.use_kl_shampoo, Q_L=state["Q_L"],
                                          Q_R=state["Q_R"], eps=cfg.eps, prec=prec)

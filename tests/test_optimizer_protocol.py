@@ -319,6 +319,41 @@ def test_a_group_added_after_one_was_removed_gets_a_name_of_its_own(
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_add_param_group_adds_the_callers_dict_as_torch_optim_does(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # it added a copy: an edit to the dict afterwards (its lr) reached no group
+    ws = [nn.Parameter(torch.randn(4, 4)) for _ in range(2)]
+    opt, ref = cls([ws[0]], **kwargs), torch.optim.SGD([ws[0]], lr=0.1)
+    for o in (opt, ref):
+        group = {"params": [ws[1]]}
+        o.add_param_group(group)
+        assert o.param_groups[-1] is group
+    with pytest.raises(TypeError, match="must be a dict"):
+        opt.add_param_group([ws[1]])
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
+def test_a_parameter_appended_to_a_groups_list_is_refused_with_the_way_to_add_it(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # the step failed on "zip() argument 2 is longer than argument 1", naming nothing
+    ws = [nn.Parameter(torch.randn(4, 4)) for _ in range(2)]
+    opt = cls([ws[0]], **kwargs)
+    opt.param_groups[0]["params"].append(ws[1])
+    for w in ws:
+        w.grad = torch.randn(4, 4)
+    before = [w.detach().clone() for w in ws]
+    with pytest.raises(ValueError, match=r"param group 0 lists 2 parameters and 1 names.*"
+                                         r"add_param_group"):
+        opt.step()
+    assert all(torch.equal(w, b) for w, b in zip(ws, before, strict=True))
+    assert opt.param_groups[0]["step"] == 0 and not opt.state
+    opt.param_groups[0]["params"].pop()
+    opt.add_param_group({"params": [ws[1]]})
+    opt.step()
+    assert not any(torch.equal(w, b) for w, b in zip(ws, before, strict=True))
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
 def test_an_empty_group_can_be_added_as_torch_optim_allows(
         cls: type, kwargs: dict[str, Any]) -> None:
     # torch refused it next to the named groups ("with/without names"), with no fix named

@@ -901,19 +901,55 @@ def test_fp32_matmul_prec_really_changes_cpu_products_and_restores_the_global_mo
     # "highest": float32 dot products of 64 terms, measured 1.1e-5 off the float64 product;
     # "high" (bf16x3) 1.1e-2, "medium" (bf16) 0.1: the bound separates them by 10x each way
     assert err["highest"] < FP32_PRODUCT_MAX_ERR < err["high"] < err["medium"]
-    # the block restores what was set before it, not torch's default ("highest"), also when it
-    # raises
+    # the block sets oneDNN's float32 products to IEEE on CPU (pmm has rounded the operands;
+    # torch's "medium" lets oneDNN multiply float32 in bf16 where the CPU can) and restores
+    # what was set before it, not torch's default, also when it raises
     saved = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("high")
-        with matmul_precision("medium"):
-            assert torch.get_float32_matmul_precision() == "medium"
-        assert torch.get_float32_matmul_precision() == "high"
-        with pytest.raises(RuntimeError, match="inside"), matmul_precision("medium"):
+        torch.set_float32_matmul_precision("medium")
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        with matmul_precision("medium", a.device):
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        with pytest.raises(RuntimeError, match="inside"), matmul_precision("medium", a.device):
             raise RuntimeError("inside")
-        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("setting", ["generic", "cuda", "legacy"])
+def test_soap_steps_under_any_matmul_precision_setting_and_leaves_it_as_set(setting):
+    # torch.backends.fp32_precision = "tf32" (the per-backend settings torch's docs recommend)
+    # makes torch.get_float32_matmul_precision() raise, and every SOAP step raised with it,
+    # after the step counters had moved
+    def read() -> tuple[str, str, str]:
+        return (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.mkldnn.matmul.fp32_precision)
+
+    try:
+        if setting == "generic":
+            torch.backends.fp32_precision = "tf32"
+        elif setting == "cuda":
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:
+            torch.set_float32_matmul_precision("high")
+        before = read()
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 6, generator=gen))
+        opt = SOAP([w], lr=0.01, precondition_frequency=1, use_eigh=False)
+        for _ in range(3):
+            start = w.detach().clone()
+            w.grad = torch.randn(8, 6, generator=gen)
+            opt.step()
+            assert not torch.equal(w, start)
+        assert int(opt.state[w]["step"]) == 3 and read() == before
+    finally:
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
