@@ -263,6 +263,7 @@ class StateDictOptimizer(Optimizer):
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             return state_dict  # _state_dict_problem names the mismatch
+        saved_groups = _in_live_order(self.param_groups, saved_groups)
         groups = []
         for live, saved in zip(self.param_groups, saved_groups, strict=True):
             if not isinstance(saved, dict):
@@ -299,6 +300,33 @@ def _names_fit(names: Any, indices: Any) -> bool:
     return isinstance(names, list) and isinstance(indices, list) and \
         len(names) == len(indices) and all(isinstance(n, str) for n in names) and \
         len(set(names)) == len(names)
+
+
+def _in_live_order(live_groups: list[dict[str, Any]], saved_groups: list[Any]) -> list[Any]:
+    """``saved_groups`` in the order of the live groups holding the same names, where each
+    saved group names (with packed indices, as ``state_dict()`` writes them) exactly the
+    parameters of one live group and the groups are only listed in another order: torch pairs
+    groups by position, which gave each group the other's hyperparameters and each parameter
+    the state of another (or refused it as another model's where the shapes differ). Otherwise
+    as given: the groups pair by position, as in torch."""
+    keys = []
+    for saved in saved_groups:
+        names = saved.get("param_names") if isinstance(saved, dict) else None
+        indices = saved.get("params") if isinstance(saved, dict) else None
+        if not _names_fit(names, indices) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            return saved_groups
+        keys.append(frozenset(names))
+    free = dict.fromkeys(range(len(saved_groups)))
+    order = []
+    for live in live_groups:
+        want = frozenset(live["param_names"])
+        match = next((i for i in free if keys[i] == want), None)
+        if match is None:
+            return saved_groups
+        del free[match]
+        order.append(match)
+    return [saved_groups[i] for i in order]
 
 
 def _under_live_names(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:

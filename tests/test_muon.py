@@ -945,6 +945,36 @@ def test_a_state_dict_loads_by_name_into_parameters_listed_in_another_order(fact
     assert list(reordered.health()) == ["mlp.weight"]
 
 
+@pytest.mark.parametrize("factory", [lambda gs: Muon(gs, lr=0.02), lambda gs: SOAP(gs, lr=3e-3)],
+                         ids=["Muon", "SOAP"])
+@pytest.mark.parametrize("shapes", [((8, 8), (8, 8)), ((8, 8), (6, 4))], ids=["same", "other"])
+def test_a_state_dict_loads_by_name_into_groups_listed_in_another_order(factory, shapes):
+    # the names were matched within a group only: groups listed in another order took each
+    # other's hyperparameters and state, silently where the shapes agree, and where they
+    # differ the load was refused as "another model"
+    torch.manual_seed(0)
+    params = {"attn.weight": nn.Parameter(torch.randn(*shapes[0])),
+              "mlp.weight": nn.Parameter(torch.randn(*shapes[1]))}
+
+    def build(order):
+        return factory([{"params": [(name, params[name])], "lr": lr, "weight_decay": 0.0}
+                        for name, lr in order])
+
+    opt = build([("attn.weight", 0.01), ("mlp.weight", 0.03)])
+    for scale in (1.0, 100.0):
+        for p in params.values():
+            p.grad = torch.randn_like(p) * scale
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    reordered = build([("mlp.weight", 0.5), ("attn.weight", 0.5)])
+    reordered.load_state_dict(saved)
+    assert [(g["param_names"], g["lr"]) for g in reordered.param_groups] == [
+        (["mlp.weight"], 0.03), (["attn.weight"], 0.01)]
+    for name, p in params.items():
+        for key, value in opt.state[p].items():
+            assert torch.equal(reordered.state[p][key], value), (name, key)
+
+
 def test_a_state_dict_saved_under_other_names_loads_by_position_and_keeps_the_live_names():
     # torch's pairing where the names differ (a model saved under DDP's "module." prefix); the
     # loaded names were the saved ones, so health reported "module.*" for this model
