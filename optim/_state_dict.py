@@ -311,8 +311,10 @@ def _in_live_order(live_groups: list[dict[str, Any]], saved_groups: list[Any]) -
     as given: the groups pair by position, as in torch."""
     keys = []
     for saved in saved_groups:
-        names = saved.get("param_names") if isinstance(saved, dict) else None
-        indices = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict):
+            return saved_groups
+        names: Any = saved.get("param_names")
+        indices: Any = saved.get("params")
         if not _names_fit(names, indices) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in indices):
             return saved_groups
