@@ -498,3 +498,21 @@ def test_a_panel_mixing_rates_and_levels_draws_the_rates_on_an_axis_of_their_own
                  and {"id": "custom.axisPlacement", "value": "right"} in o["properties"]}
         assert right == rates, panel["title"]
     assert mixed  # the step and snapshot-rate panel is one
+
+
+def test_per_parameter_panels_neither_add_up_nor_merge_the_replicas_of_hsdp() -> None:
+    # under HSDP (--replicas 2) each replica's owner reports every matrix to its own node's
+    # sidecar: the skips panel summed the two copies of every skip, and the eigengap and
+    # orthogonality panels drew two lines under one legend
+    dash = json.loads(DASHBOARD.read_text())
+    checked = 0
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if "param" not in expr or panel["type"] != "timeseries":
+                continue
+            checked += 1
+            assert not re.search(r"\bsum\b", expr), (panel["title"], expr)
+            aggregated = re.match(r"\s*(topk\(|max by \()", expr)
+            assert aggregated or "{{node}}" in target["legendFormat"], panel["title"]
+    assert checked >= 4
