@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="sleep this long after each step (to watch a short run live)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help="rank 0 prints the step and loss every N steps, a line each (for logs "
+                        "without a terminal, with --no-progress; 0: never)")
     args = p.parse_args(argv)
     problem = argument_problem(args)
     if problem is not None:
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "d_model", "layers", "replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.log_every < 0:
+        p.error(f"--log-every must be >= 0 (0: no step lines), got {args.log_every}")
     # checked here, on every rank before any process group, rather than failing in each rank
     # once the model is built or the first snapshot is due
     if args.d_model % GPTConfig.n_heads:
@@ -333,7 +338,7 @@ def _train(args: argparse.Namespace) -> int:
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
     publisher = _publisher(args, resumed=args.resume)
-    log = _Log(args.out, rank, start, args.steps, args.progress)
+    log = _Log(args.out, rank, start, args.steps, args.progress, args.log_every)
     for step in range(start, args.steps):
         x, y = (t.to(device) for t in data.batch(step, rank))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -378,9 +383,12 @@ def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
 class _Log:
     """Progress bar and loss log on rank 0, health log and final report on every rank."""
 
-    def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool) -> None:
+    def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool,
+                 log_every: int = 0) -> None:
         self.out, self.rank = out, rank
         self.steps_run = 0
+        self.steps, self.log_every = steps, log_every if rank == 0 else 0
+        self.since = (start, time.monotonic())  # the last step line's step and time
         # a run from step 0 starts its logs over: appended to an earlier run's (a new run
         # under docker compose keeps the out volume), its steps 1, 2, ... followed that run's
         # and the runbooks' "loss around that step" read two runs
@@ -405,6 +413,12 @@ class _Log:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}")
             self.bar.update(1)
+        if self.log_every and (step % self.log_every == 0 or step == self.steps):
+            then, at = self.since
+            now = time.monotonic()
+            rate = (step - then) / (now - at) if now > at else math.inf
+            print(f"step {step}/{self.steps} loss {loss:.4f} ({rate:.2f} steps/s)", flush=True)
+            self.since = (step, now)
 
     def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float,
                final_step: int) -> None:

@@ -118,6 +118,7 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     (["--spike-at", "1", "--spike-scale", "nan"], "--spike-scale must be a finite number > 0"),
     (["--spike-at", "1", "--spike-scale=-inf"], "--spike-scale must be a finite number > 0"),
     (["--spike-at", "1", "--spike-scale", "0"], "--spike-scale must be a finite number > 0"),
+    (["--log-every", "-1"], "--log-every must be >= 0"),
     # the run trained to the end and exit 0 with every snapshot refused (HTTP 401)
     (["--sidecar-url", "http://127.0.0.1:9400"], "--sidecar-url / --sidecar-uds need "
                                                  "--token-file"),

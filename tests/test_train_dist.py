@@ -330,6 +330,21 @@ def _softening(out: Path) -> dict[int, float]:
 
 
 @pytest.mark.timeout(120)
+def test_log_every_prints_a_step_line_that_a_log_without_a_terminal_shows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # with --no-progress (docker compose) rank 0 printed nothing while it trained: `docker
+    # compose logs -f trainer-0` showed torchrun's banner alone
+    assert _train_here(monkeypatch, "--steps", "5", "--log-every", "2",
+                       "--out", str(tmp_path / "out")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    losses = [json.loads(line)["loss"] for line in
+              (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert [line.split(" (")[0] for line in lines] == [
+        f"step {t}/5 loss {losses[t - 1]:.4f}" for t in (2, 4, 5)]
+    assert all(line.endswith(" steps/s)") for line in lines)
+
+
+@pytest.mark.timeout(120)
 def test_a_run_from_step_0_starts_its_logs_over_and_a_resumed_run_appends(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a new run in the out directory of an earlier one (docker compose keeps the out volume)
