@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -88,9 +89,18 @@ class Store:
         # reading the mirror to updating it
         self._lock = threading.RLock()
         self._db_lock = threading.RLock()
-        # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any other
-        # path is a plain file name as before
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, uri=True)
+        # one sidecar per database file, for as long as it runs (released when it exits, even
+        # killed); checked before SQLite opens the file, which must then be writable
+        _check_writable(path)
+        self._owner = _own(path)
+        try:
+            # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any
+            # other path is a plain file name as before
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                       uri=True)
+        except BaseException:
+            _release(self._owner)
+            raise
         self._checkpointer: Checkpointer | None = None
         self._closing = False  # close() began: writes waiting for their turn give up
         self._prepared = False  # the tables exist (a store that failed to open merges nothing)
@@ -128,6 +138,7 @@ class Store:
         Raises:
             sqlite3.Error: the file is not a SQLite database, or the sidecar cannot write it.
         """
+        tables.check_ours(self._db)  # reads only: another program's file stays as it was
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         tables.check_intact(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -459,8 +470,70 @@ class Store:
                     _log.warning("could not merge the last snapshots at close: %s", exc)
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
+                _release(self._owner)
+                self._owner = None
         finally:
             self._db_lock.release()
+
+
+def _plain_file(path: str) -> bool:
+    return path != ":memory:" and not path.startswith("file:")
+
+
+def _own(path: str) -> int | None:
+    """Lock ``PATH.lock`` (``flock``, exclusive) for this store and write this process's id
+    in it; returns the open descriptor (None: an in-memory database or a URI). Two sidecars
+    started on one ``--db`` (on other ports) each kept a mirror of their own and wrote it over
+    the other's: the snapshot counts went back at the next start.
+
+    Raises:
+        StoreBusy: another store holds it, naming that process.
+    """
+    if not _plain_file(path):
+        return None
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: "
+                                       f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreBusy(f"another sidecar (process {holder}) is using this database, "
+                        f"locked in {path}.lock") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release(fd: int | None) -> None:
+    """Unlock and close what :func:`_own` returned (the lock file stays: removing it would let
+    a process that opened it before the removal lock a file nobody else sees)."""
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _check_writable(path: str) -> None:
+    """Refuse, before SQLite opens it, a database file (or its ``-wal`` / ``-shm`` files) or
+    directory this process cannot write. SQLite's WAL switch on a read-only file created
+    read-only ``-wal`` and ``-shm`` files, which made the next start fail with the same error
+    after the file's mode was fixed.
+
+    Raises:
+        sqlite3.OperationalError: naming the file or directory.
+    """
+    if not _plain_file(path):
+        return
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK):
+        raise sqlite3.OperationalError(
+            f"this user cannot write the directory {directory}, where SQLite keeps the "
+            f"database's -wal and -shm files")
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(name) and not os.access(name, os.W_OK):
+            raise sqlite3.OperationalError(f"this user cannot write {name}")
 
 
 def _file_id(path: str) -> tuple[int, int] | None:

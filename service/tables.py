@@ -25,6 +25,7 @@ of the newer snapshot.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from typing import Any
@@ -72,6 +73,53 @@ def _dumps(value: Any) -> str | None:
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
+
+
+#: Columns added by :func:`migrate` to databases of earlier versions (absent there).
+_MIGRATED_COLUMNS = {"ranks": {"finished_at", "finished_wall_time"}}
+
+
+@functools.cache
+def _schema_columns() -> dict[str, set[str]]:
+    """Each table of :data:`SCHEMA` with its columns."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        names = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = "
+                                              "'table'")]
+        return {name: {row[1] for row in db.execute(f"PRAGMA table_info({name})")}
+                for name in names}
+    finally:
+        db.close()
+
+
+def check_ours(db: sqlite3.Connection) -> None:
+    """Refuse, before anything is written to it, a database this sidecar did not write: a
+    SQLite file of another program (tables of its own, or tables named as these without their
+    columns) or one written by a newer format. An empty database is new. A mistyped ``--db``
+    naming another program's database took it over: it gained these tables and WAL mode, and
+    lost its ``user_version``.
+
+    Raises:
+        sqlite3.DatabaseError: naming what does not fit (not a SQLite file at all: SQLite's
+            own error, on the first read).
+    """
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    found = {row[0] for row in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    if version > FORMAT_VERSION:
+        raise sqlite3.DatabaseError(
+            f"it was written by a newer sidecar (format {version}; this one reads up to "
+            f"{FORMAT_VERSION}): run that version, or start this one with a new --db")
+    ours = _schema_columns()
+    foreign = sorted(found - set(ours))
+    unlike = sorted(name for name in found & set(ours) if not (
+        ours[name] - _MIGRATED_COLUMNS.get(name, set()) <= {
+            row[1] for row in db.execute(f"PRAGMA table_info({name})")}))
+    if foreign or unlike:
+        raise sqlite3.DatabaseError(
+            f"it is not a sidecar's database (tables {', '.join(foreign + unlike)} are not "
+            f"this sidecar's): it was left as it was; give the sidecar a --db of its own")
 
 
 def check_intact(db: sqlite3.Connection) -> None:

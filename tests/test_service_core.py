@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -21,8 +22,10 @@ from conftest import ROOT, require_tool
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import service.store as store_module
 from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
+from service.records import StoreBusy
 from service.schema import Snapshot
 from service.sender import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.settings import Settings, read_token_file
@@ -214,10 +217,12 @@ def test_snapshots_not_merged_yet_are_read_and_survive_a_crash(tmp_path: Path) -
     assert _pending(db) == 0  # the read merged them
     store.ingest(make_snapshot(3, rank=1))  # no state summary: keeps step 2's
     assert _pending(db) == 3
-    # killed: the thread stops and the connection goes, with no merge
+    # killed: the thread stops and the connection goes, with no merge, and the process's
+    # exit releases its lock on the database
     assert store._checkpointer is not None
     store._checkpointer.close(timeout_s=2.0)
     store._db.close()
+    store_module._release(store._owner)
     again = Store(db, history_max_rows=1000)
     rank = again.ranks()[0]
     assert (rank.step, rank.snapshots_received) == (3, 3)
@@ -228,6 +233,46 @@ def test_snapshots_not_merged_yet_are_read_and_survive_a_crash(tmp_path: Path) -
     assert [r.step for r in again.history("blocks.2.w", run_id="r", from_step=0, to_step=9,
                                           limit=9)] == [1, 2, 3]
     assert _pending(db) == 0
+    again.close()
+
+
+@pytest.mark.parametrize("make", [
+    "CREATE TABLE users (id INTEGER, name TEXT)",  # another program's table
+    "CREATE TABLE ranks (id INTEGER, name TEXT)",  # one named as the sidecar's, other columns
+    "PRAGMA user_version = 7",  # a newer format
+], ids=["foreign-table", "same-name-other-columns", "newer-format"])
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path,
+                                                                 make: str) -> None:
+    # a mistyped --db naming another SQLite database took it over: it gained these tables,
+    # switched to WAL for good and lost its user_version (or failed half-way, changed)
+    path = str(tmp_path / "other.db")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(make)
+        db.commit()
+        before = (db.execute("SELECT sql FROM sqlite_master").fetchall(),
+                  db.execute("PRAGMA user_version").fetchone(),
+                  db.execute("PRAGMA journal_mode").fetchone())
+    message = "newer sidecar" if "user_version" in make else "not a sidecar's database"
+    with pytest.raises(sqlite3.DatabaseError, match=message):
+        Store(path, history_max_rows=10)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert (db.execute("SELECT sql FROM sqlite_master").fetchall(),
+                db.execute("PRAGMA user_version").fetchone(),
+                db.execute("PRAGMA journal_mode").fetchone()) == before
+    Store(str(tmp_path / "own.db"), history_max_rows=10).close()  # a new file is its own
+
+
+def test_one_store_at_a_time_writes_a_database_file(tmp_path: Path) -> None:
+    # two sidecars on one --db each kept a mirror of their own and wrote their counts over
+    # the other's: the snapshot count went from 10 back to 6 at the next start
+    path = str(tmp_path / "s.db")
+    first = Store(path, history_max_rows=10)
+    with pytest.raises(StoreBusy, match=rf"another sidecar \(process {os.getpid()}\) is using"):
+        Store(path, history_max_rows=10)
+    first.ingest(make_snapshot(1))
+    first.close()
+    again = Store(path, history_max_rows=10)
+    assert again.ranks()[0].snapshots_received == 1
     again.close()
 
 

@@ -550,6 +550,13 @@ def test_a_second_sidecar_leaves_the_running_ones_socket_and_database_alone(
     assert same_uds.returncode == 2, same_uds.stderr
     assert f"--uds {sidecar.uds} is in use" in same_uds.stderr
     assert not second_db.exists()  # refused before any database was opened
+    # its own port and socket, the first one's --db: both ran, each writing its own counts
+    # over the other's, and the snapshot counts went back at the next start
+    same_db = sidecar_cli(tmp_path, "--port", str(free_port()), "--uds",
+                          str(tmp_path / "second.sock"), "--db", str(tmp_path / "state.db"))
+    assert same_db.returncode == 2, same_db.stderr
+    assert f"another sidecar (process {sidecar.proc.pid}) is using this database" in \
+        same_db.stderr
     with sidecar.client(via_uds=True) as unix, sidecar.client() as tcp:
         assert unix.get("/healthz").status_code == tcp.get("/healthz").status_code == 200
         assert unix.post("/v1/snapshots", json={
@@ -604,5 +611,13 @@ def test_sidecar_cli_refuses_a_database_it_cannot_write(tmp_path: Path, how: str
             arg = _read_only_file(db, undo)
         proc = sidecar_cli(tmp_path, "--db", arg, "--port", str(free_port()))
     assert proc.returncode == 2, proc.stderr
-    assert f"cannot use {arg} as the history database (attempt to write a readonly " \
-        "database)" in proc.stderr
+    # refused by the store before SQLite opens it (a file it cannot write), or by SQLite (a
+    # read-only open, which the store cannot see)
+    assert f"cannot use {arg} as the history database (this user cannot write {arg})" in \
+        proc.stderr if arg == str(db) else f"cannot use {arg} as the history database " \
+        "(attempt to write a readonly database)" in proc.stderr
+    # SQLite's switch to WAL on a file it could not write left -wal and -shm files as
+    # read-only as the file, which failed the next start after the file was made writable
+    if arg == str(db):
+        assert sorted(f.name for f in tmp_path.glob("state.db*")) == ["state.db",
+                                                                     "state.db.lock"]
