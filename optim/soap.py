@@ -198,6 +198,12 @@ class SOAP(MatrixOptimizer):
         updates: list[Tensor] = []
         taken: list[tuple[MatrixItem, tuple, int]] = []
         for item, G, norm in zip(items, X.unbind(0), norms, strict=True):
+            # a buffer of its own: a batch's later matrices start at offsets that MKL's sgemm
+            # may not find 16-byte aligned (m n not a multiple of 4), and it rounded their
+            # products differently there, which SOAP's null-space directions grow into
+            # lr-sized changes: 6x9 matrices stepped 0.0065 apart batched and one at a time,
+            # and so did a sharded run whose owners batched them otherwise
+            G = G.clone()
             state = self.state[item.param]
             step = int(state["step"])
             fits = gradient_fits(norm, item.shape, cfg, state["exp_avg"].dtype)
