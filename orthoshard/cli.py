@@ -33,7 +33,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sidecar(args: argparse.Namespace) -> int:
     """Run the health sidecar (torch-free: imports only ``service``)."""
-    from service.records import StoreBusy
+    from service.records import DatabaseInUse, StoreBusy
     from service.server import ListenError, run
     from service.settings import Settings, read_token_file
 
@@ -57,6 +57,10 @@ def _sidecar(args: argparse.Namespace) -> int:
         return run(settings, log_level=args.log_level)
     except ListenError as exc:  # raised binding a socket, before the store is opened
         print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        return 2
+    except DatabaseInUse as exc:
+        print(f"orthoshard sidecar: cannot open {args.db}: {exc}: stop that sidecar, or pass "
+              f"another --db", file=sys.stderr)
         return 2
     except StoreBusy as exc:  # another process kept the write lock through the store's wait
         print(f"orthoshard sidecar: cannot open {args.db}: {exc}. Another process holds it "

@@ -25,6 +25,11 @@ class StoreBusy(RuntimeError):
     try later."""
 
 
+class DatabaseInUse(StoreBusy):
+    """Another running sidecar holds the database file (its ``PATH.lock``): nothing was
+    opened."""
+
+
 class Abandoned(RuntimeError):
     """The client of a write had gone when its turn came: nothing was written."""
 

@@ -40,6 +40,7 @@ from service import tables
 from service.checkpointer import Checkpointer
 from service.records import (
     Abandoned,
+    DatabaseInUse,
     HistoryRow,
     OtherRun,
     ParamRecord,
@@ -487,7 +488,7 @@ def _own(path: str) -> int | None:
     the other's: the snapshot counts went back at the next start.
 
     Raises:
-        StoreBusy: another store holds it, naming that process.
+        DatabaseInUse: another store holds it, naming that process.
     """
     if not _plain_file(path):
         return None
@@ -501,8 +502,8 @@ def _own(path: str) -> int | None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise StoreBusy(f"another sidecar (process {holder}) is using this database, "
-                        f"locked in {path}.lock") from None
+        raise DatabaseInUse(f"another sidecar (process {holder}) is using this database "
+                            f"(locked in {path}.lock)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

@@ -160,6 +160,11 @@ def test_metrics_is_served_directly_without_auth_or_redirect(client: TestClient)
     r = client.get("/metrics", headers={"Authorization": ""}, follow_redirects=False)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    # HEAD as GET, its headers without the body (it was a 405)
+    head = client.head("/metrics", headers={"Authorization": ""})
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == r.headers["content-type"]
+    assert int(head.headers["content-length"]) == len(r.content)
 
 
 # ------------------------------------------------------------------------------ auth

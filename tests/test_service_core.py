@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import service.store as store_module
 from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
-from service.records import StoreBusy
+from service.records import DatabaseInUse
 from service.schema import Snapshot
 from service.sender import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.settings import Settings, read_token_file
@@ -267,7 +267,7 @@ def test_one_store_at_a_time_writes_a_database_file(tmp_path: Path) -> None:
     # the other's: the snapshot count went from 10 back to 6 at the next start
     path = str(tmp_path / "s.db")
     first = Store(path, history_max_rows=10)
-    with pytest.raises(StoreBusy, match=rf"another sidecar \(process {os.getpid()}\) is using"):
+    with pytest.raises(DatabaseInUse, match=rf"another sidecar \(process {os.getpid()}\) is using"):
         Store(path, history_max_rows=10)
     first.ingest(make_snapshot(1))
     first.close()

@@ -555,8 +555,8 @@ def test_a_second_sidecar_leaves_the_running_ones_socket_and_database_alone(
     same_db = sidecar_cli(tmp_path, "--port", str(free_port()), "--uds",
                           str(tmp_path / "second.sock"), "--db", str(tmp_path / "state.db"))
     assert same_db.returncode == 2, same_db.stderr
-    assert f"another sidecar (process {sidecar.proc.pid}) is using this database" in \
-        same_db.stderr
+    assert f"another sidecar (process {sidecar.proc.pid}) is using this database (locked in " \
+        f"{tmp_path / 'state.db'}.lock): stop that sidecar, or pass another --db" in same_db.stderr
     with sidecar.client(via_uds=True) as unix, sidecar.client() as tcp:
         assert unix.get("/healthz").status_code == tcp.get("/healthz").status_code == 200
         assert unix.post("/v1/snapshots", json={

@@ -49,6 +49,9 @@ async def probe_method_not_allowed() -> None:
     raise ProblemError(405, "Method Not Allowed", headers={"Allow": "GET, HEAD"})
 
 
+# HEAD as GET (the body rendered, then left out by the server): an uptime check that sends HEAD
+# got 405 and saw the sidecar down
+@router.head("/metrics", include_in_schema=False)
 @router.get(
     "/metrics",
     summary="Prometheus exposition of the orthoshard_* series",
