@@ -198,9 +198,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     it and overwrote the history of the run before."""
     from service.client import environment_run_id
 
-    if explicit := os.environ.get("ORTHOSHARD_RUN_ID"):
-        return explicit
-    if checkpoint_dir is None and (value := environment_run_id()) is not None:
+    if (value := environment_run_id(torchrun=checkpoint_dir is None)) is not None:
         return value
     box: list[str | None] = [None]
     if dist.get_rank() == 0:

@@ -67,11 +67,14 @@ class PublisherStats:
 TORCHRUN_SHARED_RUN_ID = "none"
 
 
-def environment_run_id() -> str | None:
-    """``ORTHOSHARD_RUN_ID``, else torchrun's ``TORCHELASTIC_RUN_ID`` unless it is torchrun's
-    shared default (:data:`TORCHRUN_SHARED_RUN_ID`); None when neither names this run."""
+def environment_run_id(*, torchrun: bool = True) -> str | None:
+    """``ORTHOSHARD_RUN_ID``, else (with ``torchrun``) torchrun's ``TORCHELASTIC_RUN_ID``
+    unless it is torchrun's shared default (:data:`TORCHRUN_SHARED_RUN_ID`); None when neither
+    names this run."""
     if value := os.environ.get("ORTHOSHARD_RUN_ID"):
         return value
+    if not torchrun:
+        return None
     value = os.environ.get("TORCHELASTIC_RUN_ID")
     return value if value and value != TORCHRUN_SHARED_RUN_ID else None
 

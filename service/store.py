@@ -539,7 +539,7 @@ def _check_writable(path: str) -> None:
 
 def _file_id(path: str) -> tuple[int, int] | None:
     """``(device, inode)`` of a database file path (None: in-memory, a URI, or absent)."""
-    if path == ":memory:" or path.startswith("file:"):
+    if not _plain_file(path):
         return None
     try:
         st = os.stat(path)
