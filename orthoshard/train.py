@@ -47,30 +47,45 @@ SOFTENING_MAX = 0.2
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="orthoshard.train", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="muon")
+    p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="muon",
+                   help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
     p.add_argument("--kl-shampoo", action="store_true", help="SOAP: KL-Shampoo factors")
     p.add_argument("--spike-at", type=int, default=None,
                    help="add a rank-1 gradient spike to every hidden matrix at this step")
     p.add_argument("--spike-scale", type=float, default=30.0,
                    help="spike Frobenius norm as a multiple of the gradient's")
-    p.add_argument("--out", type=Path, default=Path("out"))
-    p.add_argument("--checkpoint-dir", type=Path, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--sidecar-url", default=None)
-    p.add_argument("--sidecar-uds", default=None)
-    p.add_argument("--token-file", type=Path, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="directory for loss.jsonl, health-rank*.jsonl, rank*.json and "
+                        "final_params.pt (default ./out)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="directory for DCP checkpoints, LATEST and the run id (RUN_ID)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint every N steps (0: never; needs --checkpoint-dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint-dir's LATEST checkpoint (a new run if there is "
+                        "none)")
+    p.add_argument("--sidecar-url", default=None, metavar="URL",
+                   help="publish health snapshots to the node's sidecar at URL "
+                        "(e.g. http://127.0.0.1:9400)")
+    p.add_argument("--sidecar-uds", default=None, metavar="PATH",
+                   help="publish health snapshots to the sidecar's Unix socket PATH")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the sidecar's bearer token (the file its --token-file "
+                        "reads)")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per rank per step (default 16)")
+    p.add_argument("--d-model", type=int, default=64,
+                   help="model width, a multiple of the attention heads (default 64)")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     p.add_argument("--replicas", type=int, default=1,
                    help="HSDP: this many replicas, each sharding the model over WORLD/replicas "
                         "consecutive ranks (e.g. the nodes; 1: FSDP over all ranks)")
     p.add_argument("--step-delay", type=float, default=0.0,
                    help="sleep this long after each step (to watch a short run live)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="rank 0 draws a progress bar (default on)")
     p.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="rank 0 prints the step and loss every N steps, a line each (for logs "
                         "without a terminal, with --no-progress; 0: never)")
