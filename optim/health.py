@@ -46,6 +46,7 @@ def orthogonality_error(O: Tensor) -> Tensor:
     """
     if O.ndim < 2:
         raise ValueError(f"orthogonality_error needs a (..., m, n) matrix, got {tuple(O.shape)}")
+    _check_real(O, "orthogonality_error")
     work = O.to(torch.promote_types(O.dtype, torch.float32))
     if work.size(-2) < work.size(-1):
         work = work.mT
@@ -53,6 +54,14 @@ def orthogonality_error(O: Tensor) -> Tensor:
     k = gram.size(-1)
     gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     return torch.linalg.matrix_norm(gram) / math.sqrt(max(k, 1))  # k = 0: no columns, 0
+
+
+def _check_real(O: Tensor, name: str) -> None:
+    """Raise ValueError for a complex tensor: the Gram ``O^T O`` of a unitary complex matrix is
+    not the identity (``O^H O`` is), so its error would read as large as any, silently."""
+    if O.is_complex():
+        raise ValueError(f"{name} needs a real tensor (the orthogonality of real matrices), "
+                         f"got {O.dtype}")
 
 
 @functools.cache
@@ -147,6 +156,7 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
     if O.ndim < 2:
         raise ValueError(f"estimate_orthogonality_error needs a (..., m, n) matrix, got "
                          f"{tuple(O.shape)}")
+    _check_real(O, "estimate_orthogonality_error")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
     work = O.mT if O.size(-2) < O.size(-1) else O
@@ -200,7 +210,8 @@ def rotation_angle_degrees(Q_prev: Tensor, Q_new: Tensor, k: int = 1) -> Tensor:
     assumed orthonormal. ``k`` is clamped to the number of columns.
 
     Returns:
-        A tensor of shape ``Q_prev.shape[:-2]``, in [0, 90].
+        A tensor of shape ``Q_prev.shape[:-2]``, in [0, 90]; NaN for a pair of bases with a NaN
+        or Inf in either.
     """
     return rotation_angles_degrees(Q_prev, Q_new, (k,))[0]
 
@@ -261,7 +272,8 @@ def principal_extremes(pair: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(grams, values)`` in float64: ``grams[0]`` is ``W^T W`` and ``grams[1]`` is ``M``
         (``(2, ..., k, k)``); ``values`` their singular values in descending order (``(2, ...,
-        k)``): ``sin_max^2 = values[0, ..., 0]``, ``cos_min = values[1, ..., k - 1]``.
+        k)``): ``sin_max^2 = values[0, ..., 0]``, ``cos_min = values[1, ..., k - 1]``. All NaN
+        for a pair with a NaN or Inf in either basis (the other pairs are unaffected).
     """
     if pair.ndim < 3 or pair.size(0) != 2:
         raise ValueError(f"principal_extremes needs a (2, ..., rows, k) pair of bases, got "
@@ -272,7 +284,13 @@ def principal_extremes(pair: Tensor) -> tuple[Tensor, Tensor]:
     M = torch.bmm(A.mT, B)
     W = torch.baddbmm(B, A, M, alpha=-1.0)
     grams = torch.cat([torch.bmm(W.mT, W), M])
-    values = torch.linalg.svdvals(grams)
+    # A NaN or Inf in either basis reaches both Grams (every entry of a basis enters M). Such a
+    # pair has no angle: NaN, and LAPACK sees zeros in its place (a NaN made svdvals fail for
+    # the whole batch, the pairs with finite bases too).
+    finite = grams.isfinite().flatten(1).all(1).view(2, -1).all(0).repeat(2)
+    values = torch.linalg.svdvals(torch.where(finite[:, None, None], grams, 0.0))
+    grams = torch.where(finite[:, None, None], grams, math.nan)
+    values = torch.where(finite[:, None], values, math.nan)
     return grams.view(2, *batch, k, k), values.view(2, *batch, k)
 
 

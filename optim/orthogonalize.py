@@ -371,21 +371,36 @@ def _to_compute(X: Tensor, compute: torch.dtype, eps: float) -> Tensor:
     return (wide / _floored(_dividing_norm(wide, eps), eps)).to(compute)
 
 
+#: How far below the singular value before it a tail within the data's rounding must start to be
+#: taken as rounding by the ``"svd"`` method. The rounding tails of float32 products of rank 4 to
+#: 256 (512x256 to 2048x512, rows and columns scaled over 3 decades) start 3e3 to 1e7 below
+#: the last singular value of the data; neighbouring singular values of a full-rank spectrum
+#: differ by factors near 1 (1.056 for 256 spread over 6 decades).
+_ROUNDING_GAP = 100.0
+
+
 def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
     """Exact polar factor ``U V^T`` by LAPACK, the reference for the iterations.
 
     LAPACK runs in float64 (at least): float32 and narrower inputs are exact there, and the
     factor is then accurate for every singular value the stored data resolves. Zero singular
     values have no polar direction and map to 0 (a zero matrix returns zeros, as every odd
-    polynomial does). "Zero" is the larger of the float64 numerical-rank tolerance
-    ``sigma_max * max(m, n) * eps(float64)`` (~2e-13 relative for 1024 rows: float64 rounding
-    leaves an exact zero singular value below it) and the rounding of the data itself,
-    ``eps(X's dtype) * ||X||_F``: storing X in its dtype perturbs it by a matrix of at most
-    that norm, so a singular value below it is rounding, not data. A rank-4 float32 gradient
-    has its other singular values at ~1e-8 relative; kept, they became hundreds of unit
-    directions of noise. The bound stays below every singular value float32 data resolves:
-    singular values spread over [1e-6, 1] all stay (a float32 tolerance of
-    ``max(m, n) * eps(float32)``, 1.2e-4 for 1024 rows, dropped a third of them).
+    polynomial does). Zero is
+
+    - below the float64 numerical-rank tolerance ``sigma_max * max(m, n) * eps(float64)``
+      (~2e-13 relative for 1024 rows: float64 rounding leaves an exact zero singular value
+      below it), or
+    - a tail of singular values at most ``||X||_F * eps(X's dtype)`` that a gap of at least
+      :data:`_ROUNDING_GAP` separates from the rest: what the rounding of a low-rank matrix
+      leaves. A rank-4 float32 gradient has its other singular values at ~1e-8 relative, ~1e7
+      below its fourth; kept, they became hundreds of unit directions of noise.
+
+    Without a gap, small singular values are data, however close to the rounding: the
+    singular values of a full-rank matrix run on continuously (a bfloat16 Gaussian's smallest
+    sit below ``||X||_F * eps(bfloat16)``, yet rounding turns each singular direction by about
+    one entry's rounding over the neighbouring gaps, not by the norm of the whole rounding, and
+    its polar factor is within ~0.05 of the unrounded one). A tolerance alone dropped 3 of them
+    at 64x64 and 22 at 256x256. Singular values spread over ``[1e-6, 1]`` all stay.
     """
     if X.numel() == 0:  # no singular values to take the largest of
         return torch.zeros(X.shape, dtype=compute, device=X.device)
@@ -398,7 +413,15 @@ def _svd_polar(X: Tensor, compute: torch.dtype) -> Tensor:
     rank_tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work).eps
     # ||X||_F from the singular values: sqrt(sum S^2)
     data_tol = torch.linalg.vector_norm(S, dim=-1, keepdim=True) * torch.finfo(X.dtype).eps
-    keep = (S > torch.maximum(rank_tol, data_tol)).to(work)
+    # the first index j whose singular value is within the data's rounding and a gap below
+    # the one before it; S's length (nothing cut) where there is none
+    k = S.size(-1)
+    after = S[..., 1:]
+    gap = (after <= data_tol) & (S[..., :-1] >= _ROUNDING_GAP * after)
+    index = torch.arange(1, k, device=S.device).expand_as(after)
+    cut = torch.cat([torch.where(gap, index, k), torch.full_like(S[..., :1], k, dtype=index.dtype)],
+                    dim=-1).amin(dim=-1, keepdim=True)
+    keep = ((S > rank_tol) & (torch.arange(k, device=S.device) < cut)).to(work)
     return torch.where(finite, (U * keep.unsqueeze(-2)) @ Vh, math.nan).to(compute)
 
 

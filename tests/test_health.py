@@ -154,6 +154,25 @@ def test_rotation_rejects_bad_arguments(a, b, k):
         rotation_angle_degrees(torch.zeros(a), torch.zeros(b), k=k)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("which", ["prev", "new"])
+def test_a_non_finite_basis_reads_nan_and_leaves_the_other_pairs_of_its_batch_alone(bad, which):
+    # LAPACK failed on the whole batch for one NaN basis (LinAlgError): a pair with a NaN or
+    # Inf now reads NaN and its neighbours their angles
+    Qs = torch.stack([orthonormal(6, seed=s) for s in range(3)])
+    new = torch.stack([rotate_columns(Qs[i], 0, 5, d) for i, d in enumerate((5.0, 30.0, 60.0))])
+    broken = Qs if which == "prev" else new
+    broken[1, 2, 0] = bad  # row 2 of the first column, which every k reads
+    angles = rotation_angles_degrees(Qs, new, (1, 3))
+    assert angles.shape == (2, 3)
+    assert angles[:, 1].isnan().all()
+    torch.testing.assert_close(angles[:, [0, 2]], torch.tensor(
+        [[5.0, 60.0], [5.0, 60.0]], dtype=torch.float64), atol=ANGLE64_ATOL_DEG, rtol=0.0)
+    grams, values = principal_extremes(torch.stack([Qs[..., :3], new[..., :3]]))
+    assert grams[:, 1].isnan().all() and values[:, 1].isnan().all()
+    assert grams[:, [0, 2]].isfinite().all() and values[:, [0, 2]].isfinite().all()
+
+
 def test_principal_extremes_first_column_identity_and_zero_row_padding():
     # sin^2 of the first columns' angle = (W^T W)_11 + sum_{j>1} M_j1^2, cos = |M_11|: checked
     # against the direct ||b1 - a1 (a1 . b1)||^2 on float64 bases, for tiny to near-90 turns
@@ -434,6 +453,15 @@ def test_estimate_propagates_nan_and_rejects_bad_arguments():
 def test_orthogonality_error_rejects_1d():
     with pytest.raises(ValueError):
         orthogonality_error(torch.ones(3))
+
+
+def test_orthogonality_errors_refuse_complex_matrices():
+    # O^T O of a unitary complex matrix is not the identity (O^H O is): a unitary U read ~1.6
+    U, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.complex128))
+    for measure in (orthogonality_error, update_orthogonality_error,
+                    lambda O: estimate_orthogonality_error(O, 1)):
+        with pytest.raises(ValueError, match="real tensor"):
+            measure(U)
 
 
 # ---- basis_staleness --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from optim import count_matmuls
 from optim.health import orthogonality_error
 from optim.orthogonalize import (
     _POLAR_EXPRESS_RAW,
+    _ROUNDING_GAP,
     JORDAN_QUINTIC,
     METHODS,
     POLAR_EXPRESS_COEFFICIENTS,
@@ -496,6 +497,28 @@ def test_svd_reference_of_a_low_rank_float32_gradient_has_its_rank():
     rank4 = U[:, :4] @ Vh[:4]
     assert (O.norm() ** 2).item() == pytest.approx(4.0, rel=SVD_REFERENCE_ORTHO_MAX)
     torch.testing.assert_close(O, rank4, atol=SVD_REFERENCE_ORTHO_MAX, rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [64, 256])
+def test_svd_reference_keeps_the_small_singular_values_of_a_full_rank_half_precision_matrix(
+        n, dtype):
+    # A Gaussian's smallest singular values sit below ||X||_F eps(bfloat16) with no gap above
+    # them: data, not rounding. Dropped (3 of 64, 20 of 256), each left the factor a unit away.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, n, generator=g).to(dtype)
+    U, S, Vh = torch.linalg.svd(X.double())
+    # a continuous spectrum: no singular value _ROUNDING_GAP below the one before it (a square
+    # Gaussian has one in ~2.5% of draws; in bfloat16 that one is then below the rounding of
+    # an entry, which decides its sign, and is taken as rounding)
+    assert (S[:-1] < _ROUNDING_GAP * S[1:]).all()
+    exact = U @ Vh  # the polar factor of the stored matrix
+    O = orthogonalize(X, method="svd")
+    assert O.dtype == dtype
+    # the result is the exact factor rounded to X's dtype (through float32: a second rounding
+    # at most doubles the first), against the sqrt(3) and more of a dropped direction
+    assert (O.double() - exact).norm() <= 2 * (exact.to(dtype).double() - exact).norm()
+    assert torch.linalg.svdvals(O.double()).min() > 0.9
 
 
 # DESIGN.md section 4: 1e-5 within 24 products on singular values spread over [1e-3, 1]
