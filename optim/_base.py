@@ -212,13 +212,22 @@ class MatrixOptimizer(StateDictOptimizer):
         flagged = [name for _, named in fallback for name, _ in named] if sharded else []
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
-        elif items:
-            carried = self._step_sharded(items, flags, flagged)
-            if flags is not None and carried is not None:
-                bad = carried.tolist()
-        if bad is None:  # sharded AdamW parameters, and no gather that carried their flags
-            assert flags is not None
-            bad = self._exchange.all_reduce_sum(flags, flagged).tolist()
+        else:
+            try:
+                if items:
+                    carried = self._step_sharded(items, flags, flagged)
+                    if flags is not None and carried is not None:
+                        bad = carried.tolist()
+                if bad is None:  # sharded AdamW parameters, and no gather that carried flags
+                    assert flags is not None
+                    bad = self._exchange.all_reduce_sum(flags, flagged).tolist()
+            except BaseException:
+                # raised on every rank of the group before any parameter changed: the step
+                # did not happen, and a schedule (softening) or health_every must not count it
+                for group in self.param_groups:
+                    group["step"] -= 1
+                raise
+        assert bad is not None  # decided above, by this process or summed over the ranks
         flag = iter(bad)
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])

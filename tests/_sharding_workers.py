@@ -630,9 +630,11 @@ def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) 
 
     setattr(opt, method, fail)
     before, momentum = full_params(model), _momentum(opt)
+    steps = [group["step"] for group in opt.param_groups]
     inject(model, 1)
     failed = _every_rank_says(world, Exception, opt.step)
     after, momentum_after = full_params(model), _momentum(opt)
+    steps_after = [group["step"] for group in opt.param_groups]
     delattr(opt, method)  # the class's again
     inject(model, 2)
     recovered = _every_rank_says(world, Exception, opt.step)
@@ -640,7 +642,8 @@ def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) 
     if rank == 0:
         torch.save({"failing": failing, "failed": failed, "recovered": recovered,
                     "before": before, "after": after, "final": final, "momentum": momentum,
-                    "momentum_after": momentum_after}, out)
+                    "momentum_after": momentum_after, "steps": steps,
+                    "steps_after": steps_after}, out)
 
 
 def _momentum(opt: Any) -> dict[str, torch.Tensor]:
@@ -820,19 +823,22 @@ def plain_grad_worker(rank: int, world: int, out: str, name: str) -> None:
 def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
                   spoil: Callable[[], None], out: str) -> None:
     """Step 1's gradients, ``spoil``-ed, then a step that every rank should refuse; saves every
-    rank's outcome, whether any parameter changed, the collectives rank 0 counted for the
-    refused step, and the outcomes of a correct step 2."""
+    rank's outcome, whether any parameter or step count changed, the collectives rank 0 counted
+    for the refused step, and the outcomes of a correct step 2."""
     before = full_params(model)
+    steps = [group["step"] for group in opt.param_groups]
     inject(model, 1)
     spoil()
     calls = opt.comm_stats()["collectives"]
     outcomes = _every_rank_says(world, ValueError, opt.step)
     calls = opt.comm_stats()["collectives"] - calls
     after = full_params(model)
+    # nor the step counts (the step did not happen)
+    counted = [group["step"] for group in opt.param_groups] != steps
     inject(model, 2)
     recovered = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
-        torch.save({"outcomes": outcomes, "unchanged": all(
+        torch.save({"outcomes": outcomes, "unchanged": not counted and all(
             torch.equal(before[k], after[k]) for k in before), "recovered": recovered,
             "collectives": calls}, out)
 

@@ -288,6 +288,8 @@ def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_pa
         assert torch.equal(result["after"][name], value), name
     for name, value in result["momentum"].items():
         assert torch.equal(result["momentum_after"][name], value), name
+    # nor counted the step (a softening schedule read the next value a step too early)
+    assert result["steps_after"] == result["steps"] == [1] * len(result["steps"])
     # the collectives stayed matched: the next step runs on every rank and updates every matrix
     assert result["recovered"] == ["done"] * world
     for name, value in result["after"].items():
@@ -328,7 +330,7 @@ def test_a_plain_gradient_on_a_sharded_matrix_is_refused_by_name_on_every_rank(t
         assert outcome.startswith(f"ValueError: ws.0: this rank's gradient has shape (7, 12) "
                                   f"(Tensor) but its part of the parameter ({rows}, 12) "
                                   f"(DTensor)"), outcome
-    assert result["unchanged"]  # no rank changed a parameter
+    assert result["unchanged"]  # no rank changed a parameter or counted the step
     assert result["recovered"] == ["done", "done"]
 
 
@@ -355,7 +357,7 @@ def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name):
     for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
                                   f"step the same parameters as rank {rank}"), outcome
-    assert result["unchanged"]  # no rank changed a parameter
+    assert result["unchanged"]  # no rank changed a parameter or counted the step
     assert result["collectives"] == 1  # the gather was made (and counted), then refused
     assert result["recovered"] == ["done", "done"]
 
