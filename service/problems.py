@@ -146,7 +146,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             slug="malformed-json",
             errors=errors,
         )
-    if any(e["loc"] == ["body", "schema_version"] for e in errors):
+    # (a field of that name in a body that has none, the finish's, is an unknown field)
+    if any(e["loc"] == ["body", "schema_version"] and e["type"] != "extra_forbidden"
+           for e in errors):
         return problem_response(
             request,
             422,

@@ -32,6 +32,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -92,8 +93,9 @@ class Store:
         self._db_lock = threading.RLock()
         # one sidecar per database file, for as long as it runs (released when it exits, even
         # killed); checked before SQLite opens the file, which must then be writable
-        _check_writable(path)
-        self._owner = _own(path)
+        where = _file_path(path)
+        _check_writable(where)
+        self._owner = _own(where)
         try:
             # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any
             # other path is a plain file name as before
@@ -109,13 +111,13 @@ class Store:
         self._params: dict[str, ParamRecord] = {}
         self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
-        # the file this store writes (None: an in-memory database, or a URI path): a file
-        # removed or replaced under a running sidecar kept taking writes into the open one,
-        # all lost at the next start
-        self._path, self._file = path, None
+        # the file this store writes (None: an in-memory database): a file removed or replaced
+        # under a running sidecar kept taking writes into the open one, all lost at the next
+        # start
+        self._path, self._file = where, None
         try:
             wal = self._prepare()
-            self._file = _file_id(path)  # the file exists now
+            self._file = _file_id(where)  # the file exists now
             # from here on a write waits for SQLite's lock in _transaction, which gives up at
             # its deadline (SQLite's own busy wait, 5 s, cannot be cut short by a close)
             self._db.execute("PRAGMA busy_timeout = 0")
@@ -477,20 +479,34 @@ class Store:
             self._db_lock.release()
 
 
-def _plain_file(path: str) -> bool:
-    return path != ":memory:" and not path.startswith("file:")
+def _file_path(path: str) -> str | None:
+    """The file a ``--db`` path names, absolute with symlinks resolved (None: an in-memory or
+    temporary database). A ``file:`` path is a SQLite URI (``file:state.db?cache=shared``,
+    ``file:///abs/state.db``): its path part, percent-decoded. The lock, the writability check
+    and the removed-file check go by this file: taken by the path as written, a URI or a
+    symlink to a database another sidecar held got a lock of its own (both sidecars ran on it,
+    and the counts of one were lost), and a URI's removed file went unnoticed (201s for
+    snapshots written into a deleted file)."""
+    if path.startswith("file:"):
+        parts = urllib.parse.urlsplit(path)
+        if "memory" in urllib.parse.parse_qs(parts.query).get("mode", []):
+            return None
+        path = urllib.parse.unquote(parts.path)
+    if path in ("", ":memory:"):
+        return None
+    return os.path.realpath(path)
 
 
-def _own(path: str) -> int | None:
+def _own(path: str | None) -> int | None:
     """Lock ``PATH.lock`` (``flock``, exclusive) for this store and write this process's id
-    in it; returns the open descriptor (None: an in-memory database or a URI). Two sidecars
-    started on one ``--db`` (on other ports) each kept a mirror of their own and wrote it over
-    the other's: the snapshot counts went back at the next start.
+    in it; returns the open descriptor (None: an in-memory database, ``path`` None). Two
+    sidecars started on one ``--db`` (on other ports) each kept a mirror of their own and wrote
+    it over the other's: the snapshot counts went back at the next start.
 
     Raises:
         DatabaseInUse: another store holds it, naming that process.
     """
-    if not _plain_file(path):
+    if path is None:
         return None
     try:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -516,7 +532,7 @@ def _release(fd: int | None) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str | None) -> None:
     """Refuse, before SQLite opens it, a database file (or its ``-wal`` / ``-shm`` files) or
     directory this process cannot write. SQLite's WAL switch on a read-only file created
     read-only ``-wal`` and ``-shm`` files, which made the next start fail with the same error
@@ -525,7 +541,7 @@ def _check_writable(path: str) -> None:
     Raises:
         sqlite3.OperationalError: naming the file or directory.
     """
-    if not _plain_file(path):
+    if path is None:
         return
     directory = os.path.dirname(path) or "."
     if os.path.isdir(directory) and not os.access(directory, os.W_OK):
@@ -537,9 +553,9 @@ def _check_writable(path: str) -> None:
             raise sqlite3.OperationalError(f"this user cannot write {name}")
 
 
-def _file_id(path: str) -> tuple[int, int] | None:
-    """``(device, inode)`` of a database file path (None: in-memory, a URI, or absent)."""
-    if not _plain_file(path):
+def _file_id(path: str | None) -> tuple[int, int] | None:
+    """``(device, inode)`` of a database file (:func:`_file_path`; None: in-memory or absent)."""
+    if path is None:
         return None
     try:
         st = os.stat(path)

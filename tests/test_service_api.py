@@ -445,14 +445,12 @@ def test_too_many_params_is_refused(client: TestClient, token: str, clock: FakeC
 
 def test_unknown_route_and_method_are_problem_details(client: TestClient) -> None:
     assert_problem(client.get("/v2/nothing"), 404)
-    r = client.delete("/metrics")
-    assert_problem(r, 405)
-    assert r.headers["allow"] == "GET"
-    # the probes answer HEAD from a route of their own, which the 405 left out
-    for path in ("/healthz", "/readyz"):
-        r = client.put(path)
-        assert_problem(r, 405)
-        assert r.headers["allow"] == "GET, HEAD"
+    # the probes and /metrics answer HEAD from a route of their own, which the 405 left out
+    for path in ("/healthz", "/readyz", "/metrics"):
+        for method in ("PUT", "DELETE"):
+            r = client.request(method, path)
+            assert_problem(r, 405)
+            assert r.headers["allow"] == "GET, HEAD"
     r = client.get("/v1/snapshots")
     assert_problem(r, 405)
     assert r.headers["allow"] == "POST"
@@ -647,12 +645,14 @@ def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -
 @pytest.mark.parametrize(
     "cursor",
     ["", "%%%not-base64", "!!!!", "....", "a", "YR", "YQ==", "YQ=", "Y+", "/w", "_w", "YW Jj",
-     "A" * 2000],  # (longer than any name's cursor: it was a 422 validation-error)
+     "A" * 2000,  # (longer than any name's cursor: it was a 422 validation-error)
+     "AAAA", "YS9i", "G1swbQ", "YSBi"],  # "\0\0\0", "a/b", "\x1b[0m", "a b": no name's
 )
 def test_bad_cursor_is_400(client: TestClient, cursor: str) -> None:
     # "YR", "YQ==" decode to "a" but are not what encode_cursor produces ("YQ"); "_w" is not
-    # UTF-8; the rest is not base64url: each would otherwise restart the walk at page 1 (as ""
-    # did: a client turning the last page's null into "" looped for ever)
+    # UTF-8; the last four decode to strings no parameter can be named; the rest is not
+    # base64url: each would otherwise restart the walk at page 1 (as "" did: a client turning
+    # the last page's null into "" looped for ever)
     post(client, snapshot(names=("a", "b")))
     body = assert_problem(client.get("/v1/params", params={"cursor": cursor}), 400)
     assert body["type"] == "urn:orthoshard:problem:bad-cursor"
@@ -777,7 +777,12 @@ def test_a_finish_names_a_known_rank_and_its_current_run(client: TestClient) -> 
     body = assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-a"}), 409)
     assert body["type"].endswith("other-run") and "run-b" in body["detail"]
     assert client.get("/v1/optimizer").json()["ranks"][0]["finished_at"] is None
-    assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-b", "x": 1}), 422)
+    # unknown fields, schema_version too (it read "Unsupported or missing schema_version;
+    # this sidecar accepts 1" for a 1)
+    for extra in ({"x": 1}, {"schema_version": 1}):
+        body = assert_problem(client.post("/v1/ranks/4/finish",
+                                          json={"run_id": "run-b", **extra}), 422)
+        assert body["type"] == "urn:orthoshard:problem:validation-error", body
     assert_problem(client.post("/v1/ranks/-1/finish", json={"run_id": "run-b"}), 422)
     assert_problem(client.post("/v1/ranks/4/finish", json={"run_id": "run-b"},
                                headers={"Authorization": "Bearer wrong"}), 401)

@@ -262,18 +262,36 @@ def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path,
     Store(str(tmp_path / "own.db"), history_max_rows=10).close()  # a new file is its own
 
 
-def test_one_store_at_a_time_writes_a_database_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", ["same", "symlink", "uri", "uri-authority", "uri-query"])
+def test_one_store_at_a_time_writes_a_database_file(tmp_path: Path, second: str) -> None:
     # two sidecars on one --db each kept a mirror of their own and wrote their counts over
-    # the other's: the snapshot count went from 10 back to 6 at the next start
+    # the other's: the snapshot count went from 10 back to 6 at the next start. A symlink or
+    # a "file:" URI to the same file took a lock of its own, and both ran.
     path = str(tmp_path / "s.db")
     first = Store(path, history_max_rows=10)
+    if second == "symlink":
+        (tmp_path / "link.db").symlink_to(tmp_path / "s.db")
+    other = {"same": path, "symlink": str(tmp_path / "link.db"), "uri": f"file:{path}",
+             "uri-authority": f"file://{path}", "uri-query": f"file:{path}?cache=private"}
     with pytest.raises(DatabaseInUse, match=rf"another sidecar \(process {os.getpid()}\) is using"):
-        Store(path, history_max_rows=10)
+        Store(other[second], history_max_rows=10)
     first.ingest(make_snapshot(1))
     first.close()
     again = Store(path, history_max_rows=10)
     assert again.ranks()[0].snapshots_received == 1
     again.close()
+
+
+@pytest.mark.parametrize("path", [":memory:", "file::memory:", "file:mem?mode=memory"])
+def test_in_memory_databases_take_no_lock_and_leave_no_file(tmp_path: Path, monkeypatch,
+                                                            path: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    first, second = Store(path, history_max_rows=10), Store(path, history_max_rows=10)
+    first.ingest(make_snapshot(1))
+    assert first.ready
+    first.close()
+    second.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_merge_goes_in_chunks_in_arrival_order(tmp_path: Path) -> None:
@@ -395,15 +413,17 @@ def test_the_wal_starts_over_under_a_steady_stream_of_ingests(tmp_path: Path,
     assert restarts >= 2, (restarts, max(sizes) / 1e6)
 
 
+@pytest.mark.parametrize("uri", [False, True])
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_a_database_file_removed_under_the_store_refuses_writes_instead_of_losing_them(
-        tmp_path: Path, how: str) -> None:
+        tmp_path: Path, how: str, uri: bool) -> None:
     # the store kept writing into the file it had open: every snapshot was acknowledged, and
-    # all of them were gone at the next start (nothing logged, /readyz ready)
+    # all of them were gone at the next start (nothing logged, /readyz ready); opened by a
+    # "file:" URI, it still did
     from service.records import StoreBusy
 
     db = tmp_path / "s.db"
-    store = Store(str(db), history_max_rows=1000)
+    store = Store(f"file:{db}" if uri else str(db), history_max_rows=1000)
     store.ingest(make_snapshot(1))
     assert store.ready
     for f in tmp_path.glob("s.db*"):

@@ -42,9 +42,10 @@ _OTHER_METHODS = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 # Starlette's 405 names the methods of the first route of the path only (GET), not the HEAD
-# route's: the probes answer every other method themselves, naming both.
+# route's: the probes and /metrics answer every other method themselves, naming both.
 @router.api_route("/healthz", methods=_OTHER_METHODS, include_in_schema=False)
 @router.api_route("/readyz", methods=_OTHER_METHODS, include_in_schema=False)
+@router.api_route("/metrics", methods=_OTHER_METHODS, include_in_schema=False)
 async def probe_method_not_allowed() -> None:
     raise ProblemError(405, "Method Not Allowed", headers={"Allow": "GET, HEAD"})
 

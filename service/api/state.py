@@ -8,7 +8,7 @@ import urllib.parse
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
@@ -23,6 +23,7 @@ from service.schema import (
     OptimizerView,
     ParamDetail,
     ParamHistory,
+    ParamName,
     ParamPage,
     ParamState,
     ParamSummary,
@@ -35,6 +36,7 @@ router = APIRouter(
 MAX_PAGE = 1000
 MAX_HISTORY = 10_000
 _CURSOR_DOC = "next_cursor of the previous page"
+_PARAM_NAME = TypeAdapter(ParamName)  # the schema's own rule for a parameter's name
 #: The longest cursor this API hands out: base64url (no padding) of the longest name in UTF-8,
 #: up to 4 bytes a character.
 CURSOR_MAX_LENGTH = -(-4 * 4 * PARAM_NAME_MAX_LENGTH // 3)
@@ -51,8 +53,9 @@ def decode_cursor(cursor: str) -> str:
 
     Strict, so that a mangled cursor is an error rather than a silent restart at page 1:
     characters outside the base64url alphabet are refused (``urlsafe_b64decode`` would skip
-    them), and the name must encode back to exactly ``cursor`` (which refuses "+", "/",
-    padding and non-zero trailing bits, all of which decode but are never produced).
+    them), the name must encode back to exactly ``cursor`` (which refuses "+", "/",
+    padding and non-zero trailing bits, all of which decode but are never produced), and it
+    must be a name a snapshot can hold (a cursor of "\x00" or "a/b" restarted at page 1).
     """
     bad = ProblemError(
         400, "The cursor is not valid; pass next_cursor back unchanged.", slug="bad-cursor"
@@ -67,6 +70,10 @@ def decode_cursor(cursor: str) -> str:
         raise bad from exc
     if encode_cursor(name) != cursor:
         raise bad
+    try:
+        _PARAM_NAME.validate_python(name)
+    except ValidationError as exc:
+        raise bad from exc
     return name
 
 
