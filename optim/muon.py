@@ -105,7 +105,8 @@ def _follow_method(group: dict[str, Any]) -> None:
 def _softening_at(softening: Softening, step: int) -> float:
     s = softening(step) if callable(softening) else softening
     if not is_real(s) or not 0.0 <= s <= 1.0:
-        raise ValueError(f"softening at step {step} must be a number in [0, 1], got {s!r}")
+        what = f"softening({step}) (the schedule)" if callable(softening) else "softening"
+        raise ValueError(f"{what} must be a number in [0, 1], got {s!r}")
     return float(s)
 
 

@@ -202,7 +202,7 @@ def test_unknown_ns_method_and_bad_softening_raise_value_error():
     with pytest.raises(ValueError, match="softening"):
         Muon(make_params(), softening=float("nan"))
     opt = Muon(make_params(), softening=lambda step: 2.0)  # a schedule is checked when used
-    with pytest.raises(ValueError, match="softening at step 1"):
+    with pytest.raises(ValueError, match=r"softening\(1\) \(the schedule\) must be"):
         run(opt, opt.param_groups[0]["params"], 1)
 
 
@@ -231,7 +231,7 @@ def test_a_schedule_going_bad_mid_training_raises_before_anything_changes(opt_cl
             w_before, b_before = w.detach().clone(), b.detach().clone()
             bad["now"] = True
             w.grad, b.grad = gw.clone(), gb.clone()
-            with pytest.raises(ValueError, match="softening at step 3"):
+            with pytest.raises(ValueError, match=r"softening\(3\) \(the schedule\)"):
                 opt.step()
             bad["now"] = False
             assert torch.equal(w, w_before) and torch.equal(b, b_before)
@@ -1121,7 +1121,7 @@ def test_unset_ns_steps_with_an_adamw_group_and_svd():
 ARG_TYPE_CASES = [
     (Muon, {"nesterov": "False"}, "nesterov must be True or False"),  # a true string
     (Muon, {"ns_steps": True}, "ns_steps must be an int"),
-    (Muon, {"softening": True}, "softening at step 0 must be a number"),
+    (Muon, {"softening": True}, "softening must be a number in"),
     (Muon, {"health_every": True}, "health_every must be an int"),
     (Muon, {"lr": torch.tensor([0.1, 0.2])}, "lr must be a number or a one-element"),
     (Muon, {"lr": "0.02"}, r"lr must be a finite number >= 0, got '0.02' \(str\)"),
