@@ -13,7 +13,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["HORIZON_KEY", "Checkpoints", "optimizer_mismatch", "write_whole"]
+__all__ = ["HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "optimizer_mismatch", "write_whole",
+           "writes_directory"]
+
+#: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
+RUN_ID_FILE = "RUN_ID"
+
+
+def writes_directory(directory: Path, *, resume: bool, every: int) -> bool:
+    """Whether a run with these flags writes to its checkpoint ``directory``: checkpoints every
+    ``every`` steps, or the run id it keeps there (:data:`RUN_ID_FILE`), which a run writes
+    unless it resumes a checkpoint (``LATEST``) that has one. Only such a directory need be
+    writable: a run resumed from a read-only one without new checkpoints is fine."""
+    if every:
+        return True
+    return not (resume and (directory / "LATEST").exists() and (directory / RUN_ID_FILE).is_file())
 
 
 def write_whole(path: Path, text: str) -> None:

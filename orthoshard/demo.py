@@ -17,6 +17,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -298,26 +299,26 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     from orthoshard import report
 
-    try:
-        _fresh_outputs(args.out, args.resume)
-    except OSError as exc:
-        print(f"orthoshard demo: cannot use --out {args.out}: {exc.strerror or exc}",
-              file=sys.stderr)
+    if (problem := _outputs_problem(args)) is not None:
+        print(f"orthoshard demo: {problem}", file=sys.stderr)
         return 2
-    if args.checkpoint_every:
-        from orthoshard.checkpoints import Checkpoints
+    if args.checkpoint_dir is not None:
+        from orthoshard.checkpoints import Checkpoints, writes_directory
 
-        try:  # as each rank does, but once, and before the sidecar and the ranks start
-            Checkpoints(args.checkpoint_dir).check_writable()
-        except OSError as exc:
-            print(f"orthoshard demo: {exc}", file=sys.stderr)
-            return 2
+        if writes_directory(args.checkpoint_dir, resume=args.resume,
+                            every=args.checkpoint_every):
+            try:  # as each rank does, but once, and before the sidecar and the ranks start
+                Checkpoints(args.checkpoint_dir).check_writable()
+            except OSError as exc:
+                print(f"orthoshard demo: {exc}", file=sys.stderr)
+                return 2
     started = time.time()
     try:
         sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)
     except SidecarError as exc:
         print(f"orthoshard demo: {exc}", file=sys.stderr)
         return 2
+    code = 0
     try:
         print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
         code = _torchrun(args, sidecar)
@@ -325,15 +326,54 @@ def _run(args: argparse.Namespace) -> int:
             print(f"orthoshard demo: training failed (torchrun exit {code})", file=sys.stderr)
             return code
         time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land
-        served = sidecar.params()
+        try:
+            served = sidecar.params()
+        except httpx.HTTPError as exc:
+            # the run's logs and reports are on disk: the summary and the plot come from
+            # them, without what the sidecar would have served
+            stopped = sidecar.proc.poll()
+            print(f"orthoshard demo: the sidecar did not answer ({exc}"
+                  + (f"; it exited with code {stopped}" if stopped is not None else "")
+                  + "): summary.json lacks what it serves", file=sys.stderr)
+            served, code = {}, 1
         summary = report.write_summary(args, served, time.time() - started)
         report.plot(args.out, args.spike_at)
         report.print_table(served, _TABLE_METRICS)
         report.print_footer(args, summary, sidecar.url)
-        _linger(args.linger)
+        if code == 0:
+            _linger(args.linger)
     finally:
         sidecar.stop()
-    return 0
+    return code
+
+
+def _outputs_problem(args: argparse.Namespace) -> str | None:
+    """Prepare ``--out`` (:func:`_fresh_outputs`) under its database's lock, and check the
+    sidecar's port; what stops the demo (None: nothing). A demo still serving from the same
+    ``--out`` (``--linger``) had its results, logs, live database and token deleted by a second
+    one, which then stopped, its sidecar refused by the first's lock."""
+    from service.records import DatabaseInUse
+    from service.store import database_held
+
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with database_held(str(args.out / "sidecar.db")):
+            _fresh_outputs(args.out, args.resume)
+    except DatabaseInUse as exc:
+        return (f"--out {args.out} is in use: {exc}. Stop that demo (Ctrl-C, or the end of "
+                f"its --linger), or pass another --out")
+    except (OSError, sqlite3.OperationalError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return f"cannot use --out {args.out}: {reason}"
+    if args.sidecar_port:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                s.bind(("127.0.0.1", args.sidecar_port))
+            except OSError as exc:
+                return (f"--sidecar-port {args.sidecar_port} is taken on 127.0.0.1 "
+                        f"({exc.strerror or exc}): pass another, or 0 for a free one")
+    return None
 
 
 def _linger(seconds: float) -> None:

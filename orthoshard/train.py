@@ -5,13 +5,16 @@ on every block, hidden matrices updated by Muon / NorMuon / SOAP through ``Owner
 embeddings, norms and the head by AdamW. Every rank publishes the health of the matrices it
 owns to its node's sidecar (``--sidecar-url`` or ``--sidecar-uds``) and appends it to
 ``OUT/health-rank{r}.jsonl``; rank 0 draws the progress bar and logs the loss to
-``OUT/loss.jsonl``. A run from step 0 starts both logs over; a resumed one appends to them.
+``OUT/loss.jsonl``. A run from step 0 starts both logs over (and removes those of ranks an
+earlier run at more ranks left); a resumed one appends to them.
 
 Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
 ``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt left that one: nothing is
 overwritten) and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
 leaves the previous checkpoint in force). ``--resume`` continues from ``LATEST`` when there is
-one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was.
+one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was
+(``--resume`` or not), and a first attempt without ``--resume`` refuses a directory holding
+another run's ``LATEST``, which a restart would otherwise continue.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
 from orthoshard.arguments import argument_problem
-from orthoshard.checkpoints import Checkpoints, write_whole
+from orthoshard.checkpoints import RUN_ID_FILE, Checkpoints, write_whole, writes_directory
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.telemetry import publish_health
@@ -121,8 +124,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             read_token_file(args.token_file)
         except ValueError as exc:
             p.error(f"--token-file: {exc}")
+    if args.checkpoint_every and not args.resume and _restartable():
+        if _attempt() == 0 and (args.checkpoint_dir / "LATEST").exists():
+            # a restart resumes from LATEST: another run's, until this run saves its first
+            p.error(f"--checkpoint-dir {args.checkpoint_dir} holds a run's checkpoints "
+                    f"(LATEST), which a restart (torchrun --max-restarts) would resume from: "
+                    f"pass --resume to continue that run, or an empty --checkpoint-dir for a "
+                    f"new one")
+        args.resume = True  # a restarted group resumes where the last checkpoint was
+    if args.checkpoint_dir is not None and writes_directory(
+            args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
+        try:  # before the sidecar's first snapshot or a rank's traceback from the run id
+            Checkpoints(args.checkpoint_dir).check_writable()
+        except OSError as exc:
+            p.error(str(exc))
     if args.resume:
-        from orthoshard.checkpoints import Checkpoints, optimizer_mismatch
+        from orthoshard.checkpoints import optimizer_mismatch
 
         try:
             latest = Checkpoints(args.checkpoint_dir).latest()
@@ -132,6 +149,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
     return args
+
+
+def _restartable() -> bool:
+    """Whether torchrun restarts this group when a rank fails (``--max-restarts`` > 0)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+
+
+def _attempt() -> int:
+    """This group's attempt under torchrun: 0 first, then 1, 2, ... after each restart."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo: bool = False,
@@ -197,8 +224,6 @@ def _publisher(args: argparse.Namespace, *, resumed: bool) -> Any:
                      run_id=_run_id(args.checkpoint_dir, resumed))
 
 
-#: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
-RUN_ID_FILE = "RUN_ID"
 
 
 def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
@@ -235,7 +260,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
 def _maybe_die(step: int) -> None:
     """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
     kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
-    if not kill_at or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if not kill_at or _attempt() != 0:
         return
     rank, at = (int(x) for x in kill_at.split(":"))
     if dist.get_rank() == rank and step == at:
@@ -284,13 +309,18 @@ def _reports_written(out: Path, rank: int, step: int) -> bool:
     return bool(have.item())
 
 
-def _forget_gone_ranks(out: Path, world: int) -> None:
+def _forget_gone_ranks(out: Path, world: int, *, logs: bool) -> None:
     """Remove ``rank{r}.json`` of ranks ``r >= world`` (rank 0): left by a run at more ranks,
-    their reports would be read as this run's (matrices counted twice)."""
-    for f in out.glob("rank*.json"):
-        r = f.name[len("rank"):-len(".json")]
-        if r.isdigit() and int(r) >= world:
-            f.unlink(missing_ok=True)
+    their reports would be read as this run's (matrices counted twice). With ``logs`` (a run
+    from step 0, whose ranks start their logs over) their ``health-rank{r}.jsonl`` too, which
+    the demo's plot drew as this run's matrices, past its last step. A resumed run keeps them:
+    they hold its own earlier steps."""
+    kinds = [("rank", ".json")] + ([("health-rank", ".jsonl")] if logs else [])
+    for prefix, suffix in kinds:
+        for f in out.glob(f"{prefix}*{suffix}"):
+            r = f.name[len(prefix):-len(suffix)]
+            if r.isdigit() and int(r) >= world:
+                f.unlink(missing_ok=True)
 
 
 def _hsdp_mesh(replicas: int, world: int) -> tuple[Any, Any]:
@@ -318,8 +348,6 @@ def _train(args: argparse.Namespace) -> int:
     model = shard_gpt(GPT(cfg), mesh)
     device = next(model.parameters()).device  # where fully_shard put the parameters
     ckpt = Checkpoints(args.checkpoint_dir)
-    if args.checkpoint_every:
-        ckpt.check_writable()
     # the softening schedule the checkpoint was trained with, whatever this --steps says (a
     # schedule over the new --steps would jump back mid-run)
     horizon = (ckpt.horizon() if args.resume else None) or args.steps
@@ -331,8 +359,8 @@ def _train(args: argparse.Namespace) -> int:
     if start > args.steps:
         if rank == 0:
             print(f"orthoshard.train: --resume: the checkpoint in {args.checkpoint_dir} is at "
-                  f"step {start}, past --steps {args.steps}: pass --steps {start} or more",
-                  file=sys.stderr)
+                  f"step {start}, past --steps {args.steps}: pass a --steps larger than "
+                  f"{start} to train on", file=sys.stderr)
         return 2
     if start >= args.steps and _reports_written(args.out, rank, start):
         # a --resume of a finished run (compose restarted, say): training nothing would still
@@ -345,7 +373,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     _check_resumed_flags(optimizer, args)
     if rank == 0:
-        _forget_gone_ranks(args.out, world)
+        _forget_gone_ranks(args.out, world, logs=start == 0)
         if args.optimizer == "muon" and horizon != args.steps:
             print(f"orthoshard.train: --resume: the softening schedule keeps the checkpoint's "
                   f"length of {horizon} steps (this run's --steps: {args.steps})",

@@ -525,6 +525,22 @@ def _own(path: str | None) -> int | None:
     return fd
 
 
+@contextmanager
+def database_held(path: str) -> Iterator[None]:
+    """Hold the lock a running sidecar holds on the database ``path`` names, for the ``with``
+    block: what is done there (clearing a demo's outputs) cannot pull the database from under a
+    sidecar that uses it, and no sidecar starts on it meanwhile.
+
+    Raises:
+        DatabaseInUse: another sidecar uses it, naming that process.
+    """
+    fd = _own(_file_path(path))
+    try:
+        yield
+    finally:
+        _release(fd)
+
+
 def _release(fd: int | None) -> None:
     """Unlock and close what :func:`_own` returned (the lock file stays: removing it would let
     a process that opened it before the removal lock a file nobody else sees)."""

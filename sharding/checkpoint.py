@@ -175,7 +175,10 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             the old metadata over a mix of old and new data. DCP itself refuses (its planning
             is collective, so every rank learns it together; a check of our own could see
             different filesystems on different nodes and leave some ranks in the collective).
+        ValueError: on every rank, when the optimizer steps parameters the model does not hold
+            (another instance of the model); nothing is written.
     """
+    _check_pair(model, optimizer)
     # State every parameter will have, as :func:`load`'s template asks for it: a checkpoint taken
     # before the first step, or while a matrix has had no gradient yet, would otherwise lack
     # entries and be refused on load. The zeros it creates are what a first step creates.
@@ -190,6 +193,24 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
                 f"directory (e.g. step-000100), then point to it (orthoshard.train writes "
                 f"LATEST last).") from None
         raise
+
+
+def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:
+    """Raise ValueError (on every rank alike: no collective) when ``optimizer`` steps parameters
+    ``model`` does not hold: saved, another instance of the model (or one of another size) was
+    paired with the optimizer's state in one checkpoint, accepted, and a load then put one
+    model's weights next to another's momentum (or failed on shapes, naming the optimizer)."""
+    held = {id(p) for p in model.parameters()}
+    foreign = [name for group in optimizer.param_groups
+               for name, p in zip(group.get("param_names", ()), group["params"], strict=False)
+               if id(p) not in held]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise ValueError(
+            f"the {type(optimizer).__name__} steps parameters this model does not hold "
+            f"({shown}): pass the model the optimizer was built on (build the optimizer after "
+            f"fully_shard, which replaces the model's parameters)")
 
 
 def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> None:
@@ -211,8 +232,11 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> N
         # CheckpointException, a BaseException that `except Exception` does not catch
         mismatch = _failure(exc, "Size mismatch between saved")
         if mismatch is not None:
-            what = ("this optimizer's state (SOAP's factors follow max_precond_dim: a side "
-                    "above it stores none)" if " for optim." in mismatch else "the model")
+            what = "the model"
+            if " for optim." in mismatch:
+                what = "this optimizer's state" + (
+                    " (SOAP's factors follow max_precond_dim: a side above it stores none)"
+                    if "max_precond_dim" in getattr(optimizer, "defaults", {}) else "")
             raise ValueError(
                 f"{directory} was saved for other shapes than {what} ({mismatch}): load it "
                 f"into the model and optimizer settings that saved it.") from None
@@ -290,11 +314,13 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     such step: DCP refuses a size mismatch while planning, before it reads.
 
     Raises:
-        ValueError: on every rank, when the checkpoint lacks state this optimizer needs (it was
+        ValueError: on every rank, when the optimizer steps parameters the model does not hold,
+            or the checkpoint lacks state this optimizer needs (it was
             saved by another optimizer class, or for other parameters), or its param groups
             do not fit this optimizer's (another algorithm, hyperparameters it cannot use,
             another split of the parameters); nothing is loaded.
     """
+    _check_pair(model, optimizer)
     optimizer.init_state()
     optim_state = optimizer.state_dict()
     # the groups alone first: a few small objects, and a collective plan every rank shares,

@@ -482,3 +482,124 @@ def test_bench_names_its_benchmarks_and_refuses_an_unknown_one(capsys) -> None:
     assert cli.main(["bench", "no_such_bench"]) == 2
     assert f"unknown benchmark 'no_such_bench'; available: {', '.join(names)}" in \
         capsys.readouterr().err
+
+
+def test_a_demo_still_serving_its_out_is_left_alone_by_a_second_one(tmp_path, monkeypatch,
+                                                                    capsys):
+    # the second deleted the first's results, logs, live database and token, then stopped
+    # (its sidecar refused by the first's lock), pointing at a --db the demo does not have
+    from service.store import Store
+
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = {name: f"the first demo's {name}" for name in (
+        "summary.json", "health.png", "loss.jsonl", "health-rank0.jsonl", "sidecar.token")}
+    for name, text in kept.items():
+        (out / name).write_text(text)
+    serving = Store(str(out / "sidecar.db"), history_max_rows=10)  # as its sidecar holds it
+    started = []
+    monkeypatch.setattr(demo, "Sidecar", lambda *a, **k: started.append(a))
+    try:
+        assert demo.run(_demo_args("--out", str(out), "--steps", "2")) == 2
+        assert (out / "sidecar.db").exists()
+    finally:
+        serving.close()
+    assert started == []
+    err = capsys.readouterr().err
+    assert f"--out {out} is in use: another sidecar" in err and "pass another --out" in err
+    assert {name: (out / name).read_text() for name in kept} == kept
+    # once it stopped, the next demo clears them as usual
+    assert demo._outputs_problem(_demo_args("--out", str(out))) is None
+    assert not (out / "summary.json").exists() and not (out / "loss.jsonl").exists()
+
+
+def test_a_taken_sidecar_port_is_named_by_the_demos_option(tmp_path, monkeypatch, capsys):
+    # the sidecar's own message said "choose another --port", an option the demo does not have
+    import socket
+
+    started = []
+    monkeypatch.setattr(demo, "Sidecar", lambda *a, **k: started.append(a))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert demo.run(_demo_args("--out", str(tmp_path), "--sidecar-port", str(port))) == 2
+    assert started == []
+    assert f"--sidecar-port {port} is taken on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_a_sidecar_gone_before_the_summary_still_leaves_the_summary_and_the_plot(
+        tmp_path, monkeypatch, capsys):
+    # httpx.ConnectError in a traceback, and neither summary.json nor health.png, although
+    # training had finished and both come from its files
+    import httpx
+
+    class Gone:
+        url, token_file = "http://127.0.0.1:9", tmp_path / "token"
+
+        def __init__(self, *args):
+            self.proc = argparse.Namespace(poll=lambda: -9)
+
+        def params(self):
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+
+        def stop(self):
+            pass
+
+    def trained(args, sidecar):
+        _health_log(tmp_path, {"w": {"orthogonality_error": 0.3, "update_rms": 0.2}})
+        (tmp_path / "rank0.json").write_text(json.dumps({
+            "rank": 0, "health": {"w": {"update_rms": 0.2}}, "optimizer": "Muon",
+            "entropy_rate": 1.0, "comm_stats": {"bytes_sent": 1, "steps": 3}}))
+        return 0
+
+    monkeypatch.setattr(demo, "Sidecar", Gone)
+    monkeypatch.setattr(demo, "_torchrun", trained)
+    monkeypatch.setattr(demo.time, "sleep", lambda s: None)
+    assert demo.run(_demo_args("--out", str(tmp_path), "--steps", "3")) == 1
+    err = capsys.readouterr().err
+    assert "the sidecar did not answer" in err and "it exited with code -9" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_loss"] == 4.0 / 3 and summary["health_served_by_sidecar"] == {}
+    assert (tmp_path / "health.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resume_that_writes_its_run_id_needs_a_writable_checkpoint_dir(tmp_path):
+    # the run keeps its id in the directory: a --resume that starts a new run there died in
+    # each rank's mkdir (a traceback), after the sidecar and torchrun had started
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    directory = blocker / "ckpt"
+    argv = ["--out", str(tmp_path / "out"), "--checkpoint-dir", str(directory), "--resume"]
+    assert checkpoints.writes_directory(directory, resume=True, every=0)
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    # resuming a checkpoint that has its run id writes nothing there: a read-only one will do
+    done = tmp_path / "done"
+    (done / "step-000004").mkdir(parents=True)
+    (done / "LATEST").write_text("step-000004")
+    (done / checkpoints.RUN_ID_FILE).write_text("abc")
+    assert not checkpoints.writes_directory(done, resume=True, every=0)
+    assert checkpoints.writes_directory(done, resume=False, every=0)  # a new run: a new id
+    assert checkpoints.writes_directory(done, resume=True, every=2)
+
+
+def test_a_restarted_group_resumes_and_a_first_attempt_refuses_another_runs_latest(
+        tmp_path, monkeypatch, capsys):
+    # without --resume a restarted group started over from step 0 (the docstring promises it
+    # resumes where the last checkpoint was), and the first attempt, were it to resume, could
+    # continue another run's LATEST
+    argv = ["--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5"]
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train.parse_args(argv).resume  # nothing there yet: a new run (resume finds none)
+    (tmp_path / "step-000005").mkdir()
+    (tmp_path / "LATEST").write_text("step-000005")
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert "pass --resume to continue that run" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # this run's own LATEST by now
+    assert train.parse_args(argv).resume
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not train.parse_args(argv).resume  # no restarts: a new run next to the old one

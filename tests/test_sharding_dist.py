@@ -14,7 +14,7 @@ import pytest
 import torch
 from _dist import run_ranks
 
-from optim import Muon
+from optim import Muon, split_param_groups
 from sharding.owner import STATUS_ELEMENTS
 from sharding.plan import build_plan
 
@@ -375,6 +375,26 @@ def test_replicated_parameters_match_single_process(tmp_path, references, world)
             assert r["stats"]["bytes_sent"] == \
                 wire * w.STEPS * r["plan"][0] + _status_bytes(world, wire)
             assert r["stats"]["collectives"] == w.STEPS  # no gather: owners hold every input
+
+
+def test_a_model_the_optimizer_does_not_step_is_refused_by_save_and_load(tmp_path):
+    # another instance of the model (same shapes) was saved with the optimizer's state and
+    # loaded back next to it: untrained weights beside trained momentum, silently. Refused
+    # before any collective, on every rank alike (each holds the same pairing).
+    from sharding import checkpoint
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3))
+
+    ours, other = model(), model()
+    opt = Muon(split_param_groups(ours.named_parameters()), lr=0.02)
+    for call in (checkpoint.save, checkpoint.load):
+        with pytest.raises(ValueError, match=r"the Muon steps parameters this model does not "
+                                             r"hold \(0\.weight, 1\.weight, 0\.bias and 1 more\)"):
+            call(tmp_path / "ckpt", other, opt)
+    assert not (tmp_path / "ckpt").exists()
+    assert opt.state_dict()["state"] == {}  # nothing was created either
 
 
 def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):

@@ -389,22 +389,30 @@ def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports
     capsys.readouterr()
     assert _train_here(monkeypatch, "--steps", "6", "--out", str(tmp_path / "third"),
                        "--resume", "--checkpoint-dir", str(ckpt)) == 2
-    assert "is at step 8, past --steps 6: pass --steps 8 or more" in capsys.readouterr().err
+    assert "is at step 8, past --steps 6: pass a --steps larger than 8 to train on" in \
+        capsys.readouterr().err
 
 
 def test_a_run_at_fewer_ranks_removes_the_reports_of_the_ranks_that_are_gone(tmp_path):
     from orthoshard.train import _forget_gone_ranks
 
-    for name in ("rank0.json", "rank1.json", "rank2.json", "rank10.json", "ranking.json"):
+    logs = ["health-rank0.jsonl", "health-rank1.jsonl", "health-rank2.jsonl",
+            "health-rank10.jsonl", "health-ranking.jsonl"]
+    for name in ("rank0.json", "rank1.json", "rank2.json", "rank10.json", "ranking.json", *logs):
         (tmp_path / name).write_text("{}")
-    _forget_gone_ranks(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json",
-                                                          "ranking.json"]
+    # resumed: the gone ranks' logs hold this run's own earlier steps
+    _forget_gone_ranks(tmp_path, 2, logs=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["rank0.json", "rank1.json", "ranking.json", *logs])
+    # a new run: the plot drew a 4-rank run's logs of ranks 2 and 3 as this 2-rank run's
+    _forget_gone_ranks(tmp_path, 2, logs=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["rank0.json", "rank1.json", "ranking.json", *logs[:2], logs[4]])
 
 
 @pytest.mark.timeout(120)
 def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_front(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from orthoshard import train
@@ -412,9 +420,10 @@ def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     monkeypatch.setattr(train.Path, "write_text", _refuse_writes_in(ckpt))
-    with pytest.raises(OSError, match=rf"--checkpoint-dir {ckpt} is not writable"):
+    with pytest.raises(SystemExit):  # refused with the arguments, before any process group
         _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
                     "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    assert f"--checkpoint-dir {ckpt} is not writable" in capsys.readouterr().err
     monkeypatch.undo()
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
                        "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 0
