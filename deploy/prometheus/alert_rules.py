@@ -164,7 +164,7 @@ def rules(p: Profile) -> list[dict]:
         ),
         _alert(
             "OptimizerNonfiniteUpdatesSkipped",
-            "sum by (job, instance) (\n"
+            "sum by (job, instance, node) (\n"
             f"  increase(orthoshard_nonfinite_skips_total[{dur(p.skips_window)}])\n) > 0",
             p.skips_for,
             "warning",

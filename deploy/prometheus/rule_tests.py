@@ -294,7 +294,8 @@ def skips_tests(p: Profile) -> list[dict]:
             "alert_rule_test": [
                 check(t_start - i, name),
                 check(t_start + p.skips_for // 2, name),  # pending
-                check(t_fire, name, expect(name, lab, 12.0 * p.skips_window / i, "warning")),
+                check(t_fire, name, expect(name, {**lab, "node": "0"}, 12.0 * p.skips_window / i,
+                                           "warning")),
                 check(t_stop + p.skips_window + 2 * i, name),  # resolved once they stop
             ],
         }
