@@ -20,7 +20,7 @@ Bytes are counted per rank by a ``TorchDispatchMode`` that sees every collective
 these conventions (what a ring implementation puts on the wire per rank, sent = received):
 all_to_all: the splits to/from the other ranks; all_gather: (W-1) x the local input;
 all_reduce: 2 (W-1)/W x the tensor; reduce_scatter: (W-1)/W x the input. For ours the count is
-cross-checked against ``optimizer.comm_stats()``. The DESIGN.md budget is
+cross-checked against ``optimizer.comm_stats()``. The design's budget is
 ``2 (W-1)/W^2 P`` elements per rank (float32: 4 bytes each).
 
 Step time is ``optimizer.step()`` alone (gradients injected outside the timer), the maximum over

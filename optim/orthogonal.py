@@ -57,7 +57,7 @@ METHODS = ("cayley", "cayley_neumann", "cans_cayley", "exp")
 # Bounds that clip_spectral_norm(Q, -1, method=...) applies, per method:
 # - cayley: exact at every norm, so no clip (inf).
 # - cayley_neumann: the series converges only for ||Q||_2 < 1; 0.95 is OneTrainer's default
-#   (PR #1556 "auto"); there the 5-term error is still 0.66 (FIELD-NOTES), so prefer smaller Q.
+#   (PR #1556 "auto"); there the 5-term error is still 0.66 (measured), so prefer smaller Q.
 # - cans_cayley: the norm up to which CANS_CAYLEY_DEFAULT_STEPS are certified to reach each
 #   dtype's rounding at block sizes up to 128 (see there); larger norms converge with more
 #   steps up to about u^(-1/2) (cans_cayley's docstring), past which its (I + Q)^2 is lost to
@@ -178,7 +178,7 @@ def cayley_neumann(Q: Tensor, terms: int = 5) -> Tensor:
     ``(I + Q) sum_{k<terms-1} Q^k = I + 2Q + 2Q^2 + ... + 2Q^(terms-2) + Q^(terms-1)``: the
     first ``terms`` terms of the expansion of ``(I + Q)(I - Q)^-1``, evaluated by Horner in
     ``terms - 2`` products. Not orthogonal: the error is about ``||Q||_2^(terms-1)`` (5 terms:
-    orthogonality error 1e-2 at norm 0.3, 0.66 at 0.95, FIELD-NOTES) and the series diverges
+    orthogonality error 1e-2 at norm 0.3, 0.66 at 0.95, measured) and the series diverges
     for ``||Q||_2 >= 1``; clip with ``AUTO_MAX_NORM["cayley_neumann"]`` (0.95) at most.
 
     Args:
@@ -354,7 +354,7 @@ def spectral_norm_upper_bound(Q: Tensor) -> Tensor:
     ``||Q||_2^2 = lambda_max(A)`` for ``A = Q^T Q`` (symmetric PSD), and for ``m = 2^k``
     ``lambda_max <= ||A^m||_F^(1/m) <= b^(1/(2m)) lambda_max``: repeated squaring (normalized
     each time, the log-norm carried along) is power iteration on every vector at once, with no
-    random start. A single random-start power step estimates ~0.74x on average (FIELD-NOTES)
+    random start. A single random-start power step estimates ~0.74x on average (measured)
     and can leave a clipped norm far above its bound; this cannot. ``k`` is chosen from ``b``
     (:func:`_norm_squarings`): 1 + 6 products at b = 8, 1 + 7 at b = 128. Computed in float32
     at least; a zero block gives 0. The bound is homogeneous, so each block is divided by its

@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import re
+import shutil
+import sys
 import urllib.parse
 from collections import defaultdict
 from pathlib import Path
@@ -174,5 +176,21 @@ def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
           f"{args.out / 'sidecar.token'})")
     print(f"outputs:   {args.out / 'summary.json'}   {args.out / 'health.png'}")
     port = urllib.parse.urlsplit(url).port
-    print(f"history:   orthoshard sidecar --port {port} --db {args.out / 'sidecar.db'} "
+    print(f"history:   {_command()} sidecar --port {port} --db {args.out / 'sidecar.db'} "
           f"--token-file {args.out / 'sidecar.token'}   serves it again after the demo")
+
+
+def _command() -> str:
+    """How to run ``orthoshard`` from this shell: the bare name when it is on the PATH (an
+    active venv), else the entry point beside this interpreter (``.venv/bin/orthoshard``,
+    which ``bash scripts/demo.sh`` sets up without activating)."""
+    beside = Path(sys.executable).parent / "orthoshard"
+    found = shutil.which("orthoshard")
+    if found is not None and Path(found).resolve() == beside.resolve():
+        return "orthoshard"
+    if beside.exists():
+        try:
+            return str(beside.relative_to(Path.cwd()))
+        except ValueError:
+            return str(beside)
+    return f"{sys.executable} -m orthoshard.cli"

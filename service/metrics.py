@@ -4,7 +4,7 @@ The collector reads the store's in-memory latest state at scrape time; nothing i
 into prometheus_client gauge objects, so there is no second copy to keep in sync and removing a
 series is just not emitting it.
 
-Names (DESIGN.md section 2, a contract; base units, ``_total`` on counters):
+Names (a contract with the alert rules and dashboards; base units, ``_total`` on counters):
 
 =============================================  =======  ======================
 ``orthoshard_basis_rotation_degrees``          gauge    ``param, factor, k``

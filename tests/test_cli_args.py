@@ -603,3 +603,18 @@ def test_a_restarted_group_resumes_and_a_first_attempt_refuses_another_runs_late
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert not train.parse_args(argv).resume  # no restarts: a new run next to the old one
+
+
+def test_the_footer_names_a_command_this_shell_can_run(monkeypatch):
+    # it said "orthoshard sidecar ...", which scripts/demo.sh's venv, not activated, does not
+    # put on the PATH
+    import shutil
+
+    from orthoshard import report
+
+    beside = Path(sys.executable).parent / "orthoshard"
+    assert beside.exists()  # the entry point the project's install puts beside python
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert Path(report._command()).resolve() == beside.resolve()
+    monkeypatch.setattr(shutil, "which", lambda name: str(beside))
+    assert report._command() == "orthoshard"

@@ -34,7 +34,7 @@ ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
 RULE_FILES = [PROM / "rules" / "orthoshard.rules.yml", PROM / "rules-fast" / "orthoshard.rules.yml"]
 RULE_TESTS = [PROM / "tests" / f"orthoshard{s}.rules.test.yml" for s in ("", "-fast")]
 
-#: DESIGN.md section 2, "Prometheus names": a contract with the sidecar and the dashboards.
+#: The Prometheus names: a contract between the sidecar, the rules and the dashboards.
 METRICS = {
     "orthoshard_basis_rotation_degrees",
     "orthoshard_eigengap_ratio",

@@ -1,4 +1,4 @@
-"""DESIGN.md section 1, enforced: dependencies flow one way.
+"""The architecture, enforced: dependencies flow one way.
 
 - ``optim`` imports torch only: never ``torch.distributed``, ``service``, ``sharding`` or the
   ``orthoshard`` glue.
@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# package -> module prefixes it must never import (DESIGN.md section 1)
+# package -> module prefixes it must never import
 RULES: dict[str, tuple[str, ...]] = {
     "optim": ("torch.distributed", "service", "sharding", "orthoshard"),
     "service": ("torch", "optim", "sharding"),
@@ -72,7 +72,7 @@ def guard(importer, names):
     if importer and inside(importer):
         for n in names:
             if matches(n, forbid):
-                msg = f"{importer} imports {n} (forbidden for {target} by DESIGN.md section 1)"
+                msg = f"{importer} imports {n} (forbidden for {target}: dependencies flow one way)"
                 violations.append(msg)
                 raise ImportError(msg)
 

@@ -18,7 +18,7 @@ ORTHO_FP32 = 1e-6
 # with the vector's std 0.1, max |R - R^T| measured 0.66 (exp) to 1.08 (cayley); 1e-2 is 66x below
 # that and 1e5x above the fp32 rounding of R (~1e-7).
 TRANSPOSE_DISTINCT_ATOL = 1e-2
-# 5-term Cayley-Neumann at the auto clip 0.95 errs like 0.95^4 (0.66 in FIELD-NOTES; measured
+# 5-term Cayley-Neumann at the auto clip 0.95 errs like 0.95^4 (0.66 measured elsewhere; measured
 # 0.43-0.48 over seeds 0-4); exact methods stay at ORTHO_FP32. 1e-2 lies between.
 NEUMANN_CLIP_ERROR_MIN = 1e-2
 

@@ -305,7 +305,7 @@ def test_empty_blocks_keep_their_shape_in_every_kernel(shape):
 def test_clip_auto_bounds_and_small_blocks_untouched():
     Q = random_skew(16, 0.5)
     assert torch.equal(clip_spectral_norm(Q, -1, method="exp"), Q)
-    # DESIGN.md's clip_spectral_norm(Q, max_norm): -1 alone is exp's bound (rotation's default)
+    # the public clip_spectral_norm(Q, max_norm): -1 alone is exp's bound (rotation's default)
     torch.testing.assert_close(clip_spectral_norm(random_skew(16, 4.0), -1),
                                clip_spectral_norm(random_skew(16, 4.0), -1, method="exp"))
     assert torch.linalg.matrix_norm(clip_spectral_norm(random_skew(16, 4.0), -1), 2).max() \

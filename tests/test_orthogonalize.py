@@ -37,7 +37,7 @@ ALL = METHODS
 POLAR_FP32_ATOL = 1e-5
 POLAR_FP32_RTOL = 1e-5
 # Jordan's quintic never converges: after 5 steps its singular values sit in about
-# [0.68, 1.13] (FIELD-NOTES). The band below is that range widened by bf16 rounding.
+# [0.68, 1.13] (measured). The band below is that range widened by bf16 rounding.
 QUINTIC_SIGMA_BAND = (0.6, 1.25)
 # Singular values of the softened exact polar factor: an fp32 SVD of an fp32 result, values O(1):
 # a few fp32 ulps (1.2e-7) times the dimension is the achievable accuracy.
@@ -521,7 +521,7 @@ def test_svd_reference_keeps_the_small_singular_values_of_a_full_rank_half_preci
     assert torch.linalg.svdvals(O.double()).min() > 0.9
 
 
-# DESIGN.md section 4: 1e-5 within 24 products on singular values spread over [1e-3, 1]
+# The design's target: 1e-5 within 24 products on singular values spread over [1e-3, 1]
 # (measured: Polar Express 24, CANS 22, on 1024x256 and on this 256x64). The tighter first
 # normalization (Gram norm, Gelfand-type norm) buys them: with the Frobenius norm alone both took
 # 30.

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
 # The exchange moves float32 inputs and updates unchanged, the momentum is elementwise, and the
 # owner runs the very kernels one process runs, so results agree to the last bit in practice.
-# 1e-5 (DESIGN.md's fp32 bar) leaves room for a BLAS that blocks a batched product differently.
+# 1e-5 (the design's fp32 bar) leaves room for a BLAS that blocks a batched product differently.
 PARITY_ATOL = 1e-5
 PARITY_RTOL = 0.0
 FLOAT32_BYTES = 4
@@ -180,7 +180,7 @@ def test_bytes_are_two_exchanges_of_the_rows_not_on_their_owner(fsdp_run):
     world, results = fsdp_run
     # Every element of a matrix that does not sit on its owner crosses the wire exactly twice
     # per step (in and out); nothing else is sent but a status element each way and the
-    # gather's AdamW flag per pair of ranks. Averaged over ranks this is the DESIGN.md budget
+    # gather's AdamW flag per pair of ranks. Averaged over ranks this is the design's budget
     # 2 (W-1)/W^2 P when shards are even.
     plan = build_plan(list(w.SHAPES), [True] * len(w.SHAPES),
                       [m * n * min(m, n) for m, n in w.SHAPES], world)

@@ -19,7 +19,7 @@ from sharding.plan import Plan, assign_owners, build_plan, load_balance, row_bou
 # LPT (Graham 1969): makespan <= (4/3 - 1/(3W)) * OPT. Costs here are small integers, so the
 # loads are exact in float64 and the bound is checked exactly (Fraction), no tolerance.
 LPT_FACTOR = Fraction(4, 3)
-# DESIGN.md section 3: at most 2 (W-1)/W^2 P elements per rank, plus at most 5% for uneven splits.
+# The design's budget: at most 2 (W-1)/W^2 P elements per rank, plus at most 5% for uneven splits.
 BUDGET_SLACK = 1.05
 
 WORLD_SIZES = (1, 2, 3, 4, 5, 7, 8, 16)

@@ -38,7 +38,7 @@ def _one_thread():
 
 # ---- seed 004: a 1000x isotropic spike under KL-Shampoo at fp32 "highest" ----------------------
 SPIKE_AT, OFFSETS = 50, (1, 2, 5, 10)
-# The study found <= 0.06 degrees (FIELD-NOTES); 1 degree is the bound.
+# The study found <= 0.06 degrees; 1 degree is the bound.
 SEED004_MAX_DEGREES = 1.0
 
 
@@ -73,7 +73,7 @@ def test_seed004_tf32_factor_matmuls_turn_the_basis_on_cpu_too():
 
 # ---- a rank-1 spike on a stable low-rank spectrum ----------------------------------------------
 RANK1_SPIKE_AT = 30
-# FIELD-NOTES (Emerging-Optimizers): plain SOAP turns ~85 degrees at the spike, calm steps <= 4.4;
+# Measured with Emerging-Optimizers: plain SOAP turns ~85 degrees at the spike, calm steps <= 4.4;
 # KL-Shampoo ~0. Measured here: 87.5 / <= 0.87 and <= 4e-5 degrees.
 PLAIN_SPIKE_MIN_DEGREES = 60.0
 CALM_MAX_DEGREES = 5.0

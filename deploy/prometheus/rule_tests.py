@@ -14,7 +14,7 @@ from alert_rules import ANNOTATIONS, JOB, Profile, dur
 TARGET = {"job": JOB, "instance": "sidecar-0:9400", "node": "0"}
 CALM = [2.0, 4.5, 3.0, 1.5, 4.0, 2.5]  # degrees per step, a spectrum with a gap (measured <= 4.4)
 DEGENERATE = [88.0, 45.0, 70.0, 89.0, 60.0, 30.0]  # near-degenerate spectrum: flips every step
-SPIKE = 85.0  # plain SOAP's top-1 turn on a rank-1 gradient spike (FIELD-NOTES)
+SPIKE = 85.0  # plain SOAP's top-1 turn on a rank-1 gradient spike (~87 in docs/soap.md)
 REFRESH_EVERY = 7  # scrapes between SOAP basis refreshes in the sparse cases (100 s at 15 s)
 TINY = [0.01, 0.03, 0.02, 0.05, 0.01, 0.02]  # KL-Shampoo: ~0 degrees; a 2-degree bump is 50x
 
