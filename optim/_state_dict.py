@@ -39,6 +39,22 @@ def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
             setattr(optimizer, name, hooks)
 
 
+
+#: What every torch.optim.Muon param group holds (torch 2.13), and an SGD one does not.
+_TORCH_MUON_KEYS = frozenset({"ns_coefficients", "ns_steps", "eps", "adjust_lr_fn"})
+
+
+def _unmarked_group(state_dict: dict[str, Any]) -> str | None:
+    """A group (completed by ``_completed``) still without ``algorithm``: not a torch.optim.Muon
+    group loaded into a Muon, the one kind saved without it that loads. Checked after every
+    other check, whose messages name the state that does not fit more precisely."""
+    for gi, saved in enumerate(state_dict["param_groups"]):
+        if "algorithm" not in saved:
+            return (f"param group {gi} has no 'algorithm' and is not a torch.optim.Muon group "
+                    f"(with {', '.join(sorted(_TORCH_MUON_KEYS))}) loaded into a Muon: it comes "
+                    f"from another optimizer")
+    return None
+
 class StateDictOptimizer(Optimizer):
     """The state dict and the copies of :class:`optim._base.MatrixOptimizer` (its base)."""
 
@@ -106,6 +122,12 @@ class StateDictOptimizer(Optimizer):
             return {"step": ((),), "exp_avg": (shape,), "exp_avg_sq": (shape,)}
         return {}
 
+    def _required_state(self, algorithm: str) -> set[str]:
+        """The state keys a parameter's non-empty state always holds (a state dict without one
+        was cut short: accepted, the next step raised KeyError); subclasses add their matrix
+        state's."""
+        return {"step", "exp_avg", "exp_avg_sq"} if algorithm == ADAMW else set()
+
     def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
         """What makes ``state_dict`` unfit for this optimizer, or None; torch's own checks
         (counts of groups and of their parameters) included, so that :meth:`check_state_dict`
@@ -123,13 +145,14 @@ class StateDictOptimizer(Optimizer):
                 return (f"param group {gi} was saved with {len(indices)} parameters and has "
                         f"{len(group['params'])} here: it comes from another model or another "
                         f"split of the parameters")
-            algorithm = saved.get("algorithm", group["algorithm"])
+            algorithm = saved.get("algorithm", group["algorithm"])  # (see _unmarked_group)
             if algorithm != group["algorithm"]:
                 return (f"param group {gi} was saved for {algorithm!r} and is "
                         f"{group['algorithm']!r} here: it comes from another optimizer or "
                         f"another split of the parameters")
             # the group as it would be after loading (schedules are kept, as load keeps them)
-            candidate = {**saved, **{k: v for k, v in group.items() if callable(v)}}
+            candidate = {**saved, "algorithm": algorithm,
+                         **{k: v for k, v in group.items() if callable(v)}}
             try:
                 self._check_hyperparameters(gi, candidate)
             except (ValueError, KeyError, TypeError) as exc:
@@ -141,7 +164,8 @@ class StateDictOptimizer(Optimizer):
             for name, p, index in zip(group["param_names"], group["params"], indices,
                                       strict=True):
                 shapes = self._state_shapes(tuple(p.shape), group["algorithm"])
-                for key, value in (saved_state.get(index) or {}).items():
+                entry = saved_state.get(index) or {}
+                for key, value in entry.items():
                     if shapes and key not in shapes:
                         return (f"parameter {name!r} has state {key!r}, which "
                                 f"{type(self).__name__} does not keep (it keeps "
@@ -155,6 +179,11 @@ class StateDictOptimizer(Optimizer):
                         return (f"state {key!r} of parameter {name!r} has shape "
                                 f"{tuple(value.shape)}, not {allowed} as a parameter of shape "
                                 f"{tuple(p.shape)} needs: it comes from another model")
+                missing = sorted(self._required_state(group["algorithm"]) - set(entry))
+                if entry and missing:
+                    return (f"parameter {name!r} has state without {', '.join(missing)}, which "
+                            f"{type(self).__name__} keeps with the rest: the state dict was cut "
+                            f"short or comes from another optimizer")
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -251,7 +280,7 @@ class StateDictOptimizer(Optimizer):
         self._refuse_unfit(self._completed(state_dict))
 
     def _refuse_unfit(self, state_dict: dict[str, Any]) -> None:
-        problem = self._state_dict_problem(state_dict)
+        problem = self._state_dict_problem(state_dict) or _unmarked_group(state_dict)
         if problem is not None:
             raise ValueError(f"cannot load this state dict: {problem}")
 
@@ -273,6 +302,12 @@ class StateDictOptimizer(Optimizer):
                        and k not in ("params", "param_names")}
             if "step" in missing:
                 missing["step"] = 0
+            if "algorithm" not in saved and not (live["algorithm"] == "muon"
+                                                 and _TORCH_MUON_KEYS <= saved.keys()):
+                # torch.optim.Muon's groups have no "algorithm", and a Muon loads them; so has
+                # another optimizer's (SGD's momentum_buffer has Muon's shape and another rule),
+                # which _state_dict_problem refuses for the key it lacks
+                missing.pop("algorithm", None)
             groups.append(_under_live_names(live, {**saved, **missing} if missing else saved))
         return {**state_dict, "param_groups": groups}
 

@@ -239,6 +239,10 @@ class Muon(MatrixOptimizer):
             shapes["momentum_buffer"] = (shape,)
         return shapes
 
+    def _required_state(self, algorithm: str) -> set[str]:
+        return super()._required_state(algorithm) | (set() if algorithm == ADAMW
+                                                      else {"momentum_buffer"})
+
     def _prepare(self, item: MatrixItem) -> Tensor:
         group, p = item.group, item.param
         assert p.grad is not None  # MatrixOptimizer.step only passes params with a gradient

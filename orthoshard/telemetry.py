@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+
+from service.schema import MAX_GROUPS
 
 __all__ = ["optimizer_summary", "publish_health"]
 
@@ -26,7 +30,7 @@ _HYPER_KEYS = ("algorithm", "lr", "weight_decay", "momentum", "nesterov", "ns_me
                "ns_steps", "ns_coefficients", "adjust_lr_fn", "beta2", "normuon_eps", "betas",
                "shampoo_beta", "eps", "correct_bias", "use_kl_shampoo", "use_eigh",
                "power_iter_steps", "precondition_frequency", "max_precond_dim",
-               "fp32_matmul_prec")
+               "fp32_matmul_prec", "qr_fp32_matmul_prec")
 _ADAMW_KEYS = ("algorithm", "lr", "weight_decay", "adamw_betas", "adamw_eps")
 _TOP_K = 8
 
@@ -64,11 +68,32 @@ def _softening(group: dict[str, Any]) -> float | None:
         return None
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module, for a warning raised by the
+    function that calls this: the training loop's ``publish_health`` or ``optimizer_summary``."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _groups(optimizer: Any) -> list[dict[str, Any]]:
+    """Each group's hyperparameters, as its update reads them, and parameter names: at most
+    ``MAX_GROUPS`` (the sidecar's schema), the first ones, with a warning (once). Past the
+    limit the sidecar refused the whole snapshot, the health with it."""
     out = []
-    for group in optimizer.param_groups:
+    groups = optimizer.param_groups
+    if len(groups) > MAX_GROUPS and not getattr(optimizer, "_orthoshard_groups_warned", False):
+        warnings.warn(f"the optimizer state summary lists the first {MAX_GROUPS} of "
+                      f"{len(groups)} param groups (the most a snapshot holds); the health of "
+                      f"every matrix is published as usual (warned once)", RuntimeWarning,
+                      stacklevel=_caller_level())
+        optimizer._orthoshard_groups_warned = True
+    for group in groups[:MAX_GROUPS]:
         keys = _ADAMW_KEYS if group.get("algorithm") == "adamw" else _HYPER_KEYS
-        hyper = {k: _plain(group[k]) for k in keys if k in group}
+        # ns_coefficients are the quintic's: another method's update does not read them
+        hyper = {k: _plain(group[k]) for k in keys if k in group and not (
+            k == "ns_coefficients" and group.get("ns_method", "quintic") != "quintic")}
         if "softening" in group and group.get("algorithm") != "adamw":
             hyper["softening"] = _softening(group)
         out.append({"hyperparameters": hyper, "params": list(group.get("param_names", []))})

@@ -1594,3 +1594,40 @@ def test_a_bad_health_setting_set_on_the_instance_is_refused_before_anything_cha
     opt.step()
     assert not any(torch.equal(p, q) for p, q in zip(params, before, strict=True))
     assert set(opt.health()) == {"a", "b"}
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_another_optimizers_momentum_of_the_same_shape_is_refused(opt_cls):
+    # an SGD state dict (momentum_buffer of Muon's shape, another rule; lr 0.5, dampening)
+    # loaded silently into Muon and NorMuon, and torch.optim.Muon's into NorMuon
+    sources = [torch.optim.SGD, lambda ps: torch.optim.Muon(ps, lr=0.02)]
+    for make in sources[:1] if opt_cls is Muon else sources:
+        params = make_params(SHAPES[:2])
+        other = make(params) if make is not torch.optim.SGD else make(params, lr=0.5,
+                                                                     momentum=0.9)
+        for p, g in zip(params, grads_for(params, 0), strict=True):
+            p.grad = g
+        other.step()
+        ours = opt_cls(params, lr=0.02)
+        before = copy.deepcopy(ours.state_dict())
+        with pytest.raises(ValueError, match=r"param group 0 has no 'algorithm' and is not a "
+                                             r"torch\.optim\.Muon group"):
+            ours.load_state_dict(other.state_dict())
+        assert ours.state_dict() == before  # nothing changed
+    ours = Muon(make_params(SHAPES[:2]), lr=0.02)  # torch.optim.Muon's still loads into Muon
+    ours.load_state_dict(torch.optim.Muon(make_params(SHAPES[:2])).state_dict())
+
+
+def test_an_adamw_state_cut_short_is_refused_before_anything_changes():
+    # accepted, and the next step raised KeyError: 'exp_avg_sq'
+    w, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(3))
+    opt = Muon([{"params": [("w", w)]}, {"params": [("b", b)], "algorithm": "adamw"}], lr=0.02)
+    w.grad, b.grad = torch.randn(6, 4), torch.randn(3)
+    opt.step()
+    cut = copy.deepcopy(opt.state_dict())
+    del cut["state"][1]["exp_avg_sq"]
+    with pytest.raises(ValueError, match="parameter 'b' has state without exp_avg_sq, which "
+                                         "Muon keeps with the rest: the state dict was cut"):
+        opt.load_state_dict(cut)
+    w.grad, b.grad = torch.randn(6, 4), torch.randn(3)
+    opt.step()  # unchanged state: it steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import pytest
 import torch
@@ -99,3 +100,37 @@ def test_an_absent_side_of_one_sided_soap_has_no_buffer_norm():
     assert set(state["buffer_norms"]) == {"R", "exp_avg", "exp_avg_sq"}  # (step is 0-d)
     assert set(state["eigenvalues"]) == {"R"}
     assert not any(k.endswith("_L") for k in opt.health()["w"])
+
+
+def test_more_groups_than_a_snapshot_holds_keep_the_summary_within_the_schema():
+    # 300 groups (a learning rate per layer): the sidecar refused the snapshot (at most 256
+    # groups), and the step's health went with it
+    from service.schema import MAX_GROUPS
+
+    layers = [nn.Linear(4, 4, bias=False) for _ in range(MAX_GROUPS + 44)]
+    opt = Muon([{"params": [(f"l{i}.weight", layer.weight)], "lr": 0.01 * (1 + i % 3)}
+                for i, layer in enumerate(layers)])
+    for layer in layers:
+        layer.weight.grad = torch.randn(4, 4)
+    opt.step()
+    with pytest.warns(RuntimeWarning, match=f"first {MAX_GROUPS} of {MAX_GROUPS + 44} param"):
+        groups = _validated(optimizer_summary(opt, rank=0))["groups"]
+    assert [g["params"] for g in groups] == [[f"l{i}.weight"] for i in range(MAX_GROUPS)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        optimizer_summary(opt, rank=0)
+
+
+def test_a_group_reports_the_quintics_coefficients_only_where_its_method_reads_them():
+    # Polar Express reported coefficients it never reads; SOAP's qr_fp32_matmul_prec, which
+    # its refresh reads, was missing
+    model = _model()
+    for method, reported in (("quintic", True), ("polar_express", False), ("cans", False)):
+        opt = Muon(split_param_groups(model.named_parameters()), ns_method=method,
+                   ns_coefficients=(3.0, -3.2, 1.2) if method == "quintic" else
+                   (2.0, -1.5, 0.5))
+        matrix = _validated(optimizer_summary(opt, rank=0))["groups"][0]["hyperparameters"]
+        assert ("ns_coefficients" in matrix) == reported, method
+    opt = SOAP(split_param_groups(model.named_parameters()), lr=3e-3, qr_fp32_matmul_prec="high")
+    matrix = _validated(optimizer_summary(opt, rank=0))["groups"][0]["hyperparameters"]
+    assert matrix["qr_fp32_matmul_prec"] == "high"
