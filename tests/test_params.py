@@ -220,3 +220,15 @@ def test_a_head_under_another_name_joins_adamw_with_the_fragments_the_readme_sho
         model, adamw_name_parts=(*optim.DEFAULT_ADAMW_NAME_PARTS, ".classifier."))
     routed = {g.get("algorithm", "matrix"): g["param_names"] for g in groups}
     assert routed == {"matrix": ["hidden.weight"], "adamw": ["classifier.weight"]}
+
+
+def test_oft_vectors_go_to_adamw():
+    # 2-D, so they went to the matrix update, which orthogonalized the blocks' free rotation
+    # entries against each other (see DEFAULT_ADAMW_NAME_PARTS for what that cost)
+    from optim.oft import OFTConfig, OFTLinear
+
+    model = nn.Sequential(OFTLinear(nn.Linear(16, 16), config=OFTConfig(block_size=4)),
+                          nn.Linear(16, 16, bias=False))
+    assert _routes(split_param_groups(model)) == {"0.oft_vector": "adamw", "1.weight": "matrix"}
+    assert _routes(split_param_groups(model.named_parameters())) == {
+        "0.oft_vector": "adamw", "1.weight": "matrix"}
