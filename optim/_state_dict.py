@@ -39,7 +39,6 @@ def _hooks_held(optimizer: Optimizer, *attributes: str) -> Iterator[None]:
             setattr(optimizer, name, hooks)
 
 
-
 #: What every torch.optim.Muon param group holds (torch 2.13), and an SGD one does not.
 _TORCH_MUON_KEYS = frozenset({"ns_coefficients", "ns_steps", "eps", "adjust_lr_fn"})
 
@@ -54,6 +53,7 @@ def _unmarked_group(state_dict: dict[str, Any]) -> str | None:
                     f"(with {', '.join(sorted(_TORCH_MUON_KEYS))}) loaded into a Muon: it comes "
                     f"from another optimizer")
     return None
+
 
 class StateDictOptimizer(Optimizer):
     """The state dict and the copies of :class:`optim._base.MatrixOptimizer` (its base)."""

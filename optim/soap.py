@@ -105,25 +105,12 @@ class SOAP(MatrixOptimizer):
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         _check_soap_args(group)
 
-    def _state_dict_problem(self, state_dict: dict[str, Any]) -> str | None:
-        """The frame's checks, and one of SOAP's own: a matrix's state comes whole. An AdamW
-        state dict (``step``, ``exp_avg``, ``exp_avg_sq``, with the same shapes) passed the
-        frame's key and shape checks, loaded, and then every step failed on the missing ``L``."""
-        problem = super()._state_dict_problem(state_dict)
-        if problem is not None:
-            return problem
-        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
-            if group["algorithm"] == ADAMW:
-                continue
-            for name, index in zip(group["param_names"], saved.get("params", []), strict=True):
-                entry = state_dict["state"].get(index) or {}
-                missing = sorted(self.owner_state_keys - set(entry))
-                if entry and missing:
-                    return (f"parameter {name!r} has state without {', '.join(missing)}, which "
-                            f"SOAP keeps with the rest of its state: it comes from another "
-                            f"optimizer (an AdamW state dict holds only step, exp_avg and "
-                            f"exp_avg_sq) or was cut short")
-        return None
+    def _required_state(self, algorithm: str) -> set[str]:
+        """A matrix's state comes whole: an AdamW state dict (``step``, ``exp_avg``,
+        ``exp_avg_sq``, with the same shapes) passed the frame's key and shape checks, loaded,
+        and then every step failed on the missing ``L``."""
+        return super()._required_state(algorithm) | (set() if algorithm == ADAMW
+                                                      else set(self.owner_state_keys))
 
     def _before_step(self) -> None:
         super()._before_step()
