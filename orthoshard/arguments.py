@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
-__all__ = ["argument_problem"]
+__all__ = ["argument_problem", "restart_problem"]
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
@@ -30,4 +31,16 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
         return (f"--spike-at must be a step in [0, --steps={args.steps}) (0-based), got "
                 f"{args.spike_at}")
+    return None
+
+
+def restart_problem(checkpoint_dir: Path | None, *, resume: bool, restarts: bool) -> str | None:
+    """What stops a first attempt under ``--max-restarts`` (``restarts``) without ``--resume``
+    (None: nothing): a restarted group resumes from ``LATEST``, and with another run's there,
+    a rank dying before this run's first checkpoint would continue that run."""
+    if restarts and not resume and checkpoint_dir is not None \
+            and (checkpoint_dir / "LATEST").exists():
+        return (f"--checkpoint-dir {checkpoint_dir} holds a run's checkpoints (LATEST), which "
+                f"a restart (--max-restarts) would resume from: pass --resume to continue that "
+                f"run, or an empty --checkpoint-dir for a new one")
     return None

@@ -209,7 +209,7 @@ MAX_LOCAL_RANKS = 64
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What makes these arguments unusable, before anything starts (None: they are fine): the
     demo's own, then those it hands to ``orthoshard.train`` (checked there, once for both)."""
-    from orthoshard.arguments import argument_problem
+    from orthoshard.arguments import argument_problem, restart_problem
 
     if args.steps < 1 or args.nproc < 1:
         return "--steps and --nproc must be >= 1"
@@ -225,14 +225,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         return f"--sidecar-port must be a TCP port (0: a free one), got {args.sidecar_port}"
     if args.rotation_hold is not None and not 0 <= args.rotation_hold < math.inf:
         return f"--rotation-hold must be >= 0 seconds (finite), got {args.rotation_hold}"
-    if (args.max_restarts and not args.resume and args.checkpoint_dir is not None
-            and (args.checkpoint_dir / "LATEST").exists()):
-        # a restarted group resumes from LATEST: with another run's there, a rank dying before
-        # this run's first checkpoint would continue that run (and the first attempt too)
-        return (f"--checkpoint-dir {args.checkpoint_dir} holds a run's checkpoints (LATEST), "
-                f"which --max-restarts would resume from: pass --resume to continue that run, "
-                f"or an empty --checkpoint-dir for a new one")
-    problem = argument_problem(args)
+    problem = restart_problem(args.checkpoint_dir, resume=args.resume,
+                              restarts=bool(args.max_restarts)) or argument_problem(args)
     if problem is None and args.resume:
         problem = _resume_problem(args.checkpoint_dir, args.steps, args.optimizer,
                                   args.spike_at, args.kl_shampoo)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
-from orthoshard.arguments import argument_problem
+from orthoshard.arguments import argument_problem, restart_problem
 from orthoshard.checkpoints import RUN_ID_FILE, Checkpoints, write_whole, writes_directory
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
@@ -125,12 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as exc:
             p.error(f"--token-file: {exc}")
     if args.checkpoint_every and not args.resume and _restartable():
-        if _attempt() == 0 and (args.checkpoint_dir / "LATEST").exists():
-            # a restart resumes from LATEST: another run's, until this run saves its first
-            p.error(f"--checkpoint-dir {args.checkpoint_dir} holds a run's checkpoints "
-                    f"(LATEST), which a restart (torchrun --max-restarts) would resume from: "
-                    f"pass --resume to continue that run, or an empty --checkpoint-dir for a "
-                    f"new one")
+        if _attempt() == 0 and (problem := restart_problem(
+                args.checkpoint_dir, resume=False, restarts=True)) is not None:
+            p.error(problem)
         args.resume = True  # a restarted group resumes where the last checkpoint was
     if args.checkpoint_dir is not None and writes_directory(
             args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
@@ -222,8 +219,6 @@ def _publisher(args: argparse.Namespace, *, resumed: bool) -> Any:
     token = args.token_file.read_text().strip() if args.token_file else None
     return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token,
                      run_id=_run_id(args.checkpoint_dir, resumed))
-
-
 
 
 def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
