@@ -55,7 +55,8 @@ def decode_cursor(cursor: str) -> str:
     characters outside the base64url alphabet are refused (``urlsafe_b64decode`` would skip
     them), the name must encode back to exactly ``cursor`` (which refuses "+", "/",
     padding and non-zero trailing bits, all of which decode but are never produced), and it
-    must be a name a snapshot can hold (a cursor of "\x00" or "a/b" restarted at page 1).
+    must be a name a snapshot can hold (a cursor of a NUL character, or of "a/b", restarted at
+    page 1).
     """
     bad = ProblemError(
         400, "The cursor is not valid; pass next_cursor back unchanged.", slug="bad-cursor"
