@@ -276,6 +276,6 @@ def soap_health(per_matrix: list[list[SideHealth]]
     for k, members, rows in plan.groups:
         columns = [getattr(flat[i], attr)[:, :k] for attr in ("Q_old", "Q_new") for i in members]
         grams, values = principal_extremes(
-            torch.stack(columns).view(2, len(members), rows, k).double())
+            torch.stack(columns).view(2, len(members), rows, k).double(), assume_finite=True)
         pieces += [grams.view(-1), values.view(-1)]
     return plan.keys, torch.cat(pieces), plan.finish

@@ -171,6 +171,11 @@ def test_a_non_finite_basis_reads_nan_and_leaves_the_other_pairs_of_its_batch_al
     grams, values = principal_extremes(torch.stack([Qs[..., :3], new[..., :3]]))
     assert grams[:, 1].isnan().all() and values[:, 1].isnan().all()
     assert grams[:, [0, 2]].isfinite().all() and values[:, [0, 2]].isfinite().all()
+    # SOAP's finite bases skip the masks: the same numbers
+    finite = torch.stack([Qs[[0, 2], :, :3], new[[0, 2], :, :3]])
+    for got, want in zip(principal_extremes(finite, assume_finite=True),
+                         principal_extremes(finite), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_principal_extremes_first_column_identity_and_zero_row_padding():
