@@ -53,6 +53,7 @@ from optim._exchange import (
     MatrixItem,
     _nonfinite,
     all_finite,
+    local,
     nonfinite_flags,
 )
 from optim._state_dict import StateDictOptimizer
@@ -197,18 +198,24 @@ class MatrixOptimizer(StateDictOptimizer):
         # flags are summed over the ranks on the matrices' gather (no collective of their own),
         # so every rank skips a parameter whose shard on any rank is bad. They step after the
         # matrices: a step that raises on the way changes no parameter.
-        fallback = [(group, [(name, p) for name, p in zip(group["param_names"], group["params"],
-                                                          strict=True) if p.grad is not None])
-                    for group in self.param_groups if group["algorithm"] == ADAMW]
+        every = [(group, list(zip(group["param_names"], group["params"], strict=True)))
+                 for group in self.param_groups if group["algorithm"] == ADAMW]
+        fallback = [(group, [(name, p) for name, p in named if p.grad is not None])
+                    for group, named in every]
         grads = [p.grad for _, named in fallback for _, p in named]
-        sharded = any(hasattr(g, "to_local") for g in grads)
-        flags = nonfinite_flags(grads) if sharded else None  # to sum over the ranks
-        bad = None if sharded else _nonfinite(grads)  # this process decides alone
         items = [item for item in self.matrix_items() if item.param.grad is not None]
         if not self._gradient_seen:
             self._warn_without_gradient(bool(items or grads))
-        # what the flags belong to: ranks that flag other parameters (a gradient None on some
-        # ranks only) must not sum them entry by entry
+        # Decided by the parameters, the same on every rank, and one flag per AdamW parameter
+        # (0 for one without a gradient): ranks whose gradients differ (one None on some ranks
+        # only) still send flags of one length, and the signature of what they flag (the
+        # parameters with a gradient) tells them apart instead of a size the backend aborts on.
+        params = [p for _, named in every for _, p in named]
+        has_grad = [p.grad is not None for p in params]
+        sharded = bool(items or grads) and any(hasattr(p, "to_local") for p in params)
+        flags = (nonfinite_flags([p.grad for p in params], device=local(params[0]).device)
+                 if sharded else None)  # to sum over the ranks
+        bad = None if sharded else _nonfinite(grads)  # this process decides alone
         flagged = [name for _, named in fallback for name, _ in named] if sharded else []
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
@@ -228,6 +235,8 @@ class MatrixOptimizer(StateDictOptimizer):
                     group["step"] -= 1
                 raise
         assert bad is not None  # decided above, by this process or summed over the ranks
+        if sharded:  # one per AdamW parameter: those with a gradient step
+            bad = [b for b, has in zip(bad, has_grad, strict=True) if has]
         flag = iter(bad)
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])

@@ -53,16 +53,22 @@ def _nonfinite(tensors: Sequence[Tensor]) -> list[float]:
             for t, good in zip(tensors, torch.isfinite(sums).tolist(), strict=True)]
 
 
-def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:
+def nonfinite_flags(tensors: Sequence[Tensor | None], device: torch.device | None = None
+                    ) -> Tensor:
     """Per tensor, 1.0 where THIS process's part of it (a DTensor's local shard) holds a NaN
-    or an Inf, else 0.0 (float64, on the tensors' device; empty for no tensors).
+    or an Inf, else 0.0; 0.0 for a None (a parameter without a gradient keeps its place).
+    Float64, on ``device`` (default: the first tensor's; empty for no tensors).
 
     Exact, with one fused sum per tensor and one host sync (as :func:`all_finite`): a finite sum
     clears a shard, and a non-finite one, which can be an overflow of finite entries, is checked
     entry by entry. Summed over the ranks (any exchange can carry them), nonzero flags say which
     sharded tensors to skip on every rank."""
-    device = local(tensors[0]).device if tensors else None
-    return torch.tensor(_nonfinite(tensors), dtype=torch.float64, device=device)
+    present = [t for t in tensors if t is not None]
+    if device is None and present:
+        device = local(present[0]).device
+    found = iter(_nonfinite(present))
+    return torch.tensor([0.0 if t is None else next(found) for t in tensors],
+                        dtype=torch.float64, device=device)
 
 
 def _one_row(values: list[float]) -> list[list[float]]:

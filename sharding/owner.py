@@ -124,7 +124,7 @@ class OwnerSharding:
     def comm_stats(self) -> dict[str, int]:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
         with each all-to-all's status element per pair of ranks, ``STATUS_ELEMENTS``, and the
-        gather's finiteness flag per AdamW parameter with a gradient, when any is sharded),
+        gather's finiteness flag per AdamW parameter, when any is sharded),
         and the number of collectives: 2 per step, plus one ``all_reduce`` of those flags in a
         step whose exchange makes no gather call (no sharded matrix with a gradient)."""
         return dict(self._stats)

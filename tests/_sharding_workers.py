@@ -1095,10 +1095,10 @@ class TwoBiases(nn.Module):
 
 
 def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
-    """Ranks 0 and 1 each drop the gradient of another AdamW parameter (as many flags on
-    each): with the matrices' gather carrying the flags, and in a step with no matrix gradient
-    (the flags' own all_reduce). Every rank's outcome, whether anything changed, and a correct
-    step after."""
+    """Ranks 0 and 1 each drop the gradient of another AdamW parameter (as many gradients on
+    each), rank 1 alone drops one, or rank 1 drops both: with the matrices' gather carrying
+    the flags, and in a step with no matrix gradient (the flags' own all_reduce). Every rank's
+    outcome, whether anything changed, and a correct step after."""
     from torch.distributed.fsdp import fully_shard
 
     from sharding import OwnerSharding
@@ -1110,20 +1110,27 @@ def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
     g = torch.Generator().manual_seed(4)
     full = {n: torch.randn(p.shape, generator=g) for n, p in named.items()}
 
-    def set_grads(matrices: bool) -> None:
+    dropped = {"other": ("bias_a", "bias_b")[rank % 2:rank % 2 + 1],
+               "fewer": ("bias_b",) if rank == 1 else (),
+               "none": ("bias_a", "bias_b") if rank == 1 else ()}
+
+    def set_grads(matrices: bool, drop: str) -> None:
         for n, p in named.items():
-            keep = matrices or not n.startswith("w")
+            keep = (matrices or not n.startswith("w")) and n not in dropped[drop]
             p.grad = distribute_like(full[n], p) if keep else None
-        named[("bias_a", "bias_b")[rank % 2]].grad = None  # another one on each rank
 
     results = {}
-    for case, matrices in (("gather", True), ("all_reduce", False)):
-        before = full_params(model)
-        set_grads(matrices)
-        outcomes = _every_rank_says(world, ValueError, opt.step)
-        after = full_params(model)
-        results[case] = {"outcomes": outcomes,
-                         "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    for drop in dropped:
+        for collective, matrices in (("gather", True), ("all_reduce", False)):
+            if drop == "none" and not matrices:
+                continue  # rank 1 would step nothing: documented to leave the others waiting
+            case = collective if drop == "other" else f"{collective}, {drop}"
+            before = full_params(model)
+            set_grads(matrices, drop)
+            outcomes = _every_rank_says(world, ValueError, opt.step)
+            after = full_params(model)
+            results[case] = {"outcomes": outcomes,
+                             "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
     for n, p in named.items():
         p.grad = distribute_like(full[n], p)
     results["recovered"] = _every_rank_says(world, ValueError, opt.step)
