@@ -162,8 +162,6 @@ class Checkpoints:
         return self.dir / name[0]
 
     def load(self, model: torch.nn.Module, optimizer: Any) -> int:
-        from torch.distributed.checkpoint.api import CheckpointException
-
         from sharding import checkpoint
 
         path = self.latest()
@@ -173,8 +171,7 @@ class Checkpoints:
             extra = checkpoint.load(path, model, optimizer, extra={"progress": torch.tensor(0)})
         except ValueError:
             raise  # refused: another optimizer, model or flags (the message says which)
-        except (Exception, CheckpointException) as exc:  # a file missing, cut short, unreadable
-            # (DCP's CheckpointException is a BaseException)
+        except Exception as exc:  # a file missing, cut short, unreadable
             earlier = sorted(p.name for p in self.dir.glob("step-*") if p != path) \
                 if self.dir is not None else []
             exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, could not "

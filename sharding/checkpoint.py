@@ -177,6 +177,7 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             different filesystems on different nodes and leave some ranks in the collective).
         ValueError: on every rank, when the optimizer steps parameters the model does not hold
             (another instance of the model); nothing is written.
+        RuntimeError: when DCP fails to write (the ranks it failed on and the first error).
     """
     _check_pair(model, optimizer)
     # State every parameter will have, as :func:`load`'s template asks for it: a checkpoint taken
@@ -192,7 +193,12 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
                 f"{directory} already holds a checkpoint; save each checkpoint to a new "
                 f"directory (e.g. step-000100), then point to it (orthoshard.train writes "
                 f"LATEST last).") from None
-        raise
+        # a failed write (a full disk): an Exception, as callers catch (DCP's is a
+        # BaseException); the directory may hold part of the checkpoint
+        first = next(iter(exc.failures.values()))[0]
+        raise RuntimeError(f"torch.distributed.checkpoint could not save {directory} on ranks "
+                           f"{sorted(exc.failures)}: {first}. The directory may hold part of "
+                           f"it: do not load it.") from exc
 
 
 def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:
@@ -213,8 +219,13 @@ def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:
             f"fully_shard, which replaces the model's parameters)")
 
 
-def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> None:
-    """``dcp.load`` in place; a checkpoint without state this optimizer needs raises ValueError."""
+def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any, *,
+              partial: bool = False) -> None:
+    """``dcp.load`` in place. A checkpoint without an entry asked for, or of other shapes,
+    raises ValueError (DCP finds both while planning, before it reads anything); any other
+    failure a RuntimeError (DCP's own ``CheckpointException`` is a BaseException, which
+    ``except Exception`` does not catch), which says so when ``partial`` (``state`` holds the
+    live model's and optimizer's own tensors, which a failed read can leave half written)."""
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except CheckpointException as exc:
@@ -240,7 +251,21 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any) -> N
             raise ValueError(
                 f"{directory} was saved for other shapes than {what} ({mismatch}): load it "
                 f"into the model and optimizer settings that saved it.") from None
-        raise
+        missing = _failure(exc, "Missing key in checkpoint state_dict: ")
+        if missing is not None:
+            why = ("it was saved for another model (a parameter or buffer added or renamed "
+                   "since): load it into the model that saved it"
+                   if "state_dict: model." in missing else
+                   "it was saved without an entry asked for with `extra`")
+            raise ValueError(f"{directory} lacks an entry ({missing}): {why}. Nothing was "
+                             f"loaded.") from None
+        # anything else (a file unreadable or cut short): an Exception, as callers catch
+        first = next(iter(exc.failures.values()))[0]
+        raise RuntimeError(
+            f"torch.distributed.checkpoint could not load {directory} on ranks "
+            f"{sorted(exc.failures)}: {first}" + (
+                ". The model and optimizer may hold part of it: load a complete checkpoint "
+                "into them, or start afresh." if partial else "")) from exc
 
 
 def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -274,29 +299,32 @@ def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dic
 def _keyed_as_saved(state: dict[Any, Any], live: list[dict[str, Any]],
                     saved: list[dict[str, Any]]) -> dict[Any, Any]:
     """``state`` (keyed by the live state dict's positions) keyed by the checkpoint's position of
-    each parameter, where a saved group lists the live group's names in another order: DCP
-    fills ``optim.state.<position>`` from the checkpoint's same position, which held another
-    parameter's state (refused as a shape mismatch where the shapes differ), and
-    ``load_state_dict`` then pairs the positions by name. Groups saved under the same order or
-    under other names keep their keys."""
-    if len(live) != len(saved):
+    each parameter, where the checkpoint lists the live names in another order (within a group,
+    or the groups themselves): DCP fills ``optim.state.<position>`` from the checkpoint's same
+    position, which held another parameter's state (refused as a shape mismatch where the
+    shapes differ), and ``load_state_dict`` then pairs the groups and positions by name.
+    Checkpoints under the same order or under other names keep the keys."""
+    where_live, where_saved = _positions(live), _positions(saved)
+    if (where_live is None or where_saved is None or where_live.keys() != where_saved.keys()
+            or where_live == where_saved):
         return state  # check_state_dict says what does not fit
-    out = dict(state)
-    for lg, sg in zip(live, saved, strict=True):
-        names, positions = sg.get("param_names"), sg.get("params")
-        live_names, live_positions = lg.get("param_names"), lg.get("params")
+    return {where_saved[name]: state[position] for name, position in where_live.items()
+            if position in state}
+
+
+def _positions(groups: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Each parameter's state-dict position by name, over all ``groups``; None where a group
+    does not pair its names with int positions one to one, or a name repeats."""
+    out: dict[str, int] = {}
+    for group in groups:
+        names, positions = group.get("param_names"), group.get("params")
         if not (isinstance(names, list) and isinstance(positions, list)
-                and isinstance(live_names, list) and isinstance(live_positions, list)
-                and len(names) == len(positions) == len(live_names) == len(live_positions)
-                and names != live_names and set(names) == set(live_names)
-                and all(isinstance(i, int) for i in positions)):
-            continue
-        where = dict(zip(names, positions, strict=True))
-        for position in live_positions:
-            out.pop(position, None)
-        for name, position in zip(live_names, live_positions, strict=True):
-            if position in state:
-                out[where[name]] = state[position]
+                and len(names) == len(positions) and all(isinstance(n, str) for n in names)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in positions)):
+            return None
+        out.update(zip(names, positions, strict=True))
+    if len(out) != sum(len(group["param_names"]) for group in groups):
+        return None
     return out
 
 
@@ -318,7 +346,10 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             or the checkpoint lacks state this optimizer needs (it was
             saved by another optimizer class, or for other parameters), or its param groups
             do not fit this optimizer's (another algorithm, hyperparameters it cannot use,
-            another split of the parameters); nothing is loaded.
+            another split of the parameters), or lacks an entry of the model or of ``extra``;
+            nothing is loaded.
+        RuntimeError: when DCP fails to read (a file unreadable or cut short); the model and
+            optimizer may then hold part of the checkpoint.
     """
     _check_pair(model, optimizer)
     optimizer.init_state()
@@ -341,7 +372,7 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # then the tensors, into the model's and the optimizer's own
     state = {"model": model.state_dict(), "optim": {"state": optim_state["state"]},
              **(extra or {})}
-    _dcp_load(state, directory, optimizer)
+    _dcp_load(state, directory, optimizer, partial=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(optim_state)
     return {k: v for k, v in state.items() if k not in ("model", "optim")}

@@ -397,6 +397,88 @@ def test_a_model_the_optimizer_does_not_step_is_refused_by_save_and_load(tmp_pat
     assert opt.state_dict()["state"] == {}  # nothing was created either
 
 
+class _ThreeMatrices(torch.nn.Module):
+    """Matrices of two shapes, and optionally one more the optimizer does not step."""
+
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.nn.Parameter(torch.randn(8, 4, generator=g)) for _ in range(2))
+        self.c = torch.nn.Parameter(torch.randn(4, 4, generator=g))
+        if extra:
+            self.d = torch.nn.Parameter(torch.randn(3, 3, generator=g))
+
+
+def _three_groups(model: _ThreeMatrices, cls: type, swapped: bool) -> torch.optim.Optimizer:
+    groups = [{"params": [("a", model.a), ("b", model.b)], "lr": 0.02},
+              {"params": [("c", model.c)], "lr": 0.01}]
+    return cls(groups[::-1] if swapped else groups, lr=0.02)
+
+
+def _train_three(model: _ThreeMatrices, opt: torch.optim.Optimizer, steps: range) -> None:
+    for k in steps:
+        g = torch.Generator().manual_seed(k)
+        for p in (model.a, model.b, model.c):
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["normuon", "soap"])
+def test_a_checkpoint_loads_into_param_groups_listed_in_another_order(tmp_path, name):
+    # load filled each live group's positions from the checkpoint's same positions, which held
+    # the other group's parameters: refused as "another model" where the shapes differ
+    # (load_state_dict pairs the groups by name, and so continued right)
+    from optim import SOAP, NorMuon
+    from sharding import checkpoint
+
+    cls = {"normuon": NorMuon, "soap": SOAP}[name]
+    whole = _ThreeMatrices()
+    _train_three(whole, _three_groups(whole, cls, False), range(4))
+    model = _ThreeMatrices()
+    opt = _three_groups(model, cls, False)
+    _train_three(model, opt, range(2))
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    resumed = _ThreeMatrices()
+    opt = _three_groups(resumed, cls, True)
+    checkpoint.load(tmp_path / "ckpt", resumed, opt)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.02]  # each group its own
+    _train_three(resumed, opt, range(2, 4))
+    for p, q in zip(resumed.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=PARITY_ATOL, rtol=PARITY_RTOL)
+
+
+def test_checkpoint_failures_are_exceptions_that_name_what_to_do(tmp_path, monkeypatch):
+    # a parameter the checkpoint lacks, and a failed write, came as DCP's CheckpointException:
+    # a BaseException, which `except Exception` does not catch
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from sharding import checkpoint
+
+    model = _ThreeMatrices()
+    opt = _three_groups(model, Muon, False)
+    _train_three(model, opt, range(1))
+    checkpoint.save(tmp_path / "ckpt", model, opt)
+    grown = _ThreeMatrices(extra=True)  # a parameter added since (not in the optimizer)
+    grown_opt = _three_groups(grown, Muon, False)
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lacks an entry \(Missing key in checkpoint "
+                                         r"state_dict: model\.d\.\): it was saved for another "
+                                         r"model .* Nothing was loaded"):
+        checkpoint.load(tmp_path / "ckpt", grown, grown_opt)
+    assert all(torch.equal(before[k], v) for k, v in grown.state_dict().items())
+    assert grown_opt.state_dict()["state"].keys() == {0, 1, 2}  # the zeros init_state made
+    assert all(v.abs().sum() == 0 for s in grown_opt.state_dict()["state"].values()
+               for v in s.values())
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(RuntimeError, match=r"could not save .*ckpt2 on ranks \[0\]: .*No space "
+                                           r"left on device.*do not load it"):
+        checkpoint.save(tmp_path / "ckpt2", model, opt)
+
+
 def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     directory = tmp_path / "ckpt"
     run_ranks(w.save_twice_worker, 2, tmp_path, str(directory), str(tmp_path / "twice.pt"))
