@@ -29,6 +29,10 @@ __all__ = ["STATUS_ELEMENTS", "OwnerSharding"]
 Compute = Callable[[list[int], list[Tensor]], list[Tensor]]
 
 
+# the buffers' dtypes: float32's range at least, so that every finite value crosses finite
+_EXCHANGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
 class OwnerSharding:
     """Pass as ``sharding=`` to ``Muon``, ``NorMuon`` or ``SOAP``.
 
@@ -76,20 +80,22 @@ class OwnerSharding:
         exchange_dtype: dtype of the communication buffers. None (default): the widest of
             float32 and the step's matrices' dtypes, which every input and update fits exactly
             (bfloat16 and float32 ride in float32, float64 in float64), so results match one
-            process. A narrower dtype (e.g. ``torch.bfloat16``) halves the traffic and rounds
-            what crosses. Either way the owner computes on each matrix's own dtype and every
-            rank receives its update as one process would apply it (dtype and layout:
-            ``update_like`` of the optimizer).
+            process. ``torch.bfloat16`` halves the traffic and rounds what crosses (float16,
+            whose range ends at 65504, is refused). Either way the owner computes on each
+            matrix's own dtype and every rank receives its update as one process would apply
+            it (dtype and layout: ``update_like`` of the optimizer).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  exchange_dtype: torch.dtype | None = None) -> None:
-        if exchange_dtype is not None and not (isinstance(exchange_dtype, torch.dtype)
-                                               and exchange_dtype.is_floating_point):
+        if exchange_dtype is not None and exchange_dtype not in _EXCHANGE_DTYPES:
             raise ValueError(
-                f"exchange_dtype must be None (automatic) or a real floating dtype such as "
-                f"torch.float32 or torch.bfloat16, got {exchange_dtype!r}: an integer or "
-                f"complex buffer would change the values it carries")
+                f"exchange_dtype must be None (automatic), torch.float32, torch.float64 or "
+                f"torch.bfloat16, got {exchange_dtype!r}: an integer or complex buffer would "
+                f"change the values it carries, and float16 or float8 ones overflow (a finite "
+                f"gradient over 65504 would arrive as Inf, its matrix skipped as non-finite) and "
+                f"flush small values to zero; torch.bfloat16 halves the traffic with float32's "
+                f"range")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "OwnerSharding needs an initialized process group: call "
