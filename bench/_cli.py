@@ -1,5 +1,5 @@
-"""Command-line checks shared by the benchmarks: counts must be positive, and a CPU-time clock
-needs one thread."""
+"""Command-line checks shared by the benchmarks: counts, durations and matrix sizes must be
+positive, and a CPU-time clock needs one thread."""
 
 from __future__ import annotations
 
@@ -15,6 +15,30 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a timeout of 0 failed every run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """argparse type: comma-separated matrix sizes ``MxN`` with M, N >= 1 (``''``: none)."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        dims = item.lower().split("x")
+        if len(dims) != 2 or not all(d.isdigit() and int(d) >= 1 for d in dims):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a matrix size: write rows x columns, both at least 1, "
+                f"e.g. 128x64 (several: 128x64,512x256)")
+        out.append((int(dims[0]), int(dims[1])))
+    return out
 
 
 def check_cpu_time(parser: argparse.ArgumentParser, cpu_time: bool, threads: int | None) -> None:

@@ -64,7 +64,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from bench._cli import positive_int  # noqa: E402
+from bench._cli import positive_float, positive_int  # noqa: E402
 from bench._sharding_baselines import (  # noqa: E402
     CommCounter,
     NaiveMuon,
@@ -375,7 +375,8 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="timed steps per optimizer")
     parser.add_argument("--no-soap", action="store_true", help="skip the SOAP row")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="per world size, seconds")
+    parser.add_argument("--timeout", type=positive_float, default=1800.0,
+                        help="per world size, seconds")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 15)
     cfg, soap_cfg = model_config(args.quick), model_config(args.quick, soap=True)
@@ -394,7 +395,11 @@ def main() -> None:
             jobs.append({"kinds": ["soap_ours", "soap_naive"], "cfg": soap_cfg,
                          "steps": max(3, steps // 3), "count_steps": 1})
         t0 = time.monotonic()
-        results = spawn(world, jobs, args.timeout)
+        try:
+            results = spawn(world, jobs, args.timeout)
+        except TimeoutError as exc:
+            raise SystemExit(f"{exc}: pass a larger --timeout (now {args.timeout:g} s) or "
+                             f"fewer --steps") from None
         print(f"(W={world} ran in {time.monotonic() - t0:.0f} s)", file=sys.stderr)
         muon_lines += report_muon(world, results[0], p)
         if not args.no_soap:

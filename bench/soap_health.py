@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.muon
-from bench._cli import check_cpu_time, positive_int
+from bench._cli import check_cpu_time, positive_int, shape_list
 from bench.muon import make, shapes, training_step_times
 from optim.soap import SOAP
 
@@ -110,12 +110,14 @@ def row(label: str, solver: str, on: list[float], off: list[float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="128x64,512x256", help="lone matrices ('' for none)")
+    parser.add_argument("--shapes", type=shape_list, default="128x64,512x256",
+                        help="lone matrices, MxN,... ('' for none)")
     parser.add_argument("--model", action="store_true", help="also the 12-matrix stack and GPT")
     parser.add_argument("--quick", action="store_true", help="--model at d_model 64")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="default by size; a row refreshing every F steps runs at least 10 F, "
-                             "in whole periods (--steps 60 runs 100 at F = 10)")
+                        help="default by size; a row of matrices refreshing every F steps runs "
+                             "at least 10 F, in whole periods (--steps 60 runs 100 at F = 10), "
+                             "the GPT row refreshing every 10 at least 60")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--cpu-time", action="store_true",
                         help="time.thread_time, not wall (needs --threads 1)")
@@ -129,17 +131,19 @@ def main() -> None:
     print("| matrices | solver | health off ms | health on ms | on/off | per-period ratios, "
           "quartiles |")
     print("|---|---|---|---|---|---|")
-    for text in filter(None, args.shapes.split(",")):
-        shape = tuple(int(d) for d in text.split("x"))
+    if not args.shapes and not args.model:
+        parser.error("nothing to measure: --shapes '' without --model")
+    for shape in args.shapes:
+        text = f"{shape[0]}x{shape[1]}"
         steps = args.steps or (600 if shape[0] * shape[1] <= 128 * 64 else 160)
         for name, kwargs in CONFIGS.items():
             row(f"{text} alone", name, *ratio([shape], kwargs, steps, f"{text} alone", name))
     if args.model:
-        shape_list = shapes(args.quick)
-        label = f"{len(shape_list)} of d_model {64 if args.quick else 256}"
+        stack = shapes(args.quick)
+        label = f"{len(stack)} of d_model {64 if args.quick else 256}"
         steps = args.steps or (100 if args.quick else 20)
         for name, kwargs in CONFIGS.items():
-            row(label, name, *ratio(shape_list, kwargs, steps, label, name))
+            row(label, name, *ratio(stack, kwargs, steps, label, name))
         on, off = training_step_times(steps, args.quick, SOAP, lr=0.01)
         row(f"GPT training step, d_model {64 if args.quick else 256}", "QR", on, off)
         # any 10 consecutive steps hold exactly one refresh: per-period means of the steps

@@ -22,3 +22,35 @@ def test_the_sidecar_bench_runs_to_its_table():
     for row in ("/metrics fresh (ms)", "publish() calling thread (us)", "ingest (snapshots/s",
                 "Store.ingest alone, 5 params"):
         assert row in proc.stdout, proc.stdout
+
+
+def test_bench_arguments_are_checked_before_anything_runs(monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT))  # the scripts put the root on sys.path themselves
+    from bench._cli import positive_float, shape_list
+
+    assert shape_list("128x64, 512X256,") == [(128, 64), (512, 256)]
+    assert shape_list("") == []
+    # each used to pass on: a traceback later ('abc', '5'), an empty matrix timed as a result
+    # ('0x5'), or a run killed at once (a timeout of 0)
+    for bad in ("abc", "5", "0x5", "4x4x4", "-2x3", "2.5x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a matrix size"):
+            shape_list(bad)
+    assert positive_float("0.5") == 0.5
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(bad)
+
+
+@pytest.mark.timeout(90)
+def test_the_emerging_comparison_fails_where_it_cannot_compare():
+    # without Emerging-Optimizers it printed SKIP and exited 0: a run that measured nothing
+    # read as a success (the project's venv has no Emerging-Optimizers: see the script)
+    proc = run_whole([sys.executable, "bench/soap_vs_emerging.py", "--sizes", "16x8"],
+                     timeout=80, cwd=ROOT)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert "emerging-optimizers is not importable here" in proc.stderr
+    proc = run_whole([sys.executable, "bench/soap_vs_emerging.py", "--sizes", "0x5"],
+                     timeout=80, cwd=ROOT)
+    assert proc.returncode == 2 and "'0x5' is not a matrix size" in proc.stderr, proc.stderr
