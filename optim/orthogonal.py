@@ -207,8 +207,9 @@ def _cans_cubic(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]
     k = 2.0 * e2.pow(1.5)
     ell = lo * hi * (lo + hi)
     alpha = 6.0 / (k + ell)
-    eps = (k - ell) / (k + ell)
-    return alpha * e2, -alpha / 3.0, 1.0 - eps, 1.0 + eps
+    # 1 -+ eps without the cancellation: for a tiny lo (a large ||Q||), 1 - eps kept only a
+    # few float32 ulps of the new lower bound, which could then exceed the true one
+    return alpha * e2, -alpha / 3.0, 2.0 * ell / (k + ell), 2.0 * k / (k + ell)
 
 
 def cans_cayley(Q: Tensor, steps: int | None = None) -> Tensor:

@@ -25,6 +25,7 @@ from optim.orthogonal import (
     spectral_norm_upper_bound,
     vector_from_skew,
 )
+from optim.orthogonalize import cans_interval_step
 
 # The targets: exp within 1e-6 (fp32) and 1e-2 (bf16) of matrix_exp up to norm pi.
 EXP_FP32_RTOL = 1e-6
@@ -48,6 +49,10 @@ NORM_BOUND_SLACK = 1.01
 # O(0.3) matrices in another order, ~1e-16 per operation (measured 2.2e-16); 1e-12 is far above.
 HORNER64_TOL = 1e-12
 BLOCKS = (8, 32, 128)
+# _cans_cubic in float32 against its float64 closed form: a handful of float32 operations on
+# the new bound's own scale (measured within 0.4 ulp of it); 4 ulps. The cancelling 1 - eps
+# was ~4e6 ulps off at a lower bound of 5e-8.
+FLOAT32_ULPS = 4
 # spectral_norm_upper_bound of a float32-subnormal block: the block's own entries keep only a
 # few bits there (1e-43 is 71 times the smallest subnormal: 3 significant bits), so the bound
 # is checked against the float64 norm within what rounding the block to them moves it.
@@ -159,6 +164,18 @@ def test_cans_cayley_default_steps_are_the_fewest_certified_for_the_dtype(dtype)
         half_widths.append(float(hi - lo) / 2)
     unit_roundoff = torch.finfo(dtype).eps / 2
     assert half_widths[-1] <= unit_roundoff < half_widths[-2]
+
+
+def test_cans_cayley_interval_keeps_a_tiny_lower_bound_to_float32_rounding():
+    # from 1 - eps, a lower bound of ~5e-8 (||Q||_2 ~ 3000 in float32) came out 25% off: a
+    # few ulps of 1, and above the true bound. The tensor twin of cans_interval_step agrees
+    # with its float64 closed form to float32 rounding at every width
+    for start in (5e-8, 1e-6, 1e-3, 0.045):
+        lo = torch.tensor([start])
+        *_, new_lo, new_hi = _cans_cubic(lo, torch.ones(1))
+        _, _, want_lo, want_hi = cans_interval_step(float(lo), 1.0)
+        assert abs(float(new_lo) - want_lo) <= FLOAT32_ULPS * torch.finfo().eps * want_lo
+        assert abs(float(new_hi) - want_hi) <= FLOAT32_ULPS * torch.finfo().eps * want_hi
 
 
 def test_float64_reaches_float64_rounding():
