@@ -322,9 +322,9 @@ class HealthCollector(Collector):
         of the next run turned too few of the node's "matrices" to page)."""
         now = self._clock()
         cutoff = now - self._ttl
-        all_ranks = self._store.ranks()
+        all_ranks, all_params = self._store.latest()
         latest = {r.rank: r for r in all_ranks}
-        params = [p for p in self._store.params() if p.received_at >= cutoff
+        params = [p for p in all_params if p.received_at >= cutoff
                   and ((r := latest.get(p.rank)) is None
                        or (r.finished_at is None and r.run_id == p.run_id))]
         ranks = [r for r in all_ranks if r.received_at >= cutoff]

@@ -230,18 +230,22 @@ class Store:
             self._checkpointer.notify()
 
     def ingest(self, snap: Snapshot, *, abandoned: Callable[[], bool] | None = None) -> int:
-        """Store one accepted snapshot durably, then update the mirror. Returns params stored.
+        """Store one accepted snapshot durably, then update the mirror. Returns params stored
+        (of a late snapshot, the points history took: none where it holds later ones).
 
         Raises:
             StoreBusy: the database stayed locked for :data:`WRITE_WAIT_S` (nothing stored).
             Abandoned: ``abandoned()``, asked once the snapshot's turn came, was True (its
                 client gave up waiting and will send it again; nothing stored).
         """
-        now = self._clock()
         opt = snap.optimizer.model_dump(mode="json") if snap.optimizer else None
         states: dict[str, Any] = opt.pop("state", {}) if opt else {}
         # the writers, one at a time: the mirror changes only under the lock
         with self._turn(abandoned) as deadline:
+            # received once its turn came: stamped before the wait (up to WRITE_WAIT_S, and
+            # the lock is not first-come first-served), two writes could commit in the other
+            # order than their stamps, and a rank's last-snapshot time stepped back
+            now = self._clock()
             with self._lock:
                 prev = self._ranks.get(snap.rank)
             if prev is not None and snap.wall_time < prev.wall_time and (
@@ -253,8 +257,7 @@ class Store:
                 # before (a new one, whatever its clock) takes over: both replace the latest
                 # state as before.
                 with self._transaction(deadline) as db:
-                    tables.write_late(db, snap, self._max_rows)
-                return len(snap.params)
+                    return tables.write_late(db, snap, self._max_rows)
             with self._lock:
                 # a snapshot without a summary keeps its run's last one, never another run's
                 if opt is None and prev is not None and prev.run_id == snap.run_id:
@@ -394,6 +397,13 @@ class Store:
         """Every parameter's latest record (a consistent copy of the list)."""
         with self._lock:
             return list(self._params.values())
+
+    def latest(self) -> tuple[list[RankRecord], list[ParamRecord]]:
+        """:meth:`ranks` and :meth:`params` as of one moment (one hold of the lock): read one
+        after the other, an ingest that starts a rank's new run between them gave the old run's
+        rank record with the new run's parameters, which match neither."""
+        with self._lock:
+            return sorted(self._ranks.values(), key=lambda r: r.rank), list(self._params.values())
 
     def param(self, name: str) -> ParamRecord | None:
         """The latest record of ``name``, or None."""

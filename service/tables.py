@@ -240,24 +240,26 @@ def superseded(db: sqlite3.Connection, snap: Snapshot) -> bool:
         (name, snap.run_id, snap.rank)).fetchone() is not None for name in snap.params)
 
 
-def write_late(db: sqlite3.Connection, snap: Snapshot, max_rows: int) -> None:
+def write_late(db: sqlite3.Connection, snap: Snapshot, max_rows: int) -> int:
     """A snapshot taken before its rank's latest (see :meth:`service.store.Store.ingest`): its
     points go into ``history`` where that step has none yet or one taken earlier (a point of an
     attempt that crashed, which the resumed run took again); the latest state, the rank's count
     and the exported series are left as they are.
 
     ``pending`` is merged first, in the same transaction: a point still waiting there would
-    otherwise be merged after this one and replace it, whenever it was taken."""
+    otherwise be merged after this one and replace it, whenever it was taken. Returns the
+    points stored."""
     merge_pending(db, max_rows)
-    db.executemany(
+    stored = db.executemany(
         f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (name, run_id, step) DO UPDATE SET rank = excluded.rank, "
         "wall_time = excluded.wall_time, metrics = excluded.metrics "
         "WHERE excluded.wall_time > history.wall_time",
         [(name, snap.run_id, snap.rank, snap.step, snap.wall_time, _dumps(metrics))
          for name, metrics in snap.params.items()],
-    )
+    ).rowcount
     prune(db, max_rows)
+    return stored
 
 
 def prune(db: sqlite3.Connection, max_rows: int) -> None:

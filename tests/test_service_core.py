@@ -615,6 +615,53 @@ def test_fast_render_equals_prometheus_client_exposition() -> None:
     store.close()
 
 
+class _ThenIngest:
+    """A store's lock that, the first time this thread lets it go, has another thread ingest
+    ``snapshot`` and waits until the store's latest state holds it: the moment a rank's new
+    run can begin in the middle of a scrape (the ingest's listeners then wait for the scrape,
+    as they would)."""
+
+    def __init__(self, store: Store, snapshot: Snapshot) -> None:
+        self._inner, self._store, self._snapshot = store._lock, store, snapshot
+        self._reader = threading.get_ident()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> bool:
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+        if self.thread is None and threading.get_ident() == self._reader:
+            self.thread = threading.Thread(target=self._store.ingest, args=(self._snapshot,))
+            self.thread.start()
+            deadline = time.monotonic() + 10
+            while self._store._ranks[self._snapshot.rank].run_id != self._snapshot.run_id:
+                assert time.monotonic() < deadline, "the ingest did not land"
+                time.sleep(0.001)
+
+
+@pytest.mark.parametrize("render", ["fast", "client"])
+def test_a_scrape_during_a_ranks_run_switch_keeps_its_parameters(render: str) -> None:
+    # the ranks and the parameters were read under two holds of the store's lock: a new run
+    # beginning between them gave the old run's rank with the new run's parameters, and the
+    # scrape dropped every series of that rank (and forgot their rotation-hold windows)
+    store = Store(":memory:", history_max_rows=1000)
+    store.ingest(make_snapshot(7, n=3, run_id="old"))
+    collector = HealthCollector(store, series_ttl_s=60)
+    store._lock = _ThenIngest(store, make_snapshot(0, n=3, run_id="new"))  # type: ignore
+    if render == "fast":
+        text = collector.render().decode()
+    else:
+        text = generate_latest(build_registry(collector)).decode()
+    switch = store._lock.thread  # type: ignore[attr-defined]
+    assert switch is not None
+    switch.join(10)
+    series = [line for line in text.splitlines()
+              if line.startswith("orthoshard_orthogonality_error{")]
+    assert len(series) == 3, text
+    store.close()
+
+
 @pytest.mark.tools
 def test_promtool_accepts_the_exposition(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
@@ -1713,8 +1760,10 @@ def test_a_late_older_snapshot_neither_replaces_the_latest_state_nor_counts(
     snap = timed_snapshot
     store.ingest(snap(20, wall=100.0))
     store.ingest(snap(48, wall=128.0, orth=0.48))
-    store.ingest(snap(21, wall=101.0, orth=0.21))  # taken before step 48, arriving after it
-    store.ingest(snap(20, wall=100.0, orth=0.99))  # a late retry of a stored step
+    # taken before step 48, arriving after it; then a late retry of a stored step, of which
+    # history keeps the point it has (the answer said every parameter was stored)
+    assert store.ingest(snap(21, wall=101.0, orth=0.21)) == 3  # its 3 parameters
+    assert store.ingest(snap(20, wall=100.0, orth=0.99)) == 0
     (rank,) = store.ranks()
     assert (rank.step, rank.wall_time, rank.snapshots_received) == (48, 128.0, 2)
     assert store.param("blocks.0.w").step == 48  # type: ignore[union-attr]
@@ -1809,6 +1858,44 @@ def test_a_late_point_of_a_resumed_run_replaces_the_crashed_attempts_point(
     (rank,) = store.ranks()
     assert (rank.step, rank.wall_time, rank.snapshots_received) == (3, 11.0, 3)
     assert store.param("w").step == 3  # type: ignore[union-attr]
+    store.close()
+
+
+def test_within_a_run_a_higher_step_taken_earlier_still_replaces_the_latest_state(
+        tmp_path: Path) -> None:
+    # the documented trade: a rank whose clock steps back keeps its latest state moving (read
+    # as late, its steps would freeze it and page as stale), so a crashed attempt's step 9
+    # arriving after its resumed run's step 8 shows until the resumed run's step 9 replaces it
+    store = Store(str(tmp_path / "s.db"), history_max_rows=1000, clock=lambda: 5.0)
+    snap = timed_snapshot
+    for step in range(10):
+        store.ingest(snap(step, wall=100.0 + step, orth=step / 100))
+    store.ingest(snap(10, wall=50.0, orth=0.5))  # the clock stepped back 60 s
+    assert (store.ranks()[0].step, store.ranks()[0].snapshots_received) == (10, 11)
+    for step in (7, 8):  # resumed at step 7, later
+        store.ingest(snap(step, wall=200.0 + step, orth=1.0 + step))
+    store.ingest(snap(9, wall=109.0, orth=0.09))  # the crashed attempt's, held up till now
+    (rank,) = store.ranks()
+    assert (rank.step, rank.snapshots_received) == (9, 14)
+    store.ingest(snap(9, wall=209.0, orth=10.0))
+    points = store.history("blocks.0.w", run_id="r", from_step=9, to_step=9, limit=5)
+    assert [(p.wall_time, p.metrics["orthogonality_error"]) for p in points] == [(209.0, 10.0)]
+    assert store.param("blocks.0.w").metrics["orthogonality_error"] == 10.0  # type: ignore[union-attr]
+    store.close()
+
+
+def test_a_snapshot_is_stamped_received_when_its_write_turn_comes() -> None:
+    now = [1.0]
+    store = Store(":memory:", history_max_rows=1000, clock=lambda: now[0])
+    store.ingest(make_snapshot(1))
+    with store._db_lock:  # another write in progress
+        waiting = threading.Thread(target=store.ingest, args=(make_snapshot(2),))
+        waiting.start()
+        time.sleep(0.1)  # it waits for its turn (up to WRITE_WAIT_S)
+        now[0] = 2.0
+    waiting.join(10)
+    (rank,) = store.ranks()
+    assert (rank.step, rank.received_at) == (2, 2.0)  # was 1.0: stamped before the wait
     store.close()
 
 
