@@ -157,6 +157,8 @@ class _HealthPlan:
             same = [j for j, q_sides in enumerate(self.quotient_groups) if q_sides == sides]
             self.top_groups.append((sides, same[0] if same and flat[sides[0]][5] else None))
         self.top_at: list[int | None] = [None] * len(flat)
+        # a side of one eigenvalue (a 1 x n matrix's L): its factor's norm is that eigenvalue
+        self.single = [flat[i][2] == 1 for i in range(len(flat))]
         for sides, _ in self.top_groups:
             for i in sides:
                 self.top_at[i], offset = offset, offset + 2
@@ -189,8 +191,9 @@ class _HealthPlan:
             for _ in range(count):
                 top = self.top_at[i]
                 gap = 0.0
-                if top is not None:
-                    l1, l2 = v[top], v[top + 1]
+                if top is not None or self.single[i]:
+                    # one eigenvalue: rank one, as eigengap_ratio reads it (l2 = 0)
+                    l1, l2 = (v[top], v[top + 1]) if top is not None else (v[self.total_at[i]], 0.0)
                     gap = (l1 - l2) / l1 if l1 > 0 else (l1 if math.isnan(l1) else 0.0)
                 rot1 = rot8 = 0.0
                 at = self.rot_at.get(i)

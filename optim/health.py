@@ -184,15 +184,18 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
 def eigengap_ratio(eigvals: Tensor) -> Tensor:
     """``(l1 - l2) / l1`` for eigenvalues sorted in descending order along the last dim.
 
-    0 means a degenerate top (the top eigenvector is not determined); 1 means rank one. The
-    ``top/2nd`` ratio some tables print is ``1 / (1 - ratio)``. A zero spectrum gives 0.
+    0 means a degenerate top (the top eigenvector is not determined); 1 means rank one, and so
+    does a single eigenvalue (a 1 x 1 factor: its one direction is determined; read as
+    ``l2 = 0``). The ``top/2nd`` ratio some tables print is ``1 / (1 - ratio)``. A zero spectrum
+    gives 0.
 
     Raises:
-        ValueError: with fewer than 2 eigenvalues.
+        ValueError: with no eigenvalue.
     """
-    if eigvals.ndim < 1 or eigvals.size(-1) < 2:
-        raise ValueError(f"eigengap_ratio needs at least 2 eigenvalues, got {tuple(eigvals.shape)}")
-    top, second = eigvals[..., 0], eigvals[..., 1]
+    if eigvals.ndim < 1 or eigvals.size(-1) < 1:
+        raise ValueError(f"eigengap_ratio needs at least 1 eigenvalue, got {tuple(eigvals.shape)}")
+    top = eigvals[..., 0]
+    second = eigvals[..., 1] if eigvals.size(-1) > 1 else torch.zeros_like(top)
     safe = torch.where(top > 0, top, torch.ones_like(top))
     # 0 for a zero (or negative) top, NaN for a NaN one
     return torch.where(top > 0, (top - second) / safe,

@@ -244,9 +244,14 @@ def test_health_functions_on_empty_bases_nan_spectra_and_mismatched_shapes():
         basis_staleness(torch.eye(3), torch.eye(4))
 
 
-def test_eigengap_ratio_needs_two_eigenvalues():
-    with pytest.raises(ValueError):
-        eigengap_ratio(torch.tensor([1.0]))
+def test_eigengap_ratio_of_one_eigenvalue_is_rank_one_and_of_none_is_refused():
+    # a 1 x 1 factor (a 1 x n matrix's L) determines its one direction: SOAP's health read 0,
+    # "degenerate top", and the docs say to distrust the rotations then
+    torch.testing.assert_close(eigengap_ratio(torch.tensor([[2.0], [0.0]])),
+                               torch.tensor([1.0, 0.0]))
+    assert math.isnan(eigengap_ratio(torch.tensor([float("nan")])).item())
+    with pytest.raises(ValueError, match="at least 1 eigenvalue"):
+        eigengap_ratio(torch.zeros(3, 0))
 
 
 # ---- orthogonality_error ----------------------------------------------------------------------

@@ -518,7 +518,7 @@ def test_batched_health_equals_the_reference_functions_on_mixed_lengths_and_extr
         eigvals = spectrum[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
         sides.append(SideHealth("L", eigvals, _frobenius(factor), quotients, Q_old, Q_new, factor))
         rot = rotation_angles_degrees(Q_old, Q_new, (1, 8))
-        gap = eigengap_ratio(spectrum.double()).item() if rows > 1 else 0.0
+        gap = eigengap_ratio(spectrum.double()).item()  # rows 1: rank one (read 0 before)
         expected.append((gap, rot[0].item(), rot[1].item(),
                          basis_staleness(Q_old.double(), factor.double()).item(), k1, k8))
     keys, values, finish = soap_health([[side] for side in sides])
