@@ -194,6 +194,7 @@ class _HealthPlan:
                 if top is not None or self.single[i]:
                     # one eigenvalue: rank one, as eigengap_ratio reads it (l2 = 0)
                     l1, l2 = (v[top], v[top + 1]) if top is not None else (v[self.total_at[i]], 0.0)
+                    l2 = max(l2, 0.0) if not math.isnan(l2) else l2  # as eigengap_ratio
                     gap = (l1 - l2) / l1 if l1 > 0 else (l1 if math.isnan(l1) else 0.0)
                 rot1 = rot8 = 0.0
                 at = self.rot_at.get(i)

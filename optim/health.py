@@ -195,7 +195,9 @@ def eigengap_ratio(eigvals: Tensor) -> Tensor:
     if eigvals.ndim < 1 or eigvals.size(-1) < 1:
         raise ValueError(f"eigengap_ratio needs at least 1 eigenvalue, got {tuple(eigvals.shape)}")
     top = eigvals[..., 0]
-    second = eigvals[..., 1] if eigvals.size(-1) > 1 else torch.zeros_like(top)
+    # a factor is positive semi-definite: a negative second eigenvalue is rounding (low
+    # precision Rayleigh quotients), read as 0, so the ratio stays in [0, 1]
+    second = eigvals[..., 1].clamp(min=0) if eigvals.size(-1) > 1 else torch.zeros_like(top)
     safe = torch.where(top > 0, top, torch.ones_like(top))
     # 0 for a zero (or negative) top, NaN for a NaN one
     return torch.where(top > 0, (top - second) / safe,

@@ -465,18 +465,24 @@ def orthogonalize(X: Tensor, *, method: str = "polar_express", steps: int | None
         method: ``"quintic"``, ``"polar_express"``, ``"cans"`` or ``"svd"`` (module docstring).
         steps: iterations; None is :func:`default_steps` for the method and compute dtype.
             Products per step: quintic and polar_express 3, cans 2 (normalization is free).
-            0 returns the normalized input (as ``torch.optim.Muon``'s ``ns_steps=0``).
+            0 returns the input normalized as the method normalizes it: by its Frobenius norm
+            for quintic (``torch.optim.Muon``'s ``ns_steps=0``), by ``(sum sigma^4)^(1/4)``
+            for polar_express (one product) and ``(sum sigma^6)^(1/6)`` for cans (two).
         softening: ``s`` in [0, 1]. Returns ``(1 - s) * NS(X) + s * X / ||X||_F`` per matrix.
             With an exact polar factor each singular value becomes ``(1 - s) + s sigma/||X||_F``
             (monotone in sigma: a heavier-tailed, finite-Schatten-p update); with a finite NS
             it is ``(1 - s) f(sigma) + s sigma/||X||_F``. ``s = 0`` returns NS(X) untouched.
         dtype: compute dtype; None computes in bfloat16 as Muon does (float32 for ``"svd"``).
         eps: floor of the normalizing norms; a zero matrix returns zeros, never NaN. A finite
-            input whose Frobenius norm overflows its dtype (entries beyond ~1e19 in float32 or
-            bfloat16) returns NaN (``"svd"`` only when softened), never a silent zero. Below
-            ~1e-13 (float32, bfloat16; ~1e-148 in float64; ``eps=0`` among them) the input's
-            norm is taken scaled by its largest entry, so a tiny input (norm 1e-25) keeps its
-            polar factor instead of underflowing to NaN.
+            input whose Frobenius norm overflows the compute dtype (entries beyond ~1e19 in
+            float32 or bfloat16) returns NaN (``"svd"`` only when softened), never a silent
+            zero. Below ~1e-13 (float32, bfloat16; ~1e-148 in float64; ``eps=0`` among them)
+            the input's norm is taken scaled by its largest entry, so a tiny input (norm
+            1e-25) keeps its polar factor instead of underflowing to NaN. These limits are the
+            compute dtype's: a float64 input computed in bfloat16 or float32 is cast as it is
+            (as ``torch.optim.Muon`` casts, for its bits), so its entries beyond ~1e19 give
+            NaN and those below float32's ~1e-45 become zeros; pass ``dtype=torch.float64``
+            for float64's range. float16, whose range is far narrower, is scaled first.
         coefficients: the ``(a, b, c)`` of ``"quintic"`` (Muon's ``ns_coefficients``).
         lower_bound: ``"cans"`` only (refused for the other methods, whose coefficients are
             fixed): a known lower bound of the singular values after CANS's normalization,

@@ -250,6 +250,7 @@ def test_eigengap_ratio_of_one_eigenvalue_is_rank_one_and_of_none_is_refused():
     torch.testing.assert_close(eigengap_ratio(torch.tensor([[2.0], [0.0]])),
                                torch.tensor([1.0, 0.0]))
     assert math.isnan(eigengap_ratio(torch.tensor([float("nan")])).item())
+    assert math.isnan(eigengap_ratio(torch.tensor([1.0, float("nan")])).item())
     with pytest.raises(ValueError, match="at least 1 eigenvalue"):
         eigengap_ratio(torch.zeros(3, 0))
 

@@ -506,6 +506,17 @@ HEALTH_CASES = [
 ]
 
 
+def test_eigengap_stays_in_its_range_when_rounding_turns_the_second_eigenvalue_negative():
+    # a positive semi-definite factor's second eigenvalue below 0 is rounding: it read 1.5
+    # ("more than rank one"), here and in eigengap_ratio
+    factor = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    eigvals = torch.tensor([-0.5, 1.0], dtype=torch.float64)  # any order
+    side = SideHealth("L", eigvals, None, torch.diagonal(factor), None, None, factor)
+    _, values, finish = soap_health([[side]])
+    (row,) = finish(values.tolist())
+    assert row[0] == 1.0 == eigengap_ratio(torch.tensor([1.0, -0.5])).item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_batched_health_equals_the_reference_functions_on_mixed_lengths_and_extreme_cases(dtype):
     sides, expected = [], []
