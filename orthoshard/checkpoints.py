@@ -130,8 +130,10 @@ class Checkpoints:
                 f"directory, or remove LATEST to start from step 0")
         return path
 
-    def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int) -> None:
-        """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps)."""
+    def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int, *,
+             run_id: str | None = None) -> None:
+        """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps);
+        ``run_id``: the run's id, kept in the checkpoint (:data:`RUN_ID_FILE`) for a resume."""
         from sharding import checkpoint
 
         assert self.dir is not None
@@ -140,6 +142,8 @@ class Checkpoints:
                                                        HORIZON_KEY: torch.tensor(horizon)})
         dist.barrier()
         if dist.get_rank() == 0:
+            if run_id is not None:
+                write_whole(path / RUN_ID_FILE, run_id)
             write_whole(self.dir / "LATEST", path.name)
         dist.barrier()
 

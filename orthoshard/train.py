@@ -211,21 +211,24 @@ def _local_rows(t: Any, rows: int) -> tuple[int, int]:
     return row_bounds(rows, mesh.size(dims[0]))[coordinate[dims[0]]]
 
 
-def _publisher(args: argparse.Namespace, *, resumed: bool) -> Any:
-    if args.sidecar_url is None and args.sidecar_uds is None:
-        return None
+def _publishes(args: argparse.Namespace) -> bool:
+    """Whether this run publishes its health to a sidecar."""
+    return args.sidecar_url is not None or args.sidecar_uds is not None
+
+
+def _publisher(args: argparse.Namespace, run_id: str | None) -> Any:
     from service.client import Publisher
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token,
-                     run_id=_run_id(args.checkpoint_dir, resumed))
+    return Publisher(url=args.sidecar_url, uds=args.sidecar_uds, token=token, run_id=run_id)
 
 
 def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     """The id every rank publishes under: ``ORTHOSHARD_RUN_ID`` if set; else, with a checkpoint
-    directory, the run's own id kept there (``RUN_ID``: drawn by rank 0 when the run starts
-    from step 0 and sent to all, a collective; a run resumed from one of its checkpoints, as
-    ``--resume`` and every attempt of an elastic restart are, publishes under it again);
+    directory, the run's own id kept there and with each checkpoint (``RUN_ID``: drawn by rank
+    0 when the run starts from step 0 and sent to all, a collective; a run resumed from one of
+    its checkpoints, as ``--resume`` and every attempt of an elastic restart are, publishes
+    under the id saved with that checkpoint again, or the directory's for one saved without);
     without one, torchrun's run id, or a drawn one where torchrun gives its shared default
     ``"none"`` (``--master-port``, static rendezvous), which would mix this run with earlier
     ones. The kept id goes before torchrun's because a fixed ``--rdzv-id`` (as
@@ -239,9 +242,15 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     if dist.get_rank() == 0:
         kept = checkpoint_dir / RUN_ID_FILE if checkpoint_dir is not None else None
         # only with a checkpoint to resume from (LATEST): an attempt restarted before the
-        # first one starts over, and may as well be a new run
-        if resumed and kept is not None and kept.is_file() and (kept.parent / "LATEST").exists():
-            drawn = kept.read_text().strip()
+        # first one starts over, and may as well be a new run. The id saved with that
+        # checkpoint first: the directory's may be of a later run that saved none (and a
+        # resume would have continued this run under that one's id)
+        latest = Checkpoints(checkpoint_dir).latest() if resumed else None
+        own = latest / RUN_ID_FILE if latest is not None else None
+        if own is not None and own.is_file():
+            drawn = own.read_text().strip()
+        elif resumed and kept is not None and kept.is_file() and latest is not None:
+            drawn = kept.read_text().strip()  # a checkpoint saved without its id
         else:
             drawn = uuid.uuid4().hex[:16]
             if kept is not None:
@@ -373,7 +382,11 @@ def _train(args: argparse.Namespace) -> int:
             print(f"orthoshard.train: --resume: the softening schedule keeps the checkpoint's "
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
-    publisher = _publisher(args, resumed=args.resume)
+    # the run's id, published under and saved with each checkpoint (a resume publishes under
+    # the id of the checkpoint it continues)
+    run_id = (_run_id(args.checkpoint_dir, args.resume)
+              if args.checkpoint_every or _publishes(args) else None)
+    publisher = _publisher(args, run_id) if _publishes(args) else None
     log = _Log(args.out, rank, start, args.steps, args.progress, args.log_every)
     for step in range(start, args.steps):
         x, y = (t.to(device) for t in data.batch(step, rank))
@@ -391,7 +404,7 @@ def _train(args: argparse.Namespace) -> int:
                                 with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, float(loss_avg) / world, health)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            ckpt.save(model, optimizer, step + 1, horizon)
+            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id)
         _maybe_die(step + 1)
         if args.step_delay:
             time.sleep(args.step_delay)

@@ -195,6 +195,10 @@ def test_a_second_run_in_the_same_checkpoint_dir_overwrites_nothing(tmp_path):
     _torchrun("--standalone", "--nproc-per-node=2", *short, "--out", str(tmp_path / "b"))
     assert (ckpt / "LATEST").read_text().strip() == "step-000004.1"
     assert sorted(p.name for p in (ckpt / "step-000004").iterdir()) == first
+    # each checkpoint keeps the id of the run that saved it (what a resume of it publishes
+    # under): two runs, two ids
+    ids = {(ckpt / name / "RUN_ID").read_text() for name in ("step-000004", "step-000004.1")}
+    assert len(ids) == 2 and (ckpt / "RUN_ID").read_text() in ids
     _assert_same(_params(tmp_path / "a" / "final_params.pt"),
                  _params(tmp_path / "b" / "final_params.pt"))
 
@@ -296,10 +300,16 @@ def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path, torchelastic_id):
     first = run_id("a", resumed=False)
     assert run_id("b", resumed=True) != first  # no checkpoint (LATEST) yet: a fresh start
     drawn = run_id("c", resumed=False)
+    (ckpt / "step-000004").mkdir()
     (ckpt / "LATEST").write_text("step-000004")
     assert run_id("d", resumed=True) == drawn  # a restart or --resume: the same run
-    assert run_id("e", resumed=False) != drawn  # a new run in the directory: a new id
-    assert torchelastic_id not in {first, drawn}
+    later = run_id("e", resumed=False)  # a new run in the directory: a new id
+    assert later != drawn
+    assert torchelastic_id not in {first, drawn, later}
+    # that run saved no checkpoint, so LATEST is still the first run's: a resume continues
+    # it, under the id saved with it (it took the later run's from the directory's RUN_ID)
+    (ckpt / "step-000004" / "RUN_ID").write_text(drawn)
+    assert run_id("f", resumed=True) == drawn
 
 
 
