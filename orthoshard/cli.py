@@ -8,6 +8,7 @@ is instant.
 from __future__ import annotations
 
 import argparse
+import re
 import runpy
 import sqlite3
 import sys
@@ -31,6 +32,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the sidecar's Settings fields, as its command line names them
+_SIDECAR_OPTIONS = {"series_ttl_s": "--series-ttl", "rotation_hold_s": "--rotation-hold",
+                    "history_max_rows": "--history-max-rows", "max_body_bytes": "--max-body-bytes",
+                    "max_writes": "--max-writes", "db_path": "--db", "port": "--port",
+                    "host": "--host", "uds": "--uds"}
+
+
+def _as_options(message: str) -> str:
+    """A Settings error in the command line's words (``rotation_hold_s`` -> ``--rotation-hold``)."""
+    return re.sub(r"(?<![\w-])(" + "|".join(_SIDECAR_OPTIONS) + r")\b",
+                  lambda m: _SIDECAR_OPTIONS[m.group(1)], message)
+
+
 def _sidecar(args: argparse.Namespace) -> int:
     """Run the health sidecar (torch-free: imports only ``service``)."""
     from service.records import DatabaseInUse, StoreBusy
@@ -51,7 +65,7 @@ def _sidecar(args: argparse.Namespace) -> int:
             max_writes=args.max_writes,
         )
     except ValueError as exc:
-        print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        print(f"orthoshard sidecar: {_as_options(str(exc))}", file=sys.stderr)
         return 2
     try:
         return run(settings, log_level=args.log_level)

@@ -180,6 +180,10 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
             unix, ours = _bind_unix(settings.uds)
             sockets.append(unix)
         app = create_app(settings)
+        host, port = sockets[0].getsockname()[:2]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # --port 0: the one given
+        _log.info("sidecar listening on http://%s%s", where,
+                  f" and unix socket {settings.uds}" if settings.uds else "")
         await _serve_until_signal(sockets, _configs(settings, app, log_level))
     finally:
         for sock in sockets:

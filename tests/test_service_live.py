@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -474,15 +475,21 @@ def test_sigterm_stops_the_sidecar_while_another_process_holds_the_database_lock
 
 
 @pytest.mark.timeout(60)
-def test_sidecar_cli_refuses_a_negative_rotation_hold(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--rotation-hold", "-5", "--rotation-hold must be in [0, --series-ttl=900.0) seconds"),
+    ("--max-body-bytes", "10", "--max-body-bytes must be >= 1024, got 10"),
+])
+def test_sidecar_cli_refuses_a_bad_setting_by_its_option(tmp_path: Path, option: str, value: str,
+                                                        message: str) -> None:
+    # the messages named the settings' fields (rotation_hold_s, series_ttl_s), not the options
     token_file = tmp_path / "token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
     db = tmp_path / "state.db"
     cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
-           "--db", str(db), "--port", str(free_port()), "--rotation-hold", "-5"]  # fmt: skip
+           "--db", str(db), "--port", str(free_port()), option, value]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
-    assert proc.returncode == 2 and "rotation_hold_s" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not db.exists()  # refused before touching the store
 
 
@@ -621,3 +628,28 @@ def test_sidecar_cli_refuses_a_database_it_cannot_write(tmp_path: Path, how: str
     if arg == str(db):
         assert sorted(f.name for f in tmp_path.glob("state.db*")) == ["state.db",
                                                                      "state.db.lock"]
+
+
+@pytest.mark.timeout(60)
+def test_the_sidecar_logs_where_it_listens_the_port_it_was_given_included(tmp_path: Path) -> None:
+    # with --port 0 the kernel picks the port, and nothing said which: only `ss` could tell
+    token = secrets.token_hex(16)
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    uds = tmp_path / "s.sock"
+    cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
+           "--db", str(tmp_path / "state.db"), "--port", "0", "--uds", str(uds)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # the first line it writes
+        found = re.search(r"sidecar listening on http://127\.0\.0\.1:(\d+) and unix socket (\S+)",
+                          line)
+        assert found is not None and found.group(2) == str(uds), line
+        port = int(found.group(1))
+        assert port > 0
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
