@@ -423,6 +423,11 @@ def _train_three(model: _ThreeMatrices, opt: torch.optim.Optimizer, steps: range
         opt.step()
 
 
+# DCP in one process, without a process group, says it assumes one process: it is one
+ONE_PROCESS_DCP = "ignore:torch.distributed is disabled:UserWarning"
+
+
+@pytest.mark.filterwarnings(ONE_PROCESS_DCP)
 @pytest.mark.parametrize("name", ["normuon", "soap"])
 def test_a_checkpoint_loads_into_param_groups_listed_in_another_order(tmp_path, name):
     # load filled each live group's positions from the checkpoint's same positions, which held
@@ -447,6 +452,7 @@ def test_a_checkpoint_loads_into_param_groups_listed_in_another_order(tmp_path, 
         torch.testing.assert_close(p, q, atol=PARITY_ATOL, rtol=PARITY_RTOL)
 
 
+@pytest.mark.filterwarnings(ONE_PROCESS_DCP)
 def test_checkpoint_failures_are_exceptions_that_name_what_to_do(tmp_path, monkeypatch):
     # a parameter the checkpoint lacks, and a failed write, came as DCP's CheckpointException:
     # a BaseException, which `except Exception` does not catch
