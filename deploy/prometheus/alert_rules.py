@@ -127,45 +127,68 @@ ANNOTATIONS = {
 def rules(p: Profile) -> list[dict]:
     w, b = dur(p.rot_window), dur(p.rot_baseline)
     jump = f"max_over_time({ROT}[{w}])"
+    baseline = f"avg_over_time(({ROT} > 0)[{b}:{dur(p.interval)}] offset {w})"
     # Per matrix: the largest turn of the last w, above the floor and above ratio x the average
     # turn of the b before it (offset w: the spike is never inside its own baseline). The
     # average is over the samples that hold a turn (> 0): SOAP reports 0 between refreshes, and
     # with a refresh every few minutes the zeros pulled the average down to a fraction of an
     # ordinary turn, so every refresh paged (a subquery at the scrape step reads the samples).
-    jumped = (
-        f"{jump} > {num(p.rot_floor)}\nand\n{jump}\n"
-        f"  > {num(p.rot_ratio)} * avg_over_time(({ROT} > 0)[{b}:{dur(p.interval)}] offset {w})"
-    )
+    jumped = f"{jump} > {num(p.rot_floor)}\nand\n{jump}\n  > {num(p.rot_ratio)} * {baseline}"
     # Breadth: a gradient spike turns (nearly) every matrix at once; a lone matrix whose top two
     # eigenvalues cross turns alone (measured, docs/deploy.md). Same target = same sidecar.
     # The denominator counts the matrices seen over the jump window, like the numerator: an
     # instant count is empty after a failed scrape, which reset the alert's `for:` and, with two
     # failed scrapes at the wrong moment, let the spike leave the window without a page.
+    # Only matrices that can jump count: a turn is at most 90 degrees, so one whose recent
+    # turns average 90 / ratio or more (a near-degenerate spectrum), or that has no baseline
+    # yet (NaN, or new), can never pass the ratio test, and counted, such matrices kept a
+    # spike of all the others from reaching the breadth.
+    # At least two matrices (params, not their L and R): a lone matrix turning alone never
+    # pages, also on a sidecar that watches one.
+    # And not while a run started, or resumed, within the baseline's reach: the series carry
+    # no run label, so a new run's warm-up turns were compared with the run before's calm
+    # ones (a rank's step going back is the sign; the trade: no page for b + w after it).
+    can_jump = f"{jump}\n    and {baseline} < {num(90.0 / p.rot_ratio)}"
+    reach = dur(p.rot_window + p.rot_baseline)
     rotation = (
         f"{JUMP}\nand on (job, instance)\n(\n"
         f"  count by (job, instance) ({JUMP})\n"
-        f"    / count by (job, instance) ({jump})\n  >= {num(p.rot_breadth)}\n)"
+        f"    / count by (job, instance) (\n    {can_jump}\n  )\n"
+        f"  >= {num(p.rot_breadth)}\n)\n"
+        f"and on (job, instance)\n"
+        f"  count by (job, instance) (count by (job, instance, param) ({JUMP})) >= 2\n"
+        f"unless on (job, instance)\n"
+        f"  max by (job, instance) (resets(orthoshard_optimizer_step[{reach}])) > 0"
     )
+    # the last sample of the last few scrapes: one failed scrape marks the series stale, and
+    # an instant read then returned nothing and started `for:` over
+    last = dur(4 * p.interval)
     ortho = "orthoshard_orthogonality_error"
     return [
         {"record": JUMP, "expr": jumped},
         _alert("OptimizerBasisRotationSpike", rotation, p.rot_for, "warning"),
         _alert(
             "OptimizerSnapshotStale",
-            f"time() - orthoshard_last_snapshot_timestamp_seconds > {p.stale_after}",
+            f"time() - last_over_time(orthoshard_last_snapshot_timestamp_seconds[{last}])"
+            f" > {p.stale_after}",
             p.stale_for,
             "warning",
         ),
         _alert(
             "OptimizerOrthogonalityErrorHigh",
-            f"{ortho} > {num(p.ortho_max)}\nor\n{ortho} != {ortho}",
+            f"last_over_time({ortho}[{last}]) > {num(p.ortho_max)}\nor\n"
+            f"last_over_time({ortho}[{last}]) != last_over_time({ortho}[{last}])",
             p.ortho_for,
             "warning",
         ),
         _alert(
             "OptimizerNonfiniteUpdatesSkipped",
+            # a counter that went down was restored from a checkpoint (a resume) or started
+            # over (a new run): increase() read it as a reset and counted its whole value
             "sum by (job, instance, node) (\n"
-            f"  increase(orthoshard_nonfinite_skips_total[{dur(p.skips_window)}])\n) > 0",
+            f"  increase(orthoshard_nonfinite_skips_total[{dur(p.skips_window)}])\n"
+            f"  unless resets(orthoshard_nonfinite_skips_total[{dur(p.skips_window)}]) > 0\n"
+            ") > 0",
             p.skips_for,
             "warning",
         ),

@@ -207,9 +207,72 @@ def _sparse_cases(r: _Rotations) -> list[dict]:
     return [spike, quiet]
 
 
+def _noisy_neighbours_case(r: _Rotations) -> dict:
+    """A spike on a sidecar where most series cannot jump: 2 matrices turning 30-89 degrees
+    every step (their average leaves no room for 3x), 1 all NaN, and 2 calm ones; all turn at
+    once. The calm two page: counted among all five (2 / 5), they never reached the breadth."""
+    p, i, n = r.p, r.p.interval, len(r.calm_n)
+    noisy = held([*cycle(DEGENERATE, r.n_before), 89.0, *cycle(DEGENERATE, n - r.n_before - 1)],
+                 p)
+    calm = [labels(param=f"calm{j}", factor="L", k="1") for j in range(2)]
+    return {
+        "interval": dur(i),
+        "input_series": [
+            *(series(ROTATION, labels(param=f"noisy{j}", factor="L", k="1"), noisy)
+              for j in range(2)),
+            series(ROTATION, labels(param="never", factor="L", k="1"), [float("nan")] * n),
+            *(series(ROTATION, x, r.spiked) for x in calm),
+        ],
+        "alert_rule_test": [
+            check(r.t0 - i, NAME),
+            check(r.t0 + p.rot_for + i, NAME, *(expect(NAME, x, SPIKE, "warning") for x in calm)),
+        ],
+    }
+
+
+def _lone_matrix_case(r: _Rotations) -> dict:
+    """A sidecar that watches one matrix: its L turning alone is half of its two series, yet
+    one matrix turning alone is an eigenvalue crossing, not a gradient spike: no page."""
+    i = r.p.interval
+    return {
+        "interval": dur(i),
+        "input_series": [
+            series(ROTATION, labels(param="only", factor="L", k="1"), r.spiked),
+            series(ROTATION, labels(param="only", factor="R", k="1"), r.calm_n),
+        ],
+        "alert_rule_test": [check(t, NAME) for t in range(0, len(r.calm_n) * i, r.checks_every)],
+    }
+
+
+def _next_run_case(r: _Rotations) -> dict:
+    """A run ends and the next one starts on the same sidecar within the baseline's reach: the
+    series have no run label, so its warm-up turns (large, all matrices at once) met the last
+    run's calm baseline and paged. Its ranks' steps start over: quiet until the baseline holds
+    only the new run."""
+    p, i = r.p, r.p.interval
+    first = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline of calm turns
+    gap = 180 // p.interval if p.name == "prod" else 3  # finished: no series for a while
+    after = (p.rot_window + p.rot_baseline) // i + 10
+    warm = [85.0, 80.0, 70.0, 60.0]
+    turns = held([*cycle(CALM, first)], p) + [None] * gap + held(
+        [*warm, *cycle(CALM, after - len(warm))], p)
+    steps = [float(k + 1) for k in range(first)] + [None] * gap + [float(k + 1)
+                                                                     for k in range(after)]
+    n = first + gap + after
+    return {
+        "interval": dur(i),
+        "input_series": [
+            *(series(ROTATION, labels(param=f"p{j}", factor="L", k="1"), turns) for j in range(4)),
+            series("orthoshard_optimizer_step", labels(rank="0"), steps),
+        ],
+        "alert_rule_test": [check(t, NAME) for t in range(0, n * i, r.checks_every)],
+    }
+
+
 def rotation_tests(p: Profile) -> list[dict]:
     r = _rotations(p)
-    return [_spike_case(r), _gap_case(r), _quiet_case(r), *_sparse_cases(r)]
+    return [_spike_case(r), _gap_case(r), _quiet_case(r), *_sparse_cases(r),
+            _noisy_neighbours_case(r), _lone_matrix_case(r), _next_run_case(r)]
 
 
 def stale_tests(p: Profile) -> list[dict]:
@@ -218,8 +281,12 @@ def stale_tests(p: Profile) -> list[dict]:
     n_live = (p.stale_after + p.stale_for) // i + 4
     n_frozen = 2 * (p.stale_after + p.stale_for) // i
     frozen_at = (n_live - 1) * i
-    values = [float(k * i) for k in range(n_live)] + [float(frozen_at)] * n_frozen
+    values: list[float | None] = [float(k * i) for k in range(n_live)]
+    values += [float(frozen_at)] * n_frozen
     values += [float((n_live + n_frozen + k) * i) for k in range(n_live)]
+    # one failed scrape while pending: the series went stale, the rule read nothing for an
+    # evaluation, and `for:` started over (the page came a stale_for late, or never)
+    values[n_live + (p.stale_after + p.stale_for // 2) // i] = None
     resume = (n_live + n_frozen) * i
     t_fire = frozen_at + p.stale_after + p.stale_for + 2 * i
     return [
@@ -241,7 +308,9 @@ def ortho_tests(p: Profile) -> list[dict]:
     ortho = "orthoshard_orthogonality_error"
     bad, good, nan_lab = labels(param="w.bad"), labels(param="w.ok"), labels(param="w.nan")
     n = p.ortho_for // i + 4
-    values = [0.37] * n + [0.9] * (2 * n) + [0.37] * n  # Jordan quintic level, then broken
+    # Jordan quintic level, then broken; one failed scrape while pending (as for staleness)
+    values: list[float | None] = [0.37] * n + [0.9] * (2 * n) + [0.37] * n
+    values[n + p.ortho_for // (2 * i)] = None
     nans = [0.004] * n + [float("nan")] * (2 * n) + [0.004] * n
     t_bad, t_end = n * i, 3 * n * i
     t_fire = t_bad + p.ortho_for + i
@@ -281,6 +350,18 @@ def skips_tests(p: Profile) -> list[dict]:
     once = [0.0] * n + [1.0] * (2 * n) + [0.0] * (2 * n)
     lab = {"job": JOB, "instance": "sidecar-0:9400"}
     other = {"job": JOB, "instance": "sidecar-1:9400"}
+    # skips for a while (less than skips_for), the trainer down (the sidecar still exports the
+    # last count), then resumed from a checkpoint saved a little before: the counter goes back
+    # (1012 -> 1008) and stands still. increase() read the drop as a reset and counted 1008 new
+    # skips, which kept the alert pending past skips_for: a page, and a wrong count
+    burst = -(-7 * p.skips_window // 10) // i
+    rolled = [1000.0] * n + [1000.0 + 12.0 * k / burst for k in range(1, burst + 1)]
+    rolled += [1012.0] * burst + [1008.0] * (4 * n)
+    rollback = {
+        "interval": dur(i),
+        "input_series": [series(skips, {**lab, "node": "0", "param": "w0"}, rolled)],
+        "alert_rule_test": [check(t, name) for t in range(0, len(rolled) * i, i)],
+    }
     # the alert's value: 12 skips per scrape over the window
     return [
         {
@@ -298,7 +379,8 @@ def skips_tests(p: Profile) -> list[dict]:
                                            "warning")),
                 check(t_stop + p.skips_window + 2 * i, name),  # resolved once they stop
             ],
-        }
+        },
+        rollback,
     ]
 
 
