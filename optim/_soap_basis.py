@@ -5,13 +5,15 @@ the eigenbases, the Kronecker factors' update (plain or KL-Shampoo) and one side
 Pure tensor math on ONE full matrix; :func:`optim._soap_step.soap_step` composes it into SOAP's
 step, and ``docs/soap.md`` explains the choices.
 
-Matmul precision. ``torch.set_float32_matmul_precision`` switches CUDA matmuls to TF32 ("high")
-or bf16 ("medium"), but on CPU plain ``a @ b`` goes to an fp32 BLAS and the setting changes
-nothing (measured with torch 2.13: identical bits at all three settings). So that
-``fp32_matmul_prec`` means the same numerics on every device, :func:`pmm` rounds the two operands
-on CPU to the format the setting names (TF32: 10 explicit mantissa bits; bf16: 7) and multiplies
-in fp32 - which is what TF32 / bf16 tensor cores do (rounded inputs, fp32 accumulation). On CUDA
-the operands are left alone and :func:`matmul_precision` sets cuBLAS's mode instead.
+Matmul precision. ``torch.set_float32_matmul_precision`` switches CUDA matmuls to TF32 ("high",
+and "medium" too: cuBLAS has no bf16 mode for float32 products), but on CPU plain ``a @ b`` goes
+to an fp32 BLAS and the setting changes nothing (measured with torch 2.13: identical bits at all
+three settings). So that "high" means the same numerics on every device, :func:`pmm` rounds the
+two operands on CPU to the format the setting names (TF32: 10 explicit mantissa bits; bf16, for
+"medium", as torch's bf16-capable CPU paths read it: 7) and multiplies in fp32 - which is what
+TF32 / bf16 tensor cores do (rounded inputs, fp32 accumulation). "medium" is therefore bf16 on
+CPU and TF32 on CUDA. On CUDA the operands are left alone and :func:`matmul_precision` sets
+cuBLAS's mode instead.
 """
 
 from __future__ import annotations
