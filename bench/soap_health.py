@@ -123,6 +123,8 @@ def main() -> None:
                         help="time.thread_time, not wall (needs --threads 1)")
     args = parser.parse_args()
     check_cpu_time(parser, args.cpu_time, args.threads)
+    if not args.shapes and not args.model:
+        parser.error("nothing to measure: --shapes '' without --model")
     torch.set_num_threads(args.threads)
     if args.cpu_time:  # bench.muon's clock, so that its training step is timed the same way
         bench.muon.CLOCK = time.thread_time
@@ -131,8 +133,6 @@ def main() -> None:
     print("| matrices | solver | health off ms | health on ms | on/off | per-period ratios, "
           "quartiles |")
     print("|---|---|---|---|---|---|")
-    if not args.shapes and not args.model:
-        parser.error("nothing to measure: --shapes '' without --model")
     for shape in args.shapes:
         text = f"{shape[0]}x{shape[1]}"
         steps = args.steps or (600 if shape[0] * shape[1] <= 128 * 64 else 160)

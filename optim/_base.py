@@ -213,6 +213,14 @@ class MatrixOptimizer(StateDictOptimizer):
         params = [p for _, named in every for _, p in named]
         has_grad = [p.grad is not None for p in params]
         sharded = bool(items or grads) and any(hasattr(p, "to_local") for p in params)
+        if sharded and isinstance(self._exchange, LocalExchange):
+            for group in self.param_groups:  # nothing changed: the step did not happen
+                group["step"] -= 1
+            raise ValueError(
+                f"{type(self).__name__}: parameters are DTensors (FSDP2) but the optimizer has "
+                f"no sharding: pass sharding=OwnerSharding() (sharding.OwnerSharding), so that "
+                f"each matrix is gathered whole and every rank skips a parameter whose shard on "
+                f"any rank is not finite")
         flags = (nonfinite_flags([p.grad for p in params], device=local(params[0]).device)
                  if sharded else None)  # to sum over the ranks
         bad = None if sharded else _nonfinite(grads)  # this process decides alone

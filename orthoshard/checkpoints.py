@@ -23,11 +23,15 @@ RUN_ID_FILE = "RUN_ID"
 def writes_directory(directory: Path, *, resume: bool, every: int) -> bool:
     """Whether a run with these flags writes to its checkpoint ``directory``: checkpoints every
     ``every`` steps, or the run id it keeps there (:data:`RUN_ID_FILE`), which a run writes
-    unless it resumes a checkpoint (``LATEST``) that has one. Only such a directory need be
-    writable: a run resumed from a read-only one without new checkpoints is fine."""
+    unless it resumes a checkpoint (``LATEST``) that has one (its own, or the directory's).
+    Only such a directory need be writable: a run resumed from a read-only one without new
+    checkpoints is fine."""
     if every:
         return True
-    return not (resume and (directory / "LATEST").exists() and (directory / RUN_ID_FILE).is_file())
+    if not (resume and (directory / "LATEST").is_file()):
+        return True
+    latest = directory / (directory / "LATEST").read_text().strip()
+    return not ((latest / RUN_ID_FILE).is_file() or (directory / RUN_ID_FILE).is_file())
 
 
 def write_whole(path: Path, text: str) -> None:

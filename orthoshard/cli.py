@@ -52,8 +52,13 @@ def _sidecar(args: argparse.Namespace) -> int:
     from service.settings import Settings, read_token_file
 
     try:
+        token = read_token_file(args.token_file)
+    except ValueError as exc:  # names the file, in the user's own words
+        print(f"orthoshard sidecar: {exc}", file=sys.stderr)
+        return 2
+    try:
         settings = Settings(
-            token=read_token_file(args.token_file),
+            token=token,
             db_path=args.db,
             host=args.host,
             port=args.port,

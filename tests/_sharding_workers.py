@@ -1138,6 +1138,27 @@ def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
         torch.save(results, Path(out))
 
 
+def no_sharding_worker(rank: int, world: int, out: str) -> None:
+    """FSDP2 parameters and an optimizer built without ``sharding=``: every rank's outcome of a
+    step with every gradient, then with the AdamW ones dropped, and the group steps after."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = TwoBiases()
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    opt = Muon(split_param_groups(list(named.items())), lr=0.02)
+    full = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(5))
+            for n, p in named.items()}
+    results: dict[str, Any] = {}
+    for case, keep in (("all", lambda n: True), ("no adamw", lambda n: n.startswith("w"))):
+        for n, p in named.items():
+            p.grad = distribute_like(full[n], p) if keep(n) else None
+        results[case] = _every_rank_says(world, ValueError, opt.step)
+    results["steps"] = [g["step"] for g in opt.param_groups]
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
 def uneven_rows_worker(rank: int, world: int, out: str) -> None:
     """A 7x4 matrix laid out 3/2/2 over 3 ranks (``DTensor.from_local``; torch.chunk gives
     3/3/1): every rank's outcome of a step."""

@@ -54,3 +54,12 @@ def test_the_emerging_comparison_fails_where_it_cannot_compare():
     proc = run_whole([sys.executable, "bench/soap_vs_emerging.py", "--sizes", "0x5"],
                      timeout=80, cwd=ROOT)
     assert proc.returncode == 2 and "'0x5' is not a matrix size" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_soap_health_with_nothing_to_measure_prints_only_the_error():
+    # its table header went to stdout before the refusal
+    proc = run_whole([sys.executable, "bench/soap_health.py", "--shapes", ""], timeout=80,
+                     cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert "nothing to measure: --shapes '' without --model" in proc.stderr

@@ -582,6 +582,11 @@ def test_a_resume_that_writes_its_run_id_needs_a_writable_checkpoint_dir(tmp_pat
     assert not checkpoints.writes_directory(done, resume=True, every=0)
     assert checkpoints.writes_directory(done, resume=False, every=0)  # a new run: a new id
     assert checkpoints.writes_directory(done, resume=True, every=2)
+    # ... also where only the checkpoint keeps it (the step directory and LATEST copied alone)
+    (done / checkpoints.RUN_ID_FILE).unlink()
+    assert checkpoints.writes_directory(done, resume=True, every=0)
+    (done / "step-000004" / checkpoints.RUN_ID_FILE).write_text("abc")
+    assert not checkpoints.writes_directory(done, resume=True, every=0)
 
 
 def test_a_restarted_group_resumes_and_a_first_attempt_refuses_another_runs_latest(
@@ -618,3 +623,18 @@ def test_the_footer_names_a_command_this_shell_can_run(monkeypatch):
     assert Path(report._command()).resolve() == beside.resolve()
     monkeypatch.setattr(shutil, "which", lambda name: str(beside))
     assert report._command() == "orthoshard"
+
+
+def test_a_sidecar_token_file_error_names_the_path_as_given(tmp_path, capsys) -> None:
+    # the option-name rewrite of the settings' errors also ran over the token file's, and a
+    # directory named host, port or uds in its path came out as --host, --port, --uds
+    from orthoshard import cli
+
+    token = tmp_path / "host" / "port" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("short")
+    token.chmod(0o600)
+    assert cli.main(["sidecar", "--token-file", str(token), "--db", str(tmp_path / "db"),
+                     "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(token) in err and "too short" in err, err

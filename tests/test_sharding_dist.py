@@ -769,6 +769,17 @@ def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_pat
     assert result["recovered"] == ["done", "done"]
 
 
+def test_fsdp2_parameters_without_sharding_are_refused_by_name(tmp_path):
+    # a bare AssertionError from the step (and, with the AdamW gradients dropped, a step of
+    # each rank's own shards under LocalExchange, never gathered)
+    run_ranks(w.no_sharding_worker, 2, tmp_path, str(tmp_path / "out.pt"), timeout=60)
+    result = torch.load(tmp_path / "out.pt")
+    for case in ("all", "no adamw"):
+        assert all(o.startswith("ValueError: Muon: parameters are DTensors") and
+                   "sharding=OwnerSharding()" in o for o in result[case]), (case, result[case])
+    assert result["steps"] == [0, 0]  # the refused steps did not count
+
+
 def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
     # the ranks whose rows disagreed with the plan raised before the gather, and the rank
     # whose rows happened to agree waited in it (FSDP2 never lays rows out so; a hand-made

@@ -71,7 +71,8 @@ ANNOTATIONS = {
         "description": "The top eigenvector of the {{ $labels.factor }} preconditioner of "
         "{{ $labels.param }} on {{ $labels.instance }} turned by "
         '{{ $value | printf "%.1f" }} degrees, several times its recent average, together '
-        "with at least half of the matrices this sidecar watches.",
+        "with at least half of the matrices this sidecar watches whose recent turns leave "
+        "room for such a jump.",
         "runbook": "Many bases turning at once means a gradient spike (bad batch, loss spike). "
         "Check the training loss around that step (rank 0 appends it to loss.jsonl in the "
         "trainer's --out directory: the out volume under compose). Repeated spikes: lower "
@@ -160,24 +161,32 @@ def rules(p: Profile) -> list[dict]:
         f"unless on (job, instance)\n"
         f"  max by (job, instance) (resets(orthoshard_optimizer_step[{reach}])) > 0"
     )
-    # the last sample of the last few scrapes: one failed scrape marks the series stale, and
-    # an instant read then returned nothing and started `for:` over
+    # Across a failed scrape, the last sample of the last few scrapes: the scrape marks the
+    # series stale, and an instant read returned nothing and started `for:` over. Only then
+    # (the target's `up` is not 1): a series the sidecar dropped on purpose (its run ended)
+    # must not page on its last value.
     last = dur(4 * p.interval)
+    failed = f'unless on (job, instance) up{{job="{JOB}"}} == 1'
+    stamp = "orthoshard_last_snapshot_timestamp_seconds"
     ortho = "orthoshard_orthogonality_error"
     return [
         {"record": JUMP, "expr": jumped},
         _alert("OptimizerBasisRotationSpike", rotation, p.rot_for, "warning"),
         _alert(
             "OptimizerSnapshotStale",
-            f"time() - last_over_time(orthoshard_last_snapshot_timestamp_seconds[{last}])"
-            f" > {p.stale_after}",
+            f"time() - {stamp} > {p.stale_after}\nor\n"
+            f"(\n  time() - last_over_time({stamp}[{last}]) > {p.stale_after}\n"
+            f"  {failed}\n)",
             p.stale_for,
             "warning",
         ),
         _alert(
             "OptimizerOrthogonalityErrorHigh",
-            f"last_over_time({ortho}[{last}]) > {num(p.ortho_max)}\nor\n"
-            f"last_over_time({ortho}[{last}]) != last_over_time({ortho}[{last}])",
+            f"{ortho} > {num(p.ortho_max)}\nor\n{ortho} != {ortho}\nor\n"
+            # (`unless` binds tighter than `or`: both terms in parentheses)
+            f"(\n  (\n    last_over_time({ortho}[{last}]) > {num(p.ortho_max)}\n    or\n"
+            f"    last_over_time({ortho}[{last}]) != last_over_time({ortho}[{last}])\n  )\n"
+            f"  {failed}\n)",
             p.ortho_for,
             "warning",
         ),

@@ -286,20 +286,35 @@ def stale_tests(p: Profile) -> list[dict]:
     values += [float((n_live + n_frozen + k) * i) for k in range(n_live)]
     # one failed scrape while pending: the series went stale, the rule read nothing for an
     # evaluation, and `for:` started over (the page came a stale_for late, or never)
-    values[n_live + (p.stale_after + p.stale_for // 2) // i] = None
+    gap = n_live + (p.stale_after + p.stale_for // 2) // i
+    values[gap] = None
+    up = [0.0 if k == gap else 1.0 for k in range(len(values))]  # the scrape that failed
     resume = (n_live + n_frozen) * i
     t_fire = frozen_at + p.stale_after + p.stale_for + 2 * i
     return [
         {
             "interval": dur(i),
-            "input_series": [series("orthoshard_last_snapshot_timestamp_seconds", lab, values)],
+            "input_series": [series("orthoshard_last_snapshot_timestamp_seconds", lab, values),
+                             series("up", TARGET, up)],
             "alert_rule_test": [
                 check(frozen_at, name),
                 check(frozen_at + p.stale_after + i, name),  # over the limit, still pending
                 check(t_fire, name, expect(name, lab, float(t_fire - frozen_at), "warning")),
                 check(resume + i, name),
             ],
-        }
+        },
+        {
+            # frozen, pending, then the run ends (Publisher.close(finished=True)): the sidecar
+            # drops the timestamp, the scrapes succeed, and nothing may page on the last value
+            "interval": dur(i),
+            "input_series": [
+                series("orthoshard_last_snapshot_timestamp_seconds", lab,
+                       [*values[:n_live + (p.stale_after + p.stale_for // 2) // i - 1],
+                        *[None] * n_frozen]),
+                series("up", TARGET, [1.0] * len(values)),
+            ],
+            "alert_rule_test": [check(t, name) for t in range(frozen_at, len(values) * i, i)],
+        },
     ]
 
 
@@ -310,7 +325,9 @@ def ortho_tests(p: Profile) -> list[dict]:
     n = p.ortho_for // i + 4
     # Jordan quintic level, then broken; one failed scrape while pending (as for staleness)
     values: list[float | None] = [0.37] * n + [0.9] * (2 * n) + [0.37] * n
-    values[n + p.ortho_for // (2 * i)] = None
+    gap = n + p.ortho_for // (2 * i)
+    values[gap] = None
+    up = [0.0 if k == gap else 1.0 for k in range(4 * n)]  # the scrape that failed
     nans = [0.004] * n + [float("nan")] * (2 * n) + [0.004] * n
     t_bad, t_end = n * i, 3 * n * i
     t_fire = t_bad + p.ortho_for + i
@@ -321,6 +338,7 @@ def ortho_tests(p: Profile) -> list[dict]:
                 series(ortho, bad, values),
                 series(ortho, good, [0.38] * (4 * n)),
                 series(ortho, nan_lab, nans),
+                series("up", TARGET, up),
             ],
             "alert_rule_test": [
                 check(t_bad - i, name),
@@ -332,7 +350,17 @@ def ortho_tests(p: Profile) -> list[dict]:
                 ),
                 check(t_end + i, name),
             ],
-        }
+        },
+        {
+            # broken, pending, then the run ends before `for:` is over: the sidecar drops the
+            # series, the scrapes succeed, and its last value must not page
+            "interval": dur(i),
+            "input_series": [
+                series(ortho, bad, [0.9] * (p.ortho_for // i - 2) + [None] * (3 * n)),
+                series("up", TARGET, [1.0] * (4 * n)),
+            ],
+            "alert_rule_test": [check(t, name) for t in range(0, 4 * n * i, i)],
+        },
     ]
 
 
