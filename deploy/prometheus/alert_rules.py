@@ -166,7 +166,8 @@ def rules(p: Profile) -> list[dict]:
     # (the target's `up` is not 1): a series the sidecar dropped on purpose (its run ended)
     # must not page on its last value.
     last = dur(4 * p.interval)
-    failed = f'unless on (job, instance) up{{job="{JOB}"}} == 1'
+    # (any job name: `on (job, instance)` ties `up` to the series' own target)
+    failed = "unless on (job, instance) up == 1"
     stamp = "orthoshard_last_snapshot_timestamp_seconds"
     ortho = "orthoshard_orthogonality_error"
     return [

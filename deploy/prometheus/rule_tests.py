@@ -331,6 +331,7 @@ def ortho_tests(p: Profile) -> list[dict]:
     nans = [0.004] * n + [float("nan")] * (2 * n) + [0.004] * n
     t_bad, t_end = n * i, 3 * n * i
     t_fire = t_bad + p.ortho_for + i
+    elsewhere = {"job": "sidecar", "instance": "other:9400", "node": "9"}
     return [
         {
             "interval": dur(i),
@@ -358,6 +359,10 @@ def ortho_tests(p: Profile) -> list[dict]:
             "input_series": [
                 series(ortho, bad, [0.9] * (p.ortho_for // i - 2) + [None] * (3 * n)),
                 series("up", TARGET, [1.0] * (4 * n)),
+                # the same on a sidecar scraped under another job name: its own `up` counts
+                series(ortho, {**elsewhere, "param": "w.bad"},
+                       [0.9] * (p.ortho_for // i - 2) + [None] * (3 * n)),
+                series("up", elsewhere, [1.0] * (4 * n)),
             ],
             "alert_rule_test": [check(t, name) for t in range(0, 4 * n * i, i)],
         },
