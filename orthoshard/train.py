@@ -249,7 +249,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
         own = latest / RUN_ID_FILE if latest is not None else None
         if own is not None and own.is_file():
             drawn = own.read_text().strip()
-        elif resumed and kept is not None and kept.is_file() and latest is not None:
+        elif latest is not None and kept is not None and kept.is_file():
             drawn = kept.read_text().strip()  # a checkpoint saved without its id
         else:
             drawn = uuid.uuid4().hex[:16]

@@ -195,10 +195,15 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
                 f"LATEST last).") from None
         # a failed write (a full disk): an Exception, as callers catch (DCP's is a
         # BaseException); the directory may hold part of the checkpoint
-        first = next(iter(exc.failures.values()))[0]
-        raise RuntimeError(f"torch.distributed.checkpoint could not save {directory} on ranks "
-                           f"{sorted(exc.failures)}: {first}. The directory may hold part of "
-                           f"it: do not load it.") from exc
+        raise RuntimeError(_failed("save", directory, exc) + ". The directory may hold part "
+                           "of it: do not load it.") from exc
+
+
+def _failed(action: str, directory: str | Path, exc: CheckpointException) -> str:
+    """What DCP could not ``action`` (save, load), on which ranks, and the first error."""
+    first = next(iter(exc.failures.values()))[0]
+    return (f"torch.distributed.checkpoint could not {action} {directory} on ranks "
+            f"{sorted(exc.failures)}: {first}")
 
 
 def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:
@@ -260,12 +265,9 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any, *,
             raise ValueError(f"{directory} lacks an entry ({missing}): {why}. Nothing was "
                              f"loaded.") from None
         # anything else (a file unreadable or cut short): an Exception, as callers catch
-        first = next(iter(exc.failures.values()))[0]
-        raise RuntimeError(
-            f"torch.distributed.checkpoint could not load {directory} on ranks "
-            f"{sorted(exc.failures)}: {first}" + (
-                ". The model and optimizer may hold part of it: load a complete checkpoint "
-                "into them, or start afresh." if partial else "")) from exc
+        raise RuntimeError(_failed("load", directory, exc) + (
+            ". The model and optimizer may hold part of it: load a complete checkpoint into "
+            "them, or start afresh." if partial else "")) from exc
 
 
 def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
