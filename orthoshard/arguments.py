@@ -5,10 +5,15 @@ which took ~2.5 s of its start-up before."""
 from __future__ import annotations
 
 import argparse
-import math
+import uuid
 from pathlib import Path
 
-__all__ = ["argument_problem", "restart_problem"]
+__all__ = ["MAX_SLEEP_S", "argument_problem", "directory_problem", "restart_problem"]
+
+#: The longest pause the demo and train take on request (``--step-delay``, ``--linger``): ~31
+#: years, under the platform's limit of ``time.sleep`` (a larger one raised OverflowError after
+#: the run had trained, and turned it into a failed one).
+MAX_SLEEP_S = 1e9
 
 
 def argument_problem(args: argparse.Namespace) -> str | None:
@@ -21,8 +26,11 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     if args.checkpoint_dir is not None and not args.checkpoint_every and not args.resume:
         return ("--checkpoint-dir without --checkpoint-every N would write no checkpoint; "
                 "pass --checkpoint-every (or --resume to continue the run there)")
-    if args.checkpoint_every < 0 or not 0 <= args.step_delay < math.inf:
-        return "--checkpoint-every and --step-delay must be >= 0 (and finite)"
+    if args.checkpoint_every < 0:
+        return f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}"
+    if not 0 <= args.step_delay <= MAX_SLEEP_S:
+        return f"--step-delay must be >= 0 seconds and at most {MAX_SLEEP_S:g}, got " \
+            f"{args.step_delay}"
     if args.checkpoint_dir is not None and args.checkpoint_dir.exists() \
             and not args.checkpoint_dir.is_dir():
         return f"--checkpoint-dir {args.checkpoint_dir} is not a directory"
@@ -43,4 +51,22 @@ def restart_problem(checkpoint_dir: Path | None, *, resume: bool, restarts: bool
         return (f"--checkpoint-dir {checkpoint_dir} holds a run's checkpoints (LATEST), which "
                 f"a restart (--max-restarts) would resume from: pass --resume to continue that "
                 f"run, or an empty --checkpoint-dir for a new one")
+    return None
+
+
+def directory_problem(path: Path, option: str) -> str | None:
+    """Create the directory ``path`` and prove it writable now, rather than at its first write
+    after minutes of work (None: it is); what is wrong, named by ``option``, otherwise. Every
+    rank may call it at once: the probe's name is this process's alone (ranks on other hosts
+    sharing the directory may have the same pid)."""
+    if path.exists() and not path.is_dir():
+        return f"{option} {path} is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        return (f"{option} {path} is not writable ({exc}): fix its permissions or pass "
+                f"another directory")
     return None

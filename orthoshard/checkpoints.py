@@ -5,13 +5,14 @@ job's ranks (:mod:`sharding.checkpoint`)."""
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from orthoshard.arguments import directory_problem
 
 __all__ = ["HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "optimizer_mismatch", "write_whole",
            "writes_directory"]
@@ -214,13 +215,5 @@ class Checkpoints:
         """Create the directory and prove it writable now, not at the first save after
         ``--checkpoint-every`` steps of work (every rank: each writes its own files)."""
         assert self.dir is not None
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # a name of this process alone: ranks on other hosts (containers) sharing the
-            # directory may have the same pid
-            probe = self.dir / f".write-test-{uuid.uuid4().hex}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise OSError(f"--checkpoint-dir {self.dir} is not writable ({exc}): fix its "
-                          f"permissions or pass another directory") from exc
+        if (problem := directory_problem(self.dir, "--checkpoint-dir")) is not None:
+            raise OSError(problem)

@@ -209,7 +209,7 @@ MAX_LOCAL_RANKS = 64
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """What makes these arguments unusable, before anything starts (None: they are fine): the
     demo's own, then those it hands to ``orthoshard.train`` (checked there, once for both)."""
-    from orthoshard.arguments import argument_problem, restart_problem
+    from orthoshard.arguments import MAX_SLEEP_S, argument_problem, restart_problem
 
     if args.steps < 1 or args.nproc < 1:
         return "--steps and --nproc must be >= 1"
@@ -219,8 +219,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
                 f"node (docs/deploy.md)")
     if args.max_restarts < 0:
         return "--max-restarts must be >= 0"
-    if not (0 <= args.linger < math.inf or args.linger == -1):
-        return f"--linger must be >= 0 seconds, or -1 (until Ctrl-C), got {args.linger}"
+    if not (0 <= args.linger <= MAX_SLEEP_S or args.linger == -1):
+        return (f"--linger must be >= 0 seconds and at most {MAX_SLEEP_S:g}, or -1 (until "
+                f"Ctrl-C), got {args.linger}")
     if not 0 <= args.sidecar_port <= 65535:
         return f"--sidecar-port must be a TCP port (0: a free one), got {args.sidecar_port}"
     if args.rotation_hold is not None and not 0 <= args.rotation_hold < math.inf:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
-from orthoshard.arguments import argument_problem, restart_problem
+from orthoshard.arguments import argument_problem, directory_problem, restart_problem
 from orthoshard.checkpoints import RUN_ID_FILE, Checkpoints, write_whole, writes_directory
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
@@ -114,6 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         if (problem := url_problem(args.sidecar_url)) is not None:
             p.error(f"--sidecar-url {problem}")
+    if args.checkpoint_every or _publishes(args):
+        from service.client import environment_run_id, run_id_problem
+
+        # the id _run_id takes from the environment, checked as the sidecar will (it is also
+        # kept with each checkpoint, which a later resume publishes under)
+        given = environment_run_id(torchrun=args.checkpoint_dir is None)
+        if given is not None and (problem := run_id_problem(given)) is not None:
+            source = ("ORTHOSHARD_RUN_ID" if os.environ.get("ORTHOSHARD_RUN_ID")
+                      else "torchrun's run id (--rdzv-id)")
+            p.error(f"{source} {problem}")
     if (args.sidecar_url is not None or args.sidecar_uds is not None) and args.token_file is None:
         p.error("--sidecar-url / --sidecar-uds need --token-file: the sidecar refuses snapshots "
                 "without its bearer token (the file its --token-file reads)")
@@ -140,8 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         try:
             latest = Checkpoints(args.checkpoint_dir).latest()
-        except OSError:
-            latest = None  # the ranks' load says what is wrong with LATEST
+        except OSError as exc:  # LATEST names no checkpoint: said once, not by every rank
+            p.error(str(exc))
         if latest is not None and (problem := optimizer_mismatch(
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
@@ -280,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orthoshard.train: --replicas {args.replicas} does not divide the {world} ranks",
               file=sys.stderr)
         return 2
+    if (problem := directory_problem(args.out, "--out")) is not None:
+        # created and proven writable here (not in parse_args, which creates nothing), rather
+        # than failing in a traceback from every rank once the process group is up
+        print(f"orthoshard.train: {problem}", file=sys.stderr)
+        return 2
     # GPU: NCCL for CUDA tensors and gloo for the few CPU ones (SOAP's step counters in a
     # checkpoint); CPU: gloo
     backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
@@ -350,7 +365,6 @@ def _train(args: argparse.Namespace) -> int:
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers)
     mesh, group = _hsdp_mesh(args.replicas, world)
     model = shard_gpt(GPT(cfg), mesh)
-    device = next(model.parameters()).device  # where fully_shard put the parameters
     ckpt = Checkpoints(args.checkpoint_dir)
     # the softening schedule the checkpoint was trained with, whatever this --steps says (a
     # schedule over the new --steps would jump back mid-run)
@@ -387,7 +401,23 @@ def _train(args: argparse.Namespace) -> int:
     run_id = (_run_id(args.checkpoint_dir, args.resume)
               if args.checkpoint_every or _publishes(args) else None)
     publisher = _publisher(args, run_id) if _publishes(args) else None
-    log = _Log(args.out, rank, start, args.steps, args.progress, args.log_every)
+    with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
+        _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
+              run_id=run_id)
+    if publisher is not None:
+        # the run ended: its silence from now on is no alert. This rank's finish also when it
+        # published nothing: a restart that resumed at the last step (a rank died after the
+        # final checkpoint) trains nothing, and ends the run its rank reported before.
+        publisher.close(finished=True, ranks=(rank,))
+    return 0
+
+
+def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data: MarkovData,
+          ckpt: Checkpoints, log: _Log, publisher: Any, *, start: int, horizon: int,
+          run_id: str | None) -> None:
+    """Train from step ``start`` to ``args.steps``, then write the reports."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(model.parameters()).device  # where fully_shard put the parameters
     for step in range(start, args.steps):
         x, y = (t.to(device) for t in data.batch(step, rank))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -411,9 +441,6 @@ def _train(args: argparse.Namespace) -> int:
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate(), args.steps)  # start <= steps (above)
-    if publisher is not None:
-        publisher.close(finished=True)  # the run ended: its silence from now on is no alert
-    return 0
 
 
 def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
@@ -450,6 +477,20 @@ class _Log:
 
             self.bar = tqdm(total=steps, initial=start, desc="train", unit="step")
 
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the logs and the progress bar (also after an error on the way)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.health_file.close()
+        if self.loss_file is not None:
+            self.loss_file.close()
+
     def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
         self.steps_run += 1
         self.health_file.write(json.dumps({"step": step, "time": time.time(),
@@ -471,8 +512,7 @@ class _Log:
 
     def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float,
                final_step: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.close()  # the logs are complete: a report read from them finds every line
         # comm_stats count from this process's start: after a restart or a resume, the steps
         # since the checkpoint it continued from
         report = {"rank": self.rank, "final_step": final_step, "health": optimizer.health(),

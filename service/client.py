@@ -37,6 +37,7 @@ import time
 import urllib.parse
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,24 +114,63 @@ def _sidecar_takes_run_id(run_id: str) -> bool:
     return True
 
 
+def run_id_problem(run_id: str) -> str | None:
+    """Why the sidecar would refuse every snapshot published under ``run_id`` (None: it takes
+    it), said after the id's name."""
+    if _sidecar_takes_run_id(run_id):
+        return None
+    return (f"{run_id!r} would be refused by the sidecar: use at most {RUN_ID_MAX_LENGTH} "
+            f"letters, digits, '_', '.', ':' and '-'")
+
+
+#: The longest wait a Publisher takes (a request's ``timeout_s``, ``backoff_s``' longest pause,
+#: ``close()``'s deadline): a day. Longer ones overflowed the platform's timers (a thread's join,
+#: a socket's timeout) and failed in the background.
+MAX_WAIT_S = 86400.0
+
+
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a number of seconds (no bool) in ``[0, MAX_WAIT_S]``."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and \
+        0 <= value <= MAX_WAIT_S
+
+
 def url_problem(url: str) -> str | None:
     """What makes ``url`` no sidecar URL (None: it is one), said after the argument's name:
     ``http(s)://host[:port]``, where a missing port is the scheme's (80, 443: a sidecar behind
-    a TLS proxy). ``Publisher`` raises it and ``orthoshard.train`` refuses ``--sidecar-url``
-    with it, before any rank sets up its model.
+    a TLS proxy), optionally with a trailing ``/``. ``Publisher`` raises it and
+    ``orthoshard.train`` refuses ``--sidecar-url`` with it, before any rank sets up its model.
 
-    Refused: another scheme or none (``localhost:9400`` parses as the scheme ``localhost``), no
-    host, and a port that is no number in 1-65535 (each failed every send in the background).
+    Refused, as each failed every send in the background: another scheme or none
+    (``localhost:9400`` parses as the scheme ``localhost``), no host, a port that is no number
+    in 1-65535, a path (the API's own ``/v1`` pasted in: the Publisher adds its paths to the
+    base), a query or fragment, credentials (``user:pass@``, which replace the bearer token),
+    and whitespace or control characters (``urlsplit`` drops some, httpx refuses them).
     """
+    form = (f"must be the sidecar's http(s)://host[:port] (e.g. {DEFAULT_URL}; without a port, "
+            f"the scheme's), got {url!r}")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"{form}: it holds whitespace or a control character"
     parts = urllib.parse.urlsplit(url)
     try:
         port_ok = parts.port != 0  # None (the scheme's) or 1-65535
     except ValueError:  # a port that is no number, or out of range
         port_ok = False
-    if parts.scheme in ("http", "https") and parts.hostname and port_ok:
-        return None
-    return (f"must be the sidecar's http(s)://host[:port] (e.g. {DEFAULT_URL}; without a port, "
-            f"the scheme's), got {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        return form
+    if parts.path not in ("", "/"):
+        return (f"{form}: the path {parts.path!r} is not the sidecar's base (the publisher "
+                f"adds /v1/... itself): drop it")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return f"{form}: drop the query or fragment"
+    if parts.username is not None or parts.password is not None:
+        return (f"{form}: drop the credentials before '@' (the sidecar takes the bearer token "
+                f"of its --token-file, which they would replace)")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"{form}: {exc}"
+    return None
 
 
 # Every Publisher of this process, for the fork hook below.
@@ -204,29 +244,27 @@ class Publisher(Sender):
         backoff_s: tuple[float, float] = (0.05, 5.0),
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if url is not None and (problem := url_problem(url)) is not None:
             raise ValueError(f"url {problem}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or \
-                not 0 < timeout_s < math.inf:
-            # 0, a negative or NaN timeout failed every send later, in the background
-            raise ValueError(f"timeout_s must be a finite number of seconds > 0 (the default is "
-                             f"2.0), got {timeout_s!r}")
-        if not 0 < backoff_s[0] <= backoff_s[1]:
-            raise ValueError(f"backoff_s must be (first, max) with 0 < first <= max: {backoff_s}")
+        if not _seconds(timeout_s) or timeout_s == 0:
+            # 0, a negative, NaN or past-a-day timeout failed every send later, in the background
+            raise ValueError(f"timeout_s must be a number of seconds > 0 and <= {MAX_WAIT_S:g} "
+                             f"(the default is 2.0), got {timeout_s!r}")
+        if not (isinstance(backoff_s, tuple | list) and len(backoff_s) == 2
+                and all(_seconds(b) for b in backoff_s) and 0 < backoff_s[0] <= backoff_s[1]):
+            raise ValueError(f"backoff_s must be (first, max) seconds with 0 < first <= max <= "
+                             f"{MAX_WAIT_S:g} (the default is (0.05, 5.0)), got {backoff_s!r}")
         if token is not None and (where := token_error(token)) is not None:
             # httpx would refuse the header on every send, which looks like a sidecar that
             # is down (e.g. a token read from its file without .strip())
             raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE} "
                              f"(strip the newline of a token read from a file)")
         self.run_id = run_id or default_run_id()
-        if not _sidecar_takes_run_id(self.run_id):
+        if (problem := run_id_problem(self.run_id)) is not None:
             source = "run_id" if run_id else "the run id from the environment"
-            raise ValueError(
-                f"{source} {self.run_id!r} would be refused by the sidecar: use at most "
-                f"{RUN_ID_MAX_LENGTH} letters, digits, '_', '.', ':' and '-' (ORTHOSHARD_RUN_ID "
-                f"overrides torchrun's id)")
+            raise ValueError(f"{source} {problem} (ORTHOSHARD_RUN_ID overrides torchrun's id)")
         self.stats = PublisherStats()
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._size = queue_size
@@ -234,7 +272,7 @@ class Publisher(Sender):
         self._closing = False
         self._deadline = math.inf
         self._flush_until = math.inf  # the snapshots' part of the deadline
-        self._backoff = backoff_s
+        self._backoff = (float(backoff_s[0]), float(backoff_s[1]))
         self._down = False
         self._retry_after: float | None = None  # of the last send's 5xx answer, if it said
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
@@ -323,7 +361,8 @@ class Publisher(Sender):
         except Exception:  # the contract: nothing escapes into the training loop
             _log.exception("publish failed; snapshot dropped")
 
-    def close(self, timeout_s: float = 5.0, *, finished: bool = False) -> bool:
+    def close(self, timeout_s: float = 5.0, *, finished: bool = False,
+              ranks: Iterable[int] = ()) -> bool:
         """Send what is queued until ``timeout_s`` passes, then stop. True if all was sent:
         every snapshot published was accepted by the sidecar (False when any was dropped,
         refused, e.g. for a wrong token, or could not be encoded).
@@ -335,7 +374,26 @@ class Publisher(Sender):
         (at most half of ``timeout_s``), which is kept for the finishes. Leave it False on an
         error path: a crashed rank must still page.
         Called again after a ``close()`` (a ``with`` block's), ``finished=True`` still posts the
-        finishes, from this thread."""
+        finishes, from this thread.
+
+        ``ranks``: with ``finished=True``, finish these ranks too, though this Publisher
+        published nothing for them: a process that resumed a run at its last step (a rank had
+        died after the final checkpoint) trains nothing, yet ends the run its rank reported
+        under the same ``run_id`` (the sidecar refuses, 409, the finish of a rank whose latest
+        snapshot is of another run).
+
+        Raises:
+            ValueError: ``timeout_s`` is no number of seconds in ``[0, MAX_WAIT_S]``, or a rank
+                is no int >= 0 (checked before anything stops)."""
+        if not _seconds(timeout_s):
+            raise ValueError(f"timeout_s must be a number of seconds >= 0 and <= "
+                             f"{MAX_WAIT_S:g}, got {timeout_s!r}")
+        extra = list(ranks)
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in extra):
+            raise ValueError(f"ranks must be ints >= 0, got {extra!r}")
+        if finished and extra:
+            with self._cond:
+                self._ranks.update(extra)
         return self._close(timeout_s, finished=finished, grace_s=1.0)
 
     def _close(self, timeout_s: float, *, finished: bool, grace_s: float) -> bool:

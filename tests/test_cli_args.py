@@ -35,16 +35,19 @@ def _demo_args(*argv: str) -> argparse.Namespace:
                                    "no checkpoint"),
     (["--max-restarts", "-1"], "must be >= 0"),
     (["--step-delay", "-0.5"], "must be >= 0"),
-    (["--linger", "-2"], "--linger must be >= 0 seconds, or -1"),
+    (["--linger", "-2"], "--linger must be >= 0 seconds and at most 1e+09, or -1"),
     (["--sidecar-port", "70000"], "--sidecar-port must be a TCP port"),
     (["--sidecar-port", "-5"], "--sidecar-port must be a TCP port"),
     (["--rotation-hold", "-1"], "--rotation-hold must be >= 0 seconds"),
     # not a number or not finite: they started the sidecar and torchrun, then failed (or, for
     # --linger, slept for ever)
-    (["--step-delay", "inf"], "must be >= 0 (and finite)"),
-    (["--step-delay", "nan"], "must be >= 0 (and finite)"),
-    (["--linger", "nan"], "--linger must be >= 0 seconds, or -1"),
-    (["--linger", "inf"], "--linger must be >= 0 seconds, or -1"),
+    (["--step-delay", "inf"], "--step-delay must be >= 0 seconds and at most 1e+09"),
+    (["--step-delay", "nan"], "--step-delay must be >= 0 seconds and at most 1e+09"),
+    (["--linger", "nan"], "--linger must be >= 0 seconds and at most 1e+09, or -1"),
+    (["--linger", "inf"], "--linger must be >= 0 seconds and at most 1e+09, or -1"),
+    # finite, yet past time.sleep's limit: OverflowError once the run had trained (exit 1)
+    (["--step-delay", "1e20"], "--step-delay must be >= 0 seconds and at most 1e+09"),
+    (["--linger", "1e20"], "--linger must be >= 0 seconds and at most 1e+09, or -1"),
     (["--rotation-hold", "inf"], "--rotation-hold must be >= 0 seconds (finite)"),
 ])
 def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
@@ -81,8 +84,9 @@ def test_the_demo_takes_what_the_readme_shows(argv):
     ["--checkpoint-dir", "ckpt", "--resume"],
     ["--out", "elsewhere", "--step-delay", "0.25", "--steps", "7"],  # not the job's defaults
 ])
-def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
+def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path, monkeypatch):
     # restarts without a checkpoint directory start over: no --resume (which needs one)
+    monkeypatch.chdir(tmp_path)  # the job's check creates the relative --checkpoint-dir
     token = tmp_path / "token"
     token.write_text("t" * 32)  # the demo writes it before it launches the ranks
     token.chmod(0o600)
@@ -107,7 +111,9 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     (["--kl-shampoo"], "--kl-shampoo applies to --optimizer soap"),
     (["--steps", "10", "--spike-at", "10"], "--spike-at must be a step in [0, --steps=10)"),
     (["--step-delay", "-1"], "must be >= 0"),
-    (["--step-delay", "nan"], "must be >= 0 (and finite)"),
+    (["--step-delay", "nan"], "--step-delay must be >= 0 seconds and at most 1e+09"),
+    (["--step-delay", "1e20"], "--step-delay must be >= 0 seconds and at most 1e+09"),
+    (["--checkpoint-dir", "ckpt", "--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--layers", "0"], "--layers must be >= 1"),
     (["--replicas", "0"], "--replicas must be >= 1"),
     # each failed inside every rank, after the process group was up: a traceback per rank
@@ -127,6 +133,8 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path):
     # accepted here, then refused by the Publisher on every rank once its model was set up
     (["--sidecar-url", "http://host:port"], "--sidecar-url must be the sidecar's http(s)://host"),
     (["--sidecar-url", "localhost:9400"], "--sidecar-url must be the sidecar's http(s)://host"),
+    # trained to the end, exit 0, every snapshot refused (404 at /v1/v1/snapshots)
+    (["--sidecar-url", "http://127.0.0.1:9400/v1"], "the path '/v1' is not the sidecar's base"),
 ])
 def test_the_training_job_refuses_arguments_it_cannot_honour(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -155,6 +163,64 @@ def test_a_latest_pointer_to_no_checkpoint_is_refused_by_name(tmp_path, pointer)
     (tmp_path / "LATEST").write_text("step-000020\n")
     assert checkpoints.Checkpoints(tmp_path).latest() == tmp_path / "step-000020"
     assert checkpoints.Checkpoints(None).latest() is None
+
+
+def test_a_latest_pointer_to_no_checkpoint_stops_the_job_before_any_rank_starts(tmp_path,
+                                                                                  capsys):
+    # parse_args let it through, and every rank raised it in a traceback, on every attempt
+    (tmp_path / "LATEST").write_text("step-000099")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--checkpoint-dir", str(tmp_path), "--resume", "--steps", "10"])
+    assert exit_info.value.code == 2
+    assert "LATEST names 'step-000099', which is not a checkpoint directory" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sidecar-url", "http://127.0.0.1:9400", "--token-file", "TOKEN"],
+    ["--checkpoint-dir", "CKPT", "--checkpoint-every", "5"],  # kept with each checkpoint
+])
+def test_a_run_id_the_sidecar_would_refuse_stops_the_job_before_any_rank_starts(
+        tmp_path, monkeypatch, capsys, argv):
+    # refused by the Publisher in every rank once its model was built (a traceback each), or
+    # saved unchecked with the checkpoints, for a later resume with a sidecar to fail on
+    token = tmp_path / "token"
+    token.write_text("t" * 32)
+    token.chmod(0o600)
+    argv = [a.replace("TOKEN", str(token)).replace("CKPT", str(tmp_path / "ckpt"))
+            for a in argv]
+    monkeypatch.setenv("ORTHOSHARD_RUN_ID", "bad id")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "ORTHOSHARD_RUN_ID 'bad id' would be refused by the sidecar" in capsys.readouterr().err
+    monkeypatch.setenv("ORTHOSHARD_RUN_ID", "good-id.1")
+    assert train.parse_args(argv).steps > 0
+
+
+def test_an_out_that_is_no_writable_directory_stops_the_job_before_its_process_group(
+        tmp_path, monkeypatch, capsys):
+    # --out was created inside every rank once the process group was up: FileExistsError in a
+    # traceback per rank
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    started = []
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: started.append(a))
+    for out, message in ((blocker, f"--out {blocker} is not a directory"),
+                         (blocker / "out", f"--out {blocker / 'out'} is not writable")):
+        assert train.main(["--out", str(out), "--steps", "1"]) == 2
+        assert message in capsys.readouterr().err
+    assert started == []
+
+
+def test_the_jobs_logs_are_closed_also_when_a_step_raises(tmp_path):
+    # the health and loss logs were left open (a ResourceWarning each) on every path
+    with pytest.raises(RuntimeError), train._Log(tmp_path, 0, 0, 2, False) as log:
+        log.step(1, 1.0, {})
+        raise RuntimeError("a step failed")
+    assert log.health_file.closed and log.loss_file is not None and log.loss_file.closed
+    assert (tmp_path / "loss.jsonl").read_text().count("\n") == 1
 
 
 def test_restarts_into_another_runs_checkpoints_are_refused(tmp_path):

@@ -1123,6 +1123,25 @@ def test_close_finished_says_each_rank_ended_after_its_last_snapshot() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_close_finished_with_ranks_ends_a_rank_this_process_did_not_publish_for() -> None:
+    # a restart that resumed at the last step trained nothing and published nothing, so its
+    # close(finished=True) said nothing, and the finished run paged as stale
+    handler = Finishes()
+    pub = gated(handler)
+    pub.publish(step=4, rank=1, params={}, wall_time=7.0)
+    assert pub.close(timeout_s=10, finished=True, ranks=(0, 1))
+    assert handler.paths == ["/v1/snapshots", "/v1/ranks/0/finish", "/v1/ranks/1/finish"]
+    assert handler.bodies[-2:] == [{"run_id": "r", "last_wall_time": None},
+                                   {"run_id": "r", "last_wall_time": 7.0}]
+    # without finished=True the ranks say nothing (a crashed rank must still page)
+    quiet = Finishes()
+    assert gated(quiet).close(timeout_s=10, ranks=(0,))
+    assert quiet.paths == []
+    with pytest.raises(ValueError, match=r"ranks must be ints >= 0"):
+        gated(Finishes()).close(timeout_s=1, finished=True, ranks=(-1,))
+
+
+@pytest.mark.timeout(30)
 def test_close_finished_after_a_with_block_still_says_the_run_ended() -> None:
     # the with-block's close() had stopped the sender: close(finished=True) then returned True
     # and posted nothing, so the run's ranks were paged as stale
@@ -1682,8 +1701,16 @@ def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
     assert default_run_id() == "a1b2c3"
 
 
-@pytest.mark.parametrize("url", ["localhost:9400", "ftp://sidecar:9400", "http://", "sidecar",
-                                 "http://host:port", "http://host:0", "http://host:70000"])
+@pytest.mark.parametrize("url", [
+    "localhost:9400", "ftp://sidecar:9400", "http://", "sidecar", "http://host:port",
+    "http://host:0", "http://host:70000",
+    # taken, then every send refused in the background: the API's path pasted in (404 at
+    # /v1/v1/snapshots), a query (404), credentials (401: they replaced the bearer token), and
+    # a newline that urlsplit drops (httpx.InvalidURL from the constructor, not ValueError)
+    "http://127.0.0.1:9400/v1", "http://127.0.0.1:9400/prefix", "http://127.0.0.1:9400?x=1",
+    "http://127.0.0.1:9400/#top", "http://user:pass@127.0.0.1:9400", "http://127.0.0.1:420\n77",
+    " http://127.0.0.1:9400",
+])
 def test_publisher_refuses_a_url_it_could_never_post_to(url: str) -> None:
     # refused when built, not retried forever in the background with a log line per failure
     with pytest.raises(ValueError, match=r"^url must be the sidecar's http\(s\)://host\[:port\]"):
@@ -1711,11 +1738,43 @@ def test_a_url_without_a_port_posts_to_the_schemes_port(url: str, posted_to: str
     assert posted == [posted_to]
 
 
-@pytest.mark.parametrize("timeout_s", [0, 0.0, -1.0, None, math.nan, math.inf, True, "2"])
+@pytest.mark.parametrize("timeout_s", [0, 0.0, -1.0, None, math.nan, math.inf, True, "2",
+                                       1e10])
 def test_publisher_refuses_a_timeout_no_send_could_meet(timeout_s: object) -> None:
-    # 0, a negative, None or NaN timeout was taken and failed every send in the background
-    with pytest.raises(ValueError, match=r"timeout_s must be a finite number of seconds > 0"):
+    # 0, a negative, None or NaN timeout was taken and failed every send in the background;
+    # so did one past the platform's timers (1e10 s: OverflowError in every send)
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds > 0 and <= "
+                                         r"86400"):
         Publisher(run_id="r", timeout_s=timeout_s)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"queue_size": "64"}, r"queue_size must be an int >= 1, got '64'"),  # was a TypeError
+    ({"queue_size": 0}, r"queue_size must be an int >= 1"),
+    ({"backoff_s": 5}, r"backoff_s must be \(first, max\) seconds"),  # was a TypeError
+    ({"backoff_s": (0.05,)}, r"backoff_s must be"),  # was an IndexError
+    # the pause doubled without a bound: after an outage the sender could wait for hours
+    ({"backoff_s": (0.05, math.inf)}, r"backoff_s must be .* <= 86400"),
+    ({"backoff_s": (0.0, 1.0)}, r"backoff_s must be .*0 < first <= max"),
+])
+def test_publisher_refuses_a_queue_or_backoff_it_cannot_use(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Publisher(run_id="r", **kw)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("timeout_s", [math.inf, 1e10, math.nan, -1.0, "5"])
+def test_close_refuses_a_deadline_it_cannot_keep_and_closes_after_a_good_one(
+        timeout_s: object) -> None:
+    # inf and 1e10 raised OverflowError from the thread's join, NaN a ValueError, all with the
+    # Publisher half-closed (its sender told to stop, nothing flushed or counted)
+    handler = Recorder()
+    pub = publisher(handler)
+    pub.publish(step=0, rank=0, params={"w": {"update_rms": 1.0}})
+    with pytest.raises(ValueError, match=r"timeout_s must be a number of seconds >= 0"):
+        pub.close(timeout_s)  # type: ignore[arg-type]
+    assert pub.close(timeout_s=10) is True
+    assert len(handler.bodies) == 1 and accounted(pub)
 
 
 @pytest.mark.timeout(30)

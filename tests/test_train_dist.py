@@ -403,6 +403,47 @@ def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports
         capsys.readouterr().err
 
 
+@pytest.mark.timeout(120)
+def test_a_restart_that_resumes_at_the_last_step_still_ends_the_run_at_the_sidecar(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rank died after the final checkpoint, before its reports and its finish. The restart
+    # trains nothing and published nothing, so close(finished=True) finished no rank: the run
+    # had ended, and OptimizerSnapshotStale paged for it.
+    from test_service_live import start_sidecar
+
+    from orthoshard import train
+
+    car = start_sidecar(tmp_path)
+    try:
+        argv = ["--steps", "2", "--out", str(tmp_path / "out"), "--checkpoint-dir",
+                str(tmp_path / "ckpt"), "--checkpoint-every", "2", "--sidecar-url", car.url,
+                "--token-file", str(tmp_path / "token")]
+
+        def dies(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("rank died after the final checkpoint")
+
+        with monkeypatch.context() as m:
+            m.setattr(train._Log, "finish", dies)
+            with pytest.raises(RuntimeError, match="rank died"):
+                _train_here(m, *argv)
+        assert not (tmp_path / "out" / "rank0.json").exists()
+        with car.client() as c:
+            deadline = time.monotonic() + 30  # the dead rank's last snapshot lands
+            while (ranks := c.get("/v1/optimizer").json()["ranks"]) == [] \
+                    or ranks[0]["step"] != 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert ranks[0]["finished_at"] is None  # the run has not said it ended
+            assert _train_here(monkeypatch, *argv, "--resume") == 0
+            (rank,) = c.get("/v1/optimizer").json()["ranks"]
+            assert rank["run_id"] == "resume-test" and rank["finished_at"] is not None
+            assert 'orthoshard_last_snapshot_timestamp_seconds{rank="0"}' not in \
+                c.get("/metrics").text
+        assert json.loads((tmp_path / "out" / "rank0.json").read_text())["final_step"] == 2
+    finally:
+        car.stop()
+
+
 def test_a_run_at_fewer_ranks_removes_the_reports_of_the_ranks_that_are_gone(tmp_path):
     from orthoshard.train import _forget_gone_ranks
 
