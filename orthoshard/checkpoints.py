@@ -48,7 +48,8 @@ def optimizer_mismatch(path: Path, optimizer: str, kl_shampoo: bool) -> str | No
     at ``path`` (None: it can, or the checkpoint cannot tell): another of the job's optimizers
     saved it, or SOAP with the other KL-Shampoo setting. Read in one process, before any
     process group: the ranks' load would refuse it too, but in every rank and after the
-    model is built, and a launcher that restarts failed ranks would start over in vain."""
+    model is built. (A launcher that restarts failed groups, torchrun ``--max-restarts``,
+    still tries again after this refusal's exit 2: each attempt just stops sooner.)"""
     keys = _checkpoint_keys(path)
     saved = _checkpoint_optimizer(keys)
     if saved is not None and saved != optimizer:

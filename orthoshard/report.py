@@ -22,9 +22,27 @@ HEALTH_LOG = r"health-rank\d+\.jsonl"
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log. A line that is no JSON object (cut short by a rank
+    killed mid-write) is skipped and said once per file on stderr: the records around it
+    still make the summary and the plot."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn += 1
+    if torn:
+        print(f"{path}: skipped {torn} line(s) that are no JSON record (a rank killed while "
+              f"writing?)", file=sys.stderr)
+    return records
 
 
 def load_losses(out: Path) -> dict[int, float]:

@@ -456,6 +456,18 @@ def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
                 f"new run in an empty --checkpoint-dir")
 
 
+def _log_file(path: Path, mode: str) -> Any:
+    """``path`` opened for JSON lines; appended to, on a line of its own: a line cut short
+    by a rank killed mid-write would have run into the resumed run's first record."""
+    f = path.open(mode)
+    if mode == "a" and f.tell() > 0:
+        with path.open("rb") as tail:
+            tail.seek(-1, os.SEEK_END)
+            if tail.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
 class _Log:
     """Progress bar and loss log on rank 0, health log and final report on every rank."""
 
@@ -469,8 +481,8 @@ class _Log:
         # under docker compose keeps the out volume), its steps 1, 2, ... followed that run's
         # and the runbooks' "loss around that step" read two runs
         mode = "a" if start > 0 else "w"
-        self.health_file = (out / f"health-rank{rank}.jsonl").open(mode)
-        self.loss_file = (out / "loss.jsonl").open(mode) if rank == 0 else None
+        self.health_file = _log_file(out / f"health-rank{rank}.jsonl", mode)
+        self.loss_file = _log_file(out / "loss.jsonl", mode) if rank == 0 else None
         self.bar = None
         if rank == 0 and progress:
             from tqdm import tqdm

@@ -223,6 +223,23 @@ def test_the_jobs_logs_are_closed_also_when_a_step_raises(tmp_path):
     assert (tmp_path / "loss.jsonl").read_text().count("\n") == 1
 
 
+def test_a_log_line_cut_short_by_a_killed_rank_is_skipped_and_the_resume_starts_a_new_line(
+        tmp_path, capsys):
+    # a rank killed mid-write leaves a line without its end; the resumed run appended its first
+    # record to it, and the demo's summary and plot raised JSONDecodeError on the merged line
+    from orthoshard import report
+
+    (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    (tmp_path / "health-rank0.jsonl").write_text('{"step": 1, "params": {}}\n{"ste')
+    with train._Log(tmp_path, 0, 2, 3, False) as log:  # resumed from the step-2 checkpoint
+        log.step(3, 1.5, {"w": {"update_rms": 0.5}})
+    assert report.load_losses(tmp_path) == {1: 2.0, 3: 1.5}
+    assert report.load_health(tmp_path) == {"w": {"update_rms": {3: 0.5}}}
+    err = capsys.readouterr().err
+    assert "loss.jsonl: skipped 1 line(s) that are no JSON record" in err
+    assert "health-rank0.jsonl: skipped 1 line(s)" in err
+
+
 def test_restarts_into_another_runs_checkpoints_are_refused(tmp_path):
     # torchrun --max-restarts makes every attempt resume from LATEST, the first one too: a new
     # run in a directory holding another run's checkpoints continued that run
