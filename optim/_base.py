@@ -37,11 +37,14 @@ from torch.optim.adam import adam
 from optim._caller import eager_under_compile, user_stacklevel
 from optim._checks import (
     ADAMW,
+    MISPLACED,
     _check_adamw_hyperparameters,
     _check_dense,
     _check_gradient_layout,
+    _misplaced,
     _name_unnamed_groups,
     _refuse_matrix_keys_in_adamw,
+    _refuse_misplaced,
     _refuse_unsupported_adam_flags,
     check_health_every,
     check_param_groups,
@@ -211,9 +214,13 @@ class MatrixOptimizer(StateDictOptimizer):
         # only) still send flags of one length, and the signature of what they flag (the
         # parameters with a gradient) tells them apart instead of a size the backend aborts on.
         params = [p for _, named in every for _, p in named]
+        names = [name for _, named in every for name, _ in named]
         has_grad = [p.grad is not None for p in params]
         sharded = bool(items or grads) and any(hasattr(p, "to_local") for p in params)
-        if sharded and isinstance(self._exchange, LocalExchange):
+        # FSDP2 matrices without sharding=: each rank stepped its row shard as a matrix (a model
+        # without biases, or with no AdamW group, got no refusal)
+        dtensors = sharded or any(hasattr(item.param, "to_local") for item in items)
+        if dtensors and isinstance(self._exchange, LocalExchange):
             for group in self.param_groups:  # nothing changed: the step did not happen
                 group["step"] -= 1
             raise ValueError(
@@ -223,6 +230,8 @@ class MatrixOptimizer(StateDictOptimizer):
                 f"any rank is not finite")
         flags = (nonfinite_flags([p.grad for p in params], device=local(params[0]).device)
                  if sharded else None)  # to sum over the ranks
+        if flags is not None and (misplaced := _misplaced(params)):
+            flags[misplaced] += MISPLACED  # every rank refuses the step (_refuse_misplaced)
         bad = None if sharded else _nonfinite(grads)  # this process decides alone
         flagged = [name for _, named in fallback for name, _ in named] if sharded else []
         if items and isinstance(self._exchange, LocalExchange):
@@ -230,12 +239,14 @@ class MatrixOptimizer(StateDictOptimizer):
         else:
             try:
                 if items:
-                    carried = self._step_sharded(items, flags, flagged)
+                    carried = self._step_sharded(items, flags, flagged, names)
                     if flags is not None and carried is not None:
                         bad = carried.tolist()
-                if bad is None:  # sharded AdamW parameters, and no gather that carried flags
+                if bad is None:  # sharded AdamW parameters, and no matrix to carry the flags
                     assert flags is not None
-                    bad = self._exchange.all_reduce_sum(flags, flagged).tolist()
+                    summed = self._exchange.all_reduce_sum(flags, flagged)
+                    _refuse_misplaced(summed, names)
+                    bad = summed.tolist()
             except BaseException:
                 # raised on every rank of the group before any parameter changed: the step
                 # did not happen, and a schedule (softening) or health_every must not count it
@@ -286,10 +297,12 @@ class MatrixOptimizer(StateDictOptimizer):
         self._gradient_seen = found or bool(self.param_groups)  # warned: once
 
     def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None,
-                      flagged: Sequence[str] = ()) -> Tensor | None:
+                      flagged: Sequence[str] = (), names: Sequence[str] = ()) -> Tensor | None:
         """The three phases of ``items`` through the exchange (every rank of its group at
-        once); returns ``flags`` (the AdamW parameters' finiteness) summed over the ranks when
-        the exchange carried them."""
+        once); returns ``flags`` (the AdamW parameters' finiteness, one per parameter of
+        ``names``) summed over the ranks when the exchange carried them, which refuses the
+        step on every rank, before any owner computes, for a gradient a rank flagged as not
+        laid out as its parameter."""
         failure: Exception | None = None
         try:
             for item in items:
@@ -301,9 +314,9 @@ class MatrixOptimizer(StateDictOptimizer):
                 item.pending = None
         self._step_items, self._skipped = items, set()
         try:
-            updates, carried = self._exchange.run(items, inputs, self._owner_compute,
-                                                  carry=flags, failure=failure,
-                                                  carry_names=flagged)
+            updates, carried = self._exchange.run(
+                items, inputs, self._owner_compute, carry=flags, failure=failure,
+                carry_names=flagged, carry_check=lambda summed: _refuse_misplaced(summed, names))
         finally:
             self._step_items = []
         finite = all_finite(updates)  # each rank's rows, as they came back

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -54,6 +55,33 @@ def _check_gradient_layout(item: MatrixItem) -> None:
             f"but its part of the parameter {tuple(theirs)} ({type(item.param).__name__}): set "
             f".grad laid out as the parameter is (a DTensor with its placements, as FSDP2's "
             f"backward does)")
+
+
+#: Added to a sharded AdamW parameter's finiteness flag by a rank whose gradient of it is not
+#: laid out as the parameter: the flags are summed over the ranks, so every rank finds it and
+#: refuses the step (:func:`_refuse_misplaced`) before anything is applied. A power of two, exact
+#: in any wire dtype, far above the 0/1 flags' sum over any group.
+MISPLACED = 2.0**20
+
+
+def _misplaced(params: list[Tensor]) -> list[int]:
+    """The indices of ``params`` whose gradient this rank holds in another shape than its part
+    of the parameter (a full plain-tensor ``.grad`` set on a DTensor parameter)."""
+    return [i for i, p in enumerate(params)
+            if p.grad is not None and local(p.grad).shape != local(p).shape]
+
+
+def _refuse_misplaced(summed: Tensor, names: Sequence[str]) -> None:
+    """Raise ValueError on every rank when any rank flagged a gradient not laid out as its
+    parameter (``summed``: the finiteness flags summed over the ranks, :data:`MISPLACED`)."""
+    bad = [name for name, value in zip(names, summed.tolist(), strict=True)
+           if value >= MISPLACED]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)}: on a rank of the sharding group the gradient is not laid out as "
+            f"the parameter (a plain-tensor .grad set on a DTensor parameter?): set .grad laid "
+            f"out as the parameter is (a DTensor with its placements, as FSDP2's backward "
+            f"does). Nothing was applied.")
 
 
 def _name_unnamed_groups(params: Any) -> Any:

@@ -116,7 +116,9 @@ class MatrixExchange(Protocol):
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
             carry: Tensor | None = None, failure: Exception | None = None,
-            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
+            carry_names: Sequence[str] = (),
+            carry_check: Callable[[Tensor], None] | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
         """``inputs[i]`` is this rank's piece of matrix i's update input. Call ``compute`` with
         the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
         (it drops each entry once stacked, to bound a step's memory); return this rank's piece
@@ -129,6 +131,8 @@ class MatrixExchange(Protocol):
         ``carry_names``: what each entry of ``carry`` belongs to (the AdamW parameters with a
         gradient); ranks that pass other names raise, as for other matrices, since summing
         entries of different parameters would step each with another's flags.
+        ``carry_check``: called with the summed ``carry`` as soon as it is known, before any
+        owner computes (the same sum on every rank, so what it raises every rank raises).
         ``failure``: this rank could not prepare its inputs (``inputs`` is then empty); it is
         raised, and every other rank raises too, once the ranks have learnt of it."""
         ...
@@ -183,9 +187,13 @@ class LocalExchange:
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Callable[[list[int], list[Tensor]], list[Tensor]], *,
             carry: Tensor | None = None, failure: Exception | None = None,
-            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
+            carry_names: Sequence[str] = (),
+            carry_check: Callable[[Tensor], None] | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
         if failure is not None:
             raise failure
+        if carry is not None and carry_check is not None:
+            carry_check(carry)  # one process: its own flags are the sum
         # the caller's list itself (handed over, see Exchange.run): compute drops each input
         # once stacked, and none outlives its batch
         return compute(list(range(len(items))),

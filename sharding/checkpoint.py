@@ -49,9 +49,15 @@ def _params_by_state_index(optimizer: Any) -> list[torch.Tensor]:
 
 def _owners_by_state_index(sharding: OwnerSharding) -> dict[int, int]:
     """``{index in state_dict()["state"]: owner rank}`` for every matrix parameter."""
-    plan, index = sharding.global_plan()
+    plan, index = sharding.global_plan(check=False)  # the layout: checked by the caller
     return {k: plan.owners[index[id(p)]]
             for k, p in enumerate(_params_by_state_index(sharding._optimizer)) if id(p) in index}
+
+
+def _device(params: list[torch.Tensor]) -> torch.device:
+    """Where a small collective of the optimizer's goes: its parameters' device (NCCL serves
+    CUDA tensors only), the CPU without any."""
+    return params[0].device if params else torch.device("cpu")
 
 
 def _global_skip_counts(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
@@ -75,8 +81,9 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     keys = sharding._optimizer.owner_state_keys
     if not keys:
         return state_dict
-    owners = _owners_by_state_index(sharding)
     flat = _params_by_state_index(sharding._optimizer)
+    sharding.check_layout(_device(flat))  # on every rank, before the owners are trusted
+    owners = _owners_by_state_index(sharding)
     # the device TYPE only: a placeholder goes on this rank's own device of that type (the
     # owner's "cuda:1" is another rank's GPU); CPU state (SOAP's step counter) stays on CPU
     mine = {k: {name: (tuple(v.shape), v.dtype, v.device.type)
@@ -133,7 +140,9 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     (one ``full_tensor`` per owner-only DTensor) in the same order."""
     keys = sharding._optimizer.owner_state_keys
     params = _params_by_saved_key(sharding._optimizer, state_dict)
-    plan, index = sharding.global_plan()
+    if keys:  # owner-only state goes by the plan: checked on every rank first
+        sharding.check_layout(_device(_params_by_state_index(sharding._optimizer)))
+    plan, index = sharding.global_plan(check=False)
     state = dict(state_dict["state"])
     # sorted by str: the same order on every rank, for integer and for name keys
     for k in sorted(state, key=str):

@@ -131,8 +131,8 @@ class OwnerSharding:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
         with each all-to-all's status element per pair of ranks, ``STATUS_ELEMENTS``, and the
         gather's finiteness flag per AdamW parameter, when any is sharded),
-        and the number of collectives: 2 per step, plus one ``all_reduce`` of those flags in a
-        step whose exchange makes no gather call (no sharded matrix with a gradient)."""
+        and the number of collectives: 2 per step, or 1 and an ``all_reduce`` of those flags
+        in a step whose exchange makes no gather call (no sharded matrix with a gradient)."""
         return dict(self._stats)
 
     def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
@@ -199,7 +199,29 @@ class OwnerSharding:
         return plan.subset([index[id(item.param)] for item in items])
 
     def owned(self, items: Sequence[MatrixItem]) -> list[int]:
-        return self.plan_for(items).owned_by(self.rank)
+        # ownership does not depend on how this rank's rows are laid out: a layout the plan
+        # does not expect is raised on every rank by the step or the state dict's collective
+        # (check_layout), not here on some ranks alone (init_state, outside any collective)
+        return self.plan_for(items, check=False).owned_by(self.rank)
+
+    def check_layout(self, device: torch.device) -> None:
+        """Raise on every rank of the group when any rank's rows are not laid out as the plan
+        expects (``torch.chunk`` over dim 0): one ``all_reduce`` of a flag per rank (on
+        ``device``, one the backend serves), for the state dict's export and import, which
+        raised on those ranks alone and left the others waiting in their next collective.
+        That rank raises its own error, the others a ValueError naming the ranks."""
+        self.global_plan(check=False)
+        flags = torch.zeros(self.world_size, dtype=torch.float32, device=device)
+        flags[self.rank] = float(self._layout_error is not None)
+        dist.all_reduce(flags, group=self.group)
+        bad = [r for r, v in enumerate(flags.tolist()) if v]
+        if self._layout_error is not None:
+            raise self._layout_error
+        if bad:
+            raise ValueError(
+                f"ranks {bad} of the sharding group hold rows of a matrix not laid out as "
+                f"torch.chunk row sharding over dim 0 (their own error names it): every rank "
+                f"raises; lay the rows out as FSDP2's fully_shard does")
 
     def _sharded_of(self, param: Tensor) -> bool:
         """:meth:`_is_sharded`, once per parameter object (a DTensor's placements do not
@@ -268,7 +290,9 @@ class OwnerSharding:
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
             compute: Compute, *, carry: Tensor | None = None, failure: Exception | None = None,
-            carry_names: Sequence[str] = ()) -> tuple[list[Tensor], Tensor | None]:
+            carry_names: Sequence[str] = (),
+            carry_check: Callable[[Tensor], None] | None = None
+            ) -> tuple[list[Tensor], Tensor | None]:
         plan = self.plan_for(items, check=False)
         if failure is None and self._layout_error is not None:
             # rows not laid out as the plan's: this rank takes part with placeholders of the
@@ -296,24 +320,38 @@ class OwnerSharding:
         # hands its list over), compute drops each full input once stacked, and _scatter the
         # results once they are in its send buffer, so a step's peak holds no second copy of
         # any of them. Every rank joins the gather, an owner of nothing too (it sends its rows).
-        full_inputs, carried, failed = self._gather(plan, inputs, owned, wire, device, carry,
-                                                    failure is not None)
-        if isinstance(inputs, list):
-            inputs.clear()
+        received, carried, failed = self._gather(plan, inputs, owned, wire, device, carry,
+                                                 failure is not None, carry_names)
         if failed:  # known to every rank after the gather: no owner computes
+            if isinstance(inputs, list):
+                inputs.clear()
             self._raise_failed(failure, failed, "before the exchange (preparing its rows)", items,
                                plan)
-        # An owner whose compute raises (out of memory on a full matrix, a bug) still joins the
+        if carried is not None and carry_check is not None:
+            carry_check(carried)  # the same sum on every rank: all raise, before any compute
+        # An owner whose assembly of its full matrices or compute raises (out of memory on a
+        # full matrix, a bug), or that cannot lay out its results to send, still joins the
         # scatter, flagged as failed: left out, every other rank would wait in it until the
         # process group timed out. Every rank then raises, and none applies this step's updates.
-        results: list[Tensor] | None = None
+        send: list[list[Tensor]] | None = None
         if failure is None:
             try:
+                full_inputs = self._assemble(plan, inputs, owned, received, wire)
+                if isinstance(inputs, list):
+                    inputs.clear()
+                received = []  # the blocks: copied into the full inputs
                 results = compute(owned, full_inputs) if owned else []
+                del full_inputs  # emptied by compute
+                send = self._send_lists(plan, owned, results, wire, device)
             except Exception as exc:  # raised again below, after the exchange
                 failure = exc
-        del full_inputs  # emptied by compute
-        updates, failed = self._scatter(plan, shapes, device, owned, results, wire)
+        received = []
+        if isinstance(inputs, list):
+            inputs.clear()
+        if send is None:  # placeholders of the same sizes, no new memory, flagged
+            send = self._send_lists(plan, owned, None, wire, device)
+        updates, failed = self._scatter(plan, shapes, device, send, wire,
+                                        failed=failure is not None)
         if failed:
             self._raise_failed(failure, failed, "this step", items, plan)
         # the look the owner's update had (dtype, layout), which every rank can tell from the
@@ -352,17 +390,19 @@ class OwnerSharding:
         return wire
 
     def _gather(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                wire: torch.dtype, device: torch.device, carry: Tensor | None, failed: bool
+                wire: torch.dtype, device: torch.device, carry: Tensor | None, failed: bool,
+                carry_names: Sequence[str] = ()
                 ) -> tuple[list[Tensor], Tensor | None, list[int]]:
-        """Each owned matrix's full update input, in its own dtype (one process computes on
-        that dtype: Muon's softening blend, SOAP's float64 state), ``carry`` summed over the
-        ranks (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could
-        not prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
+        """The gather: each source rank's block of this rank's owned sharded matrices' rows
+        (:meth:`_assemble` makes the full matrices of them), ``carry`` summed over the ranks
+        (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could not
+        prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
         block ends with ``carry``, then the sender's status and signature. With only replicated
-        matrices this phase makes no call: no carry (None) and no failure known yet."""
+        matrices no rows move: the carry alone is summed (:meth:`all_reduce_sum`, no call
+        without one), and a failure is learnt of in the scatter."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            full = [] if failed else [through(inputs[i], wire) for i in owned]
-            return full, None, []
+            carried = self.all_reduce_sum(carry, carry_names) if carry is not None else None
+            return [], carried, []
         send = [[placeholder(plan.rows_of(i, self.rank) * plan.shapes[i][1], wire, device)
                  if failed else inputs[i].reshape(-1)
                  for i in plan.owned_by(d) if plan.sharded[i]]
@@ -371,8 +411,14 @@ class OwnerSharding:
                       for s in range(self.world_size)]
         received, failed_ranks, carried = self._all_to_all(send, recv_sizes, device, wire,
                                                            failed=failed, carry=carry)
-        if failed_ranks:
-            return [], carried, failed_ranks
+        return received, carried, failed_ranks
+
+    def _assemble(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
+                  received: list[Tensor], wire: torch.dtype) -> list[Tensor]:
+        """Each owned matrix's full update input, in its own dtype (one process computes on
+        that dtype: Muon's softening blend, SOAP's float64 state): a sharded one from its rows
+        as they arrived, in source rank order; a replicated one as this rank holds it, as it
+        would cross the wire."""
         full = []
         for i in owned:
             if not plan.sharded[i]:
@@ -384,19 +430,14 @@ class OwnerSharding:
                 pieces.append(received[s][:size])
                 received[s] = received[s][size:]
             full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
-        return full, carried, []
+        return full
 
-    def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
-                 owned: list[int], results: list[Tensor] | None, wire: torch.dtype
-                 ) -> tuple[list[Tensor], list[int]]:
-        """Send each owned result's rows to their ranks; each rank's rows of every matrix
-        (``shapes``: of this rank's inputs), and the ranks whose compute failed. Consumes
-        ``results`` (cleared once the send buffer holds them); None: this rank's compute
-        failed, and it sends placeholders of the same sizes, no new memory, and the flag.
-
-        Each block ends with the status (0: computed, 1: failed) and the step's signature, so
-        that every rank learns of a failed owner in this one collective: ``STATUS_ELEMENTS``
-        per destination."""
+    def _send_lists(self, plan: Plan, owned: list[int], results: list[Tensor] | None,
+                    wire: torch.dtype, device: torch.device) -> list[list[Tensor]]:
+        """Per destination rank, the pieces of the scatter: its rows of each owned sharded
+        result, the whole of a replicated one. Consumes ``results`` (cleared: the views in the
+        lists keep them until the send buffer holds them); None (this rank failed):
+        placeholders of the same sizes, no new memory."""
         send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
         for k, i in enumerate(owned):
             for d in range(self.world_size):
@@ -409,14 +450,26 @@ class OwnerSharding:
                 send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
                                else result.reshape(-1))
         if results is not None:
-            results.clear()  # the views in ``send`` keep them until _all_to_all has copied them
+            results.clear()
+        return send
+
+    def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
+                 send: list[list[Tensor]], wire: torch.dtype, *, failed: bool
+                 ) -> tuple[list[Tensor], list[int]]:
+        """Send ``send`` (:meth:`_send_lists`; consumed); each rank's rows of every matrix
+        (``shapes``: of this rank's inputs), and the ranks that failed (``failed``: this one,
+        which sends placeholders).
+
+        Each block ends with the status (0: computed, 1: failed) and the step's signature, so
+        that every rank learns of a failed owner in this one collective: ``STATUS_ELEMENTS``
+        per destination."""
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
                           else plan.shapes[i][0] * plan.shapes[i][1]
                           for i in plan.owned_by(s)) for s in range(self.world_size)]
-        received, failed, _ = self._all_to_all(send, recv_sizes, device, wire,
-                                               failed=results is None)
-        if failed:
-            return [], failed
+        received, failed_ranks, _ = self._all_to_all(send, recv_sizes, device, wire,
+                                                     failed=failed)
+        if failed_ranks:
+            return [], failed_ranks
         out: list[Tensor] = []
         for i, shape in enumerate(shapes):
             src = plan.owners[i]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from optim import Muon, NorMuon, split_param_groups
+from optim._exchange import local
 
 # Awkward on purpose: rows that divide by neither 2 nor 4 (7, 5), fewer rows than ranks (3: an
 # empty shard at W=4), tall (40x6) and wide (5x33), and two matrices of one shape (batched).
@@ -608,9 +609,11 @@ FAILING_MATRIX = "ws.3"  # its owner's compute raises (owner_error_worker)
 
 def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) -> None:
     """Muon whose step raises on one rank at the second step, as an out-of-memory error would:
-    in the compute of ``FAILING_MATRIX``'s owner (``phase`` "compute"), or while the last rank
-    prepares its rows ("prepare"). What every rank saw, the parameters and momentum around that
-    step, and a third step once the fault is gone. Rank 0 writes them."""
+    in the compute of ``FAILING_MATRIX``'s owner (``phase`` "compute"), while that owner
+    assembles its full matrices from the gathered rows ("assemble") or lays out its results
+    for the scatter ("send"), or while the last rank prepares its rows ("prepare"). What every
+    rank saw, the parameters and momentum around that step, and a third step once the fault is
+    gone. Rank 0 writes them."""
     from sharding import OwnerSharding
 
     model, opt = build("muon", fsdp=fsdp, sharding=OwnerSharding())
@@ -618,24 +621,30 @@ def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) 
     opt.step()
     plan, _ = opt._exchange.global_plan()
     names = [item.name for item in opt.matrix_items()]
-    failing = plan.owners[names.index(FAILING_MATRIX)] if phase == "compute" else world - 1
-    method = "_compute" if phase == "compute" else "_prepare"
-    real = getattr(opt, method)
+    failing = world - 1 if phase == "prepare" else plan.owners[names.index(FAILING_MATRIX)]
+    target, method = {"compute": (opt, "_compute"), "prepare": (opt, "_prepare"),
+                      "assemble": (opt._exchange, "_assemble"),
+                      "send": (opt._exchange, "_send_lists")}[phase]
+    real = getattr(target, method)
 
     def fail(*args: Any) -> Any:
-        items = args[0] if phase == "compute" else [args[0]]
-        if rank == failing and any(item.name == FAILING_MATRIX for item in items):
+        if phase in ("compute", "prepare"):
+            items = args[0] if phase == "compute" else [args[0]]
+            due = any(item.name == FAILING_MATRIX for item in items)
+        else:  # the owner's own step of the exchange (not the placeholders of a failed one)
+            due = phase == "assemble" or args[2] is not None
+        if rank == failing and due:
             raise RuntimeError(f"injected failure on rank {rank}")
         return real(*args)
 
-    setattr(opt, method, fail)
+    setattr(target, method, fail)
     before, momentum = full_params(model), _momentum(opt)
     steps = [group["step"] for group in opt.param_groups]
     inject(model, 1)
     failed = _every_rank_says(world, Exception, opt.step)
     after, momentum_after = full_params(model), _momentum(opt)
     steps_after = [group["step"] for group in opt.param_groups]
-    delattr(opt, method)  # the class's again
+    delattr(target, method)  # the class's again
     inject(model, 2)
     recovered = _every_rank_says(world, Exception, opt.step)
     final = full_params(model)  # a collective: every rank
@@ -1155,6 +1164,91 @@ def no_sharding_worker(rank: int, world: int, out: str) -> None:
             p.grad = distribute_like(full[n], p) if keep(n) else None
         results[case] = _every_rank_says(world, ValueError, opt.step)
     results["steps"] = [g["step"] for g in opt.param_groups]
+    # no AdamW parameter in the optimizer at all (a bias-free model): each rank stepped its
+    # shard of every matrix as a matrix of its own, silently
+    matrices = Muon([named["wa"], named["wb"]], lr=0.02)
+    before = {n: named[n].full_tensor() for n in ("wa", "wb")}
+    for n in ("wa", "wb"):
+        named[n].grad = distribute_like(full[n], named[n])
+    results["matrices only"] = _every_rank_says(world, ValueError, matrices.step)
+    results["matrices unchanged"] = all(torch.equal(before[n], named[n].full_tensor())
+                                        for n in ("wa", "wb"))
+    results["matrices steps"] = [g["step"] for g in matrices.param_groups]
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
+class PartlySharded(nn.Module):
+    """Two matrices left whole on every rank (replicated, as under DDP) and a bias in a
+    submodule that FSDP2 shards: the step's exchange makes no gather."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.wa, self.wb = (nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(2))
+        self.inner = nn.Module()
+        self.inner.bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard needs a forward
+        return x
+
+
+def misplaced_grad_worker(rank: int, world: int, out: str) -> None:
+    """A full plain-tensor ``.grad`` on a sharded AdamW parameter (the bias), set on every rank
+    or on rank 1 alone, with the matrices' gradients (FSDP2: carried by the gather; partly
+    sharded: no gather) or without them (one all_reduce): every rank's outcome, whether every
+    parameter and step count stayed as they were, and a step once the gradient is right."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    results: dict[str, Any] = {}
+    for layout in ("fsdp", "fsdp soap", "partly"):
+        if layout.startswith("fsdp"):
+            model, opt = build(layout.split()[-1].replace("fsdp", "muon"), fsdp=True,
+                               sharding=OwnerSharding())
+        else:
+            model = PartlySharded()
+            fully_shard(model.inner)
+            opt = Muon(split_param_groups(model.named_parameters()), lr=0.02,
+                       sharding=OwnerSharding())
+        named = dict(model.named_parameters())
+        bias = next(p for n, p in named.items() if n.endswith("bias"))
+
+        def grads(step: int, keep_matrices: bool = True,
+                  named: dict[str, nn.Parameter] = named) -> None:
+            g = torch.Generator().manual_seed(50 + step)
+            for p in named.values():
+                full = torch.randn(p.shape, generator=g)
+                p.grad = distribute_like(full, p) if keep_matrices or p.ndim == 1 else None
+
+        grads(0)
+        opt.step()
+        cases = [("every rank", True, True), ("rank 1", False, True)]
+        if layout == "fsdp":
+            cases.append(("bias alone", False, False))
+
+        def state(opt: Any = opt) -> list[torch.Tensor]:  # this rank's, owners' included
+            return [local(v).clone() for per in opt.state.values() for v in per.values()
+                    if isinstance(v, torch.Tensor)]
+
+        for case, everywhere, matrices in cases:
+            grads(1, keep_matrices=matrices)
+            if everywhere or rank == 1:
+                bias.grad = torch.ones(bias.shape)  # whole, not this rank's shard
+            before, steps = full_params(model), [g["step"] for g in opt.param_groups]
+            kept = state()
+            outcomes = _every_rank_says(world, ValueError, opt.step)
+            after = full_params(model)
+            results[(layout, case)] = {
+                "outcomes": outcomes,
+                "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                # SOAP's owners commit their factors and moments before the scatter
+                "state unchanged": all(torch.equal(a, b) for a, b in zip(kept, state(),
+                                                                          strict=True)),
+                "steps": steps == [g["step"] for g in opt.param_groups]}
+        grads(2)
+        results[(layout, "recovered")] = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
         torch.save(results, Path(out))
 
@@ -1165,7 +1259,7 @@ def uneven_rows_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    from sharding import OwnerSharding
+    from sharding import OwnerSharding, checkpoint
 
     mesh = init_device_mesh("cpu", (world,))
     rows = [3, 2, 2][rank]
@@ -1177,9 +1271,26 @@ def uneven_rows_worker(rank: int, world: int, out: str) -> None:
     p = nn.Parameter(uneven())
     p.grad = uneven()
     opt = Muon([("w", p)], lr=0.02, sharding=OwnerSharding())
-    outcomes = _every_rank_says(world, Exception, opt.step)
+    results: dict[str, Any] = {"outcomes": _every_rank_says(world, Exception, opt.step)}
+    # what reads the plan outside the step: ranks whose rows agreed went on into the next
+    # collective alone (an all_gather_object, DCP's planning) and waited there
+    model = nn.Module()
+    model.w = p
+    for name in ("normuon", "soap"):  # owner-only state: kept whole by the plan's owner
+        built = OPTIMIZERS[name]([("w", p)], OwnerSharding())
+        whole = OPTIMIZERS[name]([("w", nn.Parameter(torch.randn(7, 4)))], None)
+        whole.param_groups[0]["params"][0].grad = torch.randn(7, 4)
+        whole.step()  # a one-process state dict to load
+        results[name] = {
+            "init_state": _every_rank_says(world, Exception, built.init_state),
+            "state_dict": _every_rank_says(world, Exception, built.state_dict),
+            "load": _every_rank_says(world, Exception,
+                                     lambda b=built, w=whole: b.load_state_dict(w.state_dict())),
+            "save": _every_rank_says(world, Exception, lambda b=built, n=name: checkpoint.save(
+                Path(out).parent / f"ckpt-{n}", model, b)),
+        }
     if rank == 0:
-        torch.save({"outcomes": outcomes}, Path(out))
+        torch.save(results, Path(out))
 
 
 def _matrix_group_reversed(model: nn.Module) -> list[dict[str, Any]]:

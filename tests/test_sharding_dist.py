@@ -265,6 +265,9 @@ def test_the_adamw_flags_agree_without_a_gather_to_carry_them(tmp_path, world):
     ("compute", True, 1), ("compute", True, 2), ("compute", True, 4),
     ("prepare", True, 2), ("prepare", True, 4),
     ("compute", False, 2), ("prepare", False, 2),  # replicated: no gather to learn it from
+    # the owner's full matrices from the gathered rows, and its results laid out to send: an
+    # out-of-memory error there left the other ranks waiting in the scatter
+    ("assemble", True, 2), ("send", True, 2), ("send", False, 2),
 ])
 def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_path, phase,
                                                                            fsdp, world):
@@ -774,10 +777,31 @@ def test_fsdp2_parameters_without_sharding_are_refused_by_name(tmp_path):
     # each rank's own shards under LocalExchange, never gathered)
     run_ranks(w.no_sharding_worker, 2, tmp_path, str(tmp_path / "out.pt"), timeout=60)
     result = torch.load(tmp_path / "out.pt")
-    for case in ("all", "no adamw"):
+    for case in ("all", "no adamw", "matrices only"):
         assert all(o.startswith("ValueError: Muon: parameters are DTensors") and
                    "sharding=OwnerSharding()" in o for o in result[case]), (case, result[case])
     assert result["steps"] == [0, 0]  # the refused steps did not count
+    assert result["matrices unchanged"] and result["matrices steps"] == [0]
+
+
+def test_a_plain_gradient_on_a_sharded_adamw_parameter_is_refused_on_every_rank(tmp_path):
+    # the matrices were updated, then AdamW failed with torch's "got mixed torch.Tensor and
+    # DTensor" (the step counted); set on one rank alone, the others would have gone on
+    run_ranks(w.misplaced_grad_worker, 2, tmp_path, str(tmp_path / "out.pt"), timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    cases = [("fsdp", "every rank"), ("fsdp", "rank 1"), ("fsdp", "bias alone"),
+             ("fsdp soap", "every rank"), ("fsdp soap", "rank 1"),
+             ("partly", "every rank"), ("partly", "rank 1")]
+    for case in cases:
+        outcomes = result[case]["outcomes"]
+        assert all(o.startswith("ValueError: bias") or o.startswith("ValueError: inner.bias")
+                   for o in outcomes), (case, outcomes)
+        assert all("not laid out as the parameter" in o and "Nothing was applied" in o
+                   for o in outcomes), (case, outcomes)
+        assert result[case]["unchanged"] and result[case]["state unchanged"], case
+        assert result[case]["steps"], case
+    for layout in ("fsdp", "fsdp soap", "partly"):
+        assert result[(layout, "recovered")] == ["done"] * 2, layout
 
 
 def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
@@ -791,6 +815,18 @@ def test_rows_not_laid_out_as_torch_chunk_are_refused_on_every_rank(tmp_path):
     # rank 0's rows agree: it learns of the others' error in the gather and raises too
     assert outcomes[0].startswith("RuntimeError: the matrix update on rank 1") and \
         "failed: ranks [1, 2]" in outcomes[0], outcomes
+    # the state dict's export and import, and a checkpoint's save, read the plan too: raised
+    # there on ranks 1 and 2 alone, rank 0 waited in the next collective
+    result = torch.load(tmp_path / "out.pt")
+    for name in ("normuon", "soap"):
+        assert result[name]["init_state"] == ["done"] * 3  # no collective: nothing to raise
+        for action in ("state_dict", "load", "save"):
+            said = result[name][action]
+            assert said[1].startswith("ValueError: w: this rank holds 2 rows, the plan expects 3")
+            assert said[2].startswith("ValueError: w: this rank holds 2 rows, the plan expects 1")
+            assert said[0].startswith("ValueError: ranks [1, 2] of the sharding group hold rows"), \
+                (name, action, said)
+    assert not any((tmp_path / f"ckpt-{name}").exists() for name in ("normuon", "soap"))
 
 
 def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order(tmp_path,
