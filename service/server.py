@@ -182,8 +182,10 @@ async def serve(settings: Settings, *, log_level: str = "info") -> None:
         app = create_app(settings)
         host, port = sockets[0].getsockname()[:2]
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # --port 0: the one given
-        _log.info("sidecar listening on http://%s%s", where,
-                  f" and unix socket {settings.uds}" if settings.uds else "")
+        # at the level the log shows at least: with --port 0 this line alone names the port
+        # (--log-level warning hid it)
+        _log.log(max(logging.INFO, _log.getEffectiveLevel()), "sidecar listening on http://%s%s",
+                 where, f" and unix socket {settings.uds}" if settings.uds else "")
         await _serve_until_signal(sockets, _configs(settings, app, log_level))
     finally:
         for sock in sockets:

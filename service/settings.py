@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import string
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,18 +88,36 @@ class Settings:
                 f"rotation_hold_s must be in [0, series_ttl_s={self.series_ttl_s}) seconds, "
                 f"got {self.rotation_hold_s}; use at least the Prometheus scrape interval"
             )
-        if self.history_max_rows < 1:
-            raise ValueError(f"history_max_rows must be >= 1, got {self.history_max_rows}")
+        if not 1 <= self.history_max_rows <= SQLITE_MAX_INT:
+            # past SQLite's integers the first prune raised OverflowError at start
+            raise ValueError(f"history_max_rows must be in [1, {SQLITE_MAX_INT}], got "
+                             f"{self.history_max_rows}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_writes < 1:
             raise ValueError(f"max_writes must be >= 1, got {self.max_writes}")
         if self.uds is not None and not self.uds:
             raise ValueError("uds must be a socket path or None")
-        if not self.db_path:
-            # SQLite opens "" as a private temporary database, dropped on exit: no history
+        if not self.db_path or _temporary_uri(self.db_path):
+            # SQLite opens "" (and a "file:" URI with no path) as a private temporary database,
+            # dropped on exit: no history, though every snapshot was answered 201
             raise ValueError("db_path must name the history file (\":memory:\" keeps none); an "
                              "empty path would keep it in a temporary database, lost on exit")
+
+
+#: SQLite's largest integer (a signed 64-bit one)
+SQLITE_MAX_INT = 2**63 - 1
+
+
+def _temporary_uri(path: str) -> bool:
+    """Whether ``path`` is a SQLite ``file:`` URI without a file name (``file:``,
+    ``file:?cache=shared``) and not an explicit in-memory database: SQLite opens it as a
+    private temporary database, as it does ``""``."""
+    if not path.startswith("file:"):
+        return False
+    parts = urllib.parse.urlsplit(path)
+    memory = "memory" in urllib.parse.parse_qs(parts.query).get("mode", [])
+    return not urllib.parse.unquote(parts.path) and not memory
 
 
 def token_error(token: str) -> str | None:

@@ -193,10 +193,8 @@ class Store:
         Raises:
             StoreBusy: the write lock was still held at the deadline.
         """
-        if self._file is not None and _file_id(self._path) != self._file:
-            raise StoreBusy(f"the database file {self._path} was removed or replaced while the "
-                            f"sidecar ran, and writes to the one it has open would be lost: "
-                            f"restart the sidecar")
+        if (gone := self.file_gone()) is not None:
+            raise StoreBusy(gone)
         deadline = time.monotonic() + WRITE_WAIT_S if deadline is None else deadline
         pause = 0.001
         while True:
@@ -386,7 +384,16 @@ class Store:
     def ready(self) -> bool:
         """True once any snapshot has been accepted (now or before a restart), and while the
         database file is the one opened."""
-        return bool(self._ranks) and (self._file is None or _file_id(self._path) == self._file)
+        return bool(self._ranks) and self.file_gone() is None
+
+    def file_gone(self) -> str | None:
+        """Why the database file this store opened is no longer the one at its path (removed
+        or replaced under the running sidecar, so writes would be lost); None while it is."""
+        if self._file is not None and _file_id(self._path) != self._file:
+            return (f"the database file {self._path} was removed or replaced while the "
+                    f"sidecar ran, and writes to the one it has open would be lost: restart "
+                    f"the sidecar")
+        return None
 
     def ranks(self) -> list[RankRecord]:
         """Every rank ever seen, by rank."""
@@ -577,6 +584,15 @@ def _check_writable(path: str | None) -> None:
     for name in (path, f"{path}-wal", f"{path}-shm"):
         if os.path.exists(name) and not os.access(name, os.W_OK):
             raise sqlite3.OperationalError(f"this user cannot write {name}")
+    links = os.stat(path).st_nlink if os.path.exists(path) else 1
+    if links > 1:
+        # SQLite names a database's -wal and -shm files after the path, and the lock goes by
+        # it too: a sidecar on another name of the file kept a WAL of its own over the same
+        # file (the index corrupted, answered snapshots lost) while this one ran
+        raise sqlite3.OperationalError(
+            f"{path} has {links} hard links: another name of the file would be another "
+            f"database over it (its own -wal file and lock); remove the other names "
+            f"(find / -samefile {path}) or copy the database to a file of its own")
 
 
 def _file_id(path: str | None) -> tuple[int, int] | None:

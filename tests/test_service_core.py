@@ -432,8 +432,47 @@ def test_a_database_file_removed_under_the_store_refuses_writes_instead_of_losin
         Store(str(db), history_max_rows=1000).close()
     with pytest.raises(StoreBusy, match=r"s\.db was removed or replaced while the sidecar ran"):
         store.ingest(make_snapshot(2))
-    assert not store.ready  # /readyz answers 503
+    assert not store.ready  # /readyz answers 503, saying why (it said "no snapshot yet")
+    gone = store.file_gone()
+    assert gone is not None and "s.db was removed or replaced" in gone
     store.close()
+
+
+def test_readyz_says_the_database_file_was_replaced_rather_than_no_snapshot_yet(
+        tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    db = tmp_path / "s.db"
+    token = "t" * 32
+    with TestClient(create_app(Settings(token=token, db_path=str(db)))) as client:
+        auth = {"Authorization": f"Bearer {token}"}
+        assert client.post("/v1/snapshots", json=make_snapshot(1).model_dump(mode="json"),
+                           headers=auth).status_code == 201
+        assert client.get("/readyz").status_code == 200
+        db.rename(tmp_path / "moved.db")
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert "s.db was removed or replaced while the sidecar ran" in r.json()["detail"]
+
+
+def test_a_database_file_with_another_hard_link_is_refused_before_sqlite_opens_it(
+        tmp_path: Path) -> None:
+    # a second sidecar on another name of the file took a lock and a WAL of its own: both ran
+    # on one file, the index corrupted and the second one's answered snapshots were lost
+    db = tmp_path / "a.db"
+    first = Store(str(db), history_max_rows=1000)
+    first.ingest(make_snapshot(1))
+    os.link(db, tmp_path / "b.db")
+    for name in ("b.db", "a.db"):
+        with pytest.raises(sqlite3.OperationalError, match=r"has 2 hard links"):
+            Store(str(tmp_path / name), history_max_rows=1000)
+    first.close()
+    (tmp_path / "b.db").unlink()
+    again = Store(str(db), history_max_rows=1000)  # one name again: it opens
+    assert again.ready
+    again.close()
 
 
 # Ingests under a reader of another process: long enough for several RESTART cycles (0.2 s
@@ -826,10 +865,21 @@ def test_settings_refuse_a_rotation_hold_outside_zero_to_the_ttl(hold: float) ->
         Settings(token="t" * 32, series_ttl_s=600, rotation_hold_s=hold)
 
 
-def test_settings_refuse_an_empty_history_path() -> None:
-    # SQLite opens "" as a private temporary database: the history was silently not kept
+@pytest.mark.parametrize("path", ["", "file:", "file:?cache=shared", "file://"])
+def test_settings_refuse_an_empty_history_path(path: str) -> None:
+    # SQLite opens "" (and a file: URI without a path) as a private temporary database: the
+    # history was silently not kept, though /readyz said ready and every snapshot got its 201
     with pytest.raises(ValueError, match="db_path must name the history file"):
-        Settings(token="t" * 32, db_path="")
+        Settings(token="t" * 32, db_path=path)
+    Settings(token="t" * 32, db_path="file::memory:")  # said in so many words: kept in memory
+    Settings(token="t" * 32, db_path="file:x?mode=memory")
+
+
+@pytest.mark.parametrize("rows", [0, 2**63])
+def test_settings_refuse_a_history_cap_sqlite_cannot_hold(rows: int) -> None:
+    # 2**63 passed, and the first prune raised OverflowError at start (a traceback, exit 1)
+    with pytest.raises(ValueError, match=r"history_max_rows must be in \[1, 9223372036854775807\]"):
+        Settings(token="t" * 32, history_max_rows=rows)
 
 
 @pytest.mark.parametrize(

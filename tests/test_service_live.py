@@ -631,7 +631,9 @@ def test_sidecar_cli_refuses_a_database_it_cannot_write(tmp_path: Path, how: str
 
 
 @pytest.mark.timeout(60)
-def test_the_sidecar_logs_where_it_listens_the_port_it_was_given_included(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["info", "warning"])  # --log-level warning hid the line
+def test_the_sidecar_logs_where_it_listens_the_port_it_was_given_included(
+        tmp_path: Path, level: str) -> None:
     # with --port 0 the kernel picks the port, and nothing said which: only `ss` could tell
     token = secrets.token_hex(16)
     token_file = tmp_path / "token"
@@ -639,7 +641,8 @@ def test_the_sidecar_logs_where_it_listens_the_port_it_was_given_included(tmp_pa
     token_file.chmod(0o600)
     uds = tmp_path / "s.sock"
     cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
-           "--db", str(tmp_path / "state.db"), "--port", "0", "--uds", str(uds)]  # fmt: skip
+           "--db", str(tmp_path / "state.db"), "--port", "0", "--uds", str(uds),
+           "--log-level", level]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None

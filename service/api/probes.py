@@ -32,13 +32,16 @@ async def healthz() -> dict[str, str]:
     "/readyz", summary="Readiness: a snapshot has been accepted", responses=problem_responses(503)
 )
 async def readyz(store: StoreDep) -> dict[str, str]:
-    """200 once any snapshot was accepted (also one stored before a restart), else 503."""
+    """200 once any snapshot was accepted (also one stored before a restart), else 503: none
+    yet, or the database file was removed or replaced under the sidecar (the detail says which)."""
+    if (gone := store.file_gone()) is not None:
+        raise ProblemError(503, gone[0].upper() + gone[1:] + ".", slug="not-ready")
     if not store.ready:
         raise ProblemError(503, "No snapshot has been received yet.", slug="not-ready")
     return {"status": "ready"}
 
 
-_OTHER_METHODS = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_OTHER_METHODS = ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
 
 
 # Starlette's 405 names the methods of the first route of the path only (GET), not the HEAD
