@@ -38,7 +38,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
@@ -136,6 +143,18 @@ class Snapshot(_Strict):
     wall_time: float = Field(gt=0, description="Unix seconds at the trainer when taken")
     params: dict[ParamName, ParamMetrics] = Field(max_length=MAX_PARAMS)
     optimizer: OptimizerInfo | None = None
+
+    @field_validator("params")
+    @classmethod
+    def _counts_not_negative(cls, params: dict[str, dict[str, float | None]]
+                             ) -> dict[str, dict[str, float | None]]:
+        """``nonfinite_skips`` is a count, exported as a counter: a negative one is refused."""
+        for name, metrics in params.items():
+            count = metrics.get("nonfinite_skips")
+            if count is not None and count < 0:
+                raise ValueError(f"params[{name!r}].nonfinite_skips is a count of skipped "
+                                 f"updates: it must be >= 0, got {count}")
+        return params
 
 
 class Finish(_Strict):

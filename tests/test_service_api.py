@@ -309,6 +309,8 @@ BAD_BODIES = {
     "too many metrics": snapshot() | {"params": {"w": {f"m{i}": 1.0 for i in range(65)}}},
     "null step": snapshot() | {"step": None},
     "body is a list": [snapshot()],
+    # exported as a counter: it went out as orthoshard_nonfinite_skips_total -3
+    "negative skip count": snapshot() | {"params": {"w": {"nonfinite_skips": -3.0}}},
 }
 
 
