@@ -48,6 +48,7 @@ from optim._checks import (
     _refuse_unsupported_adam_flags,
     check_health_every,
     check_param_groups,
+    free_group_prefix,
     is_int,
 )
 from optim._exchange import (
@@ -155,10 +156,8 @@ class MatrixOptimizer(StateDictOptimizer):
             # torch refuses a group without names next to named ones
             # group{i} after the last group, past any index a removed group's neighbours hold
             taken = {name.split(".", 1)[0] for g in self.param_groups for name in g["param_names"]}
-            index = len(self.param_groups)
-            while f"group{index}" in taken:
-                index += 1
-            group["param_names"] = [f"group{index}.param{i}" for i in range(len(params))]
+            prefix = free_group_prefix(len(self.param_groups), taken)
+            group["param_names"] = [f"{prefix}.param{i}" for i in range(len(params))]
         super().add_param_group(group)
         try:
             self._check_groups()

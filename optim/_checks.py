@@ -104,10 +104,28 @@ def _name_unnamed_groups(params: Any) -> Any:
     named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
              for g in params]
     if any(named) and not all(named):
+        taken = {_prefix(name) for g in params for name in g.get("param_names", [])} | \
+            {_prefix(p[0]) for g in params for p in g["params"]
+             if isinstance(p, tuple) and p and isinstance(p[0], str)}
         for i, group in enumerate(params):
             if not named[i]:
-                group["param_names"] = [f"group{i}.param{j}" for j in range(len(group["params"]))]
+                prefix = free_group_prefix(i, taken)
+                taken.add(prefix)
+                group["param_names"] = [f"{prefix}.param{j}" for j in range(len(group["params"]))]
     return params
+
+
+def _prefix(name: Any) -> str:
+    return name.split(".", 1)[0] if isinstance(name, str) else ""
+
+
+def free_group_prefix(index: int, taken: set[str]) -> str:
+    """``group{index}``, or the first ``group{k}`` after it that no given name starts with:
+    an unnamed group's parameters are named ``group{k}.param{j}``, which must not take a name
+    the user gave (``"group1.param0"`` in another group was refused as given twice)."""
+    while f"group{index}" in taken:
+        index += 1
+    return f"group{index}"
 
 
 def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, optimizer: str

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -157,8 +158,9 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
         raise ValueError(f"estimate_orthogonality_error needs a (..., m, n) matrix, got "
                          f"{tuple(O.shape)}")
     _check_real(O, "estimate_orthogonality_error")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    probes = int(probes)  # a NumPy integer (a sweep's) as Python's
     work = O.mT if O.size(-2) < O.size(-1) else O
     m, k = work.shape[-2:]
     if 2 * probes >= k:

@@ -215,6 +215,8 @@ class Muon(MatrixOptimizer):
                          group["ns_method"], group["softening"], group["adjust_lr_fn"],
                          group["ns_coefficients"], group["eps"])
         check_flags(group, "nesterov")
+        if not isinstance(group["ns_steps"], int):  # a NumPy integer (a sweep's) as Python's,
+            group["ns_steps"] = int(group["ns_steps"])  # which a weights_only checkpoint loads
 
     def _before_step(self) -> None:
         _check_health_probes(self.health_probes)  # an instance attribute a user may have set

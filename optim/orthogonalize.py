@@ -190,8 +190,9 @@ def _check_bound_resolves(lower_bound: float | None, method: str, compute: torch
 
 def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.dtype:
     if dtype is not None:
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. "
+                             f"torch.float32) or None, got {dtype!r}")
         return dtype
     # Muon's choice: bfloat16 halves memory traffic and the polynomial steps tolerate its
     # rounding. torch.linalg.svd has no bfloat16 kernel, so the exact reference uses float32.

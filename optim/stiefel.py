@@ -183,6 +183,16 @@ class FeedbackConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
+        for name in ("ema", "gain_ema", "gain_init", "gain_min", "gain_max", "eps"):
+            value = getattr(self, name)
+            if not (is_real(value) and math.isfinite(value)):
+                # a string or None compared with a float raised TypeError; eps=inf read every
+                # gain target as 0
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.max_step_norm is not None and not (is_real(self.max_step_norm)
+                                                   and math.isfinite(self.max_step_norm)):
+            raise ValueError(f"max_step_norm must be a finite number > 0 or None, got "
+                             f"{self.max_step_norm!r}")
         if not (is_real(self.lr) and 0 <= self.lr < math.inf):
             # an infinite lr made U all NaN in one update, past the non-finite guard
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")

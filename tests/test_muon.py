@@ -1155,6 +1155,35 @@ def test_numpy_scalars_are_numbers_for_hyperparameters_and_schedulers(opt_cls):
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5**3)
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_numpy_counts_step_and_checkpoint_as_python_ints(opt_cls, tmp_path):
+    # health_probes=np.int64(16) passed the constructor, then every step raised inside the
+    # compute (NorMuon's second moments moved each time); ns_steps=np.int64(5) stayed NumPy in
+    # the group, and torch.load's weights_only refused the checkpoint
+    import numpy as np
+
+    params = make_params(SHAPES[:2])
+    given = opt_cls(params, lr=0.02, health_probes=np.int64(2), ns_steps=np.int64(5))
+    ints = [nn.Parameter(p.detach().clone()) for p in params]
+    plain = opt_cls(ints, lr=0.02, health_probes=2, ns_steps=5)
+    run(given, params, 2)
+    run(plain, ints, 2)
+    for p, q in zip(params, ints, strict=True):
+        assert torch.equal(p, q)
+    assert given.health() == plain.health()
+    torch.save(given.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt")  # weights_only, torch's default
+    assert type(loaded["param_groups"][0]["ns_steps"]) is int
+
+
+def test_an_unnamed_group_is_named_past_the_names_given():
+    # "group1.param0" given by the user in group 0 and the generated name of group 1 collided:
+    # refused as "given twice", though the user gave it once
+    p, q = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    opt = Muon([{"params": [("group1.param0", p)]}, {"params": [q]}], lr=0.02)
+    assert [g["param_names"] for g in opt.param_groups] == [["group1.param0"], ["group2.param0"]]
+
+
 def test_muon_refuses_an_unknown_keyword_as_torch_muon_does():
     with pytest.raises(TypeError, match="nesterof"):
         Muon(make_params(), nesterof=False)

@@ -215,6 +215,10 @@ def test_softening_outside_unit_interval_or_nan_raises_value_error(s):
     pytest.param(dict(eps=float("nan")), id="eps-nan"),
     pytest.param(dict(coefficients=(1.0, 2.0)), id="coefficients-two"),
     pytest.param(dict(coefficients=(3.4, float("inf"), 2.0)), id="coefficients-inf"),
+    # an AttributeError ('str' object has no attribute 'is_floating_point')
+    pytest.param(dict(dtype="float32"), id="dtype-string"),
+    pytest.param(dict(dtype=float), id="dtype-python-type"),
+    pytest.param(dict(dtype=torch.int32), id="dtype-integer"),
 ])
 def test_bad_input_raises_value_error(bad):
     kwargs = {"X": gaussian(6, 4), **bad}

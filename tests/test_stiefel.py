@@ -200,6 +200,11 @@ def test_feedback_config_validates_when_built():
         FeedbackConfig(gain_init=100.0)
     with pytest.raises(ValueError, match="max_step_norm"):
         FeedbackConfig(max_step_norm=0.0)
+    # a TypeError from the comparison, or (eps=inf) accepted with every gain target read as 0
+    for field, value in (("ema", "0.9"), ("eps", None), ("eps", float("inf")),
+                         ("gain_max", float("nan")), ("max_step_norm", "1")):
+        with pytest.raises(ValueError, match=field):
+            FeedbackConfig(**{field: value})
 
 
 def test_feedback_system_shapes_and_bad_ranks():
