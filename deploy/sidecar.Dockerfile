@@ -1,4 +1,4 @@
-# The health sidecar: service/ and the console script, no torch (DESIGN.md section 1).
+# The health sidecar: service/ and the console script, no torch (docs/service.md).
 #   docker build -f deploy/sidecar.Dockerfile -t orthoshard-sidecar .
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
