@@ -278,10 +278,17 @@ def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
                     f"--sidecar-url=http://sidecar-{n}:9400"):  # fmt: skip
             assert arg in cmd, f"trainer-{n} lacks {arg}"
         assert cmd[cmd.index("-m") + 1] == "orthoshard.train"
-        # the job's own parser takes what compose renders (defaults: SOAP, FSDP over all ranks)
-        train_args = parse_args([f"--token-file={token}" if a.startswith("--token-file=") else a
-                                 for a in cmd[cmd.index("-m") + 2:]])
+        # the job's own parser takes what compose renders (defaults: SOAP, FSDP over all ranks),
+        # the container's paths moved under tmp_path (its check creates --checkpoint-dir: it
+        # made /checkpoints on the host)
+        here = {"--token-file=": str(token), "--checkpoint-dir=": str(tmp_path / "checkpoints"),
+                "--out=": str(tmp_path / "out")}
+        given = cmd[cmd.index("-m") + 2:]
+        moved = [next((f"{k}{v}" for k, v in here.items() if a.startswith(k)), a) for a in given]
+        assert sum(a != b for a, b in zip(given, moved, strict=True)) >= 2  # token, checkpoints
+        train_args = parse_args(moved)
         assert (train_args.optimizer, train_args.replicas, train_args.resume) == ("soap", 1, True)
+        assert train_args.checkpoint_dir == tmp_path / "checkpoints"
         assert trainer["depends_on"][f"sidecar-{n}"]["condition"] == "service_healthy"
     assert "--web.enable-lifecycle" in services["prometheus"]["command"]
     assert "--cluster.listen-address=" in services["alertmanager"]["command"]

@@ -280,6 +280,9 @@ def test_oft_guide_parametrization_is_orthogonal_as_claimed() -> None:
 # The merged layer sums x (W R)^T where the adapter sums (x R^T) W^T: float32 sums of 4096
 # products in another order, measured 1.9e-6 apart on outputs of size ~2 (rotations at scale 0.3).
 OFT_MERGE_ATOL, OFT_MERGE_RTOL = 1e-5, 1e-5
+# Rotations at scale 0.3 move the outputs (size ~2) by up to 2.6 (measured): a layer that did not
+# rotate stays within float32 rounding (~1e-6) of its base, far below this.
+OFT_TURNED_MIN = 1e-2
 
 
 def test_oft_guide_layer_starts_as_its_base_and_merges_to_itself() -> None:
@@ -293,7 +296,7 @@ def test_oft_guide_layer_starts_as_its_base_and_merges_to_itself() -> None:
     merged = layer.merge()
     assert type(merged) is torch.nn.Linear
     torch.testing.assert_close(merged(x), layer(x), atol=OFT_MERGE_ATOL, rtol=OFT_MERGE_RTOL)
-    assert not torch.allclose(layer(x), layer.base(x), atol=1e-2)  # it did rotate
+    assert (layer(x) - layer.base(x)).abs().max() > OFT_TURNED_MIN  # it did rotate
 
 
 def test_soap_guide_gives_the_hidden_matrices_soap_and_the_rest_adamw() -> None:

@@ -224,8 +224,7 @@ def test_eigengap_ratio_seed_table_value_1_0207():
 
 def test_eigengap_ratio_edges_degenerate_rank_one_zero_and_batched():
     eig = torch.tensor([[2.0, 2.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(eigengap_ratio(eig), torch.tensor([0.0, 1.0, 0.0],
-                                                                 dtype=torch.float64))
+    assert torch.equal(eigengap_ratio(eig), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
 
 
 def test_health_functions_on_empty_bases_nan_spectra_and_mismatched_shapes():
@@ -247,8 +246,7 @@ def test_health_functions_on_empty_bases_nan_spectra_and_mismatched_shapes():
 def test_eigengap_ratio_of_one_eigenvalue_is_rank_one_and_of_none_is_refused():
     # a 1 x 1 factor (a 1 x n matrix's L) determines its one direction: SOAP's health read 0,
     # "degenerate top", and the docs say to distrust the rotations then
-    torch.testing.assert_close(eigengap_ratio(torch.tensor([[2.0], [0.0]])),
-                               torch.tensor([1.0, 0.0]))
+    assert torch.equal(eigengap_ratio(torch.tensor([[2.0], [0.0]])), torch.tensor([1.0, 0.0]))
     assert math.isnan(eigengap_ratio(torch.tensor([float("nan")])).item())
     assert math.isnan(eigengap_ratio(torch.tensor([1.0, float("nan")])).item())
     with pytest.raises(ValueError, match="at least 1 eigenvalue"):
