@@ -13,7 +13,9 @@ ratios (each round times both back to back): at two threads on this machine they
 
 Ratios: our ``Muon`` / ``torch.optim.Muon`` (same arguments; ours batches same-shape matrices),
 and ``Muon(health_every=1)`` / ``Muon(health_every=0)`` (target < 1.05; the orthogonality error
-of the default quintic estimated from 16 probes), the same with the exact Gram
+of the default quintic estimated from 16 probes on matrices whose smaller side is above 64,
+exact at 64 and below: on the ``--quick`` stack, all of whose smaller sides are 64, this row
+measures what the next one does), the same with the exact Gram
 (``health_probes=0``) and for Polar Express (exact by default), plus NorMuon, and the
 same health ratio for a whole training step of a small GPT (forward and backward included). Our
 optimizers' timed step includes an ``optimizer.health()`` call, as a trainer publishing every

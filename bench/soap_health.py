@@ -118,13 +118,17 @@ def main() -> None:
                         help="default by size; a row of matrices refreshing every F steps runs "
                              "at least 10 F, in whole periods (--steps 60 runs 100 at F = 10), "
                              "the GPT row refreshing every 10 at least 60")
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=None, help="default 2")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time.thread_time, not wall (needs --threads 1)")
     args = parser.parse_args()
-    check_cpu_time(parser, args.cpu_time, args.threads)
+    check_cpu_time(parser, args.cpu_time, args.threads)  # names a --threads the user gave
+    if args.threads is None:
+        args.threads = 2
     if not args.shapes and not args.model:
         parser.error("nothing to measure: --shapes '' without --model")
+    if args.quick and not args.model:  # it ran the full-size rows, silently
+        parser.error("--quick sizes the --model rows (d_model 64): pass --model with it")
     torch.set_num_threads(args.threads)
     if args.cpu_time:  # bench.muon's clock, so that its training step is timed the same way
         bench.muon.CLOCK = time.thread_time

@@ -63,3 +63,16 @@ def test_soap_health_with_nothing_to_measure_prints_only_the_error():
                      cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert "nothing to measure: --shapes '' without --model" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("argv", "message"), [
+    # it ran the full-size lone-matrix rows, --quick ignored
+    (["--quick", "--shapes", "16x8"], "--quick sizes the --model rows (d_model 64)"),
+    # it blamed a "--threads 2" never given (the default)
+    (["--cpu-time"], "pass --threads 1 with it (got no --threads)"),
+])
+def test_soap_health_refuses_options_it_would_not_honour(argv, message):
+    proc = run_whole([sys.executable, "bench/soap_health.py", *argv], timeout=80, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert message in proc.stderr
