@@ -153,8 +153,11 @@ def compare(label: str, factories: dict[str, callable], shape_list, steps: int) 
     for _ in range(3):  # warm-up
         for opt, params, grads, _ in runs.values():
             timed_step(opt, params, grads)
-    for _ in range(steps):
-        for opt, params, grads, times in runs.values():
+    order = list(runs.values())
+    for step in range(steps):
+        # each round in the other order: whichever runs first in a round meets the caches and
+        # the frequency the last one left, and a fixed order put that on one side of the ratio
+        for opt, params, grads, times in (order if step % 2 == 0 else order[::-1]):
             times.append(timed_step(opt, params, grads))
     return {name: times for name, (_, _, _, times) in runs.items()}
 
@@ -202,8 +205,8 @@ def training_step_times(steps: int, quick: bool, optimizer: type = Muon, **kwarg
     for _ in range(3):
         for model, opt, _ in runs:
             one(model, opt)
-    for _ in range(steps):
-        for model, opt, times in runs:
+    for step in range(steps):
+        for model, opt, times in (runs if step % 2 == 0 else runs[::-1]):  # as compare()
             times.append(one(model, opt))
     return runs[0][2], runs[1][2]
 

@@ -58,7 +58,7 @@ def optimizers() -> dict[str, callable]:
 
     table = {
         "Muon": lambda m: Muon(groups(m), lr=0.02, weight_decay=0.01),
-        "Muon polar_express": lambda m: Muon(groups(m), lr=0.02, weight_decay=0.01,
+        "Muon polar_express, 8 steps": lambda m: Muon(groups(m), lr=0.02, weight_decay=0.01,
                                              ns_method="polar_express", ns_steps=8),
         "NorMuon": lambda m: NorMuon(groups(m), lr=0.02, weight_decay=0.01),
         "Muon softened s=0.3": lambda m: Muon(groups(m), lr=0.02, weight_decay=0.01,
