@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 from torch import Tensor
+
+from optim._checks import is_int
 
 __all__ = ["basis_staleness", "eigengap_ratio", "estimate_orthogonality_error",
            "orthogonality_error", "principal_extremes", "rotation_angle_degrees",
@@ -158,7 +159,7 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
         raise ValueError(f"estimate_orthogonality_error needs a (..., m, n) matrix, got "
                          f"{tuple(O.shape)}")
     _check_real(O, "estimate_orthogonality_error")
-    if isinstance(probes, bool) or not isinstance(probes, numbers.Integral) or probes < 1:
+    if not is_int(probes) or probes < 1:
         raise ValueError(f"probes must be an int >= 1, got {probes!r}")
     probes = int(probes)  # a NumPy integer (a sweep's) as Python's
     work = O.mT if O.size(-2) < O.size(-1) else O

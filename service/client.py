@@ -104,23 +104,16 @@ def default_run_id() -> str:
 _RUN_ID = TypeAdapter(RunId)
 
 
-def _sidecar_takes_run_id(run_id: str) -> bool:
-    """Whether the sidecar's own validation (pydantic's, whose pattern engine differs from
-    ``re`` on unicode: ``"x²"`` matches ``\\w`` here and not there) accepts ``run_id``."""
+def run_id_problem(run_id: str) -> str | None:
+    """Why the sidecar would refuse every snapshot published under ``run_id`` (None: it takes
+    it), said after the id's name. Checked by the sidecar's own validation (pydantic's, whose
+    pattern engine differs from ``re`` on unicode: ``"x²"`` matches ``\\w`` here and not there)."""
     try:
         _RUN_ID.validate_python(run_id)
     except ValidationError:
-        return False
-    return True
-
-
-def run_id_problem(run_id: str) -> str | None:
-    """Why the sidecar would refuse every snapshot published under ``run_id`` (None: it takes
-    it), said after the id's name."""
-    if _sidecar_takes_run_id(run_id):
-        return None
-    return (f"{run_id!r} would be refused by the sidecar: use at most {RUN_ID_MAX_LENGTH} "
-            f"letters, digits, '_', '.', ':' and '-'")
+        return (f"{run_id!r} would be refused by the sidecar: use at most {RUN_ID_MAX_LENGTH} "
+                f"letters, digits, '_', '.', ':' and '-'")
+    return None
 
 
 #: The longest wait a Publisher takes (a request's ``timeout_s``, ``backoff_s``' longest pause,

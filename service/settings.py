@@ -98,7 +98,7 @@ class Settings:
             raise ValueError(f"max_writes must be >= 1, got {self.max_writes}")
         if self.uds is not None and not self.uds:
             raise ValueError("uds must be a socket path or None")
-        if not self.db_path or _temporary_uri(self.db_path):
+        if sqlite_file_name(self.db_path) == "":
             # SQLite opens "" (and a "file:" URI with no path) as a private temporary database,
             # dropped on exit: no history, though every snapshot was answered 201
             raise ValueError("db_path must name the history file (\":memory:\" keeps none); an "
@@ -109,15 +109,17 @@ class Settings:
 SQLITE_MAX_INT = 2**63 - 1
 
 
-def _temporary_uri(path: str) -> bool:
-    """Whether ``path`` is a SQLite ``file:`` URI without a file name (``file:``,
-    ``file:?cache=shared``) and not an explicit in-memory database: SQLite opens it as a
-    private temporary database, as it does ``""``."""
-    if not path.startswith("file:"):
-        return False
-    parts = urllib.parse.urlsplit(path)
-    memory = "memory" in urllib.parse.parse_qs(parts.query).get("mode", [])
-    return not urllib.parse.unquote(parts.path) and not memory
+def sqlite_file_name(path: str) -> str | None:
+    """The file name a ``--db`` path gives SQLite: a ``file:`` URI's path part, percent-decoded
+    (``file:state.db?cache=shared``, ``file:///abs/state.db``), any other path as it is; None for
+    an in-memory database (``:memory:``, ``mode=memory``). ``""`` is a private temporary
+    database, dropped on exit."""
+    if path.startswith("file:"):
+        parts = urllib.parse.urlsplit(path)
+        if "memory" in urllib.parse.parse_qs(parts.query).get("mode", []):
+            return None
+        path = urllib.parse.unquote(parts.path)
+    return None if path == ":memory:" else path
 
 
 def token_error(token: str) -> str | None:

@@ -32,7 +32,6 @@ import os
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -50,6 +49,7 @@ from service.records import (
     UnknownRank,
 )
 from service.schema import Snapshot
+from service.settings import sqlite_file_name
 
 #: Longest a write (an ingest, a finish, a merge) waits for the database: for the store's lock,
 #: then for SQLite's write lock (another process's transaction). Half the Publisher's default
@@ -497,21 +497,14 @@ class Store:
 
 
 def _file_path(path: str) -> str | None:
-    """The file a ``--db`` path names, absolute with symlinks resolved (None: an in-memory or
-    temporary database). A ``file:`` path is a SQLite URI (``file:state.db?cache=shared``,
-    ``file:///abs/state.db``): its path part, percent-decoded. The lock, the writability check
-    and the removed-file check go by this file: taken by the path as written, a URI or a
+    """The file a ``--db`` path names (:func:`service.settings.sqlite_file_name`), absolute with
+    symlinks resolved (None: an in-memory or temporary database). The lock, the writability
+    check and the removed-file check go by this file: taken by the path as written, a URI or a
     symlink to a database another sidecar held got a lock of its own (both sidecars ran on it,
     and the counts of one were lost), and a URI's removed file went unnoticed (201s for
     snapshots written into a deleted file)."""
-    if path.startswith("file:"):
-        parts = urllib.parse.urlsplit(path)
-        if "memory" in urllib.parse.parse_qs(parts.query).get("mode", []):
-            return None
-        path = urllib.parse.unquote(parts.path)
-    if path in ("", ":memory:"):
-        return None
-    return os.path.realpath(path)
+    name = sqlite_file_name(path)
+    return os.path.realpath(name) if name else None
 
 
 def _own(path: str | None) -> int | None:
