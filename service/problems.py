@@ -156,6 +156,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             slug="unsupported-schema-version",
             errors=errors,
         )
+    unknown = [str(e["loc"][1]) for e in errors
+               if e["type"] == "extra_forbidden" and e["loc"][:1] == ["query"]]
+    if unknown:
+        return problem_response(
+            request,
+            422,
+            f"Unknown query parameter {', '.join(map(repr, unknown))}: "
+            f"{_query_parameters(request)}.",
+            slug="unknown-query-parameter",
+            errors=errors,
+        )
     return problem_response(
         request,
         422,
@@ -163,6 +174,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         slug="validation-error",
         errors=errors,
     )
+
+
+def _query_parameters(request: Request) -> str:
+    """The query parameters ``request``'s endpoint takes, as its OpenAPI operation lists them
+    (the one place its signature is described), for an error naming one it does not take."""
+    path = getattr(request.scope.get("route"), "path", None)
+    operations = request.app.openapi()["paths"].get(path, {})
+    operation = operations.get(request.method.lower()) or operations.get("get", {})
+    names = [p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"]
+    return f"this path takes {', '.join(names)}" if names else "this path takes none"
 
 
 def _is_json(media_type: str) -> bool:

@@ -626,6 +626,24 @@ def test_a_history_run_id_that_no_snapshot_could_carry_is_422(client: TestClient
     assert_problem(client.get("/v1/params/w/history", params={"run_id": run_id}), 422)
 
 
+@pytest.mark.parametrize(("path", "query", "takes"), [
+    ("/v1/params/w/history", {"fromStep": 3}, "from_step, to_step, run_id, limit"),
+    ("/v1/params", {"owner_rank": 1}, "limit, cursor, rank"),
+    ("/v1/params/w", {"run_id": "run-a"}, "none"),
+    ("/v1/optimizer", {"rank": 0}, "none"),
+])
+def test_a_query_parameter_an_endpoint_does_not_take_is_422_naming_it(
+        client: TestClient, path: str, query: dict[str, Any], takes: str) -> None:
+    # it was ignored: ?fromStep=3 answered from step 0, ?owner_rank=1 every rank's parameters
+    post(client, snapshot(step=1, names=("w",)))
+    body = assert_problem(client.get(path, params=query), 422)
+    (name,) = query
+    assert body["type"] == "urn:orthoshard:problem:unknown-query-parameter"
+    assert body["detail"] == f"Unknown query parameter {name!r}: this path takes {takes}."
+    assert body["errors"][0]["loc"] == ["query", name]
+    assert client.get(path).status_code == 200  # without it, the same request answers
+
+
 def test_cursor_pagination_walks_every_param_once_in_order(client: TestClient) -> None:
     names = tuple(f"blocks.{i:02d}.w" for i in range(23))
     post(client, snapshot(rank=0, names=names[:12]))

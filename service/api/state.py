@@ -8,7 +8,7 @@ import urllib.parse
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
 from service.problems import ProblemError, problem_responses
@@ -41,6 +41,31 @@ _PARAM_NAME = TypeAdapter(ParamName)  # the schema's own rule for a parameter's 
 #: up to 4 bytes a character.
 CURSOR_MAX_LENGTH = -(-4 * 4 * PARAM_NAME_MAX_LENGTH // 3)
 _RUN_DOC = "run to read; default: the run of the parameter's latest snapshot"
+
+
+class _Query(BaseModel):
+    """An endpoint's query parameters. One it does not take is refused (422, naming it) rather
+    than ignored: ``?fromStep=100`` or ``?metric=x`` would otherwise answer as if not asked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _NoQuery(_Query):
+    """The query of an endpoint that takes no parameters."""
+
+
+class _PageQuery(_Query):
+    limit: int = Field(100, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(None, description=_CURSOR_DOC)
+    rank: int | None = Field(None, ge=0, description="only this owner rank")
+
+
+class _HistoryQuery(_Query):
+    from_step: int = Field(0, ge=0, le=MAX_STEP)
+    to_step: int = Field(MAX_STEP, ge=0, le=MAX_STEP)
+    run_id: str | None = Field(None, min_length=1, max_length=RUN_ID_MAX_LENGTH,
+                               pattern=RUN_ID_PATTERN, description=_RUN_DOC)
+    limit: int = Field(1000, ge=1, le=MAX_HISTORY)
 
 
 def encode_cursor(name: str) -> str:
@@ -141,8 +166,10 @@ def _stored_optimizer(stored: dict[str, Any]) -> OptimizerConfig:
         return OptimizerConfig.model_validate(legacy)
 
 
-@router.get("/optimizer", summary="Optimizer configuration and step per rank")
-def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep) -> OptimizerView:
+@router.get("/optimizer", summary="Optimizer configuration and step per rank",
+            responses=problem_responses(422))
+def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep,
+                  _: Annotated[_NoQuery, Query()]) -> OptimizerView:
     """Every rank ever seen, its run, step, receive time and the configuration it last sent."""
     now = clock()
     return OptimizerView(ranks=[rank_state(r, stale=now - r.received_at > settings.series_ttl_s)
@@ -158,13 +185,12 @@ def list_params(
     store: StoreDep,
     settings: SettingsDep,
     clock: ClockDep,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    cursor: Annotated[str | None, Query(description=_CURSOR_DOC)] = None,
-    rank: Annotated[int | None, Query(ge=0, description="only this owner rank")] = None,
+    query: Annotated[_PageQuery, Query()],
 ) -> ParamPage:
     """A page of parameters; ``next_cursor`` is null on the last page."""
+    limit, cursor = query.limit, query.cursor
     after = decode_cursor(cursor) if cursor is not None else None  # "": a bad cursor too
-    records = store.page(after=after, limit=limit + 1, rank=rank)
+    records = store.page(after=after, limit=limit + 1, rank=query.rank)
     more = len(records) > limit
     records = records[:limit]
     now = clock()
@@ -197,9 +223,10 @@ def _require(store: StoreDep, name: str) -> ParamRecord:
 @router.get(
     "/params/{name}",
     summary="Latest metrics and state summary of a parameter",
-    responses=problem_responses(404),
+    responses=problem_responses(404, 422),
 )
-def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep) -> ParamDetail:
+def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep,
+              _: Annotated[_NoQuery, Query()]) -> ParamDetail:
     """Latest metrics, owner rank, run, step and the last state summary received."""
     rec = _require(store, name)
     base = _summary(rec, clock(), settings.series_ttl_s)
@@ -219,11 +246,7 @@ def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep
 def get_history(
     name: str,
     store: StoreDep,
-    from_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
-    to_step: Annotated[int, Query(ge=0, le=MAX_STEP)] = MAX_STEP,
-    run_id: Annotated[str | None, Query(min_length=1, max_length=RUN_ID_MAX_LENGTH,
-                                        pattern=RUN_ID_PATTERN, description=_RUN_DOC)] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 1000,
+    query: Annotated[_HistoryQuery, Query()],
 ) -> ParamHistory:
     """Points with ``from_step <= step <= to_step`` in step order (retention permitting).
 
@@ -233,6 +256,7 @@ def get_history(
     query, the run included (without ``run_id`` the default run is the latest one, which a
     new run changes between two pages).
     """
+    from_step, to_step, run_id, limit = query.from_step, query.to_step, query.run_id, query.limit
     if from_step > to_step:
         raise ProblemError(400, "from_step must not exceed to_step.", slug="bad-range")
     run = run_id or _require(store, name).run_id
