@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import re
 import secrets
@@ -210,6 +209,7 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     """What makes these arguments unusable, before anything starts (None: they are fine): the
     demo's own, then those it hands to ``orthoshard.train`` (checked there, once for both)."""
     from orthoshard.arguments import MAX_SLEEP_S, argument_problem, restart_problem
+    from service.settings import DEFAULT_SERIES_TTL_S
 
     if args.steps < 1 or args.nproc < 1:
         return "--steps and --nproc must be >= 1"
@@ -224,8 +224,12 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
                 f"Ctrl-C), got {args.linger}")
     if not 0 <= args.sidecar_port <= 65535:
         return f"--sidecar-port must be a TCP port (0: a free one), got {args.sidecar_port}"
-    if args.rotation_hold is not None and not 0 <= args.rotation_hold < math.inf:
-        return f"--rotation-hold must be >= 0 seconds (finite), got {args.rotation_hold}"
+    if args.rotation_hold is not None and \
+            not 0 <= args.rotation_hold < DEFAULT_SERIES_TTL_S:
+        # (the sidecar refuses a hold of its series TTL or more, which the demo leaves at the
+        # default: a refusal there came after --out had been cleared)
+        return (f"--rotation-hold must be >= 0 seconds and under the sidecar's series TTL, "
+                f"{DEFAULT_SERIES_TTL_S:g} s, got {args.rotation_hold}")
     problem = restart_problem(args.checkpoint_dir, resume=args.resume,
                               restarts=bool(args.max_restarts)) or argument_problem(args)
     if problem is None and args.resume:
@@ -294,19 +298,12 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def _run(args: argparse.Namespace) -> int:
     from orthoshard import report
 
-    if (problem := _outputs_problem(args)) is not None:
+    # every check that can refuse the run comes before _outputs_problem, which deletes the
+    # last run's results and logs from --out
+    problem = _port_problem(args) or _checkpoints_problem(args) or _outputs_problem(args)
+    if problem is not None:
         print(f"orthoshard demo: {problem}", file=sys.stderr)
         return 2
-    if args.checkpoint_dir is not None:
-        from orthoshard.checkpoints import Checkpoints, writes_directory
-
-        if writes_directory(args.checkpoint_dir, resume=args.resume,
-                            every=args.checkpoint_every):
-            try:  # as each rank does, but once, and before the sidecar and the ranks start
-                Checkpoints(args.checkpoint_dir).check_writable()
-            except OSError as exc:
-                print(f"orthoshard demo: {exc}", file=sys.stderr)
-                return 2
     started = time.time()
     try:
         sidecar = Sidecar(args.out, args.sidecar_port, args.rotation_hold)
@@ -342,11 +339,39 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _port_problem(args: argparse.Namespace) -> str | None:
+    """Why the sidecar cannot listen on ``--sidecar-port`` (None: it can, or it is 0)."""
+    if args.sidecar_port:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                s.bind(("127.0.0.1", args.sidecar_port))
+            except OSError as exc:
+                return (f"--sidecar-port {args.sidecar_port} is taken on 127.0.0.1 "
+                        f"({exc.strerror or exc}): pass another, or 0 for a free one")
+    return None
+
+
+def _checkpoints_problem(args: argparse.Namespace) -> str | None:
+    """Why the ranks could not write checkpoints to ``--checkpoint-dir`` (None: they can, or
+    the run writes none): as each rank checks, but once, and before anything starts."""
+    if args.checkpoint_dir is None:
+        return None
+    from orthoshard.checkpoints import Checkpoints, writes_directory
+
+    if writes_directory(args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
+        try:
+            Checkpoints(args.checkpoint_dir).check_writable()
+        except OSError as exc:
+            return str(exc)
+    return None
+
+
 def _outputs_problem(args: argparse.Namespace) -> str | None:
-    """Prepare ``--out`` (:func:`_fresh_outputs`) under its database's lock, and check the
-    sidecar's port; what stops the demo (None: nothing). A demo still serving from the same
-    ``--out`` (``--linger``) had its results, logs, live database and token deleted by a second
-    one, which then stopped, its sidecar refused by the first's lock."""
+    """Prepare ``--out`` (:func:`_fresh_outputs`) under its database's lock; what stops the
+    demo (None: nothing). A demo still serving from the same ``--out`` (``--linger``) had its
+    results, logs, live database and token deleted by a second one, which then stopped, its
+    sidecar refused by the first's lock."""
     from service.records import DatabaseInUse
     from service.store import database_held
 
@@ -360,14 +385,6 @@ def _outputs_problem(args: argparse.Namespace) -> str | None:
     except (OSError, sqlite3.OperationalError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         return f"cannot use --out {args.out}: {reason}"
-    if args.sidecar_port:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
-            try:
-                s.bind(("127.0.0.1", args.sidecar_port))
-            except OSError as exc:
-                return (f"--sidecar-port {args.sidecar_port} is taken on 127.0.0.1 "
-                        f"({exc.strerror or exc}): pass another, or 0 for a free one")
     return None
 
 

@@ -48,7 +48,11 @@ def _demo_args(*argv: str) -> argparse.Namespace:
     # finite, yet past time.sleep's limit: OverflowError once the run had trained (exit 1)
     (["--step-delay", "1e20"], "--step-delay must be >= 0 seconds and at most 1e+09"),
     (["--linger", "1e20"], "--linger must be >= 0 seconds and at most 1e+09, or -1"),
-    (["--rotation-hold", "inf"], "--rotation-hold must be >= 0 seconds (finite)"),
+    (["--rotation-hold", "inf"], "--rotation-hold must be >= 0 seconds and under the "
+                                 "sidecar's series TTL, 900 s"),
+    # the sidecar refused it, after --out had been cleared of the last run's results
+    (["--rotation-hold", "900"], "--rotation-hold must be >= 0 seconds and under the "
+                                 "sidecar's series TTL, 900 s, got 900.0"),
 ])
 def test_the_demo_refuses_arguments_it_cannot_honour(argv, message):
     problem = demo._argument_problem(_demo_args(*argv))

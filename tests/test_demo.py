@@ -93,10 +93,12 @@ def test_demo_writes_summary_and_plot_and_its_sidecar_serves_every_matrix(tmp_pa
 
 
 @pytest.mark.timeout(90)
-def test_a_port_held_by_another_sidecar_stops_the_demo_and_clears_the_last_results(tmp_path):
+def test_a_port_held_by_another_sidecar_stops_the_demo_before_it_touches_the_last_results(
+        tmp_path):
     # /healthz of the sidecar already on the port was taken for the demo's own: training ran
-    # against it (401 on every snapshot) and the demo ended in a traceback, leaving the
-    # previous run's summary.json and health.png in place as if they were this run's
+    # against it (401 on every snapshot) and the demo ended in a traceback. Now it is refused
+    # before anything starts, and the last run's results stay as they were (they were deleted
+    # first, and the refused run left nothing in their place)
     from test_service_live import start_sidecar
 
     other = start_sidecar(tmp_path)
@@ -112,8 +114,25 @@ def test_a_port_held_by_another_sidecar_stops_the_demo_and_clears_the_last_resul
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"orthoshard demo: --sidecar-port {other.port} is taken on 127.0.0.1 (Address " \
         f"already in use)" in proc.stderr and "Traceback" not in proc.stderr
-    assert not any((out / name).exists() for name in ("summary.json", "health.png",
-                                                       "final_params.pt"))
+    assert all((out / name).read_text() == "an earlier run"
+               for name in ("summary.json", "health.png", "final_params.pt"))
+
+
+@pytest.mark.timeout(60)
+def test_checkpoints_it_could_not_write_stop_the_demo_before_it_touches_the_last_results(
+        tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("an earlier run")
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    proc = subprocess.run(_demo(out, "--steps", "5", "--checkpoint-dir", str(blocker / "ckpt"),
+                                "--checkpoint-every", "2"),
+                          capture_output=True, text=True, timeout=45, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("orthoshard demo: ") and "Traceback" not in proc.stderr
+    assert str(blocker) in proc.stderr
+    assert (out / "summary.json").read_text() == "an earlier run"
 
 
 def test_an_output_path_that_is_a_file_is_refused_by_name(tmp_path):
