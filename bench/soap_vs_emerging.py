@@ -205,11 +205,14 @@ def divergence(EO, steps: int = 60) -> None:
     print(f"\nMLP test loss after 10 / 30 / {steps} steps (initial ~0.42), plain SOAP, wd=0")
     for lr in (3e-3, 1e-3):
         for solver, kw in (("power x1", {}), ("power x3", {"power_iter_steps": 3}),
-                           ("eigh", {"use_eigh": True})):
+                           ("eigh", {"use_eigh": True}),
+                           ("power x1, max_update_rms=1", {"max_update_rms": 1.0}),
+                           ("eigh, max_update_rms=1", {"use_eigh": True,
+                                                       "max_update_rms": 1.0})):
             kw = {**kw, **SAME_PRECISION}
             ours = run(lambda ps, lr, kw=kw: SOAP(ps, lr=lr, weight_decay=0.0, **kw), lr)
             eo = run(lambda ps, lr, kw=kw: EO(ps, lr=lr, weight_decay=0.0, **kw), lr)
-            print(f"  lr={lr:g} {solver:<9} ours {ours:<28} EO {eo}")
+            print(f"  lr={lr:g} {solver:<26} ours {ours:<28} EO {eo}")
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from optim._soap_basis import (
 )
 from optim._soap_health import SideHealth, _frobenius, _side_health
 
-__all__ = ["SoapConfig", "adam_direction", "soap_step"]
+__all__ = ["SoapConfig", "adam_direction", "clip_update_rms", "soap_step"]
 
 
 # A factor of at most this many entries has its norm taken by optim._soap_health.soap_health,
@@ -53,6 +53,7 @@ class SoapConfig:
     power_iter_steps: int
     use_kl_shampoo: bool
     precondition_frequency: int
+    max_update_rms: float = 0.0
 
 
 def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: SoapConfig,
@@ -73,6 +74,20 @@ def adam_direction(Gp: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, cfg: Soap
     else:
         m_hat = m / bc1
     return m_hat / ((v / bc2).sqrt() + cfg.eps), m, v
+
+
+# Emerging-Optimizers' floor under the update's RMS in ``max_rms / (rms + eps)``
+_CLIP_RMS_EPS = 1e-7
+
+
+def clip_update_rms(U: Tensor, max_rms: float) -> Tensor:
+    """``U`` scaled by ``min(1, max_rms / (rms(U) + 1e-7))`` (Emerging-Optimizers'
+    ``max_update_rms``; 0: ``U`` as it is). No host sync. Where it matters: docs/soap.md
+    "Early steps"."""
+    if max_rms == 0:
+        return U
+    rms = U.square().mean().sqrt()
+    return U * (max_rms / (rms + _CLIP_RMS_EPS)).clamp(max=1.0)
 
 
 def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool
@@ -307,7 +322,8 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
     2. if ``(t - 1) % precondition_frequency == 0``: refresh ``Q_L, Q_R`` (eigh at ``t = 1``),
        carrying ``exp_avg`` and ``exp_avg_sq`` across (:func:`_refresh`), at
        ``qr_fp32_matmul_prec``;
-    3. ``G' = Q_L^T G Q_R``; ``D' = adam_direction(G', ...)``; ``U = Q_L D' Q_R^T``.
+    3. ``G' = Q_L^T G Q_R``; ``D' = adam_direction(G', ...)``; ``U = Q_L D' Q_R^T``, its RMS
+       clipped to ``max_update_rms`` if that is not 0 (:func:`clip_update_rms`).
 
     The SOAP paper (arXiv 2409.11321, Alg. 3) refreshes after the parameter update; refreshing
     first, as Emerging-Optimizers does, lets step 1 already use the basis of ``G``.
@@ -354,6 +370,7 @@ def soap_step(G: Tensor, state: dict[str, Tensor], cfg: SoapConfig, *, want_heal
         side_L, side_R, new = _refresh(state, L, R, cfg, first=t == 1)
         refreshed = (side_L, side_R)
     U, exp_avg, exp_avg_sq, square = _precondition(G, new, cfg, t=t)
+    U = clip_update_rms(U, cfg.max_update_rms)
     new_state = {"L": L, "R": R, "Q_L": new["Q_L"], "Q_R": new["Q_R"], "exp_avg": exp_avg,
                  "exp_avg_sq": exp_avg_sq, "step": torch.full_like(state["step"], t)}
     current: Quotients | None = None

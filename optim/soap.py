@@ -12,7 +12,8 @@ NVIDIA Emerging-Optimizers' ``SOAP``, so that the same arguments give the same s
         exp_avg re-expressed in the new bases; exp_avg_sq permuted to follow its eigenvectors
     G'  = Q_L^T G Q_R
     D'  = Adam(G'; exp_avg, exp_avg_sq, betas, eps, nesterov, correct_bias)
-    W  <- W (1 - lr wd) - lr Q_L D' Q_R^T
+    U   = Q_L D' Q_R^T, scaled to RMS max_update_rms where above it (0: never)
+    W  <- W (1 - lr wd) - lr U
 
 All state lives with the FULL matrix on its owner rank (``self.state[p]``, keys ``L``, ``R``,
 ``Q_L``, ``Q_R``, ``exp_avg``, ``exp_avg_sq``, ``step``); phase 1 only hands the gradient over,
@@ -41,7 +42,7 @@ __all__ = ["SOAP"]
 
 _CONFIG_KEYS = ("betas", "shampoo_beta", "eps", "nesterov", "correct_bias", "fp32_matmul_prec",
                 "use_eigh", "qr_fp32_matmul_prec", "power_iter_steps", "use_kl_shampoo",
-                "precondition_frequency")
+                "precondition_frequency", "max_update_rms")
 
 
 class SOAP(MatrixOptimizer):
@@ -59,6 +60,11 @@ class SOAP(MatrixOptimizer):
             (:mod:`optim._soap_basis`). ``qr_fp32_matmul_prec`` governs the basis refresh
             through torch's global float32 matmul mode only: TF32 on CUDA, no effect on CPU
             (as in Emerging-Optimizers; docs/soap.md says why).
+        max_update_rms: as Emerging-Optimizers': scale each matrix's update ``Q_L D' Q_R^T``
+            down to this RMS where it is above (0, the default: never). A basis refresh moves
+            momentum onto coordinates whose second moment is still ~0, most of all in the
+            first steps, where updates can reach hundreds of times Adam's; 1.0 caps those and
+            leaves ordinary steps alone (docs/soap.md, "Early steps").
         precondition_frequency: refresh the eigenbases every this many steps (factors are
             updated every step).
         max_precond_dim: a dimension above this gets no factor (one-sided SOAP): its ``L``/``Q_L``
@@ -79,7 +85,8 @@ class SOAP(MatrixOptimizer):
                  nesterov: bool = False, correct_bias: bool = True,
                  fp32_matmul_prec: str = "highest", use_eigh: bool = False,
                  qr_fp32_matmul_prec: str = "high", power_iter_steps: int = 1,
-                 use_kl_shampoo: bool = False, precondition_frequency: int = 1,
+                 max_update_rms: float = 0.0, use_kl_shampoo: bool = False,
+                 precondition_frequency: int = 1,
                  max_precond_dim: int = 8192, sharding: Any = None,
                  health_every: int = 1) -> None:
         check_betas("betas", betas)  # before tuple(): a lone 0.9 is not iterable
@@ -87,7 +94,8 @@ class SOAP(MatrixOptimizer):
                     "weight_decay": weight_decay, "nesterov": nesterov,
                     "correct_bias": correct_bias, "fp32_matmul_prec": fp32_matmul_prec,
                     "use_eigh": use_eigh, "qr_fp32_matmul_prec": qr_fp32_matmul_prec,
-                    "power_iter_steps": power_iter_steps, "use_kl_shampoo": use_kl_shampoo,
+                    "power_iter_steps": power_iter_steps, "max_update_rms": max_update_rms,
+                    "use_kl_shampoo": use_kl_shampoo,
                     "precondition_frequency": precondition_frequency,
                     "max_precond_dim": max_precond_dim}
         _check_soap_args(defaults)
@@ -312,6 +320,10 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     if not (is_real(d["eps"]) and 0.0 < d["eps"] < math.inf):
         raise ValueError(f"eps must be a finite number > 0 (it also floors KL-Shampoo's "
                          f"eigenvalues; an infinite one makes every update 0), got {d['eps']!r}")
+    if not (is_real(d["max_update_rms"]) and 0.0 <= d["max_update_rms"] < math.inf):
+        raise ValueError(f"max_update_rms must be a finite number >= 0 (0: no clipping), got "
+                         f"{d['max_update_rms']!r}")
+    d["max_update_rms"] = float(d["max_update_rms"])
     for key in ("fp32_matmul_prec", "qr_fp32_matmul_prec"):
         if d[key] not in PRECISIONS:
             raise ValueError(f"{key} must be one of {PRECISIONS}, got {d[key]!r}")

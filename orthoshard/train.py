@@ -179,8 +179,11 @@ def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo
         return NorMuon(groups, lr=0.02, weight_decay=0.01, sharding=sharding)
     from optim.soap import SOAP
 
+    # max_update_rms: the first refreshes move momentum onto coordinates whose second moment is
+    # still ~0, and this model's unclipped steps 2-4 reached ~150x Adam's RMS (docs/soap.md,
+    # "Early steps"); 1.0 leaves its later steps (RMS ~0.5) alone
     return SOAP(groups, lr=3e-3, weight_decay=0.01, use_kl_shampoo=kl_shampoo,
-                sharding=sharding)
+                max_update_rms=1.0, sharding=sharding)
 
 
 def add_spike(optimizer: Any, *, scale: float, seed: int) -> None:

@@ -57,7 +57,10 @@ OPTIMIZERS: dict[str, Callable[[Any, Any], Any]] = {
                                                        use_kl_shampoo=True, use_eigh=True),
     # Refresh every 2 steps: health between refreshes from Rayleigh quotients carried on the
     # owner (power iteration: one product after each refresh), and across the NaN-skipped step.
-    "soap_every2": lambda params, sharding: _soap(params, sharding, precondition_frequency=2),
+    # The update's RMS clipped at 0.5 (which every matrix's first steps pass): an RMS of the
+    # full matrix, taken on its owner, not of a rank's rows.
+    "soap_every2": lambda params, sharding: _soap(params, sharding, precondition_frequency=2,
+                                                  max_update_rms=0.5),
 }
 
 

@@ -975,6 +975,11 @@ def test_soap_steps_under_any_matmul_precision_setting_and_leaves_it_as_set(sett
     ({"precondition_frequency": 1.5}, "precondition_frequency"),
     ({"max_precond_dim": -1}, "max_precond_dim"),
     ({"health_every": -1}, "health_every"),
+    ({"max_update_rms": -1.0}, "max_update_rms"),
+    ({"max_update_rms": math.inf}, "max_update_rms"),
+    ({"max_update_rms": math.nan}, "max_update_rms"),
+    ({"max_update_rms": "1"}, "max_update_rms"),
+    ({"max_update_rms": True}, "max_update_rms"),
 ])
 def test_bad_arguments_raise_value_errors_naming_the_argument(kwargs, fragment):
     args = {"lr": 0.1, **kwargs}
@@ -1141,3 +1146,87 @@ def test_a_scalar_betas_and_numpy_counts_get_the_documented_checks():
     w.grad = torch.randn(4, 4)
     opt.step()
     assert type(opt.param_groups[0]["power_iter_steps"]) is int
+
+
+# ---- max_update_rms: the early steps' outsized updates ------------------------------------------
+
+
+def _early_gradients(m: int, n: int, steps: int) -> list[torch.Tensor]:
+    """A fixed rank-8 signal plus noise, at a transformer weight's gradient scale (~1e-3)."""
+    gen = torch.Generator().manual_seed(3)
+    signal = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen)
+    return [(signal + 3.0 * torch.randn(m, n, generator=gen)) * 1e-3 for _ in range(steps)]
+
+
+def _update_rms(opt_kwargs: dict, grads: list[torch.Tensor]) -> list[float]:
+    """Each step's parameter change divided by lr, as an RMS (weight decay 0)."""
+    p = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    opt = SOAP([p], lr=1e-3, weight_decay=0.0, health_every=0, **opt_kwargs)
+    out = []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        out.append(float((p.detach() - before).square().mean().sqrt()) / 1e-3)
+    return out
+
+
+# Adam's update has entries of at most ~1 (m_hat / sqrt(v_hat)), so an RMS above this many
+# times 1 is an outsized step, not an ordinary one
+OUTSIZED_RMS = 10.0
+# the clipped RMS may exceed the cap by float32 rounding of the scale and the RMS (~1e-7)
+CLIP_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("use_eigh", [False, True])
+def test_max_update_rms_caps_the_outsized_updates_of_the_first_refreshes(use_eigh):
+    # at step 1 the bases diagonalize G itself, so the second moments are ~0 off its diagonal;
+    # the next refreshes rotate momentum onto those coordinates, and m / (sqrt(v) + eps) takes
+    # steps of tens to hundreds of times Adam's (docs/soap.md "Early steps")
+    grads = _early_gradients(64, 16, 8)
+    free = _update_rms({"use_eigh": use_eigh}, grads)
+    assert max(free[1:4]) > OUTSIZED_RMS and free[0] < 1.0 and free[-1] < 1.0
+    capped = _update_rms({"use_eigh": use_eigh, "max_update_rms": 1.0}, grads)
+    assert max(capped) <= 1.0 * (1 + CLIP_RTOL)
+    # ordinary steps are left alone: the state does not depend on the clip, so a step whose
+    # update was under the cap is the same step
+    for f, c in zip(free, capped, strict=True):
+        assert c == pytest.approx(min(f, 1.0), rel=CLIP_RTOL)
+
+
+def test_max_update_rms_scales_the_update_and_changes_no_state():
+    # float64, so that recovering the update from the parameters loses nothing to rounding
+    grads = [g.double() for g in _early_gradients(24, 12, 6)]
+    params = [torch.nn.Parameter(torch.zeros(24, 12, dtype=torch.float64)) for _ in range(2)]
+    opts = [SOAP([p], lr=1e-3, weight_decay=0.01, max_update_rms=cap, health_every=0)
+            for p, cap in zip(params, (0.0, 0.5), strict=True)]
+    scales = []
+    for g in grads:
+        before = [p.detach().clone() for p in params]
+        for p, opt in zip(params, opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+        free, capped = (p.detach() - (1 - 1e-3 * 0.01) * b for p, b in zip(params, before,
+                                                                             strict=True))
+        rms = free.square().mean().sqrt() / 1e-3
+        scale = min(1.0, 0.5 / (float(rms) + 1e-7))
+        scales.append(scale)
+        torch.testing.assert_close(capped, free * scale, rtol=CLIP_RTOL, atol=0.0)
+        for key in STATE_KEYS:  # the clip acts on the update alone
+            assert torch.equal(opts[0].state[params[0]][key], opts[1].state[params[1]][key])
+    assert min(scales) < 0.1 and max(scales) == 1.0  # clipped hard, and not at all
+
+
+def test_a_checkpoint_without_max_update_rms_loads_with_the_live_groups_value():
+    p = torch.nn.Parameter(torch.zeros(8, 4))
+    old = SOAP([p], lr=1e-3, health_every=0)
+    p.grad = torch.randn(8, 4)
+    old.step()
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        del group["max_update_rms"]  # as a checkpoint from before the argument was taken
+    new = SOAP([p], lr=1e-3, max_update_rms=1.0, health_every=0)
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["max_update_rms"] == 1.0
+    p.grad = torch.randn(8, 4)
+    new.step()
