@@ -1,9 +1,10 @@
 """Command-line checks shared by the benchmarks: counts, durations and matrix sizes must be
-positive, and a CPU-time clock needs one thread."""
+positive, and a CPU-time clock needs one thread; and the benchmarks' exit on a signal."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def positive_int(text: str) -> int:
@@ -49,3 +50,14 @@ def check_cpu_time(parser: argparse.ArgumentParser, cpu_time: bool, threads: int
         given = "no --threads" if threads is None else f"--threads {threads}"
         parser.error(f"--cpu-time reads this thread's CPU time only: pass --threads 1 with it "
                      f"(got {given})")
+
+
+def exit_on_signals() -> None:
+    """End this process on SIGTERM or SIGHUP as on an error: through its ``finally`` clauses,
+    which stop what it started (a sidecar, rank processes). Signalled alone (``kill PID``,
+    not its whole process group), a benchmark left them running, orphaned."""
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit)

@@ -4,6 +4,7 @@ rank's collective traffic (the byte conventions are in bench/sharding.py's docst
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -91,6 +92,19 @@ class NaiveSOAP:
             p.to_local().copy_(s[start:end])
 
 
+def _row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one row (along dim 0) of ``t``: also of a tensor with no rows."""
+    return t.element_size() * math.prod(t.shape[1:])
+
+
+def _others(splits: list[int], t: torch.Tensor, world: int, me: int) -> int:
+    """Rows an all-to-all moves to (or from) the other ranks: by its split sizes, or, given
+    none (an even split), ``t``'s rows over the world."""
+    if not splits:
+        return (world - 1) * (t.shape[0] // world)
+    return sum(s for r, s in enumerate(splits) if r != me)
+
+
 class CommCounter(TorchDispatchMode):
     """Counts this rank's collective traffic (conventions in bench/sharding.py's docstring)."""
 
@@ -122,15 +136,13 @@ class CommCounter(TorchDispatchMode):
         w, me = self.world, dist.get_rank()
         if ns == "c10d" and name == "alltoall_base_":  # (out, in, pg, out_splits, in_splits, ...)
             out, inp, _, out_splits, in_splits = args[:5]
-            row_out = nbytes(out) // max(out.shape[0], 1) if out.ndim else out.element_size()
-            row_in = nbytes(inp) // max(inp.shape[0], 1) if inp.ndim else inp.element_size()
-            self._add(sum(s for r, s in enumerate(in_splits) if r != me) * row_in,
-                      sum(s for r, s in enumerate(out_splits) if r != me) * row_out)
+            self._add(_others(in_splits, inp, w, me) * _row_bytes(inp),
+                      _others(out_splits, out, w, me) * _row_bytes(out))
         elif name == "all_to_all_single":  # functional: (in, out_splits, in_splits, group)
             inp, out_splits, in_splits = args[:3]
-            row = inp.element_size() * (inp[0].numel() if inp.ndim > 1 else 1)
-            self._add(sum(s for r, s in enumerate(in_splits) if r != me) * row,
-                      sum(s for r, s in enumerate(out_splits) if r != me) * row)
+            # (no output tensor here; an even split receives as many rows as it sends)
+            self._add(_others(in_splits, inp, w, me) * _row_bytes(inp),
+                      _others(out_splits, inp, w, me) * _row_bytes(inp))
         elif name in ("all_gather_into_tensor", "_allgather_base_"):
             inp = args[0] if ns != "c10d" else args[1]
             self._add((w - 1) * nbytes(inp))

@@ -64,7 +64,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from bench._cli import positive_float, positive_int  # noqa: E402
+from bench._cli import exit_on_signals, positive_float, positive_int  # noqa: E402
 from bench._sharding_baselines import (  # noqa: E402
     CommCounter,
     NaiveMuon,
@@ -378,6 +378,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=positive_float, default=1800.0,
                         help="per world size, seconds")
     args = parser.parse_args()
+    exit_on_signals()  # spawn()'s finally stops the rank processes
     steps = args.steps or (5 if args.quick else 15)
     cfg, soap_cfg = model_config(args.quick), model_config(args.quick, soap=True)
     shapes = block_shapes(cfg["d_model"], cfg["n_layers"])

@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import secrets
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
-from bench._cli import positive_int
+from bench._cli import exit_on_signals, positive_int
+from orthoshard.demo import Sidecar, SidecarError
 from service.client import Publisher
 from service.schema import Snapshot
 from service.store import Store
@@ -75,38 +73,12 @@ def body(rank: int, params: int, step: int) -> bytes:
     return json.dumps(snap).encode()
 
 
-def start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start a sidecar; return (process, base URL, token) once /healthz answers."""
-    token = secrets.token_hex(16)
-    (tmp / "token").write_text(token)
-    (tmp / "token").chmod(0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "orthoshard.cli",
-        "sidecar",
-        "--port",
-        str(port),
-        "--token-file",
-        str(tmp / "token"),
-        "--db",
-        str(tmp / "bench.db"),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url, token
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("sidecar did not start")
+def start(tmp: Path) -> tuple[Sidecar, str, str]:
+    """Start a sidecar in ``tmp`` (the demo's: a fresh token, a free port); return it, its base
+    URL and its token once it serves with that token. :class:`SidecarError` when it exits
+    first (its message above) or does not answer."""
+    sidecar = Sidecar(tmp, 0)
+    return sidecar, sidecar.url, sidecar.token_file.read_text()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -198,8 +170,12 @@ def main() -> None:
     parser.add_argument("--params", type=positive_int, default=500)
     parser.add_argument("--rounds", type=positive_int, default=40)
     args = parser.parse_args()
+    exit_on_signals()  # the finally below stops the sidecar and removes its token
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, token = start(Path(tmp))
+        try:
+            sidecar, url, token = start(Path(tmp))
+        except SidecarError as exc:
+            raise SystemExit(f"bench sidecar: {exc}") from None
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         try:
             with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
@@ -207,10 +183,10 @@ def main() -> None:
                 rate = bench_ingest(c, args.params, 4 * args.rounds)
             publish = bench_publish(url, token, args.params, 10 * args.rounds)
         finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            sidecar.stop()
     store = bench_store(args.ranks, args.params, 2 * args.rounds)
     report(args, scrapes, rate, publish, store)
+
 
 
 def report(

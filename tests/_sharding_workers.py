@@ -1341,3 +1341,29 @@ def reordered_load_worker(rank: int, world: int, names: list[str], directory: st
         results[name] = full_params(model)
     if rank == 0 and phase == 1:
         torch.save(results, Path(out))
+
+
+def comm_counter_worker(rank: int, world: int, out: str) -> None:
+    """Bytes ``bench._sharding_baselines.CommCounter`` counts for this rank's all-to-alls:
+    split sizes given, none given (an even split), and an input with no rows."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    from bench._sharding_baselines import CommCounter
+
+    counted = {}
+    rows = [1 + r for r in range(world)]  # to rank r: 1 + r rows of 4 float32
+    cases = {
+        "splits": lambda: dist.all_to_all_single(
+            torch.empty(world * (1 + rank), 4), torch.ones(sum(rows), 4),
+            [1 + rank] * world, rows),
+        "even": lambda: dist.all_to_all_single(torch.empty(2 * world, 4),
+                                               torch.ones(2 * world, 4)),
+        "functional, no rows": lambda: funcol.wait_tensor(funcol.all_to_all_single(
+            torch.ones(0, 4), [0] * world, [0] * world, dist.group.WORLD)),
+    }
+    for name, run in cases.items():
+        with CommCounter(world) as c:
+            run()
+        counted[name] = (c.sent, c.received)
+    torch.save(counted, f"{out}.{rank}")

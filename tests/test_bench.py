@@ -76,3 +76,23 @@ def test_soap_health_refuses_options_it_would_not_honour(argv, message):
     proc = run_whole([sys.executable, "bench/soap_health.py", *argv], timeout=80, cwd=ROOT)
     assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
     assert message in proc.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_sharding_bench_counts_every_all_to_all_form(tmp_path, world):
+    # an input without rows raised IndexError, and one without split sizes (an even split)
+    # counted 0 bytes
+    import torch
+    from _dist import run_ranks
+    from _sharding_workers import comm_counter_worker
+
+    run_ranks(comm_counter_worker, world, tmp_path, str(tmp_path / "counts"))
+    row = 4 * 4  # float32 bytes of a row of 4
+    for rank in range(world):
+        counted = torch.load(tmp_path / f"counts.{rank}")
+        others = [r for r in range(world) if r != rank]
+        assert counted["splits"] == (sum(1 + r for r in others) * row,
+                                     (world - 1) * (1 + rank) * row)
+        assert counted["even"] == ((world - 1) * 2 * row,) * 2
+        assert counted["functional, no rows"] == (0, 0)
