@@ -574,6 +574,10 @@ def _check_writable(path: str | None) -> None:
         raise sqlite3.OperationalError(
             f"this user cannot write the directory {directory}, where SQLite keeps the "
             f"database's -wal and -shm files")
+    if os.path.isdir(path):  # (its link count, 2 or more, read as a hard-linked file)
+        raise sqlite3.OperationalError(
+            f"{path} is a directory: name the database file, e.g. "
+            f"{os.path.join(path, 'orthoshard-sidecar.db')}")
     for name in (path, f"{path}-wal", f"{path}-shm"):
         if os.path.exists(name) and not os.access(name, os.W_OK):
             raise sqlite3.OperationalError(f"this user cannot write {name}")

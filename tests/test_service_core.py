@@ -457,6 +457,14 @@ def test_readyz_says_the_database_file_was_replaced_rather_than_no_snapshot_yet(
         assert "s.db was removed or replaced while the sidecar ran" in r.json()["detail"]
 
 
+def test_a_database_path_that_is_a_directory_is_refused_as_one(tmp_path: Path) -> None:
+    # it was refused for "2 hard links" (a directory's link count)
+    with pytest.raises(sqlite3.OperationalError,
+                       match=rf"^{tmp_path} is a directory: name the database file, e\.g\. "
+                             rf"{tmp_path}/orthoshard-sidecar\.db$"):
+        Store(str(tmp_path), history_max_rows=1000)
+
+
 def test_a_database_file_with_another_hard_link_is_refused_before_sqlite_opens_it(
         tmp_path: Path) -> None:
     # a second sidecar on another name of the file took a lock and a WAL of its own: both ran
