@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import urllib.parse
@@ -194,8 +195,10 @@ def print_footer(args: argparse.Namespace, summary: dict, url: str) -> None:
           f"{args.out / 'sidecar.token'})")
     print(f"outputs:   {args.out / 'summary.json'}   {args.out / 'health.png'}")
     port = urllib.parse.urlsplit(url).port
-    print(f"history:   {_command()} sidecar --port {port} --db {args.out / 'sidecar.db'} "
-          f"--token-file {args.out / 'sidecar.token'}   serves it again after the demo")
+    # shell-quoted: the line is to be pasted, and an --out with a space broke it
+    db, token = (shlex.quote(str(args.out / name)) for name in ("sidecar.db", "sidecar.token"))
+    print(f"history:   {_command()} sidecar --port {port} --db {db} --token-file {token}   "
+          f"serves it again after the demo")
 
 
 def _command() -> str:
@@ -208,7 +211,7 @@ def _command() -> str:
         return "orthoshard"
     if beside.exists():
         try:
-            return str(beside.relative_to(Path.cwd()))
+            return shlex.quote(str(beside.relative_to(Path.cwd())))
         except ValueError:
-            return str(beside)
-    return f"{sys.executable} -m orthoshard.cli"
+            return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m orthoshard.cli"

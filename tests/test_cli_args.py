@@ -392,6 +392,25 @@ def test_the_footer_of_a_run_that_logged_no_loss_says_so(tmp_path, capsys):
     assert "no loss logged" in capsys.readouterr().out
 
 
+def test_the_footers_history_command_runs_as_pasted_with_spaces_in_the_path(tmp_path, capsys):
+    # printed unquoted, "--db /tmp/my run/sidecar.db" split into two arguments
+    import shlex
+
+    from orthoshard import report
+
+    out = tmp_path / "my run"
+    args = _demo_args("--out", str(out))
+    summary = {"optimizer": "Muon", "use_kl_shampoo": False, "initial_loss": 4.3,
+               "final_loss": 2.0, "entropy_rate": None, "steps": 3,
+               "bytes_communicated": {"0": {"bytes_sent": 10, "steps": 3}}}
+    report.print_footer(args, summary, "http://127.0.0.1:9400")
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("history:")]
+    argv = shlex.split(line.removeprefix("history:").split("   serves")[0])
+    at = argv.index("sidecar")
+    assert argv[at:] == ["sidecar", "--port", "9400", "--db", str(out / "sidecar.db"),
+                         "--token-file", str(out / "sidecar.token")]
+
+
 def test_the_footer_counts_bytes_over_the_steps_since_the_last_restart(tmp_path, capsys):
     # a 30-step run restarted at step 20 read "over the 10 steps this run took"
     from orthoshard import report
