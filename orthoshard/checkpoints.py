@@ -5,6 +5,7 @@ job's ranks (:mod:`sharding.checkpoint`)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,28 @@ import torch.distributed as dist
 
 from orthoshard.arguments import directory_problem
 
-__all__ = ["HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "optimizer_mismatch", "write_whole",
-           "writes_directory"]
+__all__ = ["HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "checkpoint_step", "complete_before",
+           "optimizer_mismatch", "write_whole", "writes_directory"]
 
 #: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
 RUN_ID_FILE = "RUN_ID"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a ``step-NNNNNN`` (or ``step-NNNNNN.K``) checkpoint directory was saved at
+    (None for another name)."""
+    match = re.fullmatch(r"step-(\d+)(\.\d+)?", path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_before(directory: Path, path: Path) -> list[str]:
+    """The checkpoints in ``directory`` saved at a step before ``path``'s and complete (DCP
+    writes a checkpoint's ``.metadata`` last), newest first: where LATEST can go back to."""
+    step = checkpoint_step(path)
+    found = [(s, p.name) for p in directory.glob("step-*")
+             if (s := checkpoint_step(p)) is not None and (step is None or s < step)
+             and (p / ".metadata").is_file()]
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 def writes_directory(directory: Path, *, resume: bool, every: int) -> bool:
@@ -182,8 +200,7 @@ class Checkpoints:
         except ValueError:
             raise  # refused: another optimizer, model or flags (the message says which)
         except Exception as exc:  # a file missing, cut short, unreadable
-            earlier = sorted(p.name for p in self.dir.glob("step-*") if p != path) \
-                if self.dir is not None else []
+            earlier = complete_before(self.dir, path) if self.dir is not None else []
             exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, could not "
                          f"be read. If its save was cut short, point LATEST at an earlier "
                          f"complete checkpoint ({', '.join(earlier) or 'there is none'}), or "

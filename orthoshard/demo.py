@@ -245,7 +245,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     ``--spike-at`` (the spike would never happen, yet be reported), or one another
     ``--optimizer`` saved, or SOAP with the other ``--kl-shampoo`` setting. A missing LATEST
     is fine: the run starts from step 0 and writes one."""
-    from orthoshard.checkpoints import Checkpoints, optimizer_mismatch
+    from orthoshard.checkpoints import Checkpoints, checkpoint_step, optimizer_mismatch
 
     try:
         latest = Checkpoints(directory).latest()
@@ -253,7 +253,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
         return f"--resume: {exc}"
     if latest is None:
         return None
-    done = _checkpoint_step(latest)
+    done = checkpoint_step(latest)
     if done is not None and done >= steps:
         return (f"--resume: the checkpoint {latest} is at step {done}, not before --steps "
                 f"{steps}: nothing is left to train; pass a larger --steps")
@@ -262,12 +262,6 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
                 f"{spike_at}: this run trains from step {done} on and would never spike; pass "
                 f"a later --spike-at, or none")
     return optimizer_mismatch(latest, optimizer, kl_shampoo)
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """The step a ``step-NNNNNN`` (or ``step-NNNNNN.K``) checkpoint directory was saved at."""
-    match = re.fullmatch(r"step-(\d+)(\.\d+)?", path.name)
-    return int(match.group(1)) if match else None
 
 
 def run(args: argparse.Namespace) -> int:

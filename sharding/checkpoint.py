@@ -209,10 +209,17 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
 
 
 def _failed(action: str, directory: str | Path, exc: CheckpointException) -> str:
-    """What DCP could not ``action`` (save, load), on which ranks, and the first error."""
-    first = next(iter(exc.failures.values()))[0]
+    """What DCP could not ``action`` (save, load), on which ranks, and each distinct error with
+    its type (a file cut short raises an ``EOFError`` whose message is empty)."""
+    errors: dict[str, list[int]] = {}
+    for rank, failure in sorted(exc.failures.items()):
+        error = failure[0]
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        errors.setdefault(text, []).append(rank)
+    described = "; ".join(f"{text} (ranks {ranks})" if len(errors) > 1 else text
+                          for text, ranks in errors.items())
     return (f"torch.distributed.checkpoint could not {action} {directory} on ranks "
-            f"{sorted(exc.failures)}: {first}")
+            f"{sorted(exc.failures)}: {described}")
 
 
 def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:

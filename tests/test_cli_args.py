@@ -744,3 +744,36 @@ def test_a_sidecar_token_file_error_names_the_path_as_given(tmp_path, capsys) ->
                      "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert str(token) in err and "too short" in err, err
+
+
+def test_the_checkpoints_a_failed_load_points_back_to_are_earlier_and_complete(tmp_path):
+    # every other step-* directory was offered as "an earlier complete checkpoint": a later
+    # one, and one a crash left without its metadata, too
+    for name, complete in (("step-000002", True), ("step-000003", False), ("step-000004", True),
+                           ("step-000004.1", True), ("step-000006", True),
+                           ("step-000001", True), ("notes", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / ".metadata").write_bytes(b"")
+    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000004.1") == \
+        ["step-000002", "step-000001"]
+    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000001") == []
+
+
+def test_a_failed_checkpoint_load_names_each_error_with_its_type():
+    # an EOFError (a file cut short) has no message: the error read "... on ranks [0, 1]: ."
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from sharding.checkpoint import _failed
+
+    stack = traceback.StackSummary()
+    same = CheckpointException("load", {0: (EOFError(), stack), 1: (EOFError(), stack)})
+    assert _failed("load", "ckpt/step-000004", same) == (
+        "torch.distributed.checkpoint could not load ckpt/step-000004 on ranks [0, 1]: EOFError")
+    mixed = CheckpointException("load", {1: (EOFError(), stack),
+                                         0: (OSError(5, "Input/output error"), stack)})
+    assert _failed("load", "d", mixed) == (
+        "torch.distributed.checkpoint could not load d on ranks [0, 1]: OSError: [Errno 5] "
+        "Input/output error (ranks [0]); EOFError (ranks [1])")
