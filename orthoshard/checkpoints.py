@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from orthoshard.arguments import directory_problem
 
-__all__ = ["HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "checkpoint_step", "complete_before",
-           "optimizer_mismatch", "write_whole", "writes_directory"]
+__all__ = ["DATA_KEYS", "HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "checkpoint_step",
+           "complete_before", "optimizer_mismatch", "write_whole", "writes_directory"]
 
 #: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
 RUN_ID_FILE = "RUN_ID"
@@ -127,6 +127,9 @@ def _checkpoint_optimizer(keys: list[str]) -> str | None:
 #: the checkpoint entry holding the run's softening schedule length (its first --steps): a
 #: resume with another --steps keeps the schedule the checkpoint was trained with
 HORIZON_KEY = "softening_steps"
+#: checkpoint entries holding the flags that fix the run's data stream (``--seed`` also fixes
+#: the spike's direction): a resume with others would train another run, unannounced
+DATA_KEYS = {"data_seed": "--seed", "batch_size": "--batch-size"}
 
 
 class Checkpoints:
@@ -155,15 +158,17 @@ class Checkpoints:
         return path
 
     def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int, *,
-             run_id: str | None = None) -> None:
+             run_id: str | None = None, data: dict[str, int] | None = None) -> None:
         """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps);
-        ``run_id``: the run's id, kept in the checkpoint (:data:`RUN_ID_FILE`) for a resume."""
+        ``run_id``: the run's id, kept in the checkpoint (:data:`RUN_ID_FILE`) for a resume;
+        ``data``: the values of :data:`DATA_KEYS` (:meth:`data_problem` checks a resume's)."""
         from sharding import checkpoint
 
         assert self.dir is not None
         path = self._fresh(step)
-        checkpoint.save(path, model, optimizer, extra={"progress": torch.tensor(step),
-                                                       HORIZON_KEY: torch.tensor(horizon)})
+        extra = {"progress": torch.tensor(step), HORIZON_KEY: torch.tensor(horizon),
+                 **{key: torch.tensor(value) for key, value in (data or {}).items()}}
+        checkpoint.save(path, model, optimizer, extra=extra)
         dist.barrier()
         if dist.get_rank() == 0:
             if run_id is not None:
@@ -211,23 +216,42 @@ class Checkpoints:
     def horizon(self) -> int | None:
         """The softening schedule's length saved with the latest checkpoint (None without a
         checkpoint, or one saved before it was recorded). Each rank reads it alone."""
+        return self._scalars([HORIZON_KEY]).get(HORIZON_KEY)
+
+    def data_problem(self, data: dict[str, int]) -> str | None:
+        """What stops a resume whose :data:`DATA_KEYS` values ``data`` differ from those the
+        latest checkpoint was saved with (None: they agree, or the checkpoint predates them).
+        Each rank reads them alone, before anything loads."""
+        saved = self._scalars(list(DATA_KEYS))
+        changed = [f"{DATA_KEYS[key]} {saved[key]} (this run: {value})"
+                   for key, value in data.items() if key in saved and saved[key] != value]
+        if not changed:
+            return None
+        return (f"--resume: the checkpoint in {self.dir} was trained with "
+                f"{', '.join(changed)}, which fixes its data: resume it with the checkpoint's "
+                f"values, or start a new run in an empty --checkpoint-dir")
+
+    def _scalars(self, keys: list[str]) -> dict[str, int]:
+        """Those of the integer entries ``keys`` the latest checkpoint holds (none without a
+        checkpoint, or from one that cannot be read: :meth:`load`, which comes next, raises
+        and says what to do)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
         path = self.latest()
         if path is None:
-            return None
-        box = {HORIZON_KEY: torch.tensor(0)}
+            return {}
         try:
             saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-            if HORIZON_KEY not in saved:
-                return None
+            box = {key: torch.tensor(0) for key in keys if key in saved}
+            if not box:
+                return {}
             with warnings.catch_warnings():  # "assuming the intent is to load in one process"
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(box, checkpoint_id=str(path), no_dist=True)
         except (Exception, CheckpointException):
-            return None  # unreadable: load(), which comes next, raises and says what to do
-        return int(box[HORIZON_KEY])
+            return {}
+        return {key: int(value) for key, value in box.items()}
 
     def check_writable(self) -> None:
         """Create the directory and prove it writable now, not at the first save after

@@ -372,6 +372,11 @@ def _train(args: argparse.Namespace) -> int:
     # the softening schedule the checkpoint was trained with, whatever this --steps says (a
     # schedule over the new --steps would jump back mid-run)
     horizon = (ckpt.horizon() if args.resume else None) or args.steps
+    data_flags = {"data_seed": args.seed, "batch_size": args.batch_size}
+    if args.resume and (problem := ckpt.data_problem(data_flags)) is not None:
+        if rank == 0:
+            print(f"orthoshard.train: {problem}", file=sys.stderr)
+        return 2
     optimizer = build_optimizer(args.optimizer, model, steps=horizon,
                                 kl_shampoo=args.kl_shampoo, sharding=OwnerSharding(group))
     data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
@@ -406,7 +411,7 @@ def _train(args: argparse.Namespace) -> int:
     publisher = _publisher(args, run_id) if _publishes(args) else None
     with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
-              run_id=run_id)
+              run_id=run_id, data_flags=data_flags)
     if publisher is not None:
         # the run ended: its silence from now on is no alert. This rank's finish also when it
         # published nothing: a restart that resumed at the last step (a rank died after the
@@ -417,7 +422,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data: MarkovData,
           ckpt: Checkpoints, log: _Log, publisher: Any, *, start: int, horizon: int,
-          run_id: str | None) -> None:
+          run_id: str | None, data_flags: dict[str, int]) -> None:
     """Train from step ``start`` to ``args.steps``, then write the reports."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = next(model.parameters()).device  # where fully_shard put the parameters
@@ -437,7 +442,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
                                 with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, float(loss_avg) / world, health)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id)
+            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, data=data_flags)
         _maybe_die(step + 1)
         if args.step_delay:
             time.sleep(args.step_delay)

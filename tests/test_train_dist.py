@@ -409,6 +409,28 @@ def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports
 
 
 @pytest.mark.timeout(120)
+def test_a_resume_with_another_seed_or_batch_size_is_refused_before_it_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # they fix the data: such a resume trained another run, without a word
+    ckpt = tmp_path / "ckpt"
+    keep = ["--checkpoint-dir", str(ckpt), "--resume"]
+    assert _train_here(monkeypatch, "--steps", "2", "--out", str(tmp_path / "a"), "--seed", "3",
+                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 0
+    capsys.readouterr()
+    for flags, says in ((["--seed", "7"], "--seed 3 (this run: 7)"),
+                        (["--seed", "3", "--batch-size", "4"], "--batch-size 16 (this run: 4)"),
+                        (["--batch-size", "4"], "--seed 3 (this run: 0), --batch-size 16 "
+                                                "(this run: 4)")):
+        out = tmp_path / "refused"
+        assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), *flags, *keep) == 2
+        assert f"the checkpoint in {ckpt} was trained with {says}, which fixes its data" in \
+            capsys.readouterr().err
+        assert not (out / "loss.jsonl").exists()  # nothing trained
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "b"), "--seed", "3",
+                       *keep) == 0
+
+
+@pytest.mark.timeout(120)
 def test_a_restart_that_resumes_at_the_last_step_still_ends_the_run_at_the_sidecar(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A rank died after the final checkpoint, before its reports and its finish. The restart
