@@ -19,8 +19,8 @@ machine is shared and noisy, so only the ratio measured in one process means any
 < 1.05); the last column holds the quartiles of the ratios of the steps (or periods) timed side
 by side. ``--cpu-time`` times with ``time.thread_time`` (this thread's CPU time, which other
 jobs on the machine do not inflate; it needs ``--threads 1``). A second table splits what
-health adds, for the rows refreshing every 10 steps, between the refresh steps and the steps
-between them.
+health adds, for the rows of matrices refreshing every 10 steps (not the GPT training step's,
+timed as whole periods only), between the refresh steps and the steps between them.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def main() -> None:
             on, off)
     if PHASES:
         print("\nWhat health adds to the step, refreshing every 10 steps (medians of on - off, "
-              "the two timed side by side):\n")
+              "the two timed side by side; the rows of matrices):\n")
         print("| matrices | solver | at a refresh step, ms | at the steps between, ms |")
         print("|---|---|---|---|")
         for label, solver, at_refresh, between in PHASES:
