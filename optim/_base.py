@@ -142,8 +142,13 @@ class MatrixOptimizer(StateDictOptimizer):
         if not hasattr(self, "_exchange"):  # torch's constructor; ours then checks every group
             super().add_param_group(param_group)
             return
-        # the caller's dict itself, as torch.optim adds it: later edits to it reach the group
-        group = param_group
+        # a removed group's matrices' last health, until health() dropped it, would be read as
+        # the new group's where it takes their names (group{i}.param{j})
+        self._drop_gone_health()
+        # the caller's dict itself, as torch.optim adds it: later edits to it reach the group;
+        # put back as it was if the group is refused (the names written into it made a
+        # corrected retry fail on their count)
+        group, given = param_group, dict(param_group)
         params = group.get("params")
         if isinstance(params, Tensor):
             params = [params]
@@ -158,12 +163,19 @@ class MatrixOptimizer(StateDictOptimizer):
             taken = {name.split(".", 1)[0] for g in self.param_groups for name in g["param_names"]}
             prefix = free_group_prefix(len(self.param_groups), taken)
             group["param_names"] = [f"{prefix}.param{i}" for i in range(len(params))]
-        super().add_param_group(group)
+        try:
+            super().add_param_group(group)
+        except (TypeError, ValueError):
+            group.clear()
+            group.update(given)
+            raise
         try:
             self._check_groups()
             self._check_hyperparameters(len(self.param_groups) - 1, self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
+            group.clear()
+            group.update(given)
             raise
 
     def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
@@ -548,16 +560,20 @@ class MatrixOptimizer(StateDictOptimizer):
         Only parameters still in a param group: a group removed during training (a block
         frozen) takes its matrices' last values with it, which would otherwise be reported, and
         published, as if they were current."""
-        present = {name for group in self.param_groups for name in group["param_names"]}
-        for stale in [n for n in (*self._deferred, *self._health) if n not in present]:
-            self._deferred.pop(stale, None)
-            self._health.pop(stale, None)
+        self._drop_gone_health()
         out: dict[str, dict[str, float]] = {}
         for name, (batch, i) in self._deferred.items():
             out[name] = dict(zip(batch.keys[i], batch.floats(i), strict=True))
         for name, metrics in self._health.items():
             out.setdefault(name, {}).update({k: float(v) for k, v in metrics.items()})
         return out
+
+    def _drop_gone_health(self) -> None:
+        """Forget the health of matrices no longer in a param group."""
+        present = {name for group in self.param_groups for name in group["param_names"]}
+        for stale in [n for n in (*self._deferred, *self._health) if n not in present]:
+            self._deferred.pop(stale, None)
+            self._health.pop(stale, None)
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes this rank sent and received for optimizer communication, and collectives."""

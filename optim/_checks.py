@@ -94,8 +94,13 @@ def _name_unnamed_groups(params: Any) -> Any:
     params = list(params)
     if not params or not all(isinstance(g, dict) for g in params):
         return params
-    # each group's parameters as a list (a generator is read once, here), in the group itself,
-    # as torch keeps the caller's group dicts
+    # copies of the caller's group dicts (torch keeps the dicts themselves): the optimizer
+    # writes its defaults, step count, algorithm and names into its groups, and a list of
+    # groups given to a second optimizer (a notebook's next try, a sweep) then started at the
+    # first one's step (a softening schedule read mid-way), or was refused (an AdamW group
+    # "setting" the first one's Muon keys; another algorithm). Each group's parameters as a
+    # list (a generator is read once, here).
+    params = [dict(group) for group in params]
     for group in params:
         ps = group["params"]
         if isinstance(ps, set):  # left for torch to refuse (an unordered set names nothing)
