@@ -84,10 +84,12 @@ def clip_update_rms(U: Tensor, max_rms: float) -> Tensor:
     """``U`` scaled by ``min(1, max_rms / (rms(U) + 1e-7))`` (Emerging-Optimizers'
     ``max_update_rms``; 0: ``U`` as it is). No host sync. Where it matters: docs/soap.md
     "Early steps"."""
-    if max_rms == 0:
+    if max_rms == 0 or U.numel() == 0:
         return U
-    rms = U.square().mean().sqrt()
-    return U * (max_rms / (rms + _CLIP_RMS_EPS)).clamp(max=1.0)
+    # the norm accumulated in float64: a finite float32 update with entries past ~1e19 has
+    # squares that overflow, and an Inf RMS would scale the update to 0, a silent no-op step
+    rms = torch.linalg.vector_norm(U, dtype=torch.float64) / U.numel() ** 0.5
+    return U * (max_rms / (rms + _CLIP_RMS_EPS)).clamp(max=1.0).to(U.dtype)
 
 
 def _refresh(state: dict[str, Tensor], L: Tensor, R: Tensor, cfg: SoapConfig, *, first: bool

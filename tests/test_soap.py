@@ -1230,3 +1230,13 @@ def test_a_checkpoint_without_max_update_rms_loads_with_the_live_groups_value():
     assert new.param_groups[0]["max_update_rms"] == 1.0
     p.grad = torch.randn(8, 4)
     new.step()
+
+
+def test_max_update_rms_clips_a_finite_update_whose_squares_overflow_float32():
+    # its RMS read Inf and scaled the update to 0: a silent step that moved nothing
+    from optim._soap_step import clip_update_rms
+
+    U = torch.full((4, 3), 1e20)
+    clipped = clip_update_rms(U, 1.0)
+    assert float(clipped.square().mean().sqrt()) == pytest.approx(1.0, rel=CLIP_RTOL)
+    assert clip_update_rms(torch.zeros(0, 3), 1.0).shape == (0, 3)
