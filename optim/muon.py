@@ -258,9 +258,12 @@ class Muon(MatrixOptimizer):
         return grad.lerp(new_buf, group["momentum"]) if group["nesterov"] else new_buf
 
     def _stack(self, items: list[MatrixItem], xs: list[Tensor]) -> Tensor:
-        # Without softening the kernel only ever reads X in its compute dtype: convert while
-        # stacking (one pass, as torch.optim.Muon's own ``grad.bfloat16()``) instead of stacking
-        # in fp32 and converting again. Bit-identical: the same round-to-nearest-even cast.
+        # Without softening the kernel reads X in its compute dtype: convert while stacking
+        # (one pass, as torch.optim.Muon's own ``grad.bfloat16()``) instead of stacking in fp32
+        # and converting again. Bit-identical: the same round-to-nearest-even cast. (CANS runs
+        # its first step in float32, on this bf16-rounded X: the input Muon hands every method,
+        # as torch.optim.Muon does its quintic; orthogonalize() on float32 X differs by that
+        # rounding, ~1e-3 in the orthogonality error.)
         group = items[0].group
         compute = None if group["ns_method"] == "svd" else torch.bfloat16
         if compute is None or xs[0].dtype == compute or self._softening_now[id(group)] != 0.0:
