@@ -319,7 +319,13 @@ class HealthCollector(Collector):
         """The parameters and ranks to export: received within the TTL, and parameters of
         their rank's current run while it runs. A finished run's frozen values, or those of a
         rank's earlier run, would otherwise stay for the TTL and count in the alerts (a spike
-        of the next run turned too few of the node's "matrices" to page)."""
+        of the next run turned too few of the node's "matrices" to page).
+
+        A rank of the newest run on this sidecar that has not finished stays past the TTL:
+        its liveness timestamp is what ``OptimizerSnapshotStale`` reads, and with it gone the
+        alert resolved (and Alertmanager said so) while the rank was still dead. It goes when
+        the rank finishes (``POST /v1/ranks/{rank}/finish``, also by hand for a rank that is
+        gone for good) or another run's snapshot comes after it."""
         now = self._clock()
         cutoff = now - self._ttl
         all_ranks, all_params = self._store.latest()
@@ -327,7 +333,9 @@ class HealthCollector(Collector):
         params = [p for p in all_params if p.received_at >= cutoff
                   and ((r := latest.get(p.rank)) is None
                        or (r.finished_at is None and r.run_id == p.run_id))]
-        ranks = [r for r in all_ranks if r.received_at >= cutoff]
+        newest = max(all_ranks, key=lambda r: r.received_at).run_id if all_ranks else None
+        ranks = [r for r in all_ranks if r.received_at >= cutoff
+                 or (r.finished_at is None and r.run_id == newest)]
         return now, params, ranks
 
     def collect(self) -> Iterator[Metric]:

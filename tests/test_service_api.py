@@ -843,7 +843,32 @@ def test_silent_series_expire_after_the_ttl(client: TestClient, clock: FakeClock
     old = client.get("/v1/params/old.w").json()  # still answered, marked stale
     assert old["stale"] is True and old["run_id"] == "run-a"
     clock.now += TTL
-    assert metric_lines(client) == []
+    # rank 1 runs the newest run and never finished: its rank series stay, so that the stale
+    # alert goes on reading its liveness timestamp (it resolved when the series went)
+    lines = metric_lines(client)
+    assert not any("param=" in ln for ln in lines)
+    assert {ln.split("{")[0] for ln in lines} == {
+        "orthoshard_optimizer_step", "orthoshard_last_snapshot_timestamp_seconds",
+        "orthoshard_snapshots_received_total"}
+    assert all('rank="1"' in ln for ln in lines)
+    assert client.post("/v1/ranks/1/finish", json={"run_id": "run-b"}).status_code == 200
+    assert metric_lines(client) == []  # finished (by hand: a rank gone for good) and old
+
+
+def test_a_dead_rank_of_the_current_run_keeps_its_liveness_sample_past_the_ttl(
+        client: TestClient, clock: FakeClock) -> None:
+    # its timestamp left /metrics with the TTL: OptimizerSnapshotStale resolved while the rank
+    # was still dead, and Alertmanager sent "resolved"
+    post(client, snapshot(rank=0, run_id="run-a"))
+    post(client, snapshot(rank=1, run_id="run-a"))
+    clock.now += 10 * TTL
+    post(client, snapshot(rank=0, step=2, run_id="run-a"))  # rank 0 goes on; rank 1 is dead
+    stamps = [ln for ln in metric_lines(client)
+              if ln.startswith("orthoshard_last_snapshot_timestamp_seconds")]
+    assert sorted(ln.split('rank="')[1][0] for ln in stamps) == ["0", "1"]
+    # a new run on the sidecar: the old run's silent rank expires with the TTL, as before
+    post(client, snapshot(rank=0, step=1, run_id="run-b"))
+    assert not any('rank="1"' in ln for ln in metric_lines(client))
 
 
 def test_store_dependency_override_is_used(client: TestClient, clock: FakeClock) -> None:

@@ -68,8 +68,10 @@ class Sidecar:
         return self.proc.wait(timeout=15)
 
 
-def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = None) -> Sidecar:
-    """Start a sidecar on ``tmp/state.db`` and wait until both listeners answer /healthz."""
+def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = None,
+                  extra: tuple[str, ...] = ()) -> Sidecar:
+    """Start a sidecar on ``tmp/state.db`` (``extra``: more of its options) and wait until
+    both listeners answer /healthz."""
     token = token or secrets.token_hex(16)
     token_file = tmp / "token"
     token_file.write_text(token + "\n")
@@ -91,6 +93,7 @@ def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = Non
         str(tmp / "state.db"),
         "--log-level",
         "warning",
+        *extra,
     ]
     with (tmp / "sidecar.log").open("ab") as log:  # its stderr, for what it logs
         proc = subprocess.Popen(cmd, cwd=ROOT, stderr=log)
@@ -297,14 +300,23 @@ FAST_RULES = ROOT / "deploy" / "prometheus" / "rules-fast" / "orthoshard.rules.y
 STALE_FIRING = 'ALERTS{alertname="OptimizerSnapshotStale",alertstate="firing"}'
 
 
+# the sidecar's --series-ttl in the stale test: past the fast profile's 10 s + 2 s, so that the
+# alert fires first, and short enough to wait out (rotation hold below it, as the sidecar needs)
+SHORT_TTL_S = 14
+
+
 @pytest.mark.tools
 @pytest.mark.timeout(120)
-def test_a_rank_that_stops_pages_as_stale_and_a_finished_run_does_not(
-    sidecar: Sidecar, tmp_path: Path
+def test_a_rank_that_stops_pages_as_stale_past_the_ttl_and_a_finished_run_does_not(
+    tmp_path: Path
 ) -> None:
     # The fast rule profile: stale after 10 s without a snapshot, for 2 s, 1 s scrapes. Rank 0's
-    # run ends normally (close(finished=True)); rank 1 just stops, as a hung or dead rank does.
+    # run ends normally (close(finished=True)); rank 1 just stops, as a hung or dead rank does,
+    # and still pages once the sidecar's TTL has passed (its timestamp left /metrics then, and
+    # the alert resolved while the rank was still dead)
     prometheus = require_tool("prometheus")
+    sidecar = start_sidecar(tmp_path, extra=("--series-ttl", str(SHORT_TTL_S),
+                                             "--rotation-hold", "1"))
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
@@ -328,6 +340,7 @@ def test_a_rank_that_stops_pages_as_stale_and_a_finished_run_does_not(
             _wait_for(prom, "orthoshard_last_snapshot_timestamp_seconds", want=2, within_s=45)
             assert pubs[0].close(timeout_s=10, finished=True)
             assert pubs[1].close(timeout_s=10)
+            stopped = time.monotonic()
             deadline = time.monotonic() + 40
             while not _query(prom, STALE_FIRING):
                 assert time.monotonic() < deadline, "OptimizerSnapshotStale never fired"
@@ -335,14 +348,20 @@ def test_a_rank_that_stops_pages_as_stale_and_a_finished_run_does_not(
             time.sleep(3)  # past rank 0's own 10 s + 2 s as well
             firing = _query(prom, f"max_over_time({STALE_FIRING}[1m])")
             assert sorted(s["metric"]["rank"] for s in firing) == ["1"]
-            # rank 0 was alive, then finished: its state is still there, its timestamp is not
-            steps = _query(prom, "orthoshard_optimizer_step")
-            assert sorted(s["metric"]["rank"] for s in steps) == ["0", "1"]
+            # rank 0 was alive, then finished: its timestamp is gone
             live = _query(prom, "orthoshard_last_snapshot_timestamp_seconds")
             assert sorted(s["metric"]["rank"] for s in live) == ["1"]
+            # past the TTL, and past a scrape and an evaluation after it: still firing; the
+            # finished rank's step has expired, the dead one's has not
+            time.sleep(max(0.0, stopped + SHORT_TTL_S + 4 - time.monotonic()))
+            firing = _query(prom, STALE_FIRING)
+            assert sorted(s["metric"]["rank"] for s in firing) == ["1"]
+            steps = _query(prom, "orthoshard_optimizer_step")
+            assert sorted(s["metric"]["rank"] for s in steps) == ["1"]
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+        sidecar.stop()
 
 
 def _wait_for(prom: httpx.Client, promql: str, *, want: int, within_s: float) -> list[dict]:

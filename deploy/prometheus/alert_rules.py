@@ -88,8 +88,10 @@ ANNOTATIONS = {
         "runbook": "The rank is hung, dead, much slower than usual, or its publisher cannot "
         "reach the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
         "sidecar. A run that ended normally does not page: Publisher.close(finished=True) "
-        "tells the sidecar, which then drops the rank's timestamp; a trainer that exits "
-        "without saying so ends here until --series-ttl drops its series.",
+        "tells the sidecar, which then drops the rank's timestamp. A rank that exited without "
+        "saying so pages until it reports again, a new run reports to the sidecar, or it is "
+        "finished by hand (POST /v1/ranks/RANK/finish with its run_id, docs/service.md) once "
+        "it is known to be gone for good.",
     },
     "OptimizerOrthogonalityErrorHigh": {
         "summary": 'Orthogonality error of {{ $labels.param }} is {{ $value | printf "%.3f" }}',
