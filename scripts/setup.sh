@@ -11,7 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
-[ "${1:-}" = "--dev" ] && dev=1
+case "${1:-}" in
+  "") ;;
+  --dev) dev=1 ;;
+  *) echo "setup: unknown option ${1}; use --dev (test extras and tools) or nothing" >&2
+     exit 2 ;;
+esac
 
 # Python 3.11 or later (pyproject.toml): $PYTHON if set, else python3.11 if there is one, else
 # python3. A .venv of an older Python (made with another default python3) is rebuilt: pip's
@@ -19,7 +24,7 @@ dev=0
 PY=${PYTHON:-$(command -v python3.11 || echo python3)}
 new_enough='import sys; sys.exit(sys.version_info < (3, 11))'
 if ! "$PY" -c "$new_enough" 2>/dev/null; then
-  echo "setup: needs Python 3.11 or later; $PY is $("$PY" --version 2>&1 || echo missing)." \
+  echo "setup: needs Python 3.11 or later; $PY is $("$PY" --version 2>/dev/null || echo missing)." \
     "Install python3.11, or point PYTHON at one: PYTHON=/path/to/python3.11 bash $0" >&2
   exit 1
 fi
