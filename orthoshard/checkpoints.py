@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from orthoshard.arguments import directory_problem
 
-__all__ = ["DATA_KEYS", "HORIZON_KEY", "RUN_ID_FILE", "Checkpoints", "checkpoint_step",
-           "complete_before", "optimizer_mismatch", "write_whole", "writes_directory"]
+__all__ = ["HORIZON_KEY", "REFUSED_FILE", "RUN_ID_FILE", "RUN_KEYS", "Checkpoints",
+           "checkpoint_step", "complete_before", "optimizer_mismatch", "spike_problem",
+           "write_whole", "writes_directory"]
 
 #: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
 RUN_ID_FILE = "RUN_ID"
@@ -127,9 +128,26 @@ def _checkpoint_optimizer(keys: list[str]) -> str | None:
 #: the checkpoint entry holding the run's softening schedule length (its first --steps): a
 #: resume with another --steps keeps the schedule the checkpoint was trained with
 HORIZON_KEY = "softening_steps"
-#: checkpoint entries holding the flags that fix the run's data stream (``--seed`` also fixes
-#: the spike's direction): a resume with others would train another run, unannounced
-DATA_KEYS = {"data_seed": "--seed", "batch_size": "--batch-size"}
+#: checkpoint entries holding the flags a resume must keep, by the flag's name: the data stream
+#: (``--seed`` also fixes the spike's direction; a resume with others trained another run,
+#: unannounced) and the model's shape (another failed in a traceback on every rank, once the
+#: checkpoint was read)
+RUN_KEYS = {"data_seed": "--seed", "batch_size": "--batch-size", "d_model": "--d-model",
+            "layers": "--layers"}
+#: in a checkpoint directory: the reason the first attempt of a launch under ``--max-restarts``
+#: refused it, for the attempts torchrun restarts after that refusal (which would resume it)
+REFUSED_FILE = "REFUSED"
+
+
+def spike_problem(latest: Path, spike_at: int | None) -> str | None:
+    """What stops a ``--resume`` from ``latest`` with ``--spike-at`` before its step (None:
+    nothing): the run trains from that step on, so the spike would never happen."""
+    done = checkpoint_step(latest)
+    if done is None or spike_at is None or spike_at >= done:
+        return None
+    return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at {spike_at}: "
+            f"this run trains from step {done} on and would never spike; pass a later "
+            f"--spike-at, or none")
 
 
 class Checkpoints:
@@ -158,16 +176,16 @@ class Checkpoints:
         return path
 
     def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int, *,
-             run_id: str | None = None, data: dict[str, int] | None = None) -> None:
+             run_id: str | None = None, flags: dict[str, int] | None = None) -> None:
         """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps);
         ``run_id``: the run's id, kept in the checkpoint (:data:`RUN_ID_FILE`) for a resume;
-        ``data``: the values of :data:`DATA_KEYS` (:meth:`data_problem` checks a resume's)."""
+        ``flags``: the values of :data:`RUN_KEYS` (:meth:`flags_problem` checks a resume's)."""
         from sharding import checkpoint
 
         assert self.dir is not None
         path = self._fresh(step)
         extra = {"progress": torch.tensor(step), HORIZON_KEY: torch.tensor(horizon),
-                 **{key: torch.tensor(value) for key, value in (data or {}).items()}}
+                 **{key: torch.tensor(value) for key, value in (flags or {}).items()}}
         checkpoint.save(path, model, optimizer, extra=extra)
         dist.barrier()
         if dist.get_rank() == 0:
@@ -218,18 +236,18 @@ class Checkpoints:
         checkpoint, or one saved before it was recorded). Each rank reads it alone."""
         return self._scalars([HORIZON_KEY]).get(HORIZON_KEY)
 
-    def data_problem(self, data: dict[str, int]) -> str | None:
-        """What stops a resume whose :data:`DATA_KEYS` values ``data`` differ from those the
+    def flags_problem(self, flags: dict[str, int]) -> str | None:
+        """What stops a resume whose :data:`RUN_KEYS` values ``flags`` differ from those the
         latest checkpoint was saved with (None: they agree, or the checkpoint predates them).
         Each rank reads them alone, before anything loads."""
-        saved = self._scalars(list(DATA_KEYS))
-        changed = [f"{DATA_KEYS[key]} {saved[key]} (this run: {value})"
-                   for key, value in data.items() if key in saved and saved[key] != value]
+        saved = self._scalars(list(RUN_KEYS))
+        changed = [f"{RUN_KEYS[key]} {saved[key]} (this run: {value})"
+                   for key, value in flags.items() if key in saved and saved[key] != value]
         if not changed:
             return None
         return (f"--resume: the checkpoint in {self.dir} was trained with "
-                f"{', '.join(changed)}, which fixes its data: resume it with the checkpoint's "
-                f"values, or start a new run in an empty --checkpoint-dir")
+                f"{', '.join(changed)}: resume it with the checkpoint's values, or start a new "
+                f"run in an empty --checkpoint-dir")
 
     def _scalars(self, keys: list[str]) -> dict[str, int]:
         """Those of the integer entries ``keys`` the latest checkpoint holds (none without a

@@ -245,7 +245,12 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     ``--spike-at`` (the spike would never happen, yet be reported), or one another
     ``--optimizer`` saved, or SOAP with the other ``--kl-shampoo`` setting. A missing LATEST
     is fine: the run starts from step 0 and writes one."""
-    from orthoshard.checkpoints import Checkpoints, checkpoint_step, optimizer_mismatch
+    from orthoshard.checkpoints import (
+        Checkpoints,
+        checkpoint_step,
+        optimizer_mismatch,
+        spike_problem,
+    )
 
     try:
         latest = Checkpoints(directory).latest()
@@ -257,11 +262,7 @@ def _resume_problem(directory: Path, steps: int, optimizer: str,
     if done is not None and done >= steps:
         return (f"--resume: the checkpoint {latest} is at step {done}, not before --steps "
                 f"{steps}: nothing is left to train; pass a larger --steps")
-    if done is not None and spike_at is not None and spike_at < done:
-        return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at "
-                f"{spike_at}: this run trains from step {done} on and would never spike; pass "
-                f"a later --spike-at, or none")
-    return optimizer_mismatch(latest, optimizer, kl_shampoo)
+    return spike_problem(latest, spike_at) or optimizer_mismatch(latest, optimizer, kl_shampoo)
 
 
 def run(args: argparse.Namespace) -> int:

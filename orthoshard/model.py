@@ -22,11 +22,11 @@ class GPTConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
         for name in ("vocab", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:  # (after: n_heads 0 raised ZeroDivisionError here)
+            raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
 
 
 class Block(nn.Module):

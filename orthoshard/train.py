@@ -20,6 +20,7 @@ another run's ``LATEST``, which a restart would otherwise continue.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,14 @@ import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
 from orthoshard.arguments import argument_problem, directory_problem, restart_problem
-from orthoshard.checkpoints import RUN_ID_FILE, Checkpoints, write_whole, writes_directory
+from orthoshard.checkpoints import (
+    REFUSED_FILE,
+    RUN_ID_FILE,
+    Checkpoints,
+    spike_problem,
+    write_whole,
+    writes_directory,
+)
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.telemetry import publish_health
@@ -44,6 +52,10 @@ from orthoshard.telemetry import publish_health
 __all__ = ["build_optimizer", "main", "parse_args"]
 
 OPTIMIZERS = ("muon", "normuon", "soap")
+#: the largest --seed: MarkovData seeds each batch's generator with ``seed * 1_000_003 + step *
+#: 4_099 + rank``, which must stay a 64-bit integer (a larger seed failed in every rank's first
+#: batch, after the model was built)
+MAX_SEED = 2**32 - 1
 # Soft-Muon in the demo: softening grows over training (Soft-Muon softens more later on).
 SOFTENING_MAX = 0.2
 
@@ -99,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "d_model", "layers", "replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.seed <= MAX_SEED:  # the data's generator seeds are derived from it
+        p.error(f"--seed must be an integer in [0, {MAX_SEED}], got {args.seed}")
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0 (0: no step lines), got {args.log_every}")
     # checked here, on every rank before any process group, rather than failing in each rank
@@ -134,10 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             read_token_file(args.token_file)
         except ValueError as exc:
             p.error(f"--token-file: {exc}")
+    resume_given = args.resume
     if args.checkpoint_every and not args.resume and _restartable():
-        if _attempt() == 0 and (problem := restart_problem(
-                args.checkpoint_dir, resume=False, restarts=True)) is not None:
-            p.error(problem)
+        _refuse_restarted(p, args.checkpoint_dir)
         args.resume = True  # a restarted group resumes where the last checkpoint was
     if args.checkpoint_dir is not None and writes_directory(
             args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
@@ -155,7 +168,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if latest is not None and (problem := optimizer_mismatch(
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
+        # (a first attempt the user resumed; a restarted attempt resumes past a spike that
+        # already happened, as it should)
+        if latest is not None and resume_given and _attempt() == 0 and \
+                (problem := spike_problem(latest, args.spike_at)) is not None:
+            p.error(problem)
     return args
+
+
+def _refuse_restarted(p: argparse.ArgumentParser, checkpoint_dir: Path) -> None:
+    """Under ``--max-restarts`` without ``--resume``: refuse a ``checkpoint_dir`` holding
+    another run's checkpoints (``LATEST``), which a restarted attempt would resume. torchrun
+    restarts the group that the refusal stopped, and that attempt cannot tell another run's
+    ``LATEST`` from its own first attempt's, so the refusal is kept in the directory
+    (:data:`REFUSED_FILE`) for the attempts after it; an accepted first attempt removes it."""
+    refused = checkpoint_dir / REFUSED_FILE
+    if _attempt() == 0:
+        problem = restart_problem(checkpoint_dir, resume=False, restarts=True)
+        with contextlib.suppress(OSError):  # unwritable: every attempt refuses it anyway
+            if problem is not None:
+                write_whole(refused, problem)
+            else:
+                refused.unlink(missing_ok=True)
+        if problem is not None:
+            p.error(problem)
+    elif refused.is_file():
+        p.error(f"{refused.read_text().strip()} (refused at this launch's first attempt; "
+                f"torchrun restarted the group)")
 
 
 def _restartable() -> bool:
@@ -310,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         # rank (torchrun --max-restarts) on this CPU set-up; connecting pairs lazily, on first
         # use, made 6 of 6 restarts succeed. It changes no result, only when sockets open.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-    dist.init_process_group(backend)
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)  # torchrun's environment
+    else:  # `python -m orthoshard.train`: one rank, no launcher, no port to pick
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         return _train(args)
     finally:
@@ -372,8 +414,9 @@ def _train(args: argparse.Namespace) -> int:
     # the softening schedule the checkpoint was trained with, whatever this --steps says (a
     # schedule over the new --steps would jump back mid-run)
     horizon = (ckpt.horizon() if args.resume else None) or args.steps
-    data_flags = {"data_seed": args.seed, "batch_size": args.batch_size}
-    if args.resume and (problem := ckpt.data_problem(data_flags)) is not None:
+    run_flags = {"data_seed": args.seed, "batch_size": args.batch_size,
+                 "d_model": args.d_model, "layers": args.layers}
+    if args.resume and (problem := ckpt.flags_problem(run_flags)) is not None:
         if rank == 0:
             print(f"orthoshard.train: {problem}", file=sys.stderr)
         return 2
@@ -411,7 +454,7 @@ def _train(args: argparse.Namespace) -> int:
     publisher = _publisher(args, run_id) if _publishes(args) else None
     with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
-              run_id=run_id, data_flags=data_flags)
+              run_id=run_id, run_flags=run_flags)
     if publisher is not None:
         # the run ended: its silence from now on is no alert. This rank's finish also when it
         # published nothing: a restart that resumed at the last step (a rank died after the
@@ -422,7 +465,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data: MarkovData,
           ckpt: Checkpoints, log: _Log, publisher: Any, *, start: int, horizon: int,
-          run_id: str | None, data_flags: dict[str, int]) -> None:
+          run_id: str | None, run_flags: dict[str, int]) -> None:
     """Train from step ``start`` to ``args.steps``, then write the reports."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = next(model.parameters()).device  # where fully_shard put the parameters
@@ -442,7 +485,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
                                 with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, float(loss_avg) / world, health)
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
-            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, data=data_flags)
+            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, flags=run_flags)
         _maybe_die(step + 1)
         if args.step_delay:
             time.sleep(args.step_delay)

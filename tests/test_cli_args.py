@@ -120,6 +120,9 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path, 
     (["--checkpoint-dir", "ckpt", "--checkpoint-every", "-1"], "--checkpoint-every must be >= 0"),
     (["--layers", "0"], "--layers must be >= 1"),
     (["--replicas", "0"], "--replicas must be >= 1"),
+    # the data's generator seeds overflowed 64 bits: a traceback from every rank's first batch
+    (["--seed", str(10**16)], "--seed must be an integer in [0, 4294967295], got 10000000000"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
     # each failed inside every rank, after the process group was up: a traceback per rank
     (["--d-model", "30"], "--d-model 30 must be a multiple of the model's 4 attention heads"),
     (["--token-file", "/nonexistent/token"], "--token-file: cannot read token file "
@@ -706,14 +709,30 @@ def test_a_restarted_group_resumes_and_a_first_attempt_refuses_another_runs_late
     assert train.parse_args(argv).resume  # nothing there yet: a new run (resume finds none)
     (tmp_path / "step-000005").mkdir()
     (tmp_path / "LATEST").write_text("step-000005")
-    with pytest.raises(SystemExit):
-        train.parse_args(argv)
-    assert "pass --resume to continue that run" in capsys.readouterr().err
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # this run's own LATEST by now
     assert train.parse_args(argv).resume
+    # a new launch into that directory: refused, and so is every attempt torchrun restarts
+    # after the refusal (the first such attempt resumed the other run, and exited 0)
+    for attempt in ("0", "1", "2"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        err = capsys.readouterr().err
+        assert "pass --resume to continue that run" in err
+        assert ("refused at this launch's first attempt" in err) == (attempt != "0")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert not train.parse_args(argv).resume  # no restarts: a new run next to the old one
+    # the launch after it, with --resume: its restarts resume too
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    assert train.parse_args([*argv, "--resume"]).resume
+    # an empty directory again (the old run removed): a first attempt takes it, and its
+    # restarts resume its own checkpoints
+    (tmp_path / "LATEST").unlink()
+    assert train.parse_args(argv).resume
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    (tmp_path / "LATEST").write_text("step-000005")
+    assert train.parse_args(argv).resume
 
 
 def test_the_footer_names_a_command_this_shell_can_run(monkeypatch):

@@ -409,7 +409,7 @@ def test_a_resume_with_other_steps_keeps_the_schedule_and_rewrites_stale_reports
 
 
 @pytest.mark.timeout(120)
-def test_a_resume_with_another_seed_or_batch_size_is_refused_before_it_loads(
+def test_a_resume_with_another_seed_batch_size_or_model_is_refused_before_it_loads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     # they fix the data: such a resume trained another run, without a word
     ckpt = tmp_path / "ckpt"
@@ -420,12 +420,21 @@ def test_a_resume_with_another_seed_or_batch_size_is_refused_before_it_loads(
     for flags, says in ((["--seed", "7"], "--seed 3 (this run: 7)"),
                         (["--seed", "3", "--batch-size", "4"], "--batch-size 16 (this run: 4)"),
                         (["--batch-size", "4"], "--seed 3 (this run: 0), --batch-size 16 "
-                                                "(this run: 4)")):
+                                                "(this run: 4)"),
+                        # another model: a traceback on every rank once the checkpoint was read
+                        (["--seed", "3", "--d-model", "32", "--layers", "3"],
+                         "--d-model 64 (this run: 32), --layers 2 (this run: 3)")):
         out = tmp_path / "refused"
         assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), *flags, *keep) == 2
-        assert f"the checkpoint in {ckpt} was trained with {says}, which fixes its data" in \
-            capsys.readouterr().err
+        assert f"the checkpoint in {ckpt} was trained with {says}: resume it with the " \
+            f"checkpoint's values" in capsys.readouterr().err
         assert not (out / "loss.jsonl").exists()  # nothing trained
+    # a spike before the checkpoint's step would never happen (it trained without one)
+    with pytest.raises(SystemExit):
+        _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "refused"),
+                    "--seed", "3", "--spike-at", "1", *keep)
+    assert "past --spike-at 1: this run trains from step 2 on and would never spike" in \
+        capsys.readouterr().err
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "b"), "--seed", "3",
                        *keep) == 0
 
@@ -545,3 +554,29 @@ def test_the_chain_entropy_is_the_loss_a_model_that_knows_the_chain_gets() -> No
     losses = torch.cat([-logp[x, y].flatten() for x, y in (data.batch(s, 0) for s in range(4))])
     error = float(losses.std()) / len(losses) ** 0.5
     assert abs(float(losses.mean()) - data.entropy_rate()) < MC_STANDARD_ERRORS * error
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"n_heads": 0}, "n_heads must be >= 1, got 0"),  # it was a ZeroDivisionError
+    ({"d_model": 30}, "d_model 30 must be divisible by n_heads 4"),
+    ({"vocab": 0}, "vocab must be >= 1, got 0"),
+])
+def test_a_model_config_it_cannot_build_is_refused_by_name(kwargs: dict, message: str) -> None:
+    from orthoshard.model import GPTConfig
+
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+@pytest.mark.timeout(120)
+def test_the_job_run_without_torchrun_trains_as_one_rank(tmp_path: Path) -> None:
+    # `python -m orthoshard.train` raised "environment variable RANK expected" in a traceback
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = run_whole([sys.executable, "-m", "orthoshard.train", "--steps", "2", "--no-progress",
+                      "--out", str(tmp_path / "out")], timeout=100,
+                     env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
