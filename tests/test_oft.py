@@ -88,6 +88,9 @@ def test_bad_configuration_is_refused_with_a_fix():
         OFTConfig(method="cans_cayley", steps=True)
     with pytest.raises(ValueError, match="terms"):
         OFTConfig(terms=False)
+    # one term is the constant I: the adapter built, and had no gradient to train on
+    with pytest.raises(ValueError, match=r"terms must be an int >= 2 \(1 gives R = I"):
+        OFTConfig(method="cayley_neumann", terms=1)
 
 
 def test_wrong_inputs_and_bases_are_refused_by_name():
