@@ -24,6 +24,11 @@ def _benchmarks() -> list[str]:
 
 def _bench(args: argparse.Namespace) -> int:
     scripts = _benchmarks()
+    if not scripts:  # a wheel (pip install . without -e) carries no bench/
+        print(f"orthoshard bench: no benchmarks in {BENCH_DIR}: they run from a clone of the "
+              f"repository (scripts/setup.sh installs it editable, pip install -e .)",
+              file=sys.stderr)
+        return 2
     if args.name not in scripts:
         print(f"unknown benchmark {args.name!r}; available: {', '.join(scripts)}", file=sys.stderr)
         return 2

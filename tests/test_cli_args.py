@@ -593,6 +593,16 @@ def test_bench_names_its_benchmarks_and_refuses_an_unknown_one(capsys) -> None:
         capsys.readouterr().err
 
 
+def test_bench_without_the_benchmarks_says_where_they_run(tmp_path, monkeypatch, capsys):
+    # a wheel (pip install . without -e) has no bench/: "unknown benchmark 'sharding';
+    # available: " named nothing
+    from orthoshard import cli
+
+    monkeypatch.setattr(cli, "BENCH_DIR", tmp_path / "bench")
+    assert cli.main(["bench", "sharding"]) == 2
+    assert "they run from a clone of the repository" in capsys.readouterr().err
+
+
 def test_a_demo_still_serving_its_out_is_left_alone_by_a_second_one(tmp_path, monkeypatch,
                                                                     capsys):
     # the second deleted the first's results, logs, live database and token, then stopped
