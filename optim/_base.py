@@ -154,7 +154,7 @@ class MatrixOptimizer(StateDictOptimizer):
             params = [params]
         elif params is not None and not isinstance(params, set):  # a set: torch says why not
             params = list(params)  # e.g. layer.parameters(), read once
-        group["params"] = params
+        group["params"] = given["params"] = params  # (a generator, read once, stays read)
         if "param_names" not in group and isinstance(params, list) and \
                 not any(isinstance(p, tuple) for p in params):
             # an empty group too (a place to add parameters later, as torch.optim allows):

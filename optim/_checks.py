@@ -98,14 +98,14 @@ def _name_unnamed_groups(params: Any) -> Any:
     # writes its defaults, step count, algorithm and names into its groups, and a list of
     # groups given to a second optimizer (a notebook's next try, a sweep) then started at the
     # first one's step (a softening schedule read mid-way), or was refused (an AdamW group
-    # "setting" the first one's Muon keys; another algorithm). Each group's parameters as a
-    # list (a generator is read once, here).
-    params = [dict(group) for group in params]
-    for group in params:
+    # "setting" the first one's Muon keys; another algorithm). Each group's parameters become
+    # a list first.
+    for group in params:  # in the caller's dict, as torch keeps it: a generator is read once
         ps = group["params"]
         if isinstance(ps, set):  # left for torch to refuse (an unordered set names nothing)
             return params
         group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+    params = [dict(group) for group in params]
     named = ["param_names" in g or any(isinstance(p, tuple) for p in g["params"])
              for g in params]
     if any(named) and not all(named):

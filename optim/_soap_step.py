@@ -83,7 +83,7 @@ _CLIP_RMS_EPS = 1e-7
 def clip_update_rms(U: Tensor, max_rms: float) -> Tensor:
     """``U`` scaled by ``min(1, max_rms / (rms(U) + 1e-7))`` (Emerging-Optimizers'
     ``max_update_rms``; 0: ``U`` as it is). No host sync. Where it matters: docs/soap.md
-    "Early steps"."""
+    "Outsized early steps"."""
     if max_rms == 0 or U.numel() == 0:
         return U
     # the norm accumulated in float64: a finite float32 update with entries past ~1e19 has

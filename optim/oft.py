@@ -51,10 +51,12 @@ class OFTConfig:
         if not is_real(self.max_norm) or not (self.max_norm == -1 or self.max_norm > 0):
             raise ValueError(f"max_norm must be a real number > 0, math.inf or -1 (auto), got "
                              f"{self.max_norm!r}")
-        if not is_int(self.terms) or self.terms < 2:
+        if not is_int(self.terms) or self.terms < 1:
+            raise ValueError(f"terms must be an int >= 1, got {self.terms!r}")
+        if self.method == "cayley_neumann" and self.terms == 1:
             # one term is the constant I: nothing the adapter could learn (no gradient)
-            raise ValueError(f"terms must be an int >= 2 (1 gives R = I whatever Q, which "
-                             f"leaves nothing to train), got {self.terms!r}")
+            raise ValueError("cayley_neumann needs terms >= 2 (1 gives R = I whatever Q, which "
+                             "leaves nothing to train)")
         if self.steps is not None and (not is_int(self.steps) or self.steps < 1):
             raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
 

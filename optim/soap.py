@@ -64,7 +64,7 @@ class SOAP(MatrixOptimizer):
             down to this RMS where it is above (0, the default: never). A basis refresh moves
             momentum onto coordinates whose second moment is still ~0, most of all in the
             first steps, where updates can reach hundreds of times Adam's; 1.0 caps those and
-            leaves ordinary steps alone (docs/soap.md, "Early steps").
+            leaves ordinary steps alone (docs/soap.md, "Outsized early steps").
         precondition_frequency: refresh the eigenbases every this many steps (factors are
             updated every step).
         max_precond_dim: a dimension above this gets no factor (one-sided SOAP): its ``L``/``Q_L``

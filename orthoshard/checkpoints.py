@@ -26,16 +26,23 @@ RUN_ID_FILE = "RUN_ID"
 def checkpoint_step(path: Path) -> int | None:
     """The step a ``step-NNNNNN`` (or ``step-NNNNNN.K``) checkpoint directory was saved at
     (None for another name)."""
-    match = re.fullmatch(r"step-(\d+)(\.\d+)?", path.name)
-    return int(match.group(1)) if match else None
+    order = _save_order(path)
+    return order[0] if order is not None else None
+
+
+def _save_order(path: Path) -> tuple[int, int] | None:
+    """``(step, K)`` of ``step-NNNNNN.K`` (K 0 without a suffix): the order of the saves, a
+    ``.K`` being the same step saved again later (:meth:`Checkpoints._fresh`)."""
+    match = re.fullmatch(r"step-(\d+)(?:\.(\d+))?", path.name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
 def complete_before(directory: Path, path: Path) -> list[str]:
-    """The checkpoints in ``directory`` saved at a step before ``path``'s and complete (DCP
-    writes a checkpoint's ``.metadata`` last), newest first: where LATEST can go back to."""
-    step = checkpoint_step(path)
-    found = [(s, p.name) for p in directory.glob("step-*")
-             if (s := checkpoint_step(p)) is not None and (step is None or s < step)
+    """The checkpoints in ``directory`` saved before ``path`` and complete (DCP writes a
+    checkpoint's ``.metadata`` last), newest first: where LATEST can go back to."""
+    order = _save_order(path)
+    found = [(o, p.name) for p in directory.glob("step-*")
+             if (o := _save_order(p)) is not None and (order is None or o < order)
              and (p / ".metadata").is_file()]
     return [name for _, name in sorted(found, reverse=True)]
 

@@ -83,7 +83,11 @@ class Sidecar:
                "--log-level", "warning"]
         if rotation_hold is not None:
             cmd += ["--rotation-hold", str(rotation_hold)]
-        self.proc = subprocess.Popen(cmd)
+        # this checkout's orthoshard in the child too (bench/sidecar.py runs from anywhere,
+        # where `-m orthoshard.cli` found another install, or none)
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path})
         self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
             "Authorization": f"Bearer {self.token_file.read_text()}"})
         try:

@@ -30,7 +30,7 @@ _HYPER_KEYS = ("algorithm", "lr", "weight_decay", "momentum", "nesterov", "ns_me
                "ns_steps", "ns_coefficients", "adjust_lr_fn", "beta2", "normuon_eps", "betas",
                "shampoo_beta", "eps", "correct_bias", "use_kl_shampoo", "use_eigh",
                "power_iter_steps", "precondition_frequency", "max_precond_dim",
-               "fp32_matmul_prec", "qr_fp32_matmul_prec")
+               "fp32_matmul_prec", "qr_fp32_matmul_prec", "max_update_rms")
 _ADAMW_KEYS = ("algorithm", "lr", "weight_decay", "adamw_betas", "adamw_eps")
 _TOP_K = 8
 

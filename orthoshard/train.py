@@ -52,10 +52,11 @@ from orthoshard.telemetry import publish_health
 __all__ = ["build_optimizer", "main", "parse_args"]
 
 OPTIMIZERS = ("muon", "normuon", "soap")
-#: the largest --seed: MarkovData seeds each batch's generator with ``seed * 1_000_003 + step *
-#: 4_099 + rank``, which must stay a 64-bit integer (a larger seed failed in every rank's first
-#: batch, after the model was built)
-MAX_SEED = 2**32 - 1
+#: the largest --seed (and the most negative, negated): MarkovData seeds each batch's generator
+#: with ``seed * 1_000_003 + step * 4_099 + rank``, which must stay a 64-bit integer (a seed past
+#: ~9.2e12 failed in every rank's first batch, after the model was built); 1e12 leaves the step
+#: term room for 2e15 steps
+MAX_SEED = 10**12
 # Soft-Muon in the demo: softening grows over training (Soft-Muon softens more later on).
 SOFTENING_MAX = 0.2
 
@@ -111,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "d_model", "layers", "replicas"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.seed <= MAX_SEED:  # the data's generator seeds are derived from it
-        p.error(f"--seed must be an integer in [0, {MAX_SEED}], got {args.seed}")
+    if not -MAX_SEED <= args.seed <= MAX_SEED:  # the data's generator seeds are derived from it
+        p.error(f"--seed must be an integer in [-{MAX_SEED}, {MAX_SEED}], got {args.seed}")
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0 (0: no step lines), got {args.log_every}")
     # checked here, on every rank before any process group, rather than failing in each rank
@@ -220,7 +221,7 @@ def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo
 
     # max_update_rms: the first refreshes move momentum onto coordinates whose second moment is
     # still ~0, and this model's unclipped steps 2-4 reached ~150x Adam's RMS (docs/soap.md,
-    # "Early steps"); 1.0 leaves its later steps (RMS ~0.5) alone
+    # "Outsized early steps"); 1.0 leaves its later steps (RMS ~0.5) alone
     return SOAP(groups, lr=3e-3, weight_decay=0.01, use_kl_shampoo=kl_shampoo,
                 max_update_rms=1.0, sharding=sharding)
 

@@ -24,7 +24,9 @@ esac
 PY=${PYTHON:-$(command -v python3.11 || echo python3)}
 new_enough='import sys; sys.exit(sys.version_info < (3, 11))'
 if ! "$PY" -c "$new_enough" 2>/dev/null; then
-  echo "setup: needs Python 3.11 or later; $PY is $("$PY" --version 2>/dev/null || echo missing)." \
+  found=missing
+  command -v "$PY" >/dev/null 2>&1 && found=$("$PY" --version 2>&1 || true)
+  echo "setup: needs Python 3.11 or later; $PY is ${found:-missing}." \
     "Install python3.11, or point PYTHON at one: PYTHON=/path/to/python3.11 bash $0" >&2
   exit 1
 fi

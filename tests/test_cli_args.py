@@ -121,8 +121,9 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path, 
     (["--layers", "0"], "--layers must be >= 1"),
     (["--replicas", "0"], "--replicas must be >= 1"),
     # the data's generator seeds overflowed 64 bits: a traceback from every rank's first batch
-    (["--seed", str(10**16)], "--seed must be an integer in [0, 4294967295], got 10000000000"),
-    (["--seed", "-1"], "--seed must be an integer in [0, 4294967295], got -1"),
+    (["--seed", str(10**16)], "--seed must be an integer in [-1000000000000, 1000000000000], "
+                              "got 10000000000000000"),
+    (["--seed", str(-10**13)], "--seed must be an integer in [-1000000000000, 1000000000000]"),
     # each failed inside every rank, after the process group was up: a traceback per rank
     (["--d-model", "30"], "--d-model 30 must be a multiple of the model's 4 attention heads"),
     (["--token-file", "/nonexistent/token"], "--token-file: cannot read token file "
@@ -784,7 +785,10 @@ def test_the_checkpoints_a_failed_load_points_back_to_are_earlier_and_complete(t
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / ".metadata").write_bytes(b"")
+    # step-000004 was saved before step-000004.1 (the same step saved again)
     assert checkpoints.complete_before(tmp_path, tmp_path / "step-000004.1") == \
+        ["step-000004", "step-000002", "step-000001"]
+    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000004") == \
         ["step-000002", "step-000001"]
     assert checkpoints.complete_before(tmp_path, tmp_path / "step-000001") == []
 

@@ -89,8 +89,9 @@ def test_bad_configuration_is_refused_with_a_fix():
     with pytest.raises(ValueError, match="terms"):
         OFTConfig(terms=False)
     # one term is the constant I: the adapter built, and had no gradient to train on
-    with pytest.raises(ValueError, match=r"terms must be an int >= 2 \(1 gives R = I"):
+    with pytest.raises(ValueError, match=r"cayley_neumann needs terms >= 2 \(1 gives R = I"):
         OFTConfig(method="cayley_neumann", terms=1)
+    assert OFTConfig(method="exp", terms=1).terms == 1  # read by cayley_neumann alone
 
 
 def test_wrong_inputs_and_bases_are_refused_by_name():

@@ -422,6 +422,12 @@ def test_a_list_of_groups_given_to_a_second_optimizer_starts_it_afresh() -> None
     assert {m["softening"] for m in second.health().values() if "softening" in m} == {0.0}
     third = SOAP(groups, lr=0.01)
     assert [g["algorithm"] for g in third.param_groups] == ["soap", "adamw"]
+    # parameters given as a generator: read once, into the caller's dict (as torch keeps it),
+    # not into the copy alone (a second optimizer, or a corrected retry, got an empty group)
+    w = nn.Parameter(torch.randn(4, 4))
+    lazy = [{"params": (p for p in [w])}]
+    assert [len(o.param_groups[0]["params"]) for o in (Muon(lazy, lr=0.02),
+                                                        Muon(lazy, lr=0.02))] == [1, 1]
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)
@@ -445,6 +451,14 @@ def test_a_refused_group_can_be_corrected_and_given_again(cls: type,
     added["params"] = matrices
     opt.add_param_group(added)
     assert opt.param_groups[-1] is added and len(added["param_names"]) == 2
+    # a generator refused: the corrected retry still has its parameters (it got none)
+    more = [nn.Parameter(torch.randn(4, 4)) for _ in range(2)]
+    lazy: dict[str, Any] = {"params": (p for p in more), "lr": -1.0}
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group(lazy)
+    lazy["lr"] = 0.01
+    opt.add_param_group(lazy)
+    assert opt.param_groups[-1]["params"] == more
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS, ids=IDS)

@@ -1182,7 +1182,7 @@ CLIP_RTOL = 1e-5
 def test_max_update_rms_caps_the_outsized_updates_of_the_first_refreshes(use_eigh):
     # at step 1 the bases diagonalize G itself, so the second moments are ~0 off its diagonal;
     # the next refreshes rotate momentum onto those coordinates, and m / (sqrt(v) + eps) takes
-    # steps of tens to hundreds of times Adam's (docs/soap.md "Early steps")
+    # steps of tens to hundreds of times Adam's (docs/soap.md "Outsized early steps")
     grads = _early_gradients(64, 16, 8)
     free = _update_rms({"use_eigh": use_eigh}, grads)
     assert max(free[1:4]) > OUTSIZED_RMS and free[0] < 1.0 and free[-1] < 1.0

@@ -42,7 +42,7 @@ def test_the_adamw_group_reports_what_adamw_reads():
     # AdamW update ignores) and not the adamw_eps it does use
     model = _model()
     opt = SOAP(split_param_groups(model.named_parameters(), adamw_lr=3e-4, adamw_eps=1e-6),
-               lr=3e-3, betas=(0.8, 0.99), eps=1e-10, max_precond_dim=512)
+               lr=3e-3, betas=(0.8, 0.99), eps=1e-10, max_precond_dim=512, max_update_rms=1.0)
     _step(model, opt)
     matrix, adamw = (g["hyperparameters"] for g in _validated(optimizer_summary(opt, rank=0))
                      ["groups"])
@@ -52,6 +52,7 @@ def test_the_adamw_group_reports_what_adamw_reads():
                      "adamw_betas": [0.9, 0.95], "adamw_eps": 1e-6}
     assert matrix["betas"] == [0.8, 0.99] and matrix["eps"] == 1e-10
     assert matrix["max_precond_dim"] == 512 and "adamw_eps" not in matrix
+    assert matrix["max_update_rms"] == 1.0  # the update clip the demo's SOAP applies
 
 
 def test_a_tensor_learning_rate_is_reported_as_a_number():
