@@ -39,8 +39,6 @@ from service.client import Publisher
 from service.schema import Snapshot
 from service.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def health(rank: int, params: int, step: int) -> dict[str, dict[str, float]]:
     """A ``health()`` dict shaped like the optimizers' (10 metrics per matrix)."""
@@ -186,7 +184,6 @@ def main() -> None:
             sidecar.stop()
     store = bench_store(args.ranks, args.params, 2 * args.rounds)
     report(args, scrapes, rate, publish, store)
-
 
 
 def report(

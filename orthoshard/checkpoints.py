@@ -162,6 +162,9 @@ class Checkpoints:
 
     def __init__(self, directory: Path | None) -> None:
         self.dir = directory
+        # the integer entries of the checkpoint read by _scalars, and which one (a start reads
+        # the horizon and the run flags: one DCP read for both)
+        self._read: tuple[Path, dict[str, int]] | None = None
 
     def latest(self) -> Path | None:
         """The checkpoint ``LATEST`` names, or None without one.
@@ -241,13 +244,13 @@ class Checkpoints:
     def horizon(self) -> int | None:
         """The softening schedule's length saved with the latest checkpoint (None without a
         checkpoint, or one saved before it was recorded). Each rank reads it alone."""
-        return self._scalars([HORIZON_KEY]).get(HORIZON_KEY)
+        return self._scalars().get(HORIZON_KEY)
 
     def flags_problem(self, flags: dict[str, int]) -> str | None:
         """What stops a resume whose :data:`RUN_KEYS` values ``flags`` differ from those the
         latest checkpoint was saved with (None: they agree, or the checkpoint predates them).
         Each rank reads them alone, before anything loads."""
-        saved = self._scalars(list(RUN_KEYS))
+        saved = self._scalars()
         changed = [f"{RUN_KEYS[key]} {saved[key]} (this run: {value})"
                    for key, value in flags.items() if key in saved and saved[key] != value]
         if not changed:
@@ -256,27 +259,31 @@ class Checkpoints:
                 f"{', '.join(changed)}: resume it with the checkpoint's values, or start a new "
                 f"run in an empty --checkpoint-dir")
 
-    def _scalars(self, keys: list[str]) -> dict[str, int]:
-        """Those of the integer entries ``keys`` the latest checkpoint holds (none without a
-        checkpoint, or from one that cannot be read: :meth:`load`, which comes next, raises
-        and says what to do)."""
+    def _scalars(self) -> dict[str, int]:
+        """The integer entries (:data:`HORIZON_KEY`, :data:`RUN_KEYS`) the latest checkpoint
+        holds (none without a checkpoint, or from one that cannot be read: :meth:`load`, which
+        comes next, raises and says what to do); read once per checkpoint."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
         path = self.latest()
         if path is None:
             return {}
+        if self._read is not None and self._read[0] == path:
+            return self._read[1]
+        found: dict[str, int] = {}
         try:
             saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-            box = {key: torch.tensor(0) for key in keys if key in saved}
-            if not box:
-                return {}
-            with warnings.catch_warnings():  # "assuming the intent is to load in one process"
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(box, checkpoint_id=str(path), no_dist=True)
+            box = {key: torch.tensor(0) for key in (HORIZON_KEY, *RUN_KEYS) if key in saved}
+            if box:
+                with warnings.catch_warnings():  # "assuming the intent is to load in one process"
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(box, checkpoint_id=str(path), no_dist=True)
+                found = {key: int(value) for key, value in box.items()}
         except (Exception, CheckpointException):
             return {}
-        return {key: int(value) for key, value in box.items()}
+        self._read = (path, found)
+        return found
 
     def check_writable(self) -> None:
         """Create the directory and prove it writable now, not at the first save after
