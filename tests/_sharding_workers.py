@@ -6,7 +6,7 @@ after N steps must equal the single-process optimizer's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,10 @@ def build(name: str, *, fsdp: bool, sharding: Any, mesh: Any = None) -> tuple[nn
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=mesh)
-    return model, OPTIMIZERS[base](split_param_groups(model.named_parameters()), sharding)
+    opt = OPTIMIZERS[base](split_param_groups(model.named_parameters()), sharding)
+    if sharding is not None:
+        assert_owners_batch_alone(opt, sharding)
+    return model, opt
 
 
 def hsdp_mesh(world: int) -> Any:
@@ -157,19 +160,52 @@ def layout(kind: str, world: int) -> tuple[Any, Any]:
     return mesh, OwnerSharding(group=mesh.get_group("shard"))
 
 
-def reference(name: str, steps: int, *, bad: str | None = None) -> dict[str, torch.Tensor]:
-    """Single process, no process group: the result every world size must reproduce."""
-    return reference_run(name, steps, bad=bad)[0]
+# One process batches every matrix of a group, shape and dtype; an owner only those it owns.
+# Muon's bf16 Newton-Schulz rounds a batch of two otherwise than one matrix alone in rare
+# inputs (docs/sharding.md; on AVX512 CPUs one 16x16 matrix of this model's grow scenario
+# came out 0.006 apart after 5 iterations, 7.5e-5 in the parameter after 2 steps). At W > 1
+# this model's Muon and NorMuon owners never hold two matrices of one shape
+# (assert_owners_batch_alone), so the references take those steps one matrix per batch, as
+# the owners do.
+def batch_as_owners(opt: Any, alone: bool, batched: int) -> None:
+    """Make ``opt`` (one process) batch as the owners at W > 1 when ``alone``, else as it was
+    built (``batched``: its ``MAX_BATCH_BYTES`` then)."""
+    opt.MAX_BATCH_BYTES = 1 if alone else batched
 
 
-def reference_run(name: str, steps: int, *, bad: str | None = None
+def assert_owners_batch_alone(opt: Any, sharding: Any) -> None:
+    """What the references' ``alone`` steps assume at W > 1: no owner of ``sharding``'s plan
+    holds two of ``opt``'s matrices of one shape (so each runs as a batch of one). Muon's and
+    NorMuon's only: SOAP steps each matrix from a buffer of its own, so its batches change no
+    bit (its owners do batch, e.g. the two 16x16 matrices at W = 2)."""
+    if sharding.world_size == 1 or not isinstance(opt, Muon):
+        return
+    plan, index = sharding.global_plan(check=False)  # a misplaced shard is the step's to report
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    for item in opt.matrix_items():
+        key = (plan.owners[index[id(item.param)]], tuple(item.shape))
+        assert key not in seen, (f"rank {key[0]} owns {seen[key]} and {item.name}, both "
+                                 f"{key[1]}: the references no longer batch as the owners do")
+        seen[key] = item.name
+
+
+def reference(name: str, steps: int, *, bad: str | None = None, alone: Container[int] = ()
+              ) -> dict[str, torch.Tensor]:
+    """Single process, no process group: the result every world size must reproduce.
+    ``alone``: the steps it runs as owners at W > 1 do (:func:`batch_as_owners`)."""
+    return reference_run(name, steps, bad=bad, alone=alone)[0]
+
+
+def reference_run(name: str, steps: int, *, bad: str | None = None, alone: Container[int] = ()
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]], dict]:
     """:func:`reference`'s parameters, the single process's ``health()`` and its state summary
     (``orthoshard.telemetry.optimizer_summary``) after the run."""
     from orthoshard.telemetry import optimizer_summary
 
     model, opt = build(name, fsdp=False, sharding=None)
+    batched = opt.MAX_BATCH_BYTES
     for step in range(steps):
+        batch_as_owners(opt, step in alone, batched)
         inject(model, step, bad=bad)
         opt.step()
     return full_params(model), opt.health(), optimizer_summary(opt, rank=0)["state"]
@@ -190,12 +226,20 @@ def _awkward(fsdp: bool) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     return model, dict(model.named_parameters())
 
 
-def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+def _step(opt: Any, sharding: Any) -> None:
+    """``opt.step()``; under OwnerSharding, then :func:`assert_owners_batch_alone`."""
+    opt.step()
+    if sharding is not None:
+        assert_owners_batch_alone(opt, sharding)
+
+
+def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any, alone: bool = False
              ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Train with the joiners added at ``GROW_AT``; the parameters and this rank's health."""
     model, named = _awkward(fsdp)
     first = [(n, p) for n, p in named.items() if n not in GROW_JOINERS]
     opt = OPTIMIZERS[name](split_param_groups(first), sharding)
+    batch_as_owners(opt, alone, opt.MAX_BATCH_BYTES)
     for step in range(steps):
         if step == GROW_AT:
             opt.add_param_group({"params": [(n, named[n]) for n in GROW_JOINERS]})
@@ -203,7 +247,7 @@ def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
         if step < GROW_AT:
             for n in GROW_JOINERS:
                 named[n].grad = None  # frozen until they join
-        opt.step()
+        _step(opt, sharding)
     return full_params(model), opt.health()
 
 
@@ -212,7 +256,7 @@ def grow_run(name: str, steps: int, *, fsdp: bool, sharding: Any
 SHRINK_LEAVERS = ("ws.2", "ws.3")
 
 
-def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any, alone: bool = False
                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """Train with the leavers' group removed at ``GROW_AT``; the parameters and this rank's
     health (the leavers keep the gradients injected, which no optimizer reads any more)."""
@@ -220,11 +264,12 @@ def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
     rest = [(n, p) for n, p in named.items() if n not in SHRINK_LEAVERS]
     groups = [{"params": [(n, named[n]) for n in SHRINK_LEAVERS]}, *split_param_groups(rest)]
     opt = OPTIMIZERS[name](groups, sharding)
+    batch_as_owners(opt, alone, opt.MAX_BATCH_BYTES)
     for step in range(steps):
         if step == GROW_AT:
             opt.param_groups.pop(0)
         inject(model, step)
-        opt.step()
+        _step(opt, sharding)
     # checkpointable while the group is out (torch's packing raised KeyError on its state);
     # under OwnerSharding a collective, which every rank makes here
     saved = opt.state_dict()
@@ -239,12 +284,13 @@ def shrink_run(name: str, steps: int, *, fsdp: bool, sharding: Any
 REFREEZE_STEPS = 6
 
 
-def refreeze_run(name: str, steps: int, *, fsdp: bool, sharding: Any
+def refreeze_run(name: str, steps: int, *, fsdp: bool, sharding: Any, alone: bool = False
                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     model, named = _awkward(fsdp)
     rest = [(n, p) for n, p in named.items() if n not in ("ws.0", "ws.4")]
     opt = OPTIMIZERS[name]([{"params": [("ws.0", named["ws.0"])]}, *split_param_groups(rest)],
                            sharding)
+    batch_as_owners(opt, alone, opt.MAX_BATCH_BYTES)
     for step in range(steps):
         if step == 2:
             opt.param_groups.pop(0)
@@ -254,7 +300,7 @@ def refreeze_run(name: str, steps: int, *, fsdp: bool, sharding: Any
         inject(model, step)
         if step < 3:
             named["ws.4"].grad = None
-        opt.step()
+        _step(opt, sharding)
     return full_params(model), opt.health()
 
 
@@ -1322,7 +1368,9 @@ def reordered_load_worker(rank: int, world: int, names: list[str], directory: st
         fully_shard(model)
         groups = (split_param_groups(model.named_parameters()) if phase == 0
                   else _matrix_group_reversed(model))
-        opt = OPTIMIZERS[name](groups, OwnerSharding())
+        sharding = OwnerSharding()
+        opt = OPTIMIZERS[name](groups, sharding)
+        assert_owners_batch_alone(opt, sharding)
         path = Path(directory) / name
         if phase == 0:
             for step in range(2):

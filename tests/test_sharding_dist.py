@@ -21,8 +21,9 @@ from sharding.plan import build_plan
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
 # The exchange moves float32 inputs and updates unchanged, the momentum is elementwise, and the
-# owner runs the very kernels one process runs, so results agree to the last bit in practice.
-# 1e-5 (the design's fp32 bar) leaves room for a BLAS that blocks a batched product differently.
+# owner runs the very kernels one process runs, on the same batches (the references batch as
+# the owners do: w.batch_as_owners), so results agree to the last bit in practice. 1e-5 (the
+# design's fp32 bar) leaves room for a BLAS that blocks a float32 product differently.
 PARITY_ATOL = 1e-5
 PARITY_RTOL = 0.0
 FLOAT32_BYTES = 4
@@ -66,15 +67,25 @@ def _assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
                                    msg=lambda m, n=name: f"{what} {n}: {m}")
 
 
+def alone(world: int, first: int = 0, last: int = w.STEPS) -> range:
+    """The steps in [first, last) that a reference runs one matrix per batch, as the owners
+    at ``world`` do (w.batch_as_owners): all of them at W > 1, none at W = 1."""
+    return range(first, last) if world > 1 else range(0)
+
+
 @pytest.fixture(scope="module")
-def references() -> dict[tuple[str, str | None], dict[str, torch.Tensor]]:
+def references() -> dict[bool, dict[tuple[str, str | None], tuple]]:
+    """``references[world > 1][scenario]``: one process's parameters, health and state
+    summary, batched as the owners at that world size batch (w.batch_as_owners)."""
     # The ranks run with one thread (_dist.init_gloo); LAPACK's eigh/QR round differently with
     # other thread counts, and SOAP's eigenbasis of a near-degenerate factor amplifies that.
     # The reference runs under the same setting, so parity means the same arithmetic.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {(name, bad): w.reference_run(name, w.STEPS, bad=bad) for name, bad in SCENARIOS}
+        return {world > 1: {(name, bad): w.reference_run(name, w.STEPS, bad=bad,
+                                                           alone=alone(world))
+                            for name, bad in SCENARIOS} for world in (1, 2)}
     finally:
         torch.set_num_threads(threads)
 
@@ -90,8 +101,8 @@ def fsdp_run(request, tmp_path_factory) -> tuple[int, dict]:
 def test_fsdp2_steps_equal_single_process(fsdp_run, references):
     world, results = fsdp_run
     for scenario in SCENARIOS:
-        _assert_params_close(results[scenario]["params"], references[scenario][0], scenario,
-                             world=world)
+        _assert_params_close(results[scenario]["params"], references[world > 1][scenario][0],
+                             scenario, world=world)
 
 
 def test_health_of_the_owners_equals_single_process_health(fsdp_run, references):
@@ -99,13 +110,13 @@ def test_health_of_the_owners_equals_single_process_health(fsdp_run, references)
     # runs (the estimated orthogonality error of "muon_probes" included: its probes are seeded
     # by the step, not by the rank), so the union of the ranks' reports is the one-process
     # report. PARITY_ATOL as for the parameters; the values are O(1) or angles in degrees.
-    _, results = fsdp_run
+    world, results = fsdp_run
     for scenario in SCENARIOS:
         merged: dict[str, dict[str, float]] = {}
         for report in results[scenario]["ranks"]:
             for name, metrics in report["health"].items():
                 merged.setdefault(name, {}).update(metrics)
-        want = references[scenario][1]
+        want = references[world > 1][scenario][1]
         assert merged.keys() == want.keys(), scenario
         for name, metrics in want.items():
             assert merged[name].keys() == metrics.keys(), (scenario, name)
@@ -119,7 +130,7 @@ def test_the_owners_state_summaries_equal_the_single_process_summary(fsdp_run, r
     # Buffer norms are of the whole buffer: Muon's momentum is stored as FSDP2 shards, and a
     # norm of the owner's rows alone (what was reported before) reads low at W = 2 and 4.
     # Eigenvalues come from the owner's full factors. PARITY_ATOL as for the health values.
-    _, results = fsdp_run
+    world, results = fsdp_run
     for scenario in SCENARIOS:
         merged: dict[str, dict] = {}
         for rank, report in enumerate(results[scenario]["ranks"]):
@@ -128,7 +139,7 @@ def test_the_owners_state_summaries_equal_the_single_process_summary(fsdp_run, r
             for name, summary in report["summary"].items():
                 assert summary["owner_rank"] == rank
                 merged[name] = summary
-        want = references[scenario][2]
+        want = references[world > 1][scenario][2]
         assert merged.keys() == want.keys(), scenario
         for name, summary in want.items():
             got = merged[name]
@@ -315,7 +326,7 @@ def test_a_group_added_or_removed_during_training_keeps_the_other_matrices_state
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         for name in names:
-            want, health = run(name, steps, fsdp=False, sharding=None)
+            want, health = run(name, steps, fsdp=False, sharding=None, alone=world > 1)
             _assert_params_close(results[name]["params"], want, name)
             reported = {k for report in results[name]["health"] for k in report}
             assert reported == set(health) == {f"ws.{i}" for i in range(len(w.SHAPES))} - left
@@ -371,8 +382,8 @@ def test_replicated_parameters_match_single_process(tmp_path, references, world)
     run_ranks(w.parity_worker, world, tmp_path, str(tmp_path / "out.pt"), False, scenarios)
     results = torch.load(tmp_path / "out.pt")
     for scenario in scenarios:
-        _assert_params_close(results[scenario]["params"], references[scenario][0], scenario,
-                             world=world)
+        _assert_params_close(results[scenario]["params"], references[world > 1][scenario][0],
+                             scenario, world=world)
         wire = _wire_bytes(scenario)
         for r in results[scenario]["ranks"]:  # each owner's full update goes to every other rank
             assert r["stats"]["bytes_sent"] == \
@@ -527,8 +538,8 @@ def test_a_checkpoint_taken_before_the_first_step_loads_and_continues_exactly(tm
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         for name in names:
-            _assert_params_close(finals[name]["params"], w.reference(name, w.STEPS, bad="nan"),
-                                 name)
+            _assert_params_close(finals[name]["params"],
+                                 w.reference(name, w.STEPS, bad="nan", alone=alone(2)), name)
     finally:
         torch.set_num_threads(threads)
 
@@ -557,12 +568,13 @@ def _run_checkpoint_phases(tmp_path: Path, names: list[str],
         load_dir = save_dir
     finals = torch.load(Path(tmp_path / "final.pt"))
     steps = phases[-1][3]
+    by_owners = {step for _, world, first, last in phases for step in alone(world, first, last)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         for name in names:
-            _assert_params_close(finals[name]["params"], w.reference(name, steps, bad="nan"),
-                                 name)
+            _assert_params_close(finals[name]["params"],
+                                 w.reference(name, steps, bad="nan", alone=by_owners), name)
             assert finals[name]["skips"][w.NAN_PARAM] == 1.0, name
     finally:
         torch.set_num_threads(threads)
@@ -603,14 +615,15 @@ def test_hsdp_steps_equal_single_process_in_each_replica(tmp_path, references):
     results = torch.load(tmp_path / "hsdp.pt")
     for scenario in HSDP_SCENARIOS:
         result = results[scenario]
-        _assert_params_close(result["params"], references[scenario][0], scenario, world=4)
+        want_run = references[True][scenario]  # shard groups of 2: the owners batch as at W = 2
+        _assert_params_close(result["params"], want_run[0], scenario, world=4)
         ranks = result["ranks"]
         for replica in (ranks[:2], ranks[2:]):  # mesh [[0, 1], [2, 3]]: rows are shard groups
             merged: dict[str, dict[str, float]] = {}
             for report in replica:
                 for name, metrics in report["health"].items():
                     merged.setdefault(name, {}).update(metrics)
-            want = references[scenario][1]
+            want = want_run[1]
             assert merged.keys() == want.keys(), scenario
             for name, metrics in want.items():
                 for metric, value in metrics.items():
@@ -619,8 +632,8 @@ def test_hsdp_steps_equal_single_process_in_each_replica(tmp_path, references):
             # the state summaries too: a momentum's norm sums its shards over the shard
             # dimension only (mesh.get_group() raised on the 2-D mesh)
             summaries = {n: s for report in replica for n, s in report["summary"].items()}
-            assert summaries.keys() == references[scenario][2].keys(), scenario
-            for name, summary in references[scenario][2].items():
+            assert summaries.keys() == want_run[2].keys(), scenario
+            for name, summary in want_run[2].items():
                 for key, value in summary["buffer_norms"].items():
                     assert summaries[name]["buffer_norms"][key] == pytest.approx(
                         value, abs=PARITY_ATOL), (scenario, name, key)
@@ -651,7 +664,8 @@ def test_torch_fsdp2_checkpoint_recipe_loads_owner_state_and_continues_exactly(t
         torch.set_num_threads(1)  # as the ranks (see references)
         try:
             for name in names:
-                want = w.reference(name, w.STEPS, bad="nan")
+                # saved at W = 2, resumed at W = 2 or 4: the owners' batches throughout
+                want = w.reference(name, w.STEPS, bad="nan", alone=alone(2))
                 for kind in ("sharded", "full"):
                     _assert_params_close(results[(name, kind)], want, (name, kind, world))
         finally:
@@ -681,8 +695,9 @@ def test_a_one_process_state_dict_loads_into_fsdp2_and_continues_exactly(tmp_pat
                   str(tmp_path / "out.pt"), timeout=180)
         results = torch.load(tmp_path / "out.pt")
         for name in names:
-            _assert_params_close(results[name]["params"], w.reference(name, w.STEPS, bad="nan"),
-                                 (name, world))
+            # one process's batches up to RESUME_AT, then the owners'
+            want = w.reference(name, w.STEPS, bad="nan", alone=alone(world, w.RESUME_AT))
+            _assert_params_close(results[name]["params"], want, (name, world))
             assert results[name]["untouched"], name  # the caller's dict is left as it was
     finally:
         torch.set_num_threads(threads)
@@ -704,9 +719,10 @@ def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_on
     torch.set_num_threads(1)  # as the ranks (see references)
     try:
         model, opt = w.build(name, fsdp=False, sharding=None)
+        w.batch_as_owners(opt, True, opt.MAX_BATCH_BYTES)  # the ranks run at W = 2
         w.train(model, opt, 0, w.STEPS, LambdaLR(opt, w.halving))
         scheduled = w.full_params(model)
-        plain = w.reference(name, w.STEPS, bad="nan")
+        plain = w.reference(name, w.STEPS, bad="nan", alone=alone(2))
     finally:
         torch.set_num_threads(threads)
     # the saved initial_lr, and the live one (the scheduler made before the load): both the
@@ -842,4 +858,4 @@ def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order
     results = torch.load(tmp_path / "out.pt")
     for name in names:
         assert not isinstance(results[name], str), results[name]
-        _assert_params_close(results[name], references[(name, None)][0], name, world=2)
+        _assert_params_close(results[name], references[True][(name, None)][0], name, world=2)
