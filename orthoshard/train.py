@@ -129,6 +129,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
         if (problem := url_problem(args.sidecar_url)) is not None:
             p.error(f"--sidecar-url {problem}")
+    if args.sidecar_uds is not None:
+        from service.client import uds_problem
+
+        if (problem := uds_problem(args.sidecar_uds)) is not None:
+            p.error(f"--sidecar-uds {problem}")
     if args.checkpoint_every or _publishes(args):
         from service.client import environment_run_id, run_id_problem
 
@@ -456,11 +461,15 @@ def _train(args: argparse.Namespace) -> int:
     with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
               run_id=run_id, run_flags=run_flags)
-    if publisher is not None:
-        # the run ended: its silence from now on is no alert. This rank's finish also when it
-        # published nothing: a restart that resumed at the last step (a rank died after the
-        # final checkpoint) trains nothing, and ends the run its rank reported before.
-        publisher.close(finished=True, ranks=(rank,))
+    # the run ended: its silence from now on is no alert. This rank's finish also when it
+    # published nothing: a restart that resumed at the last step (a rank died after the
+    # final checkpoint) trains nothing, and ends the run its rank reported before.
+    if publisher is not None and not publisher.close(finished=True, ranks=(rank,)):
+        stats = publisher.stats
+        print(f"rank {rank}: the sidecar did not take all this rank sent (health "
+              f"snapshots: {stats.published} published, {stats.sent} sent, {stats.dropped} "
+              f"dropped, {stats.rejected} refused; then the end of the run): the warnings "
+              f"above say why", file=sys.stderr)
     return 0
 
 

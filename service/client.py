@@ -144,7 +144,10 @@ def url_problem(url: str) -> str | None:
             f"the scheme's), got {url!r}")
     if any(c.isspace() or not c.isprintable() for c in url):
         return f"{form}: it holds whitespace or a control character"
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        return f"{form}: {exc}"
     try:
         port_ok = parts.port != 0  # None (the scheme's) or 1-65535
     except ValueError:  # a port that is no number, or out of range
@@ -163,6 +166,23 @@ def url_problem(url: str) -> str | None:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
         return f"{form}: {exc}"
+    return None
+
+
+# Linux's sun_path holds 108 bytes, the terminating NUL among them
+_UDS_MAX_BYTES = 107
+
+
+def uds_problem(path: object) -> str | None:
+    """Why ``path`` can never be a Unix socket to connect to (a non-empty str of at most
+    107 bytes, Linux's limit), or None. Each failed every send in the background, which
+    looked like a sidecar that is down."""
+    if not isinstance(path, str) or not path:
+        return f"must be the path of the sidecar's Unix socket, got {path!r}"
+    size = len(os.fsencode(path))
+    if size > _UDS_MAX_BYTES:
+        return (f"is {size} bytes long; a Unix socket's path holds at most {_UDS_MAX_BYTES} "
+                f"(start the sidecar's --uds in a shorter directory): {path!r}")
     return None
 
 
@@ -241,6 +261,8 @@ class Publisher(Sender):
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if url is not None and (problem := url_problem(url)) is not None:
             raise ValueError(f"url {problem}")
+        if uds is not None and (problem := uds_problem(uds)) is not None:
+            raise ValueError(f"uds {problem}")
         if not _seconds(timeout_s) or timeout_s == 0:
             # 0, a negative, NaN or past-a-day timeout failed every send later, in the background
             raise ValueError(f"timeout_s must be a number of seconds > 0 and <= {MAX_WAIT_S:g} "
@@ -249,6 +271,9 @@ class Publisher(Sender):
                 and all(_seconds(b) for b in backoff_s) and 0 < backoff_s[0] <= backoff_s[1]):
             raise ValueError(f"backoff_s must be (first, max) seconds with 0 < first <= max <= "
                              f"{MAX_WAIT_S:g} (the default is (0.05, 5.0)), got {backoff_s!r}")
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"token must be a str (a bytes token: .decode() it), got "
+                             f"{type(token).__name__}")
         if token is not None and (where := token_error(token)) is not None:
             # httpx would refuse the header on every send, which looks like a sidecar that
             # is down (e.g. a token read from its file without .strip())
@@ -267,7 +292,11 @@ class Publisher(Sender):
         self._flush_until = math.inf  # the snapshots' part of the deadline
         self._backoff = (float(backoff_s[0]), float(backoff_s[1]))
         self._down = False
+        self._outage_failures = 0  # failed sends since the sidecar last accepted one
+        self._refusals: collections.Counter[int] = collections.Counter()  # by HTTP status
         self._retry_after: float | None = None  # of the last send's 5xx answer, if it said
+        self._overflows = 0  # snapshots pushed out of the full queue (logged as failures are)
+        self._overflows_logged = 0  # of which the sender thread has logged
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
         self._unencodable = 0  # snapshots whose values could not be encoded (also rejected)
         self._crashes = 0  # sends that raised unexpectedly (also rejected)
@@ -297,6 +326,9 @@ class Publisher(Sender):
         self._queue = collections.deque()
         self._closing = True
         self._forked = True
+        # the child's own counts (what it publishes is dropped): the parent's snapshots are
+        # the parent's to account for
+        self.stats = PublisherStats()
 
     # ------------------------------------------------------------------ training thread
 
@@ -338,19 +370,19 @@ class Publisher(Sender):
                     return
                 if len(self._queue) >= self._size:
                     self._queue.popleft()
-                    self.stats.dropped += 1
+                    self._overflowed()
                 self._queue.append(item)
-                with contextlib.suppress(TypeError, ValueError, OverflowError):
+                self.stats.published += 1
+                self._cond.notify()
+                with contextlib.suppress(Exception):
                     # a rank that is no integer is not encodable (the snapshot is rejected when
                     # its turn comes); a wall_time that is no finite number stays out of the
-                    # finish
+                    # finish. Whatever their __index__ / __float__ raise.
                     r = operator.index(rank)
                     self._ranks.add(r)
                     wall = float(taken)
                     if math.isfinite(wall):
                         self._last_wall[r] = max(self._last_wall.get(r, wall), wall)
-                self.stats.published += 1
-                self._cond.notify()
         except Exception:  # the contract: nothing escapes into the training loop
             _log.exception("publish failed; snapshot dropped")
 

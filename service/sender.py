@@ -99,6 +99,10 @@ class Sender:
     _flush_until: float
     _backoff: tuple[float, float]
     _down: bool
+    _outage_failures: int
+    _refusals: collections.Counter[int]
+    _overflows: int
+    _overflows_logged: int
     _retry_after: float | None
     _unsent: int
     _unencodable: int
@@ -149,9 +153,11 @@ class Sender:
                     if len(self._queue) < self._size:
                         self._queue.appendleft(item)
                     else:
-                        self.stats.dropped += 1
+                        self._overflowed()
             else:
                 backoff = pause = 0.0
+            self._log_overflows()
+        self._log_overflows()
         with self._cond:  # what the deadline left unsent (also a retry put back after it)
             self._unsent += len(self._queue)
             self.stats.dropped += len(self._queue)
@@ -307,21 +313,45 @@ class Sender:
                 self._failed("sidecar failed", f"HTTP {response.status_code}{after}")
             return "retry"
         if response.status_code >= 300:  # a 3xx too: a redirect stored nothing (not followed)
-            self._rejected(f"sidecar refused step {item['step']}: HTTP {response.status_code} "
+            self._rejected(response.status_code,
+                           f"sidecar refused step {item['step']}: HTTP {response.status_code} "
                            f"{response.text[:500]}")
             return "rejected"
         if self._down:
             self._down = False
-            _log.info("sidecar accepting snapshots again after %d failed sends",
-                      self.stats.failures)
+            _log.info("sidecar accepting snapshots again after %d failed sends (%d in all)",
+                      self._outage_failures, self.stats.failures)
+            self._outage_failures = 0
         self.stats.sent += 1
         return "ok"
 
     def _failed(self, what: str, why: str) -> None:
+        # counted per outage: the first failure of each outage is logged, however many
+        # earlier outages there were
         self._down = True
         self.stats.failures += 1
-        if _worth_logging(self.stats.failures):
-            _log.warning("%s (%s); %d failed sends so far", what, why, self.stats.failures)
+        self._outage_failures += 1
+        if _worth_logging(self._outage_failures):
+            _log.warning("%s (%s); %d failed sends in a row, %d in all", what, why,
+                         self._outage_failures, self.stats.failures)
+
+    def _overflowed(self) -> None:
+        """Count the oldest snapshot, just pushed out of the full queue, as dropped (under
+        the lock). The sender thread logs it (:meth:`_log_overflows`): ``publish`` must not
+        block on a log handler, nor hold one's lock when the process forks."""
+        self.stats.dropped += 1
+        self._overflows += 1
+
+    def _log_overflows(self) -> None:
+        """Log the queue's drops at the counts failures are logged at (the 1st, 10th, 100th,
+        then every 1000th), once each, from the sender thread."""
+        with self._cond:
+            now, before = self._overflows, self._overflows_logged
+            self._overflows_logged = now
+        if now > before and (any(before < k <= now for k in (1, 10, 100))
+                             or now // 1000 > before // 1000):
+            _log.warning("%d snapshots queued (the sidecar takes them slower than they come, "
+                         "or is down): the oldest dropped, %d so far", self._size, now)
 
     def _not_encodable(self, item: dict[str, Any], exc: BaseException) -> None:
         """Count a snapshot that cannot be encoded as rejected; log the first such one, with the
@@ -345,12 +375,15 @@ class Sender:
                        item.get("step"), self._crashes, exc_info=exc)
         return "rejected"
 
-    def _rejected(self, why: str) -> None:
+    def _rejected(self, status: int, why: str) -> None:
         # a refusal usually repeats every step (a wrong token, a snapshot over the limits):
-        # logged as failures are, not once per step and rank
+        # logged as failures are, not once per step and rank, but counted per status, so that
+        # another cause (a token rotated after a 413) is logged the first time too
         self.stats.rejected += 1
-        if _worth_logging(self.stats.rejected):
-            _log.warning("%s; %d snapshots refused so far", why, self.stats.rejected)
+        self._refusals[status] += 1
+        if _worth_logging(self._refusals[status]):
+            _log.warning("%s; %d snapshots refused so far (%d with HTTP %d)", why,
+                         self.stats.rejected, self._refusals[status], status)
 
     def _encode(self, item: dict[str, Any]) -> bytes:
         snapshot = {

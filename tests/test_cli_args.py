@@ -138,6 +138,12 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path, 
                                                  "--token-file"),
     (["--sidecar-uds", "/run/orthoshard.sock"], "need --token-file"),
     (["--sidecar-url", "not a url"], "--sidecar-url must be the sidecar's http(s)://host[:port]"),
+    # a traceback (urlsplit's "Invalid IPv6 URL"), exit 1
+    (["--sidecar-url", "http://[::1"], "--sidecar-url must be the sidecar's http(s)://host"),
+    # taken, then every send failed in the background, retried as an unreachable sidecar
+    (["--sidecar-uds", ""], "--sidecar-uds must be the path of the sidecar's Unix socket"),
+    (["--sidecar-uds", "/tmp/" + "s" * 120], "a Unix socket's path holds at most 107 (start the "
+                                             "sidecar's --uds in a shorter directory)"),
     # accepted here, then refused by the Publisher on every rank once its model was set up
     (["--sidecar-url", "http://host:port"], "--sidecar-url must be the sidecar's http(s)://host"),
     (["--sidecar-url", "localhost:9400"], "--sidecar-url must be the sidecar's http(s)://host"),

@@ -1140,7 +1140,89 @@ def test_a_refusal_repeating_every_step_is_logged_sparingly(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all("HTTP 401" in line for line in lines)
     assert [line.rsplit("; ", 1)[1] for line in lines] == [
-        "1 snapshots refused so far", "10 snapshots refused so far", "100 snapshots refused so far"]
+        f"{n} snapshots refused so far ({n} with HTTP 401)" for n in (1, 10, 100)]
+
+
+@pytest.mark.timeout(30)
+def test_a_new_kind_of_refusal_is_logged_the_first_time_too(caplog) -> None:
+    # refusals were logged by their running total: after two 413s (a snapshot over the
+    # limits) the 401s of a rotated token (totals 3 to 8) were never logged
+    answers = [httpx.Response(413)] * 2 + [httpx.Response(401)] * 6
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(Scripted(snapshots=answers)))
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        for step in range(8):
+            pub.publish(step=step, rank=0, params={})
+        assert pub.close(timeout_s=10) is False
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.rsplit("; ", 1)[1] for line in lines] == [
+        "1 snapshots refused so far (1 with HTTP 413)",
+        "3 snapshots refused so far (1 with HTTP 401)"], lines
+    assert pub.stats.rejected == 8 and accounted(pub)
+
+
+@pytest.mark.timeout(30)
+def test_every_outage_is_logged_with_its_own_count(caplog) -> None:
+    # failures were logged by their running total: the second and third outage (totals 4-6,
+    # 7-9) logged nothing, and each recovery line gave the running total as that outage's
+    down = [httpx.ConnectError("refused")] * 3
+    handler = Scripted(snapshots=[*down, httpx.Response(201, json={}), *down,
+                                  httpx.Response(201, json={}), *down])
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 0.002))
+    with caplog.at_level("INFO", logger="orthoshard.publisher"):
+        for step in range(3):
+            pub.publish(step=step, rank=0, params={})
+            deadline = time.monotonic() + 10
+            while pub.stats.sent <= step and time.monotonic() < deadline:
+                time.sleep(0.005)
+        assert pub.close(timeout_s=10) is True
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "sidecar unreachable (ConnectError: refused); 1 failed sends in a row, 1 in all",
+        "sidecar accepting snapshots again after 3 failed sends (3 in all)",
+        "sidecar unreachable (ConnectError: refused); 1 failed sends in a row, 4 in all",
+        "sidecar accepting snapshots again after 3 failed sends (6 in all)",
+        "sidecar unreachable (ConnectError: refused); 1 failed sends in a row, 7 in all",
+        "sidecar accepting snapshots again after 3 failed sends (9 in all)"], lines
+
+
+@pytest.mark.timeout(30)
+def test_a_snapshot_pushed_out_of_the_full_queue_is_logged(caplog) -> None:
+    # counted as dropped, but nothing said so: a run that lost health to a slow sidecar
+    # looked complete in its log
+    handler = Gate()
+    pub = gated(handler, queue_size=2)
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        pub.publish(step=0, rank=0, params={})
+        assert handler.entered.wait(10)  # step 0 is in flight: the queue is empty
+        for step in range(1, 5):
+            pub.publish(step=step, rank=0, params={})
+        handler.release()
+        pub.close(timeout_s=10)
+    assert pub.stats.dropped == 2 and accounted(pub)
+    # logged once, by the sender thread (publish() must not block on a log handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["2 snapshots queued (the sidecar takes them slower than they come, "
+                     "or is down): the oldest dropped, 2 so far"], lines
+
+
+class _Unreadable:
+    """A rank whose ``__index__`` raises what no integer conversion is expected to."""
+
+    def __index__(self) -> int:
+        raise RuntimeError("not on this device")
+
+
+@pytest.mark.timeout(30)
+def test_a_rank_that_raises_on_reading_is_queued_counted_and_refused(caplog) -> None:
+    # the snapshot was queued before its rank was read and the RuntimeError skipped the count:
+    # "publish failed; snapshot dropped" was logged, the snapshot was sent all the same and
+    # refused, published 0 against rejected 1, and close() answered True
+    pub = publisher()
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        pub.publish(step=1, rank=_Unreadable(), params={})  # type: ignore[arg-type]
+        assert pub.close(timeout_s=10) is False
+    assert (pub.stats.published, pub.stats.rejected) == (1, 1) and accounted(pub)
+    assert not any("publish failed" in r.getMessage() for r in caplog.records)
 
 
 class Finishes(Gate):
@@ -1242,6 +1324,10 @@ def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
                     signal.alarm(5)
                     pub.publish(step=10**6, rank=9, params={})
                     code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
+                    # the child's own counts: its one snapshot, dropped (it inherited the
+                    # parent's, which then never added up)
+                    if (pub.stats.published, pub.stats.dropped, pub.stats.sent) != (1, 1, 0):
+                        code = 5
                 except BaseException:
                     code = 4
                 os._exit(code)
@@ -1337,7 +1423,8 @@ def test_a_503_retry_after_sets_the_pause_before_the_next_send_up_to_backoff_max
     assert second - first >= 1.0 and third - second >= 1.5
     assert (pub.stats.sent, pub.stats.failures) == (1, 2)
     assert [r.getMessage() for r in caplog.records] == [
-        "sidecar's storage unavailable (HTTP 503, Retry-After 1 s); 1 failed sends so far"]
+        "sidecar's storage unavailable (HTTP 503, Retry-After 1 s); 1 failed sends in a row, "
+        "1 in all"]
 
 
 @pytest.mark.timeout(30)
@@ -1768,11 +1855,38 @@ def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
     "http://127.0.0.1:9400/v1", "http://127.0.0.1:9400/prefix", "http://127.0.0.1:9400?x=1",
     "http://127.0.0.1:9400/#top", "http://user:pass@127.0.0.1:9400", "http://127.0.0.1:420\n77",
     " http://127.0.0.1:9400",
+    "http://[::1",  # urlsplit raised its own ValueError ("Invalid IPv6 URL") instead of this
 ])
 def test_publisher_refuses_a_url_it_could_never_post_to(url: str) -> None:
     # refused when built, not retried forever in the background with a log line per failure
     with pytest.raises(ValueError, match=r"^url must be the sidecar's http\(s\)://host\[:port\]"):
         Publisher(url=url)
+
+
+@pytest.mark.parametrize(("uds", "message"), [
+    ("", r"^uds must be the path of the sidecar's Unix socket, got ''"),
+    ("/tmp/" + "s" * 103, r"^uds is 108 bytes long; a Unix socket's path holds at most 107"),
+    (b"/run/sidecar.sock", r"^uds must be the path of the sidecar's Unix socket"),
+])
+def test_publisher_refuses_a_socket_path_it_could_never_connect_to(uds: object,
+                                                                   message: str) -> None:
+    # taken, then every send failed in the background ("Invalid argument", "AF_UNIX path too
+    # long"), retried for ever as an unreachable sidecar
+    with pytest.raises(ValueError, match=message):
+        Publisher(uds=uds, run_id="r")  # type: ignore[arg-type]
+
+
+def test_a_socket_path_of_107_bytes_is_taken() -> None:
+    Publisher(uds="/tmp/" + "s" * 102, run_id="r").close(timeout_s=0.1)
+
+
+@pytest.mark.parametrize("token", [b"t" * 32, 12345])
+def test_publisher_refuses_a_token_that_is_no_str(token: object) -> None:
+    # bytes (a token file read in binary mode) raised "a bytes-like object is required, not
+    # 'str'", the opposite of the problem; an int raised AttributeError
+    with pytest.raises(ValueError, match=r"^token must be a str \(a bytes token: \.decode\(\) "
+                                         r"it\), got (bytes|int)$"):
+        Publisher(token=token, run_id="r")  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(30)

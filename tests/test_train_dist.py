@@ -480,6 +480,26 @@ def test_a_restart_that_resumes_at_the_last_step_still_ends_the_run_at_the_sidec
         car.stop()
 
 
+def test_a_run_whose_snapshots_the_sidecar_refused_says_so_at_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # a wrong token: every snapshot refused (HTTP 401), and the run ended with exit 0 and no
+    # word of it past the publisher's warnings
+    from test_service_live import start_sidecar
+
+    car = start_sidecar(tmp_path)
+    try:
+        wrong = tmp_path / "wrong-token"
+        wrong.write_text("w" * 32)
+        wrong.chmod(0o600)
+        assert _train_here(monkeypatch, "--steps", "2", "--out", str(tmp_path / "out"),
+                           "--sidecar-url", car.url, "--token-file", str(wrong)) == 0
+    finally:
+        car.stop()
+    err = capsys.readouterr().err
+    assert "rank 0: the sidecar did not take all this rank sent (health snapshots: 2 " \
+           "published, 0 sent, 0 dropped, 2 refused; then the end of the run)" in err, err
+
+
 def test_a_run_at_fewer_ranks_removes_the_reports_of_the_ranks_that_are_gone(tmp_path):
     from orthoshard.train import _forget_gone_ranks
 
