@@ -16,7 +16,8 @@ from torch import Tensor
 
 from optim._exchange import MatrixItem
 
-__all__ = ["STATUS_ELEMENTS", "Blocks", "all_to_all", "placeholder", "signature", "through"]
+__all__ = ["STATUS_ELEMENTS", "Blocks", "agree", "all_to_all", "placeholder", "signature",
+           "through"]
 
 # Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
 # it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
@@ -89,14 +90,45 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
     others = [r for r, (st, d) in enumerate(zip(statuses, differ, strict=True))
               if d or math.isnan(st)]
     if others:
-        raise ValueError(
-            f"ranks {others} of the sharding group do not step the same parameters as rank "
-            f"{rank} this step (their blocks of the exchange differ): every rank must "
-            f"step the same parameters. Is a gradient None on some ranks only (set to None, "
-            f"or a parameter unused in one rank's forward)? Nothing was applied.")
+        raise _mismatch(others, rank)
     carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
     return Blocks([block[:len(block) - extra] for block in blocks],
                   [r for r, st in enumerate(statuses) if st != 0], carried)
+
+
+def _mismatch(others: list[int], rank: int) -> ValueError:
+    return ValueError(
+        f"ranks {others} of the sharding group do not step the same parameters as rank "
+        f"{rank} this step (their blocks of the exchange differ): every rank must "
+        f"step the same parameters. Is a gradient None on some ranks only (set to None, "
+        f"or a parameter unused in one rank's forward)? Nothing was applied.")
+
+
+def agree(carry: Tensor | None, *, failed: bool, signature: list[float], device: torch.device,
+          group: dist.ProcessGroup | None, rank: int, world_size: int,
+          stats: dict[str, int]) -> tuple[Tensor | None, list[int]]:
+    """What :func:`all_to_all`'s tails tell every rank, without the payload: one
+    ``all_gather`` of each rank's ``carry``, status (``failed``) and step ``signature``, for a
+    step whose matrices are all replicated (no rows to gather), so that every rank knows
+    before any owner computes. Returns ``carry`` summed over the ranks (None without one) and
+    the ranks that said they failed; raises ValueError (every rank alike) when a rank's
+    signature differs from this rank's. Float64: the 0/1 flags and four-bit pieces are exact."""
+    mine = torch.tensor([float(failed), *signature], dtype=torch.float64, device=device)
+    if carry is not None:
+        mine = torch.cat([carry.to(device=device, dtype=torch.float64), mine])
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine, group=group)
+    stats["bytes_sent"] += (world_size - 1) * mine.nbytes
+    stats["bytes_received"] += (world_size - 1) * mine.nbytes
+    stats["collectives"] += 1
+    rows = torch.stack(gathered)
+    tails = rows[:, -STATUS_ELEMENTS:]
+    differ = (tails[:, 1:] != mine[-STATUS_ELEMENTS + 1:]).any(1).tolist()
+    if others := [r for r, d in enumerate(differ) if d]:
+        raise _mismatch(others, rank)
+    failed_ranks = [r for r, st in enumerate(tails[:, 0].tolist()) if st != 0]
+    carried = rows[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
+    return carried, failed_ranks
 
 
 def signature(items: Sequence[MatrixItem], carried: Sequence[str]) -> list[float]:

@@ -16,6 +16,7 @@ from optim._exchange import MatrixItem, local
 from sharding import checkpoint
 from sharding._wire import (
     STATUS_ELEMENTS,
+    agree,
     all_to_all,
     name_signature,
     placeholder,
@@ -131,34 +132,35 @@ class OwnerSharding:
         """Bytes of the matrix exchange that crossed to or from other ranks (exact payload,
         with each all-to-all's status element per pair of ranks, ``STATUS_ELEMENTS``, and the
         gather's finiteness flag per AdamW parameter, when any is sharded),
-        and the number of collectives: 2 per step, or 1 and an ``all_reduce`` of those flags
-        in a step whose exchange makes no gather call (no sharded matrix with a gradient)."""
+        and the number of collectives: 2 per step (with only replicated matrices the first is
+        a small ``all_gather`` of statuses and signatures), or 1 and an ``all_reduce`` of
+        those flags in a step with no matrix to exchange."""
         return dict(self._stats)
 
     def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
         """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness flags, in a
         step whose exchange made no gather call to carry them. With ``names`` (what the
-        entries belong to) a signature of them rides along, with its squares and a count:
+        entries belong to; none is a signature too) a signature of them rides along, with its
+        squares and a count:
         the sums equal ``count * signature`` and ``count * signature^2`` on every rank exactly
         when every rank passed the same names (their spread is then zero), so ranks that flag
         other parameters all raise ValueError, before anything is applied."""
-        mine = torch.tensor(name_signature("\n".join(names)) if names else [],
-                            dtype=t.dtype, device=t.device)
-        out = torch.cat([t, mine, mine.square(), torch.ones(1 if names else 0, dtype=t.dtype,
-                                                            device=t.device)])
+        # always, also for no names: a rank that flags nothing (no AdamW gradient) sent a
+        # shorter tensor than one that flags some, and gloo aborted the process
+        mine = torch.tensor(name_signature("\n".join(names)), dtype=t.dtype, device=t.device)
+        out = torch.cat([t, mine, mine.square(), torch.ones(1, dtype=t.dtype, device=t.device)])
         dist.all_reduce(out, group=self.group)
         if self.world_size > 1:
             self._stats["bytes_sent"] += out.nbytes
             self._stats["bytes_received"] += out.nbytes
         self._stats["collectives"] += 1
-        if names:
-            n = mine.numel()
-            sums, squares, count = out[-2 * n - 1:-n - 1], out[-n - 1:-1], out[-1]
-            if not (torch.equal(sums, count * mine) and torch.equal(squares, count * mine**2)):
-                raise ValueError(
-                    f"the ranks of the sharding group do not step the same AdamW parameters as "
-                    f"rank {self.rank} this step (a gradient None on some ranks only?): every "
-                    f"rank must step the same parameters. Nothing was applied.")
+        n = mine.numel()
+        sums, squares, count = out[-2 * n - 1:-n - 1], out[-n - 1:-1], out[-1]
+        if not (torch.equal(sums, count * mine) and torch.equal(squares, count * mine**2)):
+            raise ValueError(
+                f"the ranks of the sharding group do not step the same AdamW parameters as "
+                f"rank {self.rank} this step (a gradient None on some ranks only?): every "
+                f"rank must step the same parameters. Nothing was applied.")
         return out[:t.numel()]
 
     def reports_fallback(self) -> bool:
@@ -398,11 +400,16 @@ class OwnerSharding:
         (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could not
         prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
         block ends with ``carry``, then the sender's status and signature. With only replicated
-        matrices no rows move: the carry alone is summed (:meth:`all_reduce_sum`, no call
-        without one), and a failure is learnt of in the scatter."""
+        matrices no rows move: one small ``all_gather`` of the carry, statuses and signatures
+        (:func:`sharding._wire.agree`) tells every rank of a failure or a mismatch before any
+        owner computes. Found in the scatter instead, a step refused there had advanced the
+        owners' own state (NorMuon's second moments, SOAP's factors), and an owner sending a
+        matrix its receiver does not step made gloo abort both processes."""
         if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
-            carried = self.all_reduce_sum(carry, carry_names) if carry is not None else None
-            return [], carried, []
+            carried, failed_ranks = agree(
+                carry, failed=failed, signature=self._signature, device=device,
+                group=self.group, rank=self.rank, world_size=self.world_size, stats=self._stats)
+            return [], carried, failed_ranks
         send = [[placeholder(plan.rows_of(i, self.rank) * plan.shapes[i][1], wire, device)
                  if failed else inputs[i].reshape(-1)
                  for i in plan.owned_by(d) if plan.sharded[i]]

@@ -340,15 +340,18 @@ def _every_rank_says(world: int, expected: type[Exception], action: Callable[[],
     return outcomes
 
 
-def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str) -> None:
+def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str,
+                            replicated: bool = False) -> None:
     """Rank 1 drops the gradient of a matrix rank 0 owns (rank 0 keeps it): every rank's
-    outcome of that step, whether any parameter changed, and the next (matching) step's."""
+    outcome of that step, whether any parameter or state changed, and the next (matching)
+    step's. ``replicated``: plain parameters (DDP-style), no FSDP2."""
     from torch.distributed.fsdp import fully_shard
 
     from sharding import OwnerSharding
 
     model = Awkward()
-    fully_shard(model)
+    if not replicated:
+        fully_shard(model)
     named = dict(model.named_parameters())
     sharding = OwnerSharding()
     opt = OPTIMIZERS[name](split_param_groups(list(named.items())), sharding)
@@ -883,21 +886,24 @@ def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
     """Step 1's gradients, ``spoil``-ed, then a step that every rank should refuse; saves every
     rank's outcome, whether any parameter or step count changed, the collectives rank 0 counted
     for the refused step, and the outcomes of a correct step 2."""
-    before = full_params(model)
+    before, state = full_params(model), _full_state(opt)
     steps = [group["step"] for group in opt.param_groups]
     inject(model, 1)
     spoil()
     calls = opt.comm_stats()["collectives"]
     outcomes = _every_rank_says(world, ValueError, opt.step)
     calls = opt.comm_stats()["collectives"] - calls
-    after = full_params(model)
-    # nor the step counts (the step did not happen)
+    after, state_after = full_params(model), _full_state(opt)
+    # nor the step counts (the step did not happen), nor any state (an owner that computed
+    # before the refusal advanced NorMuon's second moments, SOAP's factors)
     counted = [group["step"] for group in opt.param_groups] != steps
     inject(model, 2)
     recovered = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
         torch.save({"outcomes": outcomes, "unchanged": not counted and all(
             torch.equal(before[k], after[k]) for k in before), "recovered": recovered,
+            "state unchanged": state.keys() == state_after.keys() and all(
+                torch.equal(state[k], state_after[k]) for k in state),
             "collectives": calls}, out)
 
 
@@ -1139,38 +1145,55 @@ def summary_without_sidecar_worker(rank: int, world: int, out: str) -> None:
         torch.save({"check": float(check), "published": publisher.published}, Path(out))
 
 
-class TwoBiases(nn.Module):
-    """Two matrices and two AdamW parameters of one size, all sharded by FSDP2."""
-
+class _Biases(nn.Module):
     def __init__(self) -> None:
+        super().__init__()
+        self.bias_a, self.bias_b = (nn.Parameter(torch.zeros(6)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class TwoBiases(nn.Module):
+    """Two matrices and two AdamW parameters of one size, all sharded by FSDP2; ``nested``:
+    the biases in a submodule of their own (``norm``), for FSDP2 on them alone."""
+
+    def __init__(self, nested: bool = False) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.wa, self.wb = (nn.Parameter(torch.randn(6, 4, generator=g)) for _ in range(2))
-        self.bias_a, self.bias_b = (nn.Parameter(torch.zeros(6)) for _ in range(2))
+        if nested:
+            self.norm = _Biases()
+        else:
+            self.bias_a, self.bias_b = (nn.Parameter(torch.zeros(6)) for _ in range(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard needs a forward
         return x
 
 
-def adamw_mismatch_worker(rank: int, world: int, out: str) -> None:
+def adamw_mismatch_worker(rank: int, world: int, out: str, replicated: bool = False,
+                          name: str = "muon") -> None:
     """Ranks 0 and 1 each drop the gradient of another AdamW parameter (as many gradients on
     each), rank 1 alone drops one, or rank 1 drops both: with the matrices' gather carrying
     the flags, and in a step with no matrix gradient (the flags' own all_reduce). Every rank's
-    outcome, whether anything changed, and a correct step after."""
+    outcome, whether anything changed, and a correct step after. ``replicated``: the
+    matrices replicated, the biases alone sharded (no rows to gather: the flags ride on the
+    exchange's small all_gather)."""
     from torch.distributed.fsdp import fully_shard
 
     from sharding import OwnerSharding
 
-    model = TwoBiases()
-    fully_shard(model)
+    model = TwoBiases(nested=replicated)
+    fully_shard(model.norm if replicated else model)
     named = dict(model.named_parameters())
-    opt = Muon(split_param_groups(list(named.items())), lr=0.02, sharding=OwnerSharding())
+    opt = OPTIMIZERS[name](split_param_groups(list(named.items())), OwnerSharding())
     g = torch.Generator().manual_seed(4)
     full = {n: torch.randn(p.shape, generator=g) for n, p in named.items()}
+    a, b = (n for n in named if n.endswith(("bias_a", "bias_b")))
 
-    dropped = {"other": ("bias_a", "bias_b")[rank % 2:rank % 2 + 1],
-               "fewer": ("bias_b",) if rank == 1 else (),
-               "none": ("bias_a", "bias_b") if rank == 1 else ()}
+    dropped = {"other": (a, b)[rank % 2:rank % 2 + 1],
+               "fewer": (b,) if rank == 1 else (),
+               "none": (a, b) if rank == 1 else ()}
 
     def set_grads(matrices: bool, drop: str) -> None:
         for n, p in named.items():

@@ -288,7 +288,9 @@ def test_an_error_on_one_rank_is_raised_on_every_rank_and_nothing_changes(tmp_pa
               timeout=90)
     result = torch.load(tmp_path / "out.pt")
     failing = result["failing"]
-    when = "before the exchange" if phase == "prepare" and fsdp else "this step"
+    # replicated matrices too: their small all_gather of statuses tells every rank before any
+    # owner computes
+    when = "before the exchange" if phase == "prepare" else "this step"
     for rank, outcome in enumerate(result["failed"]):
         if rank == failing:  # its own error, unchanged
             assert outcome == f"RuntimeError: injected failure on rank {failing}"
@@ -360,19 +362,26 @@ def test_torch_full_optimizer_state_dict_holds_the_owners_state(tmp_path, name):
     assert all(result.values()) and all(all(v.values()) for v in result.values()), result
 
 
-@pytest.mark.parametrize("name", ["soap", "muon"])
-def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name):
+@pytest.mark.parametrize(("name", "replicated"), [
+    ("soap", False), ("muon", False), ("soap", True), ("normuon", True), ("muon", True)])
+def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name, replicated):
     # rank 1 sent a block shorter than rank 0 expected: rank 0 read its status from memory
     # nobody wrote (a false "failed before the exchange", or an update built from it,
-    # applied), while rank 1 went on to the second all-to-all and waited there
+    # applied), while rank 1 went on to the second all-to-all and waited there. Replicated
+    # matrices: found in the scatter only, after the owners had advanced NorMuon's second
+    # moments and SOAP's factors (a retried step then counted that gradient twice).
     run_ranks(w.grad_on_one_rank_worker, 2, tmp_path, str(tmp_path / "out.pt"), name,
-              timeout=90)
+              replicated, timeout=90)
     result = torch.load(tmp_path / "out.pt")
     for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
                                   f"step the same parameters as rank {rank}"), outcome
     assert result["unchanged"]  # no rank changed a parameter or counted the step
-    assert result["collectives"] == 1  # the gather was made (and counted), then refused
+    assert result["state unchanged"]
+    # the first collective was made (and counted), then refused: the gather, or the
+    # replicated matrices' all_gather of statuses (Muon's owner sent rank 1 an update it did
+    # not expect in the scatter: gloo aborted both processes)
+    assert result["collectives"] == 1
     assert result["recovered"] == ["done", "done"]
 
 
@@ -385,10 +394,14 @@ def test_replicated_parameters_match_single_process(tmp_path, references, world)
         _assert_params_close(results[scenario]["params"], references[world > 1][scenario][0],
                              scenario, world=world)
         wire = _wire_bytes(scenario)
-        for r in results[scenario]["ranks"]:  # each owner's full update goes to every other rank
+        # no gather (owners hold every input): each step's small all_gather of statuses and
+        # signatures (float64, to every other rank), then the scatter, in which each owner's
+        # full update goes to every other rank
+        agreed = STATUS_ELEMENTS * 8 * (world - 1) * w.STEPS
+        for r in results[scenario]["ranks"]:
             assert r["stats"]["bytes_sent"] == \
-                wire * w.STEPS * r["plan"][0] + _status_bytes(world, wire)
-            assert r["stats"]["collectives"] == w.STEPS  # no gather: owners hold every input
+                wire * w.STEPS * r["plan"][0] + _status_bytes(world, wire) + agreed
+            assert r["stats"]["collectives"] == 2 * w.STEPS
 
 
 def test_a_model_the_optimizer_does_not_step_is_refused_by_save_and_load(tmp_path):
@@ -772,13 +785,19 @@ def test_a_rank_without_a_sidecar_still_joins_the_state_summarys_collective(tmp_
         assert norms and all(math.isfinite(v) and v > 0 for v in norms.values())
 
 
-def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_path):
+@pytest.mark.parametrize(("replicated", "name"), [(False, "muon"), (True, "muon"),
+                                                  (True, "normuon")])
+def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_path, replicated,
+                                                                         name):
     # the signature named the matrices and only counted the AdamW flags: with as many AdamW
     # gradients on each rank but of other parameters, the flags were summed across different
     # parameters and each rank stepped its shard of another one (two biases half-stepped)
     # (and with fewer AdamW gradients on one rank, the flags were of another length: gloo
-    # aborted every process, "Received data size doesn't match expected size")
-    run_ranks(w.adamw_mismatch_worker, 2, tmp_path, str(tmp_path / "out.pt"), timeout=60)
+    # aborted every process, "Received data size doesn't match expected size"). Replicated
+    # matrices: a rank flagging no AdamW parameter sent its flags without a signature, and
+    # gloo aborted the process the same way.
+    run_ranks(w.adamw_mismatch_worker, 2, tmp_path, str(tmp_path / "out.pt"), replicated,
+              name, timeout=60)
     result = torch.load(tmp_path / "out.pt")
     for case in ("gather", "all_reduce", "gather, fewer", "all_reduce, fewer", "gather, none"):
         outcomes = result[case]["outcomes"]
