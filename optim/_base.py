@@ -50,6 +50,7 @@ from optim._checks import (
     check_param_groups,
     free_group_prefix,
     is_int,
+    plain_numbers,
 )
 from optim._exchange import (
     DeferredMetrics,
@@ -191,6 +192,7 @@ class MatrixOptimizer(StateDictOptimizer):
                 self._check_matrix_hyperparameters(group)
         except ValueError as exc:
             raise ValueError(f"param group {index}: {exc}") from None
+        plain_numbers(group)
 
     def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
         """Raise ValueError for a matrix group's hyperparameter the update cannot use."""

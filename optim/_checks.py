@@ -204,6 +204,35 @@ def check_rates(**rates: Any) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def plain_numbers(group: dict[str, Any]) -> None:
+    """Replace the NumPy scalars among ``group``'s hyperparameters (a sweep's ``np.float64``
+    learning rate, an ``np.float32`` a scheduler wrote, in a tuple of betas too) by Python's:
+    ``torch.load(weights_only=True)`` refuses a checkpoint holding a NumPy value."""
+    for key, value in group.items():
+        if key not in ("params", "param_names"):
+            plain = _plain(value)
+            if plain is not value:
+                group[key] = plain
+
+
+def _plain(value: Any) -> Any:
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if isinstance(value, tuple | list):
+        items = [_plain(v) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return type(value)(items)
+    return value
+
+
+def as_scalar(value: Any) -> Any:
+    """``value`` as an ``alpha`` of ``add_`` takes it: a one-element tensor of any shape as a
+    0-d view of it (as torch's optimizers squeeze one), anything else as it is."""
+    if isinstance(value, Tensor) and value.dim() != 0:
+        return value.reshape(())
+    return value
+
+
 def is_int(value: Any) -> bool:
     """An integer that is not a bool (``steps=True`` would silently mean 1): Python's int and
     NumPy's integer scalars."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from optim._base import MatrixOptimizer
-from optim._checks import ADAMW, check_flags, check_rates, is_int, is_real
+from optim._checks import ADAMW, as_scalar, check_flags, check_rates, is_int, is_real
 from optim._exchange import DeferredMetrics, MatrixItem, local
 from optim.health import estimate_orthogonality_error, update_orthogonality_error
 from optim.orthogonalize import JORDAN_QUINTIC, METHODS, default_steps, orthogonalize, soften
@@ -348,7 +348,7 @@ class Muon(MatrixOptimizer):
 
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group, p = item.group, item.param
-        lr = group["lr"]
+        lr = as_scalar(group["lr"])  # torch.optim.Muon takes a (1,) tensor too
         p_local = local(p)
         p_local.mul_(1 - lr * group["weight_decay"])
         # A bf16 update is added as torch.optim.Muon adds it (promoted inside add_, no copy).

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from optim._base import MatrixOptimizer
-from optim._checks import ADAMW, check_betas, check_flags, check_rates, is_int, is_real
+from optim._checks import ADAMW, as_scalar, check_betas, check_flags, check_rates, is_int, is_real
 from optim._exchange import DeferredMetrics, LocalExchange, MatrixItem, all_finite, local
 from optim._soap_basis import PRECISIONS
 from optim._soap_health import SideHealth, soap_health
@@ -290,8 +290,9 @@ class SOAP(MatrixOptimizer):
     def _apply(self, item: MatrixItem, update: Tensor) -> None:
         group = item.group
         p_local = local(item.param)
-        p_local.mul_(1 - group["lr"] * group["weight_decay"])
-        p_local.add_(update.to(p_local.dtype), alpha=-group["lr"])
+        lr = as_scalar(group["lr"])  # a (1,) tensor too, as torch's optimizers take it
+        p_local.mul_(1 - lr * group["weight_decay"])
+        p_local.add_(update.to(p_local.dtype), alpha=-lr)
 
 
 def _check_layout(item: MatrixItem, state: dict[str, Tensor]) -> None:
@@ -310,6 +311,9 @@ def _check_layout(item: MatrixItem, state: dict[str, Tensor]) -> None:
                 f"start a new optimizer with the new one")
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
 def _check_soap_args(d: dict[str, Any]) -> None:
     """Raise ValueError, naming the fix, for an argument SOAP cannot use."""
     check_rates(lr=d["lr"], weight_decay=d["weight_decay"])
@@ -320,6 +324,13 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     if not (is_real(d["eps"]) and 0.0 < d["eps"] < math.inf):
         raise ValueError(f"eps must be a finite number > 0 (it also floors KL-Shampoo's "
                          f"eigenvalues; an infinite one makes every update 0), got {d['eps']!r}")
+    if d["use_kl_shampoo"] and d["eps"] < _FLOAT32_TINY:
+        raise ValueError(
+            f"eps={d['eps']!r} is below float32's smallest normal number ({_FLOAT32_TINY:.3g}), "
+            f"which floors KL-Shampoo's eigenvalues in its float32 state: it rounds to 0 or a "
+            f"subnormal there, the whitening weights 1 / (dim eps) come out infinite and every "
+            f"step of a matrix with a zero eigenvalue is skipped as non-finite. Take eps >= "
+            f"{_FLOAT32_TINY:.3g} (the default is 1e-8)")
     if not (is_real(d["max_update_rms"]) and 0.0 <= d["max_update_rms"] < math.inf):
         raise ValueError(f"max_update_rms must be a finite number >= 0 (0: no clipping), got "
                          f"{d['max_update_rms']!r}")

@@ -22,6 +22,7 @@ from optim.health import (
     rotation_angle_degrees,
     rotation_angles_degrees,
 )
+from optim.muon import Muon
 from optim.soap import SOAP
 
 STATE_KEYS = {"L", "R", "Q_L", "Q_R", "exp_avg", "exp_avg_sq", "step"}
@@ -1146,6 +1147,60 @@ def test_a_scalar_betas_and_numpy_counts_get_the_documented_checks():
     w.grad = torch.randn(4, 4)
     opt.step()
     assert type(opt.param_groups[0]["power_iter_steps"]) is int
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, lr: SOAP(ps, lr=lr, weight_decay=0.5),
+    lambda ps, lr: Muon(ps, lr=lr, weight_decay=0.5),
+], ids=["soap", "muon"])
+def test_a_learning_rate_tensor_of_shape_1_steps_as_a_0d_one(make) -> None:
+    # accepted (as torch.optim.Muon takes it), then add_(alpha=lr) raised TypeError half-way
+    # through the step: the weight decay applied, the state advanced, the update not
+    grads = [torch.randn(8, 6, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    results = []
+    for lr in (torch.tensor(0.01), torch.tensor([0.01])):  # as the 0-d tensor, bit for bit
+        w = torch.nn.Parameter(torch.ones(8, 6))
+        opt = make([("w", w)], lr)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_numpy_hyperparameters_leave_a_checkpoint_that_loads_with_weights_only(tmp_path) -> None:
+    # np.float64 values (a sweep's, or written by a scheduler) were kept as they came, and
+    # torch.load(weights_only=True) refused the optimizer's state dict
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    b = torch.nn.Parameter(torch.randn(4))
+    opt = SOAP([{"params": [("w", w)]}, {"params": [("b", b)], "algorithm": "adamw"}],
+               lr=np.float64(0.01), betas=(np.float64(0.9), 0.95), shampoo_beta=np.float64(0.9),
+               eps=np.float32(1e-8), weight_decay=np.float64(0.01))
+    opt.param_groups[1]["adamw_betas"] = (np.float32(0.9), np.float64(0.99))  # mid-run
+    w.grad, b.grad = torch.randn(6, 4), torch.randn(4)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    for group in loaded["param_groups"]:
+        assert type(group["lr"]) is float and all(type(v) is float for v in (
+            group.get("betas", (0.0,)) + group.get("adamw_betas", (0.0,))))
+    assert type(loaded["param_groups"][0]["shampoo_beta"]) is float
+
+
+def test_a_kl_shampoo_eps_that_float32_cannot_hold_is_refused() -> None:
+    # taken as a "finite number > 0": in the float32 state it was 0, the whitening weights
+    # 1 / (dim eps) infinite, and every step skipped as non-finite
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    with pytest.raises(ValueError, match=r"eps=1e-50 is below float32's smallest normal "
+                                         r"number \(1.18e-38\)"):
+        SOAP([w], lr=0.01, eps=1e-50, use_kl_shampoo=True)
+    SOAP([w], lr=0.01, eps=1e-50)  # plain SOAP's eps only pads a square root: it trains
+    opt = SOAP([("w", w)], lr=0.01, eps=1e-37, use_kl_shampoo=True)
+    before = w.detach().clone()
+    for k in range(3):
+        w.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(k))
+        opt.step()
+    assert opt.health()["w"]["nonfinite_skips"] == 0 and not torch.equal(w, before)
 
 
 # ---- max_update_rms: the early steps' outsized updates ------------------------------------------
