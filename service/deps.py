@@ -21,6 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth import token_problem
 from service.metrics import HealthCollector
+from service.problems import ProblemError
 from service.settings import Settings
 from service.store import Store
 from service.writes import WriteLane
@@ -85,3 +86,17 @@ CollectorDep = Annotated[HealthCollector, Depends(get_collector)]
 WritesDep = Annotated[WriteLane, Depends(get_writes)]
 ClockDep = Annotated[Callable[[], float], Depends(get_clock)]
 Authenticated = Depends(require_token)
+
+
+async def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given more than once (422 ``repeated-query-parameter``):
+    answered with its last value, ``?run_id=r1&run_id=r2`` read run r2 alone."""
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key in seen:
+            raise ProblemError(422, f"The query parameter {key!r} is given more than once: "
+                                    f"give it once.", slug="repeated-query-parameter")
+        seen.add(key)
+
+
+SingleValuedQuery = Depends(single_valued_query)

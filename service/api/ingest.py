@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
 
-from service.api.state import rank_state
-from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep, WritesDep
+from service.api.state import NoQuery, rank_state
+from service.deps import (
+    Authenticated,
+    ClockDep,
+    SettingsDep,
+    SingleValuedQuery,
+    StoreDep,
+    WritesDep,
+)
 from service.problems import ProblemError, problem_responses
 from service.records import OtherRun, UnknownRank
 from service.schema import Accepted, Finish, RankState, Snapshot
 
-router = APIRouter(prefix="/v1", tags=["ingest"], dependencies=[Authenticated])
+router = APIRouter(prefix="/v1", tags=["ingest"],
+                   dependencies=[Authenticated, SingleValuedQuery])
 
 
 @router.post(
@@ -22,7 +30,8 @@ router = APIRouter(prefix="/v1", tags=["ingest"], dependencies=[Authenticated])
     responses=problem_responses(400, 401, 413, 415, 422, 503),
 )
 async def post_snapshot(
-    snapshot: Snapshot, store: StoreDep, writes: WritesDep, request: Request
+    snapshot: Snapshot, store: StoreDep, writes: WritesDep, request: Request,
+    _: Annotated[NoQuery, Query()],
 ) -> Accepted:
     """Validate and store a snapshot; it is durable in SQLite before the 201 is sent.
 
@@ -46,7 +55,7 @@ async def post_snapshot(
 )
 async def finish_rank(
     rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep, writes: WritesDep,
-    settings: SettingsDep, clock: ClockDep,
+    settings: SettingsDep, clock: ClockDep, _: Annotated[NoQuery, Query()],
 ) -> RankState:
     """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's
     ``orthoshard_last_snapshot_timestamp_seconds`` leaves ``/metrics``, so a run that finished

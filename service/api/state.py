@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import urllib.parse
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.deps import Authenticated, ClockDep, SettingsDep, StoreDep
+from service.deps import Authenticated, ClockDep, SettingsDep, SingleValuedQuery, StoreDep
 from service.problems import ProblemError, problem_responses
 from service.records import ParamRecord, RankRecord
 from service.schema import (
@@ -31,7 +32,8 @@ from service.schema import (
 )
 
 router = APIRouter(
-    prefix="/v1", tags=["state"], dependencies=[Authenticated], responses=problem_responses(401)
+    prefix="/v1", tags=["state"], dependencies=[Authenticated, SingleValuedQuery],
+    responses=problem_responses(401),
 )
 MAX_PAGE = 1000
 MAX_HISTORY = 10_000
@@ -50,7 +52,7 @@ class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _NoQuery(_Query):
+class NoQuery(_Query):
     """The query of an endpoint that takes no parameters."""
 
 
@@ -73,7 +75,7 @@ def encode_cursor(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode("utf-8")).decode("ascii").rstrip("=")
 
 
-def decode_cursor(cursor: str) -> str:
+def decode_cursor(cursor: str, known: Callable[[str], bool] = lambda name: False) -> str:
     """Inverse of ``encode_cursor``; a cursor this API did not produce is a 400.
 
     Strict, so that a mangled cursor is an error rather than a silent restart at page 1:
@@ -81,7 +83,8 @@ def decode_cursor(cursor: str) -> str:
     them), the name must encode back to exactly ``cursor`` (which refuses "+", "/",
     padding and non-zero trailing bits, all of which decode but are never produced), and it
     must be a name a snapshot can hold (a cursor of a NUL character, or of "a/b", restarted at
-    page 1).
+    page 1), or one the store holds (``known``: a name an earlier version's rules let in, which
+    a page ended on, so its cursor pages on).
     """
     bad = ProblemError(
         400, "The cursor is not valid; pass next_cursor back unchanged.", slug="bad-cursor"
@@ -99,7 +102,8 @@ def decode_cursor(cursor: str) -> str:
     try:
         _PARAM_NAME.validate_python(name)
     except ValidationError as exc:
-        raise bad from exc
+        if not known(name):
+            raise bad from exc
     return name
 
 
@@ -169,7 +173,7 @@ def _stored_optimizer(stored: dict[str, Any]) -> OptimizerConfig:
 @router.get("/optimizer", summary="Optimizer configuration and step per rank",
             responses=problem_responses(422))
 def get_optimizer(store: StoreDep, settings: SettingsDep, clock: ClockDep,
-                  _: Annotated[_NoQuery, Query()]) -> OptimizerView:
+                  _: Annotated[NoQuery, Query()]) -> OptimizerView:
     """Every rank ever seen, its run, step, receive time and the configuration it last sent."""
     now = clock()
     return OptimizerView(ranks=[rank_state(r, stale=now - r.received_at > settings.series_ttl_s)
@@ -189,7 +193,9 @@ def list_params(
 ) -> ParamPage:
     """A page of parameters; ``next_cursor`` is null on the last page."""
     limit, cursor = query.limit, query.cursor
-    after = decode_cursor(cursor) if cursor is not None else None  # "": a bad cursor too
+    # "": a bad cursor too
+    after = (decode_cursor(cursor, lambda name: store.param(name) is not None)
+             if cursor is not None else None)
     records = store.page(after=after, limit=limit + 1, rank=query.rank)
     more = len(records) > limit
     records = records[:limit]
@@ -226,7 +232,7 @@ def _require(store: StoreDep, name: str) -> ParamRecord:
     responses=problem_responses(404, 422),
 )
 def get_param(name: str, store: StoreDep, settings: SettingsDep, clock: ClockDep,
-              _: Annotated[_NoQuery, Query()]) -> ParamDetail:
+              _: Annotated[NoQuery, Query()]) -> ParamDetail:
     """Latest metrics, owner rank, run, step and the last state summary received."""
     rec = _require(store, name)
     base = _summary(rec, clock(), settings.series_ttl_s)
