@@ -58,6 +58,7 @@ from optim._exchange import (
     MatrixItem,
     _nonfinite,
     all_finite,
+    group_settings,
     local,
     nonfinite_flags,
 )
@@ -208,6 +209,11 @@ class MatrixOptimizer(StateDictOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_step()
+        if not self._gradient_seen:
+            # before the counters move: a warning raised as an error (python -W error) leaves
+            # the step uncounted, as it changed nothing
+            self._warn_without_gradient(any(p.grad is not None for group in self.param_groups
+                                            for p in group["params"]))
         for group in self.param_groups:
             group["step"] += 1
         # The AdamW groups' gradients: each rank flags its own shards' NaN/Inf now, and the
@@ -220,8 +226,6 @@ class MatrixOptimizer(StateDictOptimizer):
                     for group, named in every]
         grads = [p.grad for _, named in fallback for _, p in named]
         items = [item for item in self.matrix_items() if item.param.grad is not None]
-        if not self._gradient_seen:
-            self._warn_without_gradient(bool(items or grads))
         # Decided by the parameters, the same on every rank, and one flag per AdamW parameter
         # (0 for one without a gradient): ranks whose gradients differ (one None on some ranks
         # only) still send flags of one length, and the signature of what they flag (the
@@ -246,7 +250,12 @@ class MatrixOptimizer(StateDictOptimizer):
         if flags is not None and (misplaced := _misplaced(params)):
             flags[misplaced] += MISPLACED  # every rank refuses the step (_refuse_misplaced)
         bad = None if sharded else _nonfinite(grads)  # this process decides alone
-        flagged = [name for _, named in fallback for name, _ in named] if sharded else []
+        # what the flags belong to, with their groups' settings: part of the step's signature
+        # (replicated AdamW parameters carry no flags, but ranks stepping them with other
+        # settings drift apart: their settings are in the signature too)
+        flagged = [f"{name} {settings}" for group, named in fallback
+                   for settings in (group_settings(group),) for name, _ in named] \
+            if not isinstance(self._exchange, LocalExchange) else []
         if items and isinstance(self._exchange, LocalExchange):
             self._step_local(items)
         else:
@@ -276,6 +285,13 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def _check_step(self) -> None:
         """Raise, before anything changes, for what this step cannot run with."""
+        if torch.is_inference_mode_enabled():
+            # the state it would create are inference tensors, which no later step outside
+            # inference_mode may update in place: that step failed after moving parameters
+            raise RuntimeError(
+                f"{type(self).__name__}.step() under torch.inference_mode(): the optimizer "
+                f"state it creates could not be updated by any later step. Step outside "
+                f"inference_mode (the step runs under torch.no_grad itself).")
         for gi, group in enumerate(self.param_groups):
             if len(group["params"]) != len(group["param_names"]):
                 # torch optimizers step a tensor appended to a group's list; here it has no
@@ -300,14 +316,15 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def _warn_without_gradient(self, found: bool) -> None:
         """Until a step finds a gradient: warn, once, of a step that found none."""
-        if not found and self.param_groups:
+        warn = not found and bool(self.param_groups)
+        self._gradient_seen = found or bool(self.param_groups)  # warned: once (also when the
+        if warn:                                                # warning is raised as an error)
             warnings.warn(
                 f"{type(self).__name__}.step() found no gradient on any of its parameters "
                 f"and changed nothing. Was backward() run? Was the optimizer built after "
                 f"fully_shard (which replaces the model's parameters with new ones) and "
                 f"anything else that replaces them? (warned once)", RuntimeWarning,
                 stacklevel=user_stacklevel())
-        self._gradient_seen = found or bool(self.param_groups)  # warned: once
 
     def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None,
                       flagged: Sequence[str] = (), names: Sequence[str] = ()) -> Tensor | None:

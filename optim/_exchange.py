@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from optim._base import MatrixOptimizer
 
 __all__ = ["DeferredMetrics", "LocalExchange", "MatrixExchange", "MatrixItem", "all_finite",
-           "local", "nonfinite_flags"]
+           "group_settings", "local", "nonfinite_flags"]
 
 
 def local(t: Tensor) -> Tensor:
@@ -108,6 +108,35 @@ class MatrixItem:
     group: dict[str, Any]
     shape: tuple[int, int]  # the GLOBAL shape (a DTensor reports it too)
     pending: Any = field(default=None, repr=False)
+
+
+# a group's entries that are not settings of its update: its members, and skip counts kept
+# where each matrix is counted (its owner), which differ from rank to rank
+_NOT_SETTINGS = ("params", "param_names", "nonfinite_skips")
+
+
+def group_settings(group: dict[str, Any]) -> str:
+    """A param group's settings as text, the same on every rank that holds the same ones: every
+    value but its members and skip counts (tensors by their values, a schedule as a mark: its
+    value at a step is a function of the step count, which is in the text). A sharded step
+    sends a checksum of it (``sharding._wire.signature``): ranks whose groups differ (another
+    learning rate, another method, another step count) stepped each their own rows with their
+    own settings, silently."""
+    parts = []
+    for key in sorted(group):
+        if key in _NOT_SETTINGS:
+            continue
+        value = group[key]
+        if callable(value):
+            text = "<schedule>"
+        elif isinstance(value, Tensor):
+            text = repr(value.detach().cpu().tolist())
+        else:
+            text = repr(value)
+            if " at 0x" in text:  # an object without a value repr: its address differs by rank
+                text = type(value).__qualname__
+        parts.append(f"{key}={text}")
+    return ";".join(parts)
 
 
 class MatrixExchange(Protocol):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optim._checks import ADAMW
+from optim._checks import ADAMW, is_int, plain_numbers
 from optim._exchange import DeferredMetrics, LocalExchange, _one_row, local
 
 __all__ = ["StateDictOptimizer"]
@@ -179,6 +179,9 @@ class StateDictOptimizer(Optimizer):
                         return (f"state {key!r} of parameter {name!r} has shape "
                                 f"{tuple(value.shape)}, not {allowed} as a parameter of shape "
                                 f"{tuple(p.shape)} needs: it comes from another model")
+                    problem = _state_value_problem(name, key, value)
+                    if problem is not None:
+                        return problem
                 missing = sorted(self._required_state(group["algorithm"]) - set(entry))
                 if entry and missing:
                     return (f"parameter {name!r} has state without {', '.join(missing)}, which "
@@ -209,10 +212,13 @@ class StateDictOptimizer(Optimizer):
                 sd = super().state_dict()
         finally:
             self.state = live
-        for g in sd["param_groups"]:
+        for g in sd["param_groups"]:  # torch's copies of the groups
             for key, value in list(g.items()):
                 if callable(value):
                     g[key] = None
+            # a scheduler's NumPy value written since the last step (which converts them):
+            # torch.load(weights_only=True) refuses NumPy scalars
+            plain_numbers(g)
             if "nonfinite_skips" in g:  # a snapshot, not the live counter
                 g["nonfinite_skips"] = dict(g["nonfinite_skips"])
         sd = self._exchange.export_state(sd)
@@ -393,9 +399,34 @@ def _under_live_names(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, 
     return out
 
 
+def _state_value_problem(name: str, key: str, value: Any) -> str | None:
+    """What is wrong with one saved state tensor's values, or None. A NaN or Inf in a
+    matrix's state made every later step of it non-finite, so each was skipped and counted and
+    the matrix never trained again; a step count below 0 or not whole failed the next step half
+    way (AdamW's bias correction divided by zero). Plain tensors only: a DTensor's shards differ
+    by rank, and a check that raised on some ranks only would leave the others waiting in the
+    load's collectives (the loaders of ``sharding.checkpoint`` check a template first)."""
+    if type(value) is not Tensor or not (value.is_floating_point() or value.is_complex()) \
+            or value.device.type == "meta":
+        return None
+    if not bool(torch.isfinite(value).all()):
+        return (f"state {key!r} of parameter {name!r} holds NaN or Inf: the checkpoint was saved "
+                f"from a run that had already diverged, or was damaged. Load an earlier one.")
+    if key == "step" and value.numel() == 1:
+        count = float(value)
+        if count < 0 or count != int(count):
+            return (f"state 'step' of parameter {name!r} is {count}, not a step count (a whole "
+                    f"number >= 0)")
+    return None
+
+
 def _group_fields_problem(index: int, saved: dict[str, Any], count: int) -> str | None:
-    """What is wrong with a saved group's names or skip counts, or None (checked before
-    anything is loaded: torch would install them, and the next step fail on them)."""
+    """What is wrong with a saved group's names, step counter or skip counts, or None
+    (checked before anything is loaded: torch would install them, and the next step fail on
+    them)."""
+    step = saved.get("step", 0)
+    if not (is_int(step) and step >= 0):
+        return (f"param group {index} has step {step!r}, not a step count (an int >= 0)")
     names = saved.get("param_names")
     if names is not None and not _names_fit(names, list(range(count))):
         return (f"param group {index} has param_names that do not name its {count} "

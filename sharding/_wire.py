@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optim._exchange import MatrixItem
+from optim._exchange import MatrixItem, group_settings
 
 __all__ = ["STATUS_ELEMENTS", "Blocks", "agree", "all_to_all", "placeholder", "signature",
            "through"]
@@ -99,9 +99,12 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
 def _mismatch(others: list[int], rank: int) -> ValueError:
     return ValueError(
         f"ranks {others} of the sharding group do not step the same parameters as rank "
-        f"{rank} this step (their blocks of the exchange differ): every rank must "
-        f"step the same parameters. Is a gradient None on some ranks only (set to None, "
-        f"or a parameter unused in one rank's forward)? Nothing was applied.")
+        f"{rank} this step, or not with the same settings (their blocks of the exchange "
+        f"differ): every rank must step the same parameters, in the same order, with the same "
+        f"param group settings and step counts. Is a gradient None on some ranks only (set to "
+        f"None, or a parameter unused in one rank's forward)? Were the optimizers built with "
+        f"other arguments, parameters in another order, or loaded from another checkpoint? "
+        f"Nothing was applied.")
 
 
 def agree(carry: Tensor | None, *, failed: bool, signature: list[float], device: torch.device,
@@ -133,9 +136,20 @@ def agree(carry: Tensor | None, *, failed: bool, signature: list[float], device:
 
 def signature(items: Sequence[MatrixItem], carried: Sequence[str]) -> list[float]:
     """The step's signature (``STATUS_ELEMENTS``' comment): four-bit pieces of a CRC-32 of
-    the matrices' names in order and of what the carried flags belong to (the AdamW
-    parameters' names), so that ranks stepping other parameters find out."""
-    text = "\n".join([item.name for item in items] + ["--"] + list(carried))
+    the matrices' names and global shapes in order, their groups' settings
+    (:func:`optim._exchange.group_settings`), and what the carried flags belong to (the AdamW
+    parameters, with their groups' settings), so that ranks stepping other parameters, or the
+    same with other settings, find out. Unnamed parameters are named by position
+    (``group0.param1``): listed in another order on one rank, their names agree and their
+    shapes tell them apart."""
+    settings: dict[int, str] = {}
+    lines = []
+    for item in items:
+        key = id(item.group)
+        if key not in settings:
+            settings[key] = group_settings(item.group)
+        lines.append(f"{item.name} {item.shape} {settings[key]}")
+    text = "\n".join([*lines, "--", *carried])
     return name_signature(text)
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from optim import Muon, NorMuon, split_param_groups
+from optim._checks import ADAMW
 from optim._exchange import local
 
 # Awkward on purpose: rows that divide by neither 2 nor 4 (7, 5), fewer rows than ranks (3: an
@@ -1438,3 +1439,47 @@ def comm_counter_worker(rank: int, world: int, out: str) -> None:
             run()
         counted[name] = (c.sent, c.received)
     torch.save(counted, f"{out}.{rank}")
+
+
+def settings_mismatch_worker(rank: int, world: int, out: str, replicated: bool) -> None:
+    """Ranks whose optimizers differ where parameter names cannot tell: rank 1 with another
+    learning rate for the matrices, then for the AdamW group, then (a new optimizer) with the
+    unnamed matrices listed in reverse order. Each case: every rank's outcome of the step,
+    whether any parameter changed, and the outcome of a step once the ranks agree again."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    model = Awkward()
+    if not replicated:
+        fully_shard(model)
+    opt = Muon(split_param_groups(list(model.named_parameters())), lr=0.02,
+               sharding=OwnerSharding())
+    inject(model, 0)
+    opt.step()
+    adamw = next(i for i, g in enumerate(opt.param_groups) if g["algorithm"] == ADAMW)
+    result: dict[str, Any] = {}
+    for case, gi in (("matrix lr", 1 - adamw), ("adamw lr", adamw)):
+        before = full_params(model)
+        inject(model, 1)
+        if rank == 1:
+            opt.param_groups[gi]["lr"] *= 2
+        outcomes = _every_rank_says(world, ValueError, opt.step)
+        after = full_params(model)
+        if rank == 1:
+            opt.param_groups[gi]["lr"] /= 2
+        recovered = _every_rank_says(world, ValueError, opt.step)
+        result[case] = {"outcomes": outcomes, "recovered": recovered,
+                        "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+    ws = list(model.ws)
+    matrices = ws if rank == 0 else ws[::-1]
+    unnamed = Muon([{"params": matrices}, {"params": [model.bias], "algorithm": ADAMW}],
+                   lr=0.02, sharding=OwnerSharding())
+    before = full_params(model)
+    inject(model, 2)
+    outcomes = _every_rank_says(world, ValueError, unnamed.step)
+    result["order"] = {"outcomes": outcomes, "recovered": ["done"] * world,
+                       "unchanged": all(torch.equal(before[k], v)
+                                        for k, v in full_params(model).items())}
+    if rank == 0:
+        torch.save(result, out)

@@ -475,3 +475,105 @@ def test_a_group_added_in_a_removed_groups_place_reports_no_health_of_the_remove
     opt.add_param_group({"params": [c]})
     assert opt.param_groups[1]["param_names"] == ["group1.param0"]
     assert "group1.param0" not in opt.health()
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
+def test_a_no_gradient_warning_raised_as_an_error_counts_no_step_and_is_given_once(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # python -W error turns the warning into an exception: the step it interrupted had already
+    # counted itself, and the warning came again at every later call
+    import warnings
+
+    model = _model()
+    opt = cls(split_param_groups(model.named_parameters()), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="found no gradient"):
+            opt.step()
+        assert [group["step"] for group in opt.param_groups] == [0] * len(opt.param_groups)
+        opt.step()  # warned once: no second warning
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
+def test_a_step_under_inference_mode_is_refused_before_anything_changes(
+        cls: type, kwargs: dict[str, Any]) -> None:
+    # its state would be inference tensors, which the next step outside inference_mode could
+    # not update in place: that step raised after moving the parameters
+    model = _model()
+    opt = cls(split_param_groups(model.named_parameters()), **kwargs)
+    _train(model, opt, 1, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    assert all(p.grad is not None for p in model.parameters())  # _train's last gradients
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    after = opt.state_dict()
+    assert [g["step"] for g in after["param_groups"]] == [g["step"] for g in state["param_groups"]]
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)
+    opt.step()  # outside it, the same gradients step
+
+
+def _bad_state(cls: type, kwargs: dict[str, Any]) -> tuple[torch.optim.Optimizer,
+                                                            dict[str, Any]]:
+    model = _model()
+    opt = cls(split_param_groups(model.named_parameters()), **kwargs)
+    _train(model, opt, 2, seed=0)
+    return opt, copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_state_dict_holding_nan_or_inf_is_refused_by_name(cls: type, kwargs: dict[str, Any],
+                                                            value: float) -> None:
+    # accepted, it made every later step of that matrix non-finite: each was skipped, and the
+    # matrix never trained again (an AdamW parameter turned NaN)
+    for index in (0, 1):  # a matrix's state, then an AdamW parameter's
+        opt, sd = _bad_state(cls, kwargs)
+        key = next(k for k, v in sd["state"][index].items() if k != "step" and v.numel())
+        sd["state"][index][key].view(-1)[0] = value
+        kept = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=rf"state '{key}' of parameter .* holds NaN or Inf"):
+            opt.load_state_dict(sd)
+        for i, entry in kept["state"].items():  # nothing changed
+            for k, v in entry.items():
+                assert torch.equal(opt.state_dict()["state"][i][k], v)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:1], ids=IDS[:1])
+@pytest.mark.parametrize("bad", [-1.0, 1.5, math.nan])
+def test_step_counts_that_are_no_count_are_refused_at_load(cls: type, kwargs: dict[str, Any],
+                                                           bad: float) -> None:
+    # a negative AdamW step divided by zero in the bias correction, after the matrices had
+    # stepped; a group step of None raised TypeError after another group's count had moved
+    opt, sd = _bad_state(cls, kwargs)
+    adamw = next(i for i, g in enumerate(opt.param_groups) if g["algorithm"] == "adamw")
+    index = sd["param_groups"][adamw]["params"][0]
+    sd["state"][index]["step"] = torch.tensor(bad)
+    with pytest.raises(ValueError,
+                       match=r"state 'step' of parameter .* (not a step count|holds NaN)"):
+        opt.load_state_dict(sd)
+    for group_step in (None, "x", -1, 2.0, True):
+        opt, sd = _bad_state(cls, kwargs)
+        sd["param_groups"][0]["step"] = group_step
+        with pytest.raises(ValueError, match=r"param group 0 has step .* not a step count"):
+            opt.load_state_dict(sd)
+
+
+def test_a_scheduler_numpy_value_written_after_the_last_step_saves_with_weights_only(
+        tmp_path) -> None:
+    # the step converts NumPy hyperparameters, but a checkpoint is usually taken right after
+    # scheduler.step(), which wrote np.float64 into the groups
+    model = _model()
+    opt = Muon(split_param_groups(model.named_parameters()), lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + np.cos(np.pi * e / 10)))
+    _train(model, opt, 1, seed=0)
+    sched.step()
+    assert type(opt.param_groups[0]["lr"]).__module__ == "numpy"  # the premise
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["lr"] == float(opt.param_groups[0]["lr"])
+    fresh = Muon(split_param_groups(model.named_parameters()), lr=0.02)
+    fresh.load_state_dict(loaded)

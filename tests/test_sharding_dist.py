@@ -785,6 +785,24 @@ def test_a_rank_without_a_sidecar_still_joins_the_state_summarys_collective(tmp_
         assert norms and all(math.isfinite(v) and v > 0 for v in norms.values())
 
 
+@pytest.mark.parametrize("replicated", [False, True], ids=["fsdp2", "replicated"])
+def test_ranks_with_other_settings_or_unnamed_matrices_in_another_order_are_refused(
+        tmp_path, replicated):
+    # the signature held the parameters' names only: a rank with another learning rate
+    # stepped its own rows with it (FSDP2: 0.038 from one process after 2 steps; replicated:
+    # the replicas drifted apart), and unnamed parameters, named by position, agreed in any
+    # order while owners read other matrices' rows as their own (0.015 after 2 steps)
+    run_ranks(w.settings_mismatch_worker, 2, tmp_path, str(tmp_path / "out.pt"), replicated,
+              timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    for case in ("matrix lr", "adamw lr", "order"):
+        outcomes = result[case]["outcomes"]
+        assert all(o.startswith("ValueError: ranks [") and "not with the same settings" in o
+                   for o in outcomes), (case, outcomes)
+        assert result[case]["unchanged"], case
+        assert result[case]["recovered"] == ["done", "done"], case
+
+
 @pytest.mark.parametrize(("replicated", "name"), [(False, "muon"), (True, "muon"),
                                                   (True, "normuon")])
 def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_path, replicated,
