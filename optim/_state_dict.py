@@ -193,8 +193,12 @@ class StateDictOptimizer(Optimizer):
         """torch's state dict, ready for ``torch.distributed.checkpoint``.
 
         Schedules (callables in a group) are not data: saved as None, kept on load. Under
-        ``OwnerSharding`` the owner-only state becomes ``Shard(0)`` DTensors (a collective:
-        call it on every rank), so the keys are the same on every rank and DCP can reshard.
+        ``OwnerSharding`` it is a collective over the sharding group, for every optimizer
+        (Muon with replicated parameters too): each matrix's skip count is taken from its owner
+        (one ``all_reduce``) and the owner-only state becomes ``Shard(0)`` DTensors, so the keys
+        are the same on every rank and DCP can reshard. Call it on every rank of the group and
+        keep rank 0's (``if rank == 0: torch.save(opt.state_dict(), ...)`` waits for the other
+        ranks until the process group times out).
 
         Only the parameters in ``param_groups`` are saved: the state of a group removed from
         them (a block frozen) is kept for when it comes back, but is not in the state dict

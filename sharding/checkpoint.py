@@ -174,9 +174,47 @@ def _failure(exc: CheckpointException, fragment: str) -> str | None:
                 None)
 
 
+def _check_group(optimizer: Any, process_group: dist.ProcessGroup | None) -> None:
+    """Raise ValueError (on every rank of ``process_group`` alike: no collective) when this rank
+    is outside ``process_group``, or the optimizer's sharding group holds ranks outside it: the
+    state dict is a collective over the sharding group, so those ranks would have to call
+    ``save`` or ``load`` too, and the ranks that did would wait for them until the process group
+    times out."""
+    if process_group is None:
+        return
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(
+            f"process_group does not hold rank {dist.get_rank()}: pass the group of ranks that "
+            f"save this model (a pipeline stage's group), created on every rank with "
+            f"dist.new_group, and call save/load only on its ranks")
+    from sharding.owner import OwnerSharding  # (owner imports this module)
+
+    sharding = getattr(optimizer, "_exchange", None)
+    if not isinstance(sharding, OwnerSharding):  # one process: nothing else takes part
+        return
+    group = sharding.group if sharding.group is not None else dist.group.WORLD
+    sharding_ranks = set(dist.get_process_group_ranks(group))
+    outside = sorted(sharding_ranks - set(dist.get_process_group_ranks(process_group)))
+    if outside:
+        raise ValueError(
+            f"the optimizer's OwnerSharding group holds ranks {outside} that process_group "
+            f"does not: its state dict is a collective over that group. Pass a process_group "
+            f"that holds every rank of the OwnerSharding group (the stage's group itself, or "
+            f"None for the default group)")
+
+
 def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
-         extra: dict[str, Any] | None = None) -> None:
-    """Save model and optimizer with DCP into a NEW directory (collective on every rank).
+         extra: dict[str, Any] | None = None, *,
+         process_group: dist.ProcessGroup | None = None) -> None:
+    """Save model and optimizer with DCP into a NEW directory (collective on every rank of
+    ``process_group``).
+
+    ``process_group``: the ranks that save this model together (None: the default group, every
+    rank). Pipeline stages, or any part of the world training a model of its own, pass their
+    own group (the one their ``OwnerSharding`` and ``fully_shard`` mesh use) and save each to a
+    directory of its own: the default group would make DCP wait for ranks that never call
+    ``save``, and the optimizer's state is keyed by position (``optim.state.0``), which two
+    stages saving into one directory would both write.
 
     Raises:
         FileExistsError: on every rank, when ``directory`` already holds a checkpoint, which is
@@ -185,17 +223,20 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             is collective, so every rank learns it together; a check of our own could see
             different filesystems on different nodes and leave some ranks in the collective).
         ValueError: on every rank, when the optimizer steps parameters the model does not hold
-            (another instance of the model); nothing is written.
+            (another instance of the model), or ``process_group`` leaves out this rank or a rank
+            of the optimizer's sharding group; nothing is written.
         RuntimeError: when DCP fails to write (the ranks it failed on and the first error).
     """
     _check_pair(model, optimizer)
+    _check_group(optimizer, process_group)
     # State every parameter will have, as :func:`load`'s template asks for it: a checkpoint taken
     # before the first step, or while a matrix has had no gradient yet, would otherwise lack
     # entries and be refused on load. The zeros it creates are what a first step creates.
     optimizer.init_state()
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
     try:
-        dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False))
+        dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False),
+                 process_group=process_group)
     except CheckpointException as exc:
         if _failure(exc, "already exists") is not None:
             raise FileExistsError(
@@ -241,14 +282,14 @@ def _check_pair(model: torch.nn.Module, optimizer: Any) -> None:
 
 
 def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any, *,
-              partial: bool = False) -> None:
+              process_group: dist.ProcessGroup | None, partial: bool = False) -> None:
     """``dcp.load`` in place. A checkpoint without an entry asked for, or of other shapes,
     raises ValueError (DCP finds both while planning, before it reads anything); any other
     failure a RuntimeError (DCP's own ``CheckpointException`` is a BaseException, which
     ``except Exception`` does not catch), which says so when ``partial`` (``state`` holds the
     live model's and optimizer's own tensors, which a failed read can leave half written)."""
     try:
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(state, checkpoint_id=str(directory), process_group=process_group)
     except CheckpointException as exc:
         # DCP plans the load collectively, so every rank sees the same missing key, before
         # any data is read; its message alone ("Missing key ...: optim.state.0.L") does not
@@ -347,8 +388,10 @@ def _positions(groups: list[dict[str, Any]]) -> dict[str, int] | None:
 
 
 def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load what :func:`save` wrote, at any world size (collective on every rank).
+         extra: dict[str, Any] | None = None, *,
+         process_group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Load what :func:`save` wrote, at any world size (collective on every rank of
+    ``process_group``: None, the default group; a pipeline stage's group, as for :func:`save`).
 
     ``extra`` is a template of additional entries (filled in place and returned).
 
@@ -364,19 +407,21 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             or the checkpoint lacks state this optimizer needs (it was
             saved by another optimizer class, or for other parameters), or its param groups
             do not fit this optimizer's (another algorithm, hyperparameters it cannot use,
-            another split of the parameters), or lacks an entry of the model or of ``extra``;
-            nothing is loaded.
+            another split of the parameters), or lacks an entry of the model or of ``extra``,
+            or ``process_group`` leaves out this rank or a rank of the optimizer's sharding
+            group; nothing is loaded.
         RuntimeError: when DCP fails to read (a file unreadable or cut short); the model and
             optimizer may then hold part of the checkpoint.
     """
     _check_pair(model, optimizer)
+    _check_group(optimizer, process_group)
     optimizer.init_state()
     optim_state = optimizer.state_dict()
     # the groups alone first: a few small objects, and a collective plan every rank shares,
     # so every rank refuses together; their template holds the checkpoint's keys (the live
     # groups stay as they are), and check_state_dict completes them from the live groups
     groups = {"optim": {"param_groups": _saved_groups(directory, optim_state["param_groups"])}}
-    _dcp_load(groups, directory, optimizer)
+    _dcp_load(groups, directory, optimizer, process_group=process_group)
     # each live tensor where the checkpoint keeps its parameter's state: the checkpoint's
     # position of that name, when its group lists the same names in another order
     optim_state["state"] = _keyed_as_saved(optim_state["state"], optim_state["param_groups"],
@@ -390,7 +435,7 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # then the tensors, into the model's and the optimizer's own
     state = {"model": model.state_dict(), "optim": {"state": optim_state["state"]},
              **(extra or {})}
-    _dcp_load(state, directory, optimizer, partial=True)
+    _dcp_load(state, directory, optimizer, process_group=process_group, partial=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(optim_state)
     return {k: v for k, v in state.items() if k not in ("model", "optim")}

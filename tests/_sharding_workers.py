@@ -1483,3 +1483,50 @@ def settings_mismatch_worker(rank: int, world: int, out: str, replicated: bool) 
                                         for k, v in full_params(model).items())}
     if rank == 0:
         torch.save(result, out)
+
+
+STAGE_OPTIMIZERS = ("soap", "normuon")  # stage k of stage_checkpoint_worker trains the k-th
+
+
+def stage_checkpoint_worker(rank: int, world: int, directory: str, out: str) -> None:
+    """At W = 4, two "pipeline stages" of two ranks each (groups [0, 1] and [2, 3]), each with
+    its own model (FSDP2 over a mesh of its group), OwnerSharding over its group and optimizer
+    (STAGE_OPTIMIZERS): each stage trains RESUME_AT steps, saves with its group into a directory
+    of its own, loads it into a new model and optimizer and trains to STEPS. Rank 0 writes each
+    stage's parameters and every rank's outcome of saving with a group that leaves out a rank
+    of the optimizer's sharding group, and with a group that does not hold the rank."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from sharding import OwnerSharding, checkpoint
+
+    stages = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    k = rank // 2
+    group = stages[k]
+    name, path = STAGE_OPTIMIZERS[k], Path(directory) / f"stage{k}"
+
+    def run(first: int, last: int, load: bool) -> tuple[nn.Module, Any]:
+        model, opt = build(name, fsdp=True, sharding=OwnerSharding(group=group),
+                           mesh=DeviceMesh.from_group(group, "cpu"))
+        if load:
+            checkpoint.load(path, model, opt, process_group=group)
+        for step in range(first, last):
+            inject(model, step, bad="nan")
+            opt.step()
+        return model, opt
+
+    model, opt = run(0, RESUME_AT, load=False)
+    checkpoint.save(path, model, opt, process_group=group)
+    model, opt = run(RESUME_AT, STEPS, load=True)
+    params = full_params(model)  # a collective of the stage's mesh
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, params)
+
+    world_model, world_opt = build(name, fsdp=True, sharding=OwnerSharding())
+    outcomes = {
+        "narrower": _every_rank_says(world, ValueError, lambda: checkpoint.save(
+            Path(directory) / "narrower", world_model, world_opt, process_group=group)),
+        "not a member": _every_rank_says(world, ValueError, lambda: checkpoint.load(
+            path, model, opt, process_group=stages[1 - k])),
+    }
+    if rank == 0:
+        torch.save({"params": [gathered[0], gathered[2]], "outcomes": outcomes}, out)

@@ -896,3 +896,24 @@ def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order
     for name in names:
         assert not isinstance(results[name], str), results[name]
         _assert_params_close(results[name], references[True][(name, None)][0], name, world=2)
+
+
+def test_pipeline_stages_checkpoint_over_their_own_groups_and_continue_exactly(tmp_path):
+    # save/load over the default group made DCP wait for the ranks of the other stage, which
+    # never call them (a hang until the process group timed out)
+    run_ranks(w.stage_checkpoint_worker, 4, tmp_path, str(tmp_path), str(tmp_path / "out.pt"))
+    result = torch.load(tmp_path / "out.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        for name, params in zip(w.STAGE_OPTIMIZERS, result["params"], strict=True):
+            _assert_params_close(params, w.reference(name, w.STEPS, bad="nan", alone=alone(2)),
+                                 name)
+    finally:
+        torch.set_num_threads(threads)
+    outcomes = result["outcomes"]
+    assert all(o.startswith("ValueError: the optimizer's OwnerSharding group holds ranks")
+               for o in outcomes["narrower"]), outcomes
+    assert all(o.startswith(f"ValueError: process_group does not hold rank {r}")
+               for r, o in enumerate(outcomes["not a member"])), outcomes
+    assert not (tmp_path / "narrower").exists()  # refused before DCP wrote anything
