@@ -1039,6 +1039,31 @@ def test_a_torch_muon_checkpoint_resumes_identically():
     assert_params_equal(ours_p, ref_p)  # unique shapes: bit for bit
 
 
+def test_torch_muon_takes_our_checkpoint_and_continues_identically():
+    # the switch back: our groups hold keys torch ignores and names for unnamed parameters,
+    # which torch keeps (so it refuses an unnamed group until they are deleted, README)
+    ours_p, ref_p = make_params(SHAPES[:3]), make_params(SHAPES[:3])
+    ours = Muon(ours_p, lr=0.02, weight_decay=0.01)
+    run(ours, ours_p, 3)
+    for p, q in zip(ref_p, ours_p, strict=True):
+        p.data.copy_(q.data)
+    saved = copy.deepcopy(ours.state_dict())
+    ref = torch.optim.Muon(ref_p, lr=0.02, weight_decay=0.01)
+    ref.load_state_dict(copy.deepcopy(saved))
+    run(ours, ours_p, 3, start=3)
+    run(ref, ref_p, 3, start=3)
+    assert_params_equal(ref_p, ours_p)  # unique shapes: bit for bit
+    extra = {"params": [torch.nn.Parameter(torch.randn(4, 4))]}
+    with pytest.raises(ValueError, match="with/without names"):
+        ref.add_param_group(dict(extra))
+    for group in saved["param_groups"]:
+        del group["param_names"]
+    unnamed = torch.optim.Muon(make_params(SHAPES[:3]), lr=0.02, weight_decay=0.01)
+    unnamed.load_state_dict(saved)
+    unnamed.add_param_group(extra)
+    assert len(unnamed.param_groups) == 2
+
+
 @pytest.mark.parametrize(("method", "kwargs", "steps_after"), [
     ("quintic", {}, 3), ("cans", {}, 9), ("cans", {"ns_steps": 7}, 7)])
 def test_a_torch_muon_checkpoint_keeps_a_non_quintic_groups_step_count(method, kwargs,
