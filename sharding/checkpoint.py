@@ -15,6 +15,7 @@ it was saved under. Both are collectives: call them on every rank, as DCP does.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,19 +175,23 @@ def _failure(exc: CheckpointException, fragment: str) -> str | None:
                 None)
 
 
-def _check_group(optimizer: Any, process_group: dist.ProcessGroup | None) -> None:
-    """Raise ValueError (on every rank of ``process_group`` alike: no collective) when this rank
-    is outside ``process_group``, or the optimizer's sharding group holds ranks outside it: the
-    state dict is a collective over the sharding group, so those ranks would have to call
-    ``save`` or ``load`` too, and the ranks that did would wait for them until the process group
-    times out."""
-    if process_group is None:
-        return
-    if dist.get_rank(process_group) < 0:
+def _check_member(process_group: dist.ProcessGroup | None) -> None:
+    """Raise ValueError when this rank is outside ``process_group`` (whose members do not wait
+    for it: nothing to agree on with them)."""
+    if process_group is not None and dist.get_rank(process_group) < 0:
         raise ValueError(
             f"process_group does not hold rank {dist.get_rank()}: pass the group of ranks that "
             f"save this model (a pipeline stage's group), created on every rank with "
             f"dist.new_group, and call save/load only on its ranks")
+
+
+def _check_group(optimizer: Any, process_group: dist.ProcessGroup | None) -> None:
+    """Raise ValueError when the optimizer's sharding group holds ranks outside
+    ``process_group``: the state dict is a collective over the sharding group, so those ranks
+    would have to call ``save`` or ``load`` too, and the ranks that did would wait for them
+    until the process group times out."""
+    if process_group is None:
+        return
     from sharding.owner import OwnerSharding  # (owner imports this module)
 
     sharding = getattr(optimizer, "_exchange", None)
@@ -201,6 +206,78 @@ def _check_group(optimizer: Any, process_group: dist.ProcessGroup | None) -> Non
             f"does not: its state dict is a collective over that group. Pass a process_group "
             f"that holds every rank of the OwnerSharding group (the stage's group itself, or "
             f"None for the default group)")
+
+
+def _names(optimizer: Any) -> list[str]:
+    """The optimizer's parameter names in state-dict order (its positions' names)."""
+    return [str(name) for group in optimizer.param_groups for name in group.get("param_names", ())]
+
+
+def _optimizer_identity(optimizer: Any) -> tuple[str, int, str]:
+    """What must be equal on every rank that saves into (or loads from) one directory: the
+    optimizer's class, and its parameters' number and a digest of their names in state-dict
+    order (a few bytes whatever the model: it goes to every rank)."""
+    names = _names(optimizer)
+    return type(optimizer).__name__, len(names), \
+        hashlib.sha256("\0".join(names).encode()).hexdigest()
+
+
+def _check_ranks_agree(model: torch.nn.Module, optimizer: Any,
+                       process_group: dist.ProcessGroup | None, action: str) -> None:
+    """Raise ValueError on every rank of ``process_group`` when any of them pairs the optimizer
+    with a model that does not hold its parameters (:func:`_check_pair`), or when its ranks do
+    not all step the same parameters with the same optimizer class (one all_gather_object of a
+    few strings). The optimizer's state is saved by position (``optim.state.0``), so pipeline
+    stages saving together into one directory would write each other's keys, and DCP keeps
+    ONE copy of a key it sees on several ranks (as for replicas): a stage of the same shapes
+    would load another stage's momentum without a word. A rank's own problem is raised there,
+    and the others name it: none of them is left waiting in DCP's collectives."""
+    _check_member(process_group)  # a rank outside the group cannot join the gather
+    try:
+        _check_group(optimizer, process_group)
+        _check_pair(model, optimizer)
+        problem = None
+    except ValueError as exc:
+        problem = str(exc)
+    if not dist.is_initialized():
+        if problem is not None:
+            raise ValueError(problem)
+        return
+    mine = (problem, _optimizer_identity(optimizer))
+    everyone: list[Any] = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(everyone, mine, group=process_group)
+    if problem is not None:
+        raise ValueError(problem)
+    failed = [r for r, (other, _) in enumerate(everyone) if other is not None]
+    if failed:
+        raise ValueError(f"rank {failed[0]} of the group refused to {action} this checkpoint "
+                         f"(its error: {everyone[failed[0]][0]}); nothing was done on any rank")
+    kinds: dict[tuple[str, int, str], list[int]] = {}
+    for r, (_, identity) in enumerate(everyone):
+        kinds.setdefault(identity, []).append(r)
+    if len(kinds) == 1:
+        return
+    # every rank sees the same kinds: the names, to say where they part, only on this path
+    names: list[Any] = [None] * len(everyone)
+    dist.all_gather_object(names, _names(optimizer), group=process_group)
+    def parting(a: list[str], b: list[str]) -> int:
+        """The first position where ``a`` and ``b`` differ (the shorter length if none)."""
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                    min(len(a), len(b)))
+
+    shown = []
+    for (cls, count, _), ranks in kinds.items():
+        mine = names[ranks[0]]
+        at = min(parting(mine, names[other[0]]) for other in kinds.values() if other != ranks)
+        where = (f"position {at}: {mine[at]!r}" if at < len(mine) else
+                 f"{count} parameter{'' if count == 1 else 's'}")
+        shown.append(f"ranks {ranks} a {cls}, {where}")
+    raise ValueError(
+        f"the ranks that {action} this checkpoint together (ranks of the group) step different "
+        f"parameters or optimizers ({'; '.join(shown)}): their optimizer state goes under the "
+        f"same keys (optim.state.<position>), one rank's in place of another's. Pass each "
+        f"model's group (a pipeline stage's) as process_group, with a directory of its own; "
+        f"nothing was done on any rank")
 
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
@@ -223,12 +300,13 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             is collective, so every rank learns it together; a check of our own could see
             different filesystems on different nodes and leave some ranks in the collective).
         ValueError: on every rank, when the optimizer steps parameters the model does not hold
-            (another instance of the model), or ``process_group`` leaves out this rank or a rank
-            of the optimizer's sharding group; nothing is written.
+            (another instance of the model) on any rank, or ``process_group`` leaves out this
+            rank or a rank of the optimizer's sharding group, or its ranks step different
+            parameters or optimizer classes (pipeline stages sharing a directory); nothing is
+            written.
         RuntimeError: when DCP fails to write (the ranks it failed on and the first error).
     """
-    _check_pair(model, optimizer)
-    _check_group(optimizer, process_group)
+    _check_ranks_agree(model, optimizer, process_group, "save")
     # State every parameter will have, as :func:`load`'s template asks for it: a checkpoint taken
     # before the first step, or while a matrix has had no gradient yet, would otherwise lack
     # entries and be refused on load. The zeros it creates are what a first step creates.
@@ -409,12 +487,12 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
             do not fit this optimizer's (another algorithm, hyperparameters it cannot use,
             another split of the parameters), or lacks an entry of the model or of ``extra``,
             or ``process_group`` leaves out this rank or a rank of the optimizer's sharding
-            group; nothing is loaded.
+            group, or its ranks step different parameters or optimizer classes; nothing is
+            loaded.
         RuntimeError: when DCP fails to read (a file unreadable or cut short); the model and
             optimizer may then hold part of the checkpoint.
     """
-    _check_pair(model, optimizer)
-    _check_group(optimizer, process_group)
+    _check_ranks_agree(model, optimizer, process_group, "load")
     optimizer.init_state()
     optim_state = optimizer.state_dict()
     # the groups alone first: a few small objects, and a collective plan every rank shares,

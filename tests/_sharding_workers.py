@@ -1522,7 +1522,17 @@ def stage_checkpoint_worker(rank: int, world: int, directory: str, out: str) -> 
     dist.all_gather_object(gathered, params)
 
     world_model, world_opt = build(name, fsdp=True, sharding=OwnerSharding())
+    # a Muon per stage over a parameter of each stage's own name (replicated in the stage)
+    named = nn.ParameterDict({f"w{k}": nn.Parameter(torch.randn(6, 4))})
+    muon = Muon(list(named.named_parameters()), lr=0.02, sharding=OwnerSharding(group=group))
     outcomes = {
+        # one directory for both stages, over the default group (what a single-model job does)
+        "shared": _every_rank_says(world, ValueError, lambda: checkpoint.save(
+            Path(directory) / "shared", model, opt)),
+        "shared muon": _every_rank_says(world, ValueError, lambda: checkpoint.save(
+            Path(directory) / "shared", named, muon)),
+        "shared load": _every_rank_says(world, ValueError, lambda: checkpoint.load(
+            Path(directory) / "stage0", model, opt)),
         "narrower": _every_rank_says(world, ValueError, lambda: checkpoint.save(
             Path(directory) / "narrower", world_model, world_opt, process_group=group)),
         "not a member": _every_rank_says(world, ValueError, lambda: checkpoint.load(

@@ -917,3 +917,15 @@ def test_pipeline_stages_checkpoint_over_their_own_groups_and_continue_exactly(t
     assert all(o.startswith(f"ValueError: process_group does not hold rank {r}")
                for r, o in enumerate(outcomes["not a member"])), outcomes
     assert not (tmp_path / "narrower").exists()  # refused before DCP wrote anything
+    # both stages into ONE directory over the default group: their optimizer state has the same
+    # keys (positions), and DCP keeps one copy of a key several ranks write, so a stage of the
+    # same shapes would have loaded the other's state silently
+    for case, want in [("shared", "ranks [0, 1] a SOAP, 7 parameters; ranks [2, 3] a NorMuon, 7 "
+                                  "parameters"),
+                       ("shared muon", "ranks [0, 1] a Muon, position 0: 'w0'; ranks [2, 3] a "
+                                       "Muon, position 0: 'w1'"),
+                       ("shared load", "ranks [0, 1] a SOAP")]:
+        assert all(o.startswith("ValueError: the ranks that ") and want in o
+                   and "Pass each model's group (a pipeline stage's) as process_group" in o
+                   for o in outcomes[case]), (case, outcomes[case])
+    assert not (tmp_path / "shared").exists()
