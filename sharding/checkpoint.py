@@ -208,16 +208,18 @@ def _check_group(optimizer: Any, process_group: dist.ProcessGroup | None) -> Non
             f"None for the default group)")
 
 
-def _names(optimizer: Any) -> list[str]:
-    """The optimizer's parameter names in state-dict order (its positions' names)."""
-    return [str(name) for group in optimizer.param_groups for name in group.get("param_names", ())]
+def _names(model: torch.nn.Module, optimizer: Any) -> list[str]:
+    """The model's names of the optimizer's parameters in state-dict order (each position's
+    name; the model's, as the optimizer's own may be the positions it gave unnamed ones)."""
+    fqns = {id(p): name for name, p in model.named_parameters()}
+    return [fqns.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]]
 
 
-def _optimizer_identity(optimizer: Any) -> tuple[str, int, str]:
+def _optimizer_identity(model: torch.nn.Module, optimizer: Any) -> tuple[str, int, str]:
     """What must be equal on every rank that saves into (or loads from) one directory: the
     optimizer's class, and its parameters' number and a digest of their names in state-dict
     order (a few bytes whatever the model: it goes to every rank)."""
-    names = _names(optimizer)
+    names = _names(model, optimizer)
     return type(optimizer).__name__, len(names), \
         hashlib.sha256("\0".join(names).encode()).hexdigest()
 
@@ -243,7 +245,7 @@ def _check_ranks_agree(model: torch.nn.Module, optimizer: Any,
         if problem is not None:
             raise ValueError(problem)
         return
-    mine = (problem, _optimizer_identity(optimizer))
+    mine = (problem, _optimizer_identity(model, optimizer))
     everyone: list[Any] = [None] * dist.get_world_size(process_group)
     dist.all_gather_object(everyone, mine, group=process_group)
     if problem is not None:
@@ -259,7 +261,7 @@ def _check_ranks_agree(model: torch.nn.Module, optimizer: Any,
         return
     # every rank sees the same kinds: the names, to say where they part, only on this path
     names: list[Any] = [None] * len(everyone)
-    dist.all_gather_object(names, _names(optimizer), group=process_group)
+    dist.all_gather_object(names, _names(model, optimizer), group=process_group)
     def parting(a: list[str], b: list[str]) -> int:
         """The first position where ``a`` and ``b`` differ (the shorter length if none)."""
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),

@@ -1522,9 +1522,10 @@ def stage_checkpoint_worker(rank: int, world: int, directory: str, out: str) -> 
     dist.all_gather_object(gathered, params)
 
     world_model, world_opt = build(name, fsdp=True, sharding=OwnerSharding())
-    # a Muon per stage over a parameter of each stage's own name (replicated in the stage)
+    # a Muon per stage over a parameter of the stage's own name, given unnamed (the optimizer
+    # calls it group0.param0 in both stages), replicated in the stage
     named = nn.ParameterDict({f"w{k}": nn.Parameter(torch.randn(6, 4))})
-    muon = Muon(list(named.named_parameters()), lr=0.02, sharding=OwnerSharding(group=group))
+    muon = Muon(list(named.parameters()), lr=0.02, sharding=OwnerSharding(group=group))
     outcomes = {
         # one directory for both stages, over the default group (what a single-model job does)
         "shared": _every_rank_says(world, ValueError, lambda: checkpoint.save(
