@@ -262,6 +262,7 @@ def _check_ranks_agree(model: torch.nn.Module, optimizer: Any,
     # every rank sees the same kinds: the names, to say where they part, only on this path
     names: list[Any] = [None] * len(everyone)
     dist.all_gather_object(names, _names(model, optimizer), group=process_group)
+
     def parting(a: list[str], b: list[str]) -> int:
         """The first position where ``a`` and ``b`` differ (the shorter length if none)."""
         return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
@@ -291,9 +292,9 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     ``process_group``: the ranks that save this model together (None: the default group, every
     rank). Pipeline stages, or any part of the world training a model of its own, pass their
     own group (the one their ``OwnerSharding`` and ``fully_shard`` mesh use) and save each to a
-    directory of its own: the default group would make DCP wait for ranks that never call
-    ``save``, and the optimizer's state is keyed by position (``optim.state.0``), which two
-    stages saving into one directory would both write.
+    directory of its own: over the default group one stage saving alone would wait for ranks
+    that never call ``save``, and stages saving together into one directory would write the
+    same keys (the optimizer's state is keyed by position, ``optim.state.0``), which is refused.
 
     Raises:
         FileExistsError: on every rank, when ``directory`` already holds a checkpoint, which is
