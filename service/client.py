@@ -186,6 +186,16 @@ def uds_problem(path: object) -> str | None:
     return None
 
 
+def _warn_off_thread(message: str) -> None:
+    """Log ``message`` from a daemon thread of its own, for a forked child's publish(): the
+    stream under a log handler may stay locked in the child by a thread of the parent that was
+    writing when the process forked (logging renews its handlers' locks at a fork, not their
+    streams'), and the child's publish() then waited for ever in the handler's flush (3 to 7
+    children in 300 forks while the parent's sender logged its queue's overflows)."""
+    threading.Thread(target=_log.warning, args=(message,), name="orthoshard-fork-warning",
+                     daemon=True).start()
+
+
 # Every Publisher of this process, for the fork hook below.
 _LIVE: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
@@ -365,8 +375,9 @@ class Publisher(Sender):
                     self.stats.dropped += 1
                     if self._forked and not self._fork_warned:
                         self._fork_warned = True
-                        _log.warning("a Publisher does not cross fork(): this child's snapshots "
-                                     "are dropped; create a Publisher in the child instead")
+                        _warn_off_thread("a Publisher does not cross fork(): this child's "
+                                         "snapshots are dropped; create a Publisher in the "
+                                         "child instead")
                     return
                 if len(self._queue) >= self._size:
                     self._queue.popleft()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -1321,6 +1322,9 @@ def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
             pid = os.fork()
             if pid == 0:  # the child: exit status 0 only if publish and close both returned
                 try:
+                    # killed by the alarm if it hangs (pytest-timeout's SIGALRM handler, which
+                    # the child inherits, never runs while it waits in a C-level lock)
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
                     signal.alarm(5)
                     pub.publish(step=10**6, rank=9, params={})
                     code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
@@ -1339,6 +1343,61 @@ def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
     pub.close(timeout_s=10)  # False when the hammer overflowed the queue
     assert all(body["rank"] == 0 for body in handler.bodies)
     assert not any(path.endswith("/finish") for path in handler.paths)
+
+
+class _StuckStream:
+    """A log stream whose lock a thread holds, as a parent's thread writing a log line holds
+    its stream's buffer lock when the process forks (logging renews handler locks at a fork,
+    not those of their streams)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            pass
+
+    def flush(self) -> None:
+        with self.lock:
+            pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_forked_childs_publish_returns_while_the_log_stream_is_locked() -> None:
+    # the child's one warning went through the handler's flush, on a lock the parent's sender
+    # thread held at the fork (logging its queue's overflows): 3-7 children in 300 forks
+    # waited for ever in publish()
+    pub = gated(Finishes())
+    stream = _StuckStream()
+    log_handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    logger = logging.getLogger("orthoshard.publisher")
+    logger.addHandler(log_handler)
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # the parent's thread, in the middle of a log line
+        with stream.lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if publish and close both returned
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang is killed, status -14
+            signal.alarm(5)
+            pub.publish(step=1, rank=9, params={})
+            code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        thread.join()
+        logger.removeHandler(log_handler)
+        pub.close(timeout_s=10)
 
 
 @pytest.mark.timeout(30)
