@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1300,6 +1301,36 @@ def test_close_finished_after_a_with_block_still_says_the_run_ended() -> None:
     assert other.close(timeout_s=10, finished=True) is False
 
 
+def _in_child(action: Callable[[], int]) -> int:
+    """The exit code of ``action`` run in a forked child: -14 when it hung (killed by an alarm
+    after 5 s: pytest-timeout's SIGALRM handler, which the child inherits, never runs while it
+    waits in a C-level lock), 4 when it raised."""
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(5)
+        try:
+            code = action()
+        except BaseException:
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _publish_and_close(pub: Publisher, *, counts: bool) -> int:
+    """A forked child's use of its parent's Publisher: 0 when publish and close returned (close
+    False: nothing of the child's is sent), 3 when close said all was sent, 5 when ``counts``
+    and the child's own counts are not its one snapshot, dropped (it inherited the parent's,
+    which then never added up)."""
+    pub.publish(step=10**6, rank=9, params={})
+    if pub.close(timeout_s=1, finished=True) is not False:
+        return 3
+    if counts and (pub.stats.published, pub.stats.dropped, pub.stats.sent) != (1, 1, 0):
+        return 5
+    return 0
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
@@ -1319,24 +1350,7 @@ def test_a_forked_child_neither_hangs_nor_posts_for_the_parent() -> None:
     thread.start()
     try:
         for _ in range(10):
-            pid = os.fork()
-            if pid == 0:  # the child: exit status 0 only if publish and close both returned
-                try:
-                    # killed by the alarm if it hangs (pytest-timeout's SIGALRM handler, which
-                    # the child inherits, never runs while it waits in a C-level lock)
-                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                    signal.alarm(5)
-                    pub.publish(step=10**6, rank=9, params={})
-                    code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
-                    # the child's own counts: its one snapshot, dropped (it inherited the
-                    # parent's, which then never added up)
-                    if (pub.stats.published, pub.stats.dropped, pub.stats.sent) != (1, 1, 0):
-                        code = 5
-                except BaseException:
-                    code = 4
-                os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
+            assert _in_child(lambda: _publish_and_close(pub, counts=True)) == 0
     finally:
         stop.set()
         thread.join()
@@ -1384,15 +1398,7 @@ def test_a_forked_childs_publish_returns_while_the_log_stream_is_locked() -> Non
     thread.start()
     try:
         assert held.wait(10)
-        pid = os.fork()
-        if pid == 0:  # the child: exit status 0 only if publish and close both returned
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang is killed, status -14
-            signal.alarm(5)
-            pub.publish(step=1, rank=9, params={})
-            code = 0 if pub.close(timeout_s=1, finished=True) is False else 3
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert _in_child(lambda: _publish_and_close(pub, counts=False)) == 0
     finally:
         release.set()
         thread.join()
