@@ -899,8 +899,8 @@ def test_a_checkpoint_loads_into_a_group_listing_its_parameters_in_another_order
 
 
 def test_pipeline_stages_checkpoint_over_their_own_groups_and_continue_exactly(tmp_path):
-    # save/load over the default group made DCP wait for the ranks of the other stage, which
-    # never call them (a hang until the process group timed out)
+    # without process_group, save/load ran DCP over the default group: one stage alone waited
+    # for the other's ranks, and both stages at once mixed their writes (the load then failed)
     run_ranks(w.stage_checkpoint_worker, 4, tmp_path, str(tmp_path), str(tmp_path / "out.pt"))
     result = torch.load(tmp_path / "out.pt")
     threads = torch.get_num_threads()
