@@ -148,6 +148,7 @@ def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, opti
                 f"{ADAMW!r}, got {group['algorithm']!r}")
         if "param_names" not in group:
             group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+        _check_names(gi, group)
         for name in group["param_names"]:
             if name in seen:  # health, skip counts and checkpoints are keyed by name
                 where = f"group {gi}" if seen[name] == gi else f"groups {seen[name]} and {gi}"
@@ -183,6 +184,27 @@ def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, opti
                     f"updates real matrices only. Put it in an algorithm='adamw' group "
                     f"(AdamW handles complex parameters), or optimize its real and "
                     f"imaginary parts as real parameters.")
+
+
+def _check_names(gi: int, group: dict[str, Any]) -> None:
+    """Raise ValueError unless the group's ``param_names`` are strings, one per parameter: a
+    name keys the parameter's health, skip count and checkpoint entry, and ``load_state_dict``
+    refuses any other name (``enumerate(model.parameters())`` named them 0, 1, ...: the
+    optimizer stepped, then refused its own state dict)."""
+    names, params = group["param_names"], group["params"]
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"param group {gi}: param_names must be a list of strings, got "
+                         f"{type(names).__name__}")
+    if len(names) != len(params):
+        raise ValueError(f"param group {gi}: param_names holds {len(names)} names for "
+                         f"{len(params)} parameters; give one name per parameter, in the same "
+                         f"order")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(
+                f"param group {gi}: the name of parameter {i} is {name!r} "
+                f"({type(name).__name__}); names must be strings, e.g. from "
+                f"model.named_parameters() (not enumerate(model.parameters())).")
 
 
 def check_rates(**rates: Any) -> None:

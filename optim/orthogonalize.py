@@ -265,7 +265,7 @@ def _dividing_norm(X: Tensor, eps: float) -> Tensor:
     3% off its update at ``eps=0``. An overflowing norm stays NaN either way."""
     norm = _frobenius(X)
     limit = math.sqrt(torch.finfo(X.dtype).tiny) * 2.0**20
-    if eps >= limit:
+    if eps >= limit or X.numel() == 0:  # amax has nothing to reduce in a matrix without entries
         return norm
     amax = X.abs().amax() if X.ndim == 2 else X.abs().amax(dim=(-2, -1), keepdim=True)
     scale = amax.clamp(min=torch.finfo(X.dtype).tiny)

@@ -661,6 +661,29 @@ def test_a_parameter_name_given_twice_is_refused(opt_cls):
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_names_that_are_not_one_string_per_parameter_are_refused(opt_cls):
+    # enumerate(model.parameters()) named them 0, 1: the optimizer stepped, then refused its own
+    # state_dict() on load, and add_param_group failed with AttributeError on int.split
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Linear(8, 4, bias=False))
+    with pytest.raises(ValueError, match=r"parameter 0 is 0 \(int\); names must be strings"):
+        opt_cls(enumerate(model.parameters()), lr=0.01)
+    w = model[0].weight
+    with pytest.raises(ValueError, match="param_names holds 2 names for 1 parameters"):
+        opt_cls([{"params": [w], "param_names": ["a", "b"]}], lr=0.01)
+    with pytest.raises(ValueError, match="param_names must be a list of strings, got str"):
+        opt_cls([{"params": [w], "param_names": "a"}], lr=0.01)
+    opt = opt_cls(model.named_parameters(), lr=0.01)
+    extra = nn.Parameter(torch.randn(3, 3))
+    for bad in ([3], ["x", "y"]):
+        with pytest.raises(ValueError, match="param group 1"):
+            opt.add_param_group({"params": [extra], "param_names": bad})
+        assert len(opt.param_groups) == 1  # refused, and not added
+    opt.add_param_group({"params": [extra], "param_names": ["x"]})
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups[1]["param_names"] == ["x"]
+
+
 # A group's own hyperparameters (torch's per-group overrides) skipped the constructor's checks:
 # a negative lr ascended the loss, momentum 1.5 diverged, precondition_frequency 0 raised
 # ZeroDivisionError mid-step. One bad value per optimizer and for the AdamW group.
@@ -725,6 +748,9 @@ def test_complex_matrices_are_refused_by_name_and_adamw_takes_them(opt_cls):
 EMPTY_CASES = [(Muon, {}), (Muon, {"ns_method": "polar_express"}), (Muon, {"ns_method": "svd"}),
                (Muon, {"health_probes": 2}), (Muon, {"softening": 0.3}),
                (Muon, {"adjust_lr_fn": "match_rms_adamw"}), (NorMuon, {}), (SOAP, {}),
+               # eps below the norm's underflow limit rescales by the largest entry, which an
+               # empty matrix has not (amax raised)
+               (Muon, {"eps": 0.0}), (NorMuon, {"eps": 0.0}),
                (SOAP, {"use_kl_shampoo": True, "precondition_frequency": 2}),
                (SOAP, {"use_eigh": True, "precondition_frequency": 2})]
 
