@@ -989,6 +989,50 @@ def test_a_large_snapshot_gets_time_to_be_stored() -> None:
     assert large_size > 4 * STORE_BYTES_PER_S  # so the large one has >= 4 s more to be stored
 
 
+@pytest.mark.timeout(60)
+def test_a_large_snapshot_is_encoded_once_in_pieces(monkeypatch) -> None:
+    # json.dumps holds the GIL until it returns: one call on a 20,000-parameter snapshot kept
+    # the training thread waiting ~70 ms, and each retry of a sidecar that was down encoded it
+    # again. Now every call encodes at most one piece of params (or of the optimizer's state),
+    # a retry posts the first attempt's bytes, and the pieces join to the one-call JSON.
+    import service.sender as sender
+
+    calls: list[Any] = []
+    real_dumps = json.dumps
+
+    def dumps(value: Any, **kw: Any) -> str:
+        calls.append(value)
+        return real_dumps(value, **kw)
+
+    monkeypatch.setattr(sender.json, "dumps", dumps)
+    params = {f"blocks.{i}.w": {"update_rms": i / 7, "orthogonality_error": None}
+              for i in range(1000)}
+    state = {name: {"shape": [4, 3], "eigenvalues": {"L": [0.5, 0.25]}} for name in params}
+    optimizer = {"class_name": "SOAP", "groups": [{"params": list(params)}], "state": state}
+    posted: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(request.content)
+        return httpx.Response(503 if len(posted) < 3 else 201, json={})
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(handler), backoff_s=(0.001, 0.002))
+    pub.publish(step=1, rank=0, params=params, optimizer=optimizer, wall_time=5.0)
+    assert pub.close(timeout_s=30)
+    assert pub.stats.sent == 1 and pub.stats.failures == 2
+    assert len(posted) == 3 and posted[0] == posted[1] == posted[2]  # one encoding, sent thrice
+    snapshot = {"schema_version": 1, "run_id": "r", "rank": 0, "step": 1, "wall_time": 5.0,
+                "params": params, "optimizer": optimizer}
+    assert posted[0] == real_dumps(snapshot, separators=(",", ":")).encode()
+    def pieces_of(key: str) -> list[dict]:  # the dicts encoded whose entries hold ``key``
+        return [v for v in calls if isinstance(v, dict) and v
+                and key in (next(iter(v.values())) or {})]
+
+    for key, kind in (("update_rms", "params"), ("eigenvalues", "state")):
+        sizes = [len(piece) for piece in pieces_of(key)]
+        assert sum(sizes) == len(params)  # once, not once per attempt
+        assert max(sizes) == sender._PIECE_ENTRIES[kind] < len(params)
+
+
 def test_publisher_sends_schema_v1_with_nonfinite_as_null() -> None:
     rec = Recorder()
     pub = publisher(rec)
