@@ -173,6 +173,14 @@ class StateDictOptimizer(Optimizer):
                     if shapes and not isinstance(value, Tensor):
                         return (f"state {key!r} of parameter {name!r} is a "
                                 f"{type(value).__name__}, not a tensor")
+                    if hasattr(value, "to_local") and isinstance(self._exchange, LocalExchange):
+                        # (this layer never imports torch.distributed): kept as it was, the
+                        # next step failed inside the update on DTensor and plain operands
+                        return (f"state {key!r} of parameter {name!r} is a DTensor: the state "
+                                f"dict comes from an optimizer with sharding=, and this one has "
+                                f"none. Load it into the same sharding, or move between the "
+                                f"two through sharding.checkpoint.save and .load, which "
+                                f"reshard (one process without a process group included)")
                     if isinstance(value, Tensor) and key in shapes and \
                             tuple(value.shape) not in shapes[key]:
                         allowed = " or ".join(str(shape) for shape in shapes[key])

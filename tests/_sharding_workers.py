@@ -964,6 +964,35 @@ def torch_recipe_worker(rank: int, world: int, names: list[str], directory: str,
         torch.save(results, Path(out))
 
 
+def sharded_into_plain_worker(rank: int, world: int, names: list[str], directory: str,
+                              out: str) -> None:
+    """Each optimizer under FSDP2 and OwnerSharding trains ``RESUME_AT`` steps (the NaN
+    scenario's gradients) and saves a DCP checkpoint to ``directory/name``; every rank then
+    offers its ``state_dict()`` (DTensors) to a one-process optimizer's ``load_state_dict``.
+    Rank 0 writes, per optimizer, the error it raised (None if it took the dict) and whether the
+    one-process optimizer was left as it was."""
+    from sharding import OwnerSharding, checkpoint
+
+    results = {}
+    for name in names:
+        model, opt = build(name, fsdp=True, sharding=OwnerSharding())
+        for step in range(RESUME_AT):
+            inject(model, step, bad="nan")
+            opt.step()
+        checkpoint.save(Path(directory) / name, model, opt)
+        saved = opt.state_dict()  # a collective: on every rank
+        _, plain = build(name, fsdp=False, sharding=None)
+        try:
+            plain.load_state_dict(saved)
+            error = None
+        except ValueError as exc:
+            error = str(exc)
+        untouched = not plain.state and all(g["step"] == 0 for g in plain.param_groups)
+        results[name] = {"error": error, "untouched": untouched}
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
 def plain_state_dict_worker(rank: int, world: int, names: list[str], saved: str, out: str
                             ) -> None:
     """Each optimizer under FSDP2 loads the model and the optimizer ``state_dict()`` that one

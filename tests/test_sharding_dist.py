@@ -716,6 +716,38 @@ def test_a_one_process_state_dict_loads_into_fsdp2_and_continues_exactly(tmp_pat
         torch.set_num_threads(threads)
 
 
+def test_a_sharded_state_dict_is_refused_by_one_process_which_loads_the_checkpoint(tmp_path):
+    # The sharded optimizer's state_dict() holds DTensors (owner-only state as Shard(0), the
+    # momentum placed like its parameter). A one-process optimizer took them and its next step
+    # failed inside the update (mixed Tensor and DTensor), its step counter moved. Now it
+    # refuses them by name; sharding.checkpoint.load, in a process without a process group,
+    # reshards the same run's DCP checkpoint, and training continues as one process would.
+    from sharding import checkpoint
+
+    names = ["muon", "normuon", "soap"]
+    run_ranks(w.sharded_into_plain_worker, 2, tmp_path, names, str(tmp_path),
+              str(tmp_path / "out.pt"), timeout=180)
+    results = torch.load(tmp_path / "out.pt")
+    for name in names:
+        assert results[name]["error"] is not None, name
+        assert "is a DTensor: the state dict comes from an optimizer with sharding=" in \
+            results[name]["error"], name
+        assert results[name]["untouched"], name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (see references)
+    try:
+        for name in names:
+            model, opt = w.build(name, fsdp=False, sharding=None)
+            checkpoint.load(tmp_path / name, model, opt)
+            for step in range(w.RESUME_AT, w.STEPS):
+                w.inject(model, step, bad="nan")
+                opt.step()
+            want = w.reference(name, w.STEPS, bad="nan", alone=alone(2, 0, w.RESUME_AT))
+            _assert_params_close(w.full_params(model), want, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_ones(tmp_path):
     # load asked DCP for exactly the live groups' keys: a scheduler's initial_lr in the
     # checkpoint was dropped (a LambdaLR made after the load raised KeyError), and a key the
