@@ -105,10 +105,12 @@ class MatrixOptimizer(StateDictOptimizer):
         self._check_groups()
         for gi, group in enumerate(self.param_groups):
             self._check_hyperparameters(gi, group)
-        if sharding is not None and not all(callable(getattr(sharding, method, None))
-                                            for method in ("bind", "owned", "run")):
+        if sharding is not None and (isinstance(sharding, type) or not all(
+                callable(getattr(sharding, method, None)) for method in ("bind", "owned", "run"))):
+            # a class passes the attribute test, then its unbound bind() lacked an argument
             raise TypeError(f"sharding must be None (one process) or an exchange such as "
-                            f"sharding.OwnerSharding(), got {sharding!r}")
+                            f"sharding.OwnerSharding(), got {sharding!r}"
+                            + (" (the class: call it)" if isinstance(sharding, type) else ""))
         self.health_every = health_every
         self._health: dict[str, dict[str, Tensor | float]] = {}
         self._exchange = sharding if sharding is not None else LocalExchange()
@@ -123,6 +125,7 @@ class MatrixOptimizer(StateDictOptimizer):
         self._deferred: dict[str, tuple[DeferredMetrics, int]] = {}
         self._step_items: list[MatrixItem] = []
         self._skipped: set[int] = set()  # ids of this step's items counted by _skip
+        self._applied = 0  # matrices this step applied so far (one process)
         self._gradient_seen = False  # a step found a gradient (or warned that it found none)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -257,7 +260,14 @@ class MatrixOptimizer(StateDictOptimizer):
                    for settings in (group_settings(group),) for name, _ in named] \
             if not isinstance(self._exchange, LocalExchange) else []
         if items and isinstance(self._exchange, LocalExchange):
-            self._step_local(items)
+            self._applied = 0
+            try:
+                self._step_local(items)
+            except BaseException:
+                if not self._applied:  # no parameter moved: as on the sharded path below
+                    for group in self.param_groups:
+                        group["step"] -= 1
+                raise
         else:
             try:
                 if items:
@@ -365,7 +375,7 @@ class MatrixOptimizer(StateDictOptimizer):
         those of the three phases over all matrices: each matrix reads only its own gradient,
         state and parameter. Health is still finished once per step (:meth:`_end_batches`).
         An exception from a later batch (other than the LinAlgError a batch skips) leaves the
-        earlier batches stepped."""
+        earlier batches stepped; :meth:`step` takes its step count back when none had."""
         batches: dict[tuple, list[MatrixItem]] = defaultdict(list)
         for item in items:
             batches[(id(item.group), item.shape, item.param.dtype)].append(item)
@@ -380,6 +390,7 @@ class MatrixOptimizer(StateDictOptimizer):
                 for item, update in zip(batch, updates, strict=True):
                     if id(item) not in self._skipped:
                         self._apply(item, update)
+                        self._applied += 1
                     item.pending = None
                 del inputs, updates  # before the next batch's are made
         finally:

@@ -1716,3 +1716,38 @@ def test_an_adamw_state_cut_short_is_refused_before_anything_changes():
         opt.load_state_dict(cut)
     w.grad, b.grad = torch.randn(6, 4), torch.randn(3)
     opt.step()  # unchanged state: it steps
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+def test_a_step_that_raises_before_any_matrix_moved_does_not_count(opt_cls, monkeypatch):
+    # On the sharded path an exception raised before any parameter changed takes the step
+    # counters back; one process kept them moved, so each failed attempt shifted softening
+    # schedules and health_every. An exception after a batch stepped leaves the count: that
+    # step happened, in part.
+    params = make_params([(8, 4), (6, 4), (3,)])
+    opt = opt_cls(split_param_groups([("a", params[0]), ("b", params[1]), ("c", params[2])]),
+                  lr=0.02)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads_for(params, 0), strict=True):
+        p.grad = g
+    real_apply, calls = type(opt)._apply, []
+
+    def failing_apply(self, item, update):
+        calls.append(item.name)
+        if len(calls) in fail_at:
+            raise RuntimeError("apply failed")
+        return real_apply(self, item, update)
+
+    monkeypatch.setattr(type(opt), "_apply", failing_apply)
+    fail_at = {1}
+    with pytest.raises(RuntimeError, match="apply failed"):
+        opt.step()
+    assert all(group["step"] == 0 for group in opt.param_groups)
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    fail_at = {3}  # the second matrix (a batch of its own shape) fails after the first moved
+    with pytest.raises(RuntimeError, match="apply failed"):
+        opt.step()
+    assert all(group["step"] == 1 for group in opt.param_groups)
+    fail_at = set()
+    opt.step()
+    assert all(group["step"] == 2 for group in opt.param_groups)
