@@ -177,7 +177,8 @@ def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, opti
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(p.shape)}; {optimizer} "
                     f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
-                    f"with optim.split_param_groups(model.named_parameters()).")
+                    f"with optim.split_param_groups(model) (which sends every nn.Embedding "
+                    f"there too).")
             if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
                 raise ValueError(
                     f"parameter {name!r} is complex ({p.dtype}); {optimizer} "

@@ -97,7 +97,8 @@ class Settings:
         if self.max_writes < 1:
             raise ValueError(f"max_writes must be >= 1, got {self.max_writes}")
         if self.uds is not None and not self.uds:
-            raise ValueError("uds must be a socket path or None")
+            raise ValueError("uds must be a socket path, not empty (leave it out to listen on "
+                             "TCP)")
         if sqlite_file_name(self.db_path) == "":
             # SQLite opens "" (and a "file:" URI with no path) as a private temporary database,
             # dropped on exit: no history, though every snapshot was answered 201

@@ -282,6 +282,10 @@ def test_bad_sharding_and_adamw_eps_are_refused_by_name() -> None:
     w = nn.Parameter(torch.randn(8, 8))
     with pytest.raises(TypeError, match=r"sharding must be None .* got 'x'"):
         Muon([w], lr=0.02, sharding="x")
+    from sharding import OwnerSharding  # the class passed the attribute test, then bind failed
+
+    with pytest.raises(TypeError, match=r"got <class .*OwnerSharding'> \(the class: call it\)"):
+        Muon([w], lr=0.02, sharding=OwnerSharding)
     with pytest.raises(ValueError, match="adamw_eps must be a number >= 0, got 'x'"):
         Muon([{"params": [nn.Parameter(torch.randn(4))], "algorithm": "adamw",
                "adamw_eps": "x"}], lr=0.02)

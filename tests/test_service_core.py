@@ -875,6 +875,12 @@ def test_settings_refuse_a_rotation_hold_outside_zero_to_the_ttl(hold: float) ->
         Settings(token="t" * 32, series_ttl_s=600, rotation_hold_s=hold)
 
 
+def test_settings_refuse_an_empty_socket_path_in_words_a_cli_user_can_act_on() -> None:
+    # "uds must be a socket path or None": None is nothing `orthoshard sidecar --uds` takes
+    with pytest.raises(ValueError, match=r"^uds must be a socket path, not empty \(leave it out"):
+        Settings(token="t" * 32, uds="")
+
+
 @pytest.mark.parametrize("path", ["", "file:", "file:?cache=shared", "file://"])
 def test_settings_refuse_an_empty_history_path(path: str) -> None:
     # SQLite opens "" (and a file: URI without a path) as a private temporary database: the
