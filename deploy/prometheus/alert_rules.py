@@ -89,9 +89,10 @@ ANNOTATIONS = {
         "reach the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
         "sidecar. A run that ended normally does not page: Publisher.close(finished=True) "
         "tells the sidecar, which then drops the rank's timestamp. A rank that exited without "
-        "saying so pages until it reports again, a new run reports to the sidecar, or it is "
-        "finished by hand (POST /v1/ranks/RANK/finish with its run_id, docs/service.md) once "
-        "it is known to be gone for good.",
+        "saying so pages until it reports again, a new run reports to the sidecar as the same "
+        "rank, its last snapshot is --series-ttl (default 900 s) old while a newer run reports "
+        "there, or it is finished by hand (POST /v1/ranks/RANK/finish with its run_id, "
+        "docs/service.md) once it is known to be gone for good.",
     },
     "OptimizerOrthogonalityErrorHigh": {
         "summary": 'Orthogonality error of {{ $labels.param }} is {{ $value | printf "%.3f" }}',
