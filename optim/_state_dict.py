@@ -411,6 +411,10 @@ def _under_live_names(live: dict[str, Any], saved: dict[str, Any]) -> dict[str, 
     return out
 
 
+# State entries that are averages of squares (SOAP's and AdamW's, NorMuon's per row): >= 0.
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "second_moment"})
+
+
 def _state_value_problem(name: str, key: str, value: Any) -> str | None:
     """What is wrong with one saved state tensor's values, or None. A NaN or Inf in a
     matrix's state made every later step of it non-finite, so each was skipped and counted and
@@ -424,6 +428,11 @@ def _state_value_problem(name: str, key: str, value: Any) -> str | None:
     if not bool(torch.isfinite(value).all()):
         return (f"state {key!r} of parameter {name!r} holds NaN or Inf: the checkpoint was saved "
                 f"from a run that had already diverged, or was damaged. Load an earlier one.")
+    if key in _SECOND_MOMENTS and value.numel() and bool((value < 0).any()):
+        # an average of squares: each step takes its square root, and a matrix whose root
+        # came out NaN was skipped and counted at every step, never to train again
+        return (f"state {key!r} of parameter {name!r} holds negative values, which an average "
+                f"of squares cannot: the checkpoint was damaged. Load an earlier one.")
     if key == "step" and value.numel() == 1:
         count = float(value)
         if count < 0 or count != int(count):

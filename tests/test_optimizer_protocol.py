@@ -546,6 +546,27 @@ def test_a_state_dict_holding_nan_or_inf_is_refused_by_name(cls: type, kwargs: d
                 assert torch.equal(opt.state_dict()["state"][i][k], v)
 
 
+@pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
+def test_a_negative_second_moment_is_refused_at_load(cls: type, kwargs: dict[str, Any]) -> None:
+    # an average of squares below zero: its square root came out NaN at every later step, and
+    # the matrix was skipped and counted for ever (SOAP's exp_avg_sq, NorMuon's second_moment,
+    # the AdamW group's exp_avg_sq; Muon keeps none for its matrices)
+    opt, _ = _bad_state(cls, kwargs)
+    indices = [i for i, entry in opt.state_dict()["state"].items()
+               if {"exp_avg_sq", "second_moment"} & set(entry)]
+    assert len(indices) >= (1 if cls is Muon else 2)  # the AdamW parameters, and matrices
+    for index in indices:
+        opt, sd = _bad_state(cls, kwargs)
+        key = next(k for k in ("exp_avg_sq", "second_moment") if k in sd["state"][index])
+        sd["state"][index][key].view(-1)[-1] = -1e-3
+        kept = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=rf"state '{key}' of parameter .* holds negative"):
+            opt.load_state_dict(sd)
+        for i, entry in kept["state"].items():  # nothing changed
+            for k, v in entry.items():
+                assert torch.equal(opt.state_dict()["state"][i][k], v)
+
+
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:1], ids=IDS[:1])
 @pytest.mark.parametrize("bad", [-1.0, 1.5, math.nan])
 def test_step_counts_that_are_no_count_are_refused_at_load(cls: type, kwargs: dict[str, Any],
