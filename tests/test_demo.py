@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 FAST_RULES = ROOT / "deploy" / "prometheus" / "rules-fast" / "orthoshard.rules.yml"
 SPIKE_QUERY = 'ALERTS{alertname="OptimizerBasisRotationSpike",alertstate="firing"}'
 # Timing of the alert runs. The fast rules compare a 5 s window against a 20 s baseline offset
-# by 5 s, so the spike needs ~25 s of calm history first: 60 steps of ~0.5 s. The sidecar's
+# by 5 s, so the spike needs ~25 s of calm history first, and the rules stay quiet until the
+# sidecar's step series are that old (a fresh sidecar): 60 steps of >= 0.5 s. The sidecar's
 # rotation hold keeps the one-step spike on /metrics until the 1 s scrape sees it; 2 s is to the
 # fast profile's 5 s jump window what the default 30 s is to the production 2 min window. After
 # the spike, 12 steps and the linger keep the sidecar up ~14 s: the alert needs ~5 (hold,

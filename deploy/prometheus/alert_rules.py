@@ -152,8 +152,14 @@ def rules(p: Profile) -> list[dict]:
     # And not while a run started, or resumed, within the baseline's reach: the series carry
     # no run label, so a new run's warm-up turns were compared with the run before's calm
     # ones (a rank's step going back is the sign; the trade: no page for b + w after it).
+    # The first run on a sidecar has no run before it, and no step going back: its first
+    # minutes of turns are the whole baseline of the minutes after, and a warm-up turning every
+    # basis ~2 minutes in met a baseline of three small turns and paged. Kept off until the
+    # sidecar's step series are a reach old (also after the sidecar was gone long enough for
+    # Prometheus to mark them stale), the same trade as after a resume.
     can_jump = f"{jump}\n    and {baseline} < {num(90.0 / p.rot_ratio)}"
     reach = dur(p.rot_window + p.rot_baseline)
+    step = "orthoshard_optimizer_step"
     rotation = (
         f"{JUMP}\nand on (job, instance)\n(\n"
         f"  count by (job, instance) ({JUMP})\n"
@@ -162,7 +168,10 @@ def rules(p: Profile) -> list[dict]:
         f"and on (job, instance)\n"
         f"  count by (job, instance) (count by (job, instance, param) ({JUMP})) >= 2\n"
         f"unless on (job, instance)\n"
-        f"  max by (job, instance) (resets(orthoshard_optimizer_step[{reach}])) > 0"
+        f"  max by (job, instance) (resets({step}[{reach}])) > 0\n"
+        f"unless on (job, instance)\n(\n"
+        f"  count by (job, instance) ({step})\n"
+        f"    unless on (job, instance) count by (job, instance) ({step} offset {reach})\n)"
     )
     # Across a failed scrape, the last sample of the last few scrapes: the scrape marks the
     # series stale, and an instant read returned nothing and started `for:` over. Only then

@@ -269,10 +269,40 @@ def _next_run_case(r: _Rotations) -> dict:
     }
 
 
+def _fresh_start_case(r: _Rotations) -> dict:
+    """The first run on a sidecar (no series a baseline's reach ago): its first minutes of turns
+    are the whole baseline of the minutes after, and a warm-up reorganization of every basis
+    after ~2 minutes of small turns paged. Quiet until the series are a reach old; a spike after
+    that pages as usual."""
+    p, i = r.p, r.p.interval
+    calm_first = p.rot_window // i + 2  # small turns while the bases form, then the warm-up
+    warm = [85.0, 80.0, 70.0, 60.0]
+    spike_at = (p.rot_window + p.rot_baseline) // i + 10  # past the reach
+    n = spike_at + 1 + p.rot_window // i
+    turns = held([*cycle(CALM, calm_first), *warm,
+                  *cycle(CALM, spike_at - calm_first - len(warm)), SPIKE,
+                  *cycle(CALM, n - spike_at - 1)], p)
+    matrices = [labels(param=f"p{j}", factor="L", k="1") for j in range(4)]
+    return {
+        "interval": dur(i),
+        "input_series": [
+            *(series(ROTATION, x, turns) for x in matrices),
+            series("orthoshard_optimizer_step", labels(rank="0"),
+                   [float(k + 1) for k in range(n)]),
+        ],
+        "alert_rule_test": [
+            *(check(t, NAME) for t in range(0, spike_at * i, r.checks_every)),
+            check(spike_at * i + p.rot_for + i, NAME,
+                  *(expect(NAME, x, SPIKE, "warning") for x in matrices)),
+        ],
+    }
+
+
 def rotation_tests(p: Profile) -> list[dict]:
     r = _rotations(p)
     return [_spike_case(r), _gap_case(r), _quiet_case(r), *_sparse_cases(r),
-            _noisy_neighbours_case(r), _lone_matrix_case(r), _next_run_case(r)]
+            _noisy_neighbours_case(r), _lone_matrix_case(r), _next_run_case(r),
+            _fresh_start_case(r)]
 
 
 def stale_tests(p: Profile) -> list[dict]:
