@@ -365,16 +365,17 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
-def _reports_written(out: Path, rank: int, step: int) -> bool:
-    """Whether every rank finds its ``rank{r}.json`` in ``out``, written at ``step`` (one
-    all-reduce, so that every rank decides alike). A report without its step (written before
-    the step was recorded) counts as written."""
+def _reports_written(out: Path, rank: int, step: int, run_id: str | None) -> bool:
+    """Whether every rank finds its ``rank{r}.json`` in ``out``, written at ``step`` by the run
+    ``run_id`` (one all-reduce, so that every rank decides alike). A report of another run with
+    the same final step (an earlier run into the same ``--out``) is not this run's."""
     path = out / f"rank{rank}.json"
     try:
-        at = json.loads(path.read_text()).get("final_step", step)
+        report = json.loads(path.read_text())
+        mine = report.get("final_step") == step and report.get("run_id") == run_id
     except (OSError, ValueError, AttributeError):
-        at = None
-    have = torch.tensor([float(at == step)])
+        mine = False
+    have = torch.tensor([float(mine)])
     dist.all_reduce(have, op=dist.ReduceOp.MIN)
     return bool(have.item())
 
@@ -437,7 +438,11 @@ def _train(args: argparse.Namespace) -> int:
                   f"step {start}, past --steps {args.steps}: pass a --steps larger than "
                   f"{start} to train on", file=sys.stderr)
         return 2
-    if start >= args.steps and _reports_written(args.out, rank, start):
+    # the run's id, published under and saved with each checkpoint (a resume publishes under
+    # the id of the checkpoint it continues), and written into the reports
+    run_id = (_run_id(args.checkpoint_dir, args.resume)
+              if args.checkpoint_every or _publishes(args) else None)
+    if start >= args.steps and _reports_written(args.out, rank, start, run_id):
         # a --resume of a finished run (compose restarted, say): training nothing would still
         # rewrite its reports. (A restart that finds the last checkpoint but no reports, a
         # rank having died after it, goes on and writes them.)
@@ -447,16 +452,18 @@ def _train(args: argparse.Namespace) -> int:
                   f"{args.out} are kept; pass a larger --steps to train on", file=sys.stderr)
         return 0
     _check_resumed_flags(optimizer, args)
+    if start == 0:
+        # a new run: the reports of one before it in this --out are not its own, and a
+        # restart that finds its final checkpoint and those reports must not keep them
+        (args.out / f"rank{rank}.json").unlink(missing_ok=True)
+        if rank == 0:
+            (args.out / "final_params.pt").unlink(missing_ok=True)
     if rank == 0:
         _forget_gone_ranks(args.out, world, logs=start == 0)
         if args.optimizer == "muon" and horizon != args.steps:
             print(f"orthoshard.train: --resume: the softening schedule keeps the checkpoint's "
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
-    # the run's id, published under and saved with each checkpoint (a resume publishes under
-    # the id of the checkpoint it continues)
-    run_id = (_run_id(args.checkpoint_dir, args.resume)
-              if args.checkpoint_every or _publishes(args) else None)
     publisher = _publisher(args, run_id) if _publishes(args) else None
     with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
@@ -501,7 +508,8 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
             time.sleep(args.step_delay)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
-    log.finish(optimizer, final, data.entropy_rate(), args.steps)  # start <= steps (above)
+    log.finish(optimizer, final, data.entropy_rate(), args.steps,  # start <= steps (above)
+               run_id=run_id)
 
 
 def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
@@ -564,6 +572,9 @@ class _Log:
         if self.loss_file is not None:
             self.loss_file.close()
 
+    def _logged_health(self, step: int) -> dict[str, Any]:
+        return _last_logged(self.out / f"health-rank{self.rank}.jsonl", step)
+
     def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
         self.steps_run += 1
         self.health_file.write(json.dumps({"step": step, "time": time.time(),
@@ -584,11 +595,16 @@ class _Log:
             self.since = (step, now)
 
     def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float,
-               final_step: int) -> None:
+               final_step: int, *, run_id: str | None = None) -> None:
         self.close()  # the logs are complete: a report read from them finds every line
+        # A restart that resumed at the last step (a rank died after the final checkpoint)
+        # trained nothing, and a loaded optimizer has measured nothing: the health of the last
+        # step is the one this rank logged then.
+        health = optimizer.health() if self.steps_run else self._logged_health(final_step)
         # comm_stats count from this process's start: after a restart or a resume, the steps
         # since the checkpoint it continued from
-        report = {"rank": self.rank, "final_step": final_step, "health": optimizer.health(),
+        report = {"rank": self.rank, "final_step": final_step, "run_id": run_id,
+                  "health": health,
                   "comm_stats": {**optimizer.comm_stats(), "steps": self.steps_run},
                   "entropy_rate": entropy,
                   "optimizer": type(optimizer).__name__,
@@ -597,6 +613,18 @@ class _Log:
         (self.out / f"rank{self.rank}.json").write_text(json.dumps(report, indent=1))
         if self.rank == 0:
             torch.save(final, self.out / "final_params.pt")
+
+
+def _last_logged(path: Path, step: int) -> dict[str, Any]:
+    """The ``params`` of the last record of ``step`` in the health log ``path`` ({} if none)."""
+    found: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                record = json.loads(line)
+                if record.get("step") == step and isinstance(record.get("params"), dict):
+                    found = record["params"]
+    return found
 
 
 def _exit_now(code: int) -> None:

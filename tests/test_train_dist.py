@@ -175,12 +175,39 @@ def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_
     assert (ckpt / "LATEST").read_text().strip() == f"step-{STEPS:06d}"
     _assert_same(_params(out / "final_params.pt"), uninterrupted)
     # the same command again (a compose restart after the run ended): nothing is left to train,
-    # and the reports stay (they were rewritten from a 0-step run: empty health, "steps": 0)
+    # and the reports stay
     reports = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".pt")}
     _torchrun("--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out),
               "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4", "--resume")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".pt")} \
         == reports and "rank0.json" in reports
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_after_the_final_checkpoint_gets_this_runs_reports(tmp_path,
+                                                                      uninterrupted_out):
+    # The restart resumes at the last step and trains nothing. It kept an earlier run's reports
+    # found in the same --out (same final step: here a SOAP run's) and exited 0; without them
+    # it wrote reports with empty health, a loaded optimizer having measured nothing. Now a
+    # run from step 0 removes the reports before it, a report names its run, and the health of
+    # a report written after no step is the one the rank logged at the final step.
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    soap = [*TRAIN, "--optimizer", "soap"]  # the last --optimizer wins
+    _torchrun("--standalone", "--nproc-per-node=2", *soap, "--out", str(out))
+    assert json.loads((out / "rank0.json").read_text())["optimizer"] == "SOAP"
+    _torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1", *TRAIN,
+              "--out", str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "4",
+              "--resume", env={"ORTHOSHARD_KILL_RANK_AT": f"1:{STEPS}"})
+    # killed after the final checkpoint: no step ran twice
+    assert len((out / "loss.jsonl").read_text().splitlines()) == STEPS
+    run_id = (ckpt / f"step-{STEPS:06d}" / "RUN_ID").read_text().strip()
+    for rank in (0, 1):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        want = json.loads((uninterrupted_out / f"rank{rank}.json").read_text())
+        assert (report["optimizer"], report["final_step"], report["run_id"]) == \
+            ("NorMuon", STEPS, run_id)
+        assert report["health"] and report["health"] == want["health"], rank
+    _assert_same(_params(out / "final_params.pt"), _params(uninterrupted_out / "final_params.pt"))
 
 
 @pytest.mark.timeout(300)
