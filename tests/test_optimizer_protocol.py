@@ -528,6 +528,17 @@ def _bad_state(cls: type, kwargs: dict[str, Any]) -> tuple[torch.optim.Optimizer
     return opt, copy.deepcopy(opt.state_dict())
 
 
+def _assert_refused_unchanged(opt: torch.optim.Optimizer, sd: dict[str, Any],
+                              message: str) -> None:
+    """``opt.load_state_dict(sd)`` raises ValueError matching ``message``, changing nothing."""
+    kept = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    for i, entry in kept["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(opt.state_dict()["state"][i][k], v)
+
+
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_a_state_dict_holding_nan_or_inf_is_refused_by_name(cls: type, kwargs: dict[str, Any],
@@ -538,12 +549,7 @@ def test_a_state_dict_holding_nan_or_inf_is_refused_by_name(cls: type, kwargs: d
         opt, sd = _bad_state(cls, kwargs)
         key = next(k for k, v in sd["state"][index].items() if k != "step" and v.numel())
         sd["state"][index][key].view(-1)[0] = value
-        kept = copy.deepcopy(opt.state_dict())
-        with pytest.raises(ValueError, match=rf"state '{key}' of parameter .* holds NaN or Inf"):
-            opt.load_state_dict(sd)
-        for i, entry in kept["state"].items():  # nothing changed
-            for k, v in entry.items():
-                assert torch.equal(opt.state_dict()["state"][i][k], v)
+        _assert_refused_unchanged(opt, sd, rf"state '{key}' of parameter .* holds NaN or Inf")
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:3], ids=IDS[:3])
@@ -559,12 +565,7 @@ def test_a_negative_second_moment_is_refused_at_load(cls: type, kwargs: dict[str
         opt, sd = _bad_state(cls, kwargs)
         key = next(k for k in ("exp_avg_sq", "second_moment") if k in sd["state"][index])
         sd["state"][index][key].view(-1)[-1] = -1e-3
-        kept = copy.deepcopy(opt.state_dict())
-        with pytest.raises(ValueError, match=rf"state '{key}' of parameter .* holds negative"):
-            opt.load_state_dict(sd)
-        for i, entry in kept["state"].items():  # nothing changed
-            for k, v in entry.items():
-                assert torch.equal(opt.state_dict()["state"][i][k], v)
+        _assert_refused_unchanged(opt, sd, rf"state '{key}' of parameter .* holds negative")
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), OPTIMIZERS[:1], ids=IDS[:1])
