@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import statistics
 
 
 def positive_int(text: str) -> int:
@@ -40,6 +41,15 @@ def shape_list(text: str) -> list[tuple[int, int]]:
                 f"e.g. 128x64 (several: 128x64,512x256)")
         out.append((int(dims[0]), int(dims[1])))
     return out
+
+
+def ratio_quartiles(ratios: list[float]) -> tuple[float, float]:
+    """The lower and upper quartiles of per-round ratios, within them: the "inclusive" method
+    (the default "exclusive" one extrapolated past the data when there were 2 or 3 rounds)."""
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
 
 
 def check_cpu_time(parser: argparse.ArgumentParser, cpu_time: bool, threads: int | None) -> None:

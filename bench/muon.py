@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
-from bench._cli import check_cpu_time, positive_int
+from bench._cli import check_cpu_time, positive_int, ratio_quartiles
 from optim import Muon, NorMuon
 
 
@@ -167,7 +167,7 @@ def row(label: str, num: list[float], den: list[float]) -> str:
     round times the numerator and the denominator back to back, so a round's ratio shares that
     moment's load on the machine: the spread says how far one run's ratio can be trusted)."""
     paired = [a / b for a, b in zip(num, den, strict=True)]
-    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+    q1, q3 = ratio_quartiles(paired)
     on, off = statistics.median(num), statistics.median(den)
     return f"| {label} | {on * 1e3:.1f} | {off * 1e3:.1f} | {on / off:.3f} | {q1:.3f}-{q3:.3f} |"
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.muon
-from bench._cli import check_cpu_time, positive_int, shape_list
+from bench._cli import check_cpu_time, positive_int, ratio_quartiles, shape_list
 from bench.muon import make, shapes, training_step_times
 from optim.soap import SOAP
 
@@ -102,7 +102,7 @@ def row(label: str, solver: str, on: list[float], off: list[float]) -> None:
     """Medians, their ratio, and the quartiles of the ratios of the periods timed side by side
     (how far one run's ratio can be trusted on a shared machine)."""
     paired = [a / b for a, b in zip(on, off, strict=True)]
-    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
+    q1, q3 = ratio_quartiles(paired)
     t_on, t_off = statistics.median(on), statistics.median(off)
     print(f"| {label} | {solver} | {t_off * 1e3:.2f} | {t_on * 1e3:.2f} | {t_on / t_off:.3f} | "
           f"{q1:.3f}-{q3:.3f} |")

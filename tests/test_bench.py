@@ -96,3 +96,17 @@ def test_the_sharding_bench_counts_every_all_to_all_form(tmp_path, world):
                                      (world - 1) * (1 + rank) * row)
         assert counted["even"] == ((world - 1) * 2 * row,) * 2
         assert counted["functional, no rows"] == (0, 0)
+
+
+def test_the_ratio_quartiles_stay_within_the_measured_ratios():
+    # statistics.quantiles' default ("exclusive") printed 0.750-2.250 for per-round ratios of
+    # 1.0 and 2.0 (bench --steps 2), a spread wider than anything measured
+    sys.path.insert(0, str(ROOT))
+    from bench._cli import ratio_quartiles
+
+    assert ratio_quartiles([1.0, 2.0]) == (1.25, 1.75)
+    assert ratio_quartiles([2.0, 1.0, 3.0]) == (1.5, 2.5)
+    assert ratio_quartiles([1.1]) == (1.1, 1.1)
+    for ratios in ([0.9, 1.3], [1.0, 1.02, 0.97, 1.4, 1.1]):
+        low, high = ratio_quartiles(ratios)
+        assert min(ratios) <= low <= high <= max(ratios)
