@@ -204,9 +204,11 @@ class StateDictOptimizer(Optimizer):
         ``OwnerSharding`` it is a collective over the sharding group, for every optimizer
         (Muon with replicated parameters too): each matrix's skip count is taken from its owner
         (one ``all_reduce``) and the owner-only state becomes ``Shard(0)`` DTensors, so the keys
-        are the same on every rank and DCP can reshard. Call it on every rank of the group and
-        keep rank 0's (``if rank == 0: torch.save(opt.state_dict(), ...)`` waits for the other
-        ranks until the process group times out).
+        are the same on every rank and DCP can reshard. Call it on every rank of the group
+        (``if rank == 0: torch.save(opt.state_dict(), ...)`` waits for the other ranks until
+        the process group times out). Each rank's dict holds its own shards: save them through
+        ``sharding.checkpoint``, or each to a file its rank loads, never one rank's dict on
+        every rank (each would take that rank's rows).
 
         Only the parameters in ``param_groups`` are saved: the state of a group removed from
         them (a block frozen) is kept for when it comes back, but is not in the state dict

@@ -139,6 +139,7 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     placed like the parameter, each rank cutting its own rows (no communication; every rank
     loads the same dict). Every rank takes the same decisions, and makes the same collectives
     (one ``full_tensor`` per owner-only DTensor) in the same order."""
+    _refuse_foreign_shards(sharding, state_dict)
     keys = sharding._optimizer.owner_state_keys
     params = _params_by_saved_key(sharding._optimizer, state_dict)
     if keys:  # owner-only state goes by the plan: checked on every rank first
@@ -167,6 +168,60 @@ def import_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
                 entry[name] = distribute_tensor(value.to(p.to_local().device), p.device_mesh,
                                                 p.placements, src_data_rank=None)
     return {**state_dict, "state": state}
+
+
+def _own_shard_shape(t: DTensor) -> tuple[int, ...] | None:
+    """The local shape this rank's shard of ``t`` has under ``t``'s placements (``Shard``
+    splits as ``torch.chunk`` does), or None when this rank is not in ``t``'s mesh. The
+    position is looked up in the mesh's ranks: a mesh unpickled on another rank than the one
+    that pickled it reports that rank's ``get_coordinate()``."""
+    where = (t.device_mesh.mesh == dist.get_rank()).nonzero()
+    if where.numel() == 0:
+        return None
+    coordinate = where[0].tolist()
+    shape = list(t.shape)
+    for mesh_dim, placement in enumerate(t.placements):
+        if isinstance(placement, Shard):
+            rows, parts = shape[placement.dim], t.device_mesh.size(mesh_dim)
+            chunk = -(-rows // parts)
+            shape[placement.dim] = max(0, min(chunk, rows - coordinate[mesh_dim] * chunk))
+    return tuple(shape)
+
+
+def _refuse_foreign_shards(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
+    """Raise ValueError on every rank of the sharding group when some rank's state dict holds
+    DTensors that are not its own shards: a dict saved over ranks without it, or one rank's
+    dict (``torch.save`` on rank 0) loaded on every rank, whose shards the others took as
+    theirs (``full_tensor`` assembled rank 0's rows twice, or failed in a collective). Shards
+    of even size cannot tell: that load is documented as wrong. One ``all_gather_object``."""
+    problem = None
+    for k in sorted(state_dict["state"], key=str):
+        for name, value in sorted(state_dict["state"][k].items()):
+            if not isinstance(value, DTensor):
+                continue
+            own = _own_shard_shape(value)
+            if own is None:
+                problem = (f"state {name!r} of parameter {k!r} is sharded over ranks "
+                           f"{value.device_mesh.mesh.flatten().tolist()}, without this one: "
+                           f"the dict was saved at another world size")
+            elif tuple(value.to_local().shape) != own:
+                problem = (f"state {name!r} of parameter {k!r} holds a shard of shape "
+                           f"{tuple(value.to_local().shape)}, not this rank's {own}: the dict "
+                           f"is another rank's")
+            if problem is not None:
+                break
+        if problem is not None:
+            break
+    everyone: list[Any] = [None] * sharding.world_size
+    dist.all_gather_object(everyone, problem, group=sharding.group)
+    refused = [(r, why) for r, why in enumerate(everyone) if why is not None]
+    if refused:
+        r, why = refused[0]
+        raise ValueError(
+            f"cannot load this state dict on rank {r}{' and others' if len(refused) > 1 else ''}"
+            f": {why}. Under OwnerSharding each rank's state_dict() holds its own shards: save "
+            f"through sharding.checkpoint (which reshards), or each rank's dict for the same "
+            f"rank at the same world size")
 
 
 def _failure(exc: CheckpointException, fragment: str) -> str | None:

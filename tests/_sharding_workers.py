@@ -993,6 +993,64 @@ def sharded_into_plain_worker(rank: int, world: int, names: list[str], directory
         torch.save(results, Path(out))
 
 
+def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, out: str
+                          ) -> None:
+    """Replicated parameters under OwnerSharding, per optimizer: at the world size of the
+    ``saved`` file (none yet: write it) train two steps, then load rank 0's state dict on every
+    rank, then each rank's own; at another world size load the file's. Rank 0 writes, per
+    optimizer, each rank's error (None if the load was taken) for each load, and whether the
+    refused loads left the state as it was."""
+    from sharding import OwnerSharding
+
+    path = Path(saved)
+    results: dict[str, Any] = {}
+    for name in names:
+        model, opt = build(name, fsdp=False, sharding=OwnerSharding())
+        for step in range(2):
+            inject(model, step)
+            opt.step()
+        own = opt.state_dict()  # a collective: on every rank
+        box = [own if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # as torch.save on rank 0, torch.load on all
+        if not path.exists() and rank == 0:
+            torch.save(box[0], path.with_suffix(f".{name}"))
+        loads = {"rank0": box[0], "own": own}
+        if path.exists():
+            loads = {"file": torch.load(path.with_suffix(f".{name}"), weights_only=False)}
+        errors: dict[str, Any] = {}
+        for label, sd in loads.items():
+            before = full_params(model)
+            try:
+                opt.load_state_dict(sd)
+                error = None
+            except ValueError as exc:
+                error = str(exc)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, error)
+            errors[label] = gathered
+            after = opt.state_dict()
+            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items())
+            errors[f"{label} state kept"] = kept and _same_state(own, after) \
+                if error is not None else None
+        results[name] = errors
+    if rank == 0:
+        if not path.exists():
+            path.touch()
+        torch.save(results, Path(out))
+
+
+def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two state dicts of one optimizer on one rank hold equal state tensors."""
+    from torch.distributed.tensor import DTensor
+
+    def plain(v: Any) -> Any:
+        return v.to_local() if isinstance(v, DTensor) else v
+
+    return a["state"].keys() == b["state"].keys() and all(
+        torch.equal(plain(a["state"][k][n]), plain(b["state"][k][n]))
+        for k in a["state"] for n in a["state"][k] if isinstance(a["state"][k][n], torch.Tensor))
+
+
 def plain_state_dict_worker(rank: int, world: int, names: list[str], saved: str, out: str
                             ) -> None:
     """Each optimizer under FSDP2 loads the model and the optimizer ``state_dict()`` that one

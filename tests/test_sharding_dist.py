@@ -748,6 +748,33 @@ def test_a_sharded_state_dict_is_refused_by_one_process_which_loads_the_checkpoi
         torch.set_num_threads(threads)
 
 
+def test_another_ranks_or_world_sizes_state_dict_is_refused_on_every_rank(tmp_path):
+    # Each rank's state_dict() holds its own shards (Shard(0) DTensors, the owner-only state
+    # of replicated parameters too). Rank 0's dict loaded on every rank assembled rank 0's rows
+    # twice (replicated NorMuon and SOAP went on 0.004 and 0.11 off one process, no error), and
+    # a dict of W = 2 loaded at W = 4 failed inside a collective ("narrow unexpectedly changed
+    # concrete size"). Where the shards' sizes tell (7 rows: 4 and 3), every rank now refuses
+    # it by name before anything changes; a rank's own dict still loads.
+    names = ["normuon", "soap"]
+    saved, out = tmp_path / "rank0", tmp_path / "out.pt"
+    run_ranks(w.foreign_shards_worker, 2, tmp_path, names, str(saved), str(out), timeout=180)
+    results = torch.load(out)
+    for name in names:
+        refused = results[name]["rank0"]
+        assert refused[0] is not None and refused[0] == refused[1], name  # every rank alike
+        assert "on rank 1" in refused[0] and "the dict is another rank's" in refused[0], name
+        assert results[name]["rank0 state kept"], name
+        assert results[name]["own"] == [None, None], name
+    run_ranks(w.foreign_shards_worker, 4, tmp_path, names, str(saved), str(out), timeout=180)
+    results = torch.load(out)
+    for name in names:
+        refused = results[name]["file"]
+        # ranks 2 and 3 are not among the file's; rank 1 holds rank 0's rows
+        assert all(r is not None and "on rank 1 and others" in r and "another rank's" in r
+                   for r in refused), (name, refused)
+        assert results[name]["file state kept"], name
+
+
 def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_ones(tmp_path):
     # load asked DCP for exactly the live groups' keys: a scheduler's initial_lr in the
     # checkpoint was dropped (a LambdaLR made after the load raised KeyError), and a key the
