@@ -716,6 +716,7 @@ def test_a_one_process_state_dict_loads_into_fsdp2_and_continues_exactly(tmp_pat
         torch.set_num_threads(threads)
 
 
+@pytest.mark.filterwarnings(ONE_PROCESS_DCP)
 def test_a_sharded_state_dict_is_refused_by_one_process_which_loads_the_checkpoint(tmp_path):
     # The sharded optimizer's state_dict() holds DTensors (owner-only state as Shard(0), the
     # momentum placed like its parameter). A one-process optimizer took them and its next step
