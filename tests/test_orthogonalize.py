@@ -692,3 +692,23 @@ def test_eps_zero_keeps_a_tiny_inputs_polar_factor(method):
                                atol=TINY_INPUT_ATOL)
     assert torch.equal(orthogonalize(torch.zeros(4, 3), method=method, eps=0.0),
                        torch.zeros(4, 3))
+
+
+# Scaled by 2^-138, float32 entries of ~1 are subnormal and keep ~11 of their 24 bits: the
+# input's own rounding, 2^-11 = 4.9e-4 relative, bounds how far its polar factor can land
+# (measured 7.5e-5 to 8.4e-5 on entries of ~0.2).
+SUBNORMAL_INPUT_ATOL = 4.9e-4
+
+
+@pytest.mark.parametrize("method", ["quintic", "polar_express", "cans"])
+def test_eps_zero_divides_a_subnormal_input_by_its_own_norm(method):
+    # its norm (3e-41) was floored at float32's smallest normal number, 1.2e-38: the quintic
+    # came out with singular values 0.23-0.68 (0.31 off), and softening=1 with norm 0.003
+    torch.manual_seed(0)
+    X = torch.randn(64, 32)
+    tiny = X * 2.0**-138
+    want = orthogonalize(X, method=method, eps=0.0, dtype=torch.float32)
+    got = orthogonalize(tiny, method=method, eps=0.0, dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=0, atol=SUBNORMAL_INPUT_ATOL)
+    direction = orthogonalize(tiny, method=method, eps=0.0, dtype=torch.float32, softening=1.0)
+    assert abs(float(torch.linalg.matrix_norm(direction)) - 1.0) < SUBNORMAL_INPUT_ATOL
