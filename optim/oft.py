@@ -46,6 +46,10 @@ class OFTConfig:
     def __post_init__(self) -> None:
         if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.block_size == 1:
+            # a 1 x 1 skew block is 0: the adapter built with no parameter to train
+            raise ValueError("block_size must be >= 2 (a 1 x 1 block's rotation is 1 whatever "
+                             "the adapter learns, which leaves nothing to train)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not is_real(self.max_norm) or not (self.max_norm == -1 or self.max_norm > 0):

@@ -92,6 +92,9 @@ def test_bad_configuration_is_refused_with_a_fix():
     with pytest.raises(ValueError, match=r"cayley_neumann needs terms >= 2 \(1 gives R = I"):
         OFTConfig(method="cayley_neumann", terms=1)
     assert OFTConfig(method="exp", terms=1).terms == 1  # read by cayley_neumann alone
+    # 1 x 1 blocks likewise: the adapter had no parameter at all
+    with pytest.raises(ValueError, match=r"block_size must be >= 2 \(a 1 x 1 block's rotation"):
+        OFTConfig(block_size=1)
 
 
 def test_wrong_inputs_and_bases_are_refused_by_name():
