@@ -84,9 +84,11 @@ class OFTLinear(nn.Module):
         self.config = config if config is not None else OFTConfig()
         b = self.config.block_size
         if base.in_features % b:
+            divisor = _block_divisor(base.in_features, b)
             raise ValueError(
-                f"block_size={b} must divide in_features={base.in_features}; pick a divisor "
-                f"such as {_largest_divisor(base.in_features, b)}"
+                f"block_size={b} must divide in_features={base.in_features}; "
+                + (f"pick a divisor such as {divisor}" if divisor is not None else
+                   "no block of 2 or more does: OFT cannot rotate this layer's inputs")
             )
         self.base = base.requires_grad_(False)
         blocks = base.in_features // b
@@ -132,5 +134,9 @@ class OFTLinear(nn.Module):
         return {"orthogonality_error": float(orthogonality_error(self.rotation_blocks()).max())}
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+def _block_divisor(n: int, near: int) -> int | None:
+    """A block size for ``n`` inputs: the largest divisor of ``n`` from 2 to ``near``, else
+    the smallest above it (``n`` itself for a prime), None for ``n = 1``."""
+    divisors = [d for d in range(2, n + 1) if n % d == 0]
+    below = [d for d in divisors if d <= near]
+    return max(below) if below else min(divisors, default=None)
