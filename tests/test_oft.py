@@ -77,7 +77,7 @@ def test_bad_configuration_is_refused_with_a_fix():
         OFTLinear(nn.Linear(48, 8), config=OFTConfig(block_size=32))
     # a prime width: 1 was suggested, which OFTConfig refuses (nothing to train); one block of
     # all 7 inputs is the block that works
-    with pytest.raises(ValueError, match="pick a divisor such as 7$"):
+    with pytest.raises(ValueError, match=r"pick a divisor such as 7$"):
         OFTLinear(nn.Linear(7, 8), config=OFTConfig(block_size=4))
     with pytest.raises(ValueError, match="no block of 2 or more does"):
         OFTLinear(nn.Linear(1, 8), config=OFTConfig(block_size=4))
