@@ -155,8 +155,9 @@ def rules(p: Profile) -> list[dict]:
     # The first run on a sidecar has no run before it, and no step going back: its first
     # minutes of turns are the whole baseline of the minutes after, and a warm-up turning every
     # basis ~2 minutes in met a baseline of three small turns and paged. Kept off until the
-    # sidecar's step series are a reach old (also after the sidecar was gone long enough for
-    # Prometheus to mark them stale), the same trade as after a resume.
+    # sidecar's step series are a reach old, the same trade as after a resume: present at any
+    # sample of the baseline's length a reach ago (an instant lookup there went empty for a
+    # while a reach after any few failed scrapes, which mark the series stale).
     can_jump = f"{jump}\n    and {baseline} < {num(90.0 / p.rot_ratio)}"
     reach = dur(p.rot_window + p.rot_baseline)
     step = "orthoshard_optimizer_step"
@@ -171,7 +172,8 @@ def rules(p: Profile) -> list[dict]:
         f"  max by (job, instance) (resets({step}[{reach}])) > 0\n"
         f"unless on (job, instance)\n(\n"
         f"  count by (job, instance) ({step})\n"
-        f"    unless on (job, instance) count by (job, instance) ({step} offset {reach})\n)"
+        f"    unless on (job, instance)\n"
+        f"      count by (job, instance) (present_over_time({step}[{b}] offset {reach}))\n)"
     )
     # Across a failed scrape, the last sample of the last few scrapes: the scrape marks the
     # series stale, and an instant read returned nothing and started `for:` over. Only then

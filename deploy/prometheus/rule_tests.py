@@ -298,11 +298,37 @@ def _fresh_start_case(r: _Rotations) -> dict:
     }
 
 
+def _old_outage_case(r: _Rotations) -> dict:
+    """A sidecar that was down for a few scrapes a reach before a spike: the fresh-sidecar
+    guard reads whether its step series were there a reach ago, over a baseline's length, so
+    the gap (staleness markers) does not pass for a fresh start, and the spike pages."""
+    p, i = r.p, r.p.interval
+    reach = (p.rot_window + p.rot_baseline) // i
+    spike_at = 2 * reach + 10
+    gap = range(spike_at - reach - 1, spike_at - reach + p.rot_for // i + 3)
+    n = spike_at + 1 + p.rot_window // i
+    turns = held([*cycle(CALM, spike_at), SPIKE, *cycle(CALM, n - spike_at - 1)], p)
+    matrices = [labels(param=f"p{j}", factor="L", k="1") for j in range(4)]
+    return {
+        "interval": dur(i),
+        "input_series": [
+            *(series(ROTATION, x, [None if k in gap else v for k, v in enumerate(turns)])
+              for x in matrices),
+            series("orthoshard_optimizer_step", labels(rank="0"),
+                   [None if k in gap else float(k + 1) for k in range(n)]),
+        ],
+        "alert_rule_test": [
+            check(spike_at * i + p.rot_for + i, NAME,
+                  *(expect(NAME, x, SPIKE, "warning") for x in matrices)),
+        ],
+    }
+
+
 def rotation_tests(p: Profile) -> list[dict]:
     r = _rotations(p)
     return [_spike_case(r), _gap_case(r), _quiet_case(r), *_sparse_cases(r),
             _noisy_neighbours_case(r), _lone_matrix_case(r), _next_run_case(r),
-            _fresh_start_case(r)]
+            _fresh_start_case(r), _old_outage_case(r)]
 
 
 def stale_tests(p: Profile) -> list[dict]:
