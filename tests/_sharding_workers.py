@@ -341,6 +341,14 @@ def _every_rank_says(world: int, expected: type[Exception], action: Callable[[],
     return outcomes
 
 
+def _on_every_rank(world: int, flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (gathered): a rank's own state, plain tensors
+    included, is seen by that rank alone."""
+    flags: list[Any] = [None] * world
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
+
+
 def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str,
                             replicated: bool = False) -> None:
     """Rank 1 drops the gradient of a matrix rank 0 owns (rank 0 keeps it): every rank's
@@ -898,14 +906,15 @@ def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
     # nor the step counts (the step did not happen), nor any state (an owner that computed
     # before the refusal advanced NorMuon's second moments, SOAP's factors)
     counted = [group["step"] for group in opt.param_groups] != steps
+    # each rank's own comparison: a replicated parameter's state is a plain tensor per rank
+    state_kept = _on_every_rank(world, state.keys() == state_after.keys() and all(
+        torch.equal(state[k], state_after[k]) for k in state))
     inject(model, 2)
     recovered = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
         torch.save({"outcomes": outcomes, "unchanged": not counted and all(
             torch.equal(before[k], after[k]) for k in before), "recovered": recovered,
-            "state unchanged": state.keys() == state_after.keys() and all(
-                torch.equal(state[k], state_after[k]) for k in state),
-            "collectives": calls}, out)
+            "state unchanged": state_kept, "collectives": calls}, out)
 
 
 RESUME_AT = 2  # the resumed runs load a checkpoint of the first RESUME_AT steps
@@ -1019,7 +1028,7 @@ def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, o
             loads = {"file": torch.load(path.with_suffix(f".{name}"), weights_only=False)}
         errors: dict[str, Any] = {}
         for label, sd in loads.items():
-            before = full_params(model)
+            before, state = full_params(model), _local_state(opt)
             try:
                 opt.load_state_dict(sd)
                 error = None
@@ -1028,9 +1037,9 @@ def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, o
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, error)
             errors[label] = gathered
-            after = opt.state_dict()
-            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items())
-            errors[f"{label} state kept"] = kept and _same_state(own, after) \
+            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items()) and \
+                _same_tensors(state, _local_state(opt))
+            errors[f"{label} state kept"] = _on_every_rank(world, kept) \
                 if error is not None else None
         results[name] = errors
     if rank == 0:
@@ -1039,16 +1048,14 @@ def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, o
         torch.save(results, Path(out))
 
 
-def _same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two state dicts of one optimizer on one rank hold equal state tensors."""
-    from torch.distributed.tensor import DTensor
+def _local_state(opt: Any) -> dict[tuple[int, str], torch.Tensor]:
+    """A copy of this rank's own state tensors (an owner's whole ones, shards elsewhere)."""
+    return {(id(p), key): local(v).detach().clone() for p, per in opt.state.items()
+            for key, v in per.items() if isinstance(v, torch.Tensor)}
 
-    def plain(v: Any) -> Any:
-        return v.to_local() if isinstance(v, DTensor) else v
 
-    return a["state"].keys() == b["state"].keys() and all(
-        torch.equal(plain(a["state"][k][n]), plain(b["state"][k][n]))
-        for k in a["state"] for n in a["state"][k] if isinstance(a["state"][k][n], torch.Tensor))
+def _same_tensors(a: dict[Any, torch.Tensor], b: dict[Any, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def plain_state_dict_worker(rank: int, world: int, names: list[str], saved: str, out: str
@@ -1403,9 +1410,10 @@ def misplaced_grad_worker(rank: int, world: int, out: str) -> None:
             results[(layout, case)] = {
                 "outcomes": outcomes,
                 "unchanged": all(torch.equal(before[k], after[k]) for k in before),
-                # SOAP's owners commit their factors and moments before the scatter
-                "state unchanged": all(torch.equal(a, b) for a, b in zip(kept, state(),
-                                                                          strict=True)),
+                # SOAP's owners commit their factors and moments before the scatter: every
+                # rank's owners
+                "state unchanged": _on_every_rank(world, all(
+                    torch.equal(a, b) for a, b in zip(kept, state(), strict=True))),
                 "steps": steps == [g["step"] for g in opt.param_groups]}
         grads(2)
         results[(layout, "recovered")] = _every_rank_says(world, ValueError, opt.step)

@@ -347,6 +347,7 @@ def test_a_plain_gradient_on_a_sharded_matrix_is_refused_by_name_on_every_rank(t
                                   f"(Tensor) but its part of the parameter ({rows}, 12) "
                                   f"(DTensor)"), outcome
     assert result["unchanged"]  # no rank changed a parameter or counted the step
+    assert result["state unchanged"]  # nor any rank's state
     assert result["recovered"] == ["done", "done"]
 
 
