@@ -332,9 +332,12 @@ class Store:
         state: dict[str, Any] | None,
     ) -> ParamRecord:
         """A new latest record; a snapshot without a state summary keeps the previous one of
-        the same run (another run's state describes another optimizer)."""
+        the same run and rank, taken at an earlier step (another run's state describes another
+        optimizer; after a resume at fewer ranks the matrix's new owner showed the old owner's
+        norms, and after a restart from a checkpoint the summary of steps the run discarded)."""
         prev = self._params.get(name)
-        if state is None and prev is not None and prev.run_id == snap.run_id:
+        if state is None and prev is not None and prev.run_id == snap.run_id and \
+                prev.rank == snap.rank and prev.step <= snap.step:
             state = prev.state
         return ParamRecord(
             name, snap.run_id, snap.rank, snap.step, snap.wall_time, now, dict(metrics), state

@@ -288,6 +288,23 @@ def test_a_new_run_does_not_inherit_the_previous_runs_summary(client: TestClient
     assert rank["run_id"] == "run-b" and rank["optimizer"] is None
 
 
+def test_a_summary_is_kept_only_for_its_rank_and_later_steps(client: TestClient) -> None:
+    # the same run resumed at fewer ranks: rank 0 now owns the matrix rank 1 summarized, and
+    # showed rank 1's norms and owner until its own next summary; resumed from a checkpoint,
+    # a rank showed the summary of steps the run had discarded
+    name = "layers.0.attn.q.weight"
+    post(client, snapshot(step=10, rank=1, optimizer=OPTIMIZER))
+    post(client, snapshot(step=11, rank=0))
+    detail = client.get(f"/v1/params/{name}").json()
+    assert (detail["rank"], detail["step"], detail["state"]) == (0, 11, None)
+    post(client, snapshot(step=12, optimizer=OPTIMIZER))
+    post(client, snapshot(step=13))  # the same rank, later: kept
+    assert client.get(f"/v1/params/{name}").json()["state"]["shape"] == [64, 32]
+    post(client, snapshot(step=11))  # the run went back to a checkpoint: not kept
+    detail = client.get(f"/v1/params/{name}").json()
+    assert (detail["step"], detail["state"]) == (11, None)
+
+
 def raw_post(client: TestClient, content: bytes) -> Any:
     return client.post(
         "/v1/snapshots", content=content, headers={"Content-Type": "application/json"}
