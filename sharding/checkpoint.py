@@ -188,30 +188,30 @@ def _own_shard_shape(t: DTensor) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
+def _foreign_shard(key: Any, name: str, value: DTensor) -> str | None:
+    """Why ``value`` (state ``name`` of parameter ``key``) is not this rank's shard, or None."""
+    own = _own_shard_shape(value)
+    if own is None:
+        return (f"state {name!r} of parameter {key!r} is sharded over ranks "
+                f"{value.device_mesh.mesh.flatten().tolist()}, without this one: the dict was "
+                f"saved at another world size")
+    if tuple(value.to_local().shape) != own:
+        return (f"state {name!r} of parameter {key!r} holds a shard of shape "
+                f"{tuple(value.to_local().shape)}, not this rank's {own}: the dict is another "
+                f"rank's")
+    return None
+
+
 def _refuse_foreign_shards(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
     """Raise ValueError on every rank of the sharding group when some rank's state dict holds
     DTensors that are not its own shards: a dict saved over ranks without it, or one rank's
     dict (``torch.save`` on rank 0) loaded on every rank, whose shards the others took as
     theirs (``full_tensor`` assembled rank 0's rows twice, or failed in a collective). Shards
     of even size cannot tell: that load is documented as wrong. One ``all_gather_object``."""
-    problem = None
-    for k in sorted(state_dict["state"], key=str):
-        for name, value in sorted(state_dict["state"][k].items()):
-            if not isinstance(value, DTensor):
-                continue
-            own = _own_shard_shape(value)
-            if own is None:
-                problem = (f"state {name!r} of parameter {k!r} is sharded over ranks "
-                           f"{value.device_mesh.mesh.flatten().tolist()}, without this one: "
-                           f"the dict was saved at another world size")
-            elif tuple(value.to_local().shape) != own:
-                problem = (f"state {name!r} of parameter {k!r} holds a shard of shape "
-                           f"{tuple(value.to_local().shape)}, not this rank's {own}: the dict "
-                           f"is another rank's")
-            if problem is not None:
-                break
-        if problem is not None:
-            break
+    problem = next((why for k in sorted(state_dict["state"], key=str)
+                    for name, value in sorted(state_dict["state"][k].items())
+                    if isinstance(value, DTensor)
+                    and (why := _foreign_shard(k, name, value)) is not None), None)
     everyone: list[Any] = [None] * sharding.world_size
     dist.all_gather_object(everyone, problem, group=sharding.group)
     refused = [(r, why) for r, why in enumerate(everyone) if why is not None]
