@@ -9,12 +9,13 @@ turn into a silently green run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,31 @@ def killed_whole(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         raise
+
+
+def computed_once(factory: pytest.TempPathFactory, name: str,
+                  make: Callable[[Path], None]) -> Path:
+    """A directory that ``make(path)`` fills once per test session, shared by the pytest-xdist
+    workers. A module-scoped fixture runs once per WORKER: with two workers stealing a module's
+    tests from each other, each ran the expensive ones (a reference torchrun, the ranks of a
+    parity run) again. The first worker to ask makes it under a file lock; a worker asking
+    meanwhile waits for it and reads the same files. A ``make`` that raised leaves no
+    directory behind, so the next asker tries again (and fails the same way, in its own test).
+    """
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <session>/popen-gwN: share the session's dir
+        root = root.parent
+    path = root / f"once-{name}"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / ".done").exists():
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        try:
+            make(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        (path / ".done").touch()
+    return path

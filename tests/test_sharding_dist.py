@@ -13,6 +13,7 @@ import _sharding_workers as w
 import pytest
 import torch
 from _dist import run_ranks
+from conftest import computed_once
 
 from optim import Muon, split_param_groups
 from sharding.owner import STATUS_ELEMENTS
@@ -93,8 +94,8 @@ def references() -> dict[bool, dict[tuple[str, str | None], tuple]]:
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"W{n}")
 def fsdp_run(request, tmp_path_factory) -> tuple[int, dict]:
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"fsdp{world}")
-    run_ranks(w.parity_worker, world, tmp, str(tmp / "out.pt"), True, SCENARIOS)
+    tmp = computed_once(tmp_path_factory, f"sharding-fsdp{world}", lambda tmp: run_ranks(
+        w.parity_worker, world, tmp, str(tmp / "out.pt"), True, SCENARIOS))
     return world, torch.load(tmp / "out.pt")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import killed_whole, run_whole
+from conftest import computed_once, killed_whole, run_whole
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -57,9 +57,8 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 @pytest.fixture(scope="module")
 def uninterrupted_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref")
-    _torchrun("--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out))
-    return out
+    return computed_once(tmp_path_factory, "train-ref", lambda out: _torchrun(
+        "--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out)))
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +134,8 @@ SPIKE = ("--spike-at", str(STEPS // 2))
 @pytest.fixture(scope="module")
 def fsdp4_out(tmp_path_factory) -> Path:
     """The job at 4 ranks (FSDP over all four), with a spike: the HSDP test's reference too."""
-    out = tmp_path_factory.mktemp("fsdp4")
-    _torchrun("--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(out), *SPIKE)
-    return out
+    return computed_once(tmp_path_factory, "train-fsdp4", lambda out: _torchrun(
+        "--standalone", "--nproc-per-node=4", *TRAIN, "--out", str(out), *SPIKE))
 
 
 @pytest.mark.timeout(300)
