@@ -384,9 +384,10 @@ class MatrixOptimizer(StateDictOptimizer):
             for batch in (chunk for same in batches.values()
                           for chunk in self._batch_chunks(same, same[0].shape)):
                 self._step_items = batch
-                inputs = [self._prepare(item) for item in batch]
+                inputs, finite = self._prepare_local(batch)
                 # the owner's check saw every whole update and counted each non-finite one
-                updates = self._owner_compute(list(range(len(batch))), inputs, end=False)
+                updates = self._owner_compute(list(range(len(batch))), inputs, end=False,
+                                              known_finite=finite)
                 for item, update in zip(batch, updates, strict=True):
                     if id(item) not in self._skipped:
                         self._apply(item, update)
@@ -418,14 +419,19 @@ class MatrixOptimizer(StateDictOptimizer):
                 for name, p in zip(group["param_names"], group["params"], strict=True)]
 
     def _owner_compute(self, indices: list[int], full_inputs: list[Tensor], *,
-                       end: bool = True) -> list[Tensor]:
+                       end: bool = True, known_finite: Sequence[bool] = ()) -> list[Tensor]:
         """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group.
         ``end``: finish the step's batches here (:meth:`_end_batches`); False when the caller
-        does, after more batches."""
+        does, after more batches. ``known_finite[j]`` True: phase 1 already proved input j
+        finite, and it is not checked again."""
         items = [self._step_items[i] for i in indices]
         results: list[Tensor | None] = [None] * len(indices)
         batches: dict[tuple, list[int]] = defaultdict(list)
-        for j, ok in enumerate(all_finite(full_inputs)):
+        unknown = [j for j in range(len(full_inputs))
+                   if not (j < len(known_finite) and known_finite[j])]
+        checked = dict(zip(unknown, all_finite([full_inputs[j] for j in unknown]), strict=True))
+        for j in range(len(full_inputs)):
+            ok = checked.get(j, True)
             if ok:  # stacking promotes mixed dtypes: one batch per dtype
                 batches[(id(items[j].group), items[j].shape, full_inputs[j].dtype)].append(j)
             else:
@@ -517,6 +523,14 @@ class MatrixOptimizer(StateDictOptimizer):
     def _prepare(self, item: MatrixItem) -> Tensor:
         """Phase 1 on this rank's piece; may stash a pending state change in ``item.pending``."""
         raise NotImplementedError
+
+    def _prepare_local(self, batch: list[MatrixItem]) -> tuple[list[Tensor], list[bool]]:
+        """Phase 1 of one batch of :meth:`_step_local` (one process, which decides alone
+        whether a matrix steps): the update inputs, and for each whether it is already known
+        to be finite (else phase 2 checks it). Here :meth:`_prepare` of each matrix, none known;
+        a subclass may change its state in place where it can tell that the step cannot be
+        skipped."""
+        return [self._prepare(item) for item in batch], [False] * len(batch)
 
     def _stack(self, items: list[MatrixItem], xs: list[Tensor]) -> Tensor:
         """The ``(B, m, n)`` batch :meth:`_compute` receives (one matrix: a view, no copy).

@@ -14,7 +14,7 @@ from torch import nn
 
 from optim import SOAP, Muon, NorMuon, split_param_groups
 from optim.health import estimate_orthogonality_error, orthogonality_error
-from optim.muon import adjusted_lr
+from optim.muon import IN_PLACE_NORM, adjusted_lr
 from optim.orthogonalize import METHODS, default_steps, orthogonalize, soften
 
 # Our Muon runs the same ops in the same order as torch.optim.Muon (lerp momentum, bf16 NS with
@@ -526,6 +526,40 @@ def test_update_that_overflows_from_a_finite_gradient_is_skipped_and_counted(opt
     opt.step()
     ref.step()
     assert torch.equal(p.detach(), ref_p.detach())
+    assert opt.health()["w"]["nonfinite_skips"] == 1.0
+
+
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+def test_one_process_moves_the_momentum_in_place_unless_the_step_could_be_skipped(opt_cls):
+    """In one process a step that cannot be skipped moves each momentum in place, as
+    torch.optim.Muon does: the buffer keeps its storage (no new buffer per matrix and step,
+    bench/muon.py). A gradient whose norm is above IN_PLACE_NORM (float64 entries of 1e37, finite
+    in bfloat16, whose update comes out NaN) takes the out-of-place path: skipped and counted
+    with the momentum as it was, and the next step moves it in place again."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (16, 8)
+    p = nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64))
+    opt = opt_cls([("w", p)], lr=0.02)
+
+    def step(scale: float) -> None:
+        p.grad = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        opt.step()
+
+    step(1.0)
+    buf = opt.state[p]["momentum_buffer"]
+    storage, before = buf.data_ptr(), buf.clone()
+    step(1.0)
+    assert buf.data_ptr() == storage and not torch.equal(buf, before)  # moved, in place
+    big = 1e37
+    assert math.sqrt(shape[0] * shape[1]) * big > IN_PLACE_NORM
+    before, params_before = buf.clone(), p.detach().clone()
+    step(big)
+    assert opt.health()["w"]["nonfinite_skips"] == 1.0
+    assert torch.equal(opt.state[p]["momentum_buffer"], before)
+    assert torch.equal(p.detach(), params_before)
+    step(1.0)
+    assert opt.state[p]["momentum_buffer"].data_ptr() == storage
+    assert not torch.equal(opt.state[p]["momentum_buffer"], before)
     assert opt.health()["w"]["nonfinite_skips"] == 1.0
 
 
