@@ -266,15 +266,17 @@ class Muon(MatrixOptimizer):
         """One process: the momentum moves in place, as torch.optim.Muon moves it, wherever
         the step cannot be skipped; out of place (:meth:`_prepare`) otherwise.
 
-        A new buffer per matrix and step took 8% of the d_model 256 stack's step at one thread
-        (12% at two: fresh pages each step, bench/muon.py). A gradient and a momentum whose
+        A new buffer per matrix and step took ~9% of the d_model 256 stack's step at one and
+        at two threads (fresh pages every step; docs/kernels.md). A gradient and a momentum whose
         Frobenius norms are at most :data:`IN_PLACE_NORM` hold no NaN or Inf, the two lerps
         (convex combinations) keep the update input's norm under that bound, and the bfloat16
         Newton-Schulz, which divides its input by its norm first, stays finite: the matrix will
         step. Anything else (a NaN, an Inf, a float64 gradient whose update would overflow)
         takes the out-of-place path, which keeps the momentum until the step is known to be
         finite (tests/test_muon.py runs every magnitude through both paths).
-        ``"svd"`` always does: a LinAlgError skips its batch after this phase. One norm per
+        ``"svd"`` always does: a LinAlgError skips its batch after this phase. An exception
+        while the batch computes (out of memory) leaves its momentum one step ahead, as
+        torch.optim.Muon's, where the out-of-place path left it as it was. One norm per
         tensor and one host sync per batch, and the inputs they prove finite are not checked
         again (:meth:`_owner_compute`); the bits are those of :meth:`_prepare`."""
         group = batch[0].group
