@@ -563,6 +563,34 @@ def test_one_process_moves_the_momentum_in_place_unless_the_step_could_be_skippe
     assert opt.health()["w"]["nonfinite_skips"] == 1.0
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_skipped_step_leaves_the_momentum_as_it_was_at_every_magnitude(opt_cls, dtype):
+    """Gradients from 1e10 to beyond bfloat16's range: wherever a step is skipped (its update
+    came out non-finite), the momentum and the parameter are exactly as before, so the
+    in-place path never took a step that could be skipped. With the bound at a quarter of
+    bfloat16's largest value instead of IN_PLACE_NORM, float64 gradients of norm 1e20-1e37
+    moved the momentum in place and were then skipped."""
+    skipped = 0
+    for exponent in range(10, 40):
+        gen = torch.Generator().manual_seed(exponent)
+        p = nn.Parameter(torch.randn(16, 8, generator=gen, dtype=dtype))
+        opt = opt_cls([("w", p)], lr=0.02)
+        p.grad = torch.randn(16, 8, generator=gen, dtype=dtype)
+        opt.step()
+        g = torch.randn(16, 8, generator=gen, dtype=torch.float64) * 10.0**exponent
+        if not torch.isfinite(g.to(dtype)).all():
+            continue
+        p.grad = g.to(dtype)
+        buf, weights = opt.state[p]["momentum_buffer"].clone(), p.detach().clone()
+        opt.step()
+        if opt.health()["w"]["nonfinite_skips"] == 1.0:
+            skipped += 1
+            assert torch.equal(opt.state[p]["momentum_buffer"], buf), exponent
+            assert torch.equal(p.detach(), weights), exponent
+    assert skipped > 0  # the range reaches where updates overflow
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_no_finite_gradient_makes_state_or_parameters_non_finite(dtype):
     """Gradients of every magnitude the dtype holds, through every method: each step is taken
