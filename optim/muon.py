@@ -251,15 +251,27 @@ class Muon(MatrixOptimizer):
                                                       else {"momentum_buffer"})
 
     def _prepare(self, item: MatrixItem) -> Tensor:
-        group, p = item.group, item.param
-        assert p.grad is not None  # MatrixOptimizer.step only passes params with a gradient
-        self._init_state(item, owner=False)
-        state = self.state[p]
-        grad, buf = local(p.grad), local(state["momentum_buffer"])
         # Out of place: a skipped matrix must keep its momentum. _apply commits it by moving the
         # new storage into the buffer (no copy).
-        new_buf = buf.lerp(grad, 1 - group["momentum"])
-        item.pending = new_buf
+        return self._momentum_step(item, *self._grad_and_momentum(item), in_place=False)
+
+    def _grad_and_momentum(self, item: MatrixItem) -> tuple[Tensor, Tensor]:
+        """This rank's gradient and momentum buffer of ``item`` (the buffer made if new)."""
+        grad = item.param.grad
+        assert grad is not None  # MatrixOptimizer.step only passes params with a gradient
+        self._init_state(item, owner=False)
+        return local(grad), local(self.state[item.param]["momentum_buffer"])
+
+    def _momentum_step(self, item: MatrixItem, grad: Tensor, buf: Tensor, *,
+                       in_place: bool) -> Tensor:
+        """The momentum update (in ``buf`` itself, or pending in ``item.pending``) and the
+        update input it gives: ``grad.lerp(M_t, momentum)`` with Nesterov, else ``M_t``."""
+        group = item.group
+        if in_place:
+            new_buf = buf.lerp_(grad, 1 - group["momentum"])
+            item.pending = None  # nothing left to commit
+        else:
+            new_buf = item.pending = buf.lerp(grad, 1 - group["momentum"])
         return grad.lerp(new_buf, group["momentum"]) if group["nesterov"] else new_buf
 
     def _prepare_local(self, batch: list[MatrixItem]) -> tuple[list[Tensor], list[bool]]:
@@ -282,23 +294,12 @@ class Muon(MatrixOptimizer):
         group = batch[0].group
         if group["ns_method"] == "svd":
             return super()._prepare_local(batch)
-        pairs = []
-        for item in batch:
-            self._init_state(item, owner=False)
-            grad = item.param.grad
-            assert grad is not None  # MatrixOptimizer.step only passes params with a gradient
-            pairs.append((local(grad), local(self.state[item.param]["momentum_buffer"])))
+        pairs = [self._grad_and_momentum(item) for item in batch]
         norms = torch.stack(torch._foreach_norm([t for pair in pairs for t in pair])).tolist()
-        inputs, finite = [], []
-        for i, (item, (grad, buf)) in enumerate(zip(batch, pairs, strict=True)):
-            in_place = norms[2 * i] <= IN_PLACE_NORM and norms[2 * i + 1] <= IN_PLACE_NORM
-            finite.append(in_place)
-            if not in_place:
-                inputs.append(self._prepare(item))
-                continue
-            buf.lerp_(grad, 1 - group["momentum"])
-            item.pending = None  # nothing left to commit
-            inputs.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        finite = [norms[2 * i] <= IN_PLACE_NORM and norms[2 * i + 1] <= IN_PLACE_NORM
+                  for i in range(len(batch))]
+        inputs = [self._momentum_step(item, grad, buf, in_place=ok)
+                  for item, (grad, buf), ok in zip(batch, pairs, finite, strict=True)]
         return inputs, finite
 
     def _stack(self, items: list[MatrixItem], xs: list[Tensor]) -> Tensor:
