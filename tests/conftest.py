@@ -51,23 +51,54 @@ def run_whole(cmd: list[str], *, timeout: float, **kwargs: object
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_whole(proc)
             stdout, stderr = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from the parent pids in /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ")"
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_whole(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s session (started with ``start_new_session=True``) and every process
+    below it. The session alone is not enough: torchrun starts each rank in a session of its
+    own, so killing torchrun's session left the ranks running (a rank restarted by
+    ``--max-restarts`` outlived a timed-out test that way). The descendants are listed before
+    anything is killed: an orphan is adopted by init, out of reach."""
+    below = _descendants(proc.pid)
+    for kill, target in [(os.killpg, proc.pid)] + [(os.kill, pid) for pid in below]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(target, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def killed_whole(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """Kill ``proc``'s session (started with ``start_new_session=True``) when the block is left
-    by an exception: a failed assertion, or the test's own timeout (pytest-timeout raises in
-    the test, past any ``communicate`` deadline), would otherwise leave it and its children
-    running."""
+    """Kill ``proc`` and everything below it (:func:`kill_whole`) when the block is left by an
+    exception: a failed assertion, or the test's own timeout (pytest-timeout raises in the
+    test, past any ``communicate`` deadline), would otherwise leave them running."""
     try:
         yield proc
     except BaseException:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_whole(proc)
         raise
 
 
