@@ -26,7 +26,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PRECISIONS", "SideRefresh", "Whitening", "matmul_precision", "pmm", "project_in",
+from optim.health import _native_half_matmul
+
+__all__ = ["BF16_QUOTIENTS", "BF16_QUOTIENTS_FROM", "PRECISIONS", "SideRefresh", "Whitening",
+           "bf16_quotients", "matmul_precision", "pmm", "power_step_quotients", "project_in",
            "project_out", "refresh_side", "update_factors"]
 
 PRECISIONS = ("highest", "high", "medium")
@@ -177,15 +180,43 @@ class SideRefresh:
         """``diag(Q^T F Q)`` of the new basis after a power-iteration refresh (None after eigh,
         whose eigenvalues are those quotients): for a side of ``HALF_PRODUCT_FROM`` or more,
         half an ``F Q`` product (:func:`power_step_quotients`); below, the ``F Q`` product
-        itself, which is faster there (the half product's blocks are a dozen small calls)."""
+        itself, which is faster there (the half product's blocks are a dozen small calls).
+        After one power step of a float32 factor, where :func:`bf16_quotients` says so, the
+        half product runs in bf16 from the old basis's quotients."""
         if self.power is None:
             return None
         base, perm, Q_raw, R, resort, factor = self.power
         if self.Q.size(-1) < HALF_PRODUCT_FROM:
             with matmul_precision("highest", factor.device):
                 return _rayleigh(factor, self.Q, "highest")[1]
-        Q_prev = base if perm is None else base.index_select(1, perm)
-        return power_step_quotients(Q_prev, Q_raw, R)[resort]  # sets "highest" itself
+        if perm is None:  # several power steps: the last one's old quotients are not at hand
+            return power_step_quotients(base, Q_raw, R)[resort]
+        Q_prev = base.index_select(1, perm)
+        if factor.dtype == torch.float32 and bf16_quotients(factor.device, self.Q.size(-1)):
+            return power_step_quotients(Q_prev, Q_raw, R,
+                                        old_quotients=self.quotients.index_select(0, perm),
+                                        dtype=torch.bfloat16)[resort]
+        return power_step_quotients(Q_prev, Q_raw, R)[resort]
+
+
+# Whether a power step's new quotients (SideRefresh.new_quotients) take their products in bf16:
+# None (default): on sides of BF16_QUOTIENTS_FROM or more where the device multiplies bf16
+# natively (CUDA; CPUs with AVX512-BF16 or AMX); True / False: on every side of
+# HALF_PRODUCT_FROM or more, or on none. They serve health only, never the update
+# (docs/soap.md "Health").
+BF16_QUOTIENTS: bool | None = None
+# Measured (Intel Xeon with AMX, 1 thread, 2026-12-02, ms, float32 halving against bf16):
+# 256: 0.29-0.36 against 0.29-0.35; 384: 0.77 against 0.84; 512: 1.82 against 1.59; 768: 4.84
+# against 3.17; 1024: 11.2-11.6 against 4.8-5.5. Below 512 bf16 gains nothing and rounds.
+BF16_QUOTIENTS_FROM = 512
+
+
+def bf16_quotients(device: torch.device, side: int) -> bool:
+    """Whether :meth:`SideRefresh.new_quotients` multiplies in bf16 for a ``side``-long basis
+    on ``device`` (``BF16_QUOTIENTS``)."""
+    if BF16_QUOTIENTS is not None:
+        return BF16_QUOTIENTS
+    return side >= BF16_QUOTIENTS_FROM and _native_half_matmul(device.type, torch.bfloat16)
 
 
 # Sides from which the new basis's quotients after a power step come from the half product
@@ -206,7 +237,9 @@ HALF_PRODUCT_FROM = 256
 _QUOTIENT_LEAF = 128
 
 
-def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
+def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor, *,
+                         old_quotients: Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> Tensor:
     """The Rayleigh quotients ``diag(Q_new^T F Q_new)`` after a power step ``F Q_prev = Q_new
     R`` (thin QR of a square ``Q_prev``), without ``F``. Only ``R``'s upper triangle is read
     (what lies below it, e.g. geqrf's Householder vectors, is ignored).
@@ -221,22 +254,45 @@ def power_step_quotients(Q_prev: Tensor, Q_new: Tensor, R: Tensor) -> Tensor:
     (what BLAS runs fastest), and each column's contribution is one ``vecdot`` with ``R^T``
     (row-major as geqrf returns ``R`` column-major). In float32 it lands within 6e-7 of the
     ``F Q_new`` product it replaces, relative to the largest quotient (256 and 1024 sides).
+
+    With ``old_quotients``, the old basis's ``lam = diag(Q_prev^T F Q_prev)`` (which the sort
+    before the power step computed), the products may run in a narrower ``dtype``: column i of
+    ``F Q_prev = Q_new R`` gives ``lam_i = R_ii M_ii + sum_{j < i} R_ji M_ij``, so ``diag(R
+    M)_i = lam_i + sum_{j > i} R_ij M_ji - sum_{j < i} R_ji M_ij``. Only M's STRICT lower
+    triangle enters, as corrections to ``lam`` that are small once the basis has settled, so
+    their rounding barely shows: in bf16, within 5e-4 of the largest quotient from a random
+    old basis and 1e-5 from a nearby factor's eigenbasis (256 and 1024 sides; 2e-3 and 5e-5 at
+    24), where the full ``diag(R M)`` in bf16 misses by ~1e-3 either way.
     """
+    if dtype is not None and old_quotients is None:
+        raise ValueError("power_step_quotients: a product dtype needs the old quotients")
     d = Q_prev.size(-1)
     R_t = R.mT  # R_t[j, i] = R[i, j]: row j of M's block pairs with row j of R_t
-    out = torch.zeros(d, dtype=Q_new.dtype, device=Q_new.device)
+    # each operand cast in its own layout (a cast that also transposes took 7 ms at 1024)
+    A = Q_prev.to(dtype or Q_prev.dtype).mT  # row j: column j of Q_prev
+    B = Q_new.to(dtype or Q_new.dtype)
+    lower = old_quotients is not None
+    out = old_quotients.clone() if old_quotients is not None else \
+        torch.zeros(d, dtype=Q_new.dtype, device=Q_new.device)
     blocks = [(0, d)]
     with matmul_precision("highest", Q_new.device):
         while blocks:
             lo, hi = blocks.pop()
-            if hi - lo <= _QUOTIENT_LEAF:
-                M = Q_prev[:, lo:hi].mT @ Q_new[:, lo:hi]
-                out[lo:hi] += torch.linalg.vecdot(R_t[lo:hi, lo:hi].tril(), M, dim=0)
-                continue
-            mid = (lo + hi) // 2
-            M = Q_prev[:, mid:hi].mT @ Q_new[:, lo:mid]
-            out[lo:mid] += torch.linalg.vecdot(R_t[mid:hi, lo:mid], M, dim=0)
-            blocks += [(lo, mid), (mid, hi)]
+            leaf = hi - lo <= _QUOTIENT_LEAF
+            mid = hi if leaf else (lo + hi) // 2
+            rows = slice(lo, hi) if leaf else slice(mid, hi)
+            M = A[rows] @ B[:, lo:mid]
+            if leaf:
+                R_block = R_t[lo:hi, lo:hi].tril(-1 if lower else 0)
+            else:
+                R_block = R_t[mid:hi, lo:mid]
+                blocks += [(lo, mid), (mid, hi)]
+            if lower:
+                P = R_block * M  # float32: the products' rounding stays in M
+                out[lo:mid] += P.sum(0)
+                out[rows] -= P.sum(1)
+            else:
+                out[lo:mid] += torch.linalg.vecdot(R_block, M, dim=0)
     return out
 
 

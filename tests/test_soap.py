@@ -581,6 +581,11 @@ def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eig
 # (STALENESS_FP32_ATOL); the carried quotients add ~1e-7 relative per step, and eigengaps from
 # them agreed within 5.7e-7 - 6.5e-7 over these configurations (by machine): 1e-5 is ~15x that.
 EIGENGAP_CARRIED_ATOL = 1e-5
+# ... unless a power step's new quotients were multiplied in bf16 (BF16_QUOTIENTS): measured
+# up to 1.3e-3 at these 24- and 16-long sides, where bf16 rounding weighs most (the quotients'
+# error shrinks with the side: test_power_step_quotients_in_bf16_from_the_old_quotients_...);
+# 4e-3 is ~3x that, about one bf16 rounding (2^-8) of a gap near 1.
+EIGENGAP_BF16_ATOL = 4e-3
 CARRIED_CONFIGS = {
     "QR every step": {"precondition_frequency": 1},
     "QR": {"precondition_frequency": 4},
@@ -601,7 +606,8 @@ def _spiky_grads(steps, shape=(24, 16), seed=1):
                                 torch.randn(shape[1], generator=gen)) for _ in range(steps)]
 
 
-def _check_against_stored_state(opt, p, health, basis_before, refreshed):
+def _check_against_stored_state(opt, p, health, basis_before, refreshed, *,
+                                eigengap_atol=EIGENGAP_CARRIED_ATOL):
     for s in "LR":
         factor = opt.state[p][s]
         if factor.numel() == 0:
@@ -613,7 +619,7 @@ def _check_against_stored_state(opt, p, health, basis_before, refreshed):
         if not refreshed:  # the eigengap of the current basis's quotients
             quotients = torch.diagonal(Q.mT @ factor.double() @ Q).sort(descending=True).values
             assert health[f"eigengap_ratio_{s}"] == pytest.approx(
-                eigengap_ratio(quotients).item(), abs=EIGENGAP_CARRIED_ATOL)
+                eigengap_ratio(quotients).item(), abs=eigengap_atol)
 
 
 def _counting_products(monkeypatch):
@@ -674,20 +680,26 @@ def _with_and_without_health(cfg, every, steps, monkeypatch):
                flops[0] - flops[1])
 
 
-@pytest.mark.parametrize("half_product", [True, False], ids=["half product", "product"])
+@pytest.mark.parametrize("route", ["half product", "bf16 half product", "product"])
 @pytest.mark.parametrize("cfg", CARRIED_CONFIGS.values(), ids=CARRIED_CONFIGS.keys())
 def test_health_between_refreshes_matches_the_stored_state_without_extra_products(
-        cfg, half_product, monkeypatch):
+        cfg, route, monkeypatch):
     import optim._soap_basis as soap_basis
     # the sides here (24, 16) are below the size where the half product pays: force it to
-    # check its values on every configuration too
+    # check its values on every configuration too, in float32 and (after one power step) in
+    # bf16 from the old quotients, whichever this machine would choose
+    half_product = route != "product"
     if half_product:
         monkeypatch.setattr(soap_basis, "HALF_PRODUCT_FROM", 0)
+    monkeypatch.setattr(soap_basis, "BF16_QUOTIENTS", route == "bf16 half product")
     assert (24 >= soap_basis.HALF_PRODUCT_FROM) == half_product
+    bf16 = route == "bf16 half product" and cfg.get("power_iter_steps", 1) == 1
     freq = cfg["precondition_frequency"]
     for t, opt, p, before, extra, flops in _with_and_without_health(cfg, 1, 14, monkeypatch):
         if t:
-            _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0)
+            _check_against_stored_state(opt, p, opt.health()["w"], before, t % freq == 0,
+                                        eigengap_atol=EIGENGAP_BF16_ATOL if bf16
+                                        else EIGENGAP_CARRIED_ATOL)
         if t % freq:  # between refreshes health multiplies no matrices at all
             assert flops == 0, (t, flops)
         # no F Q product for health between refreshes, ever; at a power-iteration refresh
@@ -738,30 +750,113 @@ def test_staleness_of_factors_past_float32_squares_matches_the_stored_state(case
 QUOTIENT64_RTOL = 1e-12
 
 
+def _power_step(d, *, warm, seed, dtype=torch.float64):
+    """A factor F, an old basis (random, or the eigenbasis of a nearby factor), its Rayleigh
+    quotients, and one power step F Q_prev = Q_new R as refresh_side takes it (geqrf's
+    packing: Householder vectors below R's diagonal), with the direct diag(Q_new^T F Q_new)
+    in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(d, d // 2 + 3, generator=gen, dtype=dtype)
+    F = G @ G.mT
+    if warm:
+        near = G + 0.05 * torch.randn(G.shape, generator=gen, dtype=dtype)
+        Q_prev = torch.linalg.eigh(near @ near.mT)[1].flip(-1).contiguous()
+    else:
+        Q_prev = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=dtype))[0]
+    Y = F @ Q_prev
+    packed, tau = torch.geqrf(Y)
+    Q_new = torch.linalg.householder_product(packed, tau)
+    direct = (Q_new.double() * (F.double() @ Q_new.double())).sum(0)
+    return Q_prev, Q_new, packed, (Q_prev * Y).sum(0), direct
+
+
+@pytest.mark.parametrize("route", ["diag(R M)", "old quotients"])
 @pytest.mark.parametrize("leaf", [None, 3], ids=["default-leaf", "leaf-3"])
 @pytest.mark.parametrize("d", [1, 7, 64, 130])
-def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d, leaf, monkeypatch):
-    # F Q_prev = Q_new R makes Q_new^T F Q_new = R Q_prev^T Q_new exactly; in float64 the
-    # half product's diagonal equals the direct one to rounding (sizes that split into uneven
-    # halves, and a 1x1); leaves of 3 columns take the halving several levels deep
+def test_power_step_quotients_equal_the_direct_rayleigh_quotients(d, leaf, route, monkeypatch):
+    # F Q_prev = Q_new R makes Q_new^T F Q_new = R Q_prev^T Q_new exactly, and column i of
+    # F Q_prev makes it lam_i plus terms of M's strict lower triangle; in float64 both equal
+    # the direct diagonal to rounding (sizes that split into uneven halves, and a 1x1); leaves
+    # of 3 columns take the halving several levels deep
     import optim._soap_basis as soap_basis
     if leaf is not None:
         monkeypatch.setattr(soap_basis, "_QUOTIENT_LEAF", leaf)
-    gen = torch.Generator().manual_seed(d)
-    G = torch.randn(d, d + 3, generator=gen, dtype=torch.float64)
-    F = G @ G.mT
-    Q_prev = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
-    Q_new, R = torch.linalg.qr(F @ Q_prev)
-    direct = (Q_new * (F @ Q_new)).sum(0)
-    # R as refresh_side keeps it: geqrf's packing, Householder vectors below the diagonal
-    packed, tau = torch.geqrf(F @ Q_prev)
-    assert torch.equal(torch.linalg.householder_product(packed, tau), Q_new)
+    Q_prev, Q_new, packed, lam, direct = _power_step(d, warm=False, seed=d)
     if d > 1:
         assert packed.tril(-1).abs().max() > 0.1  # what the quotients must not read
-    for r in (R, packed):
-        got = power_step_quotients(Q_prev, Q_new, r)
+    old = lam if route == "old quotients" else None
+    for r in (packed.triu(), packed):
+        got = power_step_quotients(Q_prev, Q_new, r, old_quotients=old)
         assert torch.allclose(got, direct, rtol=0,
                               atol=QUOTIENT64_RTOL * direct.abs().max().item())
+
+
+# bf16 products from the old quotients, against the direct float64 diagonal, relative to the
+# largest quotient: measured <= 5.2e-4 from random old bases and <= 1.5e-5 from a nearby
+# factor's eigenbasis (256; three seeds). 2e-3 is about one bf16 rounding (2^-9) of the top
+# quotient itself; the warm bound 1e-4 is ~7x the measured one.
+BF16_QUOTIENT_COLD_RTOL = 2e-3
+BF16_QUOTIENT_WARM_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["random old basis", "nearby eigenbasis"])
+def test_power_step_quotients_in_bf16_from_the_old_quotients_stay_close(warm):
+    # Only M's strict lower triangle enters, as corrections to the old quotients: rounding the
+    # bases to bf16 moves the result far less than it moves the full diag(R M), most of all
+    # once the basis has settled (the corrections then are small)
+    for seed in range(3):
+        Q_prev, Q_new, packed, lam, direct = _power_step(256, warm=warm, seed=seed,
+                                                         dtype=torch.float32)
+        scale = direct.abs().max().item()
+        got = power_step_quotients(Q_prev, Q_new, packed, old_quotients=lam,
+                                   dtype=torch.bfloat16)
+        assert got.dtype == torch.float32
+        error = (got.double() - direct).abs().max().item() / scale
+        assert error < (BF16_QUOTIENT_WARM_RTOL if warm else BF16_QUOTIENT_COLD_RTOL)
+        M = (Q_prev.mT.bfloat16() @ Q_new.bfloat16()).float()
+        whole = ((packed.triu().mT * M).sum(0).double() - direct).abs().max().item() / scale
+        assert error < whole / (10 if warm else 1.5), (error, whole)
+    with pytest.raises(ValueError, match="old quotients"):
+        power_step_quotients(Q_prev, Q_new, packed, dtype=torch.bfloat16)
+
+
+def test_bf16_quotients_by_default_only_on_long_sides_of_bf16_hardware(monkeypatch):
+    import optim._soap_basis as soap_basis
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(soap_basis, "_native_half_matmul", lambda device, dtype: native)
+        long_side = soap_basis.BF16_QUOTIENTS_FROM
+        assert soap_basis.bf16_quotients(cpu, long_side) == native
+        assert not soap_basis.bf16_quotients(cpu, long_side - 1)
+        for forced in (False, True):  # forced either way at any length
+            monkeypatch.setattr(soap_basis, "BF16_QUOTIENTS", forced)
+            assert soap_basis.bf16_quotients(cpu, 16) == forced
+            monkeypatch.setattr(soap_basis, "BF16_QUOTIENTS", None)
+
+
+def test_bf16_quotients_serve_health_only(monkeypatch):
+    # the new bases' quotients feed health between refreshes and nothing else: the parameters
+    # and the whole state come out the same whichever precision multiplied them
+    import optim._soap_basis as soap_basis
+    monkeypatch.setattr(soap_basis, "HALF_PRODUCT_FROM", 0)
+    runs = []
+    for bf16 in (False, True):
+        monkeypatch.setattr(soap_basis, "BF16_QUOTIENTS", bf16)
+        p = torch.nn.Parameter(torch.zeros(24, 16))
+        opt = SOAP([("w", p)], lr=0.01, precondition_frequency=3)
+        healths = []
+        for g in _spiky_grads(9):
+            p.grad = g.clone()
+            opt.step()
+            healths.append(opt.health()["w"])
+        runs.append((p.detach().clone(), opt.state_dict(), healths))
+    (p32, state32, h32), (p16, state16, h16) = runs
+    assert torch.equal(p32, p16)
+    for key, value in state32["state"][0].items():
+        assert torch.equal(value, state16["state"][0][key]), key
+    # ... while the health steps between power refreshes did read the bf16 quotients
+    assert any(a["eigengap_ratio_L"] != b["eigengap_ratio_L"]
+               for a, b in zip(h32, h16, strict=True))
 
 
 @pytest.mark.parametrize("cfg", [CARRIED_CONFIGS["eigh"], CARRIED_CONFIGS["KL"]],
