@@ -801,9 +801,9 @@ BF16_QUOTIENT_WARM_RTOL = 1e-4
 
 @pytest.mark.parametrize("warm", [False, True], ids=["random old basis", "nearby eigenbasis"])
 def test_power_step_quotients_in_bf16_from_the_old_quotients_stay_close(warm):
-    # Only M's strict lower triangle enters, as corrections to the old quotients: rounding the
-    # bases to bf16 moves the result far less than it moves the full diag(R M), most of all
-    # once the basis has settled (the corrections then are small)
+    # Only M's strict lower triangle enters, as corrections to the old quotients: once the basis
+    # has settled (the corrections are small) rounding the bases to bf16 moves the result far
+    # less than it moves the whole diag(R M)
     for seed in range(3):
         Q_prev, Q_new, packed, lam, direct = _power_step(256, warm=warm, seed=seed,
                                                          dtype=torch.float32)
@@ -813,9 +813,10 @@ def test_power_step_quotients_in_bf16_from_the_old_quotients_stay_close(warm):
         assert got.dtype == torch.float32
         error = (got.double() - direct).abs().max().item() / scale
         assert error < (BF16_QUOTIENT_WARM_RTOL if warm else BF16_QUOTIENT_COLD_RTOL)
-        M = (Q_prev.mT.bfloat16() @ Q_new.bfloat16()).float()
-        whole = ((packed.triu().mT * M).sum(0).double() - direct).abs().max().item() / scale
-        assert error < whole / (10 if warm else 1.5), (error, whole)
+        if warm:  # 43-69x better here (from random bases 1.8-2.7x: corrections are large)
+            M = (Q_prev.mT.bfloat16() @ Q_new.bfloat16()).float()
+            whole = ((packed.triu().mT * M).sum(0).double() - direct).abs().max().item() / scale
+            assert error < whole / 10, (error, whole)
     with pytest.raises(ValueError, match="old quotients"):
         power_step_quotients(Q_prev, Q_new, packed, dtype=torch.bfloat16)
 
@@ -824,7 +825,8 @@ def test_bf16_quotients_by_default_only_on_long_sides_of_bf16_hardware(monkeypat
     import optim._soap_basis as soap_basis
     cpu = torch.device("cpu")
     for native in (False, True):
-        monkeypatch.setattr(soap_basis, "_native_half_matmul", lambda device, dtype: native)
+        monkeypatch.setattr(soap_basis, "_native_half_matmul",
+                            lambda device, dtype, native=native: native)
         long_side = soap_basis.BF16_QUOTIENTS_FROM
         assert soap_basis.bf16_quotients(cpu, long_side) == native
         assert not soap_basis.bf16_quotients(cpu, long_side - 1)
