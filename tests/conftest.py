@@ -53,8 +53,17 @@ def run_whole(cmd: list[str], *, timeout: float, **kwargs: object
         except subprocess.TimeoutExpired:
             kill_whole(proc)
             stdout, stderr = proc.communicate()
-            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+            raise TimedOut(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+class TimedOut(subprocess.TimeoutExpired):
+    """:class:`subprocess.TimeoutExpired` whose message ends with the command's last stderr:
+    the failure report of a hung run says where it hung."""
+
+    def __str__(self) -> str:
+        tail = self.stderr if isinstance(self.stderr, str) else ""
+        return f"{super().__str__()} Its stderr ends:\n{tail[-4000:]}"
 
 
 def _descendants(pid: int) -> list[int]:

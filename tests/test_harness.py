@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.multiprocess]
 # a parent that starts a child in a session of its own, as torchrun starts its ranks, and hangs
 HANGING_PARENT = """
 import subprocess, sys, time
+print("started the child", file=sys.stderr, flush=True)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                          start_new_session=True)
 print(child.pid, flush=True)
@@ -35,6 +36,7 @@ def test_a_timed_out_command_leaves_no_process_behind_even_in_another_session():
     with pytest.raises(subprocess.TimeoutExpired) as caught:
         run_whole([sys.executable, "-c", HANGING_PARENT], timeout=5)
     child = int(caught.value.output.split()[0])
+    assert "started the child" in str(caught.value)  # the report shows where it hung
     deadline = time.monotonic() + 10  # SIGKILL is immediate; the reaping by init may lag
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
