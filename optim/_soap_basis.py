@@ -189,10 +189,10 @@ class SideRefresh:
         if self.Q.size(-1) < HALF_PRODUCT_FROM:
             with matmul_precision("highest", factor.device):
                 return _rayleigh(factor, self.Q, "highest")[1]
-        if perm is None:  # several power steps: the last one's old quotients are not at hand
-            return power_step_quotients(base, Q_raw, R)[resort]
-        Q_prev = base.index_select(1, perm)
-        if factor.dtype == torch.float32 and bf16_quotients(factor.device, self.Q.size(-1)):
+        Q_prev = base if perm is None else base.index_select(1, perm)
+        # perm None: several power steps, whose last one's old quotients are not at hand
+        if perm is not None and factor.dtype == torch.float32 and \
+                bf16_quotients(factor.device, self.Q.size(-1)):
             return power_step_quotients(Q_prev, Q_raw, R,
                                         old_quotients=self.quotients.index_select(0, perm),
                                         dtype=torch.bfloat16)[resort]
