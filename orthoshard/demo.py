@@ -157,8 +157,9 @@ def _train_argv(args: argparse.Namespace, url: str, token_file: Path) -> list[st
     return argv
 
 
-# How long torchrun may take to stop its workers after a SIGTERM before it is killed.
-_TORCHRUN_STOP_S = 30.0
+# How long torchrun may take to stop its workers after a SIGTERM before it is killed: longer
+# than the 30 s torchrun gives its ranks to finish their step and checkpoint it.
+_TORCHRUN_STOP_S = 45.0
 
 
 def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:

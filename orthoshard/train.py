@@ -15,6 +15,14 @@ leaves the previous checkpoint in force). ``--resume`` continues from ``LATEST``
 one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was
 (``--resume`` or not), and a first attempt without ``--resume`` refuses a directory holding
 another run's ``LATEST``, which a restart would otherwise continue.
+
+Stopping: on SIGTERM (``docker compose stop``, a scheduler's preemption, torchrun passing on its
+own) every rank finishes the step it is in, saves a checkpoint there when checkpoints are on
+(unless that step just saved one) and exits with 143 (128 + SIGTERM), writing no final report:
+``--resume`` continues from that step, and nothing trained is lost. The ranks agree on the
+step through the all-reduce each step already makes. torchrun waits 30 s
+(``--shutdown-timeout``) after passing the signal on before it kills its ranks, and a second
+SIGTERM stops a rank at once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -319,6 +328,32 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     return str(box[0])
 
 
+class _StopRequest:
+    """SIGTERM, caught while training: ``requested`` turns True and the step in progress goes
+    on (the loop stops after it, on every rank). The handler is installed for the ``with``
+    block and the previous one put back after it; a second SIGTERM gets the previous handler
+    too, so a rank that is stuck still stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _caught(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # else Python cannot catch
+            previous = signal.signal(signal.SIGTERM, self._caught)
+            # None: a handler installed from outside Python, which cannot be put back
+            self._previous = signal.SIG_DFL if previous is None else previous
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def _maybe_die(step: int) -> None:
     """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
     kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
@@ -465,9 +500,22 @@ def _train(args: argparse.Namespace) -> int:
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
     publisher = _publisher(args, run_id) if _publishes(args) else None
-    with _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
-        _loop(args, model, optimizer, data, ckpt, log, publisher, start=start, horizon=horizon,
-              run_id=run_id, run_flags=run_flags)
+    with _StopRequest() as stop, \
+            _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
+        stopped = _loop(args, model, optimizer, data, ckpt, log, publisher, stop, start=start,
+                        horizon=horizon, run_id=run_id, run_flags=run_flags)
+    if stopped is not None:
+        # not finished: the run goes on from its checkpoint, and until it does its ranks'
+        # silence pages (a stop nobody resumes is training that is not running)
+        if publisher is not None:
+            publisher.close()
+        if rank == 0:
+            where = (f"saved a checkpoint at step {stopped} in {args.checkpoint_dir}: --resume "
+                     f"continues from it" if args.checkpoint_every
+                     else "no checkpoint (--checkpoint-every 0): a new run starts from step 0")
+            print(f"orthoshard.train: stopped by SIGTERM after step {stopped} of {args.steps}; "
+                  f"{where}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     # the run ended: its silence from now on is no alert. This rank's finish also when it
     # published nothing: a restart that resumed at the last step (a rank died after the
     # final checkpoint) trains nothing, and ends the run its rank reported before.
@@ -481,9 +529,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data: MarkovData,
-          ckpt: Checkpoints, log: _Log, publisher: Any, *, start: int, horizon: int,
-          run_id: str | None, run_flags: dict[str, int]) -> None:
-    """Train from step ``start`` to ``args.steps``, then write the reports."""
+          ckpt: Checkpoints, log: _Log, publisher: Any, stop: _StopRequest, *, start: int,
+          horizon: int, run_id: str | None, run_flags: dict[str, int]) -> int | None:
+    """Train from step ``start`` to ``args.steps``, then write the reports and return None;
+    or, once a rank was asked to stop (``stop``), return the step every rank stopped after
+    (checkpointed there when checkpoints are on)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = next(model.parameters()).device  # where fully_shard put the parameters
     for step in range(start, args.steps):
@@ -494,15 +544,22 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
             add_spike(optimizer, scale=args.spike_scale, seed=args.seed)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_avg = loss.detach().clone()
-        dist.all_reduce(loss_avg)  # logging only: the mean loss over ranks
+        # the loss summed over ranks (logging only) and how many ranks were asked to stop:
+        # one all-reduce, so that every rank stops after the same step
+        shared = torch.stack([loss.detach().float(),
+                              torch.tensor(float(stop.requested), device=loss.device)])
+        dist.all_reduce(shared)
+        loss_sum, stopping = shared.tolist()
         # on every rank, with a sidecar or not: the summary is collective under FSDP2 (a node
         # started without --sidecar-url would otherwise leave the others waiting in it)
         health = publish_health(publisher, optimizer, step=step + 1, rank=rank,
                                 with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
-        log.step(step + 1, float(loss_avg) / world, health)
-        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+        log.step(step + 1, loss_sum / world, health)
+        due = bool(args.checkpoint_every) and (step + 1) % args.checkpoint_every == 0
+        if due or (stopping and args.checkpoint_every):
             ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, flags=run_flags)
+        if stopping:
+            return step + 1
         _maybe_die(step + 1)
         if args.step_delay:
             time.sleep(args.step_delay)
@@ -510,6 +567,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate(), args.steps,  # start <= steps (above)
                run_id=run_id)
+    return None
 
 
 def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:

@@ -66,7 +66,7 @@ class TimedOut(subprocess.TimeoutExpired):
         return f"{super().__str__()} Its stderr ends:\n{tail[-4000:]}"
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from the parent pids in /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -93,7 +93,7 @@ def kill_whole(proc: subprocess.Popen) -> None:
     own, so killing torchrun's session left the ranks running (a rank restarted by
     ``--max-restarts`` outlived a timed-out test that way). The descendants are listed before
     anything is killed: an orphan is adopted by init, out of reach."""
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     for kill, target in [(os.killpg, proc.pid)] + [(os.kill, pid) for pid in below]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             kill(target, signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import computed_once, killed_whole, run_whole
+from conftest import computed_once, descendants, killed_whole, run_whole
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -228,6 +229,54 @@ def test_a_second_run_in_the_same_checkpoint_dir_overwrites_nothing(tmp_path):
                  _params(tmp_path / "b" / "final_params.pt"))
 
 
+def _rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun ``agent``'s worker of global ``rank`` (from its environment)."""
+    for pid in descendants(agent):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if f"RANK={rank}".encode() in environ and \
+                any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in environ):
+            return pid
+    return None
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(
+        tmp_path, uninterrupted):
+    # One node stopped (its torchrun passes SIGTERM on to its ranks only): every rank of the
+    # job stops after the same step, where they all save one checkpoint, and the resume ends
+    # where the uninterrupted run does.
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "100"]  # none regularly
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "stderr").open("w") as err, killed_whole(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc-per-node=2", *TRAIN, "--out", str(out), *keep, "--step-delay", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)) as agent:
+        deadline = time.monotonic() + 120
+        while not ((out / "loss.jsonl").exists()
+                   and len((out / "loss.jsonl").read_text().splitlines()) >= 2):
+            assert agent.poll() is None and time.monotonic() < deadline, "no step logged"
+            time.sleep(0.05)
+        pid = _rank_pid(agent.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        assert agent.wait(timeout=120) != 0  # a rank exited 143: torchrun reports the stop
+    stopped = len((out / "loss.jsonl").read_text().splitlines())
+    assert 2 <= stopped < STEPS
+    assert (ckpt / "LATEST").read_text().strip() == f"step-{stopped:06d}"
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith("step-")] == \
+        [f"step-{stopped:06d}"]
+    assert f"stopped by SIGTERM after step {stopped} of {STEPS}" in \
+        (tmp_path / "stderr").read_text()
+    _torchrun("--standalone", "--nproc-per-node=2", *TRAIN, "--out", str(out), *keep,
+              "--resume")
+    assert len((out / "loss.jsonl").read_text().splitlines()) == STEPS  # no step twice
+    _assert_same(_params(out / "final_params.pt"), uninterrupted)
+
+
 @pytest.mark.timeout(300)
 def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, uninterrupted):
     port = _free_port()
@@ -400,6 +449,52 @@ def test_a_run_from_step_0_starts_its_logs_over_and_a_resumed_run_appends(
     assert steps("loss.jsonl") == steps("health-rank0.jsonl") == [1, 2]
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), "--resume", *keep) == 0
     assert steps("loss.jsonl") == steps("health-rank0.jsonl") == [1, 2, 3, 4]
+
+
+def _terminate_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """SIGTERM this process once step ``at`` is done (where the fault injection hook runs)."""
+    from orthoshard import train
+
+    def hook(step: int) -> None:
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "_maybe_die", hook)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_after_the_step_with_a_checkpoint_the_resume_continues_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # SIGTERM (docker compose stop, a preemption) killed the ranks at once: the steps since
+    # the last --checkpoint-every were lost. Now the rank finishes the step it is in, saves
+    # there and exits 143; the resumed run ends where an uninterrupted one does.
+    ckpt, out, ref = tmp_path / "ckpt", tmp_path / "out", tmp_path / "ref"
+    keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "100"]  # none regularly
+    previous = signal.getsignal(signal.SIGTERM)
+    _terminate_at(monkeypatch, 2)  # seen at step 3's all-reduce
+    assert _train_here(monkeypatch, "--steps", "6", "--out", str(out), *keep) == 128 + 15
+    assert signal.getsignal(signal.SIGTERM) == previous  # put back
+    assert (ckpt / "LATEST").read_text().strip() == "step-000003"
+    assert [json.loads(line)["step"] for line in
+            (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not (out / "rank0.json").exists() and not (out / "final_params.pt").exists()
+    assert ("stopped by SIGTERM after step 3 of 6; saved a checkpoint at step 3"
+            in capsys.readouterr().err)
+    monkeypatch.setattr("orthoshard.train._maybe_die", lambda step: None)
+    assert _train_here(monkeypatch, "--steps", "6", "--out", str(out), "--resume", *keep) == 0
+    assert _train_here(monkeypatch, "--steps", "6", "--out", str(ref)) == 0
+    assert len((out / "loss.jsonl").read_text().splitlines()) == 6  # no step twice
+    _assert_same(_params(out / "final_params.pt"), _params(ref / "final_params.pt"))
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_without_checkpoints_stops_after_the_step_and_says_nothing_was_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    _terminate_at(monkeypatch, 1)
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path)) == 128 + 15
+    assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "final_params.pt").exists()
+    assert "no checkpoint (--checkpoint-every 0)" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
