@@ -6,6 +6,7 @@ job's ranks (:mod:`sharding.checkpoint`)."""
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = ["HORIZON_KEY", "REFUSED_FILE", "RUN_ID_FILE", "RUN_KEYS", "Checkpoint
 
 #: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
 RUN_ID_FILE = "RUN_ID"
+#: the prefix a checkpoint being removed (:meth:`Checkpoints.prune`) is renamed to
+_REMOVING = ".removing-"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -186,10 +189,13 @@ class Checkpoints:
         return path
 
     def save(self, model: torch.nn.Module, optimizer: Any, step: int, horizon: int, *,
-             run_id: str | None = None, flags: dict[str, int] | None = None) -> None:
+             run_id: str | None = None, flags: dict[str, int] | None = None,
+             keep: int = 0) -> None:
         """Save at ``step``; ``horizon``: the run's softening schedule length (its --steps);
         ``run_id``: the run's id, kept in the checkpoint (:data:`RUN_ID_FILE`) for a resume;
-        ``flags``: the values of :data:`RUN_KEYS` (:meth:`flags_problem` checks a resume's)."""
+        ``flags``: the values of :data:`RUN_KEYS` (:meth:`flags_problem` checks a resume's);
+        ``keep`` > 0: then remove the run's older checkpoints but the newest ``keep``
+        (:meth:`prune`)."""
         from sharding import checkpoint
 
         assert self.dir is not None
@@ -202,7 +208,44 @@ class Checkpoints:
             if run_id is not None:
                 write_whole(path / RUN_ID_FILE, run_id)
             write_whole(self.dir / "LATEST", path.name)
+            if keep and run_id is not None:
+                self.prune(keep, run_id)
         dist.barrier()
+
+    def prune(self, keep: int, run_id: str) -> list[str]:
+        """Remove the complete checkpoints of the run ``run_id`` (their :data:`RUN_ID_FILE`
+        says so) but the newest ``keep``, and never the one LATEST names; returns the names
+        removed. Other runs' checkpoints and incomplete ones (a save cut short writes no run
+        id) stay. Each is renamed out of the ``step-*`` names first, so that one left half
+        removed by a crash is no checkpoint, and leftovers of that kind go too. A checkpoint
+        that cannot be removed is warned about; training goes on."""
+        assert self.dir is not None and keep >= 1
+        latest = (self.dir / "LATEST").read_text().strip()
+        mine = []
+        for path in self.dir.glob("step-*"):
+            order = _save_order(path)
+            try:
+                saved_by = (path / RUN_ID_FILE).read_text().strip()
+            except OSError:
+                continue
+            if order is not None and saved_by == run_id and (path / ".metadata").is_file():
+                mine.append((order, path))
+        doomed = [path for _, path in sorted(mine, reverse=True)[keep:] if path.name != latest]
+        removed = []
+        for path in doomed:
+            try:
+                path = path.rename(self.dir / f"{_REMOVING}{path.name}")
+            except OSError as exc:
+                warnings.warn(f"--keep-checkpoints: could not remove {path}: {exc}",
+                              stacklevel=2)
+                continue
+            removed.append(path.name[len(_REMOVING):])
+        for path in self.dir.glob(f"{_REMOVING}*"):
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                warnings.warn(f"--keep-checkpoints: could not remove all of {path}",
+                              stacklevel=2)
+        return removed
 
     def _fresh(self, step: int) -> Path:
         """``step-NNNNNN``, or ``step-NNNNNN.K`` (the first free K) when that directory exists:

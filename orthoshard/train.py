@@ -11,10 +11,11 @@ earlier run at more ranks left); a resumed one appends to them.
 Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
 ``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt left that one: nothing is
 overwritten) and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
-leaves the previous checkpoint in force). ``--resume`` continues from ``LATEST`` when there is
-one; under ``torchrun --max-restarts`` a restarted group resumes where the last checkpoint was
-(``--resume`` or not), and a first attempt without ``--resume`` refuses a directory holding
-another run's ``LATEST``, which a restart would otherwise continue.
+leaves the previous checkpoint in force). ``--keep-checkpoints K`` then removes the run's
+older checkpoints but the newest K (other runs' stay). ``--resume`` continues from ``LATEST``
+when there is one; under ``torchrun --max-restarts`` a restarted group resumes where the last
+checkpoint was (``--resume`` or not), and a first attempt without ``--resume`` refuses a
+directory holding another run's ``LATEST``, which a restart would otherwise continue.
 
 Stopping: on SIGTERM (``docker compose stop``, a scheduler's preemption, torchrun passing on its
 own) every rank finishes the step it is in, saves a checkpoint there when checkpoints are on
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="directory for DCP checkpoints, LATEST and the run id (RUN_ID)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save a checkpoint every N steps (0: never; needs --checkpoint-dir)")
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                   help="after each save, remove this run's older checkpoints but the newest K "
+                        "(0, the default: keep every one)")
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint-dir's LATEST checkpoint (a new run if there is "
                         "none)")
@@ -123,6 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not -MAX_SEED <= args.seed <= MAX_SEED:  # the data's generator seeds are derived from it
         p.error(f"--seed must be an integer in [-{MAX_SEED}, {MAX_SEED}], got {args.seed}")
+    if args.keep_checkpoints < 0:
+        p.error(f"--keep-checkpoints must be >= 0 (0: keep every checkpoint), got "
+                f"{args.keep_checkpoints}")
+    if args.keep_checkpoints and not args.checkpoint_every:
+        p.error("--keep-checkpoints needs --checkpoint-every N (this run saves no checkpoint)")
     if args.log_every < 0:
         p.error(f"--log-every must be >= 0 (0: no step lines), got {args.log_every}")
     # checked here, on every rank before any process group, rather than failing in each rank
@@ -557,7 +566,8 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
         log.step(step + 1, loss_sum / world, health)
         due = bool(args.checkpoint_every) and (step + 1) % args.checkpoint_every == 0
         if due or (stopping and args.checkpoint_every):
-            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, flags=run_flags)
+            ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, flags=run_flags,
+                      keep=args.keep_checkpoints)
         if stopping:
             return step + 1
         _maybe_die(step + 1)

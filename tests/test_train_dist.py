@@ -487,6 +487,50 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_the_resume_continues_exa
     _assert_same(_params(out / "final_params.pt"), _params(ref / "final_params.pt"))
 
 
+def _checkpoint_names(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if p.name != "LATEST" and p.name != "RUN_ID")
+
+
+@pytest.mark.timeout(120)
+def test_keep_checkpoints_removes_this_runs_older_ones_across_resumes_and_no_other_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # checkpoints piled up without end: a long run filled its disk
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    every = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
+    assert _train_here(monkeypatch, "--steps", "2", "--out", str(out), *every) == 0
+    for name in ("step-000001", "step-000002"):  # now another run's
+        (ckpt / name / "RUN_ID").write_text("another-run")
+    (ckpt / "step-000003").mkdir()  # a save cut short: no .metadata, no run id
+    keep = [*every, "--keep-checkpoints", "2"]
+    assert _train_here(monkeypatch, "--steps", "3", "--out", str(out), *keep) == 0
+    assert _checkpoint_names(ckpt) == ["step-000001", "step-000002", "step-000002.1",
+                                       "step-000003", "step-000003.1"]
+    # and across a resume, which continues the run (its id)
+    assert _train_here(monkeypatch, "--steps", "5", "--out", str(out), "--resume", *keep) == 0
+    assert (ckpt / "LATEST").read_text().strip() == "step-000005"
+    assert _checkpoint_names(ckpt) == ["step-000001", "step-000002", "step-000003",
+                                       "step-000004", "step-000005"]
+    assert (ckpt / "step-000001" / ".metadata").is_file()  # the other run's, whole
+    # a removal a crash cut short (renamed, half removed) is no checkpoint, and goes next time
+    (ckpt / ".removing-step-000009").mkdir()
+    assert _train_here(monkeypatch, "--steps", "6", "--out", str(out), "--resume", *keep) == 0
+    assert _checkpoint_names(ckpt) == ["step-000001", "step-000002", "step-000003",
+                                       "step-000005", "step-000006"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
+    (["--keep-checkpoints", "2"], "--keep-checkpoints needs --checkpoint-every N"),
+])
+def test_keep_checkpoints_refuses_what_it_cannot_do(flags: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from orthoshard.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "unused", *flags])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_without_checkpoints_stops_after_the_step_and_says_nothing_was_saved(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
