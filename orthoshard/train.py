@@ -558,7 +558,8 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
         shared = torch.stack([loss.detach().float(),
                               torch.tensor(float(stop.requested), device=loss.device)])
         dist.all_reduce(shared)
-        loss_sum, stopping = shared.tolist()
+        loss_sum, asked = shared.tolist()
+        stopping = asked > 0 and step + 1 < args.steps  # after the last step: the run's end
         # on every rank, with a sidecar or not: the summary is collective under FSDP2 (a node
         # started without --sidecar-url would otherwise leave the others waiting in it)
         health = publish_health(publisher, optimizer, step=step + 1, rank=rank,

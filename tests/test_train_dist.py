@@ -532,6 +532,15 @@ def test_keep_checkpoints_refuses_what_it_cannot_do(flags: list[str], message: s
 
 
 @pytest.mark.timeout(120)
+def test_sigterm_during_the_last_step_ends_the_run_as_usual(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _terminate_at(monkeypatch, 2)  # seen at step 3's all-reduce: nothing is left to train
+    assert _train_here(monkeypatch, "--steps", "3", "--out", str(tmp_path)) == 0
+    assert json.loads((tmp_path / "rank0.json").read_text())["final_step"] == 3
+    assert (tmp_path / "final_params.pt").is_file()
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_without_checkpoints_stops_after_the_step_and_says_nothing_was_saved(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     _terminate_at(monkeypatch, 1)
