@@ -243,11 +243,13 @@ def _rank_pid(agent: int, rank: int) -> int | None:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(
-        tmp_path, uninterrupted):
-    # One node stopped (its torchrun passes SIGTERM on to its ranks only): every rank of the
-    # job stops after the same step, where they all save one checkpoint, and the resume ends
-    # where the uninterrupted run does.
+@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(
+        tmp_path, uninterrupted, target):
+    # torchrun stopped (docker compose stop, a preemption: it passes SIGTERM on to its ranks),
+    # or one rank alone (as one node's torchrun stopped reaches that node's ranks only): every
+    # rank of the job stops after the same step, where they all save one checkpoint, and the
+    # resume ends where the uninterrupted run does.
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "100"]  # none regularly
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -260,10 +262,10 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_check
                    and len((out / "loss.jsonl").read_text().splitlines()) >= 2):
             assert agent.poll() is None and time.monotonic() < deadline, "no step logged"
             time.sleep(0.05)
-        pid = _rank_pid(agent.pid, 1)
+        pid = agent.pid if target == "torchrun" else _rank_pid(agent.pid, 1)
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
-        assert agent.wait(timeout=120) != 0  # a rank exited 143: torchrun reports the stop
+        assert agent.wait(timeout=120) != 0  # torchrun reports the stop (its ranks: 143)
     stopped = len((out / "loss.jsonl").read_text().splitlines())
     assert 2 <= stopped < STEPS
     assert (ckpt / "LATEST").read_text().strip() == f"step-{stopped:06d}"
