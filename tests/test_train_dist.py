@@ -533,6 +533,22 @@ def test_keep_checkpoints_refuses_what_it_cannot_do(flags: list[str], message: s
     assert message in capsys.readouterr().err
 
 
+def test_a_second_sigterm_reaches_the_handler_that_was_there_before() -> None:
+    # the first SIGTERM lets the step finish; a rank stuck in it must still stop on the next
+    from orthoshard.train import _StopRequest
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and seen == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_during_the_last_step_ends_the_run_as_usual(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
