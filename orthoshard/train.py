@@ -21,9 +21,9 @@ Stopping: on SIGTERM (``docker compose stop``, a scheduler's preemption, torchru
 own) every rank finishes the step it is in, saves a checkpoint there when checkpoints are on
 (unless that step just saved one) and exits with 143 (128 + SIGTERM), writing no final report:
 ``--resume`` continues from that step, and nothing trained is lost. The ranks agree on the
-step through the all-reduce each step already makes. torchrun waits 30 s
-(``--shutdown-timeout``) after passing the signal on before it kills its ranks, and a second
-SIGTERM stops a rank at once.
+step through the all-reduce each step already makes, and a SIGTERM that comes again (from
+the launcher and the scheduler both) changes nothing. torchrun waits 30 s
+(``--shutdown-timeout``) after passing the signal on before it kills its ranks.
 """
 
 from __future__ import annotations
@@ -340,8 +340,11 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
 class _StopRequest:
     """SIGTERM, caught while training: ``requested`` turns True and the step in progress goes
     on (the loop stops after it, on every rank). The handler is installed for the ``with``
-    block and the previous one put back after it; a second SIGTERM gets the previous handler
-    too, so a rank that is stuck still stops at once."""
+    block and the previous one put back after it. Every SIGTERM in the block is caught, not
+    only the first: SLURM and systemd signal every process of a job or unit, torchrun passes its
+    own signal on as well, and a rank that took the second one as "stop now" died mid-step
+    without its checkpoint. SIGKILL, which torchrun, docker and SLURM send once their grace
+    period is over, still ends a rank that is stuck."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -349,7 +352,6 @@ class _StopRequest:
 
     def _caught(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGTERM, self._previous)
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():  # else Python cannot catch

@@ -243,13 +243,14 @@ def _rank_pid(agent: int, rank: int) -> int | None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+@pytest.mark.parametrize("target", ["torchrun", "rank 1", "every process"])
 def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(
         tmp_path, uninterrupted, target):
     # torchrun stopped (docker compose stop, a preemption: it passes SIGTERM on to its ranks),
-    # or one rank alone (as one node's torchrun stopped reaches that node's ranks only): every
-    # rank of the job stops after the same step, where they all save one checkpoint, and the
-    # resume ends where the uninterrupted run does.
+    # one rank alone (as one node's torchrun stopped reaches that node's ranks only), or every
+    # process (SLURM at a time limit, systemd: each rank then gets two): every rank of the job
+    # stops after the same step, where they all save one checkpoint, and the resume ends where
+    # the uninterrupted run does.
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "100"]  # none regularly
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -262,9 +263,12 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_one_checkpoint(
                    and len((out / "loss.jsonl").read_text().splitlines()) >= 2):
             assert agent.poll() is None and time.monotonic() < deadline, "no step logged"
             time.sleep(0.05)
-        pid = agent.pid if target == "torchrun" else _rank_pid(agent.pid, 1)
-        assert pid is not None
-        os.kill(pid, signal.SIGTERM)
+        pids = {"torchrun": [agent.pid], "rank 1": [_rank_pid(agent.pid, 1)],
+                "every process": [_rank_pid(agent.pid, 0), _rank_pid(agent.pid, 1),
+                                  agent.pid]}[target]
+        assert None not in pids
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
         assert agent.wait(timeout=120) != 0  # torchrun reports the stop (its ranks: 143)
     stopped = len((out / "loss.jsonl").read_text().splitlines())
     assert 2 <= stopped < STEPS
@@ -533,18 +537,20 @@ def test_keep_checkpoints_refuses_what_it_cannot_do(flags: list[str], message: s
     assert message in capsys.readouterr().err
 
 
-def test_a_second_sigterm_reaches_the_handler_that_was_there_before() -> None:
-    # the first SIGTERM lets the step finish; a rank stuck in it must still stop on the next
+def test_every_sigterm_while_training_is_caught_and_the_handler_before_is_put_back() -> None:
+    # SLURM and systemd signal every process of the job, and torchrun passes its own SIGTERM
+    # on too: a rank that let the second one through died mid-step, without its checkpoint
     from orthoshard.train import _StopRequest
 
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
         with _StopRequest() as stop:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGTERM)
             assert stop.requested and seen == []
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert seen == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
 
