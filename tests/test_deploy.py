@@ -291,9 +291,10 @@ def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
         assert train_args.checkpoint_dir == tmp_path / "checkpoints"
         assert trainer["depends_on"][f"sidecar-{n}"]["condition"] == "service_healthy"
         # a stop checkpoints the step in progress: docker waits longer than torchrun's 30 s
-        # for its ranks (docker's default is 10 s)
+        # (its default --shutdown-timeout) for its ranks (docker's default is 10 s)
         assert "--shutdown-timeout" not in " ".join(cmd)
-        assert trainer["stop_grace_period"] == "45s"
+        grace = trainer["stop_grace_period"]
+        assert grace.endswith("s") and float(grace[:-1]) > 30, grace
     assert "--web.enable-lifecycle" in services["prometheus"]["command"]
     assert "--cluster.listen-address=" in services["alertmanager"]["command"]
     grafana_mounts = {v["target"]: v.get("source", "") for v in services["grafana"]["volumes"]}
