@@ -50,6 +50,14 @@ def complete_before(directory: Path, path: Path) -> list[str]:
     return [name for _, name in sorted(found, reverse=True)]
 
 
+def _run_id_of(path: Path) -> str | None:
+    """The run id kept in the checkpoint ``path`` (:data:`RUN_ID_FILE`), None without one."""
+    try:
+        return (path / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
 def writes_directory(directory: Path, *, resume: bool, every: int) -> bool:
     """Whether a run with these flags writes to its checkpoint ``directory``: checkpoints every
     ``every`` steps, or the run id it keeps there (:data:`RUN_ID_FILE`), which a run writes
@@ -212,40 +220,28 @@ class Checkpoints:
                 self.prune(keep, run_id)
         dist.barrier()
 
-    def prune(self, keep: int, run_id: str) -> list[str]:
+    def prune(self, keep: int, run_id: str) -> None:
         """Remove the complete checkpoints of the run ``run_id`` (their :data:`RUN_ID_FILE`
-        says so) but the newest ``keep``, and never the one LATEST names; returns the names
-        removed. Other runs' checkpoints and incomplete ones (a save cut short writes no run
-        id) stay. Each is renamed out of the ``step-*`` names first, so that one left half
-        removed by a crash is no checkpoint, and leftovers of that kind go too. A checkpoint
-        that cannot be removed is warned about; training goes on."""
+        says so) saved before the one LATEST names, all but the newest ``keep - 1`` of them:
+        with LATEST's, ``keep`` stay. Other runs' checkpoints and incomplete ones (a save cut
+        short writes no run id) stay. Each is renamed out of the ``step-*`` names first, so
+        that one left half removed by a crash is no checkpoint, and leftovers of that kind go
+        too. A checkpoint that cannot be removed is warned about; training goes on."""
         assert self.dir is not None and keep >= 1
-        latest = (self.dir / "LATEST").read_text().strip()
-        mine = []
-        for path in self.dir.glob("step-*"):
-            order = _save_order(path)
+        latest = self.dir / (self.dir / "LATEST").read_text().strip()
+        mine = [name for name in complete_before(self.dir, latest)
+                if _run_id_of(self.dir / name) == run_id]
+        for name in mine[keep - 1:]:
             try:
-                saved_by = (path / RUN_ID_FILE).read_text().strip()
-            except OSError:
-                continue
-            if order is not None and saved_by == run_id and (path / ".metadata").is_file():
-                mine.append((order, path))
-        doomed = [path for _, path in sorted(mine, reverse=True)[keep:] if path.name != latest]
-        removed = []
-        for path in doomed:
-            try:
-                path = path.rename(self.dir / f"{_REMOVING}{path.name}")
+                (self.dir / name).rename(self.dir / f"{_REMOVING}{name}")
             except OSError as exc:
-                warnings.warn(f"--keep-checkpoints: could not remove {path}: {exc}",
+                warnings.warn(f"--keep-checkpoints: could not remove {self.dir / name}: {exc}",
                               stacklevel=2)
-                continue
-            removed.append(path.name[len(_REMOVING):])
         for path in self.dir.glob(f"{_REMOVING}*"):
             shutil.rmtree(path, ignore_errors=True)
             if path.exists():
                 warnings.warn(f"--keep-checkpoints: could not remove all of {path}",
                               stacklevel=2)
-        return removed
 
     def _fresh(self, step: int) -> Path:
         """``step-NNNNNN``, or ``step-NNNNNN.K`` (the first free K) when that directory exists:
