@@ -228,7 +228,13 @@ class MatrixOptimizer(StateDictOptimizer):
         fallback = [(group, [(name, p) for name, p in named if p.grad is not None])
                     for group, named in every]
         grads = [p.grad for _, named in fallback for _, p in named]
-        items = [item for item in self.matrix_items() if item.param.grad is not None]
+        matrices = self.matrix_items()
+        items = [item for item in matrices if item.param.grad is not None]
+        # Across ranks (an exchange that is not local), a rank with no matrix gradient still
+        # joins the matrices' gather, whose signatures then refuse the step on every rank
+        # unless none has one: decided by the parameters, the same on every rank. Leaving it
+        # out made the others wait in the gather until the process group timed out.
+        joins = bool(matrices) and not isinstance(self._exchange, LocalExchange)
         # Decided by the parameters, the same on every rank, and one flag per AdamW parameter
         # (0 for one without a gradient): ranks whose gradients differ (one None on some ranks
         # only) still send flags of one length, and the signature of what they flag (the
@@ -236,7 +242,7 @@ class MatrixOptimizer(StateDictOptimizer):
         params = [p for _, named in every for _, p in named]
         names = [name for _, named in every for name, _ in named]
         has_grad = [p.grad is not None for p in params]
-        sharded = bool(items or grads) and any(hasattr(p, "to_local") for p in params)
+        sharded = bool(items or grads or joins) and any(hasattr(p, "to_local") for p in params)
         # FSDP2 matrices without sharding=: each rank stepped its row shard as a matrix (a model
         # without biases, or with no AdamW group, got no refusal)
         dtensors = sharded or any(hasattr(item.param, "to_local") for item in items)
@@ -270,7 +276,7 @@ class MatrixOptimizer(StateDictOptimizer):
                 raise
         else:
             try:
-                if items:
+                if items or joins:
                     carried = self._step_sharded(items, flags, flagged, names)
                     if flags is not None and carried is not None:
                         bad = carried.tolist()

@@ -152,11 +152,14 @@ class MatrixExchange(Protocol):
         the indices this rank owns and a list of their FULL inputs, which ``compute`` consumes
         (it drops each entry once stacked, to bound a step's memory); return this rank's piece
         of every matrix's update, in ``items`` order. The caller hands ``inputs`` over too: it
-        does not read them after the call.
+        does not read them after the call. ``items`` may be empty (no matrix of this rank has a
+        gradient): the rank still joins, so that its peers are not left waiting for it, and
+        every rank raises unless none has one.
 
         ``carry``: a small float64 vector (the same length on every rank) to be summed over the
         ranks on the way; returned second, the same on every rank, or None when the exchange
-        made no call that could carry it (the caller then uses :meth:`all_reduce_sum`).
+        made no call that could carry it (the caller then uses :meth:`all_reduce_sum`; an
+        optimizer without matrices calls it alone).
         ``carry_names``: what each entry of ``carry`` belongs to (the AdamW parameters with a
         gradient); ranks that pass other names raise, as for other matrices, since summing
         entries of different parameters would step each with another's flags.

@@ -1,11 +1,10 @@
-"""The exchange's wire: one ``all_to_all_single`` with uneven splits, every block ending with the
-sender's carried flags, status and step signature, so that a failed rank or ranks that step
-different matrices are found out in the same collective (:class:`sharding.owner.OwnerSharding`
-runs two a step)."""
+"""The exchange's wire: one ``all_to_all_single`` with uneven splits, every block starting with
+the sender's status and step signature, then its carried flags, so that a failed rank or ranks
+that step different matrices are found out in the same collective
+(:class:`sharding.owner.OwnerSharding` runs two a step)."""
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -19,13 +18,14 @@ from optim._exchange import MatrixItem, group_settings
 __all__ = ["STATUS_ELEMENTS", "Blocks", "agree", "all_to_all", "placeholder", "signature",
            "through"]
 
-# Elements each rank appends to every block of both all-to-alls, last: its status (0: fine, 1:
-# it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so a
-# failure on one rank reaches every rank without another collective; then the step's
+# Elements each rank puts at the head of every block of both all-to-alls: its status (0: fine,
+# 1: it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so
+# a failure on one rank reaches every rank without another collective; then the step's
 # signature, a CRC-32 of the names of the matrices it steps and of the AdamW parameters whose
 # flags it carries, in 8 four-bit pieces (exact in any float dtype the buffers use), so that
 # ranks which do not step the same parameters (a gradient None on some ranks only) find out in
-# the same collective instead of reading each other's rows as their own.
+# the same collective instead of reading each other's rows as their own. At the head, the
+# status lands where the receiver reads it whatever the block's length.
 _SIGNATURE_ELEMENTS = 8
 STATUS_ELEMENTS = 1 + _SIGNATURE_ELEMENTS
 
@@ -42,23 +42,29 @@ class Blocks(NamedTuple):
 def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.device,
                wire: torch.dtype, *, failed: bool, carry: Tensor | None = None,
                signature: list[float], group: dist.ProcessGroup | None, rank: int,
-               stats: dict[str, int]) -> Blocks:
+               stats: dict[str, int], capacity: list[int] | None = None) -> Blocks:
     """One ``all_to_all_single`` with uneven splits (``recv_sizes``: the payload expected
-    from each source). Every block ends with ``carry``, then its sender's status
-    (``failed``) and step signature. Returns the payload received per source, the ranks
-    that said they failed, and ``carry`` summed over the ranks (None without one); raises
-    ValueError on a block whose signature differs from this rank's, or that came short
-    (its signature still the NaN set before the collective). Consumes ``send``
+    from each source). Every block starts with its sender's status (``failed``) and step
+    signature, then ``carry``, then the payload. Returns the payload received per source, the
+    ranks that said they failed, and ``carry`` summed over the ranks (None without one); raises
+    ValueError on a block whose signature differs from this rank's. Consumes ``send``
     (emptied once copied into the one send buffer, so what its pieces view can be freed
     before the collective). ``signature``: this step's (:func:`signature`), ``rank``: this
     rank in ``group``; ``stats`` (``bytes_sent``, ``bytes_received``, ``collectives``) counts
-    the collective once it is made, also when a block is then refused."""
+    the collective once it is made, also when a block is then refused.
+
+    ``capacity``: the payload room per source (at least ``recv_sizes``; default: exactly
+    those), for a sender that steps matrices this rank does not. gloo fills a longer receive
+    with a shorter block, and aborts the process on a block longer than its receive
+    ("Received data size doesn't match expected size"); with room for the most any sender of
+    the same plan can send, such a block arrives and its signature refuses it. Other backends
+    (NCCL's sends and receives pair by size) get exact sizes only."""
     status = torch.tensor([float(failed), *signature], dtype=wire, device=device)
-    tail = [carry.to(device), status] if carry is not None else [status]
-    extra = sum(t.numel() for t in tail)
+    head = [status, carry.to(device)] if carry is not None else [status]
+    extra = sum(t.numel() for t in head)
     for parts in send:
-        parts.extend(tail)
-    recv_sizes = [size + extra for size in recv_sizes]
+        parts[:0] = head
+    posted = [size + extra for size in (capacity or recv_sizes)]
     send_sizes = [sum(p.numel() for p in parts) for parts in send]
     # one copy, cast on the way, into the send buffer (none per destination first)
     inp = torch.empty(sum(send_sizes), dtype=wire, device=device)
@@ -67,32 +73,27 @@ def all_to_all(send: list[list[Tensor]], recv_sizes: list[int], device: torch.de
     del pieces
     for parts in send:
         parts.clear()
-    out = torch.empty(sum(recv_sizes), dtype=wire, device=device)
-    # NaN where each sender's status and signature land: a block shorter than this rank
-    # expects (its sender steps other matrices) leaves them NaN, never stale memory
-    ends = torch.tensor(recv_sizes, device=device).cumsum(0)
-    out[(ends[:, None] - torch.arange(STATUS_ELEMENTS, 0, -1, device=device)).view(-1)] = \
-        float("nan")
-    dist.all_to_all_single(out, inp, output_split_sizes=recv_sizes,
+    # every block holds its sender's head, so no receiver reads a status nobody wrote
+    out = torch.empty(sum(posted), dtype=wire, device=device)
+    dist.all_to_all_single(out, inp, output_split_sizes=posted,
                            input_split_sizes=send_sizes, group=group)
     itemsize = out.element_size()
     others = [r for r in range(len(send_sizes)) if r != rank]
     stats["bytes_sent"] += sum(send_sizes[r] for r in others) * itemsize
-    stats["bytes_received"] += sum(recv_sizes[r] for r in others) * itemsize
+    stats["bytes_received"] += sum(recv_sizes[r] + extra for r in others) * itemsize
     stats["collectives"] += 1
-    blocks = out.split(recv_sizes)
+    blocks = out.split(posted)
     # summed in rank order, the same on every rank; one host sync for the statuses
-    tails = torch.stack([block[len(block) - extra:] for block in blocks]).to(torch.float64)
-    received = tails[:, -STATUS_ELEMENTS:]
+    heads = torch.stack([block[:extra] for block in blocks]).to(torch.float64)
+    received = heads[:, :STATUS_ELEMENTS]
     mine = status.to(torch.float64)[1:]
     checks = torch.cat([received[:, 0:1], (received[:, 1:] != mine).any(1, keepdim=True)], 1)
     statuses, differ = zip(*checks.tolist(), strict=True)
-    others = [r for r, (st, d) in enumerate(zip(statuses, differ, strict=True))
-              if d or math.isnan(st)]
-    if others:
+    if others := [r for r, d in enumerate(differ) if d]:
         raise _mismatch(others, rank)
-    carried = tails[:, :-STATUS_ELEMENTS].sum(0) if carry is not None else None
-    return Blocks([block[:len(block) - extra] for block in blocks],
+    carried = heads[:, STATUS_ELEMENTS:].sum(0) if carry is not None else None
+    return Blocks([block[extra:extra + size] for block, size in zip(blocks, recv_sizes,
+                                                                    strict=True)],
                   [r for r, st in enumerate(statuses) if st != 0], carried)
 
 
@@ -110,7 +111,7 @@ def _mismatch(others: list[int], rank: int) -> ValueError:
 def agree(carry: Tensor | None, *, failed: bool, signature: list[float], device: torch.device,
           group: dist.ProcessGroup | None, rank: int, world_size: int,
           stats: dict[str, int]) -> tuple[Tensor | None, list[int]]:
-    """What :func:`all_to_all`'s tails tell every rank, without the payload: one
+    """What :func:`all_to_all`'s heads tell every rank, without the payload: one
     ``all_gather`` of each rank's ``carry``, status (``failed``) and step ``signature``, for a
     step whose matrices are all replicated (no rows to gather), so that every rank knows
     before any owner computes. Returns ``carry`` summed over the ranks (None without one) and

@@ -46,18 +46,19 @@ class OwnerSharding:
        The owner concatenates the pieces by source rank: rows arrive in rank order, which is row
        order under ``torch.chunk`` semantics. Replicated matrices (every rank holds them whole, as
        under DDP) need no gather: the owner already has the full input, and with only replicated
-       matrices this phase sends nothing and makes no call. Each block ends with the sender's
-       status element (a rank that could not prepare its rows sends placeholders, flagged, and
-       every rank raises before any owner computes; with no gather call, a failed preparation
-       is learned in the scatter, as a failed compute is) and its finiteness flags of the sharded
-       AdamW parameters (``carry``), summed on arrival, so that the AdamW group needs no
-       collective of its own.
+       matrices this phase is a small ``all_gather`` of what the blocks' heads carry. Each block
+       starts with the sender's status element (a rank that could not prepare its rows sends
+       placeholders, flagged, and every rank raises before any owner computes) and step
+       signature, then its finiteness flags of the sharded AdamW parameters (``carry``), summed
+       on arrival, so that the AdamW group needs no collective of its own. A rank with no
+       matrix gradient joins too, with an empty block: every rank then raises unless none has
+       one.
     2. *Compute.* The optimizer's owner phase runs on the FULL matrices this rank owns
        (orthogonalize with softening, NorMuon, or the whole SOAP step; health measured there).
     3. *Scatter.* ONE ``all_to_all_single`` sends each rank its rows of every sharded update and,
        for replicated matrices, the whole update from its owner to every rank (an all-gather with
-       exact sizes, so no rank repeats another's work). Each block ends with the sender's status
-       element: an owner whose compute raised still takes part, flagged, and then every rank
+       exact sizes, so no rank repeats another's work). Each block starts with the sender's
+       status element: an owner whose compute raised still takes part, flagged, and then every rank
        raises (the owner its own error) and none applies the step's matrix updates, instead of
        the other ranks waiting in the exchange until the process group times out.
 
@@ -133,18 +134,18 @@ class OwnerSharding:
         with each all-to-all's status element per pair of ranks, ``STATUS_ELEMENTS``, and the
         gather's finiteness flag per AdamW parameter, when any is sharded),
         and the number of collectives: 2 per step (with only replicated matrices the first is
-        a small ``all_gather`` of statuses and signatures), or 1 and an ``all_reduce`` of
-        those flags in a step with no matrix to exchange."""
+        a small ``all_gather`` of statuses and signatures), 1 in a step where no rank has a
+        matrix gradient (the gather, which finds that every rank agrees), or 1 ``all_reduce``
+        of those flags for an optimizer without matrices."""
         return dict(self._stats)
 
     def all_reduce_sum(self, t: Tensor, names: Sequence[str] = ()) -> Tensor:
-        """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness flags, in a
-        step whose exchange made no gather call to carry them. With ``names`` (what the
-        entries belong to; none is a signature too) a signature of them rides along, with its
-        squares and a count:
-        the sums equal ``count * signature`` and ``count * signature^2`` on every rank exactly
-        when every rank passed the same names (their spread is then zero), so ranks that flag
-        other parameters all raise ValueError, before anything is applied."""
+        """One ``all_reduce`` (sum) of a small tensor: the AdamW-group finiteness flags of an
+        optimizer without matrices, whose steps make no gather to carry them. With ``names`` (what
+        the entries belong to; none is a signature too) a signature of them rides along, with its
+        squares and a count: the sums equal ``count * signature`` and ``count * signature^2`` on
+        every rank exactly when every rank passed the same names (their spread is then zero), so
+        ranks that flag other parameters all raise ValueError, before anything is applied."""
         # always, also for no names: a rank that flags nothing (no AdamW gradient) sent a
         # shorter tensor than one that flags some, and gloo aborted the process
         mine = torch.tensor(name_signature("\n".join(names)), dtype=t.dtype, device=t.device)
@@ -312,12 +313,15 @@ class OwnerSharding:
         if failure is None:
             shapes = [tuple(t.shape) for t in inputs]
             dtypes = [t.dtype for t in inputs]
-            device = inputs[0].device
         else:
             shapes = [tuple(local(item.param).shape) for item in items]
             dtypes = [item.param.dtype for item in items]
-            device = local(items[0].param).device
-        wire = self._wire_dtype(dtypes)
+        # A rank with no matrix to step still joins the gather (its signature tells the others),
+        # on the device of the optimizer's matrices. The wire's dtype is decided by all of them,
+        # not by this step's: ranks whose steps differ must still agree on it.
+        every = [item.param for item in self._optimizer.matrix_items()]
+        device = local(every[0]).device
+        wire = self._wire_dtype([*dtypes, *(p.dtype for p in every)])
         # What the rest of the step needs of the inputs: they are dropped once sent (the caller
         # hands its list over), compute drops each full input once stacked, and _scatter the
         # results once they are in its send buffer, so a step's peak holds no second copy of
@@ -331,6 +335,8 @@ class OwnerSharding:
                                plan)
         if carried is not None and carry_check is not None:
             carry_check(carried)  # the same sum on every rank: all raise, before any compute
+        if not items:  # nor any rank's: their signatures agreed with this one (no scatter)
+            return [], carried
         # An owner whose assembly of its full matrices or compute raises (out of memory on a
         # full matrix, a bug), or that cannot lay out its results to send, still joins the
         # scatter, flagged as failed: left out, every other rank would wait in it until the
@@ -381,9 +387,8 @@ class OwnerSharding:
             f"{_owned_names(plan, failed, items)})")
 
     def _wire_dtype(self, dtypes: Sequence[torch.dtype]) -> torch.dtype:
-        """The buffers' dtype: ``exchange_dtype``, or the widest of float32 and the inputs'
-        (the same on every rank: every rank steps the same parameters, and its inputs have
-        their parameters' dtypes)."""
+        """The buffers' dtype: ``exchange_dtype``, or the widest of float32 and ``dtypes``
+        (the caller's: every matrix parameter's, the same on every rank)."""
         if self.exchange_dtype is not None:
             return self.exchange_dtype
         wire = torch.float32
@@ -396,16 +401,20 @@ class OwnerSharding:
                 carry_names: Sequence[str] = ()
                 ) -> tuple[list[Tensor], Tensor | None, list[int]]:
         """The gather: each source rank's block of this rank's owned sharded matrices' rows
-        (:meth:`_assemble` makes the full matrices of them), ``carry`` summed over the ranks
-        (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that could not
-        prepare their inputs (``failed`` here: placeholders are sent, no new memory). Every
-        block ends with ``carry``, then the sender's status and signature. With only replicated
-        matrices no rows move: one small ``all_gather`` of the carry, statuses and signatures
-        (:func:`sharding._wire.agree`) tells every rank of a failure or a mismatch before any
-        owner computes. Found in the scatter instead, a step refused there had advanced the
-        owners' own state (NorMuon's second moments, SOAP's factors), and an owner sending a
-        matrix its receiver does not step made gloo abort both processes."""
-        if not any(plan.sharded):  # all replicated (DDP-style): owners already hold everything
+        (:meth:`_assemble` makes the full matrices of them), ``carry`` summed over the ranks (exact
+        for the 0/1 flags it holds, in any wire dtype) and the ranks that could not prepare their
+        inputs (``failed`` here: placeholders are sent, no new memory). Every block starts with the
+        sender's status and signature, then ``carry``. With only replicated matrices (all of the
+        optimizer's, not only this step's) no rows move: one small ``all_gather`` of the carry,
+        statuses and signatures (:func:`sharding._wire.agree`) tells every rank of a failure or a
+        mismatch before any owner computes. Found in the scatter instead, a step refused there had
+        advanced the owners' own state (NorMuon's second moments, SOAP's factors), and an owner
+        sending a matrix its receiver does not step made gloo abort both processes."""
+        # all replicated (DDP-style): owners already hold everything. Decided by all of the
+        # optimizer's matrices, not this step's, so that ranks whose steps differ make the same
+        # collective and learn of it from the signatures.
+        every, _ = self.global_plan(check=False)
+        if not any(every.sharded):
             carried, failed_ranks = agree(
                 carry, failed=failed, signature=self._signature, device=device,
                 group=self.group, rank=self.rank, world_size=self.world_size, stats=self._stats)
@@ -416,8 +425,20 @@ class OwnerSharding:
                 for d in range(self.world_size)]
         recv_sizes = [sum(plan.rows_of(i, s) * plan.shapes[i][1] for i in owned if plan.sharded[i])
                       for s in range(self.world_size)]
+        capacity = None
+        if dist.get_backend(self.group) == dist.Backend.GLOO:
+            # room for the rows of every matrix this rank owns, stepped here or not: a rank
+            # stepping one this rank does not (a gradient None here only) is then refused by
+            # its signature, where gloo would abort both processes on a longer block. (Its own
+            # block gloo requires exact: it holds what this rank steps.)
+            mine = every.owned_by(self.rank)
+            capacity = [size if s == self.rank else
+                        max(size, sum(every.rows_of(i, s) * every.shapes[i][1]
+                                      for i in mine if every.sharded[i]))
+                        for s, size in enumerate(recv_sizes)]
         received, failed_ranks, carried = self._all_to_all(send, recv_sizes, device, wire,
-                                                           failed=failed, carry=carry)
+                                                           failed=failed, carry=carry,
+                                                           capacity=capacity)
         return received, carried, failed_ranks
 
     def _assemble(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
@@ -467,7 +488,7 @@ class OwnerSharding:
         (``shapes``: of this rank's inputs), and the ranks that failed (``failed``: this one,
         which sends placeholders).
 
-        Each block ends with the status (0: computed, 1: failed) and the step's signature, so
+        Each block starts with the status (0: computed, 1: failed) and the step's signature, so
         that every rank learns of a failed owner in this one collective: ``STATUS_ELEMENTS``
         per destination."""
         recv_sizes = [sum(plan.rows_of(i, self.rank) * plan.shapes[i][1] if plan.sharded[i]
@@ -488,13 +509,13 @@ class OwnerSharding:
 
     def _all_to_all(self, send: list[list[Tensor]], recv_sizes: list[int],
                     device: torch.device, wire: torch.dtype, *, failed: bool,
-                    carry: Tensor | None = None
+                    carry: Tensor | None = None, capacity: list[int] | None = None
                     ) -> tuple[list[Tensor], list[int], Tensor | None]:
         """:func:`sharding._wire.all_to_all` in this group with this step's signature, counted
         in :meth:`comm_stats`."""
         return all_to_all(send, recv_sizes, device, wire, failed=failed, carry=carry,
                           signature=self._signature, group=self.group, rank=self.rank,
-                          stats=self._stats)
+                          stats=self._stats, capacity=capacity)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -350,10 +350,12 @@ def _on_every_rank(world: int, flag: bool) -> bool:
 
 
 def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str,
-                            replicated: bool = False) -> None:
-    """Rank 1 drops the gradient of a matrix rank 0 owns (rank 0 keeps it): every rank's
-    outcome of that step, whether any parameter or state changed, and the next (matching)
-    step's. ``replicated``: plain parameters (DDP-style), no FSDP2."""
+                            replicated: bool = False, dropped: str = "owned by 0") -> None:
+    """Rank 1 drops gradients rank 0 keeps: ``dropped`` is "owned by 0" or "owned by 1" (one
+    matrix that rank owns), "matrices" (every matrix gradient, the AdamW one kept) or
+    "everything"; "everything, every rank": no rank has a gradient. Every rank's outcome of that
+    step, whether any parameter or state changed, and the next (matching) step's.
+    ``replicated``: plain parameters (DDP-style), no FSDP2."""
     from torch.distributed.fsdp import fully_shard
 
     from sharding import OwnerSharding
@@ -367,12 +369,18 @@ def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str,
     inject(model, 0)
     opt.step()
     plan, index = sharding.global_plan()
-    victim = next(item.name for item in opt.matrix_items()
-                  if plan.owners[index[id(item.param)]] == 0)
+    matrices = [item.name for item in opt.matrix_items()]
+    if dropped.startswith("owned by "):
+        owner = int(dropped.removeprefix("owned by "))
+        victims = [next(item.name for item in opt.matrix_items()
+                        if plan.owners[index[id(item.param)]] == owner)]
+    else:
+        victims = matrices + (["bias"] if dropped.startswith("everything") else [])
 
     def spoil() -> None:
-        if rank == 1:
-            named[victim].grad = None
+        if rank == 1 or dropped.endswith("every rank"):
+            for victim in victims:
+                named[victim].grad = None
 
     _refused_step(rank, world, model, opt, spoil, out)
 
@@ -912,9 +920,10 @@ def _refused_step(rank: int, world: int, model: nn.Module, opt: Any,
     inject(model, 2)
     recovered = _every_rank_says(world, ValueError, opt.step)
     if rank == 0:
-        torch.save({"outcomes": outcomes, "unchanged": not counted and all(
-            torch.equal(before[k], after[k]) for k in before), "recovered": recovered,
-            "state unchanged": state_kept, "collectives": calls}, out)
+        kept = all(torch.equal(before[k], after[k]) for k in before)
+        torch.save({"outcomes": outcomes, "unchanged": not counted and kept,
+                    "params unchanged": kept, "counted": counted, "recovered": recovered,
+                    "state unchanged": state_kept, "collectives": calls}, out)
 
 
 RESUME_AT = 2  # the resumed runs load a checkpoint of the first RESUME_AT steps
@@ -1270,7 +1279,8 @@ def adamw_mismatch_worker(rank: int, world: int, out: str, replicated: bool = Fa
                           name: str = "muon") -> None:
     """Ranks 0 and 1 each drop the gradient of another AdamW parameter (as many gradients on
     each), rank 1 alone drops one, or rank 1 drops both: with the matrices' gather carrying
-    the flags, and in a step with no matrix gradient (the flags' own all_reduce). Every rank's
+    the flags, and in a step with no matrix gradient (where rank 1 dropping both steps nothing
+    at all, and the gather still carries the flags and signatures). Every rank's
     outcome, whether anything changed, and a correct step after. ``replicated``: the
     matrices replicated, the biases alone sharded (no rows to gather: the flags ride on the
     exchange's small all_gather)."""
@@ -1298,8 +1308,6 @@ def adamw_mismatch_worker(rank: int, world: int, out: str, replicated: bool = Fa
     results = {}
     for drop in dropped:
         for collective, matrices in (("gather", True), ("all_reduce", False)):
-            if drop == "none" and not matrices:
-                continue  # rank 1 would step nothing: documented to leave the others waiting
             case = collective if drop == "other" else f"{collective}, {drop}"
             before = full_params(model)
             set_grads(matrices, drop)

@@ -374,7 +374,37 @@ def test_a_gradient_on_one_rank_only_is_refused_on_every_rank(tmp_path, name, re
     # moments and SOAP's factors (a retried step then counted that gradient twice).
     run_ranks(w.grad_on_one_rank_worker, 2, tmp_path, str(tmp_path / "out.pt"), name,
               replicated, timeout=90)
+    _assert_refused_on_both_ranks(torch.load(tmp_path / "out.pt"))
+
+
+@pytest.mark.parametrize(("dropped", "replicated"), [
+    ("owned by 1", False), ("matrices", False), ("matrices", True), ("everything", False),
+    ("everything", True)])
+def test_a_rank_stepping_fewer_or_no_matrices_is_refused_on_every_rank(tmp_path, dropped,
+                                                                        replicated):
+    # "owned by 1": rank 0 sent rank 1 rows of a matrix rank 1 did not expect, and gloo
+    # aborted both processes ("Received data size doesn't match expected size"). Rank 1
+    # stepping no matrix at all made no all-to-all, and rank 0 waited in its own until the
+    # process group timed out (here: run_ranks' deadline)
+    run_ranks(w.grad_on_one_rank_worker, 2, tmp_path, str(tmp_path / "out.pt"), "muon",
+              replicated, dropped, timeout=90)
+    _assert_refused_on_both_ranks(torch.load(tmp_path / "out.pt"))
+
+
+@pytest.mark.parametrize("replicated", [False, True], ids=["fsdp2", "replicated"])
+def test_a_step_without_any_gradient_on_any_rank_changes_nothing(tmp_path, replicated):
+    # every rank joins the gather with nothing to step (one collective), and all agree
+    run_ranks(w.grad_on_one_rank_worker, 2, tmp_path, str(tmp_path / "out.pt"), "muon",
+              replicated, "everything, every rank", timeout=90)
     result = torch.load(tmp_path / "out.pt")
+    assert result["outcomes"] == ["done", "done"]
+    assert result["params unchanged"] and result["counted"]  # a step, of nothing
+    assert result["state unchanged"]
+    assert result["collectives"] == 1
+    assert result["recovered"] == ["done", "done"]
+
+
+def _assert_refused_on_both_ranks(result: dict) -> None:
     for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
                                   f"step the same parameters as rank {rank}"), outcome
@@ -879,7 +909,10 @@ def test_ranks_flagging_other_adamw_parameters_are_refused_on_every_rank(tmp_pat
     run_ranks(w.adamw_mismatch_worker, 2, tmp_path, str(tmp_path / "out.pt"), replicated,
               name, timeout=60)
     result = torch.load(tmp_path / "out.pt")
-    for case in ("gather", "all_reduce", "gather, fewer", "all_reduce, fewer", "gather, none"):
+    # ("all_reduce, none": rank 1 stepped nothing at all, and rank 0 waited for it until the
+    # process group timed out)
+    for case in ("gather", "all_reduce", "gather, fewer", "all_reduce, fewer", "gather, none",
+                 "all_reduce, none"):
         outcomes = result[case]["outcomes"]
         assert all(o.startswith("ValueError: ") and "step the same" in o
                    and "parameters as rank" in o for o in outcomes), (case, outcomes)
