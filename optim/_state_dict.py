@@ -208,7 +208,8 @@ class StateDictOptimizer(Optimizer):
         (``if rank == 0: torch.save(opt.state_dict(), ...)`` waits for the other ranks until
         the process group times out). Each rank's dict holds its own shards: save them through
         ``sharding.checkpoint``, or each to a file its rank loads, never one rank's dict on
-        every rank (each would take that rank's rows).
+        every rank (each would take that rank's rows; a dict that holds shards names its rank,
+        ``"owner_shards"``, and ``load_state_dict`` refuses it on another).
 
         Only the parameters in ``param_groups`` are saved: the state of a group removed from
         them (a block frozen) is kept for when it comes back, but is not in the state dict

@@ -31,10 +31,12 @@ from torch.distributed.checkpoint import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from optim._checks import is_int
+
 if TYPE_CHECKING:
     from sharding.owner import OwnerSharding
 
-__all__ = ["export_owner_state", "import_owner_state", "load", "save"]
+__all__ = ["SHARDS_OF", "export_owner_state", "import_owner_state", "load", "save"]
 
 
 def _mesh(sharding: OwnerSharding, device: torch.device) -> DeviceMesh:
@@ -77,11 +79,28 @@ def _global_skip_counts(sharding: OwnerSharding, state_dict: dict[str, Any]) -> 
         groups[gi][name] = int(value)
 
 
+#: Top-level key of a rank's ``state_dict()`` that holds shards (DTensors): whose they are,
+#: ``{"rank": r, "world_size": w}``, so that a dict loaded on another rank is refused even where
+#: the shards' sizes cannot tell (every rank's of the same size). Dropped by
+#: :func:`save` (DCP places every shard itself) and ignored by torch's ``load_state_dict``.
+SHARDS_OF = "owner_shards"
+
+
 def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> dict[str, Any]:
     _global_skip_counts(sharding, state_dict)
     keys = sharding._optimizer.owner_state_keys
-    if not keys:
-        return state_dict
+    if keys:
+        _owner_state_to_shards(sharding, state_dict, keys)
+    if any(isinstance(v, DTensor) for entry in state_dict["state"].values()
+           for v in entry.values()):
+        state_dict[SHARDS_OF] = {"rank": sharding.rank, "world_size": sharding.world_size}
+    return state_dict
+
+
+def _owner_state_to_shards(sharding: OwnerSharding, state_dict: dict[str, Any],
+                           keys: Any) -> None:
+    """Each owner-only state tensor (``keys``) as a ``Shard(0)`` DTensor scattered from its
+    owner, in ``state_dict`` (changed in place)."""
     flat = _params_by_state_index(sharding._optimizer)
     sharding.check_layout(_device(flat))  # on every rank, before the owners are trusted
     owners = _owners_by_state_index(sharding)
@@ -113,7 +132,6 @@ def export_owner_state(sharding: OwnerSharding, state_dict: dict[str, Any]) -> d
     # paired the owner's R with another rank's Q_L (wrong values, or a gloo abort where the
     # shapes differ).
     state_dict["state"] = {k: state_dict["state"][k] for k in sorted(state_dict["state"])}
-    return state_dict
 
 
 def _params_by_saved_key(optimizer: Any, state_dict: dict[str, Any]) -> dict[Any, torch.Tensor]:
@@ -202,16 +220,36 @@ def _foreign_shard(key: Any, name: str, value: DTensor) -> str | None:
     return None
 
 
+def _foreign_stamp(sharding: OwnerSharding, stamp: Any) -> str | None:
+    """Why a dict whose :data:`SHARDS_OF` is ``stamp`` (None: not stamped) is not this rank's,
+    or None."""
+    if stamp is None:
+        return None
+    if not (isinstance(stamp, dict) and is_int(stamp.get("rank"))
+            and is_int(stamp.get("world_size"))):
+        return (f"its {SHARDS_OF!r} is {stamp!r}, not the {{'rank': r, 'world_size': w}} a "
+                f"rank's state_dict() writes")
+    rank, world = stamp["rank"], stamp["world_size"]
+    if world != sharding.world_size:
+        return (f"it holds the shards of rank {rank} of {world} ranks: the dict was saved at "
+                f"another world size")
+    if rank != sharding.rank:
+        return f"it holds the shards of rank {rank}: the dict is another rank's"
+    return None
+
+
 def _refuse_foreign_shards(sharding: OwnerSharding, state_dict: dict[str, Any]) -> None:
     """Raise ValueError on every rank of the sharding group when some rank's state dict holds
     DTensors that are not its own shards: a dict saved over ranks without it, or one rank's
     dict (``torch.save`` on rank 0) loaded on every rank, whose shards the others took as
     theirs (``full_tensor`` assembled rank 0's rows twice, or failed in a collective). Shards
-    of even size cannot tell: that load is documented as wrong. One ``all_gather_object``."""
-    problem = next((why for k in sorted(state_dict["state"], key=str)
-                    for name, value in sorted(state_dict["state"][k].items())
-                    if isinstance(value, DTensor)
-                    and (why := _foreign_shard(k, name, value)) is not None), None)
+    of even size cannot tell: the dict's :data:`SHARDS_OF` names its rank. One
+    ``all_gather_object``."""
+    problem = _foreign_stamp(sharding, state_dict.get(SHARDS_OF)) or next(
+        (why for k in sorted(state_dict["state"], key=str)
+         for name, value in sorted(state_dict["state"][k].items())
+         if isinstance(value, DTensor) and (why := _foreign_shard(k, name, value)) is not None),
+        None)
     everyone: list[Any] = [None] * sharding.world_size
     dist.all_gather_object(everyone, problem, group=sharding.group)
     refused = [(r, why) for r, why in enumerate(everyone) if why is not None]
@@ -369,7 +407,9 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # before the first step, or while a matrix has had no gradient yet, would otherwise lack
     # entries and be refused on load. The zeros it creates are what a first step creates.
     optimizer.init_state()
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})}
+    optim = optimizer.state_dict()
+    optim.pop(SHARDS_OF, None)  # each rank's own: DCP places the shards by their DTensors
+    state = {"model": model.state_dict(), "optim": optim, **(extra or {})}
     try:
         dcp.save(state, storage_writer=FileSystemWriter(str(directory), overwrite=False),
                  process_group=process_group)

@@ -1057,6 +1057,63 @@ def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, o
         torch.save(results, Path(out))
 
 
+class EvenRows(nn.Module):
+    """Matrices and a bias whose rows split evenly over 2 ranks: every rank's shard of a
+    tensor has the same shape, so shapes cannot tell one rank's state dict from another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(6)
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(*s, generator=g) / s[1] ** 0.5)
+                                   for s in ((8, 4), (6, 10), (16, 16)))
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard needs a forward
+        return x
+
+
+def even_shards_worker(rank: int, world: int, cases: list[tuple[str, bool]], out: str) -> None:
+    """Per ``(optimizer, fsdp)`` case on :class:`EvenRows`: two steps, then rank 0's
+    ``state_dict()`` loaded on every rank, then each rank's own. Rank 0 writes each load's
+    errors on every rank (None: taken) and whether a refused load left the state as it was."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    results: dict[str, Any] = {}
+    for name, fsdp in cases:
+        model = EvenRows()
+        if fsdp:
+            fully_shard(model)
+        opt = OPTIMIZERS[name](split_param_groups(list(model.named_parameters())),
+                               OwnerSharding())
+        g = torch.Generator().manual_seed(7)
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = distribute_like(torch.randn(p.shape, generator=g), p)
+            opt.step()
+        own = opt.state_dict()  # a collective: on every rank
+        box = [own if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # as torch.save on rank 0, torch.load on all
+        errors: dict[str, Any] = {}
+        for label, sd in (("rank0", box[0]), ("own", own)):
+            before, state = full_params(model), _local_state(opt)
+            try:
+                opt.load_state_dict(sd)
+                error = None
+            except ValueError as exc:
+                error = str(exc)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, error)
+            errors[label] = gathered
+            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items()) and \
+                _same_tensors(state, _local_state(opt))
+            errors[f"{label} state kept"] = _on_every_rank(world, kept)
+        results[f"{name} {'fsdp2' if fsdp else 'replicated'}"] = errors
+    if rank == 0:
+        torch.save(results, Path(out))
+
+
 def _local_state(opt: Any) -> dict[tuple[int, str], torch.Tensor]:
     """A copy of this rank's own state tensors (an owner's whole ones, shards elsewhere)."""
     return {(id(p), key): local(v).detach().clone() for p, per in opt.state.items()

@@ -802,10 +802,30 @@ def test_another_ranks_or_world_sizes_state_dict_is_refused_on_every_rank(tmp_pa
     results = torch.load(out)
     for name in names:
         refused = results[name]["file"]
-        # ranks 2 and 3 are not among the file's; rank 1 holds rank 0's rows
-        assert all(r is not None and "on rank 1 and others" in r and "another rank's" in r
-                   for r in refused), (name, refused)
+        # every rank: the dict says it holds rank 0's shards of 2 (before that stamp, rank 0
+        # passed the shapes' check: the file's mesh of 2 holds rank 0)
+        assert all(r is not None and "on rank 0 and others" in r and "of 2 ranks" in r
+                   and "saved at another world size" in r for r in refused), (name, refused)
         assert results[name]["file state kept"], name
+
+
+def test_another_ranks_state_dict_is_refused_where_its_shards_have_this_ranks_shapes(tmp_path):
+    # every rank's shards of the same shape (8, 6 and 16 rows over 2 ranks): rank 0's dict
+    # loaded on rank 1 was taken silently, and rank 1 trained on rank 0's rows of the momentum
+    # (FSDP2) or of the owner-only state. Replicated Muon keeps whole tensors, the same on every
+    # rank, so any rank's dict is right everywhere, and is taken.
+    cases = [("muon", True), ("normuon", False), ("soap", True), ("muon", False)]
+    run_ranks(w.even_shards_worker, 2, tmp_path, cases, str(tmp_path / "out.pt"), timeout=120)
+    results = torch.load(tmp_path / "out.pt")
+    for case in ("muon fsdp2", "normuon replicated", "soap fsdp2"):
+        refused = results[case]["rank0"]
+        assert refused[0] is not None and refused[0] == refused[1], case  # every rank alike
+        assert "on rank 1:" in refused[0] and "the shards of rank 0" in refused[0], refused
+        assert "the dict is another rank's" in refused[0], case
+        assert results[case]["rank0 state kept"], case
+        assert results[case]["own"] == [None, None], case
+    assert results["muon replicated"]["rank0"] == [None, None]
+    assert results["muon replicated"]["own"] == [None, None]
 
 
 def test_checkpoint_load_takes_the_saved_group_keys_and_completes_the_missing_ones(tmp_path):
