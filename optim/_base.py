@@ -384,7 +384,7 @@ class MatrixOptimizer(StateDictOptimizer):
         earlier batches stepped; :meth:`step` takes its step count back when none had."""
         batches: dict[tuple, list[MatrixItem]] = defaultdict(list)
         for item in items:
-            batches[(id(item.group), item.shape, item.param.dtype)].append(item)
+            batches[(id(item.group), self._batch_shape(item), item.param.dtype)].append(item)
         self._skipped = set()
         try:
             for batch in (chunk for same in batches.values()
@@ -426,7 +426,8 @@ class MatrixOptimizer(StateDictOptimizer):
 
     def _owner_compute(self, indices: list[int], full_inputs: list[Tensor], *,
                        end: bool = True, known_finite: Sequence[bool] = ()) -> list[Tensor]:
-        """Phase 2 for the matrices this rank owns; batches same-shape matrices of one group.
+        """Phase 2 for the matrices this rank owns; batches the matrices of one group and
+        :meth:`_batch_shape`.
         ``end``: finish the step's batches here (:meth:`_end_batches`); False when the caller
         does, after more batches. ``known_finite[j]`` True: phase 1 already proved input j
         finite, and it is not checked again."""
@@ -439,7 +440,8 @@ class MatrixOptimizer(StateDictOptimizer):
         for j in range(len(full_inputs)):
             ok = checked.get(j, True)
             if ok:  # stacking promotes mixed dtypes: one batch per dtype
-                batches[(id(items[j].group), items[j].shape, full_inputs[j].dtype)].append(j)
+                batches[(id(items[j].group), self._batch_shape(items[j]),
+                         full_inputs[j].dtype)].append(j)
             else:
                 self._skip(items[j])
                 results[j] = torch.full_like(full_inputs[j], float("nan"))
@@ -450,7 +452,9 @@ class MatrixOptimizer(StateDictOptimizer):
             for js in (chunk for same in batches.values()
                        for chunk in self._batch_chunks(same, items[same[0]].shape)):
                 batch_items = [items[j] for j in js]
-                X = self._stack(batch_items, [full_inputs[j] for j in js])
+                flip = [self._batch_shape(items[j]) != items[j].shape for j in js]
+                X = self._stack(batch_items, [full_inputs[j].mT if f else full_inputs[j]
+                                              for j, f in zip(js, flip, strict=True)])
                 like = [(full_inputs[j].shape, full_inputs[j].dtype) for j in js]
                 for j in js:
                     pending[j] = None
@@ -469,8 +473,8 @@ class MatrixOptimizer(StateDictOptimizer):
                     continue
                 finally:
                     del X
-                for j, o in zip(js, stacked.unbind(0), strict=True):
-                    results[j] = o
+                for j, f, o in zip(js, flip, stacked.unbind(0), strict=True):
+                    results[j] = o.mT if f else o
         finally:
             if end:
                 self._end_batches()
@@ -488,6 +492,12 @@ class MatrixOptimizer(StateDictOptimizer):
         for item in items:
             self._report_skips(item)
         return out
+
+    def _batch_shape(self, item: MatrixItem) -> tuple[int, int]:
+        """The shape in which ``item``'s update input is stacked with others of that shape:
+        its own, or its transpose (the input then goes in transposed, and its update comes out
+        as the transposed view of the batch's)."""
+        return item.shape
 
     def _batch_chunks(self, same: list[T], shape: tuple[int, int]) -> list[list[T]]:
         """``same`` (matrices of one group, shape and dtype) cut, in order, into batches of

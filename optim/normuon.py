@@ -100,6 +100,8 @@ class NorMuon(Muon):
         super()._check_matrix_hyperparameters(group)
         _check_normuon_args(group["beta2"], group["normuon_eps"])
 
+    _merges_orientations = False  # each matrix's rows are normalized as they stand
+
     def _init_state(self, item: MatrixItem, *, owner: bool) -> None:
         super()._init_state(item, owner=owner)
         state = self.state[item.param]

@@ -176,15 +176,15 @@ def batch_as_owners(opt: Any, alone: bool, batched: int) -> None:
 
 def assert_owners_batch_alone(opt: Any, sharding: Any) -> None:
     """What the references' ``alone`` steps assume at W > 1: no owner of ``sharding``'s plan
-    holds two of ``opt``'s matrices of one shape (so each runs as a batch of one). Muon's and
-    NorMuon's only: SOAP steps each matrix from a buffer of its own, so its batches change no
-    bit (its owners do batch, e.g. the two 16x16 matrices at W = 2)."""
+    holds two of ``opt``'s matrices of one batch shape (:meth:`Muon._batch_shape`: so each runs
+    as a batch of one). Muon's and NorMuon's only: SOAP steps each matrix from a buffer of its
+    own, so its batches change no bit (its owners do batch: the two 16x16 matrices at W = 2)."""
     if sharding.world_size == 1 or not isinstance(opt, Muon):
         return
     plan, index = sharding.global_plan(check=False)  # a misplaced shard is the step's to report
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
     for item in opt.matrix_items():
-        key = (plan.owners[index[id(item.param)]], tuple(item.shape))
+        key = (plan.owners[index[id(item.param)]], tuple(opt._batch_shape(item)))
         assert key not in seen, (f"rank {key[0]} owns {seen[key]} and {item.name}, both "
                                  f"{key[1]}: the references no longer batch as the owners do")
         seen[key] = item.name

@@ -18,7 +18,7 @@ from optim.muon import IN_PLACE_NORM, adjusted_lr
 from optim.orthogonalize import METHODS, default_steps, orthogonalize, soften
 
 # Our Muon runs the same ops in the same order as torch.optim.Muon (lerp momentum, bf16 NS with
-# addmm, mul_ then add_): for a matrix whose shape is unique in its group, parity is exact.
+# addmm, mul_ then add_): for a matrix alone in its batch (Muon._batch_shape), parity is exact.
 PARITY_ATOL = 0.0
 PARITY_RTOL = 0.0
 # Same-shape matrices are stacked and run through baddbmm instead of addmm. On CPU, baddbmm can
@@ -1660,6 +1660,56 @@ def test_max_batch_bytes_cuts_the_batches_and_changes_no_result(factory):
     # each matrix reads only its own slice of a batch: bit-identical, health too
     assert all(torch.equal(a, b) for a, b in zip(cut, batched, strict=True))
     assert cut_health == batched_health
+
+
+MLP_PAIR = [(32, 16), (16, 32)] * 2  # a small block's up (tall) and down (wide) projections
+
+
+def smaller_merge_bound(p):
+    opt = Muon(p, lr=0.02)
+    opt.MERGE_ORIENTATIONS_UP_TO = 32 * 16 - 1
+    return opt
+
+
+@pytest.mark.parametrize(("factory", "sizes"), [
+    (lambda p: Muon(p, lr=0.02), [4]),  # the tall ones go in transposed, with the wide ones
+    (lambda p: Muon(p, lr=0.02, softening=0.2), [4]),
+    (lambda p: Muon(p, lr=0.02, ns_method="svd"), [2, 2]),  # SVD keeps the orientation
+    (lambda p: NorMuon(p, lr=0.02), [2, 2]),  # normalizes each matrix's rows as they stand
+    (smaller_merge_bound, [2, 2]),
+], ids=["muon", "muon_soft", "svd", "normuon", "above_bound"])
+def test_a_small_tall_matrix_batches_with_the_wide_ones_of_its_transposed_shape(factory, sizes):
+    params, alone_p = make_params(MLP_PAIR), make_params(MLP_PAIR)
+    opt = factory(list(zip("abcd", params, strict=True)))
+    alone = factory(list(zip("abcd", alone_p, strict=True)))
+    alone.MAX_BATCH_BYTES = 0
+    got = record_batch_sizes(opt)
+    run(opt, params, 4)
+    run(alone, alone_p, 4)
+    assert got == sizes * 4
+    # each update comes back in its matrix's orientation, as one matrix alone would have it:
+    # one bf16 rounding of a batched product apart at most (batched_atol)
+    lr_adj = adjusted_lr(0.02, None, (32, 16))
+    assert_params_equal(params, alone_p, atol=batched_atol(lr_adj, 4), rtol=0.0)
+    # health of updates that far apart, each a bf16 norm: within BF16_NORM_RTOL (which allows
+    # for O differing in the last bit of a few entries)
+    health, health_alone = opt.health(), alone.health()
+    assert set(health) == set("abcd")
+    for name in "abcd":
+        for metric, value in health[name].items():
+            torch.testing.assert_close(value, health_alone[name][metric],
+                                       atol=0.0, rtol=BF16_NORM_RTOL)
+
+
+def test_muon_merging_orientations_equals_torch_muon_within_a_batched_rounding():
+    ours_p, ref_p = make_params(MLP_PAIR), make_params(MLP_PAIR)
+    ours, ref = Muon(ours_p, lr=0.02), torch.optim.Muon(ref_p, lr=0.02)
+    run(ours, ours_p, 6)
+    run(ref, ref_p, 6)
+    for shape, p, q in zip(MLP_PAIR, ours_p, ref_p, strict=True):
+        assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+        torch.testing.assert_close(p, q, atol=batched_atol(adjusted_lr(0.02, None, shape), 6),
+                                   rtol=0.0)
 
 
 @pytest.mark.parametrize("factory", [
