@@ -1037,19 +1037,8 @@ def foreign_shards_worker(rank: int, world: int, names: list[str], saved: str, o
             loads = {"file": torch.load(path.with_suffix(f".{name}"), weights_only=False)}
         errors: dict[str, Any] = {}
         for label, sd in loads.items():
-            before, state = full_params(model), _local_state(opt)
-            try:
-                opt.load_state_dict(sd)
-                error = None
-            except ValueError as exc:
-                error = str(exc)
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, error)
-            errors[label] = gathered
-            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items()) and \
-                _same_tensors(state, _local_state(opt))
-            errors[f"{label} state kept"] = _on_every_rank(world, kept) \
-                if error is not None else None
+            errors[label], kept = _load_everywhere(world, model, opt, sd)
+            errors[f"{label} state kept"] = kept if any(errors[label]) else None
         results[name] = errors
     if rank == 0:
         if not path.exists():
@@ -1097,21 +1086,28 @@ def even_shards_worker(rank: int, world: int, cases: list[tuple[str, bool]], out
         dist.broadcast_object_list(box, src=0)  # as torch.save on rank 0, torch.load on all
         errors: dict[str, Any] = {}
         for label, sd in (("rank0", box[0]), ("own", own)):
-            before, state = full_params(model), _local_state(opt)
-            try:
-                opt.load_state_dict(sd)
-                error = None
-            except ValueError as exc:
-                error = str(exc)
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, error)
-            errors[label] = gathered
-            kept = all(torch.equal(before[n], p) for n, p in full_params(model).items()) and \
-                _same_tensors(state, _local_state(opt))
-            errors[f"{label} state kept"] = _on_every_rank(world, kept)
+            errors[label], errors[f"{label} state kept"] = _load_everywhere(world, model, opt, sd)
         results[f"{name} {'fsdp2' if fsdp else 'replicated'}"] = errors
     if rank == 0:
         torch.save(results, Path(out))
+
+
+def _load_everywhere(world: int, model: nn.Module, opt: Any, sd: dict[str, Any]
+                     ) -> tuple[list[str | None], bool]:
+    """``opt.load_state_dict(sd)`` on this rank: every rank's error (None where the load was
+    taken), and whether the parameters and the optimizer state stayed as they were on every rank
+    (collectives: call on every rank)."""
+    before, state = full_params(model), _local_state(opt)
+    try:
+        opt.load_state_dict(sd)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, error)
+    kept = all(torch.equal(before[n], p) for n, p in full_params(model).items()) and \
+        _same_tensors(state, _local_state(opt))
+    return gathered, _on_every_rank(world, kept)
 
 
 def _local_state(opt: Any) -> dict[tuple[int, str], torch.Tensor]:
