@@ -491,19 +491,44 @@ def _dcp_load(state: dict[str, Any], directory: str | Path, optimizer: Any, *,
                 f"into the model and optimizer settings that saved it.") from None
         missing = _failure(exc, "Missing key in checkpoint state_dict: ")
         if missing is not None:
-            why = ("it was saved for another model (a parameter or buffer added or renamed "
-                   "since): load it into the model that saved it"
-                   if "state_dict: model." in missing else
-                   "it was saved without an entry asked for with `extra`")
-            raise ValueError(f"{directory} lacks an entry ({missing}): {why}. Nothing was "
-                             f"loaded.") from None
+            if "state_dict: model." in missing:
+                raise ValueError(_lacks_model_entries(directory, [missing])) from None
+            raise ValueError(f"{directory} lacks an entry ({missing}): it was saved without an "
+                             f"entry asked for with `extra`. Nothing was loaded.") from None
         # anything else (a file unreadable or cut short): an Exception, as callers catch
         raise RuntimeError(_failed("load", directory, exc) + (
             ". The model and optimizer may hold part of it: load a complete checkpoint into "
             "them, or start afresh." if partial else "")) from exc
 
 
-def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _lacks_model_entries(directory: str | Path, missing: list[str]) -> str:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (f"{directory} lacks an entry ({shown}): it was saved for another model (a parameter "
+            f"or buffer added or renamed since): load it into the model that saved it. Nothing "
+            f"was loaded.")
+
+
+def _read_metadata(directory: str | Path) -> Any:
+    """The checkpoint's DCP metadata, or None where it cannot be read here (not a DCP
+    checkpoint): ``dcp.load`` then says what it finds."""
+    try:
+        return FileSystemReader(str(directory)).read_metadata()
+    except Exception:
+        return None
+
+
+def _model_entries_missing(metadata: Any, model: torch.nn.Module) -> list[str]:
+    """The entries of ``model.state_dict()`` that the checkpoint does not hold (a parameter or
+    buffer added or renamed since it was saved), as ``model.<name>``; none where its metadata
+    does not say (``metadata`` None, or saved without DCP's flattening)."""
+    paths = getattr(metadata, "planner_data", None)
+    if not isinstance(paths, dict):
+        return []
+    saved = {path[1] for path in paths.values() if len(path) >= 2 and path[0] == "model"}
+    return [f"model.{name}" for name in model.state_dict() if name not in saved]
+
+
+def _saved_groups(metadata: Any, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A template of the checkpoint's own param groups, for DCP to fill: every key its metadata
     lists under ``optim.param_groups``, nested as saved (``nonfinite_skips`` by name), whether
     the live groups have it or not. An LR scheduler's ``initial_lr`` saved with it is loaded, and
@@ -511,11 +536,7 @@ def _saved_groups(directory: str | Path, live: list[dict[str, Any]]) -> list[dic
     ``nonfinite_skips``) is not asked for: ``load_state_dict`` takes it from the live group.
     Without readable metadata (not a DCP checkpoint, or saved without DCP's flattening), the
     live groups' keys, and ``dcp.load`` says what it finds."""
-    try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-    except Exception:
-        return copy.deepcopy(live)
-    paths = metadata.planner_data  # {flat key: its path in the saved dict}
+    paths = getattr(metadata, "planner_data", None)  # {flat key: its path in the saved dict}
     if not isinstance(paths, dict):
         return copy.deepcopy(live)
     groups: dict[int, dict[str, Any]] = {}
@@ -596,7 +617,8 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     # the groups alone first: a few small objects, and a collective plan every rank shares,
     # so every rank refuses together; their template holds the checkpoint's keys (the live
     # groups stay as they are), and check_state_dict completes them from the live groups
-    groups = {"optim": {"param_groups": _saved_groups(directory, optim_state["param_groups"])}}
+    metadata = _read_metadata(directory)
+    groups = {"optim": {"param_groups": _saved_groups(metadata, optim_state["param_groups"])}}
     _dcp_load(groups, directory, optimizer, process_group=process_group)
     # each live tensor where the checkpoint keeps its parameter's state: the checkpoint's
     # position of that name, when its group lists the same names in another order
@@ -606,6 +628,13 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
     try:
         optimizer.check_state_dict(optim_state)
     except ValueError as exc:
+        # a parameter added to the model and the optimizer alike shows first as a group of
+        # another size: name the model's entries the checkpoint lacks, as DCP's own check
+        # names one the optimizer does not step. Every rank refuses either way (the groups
+        # were read collectively), so a rank that cannot read the metadata only words it less.
+        missing = _model_entries_missing(metadata, model)
+        if missing:
+            raise ValueError(_lacks_model_entries(directory, missing)) from None
         raise ValueError(f"{directory} cannot be loaded into this "
                          f"{type(optimizer).__name__} (nothing was loaded): {exc}") from None
     # then the tensors, into the model's and the optimizer's own

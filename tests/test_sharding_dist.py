@@ -534,6 +534,24 @@ def test_checkpoint_failures_are_exceptions_that_name_what_to_do(tmp_path, monke
     assert grown_opt.state_dict()["state"].keys() == {0, 1, 2}  # the zeros init_state made
     assert all(v.abs().sum() == 0 for s in grown_opt.state_dict()["state"].values()
                for v in s.values())
+    # the added parameter stepped by the optimizer too: its group of another size was refused
+    # first, as "another split of the parameters", without naming the parameter
+    stepped_opt = Muon([{"params": [("a", grown.a), ("b", grown.b)], "lr": 0.02},
+                        {"params": [("c", grown.c), ("d", grown.d)], "lr": 0.01}], lr=0.02)
+    with pytest.raises(ValueError, match=r"lacks an entry \(model\.d\): it was saved for "
+                                         r"another model \(a parameter or buffer added or "
+                                         r"renamed since\).* Nothing was loaded"):
+        checkpoint.load(tmp_path / "ckpt", grown, stepped_opt)
+    assert all(torch.equal(before[k], v) for k, v in grown.state_dict().items())
+    assert all(v.abs().sum() == 0 for s in stepped_opt.state_dict()["state"].values()
+               for v in s.values())
+    # the same groups without a model entry missing: still refused by the group check
+    shrunk = Muon([{"params": [("a", model.a)], "lr": 0.02},
+                   {"params": [("c", model.c)], "lr": 0.01}], lr=0.02)
+    with pytest.raises(ValueError, match=r"cannot be loaded into this Muon \(nothing was "
+                                         r"loaded\): .*param group 0 was saved with 2 "
+                                         r"parameters and has 1 here"):
+        checkpoint.load(tmp_path / "ckpt", model, shrunk)
 
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
