@@ -287,8 +287,9 @@ class Publisher(Sender):
         if token is not None and (where := token_error(token)) is not None:
             # httpx would refuse the header on every send, which looks like a sidecar that
             # is down (e.g. a token read from its file without .strip())
-            raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE} "
-                             f"(strip the newline of a token read from a file)")
+            hint = " (strip the newline of a token read from a file)" \
+                if where.startswith("a whitespace") else ""
+            raise ValueError(f"token has {where}: a bearer token holds only {TOKEN_RULE}{hint}")
         self.run_id = run_id or default_run_id()
         if (problem := run_id_problem(self.run_id)) is not None:
             source = "run_id" if run_id else "the run id from the environment"

@@ -122,6 +122,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
+    # first: the request line asks for something this path does not do, whatever the body
+    # holds (a `?dry_run=true` snapshot with a body error was named a schema error)
+    unknown = [str(e["loc"][1]) for e in errors
+               if e["type"] == "extra_forbidden" and e["loc"][:1] == ["query"]]
+    if unknown:
+        return problem_response(
+            request,
+            422,
+            f"Unknown query parameter {', '.join(map(repr, unknown))}: "
+            f"{_query_parameters(request)}.",
+            slug="unknown-query-parameter",
+            errors=errors,
+        )
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if request.method == "POST" and not _is_json(media) and \
             any(e["loc"] == ["body"] for e in errors):
@@ -154,17 +167,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             422,
             "Unsupported or missing schema_version; this sidecar accepts 1.",
             slug="unsupported-schema-version",
-            errors=errors,
-        )
-    unknown = [str(e["loc"][1]) for e in errors
-               if e["type"] == "extra_forbidden" and e["loc"][:1] == ["query"]]
-    if unknown:
-        return problem_response(
-            request,
-            422,
-            f"Unknown query parameter {', '.join(map(repr, unknown))}: "
-            f"{_query_parameters(request)}.",
-            slug="unknown-query-parameter",
             errors=errors,
         )
     return problem_response(

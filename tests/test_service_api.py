@@ -728,6 +728,10 @@ def test_pages_go_on_past_a_name_an_earlier_version_stored(client: TestClient) -
 @pytest.mark.parametrize(("method", "path", "body"), [
     ("post", "/v1/snapshots", snapshot(step=2, names=("w",))),
     ("post", "/v1/ranks/0/finish", {"run_id": "run-a"}),
+    # a body that does not validate either: named a schema or validation error before
+    ("post", "/v1/snapshots", {}),
+    ("post", "/v1/snapshots", {**snapshot(step=2, names=("w",)), "step": "x"}),
+    ("post", "/v1/ranks/0/finish", {}),
 ])
 def test_a_query_parameter_a_post_does_not_take_is_422_and_nothing_is_stored(
         client: TestClient, method: str, path: str, body: dict[str, Any]) -> None:

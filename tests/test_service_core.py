@@ -1935,12 +1935,19 @@ def test_service_sources_do_not_mention_torch_imports() -> None:
             ), f"{path}: {line}"
 
 
-@pytest.mark.parametrize("token", ["t" * 32 + "\n", "tok en-0123456789abcdef", "ä" * 20])
-def test_publisher_refuses_a_token_no_request_could_carry(token: str) -> None:
+@pytest.mark.parametrize(("token", "newline_hint"), [
+    ("t" * 32 + "\n", True), ("tok en-0123456789abcdef", True), ("ä" * 20, False),
+    # outside RFC 6750's token syntax, which the sidecar's own token follows
+    ("abcdefgh!ijklmnopq", False), ("abcdefgh=ijklmnopq", False),
+])
+def test_publisher_refuses_a_token_outside_the_bearer_syntax(token: str,
+                                                             newline_hint: bool) -> None:
     # httpx refused the header on every send, logged as an unreachable sidecar, for ever
     with pytest.raises(ValueError, match="a bearer token holds only") as info:
         Publisher(token=token, run_id="r")
     assert token.strip() not in str(info.value)  # the secret is not echoed
+    # the hint about a token file's newline only where whitespace is what was refused
+    assert ("strip the newline" in str(info.value)) == newline_hint, str(info.value)
 
 
 def test_torchruns_shared_default_run_id_is_not_taken_for_this_runs(
