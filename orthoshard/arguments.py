@@ -36,9 +36,9 @@ def argument_problem(args: argparse.Namespace) -> str | None:
         return f"--checkpoint-dir {args.checkpoint_dir} is not a directory"
     if args.kl_shampoo and args.optimizer != "soap":
         return "--kl-shampoo applies to --optimizer soap"
-    if args.spike_at is not None and not 0 <= args.spike_at < args.steps:
-        return (f"--spike-at must be a step in [0, --steps={args.steps}) (0-based), got "
-                f"{args.spike_at}")
+    if args.spike_at is not None and not 1 <= args.spike_at <= args.steps:
+        return (f"--spike-at must be a step in [1, --steps={args.steps}] (steps count from 1, "
+                f"as the logs, the plot and the sidecar number them), got {args.spike_at}")
     return None
 
 

@@ -158,13 +158,14 @@ REFUSED_FILE = "REFUSED"
 
 
 def spike_problem(latest: Path, spike_at: int | None) -> str | None:
-    """What stops a ``--resume`` from ``latest`` with ``--spike-at`` before its step (None:
-    nothing): the run trains from that step on, so the spike would never happen."""
+    """What stops a ``--resume`` from ``latest`` with ``--spike-at`` at or before its step
+    (None: nothing): the run trains from the step after it on, so the spike would never
+    happen."""
     done = checkpoint_step(latest)
-    if done is None or spike_at is None or spike_at >= done:
+    if done is None or spike_at is None or spike_at > done:
         return None
     return (f"--resume: the checkpoint {latest} is at step {done}, past --spike-at {spike_at}: "
-            f"this run trains from step {done} on and would never spike; pass a later "
+            f"this run trains from step {done + 1} on and would never spike; pass a later "
             f"--spike-at, or none")
 
 

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
     p.add_argument("--kl-shampoo", action="store_true", help="SOAP with KL-Shampoo factors")
     p.add_argument("--spike-at", type=int, default=None,
-                   help="inject a rank-1 gradient spike at this step")
+                   help="inject a rank-1 gradient spike at this step (counted from 1, as "
+                        "the logs, the plot and the sidecar number steps)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--checkpoint-dir", type=Path, default=None)
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -243,6 +244,23 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     return problem
 
 
+def _resumable(directory: Path | None) -> str:
+    """Where a failed or stopped run can go on from: its checkpoint directory's ``LATEST``
+    (the ranks checkpoint the step they stop after on SIGTERM, a signal to torchrun too),
+    as text to append to the failure; empty without one."""
+    from orthoshard.checkpoints import Checkpoints
+
+    if directory is None:
+        return ""
+    try:
+        latest = Checkpoints(directory).latest()
+    except OSError:
+        return ""
+    if latest is None:
+        return ""
+    return f"; its last checkpoint is {latest}: --resume continues from it"
+
+
 def _resume_problem(directory: Path, steps: int, optimizer: str,
                     spike_at: int | None = None, kl_shampoo: bool = False) -> str | None:
     """What stops ``--resume`` from ``directory`` before any rank starts (None: nothing): a
@@ -315,7 +333,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
         code = _torchrun(args, sidecar)
         if code != 0:
-            print(f"orthoshard demo: training failed (torchrun exit {code})", file=sys.stderr)
+            print(f"orthoshard demo: training failed (torchrun exit {code})"
+                  f"{_resumable(args.checkpoint_dir)}", file=sys.stderr)
             return code
         time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land
         try:

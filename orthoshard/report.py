@@ -118,8 +118,8 @@ def health_panels(health: dict[str, dict[str, dict[int, float]]]) -> list[tuple[
 
 def plot(out: Path, spike_at: int | None = None) -> Path:
     """Loss and each health metric the run reported (:func:`health_panels`) over steps, one
-    panel each, one line per matrix; ``spike_at`` (the demo's 0-based ``--spike-at``, logged
-    as step ``spike_at + 1``) marks the spike on every panel."""
+    panel each, one line per matrix; ``spike_at`` (the demo's ``--spike-at``, a step as the
+    logs number them) marks the spike on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,9 +136,9 @@ def plot(out: Path, spike_at: int | None = None) -> Path:
     for ax, (title, metric) in zip(axes.flat[:len(panels)], panels, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if spike_at is not None and losses and min(losses) <= spike_at + 1 <= max(losses):
+        if spike_at is not None and losses and min(losses) <= spike_at <= max(losses):
             # (a run resumed past the spike into this --out did not log it)
-            ax.axvline(spike_at + 1, color="red", linestyle="--", linewidth=0.8,
+            ax.axvline(spike_at, color="red", linestyle="--", linewidth=0.8,
                        label="spike")
         if metric is None:
             ax.plot(sorted(losses), [losses[s] for s in sorted(losses)])

@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
     p.add_argument("--kl-shampoo", action="store_true", help="SOAP: KL-Shampoo factors")
     p.add_argument("--spike-at", type=int, default=None,
-                   help="add a rank-1 gradient spike to every hidden matrix at this step")
+                   help="add a rank-1 spike to every hidden matrix's gradient of this step "
+                        "(counted from 1, as the logs number steps)")
     p.add_argument("--spike-scale", type=float, default=30.0,
                    help="spike Frobenius norm as a multiple of the gradient's")
     p.add_argument("--out", type=Path, default=Path("out"),
@@ -551,7 +552,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
         x, y = (t.to(device) for t in data.batch(step, rank))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
-        if args.spike_at is not None and step == args.spike_at:
+        if args.spike_at is not None and step + 1 == args.spike_at:  # (logged as step + 1)
             add_spike(optimizer, scale=args.spike_scale, seed=args.seed)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

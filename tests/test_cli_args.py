@@ -26,7 +26,8 @@ def _demo_args(*argv: str) -> argparse.Namespace:
     (["--steps", "0"], "--steps and --nproc must be >= 1"),
     (["--nproc", "65"], "--nproc 65: the local demo runs every rank on this machine, at most 64"),
     (["--kl-shampoo"], "--kl-shampoo applies to --optimizer soap"),
-    (["--spike-at", "300"], "--spike-at must be a step in [0, --steps=300)"),
+    (["--spike-at", "301"], "--spike-at must be a step in [1, --steps=300] (steps count from 1"),
+    (["--spike-at", "0"], "--spike-at must be a step in [1, --steps=300]"),
     (["--spike-at", "-1"], "--spike-at must be a step"),
     (["--resume"], "need --checkpoint-dir"),
     (["--checkpoint-every", "5"], "need --checkpoint-dir"),
@@ -113,7 +114,7 @@ def test_what_the_demo_hands_the_training_job_is_accepted_there(argv, tmp_path, 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--resume"], "need --checkpoint-dir"),
     (["--kl-shampoo"], "--kl-shampoo applies to --optimizer soap"),
-    (["--steps", "10", "--spike-at", "10"], "--spike-at must be a step in [0, --steps=10)"),
+    (["--steps", "10", "--spike-at", "11"], "--spike-at must be a step in [1, --steps=10]"),
     (["--step-delay", "-1"], "must be >= 0"),
     (["--step-delay", "nan"], "--step-delay must be >= 0 seconds and at most 1e+09"),
     (["--step-delay", "1e20"], "--step-delay must be >= 0 seconds and at most 1e+09"),
@@ -305,7 +306,10 @@ def test_a_resume_past_the_spike_is_refused_before_any_rank_starts(tmp_path):
     argv = ["--checkpoint-dir", str(tmp_path), "--resume", "--steps", "25"]
     problem = demo._argument_problem(_demo_args(*argv, "--spike-at", "5"))
     assert problem is not None and "past --spike-at 5" in problem
-    assert demo._argument_problem(_demo_args(*argv, "--spike-at", "22")) is None
+    # the checkpoint's own step trained already; the next one is still ahead
+    problem = demo._argument_problem(_demo_args(*argv, "--spike-at", "20"))
+    assert problem is not None and "trains from step 21 on" in problem
+    assert demo._argument_problem(_demo_args(*argv, "--spike-at", "21")) is None
 
 
 def test_clearing_the_last_runs_outputs_leaves_other_files_alone(tmp_path):
@@ -816,3 +820,16 @@ def test_a_failed_checkpoint_load_names_each_error_with_its_type():
     assert _failed("load", "d", mixed) == (
         "torch.distributed.checkpoint could not load d on ranks [0, 1]: OSError: [Errno 5] "
         "Input/output error (ranks [0]); EOFError (ranks [1])")
+
+
+def test_a_failed_demo_names_the_checkpoint_its_resume_continues_from(tmp_path):
+    # a SIGTERM to torchrun: the ranks checkpointed the step they stopped after, and the demo
+    # said only "training failed (torchrun exit 1)"
+    assert demo._resumable(None) == ""
+    assert demo._resumable(tmp_path) == ""  # no LATEST: nothing to resume
+    (tmp_path / "step-000011").mkdir()
+    (tmp_path / "LATEST").write_text("step-000011")
+    assert demo._resumable(tmp_path) == \
+        f"; its last checkpoint is {tmp_path / 'step-000011'}: --resume continues from it"
+    (tmp_path / "LATEST").write_text("step-000099")  # names none: said by --resume itself
+    assert demo._resumable(tmp_path) == ""

@@ -107,7 +107,7 @@ def _one_process(world: int, *extra: str) -> tuple[dict[str, torch.Tensor], list
                 model.zero_grad(set_to_none=True)
             for t, p in zip(total, model.parameters(), strict=True):
                 p.grad = t / world
-            if step == args.spike_at:
+            if step + 1 == args.spike_at:  # steps logged from 1
                 add_spike(optimizer, scale=args.spike_scale, seed=args.seed)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -630,7 +630,7 @@ def test_a_resume_with_another_seed_batch_size_or_model_is_refused_before_it_loa
     with pytest.raises(SystemExit):
         _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "refused"),
                     "--seed", "3", "--spike-at", "1", *keep)
-    assert "past --spike-at 1: this run trains from step 2 on and would never spike" in \
+    assert "past --spike-at 1: this run trains from step 3 on and would never spike" in \
         capsys.readouterr().err
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "b"), "--seed", "3",
                        *keep) == 0
