@@ -46,20 +46,23 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   echo "setup: installing torch 2.13.0 (a large download the first time)"
   pip_quiet torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-# The project (editable), again only when pyproject.toml changed or a --dev set-up is wanted
-# over a runtime one: the stamp holds pyproject.toml's hash and the level installed. The import
-# check runs isolated (-I): from here, a plain import would find the source folder itself.
+# The project (editable), again only when pyproject.toml or the pins changed or a --dev set-up
+# is wanted over a runtime one: the stamp holds their hash and the level installed. The service's
+# packages are held to the sidecar image's pins (deploy/sidecar-requirements.txt, as pip
+# constraints), so the tests run on what the image ships. The import check runs isolated (-I):
+# from here, a plain import would find the source folder itself.
+pins=deploy/sidecar-requirements.txt
 stamp=.venv/.orthoshard-installed
 read -r have_hash have_dev 2>/dev/null < "$stamp" || { have_hash=""; have_dev=0; }
-want_hash=$(.venv/bin/python -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest())")
+want_hash=$(.venv/bin/python -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read() + open('$pins', 'rb').read()).hexdigest())")
 if [ "$have_hash" != "$want_hash" ] || [ "$have_dev" -lt "$dev" ] \
     || [ ! -x .venv/bin/orthoshard ] \
     || ! .venv/bin/python -I -c "import orthoshard" 2>/dev/null; then
   echo "setup: installing orthoshard$([ "$dev" = 1 ] && echo " with its test extras")"
   if [ "$dev" = 1 ]; then
-    pip_quiet -e '.[dev]'
+    pip_quiet -e '.[dev]' -c "$pins"
   else
-    pip_quiet -e .
+    pip_quiet -e . -c "$pins"
   fi
   level=$dev
   [ "$have_hash" = "$want_hash" ] && [ "$have_dev" -gt "$dev" ] && level=$have_dev

@@ -148,6 +148,26 @@ def test_the_rule_generator_loads_by_path_with_its_neighbours() -> None:
         "orthoshard.rules.yml", "orthoshard.rules.yml"]
 
 
+def test_the_docs_rotation_spike_expressions_are_the_prod_rules() -> None:
+    # docs/deploy.md showed the alert without its start-up guard: pasted into Prometheus, it
+    # fired where the shipped rule stays off
+    rules = {r.get("record") or r["alert"]: r["expr"]
+             for r in _alert_rules_module().rules(_alert_rules_module().PROD)}
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    block = text.split("### The rotation spike", 1)[1].split("```", 2)[1]
+    record, alert = block.split("OptimizerBasisRotationSpike =")
+    name, record = record.split("=", 1)
+    rot = re.search(r"with `R = (.+?)`", text)
+    assert rot is not None
+
+    def spelled(expr: str) -> str:  # comments dropped, R spelled out, whitespace ignored
+        expr = re.sub(r"#[^\n]*", "", expr)
+        return re.sub(r"\s+", "", re.sub(r"\bR\b", rot.group(1), expr))
+
+    assert spelled(record) == spelled(rules[name.strip()])
+    assert spelled(alert) == spelled(rules["OptimizerBasisRotationSpike"])
+
+
 def test_rotation_hold_sits_between_the_scrape_interval_and_the_jump_window() -> None:
     """The sidecar holds each rotation series at its window maximum (``--rotation-hold``) so a
     one-step spike outlives the next scrape; the rules' jump window must still contain it and
@@ -415,6 +435,19 @@ def test_sidecar_requirements_cover_service_imports_and_exclude_torch() -> None:
     dockerfile = (DEPLOY / "sidecar.Dockerfile").read_text()
     assert "--no-deps" in dockerfile and "sidecar-requirements.txt" in dockerfile
     assert not re.search(r"pip install[^\n]*torch", dockerfile)
+
+
+def test_the_tests_run_on_the_sidecar_images_pinned_versions() -> None:
+    # the pins said "the versions the service tests ran with" while the test venv resolved
+    # newer httpx and uvicorn releases: scripts/setup.sh now installs under them (pip -c)
+    from importlib.metadata import version
+
+    pins = [line.split("==") for line in
+            (DEPLOY / "sidecar-requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert pins and all(len(pin) == 2 for pin in pins), pins  # every line an exact pin
+    installed = {name: version(name) for name, _ in pins}
+    assert installed == dict(pins), "re-run bash scripts/setup.sh --dev"
 
 
 @pytest.mark.timeout(300)

@@ -85,13 +85,14 @@ ANNOTATIONS = {
         '{{ $value | printf "%.0f" }} s',
         "description": "The sidecar {{ $labels.instance }} has not accepted a snapshot from "
         'rank {{ $labels.rank }} for {{ $value | printf "%.0f" }} seconds.',
-        "runbook": "The rank is hung, dead, much slower than usual, or its publisher cannot "
-        "reach the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
-        "sidecar. A run that ended normally does not page: Publisher.close(finished=True) "
-        "tells the sidecar, which then drops the rank's timestamp. A rank that exited without "
-        "saying so pages until it reports again, a new run reports to the sidecar as the same "
-        "rank, its last snapshot is --series-ttl (default 900 s) old while a newer run reports "
-        "there, or it is finished by hand (POST /v1/ranks/RANK/finish with its run_id, "
+        "runbook": "The rank is hung, dead, much slower than usual, or its publisher cannot reach "
+        "the sidecar (token, URL). Check the trainer logs and GET /v1/optimizer on the "
+        "sidecar (with its bearer token, docs/deploy.md). A run that ended normally "
+        "does not page: Publisher.close(finished=True) tells the sidecar, which then "
+        "drops the rank's timestamp. A rank that exited without saying so pages until "
+        "it reports again, a new run reports to the sidecar as the same rank, its last "
+        "snapshot is --series-ttl (default 900 s) old while a newer run reports there, "
+        "or it is finished by hand (POST /v1/ranks/RANK/finish with its run_id, "
         "docs/service.md) once it is known to be gone for good.",
     },
     "OptimizerOrthogonalityErrorHigh": {
@@ -101,7 +102,8 @@ ANNOTATIONS = {
         "runbook": "Newton-Schulz is not converging: NaN/Inf gradients, too few steps or a "
         "coefficient schedule outside its interval, or low precision. Check "
         "orthoshard_nonfinite_skips_total, ns_steps and ns_method (polar_express or cans). "
-        "1.0 (to rounding) with update_rms 0 (GET /v1/params/{name}) is a zero update: the "
+        "1.0 (to rounding) with update_rms 0 (GET /v1/params/{name} on the sidecar, with its "
+        "bearer token, docs/deploy.md) is a zero update: the "
         "matrix gets an all-zero gradient and does not train.",
     },
     "OptimizerNonfiniteUpdatesSkipped": {
@@ -114,7 +116,8 @@ ANNOTATIONS = {
         "matrix whose gradient is not finite and counts it. Skips that keep coming mean the "
         "loss diverged (check loss.jsonl in the trainer's --out directory), the LR is too "
         "high, a data shard is bad, or low precision overflows. Which matrices: "
-        "orthoshard_nonfinite_skips_total by param on the dashboard, or GET /v1/params/{name}. "
+        "orthoshard_nonfinite_skips_total by param on the dashboard, or GET /v1/params/{name} "
+        "on the sidecar (with its bearer token, docs/deploy.md). "
         "A single bad batch does not page.",
     },
     "OptimizerSidecarDown": {
