@@ -151,8 +151,8 @@ def test_the_rule_generator_loads_by_path_with_its_neighbours() -> None:
 def test_the_docs_rotation_spike_expressions_are_the_prod_rules() -> None:
     # docs/deploy.md showed the alert without its start-up guard: pasted into Prometheus, it
     # fired where the shipped rule stays off
-    rules = {r.get("record") or r["alert"]: r["expr"]
-             for r in _alert_rules_module().rules(_alert_rules_module().PROD)}
+    module = _alert_rules_module()
+    rules = {r.get("record") or r["alert"]: r["expr"] for r in module.rules(module.PROD)}
     text = (ROOT / "docs" / "deploy.md").read_text()
     block = text.split("### The rotation spike", 1)[1].split("```", 2)[1]
     record, alert = block.split("OptimizerBasisRotationSpike =")
