@@ -105,8 +105,42 @@ def _angle_degrees(sin_sq: float, cos: float) -> float:
 HealthFinish = Callable[[list[float]], list[list[float]]]
 
 # one side's layout: (name, dim, number of eigenvalues, rotated this step, factor's norm
-# left to soap_health, eigenvalues are the quotients)
-_SideLayout = tuple[str, int, int, bool, bool, bool]
+# left to soap_health, eigenvalues are the quotients, the eigenvalues' machine epsilon)
+_SideLayout = tuple[str, int, int, bool, bool, bool, float]
+
+
+def _top_count(side: _SideLayout) -> int:
+    """How many of a side's largest eigenvalues health reads: the top two for the eigengap;
+    after a refresh up to 8, the rotation's k, to find the factor's numerical rank among them."""
+    _, dim, count, _, _, quotients, _ = side
+    return min(count, 2 if quotients else max(2, min(8, dim)))
+
+
+def _rank_below(top: list[float], dim: int, eps: float) -> int:
+    """The factor's numerical rank if below ``len(top)``, else ``len(top)``: how many of its
+    largest eigenvalues (``top``, descending) exceed ``dim * eps * top[0]`` (the rank rule of
+    LAPACK-based ``matrix_rank``: below it, fp32 eigenvalues are rounding, 2.5e-7 relative or
+    less for factors of 32-1024 rows whose gradients span a few directions, against a
+    threshold of 3.8e-6-1.2e-4). A zero factor has rank 0."""
+    if not top[0] > 0.0:
+        return 0
+    floor = dim * eps * top[0]
+    return sum(1 for value in top if value > floor)
+
+
+def _rotation_within(r: int, k: int, gram: list[float], overlap: list[float]) -> float:
+    """The largest principal angle between the first ``r < k`` columns of two bases, from the
+    k x k ``W^T W`` and ``M = A^T B`` of their first k (:func:`optim.health.principal_extremes`,
+    row-major): with ``A_r``, ``B_r`` those columns, ``W_r = B_r - A_r M_r`` has the Gram
+    ``(W^T W)_rr + sum_{j >= r} M_j,:r^T M_j,:r`` (the k = 1 formula's sum of non-negative
+    terms), whose top eigenvalue is the sine squared, and ``M_r``'s smallest singular value is
+    the cosine. Rare (a side whose factor has rank below 8), so two tiny LAPACK calls."""
+    G = torch.tensor(gram, dtype=torch.float64).view(k, k)
+    M = torch.tensor(overlap, dtype=torch.float64).view(k, k)
+    G_r = G[:r, :r] + M[r:, :r].mT @ M[r:, :r]
+    sin_sq = float(torch.linalg.eigvalsh(G_r)[-1])
+    cos = float(torch.linalg.svdvals(M[:r, :r])[-1])
+    return _angle_degrees(sin_sq, cos)
 
 
 class _HealthPlan:
@@ -153,20 +187,23 @@ class _HealthPlan:
         # that group's stack: (sides, index of that quotient group or None)
         self.top_groups: list[tuple[list[int], int | None]] = []
         for sides in _groups_by((i for i in range(len(flat)) if flat[i][2] >= 2),
-                                key=lambda i: (flat[i][2], flat[i][5])):
+                                key=lambda i: (flat[i][2], flat[i][5], _top_count(flat[i]))):
             same = [j for j, q_sides in enumerate(self.quotient_groups) if q_sides == sides]
             self.top_groups.append((sides, same[0] if same and flat[sides[0]][5] else None))
         self.top_at: list[int | None] = [None] * len(flat)
+        self.top_count = [_top_count(side) for side in flat]
+        self.dims = [side[1] for side in flat]
+        self.eps = [side[6] for side in flat]
         # a side of one eigenvalue (a 1 x n matrix's L): its factor's norm is that eigenvalue
         self.single = [flat[i][2] == 1 for i in range(len(flat))]
         for sides, _ in self.top_groups:
             for i in sides:
-                self.top_at[i], offset = offset, offset + 2
+                self.top_at[i], offset = offset, offset + self.top_count[i]
         # rotated sides grouped by length (zero-padding shorter bases into one batch cost more
         # than a second batch's calls: 20 sides of 64 padded to 256 made soap_health 0.25 ms
         # slower, and 1024 rows for sides of 256 1.1 ms)
         members: dict[int, list[int]] = {}
-        for i, (_, dim, _, rotated, _, _) in enumerate(flat):
+        for i, (_, dim, _, rotated, _, _, _) in enumerate(flat):
             if rotated:
                 members.setdefault(dim, []).append(i)
         # per group: k, the member sides, their length
@@ -200,10 +237,22 @@ class _HealthPlan:
                 at = self.rot_at.get(i)
                 if at is not None:
                     k, gram, overlap, sines, cosines = at
-                    rot8 = _angle_degrees(v[sines], v[cosines + k - 1])
-                    # the first columns' angle from the same problem (principal_extremes)
-                    sin1_sq = v[gram] + sum(v[overlap + j * k] ** 2 for j in range(1, k))
-                    rot1 = _angle_degrees(sin1_sq, abs(v[overlap]))
+                    # beyond the factor's rank the basis spans directions no gradient reached,
+                    # whose columns any refresh may turn: the top k are read within the rank
+                    rank = k if top is None else \
+                        min(k, _rank_below(v[top:top + self.top_count[i]], self.dims[i],
+                                           self.eps[i]))
+                    if rank > 0:
+                        # the first columns' angle from the same problem (principal_extremes)
+                        sin1_sq = v[gram] + sum(v[overlap + j * k] ** 2 for j in range(1, k))
+                        rot1 = _angle_degrees(sin1_sq, abs(v[overlap]))
+                    if rank == k:
+                        rot8 = _angle_degrees(v[sines], v[cosines + k - 1])
+                    elif rank > 1:
+                        rot8 = _rotation_within(rank, k, v[gram:gram + k * k],
+                                                v[overlap:overlap + k * k])
+                    else:
+                        rot8 = rot1
                 row += [gap, rot1, rot8, _staleness(v[self.total_at[i]], v[self.quotient_at[i]])]
                 i += 1
             out.append(row)
@@ -259,7 +308,8 @@ def soap_health(per_matrix: list[list[SideHealth]]
             lambda _: [[] for _ in per_matrix]
     layout = tuple(tuple((side.side, side.quotients.numel(), side.eigvals.numel(),
                           side.Q_old is not None, side.total is None,
-                          side.eigvals is side.quotients) for side in sides)
+                          side.eigvals is side.quotients, torch.finfo(side.eigvals.dtype).eps)
+                         for side in sides)
                    for sides in per_matrix)
     plan = _health_plan(layout)
     pieces = [torch.stack([_given(flat[i].total) for i in plan.taken])] if plan.taken else []
@@ -276,7 +326,7 @@ def soap_health(per_matrix: list[list[SideHealth]]
     for sides, reuse in plan.top_groups:
         eigvals = stacks[reuse] if reuse is not None else \
             torch.stack([flat[i].eigvals for i in sides])
-        pieces.append(eigvals.topk(2).values.view(-1))
+        pieces.append(eigvals.topk(plan.top_count[sides[0]]).values.view(-1))
     for k, members, rows in plan.groups:
         columns = [getattr(flat[i], attr)[:, :k] for attr in ("Q_old", "Q_new") for i in members]
         grams, values = principal_extremes(

@@ -576,6 +576,74 @@ def test_soap_health_matches_the_reference_functions_on_the_stored_state(use_eig
                 assert health[f"eigengap_ratio_{s}"] == pytest.approx(gap, rel=SAME_FLOAT64_RTOL)
 
 
+# (rank of the factor, turns of the new basis, expected k1 and k8): k8 reads the top
+# min(8, rank) columns, k1 needs rank >= 1 (an angle of 1e-6 degrees is reported to ~1e-9)
+RANK_CASES = [
+    (0, [(0, 9, 30.0), (2, 12, 60.0)], 0.0, 0.0),
+    (1, [(0, 9, 30.0), (2, 12, 60.0)], 30.0, 30.0),
+    (3, [(0, 9, 30.0), (2, 12, 60.0), (4, 13, 80.0)], 30.0, 60.0),
+    (3, [(1, 2, 40.0), (5, 14, 80.0)], 0.0, 0.0),  # a turn within the top 3: the span holds
+    (5, [(3, 11, 1e-6), (6, 12, 89.0)], 0.0, 1e-6),
+    (8, [(3, 11, 1e-6), (6, 12, 89.0)], 0.0, 89.0),
+    (16, [(7, 12, 45.0), (9, 13, 89.0)], 0.0, 45.0),
+]
+
+
+@pytest.mark.parametrize("rank, turns, k1, k8", RANK_CASES)
+def test_rotations_read_within_the_factors_numerical_rank(rank, turns, k1, k8):
+    """A factor of rank r < 8 (gradients confined to r directions) leaves its basis's other
+    columns spanning directions no gradient reached, where a refresh may turn them anyhow (QR
+    completes a rank-deficient product arbitrarily): k8 reads the top r columns, and a zero
+    factor reads no rotation at all."""
+    rows = 16
+    Q_old = _orthonormal(rows, rank)
+    Q_new = _turned(Q_old, turns)
+    # the rank's eigenvalues descending, the rest under the rank rule's 16 * eps * 4 = 1.4e-14
+    spectrum = torch.cat([torch.linspace(4.0, 1.0, rank, dtype=torch.float64),
+                          torch.full((rows - rank,), 1e-15 if rank else 0.0, dtype=torch.float64)])
+    factor = Q_new @ torch.diag(spectrum) @ Q_new.mT
+    quotients = (Q_old * (factor @ Q_old)).sum(0)
+    side = SideHealth("L", spectrum.flip(0), _frobenius(factor), quotients, Q_old, Q_new, factor)
+    _, values, finish = soap_health([[side]])
+    (row,) = finish(values.tolist())
+    assert row[1] == pytest.approx(k1, abs=ANGLE64_ATOL_DEG)
+    assert row[2] == pytest.approx(k8, abs=ANGLE64_ATOL_DEG)
+    if rank:  # the reference on the top min(8, rank) columns, as optim.health measures them
+        top = min(8, rank)
+        assert row[2] == pytest.approx(
+            rotation_angles_degrees(Q_old[:, :top], Q_new[:, :top], (top,))[0].item(),
+            abs=ANGLE64_ATOL_DEG)
+
+
+@pytest.mark.parametrize("cfg", [{"precondition_frequency": 1}, {"precondition_frequency": 4},
+                                 {"precondition_frequency": 4, "use_eigh": True},
+                                 {"precondition_frequency": 4, "use_kl_shampoo": True}])
+def test_a_low_rank_or_zero_gradient_reads_no_turn_of_directions_it_never_reached(cfg):
+    """An expert no token reached (zero gradients) and a layer whose gradients span 3 fixed
+    directions: their refreshes turn the unreached columns arbitrarily (measured: 90 degrees
+    at the first power-iteration refresh of a zero factor, 76-89 degrees for a rank-3 one's
+    top 8 on every refresh), which health must not report as a rotation."""
+    shape = (32, 16)
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(shape[0], 3, generator=gen))[0]
+    zero, low = (torch.nn.Parameter(torch.randn(*shape, generator=gen)) for _ in range(2))
+    opt = SOAP([("zero", zero), ("low", low)], lr=0.01, **cfg)
+    arbitrary = 0.0
+    for _ in range(13):
+        old = opt.state[low]["Q_L"].clone() if opt.state[low] else None
+        zero.grad = torch.zeros(shape)
+        low.grad = U @ torch.randn(3, shape[1], generator=gen)
+        opt.step()
+        health = opt.health()
+        assert all(value == 0.0 for key, value in health["zero"].items()
+                   if key.startswith("rotation_degrees"))
+        assert health["low"]["rotation_degrees_L_k8"] < 1e-2  # the 3-dim span never moves
+        if old is not None:
+            arbitrary = max(arbitrary, rotation_angles_degrees(old, opt.state[low]["Q_L"],
+                                                               (8,))[0].item())
+    assert arbitrary > 45.0  # the unreached columns did turn: the case is exercised
+
+
 # ---- health between refreshes: Rayleigh quotients carried from step to step ------------------
 # Against a direct float64 Q^T F Q of the stored state the staleness keeps its float32 floor
 # (STALENESS_FP32_ATOL); the carried quotients add ~1e-7 relative per step, and eigengaps from
