@@ -304,10 +304,14 @@ class HealthCollector(Collector):
         peaks = entry[1]
         held: dict[str, float] = {}
         valid_until = math.inf
-        for key, peak in peaks.items():
-            if key not in rec.metrics:
-                continue  # no longer reported: nothing to export
+        for key, peak in list(peaks.items()):
             peak.prune(now - self._hold)
+            if key not in rec.metrics:
+                # not reported now: nothing to export; its window goes once it holds nothing,
+                # so keys that come and go do not pile up
+                if not peak.entries:
+                    del peaks[key]
+                continue
             raw = rec.metrics[key]
             finite = [v for v in (raw, peak.entries[0][1] if peak.entries else None)
                       if v is not None and math.isfinite(v)]  # fmt: skip
@@ -400,6 +404,8 @@ class HealthCollector(Collector):
             if held is not None:
                 value = held.get(key, value)
             lines[entry[0]].append(entry[1] + _number(value) + "\n")
+        if len(prefixes) > len(rec.metrics):  # keys this record lacks: only its own stay
+            self._prefixes[rec.name] = {key: prefixes[key] for key in rec.metrics}
         blocks = ["".join(chunk) for chunk in lines]
         self._cache[rec.name] = (rec, blocks, valid_until)
         return blocks

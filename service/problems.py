@@ -103,11 +103,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     extra = getattr(exc, "extra", {})
     if exc.status_code == 400 and slug is None:
         # FastAPI's own "error parsing the body": json.loads raised something other than a
-        # JSON syntax error (a body that is not UTF-8, an integer beyond Python's 4300-digit
-        # limit). Every 400 of ours carries a slug, so a client branches on one type.
+        # JSON syntax error, which FastAPI chains as the cause. Every 400 of ours carries a
+        # slug, so a client branches on one type.
+        if (unknown := _unknown_query(request)) is not None:
+            return unknown
         return problem_response(
-            request, 400, "The request body is not valid JSON (not UTF-8, or a number it "
-            "cannot hold).", slug="malformed-json", headers=exc.headers
+            request, 400, f"The request body is not valid JSON: {_parse_failure(exc)}.",
+            slug="malformed-json", headers=exc.headers
         )
     return problem_response(
         request, exc.status_code, str(exc.detail), slug=slug, headers=exc.headers, **extra
@@ -123,18 +125,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     # first: the request line asks for something this path does not do, whatever the body
-    # holds (a `?dry_run=true` snapshot with a body error was named a schema error)
-    unknown = [str(e["loc"][1]) for e in errors
-               if e["type"] == "extra_forbidden" and e["loc"][:1] == ["query"]]
-    if unknown:
-        return problem_response(
-            request,
-            422,
-            f"Unknown query parameter {', '.join(map(repr, unknown))}: "
-            f"{_query_parameters(request)}.",
-            slug="unknown-query-parameter",
-            errors=errors,
-        )
+    # holds (a `?dry_run=true` snapshot with a body error was named a schema error; a body
+    # that is not JSON stops FastAPI before it validates the query)
+    if (unknown := _unknown_query(request, errors)) is not None:
+        return unknown
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if request.method == "POST" and not _is_json(media) and \
             any(e["loc"] == ["body"] for e in errors):
@@ -178,14 +172,40 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _query_parameters(request: Request) -> str:
+def _taken_query(request: Request) -> list[str]:
     """The query parameters ``request``'s endpoint takes, as its OpenAPI operation lists them
-    (the one place its signature is described), for an error naming one it does not take."""
+    (the one place its signature is described)."""
     path = getattr(request.scope.get("route"), "path", None)
     operations = request.app.openapi()["paths"].get(path, {})
     operation = operations.get(request.method.lower()) or operations.get("get", {})
-    names = [p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"]
-    return f"this path takes {', '.join(names)}" if names else "this path takes none"
+    return [p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"]
+
+
+def _unknown_query(request: Request, errors: list[dict[str, Any]] | None = None
+                   ) -> JSONResponse | None:
+    """422 ``unknown-query-parameter`` if the request line names a query parameter its path
+    does not take, else None."""
+    taken = _taken_query(request)
+    unknown = list(dict.fromkeys(k for k in request.query_params if k not in taken))
+    if not unknown:
+        return None
+    takes = f"this path takes {', '.join(taken)}" if taken else "this path takes none"
+    extra: dict[str, Any] = {} if errors is None else {"errors": errors}
+    return problem_response(request, 422, f"Unknown query parameter "
+                            f"{', '.join(map(repr, unknown))}: {takes}.",
+                            slug="unknown-query-parameter", **extra)
+
+
+def _parse_failure(exc: Exception) -> str:
+    """Why ``json.loads`` refused a body FastAPI could not parse, from the error it chained."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply (Python's parser stops near 1000 levels)"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "it holds an integer of more than 4300 digits"
+    return "not UTF-8, nested too deeply, or a number it cannot hold"
 
 
 def _is_json(media_type: str) -> bool:

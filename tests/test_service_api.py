@@ -387,6 +387,31 @@ def test_malformed_json_is_400(client: TestClient, content: bytes) -> None:
     assert body["type"] == "urn:orthoshard:problem:malformed-json"
 
 
+@pytest.mark.parametrize(("content", "reason"), [
+    (b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    (b'{"schema_version": 1, "step": \xff}', "not UTF-8 (invalid start byte at byte 30)"),
+    (b'{"step": 1' + b"0" * 5000 + b"}", "an integer of more than 4300 digits"),
+])
+def test_a_body_json_cannot_parse_is_400_saying_why(client: TestClient, content: bytes,
+                                                     reason: str) -> None:
+    # a deeply nested body was told "not UTF-8, or a number it cannot hold"
+    body = assert_problem(raw_post(client, content), 400)
+    assert body["type"] == "urn:orthoshard:problem:malformed-json"
+    assert reason in body["detail"]
+
+
+@pytest.mark.parametrize("content", [b"{", b'{"a": "\xff"}', b"", b"{}"])
+def test_an_unknown_query_parameter_is_named_whatever_the_body(client: TestClient, token: str,
+                                                               content: bytes) -> None:
+    # a body that is not JSON stopped FastAPI before the query was validated: 400 malformed-json
+    r = client.post("/v1/snapshots", params={"dry_run": "true"}, content=content,
+                    headers={"Authorization": f"Bearer {token}",
+                             "Content-Type": "application/json"})
+    body = assert_problem(r, 422)
+    assert body["type"] == "urn:orthoshard:problem:unknown-query-parameter"
+    assert body["detail"] == "Unknown query parameter 'dry_run': this path takes none."
+
+
 def test_utf16_and_utf32_bodies_are_read_as_json_readers_recognise_them(
         client: TestClient) -> None:
     # docs/service.md's malformed-json row: these are told apart by their zero bytes

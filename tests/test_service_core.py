@@ -771,6 +771,31 @@ def test_rotation_series_hold_their_largest_value_for_the_hold_window() -> None:
     store.close()
 
 
+def test_keys_that_come_and_go_leave_no_state_behind_past_the_hold() -> None:
+    # one parameter posting new rotation keys each time: the collector kept a label prefix
+    # and a hold window for every key ever seen (19,200 after 300 posts; RSS 53 -> 294 MB over
+    # 3,000 posts to a real sidecar) while /metrics showed 64 series
+    now = [1000.0]
+    store = Store(":memory:", history_max_rows=1000, clock=lambda: now[0])
+    collector = HealthCollector(store, series_ttl_s=600, rotation_hold_s=30, clock=lambda: now[0])
+    for step in range(1, 41):
+        now[0] += 1
+        keys = {f"rotation_degrees_L_k{step * 32 + j}": float(j) for j in range(32)}
+        store.ingest(Snapshot(schema_version=1, run_id="r", rank=0, step=step, wall_time=1e9,
+                              params={"w": {**keys, "rotation_degrees_R_k1": 2.0}}))
+        text = collector.render().decode()
+        assert text.count('param="w"') == 33  # the record's own series, no more
+    assert len(collector._prefixes["w"]) == 33
+    # windows of keys no longer sent stay for the hold (a key sent every other step keeps its
+    # spike held), then go: 30 s of posts, one second apart, plus the latest record's
+    assert len(collector._peaks["w"][1]) <= 31 * 32 + 1
+    now[0] += 31
+    collector.render()
+    assert sorted(collector._peaks["w"][1]) == sorted(
+        [f"rotation_degrees_L_k{40 * 32 + j}" for j in range(32)] + ["rotation_degrees_R_k1"])
+    store.close()
+
+
 @pytest.mark.parametrize("finish", [False, True], ids=["new-run-id", "finish-then-new-run"])
 @pytest.mark.parametrize("scrape_between", [False, True])
 def test_a_spike_of_an_earlier_run_is_not_held_in_the_next_runs_series(
