@@ -71,7 +71,8 @@ async def finish_rank(
         raise ProblemError(
             409,
             f"Rank {rank} last reported run {exc.args[0]!r}, not {body.run_id!r}: a finish of "
-            f"an earlier run does not end the one it is running now.",
+            f"another run (an earlier one, or one this rank never reported) does not end the "
+            f"one it is running now.",
             slug="other-run",
         ) from exc
     return rank_state(r, stale=clock() - r.received_at > settings.series_ttl_s)
