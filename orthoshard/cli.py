@@ -29,6 +29,10 @@ def _bench(args: argparse.Namespace) -> int:
               f"repository (scripts/setup.sh installs it editable, pip install -e .)",
               file=sys.stderr)
         return 2
+    if args.name is None:
+        print(f"orthoshard bench: name a benchmark, one of: {', '.join(scripts)} (then its "
+              f"arguments; orthoshard bench NAME --help lists them)", file=sys.stderr)
+        return 2
     if args.name not in scripts:
         print(f"unknown benchmark {args.name!r}; available: {', '.join(scripts)}", file=sys.stderr)
         return 2
@@ -156,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (prints ratio tables)")
-    bench.add_argument("name", help=f"one of: {', '.join(_benchmarks())}")
+    # optional for argparse, so that a missing one is told what there is (argparse said
+    # "required: name, rest", though nothing needs to follow the name)
+    bench.add_argument("name", nargs="?", help=f"one of: {', '.join(_benchmarks())}")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
     _add_sidecar(sub)

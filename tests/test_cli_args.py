@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from orthoshard import checkpoints, demo, train
 from service.client import Publisher
@@ -602,6 +603,9 @@ def test_bench_names_its_benchmarks_and_refuses_an_unknown_one(capsys) -> None:
     assert cli.main(["bench", "no_such_bench"]) == 2
     assert f"unknown benchmark 'no_such_bench'; available: {', '.join(names)}" in \
         capsys.readouterr().err
+    # none named: argparse said "the following arguments are required: name, rest"
+    assert cli.main(["bench"]) == 2
+    assert f"name a benchmark, one of: {', '.join(names)}" in capsys.readouterr().err
 
 
 def test_bench_without_the_benchmarks_says_where_they_run(tmp_path, monkeypatch, capsys):
@@ -822,14 +826,59 @@ def test_a_failed_checkpoint_load_names_each_error_with_its_type():
         "Input/output error (ranks [0]); EOFError (ranks [1])")
 
 
+ONE_PROCESS_DCP = "ignore:torch.distributed is disabled:UserWarning"
+
+
+@pytest.mark.filterwarnings(ONE_PROCESS_DCP)
 def test_a_failed_demo_names_the_checkpoint_its_resume_continues_from(tmp_path):
     # a SIGTERM to torchrun: the ranks checkpointed the step they stopped after, and the demo
     # said only "training failed (torchrun exit 1)"
     assert demo._resumable(None) == ""
     assert demo._resumable(tmp_path) == ""  # no LATEST: nothing to resume
-    (tmp_path / "step-000011").mkdir()
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.arange(64.0)}, checkpoint_id=str(tmp_path / "step-000011"))
     (tmp_path / "LATEST").write_text("step-000011")
     assert demo._resumable(tmp_path) == \
         f"; its last checkpoint is {tmp_path / 'step-000011'}: --resume continues from it"
+    # the checkpoint a failed --resume could not load: it said "--resume continues from it"
+    (data,) = (tmp_path / "step-000011").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:100])
+    assert demo._resumable(tmp_path).startswith(
+        f"; its last checkpoint, {tmp_path / 'step-000011'}, cannot be resumed: {data.name} is "
+        f"cut short (100 bytes, its .metadata lists ")
     (tmp_path / "LATEST").write_text("step-000099")  # names none: said by --resume itself
     assert demo._resumable(tmp_path) == ""
+
+
+@pytest.mark.filterwarnings(ONE_PROCESS_DCP)
+def test_a_load_that_fails_on_a_whole_checkpoint_does_not_send_the_user_back(tmp_path,
+                                                                            monkeypatch):
+    # a rank lost while loading (gloo: "Connection refused") read "could not be read ...
+    # point LATEST at an earlier complete checkpoint", which throws training away
+    import torch.distributed.checkpoint as dcp
+
+    import sharding.checkpoint
+    from orthoshard.checkpoints import Checkpoints
+
+    for step in (2, 4):
+        dcp.save({"w": torch.arange(64.0)}, checkpoint_id=str(tmp_path / f"step-00000{step}"))
+    (tmp_path / "LATEST").write_text("step-000004")
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("timed out connecting: SO_ERROR: Connection refused")
+
+    monkeypatch.setattr(sharding.checkpoint, "load", lost)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError) as raised:
+        Checkpoints(tmp_path).load(model, torch.optim.SGD(model.parameters()))
+    (note,) = raised.value.__notes__
+    assert "has every file its .metadata lists, at full length" in note
+    assert "--resume again once every rank runs" in note
+    (data,) = (tmp_path / "step-000004").glob("*.distcp")
+    data.unlink()  # now the checkpoint is what failed
+    with pytest.raises(RuntimeError) as raised:
+        Checkpoints(tmp_path).load(model, torch.optim.SGD(model.parameters()))
+    (note,) = raised.value.__notes__
+    assert f"could not be read: {data.name}, which its .metadata lists, is missing; point " \
+           f"LATEST at an earlier complete checkpoint (step-000002)" in note
