@@ -50,6 +50,34 @@ def complete_before(directory: Path, path: Path) -> list[str]:
     return [name for _, name in sorted(found, reverse=True)]
 
 
+def checkpoint_damage(path: Path) -> str | None:
+    """What a reader can see is wrong with the checkpoint ``path`` without loading it: its
+    ``.metadata`` missing or unreadable, or a data file it lists missing or shorter than the
+    bytes it keeps there (a save cut short, a copy not finished). None: every file is there at
+    its full length, so a load that failed there failed for another reason (a rank lost while
+    loading, damaged bytes)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # DCP raises its own errors, and pickle's
+        return f"its .metadata cannot be read ({type(exc).__name__}: {exc})"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if isinstance(name, str):
+            end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+            ends[name] = max(ends.get(name, 0), end)
+    for name, end in sorted(ends.items()):
+        try:
+            size = (path / name).stat().st_size
+        except OSError:
+            return f"{name}, which its .metadata lists, is missing"
+        if size < end:
+            return f"{name} is cut short ({size} bytes, its .metadata lists {end})"
+    return None
+
+
 def _run_id_of(path: Path) -> str | None:
     """The run id kept in the checkpoint ``path`` (:data:`RUN_ID_FILE`), None without one."""
     try:
@@ -272,12 +300,23 @@ class Checkpoints:
             extra = checkpoint.load(path, model, optimizer, extra={"progress": torch.tensor(0)})
         except ValueError:
             raise  # refused: another optimizer, model or flags (the message says which)
-        except Exception as exc:  # a file missing, cut short, unreadable
+        except Exception as exc:  # a file missing, cut short, unreadable; or a rank lost
             earlier = complete_before(self.dir, path) if self.dir is not None else []
-            exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, could not "
-                         f"be read. If its save was cut short, point LATEST at an earlier "
-                         f"complete checkpoint ({', '.join(earlier) or 'there is none'}), or "
-                         f"remove LATEST to start from step 0.")
+            back = (f"point LATEST at an earlier complete checkpoint "
+                    f"({', '.join(earlier) or 'there is none'}), or remove LATEST to start "
+                    f"from step 0")
+            damage = checkpoint_damage(path)
+            if damage is not None:
+                exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, could "
+                             f"not be read: {damage}; {back}.")
+            else:
+                # a collective of the load failed (gloo's "Connection refused" when a peer
+                # died): the checkpoint is no cause to go back
+                exc.add_note(f"orthoshard.train: {path}, which {self.dir}/LATEST names, has "
+                             f"every file its .metadata lists, at full length: the error above "
+                             f"need not be the checkpoint's (a rank lost while loading, say); "
+                             f"--resume again once every rank runs. Should it fail the same way "
+                             f"again, its bytes are damaged: {back}.")
             raise
         return int(extra["progress"])
 

@@ -247,8 +247,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
 def _resumable(directory: Path | None) -> str:
     """Where a failed or stopped run can go on from: its checkpoint directory's ``LATEST``
     (the ranks checkpoint the step they stop after on SIGTERM, a signal to torchrun too),
-    as text to append to the failure; empty without one."""
-    from orthoshard.checkpoints import Checkpoints
+    unless its files show it cannot be loaded (a resume that failed on it), as text to append
+    to the failure; empty without one."""
+    from orthoshard.checkpoints import Checkpoints, checkpoint_damage
 
     if directory is None:
         return ""
@@ -258,6 +259,10 @@ def _resumable(directory: Path | None) -> str:
         return ""
     if latest is None:
         return ""
+    damage = checkpoint_damage(latest)
+    if damage is not None:  # what a resume failed to load: no advice to try it again
+        return (f"; its last checkpoint, {latest}, cannot be resumed: {damage} (the ranks' "
+                f"messages above say where to point LATEST)")
     return f"; its last checkpoint is {latest}: --resume continues from it"
 
 

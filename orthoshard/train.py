@@ -8,14 +8,14 @@ owns to its node's sidecar (``--sidecar-url`` or ``--sidecar-uds``) and appends 
 ``OUT/loss.jsonl``. A run from step 0 starts both logs over (and removes those of ranks an
 earlier run at more ranks left); a resumed one appends to them.
 
-Checkpoints: every ``--checkpoint-every`` steps a new DCP directory ``step-NNNNNN`` under
-``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt left that one: nothing is
-overwritten) and then ``LATEST`` naming it (written last, atomically, so a crash mid-save
-leaves the previous checkpoint in force). ``--keep-checkpoints K`` then removes the run's
-older checkpoints but the newest K (other runs' stay). ``--resume`` continues from ``LATEST``
-when there is one; under ``torchrun --max-restarts`` a restarted group resumes where the last
-checkpoint was (``--resume`` or not), and a first attempt without ``--resume`` refuses a
-directory holding another run's ``LATEST``, which a restart would otherwise continue.
+Checkpoints: every ``--checkpoint-every`` steps, and at the last, a new DCP directory
+``step-NNNNNN`` under ``--checkpoint-dir`` (``step-NNNNNN.K`` when an earlier run or attempt
+left that one: nothing is overwritten) and then ``LATEST`` naming it (written last, atomically,
+so a crash mid-save leaves the previous checkpoint in force). ``--keep-checkpoints K`` then
+removes the run's older checkpoints but the newest K (other runs' stay). ``--resume`` continues
+from ``LATEST`` when there is one; under ``torchrun --max-restarts`` a restarted group resumes
+where the last checkpoint was (``--resume`` or not), and a first attempt without ``--resume``
+refuses a directory holding another run's ``LATEST``, which a restart would otherwise continue.
 
 Stopping: on SIGTERM (``docker compose stop``, a scheduler's preemption, torchrun passing on its
 own) every rank finishes the step it is in, saves a checkpoint there when checkpoints are on
@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="directory for DCP checkpoints, LATEST and the run id (RUN_ID)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save a checkpoint every N steps (0: never; needs --checkpoint-dir)")
+                   help="save a checkpoint every N steps and at the last (0: never; needs "
+                        "--checkpoint-dir)")
     p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
                    help="after each save, remove this run's older checkpoints but the newest K "
                         "(0, the default: keep every one)")
@@ -338,6 +339,10 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     return str(box[0])
 
 
+# how often a --step-delay's sleep looks for a stop request (SIGTERM)
+STOP_POLL_S = 0.1
+
+
 class _StopRequest:
     """SIGTERM, caught while training: ``requested`` turns True and the step in progress goes
     on (the loop stops after it, on every rank). The handler is installed for the ``with``
@@ -353,6 +358,15 @@ class _StopRequest:
 
     def _caught(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep(seconds)``, cut short by a stop request: a ``--step-delay`` longer
+        than torchrun's grace period (30 s) let it kill the ranks before they checkpointed.
+        A signal's handler runs within a sleep, which then resumes, so the flag is read
+        every :data:`STOP_POLL_S`."""
+        end = time.monotonic() + seconds
+        while not self.requested and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, STOP_POLL_S))
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():  # else Python cannot catch
@@ -568,7 +582,10 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
         health = publish_health(publisher, optimizer, step=step + 1, rank=rank,
                                 with_summary=(step + 1) % 10 == 0 or step + 1 == args.steps)
         log.step(step + 1, loss_sum / world, health)
-        due = bool(args.checkpoint_every) and (step + 1) % args.checkpoint_every == 0
+        # the last step too: a --resume of the finished run (compose restarting it) then
+        # finds nothing left to train, where it trained the steps after the last multiple again
+        due = bool(args.checkpoint_every) and ((step + 1) % args.checkpoint_every == 0
+                                               or step + 1 == args.steps)
         if due or (stopping and args.checkpoint_every):
             ckpt.save(model, optimizer, step + 1, horizon, run_id=run_id, flags=run_flags,
                       keep=args.keep_checkpoints)
@@ -576,7 +593,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
             return step + 1
         _maybe_die(step + 1)
         if args.step_delay:
-            time.sleep(args.step_delay)
+            stop.sleep(args.step_delay)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate(), args.steps,  # start <= steps (above)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -553,6 +554,39 @@ def test_every_sigterm_while_training_is_caught_and_the_handler_before_is_put_ba
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.timeout(30)
+def test_a_sigterm_cuts_a_step_delay_short() -> None:
+    # the ranks slept the whole --step-delay: longer than torchrun's 30 s grace, it killed them
+    # before they checkpointed. A 600 s delay here ends within the test's timeout or fails it.
+    from orthoshard.train import _StopRequest
+
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    with _StopRequest() as stop:
+        timer.start()
+        try:
+            stop.sleep(600)
+        finally:  # the signal comes while the handler is in place, or never
+            timer.cancel()
+            timer.join()
+        assert stop.requested
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_run_resumed_again_trains_nothing_whatever_its_checkpoint_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # --steps 6 --checkpoint-every 4: the last checkpoint was step 4, so every --resume of the
+    # finished run (compose restarting it) trained steps 5 and 6 again and rewrote its reports
+    args = ("--steps", "6", "--out", str(tmp_path / "out"), "--checkpoint-dir",
+            str(tmp_path / "ckpt"), "--checkpoint-every", "4", "--resume")
+    assert _train_here(monkeypatch, *args) == 0
+    assert (tmp_path / "ckpt" / "LATEST").read_text().strip() == "step-000006"
+    reports = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert _train_here(monkeypatch, *args) == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == reports
+    assert len(reports["loss.jsonl"].splitlines()) == 6
+    assert "nothing is left to train" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(120)
