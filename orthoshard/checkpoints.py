@@ -68,6 +68,8 @@ def checkpoint_damage(path: Path) -> str | None:
         if isinstance(name, str):
             end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
             ends[name] = max(ends.get(name, 0), end)
+    if not ends:  # nothing this check can read: no claim that the files are whole
+        return "its .metadata lists no data file this check can read"
     for name, end in sorted(ends.items()):
         try:
             size = (path / name).stat().st_size

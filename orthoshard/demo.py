@@ -244,12 +244,13 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     return problem
 
 
-def _resumable(directory: Path | None) -> str:
+def _resumable(directory: Path | None, steps: int) -> str:
     """Where a failed or stopped run can go on from: its checkpoint directory's ``LATEST``
     (the ranks checkpoint the step they stop after on SIGTERM, a signal to torchrun too),
-    unless its files show it cannot be loaded (a resume that failed on it), as text to append
-    to the failure; empty without one."""
-    from orthoshard.checkpoints import Checkpoints, checkpoint_damage
+    unless its files show it cannot be loaded (a resume that failed on it) or it is of the
+    last step (``--resume`` refuses it: what failed came after training), as text to append to
+    the failure; empty without one."""
+    from orthoshard.checkpoints import Checkpoints, checkpoint_damage, checkpoint_step
 
     if directory is None:
         return ""
@@ -263,6 +264,10 @@ def _resumable(directory: Path | None) -> str:
     if damage is not None:  # what a resume failed to load: no advice to try it again
         return (f"; its last checkpoint, {latest}, cannot be resumed: {damage} (the ranks' "
                 f"messages above say where to point LATEST)")
+    done = checkpoint_step(latest)
+    if done is not None and done >= steps:
+        return (f"; its last checkpoint, {latest}, is of step {done}: training reached "
+                f"--steps {steps}, and what failed came after it")
     return f"; its last checkpoint is {latest}: --resume continues from it"
 
 
@@ -339,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
         code = _torchrun(args, sidecar)
         if code != 0:
             print(f"orthoshard demo: training failed (torchrun exit {code})"
-                  f"{_resumable(args.checkpoint_dir)}", file=sys.stderr)
+                  f"{_resumable(args.checkpoint_dir, args.steps)}", file=sys.stderr)
             return code
         time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land
         try:

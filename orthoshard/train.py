@@ -339,8 +339,26 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     return str(box[0])
 
 
-# how often a --step-delay's sleep looks for a stop request (SIGTERM)
+# how often a --step-delay's sleep looks for a stop request (SIGTERM) on its own rank, and
+# how often the ranks tell each other of one (an all-reduce closing each slice of the delay)
 STOP_POLL_S = 0.1
+DELAY_SLICE_S = 1.0
+
+
+def _delay(seconds: float, stop: _StopRequest, device: torch.device) -> None:
+    """``--step-delay``: sleep ``seconds``, ended on every rank within ~:data:`DELAY_SLICE_S`
+    once one of them is asked to stop. A SIGTERM may reach some ranks only (one node's
+    torchrun stopped), and a rank that woke alone waited in the next step's all-reduce while
+    the others slept on: a delay longer than torchrun's grace (30 s) let it kill them before
+    they checkpointed. Each slice ends in an all-reduce of the stop flags, as many on every
+    rank, so they leave the delay together."""
+    slices = max(1, math.ceil(seconds / DELAY_SLICE_S))
+    for _ in range(slices):
+        stop.sleep(seconds / slices)
+        asked = torch.tensor(float(stop.requested), device=device)
+        dist.all_reduce(asked)
+        if asked.item() > 0:
+            return
 
 
 class _StopRequest:
@@ -593,7 +611,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
             return step + 1
         _maybe_die(step + 1)
         if args.step_delay:
-            stop.sleep(args.step_delay)
+            _delay(args.step_delay, stop, loss.device)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate(), args.steps,  # start <= steps (above)

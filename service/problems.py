@@ -127,7 +127,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     # first: the request line asks for something this path does not do, whatever the body
     # holds (a `?dry_run=true` snapshot with a body error was named a schema error; a body
     # that is not JSON stops FastAPI before it validates the query)
-    if (unknown := _unknown_query(request, errors)) is not None:
+    if (unknown := _unknown_query(request)) is not None:
         return unknown
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if request.method == "POST" and not _is_json(media) and \
@@ -181,19 +181,20 @@ def _taken_query(request: Request) -> list[str]:
     return [p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"]
 
 
-def _unknown_query(request: Request, errors: list[dict[str, Any]] | None = None
-                   ) -> JSONResponse | None:
+def _unknown_query(request: Request) -> JSONResponse | None:
     """422 ``unknown-query-parameter`` if the request line names a query parameter its path
-    does not take, else None."""
+    does not take, else None. Its ``errors`` name those parameters, whatever else was wrong
+    (a body that is not JSON stops FastAPI before it validates the query)."""
     taken = _taken_query(request)
     unknown = list(dict.fromkeys(k for k in request.query_params if k not in taken))
     if not unknown:
         return None
     takes = f"this path takes {', '.join(taken)}" if taken else "this path takes none"
-    extra: dict[str, Any] = {} if errors is None else {"errors": errors}
+    errors = [{"loc": ["query", name], "msg": "Extra inputs are not permitted",
+               "type": "extra_forbidden"} for name in unknown]
     return problem_response(request, 422, f"Unknown query parameter "
                             f"{', '.join(map(repr, unknown))}: {takes}.",
-                            slug="unknown-query-parameter", **extra)
+                            slug="unknown-query-parameter", errors=errors)
 
 
 def _parse_failure(exc: Exception) -> str:

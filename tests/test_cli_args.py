@@ -833,22 +833,32 @@ ONE_PROCESS_DCP = "ignore:torch.distributed is disabled:UserWarning"
 def test_a_failed_demo_names_the_checkpoint_its_resume_continues_from(tmp_path):
     # a SIGTERM to torchrun: the ranks checkpointed the step they stopped after, and the demo
     # said only "training failed (torchrun exit 1)"
-    assert demo._resumable(None) == ""
-    assert demo._resumable(tmp_path) == ""  # no LATEST: nothing to resume
+    assert demo._resumable(None, 20) == ""
+    assert demo._resumable(tmp_path, 20) == ""  # no LATEST: nothing to resume
     import torch.distributed.checkpoint as dcp
+
+    from orthoshard.checkpoints import checkpoint_damage
 
     dcp.save({"w": torch.arange(64.0)}, checkpoint_id=str(tmp_path / "step-000011"))
     (tmp_path / "LATEST").write_text("step-000011")
-    assert demo._resumable(tmp_path) == \
+    assert demo._resumable(tmp_path, 20) == \
         f"; its last checkpoint is {tmp_path / 'step-000011'}: --resume continues from it"
+    # the last step's checkpoint: the demo's --resume refuses it (nothing left to train)
+    assert demo._resumable(tmp_path, 11) == (
+        f"; its last checkpoint, {tmp_path / 'step-000011'}, is of step 11: training reached "
+        f"--steps 11, and what failed came after it")
     # the checkpoint a failed --resume could not load: it said "--resume continues from it"
     (data,) = (tmp_path / "step-000011").glob("*.distcp")
     data.write_bytes(data.read_bytes()[:100])
-    assert demo._resumable(tmp_path).startswith(
+    assert demo._resumable(tmp_path, 20).startswith(
         f"; its last checkpoint, {tmp_path / 'step-000011'}, cannot be resumed: {data.name} is "
         f"cut short (100 bytes, its .metadata lists ")
     (tmp_path / "LATEST").write_text("step-000099")  # names none: said by --resume itself
-    assert demo._resumable(tmp_path) == ""
+    assert demo._resumable(tmp_path, 20) == ""
+    # a checkpoint whose metadata lists no file: nothing checked, so no "whole" verdict
+    dcp.save({}, checkpoint_id=str(tmp_path / "empty"))
+    assert checkpoint_damage(tmp_path / "empty") == \
+        "its .metadata lists no data file this check can read"
 
 
 @pytest.mark.filterwarnings(ONE_PROCESS_DCP)

@@ -410,6 +410,8 @@ def test_an_unknown_query_parameter_is_named_whatever_the_body(client: TestClien
     body = assert_problem(r, 422)
     assert body["type"] == "urn:orthoshard:problem:unknown-query-parameter"
     assert body["detail"] == "Unknown query parameter 'dry_run': this path takes none."
+    assert [(e["loc"], e["type"]) for e in body["errors"]] == \
+        [(["query", "dry_run"], "extra_forbidden")]  # not the body's errors, nor none
 
 
 def test_utf16_and_utf32_bodies_are_read_as_json_readers_recognise_them(
