@@ -228,6 +228,7 @@ def _flush_at_exit() -> None:
         if pub._closing:
             continue
         dropped_before = pub.stats.dropped  # pushed out of a full queue: counted already
+        pub._exiting = True
         # one deadline for all, without close()'s second of grace per Publisher (five of them
         # took 6.6 s to let a stalled sidecar's interpreter exit)
         pub._close(max(0.0, deadline - time.monotonic()), finished=False, grace_s=0.0)
@@ -309,6 +310,7 @@ class Publisher(Sender):
         self._overflows = 0  # snapshots pushed out of the full queue (logged as failures are)
         self._overflows_logged = 0  # of which the sender thread has logged
         self._unsent = 0  # snapshots the sender thread dropped when close()'s deadline passed
+        self._exiting = False  # closed by the interpreter's exit hook, which logs the loss
         self._unencodable = 0  # snapshots whose values could not be encoded (also rejected)
         self._crashes = 0  # sends that raised unexpectedly (also rejected)
         self._ranks: set[int] = set()  # ranks published for (a finish is sent for each)

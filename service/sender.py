@@ -134,6 +134,7 @@ class Sender:
     _overflows_logged: int
     _retry_after: float | None
     _unsent: int
+    _exiting: bool
     _unencodable: int
     _crashes: int
     _ranks: set[int]
@@ -188,10 +189,15 @@ class Sender:
             self._log_overflows()
         self._log_overflows()
         with self._cond:  # what the deadline left unsent (also a retry put back after it)
-            self._unsent += len(self._queue)
-            self.stats.dropped += len(self._queue)
+            left = len(self._queue)
+            self._unsent += left
+            self.stats.dropped += left
             self._queue.clear()
             ranks = sorted(self._ranks) if self._finish else []
+            quiet = self._exiting
+        if left and not quiet:  # (the interpreter's exit hook logs what it lost itself)
+            _log.warning("close(): %d snapshot(s) still queued at its deadline, not sent; %d "
+                         "dropped in all", left, self.stats.dropped)
         if self._finish and self._claim_finishes():
             self._send_finishes(ranks, self._client)
         # a transport given to the Publisher may carry close()'s finishes still: close() closes

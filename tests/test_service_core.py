@@ -1282,6 +1282,24 @@ def test_a_snapshot_pushed_out_of_the_full_queue_is_logged(caplog) -> None:
                      "or is down): the oldest dropped, 2 so far"], lines
 
 
+@pytest.mark.timeout(30)
+def test_snapshots_left_queued_at_the_close_deadline_are_logged(caplog) -> None:
+    # counted in stats.dropped, but only a caller who read the stats knew: the log's last
+    # word was the sidecar being unreachable
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    pub = Publisher(run_id="r", transport=httpx.MockTransport(refuse), backoff_s=(0.05, 0.1))
+    with caplog.at_level("WARNING", logger="orthoshard.publisher"):
+        for step in range(3):
+            pub.publish(step=step, rank=0, params={})
+        assert pub.close(timeout_s=0.3) is False
+    assert pub.stats.dropped == 3 and accounted(pub)
+    lines = [r.getMessage() for r in caplog.records if "deadline" in r.getMessage()]
+    assert lines == ["close(): 3 snapshot(s) still queued at its deadline, not sent; 3 dropped "
+                     "in all"], lines
+
+
 class _Unreadable:
     """A rank whose ``__index__`` raises what no integer conversion is expected to."""
 
