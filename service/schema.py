@@ -54,6 +54,7 @@ MAX_METRICS_PER_PARAM = 64
 MAX_GROUPS = 256
 MAX_EIGENVALUES = 256
 MAX_STEP = 2**62  # steps are stored as SQLite integers (signed 64-bit)
+MAX_RANK = 65535  # ranks and owner ranks: a job of at most 65,536 processes
 
 # Parameter names are module paths ("layers.0.attn.q_proj.weight"); no "/" so that
 # /v1/params/{name} is unambiguous, no whitespace or control characters (C0, DEL and C1: a
@@ -109,7 +110,7 @@ class ParamState(_Strict):
     """A summary of one parameter's optimizer state (no tensors, only shapes and norms)."""
 
     shape: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=8)
-    owner_rank: int | None = Field(default=None, ge=0, le=65535)
+    owner_rank: int | None = Field(default=None, ge=0, le=MAX_RANK)
     buffer_norms: dict[MetricName, Measure] = Field(default_factory=dict, max_length=16)
     eigenvalues: dict[MetricName, Eigenvalues] = Field(
         default_factory=dict,
@@ -138,7 +139,7 @@ class Snapshot(_Strict):
 
     schema_version: SchemaVersion = Field(description="must be 1; other versions are refused")
     run_id: RunId
-    rank: int = Field(ge=0, le=65535)
+    rank: int = Field(ge=0, le=MAX_RANK)
     step: int = Field(ge=0, le=MAX_STEP)
     wall_time: float = Field(gt=0, description="Unix seconds at the trainer when taken")
     params: dict[ParamName, ParamMetrics] = Field(max_length=MAX_PARAMS)

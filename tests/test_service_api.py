@@ -532,7 +532,8 @@ def test_unknown_param_is_404(client: TestClient) -> None:
     assert_problem(client.get("/v1/params/no.such.weight/history"), 404)
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "rank=-1"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "rank=-1", "rank=65536",
+                                   "rank=" + "9" * 40])
 def test_bad_query_is_422(client: TestClient, query: str) -> None:
     assert_problem(client.get(f"/v1/params?{query}"), 422)
 

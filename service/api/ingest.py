@@ -17,7 +17,7 @@ from service.deps import (
 )
 from service.problems import ProblemError, problem_responses
 from service.records import OtherRun, UnknownRank
-from service.schema import Accepted, Finish, RankState, Snapshot
+from service.schema import MAX_RANK, Accepted, Finish, RankState, Snapshot
 
 router = APIRouter(prefix="/v1", tags=["ingest"],
                    dependencies=[Authenticated, SingleValuedQuery])
@@ -54,7 +54,7 @@ async def post_snapshot(
     responses=problem_responses(400, 401, 404, 409, 413, 415, 422, 503),
 )
 async def finish_rank(
-    rank: Annotated[int, Path(ge=0, le=65535)], body: Finish, store: StoreDep, writes: WritesDep,
+    rank: Annotated[int, Path(ge=0, le=MAX_RANK)], body: Finish, store: StoreDep, writes: WritesDep,
     settings: SettingsDep, clock: ClockDep, _: Annotated[NoQuery, Query()],
 ) -> RankState:
     """Mark ``rank``'s run as ended (``Publisher.close(finished=True)`` sends it): the rank's

@@ -15,6 +15,7 @@ from service.deps import Authenticated, ClockDep, SettingsDep, SingleValuedQuery
 from service.problems import ProblemError, problem_responses
 from service.records import ParamRecord, RankRecord
 from service.schema import (
+    MAX_RANK,
     MAX_STEP,
     PARAM_NAME_MAX_LENGTH,
     RUN_ID_MAX_LENGTH,
@@ -59,7 +60,8 @@ class NoQuery(_Query):
 class _PageQuery(_Query):
     limit: int = Field(100, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(None, description=_CURSOR_DOC)
-    rank: int | None = Field(None, ge=0, description="only this owner rank")
+    # bounded as a snapshot's rank is: a larger one named no rank and answered an empty page
+    rank: int | None = Field(None, ge=0, le=MAX_RANK, description="only this owner rank")
 
 
 class _HistoryQuery(_Query):
