@@ -105,8 +105,8 @@ def _angle_degrees(sin_sq: float, cos: float) -> float:
 HealthFinish = Callable[[list[float]], list[list[float]]]
 
 # one side's layout: (name, dim, number of eigenvalues, rotated this step, factor's norm
-# left to soap_health, eigenvalues are the quotients, the eigenvalues' machine epsilon)
-_SideLayout = tuple[str, int, int, bool, bool, bool, float]
+# left to soap_health, eigenvalues are the quotients, the eigenvalues' dtype)
+_SideLayout = tuple[str, int, int, bool, bool, bool, torch.dtype]
 
 
 def _top_count(side: _SideLayout) -> int:
@@ -119,7 +119,7 @@ def _top_count(side: _SideLayout) -> int:
 def _rank_below(top: list[float], dim: int, eps: float) -> int:
     """The factor's numerical rank if below ``len(top)``, else ``len(top)``: how many of its
     largest eigenvalues (``top``, descending) exceed ``dim * eps * top[0]`` (the rank rule of
-    LAPACK-based ``matrix_rank``: below it, fp32 eigenvalues are rounding, 2.5e-7 relative or
+    LAPACK-based ``matrix_rank``: below it, fp32 eigenvalues are rounding, 3.6e-7 relative or
     less for factors of 32-1024 rows whose gradients span a few directions, against a
     threshold of 3.8e-6-1.2e-4). A zero factor has rank 0."""
     if not top[0] > 0.0:
@@ -193,7 +193,7 @@ class _HealthPlan:
         self.top_at: list[int | None] = [None] * len(flat)
         self.top_count = [_top_count(side) for side in flat]
         self.dims = [side[1] for side in flat]
-        self.eps = [side[6] for side in flat]
+        self.eps = [torch.finfo(side[6]).eps for side in flat]  # (once per layout)
         # a side of one eigenvalue (a 1 x n matrix's L): its factor's norm is that eigenvalue
         self.single = [flat[i][2] == 1 for i in range(len(flat))]
         for sides, _ in self.top_groups:
@@ -308,7 +308,7 @@ def soap_health(per_matrix: list[list[SideHealth]]
             lambda _: [[] for _ in per_matrix]
     layout = tuple(tuple((side.side, side.quotients.numel(), side.eigvals.numel(),
                           side.Q_old is not None, side.total is None,
-                          side.eigvals is side.quotients, torch.finfo(side.eigvals.dtype).eps)
+                          side.eigvals is side.quotients, side.eigvals.dtype)
                          for side in sides)
                    for sides in per_matrix)
     plan = _health_plan(layout)
