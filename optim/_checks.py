@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from optim._exchange import MatrixItem
 
 __all__ = ["ADAMW", "check_betas", "check_flags", "check_health_every", "check_param_groups",
-           "check_rates", "is_int", "is_real"]
+           "check_rates", "is_int", "is_real", "require_tensor"]
 
 ADAMW = "adamw"
 
@@ -254,6 +254,14 @@ def as_scalar(value: Any) -> Any:
     if isinstance(value, Tensor) and value.dim() != 0:
         return value.reshape(())
     return value
+
+
+def require_tensor(value: Any, name: str) -> None:
+    """Raise TypeError unless ``value`` is a torch Tensor: a NumPy array or a list failed deep
+    inside (``'int' object is not callable``, ``no attribute 'is_floating_point'``)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} needs a torch.Tensor, got {type(value).__name__}; convert it "
+                        f"with torch.as_tensor(...)")
 
 
 def is_int(value: Any) -> bool:

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from optim._checks import is_int
+from optim._checks import is_int, require_tensor
 
 __all__ = ["basis_staleness", "eigengap_ratio", "estimate_orthogonality_error",
            "orthogonality_error", "principal_extremes", "rotation_angle_degrees",
@@ -46,6 +46,7 @@ def orthogonality_error(O: Tensor) -> Tensor:
     Returns:
         A tensor of shape ``O.shape[:-2]``.
     """
+    require_tensor(O, "orthogonality_error")
     if O.ndim < 2:
         raise ValueError(f"orthogonality_error needs a (..., m, n) matrix, got {tuple(O.shape)}")
     _check_real(O, "orthogonality_error")
@@ -234,13 +235,16 @@ def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] =
     Returns:
         A tensor of shape ``(len(ks), *Q_prev.shape[:-2])``, in degrees.
     """
+    require_tensor(Q_prev, "rotation_angle_degrees")
+    require_tensor(Q_new, "rotation_angle_degrees")
     if Q_prev.shape != Q_new.shape or Q_prev.ndim < 2:
         raise ValueError(
             f"rotation_angle_degrees needs two bases of one (..., n, r) shape, got "
             f"{tuple(Q_prev.shape)} and {tuple(Q_new.shape)}"
         )
-    if not ks or min(ks) < 1:
-        raise ValueError(f"k must be >= 1, got {min(ks) if ks else ks}")
+    bad = [k for k in ks if not (is_int(k) and k >= 1)]
+    if not ks or bad:  # a float slices nothing; True would read as 1
+        raise ValueError(f"k must be an int >= 1, got {bad[0] if bad else ks!r}")
     r = Q_prev.size(-1)
     if r == 0:  # no columns: empty spans, which do not turn
         return torch.zeros(len(ks), *Q_prev.shape[:-2], dtype=torch.float64,

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from optim import _matmul
-from optim._checks import is_int, is_real
+from optim._checks import is_int, is_real, require_tensor
 
 __all__ = [
     "AUTO_MAX_NORM",
@@ -100,6 +100,7 @@ _EXP_HALVINGS: dict[torch.dtype, int] = {torch.float64: 4}  # every other dtype:
 
 
 def _check_square(Q: Tensor, name: str) -> None:
+    require_tensor(Q, name)
     if Q.ndim < 2 or Q.size(-1) != Q.size(-2):
         raise ValueError(
             f"{name} needs skew-symmetric (..., b, b) blocks, got shape {tuple(Q.shape)}; "

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from optim import _matmul
-from optim._checks import is_int, is_real
+from optim._checks import is_int, is_real, require_tensor
 
 __all__ = [
     "CANS_DEFAULT_LOWER_BOUND",
@@ -201,6 +201,7 @@ def _compute_dtype(X: Tensor, dtype: torch.dtype | None, method: str) -> torch.d
 
 def _validate(X: Tensor, softening: float, steps: int | None, eps: float,
               coefficients: Sequence[float]) -> None:
+    require_tensor(X, "orthogonalize")
     if X.ndim < 2:
         raise ValueError(f"orthogonalize needs a (..., m, n) matrix, got shape {tuple(X.shape)}")
     if not X.is_floating_point():
@@ -291,7 +292,11 @@ def _floored(norm: Tensor, eps: float) -> Tensor:
 def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Scale X so sigma_max <= 1; also return the Gram X X^T (and X X^T X) when already formed.
-    ``inplace`` divides X itself (a private copy), as ``torch.optim.Muon`` does: same bits."""
+    ``inplace`` divides X itself (a private copy), as ``torch.optim.Muon`` does: same bits.
+
+    The Gram's norms are taken as :func:`_dividing_norm` takes X's: an X below ``eps`` keeps
+    its small norm, and with ``eps`` under ~1e-20 the squares of the Gram's entries underflowed,
+    the norm read low, sigma_max came out above 1 and the iteration diverged to NaN."""
     norm = _divisor(X, eps)
     X = X.div_(norm) if inplace else X / norm
     if method == "quintic":
@@ -299,10 +304,10 @@ def _normalize(X: Tensor, method: str, eps: float, *, inplace: bool
     gram = _matmul.mm(X, X.mT)
     if method == "polar_express":
         # (sum sigma^4)^(1/4) <= ||X||_F = 1 here; the clamp keeps a zero matrix at zero.
-        scale = _floored(_frobenius(gram), eps).sqrt()
+        scale = _floored(_dividing_norm(gram, eps), eps).sqrt()
         return X / scale, gram / scale**2, None
     gram_x = _matmul.mm(gram, X)
-    scale = _floored(_frobenius(gram_x), eps) ** (1.0 / 3.0)  # (sum sigma^6)^(1/6)
+    scale = _floored(_dividing_norm(gram_x, eps), eps) ** (1.0 / 3.0)  # (sum sigma^6)^(1/6)
     return X / scale, None, gram_x / scale**3
 
 
@@ -338,8 +343,10 @@ def _iterate(X: Tensor, method: str, steps: int, eps: float, quintic: Sequence[f
              lower_bound: float | None, compute: torch.dtype, *, inplace: bool = False
              ) -> Iterator[Tensor]:
     """Yield the iterate after each step, in ``compute``; X is oriented with rows <= cols, in
-    :func:`_first_dtype`."""
+    :func:`_first_dtype`, or wider for float16 (:func:`_to_compute`)."""
     X, gram, gram_x = _normalize(X, method, eps, inplace=inplace)
+    if X.dtype != _first_dtype(method, compute):  # float16: normalized in float32, cast now
+        X, gram = X.to(compute), None if gram is None else gram.to(compute)
     for poly in _coefficients(method, steps, quintic, lower_bound, compute):
         X = _step(X, poly, gram, gram_x).to(compute)  # after the first step: a no-op
         gram, gram_x = None, None
@@ -360,7 +367,7 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
                       lower_bound).reshape(X.shape)
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = _to_compute(X, _first_dtype(method, compute), eps)
+    Y = _to_compute(X, _first_dtype(method, compute))
     # a fresh copy may be normalized in place, unless autograd needs it for the norm's gradient
     private = Y is not X and not (Y.requires_grad and torch.is_grad_enabled())
     Y = Y.mT if transpose else Y
@@ -372,14 +379,16 @@ def _polar(X: Tensor, method: str, steps: int | None, dtype: torch.dtype | None,
     return (Y.mT if transpose else Y).to(X.dtype)
 
 
-def _to_compute(X: Tensor, compute: torch.dtype, eps: float) -> Tensor:
-    """X in the compute dtype. Into float16, scaled to unit Frobenius norm in float32 first
-    (the iteration normalizes anyway): cast as it is, entries beyond 65504 became Inf and
-    entries below ~6e-8 zero. Every other dtype is cast unscaled (Muon's bits)."""
-    if compute != torch.float16:
-        return X.to(compute)
-    wide = X.to(torch.promote_types(X.dtype, torch.float32))
-    return (wide / _divisor(wide, eps)).to(compute)
+def _to_compute(X: Tensor, first: torch.dtype) -> Tensor:
+    """X in the dtype its normalization runs in: ``first`` (:func:`_first_dtype`), but float32
+    (at least) for float16, which :func:`_iterate` casts to after the normalization. Cast
+    before it, entries beyond 65504 became Inf and entries below ~6e-8 zero; cast at unit norm
+    and normalized again, an X under ``eps`` lost its floor (float16 alone returned a full-size
+    update where every other dtype returns the shrunk one). Every other dtype is cast as it is
+    (Muon's bits)."""
+    if first != torch.float16:
+        return X.to(first)
+    return X.to(torch.promote_types(X.dtype, torch.float32))
 
 
 #: How far below the singular value before it a tail within the data's rounding must start to be
@@ -459,7 +468,7 @@ def _polar_iterates(X: Tensor, method: str, steps: int | None, eps: float,
         return
     n_steps = steps if steps is not None else default_steps(method, compute)
     transpose = X.size(-2) > X.size(-1)  # iterate on the smaller Gram side
-    Y = _to_compute(X, _first_dtype(method, compute), eps)
+    Y = _to_compute(X, _first_dtype(method, compute))
     Y = Y.mT if transpose else Y
     for Z in _iterate(Y, method, n_steps, eps, coefficients, lower_bound, compute):
         yield (Z.mT if transpose else Z).to(X.dtype)

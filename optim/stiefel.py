@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from optim import _matmul
-from optim._checks import is_real
+from optim._checks import is_int, is_real, require_tensor
 from optim.health import orthogonality_error
 from optim.orthogonalize import orthogonalize
 
@@ -48,6 +48,7 @@ __all__ = [
 
 
 def _check_frame(X: Tensor, name: str) -> None:
+    require_tensor(X, name)
     if X.ndim < 2 or X.size(-2) < X.size(-1):
         raise ValueError(
             f"{name} needs a (..., d, r) frame with d >= r (St(d, r)), got {tuple(X.shape)}"
@@ -57,6 +58,7 @@ def _check_frame(X: Tensor, name: str) -> None:
 
 
 def _check_direction(G: Tensor, U: Tensor) -> None:
+    require_tensor(G, "G")
     if G.shape[-2:] != U.shape[-2:]:
         raise ValueError(f"G must have U's shape {tuple(U.shape)}, got {tuple(G.shape)}")
     if not G.is_floating_point():
@@ -154,7 +156,7 @@ def random_stiefel(d: int, r: int, *, generator: torch.Generator | None = None,
                    dtype: torch.dtype = torch.float32) -> Tensor:
     """A ``(d, r)`` frame with orthonormal columns, Haar-distributed (sign-fixed QR of a
     Gaussian; Mezzadri 2007, arXiv math-ph/0609050)."""
-    if not (isinstance(d, int) and isinstance(r, int) and 1 <= r <= d):
+    if not (is_int(d) and is_int(r) and 1 <= r <= d):
         raise ValueError(f"St(d, r) needs ints 1 <= r <= d, got d={d!r}, r={r!r}")
     return qr_retract(torch.randn(d, r, generator=generator, dtype=dtype))
 

@@ -148,10 +148,25 @@ def test_rotation_is_batched_over_leading_dims():
     pytest.param((4, 4), (4, 3), 1, id="shape-mismatch"),
     pytest.param((4,), (4,), 1, id="1-D"),
     pytest.param((4, 4), (4, 4), 0, id="k-0"),
+    # a float failed as a slice index, None and a string on "<"; True read as k=1
+    pytest.param((4, 4), (4, 4), 1.5, id="k-float"),
+    pytest.param((4, 4), (4, 4), None, id="k-none"),
+    pytest.param((4, 4), (4, 4), "2", id="k-string"),
+    pytest.param((4, 4), (4, 4), True, id="k-bool"),
 ])
 def test_rotation_rejects_bad_arguments(a, b, k):
     with pytest.raises(ValueError):
         rotation_angle_degrees(torch.zeros(a), torch.zeros(b), k=k)
+
+
+def test_health_measures_name_a_non_tensor_input():
+    # a NumPy array failed on a missing attribute ('is_complex') deep inside
+    import numpy as np  # a dependency (matplotlib's, and the bench's): never skipped
+
+    for call in (lambda: orthogonality_error(np.eye(3)),
+                 lambda: rotation_angle_degrees(np.eye(3), torch.eye(3))):
+        with pytest.raises(TypeError, match=r"needs a torch\.Tensor, got ndarray"):
+            call()
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

@@ -372,6 +372,16 @@ def test_non_square_input_raises_naming_the_shape(kernel):
         kernel(torch.zeros(3, 4))
 
 
+@pytest.mark.parametrize("kernel", [cayley, cayley_neumann, cans_cayley, exp_orthogonal,
+                                    skew, spectral_norm_upper_bound])
+def test_non_tensor_input_raises_naming_the_type(kernel):
+    import numpy as np  # a dependency (matplotlib's, and the bench's): never skipped
+
+    # a NumPy block failed with "'int' object is not callable"
+    with pytest.raises(TypeError, match=r"needs a torch\.Tensor, got ndarray"):
+        kernel(np.zeros((3, 3)))
+
+
 def test_bad_arguments_raise_value_errors():
     Q = torch.zeros(4, 4)
     with pytest.raises(ValueError, match="terms"):

@@ -239,6 +239,13 @@ def test_numpy_scalars_are_accepted_as_the_python_numbers_they_equal():
                        orthogonalize(X, softening=0.5, steps=3))
 
 
+def test_a_non_tensor_input_raises_naming_the_type():
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"needs a torch\.Tensor, got ndarray"):
+        orthogonalize(np.ones((3, 3)))
+
+
 def test_unknown_method_error_lists_the_valid_methods():
     with pytest.raises(ValueError, match="polar_express"):
         orthogonalize(gaussian(6, 4), method="newton")
@@ -476,6 +483,24 @@ def test_float16_compute_takes_entries_beyond_its_range(method, scale):
     torch.testing.assert_close(O.double(), polar64(X), atol=FP16_POLAR_ATOL, rtol=0.0)
 
 
+# An input under eps (norm 1e-10, eps 1e-7) has no unit norm to reach: every compute dtype
+# returns the same shrunk update. float16 against float32, measured 3.5e-5 (quintic, ~0.06 of
+# its entries), 7.4e-4 (Polar Express), 1.1e-3 (CANS): float16 rounding, under FP16_POLAR_ATOL.
+@pytest.mark.parametrize("method", ALL[:3])
+def test_float16_compute_keeps_the_eps_floor_of_an_input_below_it(method):
+    # scaled to a unit norm before the cast and normalized again after it, float16 alone
+    # returned a full-size quintic update (norm 2.78 against 0.48)
+    torch.manual_seed(0)
+    X = torch.randn(64, 32)
+    X = X / X.norm() * 1e-10
+    want = orthogonalize(X, method=method, dtype=torch.float32)
+    got = orthogonalize(X, method=method, dtype=torch.float16)
+    torch.testing.assert_close(got, want, atol=FP16_POLAR_ATOL, rtol=0.0)
+    if method == "quintic":  # the floor shrinks it: not the unit-norm input's update
+        assert float(want.norm()) < 0.5 * float(orthogonalize(X / X.norm(), method=method,
+                                                              dtype=torch.float32).norm())
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_softening_a_float16_input_whose_norm_overflows_float16_stays_finite(method):
     # ||X||_F of 128x128 entries ~800 is ~1e5 > 65504: X / inf was NaN, so Muon with
@@ -692,6 +717,27 @@ def test_eps_zero_keeps_a_tiny_inputs_polar_factor(method):
                                atol=TINY_INPUT_ATOL)
     assert torch.equal(orthogonalize(torch.zeros(4, 3), method=method, eps=0.0),
                        torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize(("method", "compute", "scale", "eps", "floored"), [
+    ("polar_express", torch.float32, 1e-35, 1e-23, False),
+    ("polar_express", torch.float32, 1e-35, 1e-26, False),
+    ("polar_express", torch.float64, 1e-305, 1e-250, False),
+    ("cans", torch.float32, 1e-35, 1e-26, False),
+    ("cans", torch.float64, 1e-305, 1e-250, False),
+    # X X^T X of norm ~1e-32 is floored at eps = 1e-23: a start of norm ~2e-3, as eps asks
+    ("cans", torch.float32, 1e-35, 1e-23, True),
+])
+def test_a_tiny_eps_above_a_tiny_inputs_norm_stays_finite(method, compute, scale, eps, floored):
+    # divided by eps, X kept a norm of ~1e-11: its Gram's squared entries underflowed, the
+    # Gram's norm read low, sigma_max came out above 1 and the iteration diverged to NaN
+    torch.manual_seed(0)
+    X = torch.randn(16, 8, dtype=compute)
+    got = orthogonalize(X * scale, method=method, eps=eps, dtype=compute)
+    assert bool(torch.isfinite(got).all())
+    if not floored:  # the Gram's normalization brings it to X's unit start: rounding apart
+        want = orthogonalize(X, method=method, eps=0.0, dtype=compute)
+        torch.testing.assert_close(got, want, rtol=0, atol=TINY_INPUT_ATOL)
 
 
 # Scaled by 2^-138, float32 entries of ~1 are subnormal and keep ~11 of their 24 bits: the

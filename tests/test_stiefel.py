@@ -186,6 +186,25 @@ def test_cayley_retract_counts_its_products():
     assert counted.products == 6 + 2  # the polish: Y^T Y and Y (Y^T Y)
 
 
+def test_random_stiefel_takes_numpy_ints_and_refuses_bools():
+    import numpy as np  # a dependency (matplotlib's, and the bench's): never skipped
+
+    U = random_stiefel(np.int64(6), np.int32(2), generator=torch.Generator().manual_seed(0))
+    assert U.shape == (6, 2)
+    torch.testing.assert_close(U.T @ U, torch.eye(2), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="needs ints"):  # a raw TypeError from torch.randn
+        random_stiefel(True, True)
+
+
+def test_stiefel_tools_name_a_non_tensor_input():
+    import numpy as np
+
+    for call in (lambda: qr_retract(np.zeros((3, 2))),
+                 lambda: tangent_project(torch.zeros(3, 2), np.zeros((3, 2)))):
+        with pytest.raises(TypeError, match=r"needs a torch\.Tensor, got ndarray"):
+            call()
+
+
 def test_frames_with_fewer_rows_than_columns_are_refused():
     for call in (lambda: qr_retract(torch.zeros(3, 5)), lambda: random_stiefel(3, 5),
                  lambda: tangent_project(torch.zeros(3, 5), torch.zeros(3, 5))):
