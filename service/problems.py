@@ -222,10 +222,14 @@ async def _store_busy(request: Request, exc: Exception) -> JSONResponse:
 
 
 #: SQLite's primary codes for a database that cannot take a request now (locked by another
-#: connection, full disk): 503 storage-unavailable, not an internal error.
+#: connection, full disk, a write the OS refused): 503 storage-unavailable, not an internal
+#: error. A write refused for any other reason than ENOSPC (a quota, a file-size limit, EIO) is
+#: SQLITE_IOERR: it answered 500 with a traceback logged on every request.
 _UNAVAILABLE = {sqlite3.SQLITE_BUSY: "database is locked", sqlite3.SQLITE_LOCKED:
-                "database is locked", sqlite3.SQLITE_FULL: "database or disk is full"}
-#: ``Retry-After`` of a full disk: it needs an operator, not a moment.
+                "database is locked", sqlite3.SQLITE_FULL: "database or disk is full",
+                sqlite3.SQLITE_IOERR: "disk I/O error", sqlite3.SQLITE_READONLY:
+                "the database file has become read-only"}
+#: ``Retry-After`` of a full disk or a refused write: it needs an operator, not a moment.
 FULL_RETRY_AFTER_S = 30
 #: Seconds between two log lines about an unavailable database (the first is logged at once).
 _LOG_EVERY_S = 60.0
@@ -247,7 +251,10 @@ async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
         _quiet_until[:] = [now + _LOG_EVERY_S, 0]
     else:
         _quiet_until[1] += 1
-    retry = FULL_RETRY_AFTER_S if "full" in why else BUSY_RETRY_AFTER_S
+    locked = why == _UNAVAILABLE[sqlite3.SQLITE_BUSY]
+    retry = BUSY_RETRY_AFTER_S if locked else FULL_RETRY_AFTER_S
+    if not locked and exc.sqlite_errorname:  # e.g. SQLITE_IOERR_WRITE: which write failed
+        why = f"{why} ({exc.sqlite_errorname})"
     return await _http_error(request, storage_unavailable(why, retry_after_s=retry,
                                                           write=_writes(request)))
 

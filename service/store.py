@@ -533,8 +533,13 @@ def _own(path: str | None) -> int | None:
         os.close(fd)
         raise DatabaseInUse(f"another sidecar (process {holder}) is using this database "
                             f"(locked in {path}.lock)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:  # a full disk: the lock file's creation succeeds, its one line does not
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise sqlite3.OperationalError(f"cannot write its lock file {path}.lock: "
+                                       f"{exc.strerror or exc}") from None
     return fd
 
 

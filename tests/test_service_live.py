@@ -69,9 +69,9 @@ class Sidecar:
 
 
 def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = None,
-                  extra: tuple[str, ...] = ()) -> Sidecar:
-    """Start a sidecar on ``tmp/state.db`` (``extra``: more of its options) and wait until
-    both listeners answer /healthz."""
+                  extra: tuple[str, ...] = (), file_size_limit: int | None = None) -> Sidecar:
+    """Start a sidecar on ``tmp/state.db`` (``extra``: more of its options; ``file_size_limit``:
+    its ``RLIMIT_FSIZE``, in bytes) and wait until both listeners answer /healthz."""
     token = token or secrets.token_hex(16)
     token_file = tmp / "token"
     token_file.write_text(token + "\n")
@@ -96,7 +96,8 @@ def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = Non
         *extra,
     ]
     with (tmp / "sidecar.log").open("ab") as log:  # its stderr, for what it logs
-        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=log)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=log, preexec_fn=_file_size_limit(
+            file_size_limit))
     car = Sidecar(proc, port, uds, token)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -108,6 +109,20 @@ def start_sidecar(tmp: Path, *, port: int | None = None, token: str | None = Non
             time.sleep(0.1)
     proc.kill()
     raise AssertionError("sidecar did not come up within 20 s")
+
+
+def _file_size_limit(limit: int | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that limits the size of the files a process writes (what a quota does:
+    a write beyond it fails, with EFBIG; Python ignores SIGXFSZ)."""
+    if limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 @pytest.fixture
@@ -546,7 +561,8 @@ def test_sidecar_cli_names_a_database_it_cannot_use(tmp_path: Path, where: str) 
     assert "Traceback" not in proc.stderr
 
 
-def sidecar_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def sidecar_cli(tmp: Path, *args: str, file_size_limit: int | None = None
+                ) -> subprocess.CompletedProcess[str]:
     """Run ``orthoshard sidecar *args`` with a fresh token file until it exits (for the
     start-up refusals, which must exit 2 with a message, not a traceback)."""
     token_file = tmp / "cli-token"
@@ -554,7 +570,8 @@ def sidecar_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     token_file.chmod(0o600)
     cmd = [sys.executable, "-m", "orthoshard.cli", "sidecar", "--token-file", str(token_file),
            *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=50,
+                          preexec_fn=_file_size_limit(file_size_limit))
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -675,3 +692,54 @@ def test_the_sidecar_logs_where_it_listens_the_port_it_was_given_included(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
+
+
+@pytest.mark.timeout(60)
+def test_a_sidecar_that_cannot_write_its_lock_file_says_so_and_exits_2(tmp_path: Path) -> None:
+    # a full disk (or a quota) lets the lock file be created but not its one line: the write's
+    # OSError came out as a traceback and exit 1
+    db = tmp_path / "state.db"
+    proc = sidecar_cli(tmp_path, "--db", str(db), "--port", str(free_port()), file_size_limit=0)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot write its lock file {db}.lock" in proc.stderr
+
+
+def _snapshot(step: int, params: int = 100) -> dict:
+    return {"schema_version": 1, "run_id": "r", "rank": 0, "step": step,
+            "wall_time": 1.7e9 + step, "params": {
+                f"layers.{i}.w": {"orthogonality_error": 0.001 * step} for i in range(params)}}
+
+
+@pytest.mark.timeout(120)
+def test_a_write_the_os_refuses_is_a_503_logged_once_and_loses_nothing_acknowledged(
+        tmp_path: Path) -> None:
+    # A write refused otherwise than by ENOSPC (a quota, a file-size limit, EIO) is SQLite's
+    # IOERR, not FULL: every post answered 500 and logged a traceback
+    car = start_sidecar(tmp_path, file_size_limit=300_000)
+    acked: list[int] = []
+    try:
+        with car.client() as c:
+            for step in range(1, 400):  # ~25 KB of WAL a snapshot: the limit comes by step ~15
+                r = c.post("/v1/snapshots", json=_snapshot(step))
+                if r.status_code != 201:
+                    break
+                acked.append(step)
+            assert r.status_code == 503, r.text
+            assert r.json()["type"] == "urn:orthoshard:problem:storage-unavailable"
+            assert "disk I/O error (SQLITE_IOERR" in r.json()["detail"]
+            assert r.headers["retry-after"] == "30"  # an operator's matter, as a full disk
+            again = c.post("/v1/snapshots", json=_snapshot(acked[-1] + 1))
+            assert again.status_code == 503, again.text
+    finally:
+        assert car.stop() == 0
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "Traceback" not in log and log.count("storage unavailable") == 1, log
+    assert acked, "no snapshot stored below the limit"
+    car = start_sidecar(tmp_path)  # the limit lifted: every answered 201 is there
+    try:
+        with car.client() as c:
+            points = c.get("/v1/params/layers.0.w/history").raise_for_status().json()["points"]
+            assert [p["step"] for p in points] == acked
+            assert c.post("/v1/snapshots", json=_snapshot(acked[-1] + 1)).status_code == 201
+    finally:
+        car.stop()
