@@ -253,8 +253,9 @@ async def _sqlite_error(request: Request, exc: Exception) -> JSONResponse:
         _quiet_until[1] += 1
     locked = why == _UNAVAILABLE[sqlite3.SQLITE_BUSY]
     retry = BUSY_RETRY_AFTER_S if locked else FULL_RETRY_AFTER_S
-    if not locked and exc.sqlite_errorname:  # e.g. SQLITE_IOERR_WRITE: which write failed
-        why = f"{why} ({exc.sqlite_errorname})"
+    name = getattr(exc, "sqlite_errorname", None)  # set by sqlite3 on the errors it raises
+    if not locked and name:  # e.g. SQLITE_IOERR_WRITE: which write failed
+        why = f"{why} ({name})"
     return await _http_error(request, storage_unavailable(why, retry_after_s=retry,
                                                           write=_writes(request)))
 
