@@ -46,6 +46,7 @@ from optim._checks import (
     _refuse_matrix_keys_in_adamw,
     _refuse_misplaced,
     _refuse_unsupported_adam_flags,
+    check_group_kind,
     check_health_every,
     check_param_groups,
     free_group_prefix,
@@ -318,6 +319,8 @@ class MatrixOptimizer(StateDictOptimizer):
                     f"param_groups[{gi}]['params'] (or taken out) by hand are not set up. "
                     f"Add parameters with optimizer.add_param_group({{'params': [...]}}), "
                     f"which names and checks them, and put the list back as it was.")
+        for gi, group in enumerate(self.param_groups):  # an algorithm edited since
+            check_group_kind(gi, group, self.matrix_algorithm, type(self).__name__)
         _check_dense(self.param_groups)
         if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
             raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "

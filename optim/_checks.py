@@ -19,8 +19,8 @@ from optim._exchange import local
 if TYPE_CHECKING:
     from optim._exchange import MatrixItem
 
-__all__ = ["ADAMW", "check_betas", "check_flags", "check_health_every", "check_param_groups",
-           "check_rates", "is_int", "is_real", "require_tensor"]
+__all__ = ["ADAMW", "check_betas", "check_flags", "check_group_kind", "check_health_every",
+           "check_param_groups", "check_rates", "is_int", "is_real", "require_tensor"]
 
 ADAMW = "adamw"
 
@@ -142,10 +142,8 @@ def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, opti
     seen: dict[str, int] = {}  # name -> its group
     tensors: dict[int, str] = {}  # id(parameter) -> its name
     for gi, group in enumerate(groups):
-        if group["algorithm"] not in (matrix_algorithm, ADAMW):
-            raise ValueError(
-                f"param group {gi}: algorithm must be {matrix_algorithm!r} or "
-                f"{ADAMW!r}, got {group['algorithm']!r}")
+        if group["algorithm"] not in (matrix_algorithm, ADAMW):  # before anything is written
+            check_group_kind(gi, group, matrix_algorithm, optimizer)
         if "param_names" not in group:
             group["param_names"] = [f"group{gi}.param{i}" for i in range(len(group["params"]))]
         _check_names(gi, group)
@@ -170,21 +168,34 @@ def check_param_groups(groups: list[dict[str, Any]], matrix_algorithm: str, opti
         saved = group.get("nonfinite_skips") or {}
         group["nonfinite_skips"] = {name: int(saved.get(name, 0))
                                     for name in group["param_names"]}
-        if group["algorithm"] == ADAMW:
-            continue
-        for name, p in zip(group["param_names"], group["params"], strict=True):
-            if p.ndim != 2:
-                raise ValueError(
-                    f"parameter {name!r} has shape {tuple(p.shape)}; {optimizer} "
-                    f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
-                    f"with optim.split_param_groups(model) (which sends every nn.Embedding "
-                    f"there too).")
-            if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
-                raise ValueError(
-                    f"parameter {name!r} is complex ({p.dtype}); {optimizer} "
-                    f"updates real matrices only. Put it in an algorithm='adamw' group "
-                    f"(AdamW handles complex parameters), or optimize its real and "
-                    f"imaginary parts as real parameters.")
+        check_group_kind(gi, group, matrix_algorithm, optimizer)
+
+
+def check_group_kind(gi: int, group: dict[str, Any], matrix_algorithm: str, optimizer: str
+                     ) -> None:
+    """Raise ValueError unless group ``gi``'s ``algorithm`` is the optimizer's matrix update or
+    AdamW and, outside AdamW, each of its parameters is a real 2-D matrix. Checked again at
+    every step: edited in ``param_groups`` (a typo, ``"AdamW"``), a group ran as the matrix
+    update, or failed half-way through a step it had already counted."""
+    if group["algorithm"] not in (matrix_algorithm, ADAMW):
+        raise ValueError(
+            f"param group {gi}: algorithm must be {matrix_algorithm!r} or "
+            f"{ADAMW!r}, got {group['algorithm']!r}")
+    if group["algorithm"] == ADAMW:
+        return
+    for name, p in zip(group["param_names"], group["params"], strict=True):
+        if p.ndim != 2:
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(p.shape)}; {optimizer} "
+                f"updates 2-D matrices only. Put it in an algorithm='adamw' group, e.g. "
+                f"with optim.split_param_groups(model) (which sends every nn.Embedding "
+                f"there too).")
+        if p.is_complex():  # as torch.optim.Muon: no polar factor or eigenbasis of these
+            raise ValueError(
+                f"parameter {name!r} is complex ({p.dtype}); {optimizer} "
+                f"updates real matrices only. Put it in an algorithm='adamw' group "
+                f"(AdamW handles complex parameters), or optimize its real and "
+                f"imaginary parts as real parameters.")
 
 
 def _check_names(gi: int, group: dict[str, Any]) -> None:

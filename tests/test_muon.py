@@ -1333,6 +1333,30 @@ def test_a_hyperparameter_changed_after_construction_is_refused_before_the_step(
     assert all(torch.equal(v, opt.state[a][k]) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("opt_cls", [Muon, NorMuon, SOAP])
+@pytest.mark.parametrize(("group", "algorithm", "message"), [
+    # a typo ran the group as the matrix update; the constructor refuses the same value
+    (0, "AdamW", "param group 0: algorithm must be"),
+    # a 1-D bias sent to the matrix update failed mid-step (an IndexError), its step counted
+    (1, None, "parameter 'b' has shape \\(5,\\)"),
+])
+def test_an_algorithm_edited_after_construction_is_refused_before_the_step(
+        opt_cls, group, algorithm, message):
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(5))
+    opt = opt_cls([{"params": [("a", a)]}, {"params": [("b", b)], "algorithm": "adamw"}],
+                  lr=0.01)
+    a.grad, b.grad = torch.randn(6, 4), torch.randn(5)
+    opt.step()
+    before = (a.detach().clone(), b.detach().clone(), copy.deepcopy(opt.state[a]),
+              [g["step"] for g in opt.param_groups])
+    opt.param_groups[group]["algorithm"] = algorithm or opt.param_groups[0]["algorithm"]
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert [g["step"] for g in opt.param_groups] == before[3]
+    assert all(torch.equal(v, opt.state[a][k]) for k, v in before[2].items())
+
+
 def test_same_shape_matrices_of_different_dtypes_in_one_group_step():
     # stacked together, float32 and float64 promoted to float64 and the float32 state refused
     # the float64 gradient mid-step
