@@ -88,7 +88,11 @@ class Sidecar:
         # where `-m orthoshard.cli` found another install, or none)
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path})
+        # A session of its own, as torchrun's: a terminal's Ctrl-C stopped it at once, while
+        # the ranks still finished their step and published it ("sidecar unreachable", their
+        # last snapshots lost); the demo stops it after them
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path},
+                                     start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
             "Authorization": f"Bearer {self.token_file.read_text()}"})
         try:
@@ -164,7 +168,7 @@ _TORCHRUN_STOP_S = 45.0
 
 
 def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "orthoshard._torchrun", "--standalone",
            f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
            "-m", "orthoshard.train", *_train_argv(args, sidecar.url, sidecar.token_file)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -184,6 +188,16 @@ def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
                 proc.kill()
                 proc.wait()
         raise
+
+
+def _torchrun_outcome(code: int) -> str:
+    """What torchrun's exit status ``code`` (not 0) says: a signal sent to torchrun itself
+    (``orthoshard._torchrun`` exits 128 + its number; the ranks stopped after their step, as
+    on SIGTERM), or a failure (1: a rank failed, or torchrun did)."""
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGHUP):
+        return (f"training stopped: torchrun got {signal.Signals(code - 128).name} "
+                f"(exit {code})")
+    return f"training failed (torchrun exit {code})"
 
 
 def _fresh_outputs(out: Path, resume: bool) -> None:
@@ -343,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"sidecar: {sidecar.url}  (metrics: {sidecar.url}/metrics)", flush=True)
         code = _torchrun(args, sidecar)
         if code != 0:
-            print(f"orthoshard demo: training failed (torchrun exit {code})"
+            print(f"orthoshard demo: {_torchrun_outcome(code)}"
                   f"{_resumable(args.checkpoint_dir, args.steps)}", file=sys.stderr)
             return code
         time.sleep(0.5)  # the publishers flushed on close; let the last POSTs land

@@ -829,6 +829,14 @@ def test_a_failed_checkpoint_load_names_each_error_with_its_type():
 ONE_PROCESS_DCP = "ignore:torch.distributed is disabled:UserWarning"
 
 
+def test_the_demo_tells_a_signalled_torchrun_from_a_failed_run():
+    # orthoshard._torchrun exits 128 + the signal that stopped it (torchrun: 1 and a traceback)
+    assert demo._torchrun_outcome(143) == "training stopped: torchrun got SIGTERM (exit 143)"
+    assert demo._torchrun_outcome(130) == "training stopped: torchrun got SIGINT (exit 130)"
+    assert demo._torchrun_outcome(1) == "training failed (torchrun exit 1)"
+    assert demo._torchrun_outcome(137) == "training failed (torchrun exit 137)"  # SIGKILL
+
+
 @pytest.mark.filterwarnings(ONE_PROCESS_DCP)
 def test_a_failed_demo_names_the_checkpoint_its_resume_continues_from(tmp_path):
     # a SIGTERM to torchrun: the ranks checkpointed the step they stopped after, and the demo

@@ -189,13 +189,18 @@ def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig, group):
         else:
             proc.send_signal(sig)
         assert proc.wait(timeout=60) == 128 + sig
-        # the demo's own frames (torchrun may print its SignalException when stopped)
+        # no traceback: not the demo's, nor torchrun's SignalException (which read as a crash
+        # after the ranks had stopped cleanly)
         err = proc.stderr.read()
-        assert "orthoshard/demo.py" not in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert "stopped by SIGTERM after step" in err  # each rank finished its step
         if sig == signal.SIGINT:
             assert "orthoshard demo: interrupted" in err
         if group:  # only the demo had the Ctrl-C; it stopped torchrun, and torchrun its ranks
-            assert "KeyboardInterrupt" not in err and err.count("Traceback") <= 1, err[-3000:]
+            assert "KeyboardInterrupt" not in err, err[-3000:]
+            # the sidecar, stopped last, took the ranks' last snapshots (a Ctrl-C that reached
+            # it stopped it first: "sidecar unreachable", the snapshots left queued)
+            assert "sidecar unreachable" not in err and "still queued" not in err, err[-3000:]
         deadline = time.monotonic() + 30
         while _alive(str(out)) and time.monotonic() < deadline:
             time.sleep(0.5)
