@@ -538,6 +538,20 @@ def test_bad_query_is_422(client: TestClient, query: str) -> None:
     assert_problem(client.get(f"/v1/params?{query}"), 422)
 
 
+# read as pydantic reads integers, each of these passed as 10 or 5
+@pytest.mark.parametrize("value", ["1_0", "%2B5", "%205", "5%20", "5.0", "%D9%A3"])
+@pytest.mark.parametrize("path", ["/v1/params?limit=", "/v1/params?rank=",
+                                  "/v1/params/a.w/history?from_step=",
+                                  "/v1/params/a.w/history?to_step=",
+                                  "/v1/params/a.w/history?limit="])
+def test_an_integer_query_takes_decimal_digits_only(client: TestClient, path: str,
+                                                    value: str) -> None:
+    body = assert_problem(client.get(path + value), 422)
+    name = path.rsplit("?", 1)[1].rstrip("=")
+    assert name in str(body["errors"]) and "decimal digits" in str(body["errors"]), body
+    assert client.get(path + "10").status_code in (200, 404)  # a name never posted: 404
+
+
 def test_openapi_documents_every_route_and_problem_bodies(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) == {

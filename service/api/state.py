@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from service.deps import Authenticated, ClockDep, SettingsDep, SingleValuedQuery, StoreDep
 from service.problems import ProblemError, problem_responses
@@ -46,6 +46,18 @@ CURSOR_MAX_LENGTH = -(-4 * 4 * PARAM_NAME_MAX_LENGTH // 3)
 _RUN_DOC = "run to read; default: the run of the parameter's latest snapshot"
 
 
+def _decimal(value: Any) -> Any:
+    """A query's integer as decimal digits only: read as pydantic reads integers, ``1_0``,
+    ``+5``, `` 5`` and ``5.0`` passed as 10, 5, 5 and 5."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in decimal digits only")
+    return value
+
+
+#: An integer query parameter (then bounded by its Field).
+QueryInt = Annotated[int, BeforeValidator(_decimal)]
+
+
 class _Query(BaseModel):
     """An endpoint's query parameters. One it does not take is refused (422, naming it) rather
     than ignored: ``?fromStep=100`` or ``?metric=x`` would otherwise answer as if not asked."""
@@ -58,18 +70,18 @@ class NoQuery(_Query):
 
 
 class _PageQuery(_Query):
-    limit: int = Field(100, ge=1, le=MAX_PAGE)
+    limit: QueryInt = Field(100, ge=1, le=MAX_PAGE)
     cursor: str | None = Field(None, description=_CURSOR_DOC)
     # bounded as a snapshot's rank is: a larger one named no rank and answered an empty page
-    rank: int | None = Field(None, ge=0, le=MAX_RANK, description="only this owner rank")
+    rank: QueryInt | None = Field(None, ge=0, le=MAX_RANK, description="only this owner rank")
 
 
 class _HistoryQuery(_Query):
-    from_step: int = Field(0, ge=0, le=MAX_STEP)
-    to_step: int = Field(MAX_STEP, ge=0, le=MAX_STEP)
+    from_step: QueryInt = Field(0, ge=0, le=MAX_STEP)
+    to_step: QueryInt = Field(MAX_STEP, ge=0, le=MAX_STEP)
     run_id: str | None = Field(None, min_length=1, max_length=RUN_ID_MAX_LENGTH,
                                pattern=RUN_ID_PATTERN, description=_RUN_DOC)
-    limit: int = Field(1000, ge=1, le=MAX_HISTORY)
+    limit: QueryInt = Field(1000, ge=1, le=MAX_HISTORY)
 
 
 def encode_cursor(name: str) -> str:
