@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +99,7 @@ class Store:
         _check_writable(where)
         self._owner = _own(where)
         try:
+            _create_private(where)
             # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any
             # other path is a plain file name as before
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
@@ -521,11 +524,20 @@ def _own(path: str | None) -> int | None:
     """
     if path is None:
         return None
-    try:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:  # a symlink planted as the lock file's name (a shared directory): its target was
+        # truncated and overwritten with this process's id
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
     except OSError as exc:
-        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: "
-                                       f"{exc.strerror or exc}") from None
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: {why}; "
+                                       f"remove it") from None
+    held = os.fstat(fd)
+    if not stat.S_ISREG(held.st_mode) or held.st_nlink != 1:  # a hard link to another file
+        os.close(fd)
+        raise sqlite3.OperationalError(
+            f"its lock file {path}.lock is not a file of its own (a special file, or one with "
+            f"{held.st_nlink} hard links); remove it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -564,6 +576,25 @@ def _release(fd: int | None) -> None:
     a process that opened it before the removal lock a file nobody else sees)."""
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _create_private(path: str | None) -> None:
+    """Create the database file ``path``, empty, readable by its owner alone, unless it exists
+    (SQLite takes an empty file for a new database, and gives its ``-wal`` and ``-shm`` files
+    the database's mode). Created by SQLite under the usual umask, it was world-readable: any
+    local user read the runs, steps, configuration and history the state API guards with its
+    token. An existing file keeps its mode; one readable by others is warned of."""
+    if path is None:
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            _log.warning("database %s is readable or writable by others: it holds what the "
+                         "state API guards with its token; chmod 600 it (and its -wal and "
+                         "-shm files)", path)
+    except OSError as exc:
+        raise sqlite3.OperationalError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def _check_writable(path: str | None) -> None:

@@ -485,6 +485,40 @@ def test_a_database_file_with_another_hard_link_is_refused_before_sqlite_opens_i
     again.close()
 
 
+def test_a_new_database_and_its_wal_are_readable_by_their_owner_alone(
+        tmp_path: Path, caplog) -> None:
+    # created by SQLite under the usual umask, they were world-readable: any local user read
+    # what the state API guards with its token
+    old = os.umask(0o022)  # put back however the test ends
+    try:
+        store = Store(str(tmp_path / "a.db"), history_max_rows=1000)
+        store.ingest(make_snapshot(1))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        store.close()
+    finally:
+        os.umask(old)
+    assert modes.get("a.db-wal") == 0o600 and set(modes.values()) == {0o600}, modes
+    (tmp_path / "a.db").chmod(0o644)  # an existing file keeps its mode, with a warning
+    with caplog.at_level("WARNING", logger="orthoshard.sidecar.store"):
+        Store(str(tmp_path / "a.db"), history_max_rows=1000).close()
+    assert "readable or writable by others" in caplog.text
+    assert (tmp_path / "a.db").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_link_in_place_of_the_lock_file_is_refused_and_its_target_kept(tmp_path: Path,
+                                                                         link: str) -> None:
+    # planted in a shared directory, a symbolic link's target was truncated and overwritten
+    # with the sidecar's process id
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (os.symlink if link == "symbolic" else os.link)(victim, tmp_path / "a.db.lock")
+    with pytest.raises(sqlite3.OperationalError, match=r"lock file .*a\.db\.lock.*remove it"):
+        Store(str(tmp_path / "a.db"), history_max_rows=1000)
+    assert victim.read_text() == "keep"
+    assert not (tmp_path / "a.db").exists()  # refused before anything was created
+
+
 # Ingests under a reader of another process: long enough for several RESTART cycles (0.2 s
 # apart) with the WAL past its RESTART size.
 FOREIGN_READER_S = 2.5
