@@ -26,6 +26,7 @@ from collections.abc import Generator
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import create_app
 from service.settings import Settings
@@ -50,6 +51,68 @@ _SOCKET_MODE = 0o666
 SHUTDOWN_GRACE_S = 5.0
 
 
+#: Seconds a connection has to send a request's headers, from its opening or from the end of
+#: its last response. A trainer's or Prometheus's request comes whole within milliseconds.
+HEADER_TIMEOUT_S = 10.0
+
+
+class _HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not all
+    come within :data:`HEADER_TIMEOUT_S`. uvicorn times a connection only from the end of a
+    response to the first byte of the next request (its keep-alive): one that connected and
+    sent nothing, or half a request line, was held for good. No token is needed to connect,
+    so any local user (or any peer, with ``--host 0.0.0.0``) could hold enough of them to use
+    up the sidecar's file descriptors, and ingest and ``/metrics`` timed out. A request whose
+    headers came is the app's (a stalled body, of a client with the token)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        self._arm_header_timer()  # first: a pipelined request may start within the call
+        super().on_response_complete()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers have all come
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit (systemd's soft default
+    is 1024, where ~1000 connections held open stopped every new one); a limit it cannot
+    raise is left as it is."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ListenError(RuntimeError):
     """A listener could not be opened; the message names the address and what to do."""
 
@@ -72,6 +135,7 @@ def _configs(settings: Settings, app: object, log_level: str) -> list[uvicorn.Co
         "proxy_headers": False,
         "server_header": False,
         "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
+        "http": _HeaderTimeoutProtocol,
     }
     configs = [uvicorn.Config(app, host=settings.host, port=settings.port, **common)]  # type: ignore[arg-type]
     if settings.uds:
@@ -223,5 +287,6 @@ async def _serve_until_signal(sockets: list[socket.socket], configs: list[uvicor
 def run(settings: Settings, *, log_level: str = "info") -> int:
     """Blocking entry point used by ``orthoshard sidecar``. Returns the exit status."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    _raise_open_files_limit()
     asyncio.run(serve(settings, log_level=log_level))
     return 0

@@ -28,7 +28,7 @@ import pytest
 from conftest import ROOT, require_tool
 
 from service.client import Publisher
-from service.server import SHUTDOWN_GRACE_S
+from service.server import HEADER_TIMEOUT_S, SHUTDOWN_GRACE_S
 from service.store import CLOSE_WAIT_S, Store
 
 pytestmark = pytest.mark.multiprocess
@@ -743,3 +743,38 @@ def test_a_write_the_os_refuses_is_a_503_logged_once_and_loses_nothing_acknowled
             assert c.post("/v1/snapshots", json=_snapshot(acked[-1] + 1)).status_code == 201
     finally:
         car.stop()
+
+
+def _closed_by_peer(conn: socket.socket, within_s: float) -> bool:
+    """Whether the other end closes ``conn`` within ``within_s`` seconds."""
+    conn.settimeout(within_s)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_that_never_sends_whole_headers_is_closed(sidecar: Sidecar) -> None:
+    # uvicorn timed a connection only between requests: one that sent nothing, or half a
+    # request line, or a byte now and then, was held for good, and enough of them (no token
+    # needed) used up the sidecar's file descriptors
+    idle = socket.create_connection(("127.0.0.1", sidecar.port))
+    half = socket.create_connection(("127.0.0.1", sidecar.port))
+    half.sendall(b"GET /healthz HTTP/1.1\r\n")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.connect(sidecar.uds)
+    # a whole request whose body stalls is the app's to wait for, not this timer's
+    body = socket.create_connection(("127.0.0.1", sidecar.port))
+    body.sendall(f"POST /v1/snapshots HTTP/1.1\r\nHost: s\r\nAuthorization: Bearer "
+                 f"{sidecar.token}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 100\r\n\r\n{{".encode())
+    with idle, half, unix, body:
+        with sidecar.client() as c:  # a keep-alive client's request meanwhile: answered
+            assert c.get("/healthz").status_code == 200
+        # the timer runs from the connection's opening; 5 s spare for a loaded machine
+        for conn in (idle, half, unix):
+            assert _closed_by_peer(conn, HEADER_TIMEOUT_S + 5.0)
+        assert not _closed_by_peer(body, 1.0)
