@@ -415,8 +415,8 @@ def _outputs_problem(args: argparse.Namespace) -> str | None:
     demo (None: nothing). A demo still serving from the same ``--out`` (``--linger``) had its
     results, logs, live database and token deleted by a second one, which then stopped, its
     sidecar refused by the first's lock."""
+    from service.dbfile import database_held
     from service.records import DatabaseInUse
-    from service.store import database_held
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,6 @@ import math
 import os
 import signal
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -57,6 +55,8 @@ from orthoshard.checkpoints import (
 )
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
+from orthoshard.runlog import RunLog
+from orthoshard.stopping import StopRequest, delay
 from orthoshard.telemetry import publish_health
 
 __all__ = ["build_optimizer", "main", "parse_args"]
@@ -339,65 +339,6 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     return str(box[0])
 
 
-# how often a --step-delay's sleep looks for a stop request (SIGTERM) on its own rank, and
-# how often the ranks tell each other of one (an all-reduce closing each slice of the delay)
-STOP_POLL_S = 0.1
-DELAY_SLICE_S = 1.0
-
-
-def _delay(seconds: float, stop: _StopRequest, device: torch.device) -> None:
-    """``--step-delay``: sleep ``seconds``, ended on every rank within ~:data:`DELAY_SLICE_S`
-    once one of them is asked to stop. A SIGTERM may reach some ranks only (one node's
-    torchrun stopped), and a rank that woke alone waited in the next step's all-reduce while
-    the others slept on: a delay longer than torchrun's grace (30 s) let it kill them before
-    they checkpointed. Each slice ends in an all-reduce of the stop flags, as many on every
-    rank, so they leave the delay together."""
-    slices = max(1, math.ceil(seconds / DELAY_SLICE_S))
-    for _ in range(slices):
-        stop.sleep(seconds / slices)
-        asked = torch.tensor(float(stop.requested), device=device)
-        dist.all_reduce(asked)
-        if asked.item() > 0:
-            return
-
-
-class _StopRequest:
-    """SIGTERM, caught while training: ``requested`` turns True and the step in progress goes
-    on (the loop stops after it, on every rank). The handler is installed for the ``with``
-    block and the previous one put back after it. Every SIGTERM in the block is caught, not
-    only the first: SLURM and systemd signal every process of a job or unit, torchrun passes its
-    own signal on as well, and a rank that took the second one as "stop now" died mid-step
-    without its checkpoint. SIGKILL, which torchrun, docker and SLURM send once their grace
-    period is over, still ends a rank that is stuck."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _caught(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def sleep(self, seconds: float) -> None:
-        """``time.sleep(seconds)``, cut short by a stop request: a ``--step-delay`` longer
-        than torchrun's grace period (30 s) let it kill the ranks before they checkpointed.
-        A signal's handler runs within a sleep, which then resumes, so the flag is read
-        every :data:`STOP_POLL_S`."""
-        end = time.monotonic() + seconds
-        while not self.requested and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, STOP_POLL_S))
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():  # else Python cannot catch
-            previous = signal.signal(signal.SIGTERM, self._caught)
-            # None: a handler installed from outside Python, which cannot be put back
-            self._previous = signal.SIG_DFL if previous is None else previous
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _maybe_die(step: int) -> None:
     """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
     kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
@@ -544,8 +485,8 @@ def _train(args: argparse.Namespace) -> int:
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
     publisher = _publisher(args, run_id) if _publishes(args) else None
-    with _StopRequest() as stop, \
-            _Log(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
+    with StopRequest() as stop, \
+            RunLog(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         stopped = _loop(args, model, optimizer, data, ckpt, log, publisher, stop, start=start,
                         horizon=horizon, run_id=run_id, run_flags=run_flags)
     if stopped is not None:
@@ -573,7 +514,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data: MarkovData,
-          ckpt: Checkpoints, log: _Log, publisher: Any, stop: _StopRequest, *, start: int,
+          ckpt: Checkpoints, log: RunLog, publisher: Any, stop: StopRequest, *, start: int,
           horizon: int, run_id: str | None, run_flags: dict[str, int]) -> int | None:
     """Train from step ``start`` to ``args.steps``, then write the reports and return None;
     or, once a rank was asked to stop (``stop``), return the step every rank stopped after
@@ -611,7 +552,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
             return step + 1
         _maybe_die(step + 1)
         if args.step_delay:
-            _delay(args.step_delay, stop, loss.device)
+            delay(args.step_delay, stop, loss.device)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
              for n, p in model.named_parameters()}
     log.finish(optimizer, final, data.entropy_rate(), args.steps,  # start <= steps (above)
@@ -630,108 +571,6 @@ def _check_resumed_flags(optimizer: Any, args: argparse.Namespace) -> None:
                 f"the checkpoint in {args.checkpoint_dir} was saved by {saved}: resume it "
                 f"{'with' if group['use_kl_shampoo'] else 'without'} --kl-shampoo, or start a "
                 f"new run in an empty --checkpoint-dir")
-
-
-def _log_file(path: Path, mode: str) -> Any:
-    """``path`` opened for JSON lines; appended to, on a line of its own: a line cut short
-    by a rank killed mid-write would have run into the resumed run's first record."""
-    f = path.open(mode)
-    if mode == "a" and f.tell() > 0:
-        with path.open("rb") as tail:
-            tail.seek(-1, os.SEEK_END)
-            if tail.read(1) != b"\n":
-                f.write("\n")
-    return f
-
-
-class _Log:
-    """Progress bar and loss log on rank 0, health log and final report on every rank."""
-
-    def __init__(self, out: Path, rank: int, start: int, steps: int, progress: bool,
-                 log_every: int = 0) -> None:
-        self.out, self.rank = out, rank
-        self.steps_run = 0
-        self.steps, self.log_every = steps, log_every if rank == 0 else 0
-        self.since = (start, time.monotonic())  # the last step line's step and time
-        # a run from step 0 starts its logs over: appended to an earlier run's (a new run
-        # under docker compose keeps the out volume), its steps 1, 2, ... followed that run's
-        # and the runbooks' "loss around that step" read two runs
-        mode = "a" if start > 0 else "w"
-        self.health_file = _log_file(out / f"health-rank{rank}.jsonl", mode)
-        self.loss_file = _log_file(out / "loss.jsonl", mode) if rank == 0 else None
-        self.bar = None
-        if rank == 0 and progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, initial=start, desc="train", unit="step")
-
-    def __enter__(self) -> _Log:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the logs and the progress bar (also after an error on the way)."""
-        if self.bar is not None:
-            self.bar.close()
-        self.health_file.close()
-        if self.loss_file is not None:
-            self.loss_file.close()
-
-    def _logged_health(self, step: int) -> dict[str, Any]:
-        return _last_logged(self.out / f"health-rank{self.rank}.jsonl", step)
-
-    def step(self, step: int, loss: float, health: dict[str, dict[str, float]]) -> None:
-        self.steps_run += 1
-        self.health_file.write(json.dumps({"step": step, "time": time.time(),
-                                           "params": health}) + "\n")
-        self.health_file.flush()
-        if self.loss_file is not None:
-            self.loss_file.write(json.dumps({"step": step, "loss": loss, "time": time.time()})
-                                 + "\n")
-            self.loss_file.flush()
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}")
-            self.bar.update(1)
-        if self.log_every and (step % self.log_every == 0 or step == self.steps):
-            then, at = self.since
-            now = time.monotonic()
-            rate = (step - then) / (now - at) if now > at else math.inf
-            print(f"step {step}/{self.steps} loss {loss:.4f} ({rate:.2f} steps/s)", flush=True)
-            self.since = (step, now)
-
-    def finish(self, optimizer: Any, final: dict[str, torch.Tensor], entropy: float,
-               final_step: int, *, run_id: str | None = None) -> None:
-        self.close()  # the logs are complete: a report read from them finds every line
-        # A restart that resumed at the last step (a rank died after the final checkpoint)
-        # trained nothing, and a loaded optimizer has measured nothing: the health of the last
-        # step is the one this rank logged then.
-        health = optimizer.health() if self.steps_run else self._logged_health(final_step)
-        # comm_stats count from this process's start: after a restart or a resume, the steps
-        # since the checkpoint it continued from
-        report = {"rank": self.rank, "final_step": final_step, "run_id": run_id,
-                  "health": health,
-                  "comm_stats": {**optimizer.comm_stats(), "steps": self.steps_run},
-                  "entropy_rate": entropy,
-                  "optimizer": type(optimizer).__name__,
-                  "use_kl_shampoo": any(bool(g.get("use_kl_shampoo", False))
-                                        for g in optimizer.param_groups)}
-        (self.out / f"rank{self.rank}.json").write_text(json.dumps(report, indent=1))
-        if self.rank == 0:
-            torch.save(final, self.out / "final_params.pt")
-
-
-def _last_logged(path: Path, step: int) -> dict[str, Any]:
-    """The ``params`` of the last record of ``step`` in the health log ``path`` ({} if none)."""
-    found: dict[str, Any] = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, AttributeError):
-                record = json.loads(line)
-                if record.get("step") == step and isinstance(record.get("params"), dict):
-                    found = record["params"]
-    return found
 
 
 def _exit_now(code: int) -> None:

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
-import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,9 +36,9 @@ from typing import Any
 
 from service import tables
 from service.checkpointer import Checkpointer
+from service.dbfile import check_writable, create_private, file_id, file_path, own, release
 from service.records import (
     Abandoned,
-    DatabaseInUse,
     HistoryRow,
     OtherRun,
     ParamRecord,
@@ -51,7 +47,6 @@ from service.records import (
     UnknownRank,
 )
 from service.schema import Snapshot
-from service.settings import sqlite_file_name
 
 #: Longest a write (an ingest, a finish, a merge) waits for the database: for the store's lock,
 #: then for SQLite's write lock (another process's transaction). Half the Publisher's default
@@ -95,17 +90,17 @@ class Store:
         self._db_lock = threading.RLock()
         # one sidecar per database file, for as long as it runs (released when it exits, even
         # killed); checked before SQLite opens the file, which must then be writable
-        where = _file_path(path)
-        _check_writable(where)
-        self._owner = _own(where)
+        where = file_path(path)
+        check_writable(where)
+        self._owner = own(where)
         try:
-            _create_private(where)
+            create_private(where)
             # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any
             # other path is a plain file name as before
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                        uri=True)
         except BaseException:
-            _release(self._owner)
+            release(self._owner)
             raise
         self._checkpointer: Checkpointer | None = None
         self._closing = False  # close() began: writes waiting for their turn give up
@@ -120,7 +115,7 @@ class Store:
         self._path, self._file = where, None
         try:
             wal = self._prepare()
-            self._file = _file_id(where)  # the file exists now
+            self._file = file_id(where)  # the file exists now
             # from here on a write waits for SQLite's lock in _transaction, which gives up at
             # its deadline (SQLite's own busy wait, 5 s, cannot be cut short by a close)
             self._db.execute("PRAGMA busy_timeout = 0")
@@ -395,7 +390,7 @@ class Store:
     def file_gone(self) -> str | None:
         """Why the database file this store opened is no longer the one at its path (removed
         or replaced under the running sidecar, so writes would be lost); None while it is."""
-        if self._file is not None and _file_id(self._path) != self._file:
+        if self._file is not None and file_id(self._path) != self._file:
             return (f"the database file {self._path} was removed or replaced while the "
                     f"sidecar ran, and writes to the one it has open would be lost: restart "
                     f"the sidecar")
@@ -496,147 +491,7 @@ class Store:
                     _log.warning("could not merge the last snapshots at close: %s", exc)
                 self._db.close()
                 self._db = None  # type: ignore[assignment]
-                _release(self._owner)
+                release(self._owner)
                 self._owner = None
         finally:
             self._db_lock.release()
-
-
-def _file_path(path: str) -> str | None:
-    """The file a ``--db`` path names (:func:`service.settings.sqlite_file_name`), absolute with
-    symlinks resolved (None: an in-memory or temporary database). The lock, the writability
-    check and the removed-file check go by this file: taken by the path as written, a URI or a
-    symlink to a database another sidecar held got a lock of its own (both sidecars ran on it,
-    and the counts of one were lost), and a URI's removed file went unnoticed (201s for
-    snapshots written into a deleted file)."""
-    name = sqlite_file_name(path)
-    return os.path.realpath(name) if name else None
-
-
-def _own(path: str | None) -> int | None:
-    """Lock ``PATH.lock`` (``flock``, exclusive) for this store and write this process's id
-    in it; returns the open descriptor (None: an in-memory database, ``path`` None). Two
-    sidecars started on one ``--db`` (on other ports) each kept a mirror of their own and wrote
-    it over the other's: the snapshot counts went back at the next start.
-
-    Raises:
-        DatabaseInUse: another store holds it, naming that process.
-    """
-    if path is None:
-        return None
-    try:  # a symlink planted as the lock file's name (a shared directory): its target was
-        # truncated and overwritten with this process's id
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError as exc:
-        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
-        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: {why}; "
-                                       f"remove it") from None
-    held = os.fstat(fd)
-    if not stat.S_ISREG(held.st_mode) or held.st_nlink != 1:  # a hard link to another file
-        os.close(fd)
-        raise sqlite3.OperationalError(
-            f"its lock file {path}.lock is not a file of its own (a special file, or one with "
-            f"{held.st_nlink} hard links); remove it")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise DatabaseInUse(f"another sidecar (process {holder}) is using this database "
-                            f"(locked in {path}.lock)") from None
-    try:  # a full disk: the lock file's creation succeeds, its one line does not
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise sqlite3.OperationalError(f"cannot write its lock file {path}.lock: "
-                                       f"{exc.strerror or exc}") from None
-    return fd
-
-
-@contextmanager
-def database_held(path: str) -> Iterator[None]:
-    """Hold the lock a running sidecar holds on the database ``path`` names, for the ``with``
-    block: what is done there (clearing a demo's outputs) cannot pull the database from under a
-    sidecar that uses it, and no sidecar starts on it meanwhile.
-
-    Raises:
-        DatabaseInUse: another sidecar uses it, naming that process.
-    """
-    fd = _own(_file_path(path))
-    try:
-        yield
-    finally:
-        _release(fd)
-
-
-def _release(fd: int | None) -> None:
-    """Unlock and close what :func:`_own` returned (the lock file stays: removing it would let
-    a process that opened it before the removal lock a file nobody else sees)."""
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def _create_private(path: str | None) -> None:
-    """Create the database file ``path``, empty, readable by its owner alone, unless it exists
-    (SQLite takes an empty file for a new database, and gives its ``-wal`` and ``-shm`` files
-    the database's mode). Created by SQLite under the usual umask, it was world-readable: any
-    local user read the runs, steps, configuration and history the state API guards with its
-    token. An existing file keeps its mode; one readable by others is warned of."""
-    if path is None:
-        return
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-    except FileExistsError:
-        if os.stat(path).st_mode & 0o077:
-            _log.warning("database %s is readable or writable by others: it holds what the "
-                         "state API guards with its token; chmod 600 it (and its -wal and "
-                         "-shm files)", path)
-    except OSError as exc:
-        raise sqlite3.OperationalError(f"cannot create {path}: {exc.strerror or exc}") from None
-
-
-def _check_writable(path: str | None) -> None:
-    """Refuse, before SQLite opens it, a database file (or its ``-wal`` / ``-shm`` files) or
-    directory this process cannot write. SQLite's WAL switch on a read-only file created
-    read-only ``-wal`` and ``-shm`` files, which made the next start fail with the same error
-    after the file's mode was fixed.
-
-    Raises:
-        sqlite3.OperationalError: naming the file or directory.
-    """
-    if path is None:
-        return
-    directory = os.path.dirname(path) or "."
-    if os.path.isdir(directory) and not os.access(directory, os.W_OK):
-        raise sqlite3.OperationalError(
-            f"this user cannot write the directory {directory}, where SQLite keeps the "
-            f"database's -wal and -shm files")
-    if os.path.isdir(path):  # (its link count, 2 or more, read as a hard-linked file)
-        raise sqlite3.OperationalError(
-            f"{path} is a directory: name the database file, e.g. "
-            f"{os.path.join(path, 'orthoshard-sidecar.db')}")
-    for name in (path, f"{path}-wal", f"{path}-shm"):
-        if os.path.exists(name) and not os.access(name, os.W_OK):
-            raise sqlite3.OperationalError(f"this user cannot write {name}")
-    links = os.stat(path).st_nlink if os.path.exists(path) else 1
-    if links > 1:
-        # SQLite names a database's -wal and -shm files after the path, and the lock goes by
-        # it too: a sidecar on another name of the file kept a WAL of its own over the same
-        # file (the index corrupted, answered snapshots lost) while this one ran
-        raise sqlite3.OperationalError(
-            f"{path} has {links} hard links: another name of the file would be another "
-            f"database over it (its own -wal file and lock); remove the other names "
-            f"(find / -samefile {path}) or copy the database to a file of its own")
-
-
-def _file_id(path: str | None) -> tuple[int, int] | None:
-    """``(device, inode)`` of a database file (:func:`_file_path`; None: in-memory or absent)."""
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthoshard import checkpoints, demo, train
+from orthoshard import checkpoints, demo, runlog, train
 from service.client import Publisher
 
 
@@ -232,7 +232,7 @@ def test_an_out_that_is_no_writable_directory_stops_the_job_before_its_process_g
 
 def test_the_jobs_logs_are_closed_also_when_a_step_raises(tmp_path):
     # the health and loss logs were left open (a ResourceWarning each) on every path
-    with pytest.raises(RuntimeError), train._Log(tmp_path, 0, 0, 2, False) as log:
+    with pytest.raises(RuntimeError), runlog.RunLog(tmp_path, 0, 0, 2, False) as log:
         log.step(1, 1.0, {})
         raise RuntimeError("a step failed")
     assert log.health_file.closed and log.loss_file is not None and log.loss_file.closed
@@ -247,7 +247,7 @@ def test_a_log_line_cut_short_by_a_killed_rank_is_skipped_and_the_resume_starts_
 
     (tmp_path / "loss.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     (tmp_path / "health-rank0.jsonl").write_text('{"step": 1, "params": {}}\n{"ste')
-    with train._Log(tmp_path, 0, 2, 3, False) as log:  # resumed from the step-2 checkpoint
+    with runlog.RunLog(tmp_path, 0, 2, 3, False) as log:  # resumed from the step-2 checkpoint
         log.step(3, 1.5, {"w": {"update_rms": 0.5}})
     assert report.load_losses(tmp_path) == {1: 2.0, 3: 1.5}
     assert report.load_health(tmp_path) == {"w": {"update_rms": {3: 0.5}}}

@@ -25,6 +25,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.store as store_module
+from service import dbfile
 from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
 from service.metrics import HealthCollector, build_registry, classify
 from service.records import DatabaseInUse
@@ -224,7 +225,7 @@ def test_snapshots_not_merged_yet_are_read_and_survive_a_crash(tmp_path: Path) -
     assert store._checkpointer is not None
     store._checkpointer.close(timeout_s=2.0)
     store._db.close()
-    store_module._release(store._owner)
+    dbfile.release(store._owner)
     again = Store(db, history_max_rows=1000)
     rank = again.ranks()[0]
     assert (rank.step, rank.snapshots_received) == (3, 3)
@@ -396,7 +397,6 @@ def test_the_wal_starts_over_under_a_steady_stream_of_ingests(tmp_path: Path,
     # 20 s of 500-parameter snapshots before the checkpointer finished its copies under the
     # store's lock. With the WAL cut back to nothing at each restart, every restart shows as a
     # drop of its file size; a WAL that never starts over only grows.
-    import service.store as store_module
 
     monkeypatch.setattr(store_module, "_WAL_SIZE_LIMIT", 0)
     store = Store(str(tmp_path / "s.db"), history_max_rows=1_000_000)

@@ -550,12 +550,12 @@ def test_keep_checkpoints_refuses_what_it_cannot_do(flags: list[str], message: s
 def test_every_sigterm_while_training_is_caught_and_the_handler_before_is_put_back() -> None:
     # SLURM and systemd signal every process of the job, and torchrun passes its own SIGTERM
     # on too: a rank that let the second one through died mid-step, without its checkpoint
-    from orthoshard.train import _StopRequest
+    from orthoshard.stopping import StopRequest
 
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             for _ in range(3):
                 os.kill(os.getpid(), signal.SIGTERM)
             assert stop.requested and seen == []
@@ -569,10 +569,10 @@ def test_every_sigterm_while_training_is_caught_and_the_handler_before_is_put_ba
 def test_a_sigterm_cuts_a_step_delay_short() -> None:
     # the ranks slept the whole --step-delay: longer than torchrun's 30 s grace, it killed them
     # before they checkpointed. A 600 s delay here ends within the test's timeout or fails it.
-    from orthoshard.train import _StopRequest
+    from orthoshard.stopping import StopRequest
 
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         timer.start()
         try:
             stop.sleep(600)
@@ -687,7 +687,7 @@ def test_a_restart_that_resumes_at_the_last_step_still_ends_the_run_at_the_sidec
     # had ended, and OptimizerSnapshotStale paged for it.
     from test_service_live import start_sidecar
 
-    from orthoshard import train
+    from orthoshard import runlog
 
     car = start_sidecar(tmp_path)
     try:
@@ -699,7 +699,7 @@ def test_a_restart_that_resumes_at_the_last_step_still_ends_the_run_at_the_sidec
             raise RuntimeError("rank died after the final checkpoint")
 
         with monkeypatch.context() as m:
-            m.setattr(train._Log, "finish", dies)
+            m.setattr(runlog.RunLog, "finish", dies)
             with pytest.raises(RuntimeError, match="rank died"):
                 _train_here(m, *argv)
         assert not (tmp_path / "out" / "rank0.json").exists()
