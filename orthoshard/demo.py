@@ -88,14 +88,16 @@ class Sidecar:
         # where `-m orthoshard.cli` found another install, or none)
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
-        # A session of its own, as torchrun's: a terminal's Ctrl-C stopped it at once, while
-        # the ranks still finished their step and published it ("sidecar unreachable", their
-        # last snapshots lost); the demo stops it after them
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path},
-                                     start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=5.0, headers={
             "Authorization": f"Bearer {self.token_file.read_text()}"})
         try:
+            # A session of its own, as torchrun's: a terminal's Ctrl-C stopped it at once,
+            # while the ranks still finished their step and published it ("sidecar
+            # unreachable", their last snapshots lost). The demo stops it, after them; a
+            # Ctrl-C from here on reaches the stop below (what came between the start and
+            # this block left it running, out of the terminal's reach, holding --out)
+            self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path},
+                                         start_new_session=True)
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -137,6 +139,8 @@ class Sidecar:
 
     def stop(self) -> None:
         self.client.close()
+        if not hasattr(self, "proc"):  # stopped before it started
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

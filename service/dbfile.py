@@ -10,14 +10,15 @@ import logging
 import os
 import sqlite3
 import stat
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from service.records import DatabaseInUse
 from service.settings import sqlite_file_name
 
-__all__ = ["check_writable", "create_private", "database_held", "file_id", "file_path", "own",
-           "release"]
+__all__ = ["check_writable", "create_private", "creates_file", "database_held", "file_id",
+           "file_path", "own", "release"]
 
 _log = logging.getLogger("orthoshard.sidecar.store")
 
@@ -96,6 +97,16 @@ def release(fd: int | None) -> None:
     a process that opened it before the removal lock a file nobody else sees)."""
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def creates_file(path: str) -> bool:
+    """Whether SQLite would create the file of the ``--db`` path ``path`` when it is missing:
+    not for a ``file:`` URI of ``mode=ro`` or ``mode=rw`` (which refuse a missing file: created
+    first, a mistyped ``mode=rw`` path served a new empty database)."""
+    if not path.startswith("file:"):
+        return True
+    modes = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("mode", [])
+    return not set(modes) & {"ro", "rw"}
 
 
 def create_private(path: str | None) -> None:

@@ -36,7 +36,15 @@ from typing import Any
 
 from service import tables
 from service.checkpointer import Checkpointer
-from service.dbfile import check_writable, create_private, file_id, file_path, own, release
+from service.dbfile import (
+    check_writable,
+    create_private,
+    creates_file,
+    file_id,
+    file_path,
+    own,
+    release,
+)
 from service.records import (
     Abandoned,
     HistoryRow,
@@ -94,7 +102,8 @@ class Store:
         check_writable(where)
         self._owner = own(where)
         try:
-            create_private(where)
+            if creates_file(path):
+                create_private(where)
             # uri=True: a "file:" path is a SQLite URI (e.g. "file:state.db?mode=ro"); any
             # other path is a plain file name as before
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,

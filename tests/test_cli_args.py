@@ -900,3 +900,34 @@ def test_a_load_that_fails_on_a_whole_checkpoint_does_not_send_the_user_back(tmp
     (note,) = raised.value.__notes__
     assert f"could not be read: {data.name}, which its .metadata lists, is missing; point " \
            f"LATEST at an earlier complete checkpoint (step-000002)" in note
+
+
+def test_a_ctrl_c_while_the_demo_starts_its_sidecar_leaves_none_running(tmp_path, monkeypatch):
+    # In a session of its own, out of the terminal's reach, the sidecar was started before the
+    # block that stops it on an interrupt: a Ctrl-C in between (building the HTTP client, ~0.2
+    # s) left it running, holding --out's database.
+    started: list[object] = []
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    class Started:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            started.append(self)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Started)
+    monkeypatch.setattr(demo.httpx, "Client", interrupted)  # before anything starts
+    with pytest.raises(KeyboardInterrupt):
+        demo.Sidecar(tmp_path, 0)
+    assert started == []
+    monkeypatch.setattr(demo.httpx, "Client", lambda *a, **k: type(
+        "C", (), {"close": lambda self: None})())
+    monkeypatch.setattr(demo.Sidecar, "_wait_healthy", interrupted)  # once it has started
+    stopped: list[object] = []
+    monkeypatch.setattr(demo.Sidecar, "stop", lambda self: stopped.append(self.proc))
+    with pytest.raises(KeyboardInterrupt):
+        demo.Sidecar(tmp_path, 0)
+    assert stopped == started and len(started) == 1

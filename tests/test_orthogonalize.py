@@ -483,9 +483,10 @@ def test_float16_compute_takes_entries_beyond_its_range(method, scale):
     torch.testing.assert_close(O.double(), polar64(X), atol=FP16_POLAR_ATOL, rtol=0.0)
 
 
-# An input under eps (norm 1e-10, eps 1e-7) has no unit norm to reach: every compute dtype
-# returns the same shrunk update. float16 against float32, measured 3.5e-5 (quintic, ~0.06 of
-# its entries), 7.4e-4 (Polar Express), 1.1e-3 (CANS): float16 rounding, under FP16_POLAR_ATOL.
+# An input under eps (norm 1e-10, eps 1e-7) is divided by eps: every compute dtype returns the
+# same update (the quintic's shrunk; Polar Express and CANS normalize again by their Gram's
+# norm). float16 against float32, measured 3.5e-5 (quintic, ~0.06 of its entries), 7.4e-4
+# (Polar Express), 1.1e-3 (CANS): float16 rounding, under FP16_POLAR_ATOL.
 @pytest.mark.parametrize("method", ALL[:3])
 def test_float16_compute_keeps_the_eps_floor_of_an_input_below_it(method):
     # scaled to a unit norm before the cast and normalized again after it, float16 alone

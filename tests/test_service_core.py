@@ -505,6 +505,16 @@ def test_a_new_database_and_its_wal_are_readable_by_their_owner_alone(
     assert (tmp_path / "a.db").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("mode", ["ro", "rw"])
+def test_a_uri_that_opens_only_an_existing_file_does_not_create_one(tmp_path: Path,
+                                                                    mode: str) -> None:
+    # the 0600 file created before SQLite opened the path made a mistyped mode=rw path serve
+    # a new empty database
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        Store(f"file:{tmp_path}/typo.db?mode={mode}", history_max_rows=1000)
+    assert not (tmp_path / "typo.db").exists()
+
+
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
 def test_a_link_in_place_of_the_lock_file_is_refused_and_its_target_kept(tmp_path: Path,
                                                                          link: str) -> None:
