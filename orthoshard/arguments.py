@@ -5,6 +5,7 @@ which took ~2.5 s of its start-up before."""
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def restart_problem(checkpoint_dir: Path | None, *, resume: bool, restarts: bool
     return None
 
 
+#: What the writability probe writes: a block of most filesystems.
+_PROBE_BYTES = 4096
+
+
 def directory_problem(path: Path, option: str) -> str | None:
     """Create the directory ``path`` and prove it writable now, rather than at its first write
     after minutes of work (None: it is); what is wrong, named by ``option``, otherwise. Every
@@ -64,8 +69,13 @@ def directory_problem(path: Path, option: str) -> str | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
+        try:  # some bytes, synced: an empty file takes no data block, and passed on a full disk
+            with probe.open("wb") as f:
+                f.write(b"\0" * _PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         return (f"{option} {path} is not writable ({exc}): fix its permissions or pass "
                 f"another directory")

@@ -41,13 +41,18 @@ def _save_order(path: Path) -> tuple[int, int] | None:
 
 
 def complete_before(directory: Path, path: Path) -> list[str]:
-    """The checkpoints in ``directory`` saved before ``path`` and complete (DCP writes a
-    checkpoint's ``.metadata`` last), newest first: where LATEST can go back to."""
-    order = _save_order(path)
-    found = [(o, p.name) for p in directory.glob("step-*")
+    """The checkpoints in ``directory`` saved before ``path``, of its run and whole, newest
+    first: where LATEST can go back to. Complete: DCP writes a checkpoint's ``.metadata``
+    last. Of its run: the one ``path`` keeps (:data:`RUN_ID_FILE`), when it keeps one; another
+    run's checkpoint in the same directory, offered first, continued that run instead. Whole:
+    no :func:`checkpoint_damage` (a save cut short after its ``.metadata``, a copy not
+    finished)."""
+    order, run = _save_order(path), _run_id_of(path)
+    found = [(o, p) for p in directory.glob("step-*")
              if (o := _save_order(p)) is not None and (order is None or o < order)
-             and (p / ".metadata").is_file()]
-    return [name for _, name in sorted(found, reverse=True)]
+             and (p / ".metadata").is_file()
+             and (run is None or _run_id_of(p) in (run, None))]
+    return [p.name for _, p in sorted(found, reverse=True) if checkpoint_damage(p) is None]
 
 
 def checkpoint_damage(path: Path) -> str | None:
@@ -252,16 +257,20 @@ class Checkpoints:
         dist.barrier()
 
     def prune(self, keep: int, run_id: str) -> None:
-        """Remove the complete checkpoints of the run ``run_id`` (their :data:`RUN_ID_FILE`
-        says so) saved before the one LATEST names, all but the newest ``keep - 1`` of them:
-        with LATEST's, ``keep`` stay. Other runs' checkpoints and incomplete ones (a save cut
-        short writes no run id) stay. Each is renamed out of the ``step-*`` names first, so
-        that one left half removed by a crash is no checkpoint, and leftovers of that kind go
-        too. A checkpoint that cannot be removed is warned about; training goes on."""
+        """Remove the whole checkpoints of the run ``run_id`` (their :data:`RUN_ID_FILE` says
+        so) of steps before the one LATEST names, all but the newest ``keep - 1`` of them: with
+        LATEST's, ``keep`` stay. Other runs' checkpoints, incomplete or damaged ones, and those
+        of LATEST's step or later, which a resume from an earlier one left behind, stay: taken
+        for newer by their names, a rollback's damaged checkpoint was kept, and the one it went
+        back to removed. Each is renamed out of the ``step-*`` names first, so that one left
+        half removed by a crash is no checkpoint, and leftovers of that kind go too. A
+        checkpoint that cannot be removed is warned about; training goes on."""
         assert self.dir is not None and keep >= 1
         latest = self.dir / (self.dir / "LATEST").read_text().strip()
+        step = checkpoint_step(latest)
         mine = [name for name in complete_before(self.dir, latest)
-                if _run_id_of(self.dir / name) == run_id]
+                if _run_id_of(self.dir / name) == run_id
+                and (step is None or (checkpoint_step(self.dir / name) or 0) < step)]
         for name in mine[keep - 1:]:
             try:
                 (self.dir / name).rename(self.dir / f"{_REMOVING}{name}")

@@ -421,8 +421,29 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any,
                 f"LATEST last).") from None
         # a failed write (a full disk): an Exception, as callers catch (DCP's is a
         # BaseException); the directory may hold part of the checkpoint
-        raise RuntimeError(_failed("save", directory, exc) + ". The directory may hold part "
-                           "of it: do not load it.") from exc
+        raise RuntimeError(_failed("save", directory, exc) + _space_left(directory)
+                           + ". The directory may hold part of it: do not load it.") from exc
+
+
+#: Free bytes under which a failed save's message suggests a full disk.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def _space_left(directory: str | Path) -> str:
+    """A note on the free space where ``directory`` is, when little is left: torch's zip
+    writer turns a full disk into "unexpected pos 704 vs 598", which names no cause ("" when
+    there is room, or it cannot tell)."""
+    import shutil
+
+    for where in (Path(directory), *Path(directory).parents):
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            continue
+        if free >= _LOW_SPACE_BYTES:
+            return ""
+        return f" (its filesystem has {free} bytes free: a full disk?)"
+    return ""
 
 
 def _failed(action: str, directory: str | Path, exc: CheckpointException) -> str:

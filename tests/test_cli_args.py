@@ -790,21 +790,34 @@ def test_a_sidecar_token_file_error_names_the_path_as_given(tmp_path, capsys) ->
     assert str(token) in err and "too short" in err, err
 
 
-def test_the_checkpoints_a_failed_load_points_back_to_are_earlier_and_complete(tmp_path):
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_the_checkpoints_a_failed_load_points_back_to_are_earlier_whole_and_of_its_run(
+        tmp_path):
     # every other step-* directory was offered as "an earlier complete checkpoint": a later
-    # one, and one a crash left without its metadata, too
-    for name, complete in (("step-000002", True), ("step-000003", False), ("step-000004", True),
-                           ("step-000004.1", True), ("step-000006", True),
-                           ("step-000001", True), ("notes", True)):
-        (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / ".metadata").write_bytes(b"")
-    # step-000004 was saved before step-000004.1 (the same step saved again)
+    # one, one a crash left without its metadata, another run's in the same directory
+    # (following the advice continued that run) and one cut short after its metadata
+    import torch.distributed.checkpoint as dcp
+
+    for name, run in (("step-000001", "r"), ("step-000002", "r"), ("step-000004", "r"),
+                      ("step-000004.1", "r"), ("step-000006", "r"), ("step-000005", "other"),
+                      ("step-000003.1", "r"), ("step-000002.1", None), ("notes", "r")):
+        dcp.save({"w": torch.arange(64.0)}, checkpoint_id=str(tmp_path / name))
+        if run is not None:
+            (tmp_path / name / checkpoints.RUN_ID_FILE).write_text(run)
+    (tmp_path / "step-000003").mkdir()  # a save cut short before its metadata
+    (data,) = (tmp_path / "step-000003.1").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:10])  # cut short after it
+    # step-000004 was saved before step-000004.1 (the same step saved again); a checkpoint
+    # without a run id may be this run's
     assert checkpoints.complete_before(tmp_path, tmp_path / "step-000004.1") == \
-        ["step-000004", "step-000002", "step-000001"]
-    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000004") == \
-        ["step-000002", "step-000001"]
+        ["step-000004", "step-000002.1", "step-000002", "step-000001"]
+    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000006") == \
+        ["step-000004.1", "step-000004", "step-000002.1", "step-000002", "step-000001"]
     assert checkpoints.complete_before(tmp_path, tmp_path / "step-000001") == []
+    # a failed checkpoint without a run id: every run's whole checkpoints before it
+    assert checkpoints.complete_before(tmp_path, tmp_path / "step-000006.1") == \
+        ["step-000006", "step-000005", "step-000004.1", "step-000004", "step-000002.1",
+         "step-000002", "step-000001"]
 
 
 def test_a_failed_checkpoint_load_names_each_error_with_its_type():
@@ -900,6 +913,25 @@ def test_a_load_that_fails_on_a_whole_checkpoint_does_not_send_the_user_back(tmp
     (note,) = raised.value.__notes__
     assert f"could not be read: {data.name}, which its .metadata lists, is missing; point " \
            f"LATEST at an earlier complete checkpoint (step-000002)" in note
+
+
+def test_the_writability_probe_writes_and_syncs_bytes(tmp_path, monkeypatch):
+    # an empty probe takes no data block: it passed on a full disk, and a resumed run trained
+    # until its first checkpoint failed
+    import errno
+    import os
+
+    from orthoshard.arguments import directory_problem
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    problem = directory_problem(tmp_path / "ckpt", "--checkpoint-dir")
+    assert problem is not None and "No space left on device" in problem
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == []  # no probe left behind
+    monkeypatch.undo()
+    assert directory_problem(tmp_path / "ckpt", "--checkpoint-dir") is None
 
 
 def test_a_ctrl_c_while_the_demo_starts_its_sidecar_leaves_none_running(tmp_path, monkeypatch):

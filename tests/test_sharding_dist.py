@@ -561,6 +561,22 @@ def test_checkpoint_failures_are_exceptions_that_name_what_to_do(tmp_path, monke
                                            r"left on device.*do not load it"):
         checkpoint.save(tmp_path / "ckpt2", model, opt)
 
+    # torch's zip writer names no cause for a full disk ("unexpected pos 704 vs 598"): the
+    # message says how much room is left
+    def zip_writer(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs "
+                           "598")
+
+    import shutil
+    import types
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", zip_writer)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(
+        total=10**9, used=10**9 - 4096, free=4096))
+    with pytest.raises(RuntimeError, match=r"unexpected pos 704 vs 598 \(its filesystem has "
+                                           r"4096 bytes free: a full disk\?\)"):
+        checkpoint.save(tmp_path / "ckpt3", model, opt)
+
 
 def test_a_checkpoint_is_never_overwritten_and_every_rank_says_so(tmp_path):
     directory = tmp_path / "ckpt"

@@ -534,6 +534,22 @@ def test_keep_checkpoints_removes_this_runs_older_ones_across_resumes_and_no_oth
                                        "step-000005", "step-000006"]
 
 
+@pytest.mark.timeout(120)
+def test_keep_checkpoints_keeps_the_checkpoint_a_rollback_resumed_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LATEST pointed back at step-000002 past a damaged step-000004: the resumed run's save,
+    # step-000004.1, took step-000004 for the newer one to keep and removed step-000002
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    keep = ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), *keep) == 0
+    (data, *_) = sorted((ckpt / "step-000004").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    (ckpt / "LATEST").write_text("step-000002")
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(out), "--resume", *keep) == 0
+    assert (ckpt / "LATEST").read_text().strip() == "step-000004.1"
+    assert _checkpoint_names(ckpt) == ["step-000002", "step-000004", "step-000004.1"]
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
     (["--keep-checkpoints", "2"], "--keep-checkpoints needs --checkpoint-every N"),
