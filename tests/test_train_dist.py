@@ -781,6 +781,7 @@ def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     monkeypatch.setattr(train.Path, "write_text", _refuse_writes_in(ckpt))
+    monkeypatch.setattr(train.Path, "open", _refuse_opening_for_writes_in(ckpt))
     with pytest.raises(SystemExit):  # refused with the arguments, before any process group
         _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
                     "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
@@ -813,6 +814,17 @@ def _refuse_writes_in(directory: Path) -> Any:
         return real(self, *args, **kwargs)
 
     return write_text
+
+
+def _refuse_opening_for_writes_in(directory: Path) -> Any:
+    real = Path.open
+
+    def open_(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if self.parent == directory and set(mode) & set("wax+"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, mode, *args, **kwargs)
+
+    return open_
 
 
 # standard errors within which a Monte-Carlo mean must land: 4 leaves a false failure at
