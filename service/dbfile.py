@@ -50,9 +50,10 @@ def own(path: str | None) -> int | None:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
     except OSError as exc:
-        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
-        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: {why}; "
-                                       f"remove it") from None
+        why = ("it is a symbolic link; remove it" if exc.errno == errno.ELOOP
+               else exc.strerror or exc)
+        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: {why}"
+                                       ) from None
     held = os.fstat(fd)
     if not stat.S_ISREG(held.st_mode) or held.st_nlink != 1:  # a hard link to another file
         os.close(fd)
