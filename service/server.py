@@ -76,9 +76,11 @@ class _HeaderTimeoutProtocol(H11Protocol):
         super().on_response_complete()
 
     def handle_events(self) -> None:
-        cycle = self.cycle
+        # (getattr, and the running loop below: attributes of uvicorn's class it need not
+        # keep; the pinned version has them, deploy/sidecar-requirements.txt)
+        cycle = getattr(self, "cycle", None)
         super().handle_events()
-        if self.cycle is not cycle:  # a request's headers have all come
+        if getattr(self, "cycle", None) is not cycle:  # a request's headers have all come
             self._cancel_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -87,7 +89,8 @@ class _HeaderTimeoutProtocol(H11Protocol):
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+        self._header_timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT_S,
+                                                                   self._headers_late)
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -96,7 +99,8 @@ class _HeaderTimeoutProtocol(H11Protocol):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        idle = self.cycle is None or self.cycle.response_complete
+        cycle = getattr(self, "cycle", None)
+        idle = cycle is None or cycle.response_complete
         if idle and not self.transport.is_closing():
             self.transport.close()
 
