@@ -128,6 +128,8 @@ class MatrixOptimizer(StateDictOptimizer):
         self._skipped: set[int] = set()  # ids of this step's items counted by _skip
         self._applied = 0  # matrices this step applied so far (one process)
         self._gradient_seen = False  # a step found a gradient (or warned that it found none)
+        # id(group) -> the algorithm its parameters were last checked for (_check_step)
+        self._kinds: dict[int, Any] = {}
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_groups(self) -> None:
@@ -319,8 +321,12 @@ class MatrixOptimizer(StateDictOptimizer):
                     f"param_groups[{gi}]['params'] (or taken out) by hand are not set up. "
                     f"Add parameters with optimizer.add_param_group({{'params': [...]}}), "
                     f"which names and checks them, and put the list back as it was.")
-        for gi, group in enumerate(self.param_groups):  # an algorithm edited since
-            check_group_kind(gi, group, self.matrix_algorithm, type(self).__name__)
+        for gi, group in enumerate(self.param_groups):
+            # an algorithm edited since the last check (every parameter's shape, read at each
+            # step, cost ~0.9 us a parameter; a group's parameters are checked when it is added)
+            if self._kinds.get(id(group)) != group["algorithm"]:
+                check_group_kind(gi, group, self.matrix_algorithm, type(self).__name__)
+                self._kinds[id(group)] = group["algorithm"]
         _check_dense(self.param_groups)
         if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
             raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
