@@ -9,7 +9,8 @@ import os
 import uuid
 from pathlib import Path
 
-__all__ = ["MAX_SLEEP_S", "argument_problem", "directory_problem", "restart_problem"]
+__all__ = ["MAX_SLEEP_S", "argument_problem", "directory_problem", "probe_writable",
+           "restart_problem"]
 
 #: The longest pause the demo and train take on request (``--step-delay``, ``--linger``): ~31
 #: years, under the platform's limit of ``time.sleep`` (a larger one raised OverflowError after
@@ -59,6 +60,21 @@ def restart_problem(checkpoint_dir: Path | None, *, resume: bool, restarts: bool
 _PROBE_BYTES = 4096
 
 
+def probe_writable(directory: Path) -> None:
+    """Write a file of :data:`_PROBE_BYTES` in ``directory``, sync it and remove it; raises the
+    ``OSError`` of what failed. Some bytes, synced: an empty file takes no data block, and
+    passed on a full disk. The name is this process's alone: every rank may probe at once
+    (ranks on other hosts sharing the directory may have the same pid)."""
+    probe = directory / f".write-test-{uuid.uuid4().hex}"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * _PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def directory_problem(path: Path, option: str) -> str | None:
     """Create the directory ``path`` and prove it writable now, rather than at its first write
     after minutes of work (None: it is); what is wrong, named by ``option``, otherwise. Every
@@ -68,14 +84,7 @@ def directory_problem(path: Path, option: str) -> str | None:
         return f"{option} {path} is not a directory"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
-        try:  # some bytes, synced: an empty file takes no data block, and passed on a full disk
-            with probe.open("wb") as f:
-                f.write(b"\0" * _PROBE_BYTES)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            probe.unlink(missing_ok=True)
+        probe_writable(path)
     except OSError as exc:
         return (f"{option} {path} is not writable ({exc}): fix its permissions or pass "
                 f"another directory")

@@ -208,10 +208,10 @@ def _fresh_outputs(out: Path, resume: bool) -> None:
     """Create ``out`` and prove it writable; remove a previous run's results (a run that fails
     must not leave the last run's summary looking like its own, and a resume at fewer ranks
     must not read the ranks that are gone) and, unless resuming, its logs too."""
+    from orthoshard.arguments import probe_writable
+
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / f".write-test-{os.getpid()}"
-    probe.write_text("")
-    probe.unlink()
+    probe_writable(out)
     ours = _RESULTS if resume else _RESULTS + "|" + _LOGS
     for f in out.iterdir():
         if re.fullmatch(ours, f.name) and not f.is_dir():

@@ -486,7 +486,15 @@ def test_an_output_directory_it_cannot_write_is_named_before_anything_starts(tmp
             raise OSError(errno.EROFS, "Read-only file system", str(self))
         return real(self, *args, **kwargs)
 
+    real_open = Path.open
+
+    def read_only_open(self, mode="r", *args, **kwargs):  # the writability probe's way in
+        if self.parent == tmp_path and set(mode) & set("wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
     monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "open", read_only_open)
     started = []
     monkeypatch.setattr(demo, "Sidecar", lambda *a, **k: started.append(a))
     assert demo.run(_demo_args("--out", str(tmp_path), "--steps", "2")) == 2
