@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.weak import WeakIdKeyDictionary
 
 from optim._exchange import MatrixItem, local
-from sharding import checkpoint
+from sharding import _owner_state
 from sharding._wire import (
     STATUS_ELEMENTS,
     agree,
@@ -519,10 +519,10 @@ class OwnerSharding:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def export_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return checkpoint.export_owner_state(self, state_dict)
+        return _owner_state.export_owner_state(self, state_dict)
 
     def import_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return checkpoint.import_owner_state(self, state_dict)
+        return _owner_state.import_owner_state(self, state_dict)
 
 
 def _owned_names(plan: Plan, ranks: list[int], items: Sequence[MatrixItem]) -> str:
