@@ -32,26 +32,17 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
 
+from optim._adamw import ADAMW_DEFAULTS, AdamWFallback
 from optim._caller import eager_under_compile, user_stacklevel
 from optim._checks import (
     ADAMW,
     MISPLACED,
-    _check_adamw_hyperparameters,
-    _check_dense,
     _check_gradient_layout,
     _misplaced,
     _name_unnamed_groups,
-    _refuse_matrix_keys_in_adamw,
     _refuse_misplaced,
-    _refuse_unsupported_adam_flags,
-    check_group_kind,
     check_health_every,
-    check_param_groups,
-    free_group_prefix,
-    is_int,
-    plain_numbers,
 )
 from optim._exchange import (
     DeferredMetrics,
@@ -63,18 +54,20 @@ from optim._exchange import (
     local,
     nonfinite_flags,
 )
-from optim._state_dict import StateDictOptimizer
+from optim._guards import StepGuards
 
 __all__ = ["MatrixOptimizer"]
-
-ADAMW_DEFAULTS = {"adamw_betas": (0.9, 0.95), "adamw_eps": 1e-8}
 
 
 T = TypeVar("T")
 
 
-class MatrixOptimizer(StateDictOptimizer):
+class MatrixOptimizer(StepGuards, AdamWFallback):
     """Base class; subclasses implement :meth:`_prepare`, :meth:`_compute` and :meth:`_apply`.
+
+    The checks of groups and steps live in :class:`optim._guards.StepGuards`, the AdamW groups'
+    update in :class:`optim._adamw.AdamWFallback`, what :meth:`health` reports in
+    :class:`optim._health_book.HealthBook`.
 
     Args:
         params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``: health is then
@@ -130,79 +123,6 @@ class MatrixOptimizer(StateDictOptimizer):
         self._gradient_seen = False  # a step found a gradient (or warned that it found none)
         # id(group) -> the algorithm its parameters were last checked for (_check_step)
         self._kinds: dict[int, Any] = {}
-
-    # ---- set-up -------------------------------------------------------------------------
-    def _check_groups(self) -> None:
-        check_param_groups(self.param_groups, self.matrix_algorithm, type(self).__name__)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """torch's ``add_param_group`` (e.g. layers unfrozen during training), with what the
-        constructor does for its groups: names for unnamed parameters (``group{i}.param{j}``),
-        skip counters, and the checks (``algorithm``, 2-D matrices outside AdamW groups); a
-        group that fails them is not added.
-
-        Under ``OwnerSharding`` call it on every rank in the same order, as every step: the
-        new matrices get owners without moving the existing ones, whose state stays where it is.
-        """
-        if not isinstance(param_group, dict):  # as torch.optim
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        _refuse_matrix_keys_in_adamw(param_group)
-        if not hasattr(self, "_exchange"):  # torch's constructor; ours then checks every group
-            super().add_param_group(param_group)
-            return
-        # a removed group's matrices' last health, until health() dropped it, would be read as
-        # the new group's where it takes their names (group{i}.param{j})
-        self._drop_gone_health()
-        # the caller's dict itself, as torch.optim adds it: later edits to it reach the group;
-        # put back as it was if the group is refused (the names written into it made a
-        # corrected retry fail on their count)
-        group, given = param_group, dict(param_group)
-        params = group.get("params")
-        if isinstance(params, Tensor):
-            params = [params]
-        elif params is not None and not isinstance(params, set):  # a set: torch says why not
-            params = list(params)  # e.g. layer.parameters(), read once
-        group["params"] = given["params"] = params  # (a generator, read once, stays read)
-        if "param_names" not in group and isinstance(params, list) and \
-                not any(isinstance(p, tuple) for p in params):
-            # an empty group too (a place to add parameters later, as torch.optim allows):
-            # torch refuses a group without names next to named ones
-            # group{i} after the last group, past any index a removed group's neighbours hold
-            taken = {name.split(".", 1)[0] for g in self.param_groups for name in g["param_names"]}
-            prefix = free_group_prefix(len(self.param_groups), taken)
-            group["param_names"] = [f"{prefix}.param{i}" for i in range(len(params))]
-        try:
-            super().add_param_group(group)
-        except (TypeError, ValueError):
-            group.clear()
-            group.update(given)
-            raise
-        try:
-            self._check_groups()
-            self._check_hyperparameters(len(self.param_groups) - 1, self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            group.clear()
-            group.update(given)
-            raise
-
-    def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
-        """Raise ValueError, naming the group, for a hyperparameter its update cannot use: a
-        group's own values (``[{"params": ..., "lr": ...}]``) bypass the constructor's checks.
-        The AdamW group's are checked here (as ``torch.optim.AdamW`` checks them), a matrix
-        group's by :meth:`_check_matrix_hyperparameters`."""
-        try:
-            _refuse_unsupported_adam_flags(group)
-            if group["algorithm"] == ADAMW:
-                _check_adamw_hyperparameters(group)
-            else:
-                self._check_matrix_hyperparameters(group)
-        except ValueError as exc:
-            raise ValueError(f"param group {index}: {exc}") from None
-        plain_numbers(group)
-
-    def _check_matrix_hyperparameters(self, group: dict[str, Any]) -> None:
-        """Raise ValueError for a matrix group's hyperparameter the update cannot use."""
 
     # ---- the step -----------------------------------------------------------------------
     # Under torch.compile the step runs eagerly (a graph break): it decides per matrix on the
@@ -302,55 +222,6 @@ class MatrixOptimizer(StateDictOptimizer):
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
         return loss
 
-    def _check_step(self) -> None:
-        """Raise, before anything changes, for what this step cannot run with."""
-        if torch.is_inference_mode_enabled():
-            # the state it would create are inference tensors, which no later step outside
-            # inference_mode may update in place: that step failed after moving parameters
-            raise RuntimeError(
-                f"{type(self).__name__}.step() under torch.inference_mode(): the optimizer "
-                f"state it creates could not be updated by any later step. Step outside "
-                f"inference_mode (the step runs under torch.no_grad itself).")
-        for gi, group in enumerate(self.param_groups):
-            if len(group["params"]) != len(group["param_names"]):
-                # torch optimizers step a tensor appended to a group's list; here it has no
-                # name, no checks, no skip counter and, under OwnerSharding, no owner
-                raise ValueError(
-                    f"param group {gi} lists {len(group['params'])} parameters and "
-                    f"{len(group['param_names'])} names (param_names): parameters put into "
-                    f"param_groups[{gi}]['params'] (or taken out) by hand are not set up. "
-                    f"Add parameters with optimizer.add_param_group({{'params': [...]}}), "
-                    f"which names and checks them, and put the list back as it was.")
-        for gi, group in enumerate(self.param_groups):
-            # an algorithm edited since the last check (every parameter's shape, read at each
-            # step, cost ~0.9 us a parameter; a group's parameters are checked when it is added)
-            if self._kinds.get(id(group)) != group["algorithm"]:
-                check_group_kind(gi, group, self.matrix_algorithm, type(self).__name__)
-                self._kinds[id(group)] = group["algorithm"]
-        _check_dense(self.param_groups)
-        if not is_int(self.MAX_BATCH_BYTES) or self.MAX_BATCH_BYTES < 0:
-            raise ValueError(f"MAX_BATCH_BYTES must be an int >= 0 (float32 bytes per batch of "
-                             f"same-shape matrices; 0: one matrix at a time), got "
-                             f"{self.MAX_BATCH_BYTES!r}")
-        check_health_every(self.health_every)  # an instance attribute a user may have set
-        # A group's values may have changed since they were checked (a scheduler, user code):
-        # a step with one the update cannot use would fail half-way through the groups.
-        for gi, group in enumerate(self.param_groups):
-            self._check_hyperparameters(gi, group)
-        self._before_step()
-
-    def _warn_without_gradient(self, found: bool) -> None:
-        """Until a step finds a gradient: warn, once, of a step that found none."""
-        warn = not found and bool(self.param_groups)
-        self._gradient_seen = found or bool(self.param_groups)  # warned: once (also when the
-        if warn:                                                # warning is raised as an error)
-            warnings.warn(
-                f"{type(self).__name__}.step() found no gradient on any of its parameters "
-                f"and changed nothing. Was backward() run? Was the optimizer built after "
-                f"fully_shard (which replaces the model's parameters with new ones) and "
-                f"anything else that replaces them? (warned once)", RuntimeWarning,
-                stacklevel=user_stacklevel())
-
     def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None,
                       flagged: Sequence[str] = (), names: Sequence[str] = ()) -> Tensor | None:
         """The three phases of ``items`` through the exchange (every rank of its group at
@@ -412,10 +283,6 @@ class MatrixOptimizer(StateDictOptimizer):
         finally:
             self._step_items = []
             self._end_batches()
-
-    def _before_step(self) -> None:
-        """Evaluate and check what a step reads from its groups that can be wrong (e.g. a
-        schedule's value), before any state or parameter changes; raise ValueError if it is."""
 
     def _count_failed(self, items: list[MatrixItem], finite: list[bool]) -> None:
         """Count, on its owner, a matrix whose update became non-finite after the owner checked
@@ -520,11 +387,6 @@ class MatrixOptimizer(StateDictOptimizer):
                       f"{', '.join(item.name for item in items)} failed ({exc}); skipped this "
                       f"step", RuntimeWarning, stacklevel=user_stacklevel())
 
-    def _report_skips(self, item: MatrixItem) -> None:
-        """Put ``item``'s skip count in what :meth:`health` reports."""
-        self._health.setdefault(item.name, {})["nonfinite_skips"] = \
-            float(item.group["nonfinite_skips"][item.name])
-
     def init_state(self) -> None:
         """Create all state now, as the first step would, without touching the parameters.
 
@@ -604,86 +466,7 @@ class MatrixOptimizer(StateDictOptimizer):
         m, n = item.shape
         return float(m * n * min(m, n))
 
-    # ---- health -------------------------------------------------------------------------
-    def _health_due(self, group: dict[str, Any]) -> bool:
-        """Steps 1, N + 1, 2N + 1, ... for ``health_every=N``: the steps SOAP refreshes its
-        bases at when N is a multiple of ``precondition_frequency`` (refreshes come at steps 1,
-        f + 1, ...), so every measured step measures a rotation. At N, 2N, ... they never met,
-        and the rotations read 0 on every measured step."""
-        return self.health_every > 0 and (group["step"] - 1) % self.health_every == 0
-
-    def _record(self, name: str, metrics: dict[str, Tensor | float]) -> None:
-        self._health.setdefault(name, {}).update(metrics)
-
-    def _record_deferred(self, names: Sequence[str], batch: DeferredMetrics) -> None:
-        """Record ``batch``'s metrics for the matrices ``names`` (in order), converted to floats
-        only when :meth:`health` is called; they replace the matrix's earlier deferred ones."""
-        if len(names) != len(batch.keys):
-            raise ValueError(f"{len(names)} names for {len(batch.keys)} matrices of metrics")
-        for i, name in enumerate(names):
-            self._deferred[name] = (batch, i)
-
-    def health(self) -> dict[str, dict[str, float]]:
-        """``{param_name: {metric: float}}`` for the matrices this rank owns (latest values).
-
-        Only parameters still in a param group: a group removed during training (a block
-        frozen) takes its matrices' last values with it, which would otherwise be reported, and
-        published, as if they were current."""
-        self._drop_gone_health()
-        out: dict[str, dict[str, float]] = {}
-        for name, (batch, i) in self._deferred.items():
-            out[name] = dict(zip(batch.keys[i], batch.floats(i), strict=True))
-        for name, metrics in self._health.items():
-            out.setdefault(name, {}).update({k: float(v) for k, v in metrics.items()})
-        return out
-
-    def _drop_gone_health(self) -> None:
-        """Forget the health of matrices no longer in a param group."""
-        present = {name for group in self.param_groups for name in group["param_names"]}
-        for stale in [n for n in (*self._deferred, *self._health) if n not in present]:
-            self._deferred.pop(stale, None)
-            self._health.pop(stale, None)
-
+    # ---- communication ------------------------------------------------------------------
     def comm_stats(self) -> dict[str, int]:
         """Bytes this rank sent and received for optimizer communication, and collectives."""
         return dict(self._exchange.comm_stats())
-
-    # ---- AdamW fallback -----------------------------------------------------------------
-    def _adamw_step(self, group: dict[str, Any], named: list[tuple[str, Tensor]],
-                    finite: list[bool]) -> None:
-        """AdamW on the fallback group's parameters with a gradient (``named``). As for
-        matrices, a parameter whose gradient holds a NaN or Inf (``finite`` False, decided on
-        every rank alike) is skipped (its state and value untouched) and counted; it appears in
-        :meth:`health` from its first skip on, as ``{"nonfinite_skips": n}``."""
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        avgs: list[Tensor] = []
-        sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        for (name, p), ok in zip(named, finite, strict=True):
-            if not ok:
-                group["nonfinite_skips"][name] += 1
-                if self._exchange.reports_fallback():
-                    self._record(name, {"nonfinite_skips": float(group["nonfinite_skips"][name])})
-                continue
-            state = self._adamw_state(p)
-            assert p.grad is not None  # named holds the parameters with a gradient
-            params.append(p)
-            grads.append(p.grad)
-            avgs.append(state["exp_avg"])
-            sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["adamw_betas"]
-        adam(params, grads, avgs, sqs, [], steps, foreach=False, decoupled_weight_decay=True,
-             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-             weight_decay=group["weight_decay"], eps=group["adamw_eps"], maximize=False)
-
-    def _adamw_state(self, p: Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        return state
