@@ -324,12 +324,13 @@ def _check_soap_args(d: dict[str, Any]) -> None:
     if not (is_real(d["eps"]) and 0.0 < d["eps"] < math.inf):
         raise ValueError(f"eps must be a finite number > 0 (it also floors KL-Shampoo's "
                          f"eigenvalues; an infinite one makes every update 0), got {d['eps']!r}")
-    if d["use_kl_shampoo"] and d["eps"] < _FLOAT32_TINY:
+    if d["eps"] < _FLOAT32_TINY:
         raise ValueError(
             f"eps={d['eps']!r} is below float32's smallest normal number ({_FLOAT32_TINY:.3g}), "
-            f"which floors KL-Shampoo's eigenvalues in its float32 state: it rounds to 0 or a "
-            f"subnormal there, the whitening weights 1 / (dim eps) come out infinite and every "
-            f"step of a matrix with a zero eigenvalue is skipped as non-finite. Take eps >= "
+            f"and SOAP's state is at least float32: there eps rounds to 0 or a subnormal. A "
+            f"coordinate whose gradient has been 0 so far then divides 0 / (0 + eps) = NaN in "
+            f"the Adam direction (and KL-Shampoo's whitening weights 1 / (dim eps) come out "
+            f"infinite), so every step of that matrix is skipped as non-finite. Take eps >= "
             f"{_FLOAT32_TINY:.3g} (the default is 1e-8)")
     if not (is_real(d["max_update_rms"]) and 0.0 <= d["max_update_rms"] < math.inf):
         raise ValueError(f"max_update_rms must be a finite number >= 0 (0: no clipping), got "

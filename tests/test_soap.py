@@ -1352,18 +1352,29 @@ def test_numpy_hyperparameters_leave_a_checkpoint_that_loads_with_weights_only(t
     assert type(loaded["param_groups"][0]["shampoo_beta"]) is float
 
 
-def test_a_kl_shampoo_eps_that_float32_cannot_hold_is_refused() -> None:
-    # taken as a "finite number > 0": in the float32 state it was 0, the whitening weights
-    # 1 / (dim eps) infinite, and every step skipped as non-finite
+@pytest.mark.parametrize("kl", [False, True], ids=["plain", "kl"])
+def test_an_eps_that_float32_cannot_hold_is_refused(kl: bool) -> None:
+    # taken as a "finite number > 0": in the float32 state it was 0. Plain SOAP then divided
+    # 0 / (sqrt(0) + 0) on a coordinate whose gradient had always been 0 (a dead row), and
+    # KL-Shampoo's whitening weights 1 / (dim eps) came out infinite: every step was skipped
     w = torch.nn.Parameter(torch.randn(8, 6))
     with pytest.raises(ValueError, match=r"eps=1e-50 is below float32's smallest normal "
                                          r"number \(1.18e-38\)"):
-        SOAP([w], lr=0.01, eps=1e-50, use_kl_shampoo=True)
-    SOAP([w], lr=0.01, eps=1e-50)  # plain SOAP's eps only pads a square root: it trains
-    opt = SOAP([("w", w)], lr=0.01, eps=1e-37, use_kl_shampoo=True)
+        SOAP([w], lr=0.01, eps=1e-50, use_kl_shampoo=kl)
+    opt = SOAP([w], lr=0.01, use_kl_shampoo=kl)
+    opt.param_groups[0]["eps"] = 1e-300  # set mid-run: refused by the step, which changes nothing
+    w.grad = torch.randn(8, 6)
     before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"eps=1e-300 is below float32's smallest normal"):
+        opt.step()
+    assert torch.equal(w, before) and not opt.state[w]
+    # the smallest eps taken trains a matrix with a dead row (and, one-sided, a dead column
+    # of the Adam-only side) without a skip
+    opt = SOAP([("w", w)], lr=0.01, eps=1e-37, use_kl_shampoo=kl, max_precond_dim=6)
     for k in range(3):
-        w.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(k))
+        g = torch.randn(8, 6, generator=torch.Generator().manual_seed(k))
+        g[3] = 0.0
+        w.grad = g
         opt.step()
     assert opt.health()["w"]["nonfinite_skips"] == 0 and not torch.equal(w, before)
 
