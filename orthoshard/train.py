@@ -29,9 +29,7 @@ the launcher and the scheduler both) changes nothing. torchrun waits 30 s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -44,193 +42,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
-from orthoshard.arguments import argument_problem, directory_problem, restart_problem
+from orthoshard.arguments import directory_problem
 from orthoshard.checkpoints import (
-    REFUSED_FILE,
     RUN_ID_FILE,
     Checkpoints,
-    spike_problem,
     write_whole,
-    writes_directory,
 )
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.runlog import RunLog
 from orthoshard.stopping import StopRequest, delay
 from orthoshard.telemetry import publish_health
+from orthoshard.train_args import attempt, parse_args, publishes
 
 __all__ = ["build_optimizer", "main", "parse_args"]
 
-OPTIMIZERS = ("muon", "normuon", "soap")
-#: the largest --seed (and the most negative, negated): MarkovData seeds each batch's generator
-#: with ``seed * 1_000_003 + step * 4_099 + rank``, which must stay a 64-bit integer (a seed past
-#: ~9.2e12 failed in every rank's first batch, after the model was built); 1e12 leaves the step
-#: term room for 2e15 steps
-MAX_SEED = 10**12
 # Soft-Muon in the demo: softening grows over training (Soft-Muon softens more later on).
 SOFTENING_MAX = 0.2
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="orthoshard.train", description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="muon",
-                   help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
-    p.add_argument("--kl-shampoo", action="store_true", help="SOAP: KL-Shampoo factors")
-    p.add_argument("--spike-at", type=int, default=None,
-                   help="add a rank-1 spike to every hidden matrix's gradient of this step "
-                        "(counted from 1, as the logs number steps)")
-    p.add_argument("--spike-scale", type=float, default=30.0,
-                   help="spike Frobenius norm as a multiple of the gradient's")
-    p.add_argument("--out", type=Path, default=Path("out"),
-                   help="directory for loss.jsonl, health-rank*.jsonl, rank*.json and "
-                        "final_params.pt (default ./out)")
-    p.add_argument("--checkpoint-dir", type=Path, default=None,
-                   help="directory for DCP checkpoints, LATEST and the run id (RUN_ID)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save a checkpoint every N steps and at the last (0: never; needs "
-                        "--checkpoint-dir)")
-    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
-                   help="after each save, remove this run's older checkpoints but the newest K "
-                        "(0, the default: keep every one)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --checkpoint-dir's LATEST checkpoint (a new run if there is "
-                        "none)")
-    p.add_argument("--sidecar-url", default=None, metavar="URL",
-                   help="publish health snapshots to the node's sidecar at URL "
-                        "(e.g. http://127.0.0.1:9400)")
-    p.add_argument("--sidecar-uds", default=None, metavar="PATH",
-                   help="publish health snapshots to the sidecar's Unix socket PATH")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file holding the sidecar's bearer token (the file its --token-file "
-                        "reads)")
-    p.add_argument("--seed", type=int, default=0, help="model and data seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="sequences per rank per step (default 16)")
-    p.add_argument("--d-model", type=int, default=64,
-                   help="model width, a multiple of the attention heads (default 64)")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="HSDP: this many replicas, each sharding the model over WORLD/replicas "
-                        "consecutive ranks (e.g. the nodes; 1: FSDP over all ranks)")
-    p.add_argument("--step-delay", type=float, default=0.0,
-                   help="sleep this long after each step (to watch a short run live)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="rank 0 draws a progress bar (default on)")
-    p.add_argument("--log-every", type=int, default=0, metavar="N",
-                   help="rank 0 prints the step and loss every N steps, a line each (for logs "
-                        "without a terminal, with --no-progress; 0: never)")
-    args = p.parse_args(argv)
-    problem = argument_problem(args)
-    if problem is not None:
-        p.error(problem)
-    for name in ("batch_size", "d_model", "layers", "replicas"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not -MAX_SEED <= args.seed <= MAX_SEED:  # the data's generator seeds are derived from it
-        p.error(f"--seed must be an integer in [-{MAX_SEED}, {MAX_SEED}], got {args.seed}")
-    if args.keep_checkpoints < 0:
-        p.error(f"--keep-checkpoints must be >= 0 (0: keep every checkpoint), got "
-                f"{args.keep_checkpoints}")
-    if args.keep_checkpoints and not args.checkpoint_every:
-        p.error("--keep-checkpoints needs --checkpoint-every N (this run saves no checkpoint)")
-    if args.log_every < 0:
-        p.error(f"--log-every must be >= 0 (0: no step lines), got {args.log_every}")
-    # checked here, on every rank before any process group, rather than failing in each rank
-    # once the model is built or the first snapshot is due
-    if args.d_model % GPTConfig.n_heads:
-        p.error(f"--d-model {args.d_model} must be a multiple of the model's "
-                f"{GPTConfig.n_heads} attention heads")
-    if not 0 < args.spike_scale < math.inf:
-        p.error(f"--spike-scale must be a finite number > 0 (the spike's Frobenius norm as a "
-                f"multiple of the gradient's), got {args.spike_scale}")
-    if args.sidecar_url is not None:
-        from service.client import url_problem  # the Publisher's own check (imports httpx)
-
-        if (problem := url_problem(args.sidecar_url)) is not None:
-            p.error(f"--sidecar-url {problem}")
-    if args.sidecar_uds is not None:
-        from service.client import uds_problem
-
-        if (problem := uds_problem(args.sidecar_uds)) is not None:
-            p.error(f"--sidecar-uds {problem}")
-    if args.checkpoint_every or _publishes(args):
-        from service.client import environment_run_id, run_id_problem
-
-        # the id _run_id takes from the environment, checked as the sidecar will (it is also
-        # kept with each checkpoint, which a later resume publishes under)
-        given = environment_run_id(torchrun=args.checkpoint_dir is None)
-        if given is not None and (problem := run_id_problem(given)) is not None:
-            source = ("ORTHOSHARD_RUN_ID" if os.environ.get("ORTHOSHARD_RUN_ID")
-                      else "torchrun's run id (--rdzv-id)")
-            p.error(f"{source} {problem}")
-    if (args.sidecar_url is not None or args.sidecar_uds is not None) and args.token_file is None:
-        p.error("--sidecar-url / --sidecar-uds need --token-file: the sidecar refuses snapshots "
-                "without its bearer token (the file its --token-file reads)")
-    if args.token_file is not None:
-        from service.settings import read_token_file  # the sidecar's own check of the file
-
-        try:
-            read_token_file(args.token_file)
-        except ValueError as exc:
-            p.error(f"--token-file: {exc}")
-    resume_given = args.resume
-    if args.checkpoint_every and not args.resume and _restartable():
-        _refuse_restarted(p, args.checkpoint_dir)
-        args.resume = True  # a restarted group resumes where the last checkpoint was
-    if args.checkpoint_dir is not None and writes_directory(
-            args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
-        try:  # before the sidecar's first snapshot or a rank's traceback from the run id
-            Checkpoints(args.checkpoint_dir).check_writable()
-        except OSError as exc:
-            p.error(str(exc))
-    if args.resume:
-        from orthoshard.checkpoints import optimizer_mismatch
-
-        try:
-            latest = Checkpoints(args.checkpoint_dir).latest()
-        except OSError as exc:  # LATEST names no checkpoint: said once, not by every rank
-            p.error(str(exc))
-        if latest is not None and (problem := optimizer_mismatch(
-                latest, args.optimizer, args.kl_shampoo)) is not None:
-            p.error(problem)
-        # (a first attempt the user resumed; a restarted attempt resumes past a spike that
-        # already happened, as it should)
-        if latest is not None and resume_given and _attempt() == 0 and \
-                (problem := spike_problem(latest, args.spike_at)) is not None:
-            p.error(problem)
-    return args
-
-
-def _refuse_restarted(p: argparse.ArgumentParser, checkpoint_dir: Path) -> None:
-    """Under ``--max-restarts`` without ``--resume``: refuse a ``checkpoint_dir`` holding
-    another run's checkpoints (``LATEST``), which a restarted attempt would resume. torchrun
-    restarts the group that the refusal stopped, and that attempt cannot tell another run's
-    ``LATEST`` from its own first attempt's, so the refusal is kept in the directory
-    (:data:`REFUSED_FILE`) for the attempts after it; an accepted first attempt removes it."""
-    refused = checkpoint_dir / REFUSED_FILE
-    if _attempt() == 0:
-        problem = restart_problem(checkpoint_dir, resume=False, restarts=True)
-        with contextlib.suppress(OSError):  # unwritable: every attempt refuses it anyway
-            if problem is not None:
-                write_whole(refused, problem)
-            else:
-                refused.unlink(missing_ok=True)
-        if problem is not None:
-            p.error(problem)
-    elif refused.is_file():
-        p.error(f"{refused.read_text().strip()} (refused at this launch's first attempt; "
-                f"torchrun restarted the group)")
-
-
-def _restartable() -> bool:
-    """Whether torchrun restarts this group when a rank fails (``--max-restarts`` > 0)."""
-    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
-
-
-def _attempt() -> int:
-    """This group's attempt under torchrun: 0 first, then 1, 2, ... after each restart."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def build_optimizer(name: str, model: torch.nn.Module, *, steps: int, kl_shampoo: bool = False,
@@ -289,11 +117,6 @@ def _local_rows(t: Any, rows: int) -> tuple[int, int]:
     return row_bounds(rows, mesh.size(dims[0]))[coordinate[dims[0]]]
 
 
-def _publishes(args: argparse.Namespace) -> bool:
-    """Whether this run publishes its health to a sidecar."""
-    return args.sidecar_url is not None or args.sidecar_uds is not None
-
-
 def _publisher(args: argparse.Namespace, run_id: str | None) -> Any:
     from service.client import Publisher
 
@@ -342,7 +165,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
 def _maybe_die(step: int) -> None:
     """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
     kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
-    if not kill_at or _attempt() != 0:
+    if not kill_at or attempt() != 0:
         return
     rank, at = (int(x) for x in kill_at.split(":"))
     if dist.get_rank() == rank and step == at:
@@ -461,7 +284,7 @@ def _train(args: argparse.Namespace) -> int:
     # the run's id, published under and saved with each checkpoint (a resume publishes under
     # the id of the checkpoint it continues), and written into the reports
     run_id = (_run_id(args.checkpoint_dir, args.resume)
-              if args.checkpoint_every or _publishes(args) else None)
+              if args.checkpoint_every or publishes(args) else None)
     if start >= args.steps and _reports_written(args.out, rank, start, run_id):
         # a --resume of a finished run (compose restarted, say): training nothing would still
         # rewrite its reports. (A restart that finds the last checkpoint but no reports, a
@@ -484,7 +307,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"orthoshard.train: --resume: the softening schedule keeps the checkpoint's "
                   f"length of {horizon} steps (this run's --steps: {args.steps})",
                   file=sys.stderr)
-    publisher = _publisher(args, run_id) if _publishes(args) else None
+    publisher = _publisher(args, run_id) if publishes(args) else None
     with StopRequest() as stop, \
             RunLog(args.out, rank, start, args.steps, args.progress, args.log_every) as log:
         stopped = _loop(args, model, optimizer, data, ckpt, log, publisher, stop, start=start,
