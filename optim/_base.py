@@ -140,8 +140,7 @@ class MatrixOptimizer(StepGuards, AdamWFallback):
             # the step uncounted, as it changed nothing
             self._warn_without_gradient(any(p.grad is not None for group in self.param_groups
                                             for p in group["params"]))
-        for group in self.param_groups:
-            group["step"] += 1
+        self._count_step(1)
         # The AdamW groups' gradients: each rank flags its own shards' NaN/Inf now, and the
         # flags are summed over the ranks on the matrices' gather (no collective of their own),
         # so every rank skips a parameter whose shard on any rank is bad. They step after the
@@ -150,7 +149,6 @@ class MatrixOptimizer(StepGuards, AdamWFallback):
                  for group in self.param_groups if group["algorithm"] == ADAMW]
         fallback = [(group, [(name, p) for name, p in named if p.grad is not None])
                     for group, named in every]
-        grads = [p.grad for _, named in fallback for _, p in named]
         matrices = self.matrix_items()
         items = [item for item in matrices if item.param.grad is not None]
         # Across ranks (an exchange that is not local), a rank with no matrix gradient still
@@ -165,62 +163,78 @@ class MatrixOptimizer(StepGuards, AdamWFallback):
         params = [p for _, named in every for _, p in named]
         names = [name for _, named in every for name, _ in named]
         has_grad = [p.grad is not None for p in params]
-        sharded = bool(items or grads or joins) and any(hasattr(p, "to_local") for p in params)
+        sharded = bool(items or any(named for _, named in fallback) or joins) and \
+            any(hasattr(p, "to_local") for p in params)
         # FSDP2 matrices without sharding=: each rank stepped its row shard as a matrix (a model
         # without biases, or with no AdamW group, got no refusal)
         dtensors = sharded or any(hasattr(item.param, "to_local") for item in items)
         if dtensors and isinstance(self._exchange, LocalExchange):
-            for group in self.param_groups:  # nothing changed: the step did not happen
-                group["step"] -= 1
+            self._count_step(-1)  # nothing changed: the step did not happen
             raise ValueError(
                 f"{type(self).__name__}: parameters are DTensors (FSDP2) but the optimizer has "
                 f"no sharding: pass sharding=OwnerSharding() (sharding.OwnerSharding), so that "
                 f"each matrix is gathered whole and every rank skips a parameter whose shard on "
                 f"any rank is not finite")
-        flags = (nonfinite_flags([p.grad for p in params], device=local(params[0]).device)
-                 if sharded else None)  # to sum over the ranks
-        if flags is not None and (misplaced := _misplaced(params)):
-            flags[misplaced] += MISPLACED  # every rank refuses the step (_refuse_misplaced)
-        bad = None if sharded else _nonfinite(grads)  # this process decides alone
-        # what the flags belong to, with their groups' settings: part of the step's signature
-        # (replicated AdamW parameters carry no flags, but ranks stepping them with other
-        # settings drift apart: their settings are in the signature too)
-        flagged = [f"{name} {settings}" for group, named in fallback
-                   for settings in (group_settings(group),) for name, _ in named] \
-            if not isinstance(self._exchange, LocalExchange) else []
-        if items and isinstance(self._exchange, LocalExchange):
-            self._applied = 0
-            try:
-                self._step_local(items)
-            except BaseException:
-                if not self._applied:  # no parameter moved: as on the sharded path below
-                    for group in self.param_groups:
-                        group["step"] -= 1
-                raise
-        else:
-            try:
-                if items or joins:
-                    carried = self._step_sharded(items, flags, flagged, names)
-                    if flags is not None and carried is not None:
-                        bad = carried.tolist()
-                if bad is None:  # sharded AdamW parameters, and no matrix to carry the flags
-                    assert flags is not None
-                    summed = self._exchange.all_reduce_sum(flags, flagged)
-                    _refuse_misplaced(summed, names)
-                    bad = summed.tolist()
-            except BaseException:
-                # raised on every rank of the group before any parameter changed: the step
-                # did not happen, and a schedule (softening) or health_every must not count it
-                for group in self.param_groups:
-                    group["step"] -= 1
-                raise
-        assert bad is not None  # decided above, by this process or summed over the ranks
+        bad = self._step_matrices(items, fallback, params, names, sharded=sharded, joins=joins)
         if sharded:  # one per AdamW parameter: those with a gradient step
             bad = [b for b, has in zip(bad, has_grad, strict=True) if has]
         flag = iter(bad)
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
         return loss
+
+    def _count_step(self, change: int) -> None:
+        """Move every group's step count by ``change``: +1 as a step starts, -1 when it raises
+        before any parameter moved (the step did not happen, and a schedule such as softening,
+        or ``health_every``, must not count it)."""
+        for group in self.param_groups:
+            group["step"] += change
+
+    def _step_matrices(self, items: list[MatrixItem],
+                       fallback: list[tuple[dict[str, Any], list[tuple[str, Tensor]]]],
+                       params: list[Tensor], names: list[str], *, sharded: bool,
+                       joins: bool) -> list[float]:
+        """Step the matrices with a gradient (``items``) and return the AdamW parameters'
+        non-finite flags: one per parameter of ``params`` (all of the AdamW groups', in order)
+        when ``sharded``, summed over the ranks; else one per parameter of ``fallback`` (those
+        with a gradient), decided by this process."""
+        grads = [p.grad for _, named in fallback for _, p in named if p.grad is not None]
+        flags = (nonfinite_flags([p.grad for p in params], device=local(params[0]).device)
+                 if sharded else None)  # to sum over the ranks
+        if flags is not None and (misplaced := _misplaced(params)):
+            flags[misplaced] += MISPLACED  # every rank refuses the step (_refuse_misplaced)
+        bad = None if sharded else _nonfinite(grads)  # this process decides alone
+        if items and isinstance(self._exchange, LocalExchange):
+            self._applied = 0
+            try:
+                self._step_local(items)
+            except BaseException:
+                if not self._applied:  # no parameter moved: as on the sharded path below
+                    self._count_step(-1)
+                raise
+            assert bad is not None
+            return bad
+        # what the flags belong to, with their groups' settings: part of the step's signature
+        # (replicated AdamW parameters carry no flags, but ranks stepping them with other
+        # settings drift apart: their settings are in the signature too)
+        flagged = [f"{name} {settings}" for group, named in fallback
+                   for settings in (group_settings(group),) for name, _ in named] \
+            if not isinstance(self._exchange, LocalExchange) else []
+        try:
+            if items or joins:
+                carried = self._step_sharded(items, flags, flagged, names)
+                if flags is not None and carried is not None:
+                    bad = carried.tolist()
+            if bad is None:  # sharded AdamW parameters, and no matrix to carry the flags
+                assert flags is not None
+                summed = self._exchange.all_reduce_sum(flags, flagged)
+                _refuse_misplaced(summed, names)
+                bad = summed.tolist()
+        except BaseException:
+            # raised on every rank of the group before any parameter changed
+            self._count_step(-1)
+            raise
+        return bad
 
     def _step_sharded(self, items: list[MatrixItem], flags: Tensor | None,
                       flagged: Sequence[str] = (), names: Sequence[str] = ()) -> Tensor | None:
