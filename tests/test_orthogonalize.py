@@ -13,9 +13,9 @@ import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from optim import count_matmuls
+from optim._ns_coefficients import _POLAR_EXPRESS_RAW
 from optim.health import orthogonality_error
 from optim.orthogonalize import (
-    _POLAR_EXPRESS_RAW,
     _ROUNDING_GAP,
     JORDAN_QUINTIC,
     METHODS,
