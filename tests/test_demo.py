@@ -3,20 +3,25 @@
 - A short demo run writes ``summary.json`` and ``health.png``, its sidecar served every hidden
   matrix's health, and the loss fell.
 - With ``--spike-at``, a real Prometheus scraping the demo's sidecar every second (the fast rule
-  profile, ``deploy/prometheus/rules-fast``) raises ``OptimizerBasisRotationSpike``; the same run
-  without the spike does not. Both runs go side by side to halve the wall time.
+  profile, ``deploy/prometheus/rules-fast``) raises ``OptimizerBasisRotationSpike``, and an
+  Alertmanager with the fast profile's config (``deploy/alertmanager/alertmanager-fast.yml``)
+  delivers it to a webhook, naming the matrix; the same run without the spike does neither.
+  Both runs go side by side to halve the wall time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,6 +36,8 @@ from orthoshard.report import health_panels, load_health
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 FAST_RULES = ROOT / "deploy" / "prometheus" / "rules-fast" / "orthoshard.rules.yml"
+FAST_ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager-fast.yml"
+RECEIVER_URL = "http://127.0.0.1:5001/orthoshard-alerts"  # the config's webhook, replaced here
 SPIKE_QUERY = 'ALERTS{alertname="OptimizerBasisRotationSpike",alertstate="firing"}'
 # Timing of the alert runs. The fast rules compare a 5 s window against a 20 s baseline offset
 # by 5 s, so the spike needs ~25 s of calm history first, and the rules stay quiet until the
@@ -212,15 +219,17 @@ def test_a_signal_stops_the_trainers_and_the_sidecar(tmp_path, sig, group):
                 os.kill(pid, signal.SIGKILL)
 
 
-def _prometheus(tmp: Path, sidecar_port: int) -> tuple[list[str], str]:
+def _prometheus(tmp: Path, sidecar_port: int, *, node: str,
+                alertmanager: str) -> tuple[list[str], str]:
     port = free_port()
     config = tmp / "prometheus.yml"
     config.write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 rule_files: ["{FAST_RULES}"]
+alerting: {{alertmanagers: [{{static_configs: [{{targets: ["{alertmanager}"]}}]}}]}}
 scrape_configs:
   - job_name: orthoshard-sidecar
-    static_configs: [{{targets: ["127.0.0.1:{sidecar_port}"], labels: {{node: "0"}}}}]
+    static_configs: [{{targets: ["127.0.0.1:{sidecar_port}"], labels: {{node: "{node}"}}}}]
 """)
     cmd = [require_tool("prometheus"), f"--config.file={config}",
            f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]
@@ -235,14 +244,16 @@ def _query(url: str, promql: str) -> list[dict]:
 
 @pytest.mark.tools
 @pytest.mark.timeout(420)
-def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_path):
+def test_rotation_spike_alert_fires_and_pages_with_the_spike_and_stays_silent_without(tmp_path):
     runs = {}
     with contextlib.ExitStack() as stack:
+        pages = stack.enter_context(_webhook())
+        alertmanager = stack.enter_context(_alertmanager(tmp_path, pages["url"]))
         for case in ("spike", "calm"):
             tmp = tmp_path / case
             tmp.mkdir()
             sidecar_port = free_port()
-            cmd, url = _prometheus(tmp, sidecar_port)
+            cmd, url = _prometheus(tmp, sidecar_port, node=case, alertmanager=alertmanager)
             stack.enter_context(serve(cmd, f"{url}/-/ready", tmp / "prometheus.log"))
             # One rank each: the alert reads the sidecar's series, which one rank sends as two
             # do (the two-rank demo has its own test), and two demos of two ranks each with their
@@ -270,5 +281,63 @@ def test_rotation_spike_alert_fires_with_the_spike_and_stays_silent_without(tmp_
             assert seen and float(seen[0]["value"][1]) == 32, case  # 8 matrices x L/R x k=1/8
             ever = _query(r["url"], f"max_over_time({SPIKE_QUERY}[10m])")
             r["fired"] = r["fired"] or bool(ever)
+        # the page follows the alert by Alertmanager's group_wait (1 s in the fast config)
+        deadline = time.monotonic() + 30
+        while not _paged(pages["bodies"], "spike") and time.monotonic() < deadline:
+            time.sleep(0.5)
     assert runs["spike"]["fired"], "OptimizerBasisRotationSpike did not fire on the spike"
     assert not runs["calm"]["fired"], "OptimizerBasisRotationSpike fired without a spike"
+    paged = _paged(pages["bodies"], "spike")
+    assert paged, f"the spike fired but did not page: {pages['bodies']}"
+    assert not _paged(pages["bodies"], "calm"), pages["bodies"]
+    # the page names the matrix side that turned, with its runbook
+    labels = paged[0]["labels"]
+    assert labels["param"].startswith("blocks.") and labels["factor"] in ("L", "R"), labels
+    assert labels["severity"] == "warning" and "runbook" in paged[0]["annotations"], paged[0]
+
+
+def _paged(bodies: list[dict], node: str) -> list[dict]:
+    """The firing rotation alerts of ``node`` among the webhook's notifications."""
+    return [a for body in bodies for a in body["alerts"] if a["status"] == "firing"
+            and a["labels"].get("alertname") == "OptimizerBasisRotationSpike"
+            and a["labels"].get("node") == node]
+
+
+@contextlib.contextmanager
+def _webhook() -> Iterator[dict]:
+    """An HTTP receiver on a free loopback port that keeps every JSON body POSTed to it."""
+    bodies: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"url": f"http://127.0.0.1:{server.server_address[1]}/orthoshard-alerts",
+               "bodies": bodies}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def _alertmanager(tmp: Path, receiver: str) -> Iterator[str]:
+    """Alertmanager with the fast profile's config, its webhook pointed at ``receiver``;
+    yields its ``host:port``."""
+    text = FAST_ALERTMANAGER.read_text()
+    assert RECEIVER_URL in text
+    config = tmp / "alertmanager.yml"
+    config.write_text(text.replace(RECEIVER_URL, receiver))
+    port = free_port()
+    cmd = [require_tool("prometheus-alertmanager"), f"--config.file={config}",
+           f"--storage.path={tmp / 'alertmanager-data'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]
+    with serve(cmd, f"http://127.0.0.1:{port}/-/ready", tmp / "alertmanager.log"):
+        yield f"127.0.0.1:{port}"

@@ -30,6 +30,7 @@ COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "orthoshard.json"
 DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+ALERTMANAGER_FAST = DEPLOY / "alertmanager" / "alertmanager-fast.yml"
 #: The two rule profiles (alert_rules.py): prod (15 s) and fast (1 s, end-to-end tests).
 RULE_FILES = [PROM / "rules" / "orthoshard.rules.yml", PROM / "rules-fast" / "orthoshard.rules.yml"]
 RULE_TESTS = [PROM / "tests" / f"orthoshard{s}.rules.test.yml" for s in ("", "-fast")]
@@ -139,11 +140,12 @@ def _alert_rules_module():
 
 def test_the_rule_generator_loads_by_path_with_its_neighbours() -> None:
     # loaded rather than run (its directory not first on sys.path), it still finds
-    # alert_rules.py and rule_tests.py beside it, and renders the four files
-    for neighbour in ("alert_rules", "rule_tests"):
+    # alert_rules.py, rule_tests.py and alert_routes.py beside it, and renders the six files
+    for neighbour in ("alert_rules", "rule_tests", "alert_routes"):
         sys.modules.pop(neighbour, None)  # not found through another test's import
     outputs = _module_at(PROM / "render_rules.py").outputs()
     assert sorted(path.name for path in outputs) == [
+        "alertmanager-fast.yml", "alertmanager.yml",
         "orthoshard-fast.rules.test.yml", "orthoshard.rules.test.yml",
         "orthoshard.rules.yml", "orthoshard.rules.yml"]
 
@@ -236,10 +238,33 @@ def test_rules_use_the_design_names(rules: Path) -> None:
 
 @pytest.mark.tools
 @pytest.mark.timeout(60)
-def test_amtool_check_config() -> None:
-    result = run(require_tool("amtool"), "check-config", ALERTMANAGER)
+@pytest.mark.parametrize("config", [ALERTMANAGER, ALERTMANAGER_FAST], ids=["prod", "fast"])
+def test_amtool_check_config(config: Path) -> None:
+    result = run(require_tool("amtool"), "check-config", config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 inhibit rules" in result.stdout
+
+
+def test_alertmanager_groups_a_rotation_spike_before_its_alert_resolves() -> None:
+    # Alertmanager sends nothing for a group whose alerts all resolved before its group_wait
+    # ended: under the prod waits (30 s) the fast profile's spike alert, firing ~4 s, fired in
+    # Prometheus and never paged. Every profile's wait must be shorter than that alert's life.
+    for neighbour in ("alert_rules", "alert_routes"):
+        sys.modules.pop(neighbour, None)
+    sys.path.insert(0, str(PROM))
+    try:
+        routes = _module_at(PROM / "alert_routes.py")
+    finally:
+        sys.path.remove(str(PROM))
+    rules = _alert_rules_module()
+    for profile in rules.PROFILES:
+        wait = routes.ROUTING[profile.name].group_wait
+        assert 0 < wait < routes.rotation_firing_s(profile), profile.name
+    # the inhibit rule silences every health alert the rules define, and only those
+    names = {r["alert"] for r in rules.rules(rules.PROD) if "alert" in r}
+    text = ALERTMANAGER.read_text()
+    listed = set(re.search(r'alertname =~ \\"([^"\\]+)\\"', text).group(1).split("|"))
+    assert listed == names - {"OptimizerSidecarDown"}
 
 
 # --- docker-compose.yml -----------------------------------------------------------------------
