@@ -74,7 +74,9 @@ ANNOTATIONS = {
         "with at least half of the matrices this sidecar watches whose recent turns leave "
         "room for such a jump.",
         "runbook": "Many bases turning at once means a gradient spike (bad batch, loss spike). "
-        "Check the training loss around that step (rank 0 appends it to loss.jsonl in the "
+        "Check the training loss over the steps before the alert fired (it fires one jump "
+        "window and its for duration after the turn; orthoshard_optimizer_step on the same "
+        "instance gives each rank's step; rank 0 appends the loss to loss.jsonl in the "
         "trainer's --out directory: the out volume under compose). Repeated spikes: lower "
         "the LR or clip "
         "gradients (use_kl_shampoo=True resists some spikes, not all: docs/soap.md). A single "
