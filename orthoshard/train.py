@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
+from orthoshard.agreement import job_problem, refuse
 from orthoshard.arguments import directory_problem
 from orthoshard.checkpoints import (
     RUN_ID_FILE,
@@ -53,7 +54,7 @@ from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.runlog import RunLog
 from orthoshard.stopping import StopRequest, delay
 from orthoshard.telemetry import publish_health
-from orthoshard.train_args import attempt, parse_args, publishes
+from orthoshard.train_args import attempt, parse_args, parse_job_args, publishes
 
 __all__ = ["build_optimizer", "main", "parse_args"]
 
@@ -173,17 +174,14 @@ def _maybe_die(step: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
-    if world % args.replicas:
-        # Every rank says it, before any process group exists: the launcher stops the others
-        # once one exits, so a message left to one rank could be cut off with it.
-        print(f"orthoshard.train: --replicas {args.replicas} does not divide the {world} ranks",
-              file=sys.stderr)
-        return 2
-    if (problem := directory_problem(args.out, "--out")) is not None:
-        # created and proven writable here (not in parse_args, which creates nothing), rather
-        # than failing in a traceback from every rank once the process group is up
+    launched = "RANK" in os.environ or "WORLD_SIZE" in os.environ  # torchrun's environment
+    if launched:  # a refusal waits for the process group, so that every rank refuses with it
+        args, problem = parse_job_args(argv)
+    else:  # `python -m orthoshard.train`: one rank, which refuses at once
+        args, problem = parse_args(argv), None
+    if args is not None and problem is None:
+        problem = _start_problem(args)
+    if problem is not None and not launched:
         print(f"orthoshard.train: {problem}", file=sys.stderr)
         return 2
     # GPU: NCCL for CUDA tensors and gloo for the few CPU ones (SOAP's step counters in a
@@ -198,14 +196,49 @@ def main(argv: list[str] | None = None) -> int:
         # rank (torchrun --max-restarts) on this CPU set-up; connecting pairs lazily, on first
         # use, made 6 of 6 restarts succeed. It changes no result, only when sockets open.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)  # torchrun's environment
-    else:  # `python -m orthoshard.train`: one rank, no launcher, no port to pick
+    if launched:
+        _join_launched_group(backend)
+    else:  # no launcher, no port to pick
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
+        if launched and (problem := job_problem(args, problem)) is not None:
+            return refuse(problem)
+        assert args is not None  # parsed, or refused above
         return _train(args)
     finally:
         dist.destroy_process_group()
+
+
+def _join_launched_group(backend: str) -> None:
+    """torchrun's process group, its keys in the launcher's store under this attempt's prefix.
+    torchrun keeps that store across the restarts of a group (``--max-restarts``), holding the
+    killed attempt's ranks' addresses: a rank of the next attempt whose first collective came
+    before its peer had published anew read the dead peer's address, and failed connecting
+    (the first collective here comes right after the group is made, to agree on the job)."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"orthoshard-attempt-{attempt()}",
+                                                            store), rank=rank, world_size=world)
+
+
+def _run_flags(args: argparse.Namespace) -> dict[str, int]:
+    """What fixes the data and the model: kept with each checkpoint, and a resume's must match."""
+    return {"data_seed": args.seed, "batch_size": args.batch_size, "d_model": args.d_model,
+            "layers": args.layers}
+
+
+def _start_problem(args: argparse.Namespace) -> str | None:
+    """Why this rank cannot start the job (None: it can), found before any process group: the
+    launcher's ranks and ``--replicas``, ``--out``, and a resume's data and model flags."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if world % args.replicas:
+        return f"--replicas {args.replicas} does not divide the {world} ranks"
+    # created and proven writable here (not in parse_args, which creates nothing), rather than
+    # failing in a traceback from every rank once the process group is up
+    if (problem := directory_problem(args.out, "--out")) is not None:
+        return problem
+    if args.resume:  # each rank reads the checkpoint's flags alone, before anything loads
+        return Checkpoints(args.checkpoint_dir).flags_problem(_run_flags(args))
+    return None
 
 
 def _reports_written(out: Path, rank: int, step: int, run_id: str | None) -> bool:
@@ -264,23 +297,16 @@ def _train(args: argparse.Namespace) -> int:
     # the softening schedule the checkpoint was trained with, whatever this --steps says (a
     # schedule over the new --steps would jump back mid-run)
     horizon = (ckpt.horizon() if args.resume else None) or args.steps
-    run_flags = {"data_seed": args.seed, "batch_size": args.batch_size,
-                 "d_model": args.d_model, "layers": args.layers}
-    if args.resume and (problem := ckpt.flags_problem(run_flags)) is not None:
-        if rank == 0:
-            print(f"orthoshard.train: {problem}", file=sys.stderr)
-        return 2
+    run_flags = _run_flags(args)
     optimizer = build_optimizer(args.optimizer, model, steps=horizon,
                                 kl_shampoo=args.kl_shampoo, sharding=OwnerSharding(group))
     data = MarkovData(vocab=cfg.vocab, seq_len=cfg.seq_len, batch_size=args.batch_size,
                       seed=args.seed)
     start = ckpt.load(model, optimizer) if args.resume else 0
-    if start > args.steps:
-        if rank == 0:
-            print(f"orthoshard.train: --resume: the checkpoint in {args.checkpoint_dir} is at "
-                  f"step {start}, past --steps {args.steps}: pass a --steps larger than "
-                  f"{start} to train on", file=sys.stderr)
-        return 2
+    if start > args.steps:  # refused before the load (parse_args); here LATEST moved since
+        raise RuntimeError(f"the checkpoint loaded from {args.checkpoint_dir} is at step "
+                           f"{start}, past --steps {args.steps}: its LATEST changed while this "
+                           f"job started (another job writing there?)")
     # the run's id, published under and saved with each checkpoint (a resume publishes under
     # the id of the checkpoint it continues), and written into the reports
     run_id = (_run_id(args.checkpoint_dir, args.resume)

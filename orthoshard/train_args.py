@@ -8,6 +8,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from orthoshard.arguments import argument_problem, restart_problem
 from orthoshard.checkpoints import (
@@ -19,7 +20,7 @@ from orthoshard.checkpoints import (
 )
 from orthoshard.model import GPTConfig
 
-__all__ = ["OPTIMIZERS", "attempt", "parse_args", "publishes"]
+__all__ = ["OPTIMIZERS", "attempt", "parse_args", "parse_job_args", "publishes"]
 
 DESCRIPTION = ("The training job, one process per rank under torchrun: "
                "``torchrun ... -m orthoshard.train``.")
@@ -32,18 +33,57 @@ MAX_SEED = 10**12
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The job's arguments, checked on every rank before any process group: a mistake exits with
-    argparse's usage line and status 2, said once, instead of failing in each rank later."""
+    """The job's arguments, checked before any process group: a mistake exits with argparse's
+    usage line and status 2 (one process; under a launcher :func:`parse_job_args`)."""
     p = _parser()
     args = p.parse_args(argv)
-    _check_numbers(p, args)
-    _check_sidecar(p, args)
-    _check_checkpoints(p, args)
+    _check(p, args)
     return args
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orthoshard.train", description=DESCRIPTION)
+def parse_job_args(argv: list[str] | None = None
+                   ) -> tuple[argparse.Namespace | None, str | None]:
+    """:func:`parse_args` for a rank under a launcher: ``(args, problem)``, where ``problem``
+    says why this rank refuses (``args`` None where they did not parse) instead of exiting, so
+    the rank can join the process group and every rank refuse together
+    (:mod:`orthoshard.agreement`). ``--help`` still prints and exits."""
+    p = _parser(defer=True)
+    try:
+        args = p.parse_args(argv)
+    except _Refused as exc:
+        return None, str(exc)
+    try:
+        _check(p, args)
+    except _Refused as exc:
+        return args, str(exc)
+    return args, None
+
+
+class _Refused(Exception):
+    """A command line :class:`_Parser` refused, when it defers its errors."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors, when ``defer`` is set, raise :class:`_Refused` instead
+    of printing the usage and exiting."""
+
+    defer = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.defer:
+            raise _Refused(message)
+        super().error(message)
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    _check_numbers(p, args)
+    _check_sidecar(p, args)
+    _check_checkpoints(p, args)
+
+
+def _parser(*, defer: bool = False) -> argparse.ArgumentParser:
+    p = _Parser(prog="orthoshard.train", description=DESCRIPTION)
+    p.defer = defer
     p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="muon",
                    help="hidden-matrix optimizer (default: Muon, softened by a schedule)")
@@ -167,7 +207,7 @@ def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         except OSError as exc:
             p.error(str(exc))
     if args.resume:
-        from orthoshard.checkpoints import optimizer_mismatch
+        from orthoshard.checkpoints import checkpoint_step, optimizer_mismatch
 
         try:
             latest = Checkpoints(args.checkpoint_dir).latest()
@@ -176,6 +216,10 @@ def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if latest is not None and (problem := optimizer_mismatch(
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
+        if latest is not None and (step := checkpoint_step(latest)) is not None and \
+                step > args.steps:
+            p.error(f"--resume: the checkpoint in {args.checkpoint_dir} is at step {step}, past "
+                    f"--steps {args.steps}: pass a --steps larger than {step} to train on")
         # (a first attempt the user resumed; a restarted attempt resumes past a spike that
         # already happened, as it should)
         if latest is not None and resume_given and attempt() == 0 and \

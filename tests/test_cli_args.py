@@ -217,10 +217,12 @@ def test_a_run_id_the_sidecar_would_refuse_stops_the_job_before_any_rank_starts(
 def test_an_out_that_is_no_writable_directory_stops_the_job_before_its_process_group(
         tmp_path, monkeypatch, capsys):
     # --out was created inside every rank once the process group was up: FileExistsError in a
-    # traceback per rank
+    # traceback per rank. (Under a launcher every rank refuses it together, through the group:
+    # tests/test_train_dist.py.)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    for launcher in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(launcher, raising=False)
     started = []
     monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: started.append(a))
     for out, message in ((blocker, f"--out {blocker} is not a directory"),

@@ -314,6 +314,45 @@ def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, u
     _assert_same(_params(finals[0]), uninterrupted)
 
 
+def _two_nodes(tmp_path: Path, *node_args: list[str], timeout: float = 120) -> list[str]:
+    """Two torchrun agents of one process each over c10d, node ``i`` given ``node_args[i]``
+    after :data:`TRAIN`; every agent must end within ``timeout`` with a failure. Returns their
+    stderr."""
+    port = _free_port()
+    common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    errs = []
+    with contextlib.ExitStack() as stack:  # each agent's session killed whole on a failure
+        agents = [stack.enter_context(killed_whole(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *common, *TRAIN, "--out",
+             str(tmp_path / f"node{i}"), *extra], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)))
+            for i, extra in enumerate(node_args)]
+        deadline = time.monotonic() + timeout
+        for a in agents:
+            _, err = a.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert a.returncode != 0, err[-4000:]
+            errs.append(err)
+    return errs
+
+
+@pytest.mark.timeout(300)
+def test_a_node_started_with_other_arguments_stops_every_node_saying_why(tmp_path):
+    # one node's --d-model edited alone: the ranks failed in a collective on mismatched sizes
+    # (a gloo abort); a refusal of one node's own (a bad argument, a --resume its checkpoint
+    # cannot take) left the other node's ranks waiting in the process group, without a word,
+    # until it timed out (30 min)
+    errs = _two_nodes(tmp_path, [], ["--d-model", "32"])
+    for err in errs:  # each node's log names the cause
+        assert "started with different arguments (--d-model 64 on rank 0, 32 on rank 1)" \
+            in err, err[-4000:]
+    errs = _two_nodes(tmp_path, [], ["--steps", "0"])
+    for err in errs:
+        assert "orthoshard.train: rank 1: --steps must be >= 1; nothing ran on any rank" in err, \
+            err[-4000:]
+
+
 # HSDP against FSDP over the same 4 ranks and data: the gradients agree to 1e-7 (relative,
 # measured: the layouts reduce in different orders), and NorMuon's bf16 Newton-Schulz turns that
 # rounding into parameter differences of ~1e-3 after 12 steps, so the runs are compared by
@@ -686,9 +725,8 @@ def test_a_resume_with_another_seed_batch_size_or_model_is_refused_before_it_loa
             f"checkpoint's values" in capsys.readouterr().err
         assert not (out / "loss.jsonl").exists()  # nothing trained
     # a spike before the checkpoint's step would never happen (it trained without one)
-    with pytest.raises(SystemExit):
-        _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "refused"),
-                    "--seed", "3", "--spike-at", "1", *keep)
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "refused"),
+                       "--seed", "3", "--spike-at", "1", *keep) == 2
     assert "past --spike-at 1: this run trains from step 3 on and would never spike" in \
         capsys.readouterr().err
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "b"), "--seed", "3",
@@ -782,9 +820,9 @@ def test_an_unwritable_checkpoint_dir_and_an_unreadable_checkpoint_are_named_up_
     ckpt.mkdir()
     monkeypatch.setattr(train.Path, "write_text", _refuse_writes_in(ckpt))
     monkeypatch.setattr(train.Path, "open", _refuse_opening_for_writes_in(ckpt))
-    with pytest.raises(SystemExit):  # refused with the arguments, before any process group
-        _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
-                    "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+    # refused with the arguments, before the model is built (every rank together)
+    assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
+                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 2
     assert f"--checkpoint-dir {ckpt} is not writable" in capsys.readouterr().err
     monkeypatch.undo()
     assert _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "out"),
