@@ -7,17 +7,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = [
-    "CANS_DEFAULT_LOWER_BOUND",
-    "JORDAN_QUINTIC",
-    "METHODS",
-    "POLAR_EXPRESS_COEFFICIENTS",
-    "cans_interval_step",
-    "check_method",
-    "default_steps",
-    "polynomials",
-]
-
 METHODS = ("quintic", "polar_express", "cans", "svd")
 
 # Keller Jordan's Muon quintic (github.com/KellerJordan/Muon; the defaults of torch.optim.Muon).
