@@ -23,13 +23,13 @@ Methods (``orthogonalize(..., method=)``):
     cubic is built for ``[a, 1.01 b]``, so rounding cannot carry a value past the cubic's zero
     and reverse its direction (``_CANS_HALF_SAFETY``), and the normalization and first cubic
     run in float32 (:func:`_first_dtype`). 2 products per step.
-
-The coefficients, step counts and their sources are in :mod:`optim._ns_coefficients`.
-``"svd"``
+``"svd"
     The exact polar factor by ``torch.linalg.svd`` in float64 (the reference; slow). Not for
     training through: where singular values repeat (an orthogonal input, a scaled one) its
     gradient is NaN, as ``torch.linalg.svd``'s backward divides by their differences; the
     iterations are polynomials, differentiable everywhere.
+
+The coefficients, step counts and their sources are in :mod:`optim._ns_coefficients`.
 
 Normalization. Every iteration needs ``sigma_max <= 1`` first. The Frobenius norm gives it but
 wastes range on ill-conditioned inputs (it overestimates sigma_max by up to sqrt(rank)).

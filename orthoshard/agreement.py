@@ -11,18 +11,27 @@ So every rank joins the group first and :func:`job_problem` gathers, in one
 ``all_gather_object``, each rank's refusal and the arguments every rank must share
 (:data:`SHARED`); every rank then refuses together, and the first local rank of each node
 says why (:func:`refuse`), so each node's log names the cause.
+
+Some refusals hold only on torchrun's first attempt of the group, others only on a restarted
+one (:func:`orthoshard.train_args._check_checkpoints`). torchrun counts a restart only on the
+node whose rank failed; a node restarted along with it reads 0, and took the restarted group
+for a first attempt (it refused the run's own checkpoints as another run's). The gather
+carries each rank's count too, and the group is restarted when any rank's count is above 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["SHARED", "job_problem", "refuse"]
+from orthoshard.train_args import attempt, keep_restart_refusal
+
+__all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
 
 #: The arguments every rank of one job must be given alike: they choose the model, the data,
 #: the optimizer, the steps, the checkpoints and the spike, and ranks that differ in them fail
@@ -37,34 +46,65 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _ranks(ranks: list[int], world: int) -> str:
-    return "every rank" if len(ranks) == world else f"rank{'s' * (len(ranks) > 1)} " + \
-        ", ".join(map(str, ranks))
+def _ranks(ranks: list[int], world: int, hosts: list[str]) -> str:
+    """``ranks`` named for a log, with their hosts: torchrun's c10d rendezvous numbers the
+    nodes in the order they arrive, not by ``--node-rank``."""
+    if len(ranks) == world:
+        return "every rank"
+    on = sorted({hosts[r] for r in ranks})
+    return f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} (on {', '.join(on)})"
+
+
+def own_problem(args: argparse.Namespace | None, problem: str | None, *,
+                restarted: bool) -> str | None:
+    """This rank's refusal on the group's first attempt (``restarted`` False) or on a
+    restarted one: ``problem`` (its arguments') or one that holds on that attempt only. On a
+    first attempt the refusal of another run's checkpoints comes first: the checks of the
+    resume it would have made follow from it."""
+    if args is None:
+        return problem
+    if restarted:
+        return problem or getattr(args, "restarted_refusal", None)
+    # (absent where an argument was refused before the checkpoint's checks ran)
+    return getattr(args, "restart_refusal", None) or problem or \
+        getattr(args, "resume_refusal", None)
 
 
 def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | None:
     """Why this job cannot start on some rank (None: every rank starts it); the same answer on
     every rank. ``args``: this rank's arguments (None where they did not parse); ``problem``:
-    this rank's own refusal. A collective of the default group: call it on every rank."""
+    this rank's own refusal. On the group's first attempt it also keeps (or clears) this
+    rank's refusal of another run's checkpoints for the attempts after it. A collective of the
+    default group: call it on every rank."""
     shared = None if args is None else {name: getattr(args, name) for name in SHARED}
+    mine = (own_problem(args, problem, restarted=False),
+            own_problem(args, problem, restarted=True), shared, attempt(), socket.gethostname())
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (problem, shared))
+    dist.all_gather_object(everyone, mine)
+    restarted = any(count > 0 for _, _, _, count, _ in everyone)
+    hosts = [host for *_, host in everyone]
+    if args is not None:
+        args.restarted = restarted  # the group's, for what the job does on a first attempt only
+    if args is not None and not restarted:
+        keep_restart_refusal(args)
     world = len(everyone)
     refused: dict[str, list[int]] = {}
-    for rank, (theirs, _) in enumerate(everyone):
+    for rank, (first, later, *_) in enumerate(everyone):
+        theirs = later if restarted else first
         if theirs is not None:
             refused.setdefault(theirs, []).append(rank)
     if refused:
         return "; ".join(why if len(refused) == 1 and len(ranks) == world
-                         else f"{_ranks(ranks, world)}: {why}" for why, ranks in refused.items())
+                         else f"{_ranks(ranks, world, hosts)}: {why}"
+                         for why, ranks in refused.items())
     differ = []
     for name in SHARED:
         values: dict[str, list[int]] = {}
-        for rank, (_, theirs) in enumerate(everyone):
+        for rank, (_, _, theirs, *_) in enumerate(everyone):
             values.setdefault(repr(theirs[name]), []).append(rank)
         if len(values) > 1:
             differ.append(f"{_flag(name)} " + ", ".join(
-                f"{value} on {_ranks(ranks, world)}" for value, ranks in values.items()))
+                f"{value} on {_ranks(ranks, world, hosts)}" for value, ranks in values.items()))
     if differ:
         return (f"the ranks of this job were started with different arguments "
                 f"({'; '.join(differ)}): start every node with the same training arguments")
@@ -77,7 +117,7 @@ def refuse(problem: str) -> int:
     barrier): the launcher stops a node's other ranks once one exits, which could cut the
     message off."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"orthoshard.train: {problem}; nothing ran on any rank", file=sys.stderr,
+        print(f"orthoshard.train: {problem}; no rank started training", file=sys.stderr,
               flush=True)
     dist.barrier()
     return 2

@@ -175,7 +175,9 @@ def _torchrun(args: argparse.Namespace, sidecar: Sidecar) -> int:
     cmd = [sys.executable, "-m", "orthoshard._torchrun", "--standalone",
            f"--nproc-per-node={args.nproc}", f"--max-restarts={args.max_restarts}",
            "-m", "orthoshard.train", *_train_argv(args, sidecar.url, sidecar.token_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           # a store of its own for each restart (--max-restarts): see orthoshard.train
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     # A session of its own: a terminal's Ctrl-C reaches the demo alone, which stops torchrun
     # (and torchrun its ranks) once, instead of every process of the group at the same instant
     # (each rank and torchrun printed a traceback of its own, and torchrun's exit 1 read as a

@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
-from orthoshard.agreement import job_problem, refuse
+from orthoshard.agreement import job_problem, own_problem, refuse
 from orthoshard.arguments import directory_problem
 from orthoshard.checkpoints import (
     RUN_ID_FILE,
@@ -163,10 +163,11 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     return str(box[0])
 
 
-def _maybe_die(step: int) -> None:
-    """Fault injection for the restart test: SIGKILL this rank once, on the first attempt."""
+def _maybe_die(step: int, *, restarted: bool) -> None:
+    """Fault injection for the restart test: SIGKILL this rank once, on the group's first
+    attempt (``restarted``: decided over every rank, :mod:`orthoshard.agreement`)."""
     kill_at = os.environ.get("ORTHOSHARD_KILL_RANK_AT")  # "rank:step"
-    if not kill_at or attempt() != 0:
+    if not kill_at or restarted:
         return
     rank, at = (int(x) for x in kill_at.split(":"))
     if dist.get_rank() == rank and step == at:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         args, problem = parse_args(argv), None
     if args is not None and problem is None:
         problem = _start_problem(args)
-    if problem is not None and not launched:
+    if not launched and (problem := own_problem(args, problem, restarted=False)) is not None:
         print(f"orthoshard.train: {problem}", file=sys.stderr)
         return 2
     # GPU: NCCL for CUDA tensors and gloo for the few CPU ones (SOAP's step counters in a
@@ -197,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         # use, made 6 of 6 restarts succeed. It changes no result, only when sockets open.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
     if launched:
-        _join_launched_group(backend)
+        dist.init_process_group(backend)
     else:  # no launcher, no port to pick
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if launched:
+        _note_shared_store()
     try:
         if launched and (problem := job_problem(args, problem)) is not None:
             return refuse(problem)
@@ -209,15 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
 
 
-def _join_launched_group(backend: str) -> None:
-    """torchrun's process group, its keys in the launcher's store under this attempt's prefix.
-    torchrun keeps that store across the restarts of a group (``--max-restarts``), holding the
-    killed attempt's ranks' addresses: a rank of the next attempt whose first collective came
-    before its peer had published anew read the dead peer's address, and failed connecting
-    (the first collective here comes right after the group is made, to agree on the job)."""
-    store, rank, world = next(dist.rendezvous("env://"))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"orthoshard-attempt-{attempt()}",
-                                                            store), rank=rank, world_size=world)
+def _note_shared_store() -> None:
+    """Under ``--max-restarts``, say once (first local rank, first attempt) when torchrun keeps
+    one store for every attempt of the group (its default): the store holds a killed
+    attempt's addresses, and a restarted rank whose first collective came before its peer had
+    published anew read the dead peer's address and failed to connect (its attempt used up).
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives each attempt a store of its own."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and attempt() == 0 and os.environ.get("LOCAL_RANK", "0") == "0"):
+        print("orthoshard.train: note: torchrun keeps one store across the restarts of this "
+              "group, with a killed attempt's addresses, which can fail a restart: set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment", file=sys.stderr)
 
 
 def _run_flags(args: argparse.Namespace) -> dict[str, int]:
@@ -399,7 +405,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
                       keep=args.keep_checkpoints)
         if stopping:
             return step + 1
-        _maybe_die(step + 1)
+        _maybe_die(step + 1, restarted=getattr(args, "restarted", False))
         if args.step_delay:
             delay(args.step_delay, stop, loss.device)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()

@@ -20,7 +20,8 @@ from orthoshard.checkpoints import (
 )
 from orthoshard.model import GPTConfig
 
-__all__ = ["OPTIMIZERS", "attempt", "parse_args", "parse_job_args", "publishes"]
+__all__ = ["OPTIMIZERS", "attempt", "keep_restart_refusal", "parse_args", "parse_job_args",
+           "publishes"]
 
 DESCRIPTION = ("The training job, one process per rank under torchrun: "
                "``torchrun ... -m orthoshard.train``.")
@@ -195,10 +196,20 @@ def _check_sidecar(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--checkpoint-dir`` writable, a restarted group resuming, and ``--resume``'s
-    ``LATEST`` saved by this optimizer (before a spike it would then replay)."""
+    ``LATEST`` saved by this optimizer (before a spike it would then replay).
+
+    What depends on whether the group is torchrun's first attempt or a restarted one is left
+    in ``args`` for :mod:`orthoshard.agreement`, which decides it over every rank: torchrun
+    counts a restart only on the node whose rank failed (``TORCHELASTIC_RESTART_COUNT``), and
+    another node's ranks, restarted with it, read 0. ``args.restart_refusal``: a first
+    attempt's refusal of another run's checkpoints, kept in :data:`REFUSED_FILE` for the
+    attempts after it; ``args.restarted_refusal``: a restarted group's refusal, from that file;
+    ``args.resume_refusal``: a first attempt's refusal of the ``--resume`` it was given."""
     resume_given = args.resume
-    if args.checkpoint_every and not args.resume and _restartable():
-        _refuse_restarted(p, args.checkpoint_dir)
+    args.restart_refusal = args.restarted_refusal = args.resume_refusal = None
+    args.restart_guarded = bool(args.checkpoint_every and not args.resume and _restartable())
+    if args.restart_guarded:
+        args.restart_refusal, args.restarted_refusal = _restart_refusals(args.checkpoint_dir)
         args.resume = True  # a restarted group resumes where the last checkpoint was
     if args.checkpoint_dir is not None and writes_directory(
             args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
@@ -222,30 +233,38 @@ def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
                     f"--steps {args.steps}: pass a --steps larger than {step} to train on")
         # (a first attempt the user resumed; a restarted attempt resumes past a spike that
         # already happened, as it should)
-        if latest is not None and resume_given and attempt() == 0 and \
-                (problem := spike_problem(latest, args.spike_at)) is not None:
-            p.error(problem)
+        if latest is not None and resume_given:
+            args.resume_refusal = spike_problem(latest, args.spike_at)
 
 
-def _refuse_restarted(p: argparse.ArgumentParser, checkpoint_dir: Path) -> None:
-    """Under ``--max-restarts`` without ``--resume``: refuse a ``checkpoint_dir`` holding
-    another run's checkpoints (``LATEST``), which a restarted attempt would resume. torchrun
-    restarts the group that the refusal stopped, and that attempt cannot tell another run's
-    ``LATEST`` from its own first attempt's, so the refusal is kept in the directory
-    (:data:`REFUSED_FILE`) for the attempts after it; an accepted first attempt removes it."""
+def _restart_refusals(checkpoint_dir: Path) -> tuple[str | None, str | None]:
+    """Under ``--max-restarts`` without ``--resume``: ``(first, restarted)``, the refusals of
+    the group's first attempt and of a restarted one. A first attempt refuses a
+    ``checkpoint_dir`` holding another run's checkpoints (``LATEST``), which a restarted
+    attempt would resume; torchrun restarts the group that the refusal stopped, and that
+    attempt cannot tell another run's ``LATEST`` from its own first attempt's, so the refusal
+    is kept in the directory (:data:`REFUSED_FILE`, by :func:`keep_restart_refusal`) and read
+    back by the attempts after it."""
     refused = checkpoint_dir / REFUSED_FILE
-    if attempt() == 0:
-        problem = restart_problem(checkpoint_dir, resume=False, restarts=True)
-        with contextlib.suppress(OSError):  # unwritable: every attempt refuses it anyway
-            if problem is not None:
-                write_whole(refused, problem)
-            else:
-                refused.unlink(missing_ok=True)
-        if problem is not None:
-            p.error(problem)
-    elif refused.is_file():
-        p.error(f"{refused.read_text().strip()} (refused at this launch's first attempt; "
-                f"torchrun restarted the group)")
+    first = restart_problem(checkpoint_dir, resume=False, restarts=True)
+    restarted = None
+    if refused.is_file():
+        restarted = (f"{refused.read_text().strip()} (refused at this launch's first attempt; "
+                     f"torchrun restarted the group)")
+    return first, restarted
+
+
+def keep_restart_refusal(args: argparse.Namespace) -> None:
+    """On the group's first attempt, keep this rank's refusal of another run's checkpoints in
+    :data:`REFUSED_FILE` for the attempts after it, or remove one an earlier launch left."""
+    if not getattr(args, "restart_guarded", False):
+        return
+    refused = args.checkpoint_dir / REFUSED_FILE
+    with contextlib.suppress(OSError):  # unwritable: every attempt refuses it anyway
+        if args.restart_refusal is not None:
+            write_whole(refused, args.restart_refusal)
+        else:
+            refused.unlink(missing_ok=True)
 
 
 def _restartable() -> bool:
@@ -254,7 +273,9 @@ def _restartable() -> bool:
 
 
 def attempt() -> int:
-    """This group's attempt under torchrun: 0 first, then 1, 2, ... after each restart."""
+    """This node's count of its group's restarts under torchrun: 0 first, then 1, 2, ...
+    after each restart of a failure of one of its own ranks (a node restarted with another
+    node's failure keeps its count: :mod:`orthoshard.agreement` takes the largest)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 

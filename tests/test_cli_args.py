@@ -734,40 +734,47 @@ def test_a_resume_that_writes_its_run_id_needs_a_writable_checkpoint_dir(tmp_pat
 
 
 def test_a_restarted_group_resumes_and_a_first_attempt_refuses_another_runs_latest(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch):
     # without --resume a restarted group started over from step 0 (the docstring promises it
     # resumes where the last checkpoint was), and the first attempt, were it to resume, could
-    # continue another run's LATEST
+    # continue another run's LATEST. Which attempt it is, orthoshard.agreement decides over
+    # every rank (restarted: any rank's restart count above 0); here both are asked for.
+    from orthoshard.agreement import own_problem
+    from orthoshard.train_args import keep_restart_refusal
+
     argv = ["--checkpoint-dir", str(tmp_path), "--checkpoint-every", "5"]
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert train.parse_args(argv).resume  # nothing there yet: a new run (resume finds none)
+    args = train.parse_args(argv)
+    assert args.resume and own_problem(args, None, restarted=False) is None  # a new run
     (tmp_path / "step-000005").mkdir()
     (tmp_path / "LATEST").write_text("step-000005")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # this run's own LATEST by now
-    assert train.parse_args(argv).resume
+    args = train.parse_args(argv)  # a restarted group: this run's own LATEST by now
+    assert args.resume and own_problem(args, None, restarted=True) is None
     # a new launch into that directory: refused, and so is every attempt torchrun restarts
     # after the refusal (the first such attempt resumed the other run, and exited 0)
-    for attempt in ("0", "1", "2"):
-        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
-        with pytest.raises(SystemExit):
-            train.parse_args(argv)
-        err = capsys.readouterr().err
-        assert "pass --resume to continue that run" in err
-        assert ("refused at this launch's first attempt" in err) == (attempt != "0")
+    first = own_problem(args, None, restarted=False)
+    assert first is not None and "pass --resume to continue that run" in first
+    assert "refused at this launch's first attempt" not in first
+    keep_restart_refusal(args)
+    for _ in range(2):
+        again = own_problem(train.parse_args(argv), None, restarted=True)
+        assert again is not None and "pass --resume to continue that run" in again
+        assert "refused at this launch's first attempt" in again
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert not train.parse_args(argv).resume  # no restarts: a new run next to the old one
     # the launch after it, with --resume: its restarts resume too
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
-    assert train.parse_args([*argv, "--resume"]).resume
-    # an empty directory again (the old run removed): a first attempt takes it, and its
-    # restarts resume its own checkpoints
+    args = train.parse_args([*argv, "--resume"])
+    assert args.resume and own_problem(args, None, restarted=True) is None
+    # an empty directory again (the old run removed): a first attempt takes it and clears the
+    # kept refusal, and its restarts resume its own checkpoints
     (tmp_path / "LATEST").unlink()
-    assert train.parse_args(argv).resume
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    args = train.parse_args(argv)
+    assert args.resume and own_problem(args, None, restarted=False) is None
+    keep_restart_refusal(args)
+    assert not (tmp_path / "REFUSED").exists()
     (tmp_path / "LATEST").write_text("step-000005")
-    assert train.parse_args(argv).resume
+    assert own_problem(train.parse_args(argv), None, restarted=True) is None
 
 
 def test_the_footer_names_a_command_this_shell_can_run(monkeypatch):

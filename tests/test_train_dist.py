@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +29,9 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 STEPS = 12
 TRAIN = ["-m", "orthoshard.train", "--steps", str(STEPS), "--optimizer", "normuon",
          "--no-progress"]
+# A store of its own for each attempt of a restarted group, as the demo and compose run torchrun
+# (orthoshard.train's note on torchrun's shared store)
+STORE_PER_ATTEMPT = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # Same data order, same kernels and one thread per rank on both sides of each comparison:
 # the resumed run reproduces the uninterrupted one exactly in practice; 1e-6 absorbs nothing
 # but a differently blocked BLAS call.
@@ -36,7 +40,7 @@ EXACT_ATOL = 1e-6
 
 def _torchrun(*args: str, env: dict | None = None, timeout: float = 240) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT, **(env or {})}
     proc = run_whole(cmd, timeout=timeout, env=full_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -298,7 +302,7 @@ def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, u
     port = _free_port()
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT}
     with contextlib.ExitStack() as stack:  # each agent's session killed whole on a failure
         agents = [stack.enter_context(killed_whole(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *common, *TRAIN, "--out",
@@ -314,27 +318,28 @@ def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, u
     _assert_same(_params(finals[0]), uninterrupted)
 
 
-def _two_nodes(tmp_path: Path, *node_args: list[str], timeout: float = 120) -> list[str]:
-    """Two torchrun agents of one process each over c10d, node ``i`` given ``node_args[i]``
-    after :data:`TRAIN`; every agent must end within ``timeout`` with a failure. Returns their
-    stderr."""
+def _two_nodes(tmp_path: Path, *node_args: list[str], env: dict | None = None,
+               restarts: int = 0, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents of one process each over c10d (``--max-restarts restarts``), node
+    ``i`` given ``node_args[i]`` after :data:`TRAIN` (its ``--out``: ``tmp_path/node{i}``);
+    both must end within ``timeout``."""
     port = _free_port()
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    errs = []
+              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+              f"--max-restarts={restarts}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT, **(env or {})}
+    done = []
     with contextlib.ExitStack() as stack:  # each agent's session killed whole on a failure
         agents = [stack.enter_context(killed_whole(subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *common, *TRAIN, "--out",
-             str(tmp_path / f"node{i}"), *extra], env=env, stdout=subprocess.PIPE,
+             str(tmp_path / f"node{i}"), *extra], env=full_env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True)))
             for i, extra in enumerate(node_args)]
         deadline = time.monotonic() + timeout
         for a in agents:
-            _, err = a.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert a.returncode != 0, err[-4000:]
-            errs.append(err)
-    return errs
+            out, err = a.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(a.args, a.returncode, out, err))
+    return done
 
 
 @pytest.mark.timeout(300)
@@ -343,14 +348,39 @@ def test_a_node_started_with_other_arguments_stops_every_node_saying_why(tmp_pat
     # (a gloo abort); a refusal of one node's own (a bad argument, a --resume its checkpoint
     # cannot take) left the other node's ranks waiting in the process group, without a word,
     # until it timed out (30 min)
-    errs = _two_nodes(tmp_path, [], ["--d-model", "32"])
-    for err in errs:  # each node's log names the cause
-        assert "started with different arguments (--d-model 64 on rank 0, 32 on rank 1)" \
-            in err, err[-4000:]
-    errs = _two_nodes(tmp_path, [], ["--steps", "0"])
-    for err in errs:
-        assert "orthoshard.train: rank 1: --steps must be >= 1; nothing ran on any rank" in err, \
-            err[-4000:]
+    # (each rank named with its host, both "nodes" here; the rendezvous numbers the nodes in
+    # the order they arrive, so either may be rank 0)
+    host = re.escape(socket.gethostname())
+    for node_args, says in (
+            (["--d-model", "32"], rf"started with different arguments \(--d-model (64|32) "
+                                  rf"on rank [01] \(on {host}\), (32|64) on rank [01] "
+                                  rf"\(on {host}\)\)"),
+            (["--steps", "0"], rf"orthoshard\.train: rank [01] \(on {host}\): --steps must be "
+                               rf">= 1; no rank started training")):
+        for agent in _two_nodes(tmp_path, [], node_args):  # each node's log names the cause
+            assert agent.returncode != 0 and re.search(says, agent.stderr), agent.stderr[-4000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_killed_on_one_of_two_nodes_restarts_both_from_the_checkpoint(tmp_path,
+                                                                           uninterrupted):
+    # torchrun counts the restart on the killed rank's node only: the other node's rank,
+    # restarted with it, read attempt 0 and refused the run's own checkpoints as another
+    # run's (and kept that refusal in REFUSED for every attempt after it)
+    # (the delay holds rank 0 out of any collective when rank 1 dies, so that its node
+    # restarts it for the other node's failure instead of failing itself)
+    keep = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4",
+            "--step-delay", "2"]
+    agents = _two_nodes(tmp_path, keep, keep, restarts=1, timeout=240,
+                        env={"ORTHOSHARD_KILL_RANK_AT": "1:6", "LOGLEVEL": "INFO"})
+    # the case: one node restarted its rank for the other's failure (its count kept at 0)
+    assert "new nodes from group_rank" in "".join(a.stderr for a in agents)
+    for agent in agents:
+        assert agent.returncode == 0, agent.stderr[-4000:]
+    assert not (tmp_path / "ckpt" / "REFUSED").exists()
+    finals = list(tmp_path.glob("node*/final_params.pt"))
+    assert len(finals) == 1, "exactly one node hosts global rank 0"
+    _assert_same(_params(finals[0]), uninterrupted)
 
 
 # HSDP against FSDP over the same 4 ranks and data: the gradients agree to 1e-7 (relative,
@@ -510,7 +540,7 @@ def _terminate_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     """SIGTERM this process once step ``at`` is done (where the fault injection hook runs)."""
     from orthoshard import train
 
-    def hook(step: int) -> None:
+    def hook(step: int, *, restarted: bool) -> None:
         if step == at:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -535,7 +565,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_the_resume_continues_exa
     assert not (out / "rank0.json").exists() and not (out / "final_params.pt").exists()
     assert ("stopped by SIGTERM after step 3 of 6; saved a checkpoint at step 3"
             in capsys.readouterr().err)
-    monkeypatch.setattr("orthoshard.train._maybe_die", lambda step: None)
+    monkeypatch.setattr("orthoshard.train._maybe_die", lambda step, restarted: None)
     assert _train_here(monkeypatch, "--steps", "6", "--out", str(out), "--resume", *keep) == 0
     assert _train_here(monkeypatch, "--steps", "6", "--out", str(ref)) == 0
     assert len((out / "loss.jsonl").read_text().splitlines()) == 6  # no step twice

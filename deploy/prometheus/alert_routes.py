@@ -55,8 +55,8 @@ def config_name(p: Profile) -> str:
 def rotation_firing_s(p: Profile) -> int:
     """The shortest time a one-step rotation spike's alert fires, as the rules are written: the
     sidecar holds the turn ``rot_hold`` seconds and the jump window keeps it ``rot_window`` more;
-    the alert waits its ``for`` and up to two intervals (the scrape, an evaluation) of that.
-    Measured under the fast profile with ``--rotation-hold 2``: 4 s (docs/deploy.md)."""
+    the alert waits its ``for`` and up to two intervals (the scrape, an evaluation) of that:
+    3 s for the fast profile, where ``--rotation-hold 2`` measured 4 s (docs/deploy.md)."""
     return p.rot_hold + p.rot_window - p.rot_for - 2 * p.interval
 
 
