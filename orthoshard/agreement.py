@@ -29,7 +29,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orthoshard.train_args import attempt, keep_restart_refusal
+from orthoshard.checkpoints import Checkpoints
+from orthoshard.train_args import attempt, keep_restart_refusal, publishes
 
 __all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
 
@@ -76,15 +77,22 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
     this rank's own refusal. On the group's first attempt it also keeps (or clears) this
     rank's refusal of another run's checkpoints for the attempts after it. A collective of the
     default group: call it on every rank."""
-    shared = None if args is None else {name: getattr(args, name) for name in SHARED}
+    shared = None if args is None else {
+        **{_flag(name): getattr(args, name) for name in SHARED},
+        # each node reads its own --checkpoint-dir: a resume must find the same checkpoint
+        "the checkpoint --resume continues": _resumed_from(args)}
     mine = (own_problem(args, problem, restarted=False),
-            own_problem(args, problem, restarted=True), shared, attempt(), socket.gethostname())
+            own_problem(args, problem, restarted=True), shared, attempt(), socket.gethostname(),
+            args is not None and publishes(args))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    restarted = any(count > 0 for _, _, _, count, _ in everyone)
-    hosts = [host for *_, host in everyone]
+    restarted = any(count > 0 for _, _, _, count, _, _ in everyone)
+    hosts = [host for _, _, _, _, host, _ in everyone]
     if args is not None:
         args.restarted = restarted  # the group's, for what the job does on a first attempt only
+        # a node publishing to its sidecar while another does not: the run id every rank
+        # publishes and checkpoints under is drawn and broadcast if any rank needs it
+        args.any_publishes = any(theirs for *_, theirs in everyone)
     if args is not None and not restarted:
         keep_restart_refusal(args)
     world = len(everyone)
@@ -98,17 +106,28 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
                          else f"{_ranks(ranks, world, hosts)}: {why}"
                          for why, ranks in refused.items())
     differ = []
-    for name in SHARED:
+    for name in everyone[0][2]:
         values: dict[str, list[int]] = {}
         for rank, (_, _, theirs, *_) in enumerate(everyone):
             values.setdefault(repr(theirs[name]), []).append(rank)
         if len(values) > 1:
-            differ.append(f"{_flag(name)} " + ", ".join(
+            differ.append(f"{name} " + ", ".join(
                 f"{value} on {_ranks(ranks, world, hosts)}" for value, ranks in values.items()))
     if differ:
         return (f"the ranks of this job were started with different arguments "
                 f"({'; '.join(differ)}): start every node with the same training arguments")
     return None
+
+
+def _resumed_from(args: argparse.Namespace) -> str | None:
+    """The name of the checkpoint a resume continues (``LATEST``'s), None for a new run."""
+    if not args.resume or args.checkpoint_dir is None:
+        return None
+    try:
+        latest = Checkpoints(args.checkpoint_dir).latest()
+    except OSError:  # refused by the arguments' checks already
+        return None
+    return None if latest is None else latest.name
 
 
 def refuse(problem: str) -> int:

@@ -316,7 +316,8 @@ def _train(args: argparse.Namespace) -> int:
     # the run's id, published under and saved with each checkpoint (a resume publishes under
     # the id of the checkpoint it continues), and written into the reports
     run_id = (_run_id(args.checkpoint_dir, args.resume)
-              if args.checkpoint_every or publishes(args) else None)
+              if args.checkpoint_every or getattr(args, "any_publishes", publishes(args))
+              else None)
     if start >= args.steps and _reports_written(args.out, rank, start, run_id):
         # a --resume of a finished run (compose restarted, say): training nothing would still
         # rewrite its reports. (A restart that finds the last checkpoint but no reports, a

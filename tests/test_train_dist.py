@@ -319,13 +319,14 @@ def test_two_torchrun_agents_rendezvous_over_c10d_and_match_one_node(tmp_path, u
 
 
 def _two_nodes(tmp_path: Path, *node_args: list[str], env: dict | None = None,
-               restarts: int = 0, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+               restarts: int = 0, timeout: float = 120,
+               rdzv_id: str = "two-nodes") -> list[subprocess.CompletedProcess]:
     """Two torchrun agents of one process each over c10d (``--max-restarts restarts``), node
     ``i`` given ``node_args[i]`` after :data:`TRAIN` (its ``--out``: ``tmp_path/node{i}``);
     both must end within ``timeout``."""
     port = _free_port()
     common = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-              f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes",
+              f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
               f"--max-restarts={restarts}"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT, **(env or {})}
     done = []
@@ -359,6 +360,33 @@ def test_a_node_started_with_other_arguments_stops_every_node_saying_why(tmp_pat
                                rf">= 1; no rank started training")):
         for agent in _two_nodes(tmp_path, [], node_args):  # each node's log names the cause
             assert agent.returncode != 0 and re.search(says, agent.stderr), agent.stderr[-4000:]
+    # --resume finds a checkpoint on one node's --checkpoint-dir and none on the other's: the
+    # ranks that found one waited in its load for ranks that never came
+    found, empty = tmp_path / "found", tmp_path / "empty"
+    alone = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    run_whole([sys.executable, "-m", "orthoshard.train", "--steps", "2", "--optimizer",
+               "normuon", "--no-progress", "--out", str(tmp_path / "first"), "--checkpoint-dir",
+               str(found), "--checkpoint-every", "2"], timeout=100,
+              env={**alone, "OMP_NUM_THREADS": "1"})
+    says = r"the checkpoint --resume continues ('step-000002'|None) on rank [01] .*, " \
+           r"(None|'step-000002') on rank [01]"
+    for agent in _two_nodes(tmp_path, *(["--resume", "--checkpoint-every", "4",
+                                         "--checkpoint-dir", str(d)] for d in (found, empty))):
+        assert agent.returncode != 0 and re.search(says, agent.stderr), agent.stderr[-4000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_node_publishing_to_its_sidecar_next_to_one_that_does_not_trains(tmp_path):
+    # the run id goes out from rank 0 to every rank when a rank publishes: a node without
+    # --sidecar-url skipped that broadcast and the other node's ranks waited in it (no
+    # --rdzv-id: torchrun's "none" gives no id). The sidecar here is away: publishing fails
+    # quietly and training goes on.
+    token = tmp_path / "token"
+    token.write_text("t" * 64)
+    token.chmod(0o600)
+    publish = ["--sidecar-url", f"http://127.0.0.1:{_free_port()}", "--token-file", str(token)]
+    for agent in _two_nodes(tmp_path, publish, [], rdzv_id="none", timeout=200):
+        assert agent.returncode == 0, agent.stderr[-4000:]
 
 
 @pytest.mark.timeout(300)
