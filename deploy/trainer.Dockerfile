@@ -17,5 +17,6 @@ COPY orthoshard ./orthoshard
 COPY bench ./bench
 # Editable, so files next to the packages (bench/, shipped data) resolve as in a checkout.
 RUN pip install --no-cache-dir -e . \
- && python -c "import torch, optim, sharding, service, orthoshard.train"
-ENTRYPOINT ["torchrun"]
+ && python -c "import torch, optim, sharding, service, orthoshard.train, orthoshard._torchrun"
+# torchrun, exiting 128 + the signal that stops it (orthoshard/_torchrun.py)
+ENTRYPOINT ["python", "-m", "orthoshard._torchrun"]

@@ -316,7 +316,8 @@ def test_compose_services_ports_secrets_and_health(tmp_path: Path) -> None:
         assert [s["source"] for s in sidecar["secrets"]] == ["orthoshard_token"]
         assert [s["source"] for s in trainer["secrets"]] == ["orthoshard_token"]
         assert "--token-file=/run/secrets/orthoshard_token" in sidecar["command"]
-        assert trainer["entrypoint"] == ["torchrun"]
+        # torchrun through the wrapper that exits 143 on docker compose stop, no traceback
+        assert trainer["entrypoint"] == ["python", "-m", "orthoshard._torchrun"]
         cmd = trainer["command"]
         for arg in ("--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
                     "--rdzv-endpoint=trainer-0:29400", "--token-file=/run/secrets/orthoshard_token",
