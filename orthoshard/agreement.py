@@ -29,7 +29,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orthoshard.checkpoints import Checkpoints
 from orthoshard.train_args import attempt, keep_restart_refusal, publishes
 
 __all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
@@ -65,10 +64,8 @@ def own_problem(args: argparse.Namespace | None, problem: str | None, *,
     if args is None:
         return problem
     if restarted:
-        return problem or getattr(args, "restarted_refusal", None)
-    # (absent where an argument was refused before the checkpoint's checks ran)
-    return getattr(args, "restart_refusal", None) or problem or \
-        getattr(args, "resume_refusal", None)
+        return problem or args.restarted_refusal
+    return args.restart_refusal or problem or args.resume_refusal
 
 
 def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | None:
@@ -80,7 +77,7 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
     shared = None if args is None else {
         **{_flag(name): getattr(args, name) for name in SHARED},
         # each node reads its own --checkpoint-dir: a resume must find the same checkpoint
-        "the checkpoint --resume continues": _resumed_from(args)}
+        "the checkpoint --resume continues": args.resumes_from}
     mine = (own_problem(args, problem, restarted=False),
             own_problem(args, problem, restarted=True), shared, attempt(), socket.gethostname(),
             args is not None and publishes(args))
@@ -117,17 +114,6 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
         return (f"the ranks of this job were started with different arguments "
                 f"({'; '.join(differ)}): start every node with the same training arguments")
     return None
-
-
-def _resumed_from(args: argparse.Namespace) -> str | None:
-    """The name of the checkpoint a resume continues (``LATEST``'s), None for a new run."""
-    if not args.resume or args.checkpoint_dir is None:
-        return None
-    try:
-        latest = Checkpoints(args.checkpoint_dir).latest()
-    except OSError:  # refused by the arguments' checks already
-        return None
-    return None if latest is None else latest.name
 
 
 def refuse(problem: str) -> int:

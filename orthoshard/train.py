@@ -316,8 +316,7 @@ def _train(args: argparse.Namespace) -> int:
     # the run's id, published under and saved with each checkpoint (a resume publishes under
     # the id of the checkpoint it continues), and written into the reports
     run_id = (_run_id(args.checkpoint_dir, args.resume)
-              if args.checkpoint_every or getattr(args, "any_publishes", publishes(args))
-              else None)
+              if args.checkpoint_every or publishes(args) or args.any_publishes else None)
     if start >= args.steps and _reports_written(args.out, rank, start, run_id):
         # a --resume of a finished run (compose restarted, say): training nothing would still
         # rewrite its reports. (A restart that finds the last checkpoint but no reports, a
@@ -406,7 +405,7 @@ def _loop(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, data
                       keep=args.keep_checkpoints)
         if stopping:
             return step + 1
-        _maybe_die(step + 1, restarted=getattr(args, "restarted", False))
+        _maybe_die(step + 1, restarted=args.restarted)
         if args.step_delay:
             delay(args.step_delay, stop, loss.device)
     final = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()

@@ -132,6 +132,10 @@ def _parser(*, defer: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=0, metavar="N",
                    help="rank 0 prints the step and loss every N steps, a line each (for logs "
                         "without a terminal, with --no-progress; 0: never)")
+    # what the checks and orthoshard.agreement decide, present also where a check refused
+    # before its own (see _check_checkpoints)
+    p.set_defaults(restart_guarded=False, restart_refusal=None, restarted_refusal=None,
+                   resume_refusal=None, resumes_from=None, restarted=False, any_publishes=False)
     return p
 
 
@@ -204,9 +208,10 @@ def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     another node's ranks, restarted with it, read 0. ``args.restart_refusal``: a first
     attempt's refusal of another run's checkpoints, kept in :data:`REFUSED_FILE` for the
     attempts after it; ``args.restarted_refusal``: a restarted group's refusal, from that file;
-    ``args.resume_refusal``: a first attempt's refusal of the ``--resume`` it was given."""
+    ``args.resume_refusal``: a first attempt's refusal of the ``--resume`` it was given;
+    ``args.resumes_from``: the name of the checkpoint a resume continues (every rank must find
+    the same one)."""
     resume_given = args.resume
-    args.restart_refusal = args.restarted_refusal = args.resume_refusal = None
     args.restart_guarded = bool(args.checkpoint_every and not args.resume and _restartable())
     if args.restart_guarded:
         args.restart_refusal, args.restarted_refusal = _restart_refusals(args.checkpoint_dir)
@@ -224,6 +229,7 @@ def _check_checkpoints(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             latest = Checkpoints(args.checkpoint_dir).latest()
         except OSError as exc:  # LATEST names no checkpoint: said once, not by every rank
             p.error(str(exc))
+        args.resumes_from = None if latest is None else latest.name
         if latest is not None and (problem := optimizer_mismatch(
                 latest, args.optimizer, args.kl_shampoo)) is not None:
             p.error(problem)
@@ -257,7 +263,7 @@ def _restart_refusals(checkpoint_dir: Path) -> tuple[str | None, str | None]:
 def keep_restart_refusal(args: argparse.Namespace) -> None:
     """On the group's first attempt, keep this rank's refusal of another run's checkpoints in
     :data:`REFUSED_FILE` for the attempts after it, or remove one an earlier launch left."""
-    if not getattr(args, "restart_guarded", False):
+    if not args.restart_guarded:
         return
     refused = args.checkpoint_dir / REFUSED_FILE
     with contextlib.suppress(OSError):  # unwritable: every attempt refuses it anyway
