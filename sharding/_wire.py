@@ -14,9 +14,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from optim._exchange import MatrixItem, group_settings
+from sharding.plan import Plan
 
-__all__ = ["STATUS_ELEMENTS", "Blocks", "agree", "all_to_all", "placeholder", "signature",
-           "through"]
+__all__ = ["STATUS_ELEMENTS", "Blocks", "agree", "all_to_all", "assemble", "placeholder",
+           "send_lists", "signature", "through"]
 
 # Elements each rank puts at the head of every block of both all-to-alls: its status (0: fine,
 # 1: it could not prepare its rows, in the gather, or compute its matrices, in the scatter), so
@@ -172,3 +173,45 @@ def through(t: Tensor, wire: torch.dtype) -> Tensor:
     if torch.promote_types(t.dtype, wire) == wire:
         return t
     return t.to(wire).to(t.dtype)
+
+
+def assemble(plan: Plan, inputs: Sequence[Tensor], owned: list[int], received: list[Tensor],
+             wire: torch.dtype) -> list[Tensor]:
+    """Each owned matrix's full update input, in its own dtype (one process computes on that
+    dtype: Muon's softening blend, SOAP's float64 state): a sharded one from its rows as they
+    arrived in ``received`` (one block per source rank, consumed), in source rank order; a
+    replicated one as this rank holds it, as it would cross the wire."""
+    full = []
+    for i in owned:
+        if not plan.sharded[i]:
+            full.append(through(inputs[i], wire))
+            continue
+        pieces = []
+        for s in range(plan.world_size):
+            size = plan.rows_of(i, s) * plan.shapes[i][1]
+            pieces.append(received[s][:size])
+            received[s] = received[s][size:]
+        full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
+    return full
+
+
+def send_lists(plan: Plan, owned: list[int], results: list[Tensor] | None, wire: torch.dtype,
+               device: torch.device) -> list[list[Tensor]]:
+    """Per destination rank, the pieces of the scatter: its rows of each owned sharded result,
+    the whole of a replicated one. Consumes ``results`` (cleared: the views in the lists keep
+    them until the send buffer holds them); None (this rank failed): placeholders of the same
+    sizes, no new memory."""
+    send: list[list[Tensor]] = [[] for _ in range(plan.world_size)]
+    for k, i in enumerate(owned):
+        for d in range(plan.world_size):
+            start, end = plan.bounds[i][d]
+            if results is None:
+                rows = end - start if plan.sharded[i] else plan.shapes[i][0]
+                send[d].append(placeholder(rows * plan.shapes[i][1], wire, device))
+                continue
+            result = results[k]
+            send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
+                           else result.reshape(-1))
+    if results is not None:
+        results.clear()
+    return send

@@ -9,19 +9,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.weak import WeakIdKeyDictionary
 
 from optim._exchange import MatrixItem, local
 from sharding import _owner_state
+from sharding._layout import is_sharded, local_rows_problem
 from sharding._wire import (
     STATUS_ELEMENTS,
     agree,
     all_to_all,
+    assemble,
     name_signature,
     placeholder,
+    send_lists,
     signature,
-    through,
 )
 from sharding.plan import Plan, build_plan
 
@@ -120,7 +121,7 @@ class OwnerSharding:
         self._signature: list[float] = []  # this step's (run), sent with every block
         self._index: dict[int, int] = {}
         self._meshes_checked: dict[tuple[int, int], Any] = {}
-        self._sharded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> _is_sharded
+        self._sharded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> is_sharded
         self._owner_of: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> its owner rank
         self._stats = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
 
@@ -190,7 +191,7 @@ class OwnerSharding:
                 self._owner_of[item.param] = owner
             self._plan_key = key
             self._index = {id(item.param): i for i, item in enumerate(items)}
-            self._layout_error = self._local_rows_problem(items, self._plan)
+            self._layout_error = local_rows_problem(items, self._plan, self.rank)
         assert self._plan is not None
         if check and self._layout_error is not None:
             raise self._layout_error
@@ -227,68 +228,13 @@ class OwnerSharding:
                 f"raises; lay the rows out as FSDP2's fully_shard does")
 
     def _sharded_of(self, param: Tensor) -> bool:
-        """:meth:`_is_sharded`, once per parameter object (a DTensor's placements do not
-        change; the checks cost ~2 us a matrix, every step)."""
+        """:func:`sharding._layout.is_sharded`, once per parameter object (a DTensor's
+        placements do not change; the checks cost ~2 us a matrix, every step)."""
         known = self._sharded.get(param)
         if known is None:
-            known = self._sharded[param] = self._is_sharded(param)
+            known = self._sharded[param] = is_sharded(param, self.group, self.world_size,
+                                                      self._meshes_checked)
         return known
-
-    def _is_sharded(self, param: Tensor) -> bool:
-        """Whether ``param`` is row-sharded over this group (False: replicated, a plain
-        tensor). A DTensor must be ``Shard(0)`` over one mesh dimension (FSDP2's ``fully_shard``)
-        and ``Replicate()`` over any others (HSDP's replica dimension: every replica holds the
-        same shards and gradients, so each runs the same exchange within its shard group)."""
-        if not isinstance(param, DTensor):
-            return False
-        placements = tuple(param.placements)
-        shard_dims = [d for d, pl in enumerate(placements) if pl == Shard(0)]
-        if len(shard_dims) != 1 or not all(isinstance(pl, Replicate) for d, pl in
-                                           enumerate(placements) if d != shard_dims[0]):
-            raise ValueError(
-                f"OwnerSharding supports DTensor parameters sharded Shard(0) over one mesh "
-                f"dimension (FSDP2 fully_shard) and replicated over any others (HSDP), got "
-                f"mesh {param.device_mesh} and placements {param.placements}")
-        mesh, dim = param.device_mesh, shard_dims[0]
-        if mesh.size(dim) != self.world_size:
-            raise ValueError(
-                f"parameter mesh has {mesh.size(dim)} ranks along its Shard(0) dimension but the "
-                f"OwnerSharding group has {self.world_size}; pass the FSDP shard group as "
-                f"OwnerSharding(group=mesh.get_group(<shard dimension>))")
-        self._check_mesh_ranks(mesh, dim)
-        return True
-
-    def _check_mesh_ranks(self, mesh: Any, dim: int) -> None:
-        """Shard ``i`` of a parameter must live on group rank ``i``: the exchange assembles a
-        matrix from its shards in group rank order. A mesh of the right size over other ranks
-        (another group of a 2-D layout) or in another order would assemble another matrix."""
-        if (id(mesh), dim) in self._meshes_checked:
-            return
-        # the ranks along the Shard(0) dimension through this rank
-        coordinate = mesh.get_coordinate()
-        assert coordinate is not None  # a parameter on this rank: the rank is in its mesh
-        index = tuple(slice(None) if d == dim else c for d, c in enumerate(coordinate))
-        mesh_ranks = mesh.mesh[index].flatten().tolist()
-        group = self.group if self.group is not None else dist.group.WORLD
-        group_ranks = dist.get_process_group_ranks(group)
-        if mesh_ranks != group_ranks:
-            raise ValueError(
-                f"parameter mesh holds global ranks {mesh_ranks} along its Shard(0) dimension "
-                f"but the OwnerSharding group holds {group_ranks} in that order: shard i must "
-                f"live on group rank i. Pass that dimension's group as "
-                f"OwnerSharding(group=mesh.get_group(<shard dimension>)), and build the mesh "
-                f"with its ranks in ascending order (init_device_mesh does).")
-        self._meshes_checked[(id(mesh), dim)] = mesh  # kept alive, so its id is not reused
-
-    def _local_rows_problem(self, items: Sequence[MatrixItem], plan: Plan
-                            ) -> ValueError | None:
-        for i, item in enumerate(items):
-            rows = local(item.param).shape[0]
-            if rows != plan.rows_of(i, self.rank):
-                return ValueError(
-                    f"{item.name}: this rank holds {rows} rows, the plan expects "
-                    f"{plan.rows_of(i, self.rank)} (torch.chunk row sharding over dim 0)")
-        return None
 
     # ---- the step -----------------------------------------------------------------------
     def run(self, items: Sequence[MatrixItem], inputs: Sequence[Tensor],
@@ -344,20 +290,20 @@ class OwnerSharding:
         send: list[list[Tensor]] | None = None
         if failure is None:
             try:
-                full_inputs = self._assemble(plan, inputs, owned, received, wire)
+                full_inputs = assemble(plan, inputs, owned, received, wire)
                 if isinstance(inputs, list):
                     inputs.clear()
                 received = []  # the blocks: copied into the full inputs
                 results = compute(owned, full_inputs) if owned else []
                 del full_inputs  # emptied by compute
-                send = self._send_lists(plan, owned, results, wire, device)
+                send = send_lists(plan, owned, results, wire, device)
             except Exception as exc:  # raised again below, after the exchange
                 failure = exc
         received = []
         if isinstance(inputs, list):
             inputs.clear()
         if send is None:  # placeholders of the same sizes, no new memory, flagged
-            send = self._send_lists(plan, owned, None, wire, device)
+            send = send_lists(plan, owned, None, wire, device)
         updates, failed = self._scatter(plan, shapes, device, send, wire,
                                         failed=failure is not None)
         if failed:
@@ -401,15 +347,16 @@ class OwnerSharding:
                 carry_names: Sequence[str] = ()
                 ) -> tuple[list[Tensor], Tensor | None, list[int]]:
         """The gather: each source rank's block of this rank's owned sharded matrices' rows
-        (:meth:`_assemble` makes the full matrices of them), ``carry`` summed over the ranks (exact
-        for the 0/1 flags it holds, in any wire dtype) and the ranks that could not prepare their
-        inputs (``failed`` here: placeholders are sent, no new memory). Every block starts with the
-        sender's status and signature, then ``carry``. With only replicated matrices (all of the
-        optimizer's, not only this step's) no rows move: one small ``all_gather`` of the carry,
-        statuses and signatures (:func:`sharding._wire.agree`) tells every rank of a failure or a
-        mismatch before any owner computes. Found in the scatter instead, a step refused there had
-        advanced the owners' own state (NorMuon's second moments, SOAP's factors), and an owner
-        sending a matrix its receiver does not step made gloo abort both processes."""
+        (:func:`sharding._wire.assemble` makes the full matrices of them), ``carry`` summed
+        over the ranks (exact for the 0/1 flags it holds, in any wire dtype) and the ranks that
+        could not prepare their inputs (``failed`` here: placeholders are sent, no new memory).
+        Every block starts with the sender's status and signature, then ``carry``. With only
+        replicated matrices (all of the optimizer's, not only this step's) no rows move: one
+        small ``all_gather`` of the carry, statuses and signatures (:func:`sharding._wire.agree`)
+        tells every rank of a failure or a mismatch before any owner computes. Found in the
+        scatter instead, a step refused there had advanced the owners' own state (NorMuon's
+        second moments, SOAP's factors), and an owner sending a matrix its receiver does not
+        step made gloo abort both processes."""
         # all replicated (DDP-style): owners already hold everything. Decided by all of the
         # optimizer's matrices, not this step's, so that ranks whose steps differ make the same
         # collective and learn of it from the signatures.
@@ -441,52 +388,12 @@ class OwnerSharding:
                                                            capacity=capacity)
         return received, carried, failed_ranks
 
-    def _assemble(self, plan: Plan, inputs: Sequence[Tensor], owned: list[int],
-                  received: list[Tensor], wire: torch.dtype) -> list[Tensor]:
-        """Each owned matrix's full update input, in its own dtype (one process computes on
-        that dtype: Muon's softening blend, SOAP's float64 state): a sharded one from its rows
-        as they arrived, in source rank order; a replicated one as this rank holds it, as it
-        would cross the wire."""
-        full = []
-        for i in owned:
-            if not plan.sharded[i]:
-                full.append(through(inputs[i], wire))
-                continue
-            pieces = []
-            for s in range(self.world_size):
-                size = plan.rows_of(i, s) * plan.shapes[i][1]
-                pieces.append(received[s][:size])
-                received[s] = received[s][size:]
-            full.append(torch.cat(pieces).view(plan.shapes[i]).to(inputs[i].dtype))
-        return full
-
-    def _send_lists(self, plan: Plan, owned: list[int], results: list[Tensor] | None,
-                    wire: torch.dtype, device: torch.device) -> list[list[Tensor]]:
-        """Per destination rank, the pieces of the scatter: its rows of each owned sharded
-        result, the whole of a replicated one. Consumes ``results`` (cleared: the views in the
-        lists keep them until the send buffer holds them); None (this rank failed):
-        placeholders of the same sizes, no new memory."""
-        send: list[list[Tensor]] = [[] for _ in range(self.world_size)]
-        for k, i in enumerate(owned):
-            for d in range(self.world_size):
-                start, end = plan.bounds[i][d]
-                if results is None:
-                    rows = end - start if plan.sharded[i] else plan.shapes[i][0]
-                    send[d].append(placeholder(rows * plan.shapes[i][1], wire, device))
-                    continue
-                result = results[k]
-                send[d].append(result[start:end].reshape(-1) if plan.sharded[i]
-                               else result.reshape(-1))
-        if results is not None:
-            results.clear()
-        return send
-
     def _scatter(self, plan: Plan, shapes: list[tuple[int, ...]], device: torch.device,
                  send: list[list[Tensor]], wire: torch.dtype, *, failed: bool
                  ) -> tuple[list[Tensor], list[int]]:
-        """Send ``send`` (:meth:`_send_lists`; consumed); each rank's rows of every matrix
-        (``shapes``: of this rank's inputs), and the ranks that failed (``failed``: this one,
-        which sends placeholders).
+        """Send ``send`` (:func:`sharding._wire.send_lists`; consumed); each rank's rows of
+        every matrix (``shapes``: of this rank's inputs), and the ranks that failed (``failed``:
+        this one, which sends placeholders).
 
         Each block starts with the status (0: computed, 1: failed) and the step's signature, so
         that every rank learns of a failed owner in this one collective: ``STATUS_ELEMENTS``

@@ -691,9 +691,11 @@ def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) 
     plan, _ = opt._exchange.global_plan()
     names = [item.name for item in opt.matrix_items()]
     failing = world - 1 if phase == "prepare" else plan.owners[names.index(FAILING_MATRIX)]
+    import sharding.owner
+
     target, method = {"compute": (opt, "_compute"), "prepare": (opt, "_prepare"),
-                      "assemble": (opt._exchange, "_assemble"),
-                      "send": (opt._exchange, "_send_lists")}[phase]
+                      "assemble": (sharding.owner, "assemble"),
+                      "send": (sharding.owner, "send_lists")}[phase]
     real = getattr(target, method)
 
     def fail(*args: Any) -> Any:
@@ -713,7 +715,7 @@ def owner_error_worker(rank: int, world: int, out: str, phase: str, fsdp: bool) 
     failed = _every_rank_says(world, Exception, opt.step)
     after, momentum_after = full_params(model), _momentum(opt)
     steps_after = [group["step"] for group in opt.param_groups]
-    delattr(target, method)  # the class's again
+    setattr(target, method, real)  # the real one again
     inject(model, 2)
     recovered = _every_rank_says(world, Exception, opt.step)
     final = full_params(model)  # a collective: every rank
