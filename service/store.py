@@ -23,7 +23,6 @@ is ever missing from what the store answers.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import logging
@@ -45,6 +44,7 @@ from service.dbfile import (
     own,
     release,
 )
+from service.mirror import Mirror
 from service.records import (
     Abandoned,
     HistoryRow,
@@ -73,8 +73,9 @@ _WAL_SIZE_LIMIT = 64 << 20
 _log = logging.getLogger("orthoshard.sidecar.store")
 
 
-class Store:
-    """Thread-safe store; one instance per sidecar process.
+class Store(Mirror):
+    """Thread-safe store; one instance per sidecar process. Its reads of the latest state
+    are the in-memory :class:`service.mirror.Mirror`'s.
 
     Args:
         path: SQLite file, or ``":memory:"``.
@@ -90,11 +91,11 @@ class Store:
     ) -> None:
         self._clock = clock
         self._max_rows = history_max_rows
-        # _lock guards the in-memory mirror and is held only briefly, so that reads of the
-        # latest state (a scrape) never wait for the disk; _db_lock guards the connection and
-        # serializes the writers (and the checkpointer's RESTART): a writer holds it from
-        # reading the mirror to updating it
-        self._lock = threading.RLock()
+        super().__init__()
+        # the mirror's _lock is held only briefly, so that reads of the latest state (a
+        # scrape) never wait for the disk; _db_lock guards the connection and serializes the
+        # writers (and the checkpointer's RESTART): a writer holds it from reading the mirror
+        # to updating it
         self._db_lock = threading.RLock()
         # one sidecar per database file, for as long as it runs (released when it exits, even
         # killed); checked before SQLite opens the file, which must then be writable
@@ -114,9 +115,6 @@ class Store:
         self._checkpointer: Checkpointer | None = None
         self._closing = False  # close() began: writes waiting for their turn give up
         self._prepared = False  # the tables exist (a store that failed to open merges nothing)
-        self._ranks: dict[int, RankRecord] = {}
-        self._params: dict[str, ParamRecord] = {}
-        self._names: list[str] = []
         self._listeners: list[Callable[[list[ParamRecord]], None]] = []
         # the file this store writes (None: an in-memory database): a file removed or replaced
         # under a running sidecar kept taking writes into the open one, all lost at the next
@@ -165,10 +163,7 @@ class Store:
 
     def _load(self) -> None:
         """Fill the in-memory mirror from the tables (:func:`service.tables.load`)."""
-        ranks, params = tables.load(self._db)
-        self._ranks.update(ranks)
-        self._params.update(params)
-        self._names = sorted(self._params)
+        self._fill(*tables.load(self._db))
 
     @contextmanager
     def _turn(self, abandoned: Callable[[], bool] | None = None) -> Iterator[float]:
@@ -380,15 +375,7 @@ class Store:
                 tables.merge_pending(db, self._max_rows, upto)
             return upto < last
 
-    def _apply(self, rank_rec: RankRecord, records: list[ParamRecord]) -> None:
-        """Update the in-memory mirror (caller holds the lock)."""
-        self._ranks[rank_rec.rank] = rank_rec
-        for rec in records:
-            if rec.name not in self._params:
-                bisect.insort(self._names, rec.name)
-            self._params[rec.name] = rec
-
-    # ----------------------------------------------------------------- reads (from memory)
+    # ------------------------------------ readiness and history (the latest state: Mirror)
 
     @property
     def ready(self) -> bool:
@@ -404,41 +391,6 @@ class Store:
                     f"sidecar ran, and writes to the one it has open would be lost: restart "
                     f"the sidecar")
         return None
-
-    def ranks(self) -> list[RankRecord]:
-        """Every rank ever seen, by rank."""
-        with self._lock:
-            return sorted(self._ranks.values(), key=lambda r: r.rank)
-
-    def params(self) -> list[ParamRecord]:
-        """Every parameter's latest record (a consistent copy of the list)."""
-        with self._lock:
-            return list(self._params.values())
-
-    def latest(self) -> tuple[list[RankRecord], list[ParamRecord]]:
-        """:meth:`ranks` and :meth:`params` as of one moment (one hold of the lock): read one
-        after the other, an ingest that starts a rank's new run between them gave the old run's
-        rank record with the new run's parameters, which match neither."""
-        with self._lock:
-            return sorted(self._ranks.values(), key=lambda r: r.rank), list(self._params.values())
-
-    def param(self, name: str) -> ParamRecord | None:
-        """The latest record of ``name``, or None."""
-        with self._lock:
-            return self._params.get(name)
-
-    def page(self, *, after: str | None, limit: int, rank: int | None = None) -> list[ParamRecord]:
-        """Up to ``limit`` records with names > ``after``, in name order (cursor pagination)."""
-        with self._lock:
-            start = 0 if after is None else bisect.bisect_right(self._names, after)
-            out: list[ParamRecord] = []
-            for name in self._names[start:]:
-                rec = self._params[name]
-                if rank is None or rec.rank == rank:
-                    out.append(rec)
-                    if len(out) == limit:
-                        break
-            return out
 
     def history(
         self, name: str, *, run_id: str, from_step: int, to_step: int, limit: int
