@@ -136,7 +136,7 @@ def _run_id(checkpoint_dir: Path | None, resumed: bool) -> str:
     ones. The kept id goes before torchrun's because a fixed ``--rdzv-id`` (as
     docker-compose.yml's) names the job, not the run: every new run of the job published under
     it and overwrote the history of the run before."""
-    from service.client import environment_run_id
+    from service.targets import environment_run_id
 
     if (value := environment_run_id(torchrun=checkpoint_dir is None)) is not None:
         return value

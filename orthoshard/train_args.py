@@ -167,17 +167,17 @@ def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 def _check_sidecar(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.sidecar_url is not None:
-        from service.client import url_problem  # the Publisher's own check (imports httpx)
+        from service.targets import url_problem  # the Publisher's own check (imports httpx)
 
         if (problem := url_problem(args.sidecar_url)) is not None:
             p.error(f"--sidecar-url {problem}")
     if args.sidecar_uds is not None:
-        from service.client import uds_problem
+        from service.targets import uds_problem
 
         if (problem := uds_problem(args.sidecar_uds)) is not None:
             p.error(f"--sidecar-uds {problem}")
     if args.checkpoint_every or publishes(args):
-        from service.client import environment_run_id, run_id_problem
+        from service.targets import environment_run_id, run_id_problem
 
         # the id _run_id takes from the environment, checked as the sidecar will (it is also
         # kept with each checkpoint, which a later resume publishes under)

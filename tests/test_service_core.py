@@ -26,13 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.store as store_module
 from service import dbfile
-from service.client import FINISH_RESERVE_S, Publisher, default_run_id, environment_run_id
+from service.client import FINISH_RESERVE_S, Publisher
 from service.metrics import HealthCollector, build_registry, classify
 from service.records import DatabaseInUse
 from service.schema import Snapshot
 from service.sender import _STORE_BYTES_PER_S as STORE_BYTES_PER_S
 from service.settings import Settings, read_token_file
 from service.store import Store
+from service.targets import default_run_id, environment_run_id
 
 
 def make_snapshot(step: int, rank: int = 0, n: int = 3, run_id: str = "r") -> Snapshot:
