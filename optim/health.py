@@ -156,6 +156,7 @@ def estimate_orthogonality_error(O: Tensor, probes: int = 16, *, seed: int = 0) 
     Returns:
         A tensor of shape ``O.shape[:-2]``.
     """
+    require_tensor(O, "estimate_orthogonality_error")
     if O.ndim < 2:
         raise ValueError(f"estimate_orthogonality_error needs a (..., m, n) matrix, got "
                          f"{tuple(O.shape)}")
@@ -194,8 +195,12 @@ def eigengap_ratio(eigvals: Tensor) -> Tensor:
     gives 0.
 
     Raises:
-        ValueError: with no eigenvalue.
+        ValueError: with no eigenvalue, or complex ones.
     """
+    require_tensor(eigvals, "eigengap_ratio")
+    if eigvals.is_complex():
+        raise ValueError(f"eigengap_ratio needs real eigenvalues (a factor's, symmetric), got "
+                         f"{eigvals.dtype}")
     if eigvals.ndim < 1 or eigvals.size(-1) < 1:
         raise ValueError(f"eigengap_ratio needs at least 1 eigenvalue, got {tuple(eigvals.shape)}")
     top = eigvals[..., 0]
@@ -237,6 +242,8 @@ def rotation_angles_degrees(Q_prev: Tensor, Q_new: Tensor, ks: tuple[int, ...] =
     """
     require_tensor(Q_prev, "rotation_angle_degrees")
     require_tensor(Q_new, "rotation_angle_degrees")
+    _check_real(Q_prev, "rotation_angle_degrees")  # casting to float64 dropped the imaginary
+    _check_real(Q_new, "rotation_angle_degrees")  # part: a 53 degree turn read 0
     if Q_prev.shape != Q_new.shape or Q_prev.ndim < 2:
         raise ValueError(
             f"rotation_angle_degrees needs two bases of one (..., n, r) shape, got "

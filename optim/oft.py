@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from optim._checks import is_int, is_real
 from optim.health import orthogonality_error
-from optim.orthogonal import METHODS, clip_spectral_norm, rotation, skew_from_vector
+from optim.orthogonal import (
+    AUTO_MAX_NORM,
+    MAX_NORM_LIMIT,
+    METHODS,
+    clip_spectral_norm,
+    rotation,
+    skew_from_vector,
+)
 
 __all__ = ["OFTConfig", "OFTLinear"]
 
@@ -55,6 +62,7 @@ class OFTConfig:
         if not is_real(self.max_norm) or not (self.max_norm == -1 or self.max_norm > 0):
             raise ValueError(f"max_norm must be a real number > 0, math.inf or -1 (auto), got "
                              f"{self.max_norm!r}")
+        self._check_max_norm_limit()
         if not is_int(self.terms) or self.terms < 1:
             raise ValueError(f"terms must be an int >= 1, got {self.terms!r}")
         if self.method == "cayley_neumann" and self.terms == 1:
@@ -63,6 +71,21 @@ class OFTConfig:
                              "leaves nothing to train)")
         if self.steps is not None and (not is_int(self.steps) or self.steps < 1):
             raise ValueError(f"steps must be an int >= 1 or None, got {self.steps!r}")
+
+    def _check_max_norm_limit(self) -> None:
+        """Refuse a clip above what the method is accurate under (``MAX_NORM_LIMIT``): R of
+        a larger Q was silently wrong, then Inf or NaN (exp at norm 30, Neumann past 1)."""
+        if self.max_norm == -1 or (self.method == "cans_cayley" and self.steps is not None):
+            return
+        limit = MAX_NORM_LIMIT[self.method]
+        if self.max_norm > limit or (self.method == "cayley_neumann" and self.max_norm >= 1):
+            bound = "below 1 (its series diverges at 1)" if self.method == "cayley_neumann" \
+                else f"at most {limit:.6g}"
+            extra = ", or give cans_cayley more steps" if self.method == "cans_cayley" else ""
+            raise ValueError(
+                f"max_norm={self.max_norm!r} is above what method={self.method!r} is accurate "
+                f"under: use a max_norm {bound} (-1 picks {AUTO_MAX_NORM[self.method]:g}), or "
+                f"method='cayley', exact at any norm{extra}")
 
 
 class OFTLinear(nn.Module):

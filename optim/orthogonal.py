@@ -39,6 +39,7 @@ from optim._checks import is_int, is_real, require_tensor
 __all__ = [
     "AUTO_MAX_NORM",
     "CANS_CAYLEY_DEFAULT_STEPS",
+    "MAX_NORM_LIMIT",
     "METHODS",
     "cans_cayley",
     "cayley",
@@ -69,6 +70,21 @@ AUTO_MAX_NORM: dict[str, float] = {
     "cayley_neumann": 0.95,
     "cans_cayley": 3.0,
     "exp": 3.13,
+}
+
+# The largest clip (max_norm) under which each method keeps its documented accuracy; OFTConfig
+# refuses a larger one (a Q past it trained on garbage: exp at norm 6 is off by 1e-4, at 30 by
+# 1e31; 5-term Neumann at norm 5 has an orthogonality error of 3e5):
+# - cayley: none (exact; its rounding grows like u ||Q||_2, see cayley).
+# - cayley_neumann: the series diverges at ||Q||_2 >= 1, so below 1 (not 1 itself).
+# - cans_cayley: where its default steps are certified (AUTO_MAX_NORM); with explicit steps,
+#   none (cans_cayley's docstring says how many steps a larger norm needs).
+# - exp: pi, up to which exp_orthogonal is accurate to 1e-6 (bench/orthogonal.py).
+MAX_NORM_LIMIT: dict[str, float] = {
+    "cayley": math.inf,
+    "cayley_neumann": 1.0,
+    "cans_cayley": AUTO_MAX_NORM["cans_cayley"],
+    "exp": math.pi,
 }
 
 # CANS steps of cans_cayley(Q, steps=None), by input dtype: the fewest for which the certified
@@ -137,6 +153,9 @@ def skew_from_vector(v: Tensor, b: int) -> Tensor:
     transposed position, so an unconstrained parameter vector always gives a skew ``Q``
     (differentiable; half the parameters of a full block). Inverse: :func:`vector_from_skew`.
     """
+    require_tensor(v, "skew_from_vector")
+    if not v.is_floating_point():  # an integer block, which every rotation refuses
+        raise ValueError(f"skew_from_vector needs a real floating-point vector, got {v.dtype}")
     if not is_int(b) or b < 1:
         raise ValueError(f"block size b must be a positive int, got {b!r}")
     b = int(b)
@@ -164,7 +183,10 @@ def cayley(Q: Tensor) -> Tensor:
     The two factors commute, so ``R`` solves ``(I - Q) R = I + Q``. For skew ``Q`` the matrix
     ``I - Q`` is never singular (eigenvalues ``1 ∓ i theta``). ``torch.linalg.solve`` has no
     bfloat16/float16 kernel on CPU, so those dtypes are solved in float32 and cast back.
-    Recorded as one product. Error: float rounding of an LU solve, ~1e-7 relative in float32.
+    Recorded as one product. Error: float rounding of an LU solve, which grows with the
+    condition number of ``I - Q``, ``sqrt(1 + ||Q||_2^2)``: in float32 at ``b = 128``, ~3e-7
+    relative at ``||Q||_2 = 3``, 4e-6 at 100, 2.4e-5 at 1e3 and above (no truncation error at
+    any norm).
     """
     _check_square(Q, "cayley")
     work = Q if Q.dtype in (torch.float32, torch.float64) else Q.float()

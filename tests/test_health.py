@@ -167,6 +167,24 @@ def test_health_measures_name_a_non_tensor_input():
                  lambda: rotation_angle_degrees(np.eye(3), torch.eye(3))):
         with pytest.raises(TypeError, match=r"needs a torch\.Tensor, got ndarray"):
             call()
+    # a list failed with "'list' object has no attribute 'ndim'"
+    for name, call in (("eigengap_ratio", lambda: eigengap_ratio([3.0, 1.0])),
+                       ("estimate_orthogonality_error",
+                        lambda: estimate_orthogonality_error([[1.0, 0.0], [0.0, 1.0]]))):
+        with pytest.raises(TypeError, match=rf"{name} needs a torch\.Tensor, got list"):
+            call()
+
+
+def test_a_rotation_between_complex_bases_is_refused_not_read_as_zero():
+    # the cast to float64 dropped the imaginary parts (with a warning) and a 53.13 degree turn
+    # between the top vectors (cosine 0.6) read 0.0
+    prev = torch.tensor([[1.0], [0.0]], dtype=torch.complex64)
+    new = torch.tensor([[0.6], [0.8j]], dtype=torch.complex64)
+    for a, b in ((prev, new), (new.real.contiguous(), new)):
+        with pytest.raises(ValueError, match="rotation_angle_degrees needs a real tensor"):
+            rotation_angle_degrees(a, b)
+    with pytest.raises(ValueError, match="eigengap_ratio needs real eigenvalues"):
+        eigengap_ratio(torch.tensor([2.0, 1.0], dtype=torch.complex64))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,12 @@ ORTHO_FP32 = 1e-6
 # with the vector's std 0.1, max |R - R^T| measured 0.66 (exp) to 1.08 (cayley); 1e-2 is 66x below
 # that and 1e5x above the fp32 rounding of R (~1e-7).
 TRANSPOSE_DISTINCT_ATOL = 1e-2
+# a float32 rotation of 4 x 4 blocks within its method's range: a few products' rounding
+# (u = 6e-8; 0.9e-7 to 1.4e-7 measured for cayley, exp at pi, cans_cayley at 3 and at 100 with 12
+# steps), with room for other CPUs' summation orders
+ROTATION_ORTHOGONALITY_ATOL = 1e-6
+# cayley_neumann's 5 terms at ||Q||_2 = 0.99: a truncation of about 0.99^4 = 0.96
+NEUMANN_NEAR_1_ORTHOGONALITY = 1.0
 # 5-term Cayley-Neumann at the auto clip 0.95 errs like 0.95^4 (0.66 measured elsewhere; measured
 # 0.43-0.48 over seeds 0-4); exact methods stay at ORTHO_FP32. 1e-2 lies between.
 NEUMANN_CLIP_ERROR_MIN = 1e-2
@@ -101,6 +109,39 @@ def test_bad_configuration_is_refused_with_a_fix():
     # 1 x 1 blocks likewise: the adapter had no parameter at all
     with pytest.raises(ValueError, match=r"block_size must be >= 2 \(a 1 x 1 block's rotation"):
         OFTConfig(block_size=1)
+
+
+@pytest.mark.parametrize(("method", "max_norm", "limit"), [
+    ("exp", math.inf, "at most 3.14159"),
+    ("exp", 20.0, "at most 3.14159"),
+    ("cayley_neumann", 1.0, "below 1"),
+    ("cayley_neumann", 5.0, "below 1"),
+    ("cans_cayley", 10.0, "at most 3"),
+])
+def test_a_clip_above_what_the_method_is_accurate_under_is_refused(method, max_norm, limit):
+    # accepted, such a clip let R of a large Q go wrong without a word: exp at norm 6 was off
+    # by 1e-4 and non-finite by norm 30, 5-term Neumann had orthogonality error 3e5 at norm 5
+    with pytest.raises(ValueError, match=rf"max_norm={max_norm!r} is above .*{limit}.*'cayley'"):
+        OFTConfig(block_size=4, method=method, max_norm=max_norm)
+
+
+@pytest.mark.parametrize(("method", "max_norm", "steps"), [
+    ("cayley", math.inf, None), ("cayley", 1e6, None), ("exp", math.pi, None),
+    ("cayley_neumann", 0.99, None), ("cans_cayley", 3.0, None), ("cans_cayley", 100.0, 12),
+])
+def test_a_clip_within_the_methods_range_builds_a_layer_whose_rotation_stays_orthogonal(
+        method, max_norm, steps):
+    torch.manual_seed(0)
+    config = OFTConfig(block_size=4, method=method, max_norm=max_norm, steps=steps)
+    layer = OFTLinear(nn.Linear(8, 2), config=config)
+    with torch.no_grad():
+        layer.oft_vector.normal_(std=30.0)  # a Q far past the clip: every block is clipped
+    assert torch.isfinite(layer(torch.randn(3, 8))).all()
+    # Neumann's 5 terms are not orthogonal near 1: their truncation is about ||Q||^4 (0.96 at
+    # 0.99; 0.72 measured), far below the 3e5 of norm 5. The others: float32 rounding.
+    bound = NEUMANN_NEAR_1_ORTHOGONALITY if method == "cayley_neumann" \
+        else ROTATION_ORTHOGONALITY_ATOL
+    assert layer.health()["orthogonality_error"] < bound
 
 
 def test_wrong_inputs_and_bases_are_refused_by_name():

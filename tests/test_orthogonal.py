@@ -414,6 +414,15 @@ def test_clip_takes_numpy_scalars_like_floats():
         skew_from_vector(torch.zeros(5), 4)
 
 
+def test_skew_from_vector_refuses_what_no_rotation_takes():
+    # an integer vector gave an integer block, which every rotation then refused; a list failed
+    # on a missing attribute
+    with pytest.raises(ValueError, match=r"real floating-point vector, got torch\.int64"):
+        skew_from_vector(torch.arange(6), 4)
+    with pytest.raises(TypeError, match=r"skew_from_vector needs a torch\.Tensor, got list"):
+        skew_from_vector([0.0] * 6, 4)
+
+
 @pytest.mark.parametrize("method", ["cayley", "cayley_neumann", "cans_cayley", "exp"])
 @pytest.mark.parametrize("scale", [0.3, 2.0])  # small turns, and large (Neumann's diverges)
 def test_every_rotation_has_the_gradient_of_its_function(method, scale):
