@@ -127,7 +127,10 @@ def cayley_retract(U: Tensor, G: Tensor, t: float, *, polish: bool = True) -> Te
     random walk (~2e-6 after 1,000 steps). ``polish=True`` (default) ends with one Newton-Schulz
     step ``Y (3 I - Y^T Y) / 2`` (2 more products), which maps an orthogonality error ``e`` to
     ``O(e^2)``: the drift stays at the float32 floor (<= 1e-6 after 1,000 steps, tested), and
-    the map differs from the exact Cayley map by ``O(e^2)`` only.
+    the map differs from the exact Cayley map by ``O(e^2)`` only. The polish assumes ``U`` on
+    St(d, r) up to such drift: the step maps a singular value ``y`` of Y to ``y (3 - y^2) / 2``,
+    near 1 for ``y`` near 1 but 1.5 to 0.56 and 2 to -1, so a frame far off (``1.5 U`` came back
+    with error 0.68, ``2 U`` as ``-U``) needs :func:`qr_retract` or :func:`polar_retract` first.
     """
     _check_frame(U, "cayley_retract")
     _check_direction(G, U)
