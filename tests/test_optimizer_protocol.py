@@ -175,7 +175,7 @@ def test_state_dict_post_hooks_see_the_finished_dict_and_load_post_hooks_the_loa
 
 
 # CANS after its own 9 steps is near-orthogonal; after the quintic's 5 it is not (1.3 on this
-# matrix, measured; see optim.muon._UnsetSteps): below 0.05 only the right count gets.
+# matrix, measured; see optim._muon_args._UnsetSteps): below 0.05 only the right count gets.
 CANS_OWN_COUNT_ERROR = 0.05
 
 
