@@ -135,11 +135,13 @@ class MatrixOptimizer(StepGuards, AdamWFallback):
             with torch.enable_grad():
                 loss = closure()
         self._check_step()
-        if not self._gradient_seen:
+        local_only = isinstance(self._exchange, LocalExchange)
+        found = self._gradient_seen or any(p.grad is not None for group in self.param_groups
+                                           for p in group["params"])
+        if not self._gradient_seen and local_only:
             # before the counters move: a warning raised as an error (python -W error) leaves
             # the step uncounted, as it changed nothing
-            self._warn_without_gradient(any(p.grad is not None for group in self.param_groups
-                                            for p in group["params"]))
+            self._warn_without_gradient(found)
         self._count_step(1)
         # The AdamW groups' gradients: each rank flags its own shards' NaN/Inf now, and the
         # flags are summed over the ranks on the matrices' gather (no collective of their own),
@@ -181,6 +183,16 @@ class MatrixOptimizer(StepGuards, AdamWFallback):
         flag = iter(bad)
         for group, named in fallback:
             self._adamw_step(group, named, [next(flag) == 0.0 for _ in named])
+        if not self._gradient_seen and not local_only:
+            # Across ranks, after the step's collectives: raised as an error before them, it
+            # left the ranks that had gradients waiting in the gather until the process group
+            # timed out. A step that got here with no gradient on this rank found none on any
+            # rank (the signatures agreed): it changed nothing, and is uncounted if this raises.
+            try:
+                self._warn_without_gradient(found)
+            except BaseException:
+                self._count_step(-1)
+                raise
         return loss
 
     def _count_step(self, change: int) -> None:

@@ -385,6 +385,30 @@ def grad_on_one_rank_worker(rank: int, world: int, out: str, name: str,
     _refused_step(rank, world, model, opt, spoil, out)
 
 
+def no_gradient_warned_as_error_worker(rank: int, world: int, out: str, everyone: bool
+                                       ) -> None:
+    """Warnings raised as errors (``python -W error``), and a first step without a gradient on
+    rank 1 (``everyone``: on every rank), where the optimizer warns of a step that found none.
+    Every rank's outcome, and whether the step counts moved."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    from sharding import OwnerSharding
+
+    warnings.simplefilter("error")
+    model = Awkward()
+    fully_shard(model)
+    opt = OPTIMIZERS["muon"](split_param_groups(list(model.named_parameters())),
+                             OwnerSharding())
+    if rank == 0 and not everyone:
+        inject(model, 0)
+    outcomes = _every_rank_says(world, Exception, opt.step)
+    if rank == 0:
+        torch.save({"outcomes": outcomes,
+                    "steps": [group["step"] for group in opt.param_groups]}, out)
+
+
 def full_state_dict_worker(rank: int, world: int, out: str, name: str) -> None:
     """torch's own full (consolidated) optimizer state dict of a sharded model, against the
     owners' live state: every owner-kept tensor, per matrix, whether equal."""

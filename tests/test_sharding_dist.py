@@ -404,6 +404,23 @@ def test_a_step_without_any_gradient_on_any_rank_changes_nothing(tmp_path, repli
     assert result["recovered"] == ["done", "done"]
 
 
+@pytest.mark.parametrize("everyone", [False, True], ids=["rank-1", "every-rank"])
+def test_a_first_step_without_gradients_warned_as_an_error_raises_on_every_rank(tmp_path,
+                                                                                 everyone):
+    # with warnings raised as errors, the "found no gradient" warning raised on rank 1 before
+    # the gather, and rank 0 waited in it until the process group timed out
+    run_ranks(w.no_gradient_warned_as_error_worker, 2, tmp_path, str(tmp_path / "out.pt"),
+              everyone, timeout=90)
+    result = torch.load(tmp_path / "out.pt")
+    if everyone:  # every rank agreed on a step of nothing, then warned
+        assert all(o.startswith("RuntimeWarning: Muon.step() found no gradient")
+                   for o in result["outcomes"]), result["outcomes"]
+    else:  # the refusal of ranks that step other parameters, on both
+        assert [o.startswith("ValueError: ranks [") for o in result["outcomes"]] == \
+            [True, True], result["outcomes"]
+    assert set(result["steps"]) == {0}  # nothing happened: no group counted the step
+
+
 def _assert_refused_on_both_ranks(result: dict) -> None:
     for rank, (outcome, other) in enumerate(zip(result["outcomes"], (1, 0), strict=True)):
         assert outcome.startswith(f"ValueError: ranks [{other}] of the sharding group do not "
