@@ -63,6 +63,8 @@ def own_problem(args: argparse.Namespace | None, problem: str | None, *,
     resume it would have made follow from it."""
     if args is None:
         return problem
+    if args.busy_refusal is not None:  # another job's directory: nothing else of it is ours
+        return args.busy_refusal
     if restarted:
         return problem or args.restarted_refusal
     return args.restart_refusal or problem or args.resume_refusal
@@ -80,17 +82,22 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
         "the checkpoint --resume continues": args.resumes_from}
     mine = (own_problem(args, problem, restarted=False),
             own_problem(args, problem, restarted=True), shared, attempt(), socket.gethostname(),
-            args is not None and publishes(args))
+            args is not None and publishes(args),
+            args is not None and args.busy_refusal is not None)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    restarted = any(count > 0 for _, _, _, count, _, _ in everyone)
-    hosts = [host for _, _, _, _, host, _ in everyone]
+    restarted = any(entry[3] > 0 for entry in everyone)
+    hosts = [entry[4] for entry in everyone]
+    # another job trains in the checkpoint directory (rank 0 holds no lock on it): this job
+    # keeps nothing there, where a REFUSED file it wrote made that job's next restart refuse
+    # itself
+    busy = any(entry[6] for entry in everyone)
     if args is not None:
         args.restarted = restarted  # the group's, for what the job does on a first attempt only
         # a node publishing to its sidecar while another does not: the run id every rank
         # publishes and checkpoints under is drawn and broadcast if any rank needs it
-        args.any_publishes = any(theirs for *_, theirs in everyone)
-    if args is not None and not restarted:
+        args.any_publishes = any(entry[5] for entry in everyone)
+    if args is not None and not restarted and not busy:
         keep_restart_refusal(args)
     world = len(everyone)
     refused: dict[str, list[int]] = {}

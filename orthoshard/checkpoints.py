@@ -5,8 +5,10 @@ job's ranks (:mod:`sharding.checkpoint`)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ import torch.distributed as dist
 
 from orthoshard.arguments import directory_problem
 
-__all__ = ["HORIZON_KEY", "REFUSED_FILE", "RUN_ID_FILE", "RUN_KEYS", "Checkpoints",
-           "checkpoint_step", "complete_before", "optimizer_mismatch", "spike_problem",
+__all__ = ["HORIZON_KEY", "JOB_LOCK_FILE", "REFUSED_FILE", "RUN_ID_FILE", "RUN_KEYS",
+           "Checkpoints", "checkpoint_step", "complete_before", "hold_directory",
+           "optimizer_mismatch", "spike_problem",
            "write_whole", "writes_directory"]
 
 #: in a checkpoint directory: the run id drawn for a run torchrun gave no id of its own
@@ -190,6 +193,33 @@ RUN_KEYS = {"data_seed": "--seed", "batch_size": "--batch-size", "d_model": "--d
 #: in a checkpoint directory: the reason the first attempt of a launch under ``--max-restarts``
 #: refused it, for the attempts torchrun restarts after that refusal (which would resume it)
 REFUSED_FILE = "REFUSED"
+
+
+#: in a checkpoint directory: the lock the first rank of the job training there holds (flock,
+#: released when that process ends), naming the process and its host
+JOB_LOCK_FILE = "JOB.lock"
+
+
+def hold_directory(directory: Path) -> tuple[int | None, str | None, str | None]:
+    """Lock ``directory`` for this job (:data:`JOB_LOCK_FILE`): ``(descriptor, busy, error)``,
+    the descriptor to release with :func:`service.lockfile.release` when the job ends; ``busy``
+    says which job holds the lock instead, ``error`` why the lock file is not usable (a link in
+    its place, a directory this process cannot write). Two jobs writing one directory
+    overwrote each other's ``LATEST``: one's restart resumed the other's checkpoint, or read
+    the ``REFUSED`` file the other's first attempt left and refused itself."""
+    from service import lockfile  # torch-free, a file lock: what the sidecar's database uses
+
+    path = directory / JOB_LOCK_FILE
+    try:
+        held = lockfile.hold(str(path), f"process {os.getpid()} on {socket.gethostname()}")
+    except lockfile.LockHeld as exc:
+        return None, (f"another job is training with --checkpoint-dir {directory} "
+                      f"({exc.holder} holds {path}): two jobs writing one directory overwrite "
+                      f"each other's checkpoints and LATEST; stop that job, or give this one "
+                      f"another --checkpoint-dir"), None
+    except lockfile.LockFileError as exc:
+        return None, None, f"--checkpoint-dir {directory}: {exc}"
+    return held, None, None
 
 
 def spike_problem(latest: Path, spike_at: int | None) -> str | None:

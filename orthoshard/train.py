@@ -47,7 +47,9 @@ from orthoshard.arguments import directory_problem
 from orthoshard.checkpoints import (
     RUN_ID_FILE,
     Checkpoints,
+    hold_directory,
     write_whole,
+    writes_directory,
 )
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
@@ -180,6 +182,31 @@ def main(argv: list[str] | None = None) -> int:
         args, problem = parse_job_args(argv)
     else:  # `python -m orthoshard.train`: one rank, which refuses at once
         args, problem = parse_args(argv), None
+    held, error = _hold_checkpoint_dir(args)
+    try:
+        return _start(args, problem or error, launched=launched)
+    finally:
+        from service.lockfile import release
+
+        release(held)
+
+
+def _hold_checkpoint_dir(args: argparse.Namespace | None) -> tuple[int | None, str | None]:
+    """On the job's first rank, lock the checkpoint directory the job writes, whatever else
+    refuses the job (:func:`orthoshard.checkpoints.hold_directory`): another job's lock sets
+    ``args.busy_refusal``, which refuses this job before anything else and keeps it from
+    writing there. The lock's descriptor, and why the lock file is not usable (a refusal after
+    the others: an unwritable directory is named by them first)."""
+    if args is None or args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
+            or not args.checkpoint_dir.is_dir() or not writes_directory(
+                args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
+        return None, None
+    held, args.busy_refusal, error = hold_directory(args.checkpoint_dir)
+    return held, error
+
+
+def _start(args: argparse.Namespace | None, problem: str | None, *, launched: bool) -> int:
+    """Join the process group, agree with every rank, and train or refuse."""
     if args is not None and problem is None:
         problem = _start_problem(args)
     if not launched and (problem := own_problem(args, problem, restarted=False)) is not None:

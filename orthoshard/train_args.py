@@ -135,7 +135,8 @@ def _parser(*, defer: bool = False) -> argparse.ArgumentParser:
     # what the checks and orthoshard.agreement decide, present also where a check refused
     # before its own (see _check_checkpoints)
     p.set_defaults(restart_guarded=False, restart_refusal=None, restarted_refusal=None,
-                   resume_refusal=None, resumes_from=None, restarted=False, any_publishes=False)
+                   resume_refusal=None, resumes_from=None, restarted=False, any_publishes=False,
+                   busy_refusal=None)
     return p
 
 

@@ -4,16 +4,14 @@ that come before SQLite opens it. The lock and the checks go by the file a ``--d
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import sqlite3
-import stat
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from service import lockfile
 from service.records import DatabaseInUse
 from service.settings import sqlite_file_name
 
@@ -45,36 +43,19 @@ def own(path: str | None) -> int | None:
     """
     if path is None:
         return None
-    try:  # a symlink planted as the lock file's name (a shared directory): its target was
-        # truncated and overwritten with this process's id
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError as exc:
-        why = ("it is a symbolic link; remove it" if exc.errno == errno.ELOOP
-               else exc.strerror or exc)
-        raise sqlite3.OperationalError(f"cannot create its lock file {path}.lock: {why}"
-                                       ) from None
-    held = os.fstat(fd)
-    if not stat.S_ISREG(held.st_mode) or held.st_nlink != 1:  # a hard link to another file
-        os.close(fd)
-        raise sqlite3.OperationalError(
-            f"its lock file {path}.lock is not a file of its own (a special file, or one with "
-            f"{held.st_nlink} hard links); remove it")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise DatabaseInUse(f"another sidecar (process {holder}) is using this database "
+        return lockfile.hold(f"{path}.lock", str(os.getpid()))
+    except lockfile.LockHeld as exc:
+        raise DatabaseInUse(f"another sidecar (process {exc.holder}) is using this database "
                             f"(locked in {path}.lock)") from None
-    try:  # a full disk: the lock file's creation succeeds, its one line does not
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise sqlite3.OperationalError(f"cannot write its lock file {path}.lock: "
-                                       f"{exc.strerror or exc}") from None
-    return fd
+    except lockfile.LockFileError as exc:
+        raise sqlite3.OperationalError(str(exc)) from None
+
+
+def release(fd: int | None) -> None:
+    """Unlock and close what :func:`own` returned (the lock file stays: removing it would let
+    a process that opened it before the removal lock a file nobody else sees)."""
+    lockfile.release(fd)
 
 
 @contextmanager
@@ -91,13 +72,6 @@ def database_held(path: str) -> Iterator[None]:
         yield
     finally:
         release(fd)
-
-
-def release(fd: int | None) -> None:
-    """Unlock and close what :func:`own` returned (the lock file stays: removing it would let
-    a process that opened it before the removal lock a file nobody else sees)."""
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 def creates_file(path: str) -> bool:

@@ -502,6 +502,46 @@ def test_a_drawn_run_id_is_kept_for_the_runs_resumes(tmp_path, torchelastic_id):
 
 # ------------------------------------------------------------------- resume, in this process
 
+@pytest.mark.timeout(300)
+def test_a_second_job_on_a_running_jobs_checkpoint_dir_is_refused_and_writes_nothing_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # Two jobs in one directory overwrote each other's LATEST (one's restart resumed the other's
+    # checkpoint), and a second one under --max-restarts wrote the REFUSED file with which the
+    # first one's next restart refused itself. Job A trains (2 ranks, torchrun); job B, started
+    # as a rank of a torchrun with restarts on the same directory, is refused and writes there
+    # nothing; once A has ended, the directory is free.
+    out, ckpt = tmp_path / "a", tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT}
+    with (tmp_path / "stderr").open("w") as err, killed_whole(subprocess.Popen(
+            [sys.executable, "-m", "orthoshard._torchrun", "--standalone", "--nproc-per-node=2",
+             *TRAIN, "--out", str(out), "--checkpoint-dir", str(ckpt), "--checkpoint-every",
+             "2", "--step-delay", "0.5"],
+            env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)) as agent:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "LATEST").is_file():  # A's first checkpoint: B would refuse it too
+            assert agent.poll() is None and time.monotonic() < deadline, "A saved nothing"
+            time.sleep(0.05)
+        before = sorted(p.name for p in ckpt.iterdir())
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+        code = _train_here(monkeypatch, "--steps", "4", "--out", str(tmp_path / "b"),
+                           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2")
+        running = agent.poll() is None
+        assert agent.wait(timeout=120) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    assert running  # B was refused while A trained
+    assert code == 2
+    err_text = capsys.readouterr().err
+    assert f"another job is training with --checkpoint-dir {ckpt} (process " in err_text
+    assert f"holds {ckpt / 'JOB.lock'}): two jobs writing one directory" in err_text
+    assert not (ckpt / "REFUSED").exists()
+    assert not (tmp_path / "b" / "loss.jsonl").exists()
+    # only A's checkpoints, to its last step
+    assert {p.name for p in ckpt.iterdir()} >= set(before)
+    assert (ckpt / "LATEST").read_text().strip() == f"step-{STEPS:06d}"
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS")
+    assert _train_here(monkeypatch, "--optimizer", "normuon", "--steps", str(STEPS + 2),
+                       "--out", str(out), "--checkpoint-dir", str(ckpt), "--resume") == 0
+
+
 def _train_here(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     """``orthoshard.train`` as rank 0 of 1 in this process (as torchrun starts a rank; a few
     steps take a second, not a torchrun's start-up). Returns its exit code."""
@@ -601,7 +641,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_the_resume_continues_exa
 
 
 def _checkpoint_names(ckpt: Path) -> list[str]:
-    return sorted(p.name for p in ckpt.iterdir() if p.name != "LATEST" and p.name != "RUN_ID")
+    return sorted(p.name for p in ckpt.iterdir() if p.name not in ("LATEST", "RUN_ID", "JOB.lock"))
 
 
 @pytest.mark.timeout(120)
