@@ -157,6 +157,10 @@ def rules(p: Profile) -> list[dict]:
     # And not while a run started, or resumed, within the baseline's reach: the series carry
     # no run label, so a new run's warm-up turns were compared with the run before's calm
     # ones (a rank's step going back is the sign; the trade: no page for b + w after it).
+    # The steps are read with each one carried for b (last_over_time): a run that started
+    # after the last one's series had left the sidecar (a run's series leave at its end, and
+    # the series' gap outlasted the reach) still shows its step going back, across the gap,
+    # until the fresh-sidecar guard below takes over (the old series a reach ago, over b).
     # The first run on a sidecar has no run before it, and no step going back: its first
     # minutes of turns are the whole baseline of the minutes after, and a warm-up turning every
     # basis ~2 minutes in met a baseline of three small turns and paged. Kept off until the
@@ -174,7 +178,8 @@ def rules(p: Profile) -> list[dict]:
         f"and on (job, instance)\n"
         f"  count by (job, instance) (count by (job, instance, param) ({JUMP})) >= 2\n"
         f"unless on (job, instance)\n"
-        f"  max by (job, instance) (resets({step}[{reach}])) > 0\n"
+        f"  max by (job, instance) (resets(last_over_time({step}[{b}])[{reach}:{dur(p.interval)}]))"
+        f" > 0\n"
         f"unless on (job, instance)\n(\n"
         f"  count by (job, instance) ({step})\n"
         f"    unless on (job, instance)\n"

@@ -269,6 +269,33 @@ def _next_run_case(r: _Rotations) -> dict:
     }
 
 
+def _idle_gap_case(r: _Rotations) -> dict:
+    """A run ends, its step series leave the sidecar, and the next run starts a baseline's
+    length later: the old run's last steps have left the reach of a step-going-back check,
+    but its series were there a reach ago, so the sidecar is not fresh either. The new run's
+    warm-up (every basis turning after a few calm scrapes) paged. Its steps still went back
+    from the old run's last ones (read across the gap): quiet."""
+    p, i = r.p, r.p.interval
+    first = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline of calm turns
+    gap = p.rot_baseline // i  # the series gone for a baseline's length
+    calm_first = p.rot_window // i + 2  # the new run's first turns, then its warm-up
+    after = (p.rot_window + p.rot_baseline) // i + 10
+    warm = [85.0, 80.0, 70.0, 60.0]
+    turns = held(cycle(CALM, first), p) + [None] * gap + held(
+        [*cycle(CALM, calm_first), *warm, *cycle(CALM, after - calm_first - len(warm))], p)
+    steps = [float(k + 1) for k in range(first)] + [None] * gap + [float(k + 1)
+                                                                     for k in range(after)]
+    n = first + gap + after
+    return {
+        "interval": dur(i),
+        "input_series": [
+            *(series(ROTATION, labels(param=f"p{j}", factor="L", k="1"), turns) for j in range(4)),
+            series("orthoshard_optimizer_step", labels(rank="0"), steps),
+        ],
+        "alert_rule_test": [check(t, NAME) for t in range(0, n * i, r.checks_every)],
+    }
+
+
 def _fresh_start_case(r: _Rotations) -> dict:
     """The first run on a sidecar (no series a baseline's reach ago): its first minutes of turns
     are the whole baseline of the minutes after, and a warm-up reorganization of every basis
@@ -328,7 +355,7 @@ def rotation_tests(p: Profile) -> list[dict]:
     r = _rotations(p)
     return [_spike_case(r), _gap_case(r), _quiet_case(r), *_sparse_cases(r),
             _noisy_neighbours_case(r), _lone_matrix_case(r), _next_run_case(r),
-            _fresh_start_case(r), _old_outage_case(r)]
+            _idle_gap_case(r), _fresh_start_case(r), _old_outage_case(r)]
 
 
 def stale_tests(p: Profile) -> list[dict]:
