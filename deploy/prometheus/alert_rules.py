@@ -106,7 +106,11 @@ ANNOTATIONS = {
         "orthoshard_nonfinite_skips_total, ns_steps and ns_method (polar_express or cans). "
         "1.0 (to rounding) with update_rms 0 (GET /v1/params/{name} on the sidecar, with its "
         "bearer token, docs/deploy.md) is a zero update: the "
-        "matrix gets an all-zero gradient and does not train.",
+        "matrix gets an all-zero gradient and does not train. A gradient of rank r below the "
+        "matrix's smaller side n reads sqrt(1 - r/n) however well it is orthogonalized (the "
+        "directions it does not span stay 0: 0.71 for rank 127 of 256, the first layer of a "
+        "model fed few distinct inputs); torch.linalg.matrix_rank of that parameter's gradient "
+        "tells this case apart, and the alert can be silenced for that param.",
     },
     "OptimizerNonfiniteUpdatesSkipped": {
         "summary": "{{ $labels.instance }} keeps skipping non-finite updates "
