@@ -249,24 +249,8 @@ def _next_run_case(r: _Rotations) -> dict:
     series have no run label, so its warm-up turns (large, all matrices at once) met the last
     run's calm baseline and paged. Its ranks' steps start over: quiet until the baseline holds
     only the new run."""
-    p, i = r.p, r.p.interval
-    first = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline of calm turns
-    gap = 180 // p.interval if p.name == "prod" else 3  # finished: no series for a while
-    after = (p.rot_window + p.rot_baseline) // i + 10
-    warm = [85.0, 80.0, 70.0, 60.0]
-    turns = held([*cycle(CALM, first)], p) + [None] * gap + held(
-        [*warm, *cycle(CALM, after - len(warm))], p)
-    steps = [float(k + 1) for k in range(first)] + [None] * gap + [float(k + 1)
-                                                                     for k in range(after)]
-    n = first + gap + after
-    return {
-        "interval": dur(i),
-        "input_series": [
-            *(series(ROTATION, labels(param=f"p{j}", factor="L", k="1"), turns) for j in range(4)),
-            series("orthoshard_optimizer_step", labels(rank="0"), steps),
-        ],
-        "alert_rule_test": [check(t, NAME) for t in range(0, n * i, r.checks_every)],
-    }
+    gap = 180 // r.p.interval if r.p.name == "prod" else 3  # finished: no series for a while
+    return _two_runs(r, gap, calm_first=0)
 
 
 def _idle_gap_case(r: _Rotations) -> dict:
@@ -275,10 +259,16 @@ def _idle_gap_case(r: _Rotations) -> dict:
     but its series were there a reach ago, so the sidecar is not fresh either. The new run's
     warm-up (every basis turning after a few calm scrapes) paged. Its steps still went back
     from the old run's last ones (read across the gap): quiet."""
+    p = r.p
+    return _two_runs(r, p.rot_baseline // p.interval, calm_first=p.rot_window // p.interval + 2)
+
+
+def _two_runs(r: _Rotations, gap: int, *, calm_first: int) -> dict:
+    """Four matrices turning calmly through a run of a full baseline, no series for ``gap``
+    scrapes, then a new run (steps from 1) whose every basis turns far after ``calm_first``
+    calm scrapes, a warm-up: no page at any time."""
     p, i = r.p, r.p.interval
     first = (p.rot_window + p.rot_baseline) // i + 10  # a full baseline of calm turns
-    gap = p.rot_baseline // i  # the series gone for a baseline's length
-    calm_first = p.rot_window // i + 2  # the new run's first turns, then its warm-up
     after = (p.rot_window + p.rot_baseline) // i + 10
     warm = [85.0, 80.0, 70.0, 60.0]
     turns = held(cycle(CALM, first), p) + [None] * gap + held(
