@@ -23,9 +23,10 @@ from torch import Tensor
 from optim._base import MatrixOptimizer
 from optim._checks import ADAMW, as_scalar, check_flags
 from optim._exchange import DeferredMetrics, MatrixItem, local
-from optim._muon_args import (
+from optim._muon_args import (  # _UnsetSteps: optimizers pickled when it lived here load
     NS_STEPS_UNSET,
     Softening,
+    _UnsetSteps,  # noqa: F401
     adjusted_lr,
     check_health_probes,
     check_muon_args,

@@ -22,6 +22,7 @@ carries each rank's count too, and the group is restarted when any rank's count 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orthoshard.train_args import attempt, keep_restart_refusal, publishes
+from orthoshard.checkpoints import write_whole
+from orthoshard.train_args import attempt, keep_restart_refusal, launch_mark, publishes
 
 __all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
 
@@ -99,6 +101,8 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
         args.any_publishes = any(entry[5] for entry in everyone)
     if args is not None and not restarted and not busy:
         keep_restart_refusal(args)
+    if busy and not restarted and os.environ.get("LOCAL_RANK", "0") == "0":
+        _keep_busy_refusal(next(entry[0] for entry in everyone if entry[6]))
     world = len(everyone)
     refused: dict[str, list[int]] = {}
     for rank, (first, later, *_) in enumerate(everyone):
@@ -121,6 +125,16 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
         return (f"the ranks of this job were started with different arguments "
                 f"({'; '.join(differ)}): start every node with the same training arguments")
     return None
+
+
+def _keep_busy_refusal(why: str) -> None:
+    """Keep the refusal of a checkpoint directory another job trains in for the attempts
+    torchrun restarts (:func:`orthoshard.train_args.launch_mark`, on each node): once that
+    job's lock is gone (it ended, or is between its own attempts), a restart of this launch
+    resumed that job's checkpoints and trained on in its directory."""
+    if (mark := launch_mark()) is not None:
+        with contextlib.suppress(OSError):  # unwritable: a later attempt may train
+            write_whole(mark, why)
 
 
 def refuse(problem: str) -> int:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,13 +212,19 @@ def hold_directory(directory: Path) -> tuple[int | None, str | None, str | None]
 
     path = directory / JOB_LOCK_FILE
     try:
-        held = lockfile.hold(str(path), f"process {os.getpid()} on {socket.gethostname()}")
+        held = lockfile.hold(str(path), f"process {os.getpid()} on {socket.gethostname()}",
+                             shared=True)
     except lockfile.LockHeld as exc:
         return None, (f"another job is training with --checkpoint-dir {directory} "
                       f"({exc.holder} holds {path}): two jobs writing one directory overwrite "
                       f"each other's checkpoints and LATEST; stop that job, or give this one "
                       f"another --checkpoint-dir"), None
     except lockfile.LockFileError as exc:
+        if exc.unsupported:  # trained there before the lock came: trains on, unguarded
+            print(f"orthoshard.train: note: {exc} (a filesystem without flock); training "
+                  f"without the lock that keeps a second job out of --checkpoint-dir "
+                  f"{directory}", file=sys.stderr)
+            return None, None, None
         return None, None, f"--checkpoint-dir {directory}: {exc}"
     return held, None, None
 

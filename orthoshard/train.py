@@ -56,7 +56,7 @@ from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.runlog import RunLog
 from orthoshard.stopping import StopRequest, delay
 from orthoshard.telemetry import publish_health
-from orthoshard.train_args import attempt, parse_args, parse_job_args, publishes
+from orthoshard.train_args import attempt, launch_mark, parse_args, parse_job_args, publishes
 
 __all__ = ["build_optimizer", "main", "parse_args"]
 
@@ -197,7 +197,14 @@ def _hold_checkpoint_dir(args: argparse.Namespace | None) -> tuple[int | None, s
     ``args.busy_refusal``, which refuses this job before anything else and keeps it from
     writing there. The lock's descriptor, and why the lock file is not usable (a refusal after
     the others: an unwritable directory is named by them first)."""
-    if args is None or args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
+    if args is None:
+        return None, None
+    mark = launch_mark()
+    if mark is not None and mark.is_file():  # this launch was refused at its first attempt
+        args.busy_refusal = (f"{mark.read_text().strip()} (refused at this launch's first "
+                             f"attempt; torchrun restarted the group)")
+        return None, None
+    if args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
             or not args.checkpoint_dir.is_dir() or not writes_directory(
                 args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
         return None, None

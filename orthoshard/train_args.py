@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -272,6 +273,23 @@ def keep_restart_refusal(args: argparse.Namespace) -> None:
             write_whole(refused, args.restart_refusal)
         else:
             refused.unlink(missing_ok=True)
+
+
+def launch_mark() -> Path | None:
+    """Under torchrun with restarts, a node-local file that names this launch: its agent (the
+    ranks' parent process) by pid and start time, which the attempts it restarts share and no
+    other launch has. Where a launch refused at its first attempt (another job trained in its
+    checkpoint directory) keeps that refusal for the attempts after it: kept in the directory,
+    as the other refusals are, it made the other job's restarts refuse themselves. None
+    without restarts (the parent may be a shell that starts other runs)."""
+    if not _restartable():
+        return None
+    parent = os.getppid()
+    try:  # the start time: field 22 of /proc/PID/stat, counted after the command's ")"
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return Path(tempfile.gettempdir()) / f"orthoshard-refused-{parent}-{started}"
 
 
 def _restartable() -> bool:

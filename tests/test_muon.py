@@ -1887,3 +1887,15 @@ def test_a_step_that_raises_before_any_matrix_moved_does_not_count(opt_cls, monk
     fail_at = set()
     opt.step()
     assert all(group["step"] == 2 for group in opt.param_groups)
+
+
+def test_a_muon_pickled_when_its_argument_rules_lived_in_optim_muon_loads() -> None:
+    # a whole Muon pickled (torch.save) keeps its defaults' unset ns_steps marker by class
+    # path; the class moved to optim._muon_args and the old pickles failed to load
+    import pickle
+
+    opt = Muon([torch.nn.Parameter(torch.randn(4, 3))])
+    old = pickle.dumps(opt.defaults, protocol=0).replace(b"optim._muon_args", b"optim.muon")
+    assert b"optim.muon\n_UnsetSteps" in old
+    loaded = pickle.loads(old)
+    assert loaded["ns_steps"] == 5 and type(loaded["ns_steps"]).__name__ == "_UnsetSteps"

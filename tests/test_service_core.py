@@ -2410,3 +2410,50 @@ def test_snapshots_queued_at_exit_are_sent_without_close_and_publishers_are_not_
     out = _run_script(script)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == list(range(30))
+
+
+# --- the lock file (service.lockfile): the sidecar's database, a job's checkpoint directory ---
+
+
+def test_a_filesystem_without_flock_is_named_and_leaks_no_descriptor(tmp_path, monkeypatch):
+    # an OSError other than "held" (Lustre without -o flock: ENOLCK) escaped as a traceback
+    # and left the lock file open
+    import errno
+
+    from service import lockfile
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lockfile.fcntl, "flock", no_flock)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(lockfile.LockFileError, match=r"cannot lock its lock file .*No locks") \
+            as raised:
+        lockfile.hold(str(tmp_path / "x.lock"), "me")
+    assert raised.value.unsupported
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_shared_lock_file_follows_the_umask_and_takes_hard_links_without_writing(tmp_path):
+    # a team directory: created 0600, the lock kept another member of the group from
+    # resuming; a hard-link snapshot of the directory (cp -al) made it unusable
+    from service import lockfile
+
+    old = os.umask(0o002)
+    try:
+        fd = lockfile.hold(str(tmp_path / "JOB.lock"), "job one", shared=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "JOB.lock").stat().st_mode & 0o777 == 0o664
+    lockfile.release(fd)
+    os.link(tmp_path / "JOB.lock", tmp_path / "snapshot.lock")
+    fd = lockfile.hold(str(tmp_path / "JOB.lock"), "job two", shared=True)
+    try:
+        assert (tmp_path / "snapshot.lock").read_text() == "job one\n"  # not written over
+        with pytest.raises(lockfile.LockHeld):  # still a lock
+            lockfile.hold(str(tmp_path / "JOB.lock"), "job three", shared=True)
+    finally:
+        lockfile.release(fd)
+    # the sidecar's own lock stays strict
+    with pytest.raises(lockfile.LockFileError, match="2 hard links"):
+        lockfile.hold(str(tmp_path / "JOB.lock"), "sidecar")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -511,6 +512,7 @@ def test_a_second_job_on_a_running_jobs_checkpoint_dir_is_refused_and_writes_not
     # as a rank of a torchrun with restarts on the same directory, is refused and writes there
     # nothing; once A has ended, the directory is free.
     out, ckpt = tmp_path / "a", tmp_path / "ckpt"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where B's launch keeps its mark
     env = {**os.environ, "OMP_NUM_THREADS": "1", **STORE_PER_ATTEMPT}
     with (tmp_path / "stderr").open("w") as err, killed_whole(subprocess.Popen(
             [sys.executable, "-m", "orthoshard._torchrun", "--standalone", "--nproc-per-node=2",
@@ -537,9 +539,40 @@ def test_a_second_job_on_a_running_jobs_checkpoint_dir_is_refused_and_writes_not
     # only A's checkpoints, to its last step
     assert {p.name for p in ckpt.iterdir()} >= set(before)
     assert (ckpt / "LATEST").read_text().strip() == f"step-{STEPS:06d}"
+    # B's launch restarted by torchrun once A has ended (its lock gone): still refused, where
+    # it resumed A's checkpoint and trained on in A's directory
+    marks = list(tmp_path.glob("orthoshard-refused-*"))
+    assert len(marks) == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _train_here(monkeypatch, "--steps", "16", "--out", str(tmp_path / "b"),
+                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 2
+    assert "(refused at this launch's first attempt; torchrun restarted the group)" in \
+        capsys.readouterr().err
+    assert (ckpt / "LATEST").read_text().strip() == f"step-{STEPS:06d}"
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS")
     assert _train_here(monkeypatch, "--optimizer", "normuon", "--steps", str(STEPS + 2),
                        "--out", str(out), "--checkpoint-dir", str(ckpt), "--resume") == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_dir_on_a_filesystem_without_flock_trains_with_a_note(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # such a directory trained before the lock came; then the lock's OSError (ENOLCK on
+    # Lustre without -o flock) ended every rank in a traceback
+    import errno
+
+    from service import lockfile
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lockfile.fcntl, "flock", no_flock)
+    ckpt = tmp_path / "ckpt"
+    assert _train_here(monkeypatch, "--steps", "2", "--out", str(tmp_path / "out"),
+                       "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2") == 0
+    assert "(a filesystem without flock); training without the lock" in capsys.readouterr().err
+    assert (ckpt / "LATEST").read_text().strip() == "step-000002"
 
 
 def _train_here(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
