@@ -17,6 +17,10 @@ one (:func:`orthoshard.train_args._check_checkpoints`). torchrun counts a restar
 node whose rank failed; a node restarted along with it reads 0, and took the restarted group
 for a first attempt (it refused the run's own checkpoints as another run's). The gather
 carries each rank's count too, and the group is restarted when any rank's count is above 0.
+
+A job that writes its checkpoint directory holds it (:func:`hold_checkpoint_dir`, on global
+rank 0, before the group exists): another job's hold there refuses this one in the same gather,
+before it writes anything in the directory.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from orthoshard.checkpoints import write_whole
+from orthoshard.checkpoints import hold_directory, write_whole, writes_directory
 from orthoshard.train_args import attempt, keep_restart_refusal, launch_mark, publishes
 
 __all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
@@ -125,6 +129,27 @@ def job_problem(args: argparse.Namespace | None, problem: str | None) -> str | N
         return (f"the ranks of this job were started with different arguments "
                 f"({'; '.join(differ)}): start every node with the same training arguments")
     return None
+
+
+def hold_checkpoint_dir(args: argparse.Namespace | None) -> tuple[int | None, str | None]:
+    """On the job's first rank, lock the checkpoint directory the job writes, whatever else
+    refuses the job (:func:`orthoshard.checkpoints.hold_directory`): another job's lock sets
+    ``args.busy_refusal``, which refuses this job before anything else and keeps it from
+    writing there. The lock's descriptor, and why the lock file is not usable (a refusal after
+    the others: an unwritable directory is named by them first)."""
+    if args is None:
+        return None, None
+    mark = launch_mark()
+    if mark is not None and mark.is_file():  # this launch was refused at its first attempt
+        args.busy_refusal = (f"{mark.read_text().strip()} (refused at this launch's first "
+                             f"attempt; torchrun restarted the group)")
+        return None, None
+    if args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
+            or not args.checkpoint_dir.is_dir() or not writes_directory(
+                args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
+        return None, None
+    held, args.busy_refusal, error = hold_directory(args.checkpoint_dir)
+    return held, error
 
 
 def _keep_busy_refusal(why: str) -> None:

@@ -42,21 +42,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optim import Muon, NorMuon, split_param_groups
-from orthoshard.agreement import job_problem, own_problem, refuse
+from orthoshard.agreement import hold_checkpoint_dir, job_problem, own_problem, refuse
 from orthoshard.arguments import directory_problem
 from orthoshard.checkpoints import (
     RUN_ID_FILE,
     Checkpoints,
-    hold_directory,
     write_whole,
-    writes_directory,
 )
 from orthoshard.data import MarkovData
 from orthoshard.model import GPT, GPTConfig, shard_gpt
 from orthoshard.runlog import RunLog
 from orthoshard.stopping import StopRequest, delay
 from orthoshard.telemetry import publish_health
-from orthoshard.train_args import attempt, launch_mark, parse_args, parse_job_args, publishes
+from orthoshard.train_args import attempt, parse_args, parse_job_args, publishes
 
 __all__ = ["build_optimizer", "main", "parse_args"]
 
@@ -182,34 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         args, problem = parse_job_args(argv)
     else:  # `python -m orthoshard.train`: one rank, which refuses at once
         args, problem = parse_args(argv), None
-    held, error = _hold_checkpoint_dir(args)
+    held, error = hold_checkpoint_dir(args)
     try:
         return _start(args, problem or error, launched=launched)
     finally:
         from service.lockfile import release
 
         release(held)
-
-
-def _hold_checkpoint_dir(args: argparse.Namespace | None) -> tuple[int | None, str | None]:
-    """On the job's first rank, lock the checkpoint directory the job writes, whatever else
-    refuses the job (:func:`orthoshard.checkpoints.hold_directory`): another job's lock sets
-    ``args.busy_refusal``, which refuses this job before anything else and keeps it from
-    writing there. The lock's descriptor, and why the lock file is not usable (a refusal after
-    the others: an unwritable directory is named by them first)."""
-    if args is None:
-        return None, None
-    mark = launch_mark()
-    if mark is not None and mark.is_file():  # this launch was refused at its first attempt
-        args.busy_refusal = (f"{mark.read_text().strip()} (refused at this launch's first "
-                             f"attempt; torchrun restarted the group)")
-        return None, None
-    if args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
-            or not args.checkpoint_dir.is_dir() or not writes_directory(
-                args.checkpoint_dir, resume=args.resume, every=args.checkpoint_every):
-        return None, None
-    held, args.busy_refusal, error = hold_directory(args.checkpoint_dir)
-    return held, error
 
 
 def _start(args: argparse.Namespace | None, problem: str | None, *, launched: bool) -> int:
