@@ -267,6 +267,20 @@ def test_alertmanager_groups_a_rotation_spike_before_its_alert_resolves() -> Non
     assert listed == names - {"OptimizerSidecarDown"}
 
 
+def test_a_stale_alert_waits_out_the_publishers_retries_after_a_sidecar_outage() -> None:
+    # a sidecar back from an outage exports its ranks' last snapshot times at once; the fast
+    # profile's 2 s `for:` paged a healthy rank whose publisher was still in its backoff (up to
+    # 5 s) before the next try
+    import inspect
+
+    from service.client import Publisher
+
+    longest = inspect.signature(Publisher).parameters["backoff_s"].default[1]
+    rules = _alert_rules_module()
+    for profile in rules.PROFILES:
+        assert profile.stale_for >= longest + profile.interval, profile.name
+
+
 # --- docker-compose.yml -----------------------------------------------------------------------
 
 

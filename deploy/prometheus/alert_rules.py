@@ -43,7 +43,10 @@ class Profile:
 
 PROD = Profile("prod", 15, 120, 600, 3.0, 30.0, 0.5, 60, 300, 60, 0.6, 300, 60, None, 30, 300,
                600)
-FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 2, 0.6, 3, 2, 1, 2, 5, 10)
+# fast stale_for 7 s: the Publisher's longest default pause between retries (5 s) and a scrape,
+# with room: a sidecar back from an outage exports its ranks' last times at once, and a 2 s
+# `for:` paged healthy ranks before their publishers' next try reached it
+FAST = Profile("fast", 1, 5, 20, 3.0, 30.0, 0.5, 2, 10, 7, 0.6, 3, 2, 1, 2, 5, 10)
 PROFILES = (PROD, FAST)
 
 
