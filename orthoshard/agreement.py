@@ -35,7 +35,13 @@ from typing import Any
 import torch.distributed as dist
 
 from orthoshard.checkpoints import hold_directory, write_whole, writes_directory
-from orthoshard.train_args import attempt, keep_restart_refusal, launch_mark, publishes
+from orthoshard.train_args import (
+    attempt,
+    keep_restart_refusal,
+    launch_mark,
+    publishes,
+    refused_before,
+)
 
 __all__ = ["SHARED", "job_problem", "own_problem", "refuse"]
 
@@ -140,9 +146,8 @@ def hold_checkpoint_dir(args: argparse.Namespace | None) -> tuple[int | None, st
     if args is None:
         return None, None
     mark = launch_mark()
-    if mark is not None and mark.is_file():  # this launch was refused at its first attempt
-        args.busy_refusal = (f"{mark.read_text().strip()} (refused at this launch's first "
-                             f"attempt; torchrun restarted the group)")
+    if mark is not None and (kept := refused_before(mark)) is not None:
+        args.busy_refusal = kept  # this launch was refused at its first attempt
         return None, None
     if args.checkpoint_dir is None or os.environ.get("RANK", "0") != "0" \
             or not args.checkpoint_dir.is_dir() or not writes_directory(

@@ -254,12 +254,17 @@ def _restart_refusals(checkpoint_dir: Path) -> tuple[str | None, str | None]:
     is kept in the directory (:data:`REFUSED_FILE`, by :func:`keep_restart_refusal`) and read
     back by the attempts after it."""
     refused = checkpoint_dir / REFUSED_FILE
-    first = restart_problem(checkpoint_dir, resume=False, restarts=True)
-    restarted = None
-    if refused.is_file():
-        restarted = (f"{refused.read_text().strip()} (refused at this launch's first attempt; "
-                     f"torchrun restarted the group)")
-    return first, restarted
+    return (restart_problem(checkpoint_dir, resume=False, restarts=True),
+            refused_before(refused))
+
+
+def refused_before(kept: Path) -> str | None:
+    """The refusal of this launch's first attempt that ``kept`` holds, said for a restarted
+    attempt; None without one."""
+    if not kept.is_file():
+        return None
+    return (f"{kept.read_text().strip()} (refused at this launch's first attempt; torchrun "
+            f"restarted the group)")
 
 
 def keep_restart_refusal(args: argparse.Namespace) -> None:
